@@ -18,7 +18,9 @@ pub enum BlockError {
     NotNetwork(IpNet, IpNet),
     /// The node block prefix is shorter than the cluster prefix or longer than
     /// the address family allows.
-    #[error("node block prefix /{block} does not fit cluster CIDR {cluster} (must be /{min}../{max})")]
+    #[error(
+        "node block prefix /{block} does not fit cluster CIDR {cluster} (must be /{min}../{max})"
+    )]
     BadPrefix {
         cluster: IpNet,
         block: u8,

@@ -1,0 +1,220 @@
+//! The resource kinds the lab API server serves. Adding a kind (a CRD-like
+//! Peer kind, AdminNetworkPolicy) is one more entry in [`KINDS`].
+
+/// One served resource kind and how the real API server treats it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Kind {
+    /// API group; empty for the core group.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    /// Lower-case plural used in URLs (`nodes`).
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub short_names: &'static [&'static str],
+    pub namespaced: bool,
+    /// Has a `/status` subresource: the main resource ignores `.status`
+    /// writes and `/status` writes only `.status`.
+    pub status_subresource: bool,
+    /// `metadata.generation` is set and bumped on spec changes.
+    pub tracks_generation: bool,
+    /// Field selector labels beyond `metadata.name`/`metadata.namespace`.
+    pub field_labels: &'static [&'static str],
+}
+
+impl Kind {
+    /// `v1` for the core group, `group/version` otherwise.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// Whether `name` is a valid object name for this kind: namespaces are
+    /// DNS labels, everything else DNS subdomains (as in the real server).
+    pub fn name_is_label(&self) -> bool {
+        self.group.is_empty() && self.plural == "namespaces"
+    }
+}
+
+const CORE_EVENT_FIELDS: &[&str] = &[
+    "involvedObject.kind",
+    "involvedObject.namespace",
+    "involvedObject.name",
+    "involvedObject.uid",
+    "involvedObject.apiVersion",
+    "involvedObject.resourceVersion",
+    "involvedObject.fieldPath",
+    "reason",
+    "reportingComponent",
+    "source",
+    "type",
+];
+
+/// Every kind the server serves.
+pub static KINDS: &[Kind] = &[
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Namespace",
+        plural: "namespaces",
+        singular: "namespace",
+        short_names: &["ns"],
+        namespaced: false,
+        status_subresource: true,
+        tracks_generation: false,
+        field_labels: &["status.phase"],
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Node",
+        plural: "nodes",
+        singular: "node",
+        short_names: &["no"],
+        namespaced: false,
+        status_subresource: true,
+        tracks_generation: false,
+        field_labels: &["spec.unschedulable"],
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Pod",
+        plural: "pods",
+        singular: "pod",
+        short_names: &["po"],
+        namespaced: true,
+        status_subresource: true,
+        tracks_generation: true,
+        field_labels: &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.nominatedNodeName",
+        ],
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Event",
+        plural: "events",
+        singular: "event",
+        short_names: &["ev"],
+        namespaced: true,
+        status_subresource: false,
+        tracks_generation: false,
+        field_labels: CORE_EVENT_FIELDS,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "ConfigMap",
+        plural: "configmaps",
+        singular: "configmap",
+        short_names: &["cm"],
+        namespaced: true,
+        status_subresource: false,
+        tracks_generation: false,
+        field_labels: &[],
+    },
+    Kind {
+        group: "events.k8s.io",
+        version: "v1",
+        kind: "Event",
+        plural: "events",
+        singular: "event",
+        short_names: &["ev"],
+        namespaced: true,
+        status_subresource: false,
+        tracks_generation: false,
+        field_labels: &[
+            "regarding.kind",
+            "regarding.namespace",
+            "regarding.name",
+            "regarding.uid",
+            "reason",
+            "reportingController",
+            "type",
+        ],
+    },
+    Kind {
+        group: "networking.k8s.io",
+        version: "v1",
+        kind: "NetworkPolicy",
+        plural: "networkpolicies",
+        singular: "networkpolicy",
+        short_names: &["netpol"],
+        namespaced: true,
+        status_subresource: false,
+        tracks_generation: true,
+        field_labels: &[],
+    },
+    Kind {
+        group: "coordination.k8s.io",
+        version: "v1",
+        kind: "Lease",
+        plural: "leases",
+        singular: "lease",
+        short_names: &[],
+        namespaced: true,
+        status_subresource: false,
+        tracks_generation: false,
+        field_labels: &[],
+    },
+];
+
+/// The kind served at `group/version/plural`.
+pub fn lookup(group: &str, version: &str, plural: &str) -> Option<&'static Kind> {
+    KINDS
+        .iter()
+        .find(|k| k.group == group && k.version == version && k.plural == plural)
+}
+
+/// The core `Namespace` kind, which the store treats specially.
+pub fn namespace_kind() -> &'static Kind {
+    lookup("", "v1", "namespaces").expect("namespaces are always served")
+}
+
+/// Distinct `(group, version)` pairs, in table order.
+pub fn group_versions() -> Vec<(&'static str, &'static str)> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for k in KINDS {
+        if !out.contains(&(k.group, k.version)) {
+            out.push((k.group, k.version));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plurals_are_unique_per_group_version() {
+        for (i, a) in KINDS.iter().enumerate() {
+            for b in &KINDS[i + 1..] {
+                assert!(
+                    (a.group, a.version, a.plural) != (b.group, b.version, b.plural),
+                    "{} served twice",
+                    a.plural
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn api_version_of_core_and_groups() {
+        assert_eq!(namespace_kind().api_version(), "v1");
+        let np = lookup("networking.k8s.io", "v1", "networkpolicies").unwrap();
+        assert_eq!(np.api_version(), "networking.k8s.io/v1");
+        assert!(group_versions().contains(&("coordination.k8s.io", "v1")));
+    }
+}

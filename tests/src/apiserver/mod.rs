@@ -1,0 +1,181 @@
+//! A small Kubernetes-API-compatible server for the lab: real REST and watch
+//! semantics for the kinds Weft uses, over TLS with a bearer token, so that
+//! kube-rs, kubectl and the Python client work against it unchanged.
+//!
+//! Layers, top to bottom: [`http`] (wire format) → [`store`] (semantics) →
+//! [`patch`], [`selector`], [`validate`] (pure helpers). [`kinds`] is the
+//! table of served kinds; [`pki`] makes the credentials.
+
+pub mod discovery;
+pub mod http;
+pub mod kinds;
+pub mod patch;
+pub mod pki;
+pub mod selector;
+pub mod status;
+pub mod store;
+pub mod table;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use self::http::Shared;
+use self::store::Store;
+
+/// Tunables of a server instance.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The bearer token clients must present.
+    pub token: String,
+    /// How many recent changes a watch can resume from before it gets 410.
+    pub watch_log: usize,
+    /// How often watches that asked for bookmarks get one.
+    pub bookmark_interval: Duration,
+}
+
+impl Options {
+    pub fn new(token: String) -> Self {
+        Self {
+            token,
+            watch_log: 10_000,
+            bookmark_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running server; dropping it does not stop it, [`Running::stop`] does.
+pub struct Running {
+    pub addrs: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// How long open connections get to finish when the server stops.
+const DRAIN: Duration = Duration::from_secs(3);
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Running {
+    /// Resolves when the server has stopped (after [`Running::stop`] or a
+    /// cancelled token from [`Running::shutdown_token`]).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    /// Stops accepting, ends every watch and waits (bounded) for open
+    /// connections to drain.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Starts serving on already-bound listeners (the caller may have bound them
+/// in other network namespaces). Must be called inside a tokio runtime.
+pub fn start(
+    listeners: Vec<std::net::TcpListener>,
+    tls: rustls::ServerConfig,
+    options: Options,
+) -> Result<Running> {
+    let shutdown = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        store: Store::new(options.watch_log),
+        token: options.token,
+        bookmark_interval: options.bookmark_interval,
+        shutdown: shutdown.clone(),
+    });
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let mut addrs = Vec::new();
+    let mut tokio_listeners = Vec::new();
+    for l in listeners {
+        l.set_nonblocking(true)?;
+        addrs.push(l.local_addr()?);
+        tokio_listeners.push(TcpListener::from_std(l).context("registering a listener")?);
+    }
+    let task = tokio::spawn(serve(tokio_listeners, acceptor, shared, shutdown.clone()));
+    Ok(Running {
+        addrs,
+        shutdown,
+        task,
+    })
+}
+
+async fn serve(
+    listeners: Vec<TcpListener>,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel(64);
+    for listener in listeners {
+        let (conn_tx, shutdown) = (conn_tx.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((tcp, _)) => {
+                            if conn_tx.send(tcp).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                }
+            }
+        });
+    }
+    drop(conn_tx);
+    loop {
+        let tcp = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            tcp = conn_rx.recv() => match tcp {
+                Some(tcp) => tcp,
+                None => break,
+            },
+        };
+        let (acceptor, shared, watcher) = (acceptor.clone(), shared.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(http::handle(shared, req).await) }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder
+                .serve_connection(TokioIo::new(tls), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    let _ = tokio::time::timeout(DRAIN, graceful.shutdown()).await;
+}
