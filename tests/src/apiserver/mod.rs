@@ -18,6 +18,7 @@ pub mod table;
 pub mod validate;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,23 +33,21 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use self::http::Shared;
+use self::pki::{write_private, Pki};
 use self::store::Store;
 
 /// Tunables of a server instance.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The bearer token clients must present.
-    pub token: String,
     /// How many recent changes a watch can resume from before it gets 410.
     pub watch_log: usize,
     /// How often watches that asked for bookmarks get one.
     pub bookmark_interval: Duration,
 }
 
-impl Options {
-    pub fn new(token: String) -> Self {
+impl Default for Options {
+    fn default() -> Self {
         Self {
-            token,
             watch_log: 10_000,
             bookmark_interval: Duration::from_secs(10),
         }
@@ -86,17 +85,39 @@ impl Running {
     }
 }
 
-/// Starts serving on already-bound listeners (the caller may have bound them
-/// in other network namespaces). Must be called inside a tokio runtime.
-pub fn start(
+/// A bound listener and the kubeconfig file that tells clients how to reach it.
+pub struct Endpoint {
+    pub listener: std::net::TcpListener,
+    pub kubeconfig: PathBuf,
+}
+
+/// Mints fresh credentials for the endpoints' addresses, writes one
+/// kubeconfig per endpoint (mode 0600) and starts serving. The listeners may
+/// have been bound in other network namespaces. Needs a tokio runtime.
+pub fn launch(endpoints: Vec<Endpoint>, options: Options) -> Result<Running> {
+    let mut addrs = Vec::new();
+    for e in &endpoints {
+        addrs.push(e.listener.local_addr()?);
+    }
+    let ips: Vec<_> = addrs.iter().map(SocketAddr::ip).collect();
+    let pki = Pki::generate(&ips)?;
+    for (e, addr) in endpoints.iter().zip(&addrs) {
+        write_private(&e.kubeconfig, &pki.kubeconfig(&format!("https://{addr}")))?;
+    }
+    let listeners = endpoints.into_iter().map(|e| e.listener).collect();
+    start(listeners, pki.server_config()?, pki.token, options)
+}
+
+fn start(
     listeners: Vec<std::net::TcpListener>,
     tls: rustls::ServerConfig,
+    token: String,
     options: Options,
 ) -> Result<Running> {
     let shutdown = CancellationToken::new();
     let shared = Arc::new(Shared {
         store: Store::new(options.watch_log),
-        token: options.token,
+        token,
         bookmark_interval: options.bookmark_interval,
         shutdown: shutdown.clone(),
     });

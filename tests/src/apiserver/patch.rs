@@ -40,7 +40,7 @@ pub fn apply(target: &Value, patch: &Value, kind: PatchType) -> Result<Value, Ap
             let ops: json_patch::Patch = serde_json::from_value(patch.clone())
                 .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
             json_patch::patch(&mut doc, &ops)
-                .map_err(|e| ApiError::bad_request(format!("the JSON patch failed: {e}")))?;
+                .map_err(|e| ApiError::unprocessable(format!("the JSON patch failed: {e}")))?;
         }
         PatchType::Strategic => {
             if !patch.is_object() {
@@ -280,7 +280,7 @@ mod tests {
         let failing = json!([{"op": "test", "path": "/metadata/labels/a", "value": "x"}]);
         assert_eq!(
             apply(&doc, &failing, PatchType::Json).unwrap_err().code,
-            400
+            422
         );
         let garbage = json!({"op": "add"});
         assert_eq!(

@@ -135,8 +135,10 @@ impl ApiError {
         .with_details(d)
     }
 
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(500, "InternalError", message)
+    /// 422 without field causes: a well-formed request that cannot apply
+    /// (a JSON patch whose `test` fails or whose path is missing).
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        Self::new(422, "Invalid", message)
     }
 
     /// The `Status` object sent as the response body or in a watch `ERROR`.
