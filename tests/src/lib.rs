@@ -5,3 +5,4 @@
 //! - [`lab`]: the topology (fabric, nodes), its runtime state and lifecycle.
 
 pub mod apiserver;
+pub mod lab;

@@ -236,11 +236,13 @@ fn authorized<B>(req: &Request<B>, token: &str) -> bool {
 /// kubectl validates manifests against `/openapi/v2` and fails without it.
 /// An empty protobuf `Document` is a valid answer that declares no schemas,
 /// so kubectl skips client-side validation (as it does for unknown kinds).
+/// The type is octet-stream: client-go cannot parse the protobuf media type
+/// (`…spec.v2@v1.0+protobuf`) and returns octet-stream bodies raw.
 fn openapi_v2() -> Response<Body> {
     let mut r = Response::new(full(Vec::new()));
     r.headers_mut().insert(
         CONTENT_TYPE,
-        HeaderValue::from_static("application/com.github.proto-openapi.spec.v2@v1.0+protobuf"),
+        HeaderValue::from_static("application/octet-stream"),
     );
     r
 }

@@ -39,7 +39,7 @@ pub fn metadata(kind: &Kind, object: &Value) -> Vec<FieldError> {
                 qualified_key(field, key, errors);
                 if !label_value(value) {
                     errors.push(FieldError::invalid(
-                    format!("{field}"),
+                    field,
                     format!("{value:?}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (at most 63 characters)"),
                 ));
                 }

@@ -1,1 +1,199 @@
-fn main() {}
+//! `meshlab`: a local multi-node Weft cluster in network namespaces.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
+use meshlab::lab::topology::{parse_label, parse_topology, LabSpec};
+use meshlab::lab::{control, lifecycle, preflight, status, topology};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A local multi-node Weft cluster in network namespaces, with an embedded Kubernetes API server"
+)]
+struct Cli {
+    /// The lab's name; it prefixes its network namespaces. Separate names are separate labs.
+    #[arg(long, global = true, env = "MESHLAB_NAME", default_value = "weft")]
+    name: String,
+    /// Where labs keep their runtime directories.
+    #[arg(long, global = true, env = "MESHLAB_ROOT", default_value = DEFAULT_ROOT)]
+    root: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the fabric, the nodes and the API server, and register the Nodes.
+    Up {
+        /// How many nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// A node's region and zone labels: NODE=REGION/ZONE (repeatable).
+        #[arg(long, value_name = "NODE=REGION/ZONE")]
+        topology: Vec<String>,
+        /// An extra label on a node: NODE:KEY=VALUE (repeatable).
+        #[arg(long, value_name = "NODE:KEY=VALUE")]
+        label: Vec<String>,
+    },
+    /// Remove every process, namespace and file of the lab (also after a crash).
+    Down,
+    /// Show the lab's nodes.
+    Status {
+        /// Machine-readable output (schema in docs/lab.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the path of the lab's kubeconfig.
+    Kubeconfig {
+        /// The kubeconfig for processes inside node namespaces.
+        #[arg(long)]
+        node: bool,
+    },
+    /// Run a command inside a node's network namespace (KUBECONFIG set for it).
+    Exec {
+        node: String,
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        command: Vec<OsString>,
+    },
+    /// Run kubectl against the lab.
+    Kubectl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Serve the lab's API (started by `up`; not for direct use).
+    #[command(hide = true)]
+    Apiserver {
+        #[arg(long)]
+        lab_dir: PathBuf,
+        #[arg(long)]
+        fabric_netns: String,
+        #[arg(long)]
+        fabric_listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MESHLAB_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshlab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    topology::check_name(&cli.name)?;
+    let dir = LabDir::new(&cli.root, &cli.name);
+    match cli.command {
+        Cmd::Up {
+            nodes,
+            topology,
+            label,
+        } => {
+            let mut spec = LabSpec {
+                name: cli.name.clone(),
+                nodes,
+                ..LabSpec::default()
+            };
+            for t in &topology {
+                let (node, rz) = parse_topology(t)?;
+                spec.topology.insert(node, rz);
+            }
+            for l in &label {
+                let (node, k, v) = parse_label(l)?;
+                spec.labels.entry(node).or_default().insert(k, v);
+            }
+            lifecycle::up(&dir, &spec, &mut |step| eprintln!("meshlab: {step}"))?;
+            print!("{}", status::table(&status::collect(&dir)?));
+            Ok(())
+        }
+        Cmd::Down => {
+            let removed = lifecycle::down(&dir)?;
+            eprintln!(
+                "meshlab: lab {} removed ({} processes, {} namespaces)",
+                cli.name, removed.processes, removed.namespaces
+            );
+            Ok(())
+        }
+        Cmd::Status { json } => {
+            let report = status::collect(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", status::table(&report));
+            }
+            Ok(())
+        }
+        Cmd::Kubeconfig { node } => {
+            let path = if node {
+                dir.node_kubeconfig()
+            } else {
+                dir.kubeconfig()
+            };
+            anyhow::ensure!(
+                path.exists(),
+                "lab {:?} is not up (no {})",
+                cli.name,
+                path.display()
+            );
+            println!("{}", path.display());
+            Ok(())
+        }
+        Cmd::Exec { node, command } => {
+            let state = dir
+                .read_state()?
+                .with_context(|| format!("lab {:?} is not up", cli.name))?;
+            let netns = state
+                .plan
+                .nodes
+                .iter()
+                .find(|n| n.name == node)
+                .map(|n| n.netns.clone())
+                .with_context(|| format!("no node {node:?} in lab {:?}", cli.name))?;
+            let err = Command::new("ip")
+                .args(["netns", "exec", &netns])
+                .args(&command)
+                .env("KUBECONFIG", dir.node_kubeconfig())
+                .exec();
+            Err(err).context("running ip netns exec")
+        }
+        Cmd::Kubectl { args } => {
+            let kubeconfig = dir.kubeconfig();
+            anyhow::ensure!(kubeconfig.exists(), "lab {:?} is not up", cli.name);
+            let err = Command::new(preflight::kubectl()?)
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .args(&args)
+                .exec();
+            Err(err).context("running kubectl")
+        }
+        Cmd::Apiserver {
+            lab_dir,
+            fabric_netns,
+            fabric_listen,
+        } => {
+            anyhow::ensure!(
+                lab_dir == dir.path(),
+                "--lab-dir must be {}",
+                dir.path().display()
+            );
+            control::run(&dir, &fabric_netns, fabric_listen)
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The lab's API server as a long-lived process of its own (`meshlab
+//! apiserver`), started detached by `meshlab up` and stopped by `down`.
+//!
+//! It listens on two sockets: 127.0.0.1 in the host's namespace (for the
+//! admin's kubectl) and the fabric gateway inside the fabric namespace (for
+//! node namespaces). The second is bound after a temporary `setns`, so the
+//! lab needs no interface or route in the host's namespace.
+
+use std::fs::{self, File};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sched::{setns, CloneFlags};
+use serde::{Deserialize, Serialize};
+
+use super::state::{ApiServerState, LabDir};
+use crate::apiserver::{self, Endpoint, Options};
+
+const READY_FILE: &str = "apiserver.ready";
+const LOG_FILE: &str = "apiserver.log";
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Ready {
+    url: String,
+    fabric_url: String,
+}
+
+/// Binds `addr` inside the network namespace `netns`, returning to ours after.
+fn bind_in_netns(netns: &str, addr: SocketAddr) -> Result<TcpListener> {
+    let ours = File::open("/proc/self/ns/net")?;
+    let theirs = File::open(format!("/run/netns/{netns}"))
+        .with_context(|| format!("network namespace {netns} is missing"))?;
+    setns(&theirs, CloneFlags::CLONE_NEWNET).context("entering the fabric namespace")?;
+    let bound = TcpListener::bind(addr);
+    setns(&ours, CloneFlags::CLONE_NEWNET).context("returning to the host namespace")?;
+    bound.with_context(|| format!("binding {addr} in {netns}"))
+}
+
+/// The body of `meshlab apiserver`: serves until SIGTERM or SIGINT.
+pub fn run(dir: &LabDir, fabric_netns: &str, fabric_addr: SocketAddr) -> Result<()> {
+    // Sockets first, while this is the only thread: setns applies per thread.
+    let fabric = bind_in_netns(fabric_netns, fabric_addr)?;
+    let host = TcpListener::bind("127.0.0.1:0")?;
+    let ready = Ready {
+        url: format!("https://{}", host.local_addr()?),
+        fabric_url: format!("https://{fabric_addr}"),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let endpoints = vec![
+            Endpoint {
+                listener: host,
+                kubeconfig: dir.kubeconfig(),
+            },
+            Endpoint {
+                listener: fabric,
+                kubeconfig: dir.node_kubeconfig(),
+            },
+        ];
+        let server = apiserver::launch(endpoints, Options::default())?;
+        fs::write(dir.file(READY_FILE), serde_json::to_vec(&ready)?)?;
+        tracing::info!(url = %ready.url, fabric_url = %ready.fabric_url, "API server ready");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stopping");
+        server.stop().await;
+        Ok(())
+    })
+}
+
+/// Starts `meshlab apiserver` detached from this process and waits until it
+/// serves.
+pub fn spawn(dir: &LabDir, fabric_netns: &str, fabric_addr: SocketAddr) -> Result<ApiServerState> {
+    let log = File::create(dir.file(LOG_FILE))?;
+    let exe = std::env::current_exe().context("locating the meshlab binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root")
+        .arg(&dir.root)
+        .arg("--name")
+        .arg(&dir.name)
+        .arg("apiserver")
+        .arg("--lab-dir")
+        .arg(dir.path())
+        .arg("--fabric-netns")
+        .arg(fabric_netns)
+        .arg("--fabric-listen")
+        .arg(fabric_addr.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own session: it outlives `meshlab up` and the caller's terminal.
+        .process_group(0);
+    let mut child = cmd.spawn().context("starting the API server")?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    let ready_path = dir.file(READY_FILE);
+    loop {
+        if let Ok(bytes) = fs::read(&ready_path) {
+            let ready: Ready = serde_json::from_slice(&bytes)?;
+            return Ok(ApiServerState {
+                pid: child.id() as i32,
+                url: ready.url,
+                fabric_url: ready.fabric_url,
+            });
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the API server exited ({status}) during start:\n{}",
+                log_tail(&dir.file(LOG_FILE))
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "the API server did not become ready within {START_TIMEOUT:?}:\n{}",
+                log_tail(&dir.file(LOG_FILE))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}

@@ -1,0 +1,189 @@
+//! `up` and `down`. `up` refuses a lab that is running, clears the leftovers
+//! of one that crashed, and undoes itself if any step fails; `down` removes
+//! every process, namespace and file the lab made, state file or not.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::json;
+
+use super::state::{is_zombie, process_alive, LabDir, LabState};
+use super::topology::{self, LabPlan, LabSpec, FABRIC_API_PORT, FABRIC_GATEWAY};
+use super::{client, control, netns, preflight};
+
+/// What `down` (or `up`'s clean-up of a crashed run) removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub processes: usize,
+    pub namespaces: usize,
+    pub files: bool,
+}
+
+impl Removed {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Brings a lab up and returns its recorded state.
+pub fn up(dir: &LabDir, spec: &LabSpec, progress: &mut dyn FnMut(&str)) -> Result<LabState> {
+    preflight::require_root()?;
+    preflight::require_tools(&[("ip", "iproute2")])?;
+    let plan = topology::plan(spec)?;
+    let _lock = dir.lock()?;
+    if let Some(state) = dir.read_state().ok().flatten() {
+        if process_alive(state.api_server.pid, &dir.path()) {
+            bail!(
+                "lab {:?} is already up (API server pid {}); run `meshlab --name {} down` first, or choose another --name",
+                dir.name, state.api_server.pid, dir.name
+            );
+        }
+    }
+    let leftovers = teardown(dir)?;
+    if !leftovers.is_empty() {
+        progress(&format!(
+            "cleaned up an earlier run that did not finish: {} processes, {} namespaces",
+            leftovers.processes, leftovers.namespaces
+        ));
+    }
+    let built = build(dir, &plan, progress);
+    if built.is_err() {
+        // Leave nothing half-made behind; the original error is what matters.
+        let _ = teardown(dir);
+    }
+    built
+}
+
+fn build(dir: &LabDir, plan: &LabPlan, progress: &mut dyn FnMut(&str)) -> Result<LabState> {
+    fs::create_dir_all(dir.path()).with_context(|| format!("creating {}", dir.path().display()))?;
+    let started = Instant::now();
+    netns::create_fabric(plan)?;
+    progress(&format!(
+        "fabric {} with bridge {} on {}",
+        plan.fabric_netns, plan.bridge, plan.fabric_cidr
+    ));
+    for node in &plan.nodes {
+        netns::create_node(plan, node)?;
+        progress(&format!(
+            "node {} in {} at {}",
+            node.name, node.netns, node.underlay
+        ));
+    }
+    let fabric_addr = SocketAddr::from((FABRIC_GATEWAY, FABRIC_API_PORT));
+    let api_server = control::spawn(dir, &plan.fabric_netns, fabric_addr)?;
+    progress(&format!(
+        "API server at {} (nodes use {})",
+        api_server.url, api_server.fabric_url
+    ));
+    let state = LabState {
+        plan: plan.clone(),
+        api_server,
+    };
+    dir.write_state(&state)?;
+    register_nodes(dir, plan)?;
+    progress(&format!(
+        "registered {} Node objects in {:.1} s",
+        plan.nodes.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(state)
+}
+
+/// Creates a Node object per lab node, as a kubelet registering itself would.
+fn register_nodes(dir: &LabDir, plan: &LabPlan) -> Result<()> {
+    client::block_on(dir, |client| async move {
+        let nodes: Api<Node> = Api::all(client);
+        for n in &plan.nodes {
+            let cidrs: Vec<String> = n.pod_cidrs.iter().map(ToString::to_string).collect();
+            let node: Node = serde_json::from_value(json!({
+                "metadata": {"name": n.name, "labels": n.labels},
+                "spec": {"podCIDR": cidrs[0], "podCIDRs": cidrs},
+            }))?;
+            nodes.create(&PostParams::default(), &node).await?;
+            let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+            let status = json!({"status": {
+                "addresses": [
+                    {"type": "InternalIP", "address": n.underlay.to_string()},
+                    {"type": "Hostname", "address": n.name},
+                ],
+                "conditions": [{
+                    "type": "Ready", "status": "True", "reason": "LabNodeReady",
+                    "message": "meshlab node namespace is up",
+                    "lastHeartbeatTime": now, "lastTransitionTime": now,
+                }],
+            }});
+            nodes
+                .patch_status(&n.name, &PatchParams::default(), &Patch::Merge(status))
+                .await?;
+        }
+        Ok(())
+    })
+}
+
+/// Removes the lab `dir` names: processes, namespaces, files. Idempotent.
+pub fn down(dir: &LabDir) -> Result<Removed> {
+    preflight::require_root()?;
+    let _lock = dir.lock()?;
+    teardown(dir)
+}
+
+fn teardown(dir: &LabDir) -> Result<Removed> {
+    let namespaces: Vec<String> = netns::list()
+        .into_iter()
+        .filter(|ns| topology::owns_netns(&dir.name, ns))
+        .collect();
+    let mut pids: BTreeSet<i32> = processes_mentioning(dir);
+    for ns in &namespaces {
+        pids.extend(netns::pids(ns));
+    }
+    pids.remove(&(std::process::id() as i32));
+    terminate(&pids);
+    for ns in &namespaces {
+        netns::delete(ns)?;
+    }
+    let path = dir.path();
+    let files = path.exists();
+    if files {
+        fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(Removed {
+        processes: pids.len(),
+        namespaces: namespaces.len(),
+        files,
+    })
+}
+
+/// Processes started for this lab: their command line names its directory.
+fn processes_mentioning(dir: &LabDir) -> BTreeSet<i32> {
+    let path = dir.path();
+    fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|pid| process_alive(*pid, &path))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SIGTERM, a bounded wait, then SIGKILL for whatever is left.
+fn terminate(pids: &BTreeSet<i32>) {
+    for pid in pids {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let alive = |pid: &&i32| kill(Pid::from_raw(**pid), None).is_ok() && !is_zombie(**pid);
+    while Instant::now() < deadline && pids.iter().any(|p| alive(&p)) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in pids.iter().filter(alive) {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+}

@@ -1,0 +1,122 @@
+//! Network namespaces, veths and the bridge, through iproute2's `ip`.
+//!
+//! The lab is built once per run, so readable `ip` invocations beat netlink
+//! code here; meshd's data path uses rtnetlink.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use super::topology::{LabPlan, NodePlan, FABRIC_GATEWAY};
+
+const NETNS_DIR: &str = "/run/netns";
+
+/// Runs `ip ARGS…`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (install iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `ip -n NETNS ARGS…`
+fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
+    let mut all = vec!["-n", netns];
+    all.extend_from_slice(args);
+    ip(&all)
+}
+
+/// Creates the fabric namespace and its bridge, holding the gateway address.
+pub fn create_fabric(plan: &LabPlan) -> Result<()> {
+    let ns = plan.fabric_netns.as_str();
+    ip(&["netns", "add", ns])?;
+    ip_in(ns, &["link", "set", "lo", "up"])?;
+    ip_in(ns, &["link", "add", &plan.bridge, "type", "bridge"])?;
+    let gw = format!("{FABRIC_GATEWAY}/{}", plan.fabric_cidr.prefix_len());
+    ip_in(ns, &["addr", "add", &gw, "dev", &plan.bridge])?;
+    ip_in(ns, &["link", "set", &plan.bridge, "up"])
+}
+
+/// Creates a node namespace wired to the fabric bridge by a veth.
+pub fn create_node(plan: &LabPlan, node: &NodePlan) -> Result<()> {
+    let ns = node.netns.as_str();
+    ip(&["netns", "add", ns])?;
+    ip_in(ns, &["link", "set", "lo", "up"])?;
+    // Both ends are created directly inside their namespaces: nothing of the
+    // lab ever appears in the host's namespace.
+    ip_in(
+        ns,
+        &[
+            "link",
+            "add",
+            &node.interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &node.fabric_interface,
+            "netns",
+            &plan.fabric_netns,
+        ],
+    )?;
+    let addr = format!("{}/{}", node.underlay, plan.fabric_cidr.prefix_len());
+    ip_in(ns, &["addr", "add", &addr, "dev", &node.interface])?;
+    ip_in(ns, &["link", "set", &node.interface, "up"])?;
+    let fabric = plan.fabric_netns.as_str();
+    ip_in(
+        fabric,
+        &[
+            "link",
+            "set",
+            &node.fabric_interface,
+            "master",
+            &plan.bridge,
+        ],
+    )?;
+    ip_in(fabric, &["link", "set", &node.fabric_interface, "up"])
+}
+
+/// Every named network namespace on the machine.
+pub fn list() -> Vec<String> {
+    fs::read_dir(NETNS_DIR)
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Processes whose network namespace is `netns`.
+pub fn pids(netns: &str) -> Vec<i32> {
+    Command::new("ip")
+        .args(["netns", "pids", netns])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Deletes a namespace (its interfaces go with it).
+pub fn delete(netns: &str) -> Result<()> {
+    ip(&["netns", "del", netns])
+}
+
+/// Whether a namespace exists.
+pub fn exists(netns: &str) -> bool {
+    Path::new(NETNS_DIR).join(netns).exists()
+}

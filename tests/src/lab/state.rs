@@ -1,0 +1,129 @@
+//! The lab's runtime directory: everything a lab writes lives under
+//! `<root>/<name>/`, described by `lab.json`; `<root>/<name>.lock` keeps two
+//! meshlab commands from changing the same lab at once.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use super::topology::LabPlan;
+
+/// The default root of all labs' runtime directories.
+pub const DEFAULT_ROOT: &str = "/run/meshlab";
+
+/// Where one lab keeps its files.
+#[derive(Debug, Clone)]
+pub struct LabDir {
+    pub root: PathBuf,
+    pub name: String,
+}
+
+/// The running API server, as recorded at `up`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiServerState {
+    pub pid: i32,
+    /// Reachable from the host.
+    pub url: String,
+    /// Reachable from every node namespace.
+    pub fabric_url: String,
+}
+
+/// `lab.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabState {
+    pub plan: LabPlan,
+    pub api_server: ApiServerState,
+}
+
+impl LabDir {
+    pub fn new(root: impl Into<PathBuf>, name: &str) -> Self {
+        Self {
+            root: root.into(),
+            name: name.to_string(),
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.root.join(&self.name)
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path().join(name)
+    }
+
+    /// The kubeconfig for clients on the host.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.file("kubeconfig")
+    }
+
+    /// The kubeconfig for processes inside node namespaces.
+    pub fn node_kubeconfig(&self) -> PathBuf {
+        self.file("kubeconfig-node")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.file("lab.json")
+    }
+
+    /// Takes the lab's lock, failing at once if another command holds it.
+    pub fn lock(&self) -> Result<Flock<File>> {
+        fs::create_dir_all(&self.root)
+            .with_context(|| format!("creating {}", self.root.display()))?;
+        let path = self.root.join(format!("{}.lock", self.name));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(lock),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+                "another meshlab command is working on lab {:?} right now; wait for it, or use --name for a separate lab",
+                self.name
+            ),
+            Err((_, e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+        }
+    }
+
+    pub fn read_state(&self) -> Result<Option<LabState>> {
+        let path = self.state_file();
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .with_context(|| format!("{} is corrupt", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn write_state(&self, state: &LabState) -> Result<()> {
+        let path = self.state_file();
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+        fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+/// Whether `pid` is alive and one of its arguments is `dir` or a path inside
+/// it (so a recycled pid, or another lab's process, is never taken for ours).
+pub fn process_alive(pid: i32, dir: &Path) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mentions = cmdline
+        .split(|b| *b == 0)
+        .any(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)).starts_with(dir));
+    mentions && !is_zombie(pid)
+}
+
+/// A process that has exited but not been reaped (or is already gone).
+pub fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
+}

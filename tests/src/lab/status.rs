@@ -1,0 +1,173 @@
+//! `meshlab status`: what the lab is made of, from `lab.json`, with each
+//! node's labels and pod CIDRs read live from its Node object. The JSON form
+//! is a documented interface (docs/lab.md) for scripts.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams};
+use kube::ResourceExt;
+use serde::Serialize;
+
+use super::client;
+use super::state::{process_alive, LabDir};
+
+/// `meshlab status --json`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub name: String,
+    pub runtime_dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub node_kubeconfig: PathBuf,
+    pub api_server: ApiServerReport,
+    pub fabric: FabricReport,
+    pub nodes: Vec<NodeReport>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiServerReport {
+    pub url: String,
+    pub fabric_url: String,
+    pub pid: i32,
+    pub running: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FabricReport {
+    pub netns: String,
+    pub bridge: String,
+    pub cidr: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReport {
+    pub name: String,
+    pub netns: String,
+    pub underlay: Ipv4Addr,
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Vec<IpNet>,
+    pub labels: BTreeMap<String, String>,
+    /// Whether the Node object exists in the API (false if it was deleted,
+    /// or the API server is down).
+    pub registered: bool,
+}
+
+/// Reads the lab's state and the live Node objects.
+pub fn collect(dir: &LabDir) -> Result<Report> {
+    let Some(state) = dir.read_state()? else {
+        bail!(
+            "lab {:?} is not up (no {}); start it with `meshlab up`",
+            dir.name,
+            dir.state_file().display()
+        );
+    };
+    let running = process_alive(state.api_server.pid, &dir.path());
+    let live: BTreeMap<String, Node> = if running {
+        client::block_on(dir, |client| async move {
+            let nodes: Api<Node> = Api::all(client);
+            let list =
+                tokio::time::timeout(Duration::from_secs(5), nodes.list(&ListParams::default()))
+                    .await??;
+            Ok(list.items.into_iter().map(|n| (n.name_any(), n)).collect())
+        })?
+    } else {
+        BTreeMap::new()
+    };
+    let nodes = state
+        .plan
+        .nodes
+        .iter()
+        .map(|n| {
+            let node = live.get(&n.name);
+            let pod_cidrs = node
+                .and_then(|o| o.spec.as_ref()?.pod_cidrs.as_ref())
+                .map(|c| c.iter().filter_map(|s| s.parse().ok()).collect())
+                .unwrap_or_else(|| n.pod_cidrs.clone());
+            NodeReport {
+                name: n.name.clone(),
+                netns: n.netns.clone(),
+                underlay: n.underlay,
+                pod_cidrs,
+                labels: node.map_or_else(|| n.labels.clone(), |o| o.labels().clone()),
+                registered: node.is_some(),
+            }
+        })
+        .collect();
+    Ok(Report {
+        name: dir.name.clone(),
+        runtime_dir: dir.path(),
+        kubeconfig: dir.kubeconfig(),
+        node_kubeconfig: dir.node_kubeconfig(),
+        api_server: ApiServerReport {
+            url: state.api_server.url,
+            fabric_url: state.api_server.fabric_url,
+            pid: state.api_server.pid,
+            running,
+        },
+        fabric: FabricReport {
+            netns: state.plan.fabric_netns,
+            bridge: state.plan.bridge,
+            cidr: state.plan.fabric_cidr.to_string(),
+        },
+        nodes,
+    })
+}
+
+/// The human table.
+pub fn table(r: &Report) -> String {
+    let mut rows = vec![[
+        "NODE".to_string(),
+        "NETNS".into(),
+        "UNDERLAY".into(),
+        "POD CIDRS".into(),
+        "ZONE".into(),
+        "REGISTERED".into(),
+    ]];
+    for n in &r.nodes {
+        let cidrs: Vec<String> = n.pod_cidrs.iter().map(ToString::to_string).collect();
+        rows.push([
+            n.name.clone(),
+            n.netns.clone(),
+            n.underlay.to_string(),
+            cidrs.join(","),
+            n.labels
+                .get("topology.kubernetes.io/zone")
+                .cloned()
+                .unwrap_or_default(),
+            if n.registered { "yes" } else { "no" }.into(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = format!(
+        "lab {}: API server {} ({}), kubeconfig {}\n",
+        r.name,
+        r.api_server.url,
+        if r.api_server.running {
+            "running"
+        } else {
+            "NOT RUNNING"
+        },
+        r.kubeconfig.display()
+    );
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,256 @@
+//! What a lab consists of, computed before anything is created: namespace and
+//! interface names, underlay addresses, pod CIDRs and node labels.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, ensure, Context, Result};
+use ipnet::{IpNet, Ipv4Net};
+use serde::{Deserialize, Serialize};
+use weft_ipam::BlockPlan;
+
+/// The underlay every lab node sits on (198.18.0.0/15 is reserved for
+/// benchmarking, so it never collides with a real network).
+pub const FABRIC_CIDR: &str = "198.18.0.0/16";
+/// The fabric bridge's own address, where the API server listens for nodes.
+pub const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The API server's port on the fabric.
+pub const FABRIC_API_PORT: u16 = 6443;
+/// Node `k` gets underlay `198.18.1.k`.
+pub const MAX_NODES: usize = 250;
+/// Default cluster pod ranges and node block sizes.
+pub const CLUSTER_V4: &str = "198.19.0.0/16";
+pub const CLUSTER_V6: &str = "fd98:19::/48";
+pub const BLOCK_V4: u8 = 24;
+pub const BLOCK_V6: u8 = 64;
+
+const DEFAULT_REGION: &str = "lab-1";
+const DEFAULT_ZONE: &str = "lab-1a";
+
+/// One node of the lab.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePlan {
+    pub name: String,
+    pub netns: String,
+    /// The node's end of its veth, inside its namespace.
+    pub interface: String,
+    /// The fabric's end, enslaved to the bridge.
+    pub fabric_interface: String,
+    pub underlay: Ipv4Addr,
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Vec<IpNet>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The whole lab: a fabric namespace with a bridge and the nodes on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LabPlan {
+    pub name: String,
+    pub fabric_netns: String,
+    pub bridge: String,
+    pub fabric_cidr: Ipv4Net,
+    pub nodes: Vec<NodePlan>,
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone, Default)]
+pub struct LabSpec {
+    pub name: String,
+    pub nodes: usize,
+    /// `node -> (region, zone)` overrides.
+    pub topology: BTreeMap<String, (String, String)>,
+    /// `node -> labels` additions.
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// Namespace names the lab `name` owns, so teardown can find leftovers of a
+/// crashed run without any state file.
+pub fn owns_netns(lab: &str, netns: &str) -> bool {
+    let Some(rest) = netns.strip_prefix(lab).and_then(|r| r.strip_prefix('-')) else {
+        return false;
+    };
+    rest == "fabric"
+        || rest
+            .strip_prefix("node-")
+            .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Checks a lab name: it prefixes namespace names, so keep it short and plain.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 24
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-');
+    ensure!(
+        ok,
+        "lab name {name:?}: use 1-24 characters of a-z, 0-9 and '-', not starting with '-'"
+    );
+    Ok(())
+}
+
+/// Parses `NODE=REGION/ZONE`.
+pub fn parse_topology(arg: &str) -> Result<(String, (String, String))> {
+    let (node, rz) = arg
+        .split_once('=')
+        .with_context(|| format!("--topology {arg:?}: expected NODE=REGION/ZONE"))?;
+    let (region, zone) = rz
+        .split_once('/')
+        .with_context(|| format!("--topology {arg:?}: expected NODE=REGION/ZONE"))?;
+    ensure!(
+        !node.is_empty() && !region.is_empty() && !zone.is_empty(),
+        "--topology {arg:?}: node, region and zone must be non-empty"
+    );
+    Ok((node.into(), (region.into(), zone.into())))
+}
+
+/// Parses `NODE:KEY=VALUE`.
+pub fn parse_label(arg: &str) -> Result<(String, String, String)> {
+    let (node, kv) = arg
+        .split_once(':')
+        .with_context(|| format!("--label {arg:?}: expected NODE:KEY=VALUE"))?;
+    let (k, v) = kv
+        .split_once('=')
+        .with_context(|| format!("--label {arg:?}: expected NODE:KEY=VALUE"))?;
+    ensure!(
+        !node.is_empty() && !k.is_empty(),
+        "--label {arg:?}: node and key must be non-empty"
+    );
+    Ok((node.into(), k.into(), v.into()))
+}
+
+/// Lays out the lab.
+pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
+    check_name(&spec.name)?;
+    ensure!(
+        (1..=MAX_NODES).contains(&spec.nodes),
+        "--nodes {}: the lab holds 1 to {MAX_NODES} nodes",
+        spec.nodes
+    );
+    let v4 = BlockPlan::new(CLUSTER_V4.parse()?, BLOCK_V4)?;
+    let v6 = BlockPlan::new(CLUSTER_V6.parse()?, BLOCK_V6)?;
+    let names: Vec<String> = (1..=spec.nodes).map(|k| format!("node-{k}")).collect();
+    for named in spec.topology.keys().chain(spec.labels.keys()) {
+        if !names.contains(named) {
+            bail!(
+                "no node {named:?} in this lab (nodes are node-1 … node-{})",
+                spec.nodes
+            );
+        }
+    }
+    let nodes = names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let k = i + 1;
+            let (region, zone) = spec
+                .topology
+                .get(&name)
+                .cloned()
+                .unwrap_or_else(|| (DEFAULT_REGION.into(), DEFAULT_ZONE.into()));
+            let mut labels = BTreeMap::from([
+                ("kubernetes.io/hostname".to_string(), name.clone()),
+                ("kubernetes.io/os".to_string(), "linux".to_string()),
+                (
+                    "kubernetes.io/arch".to_string(),
+                    std::env::consts::ARCH
+                        .replace("x86_64", "amd64")
+                        .replace("aarch64", "arm64"),
+                ),
+                ("topology.kubernetes.io/region".to_string(), region),
+                ("topology.kubernetes.io/zone".to_string(), zone),
+            ]);
+            labels.extend(spec.labels.get(&name).cloned().unwrap_or_default());
+            let block = |plan: &BlockPlan| plan.block(k as u128).context("cluster range too small");
+            Ok(NodePlan {
+                netns: format!("{}-{name}", spec.name),
+                interface: "eth0".into(),
+                fabric_interface: format!("veth{k}"),
+                underlay: Ipv4Addr::new(198, 18, 1, k as u8),
+                pod_cidrs: vec![block(&v4)?, block(&v6)?],
+                labels,
+                name,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(LabPlan {
+        name: spec.name.clone(),
+        fabric_netns: format!("{}-fabric", spec.name),
+        bridge: "br0".into(),
+        fabric_cidr: FABRIC_CIDR.parse()?,
+        nodes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(n: usize) -> LabSpec {
+        LabSpec {
+            name: "weft".into(),
+            nodes: n,
+            ..LabSpec::default()
+        }
+    }
+
+    #[test]
+    fn lays_out_nodes() {
+        let mut s = spec(3);
+        s.topology
+            .insert("node-2".into(), ("eu".into(), "eu-b".into()));
+        s.labels.insert(
+            "node-3".into(),
+            BTreeMap::from([("role".into(), "edge".into())]),
+        );
+        let p = plan(&s).unwrap();
+        assert_eq!(p.fabric_netns, "weft-fabric");
+        let n2 = &p.nodes[1];
+        assert_eq!(
+            (n2.name.as_str(), n2.netns.as_str()),
+            ("node-2", "weft-node-2")
+        );
+        assert_eq!(n2.underlay, Ipv4Addr::new(198, 18, 1, 2));
+        assert_eq!(
+            n2.pod_cidrs,
+            vec![
+                "198.19.2.0/24".parse::<IpNet>().unwrap(),
+                "fd98:19:0:2::/64".parse().unwrap()
+            ]
+        );
+        assert_eq!(n2.labels["topology.kubernetes.io/zone"], "eu-b");
+        assert_eq!(p.nodes[0].labels["topology.kubernetes.io/region"], "lab-1");
+        assert_eq!(p.nodes[2].labels["role"], "edge");
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        assert!(plan(&spec(0)).is_err());
+        assert!(plan(&spec(MAX_NODES + 1)).is_err());
+        let mut s = spec(2);
+        s.topology.insert("node-9".into(), ("r".into(), "z".into()));
+        assert!(plan(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("no node \"node-9\""));
+        assert!(check_name("Weft").is_err());
+        assert!(parse_topology("node-1=eu").is_err());
+        assert_eq!(
+            parse_label("node-1:a/b=c").unwrap(),
+            ("node-1".into(), "a/b".into(), "c".into())
+        );
+    }
+
+    #[test]
+    fn netns_ownership_is_exact() {
+        assert!(owns_netns("weft", "weft-fabric"));
+        assert!(owns_netns("weft", "weft-node-12"));
+        assert!(!owns_netns("weft", "weft-x-fabric"));
+        assert!(!owns_netns("weft", "weft-node-"));
+        assert!(!owns_netns("weft", "weftnode-1"));
+        assert!(!owns_netns("weft-x", "weft-fabric"));
+    }
+}
