@@ -130,8 +130,12 @@ fn register_nodes(dir: &LabDir, plan: &LabPlan) -> Result<()> {
 /// Removes the lab `dir` names: processes, namespaces, files. Idempotent.
 pub fn down(dir: &LabDir) -> Result<Removed> {
     preflight::require_root()?;
-    let _lock = dir.lock()?;
-    teardown(dir)
+    let lock = dir.lock()?;
+    let removed = teardown(dir)?;
+    // The lock file goes too: nothing of the lab may remain. A command that
+    // opened it meanwhile already failed its non-blocking lock.
+    dir.remove_lock(lock)?;
+    Ok(removed)
 }
 
 fn teardown(dir: &LabDir) -> Result<Removed> {

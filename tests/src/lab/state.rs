@@ -75,7 +75,7 @@ impl LabDir {
     pub fn lock(&self) -> Result<Flock<File>> {
         fs::create_dir_all(&self.root)
             .with_context(|| format!("creating {}", self.root.display()))?;
-        let path = self.root.join(format!("{}.lock", self.name));
+        let path = self.lock_path();
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -90,6 +90,21 @@ impl LabDir {
             ),
             Err((_, e)) => Err(e).with_context(|| format!("locking {}", path.display())),
         }
+    }
+
+    /// Deletes the lock file (while still holding it), and the root if no
+    /// other lab uses it.
+    pub fn remove_lock(&self, lock: Flock<File>) -> Result<()> {
+        fs::remove_file(self.lock_path())
+            .with_context(|| format!("removing {}", self.lock_path().display()))?;
+        drop(lock);
+        // Fails harmlessly while other labs live under the same root.
+        let _ = fs::remove_dir(&self.root);
+        Ok(())
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        self.root.join(format!("{}.lock", self.name))
     }
 
     pub fn read_state(&self) -> Result<Option<LabState>> {

@@ -1,0 +1,236 @@
+//! The lab's namespaces, isolation and lifecycle, with real packets.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{run_bounded, Lab, MESHLAB};
+
+fn host_links() -> String {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Interface indices and names only: counters and states change on their own.
+    let mut names: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .collect();
+    names.sort();
+    names.join(",")
+}
+
+fn lab_namespaces(name: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&format!("{name}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(format!("{pid}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn nodes_reach_each_other_and_nothing_else_and_down_leaves_nothing() {
+    let before = host_links();
+    let lab = Lab::up("t-life", &["--nodes", "3", "--topology", "node-3=eu/eu-b"]);
+    let status = lab.status();
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert_eq!(nodes[2]["labels"]["topology.kubernetes.io/zone"], "eu-b");
+    assert!(nodes.iter().all(|n| n["registered"] == true));
+    assert_eq!(
+        nodes[0]["podCIDRs"],
+        serde_json::json!(["198.19.1.0/24", "fd98:19:0:1::/64"])
+    );
+
+    // Underlay reachability between nodes, with real packets.
+    let ping = lab.meshlab(&[
+        "exec",
+        "node-1",
+        "--",
+        "ping",
+        "-c",
+        "2",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        "198.18.1.2",
+    ]);
+    assert!(
+        ping.status.success(),
+        "node-1 cannot ping node-2: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    assert!(String::from_utf8_lossy(&ping.stdout).contains("2 received"));
+
+    // Nothing reaches outside the lab: no default route in any node, no
+    // route to a documentation address (checked without sending anything).
+    for node in ["node-1", "node-2", "node-3"] {
+        let routes = lab.ok(&["exec", node, "--", "ip", "route", "show", "default"]);
+        assert!(
+            routes.trim().is_empty(),
+            "{node} has a default route: {routes}"
+        );
+        let escape = lab.meshlab(&["exec", node, "--", "ip", "route", "get", "192.0.2.1"]);
+        assert!(!escape.status.success(), "{node} can route outside the lab");
+    }
+    // The lab added nothing to the host's namespace.
+    assert_eq!(
+        host_links(),
+        before,
+        "the lab changed the host's interfaces"
+    );
+
+    // The API server answers inside node namespaces at the fabric address.
+    let kubectl = meshlab::lab::preflight::kubectl().expect("kubectl (run tests/setup)");
+    let from_node = lab.meshlab(&[
+        "exec",
+        "node-2",
+        "--",
+        kubectl.to_str().unwrap(),
+        "get",
+        "nodes",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&from_node.stdout).lines().count(),
+        3,
+        "{}",
+        String::from_utf8_lossy(&from_node.stderr)
+    );
+
+    let dir = lab.dir();
+    let root = lab.root.clone();
+    drop(lab);
+    assert!(
+        lab_namespaces("t-life").is_empty(),
+        "namespaces left: {:?}",
+        lab_namespaces("t-life")
+    );
+    assert!(!dir.exists(), "{} left behind", dir.display());
+    assert!(!root.join("t-life.lock").exists(), "lock file left behind");
+    assert!(
+        processes_mentioning(dir.to_str().unwrap()).is_empty(),
+        "processes left: {:?}",
+        processes_mentioning(dir.to_str().unwrap())
+    );
+    assert_eq!(host_links(), before);
+}
+
+#[test]
+fn a_running_lab_is_refused_and_a_crashed_one_is_cleaned_up() {
+    let lab = Lab::up("t-crash", &["--nodes", "2"]);
+    let again = lab.meshlab(&["up", "--nodes", "2"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already up"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // Crash: the API server dies hard and nobody runs `down`.
+    let pid = lab.status()["apiServer"]["pid"].as_i64().unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(200));
+    let status = lab.status();
+    assert_eq!(status["apiServer"]["running"], false);
+    let out = lab.meshlab(&["up", "--nodes", "3"]);
+    assert!(
+        out.status.success(),
+        "up after a crash failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cleaned up an earlier run"));
+    assert_eq!(lab.status()["nodes"].as_array().unwrap().len(), 3);
+    assert_eq!(lab_namespaces("t-crash").len(), 4);
+}
+
+#[test]
+fn down_without_state_still_removes_leftovers() {
+    let lab = Lab::up("t-orphan", &["--nodes", "1"]);
+    std::fs::remove_file(lab.dir().join("lab.json")).unwrap();
+    let out = lab.ok(&["down"]);
+    assert!(out.is_empty());
+    assert!(lab_namespaces("t-orphan").is_empty());
+    assert!(processes_mentioning(lab.dir().to_str().unwrap()).is_empty());
+}
+
+#[test]
+fn clear_errors_for_bad_input_missing_tools_and_non_root() {
+    let run = |cmd: Command| {
+        let out = run_bounded(cmd, Duration::from_secs(30));
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let mut c = Command::new(MESHLAB);
+    c.args([
+        "--root",
+        "/run/meshlab-tests",
+        "--name",
+        "t-errors",
+        "up",
+        "--nodes",
+        "0",
+    ]);
+    assert!(run(c).contains("--nodes 0"));
+    let mut c = Command::new(MESHLAB);
+    c.args([
+        "--root",
+        "/run/meshlab-tests",
+        "--name",
+        "t-errors",
+        "up",
+        "--topology",
+        "node-7=r/z",
+    ]);
+    assert!(run(c).contains("no node \"node-7\""));
+    let mut c = Command::new(MESHLAB);
+    c.args(["--name", "Bad_Name", "status"]);
+    assert!(run(c).contains("lab name"));
+    let mut c = Command::new(MESHLAB);
+    c.args(["--root", "/run/meshlab-tests", "--name", "t-errors", "up"])
+        .env("PATH", "/nonexistent");
+    assert!(run(c).contains("apt-get install iproute2"));
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        MESHLAB,
+        "--root",
+        "/tmp/meshlab-nobody",
+        "up",
+    ]);
+    assert!(run(c).contains("must run as root"));
+    assert!(!Path::new("/run/meshlab-tests/t-errors").exists());
+}

@@ -1,0 +1,121 @@
+//! Real Kubernetes clients against a running lab: Debian's kubectl and the
+//! official Python client. They must not be able to tell the lab's API
+//! server from the real one for what Weft and its admins do.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{run_bounded, Lab};
+use serde_json::Value;
+
+fn kubectl(lab: &Lab, args: &[&str]) -> String {
+    lab.ok(&[&["kubectl", "--"], args].concat())
+}
+
+const NETPOL: &str = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: deny-ingress
+  namespace: default
+spec:
+  podSelector:
+    matchLabels: {app: web}
+  policyTypes: [Ingress]
+"#;
+
+#[test]
+fn debian_kubectl() {
+    let kubectl_path = meshlab::lab::preflight::kubectl().expect("kubectl (run tests/setup)");
+    let version = Command::new(&kubectl_path)
+        .args(["version", "--client", "--short"])
+        .output()
+        .unwrap();
+    eprintln!(
+        "kubectl: {}",
+        String::from_utf8_lossy(&version.stdout).trim()
+    );
+
+    let lab = Lab::up("t-kubectl", &["--nodes", "2"]);
+    let nodes: Value =
+        serde_json::from_str(&kubectl(&lab, &["get", "nodes", "-o", "json"])).unwrap();
+    let items = nodes["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    let node1 = &items[0];
+    assert_eq!(node1["metadata"]["name"], "node-1");
+    assert_eq!(
+        node1["status"]["addresses"][0],
+        serde_json::json!({"type": "InternalIP", "address": "198.18.1.1"})
+    );
+    assert_eq!(node1["spec"]["podCIDRs"][1], "fd98:19:0:1::/64");
+
+    assert!(kubectl(
+        &lab,
+        &["annotate", "node", "node-1", "weft.dev/owner=kubectl"]
+    )
+    .contains("annotated"));
+    assert!(kubectl(&lab, &["label", "node", "node-1", "role=edge"]).contains("labeled"));
+    let got = kubectl(
+        &lab,
+        &[
+            "get",
+            "node",
+            "node-1",
+            "-o",
+            "jsonpath={.metadata.annotations.weft\\.dev/owner} {.metadata.labels.role}",
+        ],
+    );
+    assert_eq!(got, "kubectl edge");
+    assert!(
+        kubectl(&lab, &["get", "nodes", "-l", "role=edge", "-o", "name"]).trim() == "node/node-1"
+    );
+    // Overwriting without --overwrite is refused client-side after a GET; with it, applied.
+    let refused = lab.meshlab(&["kubectl", "--", "label", "node", "node-1", "role=core"]);
+    assert!(!refused.status.success());
+    kubectl(
+        &lab,
+        &["label", "node", "node-1", "role=core", "--overwrite"],
+    );
+
+    let manifest = lab.dir().join("netpol.yaml");
+    std::fs::write(&manifest, NETPOL).unwrap();
+    let m = manifest.to_str().unwrap();
+    assert!(kubectl(&lab, &["create", "-f", m]).contains("created"));
+    let np: Value = serde_json::from_str(&kubectl(
+        &lab,
+        &["get", "networkpolicy", "deny-ingress", "-o", "json"],
+    ))
+    .unwrap();
+    assert_eq!(np["spec"]["podSelector"]["matchLabels"]["app"], "web");
+    assert_eq!(np["metadata"]["generation"], 1);
+    let dup = lab.meshlab(&["kubectl", "--", "create", "-f", m]);
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("AlreadyExists"));
+    assert!(kubectl(&lab, &["delete", "-f", m]).contains("deleted"));
+    let gone = lab.meshlab(&["kubectl", "--", "get", "networkpolicy", "deny-ingress"]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
+    assert!(kubectl(&lab, &["delete", "node", "node-2"]).contains("deleted"));
+    assert_eq!(
+        kubectl(&lab, &["get", "nodes", "-o", "name"]).trim(),
+        "node/node-1"
+    );
+}
+
+#[test]
+fn official_python_client() {
+    let lab = Lab::up("t-python", &["--nodes", "2"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python_watch.py");
+    // Debian's interpreter: python3-kubernetes is installed for it, not for
+    // whatever python3 comes first on PATH.
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args([script, &lab.kubeconfig(), "node-2"]);
+    let out = run_bounded(cmd, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python client failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("list_node node-1,node-2"), "{stdout}");
+    assert!(stdout.contains("watch MODIFIED node-2"), "{stdout}");
+}
