@@ -532,3 +532,81 @@ async fn namespaces_and_field_selectors() {
     assert!(matches!(bad, kube::Error::Api(s) if s.code == 400));
     lab.server.stop().await;
 }
+
+#[tokio::test]
+async fn dry_run_delete_collection_and_body_limit() {
+    let lab = server(Options::default()).await;
+    let nodes: Api<Node> = Api::all(lab.client.clone());
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let echoed = nodes.create(&dry, &node("dry")).await.unwrap();
+    assert_eq!(echoed.name_any(), "dry");
+    assert!(
+        nodes.get_opt("dry").await.unwrap().is_none(),
+        "a dry run must not persist"
+    );
+
+    for (name, group) in [("g1", "a"), ("g2", "a"), ("g3", "b")] {
+        let mut n = node(name);
+        n.labels_mut().insert("group".into(), group.into());
+        nodes.create(&PostParams::default(), &n).await.unwrap();
+    }
+    nodes
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("group=a"),
+        )
+        .await
+        .unwrap();
+    let left: Vec<String> = nodes
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| n.name_any())
+        .collect();
+    assert_eq!(left, ["g3"]);
+
+    let mut huge = node("huge");
+    huge.annotations_mut()
+        .insert("big".into(), "x".repeat(4 * 1024 * 1024));
+    match nodes.create(&PostParams::default(), &huge).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 413),
+        other => panic!("expected 413, got {other:?}"),
+    }
+    lab.server.stop().await;
+}
+
+#[tokio::test]
+async fn streaming_list_watcher_gets_initial_events_end() {
+    let lab = server(Options::default()).await;
+    let nodes: Api<Node> = Api::all(lab.client.clone());
+    for i in 0..3 {
+        nodes
+            .create(&PostParams::default(), &node(&format!("s{i}")))
+            .await
+            .unwrap();
+    }
+    // Streaming lists: sendInitialEvents=true; kube-runtime only finishes
+    // its initial sync when the bookmark marked initial-events-end arrives.
+    let mut events = watcher(nodes.clone(), watcher::Config::default().streaming_lists()).boxed();
+    let mut initial = Vec::new();
+    let done = timeout(WAIT, async {
+        while let Some(ev) = events.try_next().await.unwrap() {
+            match ev {
+                watcher::Event::InitApply(n) => initial.push(n.name_any()),
+                watcher::Event::InitDone => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        done.is_ok(),
+        "no initial-events-end bookmark; saw {initial:?}"
+    );
+    assert_eq!(initial, ["s0", "s1", "s2"]);
+    lab.server.stop().await;
+}
