@@ -1,5 +1,12 @@
-//! WireGuard keys for Weft: X25519 key types and their base64 text form, the
-//! on-disk key store (0600, atomic replace, optional sealing at rest), and the
-//! rotation state (current / next / activation).
+//! WireGuard keys for Weft: X25519 key types in WireGuard's base64 text
+//! form ([`PrivateKey`], [`PublicKey`]) and the node's key file
+//! ([`KeyStore`]: 0600, atomic replace, optional sealing at rest).
 //!
-//! Filled by the mesh issue; nothing here yet.
+//! Private keys never leave the node: nothing in this crate serializes one
+//! anywhere but the key file.
+
+mod key;
+mod store;
+
+pub use key::{KeyParseError, PrivateKey, PublicKey};
+pub use store::{write_private, KeyState, KeyStore, SealingKey, StoreError};

@@ -33,7 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use self::http::Shared;
-use self::pki::{write_private, Pki};
+use self::pki::Pki;
 use self::store::Store;
 
 /// Tunables of a server instance.
@@ -102,7 +102,8 @@ pub fn launch(endpoints: Vec<Endpoint>, options: Options) -> Result<Running> {
     let ips: Vec<_> = addrs.iter().map(SocketAddr::ip).collect();
     let pki = Pki::generate(&ips)?;
     for (e, addr) in endpoints.iter().zip(&addrs) {
-        write_private(&e.kubeconfig, &pki.kubeconfig(&format!("https://{addr}")))?;
+        let kubeconfig = pki.kubeconfig(&format!("https://{addr}"));
+        weft_keys::write_private(&e.kubeconfig, kubeconfig.as_bytes())?;
     }
     let listeners = endpoints.into_iter().map(|e| e.listener).collect();
     start(listeners, pki.server_config()?, pki.token, options)

@@ -1,0 +1,184 @@
+//! X25519 keys in WireGuard's text form: 32 bytes, standard base64 with
+//! padding (44 characters), exactly as `wg genkey` / `wg pubkey` print them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use x25519_dalek::{PublicKey as DalekPublic, StaticSecret};
+
+/// Why a key's text form was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyParseError {
+    #[error("not base64: {0}")]
+    Base64(String),
+    #[error("a WireGuard key is 32 bytes, this is {0}")]
+    Length(usize),
+    #[error("the all-zero key is not a usable public key")]
+    Zero,
+}
+
+fn decode(text: &str) -> Result<[u8; 32], KeyParseError> {
+    let text = text.trim();
+    // 32 bytes are 44 base64 characters; refusing longer input first keeps
+    // an oversized annotation from costing a large decode.
+    if text.len() != 44 {
+        return Err(KeyParseError::Length(text.len() * 3 / 4));
+    }
+    let bytes = STANDARD
+        .decode(text)
+        .map_err(|e| KeyParseError::Base64(e.to_string()))?;
+    bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| KeyParseError::Length(bytes.len()))
+}
+
+/// A node's private key. Its `Debug` form never shows the key.
+#[derive(Clone)]
+pub struct PrivateKey(StaticSecret);
+
+impl PrivateKey {
+    /// A fresh key from the operating system's random source.
+    pub fn generate() -> Self {
+        Self(StaticSecret::random_from_rng(rand_core::OsRng))
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(DalekPublic::from(&self.0).to_bytes())
+    }
+
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// The `wg genkey` text form. Handle with care: this is the secret.
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0.to_bytes())
+    }
+
+    pub fn from_base64(text: &str) -> Result<Self, KeyParseError> {
+        decode(text).map(|b| Self(StaticSecret::from(b)))
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PrivateKey(public {})", self.public_key())
+    }
+}
+
+impl PartialEq for PrivateKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bytes() == other.0.to_bytes()
+    }
+}
+
+/// A public key: what nodes publish and peers are known by.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PublicKey([u8; 32]);
+
+impl PublicKey {
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&STANDARD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = KeyParseError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bytes = decode(text)?;
+        if bytes == [0; 32] {
+            return Err(KeyParseError::Zero);
+        }
+        Ok(Self(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    fn wg(args: &[&str], input: Option<&str>) -> String {
+        let mut child = Command::new("wg")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("wg (wireguard-tools) must be installed: run tests/setup");
+        if let Some(input) = input {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    #[test]
+    fn matches_wireguard_tools() {
+        for _ in 0..5 {
+            let private = wg(&["genkey"], None);
+            let public = wg(&["pubkey"], Some(&private));
+            let ours = PrivateKey::from_base64(&private).unwrap();
+            assert_eq!(ours.to_base64(), private);
+            assert_eq!(ours.public_key().to_string(), public);
+            assert_eq!(public.parse::<PublicKey>().unwrap(), ours.public_key());
+        }
+        let mine = PrivateKey::generate();
+        assert_eq!(
+            wg(&["pubkey"], Some(&mine.to_base64())),
+            mine.public_key().to_string()
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_text() {
+        assert!(matches!(
+            "abc".parse::<PublicKey>(),
+            Err(KeyParseError::Length(_))
+        ));
+        assert!(matches!(
+            "!".repeat(44).parse::<PublicKey>(),
+            Err(KeyParseError::Base64(_))
+        ));
+        let zero = STANDARD.encode([0u8; 32]);
+        assert_eq!(zero.parse::<PublicKey>(), Err(KeyParseError::Zero));
+        assert!(matches!(
+            "A".repeat(100_000).parse::<PublicKey>(),
+            Err(KeyParseError::Length(_))
+        ));
+    }
+
+    #[test]
+    fn debug_hides_the_private_key() {
+        let k = PrivateKey::generate();
+        let shown = format!("{k:?}");
+        assert!(!shown.contains(&k.to_base64()));
+        assert!(shown.contains(&k.public_key().to_string()));
+    }
+}
