@@ -1,4 +1,9 @@
-//! The Weft node agent: watches the cluster, plans the node's WireGuard mesh
-//! (a pure function of the cluster snapshot), and reconciles the data plane.
+//! The Weft node agent.
 //!
-//! Filled by the mesh issue; nothing here yet.
+//! Functional core: [`annotations`] (what a node publishes, and the strict
+//! parser for what others publish), [`model`] (the planner's plain-data
+//! input and output) and [`planner`] (`plan(snapshot, local)`, pure).
+
+pub mod annotations;
+pub mod model;
+pub mod planner;

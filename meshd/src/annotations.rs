@@ -1,0 +1,419 @@
+//! The Node annotations a meshd publishes, and the strict parser every other
+//! meshd reads them with. Another node's annotations are untrusted input:
+//! anything malformed, oversized or unusable is a [`Rejection`] that names
+//! the annotation — never a panic, never a partial peer.
+//! Documented in docs/annotations.md.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use weft_keys::PublicKey;
+
+use crate::model::{MeshRanges, NodeInfo};
+
+pub const PREFIX: &str = "weft.dev/";
+pub const VERSION: &str = "weft.dev/version";
+pub const PUBLIC_KEY: &str = "weft.dev/public-key";
+pub const ENDPOINT: &str = "weft.dev/endpoint";
+pub const MESH_ADDRESSES: &str = "weft.dev/mesh-addresses";
+pub const POD_CIDRS: &str = "weft.dev/pod-cidrs";
+/// Set by an admin (not by meshd) to override the endpoint a node publishes,
+/// e.g. a public address in front of NAT.
+pub const FORCE_ENDPOINT: &str = "weft.dev/force-endpoint";
+
+/// The annotation format this meshd writes and reads.
+pub const FORMAT_VERSION: &str = "1";
+/// No Weft annotation value is legitimately longer.
+pub const MAX_VALUE_LEN: usize = 512;
+const MAX_POD_CIDRS: usize = 8;
+
+/// What a valid node claims: its identity and the addresses it answers for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub public_key: PublicKey,
+    pub endpoint: SocketAddr,
+    pub mesh_addresses: Vec<IpAddr>,
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+impl Claim {
+    /// The prefixes traffic from this node may come from (its WireGuard
+    /// allowed IPs): mesh addresses as host routes, and pod CIDRs.
+    pub fn prefixes(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.mesh_addresses
+            .iter()
+            .map(|a| IpNet::from(*a))
+            .chain(self.pod_cidrs.iter().copied())
+    }
+}
+
+/// Why a node is excluded from the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    Missing(&'static str),
+    Oversized(String),
+    UnsupportedVersion(String),
+    BadPublicKey(String),
+    BadEndpoint(String),
+    UnspecifiedEndpoint(SocketAddr),
+    BadMeshAddress(String),
+    MeshAddressOutsideRange(IpAddr),
+    BadPodCidr(String),
+    PodCidrNotInSpec(IpNet),
+    PodCidrOverlapsMesh(IpNet),
+    /// An older node (or, at equal age, the one whose name sorts first)
+    /// already holds this.
+    Conflict {
+        field: &'static str,
+        value: String,
+        holder: String,
+    },
+}
+
+impl Rejection {
+    /// A short stable label for metrics and Event reasons.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing(_) => "missing",
+            Self::Oversized(_) => "oversized",
+            Self::UnsupportedVersion(_) => "unsupported_version",
+            Self::BadPublicKey(_) => "bad_public_key",
+            Self::BadEndpoint(_) | Self::UnspecifiedEndpoint(_) => "bad_endpoint",
+            Self::BadMeshAddress(_) | Self::MeshAddressOutsideRange(_) => "bad_mesh_address",
+            Self::BadPodCidr(_) | Self::PodCidrNotInSpec(_) | Self::PodCidrOverlapsMesh(_) => {
+                "bad_pod_cidr"
+            }
+            Self::Conflict { .. } => "conflict",
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing(a) => write!(f, "{a} is missing"),
+            Self::Oversized(a) => write!(f, "{a} is longer than {MAX_VALUE_LEN} bytes"),
+            Self::UnsupportedVersion(v) => write!(
+                f,
+                "{VERSION} {v:?} is not supported (this meshd reads {FORMAT_VERSION:?})"
+            ),
+            Self::BadPublicKey(e) => write!(f, "{PUBLIC_KEY}: {e}"),
+            Self::BadEndpoint(e) => write!(f, "{ENDPOINT}: {e}"),
+            Self::UnspecifiedEndpoint(e) => write!(
+                f,
+                "{ENDPOINT} {e} is not a usable address (unspecified, multicast or port 0)"
+            ),
+            Self::BadMeshAddress(e) => write!(f, "{MESH_ADDRESSES}: {e}"),
+            Self::MeshAddressOutsideRange(a) => write!(
+                f,
+                "{MESH_ADDRESSES}: {a} is outside the cluster's mesh ranges"
+            ),
+            Self::BadPodCidr(e) => write!(f, "{POD_CIDRS}: {e}"),
+            Self::PodCidrNotInSpec(c) => {
+                write!(f, "{POD_CIDRS}: {c} is not within the Node's spec.podCIDRs")
+            }
+            Self::PodCidrOverlapsMesh(c) => {
+                write!(f, "{POD_CIDRS}: {c} overlaps the cluster's mesh range")
+            }
+            Self::Conflict {
+                field,
+                value,
+                holder,
+            } => write!(f, "{field}: {value} is already claimed by node {holder}"),
+        }
+    }
+}
+
+fn value<'a>(node: &'a NodeInfo, key: &'static str) -> Result<&'a str, Rejection> {
+    let v = node.annotations.get(key).ok_or(Rejection::Missing(key))?;
+    if v.len() > MAX_VALUE_LEN {
+        return Err(Rejection::Oversized(key.to_string()));
+    }
+    Ok(v.trim())
+}
+
+fn list(v: &str) -> impl Iterator<Item = &str> {
+    v.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Reads a node's claim. `Ok(None)`: the node has no Weft annotations yet.
+pub fn parse(node: &NodeInfo, mesh: &MeshRanges) -> Result<Option<Claim>, Rejection> {
+    if !node.annotations.contains_key(PUBLIC_KEY) {
+        return Ok(None);
+    }
+    for (k, v) in &node.annotations {
+        if k.starts_with(PREFIX) && v.len() > MAX_VALUE_LEN {
+            return Err(Rejection::Oversized(k.clone()));
+        }
+    }
+    let version = value(node, VERSION)?;
+    if version != FORMAT_VERSION {
+        return Err(Rejection::UnsupportedVersion(
+            version.chars().take(16).collect(),
+        ));
+    }
+    let public_key: PublicKey = value(node, PUBLIC_KEY)?
+        .parse()
+        .map_err(|e: weft_keys::KeyParseError| Rejection::BadPublicKey(e.to_string()))?;
+    let endpoint: SocketAddr = value(node, ENDPOINT)?
+        .parse()
+        .map_err(|e| Rejection::BadEndpoint(format!("{e} (expected IP:port or [IPv6]:port)")))?;
+    let ip = endpoint.ip();
+    if ip.is_unspecified()
+        || ip.is_multicast()
+        || endpoint.port() == 0
+        || ip == IpAddr::from([255, 255, 255, 255])
+    {
+        return Err(Rejection::UnspecifiedEndpoint(endpoint));
+    }
+    let mut mesh_addresses = Vec::new();
+    for a in list(value(node, MESH_ADDRESSES)?) {
+        let a: IpAddr = a
+            .parse()
+            .map_err(|e| Rejection::BadMeshAddress(format!("{a:?}: {e}")))?;
+        if !mesh.contains(a) {
+            return Err(Rejection::MeshAddressOutsideRange(a));
+        }
+        if mesh_addresses
+            .iter()
+            .any(|m: &IpAddr| m.is_ipv4() == a.is_ipv4())
+        {
+            return Err(Rejection::BadMeshAddress(
+                "at most one address per family".into(),
+            ));
+        }
+        mesh_addresses.push(a);
+    }
+    if !mesh_addresses.iter().any(IpAddr::is_ipv4) {
+        return Err(Rejection::BadMeshAddress(
+            "an IPv4 mesh address is required".into(),
+        ));
+    }
+    let mut pod_cidrs = Vec::new();
+    for c in list(value(node, POD_CIDRS)?) {
+        let c: IpNet = c
+            .parse()
+            .map_err(|e| Rejection::BadPodCidr(format!("{c:?}: {e}")))?;
+        if c.trunc() != c {
+            return Err(Rejection::BadPodCidr(format!("{c} has host bits set")));
+        }
+        if mesh.overlaps(&c) {
+            return Err(Rejection::PodCidrOverlapsMesh(c));
+        }
+        if !node.spec_pod_cidrs.is_empty() && !node.spec_pod_cidrs.iter().any(|s| s.contains(&c)) {
+            return Err(Rejection::PodCidrNotInSpec(c));
+        }
+        pod_cidrs.push(c);
+    }
+    if pod_cidrs.len() > MAX_POD_CIDRS {
+        return Err(Rejection::BadPodCidr(format!(
+            "at most {MAX_POD_CIDRS} CIDRs"
+        )));
+    }
+    pod_cidrs.sort();
+    pod_cidrs.dedup();
+    mesh_addresses.sort();
+    Ok(Some(Claim {
+        public_key,
+        endpoint,
+        mesh_addresses,
+        pod_cidrs,
+    }))
+}
+
+/// The annotations this node publishes for `claim`.
+pub fn render(claim: &Claim) -> BTreeMap<String, String> {
+    let join = |items: Vec<String>| items.join(",");
+    BTreeMap::from([
+        (VERSION.to_string(), FORMAT_VERSION.to_string()),
+        (PUBLIC_KEY.to_string(), claim.public_key.to_string()),
+        (ENDPOINT.to_string(), claim.endpoint.to_string()),
+        (
+            MESH_ADDRESSES.to_string(),
+            join(
+                claim
+                    .mesh_addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            ),
+        ),
+        (
+            POD_CIDRS.to_string(),
+            join(claim.pod_cidrs.iter().map(ToString::to_string).collect()),
+        ),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_keys::PrivateKey;
+
+    pub(crate) fn mesh() -> MeshRanges {
+        MeshRanges {
+            v4: "198.18.128.0/17".parse().unwrap(),
+            v6: Some("fd98:18::/64".parse().unwrap()),
+        }
+    }
+
+    fn node_with(claim: &Claim) -> NodeInfo {
+        NodeInfo {
+            name: "n".into(),
+            created: 0,
+            internal_ips: vec![],
+            spec_pod_cidrs: vec![
+                "198.19.1.0/24".parse().unwrap(),
+                "fd98:19:0:1::/64".parse().unwrap(),
+            ],
+            annotations: render(claim),
+        }
+    }
+
+    fn claim() -> Claim {
+        Claim {
+            public_key: PrivateKey::generate().public_key(),
+            endpoint: "198.18.1.1:51820".parse().unwrap(),
+            mesh_addresses: vec![
+                "198.18.128.1".parse().unwrap(),
+                "fd98:18::1".parse().unwrap(),
+            ],
+            pod_cidrs: vec![
+                "198.19.1.0/24".parse().unwrap(),
+                "fd98:19:0:1::/64".parse().unwrap(),
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let c = claim();
+        assert_eq!(parse(&node_with(&c), &mesh()), Ok(Some(c)));
+    }
+
+    #[test]
+    fn no_annotations_is_pending() {
+        let mut n = node_with(&claim());
+        n.annotations.clear();
+        assert_eq!(parse(&n, &mesh()), Ok(None));
+    }
+
+    fn rejected(edit: impl FnOnce(&mut NodeInfo)) -> Rejection {
+        let mut n = node_with(&claim());
+        edit(&mut n);
+        parse(&n, &mesh()).unwrap_err()
+    }
+
+    fn set(n: &mut NodeInfo, k: &str, v: &str) {
+        n.annotations.insert(k.into(), v.into());
+    }
+
+    #[test]
+    fn hostile_values_are_rejected_with_the_field_named() {
+        type Edit = Box<dyn FnOnce(&mut NodeInfo)>;
+        let cases: Vec<(Edit, &str, &str)> = vec![
+            (
+                Box::new(|n| set(n, PUBLIC_KEY, "not-a-key")),
+                "bad_public_key",
+                PUBLIC_KEY,
+            ),
+            (
+                Box::new(|n| set(n, ENDPOINT, "0.0.0.0:51820")),
+                "bad_endpoint",
+                ENDPOINT,
+            ),
+            (
+                Box::new(|n| set(n, ENDPOINT, "[::]:51820")),
+                "bad_endpoint",
+                ENDPOINT,
+            ),
+            (
+                Box::new(|n| set(n, ENDPOINT, "198.18.1.1:0")),
+                "bad_endpoint",
+                ENDPOINT,
+            ),
+            (
+                Box::new(|n| set(n, ENDPOINT, "node.example:51820")),
+                "bad_endpoint",
+                ENDPOINT,
+            ),
+            (
+                Box::new(|n| set(n, ENDPOINT, &"9".repeat(10_000))),
+                "oversized",
+                ENDPOINT,
+            ),
+            (
+                Box::new(|n| set(n, "weft.dev/other", &"x".repeat(600))),
+                "oversized",
+                "weft.dev/other",
+            ),
+            (
+                Box::new(|n| set(n, VERSION, "2")),
+                "unsupported_version",
+                VERSION,
+            ),
+            (
+                Box::new(|n| {
+                    n.annotations.remove(ENDPOINT);
+                }),
+                "missing",
+                ENDPOINT,
+            ),
+            (
+                Box::new(|n| set(n, MESH_ADDRESSES, "10.0.0.1")),
+                "bad_mesh_address",
+                MESH_ADDRESSES,
+            ),
+            (
+                Box::new(|n| set(n, MESH_ADDRESSES, "fd98:18::1")),
+                "bad_mesh_address",
+                MESH_ADDRESSES,
+            ),
+            (
+                Box::new(|n| set(n, MESH_ADDRESSES, "198.18.128.1,198.18.128.2")),
+                "bad_mesh_address",
+                MESH_ADDRESSES,
+            ),
+            (
+                Box::new(|n| set(n, POD_CIDRS, "198.19.2.0/24")),
+                "bad_pod_cidr",
+                POD_CIDRS,
+            ),
+            (
+                Box::new(|n| set(n, POD_CIDRS, "198.19.1.1/24")),
+                "bad_pod_cidr",
+                POD_CIDRS,
+            ),
+            (
+                Box::new(|n| {
+                    n.spec_pod_cidrs.clear();
+                    set(n, POD_CIDRS, "198.18.128.0/24");
+                }),
+                "bad_pod_cidr",
+                POD_CIDRS,
+            ),
+            (
+                Box::new(|n| set(n, POD_CIDRS, "bogus")),
+                "bad_pod_cidr",
+                POD_CIDRS,
+            ),
+        ];
+        for (edit, reason, field) in cases {
+            let r = rejected(edit);
+            assert_eq!(r.reason(), reason, "{r}");
+            assert!(r.to_string().contains(field), "{r} should name {field}");
+        }
+    }
+
+    #[test]
+    fn claim_within_spec_is_fine_and_spec_less_nodes_may_claim() {
+        let mut n = node_with(&claim());
+        set(&mut n, POD_CIDRS, "198.19.1.128/25");
+        assert!(parse(&n, &mesh()).unwrap().is_some());
+        n.spec_pod_cidrs.clear();
+        set(&mut n, POD_CIDRS, "198.19.7.0/24");
+        assert!(parse(&n, &mesh()).unwrap().is_some());
+    }
+}

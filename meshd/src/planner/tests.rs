@@ -1,0 +1,262 @@
+use std::collections::BTreeSet;
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+use weft_keys::PublicKey;
+
+use super::*;
+use crate::annotations::{render, Claim, ENDPOINT, PUBLIC_KEY};
+use crate::model::{MeshRanges, NodeInfo};
+
+fn mesh() -> MeshRanges {
+    MeshRanges {
+        v4: "198.18.128.0/17".parse().unwrap(),
+        v6: Some("fd98:18::/64".parse().unwrap()),
+    }
+}
+
+fn key(seed: u8) -> PublicKey {
+    PublicKey::from_bytes([seed.max(1); 32])
+}
+
+/// Node `i` with its own key, mesh address and pod CIDR (a /`len` at block `block`).
+fn node(i: u8, created: i64, key_seed: u8, mesh_host: u8, block: u8, len: u8) -> NodeInfo {
+    let pod: IpNet = format!("198.19.{block}.0/{len}")
+        .parse::<IpNet>()
+        .unwrap()
+        .trunc();
+    let claim = Claim {
+        public_key: key(key_seed),
+        endpoint: format!("198.18.1.{i}:51820").parse().unwrap(),
+        mesh_addresses: vec![format!("198.18.128.{mesh_host}").parse().unwrap()],
+        pod_cidrs: vec![pod],
+    };
+    NodeInfo {
+        name: format!("node-{i}"),
+        created,
+        internal_ips: vec![claim.endpoint.ip()],
+        spec_pod_cidrs: vec![],
+        annotations: render(&claim),
+    }
+}
+
+fn simple(i: u8) -> NodeInfo {
+    node(i, i64::from(i), i, i, i, 24)
+}
+
+fn local(name: &str) -> LocalConfig {
+    LocalConfig {
+        node_name: name.into(),
+        mesh: mesh(),
+        persistent_keepalive: Some(5),
+        down_peers: BTreeSet::new(),
+    }
+}
+
+fn snapshot(nodes: Vec<NodeInfo>) -> ClusterSnapshot {
+    ClusterSnapshot { nodes }
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+#[test]
+fn three_nodes_form_a_full_mesh_with_backstop_routes() {
+    let d = plan(
+        &snapshot(vec![simple(1), simple(2), simple(3)]),
+        &local("node-1"),
+    );
+    assert_eq!(d.addresses, BTreeSet::from([net("198.18.128.1/32")]));
+    let peer_nodes: Vec<&str> = d.peers.values().map(|p| p.node.as_str()).collect();
+    assert_eq!(peer_nodes.len(), 2);
+    assert!(peer_nodes.contains(&"node-2") && peer_nodes.contains(&"node-3"));
+    let p2 = &d.peers[&key(2)];
+    assert_eq!(
+        p2.allowed_ips,
+        BTreeSet::from([net("198.18.128.2/32"), net("198.19.2.0/24")])
+    );
+    assert_eq!(p2.persistent_keepalive, Some(5));
+    for dst in [
+        "198.18.128.2/32",
+        "198.19.2.0/24",
+        "198.18.128.3/32",
+        "198.19.3.0/24",
+    ] {
+        assert!(
+            d.routes.contains(&Route {
+                dst: net(dst),
+                kind: RouteKind::Mesh
+            }),
+            "{dst}"
+        );
+        assert!(
+            d.routes.contains(&Route {
+                dst: net(dst),
+                kind: RouteKind::Unreachable
+            }),
+            "{dst}"
+        );
+    }
+    assert!(
+        !d.routes.iter().any(|r| r.dst == net("198.19.1.0/24")),
+        "no route for our own pods"
+    );
+}
+
+#[test]
+fn hostile_nodes_are_excluded_and_the_victim_is_unaffected() {
+    let mut bad_key = simple(4);
+    bad_key
+        .annotations
+        .insert(PUBLIC_KEY.into(), "garbage".into());
+    bad_key.spec_pod_cidrs = vec![net("198.19.4.0/24")];
+    let mut zero_endpoint = simple(5);
+    zero_endpoint
+        .annotations
+        .insert(ENDPOINT.into(), "0.0.0.0:51820".into());
+    // Younger than node-2, claiming an overlapping pod CIDR (a hijack attempt).
+    let hijacker = node(6, 100, 6, 6, 2, 23);
+    let nodes = vec![simple(1), simple(2), bad_key, zero_endpoint, hijacker];
+    let d = plan(&snapshot(nodes), &local("node-1"));
+    let reason = |n: &str| match &d.verdicts[n] {
+        Verdict::Rejected(r) => r.reason(),
+        other => panic!("{n}: {other:?}"),
+    };
+    assert_eq!(reason("node-4"), "bad_public_key");
+    assert_eq!(reason("node-5"), "bad_endpoint");
+    assert_eq!(reason("node-6"), "conflict");
+    assert_eq!(d.peers.len(), 1);
+    assert_eq!(
+        d.peers[&key(2)].allowed_ips,
+        BTreeSet::from([net("198.18.128.2/32"), net("198.19.2.0/24")])
+    );
+    assert!(d.routes.contains(&Route {
+        dst: net("198.19.2.0/24"),
+        kind: RouteKind::Mesh
+    }));
+    // The excluded node's own (spec) pod CIDR is refused, not routed.
+    assert!(d.routes.contains(&Route {
+        dst: net("198.19.4.0/24"),
+        kind: RouteKind::Unreachable
+    }));
+    assert!(!d.routes.contains(&Route {
+        dst: net("198.19.4.0/24"),
+        kind: RouteKind::Mesh
+    }));
+}
+
+#[test]
+fn the_older_node_wins_whoever_asks() {
+    let young = node(2, 50, 2, 1, 2, 24); // same mesh address as node-1
+    let nodes = vec![simple(1), young];
+    for asker in ["node-1", "node-2"] {
+        let d = plan(&snapshot(nodes.clone()), &local(asker));
+        assert!(matches!(d.verdicts["node-1"], Verdict::Accepted(_)));
+        assert!(matches!(&d.verdicts["node-2"], Verdict::Rejected(r) if r.reason() == "conflict"));
+    }
+}
+
+#[test]
+fn a_down_peer_keeps_its_peer_but_loses_its_route() {
+    let mut l = local("node-1");
+    l.down_peers.insert(key(2));
+    let d = plan(&snapshot(vec![simple(1), simple(2)]), &l);
+    assert!(
+        d.peers.contains_key(&key(2)),
+        "still a peer, so handshakes can resume"
+    );
+    assert!(!d.routes.iter().any(|r| r.kind == RouteKind::Mesh));
+    assert!(d.routes.contains(&Route {
+        dst: net("198.19.2.0/24"),
+        kind: RouteKind::Unreachable
+    }));
+}
+
+/// Arbitrary clusters where keys, mesh addresses, pod blocks and ages
+/// collide often, and some annotations are garbage.
+fn clusters() -> impl Strategy<Value = Vec<NodeInfo>> {
+    proptest::collection::vec(
+        (
+            0i64..4,
+            1u8..8,
+            1u8..10,
+            0u8..10,
+            prop_oneof![Just(24u8), Just(23u8)],
+            0u8..10,
+        ),
+        1..10,
+    )
+    .prop_map(|specs| {
+        specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (created, key_seed, mesh_host, block, len, garbage))| {
+                let mut n = node(i as u8 + 1, created, key_seed, mesh_host, block, len);
+                if garbage == 0 {
+                    n.annotations.insert(ENDPOINT.into(), "[::]:0".into());
+                }
+                n
+            })
+            .collect()
+    })
+}
+
+fn allowed_overlap(d: &DesiredNode) -> Option<(IpNet, IpNet)> {
+    let all: Vec<IpNet> = d
+        .peers
+        .values()
+        .flat_map(|p| p.allowed_ips.iter().copied())
+        .collect();
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            if overlap(a, b) {
+                return Some((*a, *b));
+            }
+        }
+    }
+    None
+}
+
+proptest! {
+    #[test]
+    fn independent_of_input_order(nodes in clusters(), seed in any::<u64>()) {
+        let asker = nodes[0].name.clone();
+        let a = plan(&snapshot(nodes.clone()), &local(&asker));
+        let mut shuffled = nodes;
+        // A deterministic shuffle from the seed.
+        let n = shuffled.len();
+        for i in (1..n).rev() {
+            shuffled.swap(i, (seed.wrapping_mul(i as u64 + 7) % (i as u64 + 1)) as usize);
+        }
+        prop_assert_eq!(a, plan(&snapshot(shuffled), &local(&asker)));
+    }
+
+    #[test]
+    fn no_two_peers_share_an_allowed_ip(nodes in clusters()) {
+        let d = plan(&snapshot(nodes.clone()), &local(&nodes[0].name));
+        prop_assert_eq!(allowed_overlap(&d), None);
+        // And no peer is allowed our own addresses.
+        for p in d.peers.values() {
+            for own in &d.addresses {
+                prop_assert!(!p.allowed_ips.iter().any(|a| overlap(a, own)));
+            }
+        }
+    }
+
+    #[test]
+    fn every_valid_node_is_a_peer(n in 1u8..30) {
+        let nodes: Vec<NodeInfo> = (1..=n).map(simple).collect();
+        let d = plan(&snapshot(nodes), &local("node-1"));
+        prop_assert_eq!(d.peers.len(), usize::from(n) - 1);
+        prop_assert!(d.verdicts.values().all(|v| matches!(v, Verdict::Accepted(_))));
+    }
+
+    #[test]
+    fn every_node_reaches_the_same_verdicts(nodes in clusters()) {
+        let first = plan(&snapshot(nodes.clone()), &local(&nodes[0].name)).verdicts;
+        for n in &nodes {
+            prop_assert_eq!(&first, &plan(&snapshot(nodes.clone()), &local(&n.name)).verdicts);
+        }
+    }
+}
