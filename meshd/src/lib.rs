@@ -2,8 +2,19 @@
 //!
 //! Functional core: [`annotations`] (what a node publishes, and the strict
 //! parser for what others publish), [`model`] (the planner's plain-data
-//! input and output) and [`planner`] (`plan(snapshot, local)`, pure).
+//! input and output), [`planner`] (`plan(snapshot, local)`, pure) and
+//! [`liveness`]. Imperative shell: [`dataplane`] (kernel or userspace
+//! WireGuard) and [`reconcile`] (diff-only changes to the device, addresses
+//! and routes), [`cluster`] (Kubernetes), [`agent`] (the event loop),
+//! [`http`] and [`metrics`].
 
+pub mod agent;
 pub mod annotations;
+pub mod cluster;
+pub mod dataplane;
+pub mod http;
+pub mod liveness;
+pub mod metrics;
 pub mod model;
 pub mod planner;
+pub mod reconcile;

@@ -3,6 +3,7 @@
 //! randomness; the reconcilers make it so.
 
 mod mesh_address;
+mod own;
 mod verdict;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ipnet::IpNet;
 
 pub use mesh_address::choose_mesh_address;
+pub use own::{own_claim, own_endpoint};
 pub use verdict::judge;
 
 use crate::model::{

@@ -1,0 +1,72 @@
+//! `meshd`: Weft's node agent, and its userspace data plane.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use weft_meshd::{agent, dataplane};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Weft's node agent: a WireGuard mesh between Kubernetes nodes"
+)]
+struct Cli {
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent.
+    Run(Box<agent::RunArgs>),
+    /// Run the userspace WireGuard device IFACE (boringtun), serving its UAPI
+    /// socket until SIGTERM. meshd starts and adopts it; it outlives meshd.
+    Dataplane {
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        iface: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("MESHD_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let result = match cli.command {
+        Cmd::Dataplane { threads, iface } => dataplane::builtin::run(&iface, threads),
+        Cmd::Run(args) => {
+            // meshd supervises the userspace data plane itself; wireguard-control
+            // must never start one on its own when a socket is missing.
+            std::env::set_var("WG_USERSPACE_IMPLEMENTATION", "/bin/false");
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(agent::run(*args)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("meshd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The Kubernetes side: Node objects into planner input, this node's
+//! annotations out (only when their content changes), and Events on nodes
+//! the planner excluded.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, ResourceExt};
+use serde_json::{json, Value};
+
+use crate::annotations::{self, PREFIX};
+use crate::model::NodeInfo;
+
+/// The annotations meshd owns on its Node (others under the prefix, like
+/// `weft.dev/force-endpoint`, belong to admins and are never written).
+const OWNED: &[&str] = &[
+    annotations::VERSION,
+    annotations::PUBLIC_KEY,
+    annotations::ENDPOINT,
+    annotations::MESH_ADDRESSES,
+    annotations::POD_CIDRS,
+];
+
+/// A Node as the planner sees it. Malformed control-plane fields (an
+/// unparsable podCIDR or address) are dropped, not fatal.
+pub fn node_info(node: &Node) -> NodeInfo {
+    let created = node
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(i64::MAX, |t| t.0.as_second());
+    let internal_ips = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(|addrs| {
+            addrs
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let spec_pod_cidrs: Vec<IpNet> = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .map(|c| c.iter().filter_map(|c| c.parse().ok()).collect())
+        .unwrap_or_default();
+    let annotations = node
+        .annotations()
+        .iter()
+        .filter(|(k, _)| k.starts_with(PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    NodeInfo {
+        name: node.name_any(),
+        created,
+        internal_ips,
+        spec_pod_cidrs,
+        annotations,
+    }
+}
+
+/// The merge patch taking `current` to `desired` for the keys meshd owns,
+/// or `None` when they already agree (steady state writes nothing).
+pub fn annotation_patch(
+    current: &BTreeMap<String, String>,
+    desired: &BTreeMap<String, String>,
+) -> Option<Value> {
+    let mut changes = serde_json::Map::new();
+    for key in OWNED {
+        match (current.get(*key), desired.get(*key)) {
+            (a, b) if a == b => {}
+            (_, Some(v)) => {
+                changes.insert(key.to_string(), json!(v));
+            }
+            (Some(_), None) => {
+                changes.insert(key.to_string(), Value::Null);
+            }
+            (None, None) => {}
+        }
+    }
+    (!changes.is_empty()).then(|| json!({"metadata": {"annotations": changes}}))
+}
+
+pub async fn patch_node(client: &Client, name: &str, patch: &Value) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .with_context(|| format!("publishing annotations on Node {name}"))?;
+    Ok(())
+}
+
+/// Records that `node` was excluded, as an Event regarding that Node.
+pub async fn report_exclusion(recorder: &Recorder, node: &Node, note: String) -> Result<()> {
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.name_any()),
+        uid: node.uid(),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "WeftAnnotationsRejected".into(),
+        note: Some(note),
+        action: "ExcludeFromMesh".into(),
+        secondary: None,
+    };
+    recorder
+        .publish(&event, &reference)
+        .await
+        .context("recording an Event")
+}
+
+pub fn recorder(client: Client, node_name: &str) -> Recorder {
+    Recorder::new(
+        client,
+        Reporter {
+            controller: "weft-meshd".into(),
+            instance: Some(node_name.into()),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patches_only_what_differs_and_never_admin_keys() {
+        let mut current = BTreeMap::from([
+            (annotations::PUBLIC_KEY.to_string(), "k".to_string()),
+            (
+                annotations::FORCE_ENDPOINT.to_string(),
+                "1.2.3.4:5".to_string(),
+            ),
+            (annotations::POD_CIDRS.to_string(), "old".to_string()),
+        ]);
+        let desired = BTreeMap::from([
+            (annotations::PUBLIC_KEY.to_string(), "k".to_string()),
+            (annotations::ENDPOINT.to_string(), "e".to_string()),
+        ]);
+        let patch = annotation_patch(&current, &desired).unwrap();
+        assert_eq!(
+            patch,
+            json!({"metadata": {"annotations": {annotations::ENDPOINT: "e", annotations::POD_CIDRS: null}}})
+        );
+        current.remove(annotations::POD_CIDRS);
+        current.insert(annotations::ENDPOINT.into(), "e".into());
+        assert_eq!(annotation_patch(&current, &desired), None);
+    }
+}

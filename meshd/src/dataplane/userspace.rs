@@ -1,0 +1,88 @@
+//! Userspace WireGuard as a process of its own, so that pod traffic keeps
+//! flowing while meshd restarts, crashes or upgrades. meshd adopts a device
+//! that answers on its UAPI socket and starts one only when none does.
+
+use std::fs::{self, File};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use wireguard_control::InterfaceName;
+
+use super::{Ensured, UserspaceProgram};
+
+/// Where every UAPI implementation (boringtun, wireguard-go, `wg`) puts and
+/// looks for the control socket.
+const SOCKET_DIR: &str = "/var/run/wireguard";
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn socket_path(iface: &InterfaceName) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{}.sock", iface.as_str_lossy()))
+}
+
+/// A device answers if its socket accepts a connection (a dead process
+/// leaves a socket file that refuses).
+pub fn answering(iface: &InterfaceName) -> bool {
+    UnixStream::connect(socket_path(iface)).is_ok()
+}
+
+pub async fn ensure(
+    iface: &InterfaceName,
+    program: &UserspaceProgram,
+    log_dir: &Path,
+) -> Result<Ensured> {
+    if answering(iface) {
+        return Ok(Ensured::Existing);
+    }
+    let _ = fs::remove_file(socket_path(iface));
+    let log_path = log_dir.join(format!("dataplane-{}.log", iface.as_str_lossy()));
+    start(iface, program, &log_path)?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !answering(iface) {
+        if Instant::now() > deadline {
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("the data plane for {iface} did not answer on {} within {START_TIMEOUT:?}; its log:\n{log}", socket_path(iface).display());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::info!(interface = %iface, "started the userspace data plane");
+    Ok(Ensured::Created)
+}
+
+fn start(iface: &InterfaceName, program: &UserspaceProgram, log_path: &Path) -> Result<()> {
+    let name = iface.as_str_lossy().into_owned();
+    let mut cmd = match program {
+        UserspaceProgram::Builtin { threads } => {
+            let mut c = Command::new(std::env::current_exe().context("locating meshd")?);
+            c.args(["dataplane", "--threads", &threads.to_string(), &name]);
+            c
+        }
+        UserspaceProgram::External(path) => {
+            let mut c = Command::new(path);
+            c.args(["-f", &name]);
+            c
+        }
+    };
+    if let Some(dir) = log_path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let log = File::options().create(true).append(true).open(log_path)?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // A process group of its own: signals meant for meshd (a ^C, a
+        // kill of the agent's group) do not reach the data plane.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting the data plane {cmd:?}"))?;
+    // Reap it if it dies while meshd lives; once meshd is gone, init does.
+    std::thread::spawn(move || {
+        let status = child.wait();
+        tracing::warn!(?status, "the userspace data plane exited");
+    });
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! `/healthz` (the process serves), `/readyz` (the first full sync has been
+//! applied) and `/metrics` (Prometheus text), on `--metrics-addr`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+
+use crate::metrics::Metrics;
+
+pub struct Health {
+    pub ready: AtomicBool,
+    pub metrics: Metrics,
+}
+
+fn respond(health: &Health, path: &str) -> Response<Full<Bytes>> {
+    let (code, body, content_type) = match path {
+        "/healthz" | "/livez" => (StatusCode::OK, "ok".to_string(), "text/plain"),
+        "/readyz" if health.ready.load(Ordering::Relaxed) => {
+            (StatusCode::OK, "ok".to_string(), "text/plain")
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: first sync not applied yet".to_string(),
+            "text/plain",
+        ),
+        "/metrics" => (
+            StatusCode::OK,
+            health.metrics.encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        _ => (StatusCode::NOT_FOUND, "not found".to_string(), "text/plain"),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// Binds `addr` and serves until the process exits.
+pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {addr}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let health = health.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let health = health.clone();
+                    async move { Ok::<_, Infallible>(respond(&health, req.uri().path())) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! Prometheus metrics (prometheus-client), documented in docs/operations.md.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub node: String,
+    pub public_key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub peers: Family<StateLabels, Gauge>,
+    pub handshake_age: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    pub rx_bytes: Family<PeerLabels, Gauge>,
+    pub tx_bytes: Family<PeerLabels, Gauge>,
+    pub reconciles: Counter,
+    pub reconcile_errors: Counter,
+    pub reconcile_seconds: Histogram,
+    pub changes: Family<KindLabels, Counter>,
+    pub rejected: Family<ReasonLabels, Counter>,
+    pub excluded: Family<ReasonLabels, Gauge>,
+    pub api_writes: Family<KindLabels, Counter>,
+    pub dataplane_starts: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("weft");
+        let m = Self {
+            peers: Family::default(),
+            handshake_age: Family::default(),
+            rx_bytes: Family::default(),
+            tx_bytes: Family::default(),
+            reconciles: Counter::default(),
+            reconcile_errors: Counter::default(),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            changes: Family::default(),
+            rejected: Family::default(),
+            excluded: Family::default(),
+            api_writes: Family::default(),
+            dataplane_starts: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "peers",
+            "WireGuard peers by state (up: heard from recently; down: silent past --peer-timeout)",
+            m.peers.clone(),
+        );
+        registry.register(
+            "peer_last_handshake_age_seconds",
+            "Seconds since the last completed handshake with a peer (absent: never)",
+            m.handshake_age.clone(),
+        );
+        registry.register(
+            "peer_rx_bytes",
+            "Bytes received from a peer, as the data plane reports",
+            m.rx_bytes.clone(),
+        );
+        registry.register(
+            "peer_tx_bytes",
+            "Bytes sent to a peer, as the data plane reports",
+            m.tx_bytes.clone(),
+        );
+        registry.register("reconciles", "Reconcile passes", m.reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconcile passes that failed (retried)",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of a reconcile pass",
+            m.reconcile_seconds.clone(),
+        );
+        registry.register(
+            "dataplane_changes",
+            "Changes made to the node: wireguard, link, address, route",
+            m.changes.clone(),
+        );
+        registry.register(
+            "rejected_annotations",
+            "Nodes newly excluded for their annotations, by reason",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "excluded_nodes",
+            "Nodes currently excluded from the mesh, by reason",
+            m.excluded.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Writes to the API server: annotations, event",
+            m.api_writes.clone(),
+        );
+        registry.register(
+            "dataplane_starts",
+            "Times meshd created the WireGuard device (first start, or after the data plane died)",
+            m.dataplane_starts.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn count_change(&self, kind: &str, n: usize) {
+        if n > 0 {
+            self.changes
+                .get_or_create(&KindLabels { kind: kind.into() })
+                .inc_by(n as u64);
+        }
+    }
+
+    pub fn count_write(&self, kind: &str) {
+        self.api_writes
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_with_prefix_and_labels() {
+        let m = Metrics::default();
+        m.count_change("route", 2);
+        m.count_write("annotations");
+        m.peers
+            .get_or_create(&StateLabels { state: "up".into() })
+            .set(3);
+        let text = m.encode();
+        assert!(
+            text.contains("weft_dataplane_changes_total{kind=\"route\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("weft_api_writes_total{kind=\"annotations\"} 1"));
+        assert!(text.contains("weft_peers{state=\"up\"} 3"));
+        assert!(text.contains("# TYPE weft_reconcile_duration_seconds histogram"));
+    }
+}

@@ -1,0 +1,173 @@
+//! What this node claims for itself: its endpoint, mesh addresses and pod
+//! CIDRs, published as its annotations.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use weft_keys::PublicKey;
+
+use super::choose_mesh_address;
+use crate::annotations::{parse, Claim, FORCE_ENDPOINT, MESH_ADDRESSES};
+use crate::model::{ClusterSnapshot, LocalConfig, NodeInfo};
+
+/// The endpoint to publish: the `--endpoint` flag, else an admin's
+/// `weft.dev/force-endpoint` annotation, else the first InternalIP at the
+/// listen port.
+pub fn own_endpoint(
+    me: &NodeInfo,
+    flag: Option<SocketAddr>,
+    listen_port: u16,
+) -> Result<SocketAddr, String> {
+    if let Some(e) = flag {
+        return Ok(e);
+    }
+    if let Some(forced) = me.annotations.get(FORCE_ENDPOINT) {
+        return forced.trim().parse().map_err(|e| {
+            format!("{FORCE_ENDPOINT} {forced:?} on this node: {e} (expected IP:port)")
+        });
+    }
+    me.internal_ips
+        .first()
+        .map(|ip| SocketAddr::new(*ip, listen_port))
+        .ok_or_else(|| "the Node has no InternalIP address and no --endpoint was given".to_string())
+}
+
+/// This node's claim, given what every other node claims. Keeps published
+/// mesh addresses unless an older node holds them.
+pub fn own_claim(
+    snapshot: &ClusterSnapshot,
+    local: &LocalConfig,
+    public_key: PublicKey,
+    endpoint: SocketAddr,
+) -> Result<Claim, String> {
+    let me = snapshot
+        .nodes
+        .iter()
+        .find(|n| n.name == local.node_name)
+        .ok_or_else(|| format!("Node {} is not registered yet", local.node_name))?;
+    let published: Vec<IpAddr> = me
+        .annotations
+        .get(MESH_ADDRESSES)
+        .map(|v| v.split(',').filter_map(|a| a.trim().parse().ok()).collect())
+        .unwrap_or_default();
+    let mut held_by_older = Vec::new();
+    let mut claimed_by_others = Vec::new();
+    for other in snapshot.nodes.iter().filter(|n| n.name != me.name) {
+        if let Ok(Some(claim)) = parse(other, &local.mesh) {
+            if (other.created, &other.name) < (me.created, &me.name) {
+                held_by_older.extend(claim.mesh_addresses.iter().copied());
+            }
+            claimed_by_others.extend(claim.mesh_addresses);
+        }
+    }
+    let ranges = [Some(IpNet::V4(local.mesh.v4)), local.mesh.v6.map(IpNet::V6)];
+    let mut mesh_addresses = Vec::new();
+    for range in ranges.into_iter().flatten() {
+        let current = published.iter().copied().find(|a| range.contains(a));
+        let chosen =
+            choose_mesh_address(&me.name, range, current, &held_by_older, &claimed_by_others)
+                .ok_or_else(|| format!("the mesh range {range} has no free address"))?;
+        mesh_addresses.push(chosen);
+    }
+    let mut pod_cidrs = me.spec_pod_cidrs.clone();
+    pod_cidrs.sort();
+    Ok(Claim {
+        public_key,
+        endpoint,
+        mesh_addresses,
+        pod_cidrs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotations::render;
+    use crate::model::MeshRanges;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn node(name: &str, created: i64, annotations: BTreeMap<String, String>) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            created,
+            internal_ips: vec!["198.18.1.1".parse().unwrap()],
+            spec_pod_cidrs: vec!["198.19.1.0/24".parse().unwrap()],
+            annotations,
+        }
+    }
+
+    fn local(name: &str) -> LocalConfig {
+        LocalConfig {
+            node_name: name.into(),
+            mesh: MeshRanges {
+                v4: "198.18.128.0/17".parse().unwrap(),
+                v6: Some("fd98:18::/64".parse().unwrap()),
+            },
+            persistent_keepalive: None,
+            down_peers: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn endpoint_precedence() {
+        let mut me = node("a", 0, BTreeMap::new());
+        assert_eq!(
+            own_endpoint(&me, None, 51820).unwrap(),
+            "198.18.1.1:51820".parse().unwrap()
+        );
+        me.annotations
+            .insert(FORCE_ENDPOINT.into(), "203.0.113.5:4500".into());
+        assert_eq!(
+            own_endpoint(&me, None, 51820).unwrap(),
+            "203.0.113.5:4500".parse().unwrap()
+        );
+        let flag = "192.0.2.1:1".parse().unwrap();
+        assert_eq!(own_endpoint(&me, Some(flag), 51820).unwrap(), flag);
+        me.annotations
+            .insert(FORCE_ENDPOINT.into(), "nonsense".into());
+        assert!(own_endpoint(&me, None, 51820)
+            .unwrap_err()
+            .contains(FORCE_ENDPOINT));
+        me.internal_ips.clear();
+        me.annotations.clear();
+        assert!(own_endpoint(&me, None, 51820).is_err());
+    }
+
+    #[test]
+    fn yields_to_an_older_node_and_keeps_otherwise() {
+        let key = PublicKey::from_bytes([1; 32]);
+        let ep = "198.18.1.1:51820".parse().unwrap();
+        let a = node("a", 0, BTreeMap::new());
+        let snap = ClusterSnapshot {
+            nodes: vec![a.clone()],
+        };
+        let first = own_claim(&snap, &local("a"), key, ep).unwrap();
+        assert_eq!(first.mesh_addresses.len(), 2);
+        assert_eq!(
+            first.pod_cidrs,
+            vec!["198.19.1.0/24".parse::<IpNet>().unwrap()]
+        );
+
+        // b is younger and publishes the same addresses as a: b must move.
+        let a_published = node("a", 0, render(&first));
+        let mut b_claim = first.clone();
+        b_claim.public_key = PublicKey::from_bytes([2; 32]);
+        let mut b = node("b", 5, render(&b_claim));
+        b.spec_pod_cidrs = vec!["198.19.2.0/24".parse().unwrap()];
+        let snap = ClusterSnapshot {
+            nodes: vec![a_published.clone(), b],
+        };
+        let b_new = own_claim(&snap, &local("b"), b_claim.public_key, ep).unwrap();
+        assert!(b_new
+            .mesh_addresses
+            .iter()
+            .all(|m| !first.mesh_addresses.contains(m)));
+        // a keeps what it has.
+        assert_eq!(
+            own_claim(&snap, &local("a"), key, ep)
+                .unwrap()
+                .mesh_addresses,
+            first.mesh_addresses
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! Makes the node look like the plan, changing only what differs: the
+//! WireGuard device (peers, key, port), the interface (up, MTU, addresses)
+//! and Weft's routes. A pass that finds nothing to change changes nothing.
+
+pub mod netlink;
+pub mod wireguard;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use weft_keys::{PrivateKey, PublicKey};
+
+use crate::dataplane::{DataPlane, Ensured};
+use crate::model::{DesiredNode, Route};
+use netlink::{set_diff, Netlink};
+
+/// What one pass changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub created_device: bool,
+    pub wireguard: usize,
+    pub link: usize,
+    pub addresses: usize,
+    pub routes: usize,
+}
+
+impl Outcome {
+    pub fn total(&self) -> usize {
+        self.wireguard + self.link + self.addresses + self.routes
+    }
+}
+
+/// A peer as the data plane reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStats {
+    pub key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+pub struct Reconciler {
+    pub dataplane: DataPlane,
+    netlink: Netlink,
+    /// Endpoints last written per peer (see `wireguard::diff`).
+    applied_endpoints: BTreeMap<PublicKey, SocketAddr>,
+}
+
+impl Reconciler {
+    pub fn new(dataplane: DataPlane, netlink: Netlink) -> Self {
+        Self {
+            dataplane,
+            netlink,
+            applied_endpoints: BTreeMap::new(),
+        }
+    }
+
+    pub async fn reconcile(
+        &mut self,
+        desired: &DesiredNode,
+        key: &PrivateKey,
+        listen_port: u16,
+        mtu: u32,
+    ) -> Result<Outcome> {
+        let mut outcome = Outcome::default();
+        if self.dataplane.ensure().await? == Ensured::Created {
+            outcome.created_device = true;
+            self.applied_endpoints.clear();
+        }
+        let (iface, backend) = (self.dataplane.iface, self.dataplane.backend());
+        let device =
+            tokio::task::spawn_blocking(move || wireguard::read(&iface, backend)).await??;
+        let actual = wireguard::Actual::from_device(&device);
+        let changes = wireguard::diff(
+            key,
+            listen_port,
+            &desired.peers,
+            &actual,
+            &self.applied_endpoints,
+        );
+        if !changes.is_empty() {
+            let to_apply = changes.clone();
+            tokio::task::spawn_blocking(move || wireguard::apply(&iface, backend, &to_apply))
+                .await??;
+            for c in &changes.upserts {
+                if let Some(e) = c.endpoint {
+                    self.applied_endpoints.insert(c.key, e);
+                }
+            }
+            self.applied_endpoints
+                .retain(|k, _| desired.peers.contains_key(k));
+            outcome.wireguard = changes.count();
+        }
+
+        let name = iface.as_str_lossy().into_owned();
+        let index = self
+            .netlink
+            .link_index(&name)
+            .await?
+            .with_context(|| format!("interface {name} is gone"))?;
+        outcome.link = usize::from(self.netlink.ensure_link(index, mtu).await?);
+
+        let present = self.netlink.addresses(index).await?;
+        let actual: BTreeSet<IpNet> = present.iter().map(|(n, _)| *n).collect();
+        let (add, del) = set_diff(&desired.addresses, &actual);
+        for net in &add {
+            self.netlink.add_address(index, *net).await?;
+        }
+        for (net, msg) in present {
+            if del.contains(&net) {
+                self.netlink.del_address(msg).await?;
+            }
+        }
+        outcome.addresses = add.len() + del.len();
+
+        let found = self.netlink.our_routes(Some(index)).await?;
+        let actual: BTreeSet<Route> = found.iter().filter_map(|f| f.route).collect();
+        let (add, del) = set_diff(&desired.routes, &actual);
+        // Add first: a mesh route appears before its backstop could matter.
+        for r in &add {
+            self.netlink.add_route(r, index).await?;
+        }
+        let mut removed = 0;
+        for f in found {
+            if f.route.is_none_or(|r| del.contains(&r)) {
+                self.netlink.del_route(f).await?;
+                removed += 1;
+            }
+        }
+        outcome.routes = add.len() + removed;
+        Ok(outcome)
+    }
+
+    /// Per-peer counters from the data plane.
+    pub async fn peer_stats(&self) -> Result<Vec<PeerStats>> {
+        let (iface, backend) = (self.dataplane.iface, self.dataplane.backend());
+        let device =
+            tokio::task::spawn_blocking(move || wireguard::read(&iface, backend)).await??;
+        Ok(device
+            .peers
+            .iter()
+            .map(|p| PeerStats {
+                key: PublicKey::from_bytes(p.config.public_key.0),
+                endpoint: p.config.endpoint,
+                last_handshake: p.stats.last_handshake_time,
+                rx_bytes: p.stats.rx_bytes,
+                tx_bytes: p.stats.tx_bytes,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,289 @@
+//! WireGuard device reconciliation: read the device, diff it against the
+//! plan, send only the difference as one `DeviceUpdate` (netlink for the
+//! kernel, UAPI for userspace). Unchanged peers are not touched, so their
+//! sessions and counters carry on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use weft_keys::{PrivateKey, PublicKey};
+use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
+
+use crate::model::Peer;
+
+/// The device as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Actual {
+    pub private_key: Option<[u8; 32]>,
+    pub listen_port: Option<u16>,
+    pub peers: BTreeMap<PublicKey, ActualPeer>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActualPeer {
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: BTreeSet<IpNet>,
+    pub keepalive: Option<u16>,
+}
+
+impl Actual {
+    pub fn from_device(device: &Device) -> Self {
+        let peers = device
+            .peers
+            .iter()
+            .map(|p| {
+                let c = &p.config;
+                let allowed = c
+                    .allowed_ips
+                    .iter()
+                    .filter_map(|a| IpNet::new(a.address, a.cidr).ok())
+                    .collect();
+                let keepalive = c.persistent_keepalive_interval.filter(|k| *k > 0);
+                (
+                    PublicKey::from_bytes(c.public_key.0),
+                    ActualPeer {
+                        endpoint: c.endpoint,
+                        allowed_ips: allowed,
+                        keepalive,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            private_key: device.private_key.as_ref().map(|k| k.0),
+            listen_port: device.listen_port,
+            peers,
+        }
+    }
+}
+
+/// One peer's required changes; `None` fields stay as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerChange {
+    pub key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Option<BTreeSet<IpNet>>,
+    /// `Some(0)` turns keepalives off.
+    pub keepalive: Option<u16>,
+}
+
+/// Everything to change on the device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub private_key: Option<[u8; 32]>,
+    pub listen_port: Option<u16>,
+    pub upserts: Vec<PeerChange>,
+    pub removals: Vec<PublicKey>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// How many things change (for metrics and the no-churn guarantee).
+    pub fn count(&self) -> usize {
+        usize::from(self.private_key.is_some())
+            + usize::from(self.listen_port.is_some())
+            + self.upserts.len()
+            + self.removals.len()
+    }
+}
+
+/// What should change to take `actual` to the plan. An endpoint is only
+/// rewritten when the plan's endpoint itself changed (`applied` holds what
+/// was last set), so a peer WireGuard has seen roam — a NAT'd node whose
+/// packets come from another address — is not pulled back.
+pub fn diff(
+    private_key: &PrivateKey,
+    listen_port: u16,
+    peers: &BTreeMap<PublicKey, Peer>,
+    actual: &Actual,
+    applied: &BTreeMap<PublicKey, SocketAddr>,
+) -> Changes {
+    let key = private_key.to_bytes();
+    let mut changes = Changes {
+        private_key: (actual.private_key != Some(key)).then_some(key),
+        listen_port: (actual.listen_port != Some(listen_port)).then_some(listen_port),
+        ..Changes::default()
+    };
+    for (pk, want) in peers {
+        let have = actual.peers.get(pk);
+        let endpoint = match have.and_then(|h| h.endpoint) {
+            Some(current) if current == want.endpoint => None,
+            Some(_) if applied.get(pk) == Some(&want.endpoint) => None,
+            _ => Some(want.endpoint),
+        };
+        let allowed_ips = (have.map(|h| &h.allowed_ips) != Some(&want.allowed_ips))
+            .then(|| want.allowed_ips.clone());
+        let keepalive = match (have.and_then(|h| h.keepalive), want.persistent_keepalive) {
+            (a, b) if a == b && have.is_some() => None,
+            (_, wanted) => Some(wanted.unwrap_or(0)),
+        };
+        if have.is_none() || endpoint.is_some() || allowed_ips.is_some() || keepalive.is_some() {
+            changes.upserts.push(PeerChange {
+                key: *pk,
+                endpoint,
+                allowed_ips,
+                keepalive,
+            });
+        }
+    }
+    changes.removals = actual
+        .peers
+        .keys()
+        .filter(|k| !peers.contains_key(k))
+        .copied()
+        .collect();
+    changes
+}
+
+fn wg_key(k: &PublicKey) -> Key {
+    Key(*k.as_bytes())
+}
+
+/// The `DeviceUpdate` carrying `changes`.
+pub fn update(changes: &Changes) -> DeviceUpdate {
+    let mut u = DeviceUpdate::new();
+    if let Some(k) = changes.private_key {
+        u = u.set_private_key(Key(k));
+    }
+    if let Some(p) = changes.listen_port {
+        u = u.set_listen_port(p);
+    }
+    for c in &changes.upserts {
+        let mut p = PeerConfigBuilder::new(&wg_key(&c.key));
+        if let Some(e) = c.endpoint {
+            p = p.set_endpoint(e);
+        }
+        if let Some(k) = c.keepalive {
+            p = p.set_persistent_keepalive_interval(k);
+        }
+        if let Some(allowed) = &c.allowed_ips {
+            p = p.replace_allowed_ips();
+            for net in allowed {
+                p = p.add_allowed_ip(net.addr(), net.prefix_len());
+            }
+        }
+        u = u.add_peer(p);
+    }
+    for k in &changes.removals {
+        u = u.remove_peer_by_key(&wg_key(k));
+    }
+    u
+}
+
+/// Reads the device (blocking: netlink or a UAPI round trip).
+pub fn read(iface: &InterfaceName, backend: Backend) -> Result<Device> {
+    Device::get(iface, backend).with_context(|| format!("reading WireGuard device {iface}"))
+}
+
+/// Applies `changes` (blocking).
+pub fn apply(iface: &InterfaceName, backend: Backend, changes: &Changes) -> Result<()> {
+    update(changes)
+        .apply(iface, backend)
+        .with_context(|| format!("configuring WireGuard device {iface}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> PublicKey {
+        PublicKey::from_bytes([seed; 32])
+    }
+
+    fn peer(ep: &str, allowed: &[&str], keepalive: Option<u16>) -> Peer {
+        Peer {
+            node: "n".into(),
+            endpoint: ep.parse().unwrap(),
+            allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+            persistent_keepalive: keepalive,
+        }
+    }
+
+    fn actual_of(pk: &PrivateKey, peers: &BTreeMap<PublicKey, Peer>) -> Actual {
+        Actual {
+            private_key: Some(pk.to_bytes()),
+            listen_port: Some(51820),
+            peers: peers
+                .iter()
+                .map(|(k, p)| {
+                    (
+                        *k,
+                        ActualPeer {
+                            endpoint: Some(p.endpoint),
+                            allowed_ips: p.allowed_ips.clone(),
+                            keepalive: p.persistent_keepalive,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn empty_device_gets_everything_and_a_converged_one_nothing() {
+        let pk = PrivateKey::generate();
+        let peers = BTreeMap::from([(
+            key(1),
+            peer("198.18.1.1:51820", &["198.19.1.0/24"], Some(5)),
+        )]);
+        let c = diff(&pk, 51820, &peers, &Actual::default(), &BTreeMap::new());
+        assert_eq!(c.count(), 3);
+        assert_eq!(c.upserts[0].keepalive, Some(5));
+        let converged = actual_of(&pk, &peers);
+        assert!(diff(&pk, 51820, &peers, &converged, &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn only_the_changed_peer_is_touched() {
+        let pk = PrivateKey::generate();
+        let mut peers = BTreeMap::from([
+            (key(1), peer("198.18.1.1:51820", &["198.19.1.0/24"], None)),
+            (key(2), peer("198.18.1.2:51820", &["198.19.2.0/24"], None)),
+            (key(3), peer("198.18.1.3:51820", &["198.19.3.0/24"], None)),
+        ]);
+        let actual = actual_of(&pk, &peers);
+        peers
+            .get_mut(&key(2))
+            .unwrap()
+            .allowed_ips
+            .insert("198.18.128.2/32".parse().unwrap());
+        peers.remove(&key(3));
+        let c = diff(&pk, 51820, &peers, &actual, &BTreeMap::new());
+        assert_eq!(c.upserts.len(), 1);
+        assert_eq!(c.upserts[0].key, key(2));
+        assert_eq!(c.upserts[0].endpoint, None);
+        assert_eq!(c.removals, vec![key(3)]);
+    }
+
+    #[test]
+    fn a_roamed_endpoint_is_left_alone_unless_the_plan_moved() {
+        let pk = PrivateKey::generate();
+        let peers = BTreeMap::from([(key(1), peer("198.18.1.1:51820", &["198.19.1.0/24"], None))]);
+        let mut actual = actual_of(&pk, &peers);
+        actual.peers.get_mut(&key(1)).unwrap().endpoint =
+            Some("203.0.113.9:40000".parse().unwrap());
+        let applied = BTreeMap::from([(key(1), "198.18.1.1:51820".parse().unwrap())]);
+        assert!(diff(&pk, 51820, &peers, &actual, &applied).is_empty());
+        // A fresh meshd (nothing applied yet) sets what the plan says.
+        let c = diff(&pk, 51820, &peers, &actual, &BTreeMap::new());
+        assert_eq!(
+            c.upserts[0].endpoint,
+            Some("198.18.1.1:51820".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn keepalive_off_is_sent_as_zero() {
+        let pk = PrivateKey::generate();
+        let peers = BTreeMap::from([(key(1), peer("198.18.1.1:51820", &["198.19.1.0/24"], None))]);
+        let mut actual = actual_of(&pk, &peers);
+        actual.peers.get_mut(&key(1)).unwrap().keepalive = Some(25);
+        let c = diff(&pk, 51820, &peers, &actual, &BTreeMap::new());
+        assert_eq!(c.upserts[0].keepalive, Some(0));
+    }
+}
