@@ -386,6 +386,11 @@ impl Agent {
                 "applied changes"
             );
         }
+        for key in &outcome.new_peers {
+            if let Some(peer) = desired.peers.get(key) {
+                start_handshake(peer);
+            }
+        }
         Ok(())
     }
 
@@ -445,6 +450,32 @@ impl Agent {
         tracing::info!(mtu, underlay = ?underlay, "WireGuard interface MTU");
         self.mtu = Some(mtu);
         mtu
+    }
+}
+
+/// Sends one datagram through the tunnel to a new peer's mesh address, so
+/// the data plane handshakes now rather than at the first keepalive
+/// (boringtun, unlike the kernel and wireguard-go, does not send a keepalive
+/// when one is configured). Both sides do this when they add each other;
+/// whichever is second finds the other ready.
+fn start_handshake(peer: &crate::model::Peer) {
+    let Some(target) = peer
+        .allowed_ips
+        .iter()
+        .find(|n| n.prefix_len() == n.max_prefix_len())
+        .map(|n| n.addr())
+    else {
+        return;
+    };
+    let bind: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    // The discard port: nothing answers, the handshake is the point.
+    let sent = std::net::UdpSocket::bind(bind).and_then(|s| s.send_to(&[], (target, 9)));
+    if let Err(e) = sent {
+        tracing::debug!(%target, error = %e, "could not prompt a handshake");
     }
 }
 

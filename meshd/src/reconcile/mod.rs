@@ -18,9 +18,11 @@ use crate::model::{DesiredNode, Route};
 use netlink::{set_diff, Netlink};
 
 /// What one pass changed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Outcome {
     pub created_device: bool,
+    /// Peers configured in this pass that were not there before.
+    pub new_peers: Vec<PublicKey>,
     pub wireguard: usize,
     pub link: usize,
     pub addresses: usize,
@@ -94,6 +96,12 @@ impl Reconciler {
             self.applied_endpoints
                 .retain(|k, _| desired.peers.contains_key(k));
             outcome.wireguard = changes.count();
+            outcome.new_peers = changes
+                .upserts
+                .iter()
+                .map(|c| c.key)
+                .filter(|k| !actual.peers.contains_key(k))
+                .collect();
         }
 
         let name = iface.as_str_lossy().into_owned();

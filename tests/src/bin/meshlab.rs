@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
 use meshlab::lab::topology::{parse_label, parse_topology, LabSpec};
-use meshlab::lab::{control, lifecycle, preflight, status, topology};
+use meshlab::lab::{agents, control, lifecycle, preflight, status, topology};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +29,21 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum NodeCmd {
+    /// Add the next node (node-N+1): namespace, Node object, meshd; waits for the mesh.
+    Add {
+        /// Its region and zone labels.
+        #[arg(long, value_name = "REGION/ZONE")]
+        topology: Option<String>,
+        /// Its data plane is Debian's wireguard-go.
+        #[arg(long)]
+        wireguard_go: bool,
+    },
+    /// Delete a node: its Node object, processes and namespace.
+    Del { node: String },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Create the fabric, the nodes and the API server, and register the Nodes.
     Up {
@@ -41,7 +56,17 @@ enum Cmd {
         /// An extra label on a node: NODE:KEY=VALUE (repeatable).
         #[arg(long, value_name = "NODE:KEY=VALUE")]
         label: Vec<String>,
+        /// Run this node's data plane on Debian's wireguard-go instead of boringtun (repeatable).
+        #[arg(long, value_name = "NODE")]
+        wireguard_go: Vec<String>,
     },
+    /// Add a node to a running lab, or delete one.
+    Node {
+        #[command(subcommand)]
+        action: NodeCmd,
+    },
+    /// Start meshd on a node where it is not running (e.g. after a test killed it).
+    StartMeshd { node: String },
     /// Remove every process, namespace and file of the lab (also after a crash).
     Down,
     /// Show the lab's nodes.
@@ -105,10 +130,12 @@ fn run(cli: Cli) -> Result<()> {
             nodes,
             topology,
             label,
+            wireguard_go,
         } => {
             let mut spec = LabSpec {
                 name: cli.name.clone(),
                 nodes,
+                wireguard_go,
                 ..LabSpec::default()
             };
             for t in &topology {
@@ -121,6 +148,53 @@ fn run(cli: Cli) -> Result<()> {
             }
             lifecycle::up(&dir, &spec, &mut |step| eprintln!("meshlab: {step}"))?;
             print!("{}", status::table(&status::collect(&dir)?));
+            Ok(())
+        }
+        Cmd::Node {
+            action:
+                NodeCmd::Add {
+                    topology,
+                    wireguard_go,
+                },
+        } => {
+            let state = dir
+                .read_state()?
+                .with_context(|| format!("lab {:?} is not up", cli.name))?;
+            let next = format!("node-{}", state.plan.nodes.len() + 1);
+            let mut spec = LabSpec {
+                name: cli.name.clone(),
+                ..LabSpec::default()
+            };
+            if let Some(t) = topology {
+                let (_, rz) = parse_topology(&format!("{next}={t}"))?;
+                spec.topology.insert(next.clone(), rz);
+            }
+            if wireguard_go {
+                spec.wireguard_go.push(next);
+            }
+            let node = lifecycle::add_node(&dir, &spec, &mut |step| eprintln!("meshlab: {step}"))?;
+            println!("{}", node.name);
+            Ok(())
+        }
+        Cmd::Node {
+            action: NodeCmd::Del { node },
+        } => {
+            lifecycle::delete_node(&dir, &node)?;
+            eprintln!("meshlab: {node} deleted");
+            Ok(())
+        }
+        Cmd::StartMeshd { node } => {
+            let state = dir
+                .read_state()?
+                .with_context(|| format!("lab {:?} is not up", cli.name))?;
+            let plan = state
+                .plan
+                .nodes
+                .iter()
+                .find(|n| n.name == node)
+                .with_context(|| format!("no node {node:?} in lab {:?}", cli.name))?;
+            let pid = agents::start(&dir, plan)?;
+            println!("{pid}");
             Ok(())
         }
         Cmd::Down => {

@@ -15,8 +15,11 @@ use nix::unistd::Pid;
 use serde_json::json;
 
 use super::state::{is_zombie, process_alive, LabDir, LabState};
-use super::topology::{self, LabPlan, LabSpec, FABRIC_API_PORT, FABRIC_GATEWAY};
-use super::{client, control, netns, preflight};
+use super::topology::{self, LabPlan, LabSpec, NodePlan, FABRIC_API_PORT, FABRIC_GATEWAY};
+use super::{agents, client, control, mesh, netns, preflight};
+
+/// How long `up` and `node add` wait for every pair of nodes to handshake.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `down` (or `up`'s clean-up of a crashed run) removed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -71,6 +74,7 @@ fn build(dir: &LabDir, plan: &LabPlan, progress: &mut dyn FnMut(&str)) -> Result
     ));
     for node in &plan.nodes {
         netns::create_node(plan, node)?;
+        netns::create_pod_standin(node)?;
         progress(&format!(
             "node {} in {} at {}",
             node.name, node.netns, node.underlay
@@ -87,20 +91,90 @@ fn build(dir: &LabDir, plan: &LabPlan, progress: &mut dyn FnMut(&str)) -> Result
         api_server,
     };
     dir.write_state(&state)?;
-    register_nodes(dir, plan)?;
+    register_nodes(dir, &plan.nodes)?;
     progress(&format!(
         "registered {} Node objects in {:.1} s",
         plan.nodes.len(),
         started.elapsed().as_secs_f64()
     ));
+    start_mesh(dir, &plan.nodes, progress)?;
     Ok(state)
 }
 
-/// Creates a Node object per lab node, as a kubelet registering itself would.
-fn register_nodes(dir: &LabDir, plan: &LabPlan) -> Result<()> {
+/// Starts meshd on `nodes` and waits for every pair of the lab's nodes to
+/// complete a handshake.
+fn start_mesh(dir: &LabDir, nodes: &[NodePlan], progress: &mut dyn FnMut(&str)) -> Result<()> {
+    for node in nodes {
+        agents::start(dir, node)?;
+    }
+    let state = dir.read_state()?.context("lab.json vanished")?;
+    let took = mesh::wait_converged(&state.plan.nodes, CONVERGE_TIMEOUT)?;
+    progress(&format!(
+        "WireGuard mesh of {} nodes converged in {} ms",
+        state.plan.nodes.len(),
+        took.as_millis()
+    ));
+    Ok(())
+}
+
+/// Adds the next node to a running lab; returns its plan.
+pub fn add_node(dir: &LabDir, spec: &LabSpec, progress: &mut dyn FnMut(&str)) -> Result<NodePlan> {
+    preflight::require_root()?;
+    let _lock = dir.lock()?;
+    let mut state = dir
+        .read_state()?
+        .with_context(|| format!("lab {:?} is not up", dir.name))?;
+    let k = state
+        .plan
+        .nodes
+        .iter()
+        .filter_map(|n| n.name.strip_prefix("node-")?.parse::<usize>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let node = topology::node_plan(&dir.name, k, spec)?;
+    netns::create_node(&state.plan, &node)?;
+    netns::create_pod_standin(&node)?;
+    state.plan.nodes.push(node.clone());
+    dir.write_state(&state)?;
+    register_nodes(dir, std::slice::from_ref(&node))?;
+    progress(&format!(
+        "node {} in {} at {}",
+        node.name, node.netns, node.underlay
+    ));
+    start_mesh(dir, std::slice::from_ref(&node), progress)?;
+    Ok(node)
+}
+
+/// Deletes a node: its Node object, its processes and its namespace.
+pub fn delete_node(dir: &LabDir, name: &str) -> Result<()> {
+    preflight::require_root()?;
+    let _lock = dir.lock()?;
+    let mut state = dir
+        .read_state()?
+        .with_context(|| format!("lab {:?} is not up", dir.name))?;
+    let pos = state
+        .plan
+        .nodes
+        .iter()
+        .position(|n| n.name == name)
+        .with_context(|| format!("no node {name:?} in lab {:?}", dir.name))?;
+    let node = state.plan.nodes.remove(pos);
     client::block_on(dir, |client| async move {
         let nodes: Api<Node> = Api::all(client);
-        for n in &plan.nodes {
+        nodes.delete(name, &Default::default()).await?;
+        Ok(())
+    })?;
+    terminate(&netns::pids(&node.netns).into_iter().collect());
+    netns::delete(&node.netns)?;
+    dir.write_state(&state)
+}
+
+/// Creates a Node object per lab node, as a kubelet registering itself would.
+fn register_nodes(dir: &LabDir, plan: &[NodePlan]) -> Result<()> {
+    client::block_on(dir, |client| async move {
+        let nodes: Api<Node> = Api::all(client);
+        for n in plan {
             let cidrs: Vec<String> = n.pod_cidrs.iter().map(ToString::to_string).collect();
             let node: Node = serde_json::from_value(json!({
                 "metadata": {"name": n.name, "labels": n.labels},

@@ -2,12 +2,15 @@
 //! it by a veth, and the API server process, all recorded under one runtime
 //! directory.
 //!
-//! [`topology`] plans it (pure), [`netns`] and [`control`] build it,
+//! [`topology`] plans it (pure), [`netns`], [`control`] and [`agents`]
+//! (one real meshd per node) build it, [`mesh`] reads the data planes,
 //! [`lifecycle`] sequences `up`/`down`, [`status`] reports on it.
 
+pub mod agents;
 pub mod client;
 pub mod control;
 pub mod lifecycle;
+pub mod mesh;
 pub mod netns;
 pub mod preflight;
 pub mod state;

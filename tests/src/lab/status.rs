@@ -14,8 +14,13 @@ use kube::api::{Api, ListParams};
 use kube::ResourceExt;
 use serde::Serialize;
 
-use super::client;
+/// The annotations status reads (their meaning is meshd's; see docs/annotations.md).
+const PUBLIC_KEY: &str = "weft.dev/public-key";
+const MESH_ADDRESSES: &str = "weft.dev/mesh-addresses";
+
+use super::mesh::{self, PeerReport};
 use super::state::{process_alive, LabDir};
+use super::{agents, client};
 
 /// `meshlab status --json`.
 #[derive(Debug, Serialize)]
@@ -59,6 +64,20 @@ pub struct NodeReport {
     /// Whether the Node object exists in the API (false if it was deleted,
     /// or the API server is down).
     pub registered: bool,
+    pub wg_interface: String,
+    /// As the node publishes them (`weft.dev/mesh-addresses`).
+    pub mesh_addresses: Vec<String>,
+    pub public_key: Option<String>,
+    pub meshd: MeshdReport,
+    /// Read from the node's data plane (UAPI), not from meshd.
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshdReport {
+    pub pid: Option<i32>,
+    pub running: bool,
 }
 
 /// Reads the lab's state and the live Node objects.
@@ -82,12 +101,22 @@ pub fn collect(dir: &LabDir) -> Result<Report> {
     } else {
         BTreeMap::new()
     };
+    let keys: BTreeMap<String, String> = live
+        .values()
+        .filter_map(|n| Some((n.annotations().get(PUBLIC_KEY)?.clone(), n.name_any())))
+        .collect();
     let nodes = state
         .plan
         .nodes
         .iter()
         .map(|n| {
             let node = live.get(&n.name);
+            let annotation = |key: &str| node.and_then(|o| o.annotations().get(key).cloned());
+            let mut peers = mesh::read(n).map(|(_, p)| p).unwrap_or_default();
+            for p in &mut peers {
+                p.node = keys.get(&p.public_key).cloned();
+            }
+            let pid = agents::pid(dir, n);
             let pod_cidrs = node
                 .and_then(|o| o.spec.as_ref()?.pod_cidrs.as_ref())
                 .map(|c| c.iter().filter_map(|s| s.parse().ok()).collect())
@@ -99,6 +128,16 @@ pub fn collect(dir: &LabDir) -> Result<Report> {
                 pod_cidrs,
                 labels: node.map_or_else(|| n.labels.clone(), |o| o.labels().clone()),
                 registered: node.is_some(),
+                wg_interface: n.wg_interface.clone(),
+                mesh_addresses: annotation(MESH_ADDRESSES)
+                    .map(|v| v.split(',').map(str::to_string).collect())
+                    .unwrap_or_default(),
+                public_key: annotation(PUBLIC_KEY),
+                meshd: MeshdReport {
+                    pid,
+                    running: pid.is_some(),
+                },
+                peers,
             }
         })
         .collect();
@@ -130,7 +169,9 @@ pub fn table(r: &Report) -> String {
         "UNDERLAY".into(),
         "POD CIDRS".into(),
         "ZONE".into(),
-        "REGISTERED".into(),
+        "MESH ADDRESSES".into(),
+        "MESHD".into(),
+        "PEERS (handshaken/configured)".into(),
     ]];
     for n in &r.nodes {
         let cidrs: Vec<String> = n.pod_cidrs.iter().map(ToString::to_string).collect();
@@ -143,10 +184,23 @@ pub fn table(r: &Report) -> String {
                 .get("topology.kubernetes.io/zone")
                 .cloned()
                 .unwrap_or_default(),
-            if n.registered { "yes" } else { "no" }.into(),
+            n.mesh_addresses.join(","),
+            match (n.registered, n.meshd.pid) {
+                (false, _) => "unregistered".into(),
+                (true, Some(pid)) => format!("pid {pid}"),
+                (true, None) => "down".into(),
+            },
+            format!(
+                "{}/{}",
+                n.peers
+                    .iter()
+                    .filter(|p| p.latest_handshake_seconds_ago.is_some())
+                    .count(),
+                n.peers.len()
+            ),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
+    let widths: Vec<usize> = (0..8)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     let mut out = format!(

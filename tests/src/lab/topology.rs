@@ -11,7 +11,10 @@ use weft_ipam::BlockPlan;
 
 /// The underlay every lab node sits on (198.18.0.0/15 is reserved for
 /// benchmarking, so it never collides with a real network).
-pub const FABRIC_CIDR: &str = "198.18.0.0/16";
+pub const FABRIC_CIDR: &str = "198.18.0.0/17";
+/// The WireGuard mesh ranges every lab meshd gets (`--mesh-cidr`).
+pub const MESH_V4: &str = "198.18.128.0/17";
+pub const MESH_V6: &str = "fd98:18::/64";
 /// The fabric bridge's own address, where the API server listens for nodes.
 pub const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The API server's port on the fabric.
@@ -37,6 +40,11 @@ pub struct NodePlan {
     pub interface: String,
     /// The fabric's end, enslaved to the bridge.
     pub fabric_interface: String,
+    /// The node's WireGuard interface (meshd's `--interface`).
+    pub wg_interface: String,
+    /// meshd's `--userspace-program` when not its builtin data plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userspace_program: Option<String>,
     pub underlay: Ipv4Addr,
     #[serde(rename = "podCIDRs")]
     pub pod_cidrs: Vec<IpNet>,
@@ -63,6 +71,8 @@ pub struct LabSpec {
     pub topology: BTreeMap<String, (String, String)>,
     /// `node -> labels` additions.
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Nodes whose data plane is Debian's wireguard-go instead of boringtun.
+    pub wireguard_go: Vec<String>,
 }
 
 /// Namespace names the lab `name` owns, so teardown can find leftovers of a
@@ -130,51 +140,25 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
         "--nodes {}: the lab holds 1 to {MAX_NODES} nodes",
         spec.nodes
     );
-    let v4 = BlockPlan::new(CLUSTER_V4.parse()?, BLOCK_V4)?;
-    let v6 = BlockPlan::new(CLUSTER_V6.parse()?, BLOCK_V6)?;
-    let names: Vec<String> = (1..=spec.nodes).map(|k| format!("node-{k}")).collect();
-    for named in spec.topology.keys().chain(spec.labels.keys()) {
-        if !names.contains(named) {
+    for named in spec
+        .topology
+        .keys()
+        .chain(spec.labels.keys())
+        .chain(&spec.wireguard_go)
+    {
+        let known = named
+            .strip_prefix("node-")
+            .and_then(|k| k.parse::<usize>().ok())
+            .is_some_and(|k| (1..=spec.nodes).contains(&k));
+        if !known {
             bail!(
                 "no node {named:?} in this lab (nodes are node-1 … node-{})",
                 spec.nodes
             );
         }
     }
-    let nodes = names
-        .into_iter()
-        .enumerate()
-        .map(|(i, name)| {
-            let k = i + 1;
-            let (region, zone) = spec
-                .topology
-                .get(&name)
-                .cloned()
-                .unwrap_or_else(|| (DEFAULT_REGION.into(), DEFAULT_ZONE.into()));
-            let mut labels = BTreeMap::from([
-                ("kubernetes.io/hostname".to_string(), name.clone()),
-                ("kubernetes.io/os".to_string(), "linux".to_string()),
-                (
-                    "kubernetes.io/arch".to_string(),
-                    std::env::consts::ARCH
-                        .replace("x86_64", "amd64")
-                        .replace("aarch64", "arm64"),
-                ),
-                ("topology.kubernetes.io/region".to_string(), region),
-                ("topology.kubernetes.io/zone".to_string(), zone),
-            ]);
-            labels.extend(spec.labels.get(&name).cloned().unwrap_or_default());
-            let block = |plan: &BlockPlan| plan.block(k as u128).context("cluster range too small");
-            Ok(NodePlan {
-                netns: format!("{}-{name}", spec.name),
-                interface: "eth0".into(),
-                fabric_interface: format!("veth{k}"),
-                underlay: Ipv4Addr::new(198, 18, 1, k as u8),
-                pod_cidrs: vec![block(&v4)?, block(&v6)?],
-                labels,
-                name,
-            })
-        })
+    let nodes = (1..=spec.nodes)
+        .map(|k| node_plan(&spec.name, k, spec))
         .collect::<Result<Vec<_>>>()?;
     Ok(LabPlan {
         name: spec.name.clone(),
@@ -183,6 +167,58 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
         fabric_cidr: FABRIC_CIDR.parse()?,
         nodes,
     })
+}
+
+/// Node `k` of lab `lab` (1-based), with the spec's topology and labels for it.
+pub fn node_plan(lab: &str, k: usize, spec: &LabSpec) -> Result<NodePlan> {
+    ensure!(
+        (1..=MAX_NODES).contains(&k),
+        "node-{k}: the lab holds at most {MAX_NODES} nodes"
+    );
+    let name = format!("node-{k}");
+    let v4 = BlockPlan::new(CLUSTER_V4.parse()?, BLOCK_V4)?;
+    let v6 = BlockPlan::new(CLUSTER_V6.parse()?, BLOCK_V6)?;
+    let (region, zone) = spec
+        .topology
+        .get(&name)
+        .cloned()
+        .unwrap_or_else(|| (DEFAULT_REGION.into(), DEFAULT_ZONE.into()));
+    let arch = std::env::consts::ARCH
+        .replace("x86_64", "amd64")
+        .replace("aarch64", "arm64");
+    let mut labels = BTreeMap::from([
+        ("kubernetes.io/hostname".to_string(), name.clone()),
+        ("kubernetes.io/os".to_string(), "linux".to_string()),
+        ("kubernetes.io/arch".to_string(), arch),
+        ("topology.kubernetes.io/region".to_string(), region),
+        ("topology.kubernetes.io/zone".to_string(), zone),
+    ]);
+    labels.extend(spec.labels.get(&name).cloned().unwrap_or_default());
+    let block = |plan: &BlockPlan| plan.block(k as u128).context("cluster range too small");
+    Ok(NodePlan {
+        netns: format!("{lab}-{name}"),
+        interface: "eth0".into(),
+        fabric_interface: format!("veth{k}"),
+        wg_interface: wg_interface(lab, k),
+        userspace_program: spec
+            .wireguard_go
+            .contains(&name)
+            .then(|| "wireguard-go".to_string()),
+        underlay: Ipv4Addr::new(198, 18, 1, k as u8),
+        pod_cidrs: vec![block(&v4)?, block(&v6)?],
+        labels,
+        name,
+    })
+}
+
+/// The node's WireGuard interface name. UAPI sockets live in one directory
+/// (/var/run/wireguard) for the whole machine, so names must differ across
+/// labs as well as nodes: a short hash of the lab name, then the node number.
+pub fn wg_interface(lab: &str, k: usize) -> String {
+    let hash = lab.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("wf{:04x}n{k}", hash & 0xffff)
 }
 
 #[cfg(test)]
@@ -242,6 +278,14 @@ mod tests {
             parse_label("node-1:a/b=c").unwrap(),
             ("node-1".into(), "a/b".into(), "c".into())
         );
+    }
+
+    #[test]
+    fn wireguard_names_fit_and_differ_across_labs() {
+        let a = wg_interface("weft", 250);
+        assert!(a.len() <= 15, "{a}");
+        assert_ne!(wg_interface("weft", 1), wg_interface("t-life", 1));
+        assert_ne!(wg_interface("weft", 1), wg_interface("weft", 2));
     }
 
     #[test]

@@ -1,0 +1,111 @@
+//! The real `meshd` on every lab node: started inside the node's namespace,
+//! pointed at the node kubeconfig (the same kube-rs path as in production),
+//! detached so it outlives `meshlab up`, found again through its pid file.
+
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::state::{process_alive, LabDir};
+use super::topology::{NodePlan, MESH_V4, MESH_V6};
+
+/// Keepalive in the lab: short, so that handshakes happen at once and
+/// liveness is observable in tests.
+const KEEPALIVE_SECS: &str = "5";
+
+/// The meshd binary: `$MESHLAB_MESHD`, else next to meshlab's own.
+pub fn binary() -> Result<PathBuf> {
+    if let Some(explicit) = std::env::var_os("MESHLAB_MESHD") {
+        return Ok(explicit.into());
+    }
+    let exe = std::env::current_exe().context("locating meshlab")?;
+    let dir = exe.parent().context("meshlab has no directory")?;
+    // Integration tests run from target/<profile>/deps.
+    for candidate in [dir.join("meshd"), dir.join("../meshd")] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    anyhow::bail!(
+        "meshd not found next to {}: build it (cargo build -p weft-meshd) or set MESHLAB_MESHD",
+        exe.display()
+    )
+}
+
+fn node_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
+    dir.file(&node.name)
+}
+
+fn pid_file(dir: &LabDir, node: &NodePlan) -> PathBuf {
+    node_dir(dir, node).join("meshd.pid")
+}
+
+/// The node's running meshd, if any.
+pub fn pid(dir: &LabDir, node: &NodePlan) -> Option<i32> {
+    let pid: i32 = fs::read_to_string(pid_file(dir, node))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    process_alive(pid, &dir.path()).then_some(pid)
+}
+
+/// Where the node's meshd serves /metrics (inside the node's namespace).
+pub const METRICS_ADDR: &str = "127.0.0.1:9475";
+
+/// Starts meshd on `node` unless it runs already; returns its pid.
+pub fn start(dir: &LabDir, node: &NodePlan) -> Result<i32> {
+    if let Some(pid) = pid(dir, node) {
+        return Ok(pid);
+    }
+    let state = node_dir(dir, node);
+    fs::create_dir_all(&state)?;
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(state.join("meshd.log"))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &node.netns])
+        .arg(binary()?)
+        .args(["--log-format", "json", "run", "--node-name", &node.name])
+        .arg("--kubeconfig")
+        .arg(dir.node_kubeconfig())
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--interface", &node.wg_interface])
+        .args(["--mesh-cidr", MESH_V4, "--mesh-cidr", MESH_V6])
+        .args([
+            "--persistent-keepalive",
+            KEEPALIVE_SECS,
+            "--metrics-addr",
+            METRICS_ADDR,
+        ]);
+    if let Some(program) = &node.userspace_program {
+        cmd.args(["--userspace-program", program]);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting meshd on {}", node.name))?;
+    // `ip netns exec` execs meshd in place, so this is meshd's pid.
+    let pid = child.id() as i32;
+    fs::write(pid_file(dir, node), pid.to_string())?;
+    Ok(pid)
+}
+
+/// Stops the node's meshd with `signal` (its data plane is left running).
+pub fn signal(dir: &LabDir, node: &NodePlan, signal: Signal) -> Result<Option<i32>> {
+    let Some(pid) = pid(dir, node) else {
+        return Ok(None);
+    };
+    kill(Pid::from_raw(pid), signal).with_context(|| format!("signalling meshd {pid}"))?;
+    Ok(Some(pid))
+}

@@ -1,0 +1,87 @@
+//! The mesh as the data planes see it: each node's WireGuard peers with
+//! handshake age and transfer counters, read over the UAPI socket (the same
+//! numbers `wg show` prints), and the wait for a converged mesh.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use wireguard_control::{Backend, Device, InterfaceName};
+
+use super::topology::NodePlan;
+
+/// One peer of one node.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerReport {
+    pub public_key: String,
+    /// The Node this key belongs to (from the nodes' published keys).
+    pub node: Option<String>,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Seconds since the last handshake; `None`: never.
+    pub latest_handshake_seconds_ago: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// A node's device: its public key and peers, or `None` if it has none yet.
+pub fn read(node: &NodePlan) -> Option<(String, Vec<PeerReport>)> {
+    let iface: InterfaceName = node.wg_interface.parse().ok()?;
+    let device = Device::get(&iface, Backend::Userspace).ok()?;
+    let now = SystemTime::now();
+    let peers = device
+        .peers
+        .iter()
+        .map(|p| PeerReport {
+            public_key: p.config.public_key.to_base64(),
+            node: None,
+            endpoint: p.config.endpoint.map(|e| e.to_string()),
+            allowed_ips: p
+                .config
+                .allowed_ips
+                .iter()
+                .map(|a| format!("{}/{}", a.address, a.cidr))
+                .collect(),
+            latest_handshake_seconds_ago: p
+                .stats
+                .last_handshake_time
+                .and_then(|t| now.duration_since(t).ok())
+                .map(|d| d.as_secs()),
+            rx_bytes: p.stats.rx_bytes,
+            tx_bytes: p.stats.tx_bytes,
+        })
+        .collect();
+    Some((
+        device.public_key.map(|k| k.to_base64()).unwrap_or_default(),
+        peers,
+    ))
+}
+
+/// Waits until every node in `nodes` has a completed handshake with every
+/// other; returns how long that took.
+pub fn wait_converged(nodes: &[NodePlan], timeout: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let lagging: Vec<String> = nodes
+            .iter()
+            .filter(|n| {
+                let handshaken = read(n).map_or(0, |(_, peers)| {
+                    peers
+                        .iter()
+                        .filter(|p| p.latest_handshake_seconds_ago.is_some())
+                        .count()
+                });
+                handshaken < nodes.len() - 1
+            })
+            .map(|n| n.name.clone())
+            .collect();
+        if lagging.is_empty() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!("the mesh did not converge within {timeout:?}: {} lack handshakes with every peer (see <lab dir>/<node>/meshd.log)", lagging.join(", "));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
