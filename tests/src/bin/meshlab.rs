@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
-use meshlab::lab::topology::{parse_label, parse_topology, LabSpec};
+use meshlab::lab::topology::{parse_label, parse_topology, LabSpec, NodePlan};
 use meshlab::lab::{agents, control, lifecycle, preflight, status, topology};
 
 #[derive(Parser)]
@@ -67,6 +67,8 @@ enum Cmd {
     },
     /// Start meshd on a node where it is not running (e.g. after a test killed it).
     StartMeshd { node: String },
+    /// Print a node's meshd metrics (Prometheus text).
+    Metrics { node: String },
     /// Remove every process, namespace and file of the lab (also after a crash).
     Down,
     /// Show the lab's nodes.
@@ -102,6 +104,19 @@ enum Cmd {
         #[arg(long)]
         fabric_listen: SocketAddr,
     },
+}
+
+/// A node of the running lab, by name.
+fn node_plan(dir: &LabDir, lab: &str, node: &str) -> Result<NodePlan> {
+    let state = dir
+        .read_state()?
+        .with_context(|| format!("lab {lab:?} is not up"))?;
+    state
+        .plan
+        .nodes
+        .into_iter()
+        .find(|n| n.name == node)
+        .with_context(|| format!("no node {node:?} in lab {lab:?}"))
 }
 
 fn main() -> ExitCode {
@@ -183,17 +198,12 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("meshlab: {node} deleted");
             Ok(())
         }
+        Cmd::Metrics { node } => {
+            print!("{}", agents::metrics(&node_plan(&dir, &cli.name, &node)?)?);
+            Ok(())
+        }
         Cmd::StartMeshd { node } => {
-            let state = dir
-                .read_state()?
-                .with_context(|| format!("lab {:?} is not up", cli.name))?;
-            let plan = state
-                .plan
-                .nodes
-                .iter()
-                .find(|n| n.name == node)
-                .with_context(|| format!("no node {node:?} in lab {:?}", cli.name))?;
-            let pid = agents::start(&dir, plan)?;
+            let pid = agents::start(&dir, &node_plan(&dir, &cli.name, &node)?)?;
             println!("{pid}");
             Ok(())
         }
@@ -230,16 +240,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Exec { node, command } => {
-            let state = dir
-                .read_state()?
-                .with_context(|| format!("lab {:?} is not up", cli.name))?;
-            let netns = state
-                .plan
-                .nodes
-                .iter()
-                .find(|n| n.name == node)
-                .map(|n| n.netns.clone())
-                .with_context(|| format!("no node {node:?} in lab {:?}", cli.name))?;
+            let netns = node_plan(&dir, &cli.name, &node)?.netns;
             let err = Command::new("ip")
                 .args(["netns", "exec", &netns])
                 .args(&command)

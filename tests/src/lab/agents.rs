@@ -3,6 +3,7 @@
 //! detached so it outlives `meshlab up`, found again through its pid file.
 
 use std::fs::{self, File};
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -11,12 +12,15 @@ use anyhow::{Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use super::netns;
 use super::state::{process_alive, LabDir};
 use super::topology::{NodePlan, MESH_V4, MESH_V6};
 
 /// Keepalive in the lab: short, so that handshakes happen at once and
 /// liveness is observable in tests.
 const KEEPALIVE_SECS: &str = "5";
+/// Resync more often than in production, so tests see resyncs change nothing.
+const RESYNC_SECS: &str = "10";
 
 /// The meshd binary: `$MESHLAB_MESHD`, else next to meshlab's own.
 pub fn binary() -> Result<PathBuf> {
@@ -84,6 +88,8 @@ pub fn start(dir: &LabDir, node: &NodePlan) -> Result<i32> {
             KEEPALIVE_SECS,
             "--metrics-addr",
             METRICS_ADDR,
+            "--resync",
+            RESYNC_SECS,
         ]);
     if let Some(program) = &node.userspace_program {
         cmd.args(["--userspace-program", program]);
@@ -99,6 +105,22 @@ pub fn start(dir: &LabDir, node: &NodePlan) -> Result<i32> {
     let pid = child.id() as i32;
     fs::write(pid_file(dir, node), pid.to_string())?;
     Ok(pid)
+}
+
+/// The node's meshd metrics (Prometheus text), fetched inside its namespace.
+pub fn metrics(node: &NodePlan) -> Result<String> {
+    netns::run_in(&node.netns, || {
+        let mut conn = std::net::TcpStream::connect(METRICS_ADDR)
+            .context("connecting to meshd's metrics (is meshd running?)")?;
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response)?;
+        let (_, body) = response
+            .split_once("\r\n\r\n")
+            .context("a malformed HTTP response from meshd")?;
+        Ok(body.to_string())
+    })
 }
 
 /// Stops the node's meshd with `signal` (its data plane is left running).

@@ -3,8 +3,8 @@
 //!
 //! It listens on two sockets: 127.0.0.1 in the host's namespace (for the
 //! admin's kubectl) and the fabric gateway inside the fabric namespace (for
-//! node namespaces). The second is bound after a temporary `setns`, so the
-//! lab needs no interface or route in the host's namespace.
+//! node namespaces). The second is bound from a thread inside the fabric
+//! namespace, so the lab needs no interface or route in the host's namespace.
 
 use std::fs::{self, File};
 use std::net::{SocketAddr, TcpListener};
@@ -14,9 +14,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nix::sched::{setns, CloneFlags};
 use serde::{Deserialize, Serialize};
 
+use super::netns;
 use super::state::{ApiServerState, LabDir};
 use crate::apiserver::{self, Endpoint, Options};
 
@@ -31,21 +31,12 @@ struct Ready {
     fabric_url: String,
 }
 
-/// Binds `addr` inside the network namespace `netns`, returning to ours after.
-fn bind_in_netns(netns: &str, addr: SocketAddr) -> Result<TcpListener> {
-    let ours = File::open("/proc/self/ns/net")?;
-    let theirs = File::open(format!("/run/netns/{netns}"))
-        .with_context(|| format!("network namespace {netns} is missing"))?;
-    setns(&theirs, CloneFlags::CLONE_NEWNET).context("entering the fabric namespace")?;
-    let bound = TcpListener::bind(addr);
-    setns(&ours, CloneFlags::CLONE_NEWNET).context("returning to the host namespace")?;
-    bound.with_context(|| format!("binding {addr} in {netns}"))
-}
-
 /// The body of `meshlab apiserver`: serves until SIGTERM or SIGINT.
 pub fn run(dir: &LabDir, fabric_netns: &str, fabric_addr: SocketAddr) -> Result<()> {
-    // Sockets first, while this is the only thread: setns applies per thread.
-    let fabric = bind_in_netns(fabric_netns, fabric_addr)?;
+    let fabric = netns::run_in(fabric_netns, move || {
+        TcpListener::bind(fabric_addr)
+            .with_context(|| format!("binding {fabric_addr} in the fabric"))
+    })?;
     let host = TcpListener::bind("127.0.0.1:0")?;
     let ready = Ready {
         url: format!("https://{}", host.local_addr()?),

@@ -102,6 +102,23 @@ pub fn create_pod_standin(node: &NodePlan) -> Result<()> {
     ip_in(ns, &["link", "set", "pods0", "up"])
 }
 
+/// Runs `f` on a thread that has entered the network namespace `netns`.
+/// Sockets it creates stay in that namespace after it returns.
+pub fn run_in<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let theirs = std::fs::File::open(Path::new(NETNS_DIR).join(netns))
+        .with_context(|| format!("network namespace {netns} is missing"))?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&theirs, nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("entering a network namespace")?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("a thread in {netns} panicked"))?
+}
+
 /// Every named network namespace on the machine.
 pub fn list() -> Vec<String> {
     fs::read_dir(NETNS_DIR)

@@ -136,3 +136,153 @@ pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
         stderr: readers.1.join().unwrap_or_default(),
     }
 }
+
+impl Lab {
+    /// `ping` from inside `node` (bounded by count × interval + slack).
+    pub fn ping(&self, node: &str, target: &str, count: u32, interval: f64) -> Output {
+        let (c, i) = (count.to_string(), interval.to_string());
+        self.meshlab(&[
+            "exec", node, "--", "ping", "-n", "-c", &c, "-i", &i, "-W", "1", target,
+        ])
+    }
+
+    /// Whether one ping from `node` to `target` gets an answer.
+    pub fn reaches(&self, node: &str, target: &str) -> bool {
+        self.ping(node, target, 1, 0.2).status.success()
+    }
+
+    /// The value of a metric line (`name{labels} value`) of a node's meshd; 0 if absent.
+    pub fn metric(&self, node: &str, series: &str) -> f64 {
+        let text = self.ok(&["metrics", node]);
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(series))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The first pod stand-in address of each family on `node` (from status).
+    pub fn pod_addresses(&self, node: &str) -> Vec<String> {
+        let status = self.status();
+        let n = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == node)
+            .expect("node in status");
+        n["podCIDRs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let net: ipnet::IpNet = c.as_str().unwrap().parse().unwrap();
+                net.hosts().next().unwrap().to_string()
+            })
+            .collect()
+    }
+
+    /// `(pid, command line)` of every process in `node`'s network namespace
+    /// (`pkill` would match processes of every namespace on the machine).
+    pub fn processes(&self, node: &str) -> Vec<(i32, String)> {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &format!("{}-{node}", self.name)])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter_map(|pid: i32| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                Some((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")))
+            })
+            .collect()
+    }
+
+    /// Starts a packet capture on the fabric bridge; stop it with [`Capture::stop`].
+    pub fn capture(&self) -> Capture {
+        let file = self
+            .dir()
+            .join(format!("capture-{}.pcap", std::process::id()));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &format!("{}-fabric", self.name),
+                "tcpdump",
+                "-i",
+                "br0",
+                "-nn",
+                "-U",
+                "-w",
+            ])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tcpdump (run tests/setup)");
+        // tcpdump needs a moment to attach before traffic starts.
+        std::thread::sleep(Duration::from_millis(500));
+        Capture { child, file }
+    }
+}
+
+/// A running tcpdump on the fabric.
+pub struct Capture {
+    child: std::process::Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    /// Stops the capture; returns one line per captured packet.
+    pub fn stop(mut self) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let out = Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&self.file)
+            .output()
+            .expect("reading the capture");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Packets that are neither WireGuard (UDP port 51820) nor the control plane
+/// (the API server at 198.18.0.1) nor link-layer housekeeping: plaintext
+/// leaking onto the fabric.
+pub fn plaintext(packets: &[String]) -> Vec<String> {
+    packets
+        .iter()
+        .filter(|p| !p.contains(" ARP,") && !p.contains("198.18.0.1.6443"))
+        // Link-local housekeeping (IPv6 neighbour discovery, MLD, IGMP) is not pod traffic.
+        .filter(|p| {
+            !p.contains("IP6 fe80")
+                && !p.contains("IP6 :: >")
+                && !p.contains("> ff02::")
+                && !p.contains("> 224.0.0.")
+        })
+        .filter(|p| !(p.contains(".51820 > ") && p.contains(".51820: UDP")))
+        // A node without a data plane refuses WireGuard datagrams; the ICMP
+        // error quotes only the encrypted datagram.
+        .filter(|p| !p.contains("ICMP") || !p.contains("udp port 51820 unreachable"))
+        .cloned()
+        .collect()
+}
+
+/// Polls `check` every 20 ms until it holds, failing with `what` after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let started = std::time::Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    started.elapsed()
+}
