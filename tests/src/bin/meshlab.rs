@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
 use meshlab::lab::topology::{parse_label, parse_topology, LabSpec, NodePlan};
-use meshlab::lab::{agents, control, lifecycle, preflight, status, topology};
+use meshlab::lab::{agents, bench, control, lifecycle, preflight, status, topology};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +26,19 @@ struct Cli {
     root: PathBuf,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// iperf3 between two nodes' pods: Weft, wireguard-go configured identically, raw underlay.
+    Throughput {
+        /// Runs per path and stream count (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,6 +82,11 @@ enum Cmd {
     StartMeshd { node: String },
     /// Print a node's meshd metrics (Prometheus text).
     Metrics { node: String },
+    /// Benchmarks (they bring up labs of their own).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Remove every process, namespace and file of the lab (also after a crash).
     Down,
     /// Show the lab's nodes.
@@ -196,6 +214,23 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             lifecycle::delete_node(&dir, &node)?;
             eprintln!("meshlab: {node} deleted");
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Throughput { runs, seconds },
+        } => {
+            anyhow::ensure!(
+                runs >= 1 && seconds >= 1,
+                "--runs and --seconds must be at least 1"
+            );
+            let spec = bench::ThroughputSpec {
+                runs,
+                seconds,
+                streams: vec![1, 2],
+            };
+            let rows =
+                bench::throughput(&cli.root, &spec, &mut |step| eprintln!("meshlab: {step}"))?;
+            print!("{}", bench::table(&rows));
             Ok(())
         }
         Cmd::Metrics { node } => {

@@ -7,6 +7,7 @@
 //! [`lifecycle`] sequences `up`/`down`, [`status`] reports on it.
 
 pub mod agents;
+pub mod bench;
 pub mod client;
 pub mod control;
 pub mod lifecycle;
