@@ -73,7 +73,9 @@ pub struct RunArgs {
     pub peer_timeout: u64,
     #[arg(long, value_enum, default_value = "auto")]
     pub dataplane: Mode,
-    /// `builtin` (boringtun in `meshd dataplane`) or a wireguard-go compatible program.
+    /// `builtin` (boringtun in `meshd dataplane`, started and adopted by meshd),
+    /// a wireguard-go compatible program, or `none` (another process — a
+    /// separate container — runs `meshd dataplane`; meshd only adopts it).
     #[arg(long, default_value = "builtin")]
     pub userspace_program: String,
     /// Threads of the builtin userspace data plane.
@@ -170,6 +172,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "builtin" => UserspaceProgram::Builtin {
             threads: args.dataplane_threads,
         },
+        "none" => UserspaceProgram::Supervised,
         path => UserspaceProgram::External(path.into()),
     };
     let dataplane = DataPlane::open(

@@ -42,8 +42,14 @@ pub fn resolve(mode: Mode, kernel_available: bool) -> Result<Resolved> {
 /// UAPI (`PROGRAM -f IFACE`), such as Debian's wireguard-go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserspaceProgram {
-    Builtin { threads: usize },
+    Builtin {
+        threads: usize,
+    },
     External(PathBuf),
+    /// Something else runs the data plane (in Kubernetes, a container of its
+    /// own, so that restarting the meshd container cannot take it down):
+    /// meshd only adopts it and waits while it is absent.
+    Supervised,
 }
 
 /// How an `ensure` found the device.

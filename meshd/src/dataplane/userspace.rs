@@ -37,9 +37,15 @@ pub async fn ensure(
     if answering(iface) {
         return Ok(Ensured::Existing);
     }
+    let Some(cmd) = command(iface, program)? else {
+        bail!(
+            "waiting for the data plane to answer on {} (it is supervised outside meshd)",
+            socket_path(iface).display()
+        );
+    };
     let _ = fs::remove_file(socket_path(iface));
     let log_path = log_dir.join(format!("dataplane-{}.log", iface.as_str_lossy()));
-    start(iface, program, &log_path)?;
+    start(cmd, &log_path)?;
     let deadline = Instant::now() + START_TIMEOUT;
     while !answering(iface) {
         if Instant::now() > deadline {
@@ -52,20 +58,25 @@ pub async fn ensure(
     Ok(Ensured::Created)
 }
 
-fn start(iface: &InterfaceName, program: &UserspaceProgram, log_path: &Path) -> Result<()> {
+/// How to run the data plane; `None` when meshd must not start it.
+fn command(iface: &InterfaceName, program: &UserspaceProgram) -> Result<Option<Command>> {
     let name = iface.as_str_lossy().into_owned();
-    let mut cmd = match program {
+    Ok(match program {
         UserspaceProgram::Builtin { threads } => {
             let mut c = Command::new(std::env::current_exe().context("locating meshd")?);
             c.args(["dataplane", "--threads", &threads.to_string(), &name]);
-            c
+            Some(c)
         }
         UserspaceProgram::External(path) => {
             let mut c = Command::new(path);
             c.args(["-f", &name]);
-            c
+            Some(c)
         }
-    };
+        UserspaceProgram::Supervised => None,
+    })
+}
+
+fn start(mut cmd: Command, log_path: &Path) -> Result<()> {
     if let Some(dir) = log_path.parent() {
         fs::create_dir_all(dir)?;
     }
@@ -85,4 +96,27 @@ fn start(iface: &InterfaceName, program: &UserspaceProgram, log_path: &Path) -> 
         tracing::warn!(?status, "the userspace data plane exited");
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_supervised_data_plane_is_waited_for_never_started() {
+        let iface: InterfaceName = "wfnosuchdev9".parse().unwrap();
+        let dir = std::env::temp_dir();
+        let err = ensure(&iface, &UserspaceProgram::Supervised, &dir)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("supervised outside meshd"),
+            "{err}"
+        );
+        assert!(!answering(&iface));
+        assert!(
+            !dir.join("dataplane-wfnosuchdev9.log").exists(),
+            "nothing was started"
+        );
+    }
 }
