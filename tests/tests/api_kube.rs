@@ -57,6 +57,16 @@ fn node(name: &str) -> Node {
     .unwrap()
 }
 
+/// Creates nodes `{prefix}0` … `{prefix}{n-1}`.
+async fn create_nodes(nodes: &Api<Node>, prefix: &str, n: usize) {
+    for i in 0..n {
+        nodes
+            .create(&PostParams::default(), &node(&format!("{prefix}{i}")))
+            .await
+            .unwrap();
+    }
+}
+
 fn annotate(key: &str, value: Option<&str>) -> Patch<serde_json::Value> {
     Patch::Merge(json!({"metadata": {"annotations": {key: value}}}))
 }
@@ -172,12 +182,7 @@ async fn list_then_watch_sees_every_change_once_in_order() {
 async fn concurrent_writers_each_change_seen_exactly_once() {
     let lab = server(Options::default()).await;
     let nodes: Api<Node> = Api::all(lab.client.clone());
-    for i in 0..3 {
-        nodes
-            .create(&PostParams::default(), &node(&format!("w{i}")))
-            .await
-            .unwrap();
-    }
+    create_nodes(&nodes, "w", 3).await;
     let rv = nodes
         .list(&ListParams::default())
         .await
@@ -451,12 +456,7 @@ async fn reflector_converges_and_many_watchers_are_served() {
                 .boxed(),
         );
     }
-    for i in 0..5 {
-        nodes
-            .create(&PostParams::default(), &node(&format!("r{i}")))
-            .await
-            .unwrap();
-    }
+    create_nodes(&nodes, "r", 5).await;
     nodes.delete("r0", &DeleteParams::default()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await; // bookmarks flow meanwhile
     let wanted = ["r1", "r2", "r3", "r4"];
@@ -583,12 +583,7 @@ async fn dry_run_delete_collection_and_body_limit() {
 async fn streaming_list_watcher_gets_initial_events_end() {
     let lab = server(Options::default()).await;
     let nodes: Api<Node> = Api::all(lab.client.clone());
-    for i in 0..3 {
-        nodes
-            .create(&PostParams::default(), &node(&format!("s{i}")))
-            .await
-            .unwrap();
-    }
+    create_nodes(&nodes, "s", 3).await;
     // Streaming lists: sendInitialEvents=true; kube-runtime only finishes
     // its initial sync when the bookmark marked initial-events-end arrives.
     let mut events = watcher(nodes.clone(), watcher::Config::default().streaming_lists()).boxed();

@@ -436,6 +436,9 @@ fn hostile_nodes_are_excluded_on_every_node() {
             "conflict",
         ),
     ];
+    // creationTimestamp has one-second resolution and, at equal age, the
+    // name that sorts first wins a conflict: the intruders must be younger.
+    std::thread::sleep(Duration::from_millis(1100));
     for (name, manifest, _) in &hostile {
         let path = lab.dir().join(format!("{name}.json"));
         std::fs::write(&path, manifest).unwrap();
@@ -609,4 +612,42 @@ fn an_idle_mesh_writes_nothing_and_changes_nothing() {
         lab.metric("node-1", "weft_reconciles_total") >= resyncs_before + 2.0,
         "no resync ran while idle"
     );
+}
+
+#[test]
+fn meshd_restarts_a_dead_data_plane() {
+    let lab = Lab::up("t-revive", &["--nodes", "2"]);
+    let n2_pod = lab.pod_addresses("node-2")[0].clone();
+    let dataplane = |lab: &Lab| -> Vec<i32> {
+        lab.processes("node-1")
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(" dataplane "))
+            .map(|(pid, _)| pid)
+            .collect()
+    };
+    let first = dataplane(&lab);
+    assert_eq!(first.len(), 1);
+    assert!(Command::new("kill")
+        .args(["-KILL", &first[0].to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let took = wait_for(
+        "node-1 to reach node-2 again",
+        Duration::from_secs(15),
+        || lab.reaches("node-1", &n2_pod),
+    );
+    println!(
+        "data plane killed -> traffic flows again in {} ms",
+        took.as_millis()
+    );
+    let second = dataplane(&lab);
+    assert_eq!(second.len(), 1);
+    assert_ne!(second, first, "the same process?");
+    assert_eq!(lab.metric("node-1", "weft_dataplane_starts_total"), 2.0);
+    // Reconfigured from scratch: the peer is back with its allowed IPs.
+    let status = lab.status();
+    let peers = node(&status, "node-1")["peers"].as_array().unwrap().clone();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0]["allowedIps"].as_array().unwrap().len(), 4);
 }
