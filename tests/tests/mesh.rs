@@ -28,13 +28,20 @@ fn mesh_v4(status: &Value, name: &str) -> String {
         .to_string()
 }
 
-fn total_transfer(status: &Value, name: &str) -> u64 {
+/// rx and tx bytes per peer (by node name) of one node.
+fn transfer(status: &Value, name: &str) -> std::collections::BTreeMap<String, (u64, u64)> {
     node(status, name)["peers"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| p["rxBytes"].as_u64().unwrap() + p["txBytes"].as_u64().unwrap())
-        .sum()
+        .map(|p| {
+            let bytes = (
+                p["rxBytes"].as_u64().unwrap(),
+                p["txBytes"].as_u64().unwrap(),
+            );
+            (p["node"].as_str().unwrap_or("?").to_string(), bytes)
+        })
+        .collect()
 }
 
 #[test]
@@ -93,10 +100,14 @@ fn full_mesh_carries_pod_traffic_only_encrypted() {
                 .unwrap_or_else(|| panic!("{name}: no handshake with {}", p["node"]));
             assert!(age < 60, "{name}: stale handshake with {}", p["node"]);
         }
-        assert!(
-            total_transfer(&after, name) > total_transfer(&before, name),
-            "{name}: transfer counters did not grow"
-        );
+        let (was, now) = (transfer(&before, name), transfer(&after, name));
+        for (peer, (rx, tx)) in &now {
+            let (rx0, tx0) = was.get(peer).copied().unwrap_or_default();
+            assert!(
+                *rx > rx0 && *tx > tx0,
+                "{name}: transfer with {peer} did not grow both ways ({rx0}/{tx0} -> {rx}/{tx})"
+            );
+        }
         let wg = Command::new("wg")
             .args(["show", n["wgInterface"].as_str().unwrap()])
             .output()
