@@ -6,9 +6,10 @@
 //! indices never overlap and that every block lies inside the cluster CIDR.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
+
+use crate::bits::{address_bits, net_from_bits};
 
 /// Why a block plan cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -120,32 +121,12 @@ impl BlockPlan {
     }
 }
 
-fn address_bits(addr: IpAddr) -> u128 {
-    match addr {
-        IpAddr::V4(a) => u128::from(u32::from(a)),
-        IpAddr::V6(a) => u128::from(a),
-    }
-}
-
-fn net_from_bits(family: IpNet, bits: u128, prefix: u8) -> IpNet {
-    // The prefix was validated against the family in `BlockPlan::new`, and
-    // `bits` is derived from an address of that family, so neither can fail.
-    match family {
-        IpNet::V4(_) => {
-            let addr = Ipv4Addr::from(bits as u32);
-            IpNet::V4(Ipv4Net::new(addr, prefix).expect("validated IPv4 prefix"))
-        }
-        IpNet::V6(_) => {
-            let addr = Ipv6Addr::from(bits);
-            IpNet::V6(Ipv6Net::new(addr, prefix).expect("validated IPv6 prefix"))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipnet::{Ipv4Net, Ipv6Net};
     use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()

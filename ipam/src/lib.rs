@@ -1,10 +1,15 @@
 //! Pure address logic for Weft.
 //!
 //! - [`BlockPlan`]: a cluster CIDR (IPv4 or IPv6) split into node blocks.
-//!
-//! The per-node pod address store used by the CNI plugin joins this crate in
-//! the pod networking issue.
+//! - [`Allocations`]: which pod attachment holds which address of a node's
+//!   blocks (pure), and [`PodStore`], the same on local disk under a file
+//!   lock, used directly by the CNI plugin.
 
+mod bits;
 mod blocks;
+mod pool;
+mod store;
 
 pub use blocks::{BlockError, BlockPlan};
+pub use pool::{gateway, AllocError, Allocations, Attachment};
+pub use store::{PodStore, StoreError};
