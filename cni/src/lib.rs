@@ -1,4 +1,8 @@
-//! The `weft` CNI plugin: attaches pods to the node's mesh using the node-local
-//! address store of `weft-ipam`.
+//! The `weft` CNI plugin: attaches pods to the node's mesh using the node
+//! state meshd writes and the node-local address store of `weft-ipam`.
 //!
-//! Filled by the pod networking issue; nothing here yet.
+//! [`spec`] is the CNI protocol (versions, environment, errors, results);
+//! [`config`] the plugin's network configuration.
+
+pub mod config;
+pub mod spec;

@@ -4,12 +4,15 @@
 //! - [`Allocations`]: which pod attachment holds which address of a node's
 //!   blocks (pure), and [`PodStore`], the same on local disk under a file
 //!   lock, used directly by the CNI plugin.
+//! - [`NodeState`]: what meshd tells the plugin (pod blocks, MTU).
 
 mod bits;
 mod blocks;
+mod node_state;
 mod pool;
 mod store;
 
 pub use blocks::{BlockError, BlockPlan};
+pub use node_state::{NodeState, NodeStateError};
 pub use pool::{gateway, AllocError, Allocations, Attachment};
 pub use store::{PodStore, StoreError};
