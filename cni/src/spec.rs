@@ -26,6 +26,9 @@ pub enum Code {
     InvalidConfig = 7,
     TryAgainLater = 11,
     NotAvailable = 50,
+    /// Plugin-specific (the spec reserves 100+): CHECK found the
+    /// attachment differs from what ADD set up.
+    Check = 100,
 }
 
 /// A CNI error: printed as JSON on stdout, with a non-zero exit.
@@ -102,21 +105,22 @@ fn required(vars: &BTreeMap<String, String>, name: &str) -> Result<String, CniEr
 impl Env {
     /// Reads the environment variables a command needs, naming any missing one.
     pub fn from_vars(vars: &BTreeMap<String, String>) -> Result<Self, CniError> {
-        let command =
-            match required(vars, "CNI_COMMAND")?.as_str() {
-                "ADD" => Command::Add,
-                "DEL" => Command::Del,
-                "CHECK" => Command::Check,
-                "VERSION" => Command::Version,
-                "STATUS" => Command::Status,
-                "GC" => Command::Gc,
-                other => return Err(CniError::new(
+        let command = match required(vars, "CNI_COMMAND")?.as_str() {
+            "ADD" => Command::Add,
+            "DEL" => Command::Del,
+            "CHECK" => Command::Check,
+            "VERSION" => Command::Version,
+            "STATUS" => Command::Status,
+            "GC" => Command::Gc,
+            other => {
+                return Err(CniError::new(
                     Code::InvalidEnvironment,
                     format!(
                         "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION, STATUS, GC"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let get = |name: &str| vars.get(name).cloned().unwrap_or_default();
         let (container_id, netns, ifname) = match command {
             Command::Add | Command::Check => (

@@ -1,0 +1,267 @@
+//! A small synchronous rtnetlink client: the plugin runs for milliseconds
+//! and needs no async runtime. Messages are built with rtnetlink's builders
+//! and sent over a plain netlink socket, bound to whichever network
+//! namespace the calling thread is in when it is opened.
+
+use std::io;
+
+use ipnet::IpNet;
+use rtnetlink::packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
+};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::RouteMessage;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use rtnetlink::{LinkUnspec, LinkVeth};
+
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+}
+
+/// A kernel error, with the errno kept for callers that expect some.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct NlError {
+    pub what: String,
+    #[source]
+    pub source: io::Error,
+}
+
+impl NlError {
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+type Result<T> = std::result::Result<T, NlError>;
+
+fn err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NlError {
+    let what = what.into();
+    move |source| NlError { what, source }
+}
+
+pub const ENODEV: i32 = 19;
+pub const EEXIST: i32 = 17;
+
+impl Netlink {
+    /// A socket in the calling thread's current network namespace.
+    pub fn open() -> Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(err("opening a netlink socket"))?;
+        socket
+            .bind_auto()
+            .map_err(err("binding a netlink socket"))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(err("connecting a netlink socket"))?;
+        Ok(Self { socket, seq: 0 })
+    }
+
+    fn request(
+        &mut self,
+        what: &str,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
+        self.seq += 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
+        packet.finalize();
+        let mut buf = vec![0; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.socket.send(&buf, 0).map_err(err(what))?;
+        let mut replies = Vec::new();
+        loop {
+            let (data, _) = self.socket.recv_from_full().map_err(err(what))?;
+            let mut offset = 0;
+            while offset < data.len() {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
+                    .map_err(|e| NlError {
+                        what: what.into(),
+                        source: io::Error::other(e.to_string()),
+                    })?;
+                offset += reply.header.length as usize;
+                if reply.header.sequence_number != self.seq {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(replies),
+                            Some(code) => Err(NlError {
+                                what: what.into(),
+                                source: io::Error::from_raw_os_error(-code.get()),
+                            }),
+                        }
+                    }
+                    NetlinkPayload::Done(_) => return Ok(replies),
+                    NetlinkPayload::InnerMessage(m) => replies.push(m),
+                    _ => {}
+                }
+                if reply.header.length == 0 {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The link called `name`, if there is one.
+    pub fn link(&mut self, name: &str) -> Result<Option<LinkMessage>> {
+        let query = LinkUnspec::new_with_name(name).build();
+        match self.request(
+            &format!("looking up {name}"),
+            RouteNetlinkMessage::GetLink(query),
+            0,
+        ) {
+            Ok(mut links) => Ok(links.pop().and_then(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })),
+            Err(e) if e.errno() == Some(ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `(name, index)` of every link.
+    pub fn links(&mut self) -> Result<Vec<(String, u32)>> {
+        let replies = self.request(
+            "listing links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some((n.clone(), l.header.index)),
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Creates a veth pair `name` / `peer` with `mtu`.
+    pub fn add_veth(&mut self, name: &str, peer: &str, mtu: u32) -> Result<()> {
+        let message = LinkVeth::new(name, peer).mtu(mtu).build();
+        self.request(
+            &format!("creating veth {name}"),
+            RouteNetlinkMessage::NewLink(message),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    /// Applies a link change (up, MTU, rename, namespace).
+    pub fn set_link(&mut self, what: &str, message: LinkMessage) -> Result<()> {
+        self.request(what, RouteNetlinkMessage::SetLink(message), 0)
+            .map(drop)
+    }
+
+    pub fn del_link(&mut self, index: u32) -> Result<()> {
+        self.request(
+            "deleting a link",
+            RouteNetlinkMessage::DelLink(LinkUnspec::new_with_index(index).build()),
+            0,
+        )
+        .map(drop)
+    }
+
+    /// Adds `net` to link `index`, without duplicate address detection
+    /// (the addresses are ours alone; DAD would delay IPv6 by seconds).
+    pub fn add_address(&mut self, index: u32, net: IpNet) -> Result<()> {
+        let mut m = AddressMessage::default();
+        m.header.family = if net.addr().is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        m.header.prefix_len = net.prefix_len();
+        m.header.index = index;
+        if net.addr().is_ipv4() {
+            m.attributes.push(AddressAttribute::Local(net.addr()));
+        }
+        m.attributes.push(AddressAttribute::Address(net.addr()));
+        m.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        self.request(
+            &format!("adding address {net}"),
+            RouteNetlinkMessage::NewAddress(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    /// The addresses on link `index`.
+    pub fn addresses(&mut self, index: u32) -> Result<Vec<IpNet>> {
+        let mut query = AddressMessage::default();
+        query.header.index = index;
+        let replies = self.request(
+            "listing addresses",
+            RouteNetlinkMessage::GetAddress(query),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) if a.header.index == index => {
+                    let ip = a.attributes.iter().find_map(|x| match x {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })?;
+                    IpNet::new(ip, a.header.prefix_len).ok()
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub fn add_route(&mut self, what: &str, route: RouteMessage) -> Result<()> {
+        self.request(
+            what,
+            RouteNetlinkMessage::NewRoute(route),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
+    }
+
+    /// Every route of one family in the main table.
+    pub fn routes(&mut self, query: RouteMessage) -> Result<Vec<RouteMessage>> {
+        let replies = self.request(
+            "listing routes",
+            RouteNetlinkMessage::GetRoute(query),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Some(r),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// A link's index and MAC address (`aa:bb:…`).
+pub fn index_and_mac(link: &LinkMessage) -> (u32, String) {
+    let mac = link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(bytes) => Some(
+                bytes
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            ),
+            _ => None,
+        })
+        .unwrap_or_default();
+    (link.header.index, mac)
+}

@@ -1,0 +1,404 @@
+//! The plugin's commands.
+//!
+//! A pod gets a veth pair: `wp<hash>` on the node, `CNI_IFNAME` in the pod.
+//! The pod holds its addresses as host routes (/32, /128) and reaches
+//! everything through its block's gateway address, which the node side of
+//! every pod veth carries; the node routes each pod address to its veth.
+//! No bridge, no ARP between pods: every packet passes the node's routing
+//! (and, later, its policy).
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
+use ipnet::IpNet;
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope};
+use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+use serde_json::Value;
+use weft_ipam::{gateway, AllocError, Attachment, NodeState, PodStore, StoreError};
+
+use crate::config::{parse, NetConf};
+use crate::netlink::{index_and_mac, Netlink, NlError, EEXIST};
+use crate::spec::{
+    version_info, AddResult, CniError, Code, Command, Env, Interface, IpConfig, RouteConfig,
+};
+
+/// The node-side veth of an attachment: stable, unique, within 15 characters.
+pub fn host_veth(attachment: &Attachment) -> String {
+    format!(
+        "wp{:012x}",
+        hash(&format!(
+            "{}/{}",
+            attachment.container_id, attachment.ifname
+        )) >> 16
+    )
+}
+
+fn hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn is_pod_veth(name: &str) -> bool {
+    name.len() == 14 && name.starts_with("wp") && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl From<NlError> for CniError {
+    fn from(e: NlError) -> Self {
+        CniError::new(Code::Io, e.to_string())
+    }
+}
+
+impl From<StoreError> for CniError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Alloc(AllocError::Exhausted(_)) => {
+                CniError::new(Code::TryAgainLater, e.to_string())
+            }
+            other => CniError::new(Code::Io, other.to_string()),
+        }
+    }
+}
+
+/// Runs one command; `Ok(Some(json))` is printed on stdout.
+pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    // VERSION's stdin carries only a cniVersion, not a whole configuration.
+    let conf = match env.command {
+        Command::Version => return Ok(Some(version_info())),
+        _ => parse(stdin)?,
+    };
+    let attachment = Attachment {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+    };
+    match env.command {
+        Command::Version => Ok(Some(version_info())),
+        Command::Add => add(env, &conf, &attachment).map(|r| Some(r.to_json(&conf.cni_version))),
+        Command::Del => del(&conf, &attachment).map(|()| None),
+        Command::Check => check(env, &conf, &attachment).map(|()| None),
+        Command::Status => status(&conf).map(|_| None),
+        Command::Gc => gc(&conf).map(|()| None),
+    }
+}
+
+fn status(conf: &NetConf) -> Result<NodeState, CniError> {
+    match NodeState::read(&conf.state_file) {
+        Ok(Some(state)) => Ok(state),
+        Ok(None) => Err(CniError::new(
+            Code::NotAvailable,
+            format!("meshd has not written {} yet", conf.state_file.display()),
+        )),
+        Err(e) => Err(CniError::new(Code::NotAvailable, e.to_string())),
+    }
+}
+
+fn add(env: &Env, conf: &NetConf, attachment: &Attachment) -> Result<AddResult, CniError> {
+    let state = status(conf).map_err(|e| CniError::new(Code::TryAgainLater, e.msg))?;
+    let mtu = conf.mtu.unwrap_or(state.mtu);
+    let netns = File::open(&env.netns).map_err(|e| {
+        CniError::new(
+            Code::InvalidEnvironment,
+            format!("CNI_NETNS {}: {e}", env.netns),
+        )
+    })?;
+    let store = PodStore::new(&conf.ipam_dir);
+    let addresses = store.allocate(attachment, &state.pod_cidrs)?;
+    let wired = wire(env, attachment, &netns, &addresses, mtu);
+    if wired.is_err() {
+        // Leave nothing behind: no veth, no address held.
+        let _ = unwire(attachment);
+        let _ = store.release(attachment);
+    }
+    wired
+}
+
+/// Creates and configures the veth pair.
+fn wire(
+    env: &Env,
+    attachment: &Attachment,
+    netns: &File,
+    addresses: &[IpNet],
+    mtu: u32,
+) -> Result<AddResult, CniError> {
+    let host_name = host_veth(attachment);
+    let peer_name = format!("wq{}", &host_name[2..]);
+    let mut host = Netlink::open()?;
+    // A previous ADD of this attachment that died half-way left these.
+    for stale in [&host_name, &peer_name] {
+        if let Some(l) = host.link(stale)? {
+            host.del_link(l.header.index)?;
+        }
+    }
+    host.add_veth(&host_name, &peer_name, mtu)?;
+    let peer = host
+        .link(&peer_name)?
+        .ok_or_else(|| CniError::new(Code::Io, "the new veth peer vanished"))?;
+    host.set_link(
+        "moving the pod's veth into CNI_NETNS",
+        LinkUnspec::new_with_index(peer.header.index)
+            .setns_by_fd(netns.as_raw_fd())
+            .build(),
+    )?;
+    let host_link = host
+        .link(&host_name)?
+        .ok_or_else(|| CniError::new(Code::Io, "the new veth vanished"))?;
+    let (host_index, host_mac) = index_and_mac(&host_link);
+    host.set_link(
+        "setting the node's veth up",
+        LinkUnspec::new_with_index(host_index).up().build(),
+    )?;
+    for addr in addresses {
+        let gw = IpNet::from(gateway(&addr.trunc()));
+        match host.add_address(host_index, gw) {
+            Err(e) if e.errno() == Some(EEXIST) => {}
+            other => other?,
+        }
+        host.add_route(
+            &format!("routing {} to the pod", addr.addr()),
+            host_route(addr.addr(), host_index),
+        )?;
+    }
+
+    let pod_mac = in_netns(netns, || {
+        let mut pod = Netlink::open()?;
+        let link = pod
+            .link(&peer_name)?
+            .ok_or_else(|| CniError::new(Code::Io, "the pod's veth did not arrive in CNI_NETNS"))?;
+        let (index, mac) = index_and_mac(&link);
+        pod.set_link(
+            "naming the pod's interface",
+            LinkUnspec::new_with_index(index)
+                .name(env.ifname.clone())
+                .mtu(mtu)
+                .up()
+                .build(),
+        )?;
+        if let Some(lo) = pod.link("lo")? {
+            pod.set_link(
+                "setting lo up",
+                LinkUnspec::new_with_index(lo.header.index).up().build(),
+            )?;
+        }
+        for addr in addresses {
+            pod.add_address(index, IpNet::from(addr.addr()))?;
+            let gw = gateway(&addr.trunc());
+            pod.add_route("routing to the gateway", host_route(gw, index))?;
+            pod.add_route("adding the default route", default_route(gw, index))?;
+        }
+        Ok(mac)
+    })?;
+    Ok(AddResult {
+        interfaces: vec![
+            Interface {
+                name: host_name,
+                mac: host_mac,
+                sandbox: String::new(),
+                mtu: Some(mtu),
+            },
+            Interface {
+                name: env.ifname.clone(),
+                mac: pod_mac,
+                sandbox: env.netns.clone(),
+                mtu: Some(mtu),
+            },
+        ],
+        ips: addresses
+            .iter()
+            .map(|a| IpConfig {
+                address: *a,
+                gateway: gateway(&a.trunc()),
+                interface: 1,
+            })
+            .collect(),
+        routes: addresses
+            .iter()
+            .map(|a| {
+                let any = if a.addr().is_ipv4() {
+                    "0.0.0.0/0"
+                } else {
+                    "::/0"
+                };
+                RouteConfig {
+                    dst: any.parse().expect("a literal prefix"),
+                    gw: gateway(&a.trunc()),
+                }
+            })
+            .collect(),
+    })
+}
+
+/// `addr` (host route) out of link `index`.
+fn host_route(addr: IpAddr, index: u32) -> RouteMessage {
+    let prefix = if addr.is_ipv4() { 32 } else { 128 };
+    RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(addr, prefix)
+        .expect("a host prefix is valid")
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .build()
+}
+
+fn default_route(gw: IpAddr, index: u32) -> RouteMessage {
+    let any = if gw.is_ipv4() {
+        IpAddr::from([0u8; 4])
+    } else {
+        IpAddr::from([0u8; 16])
+    };
+    RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(any, 0)
+        .expect("the default prefix is valid")
+        .gateway(gw)
+        .expect("gateway of the same family")
+        .output_interface(index)
+        .build()
+}
+
+/// Runs `f` with this thread in the network namespace `netns`, and returns.
+fn in_netns<T>(netns: &File, f: impl FnOnce() -> Result<T, CniError>) -> Result<T, CniError> {
+    use nix::sched::{setns, CloneFlags};
+    let home = File::open("/proc/self/ns/net")
+        .map_err(|e| CniError::new(Code::Io, format!("opening our namespace: {e}")))?;
+    setns(netns, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| CniError::new(Code::Io, format!("entering CNI_NETNS: {e}")))?;
+    let result = f();
+    setns(&home, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| CniError::new(Code::Io, format!("leaving CNI_NETNS: {e}")))?;
+    result
+}
+
+/// Deletes the node-side veth (its pod end goes with it).
+fn unwire(attachment: &Attachment) -> Result<(), CniError> {
+    let mut host = Netlink::open()?;
+    if let Some(l) = host.link(&host_veth(attachment))? {
+        host.del_link(l.header.index)?;
+    }
+    Ok(())
+}
+
+/// Idempotent: a missing namespace, veth or allocation is not an error.
+fn del(conf: &NetConf, attachment: &Attachment) -> Result<(), CniError> {
+    unwire(attachment)?;
+    PodStore::new(&conf.ipam_dir).release(attachment)?;
+    Ok(())
+}
+
+fn check(env: &Env, conf: &NetConf, attachment: &Attachment) -> Result<(), CniError> {
+    let mismatch = |what: String| CniError::new(Code::Check, what);
+    let held = PodStore::new(&conf.ipam_dir)
+        .get(attachment)?
+        .ok_or_else(|| {
+            mismatch(format!(
+                "no addresses are held for {}/{}",
+                attachment.container_id, attachment.ifname
+            ))
+        })?;
+    let mut host = Netlink::open()?;
+    let host_link = host.link(&host_veth(attachment))?.ok_or_else(|| {
+        mismatch(format!(
+            "the node-side veth {} is missing",
+            host_veth(attachment)
+        ))
+    })?;
+    let routes: Vec<RouteMessage> = [
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ]
+    .into_iter()
+    .map(|q| host.routes(q))
+    .collect::<Result<Vec<_>, _>>()?
+    .concat();
+    for addr in &held {
+        let routed = routes.iter().any(|r| {
+            r.header.destination_prefix_length == if addr.addr().is_ipv4() { 32 } else { 128 }
+                && r.attributes.contains(&RouteAttribute::Oif(host_link.header.index))
+                && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Destination(d) if route_address(d) == Some(addr.addr())))
+        });
+        if !routed {
+            return Err(mismatch(format!(
+                "the node has no route for {} to {}",
+                addr.addr(),
+                host_veth(attachment)
+            )));
+        }
+    }
+    let netns = File::open(&env.netns).map_err(|e| {
+        CniError::new(
+            Code::InvalidEnvironment,
+            format!("CNI_NETNS {}: {e}", env.netns),
+        )
+    })?;
+    in_netns(&netns, || {
+        let mut pod = Netlink::open()?;
+        let link = pod
+            .link(&env.ifname)?
+            .ok_or_else(|| mismatch(format!("{} is missing in the pod", env.ifname)))?;
+        let present: BTreeSet<IpAddr> = pod
+            .addresses(link.header.index)?
+            .iter()
+            .map(IpNet::addr)
+            .collect();
+        for addr in &held {
+            if !present.contains(&addr.addr()) {
+                return Err(mismatch(format!(
+                    "{} lacks its address {}",
+                    env.ifname,
+                    addr.addr()
+                )));
+            }
+        }
+        Ok(())
+    })
+}
+
+fn route_address(a: &rtnetlink::packet_route::route::RouteAddress) -> Option<IpAddr> {
+    use rtnetlink::packet_route::route::RouteAddress;
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// Frees every attachment the runtime no longer lists, and removes pod
+/// veths that belong to none of the valid ones.
+fn gc(conf: &NetConf) -> Result<(), CniError> {
+    let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
+        CniError::new(
+            Code::InvalidConfig,
+            "network configuration: GC needs \"cni.dev/valid-attachments\"",
+        )
+    })?;
+    let live: BTreeSet<Attachment> = valid.iter().map(Attachment::from).collect();
+    PodStore::new(&conf.ipam_dir).gc(&live)?;
+    let keep: BTreeSet<String> = live.iter().map(host_veth).collect();
+    let mut host = Netlink::open()?;
+    for (name, index) in host.links()? {
+        if is_pod_veth(&name) && !keep.contains(&name) {
+            host.del_link(index)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_veth_names_are_short_stable_and_distinct() {
+        let a = Attachment {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+        };
+        let b = Attachment {
+            container_id: "abc".into(),
+            ifname: "net1".into(),
+        };
+        assert_eq!(host_veth(&a), host_veth(&a.clone()));
+        assert_ne!(host_veth(&a), host_veth(&b));
+        assert!(is_pod_veth(&host_veth(&a)));
+        assert!(host_veth(&a).len() <= 15);
+    }
+}
