@@ -1,0 +1,378 @@
+//! The `weft` binary driven as a runtime drives it: environment variables,
+//! configuration on stdin, results on stdout, in network namespaces made
+//! here. Needs root.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+
+/// A node namespace with its state and address store, and pod namespaces;
+/// all removed on drop, also after a failed assertion or an earlier crash.
+struct Sandbox {
+    node: String,
+    pods: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Sandbox {
+    fn new(name: &str, blocks: &[&str]) -> Sandbox {
+        let node = format!("cnit-{name}");
+        clean(&node);
+        ip(&["netns", "add", &node]);
+        ip(&["-n", &node, "link", "set", "lo", "up"]);
+        let dir = tempfile::tempdir().unwrap();
+        let sb = Sandbox {
+            node,
+            pods: Vec::new(),
+            dir,
+        };
+        if !blocks.is_empty() {
+            std::fs::write(
+                sb.state(),
+                json!({"version": 1, "podCIDRs": blocks, "mtu": 1420}).to_string(),
+            )
+            .unwrap();
+        }
+        sb
+    }
+
+    fn state(&self) -> std::path::PathBuf {
+        self.dir.path().join("node.json")
+    }
+
+    fn pod(&mut self, i: usize) -> String {
+        let name = format!("{}-p{i}", self.node);
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        self.pods.push(name.clone());
+        format!("/run/netns/{name}")
+    }
+
+    fn conf(&self, version: &str) -> Value {
+        json!({"cniVersion": version, "name": "weft", "type": "weft",
+               "stateFile": self.state(), "ipamDir": self.dir.path().join("ipam")})
+    }
+
+    /// Runs the plugin in the node namespace; returns (success, stdout JSON or Null).
+    fn run(&self, command: &str, container: &str, netns: &str, conf: &Value) -> (bool, Value) {
+        self.run_raw(
+            command,
+            &[
+                ("CNI_CONTAINERID", container),
+                ("CNI_NETNS", netns),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            conf.to_string().as_bytes(),
+        )
+    }
+
+    fn run_raw(&self, command: &str, env: &[(&str, &str)], stdin: &[u8]) -> (bool, Value) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.node, WEFT])
+            .env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_PATH", "/opt/cni/bin");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let value = if stdout.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+        };
+        (out.status.success(), value)
+    }
+
+    fn node_links(&self) -> String {
+        String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-n", &self.node, "-o", "link"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned()
+    }
+
+    fn pings(&self, target: &str) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.node, "ping", "-c1", "-W1", target])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+}
+
+fn clean(node: &str) {
+    let list = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        if ns == node || ns.starts_with(&format!("{node}-p")) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        clean(&self.node);
+    }
+}
+
+#[test]
+fn add_check_del_in_every_supported_version() {
+    let mut sb = Sandbox::new("versions", &["198.19.1.0/24", "fd98:19:0:1::/64"]);
+    for (i, version) in ["0.3.1", "0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
+        let netns = sb.pod(i);
+        let container = format!("ctr{i}");
+        let mut conf = sb.conf(version);
+        let (ok, result) = sb.run("ADD", &container, &netns, &conf);
+        assert!(ok, "ADD {version}: {result}");
+        assert_eq!(result["cniVersion"], *version);
+        let ips = result["ips"].as_array().unwrap();
+        assert_eq!(ips.len(), 2, "dual stack");
+        assert_eq!(
+            ips[0].get("version").is_some(),
+            version.starts_with("0."),
+            "{version}: {result}"
+        );
+        assert_eq!(result["interfaces"][1]["sandbox"], netns.as_str());
+        assert_eq!(
+            result["interfaces"][1].get("mtu").is_some(),
+            *version == "1.1.0"
+        );
+        let pod_ip = ips[0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(
+            sb.pings(&pod_ip),
+            "{version}: the node cannot reach its pod {pod_ip}"
+        );
+        conf["prevResult"] = result.clone();
+        let (ok, out) = sb.run("CHECK", &container, &netns, &conf);
+        assert!(ok, "CHECK {version}: {out}");
+        let (ok, out) = sb.run("DEL", &container, &netns, &conf);
+        assert!(ok && out.is_null(), "DEL {version}: {out}");
+        let (ok, _) = sb.run("DEL", &container, &netns, &conf);
+        assert!(ok, "DEL twice must succeed");
+        assert!(!sb.pings(&pod_ip));
+        // CHECK after DEL fails with the plugin's code.
+        let (ok, err) = sb.run("CHECK", &container, &netns, &conf);
+        assert!(!ok && err["code"] == 100, "{err}");
+    }
+    assert!(
+        !sb.node_links().contains("wp"),
+        "veths left: {}",
+        sb.node_links()
+    );
+}
+
+#[test]
+fn version_status_and_gc() {
+    let mut sb = Sandbox::new("status", &[]);
+    let (ok, v) = sb.run_raw("VERSION", &[], br#"{"cniVersion":"1.0.0"}"#);
+    assert!(ok);
+    assert!(v["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("1.0.0")));
+    let conf = sb.conf("1.0.0");
+    let (ok, err) = sb.run_raw("STATUS", &[], conf.to_string().as_bytes());
+    assert!(
+        !ok && err["code"] == 50,
+        "STATUS before meshd wrote state: {err}"
+    );
+    let netns = sb.pod(0);
+    let (ok, err) = sb.run("ADD", "early", &netns, &conf);
+    assert!(
+        !ok && err["code"] == 11,
+        "ADD before meshd wrote state: {err}"
+    );
+
+    std::fs::write(
+        sb.state(),
+        json!({"version": 1, "podCIDRs": ["198.19.2.0/24"], "mtu": 1420}).to_string(),
+    )
+    .unwrap();
+    assert!(sb.run_raw("STATUS", &[], conf.to_string().as_bytes()).0);
+    for i in 0..3 {
+        let netns = sb.pod(i + 1);
+        assert!(sb.run("ADD", &format!("g{i}"), &netns, &conf).0);
+    }
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "g1", "ifname": "eth0"}]);
+    let (ok, out) = sb.run_raw("GC", &[], gc.to_string().as_bytes());
+    assert!(ok, "GC: {out}");
+    assert_eq!(
+        sb.node_links().matches(" wp").count(),
+        1,
+        "GC keeps exactly the valid attachment's veth: {}",
+        sb.node_links()
+    );
+    let held: Value = serde_json::from_slice(
+        &std::fs::read(sb.dir.path().join("ipam/allocations.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(held["held"].as_object().unwrap().len(), 1);
+}
+
+#[test]
+fn bad_input_gets_spec_errors_and_leaks_nothing() {
+    let mut sb = Sandbox::new("bad", &["198.19.3.0/29"]); // 5 usable addresses
+    let netns = sb.pod(0);
+    let env = [
+        ("CNI_CONTAINERID", "x"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let (ok, err) = sb.run_raw("ADD", &env, b"{not json");
+    assert!(!ok && err["code"] == 6, "{err}");
+    let (ok, err) = sb.run_raw("ADD", &env[..1], sb.conf("1.0.0").to_string().as_bytes());
+    assert!(
+        !ok && err["code"] == 4 && err["msg"].as_str().unwrap().contains("CNI_NETNS"),
+        "{err}"
+    );
+    let (ok, err) = sb.run_raw("ADD", &env, sb.conf("7.0.0").to_string().as_bytes());
+    assert!(!ok && err["code"] == 1, "{err}");
+    let mut bad_mtu = sb.conf("1.0.0");
+    bad_mtu["mtu"] = json!("big");
+    let (ok, err) = sb.run_raw("ADD", &env, bad_mtu.to_string().as_bytes());
+    assert!(
+        !ok && err["code"] == 7 && err["msg"].as_str().unwrap().contains("mtu"),
+        "{err}"
+    );
+    let (ok, err) = sb.run("ADD", "x", "/run/netns/does-not-exist", &sb.conf("1.0.0"));
+    assert!(!ok && err["code"] == 4, "{err}");
+    // Exhaustion: five pods fit, the sixth is told to try again; nothing half-made stays.
+    let conf = sb.conf("1.0.0");
+    for i in 0..5 {
+        let netns = sb.pod(i + 1);
+        assert!(sb.run("ADD", &format!("e{i}"), &netns, &conf).0);
+    }
+    let netns = sb.pod(9);
+    let (ok, err) = sb.run("ADD", "e9", &netns, &conf);
+    assert!(
+        !ok && err["code"] == 11 && err["msg"].as_str().unwrap().contains("198.19.3.0/29"),
+        "{err}"
+    );
+    assert_eq!(
+        sb.node_links().matches(" wp").count(),
+        5,
+        "a failed ADD left a veth"
+    );
+}
+
+#[test]
+fn a_hundred_parallel_adds_get_distinct_addresses() {
+    let mut sb = Sandbox::new("parallel", &["198.19.4.0/24", "fd98:19:0:4::/64"]);
+    let netns: Vec<String> = (0..100).map(|i| sb.pod(i)).collect();
+    let conf = sb.conf("1.0.0");
+    let sb = std::sync::Arc::new(sb);
+    let threads: Vec<_> = netns
+        .into_iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let (sb, conf) = (sb.clone(), conf.clone());
+            std::thread::spawn(move || sb.run("ADD", &format!("par{i}"), &ns, &conf))
+        })
+        .collect();
+    let mut addresses = std::collections::BTreeSet::new();
+    for t in threads {
+        let (ok, result) = t.join().unwrap();
+        assert!(ok, "{result}");
+        for ip in result["ips"].as_array().unwrap() {
+            assert!(
+                addresses.insert(ip["address"].as_str().unwrap().to_string()),
+                "handed out twice: {ip}"
+            );
+        }
+    }
+    assert_eq!(addresses.len(), 200);
+}
+
+#[test]
+fn sigkill_mid_add_leaves_nothing_gc_cannot_reclaim() {
+    let mut sb = Sandbox::new("kill", &["198.19.5.0/24"]);
+    let conf = sb.conf("1.0.0");
+    for i in 0..20 {
+        let netns = sb.pod(i);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &sb.node, WEFT])
+            .env_clear()
+            .envs([
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", &format!("k{i}")),
+                ("CNI_NETNS", &netns),
+                ("CNI_IFNAME", "eth0"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        // Kill at a different point each time (0-14 ms into the ADD).
+        std::thread::sleep(Duration::from_micros(750 * (i as u64 % 20)));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // The runtime knows none of them: GC reclaims every address and veth.
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    let (ok, out) = sb.run_raw("GC", &[], gc.to_string().as_bytes());
+    assert!(ok, "GC: {out}");
+    assert!(
+        !sb.node_links().contains(" wp"),
+        "veths survived GC: {}",
+        sb.node_links()
+    );
+    let path = sb.dir.path().join("ipam/allocations.json");
+    if path.exists() {
+        let held: Value = serde_json::from_slice(&std::fs::read(path).unwrap())
+            .expect("the store is never half-written");
+        assert!(held["held"].as_object().unwrap().is_empty(), "{held}");
+    }
+    // And the node still works.
+    let netns = sb.pod(99);
+    assert!(sb.run("ADD", "after", &netns, &conf).0);
+}
