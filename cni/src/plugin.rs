@@ -145,6 +145,7 @@ fn wire(
         .link(&host_name)?
         .ok_or_else(|| CniError::new(Code::Io, "the new veth vanished"))?;
     let (host_index, host_mac) = index_and_mac(&host_link);
+    no_dad(&host_name)?;
     host.set_link(
         "setting the node's veth up",
         LinkUnspec::new_with_index(host_index).up().build(),
@@ -172,8 +173,12 @@ fn wire(
             LinkUnspec::new_with_index(index)
                 .name(env.ifname.clone())
                 .mtu(mtu)
-                .up()
                 .build(),
+        )?;
+        no_dad(&env.ifname)?;
+        pod.set_link(
+            "setting the pod's interface up",
+            LinkUnspec::new_with_index(index).up().build(),
         )?;
         if let Some(lo) = pod.link("lo")? {
             pod.set_link(
@@ -227,6 +232,15 @@ fn wire(
             })
             .collect(),
     })
+}
+
+/// Turns off IPv6 duplicate address detection on `ifname` (in the calling
+/// thread's namespace) before it comes up: the addresses on a pod veth are
+/// unique by allocation, and DAD would hold neighbour discovery — and the
+/// pod's first IPv6 packets — for about a second.
+fn no_dad(ifname: &str) -> Result<(), CniError> {
+    let knob = format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad");
+    std::fs::write(&knob, "0").map_err(|e| CniError::new(Code::Io, format!("{knob}: {e}")))
 }
 
 /// `addr` (host route) out of link `index`.

@@ -93,6 +93,8 @@ pub struct RunArgs {
     /// Seconds between full resyncs (a safety net; changes are event-driven).
     #[arg(long, default_value_t = 60)]
     pub resync: u64,
+    #[command(flatten)]
+    pub cni: crate::cni::CniArgs,
 }
 
 /// Exactly one IPv4 range and at most one IPv6 range.
@@ -162,6 +164,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .current;
     tracing::info!(node = %args.node_name, public_key = %key.public_key(), "starting");
     let client = client(args.kubeconfig.as_ref()).await?;
+    crate::cni::enable_forwarding()?;
+    crate::cni::install(&args.cni)?;
     let health = Arc::new(Health {
         ready: Default::default(),
         metrics: Default::default(),
@@ -369,6 +373,10 @@ impl Agent {
         self.report(&desired.verdicts, &objects).await;
 
         let mtu = self.mtu(endpoint, internal_ip).await;
+        let node_state = weft_ipam::NodeState::new(claim.pod_cidrs.clone(), mtu);
+        if crate::cni::publish_state(&self.args.cni.cni_state_file, &node_state)? {
+            tracing::info!(path = %self.args.cni.cni_state_file.display(), "published the node state for the CNI plugin");
+        }
         let outcome = self
             .reconciler
             .reconcile(&desired, &self.key, self.args.listen_port, mtu)

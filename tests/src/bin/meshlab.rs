@@ -29,6 +29,37 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum PodCmd {
+    /// Attach pod NAME on NODE through the node's weft CNI plugin.
+    Add {
+        node: String,
+        #[arg(value_name = "NAME")]
+        pod: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// A label: KEY=VALUE (repeatable).
+        #[arg(long)]
+        label: Vec<String>,
+    },
+    /// Delete pod NAMESPACE/NAME (CNI DEL, namespace, Pod object).
+    Del { pod: String },
+    /// Run a command in pod NAMESPACE/NAME's network namespace.
+    Exec {
+        pod: String,
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        command: Vec<OsString>,
+    },
+}
+
+/// `NAMESPACE/NAME`, or `NAME` in `default`.
+fn pod_ref(arg: &str) -> (String, String) {
+    match arg.split_once('/') {
+        Some((ns, name)) => (ns.to_string(), name.to_string()),
+        None => ("default".to_string(), arg.to_string()),
+    }
+}
+
+#[derive(Subcommand)]
 enum BenchCmd {
     /// iperf3 between two nodes' pods: Weft, wireguard-go configured identically, raw underlay.
     Throughput {
@@ -72,6 +103,14 @@ enum Cmd {
         /// Run this node's data plane on Debian's wireguard-go instead of boringtun (repeatable).
         #[arg(long, value_name = "NODE")]
         wireguard_go: Vec<String>,
+        /// Pods to attach on every node through the weft CNI plugin.
+        #[arg(long, default_value_t = 0)]
+        pods_per_node: usize,
+    },
+    /// Attach, delete or enter pods.
+    Pod {
+        #[command(subcommand)]
+        action: PodCmd,
     },
     /// Add a node to a running lab, or delete one.
     Node {
@@ -164,11 +203,13 @@ fn run(cli: Cli) -> Result<()> {
             topology,
             label,
             wireguard_go,
+            pods_per_node,
         } => {
             let mut spec = LabSpec {
                 name: cli.name.clone(),
                 nodes,
                 wireguard_go,
+                pods_per_node,
                 ..LabSpec::default()
             };
             for t in &topology {
@@ -241,6 +282,50 @@ fn run(cli: Cli) -> Result<()> {
             let pid = agents::start(&dir, &node_plan(&dir, &cli.name, &node)?)?;
             println!("{pid}");
             Ok(())
+        }
+        Cmd::Pod {
+            action:
+                PodCmd::Add {
+                    node,
+                    pod: name,
+                    namespace,
+                    label,
+                },
+        } => {
+            let mut labels = std::collections::BTreeMap::new();
+            for l in &label {
+                let (k, v) = l
+                    .split_once('=')
+                    .with_context(|| format!("--label {l:?}: expected KEY=VALUE"))?;
+                labels.insert(k.to_string(), v.to_string());
+            }
+            let pod = lifecycle::add_pod(&dir, &node, &namespace, &name, &labels)?;
+            println!("{}", pod.ips.join(" "));
+            Ok(())
+        }
+        Cmd::Pod {
+            action: PodCmd::Del { pod },
+        } => {
+            let (namespace, name) = pod_ref(&pod);
+            lifecycle::delete_pod(&dir, &namespace, &name)
+        }
+        Cmd::Pod {
+            action: PodCmd::Exec { pod, command },
+        } => {
+            let (namespace, name) = pod_ref(&pod);
+            let state = dir
+                .read_state()?
+                .with_context(|| format!("lab {:?} is not up", cli.name))?;
+            let record = state
+                .pods
+                .iter()
+                .find(|p| p.namespace == namespace && p.name == name)
+                .with_context(|| format!("no pod {namespace}/{name} in lab {:?}", cli.name))?;
+            let err = Command::new("ip")
+                .args(["netns", "exec", &record.netns])
+                .args(&command)
+                .exec();
+            Err(err).context("running ip netns exec")
         }
         Cmd::Down => {
             let removed = lifecycle::down(&dir)?;

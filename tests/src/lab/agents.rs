@@ -45,6 +45,12 @@ fn node_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
     dir.file(&node.name)
 }
 
+/// The node's CNI directories (each lab node is its own machine): `bin/`,
+/// `net.d/`, `ipam/` and the `node.json` meshd writes.
+pub fn cni_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
+    node_dir(dir, node).join("cni")
+}
+
 fn pid_file(dir: &LabDir, node: &NodePlan) -> PathBuf {
     node_dir(dir, node).join("meshd.pid")
 }
@@ -91,6 +97,11 @@ pub fn start(dir: &LabDir, node: &NodePlan) -> Result<i32> {
             "--resync",
             RESYNC_SECS,
         ]);
+    let cni = cni_dir(dir, node);
+    cmd.arg("--cni-state-file").arg(cni.join("node.json"));
+    cmd.arg("--cni-ipam-dir").arg(cni.join("ipam"));
+    cmd.arg("--cni-bin-dir").arg(cni.join("bin"));
+    cmd.arg("--cni-conf-dir").arg(cni.join("net.d"));
     if let Some(program) = &node.userspace_program {
         cmd.args(["--userspace-program", program]);
     }

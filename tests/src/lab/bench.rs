@@ -68,11 +68,7 @@ pub fn throughput(
         let state = lifecycle::up(&dir, &nodes, &mut |_| {})?;
         let result = (|| -> Result<Vec<Row>> {
             let server = &state.plan.nodes[1];
-            let target = server.pod_cidrs[0]
-                .hosts()
-                .next()
-                .context("pod CIDR")?
-                .to_string();
+            let target = weft_ipam::gateway(&server.pod_cidrs[0]).to_string();
             let mut measured = measure(
                 &state.plan.nodes[0].netns,
                 &server.netns,

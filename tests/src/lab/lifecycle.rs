@@ -2,7 +2,7 @@
 //! of one that crashed, and undoes itself if any step fails; `down` removes
 //! every process, namespace and file the lab made, state file or not.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -14,6 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::json;
 
+use super::pods::{self, PodRecord};
 use super::state::{is_zombie, process_alive, LabDir, LabState};
 use super::topology::{self, LabPlan, LabSpec, NodePlan, FABRIC_API_PORT, FABRIC_GATEWAY};
 use super::{agents, client, control, mesh, netns, preflight};
@@ -56,7 +57,7 @@ pub fn up(dir: &LabDir, spec: &LabSpec, progress: &mut dyn FnMut(&str)) -> Resul
             leftovers.processes, leftovers.namespaces
         ));
     }
-    let built = build(dir, &plan, progress);
+    let built = build(dir, &plan, spec, progress);
     if built.is_err() {
         // Leave nothing half-made behind; the original error is what matters.
         let _ = teardown(dir);
@@ -64,7 +65,12 @@ pub fn up(dir: &LabDir, spec: &LabSpec, progress: &mut dyn FnMut(&str)) -> Resul
     built
 }
 
-fn build(dir: &LabDir, plan: &LabPlan, progress: &mut dyn FnMut(&str)) -> Result<LabState> {
+fn build(
+    dir: &LabDir,
+    plan: &LabPlan,
+    spec: &LabSpec,
+    progress: &mut dyn FnMut(&str),
+) -> Result<LabState> {
     fs::create_dir_all(dir.path()).with_context(|| format!("creating {}", dir.path().display()))?;
     let started = Instant::now();
     netns::create_fabric(plan)?;
@@ -89,6 +95,7 @@ fn build(dir: &LabDir, plan: &LabPlan, progress: &mut dyn FnMut(&str)) -> Result
     let state = LabState {
         plan: plan.clone(),
         api_server,
+        pods: Vec::new(),
     };
     dir.write_state(&state)?;
     register_nodes(dir, &plan.nodes)?;
@@ -98,7 +105,84 @@ fn build(dir: &LabDir, plan: &LabPlan, progress: &mut dyn FnMut(&str)) -> Result
         started.elapsed().as_secs_f64()
     ));
     start_mesh(dir, &plan.nodes, progress)?;
-    Ok(state)
+    for node in &plan.nodes {
+        let k = node.name.trim_start_matches("node-");
+        for i in 1..=spec.pods_per_node {
+            let pod = add_pod_unlocked(
+                dir,
+                &node.name,
+                "default",
+                &format!("pod-{k}-{i}"),
+                &BTreeMap::new(),
+            )?;
+            progress(&format!(
+                "pod {}/{} on {} at {}",
+                pod.namespace,
+                pod.name,
+                pod.node,
+                pod.ips.join(", ")
+            ));
+        }
+    }
+    dir.read_state()?.context("lab.json vanished")
+}
+
+/// Attaches a pod on `node` through the node's CNI plugin.
+pub fn add_pod(
+    dir: &LabDir,
+    node: &str,
+    namespace: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<PodRecord> {
+    preflight::require_root()?;
+    let _lock = dir.lock()?;
+    add_pod_unlocked(dir, node, namespace, name, labels)
+}
+
+fn add_pod_unlocked(
+    dir: &LabDir,
+    node: &str,
+    namespace: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<PodRecord> {
+    let mut state = dir
+        .read_state()?
+        .with_context(|| format!("lab {:?} is not up", dir.name))?;
+    let plan = state
+        .plan
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .with_context(|| format!("no node {node:?} in lab {:?}", dir.name))?;
+    let pod = pods::add(dir, plan, namespace, name, labels)?;
+    state.pods.push(pod.clone());
+    dir.write_state(&state)?;
+    Ok(pod)
+}
+
+/// Detaches and deletes pod `namespace/name`.
+pub fn delete_pod(dir: &LabDir, namespace: &str, name: &str) -> Result<()> {
+    preflight::require_root()?;
+    let _lock = dir.lock()?;
+    let mut state = dir
+        .read_state()?
+        .with_context(|| format!("lab {:?} is not up", dir.name))?;
+    let pos = state
+        .pods
+        .iter()
+        .position(|p| p.namespace == namespace && p.name == name)
+        .with_context(|| format!("no pod {namespace}/{name} in lab {:?}", dir.name))?;
+    let pod = state.pods.remove(pos);
+    let node = state
+        .plan
+        .nodes
+        .iter()
+        .find(|n| n.name == pod.node)
+        .context("the pod's node is gone")?;
+    pods::delete(dir, node, &pod)?;
+    dir.write_state(&state)
 }
 
 /// Starts meshd on `nodes` and waits for every pair of the lab's nodes to
@@ -160,6 +244,12 @@ pub fn delete_node(dir: &LabDir, name: &str) -> Result<()> {
         .position(|n| n.name == name)
         .with_context(|| format!("no node {name:?} in lab {:?}", dir.name))?;
     let node = state.plan.nodes.remove(pos);
+    let (gone, kept): (Vec<PodRecord>, Vec<PodRecord>) =
+        state.pods.drain(..).partition(|p| p.node == node.name);
+    state.pods = kept;
+    for pod in &gone {
+        pods::delete(dir, &node, pod)?;
+    }
     client::block_on(dir, |client| async move {
         let nodes: Api<Node> = Api::all(client);
         nodes.delete(name, &Default::default()).await?;

@@ -13,6 +13,7 @@ pub mod control;
 pub mod lifecycle;
 pub mod mesh;
 pub mod netns;
+pub mod pods;
 pub mod preflight;
 pub mod state;
 pub mod status;

@@ -86,17 +86,15 @@ pub fn create_node(plan: &LabPlan, node: &NodePlan) -> Result<()> {
     ip_in(fabric, &["link", "set", &node.fabric_interface, "up"])
 }
 
-/// A stand-in for the node's pods until the CNI attaches real ones: a bridge
-/// `pods0` holding the first address of each pod CIDR, as a CNI bridge would.
+/// A stand-in answering for the node's pods without any pod attached: a
+/// bridge `pods0` holding each block's gateway address as a host address
+/// (the address every pod veth's node side carries too), so no block-wide
+/// route competes with the pods' own.
 pub fn create_pod_standin(node: &NodePlan) -> Result<()> {
     let ns = node.netns.as_str();
     ip_in(ns, &["link", "add", "pods0", "type", "bridge"])?;
     for cidr in &node.pod_cidrs {
-        let first = cidr
-            .hosts()
-            .next()
-            .context("pod CIDR has no host addresses")?;
-        let addr = format!("{first}/{}", cidr.prefix_len());
+        let addr = format!("{}/{}", weft_ipam::gateway(cidr), cidr.max_prefix_len());
         ip_in(ns, &["addr", "add", &addr, "dev", "pods0", "nodad"])?;
     }
     ip_in(ns, &["link", "set", "pods0", "up"])

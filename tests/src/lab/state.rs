@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use super::pods::PodRecord;
 use super::topology::LabPlan;
 
 /// The default root of all labs' runtime directories.
@@ -39,6 +40,8 @@ pub struct ApiServerState {
 pub struct LabState {
     pub plan: LabPlan,
     pub api_server: ApiServerState,
+    #[serde(default)]
+    pub pods: Vec<PodRecord>,
 }
 
 impl LabDir {

@@ -19,6 +19,7 @@ const PUBLIC_KEY: &str = "weft.dev/public-key";
 const MESH_ADDRESSES: &str = "weft.dev/mesh-addresses";
 
 use super::mesh::{self, PeerReport};
+use super::pods::PodRecord;
 use super::state::{process_alive, LabDir};
 use super::{agents, client};
 
@@ -33,6 +34,7 @@ pub struct Report {
     pub api_server: ApiServerReport,
     pub fabric: FabricReport,
     pub nodes: Vec<NodeReport>,
+    pub pods: Vec<PodRecord>,
 }
 
 #[derive(Debug, Serialize)]
@@ -158,6 +160,7 @@ pub fn collect(dir: &LabDir) -> Result<Report> {
             cidr: state.plan.fabric_cidr.to_string(),
         },
         nodes,
+        pods: state.pods,
     })
 }
 
@@ -222,6 +225,17 @@ pub fn table(r: &Report) -> String {
             .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
+    }
+    if !r.pods.is_empty() {
+        out.push_str("\nPOD                          NODE     IPS\n");
+        for p in &r.pods {
+            out.push_str(&format!(
+                "{:<28} {:<8} {}\n",
+                format!("{}/{}", p.namespace, p.name),
+                p.node,
+                p.ips.join(",")
+            ));
+        }
     }
     out
 }

@@ -73,6 +73,8 @@ pub struct LabSpec {
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
     /// Nodes whose data plane is Debian's wireguard-go instead of boringtun.
     pub wireguard_go: Vec<String>,
+    /// Pods attached on every node by `up` (`pod-<k>-<i>` in `default`).
+    pub pods_per_node: usize,
 }
 
 /// Namespace names the lab `name` owns, so teardown can find leftovers of a
@@ -82,6 +84,7 @@ pub fn owns_netns(lab: &str, netns: &str) -> bool {
         return false;
     };
     rest == "fabric"
+        || rest.strip_prefix("pod-").is_some_and(|p| !p.is_empty())
         || rest
             .strip_prefix("node-")
             .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
@@ -292,6 +295,8 @@ mod tests {
     fn netns_ownership_is_exact() {
         assert!(owns_netns("weft", "weft-fabric"));
         assert!(owns_netns("weft", "weft-node-12"));
+        assert!(owns_netns("weft", "weft-pod-default-web"));
+        assert!(!owns_netns("weft", "weft-pod-"));
         assert!(!owns_netns("weft", "weft-x-fabric"));
         assert!(!owns_netns("weft", "weft-node-"));
         assert!(!owns_netns("weft", "weftnode-1"));

@@ -161,7 +161,7 @@ impl Lab {
             .unwrap_or(0.0)
     }
 
-    /// The first pod stand-in address of each family on `node` (from status).
+    /// The pod stand-in (gateway) address of each family on `node` (from status).
     pub fn pod_addresses(&self, node: &str) -> Vec<String> {
         let status = self.status();
         let n = status["nodes"]
@@ -176,7 +176,7 @@ impl Lab {
             .iter()
             .map(|c| {
                 let net: ipnet::IpNet = c.as_str().unwrap().parse().unwrap();
-                net.hosts().next().unwrap().to_string()
+                weft_ipam::gateway(&net).to_string()
             })
             .collect()
     }

@@ -1,0 +1,143 @@
+//! What meshd does for the `weft` CNI plugin: install it and its conflist,
+//! keep the node state it reads current, and let the node forward pod
+//! traffic. Files are replaced atomically and only when their content
+//! changes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use weft_ipam::NodeState;
+
+/// The conflist's file name: sorts early so runtimes pick it.
+pub const CONFLIST: &str = "10-weft.conflist";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CniArgs {
+    /// Where the plugin reads this node's pod blocks and MTU.
+    #[arg(long, default_value = "/run/weft/node.json")]
+    pub cni_state_file: PathBuf,
+    /// The plugin's pod address store.
+    #[arg(long, default_value = "/var/lib/weft/ipam")]
+    pub cni_ipam_dir: PathBuf,
+    /// Where the runtime looks for plugin binaries.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// Where the runtime looks for network configurations.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// The plugin binary to install; default: `weft` next to meshd.
+    #[arg(long)]
+    pub cni_plugin: Option<PathBuf>,
+}
+
+/// The conflist runtimes read. `cniVersion` 1.0.0: libcni 1.1.2 (containerd
+/// 1.6, CRI-O, podman 4) rejects 1.1.0.
+pub fn conflist(args: &CniArgs) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "weft",
+        "plugins": [{
+            "type": "weft",
+            "stateFile": args.cni_state_file,
+            "ipamDir": args.cni_ipam_dir,
+        }],
+    })
+}
+
+/// Writes `contents` to `path` atomically unless it already holds them.
+fn write_if_changed(path: &Path, contents: &[u8]) -> Result<bool> {
+    if fs::read(path).is_ok_and(|current| current == contents) {
+        return Ok(false);
+    }
+    weft_keys::write_private(path, contents)?;
+    Ok(true)
+}
+
+/// Installs the plugin binary (mode 0755) and the conflist.
+pub fn install(args: &CniArgs) -> Result<()> {
+    let source = match &args.cni_plugin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("weft"),
+    };
+    let binary = fs::read(&source)
+        .with_context(|| format!("reading the CNI plugin {}", source.display()))?;
+    let target = args.cni_bin_dir.join("weft");
+    if write_if_changed(&target, &binary)? {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;
+        tracing::info!(path = %target.display(), "installed the CNI plugin");
+    }
+    let conf = serde_json::to_vec_pretty(&conflist(args))?;
+    let conf_path = args.cni_conf_dir.join(CONFLIST);
+    if write_if_changed(&conf_path, &conf)? {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&conf_path, fs::Permissions::from_mode(0o644))?;
+        tracing::info!(path = %conf_path.display(), "wrote the CNI configuration");
+    }
+    Ok(())
+}
+
+/// Publishes the node state for the plugin if it changed; true if written.
+pub fn publish_state(path: &Path, state: &NodeState) -> Result<bool> {
+    let bytes = serde_json::to_vec_pretty(state)?;
+    write_if_changed(path, &bytes)
+}
+
+/// Pods' traffic crosses the node: it must forward both families.
+pub fn enable_forwarding() -> Result<()> {
+    for knob in [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ] {
+        if fs::read_to_string(knob)
+            .map(|v| v.trim() == "1")
+            .unwrap_or(false)
+        {
+            continue;
+        }
+        fs::write(knob, "1").with_context(|| format!("enabling {knob}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &Path) -> CniArgs {
+        CniArgs {
+            cni_state_file: dir.join("run/node.json"),
+            cni_ipam_dir: dir.join("ipam"),
+            cni_bin_dir: dir.join("bin"),
+            cni_conf_dir: dir.join("net.d"),
+            cni_plugin: Some(dir.join("weft-src")),
+        }
+    }
+
+    #[test]
+    fn installs_once_and_writes_state_only_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = args(dir.path());
+        fs::write(dir.path().join("weft-src"), b"\x7fELF plugin").unwrap();
+        install(&a).unwrap();
+        let conf: Value =
+            serde_json::from_slice(&fs::read(a.cni_conf_dir.join(CONFLIST)).unwrap()).unwrap();
+        assert_eq!(conf["plugins"][0]["type"], "weft");
+        assert_eq!(conf["cniVersion"], "1.0.0");
+        let installed = a.cni_bin_dir.join("weft");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&installed).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let state = NodeState::new(vec!["198.19.1.0/24".parse().unwrap()], 1420);
+        assert!(publish_state(&a.cni_state_file, &state).unwrap());
+        assert!(
+            !publish_state(&a.cni_state_file, &state).unwrap(),
+            "unchanged state is not rewritten"
+        );
+        assert_eq!(NodeState::read(&a.cni_state_file).unwrap(), Some(state));
+    }
+}

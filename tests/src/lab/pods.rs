@@ -1,0 +1,161 @@
+//! Pods in the lab: a network namespace attached by the node's installed
+//! `weft` plugin exactly as a runtime would (environment, the node's
+//! conflist on stdin), recorded as a Pod object with its IPs.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::agents::cni_dir;
+use super::state::LabDir;
+use super::topology::NodePlan;
+use super::{client, netns};
+
+/// A pod as the lab records it (`lab.json`, `status --json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRecord {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub netns: String,
+    pub container_id: String,
+    pub ips: Vec<String>,
+}
+
+/// The namespace of pod `namespace/name` in lab `lab`.
+pub fn netns_name(lab: &str, namespace: &str, name: &str) -> String {
+    format!("{lab}-pod-{namespace}-{name}")
+}
+
+/// Runs the node's installed plugin with `command` for a pod.
+fn cni(
+    dir: &LabDir,
+    node: &NodePlan,
+    command: &str,
+    container_id: &str,
+    pod_netns: &str,
+) -> Result<Value> {
+    let cni = cni_dir(dir, node);
+    let conflist: Value = serde_json::from_slice(
+        &std::fs::read(cni.join("net.d/10-weft.conflist"))
+            .context("the node's conflist (is meshd running?)")?,
+    )?;
+    let mut conf = conflist["plugins"][0].clone();
+    conf["cniVersion"] = conflist["cniVersion"].clone();
+    conf["name"] = conflist["name"].clone();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.netns])
+        .arg(cni.join("bin/weft"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", format!("/run/netns/{pod_netns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", cni.join("bin"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running the weft plugin")?;
+    child
+        .stdin
+        .take()
+        .context("plugin stdin")?
+        .write_all(conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "weft {command} failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(if stdout.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&stdout)?
+    })
+}
+
+/// Creates pod `namespace/name` on `node`.
+pub fn add(
+    dir: &LabDir,
+    node: &NodePlan,
+    namespace: &str,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<PodRecord> {
+    let pod_netns = netns_name(&dir.name, namespace, name);
+    if netns::exists(&pod_netns) {
+        bail!("pod {namespace}/{name} exists already");
+    }
+    netns::ip(&["netns", "add", &pod_netns])?;
+    let container_id = uuid::Uuid::new_v4().simple().to_string();
+    let result = match cni(dir, node, "ADD", &container_id, &pod_netns) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = netns::delete(&pod_netns);
+            return Err(e);
+        }
+    };
+    let ips: Vec<String> = result["ips"]
+        .as_array()
+        .map(|ips| {
+            ips.iter()
+                .filter_map(|i| i["address"].as_str()?.split('/').next().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let record = PodRecord {
+        namespace: namespace.into(),
+        name: name.into(),
+        node: node.name.clone(),
+        netns: pod_netns,
+        container_id,
+        ips,
+    };
+    register(dir, &record, labels)?;
+    Ok(record)
+}
+
+fn register(dir: &LabDir, pod: &PodRecord, labels: &BTreeMap<String, String>) -> Result<()> {
+    client::block_on(dir, |client| async move {
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        if namespaces.get_opt(&pod.namespace).await?.is_none() {
+            let ns = serde_json::from_value(json!({"metadata": {"name": pod.namespace}}))?;
+            namespaces.create(&PostParams::default(), &ns).await?;
+        }
+        let pods: Api<Pod> = Api::namespaced(client, &pod.namespace);
+        let object: Pod = serde_json::from_value(json!({
+            "metadata": {"name": pod.name, "labels": labels, "annotations": {"meshlab.weft.dev/netns": pod.netns}},
+            "spec": {"nodeName": pod.node, "containers": [{"name": "app", "image": "meshlab/netns"}]},
+        }))?;
+        pods.create(&PostParams::default(), &object).await?;
+        let ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip})).collect();
+        let status =
+            json!({"status": {"phase": "Running", "podIP": pod.ips.first(), "podIPs": ips}});
+        pods.patch_status(&pod.name, &PatchParams::default(), &Patch::Merge(status))
+            .await?;
+        Ok(())
+    })
+}
+
+/// Deletes a pod: CNI DEL, its namespace and its Pod object.
+pub fn delete(dir: &LabDir, node: &NodePlan, pod: &PodRecord) -> Result<()> {
+    cni(dir, node, "DEL", &pod.container_id, &pod.netns)?;
+    if netns::exists(&pod.netns) {
+        netns::delete(&pod.netns)?;
+    }
+    client::block_on(dir, |client| async move {
+        let pods: Api<Pod> = Api::namespaced(client, &pod.namespace);
+        pods.delete(&pod.name, &Default::default()).await?;
+        Ok(())
+    })
+}

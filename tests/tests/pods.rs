@@ -1,0 +1,118 @@
+//! Pods attached by the real `weft` CNI plugin, talking across the mesh.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{plaintext, Lab};
+use serde_json::Value;
+
+fn pods(status: &Value) -> Vec<(String, String, Vec<String>)> {
+    status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let ips = p["ips"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_str().unwrap().to_string())
+                .collect();
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["node"].as_str().unwrap().to_string(),
+                ips,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn every_pod_reaches_every_pod_in_both_families_only_encrypted() {
+    let lab = Lab::up("t-pods", &["--nodes", "3", "--pods-per-node", "2"]);
+    let all = pods(&lab.status());
+    assert_eq!(all.len(), 6);
+    for (name, _, ips) in &all {
+        assert_eq!(ips.len(), 2, "{name} is not dual-stack: {ips:?}");
+    }
+    let capture = lab.capture();
+    let mut failures = Vec::new();
+    for (from, _, _) in &all {
+        for (to, _, ips) in all.iter().filter(|(to, _, _)| to != from) {
+            for ip in ips {
+                let out = lab.meshlab(&[
+                    "pod", "exec", from, "--", "ping", "-n", "-c", "1", "-W", "1", ip,
+                ]);
+                if !out.status.success() {
+                    failures.push(format!("{from} -> {to} ({ip})"));
+                }
+            }
+        }
+    }
+    let packets = capture.stop();
+    assert!(
+        failures.is_empty(),
+        "unreachable pairs:\n{}",
+        failures.join("\n")
+    );
+    let leaked = plaintext(&packets);
+    assert!(
+        leaked.is_empty(),
+        "plaintext pod traffic on the fabric:\n{}",
+        leaked.join("\n")
+    );
+
+    // The API has the pods, with their node and both IPs.
+    let list: Value =
+        serde_json::from_str(&lab.ok(&["kubectl", "--", "get", "pods", "-o", "json"])).unwrap();
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 6);
+    for item in items {
+        let name = item["metadata"]["name"].as_str().unwrap();
+        let (_, node, ips) = all.iter().find(|(n, _, _)| n == name).unwrap();
+        assert_eq!(item["spec"]["nodeName"], node.as_str());
+        let pod_ips: Vec<&str> = item["status"]["podIPs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["ip"].as_str().unwrap())
+            .collect();
+        assert_eq!(pod_ips, ips.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn deleting_a_pod_releases_everything() {
+    let lab = Lab::up("t-poddel", &["--nodes", "2"]);
+    let ips = lab.ok(&["pod", "add", "node-1", "web", "--label", "app=web"]);
+    let v4 = ips.split_whitespace().next().unwrap().to_string();
+    assert!(
+        lab.reaches("node-2", &v4),
+        "node-2 cannot reach the new pod"
+    );
+    let veths = || {
+        lab.ok(&["exec", "node-1", "--", "ip", "-o", "link"])
+            .matches(" wp")
+            .count()
+    };
+    assert_eq!(veths(), 1);
+    lab.ok(&["pod", "del", "default/web"]);
+    assert_eq!(veths(), 0, "the pod's veth survived");
+    let allocations =
+        std::fs::read_to_string(lab.dir().join("node-1/cni/ipam/allocations.json")).unwrap();
+    let held: Value = serde_json::from_str(&allocations).unwrap();
+    assert!(
+        held["held"].as_object().unwrap().is_empty(),
+        "address still held: {held}"
+    );
+    let gone = lab.meshlab(&["kubectl", "--", "get", "pod", "web"]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
+    assert!(
+        !lab.ping("node-2", &v4, 1, 0.2).status.success(),
+        "the deleted pod still answers"
+    );
+    // The name can be used again at once.
+    std::thread::sleep(Duration::from_millis(50));
+    lab.ok(&["pod", "add", "node-1", "web"]);
+}
