@@ -4,6 +4,7 @@
 //! namespace the calling thread is in when it is opened.
 
 use std::io;
+use std::os::fd::RawFd;
 
 use ipnet::IpNet;
 use rtnetlink::packet_core::{
@@ -11,7 +12,7 @@ use rtnetlink::packet_core::{
     NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::RouteMessage;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -146,9 +147,21 @@ impl Netlink {
             .collect())
     }
 
-    /// Creates a veth pair `name` / `peer` with `mtu`.
-    pub fn add_veth(&mut self, name: &str, peer: &str, mtu: u32) -> Result<()> {
-        let message = LinkVeth::new(name, peer).mtu(mtu).build();
+    /// Creates a veth pair `name` / `peer` with `mtu`, the peer created
+    /// directly in the namespace `peer_netns`: moving an existing device
+    /// between namespaces re-registers it, which costs milliseconds.
+    pub fn add_veth(&mut self, name: &str, peer: &str, mtu: u32, peer_netns: RawFd) -> Result<()> {
+        let mut message = LinkVeth::new(name, peer).mtu(mtu).build();
+        for attribute in &mut message.attributes {
+            if let LinkAttribute::LinkInfo(infos) = attribute {
+                for info in infos {
+                    if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))) = info {
+                        peer.attributes.push(LinkAttribute::Mtu(mtu));
+                        peer.attributes.push(LinkAttribute::NetNsFd(peer_netns));
+                    }
+                }
+            }
+        }
         self.request(
             &format!("creating veth {name}"),
             RouteNetlinkMessage::NewLink(message),

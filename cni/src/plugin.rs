@@ -125,22 +125,12 @@ fn wire(
     let host_name = host_veth(attachment);
     let peer_name = format!("wq{}", &host_name[2..]);
     let mut host = Netlink::open()?;
-    // A previous ADD of this attachment that died half-way left these.
-    for stale in [&host_name, &peer_name] {
-        if let Some(l) = host.link(stale)? {
-            host.del_link(l.header.index)?;
-        }
+    // A previous ADD of this attachment that died half-way left this (its
+    // pod end goes with it).
+    if let Some(l) = host.link(&host_name)? {
+        host.del_link(l.header.index)?;
     }
-    host.add_veth(&host_name, &peer_name, mtu)?;
-    let peer = host
-        .link(&peer_name)?
-        .ok_or_else(|| CniError::new(Code::Io, "the new veth peer vanished"))?;
-    host.set_link(
-        "moving the pod's veth into CNI_NETNS",
-        LinkUnspec::new_with_index(peer.header.index)
-            .setns_by_fd(netns.as_raw_fd())
-            .build(),
-    )?;
+    host.add_veth(&host_name, &peer_name, mtu, netns.as_raw_fd())?;
     let host_link = host
         .link(&host_name)?
         .ok_or_else(|| CniError::new(Code::Io, "the new veth vanished"))?;

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
 use meshlab::lab::topology::{parse_label, parse_topology, LabSpec, NodePlan};
-use meshlab::lab::{agents, bench, control, lifecycle, preflight, status, topology};
+use meshlab::lab::{agents, bench, bench_cni, control, lifecycle, preflight, status, topology};
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +69,12 @@ enum BenchCmd {
         /// Seconds per run.
         #[arg(long, default_value_t = 5)]
         seconds: u32,
+    },
+    /// CNI ADD/DEL latency: weft vs Debian's bridge+host-local, dual-stack.
+    Cni {
+        /// ADD/DEL cycles per plugin.
+        #[arg(long, default_value_t = 200)]
+        cycles: usize,
     },
 }
 
@@ -272,6 +278,14 @@ fn run(cli: Cli) -> Result<()> {
             let rows =
                 bench::throughput(&cli.root, &spec, &mut |step| eprintln!("meshlab: {step}"))?;
             print!("{}", bench::table(&rows));
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Cni { cycles },
+        } => {
+            anyhow::ensure!(cycles >= 1, "--cycles must be at least 1");
+            let results = bench_cni::run(cycles, &mut |step| eprintln!("meshlab: {step}"))?;
+            print!("{}", bench_cni::table(&results));
             Ok(())
         }
         Cmd::Metrics { node } => {

@@ -22,23 +22,21 @@ const KEEPALIVE_SECS: &str = "5";
 /// Resync more often than in production, so tests see resyncs change nothing.
 const RESYNC_SECS: &str = "10";
 
-/// The meshd binary: `$MESHLAB_MESHD`, else next to meshlab's own.
-pub fn binary() -> Result<PathBuf> {
-    if let Some(explicit) = std::env::var_os("MESHLAB_MESHD") {
+/// A Weft binary (`meshd`, `weft`) built beside meshlab: `$MESHLAB_<NAME>`,
+/// else next to meshlab's own executable.
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    if let Some(explicit) = std::env::var_os(format!("MESHLAB_{}", name.to_uppercase())) {
         return Ok(explicit.into());
     }
     let exe = std::env::current_exe().context("locating meshlab")?;
     let dir = exe.parent().context("meshlab has no directory")?;
     // Integration tests run from target/<profile>/deps.
-    for candidate in [dir.join("meshd"), dir.join("../meshd")] {
+    for candidate in [dir.join(name), dir.join("..").join(name)] {
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
-    anyhow::bail!(
-        "meshd not found next to {}: build it (cargo build -p weft-meshd) or set MESHLAB_MESHD",
-        exe.display()
-    )
+    anyhow::bail!("{name} not found next to {}: build the workspace (cargo build --workspace) or set MESHLAB_{}", exe.display(), name.to_uppercase())
 }
 
 fn node_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
@@ -81,7 +79,7 @@ pub fn start(dir: &LabDir, node: &NodePlan) -> Result<i32> {
         .open(state.join("meshd.log"))?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &node.netns])
-        .arg(binary()?)
+        .arg(sibling("meshd")?)
         .args(["--log-format", "json", "run", "--node-name", &node.name])
         .arg("--kubeconfig")
         .arg(dir.node_kubeconfig())

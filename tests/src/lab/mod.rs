@@ -8,6 +8,7 @@
 
 pub mod agents;
 pub mod bench;
+pub mod bench_cni;
 pub mod client;
 pub mod control;
 pub mod lifecycle;
