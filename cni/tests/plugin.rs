@@ -83,11 +83,24 @@ impl Sandbox {
     }
 
     fn run_raw(&self, command: &str, env: &[(&str, &str)], stdin: &[u8]) -> (bool, Value) {
+        self.run_plugin(WEFT, command, env, stdin)
+    }
+
+    /// Runs any plugin binary in the node namespace.
+    fn run_plugin(
+        &self,
+        binary: &str,
+        command: &str,
+        env: &[(&str, &str)],
+        stdin: &[u8],
+    ) -> (bool, Value) {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.node, WEFT])
+        cmd.args(["netns", "exec", &self.node, binary])
             .env_clear()
             .env("CNI_COMMAND", command)
-            .env("CNI_PATH", "/opt/cni/bin");
+            .env("CNI_PATH", "/usr/lib/cni")
+            // Runtimes pass their PATH on; portmap runs iptables from it.
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -375,4 +388,87 @@ fn sigkill_mid_add_leaves_nothing_gc_cannot_reclaim() {
     // And the node still works.
     let netns = sb.pod(99);
     assert!(sb.run("ADD", "after", &netns, &conf).0);
+}
+
+#[test]
+fn chains_with_debian_portmap() {
+    let mut sb = Sandbox::new("portmap", &["198.19.6.0/24"]);
+    let pod = sb.pod(0);
+    let pod_ns = pod.trim_start_matches("/run/netns/").to_string();
+    // A client machine wired to the node; the node forwards (meshd's job in production).
+    let client = format!("{}-pclient", sb.node);
+    ip(&["netns", "add", &client]);
+    ip(&[
+        "-n", &sb.node, "link", "add", "cl0", "type", "veth", "peer", "name", "cl1", "netns",
+        &client,
+    ]);
+    ip(&["-n", &sb.node, "addr", "add", "198.18.9.1/24", "dev", "cl0"]);
+    ip(&["-n", &sb.node, "link", "set", "cl0", "up"]);
+    ip(&["-n", &client, "addr", "add", "198.18.9.2/24", "dev", "cl1"]);
+    ip(&["-n", &client, "link", "set", "cl1", "up"]);
+    let forward = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &sb.node,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])
+        .status()
+        .unwrap();
+    assert!(forward.success());
+
+    let conf = sb.conf("1.0.0");
+    let (ok, result) = sb.run("ADD", "pm", &pod, &conf);
+    assert!(ok, "{result}");
+    let serve = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+                 s.bind(('0.0.0.0',8080))\ns.listen(1)\ns.settimeout(20)\nc,_=s.accept()\nc.sendall(b'weft-pod')\nc.close()";
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &pod_ns, "/usr/bin/python3", "-c", serve])
+        .spawn()
+        .unwrap();
+    let portmap = json!({"cniVersion": "1.0.0", "name": "weft", "type": "portmap", "capabilities": {"portMappings": true},
+                         "runtimeConfig": {"portMappings": [{"hostPort": 18080, "containerPort": 8080, "protocol": "tcp"}]},
+                         "prevResult": result.clone()});
+    let env = [
+        ("CNI_CONTAINERID", "pm"),
+        ("CNI_NETNS", pod.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let (ok, chained) = sb.run_plugin(
+        "/usr/lib/cni/portmap",
+        "ADD",
+        &env,
+        portmap.to_string().as_bytes(),
+    );
+    assert!(ok, "portmap rejected weft's result: {chained}");
+    assert_eq!(
+        chained["ips"], result["ips"],
+        "portmap passes weft's result on"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let connect = "import socket\ns=socket.create_connection(('198.18.9.1',18080),timeout=5)\nprint(s.recv(100).decode())";
+    let reply = Command::new("ip")
+        .args(["netns", "exec", &client, "/usr/bin/python3", "-c", connect])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        String::from_utf8_lossy(&reply.stdout).trim(),
+        "weft-pod",
+        "hostPort did not reach the pod: {}",
+        String::from_utf8_lossy(&reply.stderr)
+    );
+    let (ok, out) = sb.run_plugin(
+        "/usr/lib/cni/portmap",
+        "DEL",
+        &env,
+        portmap.to_string().as_bytes(),
+    );
+    assert!(ok, "portmap DEL: {out}");
+    let mut del = conf.clone();
+    del["prevResult"] = result;
+    assert!(sb.run("DEL", "pm", &pod, &del).0);
 }
