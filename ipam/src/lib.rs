@@ -1,6 +1,8 @@
 //! Pure address logic for Weft.
 //!
 //! - [`BlockPlan`]: a cluster CIDR (IPv4 or IPv6) split into node blocks.
+//! - [`BlockRecord`]: which node holds which block, when meshd claims blocks
+//!   itself through the API (no `spec.podCIDRs`).
 //! - [`Allocations`]: which pod attachment holds which address of a node's
 //!   blocks (pure), and [`PodStore`], the same on local disk under a file
 //!   lock, used directly by the CNI plugin.
@@ -8,11 +10,13 @@
 
 mod bits;
 mod blocks;
+mod cluster;
 mod node_state;
 mod pool;
 mod store;
 
 pub use blocks::{BlockError, BlockPlan};
+pub use cluster::{BlockRecord, ClaimError, Holder};
 pub use node_state::{NodeState, NodeStateError};
 pub use pool::{gateway, AllocError, Allocations, Attachment};
 pub use store::{PodStore, StoreError};

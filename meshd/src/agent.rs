@@ -95,6 +95,8 @@ pub struct RunArgs {
     pub resync: u64,
     #[command(flatten)]
     pub cni: crate::cni::CniArgs,
+    #[command(flatten)]
+    pub blocks: crate::node_blocks::BlockArgs,
 }
 
 /// Exactly one IPv4 range and at most one IPv6 range.
@@ -150,6 +152,8 @@ struct Agent {
     mtu: Option<u32>,
     peer_names: BTreeMap<PublicKey, String>,
     needs_sync: bool,
+    /// Blocks claimed through the API, and the Nodes there were then.
+    claimed: Option<(BTreeSet<String>, Vec<IpNet>)>,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -227,12 +231,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         mtu: None,
         peer_names: BTreeMap::new(),
         needs_sync: true,
+        claimed: None,
     };
     let mut observe = tokio::time::interval(Duration::from_secs(1));
     let mut resync = tokio::time::interval(Duration::from_secs(agent.args.resync.max(1)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
+            // Stop signals first: a meshd being stopped must not start
+            // anything new (a data plane it recreated would outlive it).
+            biased;
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
             _ = changed.notified() => tokio::time::sleep(DEBOUNCE).await,
             _ = observe.tick() => {
                 if !agent.observe().await && !agent.needs_sync {
@@ -240,8 +250,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
             }
             _ = resync.tick() => {}
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
         }
         agent.sync(&reader).await;
     }
@@ -345,15 +353,25 @@ impl Agent {
         let name = self.local.node_name.clone();
         let me = snapshot
             .nodes
-            .iter_mut()
+            .iter()
             .find(|n| n.name == name)
             .with_context(|| format!("Node {name} is not registered yet"))?;
         let endpoint = own_endpoint(me, self.args.endpoint, self.args.listen_port)
             .map_err(anyhow::Error::msg)?;
         let internal_ip = me.internal_ips.first().copied();
         let current = me.annotations.clone();
-        let claim = own_claim(&snapshot, &self.local, self.key.public_key(), endpoint)
-            .map_err(anyhow::Error::msg)?;
+        let pod_cidrs = match me.spec_pod_cidrs.is_empty() {
+            false => me.spec_pod_cidrs.clone(),
+            true => self.claimed_blocks(&snapshot).await?,
+        };
+        let claim = own_claim(
+            &snapshot,
+            &self.local,
+            self.key.public_key(),
+            endpoint,
+            pod_cidrs,
+        )
+        .map_err(anyhow::Error::msg)?;
         let desired_annotations = render(&claim);
         if let Some(patch) = annotation_patch(&current, &desired_annotations) {
             cluster::patch_node(&self.client, &name, &patch).await?;
@@ -403,6 +421,37 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// The blocks this node claims through the API (no `spec.podCIDRs`).
+    /// Asks the API only when the set of Nodes changed since the last claim.
+    async fn claimed_blocks(&mut self, snapshot: &ClusterSnapshot) -> Result<Vec<IpNet>> {
+        let live: BTreeSet<String> = snapshot.nodes.iter().map(|n| n.name.clone()).collect();
+        if let Some((seen, blocks)) = &self.claimed {
+            if *seen == live {
+                return Ok(blocks.clone());
+            }
+        }
+        let reserved: Vec<IpNet> = snapshot
+            .nodes
+            .iter()
+            .filter(|n| n.name != self.local.node_name)
+            .flat_map(|n| n.spec_pod_cidrs.iter().copied())
+            .collect();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let blocks = crate::node_blocks::claim(
+            &self.client,
+            &self.args.blocks,
+            &self.local.node_name,
+            &live,
+            &reserved,
+            now,
+        )
+        .await?;
+        self.claimed = Some((live, blocks.clone()));
+        Ok(blocks)
     }
 
     /// Events and metrics for excluded nodes; each exclusion reported once.

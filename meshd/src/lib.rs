@@ -17,5 +17,6 @@ pub mod http;
 pub mod liveness;
 pub mod metrics;
 pub mod model;
+pub mod node_blocks;
 pub mod planner;
 pub mod reconcile;

@@ -605,3 +605,63 @@ async fn streaming_list_watcher_gets_initial_events_end() {
     assert_eq!(initial, ["s0", "s1", "s2"]);
     lab.server.stop().await;
 }
+
+#[tokio::test]
+async fn twenty_nodes_claiming_blocks_at_once_get_distinct_ones() {
+    let lab = server(Options::default()).await;
+    let args = weft_meshd::node_blocks::BlockArgs {
+        cluster_cidrs: vec![
+            "198.19.0.0/16".parse().unwrap(),
+            "fd98:19::/48".parse().unwrap(),
+        ],
+        node_block_v4: 24,
+        node_block_v6: 64,
+        block_grace: 300,
+        block_record: "kube-system/weft-node-blocks".into(),
+    };
+    let names: std::collections::BTreeSet<String> = (0..20).map(|i| format!("n{i}")).collect();
+    let tasks: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let (client, args, names, name) = (
+                lab.client.clone(),
+                args.clone(),
+                names.clone(),
+                name.clone(),
+            );
+            tokio::spawn(async move {
+                weft_meshd::node_blocks::claim(&client, &args, &name, &names, &[], 1000)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut all = std::collections::BTreeSet::new();
+    for t in tasks {
+        let blocks = t.await.unwrap();
+        assert_eq!(blocks.len(), 2, "one block per family");
+        for b in blocks {
+            assert!(all.insert(b), "{b} handed out twice");
+        }
+    }
+    assert_eq!(all.len(), 40);
+    // A repeated claim is answered from the record without writing.
+    let rv = |lab: &Lab| {
+        let lab_client = lab.client.clone();
+        async move {
+            let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
+                Api::namespaced(lab_client, "kube-system");
+            cms.get("weft-node-blocks")
+                .await
+                .unwrap()
+                .resource_version()
+                .unwrap()
+        }
+    };
+    let before = rv(&lab).await;
+    weft_meshd::node_blocks::claim(&lab.client, &args, "n3", &names, &[], 1001)
+        .await
+        .unwrap();
+    assert_eq!(rv(&lab).await, before, "steady state writes nothing");
+    lab.server.stop().await;
+}

@@ -28,17 +28,10 @@ fn pods(status: &Value) -> Vec<(String, String, Vec<String>)> {
         .collect()
 }
 
-#[test]
-fn every_pod_reaches_every_pod_in_both_families_only_encrypted() {
-    let lab = Lab::up("t-pods", &["--nodes", "3", "--pods-per-node", "2"]);
-    let all = pods(&lab.status());
-    assert_eq!(all.len(), 6);
-    for (name, _, ips) in &all {
-        assert_eq!(ips.len(), 2, "{name} is not dual-stack: {ips:?}");
-    }
-    let capture = lab.capture();
+/// Pings every pod address from every other pod.
+fn assert_all_pairs(lab: &Lab, all: &[(String, String, Vec<String>)]) {
     let mut failures = Vec::new();
-    for (from, _, _) in &all {
+    for (from, _, _) in all {
         for (to, _, ips) in all.iter().filter(|(to, _, _)| to != from) {
             for ip in ips {
                 let out = lab.meshlab(&[
@@ -50,12 +43,24 @@ fn every_pod_reaches_every_pod_in_both_families_only_encrypted() {
             }
         }
     }
-    let packets = capture.stop();
     assert!(
         failures.is_empty(),
         "unreachable pairs:\n{}",
         failures.join("\n")
     );
+}
+
+#[test]
+fn every_pod_reaches_every_pod_in_both_families_only_encrypted() {
+    let lab = Lab::up("t-pods", &["--nodes", "3", "--pods-per-node", "2"]);
+    let all = pods(&lab.status());
+    assert_eq!(all.len(), 6);
+    for (name, _, ips) in &all {
+        assert_eq!(ips.len(), 2, "{name} is not dual-stack: {ips:?}");
+    }
+    let capture = lab.capture();
+    assert_all_pairs(&lab, &all);
+    let packets = capture.stop();
     let leaked = plaintext(&packets);
     assert!(
         leaked.is_empty(),
@@ -115,4 +120,86 @@ fn deleting_a_pod_releases_everything() {
     // The name can be used again at once.
     std::thread::sleep(Duration::from_millis(50));
     lab.ok(&["pod", "add", "node-1", "web"]);
+}
+
+#[test]
+fn self_allocated_blocks_are_distinct_carry_pods_and_are_reused_after_grace() {
+    let lab = Lab::up(
+        "t-blocks",
+        &[
+            "--nodes",
+            "3",
+            "--self-allocated-blocks",
+            "--pods-per-node",
+            "1",
+        ],
+    );
+    let record = || -> Value {
+        let raw = lab.ok(&[
+            "kubectl",
+            "--",
+            "get",
+            "configmap",
+            "-n",
+            "kube-system",
+            "weft-node-blocks",
+            "-o",
+            "jsonpath={.data.blocks\\.json}",
+        ]);
+        serde_json::from_str(&raw).expect("the block record is JSON")
+    };
+    let blocks_of = |record: &Value, node: &str| -> Vec<String> {
+        let mut v: Vec<String> = record["blocks"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, h)| h["node"] == node)
+            .map(|(b, _)| b.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    let r = record();
+    assert_eq!(r["blocks"].as_object().unwrap().len(), 6, "{r}");
+    let status = lab.status();
+    for n in ["node-1", "node-2", "node-3"] {
+        let node = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == n)
+            .unwrap();
+        let mut published: Vec<String> = node["podCIDRs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect();
+        published.sort();
+        assert_eq!(published, blocks_of(&r, n), "{n} publishes what it claimed");
+    }
+    assert_all_pairs(&lab, &pods(&status));
+
+    let old = blocks_of(&r, "node-2");
+    lab.ok(&["node", "del", "node-2"]);
+    common::wait_for(
+        "node-2's blocks to be marked gone",
+        Duration::from_secs(15),
+        || {
+            record()["blocks"]
+                .as_object()
+                .unwrap()
+                .values()
+                .any(|h| h["node"] == "node-2" && h["goneSince"].is_i64())
+        },
+    );
+    // Within the grace period the blocks stay reserved; after it, they are free again.
+    std::thread::sleep(Duration::from_secs(6));
+    lab.ok(&["node", "add"]);
+    let r = record();
+    assert_eq!(
+        blocks_of(&r, "node-4"),
+        old,
+        "node-4 should reuse node-2's blocks after the grace period: {r}"
+    );
 }

@@ -107,7 +107,16 @@ impl DataPlane {
         match self.resolved {
             Resolved::Kernel => kernel::ensure(&self.iface).await,
             Resolved::Userspace => {
-                userspace::ensure(&self.iface, &self.program, &self.log_dir).await
+                let ensured = userspace::ensure(&self.iface, &self.program, &self.log_dir).await?;
+                // The socket directory is shared by every network namespace
+                // on the machine: a device answering there may live elsewhere.
+                if !kernel::exists(&self.iface).await {
+                    anyhow::bail!(
+                        "a data plane answers on the UAPI socket of {} but its interface is not in this network namespace; another namespace's process holds the name",
+                        self.iface
+                    );
+                }
+                Ok(ensured)
             }
         }
     }

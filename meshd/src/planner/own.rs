@@ -32,13 +32,15 @@ pub fn own_endpoint(
         .ok_or_else(|| "the Node has no InternalIP address and no --endpoint was given".to_string())
 }
 
-/// This node's claim, given what every other node claims. Keeps published
-/// mesh addresses unless an older node holds them.
+/// This node's claim, given what every other node claims and its pod CIDRs
+/// (`spec.podCIDRs`, or blocks it claimed). Keeps published mesh addresses
+/// unless an older node holds them.
 pub fn own_claim(
     snapshot: &ClusterSnapshot,
     local: &LocalConfig,
     public_key: PublicKey,
     endpoint: SocketAddr,
+    mut pod_cidrs: Vec<IpNet>,
 ) -> Result<Claim, String> {
     let me = snapshot
         .nodes
@@ -69,7 +71,6 @@ pub fn own_claim(
                 .ok_or_else(|| format!("the mesh range {range} has no free address"))?;
         mesh_addresses.push(chosen);
     }
-    let mut pod_cidrs = me.spec_pod_cidrs.clone();
     pod_cidrs.sort();
     Ok(Claim {
         public_key,
@@ -94,6 +95,10 @@ mod tests {
             spec_pod_cidrs: vec!["198.19.1.0/24".parse().unwrap()],
             annotations,
         }
+    }
+
+    fn cidrs(c: &str) -> Vec<IpNet> {
+        vec![c.parse().unwrap()]
     }
 
     fn local(name: &str) -> LocalConfig {
@@ -141,7 +146,7 @@ mod tests {
         let snap = ClusterSnapshot {
             nodes: vec![a.clone()],
         };
-        let first = own_claim(&snap, &local("a"), key, ep).unwrap();
+        let first = own_claim(&snap, &local("a"), key, ep, cidrs("198.19.1.0/24")).unwrap();
         assert_eq!(first.mesh_addresses.len(), 2);
         assert_eq!(
             first.pod_cidrs,
@@ -157,14 +162,21 @@ mod tests {
         let snap = ClusterSnapshot {
             nodes: vec![a_published.clone(), b],
         };
-        let b_new = own_claim(&snap, &local("b"), b_claim.public_key, ep).unwrap();
+        let b_new = own_claim(
+            &snap,
+            &local("b"),
+            b_claim.public_key,
+            ep,
+            cidrs("198.19.2.0/24"),
+        )
+        .unwrap();
         assert!(b_new
             .mesh_addresses
             .iter()
             .all(|m| !first.mesh_addresses.contains(m)));
         // a keeps what it has.
         assert_eq!(
-            own_claim(&snap, &local("a"), key, ep)
+            own_claim(&snap, &local("a"), key, ep, cidrs("198.19.1.0/24"))
                 .unwrap()
                 .mesh_addresses,
             first.mesh_addresses

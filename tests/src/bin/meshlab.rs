@@ -112,6 +112,9 @@ enum Cmd {
         /// Pods to attach on every node through the weft CNI plugin.
         #[arg(long, default_value_t = 0)]
         pods_per_node: usize,
+        /// Register Nodes without spec.podCIDRs: meshd claims its blocks through the API.
+        #[arg(long)]
+        self_allocated_blocks: bool,
     },
     /// Attach, delete or enter pods.
     Pod {
@@ -210,12 +213,14 @@ fn run(cli: Cli) -> Result<()> {
             label,
             wireguard_go,
             pods_per_node,
+            self_allocated_blocks,
         } => {
             let mut spec = LabSpec {
                 name: cli.name.clone(),
                 nodes,
                 wireguard_go,
                 pods_per_node,
+                self_allocated: self_allocated_blocks,
                 ..LabSpec::default()
             };
             for t in &topology {

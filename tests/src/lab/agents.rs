@@ -14,13 +14,15 @@ use nix::unistd::Pid;
 
 use super::netns;
 use super::state::{process_alive, LabDir};
-use super::topology::{NodePlan, MESH_V4, MESH_V6};
+use super::topology::{NodePlan, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
 
 /// Keepalive in the lab: short, so that handshakes happen at once and
 /// liveness is observable in tests.
 const KEEPALIVE_SECS: &str = "5";
 /// Resync more often than in production, so tests see resyncs change nothing.
 const RESYNC_SECS: &str = "10";
+/// Deleted nodes' self-allocated blocks are reusable soon (tests watch it).
+const BLOCK_GRACE_SECS: &str = "5";
 
 /// A Weft binary (`meshd`, `weft`) built beside meshlab: `$MESHLAB_<NAME>`,
 /// else next to meshlab's own executable.
@@ -100,6 +102,8 @@ pub fn start(dir: &LabDir, node: &NodePlan) -> Result<i32> {
     cmd.arg("--cni-ipam-dir").arg(cni.join("ipam"));
     cmd.arg("--cni-bin-dir").arg(cni.join("bin"));
     cmd.arg("--cni-conf-dir").arg(cni.join("net.d"));
+    cmd.args(["--cluster-cidr", CLUSTER_V4, "--cluster-cidr", CLUSTER_V6]);
+    cmd.args(["--block-grace", BLOCK_GRACE_SECS]);
     if let Some(program) = &node.userspace_program {
         cmd.args(["--userspace-program", program]);
     }

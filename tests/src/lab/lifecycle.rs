@@ -80,7 +80,9 @@ fn build(
     ));
     for node in &plan.nodes {
         netns::create_node(plan, node)?;
-        netns::create_pod_standin(node)?;
+        if !plan.self_allocated {
+            netns::create_pod_standin(node)?;
+        }
         progress(&format!(
             "node {} in {} at {}",
             node.name, node.netns, node.underlay
@@ -98,7 +100,7 @@ fn build(
         pods: Vec::new(),
     };
     dir.write_state(&state)?;
-    register_nodes(dir, &plan.nodes)?;
+    register_nodes(dir, &plan.nodes, plan.self_allocated)?;
     progress(&format!(
         "registered {} Node objects in {:.1} s",
         plan.nodes.len(),
@@ -218,10 +220,12 @@ pub fn add_node(dir: &LabDir, spec: &LabSpec, progress: &mut dyn FnMut(&str)) ->
         + 1;
     let node = topology::node_plan(&dir.name, k, spec)?;
     netns::create_node(&state.plan, &node)?;
-    netns::create_pod_standin(&node)?;
+    if !state.plan.self_allocated {
+        netns::create_pod_standin(&node)?;
+    }
     state.plan.nodes.push(node.clone());
     dir.write_state(&state)?;
-    register_nodes(dir, std::slice::from_ref(&node))?;
+    register_nodes(dir, std::slice::from_ref(&node), state.plan.self_allocated)?;
     progress(&format!(
         "node {} in {} at {}",
         node.name, node.netns, node.underlay
@@ -261,14 +265,18 @@ pub fn delete_node(dir: &LabDir, name: &str) -> Result<()> {
 }
 
 /// Creates a Node object per lab node, as a kubelet registering itself would.
-fn register_nodes(dir: &LabDir, plan: &[NodePlan]) -> Result<()> {
+fn register_nodes(dir: &LabDir, plan: &[NodePlan], self_allocated: bool) -> Result<()> {
     client::block_on(dir, |client| async move {
         let nodes: Api<Node> = Api::all(client);
         for n in plan {
             let cidrs: Vec<String> = n.pod_cidrs.iter().map(ToString::to_string).collect();
+            let spec = match self_allocated {
+                true => json!({}),
+                false => json!({"podCIDR": cidrs[0], "podCIDRs": cidrs}),
+            };
             let node: Node = serde_json::from_value(json!({
                 "metadata": {"name": n.name, "labels": n.labels},
-                "spec": {"podCIDR": cidrs[0], "podCIDRs": cidrs},
+                "spec": spec,
             }))?;
             nodes.create(&PostParams::default(), &node).await?;
             let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
@@ -307,12 +315,21 @@ fn teardown(dir: &LabDir) -> Result<Removed> {
         .into_iter()
         .filter(|ns| topology::owns_netns(&dir.name, ns))
         .collect();
-    let mut pids: BTreeSet<i32> = processes_mentioning(dir);
-    for ns in &namespaces {
-        pids.extend(netns::pids(ns));
+    // Rounds until nothing is left: a meshd being stopped may still start a
+    // process (a data plane) after the first look.
+    let mut stopped = BTreeSet::new();
+    for _ in 0..5 {
+        let mut pids: BTreeSet<i32> = processes_mentioning(dir);
+        for ns in &namespaces {
+            pids.extend(netns::pids(ns));
+        }
+        pids.remove(&(std::process::id() as i32));
+        if pids.is_empty() {
+            break;
+        }
+        terminate(&pids);
+        stopped.extend(pids);
     }
-    pids.remove(&(std::process::id() as i32));
-    terminate(&pids);
     for ns in &namespaces {
         netns::delete(ns)?;
     }
@@ -322,7 +339,7 @@ fn teardown(dir: &LabDir) -> Result<Removed> {
         fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
     }
     Ok(Removed {
-        processes: pids.len(),
+        processes: stopped.len(),
         namespaces: namespaces.len(),
         files,
     })

@@ -17,6 +17,7 @@ use serde::Serialize;
 /// The annotations status reads (their meaning is meshd's; see docs/annotations.md).
 const PUBLIC_KEY: &str = "weft.dev/public-key";
 const MESH_ADDRESSES: &str = "weft.dev/mesh-addresses";
+const POD_CIDRS: &str = "weft.dev/pod-cidrs";
 
 use super::mesh::{self, PeerReport};
 use super::pods::PodRecord;
@@ -119,10 +120,21 @@ pub fn collect(dir: &LabDir) -> Result<Report> {
                 p.node = keys.get(&p.public_key).cloned();
             }
             let pid = agents::pid(dir, n);
-            let pod_cidrs = node
+            let spec_cidrs: Vec<IpNet> = node
                 .and_then(|o| o.spec.as_ref()?.pod_cidrs.as_ref())
                 .map(|c| c.iter().filter_map(|s| s.parse().ok()).collect())
-                .unwrap_or_else(|| n.pod_cidrs.clone());
+                .unwrap_or_default();
+            // Self-allocated blocks are only in the node's annotations.
+            let pod_cidrs = match (
+                spec_cidrs.is_empty(),
+                annotation(POD_CIDRS),
+                state.plan.self_allocated,
+            ) {
+                (false, _, _) => spec_cidrs,
+                (true, Some(a), _) => a.split(',').filter_map(|c| c.parse().ok()).collect(),
+                (true, None, true) => Vec::new(),
+                (true, None, false) => n.pod_cidrs.clone(),
+            };
             NodeReport {
                 name: n.name.clone(),
                 netns: n.netns.clone(),

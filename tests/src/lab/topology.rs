@@ -60,6 +60,9 @@ pub struct LabPlan {
     pub bridge: String,
     pub fabric_cidr: Ipv4Net,
     pub nodes: Vec<NodePlan>,
+    /// Nodes are registered without `spec.podCIDRs`; meshd claims blocks.
+    #[serde(default)]
+    pub self_allocated: bool,
 }
 
 /// What the user asked for.
@@ -75,6 +78,8 @@ pub struct LabSpec {
     pub wireguard_go: Vec<String>,
     /// Pods attached on every node by `up` (`pod-<k>-<i>` in `default`).
     pub pods_per_node: usize,
+    /// Register Nodes without `spec.podCIDRs`, so meshd claims its blocks.
+    pub self_allocated: bool,
 }
 
 /// Namespace names the lab `name` owns, so teardown can find leftovers of a
@@ -169,6 +174,7 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
         bridge: "br0".into(),
         fabric_cidr: FABRIC_CIDR.parse()?,
         nodes,
+        self_allocated: spec.self_allocated,
     })
 }
 

@@ -1,0 +1,171 @@
+//! This node's pod blocks when the control plane assigns no `spec.podCIDRs`:
+//! claimed in a shared record (a ConfigMap) with optimistic concurrency —
+//! read, change, replace with the resourceVersion read, retry on 409 — so
+//! nodes joining at the same instant never get the same block. The record
+//! changes only when a claim or an expiry changes it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, PostParams};
+use kube::Client;
+use weft_ipam::{BlockPlan, BlockRecord};
+
+const KEY: &str = "blocks.json";
+const ATTEMPTS: usize = 20;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BlockArgs {
+    /// Cluster pod ranges (at most one per family) that node blocks are
+    /// carved from when a Node has no spec.podCIDRs.
+    #[arg(long = "cluster-cidr")]
+    pub cluster_cidrs: Vec<IpNet>,
+    #[arg(long, default_value_t = 24)]
+    pub node_block_v4: u8,
+    #[arg(long, default_value_t = 64)]
+    pub node_block_v6: u8,
+    /// Seconds a deleted Node's blocks stay reserved before reuse.
+    #[arg(long, default_value_t = 300)]
+    pub block_grace: u64,
+    /// The shared record: NAMESPACE/NAME of a ConfigMap.
+    #[arg(long, default_value = "kube-system/weft-node-blocks")]
+    pub block_record: String,
+}
+
+impl BlockArgs {
+    /// The block plans, one per family, naming the flag on error.
+    pub fn plans(&self) -> Result<Vec<BlockPlan>> {
+        let mut seen = BTreeSet::new();
+        self.cluster_cidrs
+            .iter()
+            .map(|c| {
+                let v4 = c.addr().is_ipv4();
+                if !seen.insert(v4) {
+                    bail!("--cluster-cidr {c}: at most one range per address family");
+                }
+                let prefix = if v4 {
+                    self.node_block_v4
+                } else {
+                    self.node_block_v6
+                };
+                BlockPlan::new(*c, prefix).with_context(|| format!("--cluster-cidr {c}"))
+            })
+            .collect()
+    }
+
+    fn record(&self) -> Result<(&str, &str)> {
+        self.block_record.split_once('/').with_context(|| {
+            format!(
+                "--block-record {:?}: expected NAMESPACE/NAME",
+                self.block_record
+            )
+        })
+    }
+}
+
+/// Claims (or confirms) `node`'s blocks, expiring gone nodes on the way.
+/// `reserved`: blocks other nodes hold through `spec.podCIDRs`.
+pub async fn claim(
+    client: &Client,
+    args: &BlockArgs,
+    node: &str,
+    live: &BTreeSet<String>,
+    reserved: &[IpNet],
+    now: i64,
+) -> Result<Vec<IpNet>> {
+    let plans = args.plans()?;
+    if plans.is_empty() {
+        bail!(
+            "Node {node} has no spec.podCIDRs and no --cluster-cidr is set to claim a block from"
+        );
+    }
+    let (namespace, name) = args.record()?;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    for _ in 0..ATTEMPTS {
+        let current = api
+            .get_opt(name)
+            .await
+            .with_context(|| format!("reading ConfigMap {namespace}/{name}"))?;
+        let before: BlockRecord = match current.as_ref().and_then(|c| c.data.as_ref()?.get(KEY)) {
+            Some(json) => serde_json::from_str(json)
+                .with_context(|| format!("ConfigMap {namespace}/{name} key {KEY} is corrupt"))?,
+            None => BlockRecord::default(),
+        };
+        let mut record = before.clone();
+        record.expire(live, now, args.block_grace as i64);
+        let mine = record.claim(node, &plans, reserved)?;
+        if record == before && current.is_some() {
+            return Ok(mine);
+        }
+        let data = BTreeMap::from([(KEY.to_string(), serde_json::to_string(&record)?)]);
+        let written = match current {
+            Some(mut cm) => {
+                // The resourceVersion read stays in metadata: a concurrent
+                // writer makes this a 409 and the loop starts over.
+                cm.data = Some(data);
+                api.replace(name, &PostParams::default(), &cm)
+                    .await
+                    .map(drop)
+            }
+            None => {
+                let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": namespace},
+                    "data": data,
+                }))?;
+                api.create(&PostParams::default(), &cm).await.map(drop)
+            }
+        };
+        match written {
+            Ok(()) => {
+                tracing::info!(node, blocks = ?mine, "claimed node blocks");
+                return Ok(mine);
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("writing ConfigMap {namespace}/{name}"))
+            }
+        }
+    }
+    bail!("could not update ConfigMap {namespace}/{name} after {ATTEMPTS} conflicting attempts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(cidrs: &[&str]) -> BlockArgs {
+        BlockArgs {
+            cluster_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            node_block_v4: 24,
+            node_block_v6: 64,
+            block_grace: 300,
+            block_record: "kube-system/weft-node-blocks".into(),
+        }
+    }
+
+    #[test]
+    fn plans_from_flags() {
+        assert_eq!(
+            args(&["198.19.0.0/16", "fd98:19::/48"])
+                .plans()
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(args(&["198.19.0.0/16", "10.0.0.0/8"])
+            .plans()
+            .unwrap_err()
+            .to_string()
+            .contains("one range per address family"));
+        assert!(args(&["198.19.0.0/25"])
+            .plans()
+            .unwrap_err()
+            .to_string()
+            .contains("--cluster-cidr 198.19.0.0/25"));
+        let mut bad = args(&[]);
+        bad.block_record = "nonamespace".into();
+        assert!(bad.record().is_err());
+    }
+}
