@@ -333,6 +333,19 @@ fn teardown(dir: &LabDir) -> Result<Removed> {
     for ns in &namespaces {
         netns::delete(ns)?;
     }
+    // What runtimes in the lab mounted inside it (containerd's pod network
+    // namespaces, sandbox root filesystems), and anything still running in
+    // those namespaces.
+    let mounts = mounts_under(&dir.path());
+    let inside: BTreeSet<i32> = mounts
+        .iter()
+        .flat_map(|m| processes_in_netns_file(m))
+        .collect();
+    terminate(&inside);
+    stopped.extend(inside);
+    for m in mounts.iter().rev() {
+        let _ = nix::mount::umount2(m.as_path(), nix::mount::MntFlags::MNT_DETACH);
+    }
     let path = dir.path();
     let files = path.exists();
     if files {
@@ -343,6 +356,39 @@ fn teardown(dir: &LabDir) -> Result<Removed> {
         namespaces: namespaces.len(),
         files,
     })
+}
+
+/// Mount points at or below `dir`, shallowest first.
+fn mounts_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<std::path::PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| std::path::PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| p.components().count());
+    points.dedup();
+    points
+}
+
+/// Processes whose network namespace is the one bound at `file` (if it is one).
+fn processes_in_netns_file(file: &std::path::Path) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(target) = fs::metadata(file).map(|m| (m.dev(), m.ino())) else {
+        return Vec::new();
+    };
+    fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    fs::metadata(format!("/proc/{pid}/ns/net"))
+                        .is_ok_and(|m| (m.dev(), m.ino()) == target)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Processes started for this lab: their command line names its directory.
