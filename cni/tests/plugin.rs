@@ -472,3 +472,58 @@ fn chains_with_debian_portmap() {
     del["prevResult"] = result;
     assert!(sb.run("DEL", "pm", &pod, &del).0);
 }
+
+#[test]
+fn chains_with_debian_bandwidth() {
+    let mut sb = Sandbox::new("bandwidth", &["198.19.7.0/24", "fd98:19:0:7::/64"]);
+    let pod = sb.pod(0);
+    let conf = sb.conf("1.0.0");
+    let (ok, result) = sb.run("ADD", "bw", &pod, &conf);
+    assert!(ok, "{result}");
+    let host_veth = result["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let limits = json!({"ingressRate": 8_000_000, "ingressBurst": 65536, "egressRate": 4_000_000, "egressBurst": 65536});
+    let bandwidth = json!({"cniVersion": "1.0.0", "name": "weft", "type": "bandwidth", "capabilities": {"bandwidth": true},
+                           "runtimeConfig": {"bandwidth": limits}, "prevResult": result.clone()});
+    let env = [
+        ("CNI_CONTAINERID", "bw"),
+        ("CNI_NETNS", pod.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let (ok, chained) = sb.run_plugin(
+        "/usr/lib/cni/bandwidth",
+        "ADD",
+        &env,
+        bandwidth.to_string().as_bytes(),
+    );
+    assert!(ok, "bandwidth rejected weft's result: {chained}");
+    let qdiscs = String::from_utf8_lossy(
+        &Command::new("tc")
+            .args(["-n", &sb.node, "qdisc", "show", "dev", &host_veth])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        qdiscs.contains("tbf") && qdiscs.contains("8Mbit"),
+        "no 8 Mbit/s shaping towards the pod on {host_veth}: {qdiscs}"
+    );
+    assert!(
+        qdiscs.contains("ingress"),
+        "no ingress hook for the pod's egress limit: {qdiscs}"
+    );
+    let (ok, out) = sb.run_plugin(
+        "/usr/lib/cni/bandwidth",
+        "DEL",
+        &env,
+        bandwidth.to_string().as_bytes(),
+    );
+    assert!(ok, "bandwidth DEL: {out}");
+    let mut del = conf.clone();
+    del["prevResult"] = result;
+    assert!(sb.run("DEL", "bw", &pod, &del).0);
+    assert!(!sb.node_links().contains(" wp"), "{}", sb.node_links());
+}
