@@ -173,16 +173,9 @@ enum Cmd {
 }
 
 /// A node of the running lab, by name.
-fn node_plan(dir: &LabDir, lab: &str, node: &str) -> Result<NodePlan> {
-    let state = dir
-        .read_state()?
-        .with_context(|| format!("lab {lab:?} is not up"))?;
-    state
-        .plan
-        .nodes
-        .into_iter()
-        .find(|n| n.name == node)
-        .with_context(|| format!("no node {node:?} in lab {lab:?}"))
+fn node_plan(dir: &LabDir, node: &str) -> Result<NodePlan> {
+    let state = dir.running_state()?;
+    Ok(state.plan.nodes[state.node_index(node)?].clone())
 }
 
 fn main() -> ExitCode {
@@ -242,10 +235,7 @@ fn run(cli: Cli) -> Result<()> {
                     wireguard_go,
                 },
         } => {
-            let state = dir
-                .read_state()?
-                .with_context(|| format!("lab {:?} is not up", cli.name))?;
-            let next = format!("node-{}", state.plan.nodes.len() + 1);
+            let next = format!("node-{}", dir.running_state()?.next_node());
             let mut spec = LabSpec {
                 name: cli.name.clone(),
                 ..LabSpec::default()
@@ -294,11 +284,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Metrics { node } => {
-            print!("{}", agents::metrics(&node_plan(&dir, &cli.name, &node)?)?);
+            print!("{}", agents::metrics(&node_plan(&dir, &node)?)?);
             Ok(())
         }
         Cmd::StartMeshd { node } => {
-            let pid = agents::start(&dir, &node_plan(&dir, &cli.name, &node)?)?;
+            let pid = agents::start(&dir, &node_plan(&dir, &node)?)?;
             println!("{pid}");
             Ok(())
         }
@@ -332,14 +322,8 @@ fn run(cli: Cli) -> Result<()> {
             action: PodCmd::Exec { pod, command },
         } => {
             let (namespace, name) = pod_ref(&pod);
-            let state = dir
-                .read_state()?
-                .with_context(|| format!("lab {:?} is not up", cli.name))?;
-            let record = state
-                .pods
-                .iter()
-                .find(|p| p.namespace == namespace && p.name == name)
-                .with_context(|| format!("no pod {namespace}/{name} in lab {:?}", cli.name))?;
+            let state = dir.running_state()?;
+            let record = &state.pods[state.pod_index(&namespace, &name)?];
             let err = Command::new("ip")
                 .args(["netns", "exec", &record.netns])
                 .args(&command)
@@ -379,7 +363,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Exec { node, command } => {
-            let netns = node_plan(&dir, &cli.name, &node)?.netns;
+            let netns = node_plan(&dir, &node)?.netns;
             let err = Command::new("ip")
                 .args(["netns", "exec", &netns])
                 .args(&command)

@@ -149,15 +149,8 @@ fn add_pod_unlocked(
     name: &str,
     labels: &BTreeMap<String, String>,
 ) -> Result<PodRecord> {
-    let mut state = dir
-        .read_state()?
-        .with_context(|| format!("lab {:?} is not up", dir.name))?;
-    let plan = state
-        .plan
-        .nodes
-        .iter()
-        .find(|n| n.name == node)
-        .with_context(|| format!("no node {node:?} in lab {:?}", dir.name))?;
+    let mut state = dir.running_state()?;
+    let plan = &state.plan.nodes[state.node_index(node)?];
     let pod = pods::add(dir, plan, namespace, name, labels)?;
     state.pods.push(pod.clone());
     dir.write_state(&state)?;
@@ -168,15 +161,8 @@ fn add_pod_unlocked(
 pub fn delete_pod(dir: &LabDir, namespace: &str, name: &str) -> Result<()> {
     preflight::require_root()?;
     let _lock = dir.lock()?;
-    let mut state = dir
-        .read_state()?
-        .with_context(|| format!("lab {:?} is not up", dir.name))?;
-    let pos = state
-        .pods
-        .iter()
-        .position(|p| p.namespace == namespace && p.name == name)
-        .with_context(|| format!("no pod {namespace}/{name} in lab {:?}", dir.name))?;
-    let pod = state.pods.remove(pos);
+    let mut state = dir.running_state()?;
+    let pod = state.pods.remove(state.pod_index(namespace, name)?);
     let node = state
         .plan
         .nodes
@@ -207,17 +193,8 @@ fn start_mesh(dir: &LabDir, nodes: &[NodePlan], progress: &mut dyn FnMut(&str)) 
 pub fn add_node(dir: &LabDir, spec: &LabSpec, progress: &mut dyn FnMut(&str)) -> Result<NodePlan> {
     preflight::require_root()?;
     let _lock = dir.lock()?;
-    let mut state = dir
-        .read_state()?
-        .with_context(|| format!("lab {:?} is not up", dir.name))?;
-    let k = state
-        .plan
-        .nodes
-        .iter()
-        .filter_map(|n| n.name.strip_prefix("node-")?.parse::<usize>().ok())
-        .max()
-        .unwrap_or(0)
-        + 1;
+    let mut state = dir.running_state()?;
+    let k = state.next_node();
     let node = topology::node_plan(&dir.name, k, spec)?;
     netns::create_node(&state.plan, &node)?;
     if !state.plan.self_allocated {
@@ -238,16 +215,8 @@ pub fn add_node(dir: &LabDir, spec: &LabSpec, progress: &mut dyn FnMut(&str)) ->
 pub fn delete_node(dir: &LabDir, name: &str) -> Result<()> {
     preflight::require_root()?;
     let _lock = dir.lock()?;
-    let mut state = dir
-        .read_state()?
-        .with_context(|| format!("lab {:?} is not up", dir.name))?;
-    let pos = state
-        .plan
-        .nodes
-        .iter()
-        .position(|n| n.name == name)
-        .with_context(|| format!("no node {name:?} in lab {:?}", dir.name))?;
-    let node = state.plan.nodes.remove(pos);
+    let mut state = dir.running_state()?;
+    let node = state.plan.nodes.remove(state.node_index(name)?);
     let (gone, kept): (Vec<PodRecord>, Vec<PodRecord>) =
         state.pods.drain(..).partition(|p| p.node == node.name);
     state.pods = kept;

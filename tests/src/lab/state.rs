@@ -44,6 +44,36 @@ pub struct LabState {
     pub pods: Vec<PodRecord>,
 }
 
+impl LabState {
+    /// The number of the node `node add` creates next (after the highest).
+    pub fn next_node(&self) -> usize {
+        self.plan
+            .nodes
+            .iter()
+            .filter_map(|n| n.name.strip_prefix("node-")?.parse::<usize>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1
+    }
+
+    /// The position of pod `namespace/name`.
+    pub fn pod_index(&self, namespace: &str, name: &str) -> Result<usize> {
+        self.pods
+            .iter()
+            .position(|p| p.namespace == namespace && p.name == name)
+            .with_context(|| format!("no pod {namespace}/{name} in lab {:?}", self.plan.name))
+    }
+
+    /// The position of node `name` in the plan.
+    pub fn node_index(&self, name: &str) -> Result<usize> {
+        self.plan
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node {name:?} in lab {:?}", self.plan.name))
+    }
+}
+
 impl LabDir {
     pub fn new(root: impl Into<PathBuf>, name: &str) -> Self {
         Self {
@@ -108,6 +138,17 @@ impl LabDir {
 
     fn lock_path(&self) -> PathBuf {
         self.root.join(format!("{}.lock", self.name))
+    }
+
+    /// The state of a lab that is up; an error saying so otherwise.
+    pub fn running_state(&self) -> Result<LabState> {
+        self.read_state()?.with_context(|| {
+            format!(
+                "lab {:?} is not up (no {}); start it with `meshlab up`",
+                self.name,
+                self.state_file().display()
+            )
+        })
     }
 
     pub fn read_state(&self) -> Result<Option<LabState>> {

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, ListParams};
@@ -85,13 +85,7 @@ pub struct MeshdReport {
 
 /// Reads the lab's state and the live Node objects.
 pub fn collect(dir: &LabDir) -> Result<Report> {
-    let Some(state) = dir.read_state()? else {
-        bail!(
-            "lab {:?} is not up (no {}); start it with `meshlab up`",
-            dir.name,
-            dir.state_file().display()
-        );
-    };
+    let state = dir.running_state()?;
     let running = process_alive(state.api_server.pid, &dir.path());
     let live: BTreeMap<String, Node> = if running {
         client::block_on(dir, |client| async move {
