@@ -1,4 +1,18 @@
-//! Kubernetes NetworkPolicy semantics compiled into a per-node rule program,
-//! rendered to nftables and evaluated by `meshctl policy`.
+//! Kubernetes NetworkPolicy for Weft.
 //!
-//! Filled by the NetworkPolicy issue; nothing here yet.
+//! [`compile`] turns policies, pods and namespaces into a per-node
+//! [`Program`] (pure): for each local pod and direction, open or isolated
+//! with allow entries of plain prefixes, protocols and port ranges.
+//! [`eval`] decides connections from programs — the same structure that is
+//! rendered for the kernel. [`case`] reads the upstream conformance cases
+//! and checks them through compiled programs.
+
+pub mod case;
+pub mod compile;
+pub mod eval;
+pub mod model;
+pub mod selector;
+
+pub use compile::{compile, Allow, Direction, Gate, PodProgram, Program, RuleRef};
+pub use eval::{decide, Decision, Step};
+pub use model::{NamedPort, NamespaceInfo, PodInfo, Protocol};

@@ -1,0 +1,127 @@
+//! What the compiler needs to know about pods and namespaces: plain data,
+//! built from the API objects (or from a conformance case file).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use serde::{Deserialize, Serialize};
+
+/// A transport protocol NetworkPolicy can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The API's spelling (`TCP`, `UDP`, `SCTP`); absent means TCP.
+    pub fn parse(name: Option<&str>) -> Result<Self, String> {
+        match name.unwrap_or("TCP") {
+            "TCP" => Ok(Self::Tcp),
+            "UDP" => Ok(Self::Udp),
+            "SCTP" => Ok(Self::Sctp),
+            other => Err(format!("protocol {other:?} is not TCP, UDP or SCTP")),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        })
+    }
+}
+
+/// A named container port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A pod as policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<NamedPort>,
+}
+
+impl PodInfo {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The port number `name` resolves to on this pod for `protocol`.
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name == name && p.protocol == protocol)
+            .map(|p| p.port)
+    }
+
+    /// From a Pod object; pods without IPs (not running yet) have none here.
+    pub fn from_pod(pod: &Pod) -> Self {
+        let meta = &pod.metadata;
+        let spec = pod.spec.as_ref();
+        let ports = spec
+            .map(|s| {
+                s.containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .filter_map(|p| {
+                        let name = p.name.clone()?;
+                        let protocol = Protocol::parse(p.protocol.as_deref()).ok()?;
+                        Some(NamedPort {
+                            name,
+                            port: u16::try_from(p.container_port).ok()?,
+                            protocol,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ips = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|ips| ips.iter().filter_map(|i| i.ip.parse().ok()).collect())
+            .unwrap_or_default();
+        Self {
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+            node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            labels: meta.labels.clone().unwrap_or_default(),
+            ips,
+            ports,
+        }
+    }
+}
+
+/// A namespace as policy sees it: its labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NamespaceInfo {
+    pub fn from_namespace(ns: &Namespace) -> Self {
+        Self {
+            name: ns.metadata.name.clone().unwrap_or_default(),
+            labels: ns.metadata.labels.clone().unwrap_or_default(),
+        }
+    }
+}
