@@ -201,6 +201,68 @@ impl<'a> Ctx<'a> {
     }
 }
 
+impl<'a> Ctx<'a> {
+    /// The allow entries of one rule of a policy selecting `local`. A named
+    /// port resolves against the destination: `local` for ingress, each
+    /// peer pod for egress.
+    fn rule_allows(
+        &self,
+        local: &PodInfo,
+        rule: RuleRef,
+        peers: Option<&Vec<NetworkPolicyPeer>>,
+        ports: Option<&Vec<NetworkPolicyPort>>,
+        problems: &mut Vec<String>,
+    ) -> Vec<Allow> {
+        let what = format!(
+            "{}/{}: {:?} rule {}",
+            rule.namespace, rule.policy, rule.direction, rule.index
+        );
+        let peers = self.peers(&rule.namespace, peers, problems, &what);
+        let mut allows = Vec::new();
+        for (protocol, spec) in port_entries(ports, problems, &what) {
+            let entry = |peer: IpNet, except: Vec<IpNet>, ports| Allow {
+                peer,
+                except,
+                protocol,
+                ports,
+                rule: rule.clone(),
+            };
+            match (&spec, rule.direction) {
+                (PortSpec::Named(n), Direction::Egress) => {
+                    for dst in &peers.pods {
+                        if let Some(p) = dst.named_port(n, protocol.unwrap_or(Protocol::Tcp)) {
+                            allows.extend(
+                                dst.ips
+                                    .iter()
+                                    .map(|ip| entry(host_prefix(*ip), Vec::new(), Some((p, p)))),
+                            );
+                        }
+                    }
+                }
+                _ => {
+                    let range = match &spec {
+                        PortSpec::Any => None,
+                        PortSpec::Range(lo, hi) => Some((*lo, *hi)),
+                        PortSpec::Named(n) => {
+                            match local.named_port(n, protocol.unwrap_or(Protocol::Tcp)) {
+                                Some(p) => Some((p, p)),
+                                None => continue,
+                            }
+                        }
+                    };
+                    allows.extend(
+                        peers
+                            .prefixes
+                            .iter()
+                            .map(|(peer, except)| entry(*peer, except.clone(), range)),
+                    );
+                }
+            }
+        }
+        allows
+    }
+}
+
 /// A rule's ports as (protocol, port spec); no ports means every protocol
 /// and port. Named ports stay names: they resolve per destination pod.
 fn port_entries(
@@ -288,97 +350,45 @@ pub fn compile(
             if ns != pod.namespace || !selects {
                 continue;
             }
-            let name = policy.metadata.name.clone().unwrap_or_default();
             let (isolates_in, isolates_out) = policy_types(policy);
-            if isolates_in {
-                let (by, allows) = ingress.get_or_insert_with(Default::default);
-                by.push(policy_key(policy));
-                for (index, rule) in spec.ingress.iter().flatten().enumerate() {
-                    let rule_ref = RuleRef {
-                        namespace: ns.into(),
-                        policy: name.clone(),
-                        direction: Direction::Ingress,
-                        index,
-                    };
-                    let what = format!("{}: ingress rule {index}", policy_key(policy));
-                    let peers = ctx.peers(ns, rule.from.as_ref(), &mut program.problems, &what);
-                    for (protocol, spec) in
-                        port_entries(rule.ports.as_ref(), &mut program.problems, &what)
-                    {
-                        // A named port resolves against the selected (destination) pod: this one.
-                        let ports = match &spec {
-                            PortSpec::Any => None,
-                            PortSpec::Range(lo, hi) => Some((*lo, *hi)),
-                            PortSpec::Named(n) => {
-                                match pod.named_port(n, protocol.unwrap_or(Protocol::Tcp)) {
-                                    Some(p) => Some((p, p)),
-                                    None => continue,
-                                }
-                            }
-                        };
-                        for (peer, except) in &peers.prefixes {
-                            allows.push(Allow {
-                                peer: *peer,
-                                except: except.clone(),
-                                protocol,
-                                ports,
-                                rule: rule_ref.clone(),
-                            });
-                        }
-                    }
+            let rules_in = spec
+                .ingress
+                .iter()
+                .flatten()
+                .map(|r| (r.from.as_ref(), r.ports.as_ref()));
+            let rules_out = spec
+                .egress
+                .iter()
+                .flatten()
+                .map(|r| (r.to.as_ref(), r.ports.as_ref()));
+            let directions: [(bool, Direction, &mut Option<_>, Vec<_>); 2] = [
+                (
+                    isolates_in,
+                    Direction::Ingress,
+                    &mut ingress,
+                    rules_in.collect(),
+                ),
+                (
+                    isolates_out,
+                    Direction::Egress,
+                    &mut egress,
+                    rules_out.collect(),
+                ),
+            ];
+            for (isolates, direction, gate, rules) in directions {
+                if !isolates {
+                    continue;
                 }
-            }
-            if isolates_out {
-                let (by, allows) = egress.get_or_insert_with(Default::default);
+                let (by, allows) = gate.get_or_insert_with(Default::default);
                 by.push(policy_key(policy));
-                for (index, rule) in spec.egress.iter().flatten().enumerate() {
-                    let rule_ref = RuleRef {
+                for (index, (peers, ports)) in rules.into_iter().enumerate() {
+                    let rule = RuleRef {
                         namespace: ns.into(),
-                        policy: name.clone(),
-                        direction: Direction::Egress,
+                        policy: policy.metadata.name.clone().unwrap_or_default(),
+                        direction,
                         index,
                     };
-                    let what = format!("{}: egress rule {index}", policy_key(policy));
-                    let peers = ctx.peers(ns, rule.to.as_ref(), &mut program.problems, &what);
-                    for (protocol, spec) in
-                        port_entries(rule.ports.as_ref(), &mut program.problems, &what)
-                    {
-                        match &spec {
-                            // A named port resolves against each destination pod.
-                            PortSpec::Named(n) => {
-                                for dst in &peers.pods {
-                                    if let Some(p) =
-                                        dst.named_port(n, protocol.unwrap_or(Protocol::Tcp))
-                                    {
-                                        for ip in &dst.ips {
-                                            allows.push(Allow {
-                                                peer: host_prefix(*ip),
-                                                except: Vec::new(),
-                                                protocol,
-                                                ports: Some((p, p)),
-                                                rule: rule_ref.clone(),
-                                            });
-                                        }
-                                    }
-                                }
-                            }
-                            other => {
-                                let ports = match other {
-                                    PortSpec::Range(lo, hi) => Some((*lo, *hi)),
-                                    _ => None,
-                                };
-                                for (peer, except) in &peers.prefixes {
-                                    allows.push(Allow {
-                                        peer: *peer,
-                                        except: except.clone(),
-                                        protocol,
-                                        ports,
-                                        rule: rule_ref.clone(),
-                                    });
-                                }
-                            }
-                        }
-                    }
+                    allows.extend(ctx.rule_allows(pod, rule, peers, ports, &mut program.problems));
                 }
             }
         }
