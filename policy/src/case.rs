@@ -181,15 +181,46 @@ fn resolve_placeholders(value: &mut Value, pods: &[PodInfo]) -> Result<(), Strin
     Ok(())
 }
 
-/// Compiles every node's program and compares each probe with the matrix.
-pub fn check(case: &Case) -> Vec<Mismatch> {
-    let programs: BTreeMap<String, Program> = (1..=NODES)
+/// Every node's compiled program.
+fn programs(case: &Case) -> BTreeMap<String, Program> {
+    (1..=NODES)
         .map(|k| {
             let node = format!("node-{k}");
             let program = compile(&node, &case.policies, &case.pods, &case.namespaces);
             (node, program)
         })
-        .collect();
+        .collect()
+}
+
+/// The decision for one connection between two of the case's pods.
+pub fn explain(
+    case: &Case,
+    from: &str,
+    to: &str,
+    protocol: Protocol,
+    port: u16,
+) -> Result<Decision, String> {
+    let pod = |key: &str| {
+        case.pods
+            .iter()
+            .find(|p| p.key() == key)
+            .ok_or_else(|| format!("no pod {key:?} in case {}", case.id))
+    };
+    let (from, to) = (pod(from)?, pod(to)?);
+    let programs = programs(case);
+    Ok(decide(
+        &programs[&from.node],
+        &programs[&to.node],
+        from.ips[0],
+        to.ips[0],
+        protocol,
+        port,
+    ))
+}
+
+/// Compiles every node's program and compares each probe with the matrix.
+pub fn check(case: &Case) -> Vec<Mismatch> {
+    let programs = programs(case);
     let mut mismatches = Vec::new();
     for probe in &case.probes {
         for from in &case.pods {

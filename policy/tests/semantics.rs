@@ -223,3 +223,27 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn explain_names_the_deciding_rule_or_the_isolating_policy() {
+    let path = shared_cases()
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("014-"))
+        .unwrap();
+    let c = case::load(&path).unwrap();
+    let allowed = case::explain(&c, "y/b", "x/a", Protocol::Tcp, 81).unwrap();
+    assert!(allowed.allowed());
+    assert_eq!(
+        allowed.ingress.to_string(),
+        "allowed by x/allow-client-a-via-ns-selector Ingress rule 0"
+    );
+    let denied = case::explain(&c, "x/b", "x/a", Protocol::Tcp, 81).unwrap();
+    assert!(!denied.allowed());
+    assert!(denied
+        .ingress
+        .to_string()
+        .contains("isolated by x/allow-client-a-via-ns-selector"));
+    assert!(case::explain(&c, "x/b", "x/zz", Protocol::Tcp, 81)
+        .unwrap_err()
+        .contains("x/zz"));
+}
