@@ -5,12 +5,14 @@
 //! with allow entries of plain prefixes, protocols and port ranges.
 //! [`eval`] decides connections from programs — the same structure that is
 //! rendered for the kernel. [`case`] reads the upstream conformance cases
-//! and checks them through compiled programs.
+//! and checks them through compiled programs. [`render`] turns a program
+//! into an nftables ruleset applied in one transaction.
 
 pub mod case;
 pub mod compile;
 pub mod eval;
 pub mod model;
+pub mod render;
 pub mod selector;
 
 pub use compile::{compile, Allow, Direction, Gate, PodProgram, Program, RuleRef};

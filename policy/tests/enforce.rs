@@ -1,0 +1,260 @@
+//! A compiled program rendered to nftables and applied in a node namespace
+//! enforces with real TCP connections between pod namespaces. Needs root.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde_json::json;
+use weft_policy::{compile, render, NamedPort, NamespaceInfo, PodInfo, Protocol};
+
+const NODE: &str = "polt-node";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Namespaces (and servers) made here; removed on drop, and before a run in
+/// case an earlier one crashed.
+struct World {
+    servers: Vec<Child>,
+}
+
+fn clean() {
+    for ns in [NODE, "polt-a", "polt-b", "polt-c"] {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        clean();
+    }
+}
+
+/// Pod `name` at 198.19.9.`host`, wired to the node as the weft plugin does.
+fn wire(name: &str, host: u8) {
+    let (pod_ns, addr) = (format!("polt-{name}"), format!("198.19.9.{host}"));
+    ip(&["netns", "add", &pod_ns]);
+    ip(&[
+        "-n",
+        NODE,
+        "link",
+        "add",
+        &format!("v{name}"),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &pod_ns,
+    ]);
+    ip(&[
+        "-n",
+        NODE,
+        "addr",
+        "add",
+        "198.19.9.1/32",
+        "dev",
+        &format!("v{name}"),
+    ]);
+    ip(&["-n", NODE, "link", "set", &format!("v{name}"), "up"]);
+    ip(&[
+        "-n",
+        NODE,
+        "route",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        &format!("v{name}"),
+    ]);
+    ip(&[
+        "-n",
+        &pod_ns,
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        "eth0",
+    ]);
+    ip(&["-n", &pod_ns, "link", "set", "eth0", "up"]);
+    ip(&["-n", &pod_ns, "link", "set", "lo", "up"]);
+    ip(&[
+        "-n",
+        &pod_ns,
+        "route",
+        "add",
+        "198.19.9.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]);
+    ip(&[
+        "-n",
+        &pod_ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.19.9.1",
+        "dev",
+        "eth0",
+    ]);
+}
+
+/// A server in pod `name` accepting on `ports` until killed.
+fn serve(name: &str, ports: &[u16]) -> Child {
+    let script = format!(
+        "import socket,threading\nports={ports:?}\ndef run(p):\n s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',p));s.listen(16)\n while True:\n  c,_=s.accept();c.close()\nfor p in ports: threading.Thread(target=run,args=(p,)).start()\n"
+    );
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("polt-{name}"),
+            "/usr/bin/python3",
+            "-c",
+            &script,
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("python3")
+}
+
+/// Whether a TCP connection from pod `from` to `addr`:`port` succeeds within a second.
+fn connects(from: &str, addr: &str, port: u16) -> bool {
+    let script =
+        format!("import socket\nsocket.create_connection(('{addr}',{port}),timeout=1).close()");
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("polt-{from}"),
+            "/usr/bin/python3",
+            "-c",
+            &script,
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn pod(ns: &str, name: &str, host: u8) -> PodInfo {
+    PodInfo {
+        namespace: ns.into(),
+        name: name.into(),
+        node: "n".into(),
+        labels: BTreeMap::from([("pod".to_string(), name.to_string())]),
+        ips: vec![format!("198.19.9.{host}").parse().unwrap()],
+        ports: vec![NamedPort {
+            name: "http".into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        }],
+    }
+}
+
+#[test]
+fn a_rendered_program_enforces_with_real_connections() {
+    clean();
+    ip(&["netns", "add", NODE]);
+    let mut world = World {
+        servers: Vec::new(),
+    };
+    assert!(Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            NODE,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1"
+        ])
+        .status()
+        .unwrap()
+        .success());
+    for (name, host) in [("a", 2), ("b", 3), ("c", 4)] {
+        wire(name, host);
+    }
+    world.servers.push(serve("a", &[80, 81]));
+    world.servers.push(serve("b", &[80]));
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        connects("c", "198.19.9.2", 80),
+        "the pods are not wired (no policy yet)"
+    );
+
+    // x/a accepts only x/b, on its named port http (80).
+    let policy: NetworkPolicy = serde_json::from_value(json!({
+        "metadata": {"name": "only-b", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "a"}},
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": "http"}]}]}
+    }))
+    .unwrap();
+    let pods = [pod("x", "a", 2), pod("x", "b", 3), pod("y", "c", 4)];
+    let namespaces = [
+        NamespaceInfo {
+            name: "x".into(),
+            labels: BTreeMap::new(),
+        },
+        NamespaceInfo {
+            name: "y".into(),
+            labels: BTreeMap::new(),
+        },
+    ];
+    let program = compile("n", &[policy], &pods, &namespaces);
+    let ruleset = render::render(&program);
+    let node = File::open(format!("/run/netns/{NODE}")).unwrap();
+    // `nft` runs in the namespace of the thread that starts it.
+    let applied = std::thread::spawn(move || {
+        nix::sched::setns(&node, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        render::apply(&ruleset)
+    })
+    .join()
+    .unwrap();
+    assert!(applied.is_ok(), "{applied:?}");
+
+    assert!(connects("b", "198.19.9.2", 80), "b -> a:80 is allowed");
+    assert!(!connects("b", "198.19.9.2", 81), "b -> a:81 is not");
+    assert!(!connects("c", "198.19.9.2", 80), "c -> a:80 is not");
+    assert!(connects("c", "198.19.9.3", 80), "b is not isolated");
+    assert!(
+        connects("a", "198.19.9.3", 80),
+        "a's egress is not isolated; replies flow"
+    );
+    let listed = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            NODE,
+            "nft",
+            "list",
+            "table",
+            "inet",
+            render::TABLE,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains("counter packets") && !text.contains("counter packets 0 bytes 0"),
+        "denied SYNs were not counted:\n{text}"
+    );
+}
