@@ -97,6 +97,9 @@ pub struct RunArgs {
     pub cni: crate::cni::CniArgs,
     #[command(flatten)]
     pub blocks: crate::node_blocks::BlockArgs,
+    /// Enforce Kubernetes NetworkPolicy for this node's pods (needs `nft`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub network_policy: bool,
 }
 
 /// Exactly one IPv4 range and at most one IPv6 range.
@@ -175,6 +178,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         metrics: Default::default(),
     });
     http::serve(args.metrics_addr, health.clone()).await?;
+    if args.network_policy {
+        tokio::spawn(crate::policy::run(
+            client.clone(),
+            args.node_name.clone(),
+            health.clone(),
+        ));
+    }
 
     let program = match args.userspace_program.as_str() {
         "builtin" => UserspaceProgram::Builtin {

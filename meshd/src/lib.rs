@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod model;
 pub mod node_blocks;
 pub mod planner;
+pub mod policy;
 pub mod reconcile;
