@@ -120,6 +120,16 @@ pub fn start(dir: &LabDir, node: &NodePlan) -> Result<i32> {
     Ok(pid)
 }
 
+/// The last `n` warning or error lines of the node's meshd log.
+pub fn log_warnings(dir: &LabDir, node: &NodePlan, n: usize) -> String {
+    let log = fs::read_to_string(node_dir(dir, node).join("meshd.log")).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains("\"level\":\"INFO\""))
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The node's meshd metrics (Prometheus text), fetched inside its namespace.
 pub fn metrics(node: &NodePlan) -> Result<String> {
     netns::run_in(&node.netns, || {

@@ -179,8 +179,17 @@ fn start_mesh(dir: &LabDir, nodes: &[NodePlan], progress: &mut dyn FnMut(&str)) 
     for node in nodes {
         agents::start(dir, node)?;
     }
-    let state = dir.read_state()?.context("lab.json vanished")?;
-    let took = mesh::wait_converged(&state.plan.nodes, CONVERGE_TIMEOUT)?;
+    let state = dir.running_state()?;
+    // A failed up removes the lab, logs included: carry what meshd said.
+    let took = mesh::wait_converged(&state.plan.nodes, CONVERGE_TIMEOUT).map_err(|e| {
+        let said: Vec<String> = state
+            .plan
+            .nodes
+            .iter()
+            .map(|n| format!("{}:\n{}", n.name, agents::log_warnings(dir, n, 5)))
+            .collect();
+        e.context(format!("meshd's recent warnings:\n{}", said.join("\n")))
+    })?;
     progress(&format!(
         "WireGuard mesh of {} nodes converged in {} ms",
         state.plan.nodes.len(),

@@ -80,7 +80,10 @@ pub fn wait_converged(nodes: &[NodePlan], timeout: Duration) -> Result<Duration>
             return Ok(started.elapsed());
         }
         if started.elapsed() > timeout {
-            bail!("the mesh did not converge within {timeout:?}: {} lack handshakes with every peer (see <lab dir>/<node>/meshd.log)", lagging.join(", "));
+            bail!(
+                "the mesh did not converge within {timeout:?}: {} lack handshakes with every peer",
+                lagging.join(", ")
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
