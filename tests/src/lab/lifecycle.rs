@@ -126,7 +126,7 @@ fn build(
             ));
         }
     }
-    dir.read_state()?.context("lab.json vanished")
+    dir.running_state()
 }
 
 /// Attaches a pod on `node` through the node's CNI plugin.
