@@ -44,6 +44,7 @@ pub struct Metrics {
     pub excluded: Family<ReasonLabels, Gauge>,
     pub api_writes: Family<KindLabels, Counter>,
     pub dataplane_starts: Counter,
+    pub policy_revision: Gauge,
 }
 
 impl Default for Metrics {
@@ -62,6 +63,7 @@ impl Default for Metrics {
             excluded: Family::default(),
             api_writes: Family::default(),
             dataplane_starts: Counter::default(),
+            policy_revision: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -119,6 +121,11 @@ impl Default for Metrics {
             "dataplane_starts",
             "Times meshd created the WireGuard device (first start, or after the data plane died)",
             m.dataplane_starts.clone(),
+        );
+        registry.register(
+            "policy_synced_revision",
+            "The newest resourceVersion of a Pod, Namespace or NetworkPolicy event that the applied policy program reflects (numeric resourceVersions; 0 before the first apply)",
+            m.policy_revision.clone(),
         );
         Self { registry, ..m }
     }

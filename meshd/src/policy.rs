@@ -3,12 +3,14 @@
 //! compiled, rendered, and applied — only if the ruleset differs from what
 //! was last applied, so a steady cluster causes no rule churn.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
@@ -20,8 +22,18 @@ use crate::http::Health;
 
 const DEBOUNCE: Duration = Duration::from_millis(20);
 
-/// A reflector for every object of kind `K`, notifying `changed`.
-fn watch<K>(client: &Client, changed: Arc<Notify>) -> Store<K>
+/// The numeric resourceVersion of an object (0 if it is not a number).
+fn revision(meta: &ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A reflector for every object of kind `K`, notifying `changed` and
+/// raising `seen` to the newest resourceVersion of any event (deletions
+/// included, which the store alone would not show).
+fn watch<K>(client: &Client, changed: Arc<Notify>, seen: Arc<AtomicU64>) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -38,7 +50,15 @@ where
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => changed.notify_one(),
+                Ok(event) => {
+                    if let watcher::Event::Apply(o)
+                    | watcher::Event::Delete(o)
+                    | watcher::Event::InitApply(o) = &event
+                    {
+                        seen.fetch_max(revision(o.meta()), Ordering::Relaxed);
+                    }
+                    changed.notify_one()
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, kind = %K::kind(&()), "watching for policy (retrying)")
                 }
@@ -51,9 +71,10 @@ where
 /// Enforces policy for the pods on `node` until the process ends.
 pub async fn run(client: Client, node: String, health: Arc<Health>) {
     let changed = Arc::new(Notify::new());
-    let pods = watch::<Pod>(&client, changed.clone());
-    let namespaces = watch::<Namespace>(&client, changed.clone());
-    let policies = watch::<NetworkPolicy>(&client, changed.clone());
+    let seen = Arc::new(AtomicU64::new(0));
+    let pods = watch::<Pod>(&client, changed.clone(), seen.clone());
+    let namespaces = watch::<Namespace>(&client, changed.clone(), seen.clone());
+    let policies = watch::<NetworkPolicy>(&client, changed.clone(), seen.clone());
     for ready in [
         pods.wait_until_ready().await,
         namespaces.wait_until_ready().await,
@@ -66,6 +87,7 @@ pub async fn run(client: Client, node: String, health: Arc<Health>) {
     }
     let mut applied: Option<Value> = None;
     loop {
+        let revision = seen.load(Ordering::Relaxed);
         let pod_infos: Vec<PodInfo> = pods.state().iter().map(|p| PodInfo::from_pod(p)).collect();
         let ns_infos: Vec<NamespaceInfo> = namespaces
             .state()
@@ -79,7 +101,9 @@ pub async fn run(client: Client, node: String, health: Arc<Health>) {
             tracing::warn!(%problem, "a NetworkPolicy part is unusable and allows nothing");
         }
         let ruleset = render::render(&program);
-        if applied.as_ref() != Some(&ruleset) {
+        if applied.as_ref() == Some(&ruleset) {
+            health.metrics.policy_revision.set(revision as i64);
+        } else {
             let to_apply = ruleset.clone();
             match tokio::task::spawn_blocking(move || render::apply(&to_apply)).await {
                 Ok(Ok(())) => {
@@ -90,6 +114,7 @@ pub async fn run(client: Client, node: String, health: Arc<Health>) {
                         "applied the node's NetworkPolicy program"
                     );
                     applied = Some(ruleset);
+                    health.metrics.policy_revision.set(revision as i64);
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "applying NetworkPolicy failed; retrying on the next change")

@@ -28,6 +28,10 @@ const NODES: usize = 3;
 struct CaseFile {
     id: String,
     #[serde(default)]
+    server_ports: Vec<u16>,
+    #[serde(default)]
+    server_protocols: Vec<Protocol>,
+    #[serde(default)]
     ignore_loopback: bool,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     pods: Vec<CasePod>,
@@ -67,9 +71,14 @@ pub struct Probe {
 pub struct Case {
     pub id: String,
     pub ignore_loopback: bool,
+    /// Every pod serves each of these ports with each protocol.
+    pub server_ports: Vec<u16>,
+    pub server_protocols: Vec<Protocol>,
     pub namespaces: Vec<NamespaceInfo>,
     pub pods: Vec<PodInfo>,
     pub policies: Vec<NetworkPolicy>,
+    /// The policies as written, placeholders unresolved (see [`Case::placed`]).
+    raw_policies: Vec<Value>,
     pub probes: Vec<Probe>,
 }
 
@@ -81,7 +90,10 @@ pub struct Mismatch {
     pub from: String,
     pub to: String,
     pub expected: bool,
-    pub decision: Decision,
+    /// What happened: connected or not.
+    pub got: bool,
+    /// Why, in words (the deciding steps of the compiled program).
+    pub why: String,
 }
 
 /// Reads a case file, naming the file and field on error.
@@ -125,24 +137,87 @@ pub fn parse(text: &str) -> Result<Case, String> {
             labels: labels.clone(),
         })
         .collect();
-    let policies = file
-        .policies
-        .iter()
-        .enumerate()
-        .map(|(i, raw)| {
-            let mut raw = raw.clone();
-            resolve_placeholders(&mut raw, &pods).map_err(|e| format!("policies[{i}]: {e}"))?;
-            serde_json::from_value(raw).map_err(|e| format!("policies[{i}]: {e}"))
-        })
-        .collect::<Result<Vec<NetworkPolicy>, String>>()?;
+    let policies = resolve_policies(&file.policies, &pods)?;
     Ok(Case {
         id: file.id,
         ignore_loopback: file.ignore_loopback,
+        server_ports: file.server_ports,
+        server_protocols: file.server_protocols,
         namespaces,
         pods,
         policies,
+        raw_policies: file.policies,
         probes: file.probes,
     })
+}
+
+fn resolve_policies(raw: &[Value], pods: &[PodInfo]) -> Result<Vec<NetworkPolicy>, String> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            let mut raw = raw.clone();
+            resolve_placeholders(&mut raw, pods).map_err(|e| format!("policies[{i}]: {e}"))?;
+            serde_json::from_value(raw).map_err(|e| format!("policies[{i}]: {e}"))
+        })
+        .collect()
+}
+
+impl Case {
+    /// The case with its pods where they really are: `place` gives each
+    /// pod's node and addresses (e.g. from a lab), and ipBlock placeholders
+    /// are resolved again from those addresses.
+    pub fn placed(
+        &self,
+        place: impl Fn(&PodInfo) -> Result<(String, Vec<IpAddr>), String>,
+    ) -> Result<Case, String> {
+        let mut case = self.clone();
+        for pod in &mut case.pods {
+            let (node, ips) = place(pod)?;
+            if ips.is_empty() {
+                return Err(format!("pod {} has no address", pod.key()));
+            }
+            pod.node = node;
+            pod.ips = ips;
+        }
+        case.policies = resolve_policies(&case.raw_policies, &case.pods)?;
+        Ok(case)
+    }
+
+    /// Every node the case's pods are on, with its compiled program.
+    pub fn programs(&self) -> BTreeMap<String, Program> {
+        let nodes: std::collections::BTreeSet<&str> =
+            self.pods.iter().map(|p| p.node.as_str()).collect();
+        nodes
+            .into_iter()
+            .map(|node| {
+                let program = compile(node, &self.policies, &self.pods, &self.namespaces);
+                (node.to_string(), program)
+            })
+            .collect()
+    }
+
+    /// Every cell the case expects, with the loopback cells left out when
+    /// the case ignores them: (probe, from, to, expected).
+    pub fn cells(&self) -> Vec<(&Probe, &PodInfo, &PodInfo, bool)> {
+        let mut cells = Vec::new();
+        for probe in &self.probes {
+            for from in &self.pods {
+                for to in &self.pods {
+                    if self.ignore_loopback && from.key() == to.key() {
+                        continue;
+                    }
+                    if let Some(expected) = probe
+                        .expected
+                        .get(&from.key())
+                        .and_then(|row| row.get(&to.key()))
+                    {
+                        cells.push((probe, from, to, *expected));
+                    }
+                }
+            }
+        }
+        cells
+    }
 }
 
 /// Replaces every `{podIP, prefix, prefixIPv6}` mapping (an ipBlock `cidr`
@@ -181,17 +256,6 @@ fn resolve_placeholders(value: &mut Value, pods: &[PodInfo]) -> Result<(), Strin
     Ok(())
 }
 
-/// Every node's compiled program.
-fn programs(case: &Case) -> BTreeMap<String, Program> {
-    (1..=NODES)
-        .map(|k| {
-            let node = format!("node-{k}");
-            let program = compile(&node, &case.policies, &case.pods, &case.namespaces);
-            (node, program)
-        })
-        .collect()
-}
-
 /// The decision for one connection between two of the case's pods.
 pub fn explain(
     case: &Case,
@@ -207,7 +271,7 @@ pub fn explain(
             .ok_or_else(|| format!("no pod {key:?} in case {}", case.id))
     };
     let (from, to) = (pod(from)?, pod(to)?);
-    let programs = programs(case);
+    let programs = case.programs();
     Ok(decide(
         &programs[&from.node],
         &programs[&to.node],
@@ -218,45 +282,47 @@ pub fn explain(
     ))
 }
 
+/// The compiled programs' steps for one cell, in words.
+pub fn why(decision: &Decision) -> String {
+    format!("egress: {}; ingress: {}", decision.egress, decision.ingress)
+}
+
 /// Compiles every node's program and compares each probe with the matrix.
 pub fn check(case: &Case) -> Vec<Mismatch> {
-    let programs = programs(case);
-    let mut mismatches = Vec::new();
-    for probe in &case.probes {
-        for from in &case.pods {
-            for to in &case.pods {
-                if case.ignore_loopback && from.key() == to.key() {
-                    continue;
-                }
-                let Some(expected) = probe
-                    .expected
-                    .get(&from.key())
-                    .and_then(|row| row.get(&to.key()))
-                else {
-                    continue;
-                };
-                let decision = decide(
-                    &programs[&from.node],
-                    &programs[&to.node],
-                    from.ips[0],
-                    to.ips[0],
-                    probe.protocol,
-                    probe.port,
-                );
-                if decision.allowed() != *expected {
-                    mismatches.push(Mismatch {
-                        port: probe.port,
-                        protocol: probe.protocol,
-                        from: from.key(),
-                        to: to.key(),
-                        expected: *expected,
-                        decision,
-                    });
-                }
-            }
-        }
-    }
-    mismatches
+    let programs = case.programs();
+    compare(case, |probe, from, to| {
+        let decision = decide(
+            &programs[&from.node],
+            &programs[&to.node],
+            from.ips[0],
+            to.ips[0],
+            probe.protocol,
+            probe.port,
+        );
+        (decision.allowed(), why(&decision))
+    })
+}
+
+/// The cells where `outcome` (connected?, why) differs from the matrix.
+pub fn compare(
+    case: &Case,
+    mut outcome: impl FnMut(&Probe, &PodInfo, &PodInfo) -> (bool, String),
+) -> Vec<Mismatch> {
+    case.cells()
+        .into_iter()
+        .filter_map(|(probe, from, to, expected)| {
+            let (got, why) = outcome(probe, from, to);
+            (got != expected).then(|| Mismatch {
+                port: probe.port,
+                protocol: probe.protocol,
+                from: from.key(),
+                to: to.key(),
+                expected,
+                got,
+                why,
+            })
+        })
+        .collect()
 }
 
 /// `PASS <id>`, or `FAIL <id>` with a truth table per probe that differs
@@ -291,9 +357,7 @@ pub fn report(case: &Case, mismatches: &[Mismatch]) -> String {
                         expected,
                         here.iter().find(|m| &m.from == from && &m.to == to),
                     ) {
-                        (_, Some(m)) => {
-                            format!("{}!", if m.decision.allowed() { "." } else { "X" })
-                        }
+                        (_, Some(m)) => format!("{}!", if m.got { "." } else { "X" }),
                         (Some(true), None) => ".".into(),
                         (Some(false), None) => "X".into(),
                         (None, None) => "-".into(),
@@ -305,21 +369,24 @@ pub fn report(case: &Case, mismatches: &[Mismatch]) -> String {
         for m in here {
             let _ = writeln!(
                 out,
-                "  {} -> {} {}/{}: expected {}, got {} (egress: {}; ingress: {})",
+                "  {} -> {} {}/{}: expected {}, got {} ({})",
                 m.from,
                 m.to,
                 m.port,
                 m.protocol,
-                if m.expected { "connected" } else { "blocked" },
-                if m.decision.allowed() {
-                    "connected"
-                } else {
-                    "blocked"
-                },
-                m.decision.egress,
-                m.decision.ingress
+                connected(m.expected),
+                connected(m.got),
+                m.why
             );
         }
     }
     out
+}
+
+fn connected(yes: bool) -> &'static str {
+    if yes {
+        "connected"
+    } else {
+        "blocked"
+    }
 }

@@ -10,7 +10,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
 use meshlab::lab::topology::{parse_label, parse_topology, LabSpec, NodePlan};
-use meshlab::lab::{agents, bench, bench_cni, control, lifecycle, preflight, status, topology};
+use meshlab::lab::{
+    agents, bench, bench_cni, control, lifecycle, netpol, preflight, status, topology,
+};
 
 #[derive(Parser)]
 #[command(
@@ -134,6 +136,16 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
+    },
+    /// Run NetworkPolicy conformance cases (shared/netpol format) with real
+    /// TCP/UDP/SCTP connections between pods on three nodes; multi-step
+    /// cases are applied in place, in the order given.
+    Netpol {
+        #[arg(required = true, value_name = "CASE.yaml")]
+        cases: Vec<PathBuf>,
+        /// Leave the lab running if this run brought it up.
+        #[arg(long)]
+        keep: bool,
     },
     /// Remove every process, namespace and file of the lab (also after a crash).
     Down,
@@ -329,6 +341,19 @@ fn run(cli: Cli) -> Result<()> {
                 .args(&command)
                 .exec();
             Err(err).context("running ip netns exec")
+        }
+        Cmd::Netpol { cases, keep } => {
+            let options = netpol::Options { cases, keep };
+            let outcomes = netpol::run(
+                &dir,
+                &options,
+                &mut |o| print!("{}", weft_policy::case::report(&o.case, &o.mismatches)),
+                &mut |step| eprintln!("meshlab: {step}"),
+            )?;
+            println!("{}", netpol::summary(&outcomes));
+            let failed = outcomes.iter().filter(|o| !o.mismatches.is_empty()).count();
+            anyhow::ensure!(failed == 0, "{failed} of {} cases failed", outcomes.len());
+            Ok(())
         }
         Cmd::Down => {
             let removed = lifecycle::down(&dir)?;

@@ -14,6 +14,7 @@ pub mod control;
 pub mod lifecycle;
 pub mod mesh;
 pub mod netns;
+pub mod netpol;
 pub mod pods;
 pub mod preflight;
 pub mod state;

@@ -1,0 +1,111 @@
+//! Moving the lab's API objects to a case's state in place: namespace
+//! labels, pod labels and named ports, and the case's policies — created,
+//! replaced when changed, deleted when the case has them no more.
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{ContainerPort, Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::Client;
+use weft_policy::case::Case;
+
+/// The numeric resourceVersion of a written object (the lab's are numbers).
+fn revision(meta: &ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Applies `case`; returns the newest resourceVersion written (0: nothing
+/// changed).
+pub async fn apply(client: Client, case: &Case) -> Result<u64> {
+    let mut newest = 0;
+    let post = PostParams::default();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in &case.namespaces {
+        let written = match namespaces.get_opt(&ns.name).await? {
+            Some(object) if object.metadata.labels.as_ref() == Some(&ns.labels) => continue,
+            Some(mut object) => {
+                object.metadata.labels = Some(ns.labels.clone());
+                namespaces.replace(&ns.name, &post, &object).await?
+            }
+            None => {
+                let object = Namespace {
+                    metadata: ObjectMeta {
+                        name: Some(ns.name.clone()),
+                        labels: Some(ns.labels.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    ..Namespace::default()
+                };
+                namespaces.create(&post, &object).await?
+            }
+        };
+        newest = newest.max(revision(&written.metadata));
+    }
+    for pod in &case.pods {
+        let api: Api<Pod> = Api::namespaced(client.clone(), &pod.namespace);
+        let mut object = api.get(&pod.name).await?;
+        let ports: Vec<ContainerPort> = pod
+            .ports
+            .iter()
+            .map(|p| ContainerPort {
+                name: Some(p.name.clone()),
+                container_port: i32::from(p.port),
+                protocol: Some(p.protocol.to_string()),
+                ..ContainerPort::default()
+            })
+            .collect();
+        let ports = (!ports.is_empty()).then_some(ports);
+        let container = object
+            .spec
+            .get_or_insert_with(Default::default)
+            .containers
+            .first_mut()
+            .with_context(|| format!("pod {} has no container", pod.key()))?;
+        if object.metadata.labels.as_ref() == Some(&pod.labels) && container.ports == ports {
+            continue;
+        }
+        // The lab lets a pod's ports change; a real cluster would need a
+        // new pod, which is what upstream's model does per test.
+        container.ports = ports;
+        object.metadata.labels = Some(pod.labels.clone());
+        let written = api.replace(&pod.name, &post, &object).await?;
+        newest = newest.max(revision(&written.metadata));
+    }
+    for ns in &case.namespaces {
+        let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
+        let wanted: Vec<&NetworkPolicy> = case
+            .policies
+            .iter()
+            .filter(|p| p.metadata.namespace.as_deref() == Some(ns.name.as_str()))
+            .collect();
+        for existing in api.list(&ListParams::default()).await? {
+            let name = existing.metadata.name.clone().unwrap_or_default();
+            if wanted
+                .iter()
+                .all(|w| w.metadata.name.as_deref() != Some(name.as_str()))
+            {
+                if let Some(gone) = api.delete(&name, &DeleteParams::default()).await?.left() {
+                    newest = newest.max(revision(&gone.metadata));
+                }
+            }
+        }
+        for policy in wanted {
+            let name = policy.metadata.name.as_deref().unwrap_or_default();
+            let written = match api.get_opt(name).await? {
+                Some(old) if old.spec == policy.spec => continue,
+                Some(old) => {
+                    let mut new = policy.clone();
+                    new.metadata.resource_version = old.metadata.resource_version;
+                    api.replace(name, &post, &new).await?
+                }
+                None => api.create(&post, policy).await?,
+            };
+            newest = newest.max(revision(&written.metadata));
+        }
+    }
+    Ok(newest)
+}

@@ -1,0 +1,108 @@
+//! `meshlab netpol`: every shared NetworkPolicy conformance case with real
+//! TCP, UDP and SCTP connections across three nodes, and a case with wrong
+//! expectations failing in both directions (so the probes can fail).
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{run_bounded, Lab};
+use serde_json::Value;
+
+fn shared_cases() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/netpol/cases");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (shared/ must sit beside the repository)",
+                dir.display()
+            )
+        })
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn netpol(lab: &Lab, cases: &[PathBuf]) -> (bool, String, String) {
+    let mut cmd = lab.command(&["netpol"]);
+    cmd.args(cases);
+    let out = run_bounded(cmd, Duration::from_secs(600));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Flips the first expected-connected and the first expected-blocked cell
+/// off the diagonal; returns them as `from -> to`.
+fn flip_two_cells(case: &mut Value) -> Vec<String> {
+    let expected = case["probes"][0]["expected"].as_object_mut().unwrap();
+    let first = |want: bool| {
+        expected.iter().find_map(|(from, row)| {
+            let (to, _) = row
+                .as_object()?
+                .iter()
+                .find(|(to, cell)| *to != from && cell.as_bool() == Some(want))?;
+            Some((from.clone(), to.clone()))
+        })
+    };
+    let cells = [first(true).unwrap(), first(false).unwrap()];
+    for (from, to) in &cells {
+        let cell = &mut expected[from][to];
+        *cell = Value::Bool(!cell.as_bool().unwrap());
+    }
+    cells.iter().map(|(f, t)| format!("{f} -> {t}")).collect()
+}
+
+#[test]
+fn every_shared_case_passes_with_real_packets_and_wrong_expectations_fail() {
+    let files = shared_cases();
+    assert!(
+        files.len() >= 18,
+        "expected the shared cases, found {}",
+        files.len()
+    );
+    let lab = Lab::up("t-netpol", &[]);
+    let (ok, stdout, stderr) = netpol(&lab, &files);
+    assert!(ok, "meshlab netpol failed:\n{stdout}\n{stderr}");
+    for file in &files {
+        let id = file.file_stem().unwrap().to_string_lossy();
+        assert!(
+            stdout.contains(&format!("PASS {id}\n")),
+            "{id} did not pass:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.ends_with(&format!("{} passed, 0 failed\n", files.len())),
+        "{stdout}"
+    );
+
+    let ports = files
+        .iter()
+        .find(|p| p.to_string_lossy().contains("014-"))
+        .unwrap();
+    let mut case: Value = serde_norway::from_str(&std::fs::read_to_string(ports).unwrap()).unwrap();
+    let flipped = flip_two_cells(&mut case);
+    let wrong = tempfile::NamedTempFile::with_suffix(".yaml").unwrap();
+    std::fs::write(wrong.path(), case.to_string()).unwrap();
+    let (ok, stdout, stderr) = netpol(&lab, &[wrong.path().to_path_buf()]);
+    assert!(!ok, "a wrong expectation passed:\n{stdout}");
+    assert!(stderr.contains("1 of 1 cases failed"), "{stderr}");
+    assert!(stdout.starts_with("FAIL 014-"), "{stdout}");
+    assert!(stdout.ends_with("0 passed, 1 failed\n"), "{stdout}");
+    for cell in &flipped {
+        assert!(stdout.contains(cell), "{cell} not reported:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("expected blocked, got connected"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("expected connected, got blocked"),
+        "{stdout}"
+    );
+}
