@@ -100,6 +100,11 @@ pub struct RunArgs {
     /// Enforce Kubernetes NetworkPolicy for this node's pods (needs `nft`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub network_policy: bool,
+    /// Log packets NetworkPolicy drops to the kernel log (prefix "weft
+    /// drop"), at most this many per second per group of isolating
+    /// policies; 0: count them only.
+    #[arg(long, default_value_t = 0)]
+    pub log_policy_drops: u32,
 }
 
 /// Exactly one IPv4 range and at most one IPv6 range.
@@ -179,9 +184,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     });
     http::serve(args.metrics_addr, health.clone()).await?;
     if args.network_policy {
+        let options = weft_policy::render::Options {
+            log_per_second: (args.log_policy_drops > 0).then_some(args.log_policy_drops),
+        };
         tokio::spawn(crate::policy::run(
             client.clone(),
             args.node_name.clone(),
+            options,
             health.clone(),
         ));
     }

@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use weft_policy::Direction;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
@@ -30,6 +31,12 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub direction: String,
+    pub policy: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub peers: Family<StateLabels, Gauge>,
@@ -45,6 +52,8 @@ pub struct Metrics {
     pub api_writes: Family<KindLabels, Counter>,
     pub dataplane_starts: Counter,
     pub policy_revision: Gauge,
+    pub policy_drops: Family<PolicyLabels, Counter>,
+    pub policy_elements: Gauge,
 }
 
 impl Default for Metrics {
@@ -64,6 +73,8 @@ impl Default for Metrics {
             api_writes: Family::default(),
             dataplane_starts: Counter::default(),
             policy_revision: Gauge::default(),
+            policy_drops: Family::default(),
+            policy_elements: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -127,6 +138,16 @@ impl Default for Metrics {
             "The newest resourceVersion of a Pod, Namespace or NetworkPolicy event that the applied policy program reflects (numeric resourceVersions; 0 before the first apply)",
             m.policy_revision.clone(),
         );
+        registry.register(
+            "policy_dropped_packets",
+            "Packets NetworkPolicy dropped, by direction and by each policy isolating the pod (a drop under two policies counts for both)",
+            m.policy_drops.clone(),
+        );
+        registry.register(
+            "policy_elements",
+            "Set and map elements of the applied NetworkPolicy ruleset",
+            m.policy_elements.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -144,6 +165,21 @@ impl Metrics {
             self.changes
                 .get_or_create(&KindLabels { kind: kind.into() })
                 .inc_by(n as u64);
+        }
+    }
+
+    pub fn count_policy_drops(&self, direction: Direction, policies: &[String], packets: u64) {
+        let direction = match direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        for policy in policies {
+            self.policy_drops
+                .get_or_create(&PolicyLabels {
+                    direction: direction.into(),
+                    policy: policy.clone(),
+                })
+                .inc_by(packets);
         }
     }
 

@@ -1,11 +1,13 @@
 //! NetworkPolicy enforcement on this node: reflectors on Pods, Namespaces
 //! and NetworkPolicies; on any change (debounced) the node's program is
-//! compiled, rendered, and applied — only if the ruleset differs from what
-//! was last applied, so a steady cluster causes no rule churn.
+//! compiled and rendered, and only its difference from what the kernel
+//! holds is applied (the whole table at start or after a failure). The drop
+//! counters become per-policy metrics; a table that vanished is rebuilt.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -14,9 +16,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
-use serde_json::Value;
 use tokio::sync::Notify;
-use weft_policy::{compile, render, NamespaceInfo, PodInfo};
+use weft_policy::render::{self, Ruleset};
+use weft_policy::{compile, nft, NamespaceInfo, PodInfo};
 
 use crate::http::Health;
 
@@ -68,8 +70,29 @@ where
     reader
 }
 
+/// How often the drop counters are read into metrics (and the table's
+/// presence checked).
+const COUNTER_PERIOD: Duration = Duration::from_secs(5);
+
+/// Packets each counter gained since the last reading; a counter that
+/// went backwards was recreated and counts from zero.
+fn drop_deltas(last: &mut HashMap<String, u64>, now: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    last.retain(|name, _| now.contains_key(name));
+    now.iter()
+        .filter_map(|(name, packets)| {
+            let before = last.insert(name.clone(), *packets).unwrap_or(0);
+            let delta = if *packets >= before {
+                packets - before
+            } else {
+                *packets
+            };
+            (delta > 0).then(|| (name.clone(), delta))
+        })
+        .collect()
+}
+
 /// Enforces policy for the pods on `node` until the process ends.
-pub async fn run(client: Client, node: String, health: Arc<Health>) {
+pub async fn run(client: Client, node: String, options: render::Options, health: Arc<Health>) {
     let changed = Arc::new(Notify::new());
     let seen = Arc::new(AtomicU64::new(0));
     let pods = watch::<Pod>(&client, changed.clone(), seen.clone());
@@ -85,7 +108,12 @@ pub async fn run(client: Client, node: String, health: Arc<Health>) {
             return;
         }
     }
-    let mut applied: Option<Value> = None;
+    // What the kernel holds; `None` (at start, after a failure, or when the
+    // table vanished): unknown, so the next pass replaces the whole table.
+    let mut applied: Option<Ruleset> = None;
+    let mut problems = Vec::new();
+    let mut counted = HashMap::new();
+    let mut tick = tokio::time::interval(COUNTER_PERIOD);
     loop {
         let revision = seen.load(Ordering::Relaxed);
         let pod_infos: Vec<PodInfo> = pods.state().iter().map(|p| PodInfo::from_pod(p)).collect();
@@ -97,32 +125,102 @@ pub async fn run(client: Client, node: String, health: Arc<Health>) {
         let policy_list: Vec<NetworkPolicy> =
             policies.state().iter().map(|p| (**p).clone()).collect();
         let program = compile(&node, &policy_list, &pod_infos, &ns_infos);
-        for problem in &program.problems {
-            tracing::warn!(%problem, "a NetworkPolicy part is unusable and allows nothing");
+        if program.problems != problems {
+            for problem in &program.problems {
+                tracing::warn!(%problem, "a NetworkPolicy part is unusable and allows nothing");
+            }
+            problems = program.problems.clone();
         }
-        let ruleset = render::render(&program);
-        if applied.as_ref() == Some(&ruleset) {
-            health.metrics.policy_revision.set(revision as i64);
-        } else {
-            let to_apply = ruleset.clone();
-            match tokio::task::spawn_blocking(move || render::apply(&to_apply)).await {
-                Ok(Ok(())) => {
-                    health.metrics.count_change("policy", 1);
-                    tracing::info!(
-                        pods = program.pods.len(),
-                        policies = policy_list.len(),
-                        "applied the node's NetworkPolicy program"
-                    );
-                    applied = Some(ruleset);
-                    health.metrics.policy_revision.set(revision as i64);
+        let ruleset = render::render(&program, &options);
+        let transaction = match &applied {
+            Some(old) => nft::diff(old, &ruleset),
+            None => Some(nft::full(&ruleset)),
+        };
+        match transaction {
+            None => {
+                health.metrics.policy_revision.set(revision as i64);
+            }
+            Some((transaction, changes)) => {
+                let started = Instant::now();
+                match tokio::task::spawn_blocking(move || nft::apply(&transaction)).await {
+                    Ok(Ok(())) => {
+                        let m = &health.metrics;
+                        m.count_change(
+                            "policy-element",
+                            changes.elements_added + changes.elements_removed,
+                        );
+                        m.count_change("policy-chain", changes.chains);
+                        m.policy_elements.set(ruleset.elements() as i64);
+                        m.policy_revision.set(revision as i64);
+                        tracing::info!(
+                            pods = program.pods.len(),
+                            policies = program.policies.len(),
+                            elements_added = changes.elements_added,
+                            elements_removed = changes.elements_removed,
+                            chains = changes.chains,
+                            sets = changes.sets,
+                            full = applied.is_none(),
+                            ms = started.elapsed().as_secs_f64() * 1e3,
+                            "applied the node's NetworkPolicy program"
+                        );
+                        applied = Some(ruleset);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "applying NetworkPolicy failed; replacing the whole table on the next pass");
+                        applied = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "applying NetworkPolicy panicked");
+                        applied = None;
+                    }
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "applying NetworkPolicy failed; retrying on the next change")
-                }
-                Err(e) => tracing::warn!(error = %e, "applying NetworkPolicy panicked"),
             }
         }
-        changed.notified().await;
-        tokio::time::sleep(DEBOUNCE).await;
+        loop {
+            tokio::select! {
+                _ = changed.notified() => {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    break;
+                }
+                _ = tick.tick() => {
+                    let Some(current) = &applied else { break };
+                    match tokio::task::spawn_blocking(nft::counters).await {
+                        Ok(Ok(now)) => {
+                            for (name, delta) in drop_deltas(&mut counted, &now) {
+                                let Some(counter) = current.counters.get(&name) else { continue };
+                                health.metrics.count_policy_drops(counter.direction, &counter.policies, delta);
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "the policy table is unreadable (removed?); replacing it");
+                            applied = None;
+                            break;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reading policy counters panicked"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_deltas_count_growth_and_restart_from_zero_when_recreated() {
+        let mut last = HashMap::new();
+        let now = BTreeMap::from([("a".to_string(), 5), ("b".to_string(), 0)]);
+        assert_eq!(drop_deltas(&mut last, &now), vec![("a".to_string(), 5)]);
+        let now = BTreeMap::from([("a".to_string(), 7), ("b".to_string(), 2)]);
+        assert_eq!(
+            drop_deltas(&mut last, &now),
+            vec![("a".to_string(), 2), ("b".to_string(), 2)]
+        );
+        // a recreated (3 < 7), b gone.
+        let now = BTreeMap::from([("a".to_string(), 3)]);
+        assert_eq!(drop_deltas(&mut last, &now), vec![("a".to_string(), 3)]);
+        assert!(!last.contains_key("b"));
     }
 }

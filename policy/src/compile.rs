@@ -1,11 +1,13 @@
 //! NetworkPolicy semantics compiled into a per-node program (pure).
 //!
-//! For every pod on the node, each direction is either open (no policy
-//! selecting the pod has that policy type) or isolated with a list of allow
-//! entries: a peer prefix (minus excepts), a protocol and a port range, each
-//! tagged with the policy rule it came from. Selectors, namespaces and
-//! named ports are all resolved here, so the program — what the evaluator
-//! reads and what is rendered to nftables — is plain prefixes and numbers.
+//! For every pod on the node, each direction is open (no policy selecting
+//! the pod has that policy type) or isolated by a set of policies; each
+//! such policy is compiled once for the node into rules of plain peer
+//! prefixes, port ranges and named ports resolved per destination pod.
+//! This is the structure the evaluator reads and the renderer turns into
+//! nftables sets and chains: pods map to policies, policies to rules, rules
+//! to address and port sets — so a pod change moves set elements and a
+//! policy change touches that policy's rules.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -16,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
 use crate::model::{NamespaceInfo, PodInfo, Protocol};
-use crate::selector;
+use crate::{prefix, selector};
 
 /// Ingress or egress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -35,25 +37,93 @@ pub struct RuleRef {
     pub index: usize,
 }
 
-/// One allowed combination of peer and port.
+/// The addresses a rule allows as peers, with the identity of the selector
+/// they came from (policy namespace and peer list), so rules selecting the
+/// same peers share one kernel set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Allow {
-    pub peer: IpNet,
-    pub except: Vec<IpNet>,
-    /// `None`: every protocol (and port).
-    pub protocol: Option<Protocol>,
-    /// Inclusive; `None`: every port of the protocol.
-    pub ports: Option<(u16, u16)>,
-    pub rule: RuleRef,
+pub struct Peers {
+    pub id: String,
+    /// Disjoint prefixes (ipBlock excepts already carved out).
+    pub nets: Vec<IpNet>,
 }
 
-impl Allow {
-    /// Whether traffic with `peer` address to `protocol`/`port` matches.
-    pub fn matches(&self, peer: IpAddr, protocol: Protocol, port: u16) -> bool {
-        self.peer.contains(&peer)
-            && !self.except.iter().any(|e| e.contains(&peer))
-            && self.protocol.is_none_or(|p| p == protocol)
-            && self.ports.is_none_or(|(lo, hi)| (lo..=hi).contains(&port))
+/// A protocol and an inclusive port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PortRange {
+    pub protocol: Protocol,
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    fn contains(&self, protocol: Protocol, port: u16) -> bool {
+        self.protocol == protocol && (self.lo..=self.hi).contains(&port)
+    }
+}
+
+/// A named port resolved on one destination pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct NamedTarget {
+    /// The destination pod's address.
+    pub address: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// One rule of a policy, resolved to addresses and numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    pub rule: RuleRef,
+    /// `None`: any address.
+    pub peers: Option<Peers>,
+    /// `None`: every protocol and port. Otherwise the numeric ports.
+    pub ports: Option<Vec<PortRange>>,
+    /// `Some` when the rule names ports: each resolved per destination pod
+    /// (the local pod for ingress, the peer for egress).
+    pub named: Option<Vec<NamedTarget>>,
+}
+
+impl Rule {
+    /// Whether a new connection with `peer`, to `destination`:`port` over
+    /// `protocol`, matches.
+    pub fn matches(
+        &self,
+        peer: IpAddr,
+        destination: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> bool {
+        let peer_ok = self
+            .peers
+            .as_ref()
+            .is_none_or(|p| p.nets.iter().any(|n| n.contains(&peer)));
+        let port_ok = match &self.ports {
+            None => true,
+            Some(ranges) => {
+                ranges.iter().any(|r| r.contains(protocol, port))
+                    || self.named.iter().flatten().any(|t| {
+                        t.address == destination && t.protocol == protocol && t.port == port
+                    })
+            }
+        };
+        peer_ok && port_ok
+    }
+}
+
+/// A policy as one node enforces it: the rules of each direction it has
+/// as a policy type (`None`: it does not isolate that direction).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PolicyProgram {
+    pub ingress: Option<Vec<Rule>>,
+    pub egress: Option<Vec<Rule>>,
+}
+
+impl PolicyProgram {
+    pub fn rules(&self, direction: Direction) -> Option<&[Rule]> {
+        match direction {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
+        }
     }
 }
 
@@ -62,12 +132,9 @@ impl Allow {
 pub enum Gate {
     /// No policy selecting the pod has this policy type.
     Open,
-    /// Only what an entry allows passes.
-    Isolated {
-        /// `namespace/name` of the policies that isolate the pod.
-        by: Vec<String>,
-        allows: Vec<Allow>,
-    },
+    /// Only what a rule of one of these policies (`namespace/name`, sorted)
+    /// allows passes.
+    Isolated { by: Vec<String> },
 }
 
 /// One pod's program.
@@ -80,11 +147,14 @@ pub struct PodProgram {
     pub egress: Gate,
 }
 
-/// Everything the node enforces: its pods' programs, by address.
+/// Everything the node enforces: its pods' gates and the policies that
+/// select them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Program {
     pub pods: Vec<PodProgram>,
     by_ip: BTreeMap<IpAddr, usize>,
+    /// Policies selecting a pod of the node, by `namespace/name`.
+    pub policies: BTreeMap<String, PolicyProgram>,
     /// Policies or rules that could not be used, with why (they allow
     /// nothing; isolation still applies).
     pub problems: Vec<String>,
@@ -94,6 +164,23 @@ impl Program {
     /// The program of the local pod holding `ip`.
     pub fn pod(&self, ip: IpAddr) -> Option<&PodProgram> {
         self.by_ip.get(&ip).map(|i| &self.pods[*i])
+    }
+
+    /// The first rule of the policies in `by` allowing a connection in
+    /// `direction` (peer, destination, protocol, port as in [`Rule::matches`]).
+    pub fn allowing(
+        &self,
+        by: &[String],
+        direction: Direction,
+        peer: IpAddr,
+        destination: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> Option<&Rule> {
+        by.iter()
+            .filter_map(|key| self.policies.get(key)?.rules(direction))
+            .flatten()
+            .find(|r| r.matches(peer, destination, protocol, port))
     }
 }
 
@@ -114,61 +201,52 @@ fn policy_types(policy: &NetworkPolicy) -> (bool, bool) {
     }
 }
 
-fn host_prefix(ip: IpAddr) -> IpNet {
-    IpNet::from(ip)
-}
-
-/// Everything: 0.0.0.0/0 and ::/0.
-fn anywhere() -> [IpNet; 2] {
-    [
-        "0.0.0.0/0".parse().expect("a literal"),
-        "::/0".parse().expect("a literal"),
-    ]
-}
-
 struct Ctx<'a> {
-    pods: &'a [PodInfo],
+    pods_by_namespace: BTreeMap<&'a str, Vec<&'a PodInfo>>,
     namespaces: BTreeMap<&'a str, &'a NamespaceInfo>,
 }
 
-/// What a peer list selects: prefixes (with excepts), and the pods among
-/// them (for named ports, which resolve per destination pod).
-struct Peers<'a> {
-    prefixes: Vec<(IpNet, Vec<IpNet>)>,
+/// What a peer list selects: prefixes, and the pods among them (for named
+/// ports, which resolve per destination pod).
+struct Selected<'a> {
+    peers: Option<Peers>,
     pods: Vec<&'a PodInfo>,
 }
 
 impl<'a> Ctx<'a> {
+    fn all_pods(&self) -> impl Iterator<Item = &'a PodInfo> + '_ {
+        self.pods_by_namespace.values().flatten().copied()
+    }
+
     fn peers(
         &self,
         policy_ns: &str,
         peers: Option<&Vec<NetworkPolicyPeer>>,
         problems: &mut Vec<String>,
         what: &str,
-    ) -> Peers<'a> {
-        let Some(peers) = peers.filter(|p| !p.is_empty()) else {
-            return Peers {
-                prefixes: anywhere().iter().map(|a| (*a, Vec::new())).collect(),
-                pods: self.pods.iter().collect(),
+    ) -> Selected<'a> {
+        let Some(list) = peers.filter(|p| !p.is_empty()) else {
+            return Selected {
+                peers: None,
+                pods: self.all_pods().collect(),
             };
         };
-        let mut out = Peers {
-            prefixes: Vec::new(),
-            pods: Vec::new(),
-        };
-        for (i, peer) in peers.iter().enumerate() {
+        let mut nets = Vec::new();
+        let mut pods = Vec::new();
+        for (i, peer) in list.iter().enumerate() {
             if let Some(block) = &peer.ip_block {
                 let cidr: Result<IpNet, _> = block.cidr.parse();
                 let excepts: Result<Vec<IpNet>, _> =
                     block.except.iter().flatten().map(|e| e.parse()).collect();
                 match (cidr, excepts) {
                     (Ok(cidr), Ok(excepts)) => {
-                        out.pods.extend(self.pods.iter().filter(|p| {
-                            p.ips.iter().any(|ip| {
-                                cidr.contains(ip) && !excepts.iter().any(|e| e.contains(ip))
-                            })
+                        let allowed = prefix::subtract(cidr.trunc(), &excepts);
+                        pods.extend(self.all_pods().filter(|p| {
+                            p.ips
+                                .iter()
+                                .any(|ip| allowed.iter().any(|n| n.contains(ip)))
                         }));
-                        out.prefixes.push((cidr, excepts));
+                        nets.extend(allowed);
                     }
                     _ => problems.push(format!(
                         "{what} peer {i}: ipBlock {:?} is not a valid CIDR list",
@@ -177,133 +255,162 @@ impl<'a> Ctx<'a> {
                 }
                 continue;
             }
-            let selected = self.pods.iter().filter(|p| {
-                let ns_ok = match &peer.namespace_selector {
-                    Some(sel) => self
-                        .namespaces
-                        .get(p.namespace.as_str())
-                        .is_some_and(|ns| selector::matches(sel, &ns.labels)),
-                    None => p.namespace == policy_ns,
-                };
-                ns_ok
-                    && peer
-                        .pod_selector
-                        .as_ref()
-                        .is_none_or(|sel| selector::matches(sel, &p.labels))
-            });
-            for pod in selected {
-                out.prefixes
-                    .extend(pod.ips.iter().map(|ip| (host_prefix(*ip), Vec::new())));
-                out.pods.push(pod);
+            let candidates: Vec<&'a PodInfo> = match &peer.namespace_selector {
+                Some(sel) => self
+                    .namespaces
+                    .iter()
+                    .filter(|(_, ns)| selector::matches(sel, &ns.labels))
+                    .flat_map(|(name, _)| self.pods_by_namespace.get(name).into_iter().flatten())
+                    .copied()
+                    .collect(),
+                None => self
+                    .pods_by_namespace
+                    .get(policy_ns)
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            for pod in candidates {
+                if peer
+                    .pod_selector
+                    .as_ref()
+                    .is_none_or(|sel| selector::matches(sel, &pod.labels))
+                {
+                    nets.extend(pod.ips.iter().map(|ip| IpNet::from(*ip)));
+                    pods.push(pod);
+                }
             }
         }
-        out
+        Selected {
+            peers: Some(Peers {
+                id: format!(
+                    "{policy_ns}:{}",
+                    serde_json::to_string(list).unwrap_or_default()
+                ),
+                nets: prefix::union(nets),
+            }),
+            pods,
+        }
     }
-}
 
-impl<'a> Ctx<'a> {
-    /// The allow entries of one rule of a policy selecting `local`. A named
-    /// port resolves against the destination: `local` for ingress, each
-    /// peer pod for egress.
-    fn rule_allows(
+    /// One rule of a policy selecting `locals` (the node's pods it selects).
+    /// A named port resolves against the destination: each local pod for
+    /// ingress, each peer pod for egress.
+    fn rule(
         &self,
-        local: &PodInfo,
+        locals: &[&PodInfo],
         rule: RuleRef,
         peers: Option<&Vec<NetworkPolicyPeer>>,
         ports: Option<&Vec<NetworkPolicyPort>>,
         problems: &mut Vec<String>,
-    ) -> Vec<Allow> {
+    ) -> Rule {
         let what = format!(
             "{}/{}: {:?} rule {}",
             rule.namespace, rule.policy, rule.direction, rule.index
         );
-        let peers = self.peers(&rule.namespace, peers, problems, &what);
-        let mut allows = Vec::new();
-        for (protocol, spec) in port_entries(ports, problems, &what) {
-            let entry = |peer: IpNet, except: Vec<IpNet>, ports| Allow {
-                peer,
-                except,
-                protocol,
-                ports,
-                rule: rule.clone(),
+        let selected = self.peers(&rule.namespace, peers, problems, &what);
+        let Some(entries) = port_entries(ports, problems, &what) else {
+            return Rule {
+                rule,
+                peers: selected.peers,
+                ports: None,
+                named: None,
             };
-            match (&spec, rule.direction) {
-                (PortSpec::Named(n), Direction::Egress) => {
-                    for dst in &peers.pods {
-                        if let Some(p) = dst.named_port(n, protocol.unwrap_or(Protocol::Tcp)) {
-                            allows.extend(
-                                dst.ips
-                                    .iter()
-                                    .map(|ip| entry(host_prefix(*ip), Vec::new(), Some((p, p)))),
-                            );
-                        }
-                    }
-                }
-                _ => {
-                    let range = match &spec {
-                        PortSpec::Any => None,
-                        PortSpec::Range(lo, hi) => Some((*lo, *hi)),
-                        PortSpec::Named(n) => {
-                            match local.named_port(n, protocol.unwrap_or(Protocol::Tcp)) {
-                                Some(p) => Some((p, p)),
-                                None => continue,
-                            }
-                        }
-                    };
-                    allows.extend(
-                        peers
-                            .prefixes
-                            .iter()
-                            .map(|(peer, except)| entry(*peer, except.clone(), range)),
-                    );
-                }
+        };
+        let mut ranges = Vec::new();
+        let mut names = Vec::new();
+        for (protocol, spec) in entries {
+            match spec {
+                PortSpec::Any => ranges.push(PortRange {
+                    protocol,
+                    lo: 0,
+                    hi: u16::MAX,
+                }),
+                PortSpec::Range(lo, hi) => ranges.push(PortRange { protocol, lo, hi }),
+                PortSpec::Named(name) => names.push((protocol, name)),
             }
         }
-        allows
+        let named = (!names.is_empty()).then(|| {
+            let destinations: &[&PodInfo] = match rule.direction {
+                Direction::Ingress => locals,
+                Direction::Egress => &selected.pods,
+            };
+            let mut targets: Vec<NamedTarget> = destinations
+                .iter()
+                .flat_map(|pod| {
+                    names.iter().filter_map(move |(protocol, name)| {
+                        let port = pod.named_port(name, *protocol)?;
+                        Some(pod.ips.iter().map(move |address| NamedTarget {
+                            address: *address,
+                            protocol: *protocol,
+                            port,
+                        }))
+                    })
+                })
+                .flatten()
+                .collect();
+            targets.sort();
+            targets.dedup();
+            targets
+        });
+        ranges.sort();
+        ranges.dedup();
+        Rule {
+            rule,
+            peers: selected.peers,
+            ports: Some(ranges),
+            named,
+        }
     }
 }
 
-/// A rule's ports as (protocol, port spec); no ports means every protocol
-/// and port. Named ports stay names: they resolve per destination pod.
+/// A rule's ports as (protocol, port spec); `None`: no ports, meaning every
+/// protocol and port. Named ports stay names: they resolve per destination
+/// pod. An unusable entry is reported and left out (it allows nothing).
 fn port_entries(
     ports: Option<&Vec<NetworkPolicyPort>>,
     problems: &mut Vec<String>,
     what: &str,
-) -> Vec<(Option<Protocol>, PortSpec)> {
-    let Some(ports) = ports.filter(|p| !p.is_empty()) else {
-        return vec![(None, PortSpec::Any)];
-    };
-    ports
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| {
-            let protocol = match Protocol::parse(p.protocol.as_deref()) {
-                Ok(proto) => proto,
-                Err(e) => {
-                    problems.push(format!("{what} port {i}: {e}"));
-                    return None;
-                }
-            };
-            let spec = match &p.port {
-                None => PortSpec::Any,
-                Some(IntOrString::Int(n)) => {
-                    match (u16::try_from(*n), p.end_port.map(u16::try_from).transpose()) {
-                        (Ok(lo), Ok(hi)) => PortSpec::Range(lo, hi.unwrap_or(lo).max(lo)),
-                        _ => {
-                            problems.push(format!("{what} port {i}: {n} is not a port number"));
-                            return None;
+) -> Option<Vec<(Protocol, PortSpec)>> {
+    let ports = ports.filter(|p| !p.is_empty())?;
+    Some(
+        ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let protocol = match Protocol::parse(p.protocol.as_deref()) {
+                    Ok(proto) => proto,
+                    Err(e) => {
+                        problems.push(format!("{what} port {i}: {e}"));
+                        return None;
+                    }
+                };
+                let spec = match &p.port {
+                    None => PortSpec::Any,
+                    Some(IntOrString::Int(n)) => {
+                        match (u16::try_from(*n), p.end_port.map(u16::try_from).transpose()) {
+                            (Ok(lo), Ok(hi)) => PortSpec::Range(lo, hi.unwrap_or(lo).max(lo)),
+                            _ => {
+                                problems.push(format!("{what} port {i}: {n} is not a port number"));
+                                return None;
+                            }
                         }
                     }
-                }
-                Some(IntOrString::String(name)) => match name.parse::<u16>() {
-                    Ok(n) => PortSpec::Range(n, n),
-                    Err(_) => PortSpec::Named(name.clone()),
-                },
-            };
-            Some((Some(protocol), spec))
-        })
-        .collect()
+                    Some(IntOrString::String(name)) => match name.parse::<u16>() {
+                        Ok(n) => PortSpec::Range(n, n),
+                        Err(_) => PortSpec::Named(name.clone()),
+                    },
+                };
+                Some((protocol, spec))
+            })
+            .collect(),
+    )
 }
+
+/// A rule as written: its peers (`from` or `to`) and its ports.
+type RuleSpec<'p> = (
+    Option<&'p Vec<NetworkPolicyPeer>>,
+    Option<&'p Vec<NetworkPolicyPort>>,
+);
 
 #[derive(Debug, Clone)]
 enum PortSpec {
@@ -319,83 +426,108 @@ pub fn compile(
     pods: &[PodInfo],
     namespaces: &[NamespaceInfo],
 ) -> Program {
+    let mut pods_by_namespace: BTreeMap<&str, Vec<&PodInfo>> = BTreeMap::new();
+    for pod in pods {
+        pods_by_namespace
+            .entry(pod.namespace.as_str())
+            .or_default()
+            .push(pod);
+    }
     let ctx = Ctx {
-        pods,
+        pods_by_namespace,
         namespaces: namespaces.iter().map(|n| (n.name.as_str(), n)).collect(),
     };
     let mut program = Program::default();
+    let locals: Vec<&PodInfo> = pods
+        .iter()
+        .filter(|p| p.node == node && !p.ips.is_empty())
+        .collect();
+    let mut gates: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
     for policy in policies {
-        if let Some(sel) = policy.spec.as_ref().and_then(|s| s.pod_selector.as_ref()) {
+        let (Some(spec), Some(ns)) = (policy.spec.as_ref(), policy.metadata.namespace.as_deref())
+        else {
+            continue;
+        };
+        let key = policy_key(policy);
+        if let Some(sel) = spec.pod_selector.as_ref() {
             if let Err(e) = selector::check(sel) {
-                program
-                    .problems
-                    .push(format!("{}: podSelector: {e}", policy_key(policy)));
+                program.problems.push(format!("{key}: podSelector: {e}"));
             }
         }
-    }
-    for pod in pods.iter().filter(|p| p.node == node && !p.ips.is_empty()) {
-        let mut ingress: Option<(Vec<String>, Vec<Allow>)> = None;
-        let mut egress: Option<(Vec<String>, Vec<Allow>)> = None;
-        for policy in policies {
-            let (Some(spec), Some(ns)) =
-                (policy.spec.as_ref(), policy.metadata.namespace.as_deref())
-            else {
-                continue;
-            };
-            // An absent podSelector, like `{}`, selects every pod of the namespace.
-            let selects = spec
-                .pod_selector
-                .as_ref()
-                .is_none_or(|sel| selector::matches(sel, &pod.labels));
-            if ns != pod.namespace || !selects {
-                continue;
-            }
-            let (isolates_in, isolates_out) = policy_types(policy);
-            let rules_in = spec
-                .ingress
-                .iter()
-                .flatten()
-                .map(|r| (r.from.as_ref(), r.ports.as_ref()));
-            let rules_out = spec
-                .egress
-                .iter()
-                .flatten()
-                .map(|r| (r.to.as_ref(), r.ports.as_ref()));
-            let directions: [(bool, Direction, &mut Option<_>, Vec<_>); 2] = [
-                (
-                    isolates_in,
-                    Direction::Ingress,
-                    &mut ingress,
-                    rules_in.collect(),
-                ),
-                (
-                    isolates_out,
-                    Direction::Egress,
-                    &mut egress,
-                    rules_out.collect(),
-                ),
-            ];
-            for (isolates, direction, gate, rules) in directions {
-                if !isolates {
-                    continue;
-                }
-                let (by, allows) = gate.get_or_insert_with(Default::default);
-                by.push(policy_key(policy));
-                for (index, (peers, ports)) in rules.into_iter().enumerate() {
+        // An absent podSelector, like `{}`, selects every pod of the namespace.
+        let selected: Vec<&PodInfo> = locals
+            .iter()
+            .copied()
+            .filter(|p| {
+                p.namespace == ns
+                    && spec
+                        .pod_selector
+                        .as_ref()
+                        .is_none_or(|sel| selector::matches(sel, &p.labels))
+            })
+            .collect();
+        if selected.is_empty() {
+            continue;
+        }
+        let (isolates_in, isolates_out) = policy_types(policy);
+        let name = policy.metadata.name.clone().unwrap_or_default();
+        let mut rules = |direction, list: Vec<RuleSpec>| {
+            list.into_iter()
+                .enumerate()
+                .map(|(index, (peers, ports))| {
                     let rule = RuleRef {
                         namespace: ns.into(),
-                        policy: policy.metadata.name.clone().unwrap_or_default(),
+                        policy: name.clone(),
                         direction,
                         index,
                     };
-                    allows.extend(ctx.rule_allows(pod, rule, peers, ports, &mut program.problems));
-                }
+                    ctx.rule(&selected, rule, peers, ports, &mut program.problems)
+                })
+                .collect::<Vec<Rule>>()
+        };
+        let compiled = PolicyProgram {
+            ingress: isolates_in.then(|| {
+                rules(
+                    Direction::Ingress,
+                    spec.ingress
+                        .iter()
+                        .flatten()
+                        .map(|r| (r.from.as_ref(), r.ports.as_ref()))
+                        .collect(),
+                )
+            }),
+            egress: isolates_out.then(|| {
+                rules(
+                    Direction::Egress,
+                    spec.egress
+                        .iter()
+                        .flatten()
+                        .map(|r| (r.to.as_ref(), r.ports.as_ref()))
+                        .collect(),
+                )
+            }),
+        };
+        for pod in &selected {
+            let (ingress, egress) = gates.entry(pod.key()).or_default();
+            if isolates_in {
+                ingress.push(key.clone());
+            }
+            if isolates_out {
+                egress.push(key.clone());
             }
         }
-        let gate = |g: Option<(Vec<String>, Vec<Allow>)>| match g {
-            None => Gate::Open,
-            Some((by, allows)) => Gate::Isolated { by, allows },
-        };
+        program.policies.insert(key, compiled);
+    }
+    let gate = |mut by: Vec<String>| {
+        if by.is_empty() {
+            return Gate::Open;
+        }
+        by.sort();
+        by.dedup();
+        Gate::Isolated { by }
+    };
+    for pod in locals {
+        let (ingress, egress) = gates.remove(&pod.key()).unwrap_or_default();
         let index = program.pods.len();
         for ip in &pod.ips {
             program.by_ip.insert(*ip, index);

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::compile::{Gate, Program, RuleRef};
+use crate::compile::{Direction, Gate, Program, RuleRef};
 use crate::model::Protocol;
 
 /// One direction's outcome.
@@ -42,16 +42,29 @@ impl Decision {
     }
 }
 
-fn step(gate: Option<&Gate>, peer: IpAddr, protocol: Protocol, port: u16) -> Step {
+/// One direction at one node: `local` is the pod the program enforces for,
+/// `peer` the other end, `destination` the address connected to.
+fn step(
+    program: &Program,
+    direction: Direction,
+    local: IpAddr,
+    peer: IpAddr,
+    destination: IpAddr,
+    protocol: Protocol,
+    port: u16,
+) -> Step {
+    let gate = match direction {
+        Direction::Ingress => program.pod(local).map(|p| &p.ingress),
+        Direction::Egress => program.pod(local).map(|p| &p.egress),
+    };
     match gate {
         None => Step::NotLocal,
         Some(Gate::Open) => Step::Open,
-        Some(Gate::Isolated { by, allows }) => allows
-            .iter()
-            .find(|a| a.matches(peer, protocol, port))
+        Some(Gate::Isolated { by }) => program
+            .allowing(by, direction, peer, destination, protocol, port)
             .map_or_else(
                 || Step::Denied(by.clone()),
-                |a| Step::Allowed(a.rule.clone()),
+                |r| Step::Allowed(r.rule.clone()),
             ),
     }
 }
@@ -67,10 +80,21 @@ pub fn decide(
     port: u16,
 ) -> Decision {
     Decision {
-        egress: step(source_node.pod(src).map(|p| &p.egress), dst, protocol, port),
-        ingress: step(
-            destination_node.pod(dst).map(|p| &p.ingress),
+        egress: step(
+            source_node,
+            Direction::Egress,
             src,
+            dst,
+            dst,
+            protocol,
+            port,
+        ),
+        ingress: step(
+            destination_node,
+            Direction::Ingress,
+            dst,
+            src,
+            dst,
             protocol,
             port,
         ),

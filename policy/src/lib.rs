@@ -12,9 +12,14 @@ pub mod case;
 pub mod compile;
 pub mod eval;
 pub mod model;
+pub mod nft;
+pub mod prefix;
 pub mod render;
 pub mod selector;
 
-pub use compile::{compile, Allow, Direction, Gate, PodProgram, Program, RuleRef};
+pub use compile::{
+    compile, Direction, Gate, NamedTarget, Peers, PodProgram, PolicyProgram, PortRange, Program,
+    Rule, RuleRef,
+};
 pub use eval::{decide, Decision, Step};
 pub use model::{NamedPort, NamespaceInfo, PodInfo, Protocol};

@@ -1,170 +1,533 @@
-//! A compiled [`Program`] as an nftables ruleset (libnftables JSON), applied
-//! in one transaction.
+//! A compiled [`Program`] as the nftables objects that enforce it (pure):
+//! what [`crate::nft`] creates, or changes by difference.
 //!
 //! ```text
 //! table inet weft_policy
-//!   chain forward    hook forward; ct state established,related accept
-//!                    ip saddr vmap @egress4 ; ip6 saddr vmap @egress6
-//!                    ip daddr vmap @ingress4; ip6 daddr vmap @ingress6
-//!   map egress4      local pod address : jump e<n>   (isolated pods only)
-//!   chain e<n>       <allow entries> return ; counter drop
-//!   chain i<n>       <allow entries> accept ; counter drop
+//!   chain egress   hook forward prio 0;  ct established,related accept
+//!                  ip saddr vmap @egress4 ; ip6 saddr vmap @egress6
+//!   chain ingress  hook forward prio 10; ct established,related accept
+//!                  ip daddr vmap @ingress4; ip6 daddr vmap @ingress6
+//!   map ingress4   local pod address : jump gi-<policies>   (isolated pods)
+//!   chain gi-<h>   jump pi-<policy> ...; counter di-<h>; [limit; log]; drop
+//!   chain pi-<h>   per rule: ip saddr @a-<peers>-4 meta l4proto . th dport @t-<ports> accept
+//!   set a-<h>-4    peer prefixes of one selector (interval)
+//!   set t-<h>      protocol . port ranges (interval)
+//!   set n-<h>-4    destination address . protocol . port (named ports)
 //! ```
 //!
-//! A packet reaches at most one pod chain per direction through a map
-//! lookup, so the number of policies and pods does not lengthen the path of
-//! anyone else's packets. Egress chains `return` on a match so the
-//! destination's ingress check still runs (`accept` would end the hook).
-//! Traffic from the node itself to its pods does not cross `forward`, so
-//! kubelet probes pass, as upstream expects.
+//! A packet takes one map lookup per direction to the chain of the set of
+//! policies isolating its pod, then a few set lookups per rule of those
+//! policies: the cluster's other policies and pods never lengthen its path.
+//! Pods sharing the same isolating policies share one group chain, so a pod
+//! added, deleted or relabelled changes map and set elements only; a policy
+//! changed rewrites its own chain (and its sets if its selectors changed).
+//! An `accept` in the egress chain ends that base chain only, so the
+//! destination's ingress chain, at a later priority, still runs. Traffic
+//! from the node to its pods does not cross `forward`: kubelet probes pass,
+//! as upstream expects.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde_json::{json, Value};
 
-use crate::compile::{Allow, Gate, Program};
+use crate::compile::{Direction, Gate, NamedTarget, PortRange, Program, Rule};
 use crate::model::Protocol;
 
 pub const TABLE: &str = "weft_policy";
 
-fn payload(family_v4: bool, field: &str) -> Value {
-    json!({"payload": {"protocol": if family_v4 { "ip" } else { "ip6" }, "field": field}})
+/// How drops are reported besides their counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Log dropped packets through the kernel log, at most this many per
+    /// second per group of isolating policies; `None`: no logging.
+    pub log_per_second: Option<u32>,
 }
 
-fn prefix(net: &IpNet) -> Value {
-    json!({"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}})
+/// What a set holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SetKind {
+    Peers { v4: bool },
+    Ports,
+    Named { v4: bool },
 }
 
-/// One allow entry as a rule body; `peer_field` is `saddr` for ingress
-/// (the peer is the source) and `daddr` for egress.
-fn allow_rule(allow: &Allow, peer_field: &str, verdict: &str) -> Value {
-    let v4 = allow.peer.addr().is_ipv4();
-    let mut expr = vec![
-        json!({"match": {"op": "==", "left": payload(v4, peer_field), "right": prefix(&allow.peer)}}),
+/// One set element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Element {
+    Net(IpNet),
+    Ports(PortRange),
+    Named(NamedTarget),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub kind: SetKind,
+    pub elements: BTreeSet<Element>,
+}
+
+/// The drop counter of a group chain: which direction, which policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropCounter {
+    pub direction: Direction,
+    pub policies: Vec<String>,
+}
+
+/// A verdict map: the four of them send local pod addresses to groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MapName {
+    pub direction: Direction,
+    pub v4: bool,
+}
+
+impl MapName {
+    pub const ALL: [MapName; 4] = [
+        MapName::new(Direction::Egress, true),
+        MapName::new(Direction::Egress, false),
+        MapName::new(Direction::Ingress, true),
+        MapName::new(Direction::Ingress, false),
     ];
-    if !allow.except.is_empty() {
-        let set: Vec<Value> = allow.except.iter().map(prefix).collect();
-        expr.push(
-            json!({"match": {"op": "!=", "left": payload(v4, peer_field), "right": {"set": set}}}),
-        );
+
+    const fn new(direction: Direction, v4: bool) -> Self {
+        Self { direction, v4 }
     }
-    if let Some(protocol) = allow.protocol {
-        let name = match protocol {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
+
+    pub fn name(&self) -> String {
+        let d = match self.direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
         };
-        expr.push(
-            json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": name}}),
-        );
-        if let Some((lo, hi)) = allow.ports {
-            let right = if lo == hi {
-                json!(lo)
-            } else {
-                json!({"range": [lo, hi]})
-            };
-            expr.push(json!({"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": right}}));
-        }
+        format!("{d}{}", if self.v4 { 4 } else { 6 })
     }
-    expr.push(json!({verdict: null}));
-    Value::Array(expr)
 }
 
-/// The ruleset replacing the table atomically: creating then deleting the
-/// table in the same transaction clears whatever was there.
-pub fn render(program: &Program) -> Value {
-    let mut cmds = vec![
-        json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
-        json!({"delete": {"table": {"family": "inet", "name": TABLE}}}),
-        json!({"add": {"table": {"family": "inet", "name": TABLE}}}),
-        json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "forward", "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}}),
-    ];
-    let rule = |chain: &str, expr: Value| json!({"add": {"rule": {"family": "inet", "table": TABLE, "chain": chain, "expr": expr}}});
-    let mut maps: [(&str, bool, &str, Vec<Value>); 4] = [
-        ("egress4", true, "saddr", Vec::new()),
-        ("egress6", false, "saddr", Vec::new()),
-        ("ingress4", true, "daddr", Vec::new()),
-        ("ingress6", false, "daddr", Vec::new()),
-    ];
-    let mut chains = Vec::new();
-    for (n, pod) in program.pods.iter().enumerate() {
-        for (gate, chain, peer_field, verdict, maps_at) in [
-            (&pod.egress, format!("e{n}"), "daddr", "return", 0),
-            (&pod.ingress, format!("i{n}"), "saddr", "accept", 2),
-        ] {
-            let Gate::Isolated { allows, .. } = gate else {
+/// Everything in the table but its fixed skeleton (base chains, maps).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    /// Regular chains with their rules (`{"expr": [...], "comment": ...}`).
+    pub chains: BTreeMap<String, Vec<Value>>,
+    pub sets: BTreeMap<String, Set>,
+    pub maps: BTreeMap<MapName, BTreeMap<IpAddr, String>>,
+    pub counters: BTreeMap<String, DropCounter>,
+}
+
+impl Ruleset {
+    /// Number of set and map elements.
+    pub fn elements(&self) -> usize {
+        self.sets.values().map(|s| s.elements.len()).sum::<usize>()
+            + self.maps.values().map(BTreeMap::len).sum::<usize>()
+    }
+
+    pub fn rules(&self) -> usize {
+        self.chains.values().map(Vec::len).sum()
+    }
+}
+
+/// A short stable name part for `value` (names stay well under
+/// nftables' limits whatever the policy names are).
+fn digest(value: &impl Hash) -> String {
+    let mut h = DefaultHasher::new();
+    value.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+fn letter(direction: Direction) -> char {
+    match direction {
+        Direction::Ingress => 'i',
+        Direction::Egress => 'e',
+    }
+}
+
+fn words(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    }
+}
+
+pub fn family(v4: bool) -> &'static str {
+    if v4 {
+        "ip"
+    } else {
+        "ip6"
+    }
+}
+
+fn payload(v4: bool, field: &str) -> Value {
+    json!({"payload": {"protocol": family(v4), "field": field}})
+}
+
+fn in_set(left: Value, set: &str) -> Value {
+    json!({"match": {"op": "==", "left": left, "right": format!("@{set}")}})
+}
+
+fn l4proto_dport() -> [Value; 2] {
+    [
+        json!({"meta": {"key": "l4proto"}}),
+        json!({"payload": {"protocol": "th", "field": "dport"}}),
+    ]
+}
+
+fn rule(expr: Vec<Value>, comment: &str) -> Value {
+    json!({"expr": expr, "comment": comment})
+}
+
+pub fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+/// The port test of a rule: none, numeric ports, or named ports.
+enum PortTest {
+    Any,
+    Numeric(String),
+    Named(String),
+}
+
+struct Builder {
+    out: Ruleset,
+}
+
+impl Builder {
+    fn set(&mut self, name: &str, kind: SetKind, elements: impl IntoIterator<Item = Element>) {
+        self.out
+            .sets
+            .entry(name.to_string())
+            .or_insert_with(|| Set {
+                kind,
+                elements: BTreeSet::new(),
+            })
+            .elements
+            .extend(elements);
+    }
+
+    /// The rules of one policy rule in a policy chain.
+    fn rule(&mut self, r: &Rule, direction: Direction) -> Vec<Value> {
+        let comment = format!(
+            "{}/{} {} rule {}",
+            r.rule.namespace,
+            r.rule.policy,
+            words(direction),
+            r.rule.index
+        );
+        let peer_field = match direction {
+            Direction::Ingress => "saddr",
+            Direction::Egress => "daddr",
+        };
+        let peer_sets = r.peers.as_ref().map(|peers| {
+            let base = format!("a-{}", digest(&peers.id));
+            for v4 in [true, false] {
+                let nets = peers.nets.iter().filter(|n| n.addr().is_ipv4() == v4);
+                self.set(
+                    &format!("{base}-{}", if v4 { 4 } else { 6 }),
+                    SetKind::Peers { v4 },
+                    nets.map(|n| Element::Net(*n)),
+                );
+            }
+            base
+        });
+        let mut tests = Vec::new();
+        match &r.ports {
+            None => tests.push(PortTest::Any),
+            Some(ranges) => {
+                if !ranges.is_empty() {
+                    let name = format!("t-{}", digest(ranges));
+                    self.set(
+                        &name,
+                        SetKind::Ports,
+                        ranges.iter().map(|p| Element::Ports(*p)),
+                    );
+                    tests.push(PortTest::Numeric(name));
+                }
+                if let Some(targets) = &r.named {
+                    let base = format!("n-{}", digest(&r.rule));
+                    for v4 in [true, false] {
+                        let here = targets.iter().filter(|t| t.address.is_ipv4() == v4);
+                        self.set(
+                            &format!("{base}-{}", if v4 { 4 } else { 6 }),
+                            SetKind::Named { v4 },
+                            here.map(|t| Element::Named(*t)),
+                        );
+                    }
+                    tests.push(PortTest::Named(base));
+                }
+            }
+        }
+        let mut rules = Vec::new();
+        for test in &tests {
+            // A rule needs one line per family when it tests an address.
+            let families: &[Option<bool>] = match (&peer_sets, test) {
+                (None, PortTest::Any | PortTest::Numeric(_)) => &[None],
+                _ => &[Some(true), Some(false)],
+            };
+            for v4 in families {
+                let mut expr = Vec::new();
+                if let (Some(base), Some(v4)) = (&peer_sets, v4) {
+                    let set = format!("{base}-{}", if *v4 { 4 } else { 6 });
+                    expr.push(in_set(payload(*v4, peer_field), &set));
+                }
+                match (test, v4) {
+                    (PortTest::Any, _) => {}
+                    (PortTest::Numeric(set), _) => {
+                        expr.push(in_set(json!({"concat": l4proto_dport()}), set));
+                    }
+                    (PortTest::Named(base), Some(v4)) => {
+                        let [proto, dport] = l4proto_dport();
+                        let set = format!("{base}-{}", if *v4 { 4 } else { 6 });
+                        expr.push(in_set(
+                            json!({"concat": [payload(*v4, "daddr"), proto, dport]}),
+                            &set,
+                        ));
+                    }
+                    (PortTest::Named(_), None) => unreachable!("named ports test per family"),
+                }
+                expr.push(json!({"accept": null}));
+                rules.push(rule(expr, &comment));
+            }
+        }
+        rules
+    }
+}
+
+/// The objects enforcing `program`.
+pub fn render(program: &Program, options: &Options) -> Ruleset {
+    let mut b = Builder {
+        out: Ruleset::default(),
+    };
+    for map in MapName::ALL {
+        b.out.maps.insert(map, BTreeMap::new());
+    }
+    for (key, policy) in &program.policies {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            let Some(rules) = policy.rules(direction) else {
                 continue;
             };
-            chains
-                .push(json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": chain}}}));
-            for allow in allows {
-                chains.push(rule(&chain, allow_rule(allow, peer_field, verdict)));
+            let chain = format!("p{}-{}", letter(direction), digest(key));
+            let body: Vec<Value> = rules.iter().flat_map(|r| b.rule(r, direction)).collect();
+            b.out.chains.insert(chain, body);
+        }
+    }
+    for pod in &program.pods {
+        for (direction, gate) in [
+            (Direction::Egress, &pod.egress),
+            (Direction::Ingress, &pod.ingress),
+        ] {
+            let Gate::Isolated { by } = gate else {
+                continue;
+            };
+            let group = digest(by);
+            let chain = format!("g{}-{group}", letter(direction));
+            if !b.out.chains.contains_key(&chain) {
+                let counter = format!("d{}-{group}", letter(direction));
+                b.out
+                    .chains
+                    .insert(chain.clone(), group_chain(direction, by, &counter, options));
+                b.out.counters.insert(
+                    counter,
+                    DropCounter {
+                        direction,
+                        policies: by.clone(),
+                    },
+                );
             }
-            chains.push(rule(&chain, json!([{"counter": null}, {"drop": null}])));
             for ip in &pod.ips {
-                let map = if ip.is_ipv4() { maps_at } else { maps_at + 1 };
-                maps[map]
-                    .3
-                    .push(json!([ip.to_string(), {"jump": {"target": chain}}]));
+                let map = MapName::new(direction, ip.is_ipv4());
+                b.out
+                    .maps
+                    .entry(map)
+                    .or_default()
+                    .insert(*ip, chain.clone());
             }
         }
     }
-    // Chains first: map elements jump to them.
-    cmds.extend(chains);
-    for (name, v4, _, elems) in &maps {
-        let mut map = json!({"family": "inet", "table": TABLE, "name": name, "type": if *v4 { "ipv4_addr" } else { "ipv6_addr" }, "map": "verdict"});
-        if !elems.is_empty() {
-            map["elem"] = Value::Array(elems.clone());
-        }
-        cmds.push(json!({"add": {"map": map}}));
-    }
-    cmds.push(rule("forward", json!([{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}, {"accept": null}])));
-    for (name, v4, field, _) in &maps {
-        cmds.push(rule(
-            "forward",
-            json!([{"vmap": {"key": payload(*v4, field), "data": format!("@{name}")}}]),
-        ));
-    }
-    json!({"nftables": cmds})
+    b.out
 }
 
-/// Applies a rendered ruleset with `nft -j -f -` in the calling process's
-/// network namespace (one transaction, never a command per rule).
-/// (The crate's typed schema has no verdict maps, so the JSON goes raw.)
-pub fn apply(ruleset: &Value) -> Result<(), String> {
-    nftables::helper::apply_ruleset_raw(
-        &ruleset.to_string(),
-        nftables::helper::DEFAULT_NFT,
-        nftables::helper::DEFAULT_ARGS,
-    )
-    .map(drop)
-    .map_err(|e| format!("applying the policy ruleset: {e}"))
+/// The chain of the pods isolated by the policies `by`: each policy's
+/// chain accepts what it allows; what none allows is counted and dropped.
+fn group_chain(
+    direction: Direction,
+    by: &[String],
+    counter: &str,
+    options: &Options,
+) -> Vec<Value> {
+    let mut rules: Vec<Value> = by
+        .iter()
+        .map(|key| {
+            let target = format!("p{}-{}", letter(direction), digest(key));
+            rule(vec![json!({"jump": {"target": target}})], key)
+        })
+        .collect();
+    let why = format!("{} isolated by {}", words(direction), by.join(", "));
+    if let Some(rate) = options.log_per_second {
+        // The kernel caps log prefixes at 127 bytes.
+        let mut prefix = format!("weft drop {why}: ");
+        if prefix.len() > 127 {
+            let mut end = 120;
+            while !prefix.is_char_boundary(end) {
+                end -= 1;
+            }
+            prefix.truncate(end);
+            prefix.push_str("...: ");
+        }
+        rules.push(rule(
+            vec![
+                json!({"limit": {"rate": rate, "per": "second", "burst": rate.max(1)}}),
+                json!({"log": {"prefix": prefix}}),
+            ],
+            &why,
+        ));
+    }
+    rules.push(rule(
+        vec![json!({"counter": counter}), json!({"drop": null})],
+        &why,
+    ));
+    rules
+}
+
+/// An element as libnftables JSON.
+pub fn element_json(element: &Element) -> Value {
+    let addr = |ip: &IpAddr| Value::String(ip.to_string());
+    match element {
+        Element::Net(net) if net.prefix_len() == net.max_prefix_len() => addr(&net.addr()),
+        Element::Net(net) => {
+            json!({"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}})
+        }
+        Element::Ports(p) => {
+            let port = if p.lo == p.hi {
+                json!(p.lo)
+            } else {
+                json!({"range": [p.lo, p.hi]})
+            };
+            json!({"concat": [protocol_name(p.protocol), port]})
+        }
+        Element::Named(t) => {
+            json!({"concat": [t.address.to_string(), protocol_name(t.protocol), t.port]})
+        }
+    }
+}
+
+/// A set's declaration (type and flags) as libnftables JSON, without elements.
+pub fn set_json(name: &str, kind: SetKind) -> Value {
+    let (typ, interval) = match kind {
+        SetKind::Peers { v4 } => (json!(if v4 { "ipv4_addr" } else { "ipv6_addr" }), true),
+        SetKind::Ports => (json!(["inet_proto", "inet_service"]), true),
+        SetKind::Named { v4 } => (
+            json!([
+                if v4 { "ipv4_addr" } else { "ipv6_addr" },
+                "inet_proto",
+                "inet_service"
+            ]),
+            false,
+        ),
+    };
+    let mut set = json!({"family": "inet", "table": TABLE, "name": name, "type": typ});
+    if interval {
+        set["flags"] = json!(["interval"]);
+    }
+    set
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::{Direction, RuleRef};
+    use crate::compile::{Peers, PolicyProgram, RuleRef};
 
-    #[test]
-    fn allow_entries_become_matches() {
-        let rule = RuleRef {
+    fn program_with(rule: Rule) -> Program {
+        let mut p = Program::default();
+        p.policies.insert(
+            "x/p".into(),
+            PolicyProgram {
+                ingress: Some(vec![rule]),
+                egress: None,
+            },
+        );
+        p
+    }
+
+    fn rule_ref() -> RuleRef {
+        RuleRef {
             namespace: "x".into(),
             policy: "p".into(),
             direction: Direction::Ingress,
             index: 0,
+        }
+    }
+
+    #[test]
+    fn a_rule_with_peers_and_ports_tests_both_per_family() {
+        let r = Rule {
+            rule: rule_ref(),
+            peers: Some(Peers {
+                id: "x:[]".into(),
+                nets: vec!["198.19.0.0/16".parse().unwrap()],
+            }),
+            ports: Some(vec![PortRange {
+                protocol: Protocol::Tcp,
+                lo: 80,
+                hi: 81,
+            }]),
+            named: None,
         };
-        let allow = Allow {
-            peer: "198.19.0.0/16".parse().unwrap(),
-            except: vec!["198.19.2.0/24".parse().unwrap()],
-            protocol: Some(Protocol::Tcp),
-            ports: Some((80, 81)),
-            rule,
+        let rs = render(&program_with(r), &Options::default());
+        let chain = &rs.chains[&format!("pi-{}", digest(&"x/p"))];
+        assert_eq!(chain.len(), 2, "{chain:?}");
+        let expr = &chain[0]["expr"];
+        assert_eq!(expr[0]["match"]["left"]["payload"]["field"], "saddr");
+        assert!(expr[1]["match"]["right"]
+            .as_str()
+            .unwrap()
+            .starts_with("@t-"));
+        assert_eq!(chain[0]["comment"], "x/p ingress rule 0");
+        let peers4 = rs
+            .sets
+            .values()
+            .find(|s| s.kind == SetKind::Peers { v4: true })
+            .unwrap();
+        assert_eq!(peers4.elements.len(), 1);
+        let ports = rs.sets.values().find(|s| s.kind == SetKind::Ports).unwrap();
+        assert_eq!(
+            element_json(ports.elements.iter().next().unwrap()),
+            json!({"concat": ["tcp", {"range": [80, 81]}]})
+        );
+    }
+
+    #[test]
+    fn an_empty_rule_accepts_everything_in_one_line() {
+        let r = Rule {
+            rule: rule_ref(),
+            peers: None,
+            ports: None,
+            named: None,
         };
-        let r = allow_rule(&allow, "saddr", "accept");
-        assert_eq!(r[0]["match"]["right"]["prefix"]["len"], 16);
-        assert_eq!(r[1]["match"]["op"], "!=");
-        assert_eq!(r[2]["match"]["right"], "tcp");
-        assert_eq!(r[3]["match"]["right"]["range"], json!([80, 81]));
-        assert!(r[4].get("accept").is_some());
+        let rs = render(&program_with(r), &Options::default());
+        let chain = rs.chains.values().next().unwrap();
+        assert_eq!(
+            chain,
+            &vec![rule(vec![json!({"accept": null})], "x/p ingress rule 0")]
+        );
+        assert!(rs.sets.is_empty());
+    }
+
+    #[test]
+    fn drop_logging_is_rate_limited_and_prefix_bounded() {
+        let by = vec!["x/".to_string() + &"long".repeat(60)];
+        let rules = group_chain(
+            Direction::Ingress,
+            &by,
+            "di-0",
+            &Options {
+                log_per_second: Some(5),
+            },
+        );
+        let log = &rules[1]["expr"];
+        assert_eq!(log[0]["limit"]["rate"], 5);
+        assert!(log[1]["log"]["prefix"].as_str().unwrap().len() <= 127);
+        assert_eq!(rules[2]["expr"][0]["counter"], "di-0");
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::json;
-use weft_policy::{compile, render, NamedPort, NamespaceInfo, PodInfo, Protocol};
+use weft_policy::{compile, nft, render, NamedPort, NamespaceInfo, PodInfo, Protocol};
 
 const NODE: &str = "polt-node";
 
@@ -208,7 +208,7 @@ fn a_rendered_program_enforces_with_real_connections() {
                  "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": "http"}]}]}
     }))
     .unwrap();
-    let pods = [pod("x", "a", 2), pod("x", "b", 3), pod("y", "c", 4)];
+    let pods = vec![pod("x", "a", 2), pod("x", "b", 3), pod("y", "c", 4)];
     let namespaces = [
         NamespaceInfo {
             name: "x".into(),
@@ -219,17 +219,15 @@ fn a_rendered_program_enforces_with_real_connections() {
             labels: BTreeMap::new(),
         },
     ];
-    let program = compile("n", &[policy], &pods, &namespaces);
-    let ruleset = render::render(&program);
-    let node = File::open(format!("/run/netns/{NODE}")).unwrap();
-    // `nft` runs in the namespace of the thread that starts it.
-    let applied = std::thread::spawn(move || {
-        nix::sched::setns(&node, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        render::apply(&ruleset)
-    })
-    .join()
-    .unwrap();
-    assert!(applied.is_ok(), "{applied:?}");
+    let ruleset = |policy: &NetworkPolicy, pods: &[PodInfo]| {
+        render::render(
+            &compile("n", std::slice::from_ref(policy), pods, &namespaces),
+            &render::Options::default(),
+        )
+    };
+    let first = ruleset(&policy, &pods);
+    let (transaction, _) = nft::full(&first);
+    in_node(move || nft::apply(&transaction)).unwrap();
 
     assert!(connects("b", "198.19.9.2", 80), "b -> a:80 is allowed");
     assert!(!connects("b", "198.19.9.2", 81), "b -> a:81 is not");
@@ -239,22 +237,80 @@ fn a_rendered_program_enforces_with_real_connections() {
         connects("a", "198.19.9.3", 80),
         "a's egress is not isolated; replies flow"
     );
-    let listed = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            NODE,
-            "nft",
-            "list",
-            "table",
-            "inet",
-            render::TABLE,
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&listed.stdout);
+    let drops: u64 = in_node(nft::counters).unwrap().values().sum();
+    assert!(drops > 0, "denied SYNs were not counted");
+
+    // b is relabelled pod=z: only set elements change.
+    let mut relabelled = pods.clone();
+    relabelled[1].labels.insert("pod".into(), "z".into());
+    let second = ruleset(&policy, &relabelled);
+    let (transaction, changes) = nft::diff(&first, &second).expect("a change");
+    assert_eq!((changes.chains, changes.sets), (0, 0), "{changes:?}");
+    assert_eq!(changes.elements_removed, 1, "{changes:?}");
+    in_node(move || nft::apply(&transaction)).unwrap();
+    assert!(!connects("b", "198.19.9.2", 80), "b, now pod=z, -> a:80");
+
+    // Relabelled back, the policy moves to port 81: its chain changes
+    // and the sets of its rule, nothing else.
+    let second = ruleset(&policy, &pods);
+    let (transaction, _) = nft::diff(&ruleset(&policy, &relabelled), &second).expect("a change");
+    in_node(move || nft::apply(&transaction)).unwrap();
+    let relabelled = pods.clone();
+    // The policy moves to port 81: its chain changes, nothing else's.
+    let mut moved = policy.clone();
+    moved.spec.as_mut().unwrap().ingress.as_mut().unwrap()[0].ports =
+        serde_json::from_value(json!([{"port": 81}])).unwrap();
+    let third = ruleset(&moved, &relabelled);
+    let (transaction, changes) = nft::diff(&second, &third).expect("a change");
+    assert_eq!(changes.chains, 1, "{changes:?}");
+    in_node(move || nft::apply(&transaction)).unwrap();
+    assert!(connects("b", "198.19.9.2", 81), "b -> a:81 now");
+    assert!(!connects("c", "198.19.9.2", 81), "c -> a:81 still not");
+    assert!(!connects("b", "198.19.9.2", 80), "b -> a:80 no more");
     assert!(
-        text.contains("counter packets") && !text.contains("counter packets 0 bytes 0"),
-        "denied SYNs were not counted:\n{text}"
+        nft::diff(&third, &third).is_none(),
+        "no change, no transaction"
     );
+
+    // What the differences built is what one full apply builds.
+    let listing = || {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                NODE,
+                "nft",
+                "list",
+                "table",
+                "inet",
+                render::TABLE,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Objects list in creation order; their contents must agree.
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.contains("packets"))
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    };
+    let by_difference = listing();
+    let (transaction, _) = nft::full(&third);
+    in_node(move || nft::apply(&transaction)).unwrap();
+    assert_eq!(by_difference, listing());
+}
+
+/// Runs `f` on a thread inside the node namespace (`nft` runs in the
+/// namespace of the thread that starts it).
+fn in_node<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let node = File::open(format!("/run/netns/{NODE}")).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::setns(&node, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
 }
