@@ -9,8 +9,10 @@
 //! to address and port sets — so a pod change moves set elements and a
 //! policy change touches that policy's rules.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::rc::Rc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
@@ -39,12 +41,24 @@ pub struct RuleRef {
 
 /// The addresses a rule allows as peers, with the identity of the selector
 /// they came from (policy namespace and peer list), so rules selecting the
-/// same peers share one kernel set.
+/// same peers share kernel sets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Peers {
     pub id: String,
-    /// Disjoint prefixes (ipBlock excepts already carved out).
-    pub nets: Vec<IpNet>,
+    /// Addresses of the pods the selectors pick; `None`: no selector peer.
+    /// (Kept apart from `blocks`: pods come and go, and plain address sets
+    /// take element changes cheaply where interval sets do not.)
+    pub hosts: Option<Vec<IpAddr>>,
+    /// ipBlocks as disjoint prefixes (excepts carved out); `None`: no
+    /// ipBlock peer.
+    pub blocks: Option<Vec<IpNet>>,
+}
+
+impl Peers {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.hosts.iter().flatten().any(|h| *h == ip)
+            || self.blocks.iter().flatten().any(|n| n.contains(&ip))
+    }
 }
 
 /// A protocol and an inclusive port range.
@@ -93,10 +107,7 @@ impl Rule {
         protocol: Protocol,
         port: u16,
     ) -> bool {
-        let peer_ok = self
-            .peers
-            .as_ref()
-            .is_none_or(|p| p.nets.iter().any(|n| n.contains(&peer)));
+        let peer_ok = self.peers.as_ref().is_none_or(|p| p.contains(peer));
         let port_ok = match &self.ports {
             None => true,
             Some(ranges) => {
@@ -201,16 +212,19 @@ fn policy_types(policy: &NetworkPolicy) -> (bool, bool) {
     }
 }
 
-struct Ctx<'a> {
-    pods_by_namespace: BTreeMap<&'a str, Vec<&'a PodInfo>>,
-    namespaces: BTreeMap<&'a str, &'a NamespaceInfo>,
-}
-
-/// What a peer list selects: prefixes, and the pods among them (for named
-/// ports, which resolve per destination pod).
+/// What a peer list selects: addresses, and the pods among them (for named
+/// ports, which resolve per destination pod), with the problems found.
 struct Selected<'a> {
     peers: Option<Peers>,
     pods: Vec<&'a PodInfo>,
+    problems: Vec<String>,
+}
+
+struct Ctx<'a> {
+    pods_by_namespace: BTreeMap<&'a str, Vec<&'a PodInfo>>,
+    namespaces: BTreeMap<&'a str, &'a NamespaceInfo>,
+    /// Peer lists already resolved, by identity: many rules share one.
+    selected: RefCell<HashMap<String, Rc<Selected<'a>>>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -224,17 +238,51 @@ impl<'a> Ctx<'a> {
         peers: Option<&Vec<NetworkPolicyPeer>>,
         problems: &mut Vec<String>,
         what: &str,
-    ) -> Selected<'a> {
-        let Some(list) = peers.filter(|p| !p.is_empty()) else {
-            return Selected {
-                peers: None,
-                pods: self.all_pods().collect(),
-            };
+    ) -> Rc<Selected<'a>> {
+        let list = peers.filter(|p| !p.is_empty());
+        // The policy's namespace is part of what the peers are only when a
+        // peer selects pods without a namespaceSelector.
+        let scope = if list
+            .iter()
+            .flat_map(|l| l.iter())
+            .any(|p| p.ip_block.is_none() && p.namespace_selector.is_none())
+        {
+            policy_ns
+        } else {
+            ""
         };
-        let mut nets = Vec::new();
+        let id = match list {
+            None => "*".to_string(),
+            Some(list) => format!(
+                "{scope}:{}",
+                serde_json::to_string(list).unwrap_or_default()
+            ),
+        };
+        let cached = self.selected.borrow().get(&id).cloned();
+        let selected = cached.unwrap_or_else(|| {
+            let computed = Rc::new(match list {
+                None => Selected {
+                    peers: None,
+                    pods: self.all_pods().collect(),
+                    problems: Vec::new(),
+                },
+                Some(list) => self.resolve(policy_ns, list, id.clone()),
+            });
+            self.selected.borrow_mut().insert(id, computed.clone());
+            computed
+        });
+        problems.extend(selected.problems.iter().map(|p| format!("{what} {p}")));
+        selected
+    }
+
+    fn resolve(&self, policy_ns: &str, list: &[NetworkPolicyPeer], id: String) -> Selected<'a> {
+        let mut hosts = None::<Vec<IpAddr>>;
+        let mut blocks = None::<Vec<IpNet>>;
         let mut pods = Vec::new();
+        let mut problems = Vec::new();
         for (i, peer) in list.iter().enumerate() {
             if let Some(block) = &peer.ip_block {
+                let blocks = blocks.get_or_insert_with(Vec::new);
                 let cidr: Result<IpNet, _> = block.cidr.parse();
                 let excepts: Result<Vec<IpNet>, _> =
                     block.except.iter().flatten().map(|e| e.parse()).collect();
@@ -246,15 +294,16 @@ impl<'a> Ctx<'a> {
                                 .iter()
                                 .any(|ip| allowed.iter().any(|n| n.contains(ip)))
                         }));
-                        nets.extend(allowed);
+                        blocks.extend(allowed);
                     }
                     _ => problems.push(format!(
-                        "{what} peer {i}: ipBlock {:?} is not a valid CIDR list",
+                        "peer {i}: ipBlock {:?} is not a valid CIDR list",
                         block
                     )),
                 }
                 continue;
             }
+            let hosts = hosts.get_or_insert_with(Vec::new);
             let candidates: Vec<&'a PodInfo> = match &peer.namespace_selector {
                 Some(sel) => self
                     .namespaces
@@ -275,20 +324,23 @@ impl<'a> Ctx<'a> {
                     .as_ref()
                     .is_none_or(|sel| selector::matches(sel, &pod.labels))
                 {
-                    nets.extend(pod.ips.iter().map(|ip| IpNet::from(*ip)));
+                    hosts.extend(pod.ips.iter().copied());
                     pods.push(pod);
                 }
             }
         }
+        if let Some(hosts) = hosts.as_mut() {
+            hosts.sort();
+            hosts.dedup();
+        }
         Selected {
             peers: Some(Peers {
-                id: format!(
-                    "{policy_ns}:{}",
-                    serde_json::to_string(list).unwrap_or_default()
-                ),
-                nets: prefix::union(nets),
+                id,
+                hosts,
+                blocks: blocks.map(prefix::union),
             }),
             pods,
+            problems,
         }
     }
 
@@ -311,7 +363,7 @@ impl<'a> Ctx<'a> {
         let Some(entries) = port_entries(ports, problems, &what) else {
             return Rule {
                 rule,
-                peers: selected.peers,
+                peers: selected.peers.clone(),
                 ports: None,
                 named: None,
             };
@@ -356,7 +408,7 @@ impl<'a> Ctx<'a> {
         ranges.dedup();
         Rule {
             rule,
-            peers: selected.peers,
+            peers: selected.peers.clone(),
             ports: Some(ranges),
             named,
         }
@@ -436,12 +488,20 @@ pub fn compile(
     let ctx = Ctx {
         pods_by_namespace,
         namespaces: namespaces.iter().map(|n| (n.name.as_str(), n)).collect(),
+        selected: RefCell::default(),
     };
     let mut program = Program::default();
     let locals: Vec<&PodInfo> = pods
         .iter()
         .filter(|p| p.node == node && !p.ips.is_empty())
         .collect();
+    let mut locals_by_namespace: BTreeMap<&str, Vec<&PodInfo>> = BTreeMap::new();
+    for pod in &locals {
+        locals_by_namespace
+            .entry(pod.namespace.as_str())
+            .or_default()
+            .push(pod);
+    }
     let mut gates: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
     for policy in policies {
         let (Some(spec), Some(ns)) = (policy.spec.as_ref(), policy.metadata.namespace.as_deref())
@@ -455,15 +515,15 @@ pub fn compile(
             }
         }
         // An absent podSelector, like `{}`, selects every pod of the namespace.
-        let selected: Vec<&PodInfo> = locals
-            .iter()
+        let selected: Vec<&PodInfo> = locals_by_namespace
+            .get(ns)
+            .into_iter()
+            .flatten()
             .copied()
             .filter(|p| {
-                p.namespace == ns
-                    && spec
-                        .pod_selector
-                        .as_ref()
-                        .is_none_or(|sel| selector::matches(sel, &p.labels))
+                spec.pod_selector
+                    .as_ref()
+                    .is_none_or(|sel| selector::matches(sel, &p.labels))
             })
             .collect();
         if selected.is_empty() {

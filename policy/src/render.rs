@@ -49,14 +49,24 @@ pub struct Options {
 /// What a set holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SetKind {
-    Peers { v4: bool },
+    /// Pod addresses (a plain set: elements change cheaply).
+    Hosts {
+        v4: bool,
+    },
+    /// ipBlock prefixes (an interval set; changes only with its policy).
+    Blocks {
+        v4: bool,
+    },
     Ports,
-    Named { v4: bool },
+    Named {
+        v4: bool,
+    },
 }
 
 /// One set element.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Element {
+    Host(IpAddr),
     Net(IpNet),
     Ports(PortRange),
     Named(NamedTarget),
@@ -194,16 +204,15 @@ struct Builder {
 }
 
 impl Builder {
+    /// Declares a set once: set names are derived from what fills them, so
+    /// a set already declared holds the same elements.
     fn set(&mut self, name: &str, kind: SetKind, elements: impl IntoIterator<Item = Element>) {
-        self.out
-            .sets
-            .entry(name.to_string())
-            .or_insert_with(|| Set {
-                kind,
-                elements: BTreeSet::new(),
-            })
-            .elements
-            .extend(elements);
+        if !self.out.sets.contains_key(name) {
+            let elements = elements.into_iter().collect();
+            self.out
+                .sets
+                .insert(name.to_string(), Set { kind, elements });
+        }
     }
 
     /// The rules of one policy rule in a policy chain.
@@ -219,18 +228,36 @@ impl Builder {
             Direction::Ingress => "saddr",
             Direction::Egress => "daddr",
         };
-        let peer_sets = r.peers.as_ref().map(|peers| {
-            let base = format!("a-{}", digest(&peers.id));
+        // The sets a peer may be in (hosts, blocks), by name without family.
+        let mut peer_sets = Vec::new();
+        if let Some(peers) = &r.peers {
+            let id = digest(&peers.id);
             for v4 in [true, false] {
-                let nets = peers.nets.iter().filter(|n| n.addr().is_ipv4() == v4);
-                self.set(
-                    &format!("{base}-{}", if v4 { 4 } else { 6 }),
-                    SetKind::Peers { v4 },
-                    nets.map(|n| Element::Net(*n)),
-                );
+                let suffix = if v4 { 4 } else { 6 };
+                if let Some(hosts) = &peers.hosts {
+                    let here = hosts.iter().filter(|h| h.is_ipv4() == v4);
+                    self.set(
+                        &format!("a-{id}-{suffix}"),
+                        SetKind::Hosts { v4 },
+                        here.map(|h| Element::Host(*h)),
+                    );
+                }
+                if let Some(blocks) = &peers.blocks {
+                    let here = blocks.iter().filter(|n| n.addr().is_ipv4() == v4);
+                    self.set(
+                        &format!("b-{id}-{suffix}"),
+                        SetKind::Blocks { v4 },
+                        here.map(|n| Element::Net(*n)),
+                    );
+                }
             }
-            base
-        });
+            if peers.hosts.is_some() {
+                peer_sets.push(format!("a-{id}"));
+            }
+            if peers.blocks.is_some() {
+                peer_sets.push(format!("b-{id}"));
+            }
+        }
         let mut tests = Vec::new();
         match &r.ports {
             None => tests.push(PortTest::Any),
@@ -258,36 +285,43 @@ impl Builder {
                 }
             }
         }
+        let peer_tests: Vec<Option<&String>> = if r.peers.is_some() {
+            peer_sets.iter().map(Some).collect()
+        } else {
+            vec![None]
+        };
         let mut rules = Vec::new();
-        for test in &tests {
-            // A rule needs one line per family when it tests an address.
-            let families: &[Option<bool>] = match (&peer_sets, test) {
-                (None, PortTest::Any | PortTest::Numeric(_)) => &[None],
-                _ => &[Some(true), Some(false)],
-            };
-            for v4 in families {
-                let mut expr = Vec::new();
-                if let (Some(base), Some(v4)) = (&peer_sets, v4) {
-                    let set = format!("{base}-{}", if *v4 { 4 } else { 6 });
-                    expr.push(in_set(payload(*v4, peer_field), &set));
-                }
-                match (test, v4) {
-                    (PortTest::Any, _) => {}
-                    (PortTest::Numeric(set), _) => {
-                        expr.push(in_set(json!({"concat": l4proto_dport()}), set));
-                    }
-                    (PortTest::Named(base), Some(v4)) => {
-                        let [proto, dport] = l4proto_dport();
+        for peer in &peer_tests {
+            for test in &tests {
+                // A line per family when it tests an address.
+                let families: &[Option<bool>] = match (peer, test) {
+                    (None, PortTest::Any | PortTest::Numeric(_)) => &[None],
+                    _ => &[Some(true), Some(false)],
+                };
+                for v4 in families {
+                    let mut expr = Vec::new();
+                    if let (Some(base), Some(v4)) = (peer, v4) {
                         let set = format!("{base}-{}", if *v4 { 4 } else { 6 });
-                        expr.push(in_set(
-                            json!({"concat": [payload(*v4, "daddr"), proto, dport]}),
-                            &set,
-                        ));
+                        expr.push(in_set(payload(*v4, peer_field), &set));
                     }
-                    (PortTest::Named(_), None) => unreachable!("named ports test per family"),
+                    match (test, v4) {
+                        (PortTest::Any, _) => {}
+                        (PortTest::Numeric(set), _) => {
+                            expr.push(in_set(json!({"concat": l4proto_dport()}), set));
+                        }
+                        (PortTest::Named(base), Some(v4)) => {
+                            let [proto, dport] = l4proto_dport();
+                            let set = format!("{base}-{}", if *v4 { 4 } else { 6 });
+                            expr.push(in_set(
+                                json!({"concat": [payload(*v4, "daddr"), proto, dport]}),
+                                &set,
+                            ));
+                        }
+                        (PortTest::Named(_), None) => unreachable!("named ports test per family"),
+                    }
+                    expr.push(json!({"accept": null}));
+                    rules.push(rule(expr, &comment));
                 }
-                expr.push(json!({"accept": null}));
-                rules.push(rule(expr, &comment));
             }
         }
         rules
@@ -394,6 +428,7 @@ fn group_chain(
 pub fn element_json(element: &Element) -> Value {
     let addr = |ip: &IpAddr| Value::String(ip.to_string());
     match element {
+        Element::Host(ip) => addr(ip),
         Element::Net(net) if net.prefix_len() == net.max_prefix_len() => addr(&net.addr()),
         Element::Net(net) => {
             json!({"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}})
@@ -415,7 +450,8 @@ pub fn element_json(element: &Element) -> Value {
 /// A set's declaration (type and flags) as libnftables JSON, without elements.
 pub fn set_json(name: &str, kind: SetKind) -> Value {
     let (typ, interval) = match kind {
-        SetKind::Peers { v4 } => (json!(if v4 { "ipv4_addr" } else { "ipv6_addr" }), true),
+        SetKind::Hosts { v4 } => (json!(if v4 { "ipv4_addr" } else { "ipv6_addr" }), false),
+        SetKind::Blocks { v4 } => (json!(if v4 { "ipv4_addr" } else { "ipv6_addr" }), true),
         SetKind::Ports => (json!(["inet_proto", "inet_service"]), true),
         SetKind::Named { v4 } => (
             json!([
@@ -465,7 +501,8 @@ mod tests {
             rule: rule_ref(),
             peers: Some(Peers {
                 id: "x:[]".into(),
-                nets: vec!["198.19.0.0/16".parse().unwrap()],
+                hosts: None,
+                blocks: Some(vec!["198.19.0.0/16".parse().unwrap()]),
             }),
             ports: Some(vec![PortRange {
                 protocol: Protocol::Tcp,
@@ -487,7 +524,7 @@ mod tests {
         let peers4 = rs
             .sets
             .values()
-            .find(|s| s.kind == SetKind::Peers { v4: true })
+            .find(|s| s.kind == SetKind::Blocks { v4: true })
             .unwrap();
         assert_eq!(peers4.elements.len(), 1);
         let ports = rs.sets.values().find(|s| s.kind == SetKind::Ports).unwrap();

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
 use meshlab::lab::topology::{parse_label, parse_topology, LabSpec, NodePlan};
 use meshlab::lab::{
-    agents, bench, bench_cni, control, lifecycle, netpol, preflight, status, topology,
+    agents, bench, bench_cni, bench_policy, control, lifecycle, netpol, preflight, status, topology,
 };
 
 #[derive(Parser)]
@@ -77,6 +77,19 @@ enum BenchCmd {
         /// ADD/DEL cycles per plugin.
         #[arg(long, default_value_t = 200)]
         cycles: usize,
+    },
+    /// NetworkPolicy at scale: compile, full sync, one pod and one policy
+    /// change as differences vs whole-table replaces.
+    Policy {
+        #[arg(long, default_value_t = 10_000)]
+        pods: usize,
+        #[arg(long, default_value_t = 1_000)]
+        policies: usize,
+        #[arg(long, default_value_t = 100)]
+        namespaces: usize,
+        /// Nodes the pods are spread over (node-1 is measured).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
     },
 }
 
@@ -293,6 +306,29 @@ fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(cycles >= 1, "--cycles must be at least 1");
             let results = bench_cni::run(cycles, &mut |step| eprintln!("meshlab: {step}"))?;
             print!("{}", bench_cni::table(&results));
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Policy {
+                    pods,
+                    policies,
+                    namespaces,
+                    nodes,
+                },
+        } => {
+            anyhow::ensure!(
+                pods >= nodes && nodes >= 1 && namespaces >= 1 && policies >= 1,
+                "--pods, --policies, --namespaces and --nodes must be at least 1, with a pod per node"
+            );
+            let scale = bench_policy::Scale {
+                pods,
+                policies,
+                namespaces,
+                nodes,
+            };
+            let report = bench_policy::run(scale, &mut |step| eprintln!("meshlab: {step}"))?;
+            print!("{}", bench_policy::table(&report));
             Ok(())
         }
         Cmd::Metrics { node } => {
