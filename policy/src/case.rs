@@ -264,22 +264,16 @@ pub fn explain(
     protocol: Protocol,
     port: u16,
 ) -> Result<Decision, String> {
-    let pod = |key: &str| {
-        case.pods
-            .iter()
-            .find(|p| p.key() == key)
-            .ok_or_else(|| format!("no pod {key:?} in case {}", case.id))
-    };
-    let (from, to) = (pod(from)?, pod(to)?);
-    let programs = case.programs();
-    Ok(decide(
-        &programs[&from.node],
-        &programs[&to.node],
-        from.ips[0],
-        to.ips[0],
+    crate::eval::explain(
+        &case.policies,
+        &case.pods,
+        &case.namespaces,
+        from,
+        to,
         protocol,
         port,
-    ))
+    )
+    .map_err(|e| format!("{e} in case {}", case.id))
 }
 
 /// The compiled programs' steps for one cell, in words.

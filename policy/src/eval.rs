@@ -6,8 +6,11 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::compile::{Direction, Gate, Program, RuleRef};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use crate::compile::{compile, Direction, Gate, Program, RuleRef};
 use crate::model::Protocol;
+use crate::model::{NamespaceInfo, PodInfo};
 
 /// One direction's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +102,36 @@ pub fn decide(
             port,
         ),
     }
+}
+
+/// The decision for a connection between two pods of a cluster
+/// (`namespace/name` keys), compiled for the nodes the two pods are on.
+pub fn explain(
+    policies: &[NetworkPolicy],
+    pods: &[PodInfo],
+    namespaces: &[NamespaceInfo],
+    from: &str,
+    to: &str,
+    protocol: Protocol,
+    port: u16,
+) -> Result<Decision, String> {
+    let pod = |key: &str| {
+        pods.iter()
+            .find(|p| p.key() == key)
+            .ok_or_else(|| format!("no pod {key:?}"))
+            .and_then(|p| match p.ips.first() {
+                Some(ip) => Ok((p, *ip)),
+                None => Err(format!("pod {key:?} has no address yet")),
+            })
+    };
+    let ((from, src), (to, dst)) = (pod(from)?, pod(to)?);
+    let source = compile(&from.node, policies, pods, namespaces);
+    let destination = if to.node == from.node {
+        source.clone()
+    } else {
+        compile(&to.node, policies, pods, namespaces)
+    };
+    Ok(decide(&source, &destination, src, dst, protocol, port))
 }
 
 impl fmt::Display for Step {

@@ -21,5 +21,5 @@ pub use compile::{
     compile, Direction, Gate, NamedTarget, Peers, PodProgram, PolicyProgram, PortRange, Program,
     Rule, RuleRef,
 };
-pub use eval::{decide, Decision, Step};
+pub use eval::{decide, explain, Decision, Step};
 pub use model::{NamedPort, NamespaceInfo, PodInfo, Protocol};

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::{wait_for, Lab};
@@ -88,6 +89,47 @@ fn meshd_enforces_policy_changes_on_real_connections() {
     assert!(
         !connects(&lab, "x/b", &a, 81),
         "a port the policy does not allow passed"
+    );
+
+    // The drops are counted against the policy, and explained live.
+    wait_for(
+        "drops counted for x/only-b",
+        Duration::from_secs(15),
+        || {
+            lab.metric(
+                "node-1",
+                "weft_policy_dropped_packets_total{direction=\"ingress\",policy=\"x/only-b\"}",
+            ) > 0.0
+        },
+    );
+    let explain = |from: &str, port: &str| {
+        let meshctl = std::path::Path::new(common::MESHLAB).with_file_name("meshctl");
+        let out = Command::new(meshctl)
+            .args([
+                "policy", "explain", "--from", from, "--to", "x/a", "--port", port,
+            ])
+            .env("KUBECONFIG", lab.kubeconfig())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let denied = explain("y/c", "80/TCP");
+    assert!(denied.starts_with("DENIED: y/c -> x/a 80/TCP"), "{denied}");
+    assert!(denied.contains("isolated by x/only-b"), "{denied}");
+    assert!(
+        denied.contains("to allow it: add an ingress rule to one of x/only-b"),
+        "{denied}"
+    );
+    let allowed = explain("x/b", "80");
+    assert!(allowed.starts_with("ALLOWED"), "{allowed}");
+    assert!(
+        allowed.contains("allowed by x/only-b Ingress rule 0"),
+        "{allowed}"
     );
 
     lab.ok(&["kubectl", "--", "delete", "-f", manifest.to_str().unwrap()]);

@@ -1,10 +1,13 @@
 //! `meshctl`: Weft's admin command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use weft_policy::{case, Protocol};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, ListParams};
+use weft_policy::{case, NamespaceInfo, PodInfo, Protocol, Step};
 
 #[derive(Parser)]
 #[command(version, about = "Weft's admin command line")]
@@ -31,11 +34,13 @@ enum PolicyCmd {
         cases: Vec<PathBuf>,
     },
     /// Why a connection is allowed or denied: the verdict of each direction
-    /// and the rule (or the isolating policies) that decided it.
+    /// and the rule (or the isolating policies) that decided it, from the
+    /// live cluster (KUBECONFIG or in-cluster) or a case file.
     Explain {
-        /// A conformance case file holding the pods and policies.
+        /// A conformance case file holding the pods and policies, instead
+        /// of the cluster.
         #[arg(long)]
-        case: PathBuf,
+        case: Option<PathBuf>,
         /// The client pod, NAMESPACE/NAME.
         #[arg(long)]
         from: String,
@@ -59,17 +64,66 @@ fn parse_port(arg: &str) -> Result<(u16, Protocol), String> {
     Ok((port, protocol))
 }
 
-fn explain(
-    case_file: &std::path::Path,
-    from: &str,
-    to: &str,
-    port: &str,
-) -> Result<String, String> {
+/// Pods, namespaces and policies as the cluster has them now.
+async fn cluster() -> Result<(Vec<NetworkPolicy>, Vec<PodInfo>, Vec<NamespaceInfo>), String> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("connecting to the cluster (KUBECONFIG?): {e}"))?;
+    let list = ListParams::default();
+    let failed = |what: &str| {
+        let what = what.to_string();
+        move |e: kube::Error| format!("listing {what}: {e}")
+    };
+    let pods = Api::<Pod>::all(client.clone())
+        .list(&list)
+        .await
+        .map_err(failed("pods"))?;
+    let namespaces = Api::<Namespace>::all(client.clone())
+        .list(&list)
+        .await
+        .map_err(failed("namespaces"))?;
+    let policies = Api::<NetworkPolicy>::all(client)
+        .list(&list)
+        .await
+        .map_err(failed("networkpolicies"))?;
+    Ok((
+        policies.items,
+        pods.items.iter().map(PodInfo::from_pod).collect(),
+        namespaces
+            .items
+            .iter()
+            .map(NamespaceInfo::from_namespace)
+            .collect(),
+    ))
+}
+
+fn explain(case_file: Option<&Path>, from: &str, to: &str, port: &str) -> Result<String, String> {
     let (port, protocol) = parse_port(port)?;
-    let c = case::load(case_file)?;
-    let d = case::explain(&c, from, to, protocol, port)?;
+    let d = match case_file {
+        Some(path) => case::explain(&case::load(path)?, from, to, protocol, port)?,
+        None => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            let (policies, pods, namespaces) = runtime.block_on(cluster())?;
+            weft_policy::explain(&policies, &pods, &namespaces, from, to, protocol, port)?
+        }
+    };
     let verdict = if d.allowed() { "ALLOWED" } else { "DENIED" };
-    Ok(format!("{verdict}: {from} -> {to} {port}/{protocol}\n  egress from {from}: {}\n  ingress to {to}: {}\n", d.egress, d.ingress))
+    let mut out = format!(
+        "{verdict}: {from} -> {to} {port}/{protocol}\n  egress from {from}: {}\n  ingress to {to}: {}\n",
+        d.egress, d.ingress
+    );
+    for (step, side, peer) in [(&d.egress, "egress", to), (&d.ingress, "ingress", from)] {
+        if let Step::Denied(by) = step {
+            out.push_str(&format!(
+                "  to allow it: add an {side} rule to one of {} whose peers include {peer} and whose ports include {port}/{protocol}\n",
+                by.join(", ")
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn main() -> ExitCode {
@@ -83,7 +137,7 @@ fn main() -> ExitCode {
                     to,
                     port,
                 },
-        } => match explain(&case, &from, &to, &port) {
+        } => match explain(case.as_deref(), &from, &to, &port) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
