@@ -60,7 +60,10 @@ pub fn generate(scale: Scale) -> Cluster {
                 node: format!("node-{}", i % scale.nodes + 1),
                 labels: BTreeMap::from([
                     ("app".into(), format!("a{}", j % 10)),
-                    ("tier".into(), if j.is_multiple_of(2) { "web" } else { "db" }.into()),
+                    (
+                        "tier".into(),
+                        if j.is_multiple_of(2) { "web" } else { "db" }.into(),
+                    ),
                 ]),
                 ips: vec![
                     format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256)
