@@ -13,7 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::netns;
-use super::state::{process_alive, LabDir};
+use super::state::{process_alive, write_atomic, LabDir};
 use super::topology::{NodePlan, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
 
 /// Keepalive in the lab: short, so that handshakes happen at once and
@@ -116,7 +116,7 @@ pub fn start(dir: &LabDir, node: &NodePlan) -> Result<i32> {
         .with_context(|| format!("starting meshd on {}", node.name))?;
     // `ip netns exec` execs meshd in place, so this is meshd's pid.
     let pid = child.id() as i32;
-    fs::write(pid_file(dir, node), pid.to_string())?;
+    write_atomic(&pid_file(dir, node), pid.to_string().as_bytes())?;
     Ok(pid)
 }
 

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::netns;
-use super::state::{ApiServerState, LabDir};
+use super::state::{write_atomic, ApiServerState, LabDir};
 use crate::apiserver::{self, Endpoint, Options};
 
 const READY_FILE: &str = "apiserver.ready";
@@ -58,7 +58,8 @@ pub fn run(dir: &LabDir, fabric_netns: &str, fabric_addr: SocketAddr) -> Result<
             },
         ];
         let server = apiserver::launch(endpoints, Options::default())?;
-        fs::write(dir.file(READY_FILE), serde_json::to_vec(&ready)?)?;
+        // Atomically: `spawn` polls for this file and parses what it finds.
+        write_atomic(&dir.file(READY_FILE), &serde_json::to_vec(&ready)?)?;
         tracing::info!(url = %ready.url, fabric_url = %ready.fabric_url, "API server ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

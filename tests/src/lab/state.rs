@@ -163,11 +163,17 @@ impl LabDir {
     }
 
     pub fn write_state(&self, state: &LabState) -> Result<()> {
-        let path = self.state_file();
-        let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
-        fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+        write_atomic(&self.state_file(), &serde_json::to_vec_pretty(state)?)
     }
+}
+
+/// Writes `path` whole or not at all (a temporary file renamed over it), so
+/// a reader polling for it never sees it empty or half written.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Whether `pid` is alive and one of its arguments is `dir` or a path inside
