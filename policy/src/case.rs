@@ -281,20 +281,46 @@ pub fn why(decision: &Decision) -> String {
     format!("egress: {}; ingress: {}", decision.egress, decision.ingress)
 }
 
+/// What the compiled `programs` (from [`Case::programs`]) decide for one
+/// probe cell.
+pub fn predicted(
+    programs: &BTreeMap<String, Program>,
+    probe: &Probe,
+    from: &PodInfo,
+    to: &PodInfo,
+) -> Decision {
+    decide(
+        &programs[&from.node],
+        &programs[&to.node],
+        from.ips[0],
+        to.ips[0],
+        probe.protocol,
+        probe.port,
+    )
+}
+
 /// Compiles every node's program and compares each probe with the matrix.
 pub fn check(case: &Case) -> Vec<Mismatch> {
     let programs = case.programs();
     compare(case, |probe, from, to| {
-        let decision = decide(
-            &programs[&from.node],
-            &programs[&to.node],
-            from.ips[0],
-            to.ips[0],
-            probe.protocol,
-            probe.port,
-        );
+        let decision = predicted(&programs, probe, from, to);
         (decision.allowed(), why(&decision))
     })
+}
+
+/// The case files (`*.yaml`) in `dir`, sorted by name (the order steps
+/// of a multi-step case must run in).
+pub fn files_in(dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+        if path.extension().is_some_and(|x| x == "yaml") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// The cells where `outcome` (connected?, why) differs from the matrix.
@@ -377,7 +403,8 @@ pub fn report(case: &Case, mismatches: &[Mismatch]) -> String {
     out
 }
 
-fn connected(yes: bool) -> &'static str {
+/// A cell's outcome in words.
+pub fn connected(yes: bool) -> &'static str {
     if yes {
         "connected"
     } else {

@@ -135,8 +135,10 @@ impl Ruleset {
     }
 }
 
-/// A short stable name part for `value` (names stay well under
-/// nftables' limits whatever the policy names are).
+/// A short name part for `value`, so names stay well under nftables'
+/// limits whatever the policy names are. Deterministic for one build;
+/// names need only agree within one meshd, which replaces the whole table
+/// when it starts.
 fn digest(value: &impl Hash) -> String {
     let mut h = DefaultHasher::new();
     value.hash(&mut h);

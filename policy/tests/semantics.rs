@@ -150,18 +150,7 @@ fn a_bad_protocol_opens_nothing_and_is_reported() {
 
 fn shared_cases() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/netpol/cases");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (shared/ must sit beside the repository)",
-                dir.display()
-            )
-        })
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
-    files
+    case::files_in(&dir).unwrap_or_else(|e| panic!("{e} (shared/ must sit beside the repository)"))
 }
 
 #[test]

@@ -9,21 +9,11 @@ use std::time::Duration;
 
 use common::{run_bounded, Lab};
 use serde_json::Value;
+use weft_policy::case;
 
 fn shared_cases() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/netpol/cases");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (shared/ must sit beside the repository)",
-                dir.display()
-            )
-        })
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
-    files
+    case::files_in(&dir).unwrap_or_else(|e| panic!("{e} (shared/ must sit beside the repository)"))
 }
 
 fn netpol(lab: &Lab, cases: &[PathBuf]) -> (bool, String, String) {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use weft_policy::case::{self, Case, Mismatch};
-use weft_policy::{decide, PodInfo, Protocol};
+use weft_policy::{PodInfo, Protocol};
 
 use super::state::{process_alive, LabDir, LabState};
 use super::topology::LabSpec;
@@ -241,23 +241,12 @@ fn probe_all(state: &LabState, case: &Case) -> Result<Vec<Mismatch>> {
     let programs = case.programs();
     Ok(case::compare(case, |probe, from, to| {
         let connected = got[&(probe.port, probe.protocol, from.key(), to.key())];
-        let decision = decide(
-            &programs[&from.node],
-            &programs[&to.node],
-            from.ips[0],
-            to.ips[0],
-            probe.protocol,
-            probe.port,
-        );
+        let decision = case::predicted(&programs, probe, from, to);
         let why = format!(
             "{}, {}; the compiled program says {}: {}",
             from.node,
             to.node,
-            if decision.allowed() {
-                "connected"
-            } else {
-                "blocked"
-            },
+            case::connected(decision.allowed()),
             case::why(&decision)
         );
         (connected, why)
