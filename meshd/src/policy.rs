@@ -1,24 +1,26 @@
 //! NetworkPolicy enforcement on this node: reflectors on Pods, Namespaces
-//! and NetworkPolicies; on any change (debounced) the node's program is
-//! compiled and rendered, and only its difference from what the kernel
-//! holds is applied (the whole table at start or after a failure). The drop
+//! and NetworkPolicies feed the policy [`Engine`] (debounced): a pod change
+//! is worked out for that pod alone, a policy or namespace change
+//! recompiles the node, and only the difference from what the kernel holds
+//! is applied (the whole table at start or after a failure). The drop
 //! counters become per-policy metrics; a table that vanished is rebuilt.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::runtime::reflector::{self, reflector, Store};
+use kube::runtime::reflector::{self, reflector, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use tokio::sync::Notify;
-use weft_policy::render::{self, Ruleset};
-use weft_policy::{compile, nft, NamespaceInfo, PodInfo};
+use weft_policy::engine::Engine;
+use weft_policy::render;
+use weft_policy::{nft, NamespaceInfo, PodInfo};
 
 use crate::http::Health;
 
@@ -32,10 +34,43 @@ fn revision(meta: &ObjectMeta) -> u64 {
         .unwrap_or(0)
 }
 
-/// A reflector for every object of kind `K`, notifying `changed` and
-/// raising `seen` to the newest resourceVersion of any event (deletions
-/// included, which the store alone would not show).
-fn watch<K>(client: &Client, changed: Arc<Notify>, seen: Arc<AtomicU64>) -> Store<K>
+/// What changed since the engine last looked.
+#[derive(Default)]
+struct Dirty {
+    /// Policies or namespaces changed, or a watch relisted: recompile.
+    everything: bool,
+    /// Pods (`namespace/name`) created, changed or deleted.
+    pods: BTreeSet<String>,
+}
+
+/// Marks what an event of kind `K` makes stale: one pod for a pod's event,
+/// everything for any other.
+fn mark<K: Resource<DynamicType = ()>>(dirty: &Mutex<Dirty>, event: &watcher::Event<K>) {
+    let mut dirty = dirty.lock().unwrap_or_else(|e| e.into_inner());
+    match event {
+        watcher::Event::Apply(o) | watcher::Event::Delete(o) if K::kind(&()) == "Pod" => {
+            let meta = o.meta();
+            let key = format!(
+                "{}/{}",
+                meta.namespace.as_deref().unwrap_or_default(),
+                meta.name.as_deref().unwrap_or_default()
+            );
+            dirty.pods.insert(key);
+        }
+        _ => dirty.everything = true,
+    }
+}
+
+/// A reflector for every object of kind `K`, marking what each event makes
+/// stale in `dirty`, notifying `changed` and raising `seen` to the newest
+/// resourceVersion of any event (deletions included, which the store alone
+/// would not show).
+fn watch<K>(
+    client: &Client,
+    changed: Arc<Notify>,
+    dirty: Arc<Mutex<Dirty>>,
+    seen: Arc<AtomicU64>,
+) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -53,6 +88,7 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => {
+                    mark(&dirty, &event);
                     if let watcher::Event::Apply(o)
                     | watcher::Event::Delete(o)
                     | watcher::Event::InitApply(o) = &event
@@ -91,13 +127,35 @@ fn drop_deltas(last: &mut HashMap<String, u64>, now: &BTreeMap<String, u64>) -> 
         .collect()
 }
 
+/// Runs `f` on the nf_tables session off the async runtime, opening the
+/// session if there is none (at start, or after a panic lost it).
+async fn with_session<T: Send + 'static>(
+    session: &mut Option<nft::Session>,
+    f: impl FnOnce(&mut nft::Session) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let held = session.take();
+    let (held, result) = tokio::task::spawn_blocking(move || {
+        let mut s = match held.map_or_else(nft::Session::open, Ok) {
+            Ok(s) => s,
+            Err(e) => return (None, Err(e)),
+        };
+        let result = f(&mut s);
+        (Some(s), result)
+    })
+    .await
+    .map_err(|e| format!("the nf_tables task failed: {e}"))?;
+    *session = held;
+    result
+}
+
 /// Enforces policy for the pods on `node` until the process ends.
 pub async fn run(client: Client, node: String, options: render::Options, health: Arc<Health>) {
     let changed = Arc::new(Notify::new());
+    let dirty = Arc::new(Mutex::new(Dirty::default()));
     let seen = Arc::new(AtomicU64::new(0));
-    let pods = watch::<Pod>(&client, changed.clone(), seen.clone());
-    let namespaces = watch::<Namespace>(&client, changed.clone(), seen.clone());
-    let policies = watch::<NetworkPolicy>(&client, changed.clone(), seen.clone());
+    let pods = watch::<Pod>(&client, changed.clone(), dirty.clone(), seen.clone());
+    let namespaces = watch::<Namespace>(&client, changed.clone(), dirty.clone(), seen.clone());
+    let policies = watch::<NetworkPolicy>(&client, changed.clone(), dirty.clone(), seen.clone());
     for ready in [
         pods.wait_until_ready().await,
         namespaces.wait_until_ready().await,
@@ -108,70 +166,97 @@ pub async fn run(client: Client, node: String, options: render::Options, health:
             return;
         }
     }
-    // What the kernel holds; `None` (at start, after a failure, or when the
-    // table vanished): unknown, so the next pass replaces the whole table.
-    let mut applied: Option<Ruleset> = None;
+    let mut engine = Engine::new(&node, options);
+    // Kept open between transactions (opened again if lost).
+    let mut session: Option<nft::Session> = None;
+    // Whether the kernel holds the engine's ruleset; not at start, after a
+    // failure, or when the table vanished: the next pass replaces it whole.
+    let mut in_kernel = false;
     let mut problems = Vec::new();
     let mut counted = HashMap::new();
     let mut tick = tokio::time::interval(COUNTER_PERIOD);
+    let mut first = true;
     loop {
         let revision = seen.load(Ordering::Relaxed);
-        let pod_infos: Vec<PodInfo> = pods.state().iter().map(|p| PodInfo::from_pod(p)).collect();
-        let ns_infos: Vec<NamespaceInfo> = namespaces
-            .state()
-            .iter()
-            .map(|n| NamespaceInfo::from_namespace(n))
-            .collect();
-        let policy_list: Vec<NetworkPolicy> =
-            policies.state().iter().map(|p| (**p).clone()).collect();
-        let program = compile(&node, &policy_list, &pod_infos, &ns_infos);
-        if program.problems != problems {
-            for problem in &program.problems {
-                tracing::warn!(%problem, "a NetworkPolicy part is unusable and allows nothing");
+        let stale = std::mem::take(&mut *dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut update: Option<(nft::Transaction, nft::Changes)> = None;
+        if stale.everything || first {
+            first = false;
+            let cluster = (
+                policies.state().iter().map(|p| (**p).clone()).collect(),
+                namespaces
+                    .state()
+                    .iter()
+                    .map(|n| NamespaceInfo::from_namespace(n))
+                    .collect(),
+                pods.state().iter().map(|p| PodInfo::from_pod(p)).collect(),
+            );
+            if in_kernel {
+                update = engine.reset(cluster.0, cluster.1, cluster.2);
+            } else {
+                engine.load(cluster.0, cluster.1, cluster.2);
             }
-            problems = program.problems.clone();
+            let program = engine.program();
+            if program.problems != problems {
+                for problem in &program.problems {
+                    tracing::warn!(%problem, "a NetworkPolicy part is unusable and allows nothing");
+                }
+                problems = program.problems.clone();
+            }
+        } else {
+            for key in &stale.pods {
+                let (namespace, name) = key.split_once('/').unwrap_or_default();
+                let pod = pods
+                    .get(&ObjectRef::new(name).within(namespace))
+                    .map(|p| PodInfo::from_pod(&p));
+                if let Some((t, c)) = engine.pod(key, pod) {
+                    update = Some(match update {
+                        Some((u, uc)) => (u.then(t), uc + c),
+                        None => (t, c),
+                    });
+                }
+            }
         }
-        let ruleset = render::render(&program, &options);
-        let transaction = match &applied {
-            Some(old) => nft::diff(old, &ruleset),
-            None => Some(nft::full(&ruleset)),
-        };
-        match transaction {
+        if !in_kernel {
+            // Where a table is, it keeps enforcing until one transaction
+            // replaces it; where none is, the faster two-step load.
+            update = match with_session(&mut session, |s| s.table_exists()).await {
+                Ok(false) => Some(nft::fresh(engine.ruleset())),
+                _ => Some(nft::full(engine.ruleset())),
+            };
+        }
+        match update {
             None => {
                 health.metrics.policy_revision.set(revision as i64);
             }
             Some((transaction, changes)) => {
                 let started = Instant::now();
-                match tokio::task::spawn_blocking(move || nft::apply(&transaction)).await {
-                    Ok(Ok(())) => {
+                match with_session(&mut session, move |s| s.apply(&transaction)).await {
+                    Ok(()) => {
                         let m = &health.metrics;
                         m.count_change(
                             "policy-element",
                             changes.elements_added + changes.elements_removed,
                         );
                         m.count_change("policy-chain", changes.chains);
-                        m.policy_elements.set(ruleset.elements() as i64);
+                        m.policy_elements.set(engine.ruleset().elements() as i64);
                         m.policy_revision.set(revision as i64);
                         tracing::info!(
-                            pods = program.pods.len(),
-                            policies = program.policies.len(),
+                            pods = engine.program().pods.len(),
+                            policies = engine.program().policies.len(),
                             elements_added = changes.elements_added,
                             elements_removed = changes.elements_removed,
                             chains = changes.chains,
                             sets = changes.sets,
-                            full = applied.is_none(),
+                            full = !in_kernel,
                             ms = started.elapsed().as_secs_f64() * 1e3,
                             "applied the node's NetworkPolicy program"
                         );
-                        applied = Some(ruleset);
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "applying NetworkPolicy failed; replacing the whole table on the next pass");
-                        applied = None;
+                        in_kernel = true;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "applying NetworkPolicy panicked");
-                        applied = None;
+                        tracing::warn!(error = %e, "applying NetworkPolicy failed; replacing the whole table on the next pass");
+                        in_kernel = false;
                     }
                 }
             }
@@ -183,17 +268,19 @@ pub async fn run(client: Client, node: String, options: render::Options, health:
                     break;
                 }
                 _ = tick.tick() => {
-                    let Some(current) = &applied else { break };
+                    if !in_kernel {
+                        break;
+                    }
                     match tokio::task::spawn_blocking(nft::counters).await {
                         Ok(Ok(now)) => {
                             for (name, delta) in drop_deltas(&mut counted, &now) {
-                                let Some(counter) = current.counters.get(&name) else { continue };
+                                let Some(counter) = engine.ruleset().counters.get(&name) else { continue };
                                 health.metrics.count_policy_drops(counter.direction, &counter.policies, delta);
                             }
                         }
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "the policy table is unreadable (removed?); replacing it");
-                            applied = None;
+                            in_kernel = false;
                             break;
                         }
                         Err(e) => tracing::warn!(error = %e, "reading policy counters panicked"),

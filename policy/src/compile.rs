@@ -10,7 +10,7 @@
 //! policy change touches that policy's rules.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::rc::Rc;
 
@@ -39,16 +39,54 @@ pub struct RuleRef {
     pub index: usize,
 }
 
-/// The addresses a rule allows as peers, with the identity of the selector
-/// they came from (policy namespace and peer list), so rules selecting the
-/// same peers share kernel sets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A peer list as written (`from` or `to`), with the namespace of its
+/// policy: what decides which pods it holds, so one pod can be tested
+/// against it alone.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerSpec {
+    pub namespace: String,
+    pub peers: Vec<NetworkPolicyPeer>,
+}
+
+impl PeerSpec {
+    /// Whether the pod-selecting peers of the list pick `pod`, whose
+    /// namespace has `namespace_labels` (`None`: a namespace not known
+    /// yet, whose pods nothing picks).
+    pub fn selects(
+        &self,
+        pod: &PodInfo,
+        namespace_labels: Option<&BTreeMap<String, String>>,
+    ) -> bool {
+        let Some(labels) = namespace_labels else {
+            return false;
+        };
+        self.peers
+            .iter()
+            .filter(|p| p.ip_block.is_none())
+            .any(|peer| {
+                let namespace_ok = match &peer.namespace_selector {
+                    Some(sel) => selector::matches(sel, labels),
+                    None => pod.namespace == self.namespace,
+                };
+                namespace_ok
+                    && peer
+                        .pod_selector
+                        .as_ref()
+                        .is_none_or(|sel| selector::matches(sel, &pod.labels))
+            })
+    }
+}
+
+/// The addresses a peer list allows, shared by every rule with the same
+/// list in the same scope (the policy namespace matters only to peers
+/// picking pods without a namespaceSelector): one kernel set each.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Peers {
-    pub id: String,
+    pub spec: PeerSpec,
     /// Addresses of the pods the selectors pick; `None`: no selector peer.
     /// (Kept apart from `blocks`: pods come and go, and plain address sets
     /// take element changes cheaply where interval sets do not.)
-    pub hosts: Option<Vec<IpAddr>>,
+    pub hosts: Option<BTreeSet<IpAddr>>,
     /// ipBlocks as disjoint prefixes (excepts carved out); `None`: no
     /// ipBlock peer.
     pub blocks: Option<Vec<IpNet>>,
@@ -56,8 +94,42 @@ pub struct Peers {
 
 impl Peers {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.hosts.iter().flatten().any(|h| *h == ip)
+        self.hosts.as_ref().is_some_and(|h| h.contains(&ip))
             || self.blocks.iter().flatten().any(|n| n.contains(&ip))
+    }
+}
+
+/// The named ports of a rule, by name and protocol. They resolve on every
+/// pod a destination can be: the node's pods for ingress (a packet
+/// reaching the rule is already bound for a pod its policy selects), every
+/// pod for egress (where the rule's peer test picks which) — so rules
+/// naming the same ports share one table, whatever their policy.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct NamedPorts {
+    pub scope: Direction,
+    /// Sorted, without repeats.
+    pub names: Vec<(Protocol, String)>,
+}
+
+impl NamedPorts {
+    /// What `pod` adds to this table (nothing if out of scope for `node`).
+    pub fn targets<'a>(
+        &'a self,
+        pod: &'a PodInfo,
+        node: &str,
+    ) -> impl Iterator<Item = NamedTarget> + 'a {
+        let in_scope = self.scope == Direction::Egress || (pod.node == node && !pod.ips.is_empty());
+        self.names
+            .iter()
+            .filter(move |_| in_scope)
+            .filter_map(|(protocol, name)| Some((*protocol, pod.named_port(name, *protocol)?)))
+            .flat_map(|(protocol, port)| {
+                pod.ips.iter().map(move |address| NamedTarget {
+                    address: *address,
+                    protocol,
+                    port,
+                })
+            })
     }
 }
 
@@ -84,41 +156,17 @@ pub struct NamedTarget {
     pub port: u16,
 }
 
-/// One rule of a policy, resolved to addresses and numbers.
+/// One rule of a policy: what it tests, by reference to the program's
+/// peer and named-port tables (which pods change; the rule does not).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Rule {
     pub rule: RuleRef,
-    /// `None`: any address.
-    pub peers: Option<Peers>,
+    /// The peer list's identity in [`Program::peers`]; `None`: any address.
+    pub peers: Option<String>,
     /// `None`: every protocol and port. Otherwise the numeric ports.
     pub ports: Option<Vec<PortRange>>,
-    /// `Some` when the rule names ports: each resolved per destination pod
-    /// (the local pod for ingress, the peer for egress).
-    pub named: Option<Vec<NamedTarget>>,
-}
-
-impl Rule {
-    /// Whether a new connection with `peer`, to `destination`:`port` over
-    /// `protocol`, matches.
-    pub fn matches(
-        &self,
-        peer: IpAddr,
-        destination: IpAddr,
-        protocol: Protocol,
-        port: u16,
-    ) -> bool {
-        let peer_ok = self.peers.as_ref().is_none_or(|p| p.contains(peer));
-        let port_ok = match &self.ports {
-            None => true,
-            Some(ranges) => {
-                ranges.iter().any(|r| r.contains(protocol, port))
-                    || self.named.iter().flatten().any(|t| {
-                        t.address == destination && t.protocol == protocol && t.port == port
-                    })
-            }
-        };
-        peer_ok && port_ok
-    }
+    /// `Some` when the rule names ports (a key of [`Program::named`]).
+    pub named: Option<NamedPorts>,
 }
 
 /// A policy as one node enforces it: the rules of each direction it has
@@ -158,14 +206,19 @@ pub struct PodProgram {
     pub egress: Gate,
 }
 
-/// Everything the node enforces: its pods' gates and the policies that
-/// select them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// Everything the node enforces: its pods' gates, the policies that
+/// select them, and the pods their rules pick.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Program {
-    pub pods: Vec<PodProgram>,
-    by_ip: BTreeMap<IpAddr, usize>,
+    /// The node's pods with addresses, by `namespace/name`.
+    pub pods: BTreeMap<String, PodProgram>,
+    by_ip: BTreeMap<IpAddr, String>,
     /// Policies selecting a pod of the node, by `namespace/name`.
     pub policies: BTreeMap<String, PolicyProgram>,
+    /// The peer lists of those policies' rules, by identity.
+    pub peers: BTreeMap<String, Peers>,
+    /// The named ports of those policies' rules, resolved.
+    pub named: BTreeMap<NamedPorts, BTreeSet<NamedTarget>>,
     /// Policies or rules that could not be used, with why (they allow
     /// nothing; isolation still applies).
     pub problems: Vec<String>,
@@ -174,7 +227,22 @@ pub struct Program {
 impl Program {
     /// The program of the local pod holding `ip`.
     pub fn pod(&self, ip: IpAddr) -> Option<&PodProgram> {
-        self.by_ip.get(&ip).map(|i| &self.pods[*i])
+        self.pods.get(self.by_ip.get(&ip)?)
+    }
+
+    pub(crate) fn insert_pod(&mut self, pod: PodProgram) {
+        for ip in &pod.ips {
+            self.by_ip.insert(*ip, pod.pod.clone());
+        }
+        self.pods.insert(pod.pod.clone(), pod);
+    }
+
+    pub(crate) fn remove_pod(&mut self, key: &str) -> Option<PodProgram> {
+        let pod = self.pods.remove(key)?;
+        for ip in &pod.ips {
+            self.by_ip.remove(ip);
+        }
+        Some(pod)
     }
 
     /// The first rule of the policies in `by` allowing a connection in
@@ -191,13 +259,66 @@ impl Program {
         by.iter()
             .filter_map(|key| self.policies.get(key)?.rules(direction))
             .flatten()
-            .find(|r| r.matches(peer, destination, protocol, port))
+            .find(|r| self.matches(r, peer, destination, protocol, port))
     }
+
+    /// Whether a new connection with `peer`, to `destination`:`port` over
+    /// `protocol`, matches rule `r`.
+    pub fn matches(
+        &self,
+        r: &Rule,
+        peer: IpAddr,
+        destination: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> bool {
+        let peer_ok = r
+            .peers
+            .as_ref()
+            .is_none_or(|id| self.peers.get(id).is_some_and(|p| p.contains(peer)));
+        let port_ok = match &r.ports {
+            None => true,
+            Some(ranges) => {
+                ranges.iter().any(|r| r.contains(protocol, port))
+                    || r.named.as_ref().is_some_and(|key| {
+                        self.named.get(key).is_some_and(|t| {
+                            t.contains(&NamedTarget {
+                                address: destination,
+                                protocol,
+                                port,
+                            })
+                        })
+                    })
+            }
+        };
+        peer_ok && port_ok
+    }
+}
+
+/// Whether `policy` selects `pod`: same namespace, and an absent
+/// podSelector, like `{}`, selects every pod of it.
+pub(crate) fn selects(policy: &NetworkPolicy, pod: &PodInfo) -> bool {
+    policy.metadata.namespace.as_deref() == Some(pod.namespace.as_str())
+        && policy.spec.as_ref().is_some_and(|spec| {
+            spec.pod_selector
+                .as_ref()
+                .is_none_or(|sel| selector::matches(sel, &pod.labels))
+        })
+}
+
+/// A direction's gate from the policies isolating it.
+pub(crate) fn gate(mut by: Vec<String>) -> Gate {
+    if by.is_empty() {
+        return Gate::Open;
+    }
+    by.sort();
+    by.dedup();
+    Gate::Isolated { by }
 }
 
 /// The policy types of a policy, with the API's defaulting: Ingress always,
 /// Egress when there are egress rules.
-fn policy_types(policy: &NetworkPolicy) -> (bool, bool) {
+pub(crate) fn policy_types(policy: &NetworkPolicy) -> (bool, bool) {
     let spec = policy.spec.as_ref();
     match spec.and_then(|s| s.policy_types.as_ref()) {
         Some(types) => (
@@ -212,11 +333,10 @@ fn policy_types(policy: &NetworkPolicy) -> (bool, bool) {
     }
 }
 
-/// What a peer list selects: addresses, and the pods among them (for named
-/// ports, which resolve per destination pod), with the problems found.
-struct Selected<'a> {
-    peers: Option<Peers>,
-    pods: Vec<&'a PodInfo>,
+/// What a peer list resolves to (`peers` is `None` for an absent or empty
+/// list: any address), with the problems found.
+struct Selected {
+    peers: Option<(String, Peers)>,
     problems: Vec<String>,
 }
 
@@ -224,21 +344,17 @@ struct Ctx<'a> {
     pods_by_namespace: BTreeMap<&'a str, Vec<&'a PodInfo>>,
     namespaces: BTreeMap<&'a str, &'a NamespaceInfo>,
     /// Peer lists already resolved, by identity: many rules share one.
-    selected: RefCell<HashMap<String, Rc<Selected<'a>>>>,
+    selected: RefCell<HashMap<String, Rc<Selected>>>,
 }
 
 impl<'a> Ctx<'a> {
-    fn all_pods(&self) -> impl Iterator<Item = &'a PodInfo> + '_ {
-        self.pods_by_namespace.values().flatten().copied()
-    }
-
     fn peers(
         &self,
         policy_ns: &str,
         peers: Option<&Vec<NetworkPolicyPeer>>,
         problems: &mut Vec<String>,
         what: &str,
-    ) -> Rc<Selected<'a>> {
+    ) -> Rc<Selected> {
         let list = peers.filter(|p| !p.is_empty());
         // The policy's namespace is part of what the peers are only when a
         // peer selects pods without a namespaceSelector.
@@ -263,10 +379,19 @@ impl<'a> Ctx<'a> {
             let computed = Rc::new(match list {
                 None => Selected {
                     peers: None,
-                    pods: self.all_pods().collect(),
                     problems: Vec::new(),
                 },
-                Some(list) => self.resolve(policy_ns, list, id.clone()),
+                Some(list) => {
+                    let spec = PeerSpec {
+                        namespace: policy_ns.to_string(),
+                        peers: list.clone(),
+                    };
+                    let (peers, problems) = self.resolve(spec);
+                    Selected {
+                        peers: Some((id.clone(), peers)),
+                        problems,
+                    }
+                }
             });
             self.selected.borrow_mut().insert(id, computed.clone());
             computed
@@ -275,81 +400,64 @@ impl<'a> Ctx<'a> {
         selected
     }
 
-    fn resolve(&self, policy_ns: &str, list: &[NetworkPolicyPeer], id: String) -> Selected<'a> {
-        let mut hosts = None::<Vec<IpAddr>>;
+    fn resolve(&self, spec: PeerSpec) -> (Peers, Vec<String>) {
         let mut blocks = None::<Vec<IpNet>>;
-        let mut pods = Vec::new();
         let mut problems = Vec::new();
-        for (i, peer) in list.iter().enumerate() {
-            if let Some(block) = &peer.ip_block {
-                let blocks = blocks.get_or_insert_with(Vec::new);
-                let cidr: Result<IpNet, _> = block.cidr.parse();
-                let excepts: Result<Vec<IpNet>, _> =
-                    block.except.iter().flatten().map(|e| e.parse()).collect();
-                match (cidr, excepts) {
-                    (Ok(cidr), Ok(excepts)) => {
-                        let allowed = prefix::subtract(cidr.trunc(), &excepts);
-                        pods.extend(self.all_pods().filter(|p| {
-                            p.ips
-                                .iter()
-                                .any(|ip| allowed.iter().any(|n| n.contains(ip)))
-                        }));
-                        blocks.extend(allowed);
-                    }
-                    _ => problems.push(format!(
-                        "peer {i}: ipBlock {:?} is not a valid CIDR list",
-                        block
-                    )),
-                }
-                continue;
+        for (i, block) in spec
+            .peers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i, p.ip_block.as_ref()?)))
+        {
+            let blocks = blocks.get_or_insert_with(Vec::new);
+            let cidr: Result<IpNet, _> = block.cidr.parse();
+            let excepts: Result<Vec<IpNet>, _> =
+                block.except.iter().flatten().map(|e| e.parse()).collect();
+            match (cidr, excepts) {
+                (Ok(cidr), Ok(excepts)) => blocks.extend(prefix::subtract(cidr.trunc(), &excepts)),
+                _ => problems.push(format!(
+                    "peer {i}: ipBlock {:?} is not a valid CIDR list",
+                    block
+                )),
             }
-            let hosts = hosts.get_or_insert_with(Vec::new);
-            let candidates: Vec<&'a PodInfo> = match &peer.namespace_selector {
-                Some(sel) => self
-                    .namespaces
-                    .iter()
-                    .filter(|(_, ns)| selector::matches(sel, &ns.labels))
-                    .flat_map(|(name, _)| self.pods_by_namespace.get(name).into_iter().flatten())
-                    .copied()
-                    .collect(),
-                None => self
-                    .pods_by_namespace
-                    .get(policy_ns)
-                    .cloned()
-                    .unwrap_or_default(),
+        }
+        let pod_peers: Vec<&NetworkPolicyPeer> =
+            spec.peers.iter().filter(|p| p.ip_block.is_none()).collect();
+        let hosts = (!pod_peers.is_empty()).then(|| {
+            // Only the namespaces a peer can reach are searched; which pods
+            // in them are picked is [`PeerSpec::selects`], as for one pod.
+            let reachable = |name: &str, labels: &BTreeMap<String, String>| {
+                pod_peers.iter().any(|p| match &p.namespace_selector {
+                    Some(sel) => selector::matches(sel, labels),
+                    None => name == spec.namespace,
+                })
             };
-            for pod in candidates {
-                if peer
-                    .pod_selector
-                    .as_ref()
-                    .is_none_or(|sel| selector::matches(sel, &pod.labels))
-                {
-                    hosts.extend(pod.ips.iter().copied());
-                    pods.push(pod);
-                }
-            }
-        }
-        if let Some(hosts) = hosts.as_mut() {
-            hosts.sort();
-            hosts.dedup();
-        }
-        Selected {
-            peers: Some(Peers {
-                id,
-                hosts,
-                blocks: blocks.map(prefix::union),
-            }),
-            pods,
-            problems,
-        }
+            self.namespaces
+                .iter()
+                .filter(|(name, ns)| reachable(name, &ns.labels))
+                .flat_map(|(name, ns)| {
+                    let labels = &ns.labels;
+                    let spec = &spec;
+                    self.pods_by_namespace
+                        .get(name)
+                        .into_iter()
+                        .flatten()
+                        .filter(move |pod| spec.selects(pod, Some(labels)))
+                })
+                .flat_map(|pod| pod.ips.iter().copied())
+                .collect()
+        });
+        let peers = Peers {
+            spec,
+            hosts,
+            blocks: blocks.map(prefix::union),
+        };
+        (peers, problems)
     }
 
-    /// One rule of a policy selecting `locals` (the node's pods it selects).
-    /// A named port resolves against the destination: each local pod for
-    /// ingress, each peer pod for egress.
+    /// One rule of a policy.
     fn rule(
         &self,
-        locals: &[&PodInfo],
         rule: RuleRef,
         peers: Option<&Vec<NetworkPolicyPeer>>,
         ports: Option<&Vec<NetworkPolicyPort>>,
@@ -360,10 +468,11 @@ impl<'a> Ctx<'a> {
             rule.namespace, rule.policy, rule.direction, rule.index
         );
         let selected = self.peers(&rule.namespace, peers, problems, &what);
+        let peers = selected.peers.as_ref().map(|(id, _)| id.clone());
         let Some(entries) = port_entries(ports, problems, &what) else {
             return Rule {
                 rule,
-                peers: selected.peers.clone(),
+                peers,
                 ports: None,
                 named: None,
             };
@@ -381,36 +490,19 @@ impl<'a> Ctx<'a> {
                 PortSpec::Named(name) => names.push((protocol, name)),
             }
         }
-        let named = (!names.is_empty()).then(|| {
-            let destinations: &[&PodInfo] = match rule.direction {
-                Direction::Ingress => locals,
-                Direction::Egress => &selected.pods,
-            };
-            let mut targets: Vec<NamedTarget> = destinations
-                .iter()
-                .flat_map(|pod| {
-                    names.iter().filter_map(move |(protocol, name)| {
-                        let port = pod.named_port(name, *protocol)?;
-                        Some(pod.ips.iter().map(move |address| NamedTarget {
-                            address: *address,
-                            protocol: *protocol,
-                            port,
-                        }))
-                    })
-                })
-                .flatten()
-                .collect();
-            targets.sort();
-            targets.dedup();
-            targets
-        });
         ranges.sort();
         ranges.dedup();
+        names.sort();
+        names.dedup();
+        let direction = rule.direction;
         Rule {
             rule,
-            peers: selected.peers.clone(),
+            peers,
             ports: Some(ranges),
-            named,
+            named: (!names.is_empty()).then_some(NamedPorts {
+                scope: direction,
+                names,
+            }),
         }
     }
 }
@@ -514,17 +606,12 @@ pub fn compile(
                 program.problems.push(format!("{key}: podSelector: {e}"));
             }
         }
-        // An absent podSelector, like `{}`, selects every pod of the namespace.
         let selected: Vec<&PodInfo> = locals_by_namespace
             .get(ns)
             .into_iter()
             .flatten()
             .copied()
-            .filter(|p| {
-                spec.pod_selector
-                    .as_ref()
-                    .is_none_or(|sel| selector::matches(sel, &p.labels))
-            })
+            .filter(|p| selects(policy, p))
             .collect();
         if selected.is_empty() {
             continue;
@@ -541,7 +628,7 @@ pub fn compile(
                         direction,
                         index,
                     };
-                    ctx.rule(&selected, rule, peers, ports, &mut program.problems)
+                    ctx.rule(rule, peers, ports, &mut program.problems)
                 })
                 .collect::<Vec<Rule>>()
         };
@@ -578,21 +665,28 @@ pub fn compile(
         }
         program.policies.insert(key, compiled);
     }
-    let gate = |mut by: Vec<String>| {
-        if by.is_empty() {
-            return Gate::Open;
-        }
-        by.sort();
-        by.dedup();
-        Gate::Isolated { by }
-    };
+    program.peers = ctx
+        .selected
+        .into_inner()
+        .into_values()
+        .filter_map(|s| Rc::try_unwrap(s).ok()?.peers)
+        .collect();
+    let named: BTreeSet<&NamedPorts> = program
+        .policies
+        .values()
+        .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
+        .filter_map(|r| r.named.as_ref())
+        .collect();
+    program.named = named
+        .into_iter()
+        .map(|key| {
+            let targets = pods.iter().flat_map(|pod| key.targets(pod, node)).collect();
+            (key.clone(), targets)
+        })
+        .collect();
     for pod in locals {
         let (ingress, egress) = gates.remove(&pod.key()).unwrap_or_default();
-        let index = program.pods.len();
-        for ip in &pod.ips {
-            program.by_ip.insert(*ip, index);
-        }
-        program.pods.push(PodProgram {
+        program.insert_pod(PodProgram {
             pod: pod.key(),
             ips: pod.ips.clone(),
             ingress: gate(ingress),
@@ -602,7 +696,7 @@ pub fn compile(
     program
 }
 
-fn policy_key(policy: &NetworkPolicy) -> String {
+pub(crate) fn policy_key(policy: &NetworkPolicy) -> String {
     format!(
         "{}/{}",
         policy.metadata.namespace.as_deref().unwrap_or_default(),

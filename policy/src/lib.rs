@@ -10,8 +10,10 @@
 
 pub mod case;
 pub mod compile;
+pub mod engine;
 pub mod eval;
 pub mod model;
+pub mod netlink;
 pub mod nft;
 pub mod prefix;
 pub mod render;

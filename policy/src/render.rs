@@ -27,13 +27,14 @@
 //! as upstream expects.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde_json::{json, Value};
 
-use crate::compile::{Direction, Gate, NamedTarget, PortRange, Program, Rule};
+use crate::compile::{Direction, Gate, NamedPorts, NamedTarget, PortRange, Program, Rule};
 use crate::model::Protocol;
 
 pub const TABLE: &str = "weft_policy";
@@ -116,8 +117,8 @@ impl MapName {
 /// Everything in the table but its fixed skeleton (base chains, maps).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
-    /// Regular chains with their rules (`{"expr": [...], "comment": ...}`).
-    pub chains: BTreeMap<String, Vec<Value>>,
+    /// Regular chains with their rules.
+    pub chains: BTreeMap<String, Vec<Line>>,
     pub sets: BTreeMap<String, Set>,
     pub maps: BTreeMap<MapName, BTreeMap<IpAddr, String>>,
     pub counters: BTreeMap<String, DropCounter>,
@@ -182,8 +183,26 @@ fn l4proto_dport() -> [Value; 2] {
     ]
 }
 
-fn rule(expr: Vec<Value>, comment: &str) -> Value {
-    json!({"expr": expr, "comment": comment})
+/// A rendered rule: its expressions as libnftables JSON text (written
+/// once, then only compared and copied into transactions) and its comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub expr: String,
+    pub comment: String,
+}
+
+impl Line {
+    /// The expressions parsed back (for tests and tools).
+    pub fn expressions(&self) -> Value {
+        serde_json::from_str(&self.expr).unwrap_or_default()
+    }
+}
+
+fn rule(expr: Vec<Value>, comment: &str) -> Line {
+    Line {
+        expr: Value::Array(expr).to_string(),
+        comment: comment.to_string(),
+    }
 }
 
 pub fn protocol_name(protocol: Protocol) -> &'static str {
@@ -195,160 +214,195 @@ pub fn protocol_name(protocol: Protocol) -> &'static str {
 }
 
 /// The port test of a rule: none, numeric ports, or named ports.
-enum PortTest {
+enum PortTest<'a> {
     Any,
     Numeric(String),
-    Named(String),
+    Named(&'a NamedPorts),
 }
 
-struct Builder {
-    out: Ruleset,
-}
-
-impl Builder {
-    /// Declares a set once: set names are derived from what fills them, so
-    /// a set already declared holds the same elements.
-    fn set(&mut self, name: &str, kind: SetKind, elements: impl IntoIterator<Item = Element>) {
-        if !self.out.sets.contains_key(name) {
-            let elements = elements.into_iter().collect();
-            self.out
-                .sets
-                .insert(name.to_string(), Set { kind, elements });
-        }
+fn suffix(v4: bool) -> char {
+    if v4 {
+        '4'
+    } else {
+        '6'
     }
+}
 
-    /// The rules of one policy rule in a policy chain.
-    fn rule(&mut self, r: &Rule, direction: Direction) -> Vec<Value> {
-        let comment = format!(
-            "{}/{} {} rule {}",
-            r.rule.namespace,
-            r.rule.policy,
-            words(direction),
-            r.rule.index
-        );
-        let peer_field = match direction {
-            Direction::Ingress => "saddr",
-            Direction::Egress => "daddr",
-        };
-        // The sets a peer may be in (hosts, blocks), by name without family.
-        let mut peer_sets = Vec::new();
-        if let Some(peers) = &r.peers {
-            let id = digest(&peers.id);
+/// The set of the pod addresses of peer list `id`, per family.
+pub fn hosts_set(id: &str, v4: bool) -> String {
+    format!("a-{}-{}", digest(&id), suffix(v4))
+}
+
+fn blocks_set(id: &str, v4: bool) -> String {
+    format!("b-{}-{}", digest(&id), suffix(v4))
+}
+
+/// The set of the resolved named ports `key`, per family.
+pub fn named_set(key: &NamedPorts, v4: bool) -> String {
+    format!("n-{}-{}", digest(key), suffix(v4))
+}
+
+/// The chain of the pods isolated in `direction` by the policies `by`.
+pub fn group_chain_name(direction: Direction, by: &[String]) -> String {
+    format!("g{}-{}", letter(direction), digest(&by))
+}
+
+fn policy_chain(direction: Direction, key: &str) -> String {
+    format!("p{}-{}", letter(direction), digest(&key))
+}
+
+fn counter_name(direction: Direction, by: &[String]) -> String {
+    format!("d{}-{}", letter(direction), digest(&by))
+}
+
+/// The elements of a host set.
+pub fn host_elements(hosts: &BTreeSet<IpAddr>, v4: bool) -> BTreeSet<Element> {
+    hosts
+        .iter()
+        .filter(|h| h.is_ipv4() == v4)
+        .map(|h| Element::Host(*h))
+        .collect()
+}
+
+/// The elements of a named-port set.
+pub fn named_elements(targets: &BTreeSet<NamedTarget>, v4: bool) -> BTreeSet<Element> {
+    targets
+        .iter()
+        .filter(|t| t.address.is_ipv4() == v4)
+        .map(|t| Element::Named(*t))
+        .collect()
+}
+
+/// The lines of one policy rule in a policy chain: one per peer set and
+/// family, each with the rule's port test.
+fn rule_lines(program: &Program, r: &Rule, sets: &mut BTreeMap<String, Set>) -> Vec<Line> {
+    let direction = r.rule.direction;
+    let comment = format!(
+        "{}/{} {} rule {}",
+        r.rule.namespace,
+        r.rule.policy,
+        words(direction),
+        r.rule.index
+    );
+    let peer_field = match direction {
+        Direction::Ingress => "saddr",
+        Direction::Egress => "daddr",
+    };
+    // The address tests: none, or one per peer set and family.
+    let peer_tests: Vec<Option<(bool, String)>> = match &r.peers {
+        None => vec![None],
+        Some(id) => {
+            let peers = program.peers.get(id);
+            let mut tests = Vec::new();
             for v4 in [true, false] {
-                let suffix = if v4 { 4 } else { 6 };
-                if let Some(hosts) = &peers.hosts {
-                    let here = hosts.iter().filter(|h| h.is_ipv4() == v4);
-                    self.set(
-                        &format!("a-{id}-{suffix}"),
-                        SetKind::Hosts { v4 },
-                        here.map(|h| Element::Host(*h)),
-                    );
+                if peers.is_some_and(|p| p.hosts.is_some()) {
+                    tests.push(Some((v4, hosts_set(id, v4))));
                 }
-                if let Some(blocks) = &peers.blocks {
-                    let here = blocks.iter().filter(|n| n.addr().is_ipv4() == v4);
-                    self.set(
-                        &format!("b-{id}-{suffix}"),
-                        SetKind::Blocks { v4 },
-                        here.map(|n| Element::Net(*n)),
-                    );
+                if peers.is_some_and(|p| p.blocks.is_some()) {
+                    tests.push(Some((v4, blocks_set(id, v4))));
                 }
             }
-            if peers.hosts.is_some() {
-                peer_sets.push(format!("a-{id}"));
+            tests
+        }
+    };
+    let mut port_tests = Vec::new();
+    match &r.ports {
+        None => port_tests.push(PortTest::Any),
+        Some(ranges) => {
+            if !ranges.is_empty() {
+                let name = format!("t-{}", digest(ranges));
+                sets.entry(name.clone()).or_insert_with(|| Set {
+                    kind: SetKind::Ports,
+                    elements: ranges.iter().map(|p| Element::Ports(*p)).collect(),
+                });
+                port_tests.push(PortTest::Numeric(name));
             }
-            if peers.blocks.is_some() {
-                peer_sets.push(format!("b-{id}"));
+            if let Some(key) = &r.named {
+                port_tests.push(PortTest::Named(key));
             }
         }
-        let mut tests = Vec::new();
-        match &r.ports {
-            None => tests.push(PortTest::Any),
-            Some(ranges) => {
-                if !ranges.is_empty() {
-                    let name = format!("t-{}", digest(ranges));
-                    self.set(
-                        &name,
-                        SetKind::Ports,
-                        ranges.iter().map(|p| Element::Ports(*p)),
-                    );
-                    tests.push(PortTest::Numeric(name));
-                }
-                if let Some(targets) = &r.named {
-                    let base = format!("n-{}", digest(&r.rule));
-                    for v4 in [true, false] {
-                        let here = targets.iter().filter(|t| t.address.is_ipv4() == v4);
-                        self.set(
-                            &format!("{base}-{}", if v4 { 4 } else { 6 }),
-                            SetKind::Named { v4 },
-                            here.map(|t| Element::Named(*t)),
-                        );
-                    }
-                    tests.push(PortTest::Named(base));
-                }
-            }
-        }
-        let peer_tests: Vec<Option<&String>> = if r.peers.is_some() {
-            peer_sets.iter().map(Some).collect()
-        } else {
-            vec![None]
-        };
-        let mut rules = Vec::new();
-        for peer in &peer_tests {
-            for test in &tests {
-                // A line per family when it tests an address.
-                let families: &[Option<bool>] = match (peer, test) {
-                    (None, PortTest::Any | PortTest::Numeric(_)) => &[None],
-                    _ => &[Some(true), Some(false)],
-                };
-                for v4 in families {
-                    let mut expr = Vec::new();
-                    if let (Some(base), Some(v4)) = (peer, v4) {
-                        let set = format!("{base}-{}", if *v4 { 4 } else { 6 });
-                        expr.push(in_set(payload(*v4, peer_field), &set));
-                    }
-                    match (test, v4) {
-                        (PortTest::Any, _) => {}
-                        (PortTest::Numeric(set), _) => {
-                            expr.push(in_set(json!({"concat": l4proto_dport()}), set));
-                        }
-                        (PortTest::Named(base), Some(v4)) => {
-                            let [proto, dport] = l4proto_dport();
-                            let set = format!("{base}-{}", if *v4 { 4 } else { 6 });
-                            expr.push(in_set(
-                                json!({"concat": [payload(*v4, "daddr"), proto, dport]}),
-                                &set,
-                            ));
-                        }
-                        (PortTest::Named(_), None) => unreachable!("named ports test per family"),
-                    }
-                    expr.push(json!({"accept": null}));
-                    rules.push(rule(expr, &comment));
-                }
-            }
-        }
-        rules
     }
+    let mut rules = Vec::new();
+    for peer in &peer_tests {
+        for test in &port_tests {
+            // A named-port test needs the family, so a rule without an
+            // address test gets one line per family for it.
+            let families: Vec<Option<bool>> = match (peer, test) {
+                (Some((v4, _)), _) => vec![Some(*v4)],
+                (None, PortTest::Named(_)) => vec![Some(true), Some(false)],
+                (None, _) => vec![None],
+            };
+            for v4 in families {
+                let mut expr = Vec::new();
+                if let (Some((v4, set)), _) = (peer, test) {
+                    expr.push(in_set(payload(*v4, peer_field), set));
+                }
+                match (test, v4) {
+                    (PortTest::Any, _) => {}
+                    (PortTest::Numeric(set), _) => {
+                        expr.push(in_set(json!({"concat": l4proto_dport()}), set));
+                    }
+                    (PortTest::Named(key), Some(v4)) => {
+                        let [proto, dport] = l4proto_dport();
+                        expr.push(in_set(
+                            json!({"concat": [payload(v4, "daddr"), proto, dport]}),
+                            &named_set(key, v4),
+                        ));
+                    }
+                    (PortTest::Named(_), None) => unreachable!("named ports test per family"),
+                }
+                expr.push(json!({"accept": null}));
+                rules.push(rule(expr, &comment));
+            }
+        }
+    }
+    rules
 }
 
 /// The objects enforcing `program`.
 pub fn render(program: &Program, options: &Options) -> Ruleset {
-    let mut b = Builder {
-        out: Ruleset::default(),
-    };
+    let mut out = Ruleset::default();
     for map in MapName::ALL {
-        b.out.maps.insert(map, BTreeMap::new());
+        out.maps.insert(map, BTreeMap::new());
+    }
+    for (id, peers) in &program.peers {
+        for v4 in [true, false] {
+            if let Some(hosts) = &peers.hosts {
+                let elements = host_elements(hosts, v4);
+                let kind = SetKind::Hosts { v4 };
+                out.sets.insert(hosts_set(id, v4), Set { kind, elements });
+            }
+            if let Some(blocks) = &peers.blocks {
+                let elements = blocks
+                    .iter()
+                    .filter(|n| n.addr().is_ipv4() == v4)
+                    .map(|n| Element::Net(*n))
+                    .collect();
+                let kind = SetKind::Blocks { v4 };
+                out.sets.insert(blocks_set(id, v4), Set { kind, elements });
+            }
+        }
+    }
+    for (key, targets) in &program.named {
+        for v4 in [true, false] {
+            let elements = named_elements(targets, v4);
+            let kind = SetKind::Named { v4 };
+            out.sets.insert(named_set(key, v4), Set { kind, elements });
+        }
     }
     for (key, policy) in &program.policies {
         for direction in [Direction::Ingress, Direction::Egress] {
             let Some(rules) = policy.rules(direction) else {
                 continue;
             };
-            let chain = format!("p{}-{}", letter(direction), digest(key));
-            let body: Vec<Value> = rules.iter().flat_map(|r| b.rule(r, direction)).collect();
-            b.out.chains.insert(chain, body);
+            let body = rules
+                .iter()
+                .flat_map(|r| rule_lines(program, r, &mut out.sets))
+                .collect();
+            out.chains.insert(policy_chain(direction, key), body);
         }
     }
-    for pod in &program.pods {
+    for pod in program.pods.values() {
         for (direction, gate) in [
             (Direction::Egress, &pod.egress),
             (Direction::Ingress, &pod.ingress),
@@ -356,14 +410,12 @@ pub fn render(program: &Program, options: &Options) -> Ruleset {
             let Gate::Isolated { by } = gate else {
                 continue;
             };
-            let group = digest(by);
-            let chain = format!("g{}-{group}", letter(direction));
-            if !b.out.chains.contains_key(&chain) {
-                let counter = format!("d{}-{group}", letter(direction));
-                b.out
-                    .chains
+            let chain = group_chain_name(direction, by);
+            if !out.chains.contains_key(&chain) {
+                let counter = counter_name(direction, by);
+                out.chains
                     .insert(chain.clone(), group_chain(direction, by, &counter, options));
-                b.out.counters.insert(
+                out.counters.insert(
                     counter,
                     DropCounter {
                         direction,
@@ -373,29 +425,20 @@ pub fn render(program: &Program, options: &Options) -> Ruleset {
             }
             for ip in &pod.ips {
                 let map = MapName::new(direction, ip.is_ipv4());
-                b.out
-                    .maps
-                    .entry(map)
-                    .or_default()
-                    .insert(*ip, chain.clone());
+                out.maps.entry(map).or_default().insert(*ip, chain.clone());
             }
         }
     }
-    b.out
+    out
 }
 
 /// The chain of the pods isolated by the policies `by`: each policy's
 /// chain accepts what it allows; what none allows is counted and dropped.
-fn group_chain(
-    direction: Direction,
-    by: &[String],
-    counter: &str,
-    options: &Options,
-) -> Vec<Value> {
-    let mut rules: Vec<Value> = by
+fn group_chain(direction: Direction, by: &[String], counter: &str, options: &Options) -> Vec<Line> {
+    let mut rules: Vec<Line> = by
         .iter()
         .map(|key| {
-            let target = format!("p{}-{}", letter(direction), digest(key));
+            let target = policy_chain(direction, key);
             rule(vec![json!({"jump": {"target": target}})], key)
         })
         .collect();
@@ -426,27 +469,40 @@ fn group_chain(
     rules
 }
 
-/// An element as libnftables JSON.
-pub fn element_json(element: &Element) -> Value {
-    let addr = |ip: &IpAddr| Value::String(ip.to_string());
-    match element {
-        Element::Host(ip) => addr(ip),
-        Element::Net(net) if net.prefix_len() == net.max_prefix_len() => addr(&net.addr()),
-        Element::Net(net) => {
-            json!({"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}})
+/// An element as libnftables JSON, appended to `out`.
+pub fn element_text(out: &mut String, element: &Element) {
+    let _ = match element {
+        Element::Host(ip) => write!(out, "\"{ip}\""),
+        Element::Net(net) if net.prefix_len() == net.max_prefix_len() => {
+            write!(out, "\"{}\"", net.addr())
         }
-        Element::Ports(p) => {
-            let port = if p.lo == p.hi {
-                json!(p.lo)
-            } else {
-                json!({"range": [p.lo, p.hi]})
-            };
-            json!({"concat": [protocol_name(p.protocol), port]})
-        }
-        Element::Named(t) => {
-            json!({"concat": [t.address.to_string(), protocol_name(t.protocol), t.port]})
-        }
-    }
+        Element::Net(net) => write!(
+            out,
+            "{{\"prefix\":{{\"addr\":\"{}\",\"len\":{}}}}}",
+            net.network(),
+            net.prefix_len()
+        ),
+        Element::Ports(p) if p.lo == p.hi => write!(
+            out,
+            "{{\"concat\":[\"{}\",{}]}}",
+            protocol_name(p.protocol),
+            p.lo
+        ),
+        Element::Ports(p) => write!(
+            out,
+            "{{\"concat\":[\"{}\",{{\"range\":[{},{}]}}]}}",
+            protocol_name(p.protocol),
+            p.lo,
+            p.hi
+        ),
+        Element::Named(t) => write!(
+            out,
+            "{{\"concat\":[\"{}\",\"{}\",{}]}}",
+            t.address,
+            protocol_name(t.protocol),
+            t.port
+        ),
+    };
 }
 
 /// A set's declaration (type and flags) as libnftables JSON, without elements.
@@ -474,7 +530,7 @@ pub fn set_json(name: &str, kind: SetKind) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::{Peers, PolicyProgram, RuleRef};
+    use crate::compile::{PeerSpec, Peers, PolicyProgram, RuleRef};
 
     fn program_with(rule: Rule) -> Program {
         let mut p = Program::default();
@@ -501,11 +557,7 @@ mod tests {
     fn a_rule_with_peers_and_ports_tests_both_per_family() {
         let r = Rule {
             rule: rule_ref(),
-            peers: Some(Peers {
-                id: "x:[]".into(),
-                hosts: None,
-                blocks: Some(vec!["198.19.0.0/16".parse().unwrap()]),
-            }),
+            peers: Some("x:[]".into()),
             ports: Some(vec![PortRange {
                 protocol: Protocol::Tcp,
                 lo: 80,
@@ -513,16 +565,28 @@ mod tests {
             }]),
             named: None,
         };
-        let rs = render(&program_with(r), &Options::default());
+        let mut program = program_with(r);
+        program.peers.insert(
+            "x:[]".into(),
+            Peers {
+                spec: PeerSpec {
+                    namespace: "x".into(),
+                    peers: Vec::new(),
+                },
+                hosts: None,
+                blocks: Some(vec!["198.19.0.0/16".parse().unwrap()]),
+            },
+        );
+        let rs = render(&program, &Options::default());
         let chain = &rs.chains[&format!("pi-{}", digest(&"x/p"))];
         assert_eq!(chain.len(), 2, "{chain:?}");
-        let expr = &chain[0]["expr"];
+        let expr = &chain[0].expressions();
         assert_eq!(expr[0]["match"]["left"]["payload"]["field"], "saddr");
         assert!(expr[1]["match"]["right"]
             .as_str()
             .unwrap()
             .starts_with("@t-"));
-        assert_eq!(chain[0]["comment"], "x/p ingress rule 0");
+        assert_eq!(chain[0].comment, "x/p ingress rule 0");
         let peers4 = rs
             .sets
             .values()
@@ -530,10 +594,10 @@ mod tests {
             .unwrap();
         assert_eq!(peers4.elements.len(), 1);
         let ports = rs.sets.values().find(|s| s.kind == SetKind::Ports).unwrap();
-        assert_eq!(
-            element_json(ports.elements.iter().next().unwrap()),
-            json!({"concat": ["tcp", {"range": [80, 81]}]})
-        );
+        let mut text = String::new();
+        element_text(&mut text, ports.elements.iter().next().unwrap());
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed, json!({"concat": ["tcp", {"range": [80, 81]}]}));
     }
 
     #[test]
@@ -564,9 +628,9 @@ mod tests {
                 log_per_second: Some(5),
             },
         );
-        let log = &rules[1]["expr"];
+        let log = &rules[1].expressions();
         assert_eq!(log[0]["limit"]["rate"], 5);
         assert!(log[1]["log"]["prefix"].as_str().unwrap().len() <= 127);
-        assert_eq!(rules[2]["expr"][0]["counter"], "di-0");
+        assert_eq!(rules[2].expressions()[0]["counter"], "di-0");
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::json;
-use weft_policy::{compile, nft, render, NamedPort, NamespaceInfo, PodInfo, Protocol};
+use weft_policy::{compile, netlink, nft, render, NamedPort, NamespaceInfo, PodInfo, Protocol};
 
 const NODE: &str = "polt-node";
 
@@ -247,6 +247,10 @@ fn a_rendered_program_enforces_with_real_connections() {
     let (transaction, changes) = nft::diff(&first, &second).expect("a change");
     assert_eq!((changes.chains, changes.sets), (0, 0), "{changes:?}");
     assert_eq!(changes.elements_removed, 1, "{changes:?}");
+    assert!(
+        netlink::Batch::of(&transaction.commands).is_some(),
+        "an element-only change goes straight over netlink"
+    );
     in_node(move || nft::apply(&transaction)).unwrap();
     assert!(!connects("b", "198.19.9.2", 80), "b, now pod=z, -> a:80");
 

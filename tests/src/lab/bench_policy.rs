@@ -1,10 +1,10 @@
 //! `meshlab bench policy`: the NetworkPolicy engine at scale. A generated
 //! cluster (pods spread over nodes, policies over namespaces) is compiled
 //! for one node, rendered, and applied whole into a fresh node namespace;
-//! then one pod label change and one policy update are each compiled again
-//! and applied as a difference. The peer is the whole-table replace of the
-//! same change (what a non-incremental engine does), measured in the same
-//! run.
+//! then a pod label change, a pod created and a policy update each go
+//! through the engine (the pods alone, the policy by recompiling) and are
+//! applied as a difference. The peer is the whole-table replace of the same
+//! state (what a non-incremental engine does), measured in the same run.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::json;
-use weft_policy::render::{self, Ruleset};
-use weft_policy::{compile, nft, NamedPort, NamespaceInfo, PodInfo, Protocol};
+use weft_policy::engine::Engine;
+use weft_policy::render;
+use weft_policy::{nft, NamedPort, NamespaceInfo, PodInfo, Protocol};
 
 use super::{netns, preflight};
 
@@ -123,12 +124,14 @@ fn policy(n: usize, k: usize) -> NetworkPolicy {
 /// One measured step.
 pub struct Step {
     pub what: String,
-    pub compile: Duration,
-    pub render: Duration,
-    /// Changes and time of the difference (`None` for the full sync).
-    pub diff: Option<(nft::Changes, Duration)>,
-    /// Whole-table replace of the same state.
-    pub full: Duration,
+    /// Working out the change: compiling and rendering, whole or for one
+    /// pod (the engine's call).
+    pub compute: Duration,
+    pub changes: nft::Changes,
+    /// Applying it into the kernel.
+    pub apply: Duration,
+    /// The peer: replacing the whole table with the same state.
+    pub replace: Duration,
 }
 
 pub struct Report {
@@ -143,48 +146,67 @@ pub struct Report {
     pub steps: Vec<Step>,
 }
 
-fn compiled(cluster: &Cluster) -> (Ruleset, Duration, Duration, usize) {
-    let started = Instant::now();
-    let program = compile(NODE, &cluster.policies, &cluster.pods, &cluster.namespaces);
-    let compile_time = started.elapsed();
-    let started = Instant::now();
-    let ruleset = render::render(&program, &render::Options::default());
-    (
-        ruleset,
-        compile_time,
-        started.elapsed(),
-        program.policies.len(),
-    )
-}
+/// The node namespace's nf_tables session, as meshd keeps one.
+type Session = std::sync::Arc<std::sync::Mutex<nft::Session>>;
 
-fn timed_apply(transaction: &serde_json::Value) -> Result<Duration> {
-    let transaction = transaction.clone();
+fn timed_apply(session: &Session, transaction: &nft::Transaction) -> Result<Duration> {
+    let (session, transaction) = (session.clone(), transaction.clone());
     netns::run_in(NETNS, move || {
+        let mut session = session
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the session lock is poisoned"))?;
         let started = Instant::now();
-        nft::apply(&transaction).map_err(anyhow::Error::msg)?;
+        session.apply(&transaction).map_err(anyhow::Error::msg)?;
         Ok(started.elapsed())
     })
 }
 
-/// A change after the full sync: diff applied, then the whole table of the
-/// same state replaced for comparison, then the diff's state restored.
-fn change(what: &str, before: &Ruleset, cluster: &Cluster) -> Result<(Step, Ruleset)> {
-    let (after, compile_time, render_time, _) = compiled(cluster);
-    let started = Instant::now();
-    let (transaction, changes) = nft::diff(before, &after).context("the change changed nothing")?;
-    let diff_time = started.elapsed();
-    let applied = timed_apply(&transaction)?;
-    let full = timed_apply(&nft::full(&after).0)?;
-    Ok((
-        Step {
-            what: what.into(),
-            compile: compile_time,
-            render: render_time,
-            diff: Some((changes, diff_time + applied)),
-            full,
-        },
-        after,
-    ))
+/// How many times a change and its reverse are each measured; the table
+/// shows medians.
+const ROUNDS: usize = 15;
+
+type Change<'a> = Box<dyn Fn(&mut Engine) -> Option<(nft::Transaction, nft::Changes)> + 'a>;
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// A step: `forward` then `back` run on the engine (timed) and their
+/// transactions applied (timed), `rounds` times over; then the whole table
+/// of the forward state replaced as the peer. Leaves the forward state.
+fn step(
+    what: &str,
+    session: &Session,
+    engine: &mut Engine,
+    rounds: usize,
+    forward: Change,
+    back: Change,
+) -> Result<Step> {
+    let (mut compute, mut apply) = (Vec::new(), Vec::new());
+    let mut changes = nft::Changes::default();
+    for round in 0..rounds {
+        for (i, change) in [&forward, &back].into_iter().enumerate() {
+            if round + 1 == rounds && i == 1 {
+                break;
+            }
+            let started = Instant::now();
+            let (transaction, c) = change(engine).context("the change changed nothing")?;
+            compute.push(started.elapsed());
+            apply.push(timed_apply(session, &transaction)?);
+            if i == 0 {
+                changes = c;
+            }
+        }
+    }
+    let replace = timed_apply(session, &nft::full(engine.ruleset()).0)?;
+    Ok(Step {
+        what: what.into(),
+        compute: median(compute),
+        changes,
+        apply: median(apply),
+        replace,
+    })
 }
 
 pub fn run(scale: Scale, progress: &mut dyn FnMut(&str)) -> Result<Report> {
@@ -197,39 +219,90 @@ pub fn run(scale: Scale, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             "{} pods, {} policies, {} namespaces over {} nodes; measuring {NODE}",
             scale.pods, scale.policies, scale.namespaces, scale.nodes
         ));
-        let (ruleset, compile_time, render_time, policies_here) = compiled(&cluster);
-        let (transaction, _) = nft::full(&ruleset);
-        let json_bytes = transaction.to_string().len();
-        let full = timed_apply(&transaction)?;
+        let session: Session =
+            std::sync::Arc::new(std::sync::Mutex::new(netns::run_in(NETNS, || {
+                nft::Session::open().map_err(anyhow::Error::msg)
+            })?));
+        let mut engine = Engine::new(NODE, render::Options::default());
+        // The full sync: everything compiled, rendered and loaded at once.
+        let started = Instant::now();
+        engine.load(
+            cluster.policies.clone(),
+            cluster.namespaces.clone(),
+            cluster.pods.clone(),
+        );
+        let (transaction, changes) = nft::fresh(engine.ruleset());
+        let compute = started.elapsed();
+        let apply = timed_apply(&session, &transaction)?;
+        let whole = nft::full(engine.ruleset()).0;
+        let json_bytes = whole.json().len();
         let mut steps = vec![Step {
-            what: "full sync".into(),
-            compile: compile_time,
-            render: render_time,
-            diff: None,
-            full,
+            what: "full sync (node without a table)".into(),
+            compute,
+            changes,
+            apply,
+            replace: timed_apply(&session, &whole)?,
         }];
-        // (a) a local pod's tier flips: it leaves one peer set and its
-        // namespace's web-tier set changes.
+        // (a) a local pod's tier flips: it leaves its namespace's
+        // web-tier peer list.
         let local = cluster
             .pods
             .iter()
             .position(|p| p.node == NODE && p.labels["tier"] == "web")
             .context("no local web pod")?;
-        cluster.pods[local]
-            .labels
-            .insert("tier".into(), "db".into());
-        let (step, after) = change("one pod label change", &ruleset, &cluster)?;
-        steps.push(step);
-        // (b) one policy's first ingress rule moves to another port.
+        let before = cluster.pods[local].clone();
+        let mut pod = before.clone();
+        pod.labels.insert("tier".into(), "db".into());
+        steps.push(step(
+            "one pod label change",
+            &session,
+            &mut engine,
+            ROUNDS,
+            Box::new(|e| e.pod(&pod.key(), Some(pod.clone()))),
+            Box::new(|e| e.pod(&before.key(), Some(before.clone()))),
+        )?);
+        // (b) a pod is scheduled here, alike to one already running (its
+        // verdict-map entries, peer lists and named ports), and deleted.
+        let mut new_pod = cluster.pods[local].clone();
+        new_pod.name = "scheduled".into();
+        new_pod.ips = vec!["10.255.0.1".parse()?, "fd00::ff:1".parse()?];
+        steps.push(step(
+            "one pod created (and deleted)",
+            &session,
+            &mut engine,
+            ROUNDS,
+            Box::new(|e| e.pod(&new_pod.key(), Some(new_pod.clone()))),
+            Box::new(|e| e.pod(&new_pod.key(), None)),
+        )?);
+        cluster.pods[local] = pod;
+        cluster.pods.push(new_pod);
+        // (c) one policy's first ingress rule moves to another port.
         let spec = cluster.policies[0].spec.as_mut().context("a policy spec")?;
         spec.ingress.as_mut().context("ingress rules")?[0].ports =
             Some(serde_json::from_value(json!([{"port": 7070}]))?);
-        let (step, _) = change("one policy update", &after, &cluster)?;
-        steps.push(step);
+        let updated = cluster.policies.clone();
+        let original = generate(scale).policies;
+        let everything = |policies: &Vec<NetworkPolicy>| -> Change {
+            let (policies, namespaces, pods) = (
+                policies.clone(),
+                cluster.namespaces.clone(),
+                cluster.pods.clone(),
+            );
+            Box::new(move |e| e.reset(policies.clone(), namespaces.clone(), pods.clone()))
+        };
+        steps.push(step(
+            "one policy update",
+            &session,
+            &mut engine,
+            3,
+            everything(&updated),
+            everything(&original),
+        )?);
+        let ruleset = engine.ruleset();
         Ok(Report {
             scale,
-            local_pods: cluster.pods.iter().filter(|p| p.node == NODE).count(),
-            policies_here,
+            local_pods: engine.program().pods.len(),
+            policies_here: engine.program().policies.len(),
             chains: ruleset.chains.len(),
             rules: ruleset.rules(),
             sets: ruleset.sets.len(),
@@ -250,7 +323,7 @@ pub fn table(r: &Report) -> String {
     let mut out = format!(
         "{} pods, {} policies, {} namespaces, {} nodes; node-1: {} pods, {} policies selecting them\n\
          program: {} chains, {} rules, {} sets, {} elements, {} KiB of nft JSON\n\n\
-         | step | compile ms | render ms | changed elements | chains | diff+apply ms | whole-table replace ms | ratio |\n\
+         | step | changed elements | chains | compute ms | apply ms | total ms | whole-table replace ms | total / replace |\n\
          |---|---|---|---|---|---|---|---|\n",
         r.scale.pods,
         r.scale.policies,
@@ -265,26 +338,17 @@ pub fn table(r: &Report) -> String {
         r.json_bytes / 1024
     );
     for s in &r.steps {
-        let (elements, chains, applied, ratio) = match &s.diff {
-            Some((c, t)) => (
-                (c.elements_added + c.elements_removed).to_string(),
-                c.chains.to_string(),
-                format!("{:.2}", ms(*t)),
-                format!("{:.3}", ms(*t) / ms(s.full)),
-            ),
-            None => (
-                r.elements.to_string(),
-                r.chains.to_string(),
-                "-".into(),
-                "-".into(),
-            ),
-        };
+        let total = s.compute + s.apply;
         out.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {elements} | {chains} | {applied} | {:.1} | {ratio} |\n",
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.4} |\n",
             s.what,
-            ms(s.compile),
-            ms(s.render),
-            ms(s.full)
+            s.changes.elements_added + s.changes.elements_removed,
+            s.changes.chains,
+            ms(s.compute),
+            ms(s.apply),
+            ms(total),
+            ms(s.replace),
+            ms(total) / ms(s.replace)
         ));
     }
     out
@@ -293,6 +357,7 @@ pub fn table(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_policy::compile;
 
     #[test]
     fn the_generated_cluster_has_the_asked_size_and_isolates_pods() {
@@ -311,7 +376,7 @@ mod tests {
         assert_eq!(program.pods.len(), 200);
         assert!(program
             .pods
-            .iter()
+            .values()
             .all(|p| matches!(p.ingress, weft_policy::Gate::Isolated { .. })));
         assert!(program.problems.is_empty(), "{:?}", program.problems);
     }
