@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::json;
+use weft_policy::engine::Engine;
 use weft_policy::{compile, netlink, nft, render, NamedPort, NamespaceInfo, PodInfo, Protocol};
 
 const NODE: &str = "polt-node";
@@ -226,8 +227,16 @@ fn a_rendered_program_enforces_with_real_connections() {
         )
     };
     let first = ruleset(&policy, &pods);
-    let (transaction, _) = nft::full(&first);
-    in_node(move || nft::apply(&transaction)).unwrap();
+    // No table yet: the structure, then every element over netlink.
+    let (transaction, _) = nft::fresh(&first);
+    in_node(move || {
+        let mut session = nft::Session::open()?;
+        assert!(!session.table_exists()?, "a table before the first load");
+        session.apply(&transaction)?;
+        assert!(session.table_exists()?, "no table after the first load");
+        Ok::<_, String>(())
+    })
+    .unwrap();
 
     assert!(connects("b", "198.19.9.2", 80), "b -> a:80 is allowed");
     assert!(!connects("b", "198.19.9.2", 81), "b -> a:81 is not");
@@ -305,6 +314,23 @@ fn a_rendered_program_enforces_with_real_connections() {
     let (transaction, _) = nft::full(&third);
     in_node(move || nft::apply(&transaction)).unwrap();
     assert_eq!(by_difference, listing());
+
+    // Pod by pod through the engine: b relabelled pod=a joins a's group
+    // (a verdict-map entry, over netlink) and is isolated like a.
+    let mut engine = Engine::new("n", render::Options::default());
+    engine.load(vec![moved], namespaces.to_vec(), relabelled);
+    assert_eq!(engine.ruleset(), &third);
+    assert!(connects("c", "198.19.9.3", 80), "b is not isolated yet");
+    let mut b_as_a = pods[1].clone();
+    b_as_a.labels.insert("pod".into(), "a".into());
+    let (transaction, changes) = engine.pod("x/b", Some(b_as_a)).expect("a change");
+    assert!(netlink::Batch::of(&transaction.commands).is_some());
+    assert_eq!((changes.chains, changes.sets), (0, 0), "{changes:?}");
+    in_node(move || nft::apply(&transaction)).unwrap();
+    assert!(
+        !connects("c", "198.19.9.3", 80),
+        "b, now pod=a, is isolated"
+    );
 }
 
 /// Runs `f` on a thread inside the node namespace (`nft` runs in the

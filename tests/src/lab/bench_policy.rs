@@ -235,14 +235,26 @@ pub fn run(scale: Scale, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         let compute = started.elapsed();
         let apply = timed_apply(&session, &transaction)?;
         let whole = nft::full(engine.ruleset()).0;
-        let json_bytes = whole.json().len();
-        let mut steps = vec![Step {
+        let ruleset = engine.ruleset();
+        let mut report = Report {
+            scale,
+            local_pods: engine.program().pods.len(),
+            policies_here: engine.program().policies.len(),
+            chains: ruleset.chains.len(),
+            rules: ruleset.rules(),
+            sets: ruleset.sets.len(),
+            elements: ruleset.elements(),
+            json_bytes: whole.json().len(),
+            steps: Vec::new(),
+        };
+        let steps = &mut report.steps;
+        steps.push(Step {
             what: "full sync (node without a table)".into(),
             compute,
             changes,
             apply,
             replace: timed_apply(&session, &whole)?,
-        }];
+        });
         // (a) a local pod's tier flips: it leaves its namespace's
         // web-tier peer list.
         let local = cluster
@@ -298,18 +310,7 @@ pub fn run(scale: Scale, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             everything(&updated),
             everything(&original),
         )?);
-        let ruleset = engine.ruleset();
-        Ok(Report {
-            scale,
-            local_pods: engine.program().pods.len(),
-            policies_here: engine.program().policies.len(),
-            chains: ruleset.chains.len(),
-            rules: ruleset.rules(),
-            sets: ruleset.sets.len(),
-            elements: ruleset.elements(),
-            json_bytes,
-            steps,
-        })
+        Ok(report)
     })();
     netns::delete(NETNS)?;
     result
