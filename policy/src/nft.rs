@@ -533,12 +533,6 @@ impl Session {
     }
 }
 
-/// Runs one transaction in the calling thread's network namespace, in a
-/// session of its own.
-pub fn apply(transaction: &Transaction) -> Result<(), String> {
-    Session::open()?.apply(transaction)
-}
-
 /// The packet counts of the table's named counters.
 pub fn counters() -> Result<BTreeMap<String, u64>, String> {
     let raw = nftables::helper::get_current_ruleset_raw(

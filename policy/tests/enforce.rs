@@ -270,7 +270,7 @@ fn a_rendered_program_enforces_with_real_connections() {
     );
     let (transaction, changes) = nft::diff(&first, &logged).expect("a change");
     assert_eq!(changes.sets, 0, "{changes:?}");
-    in_node(move || nft::apply(&transaction)).unwrap();
+    in_node(move || apply(&transaction)).unwrap();
     let kernel_log = || {
         let out = Command::new("dmesg").output().unwrap();
         String::from_utf8_lossy(&out.stdout)
@@ -293,7 +293,7 @@ fn a_rendered_program_enforces_with_real_connections() {
         "no drop logged"
     );
     let (transaction, _) = nft::diff(&logged, &first).expect("a change");
-    in_node(move || nft::apply(&transaction)).unwrap();
+    in_node(move || apply(&transaction)).unwrap();
 
     // b is relabelled pod=z: only set elements change.
     let mut relabelled = pods.clone();
@@ -306,14 +306,14 @@ fn a_rendered_program_enforces_with_real_connections() {
         netlink::Batch::of(&transaction.commands).is_some(),
         "an element-only change goes straight over netlink"
     );
-    in_node(move || nft::apply(&transaction)).unwrap();
+    in_node(move || apply(&transaction)).unwrap();
     assert!(!connects("b", "198.19.9.2", 80), "b, now pod=z, -> a:80");
 
     // Relabelled back, the policy moves to port 81: its chain changes
     // and the sets of its rule, nothing else.
     let second = ruleset(&policy, &pods);
     let (transaction, _) = nft::diff(&ruleset(&policy, &relabelled), &second).expect("a change");
-    in_node(move || nft::apply(&transaction)).unwrap();
+    in_node(move || apply(&transaction)).unwrap();
     let relabelled = pods.clone();
     // The policy moves to port 81: its chain changes, nothing else's.
     let mut moved = policy.clone();
@@ -322,7 +322,7 @@ fn a_rendered_program_enforces_with_real_connections() {
     let third = ruleset(&moved, &relabelled);
     let (transaction, changes) = nft::diff(&second, &third).expect("a change");
     assert_eq!(changes.chains, 1, "{changes:?}");
-    in_node(move || nft::apply(&transaction)).unwrap();
+    in_node(move || apply(&transaction)).unwrap();
     assert!(connects("b", "198.19.9.2", 81), "b -> a:81 now");
     assert!(!connects("c", "198.19.9.2", 81), "c -> a:81 still not");
     assert!(!connects("b", "198.19.9.2", 80), "b -> a:80 no more");
@@ -358,7 +358,7 @@ fn a_rendered_program_enforces_with_real_connections() {
     };
     let by_difference = listing();
     let (transaction, _) = nft::full(&third);
-    in_node(move || nft::apply(&transaction)).unwrap();
+    in_node(move || apply(&transaction)).unwrap();
     assert_eq!(by_difference, listing());
 
     // Pod by pod through the engine: b relabelled pod=a joins a's group
@@ -372,11 +372,17 @@ fn a_rendered_program_enforces_with_real_connections() {
     let (transaction, changes) = engine.pod("x/b", Some(b_as_a)).expect("a change");
     assert!(netlink::Batch::of(&transaction.commands).is_some());
     assert_eq!((changes.chains, changes.sets), (0, 0), "{changes:?}");
-    in_node(move || nft::apply(&transaction)).unwrap();
+    in_node(move || apply(&transaction)).unwrap();
     assert!(
         !connects("c", "198.19.9.3", 80),
         "b, now pod=a, is isolated"
     );
+}
+
+/// Runs one transaction in a session of its own (the calling thread's
+/// network namespace).
+fn apply(transaction: &nft::Transaction) -> Result<(), String> {
+    nft::Session::open()?.apply(transaction)
 }
 
 /// Runs `f` on a thread inside the node namespace (`nft` runs in the
