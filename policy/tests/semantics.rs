@@ -148,17 +148,17 @@ fn a_bad_protocol_opens_nothing_and_is_reported() {
     assert!(!allowed(&bad, &pods, "x/b", "x/a", 1));
 }
 
-fn shared_cases() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/netpol/cases");
-    case::files_in(&dir).unwrap_or_else(|e| panic!("{e} (shared/ must sit beside the repository)"))
+fn all_cases() -> Vec<PathBuf> {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    case::conformance_files(&repo).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
-fn every_shared_conformance_case_passes_through_compiled_programs() {
-    let files = shared_cases();
+fn every_conformance_case_passes_through_compiled_programs() {
+    let files = all_cases();
     assert!(
-        files.len() >= 18,
-        "expected the shared cases, found {}",
+        files.len() >= 18 + 12,
+        "expected the conformance cases, found {}",
         files.len()
     );
     for path in files {
@@ -170,7 +170,7 @@ fn every_shared_conformance_case_passes_through_compiled_programs() {
 
 #[test]
 fn a_wrong_expectation_is_caught_and_reported() {
-    let path = shared_cases()
+    let path = all_cases()
         .into_iter()
         .find(|p| p.to_string_lossy().contains("014-"))
         .unwrap();
@@ -194,7 +194,7 @@ proptest! {
     /// Decisions do not depend on the order policies are listed in.
     #[test]
     fn decisions_are_independent_of_policy_order(seed in any::<u64>(), port in 79u16..82) {
-        let path = shared_cases().into_iter().find(|p| p.to_string_lossy().contains("015-")).unwrap();
+        let path = all_cases().into_iter().find(|p| p.to_string_lossy().contains("015-")).unwrap();
         let c = case::load(&path).unwrap();
         let mut shuffled = c.policies.clone();
         let n = shuffled.len();
@@ -215,7 +215,7 @@ proptest! {
 
 #[test]
 fn explain_names_the_deciding_rule_or_the_isolating_policy() {
-    let path = shared_cases()
+    let path = all_cases()
         .into_iter()
         .find(|p| p.to_string_lossy().contains("014-"))
         .unwrap();

@@ -1,6 +1,7 @@
-//! `meshlab netpol`: every shared NetworkPolicy conformance case with real
-//! TCP, UDP and SCTP connections across three nodes, and a case with wrong
-//! expectations failing in both directions (so the probes can fail).
+//! `meshlab netpol`: every NetworkPolicy conformance case (shared and
+//! Weft's own) with real TCP, UDP and SCTP connections across three nodes,
+//! and a case with wrong expectations failing in both directions (so the
+//! probes can fail).
 
 mod common;
 
@@ -11,9 +12,9 @@ use common::{run_bounded, Lab};
 use serde_json::Value;
 use weft_policy::case;
 
-fn shared_cases() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/netpol/cases");
-    case::files_in(&dir).unwrap_or_else(|e| panic!("{e} (shared/ must sit beside the repository)"))
+fn all_cases() -> Vec<PathBuf> {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    case::conformance_files(&repo).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn netpol(lab: &Lab, cases: &[PathBuf]) -> (bool, String, String) {
@@ -49,11 +50,11 @@ fn flip_two_cells(case: &mut Value) -> Vec<String> {
 }
 
 #[test]
-fn every_shared_case_passes_with_real_packets_and_wrong_expectations_fail() {
-    let files = shared_cases();
+fn every_case_passes_with_real_packets_and_wrong_expectations_fail() {
+    let files = all_cases();
     assert!(
-        files.len() >= 18,
-        "expected the shared cases, found {}",
+        files.len() >= 18 + 12,
+        "expected the conformance cases, found {}",
         files.len()
     );
     let lab = Lab::up("t-netpol", &[]);
