@@ -172,7 +172,7 @@ pub async fn run(client: Client, node: String, options: render::Options, health:
     // Whether the kernel holds the engine's ruleset; not at start, after a
     // failure, or when the table vanished: the next pass replaces it whole.
     let mut in_kernel = false;
-    let mut problems = Vec::new();
+    let mut problems = BTreeMap::new();
     let mut counted = HashMap::new();
     let mut tick = tokio::time::interval(COUNTER_PERIOD);
     let mut first = true;
@@ -198,7 +198,7 @@ pub async fn run(client: Client, node: String, options: render::Options, health:
             }
             let program = engine.program();
             if program.problems != problems {
-                for problem in &program.problems {
+                for problem in program.problems.values().flatten() {
                     tracing::warn!(%problem, "a NetworkPolicy part is unusable and allows nothing");
                 }
                 problems = program.problems.clone();

@@ -219,9 +219,9 @@ pub struct Program {
     pub peers: BTreeMap<String, Peers>,
     /// The named ports of those policies' rules, resolved.
     pub named: BTreeMap<NamedPorts, BTreeSet<NamedTarget>>,
-    /// Policies or rules that could not be used, with why (they allow
+    /// Per policy, its parts that could not be used, with why (they allow
     /// nothing; isolation still applies).
-    pub problems: Vec<String>,
+    pub problems: BTreeMap<String, Vec<String>>,
 }
 
 impl Program {
@@ -564,14 +564,14 @@ enum PortSpec {
 }
 
 /// Compiles the program of the pods on `node`.
-pub fn compile(
+pub fn compile<'a>(
     node: &str,
-    policies: &[NetworkPolicy],
-    pods: &[PodInfo],
-    namespaces: &[NamespaceInfo],
+    policies: impl IntoIterator<Item = &'a NetworkPolicy>,
+    pods: impl IntoIterator<Item = &'a PodInfo> + Clone,
+    namespaces: impl IntoIterator<Item = &'a NamespaceInfo>,
 ) -> Program {
     let mut pods_by_namespace: BTreeMap<&str, Vec<&PodInfo>> = BTreeMap::new();
-    for pod in pods {
+    for pod in pods.clone() {
         pods_by_namespace
             .entry(pod.namespace.as_str())
             .or_default()
@@ -579,12 +579,16 @@ pub fn compile(
     }
     let ctx = Ctx {
         pods_by_namespace,
-        namespaces: namespaces.iter().map(|n| (n.name.as_str(), n)).collect(),
+        namespaces: namespaces
+            .into_iter()
+            .map(|n| (n.name.as_str(), n))
+            .collect(),
         selected: RefCell::default(),
     };
     let mut program = Program::default();
     let locals: Vec<&PodInfo> = pods
-        .iter()
+        .clone()
+        .into_iter()
         .filter(|p| p.node == node && !p.ips.is_empty())
         .collect();
     let mut locals_by_namespace: BTreeMap<&str, Vec<&PodInfo>> = BTreeMap::new();
@@ -601,9 +605,10 @@ pub fn compile(
             continue;
         };
         let key = policy_key(policy);
+        let mut problems = Vec::new();
         if let Some(sel) = spec.pod_selector.as_ref() {
             if let Err(e) = selector::check(sel) {
-                program.problems.push(format!("{key}: podSelector: {e}"));
+                problems.push(format!("{key}: podSelector: {e}"));
             }
         }
         let selected: Vec<&PodInfo> = locals_by_namespace
@@ -614,6 +619,9 @@ pub fn compile(
             .filter(|p| selects(policy, p))
             .collect();
         if selected.is_empty() {
+            if !problems.is_empty() {
+                program.problems.insert(key, problems);
+            }
             continue;
         }
         let (isolates_in, isolates_out) = policy_types(policy);
@@ -628,7 +636,7 @@ pub fn compile(
                         direction,
                         index,
                     };
-                    ctx.rule(rule, peers, ports, &mut program.problems)
+                    ctx.rule(rule, peers, ports, &mut problems)
                 })
                 .collect::<Vec<Rule>>()
         };
@@ -663,6 +671,9 @@ pub fn compile(
                 egress.push(key.clone());
             }
         }
+        if !problems.is_empty() {
+            program.problems.insert(key.clone(), problems);
+        }
         program.policies.insert(key, compiled);
     }
     program.peers = ctx
@@ -680,7 +691,11 @@ pub fn compile(
     program.named = named
         .into_iter()
         .map(|key| {
-            let targets = pods.iter().flat_map(|pod| key.targets(pod, node)).collect();
+            let targets = pods
+                .clone()
+                .into_iter()
+                .flat_map(|pod| key.targets(pod, node))
+                .collect();
             (key.clone(), targets)
         })
         .collect();

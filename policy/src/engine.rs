@@ -150,18 +150,22 @@ impl Engine {
     }
 
     fn recompile(&mut self) {
-        let pods: Vec<PodInfo> = self.pods.values().cloned().collect();
-        let namespaces: Vec<NamespaceInfo> = self.namespaces.values().cloned().collect();
-        self.program = compile(&self.node, &self.policies, &pods, &namespaces);
+        self.program = compile(
+            &self.node,
+            &self.policies,
+            self.pods.values(),
+            self.namespaces.values(),
+        );
         self.ruleset = render::render(&self.program, &self.options);
         self.holders.clear();
-        for ip in pods.iter().flat_map(|p| &p.ips) {
+        for ip in self.pods.values().flat_map(|p| &p.ips) {
             *self.holders.entry(*ip).or_default() += 1;
         }
         self.selecting.clear();
         self.group_pods.clear();
-        let selecting: Vec<String> = pods
-            .iter()
+        let selecting: Vec<String> = self
+            .pods
+            .values()
             .flat_map(|p| self.selecting_policies(Some(p)))
             .collect();
         for key in selecting {

@@ -141,7 +141,11 @@ fn a_bad_protocol_opens_nothing_and_is_reported() {
         "spec": {"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"ports": [{"protocol": "ICMP", "port": 1}]}]}}));
     let program = compile("n", std::slice::from_ref(&bad), &pods, &[ns("x"), ns("y")]);
     assert!(
-        program.problems.iter().any(|p| p.contains("ICMP")),
+        program
+            .problems
+            .values()
+            .flatten()
+            .any(|p| p.contains("ICMP")),
         "{:?}",
         program.problems
     );
