@@ -1,6 +1,6 @@
 //! NetworkPolicy enforcement on this node: reflectors on Pods, Namespaces
-//! and NetworkPolicies feed the policy [`Engine`] (debounced): a pod change
-//! is worked out for that pod alone, a policy or namespace change
+//! and NetworkPolicies feed the policy [`Engine`] (debounced): a pod or
+//! policy change is worked out for that object alone, a namespace change
 //! recompiles the node, and only the difference from what the kernel holds
 //! is applied (the whole table at start or after a failure). The drop
 //! counters become per-policy metrics; a table that vanished is rebuilt.
@@ -37,28 +37,45 @@ fn revision(meta: &ObjectMeta) -> u64 {
 /// What changed since the engine last looked.
 #[derive(Default)]
 struct Dirty {
-    /// Policies or namespaces changed, or a watch relisted: recompile.
+    /// A namespace changed, or a watch relisted: recompile.
     everything: bool,
     /// Pods (`namespace/name`) created, changed or deleted.
     pods: BTreeSet<String>,
+    /// NetworkPolicies (`namespace/name`) created, changed or deleted.
+    policies: BTreeSet<String>,
 }
 
-/// Marks what an event of kind `K` makes stale: one pod for a pod's event,
-/// everything for any other.
+/// Marks what an event of kind `K` makes stale: that pod or policy for a
+/// pod's or a policy's event, everything for any other.
 fn mark<K: Resource<DynamicType = ()>>(dirty: &Mutex<Dirty>, event: &watcher::Event<K>) {
     let mut dirty = dirty.lock().unwrap_or_else(|e| e.into_inner());
-    match event {
-        watcher::Event::Apply(o) | watcher::Event::Delete(o) if K::kind(&()) == "Pod" => {
-            let meta = o.meta();
-            let key = format!(
-                "{}/{}",
-                meta.namespace.as_deref().unwrap_or_default(),
-                meta.name.as_deref().unwrap_or_default()
-            );
-            dirty.pods.insert(key);
+    let (watcher::Event::Apply(o) | watcher::Event::Delete(o)) = event else {
+        dirty.everything = true;
+        return;
+    };
+    let meta = o.meta();
+    let key = format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    );
+    match K::kind(&()).as_ref() {
+        "Pod" => dirty.pods.insert(key),
+        "NetworkPolicy" => dirty.policies.insert(key),
+        _ => {
+            dirty.everything = true;
+            true
         }
-        _ => dirty.everything = true,
-    }
+    };
+}
+
+/// The object `key` (`namespace/name`) in `store`.
+fn get<K>(store: &Store<K>, key: &str) -> Option<Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    let (namespace, name) = key.split_once('/').unwrap_or_default();
+    store.get(&ObjectRef::new(name).within(namespace))
 }
 
 /// A reflector for every object of kind `K`, marking what each event makes
@@ -196,26 +213,29 @@ pub async fn run(client: Client, node: String, options: render::Options, health:
             } else {
                 engine.load(cluster.0, cluster.1, cluster.2);
             }
-            let program = engine.program();
-            if program.problems != problems {
-                for problem in program.problems.values().flatten() {
-                    tracing::warn!(%problem, "a NetworkPolicy part is unusable and allows nothing");
-                }
-                problems = program.problems.clone();
-            }
         } else {
+            let mut changes = Vec::new();
             for key in &stale.pods {
-                let (namespace, name) = key.split_once('/').unwrap_or_default();
-                let pod = pods
-                    .get(&ObjectRef::new(name).within(namespace))
-                    .map(|p| PodInfo::from_pod(&p));
-                if let Some((t, c)) = engine.pod(key, pod) {
-                    update = Some(match update {
-                        Some((u, uc)) => (u.then(t), uc + c),
-                        None => (t, c),
-                    });
-                }
+                let pod = get(&pods, key).map(|p| PodInfo::from_pod(&p));
+                changes.extend(engine.pod(key, pod));
             }
+            for key in &stale.policies {
+                let policy = get(&policies, key).map(|p| (*p).clone());
+                changes.extend(engine.policy(key, policy));
+            }
+            for (t, c) in changes {
+                update = Some(match update {
+                    Some((u, uc)) => (u.then(t), uc + c),
+                    None => (t, c),
+                });
+            }
+        }
+        let program = engine.program();
+        if program.problems != problems {
+            for problem in program.problems.values().flatten() {
+                tracing::warn!(%problem, "a NetworkPolicy part is unusable and allows nothing");
+            }
+            problems = program.problems.clone();
         }
         if !in_kernel {
             // Where a table is, it keeps enforcing until one transaction

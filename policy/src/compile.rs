@@ -40,8 +40,9 @@ pub struct RuleRef {
 }
 
 /// A peer list as written (`from` or `to`), with the namespace of its
-/// policy: what decides which pods it holds, so one pod can be tested
-/// against it alone.
+/// policy where that matters (a peer picking pods without a
+/// namespaceSelector; otherwise empty): what decides which pods it holds,
+/// so one pod can be tested against it alone.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PeerSpec {
     pub namespace: String,
@@ -383,7 +384,7 @@ impl<'a> Ctx<'a> {
                 },
                 Some(list) => {
                     let spec = PeerSpec {
-                        namespace: policy_ns.to_string(),
+                        namespace: scope.to_string(),
                         peers: list.clone(),
                     };
                     let (peers, problems) = self.resolve(spec);

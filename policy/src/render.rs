@@ -34,7 +34,10 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde_json::{json, Value};
 
-use crate::compile::{Direction, Gate, NamedPorts, NamedTarget, PortRange, Program, Rule};
+use crate::compile::{
+    Direction, Gate, NamedPorts, NamedTarget, Peers, PodProgram, PolicyProgram, PortRange, Program,
+    Rule,
+};
 use crate::model::Protocol;
 
 pub const TABLE: &str = "weft_policy";
@@ -255,6 +258,12 @@ fn counter_name(direction: Direction, by: &[String]) -> String {
     format!("d{}-{}", letter(direction), digest(&by))
 }
 
+/// The counter of group chain `chain` (`None`: not a group chain).
+fn counter_of(chain: &str) -> Option<String> {
+    let rest = chain.strip_prefix('g')?;
+    Some(format!("d{rest}"))
+}
+
 /// The elements of a host set.
 pub fn host_elements(hosts: &BTreeSet<IpAddr>, v4: bool) -> BTreeSet<Element> {
     hosts
@@ -310,7 +319,7 @@ fn rule_lines(program: &Program, r: &Rule, sets: &mut BTreeMap<String, Set>) -> 
         None => port_tests.push(PortTest::Any),
         Some(ranges) => {
             if !ranges.is_empty() {
-                let name = format!("t-{}", digest(ranges));
+                let name = ports_set(ranges);
                 sets.entry(name.clone()).or_insert_with(|| Set {
                     kind: SetKind::Ports,
                     elements: ranges.iter().map(|p| Element::Ports(*p)).collect(),
@@ -366,11 +375,122 @@ pub fn render(program: &Program, options: &Options) -> Ruleset {
         out.maps.insert(map, BTreeMap::new());
     }
     for (id, peers) in &program.peers {
+        out.add_peers(id, peers);
+    }
+    for (key, targets) in &program.named {
+        out.add_named(key, targets);
+    }
+    for (key, policy) in &program.policies {
+        out.add_policy(program, key, policy);
+    }
+    for pod in program.pods.values() {
+        out.add_pod(pod, options);
+    }
+    out
+}
+
+/// The chains of policy `key`, per direction it isolates.
+pub(crate) fn policy_chains(key: &str) -> [String; 2] {
+    [
+        policy_chain(Direction::Ingress, key),
+        policy_chain(Direction::Egress, key),
+    ]
+}
+
+/// The sets of peer list `id`.
+pub(crate) fn peer_sets(id: &str) -> [String; 4] {
+    [
+        hosts_set(id, true),
+        hosts_set(id, false),
+        blocks_set(id, true),
+        blocks_set(id, false),
+    ]
+}
+
+/// The set of numeric port `ranges`.
+fn ports_set(ranges: &[PortRange]) -> String {
+    format!("t-{}", digest(&ranges))
+}
+
+/// The port sets the rules of `policy` use.
+pub(crate) fn port_sets(policy: &PolicyProgram) -> impl Iterator<Item = String> + '_ {
+    [Direction::Ingress, Direction::Egress]
+        .into_iter()
+        .filter_map(|d| policy.rules(d))
+        .flatten()
+        .filter_map(|r| r.ports.as_deref())
+        .filter(|ranges| !ranges.is_empty())
+        .map(ports_set)
+}
+
+impl Ruleset {
+    /// An empty ruleset with the four (empty) verdict maps.
+    pub(crate) fn with_maps() -> Self {
+        let mut rs = Self::default();
+        for map in MapName::ALL {
+            rs.maps.insert(map, BTreeMap::new());
+        }
+        rs
+    }
+
+    /// Copies into `self` what `from` holds of `chains` (with their
+    /// counters, for group chains) and `sets`.
+    pub(crate) fn take_from(
+        &mut self,
+        from: &Ruleset,
+        chains: &BTreeSet<String>,
+        sets: &BTreeSet<String>,
+    ) {
+        for name in chains {
+            if let Some(lines) = from.chains.get(name) {
+                self.chains.insert(name.clone(), lines.clone());
+            }
+            if let Some(counter) = counter_of(name).and_then(|c| Some((from.counters.get(&c)?, c)))
+            {
+                self.counters.insert(counter.1, counter.0.clone());
+            }
+        }
+        for name in sets {
+            if let Some(set) = from.sets.get(name) {
+                self.sets.insert(name.clone(), set.clone());
+            }
+        }
+    }
+
+    /// Replaces the objects of `old` (a part of `self`) with those of
+    /// `new`; map entries are replaced per address.
+    pub(crate) fn replace_part(&mut self, old: &Ruleset, new: &Ruleset) {
+        for name in old.chains.keys() {
+            self.chains.remove(name);
+        }
+        for name in old.sets.keys() {
+            self.sets.remove(name);
+        }
+        for name in old.counters.keys() {
+            self.counters.remove(name);
+        }
+        for (map, entries) in &old.maps {
+            if let Some(m) = self.maps.get_mut(map) {
+                for ip in entries.keys() {
+                    m.remove(ip);
+                }
+            }
+        }
+        self.chains.extend(new.chains.clone());
+        self.sets.extend(new.sets.clone());
+        self.counters.extend(new.counters.clone());
+        for (map, entries) in &new.maps {
+            self.maps.entry(*map).or_default().extend(entries.clone());
+        }
+    }
+
+    /// The sets of peer list `id`.
+    pub(crate) fn add_peers(&mut self, id: &str, peers: &Peers) {
         for v4 in [true, false] {
             if let Some(hosts) = &peers.hosts {
                 let elements = host_elements(hosts, v4);
                 let kind = SetKind::Hosts { v4 };
-                out.sets.insert(hosts_set(id, v4), Set { kind, elements });
+                self.sets.insert(hosts_set(id, v4), Set { kind, elements });
             }
             if let Some(blocks) = &peers.blocks {
                 let elements = blocks
@@ -379,30 +499,37 @@ pub fn render(program: &Program, options: &Options) -> Ruleset {
                     .map(|n| Element::Net(*n))
                     .collect();
                 let kind = SetKind::Blocks { v4 };
-                out.sets.insert(blocks_set(id, v4), Set { kind, elements });
+                self.sets.insert(blocks_set(id, v4), Set { kind, elements });
             }
         }
     }
-    for (key, targets) in &program.named {
+
+    /// The sets of the named ports `key`.
+    pub(crate) fn add_named(&mut self, key: &NamedPorts, targets: &BTreeSet<NamedTarget>) {
         for v4 in [true, false] {
             let elements = named_elements(targets, v4);
             let kind = SetKind::Named { v4 };
-            out.sets.insert(named_set(key, v4), Set { kind, elements });
+            self.sets.insert(named_set(key, v4), Set { kind, elements });
         }
     }
-    for (key, policy) in &program.policies {
+
+    /// The chains of policy `key` and the port sets its rules use.
+    pub(crate) fn add_policy(&mut self, program: &Program, key: &str, policy: &PolicyProgram) {
         for direction in [Direction::Ingress, Direction::Egress] {
             let Some(rules) = policy.rules(direction) else {
                 continue;
             };
             let body = rules
                 .iter()
-                .flat_map(|r| rule_lines(program, r, &mut out.sets))
+                .flat_map(|r| rule_lines(program, r, &mut self.sets))
                 .collect();
-            out.chains.insert(policy_chain(direction, key), body);
+            self.chains.insert(policy_chain(direction, key), body);
         }
     }
-    for pod in program.pods.values() {
+
+    /// A local pod's verdict-map entries, and the chains and counters of
+    /// its groups if they are new.
+    pub(crate) fn add_pod(&mut self, pod: &PodProgram, options: &Options) {
         for (direction, gate) in [
             (Direction::Egress, &pod.egress),
             (Direction::Ingress, &pod.ingress),
@@ -410,26 +537,37 @@ pub fn render(program: &Program, options: &Options) -> Ruleset {
             let Gate::Isolated { by } = gate else {
                 continue;
             };
-            let chain = group_chain_name(direction, by);
-            if !out.chains.contains_key(&chain) {
-                let counter = counter_name(direction, by);
-                out.chains
-                    .insert(chain.clone(), group_chain(direction, by, &counter, options));
-                out.counters.insert(
-                    counter,
-                    DropCounter {
-                        direction,
-                        policies: by.clone(),
-                    },
-                );
-            }
+            let chain = self.add_group(direction, by, options);
             for ip in &pod.ips {
                 let map = MapName::new(direction, ip.is_ipv4());
-                out.maps.entry(map).or_default().insert(*ip, chain.clone());
+                self.maps.entry(map).or_default().insert(*ip, chain.clone());
             }
         }
     }
-    out
+
+    /// The chain and counter of the group isolated in `direction` by `by`,
+    /// if not there yet; returns the chain's name.
+    pub(crate) fn add_group(
+        &mut self,
+        direction: Direction,
+        by: &[String],
+        options: &Options,
+    ) -> String {
+        let chain = group_chain_name(direction, by);
+        if !self.chains.contains_key(&chain) {
+            let counter = counter_name(direction, by);
+            self.chains
+                .insert(chain.clone(), group_chain(direction, by, &counter, options));
+            self.counters.insert(
+                counter,
+                DropCounter {
+                    direction,
+                    policies: by.to_vec(),
+                },
+            );
+        }
+        chain
+    }
 }
 
 /// The chain of the pods isolated by the policies `by`: each policy's

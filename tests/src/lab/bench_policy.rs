@@ -214,7 +214,7 @@ pub fn run(scale: Scale, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     let _ = netns::delete(NETNS);
     netns::ip(&["netns", "add", NETNS])?;
     let result = (|| {
-        let mut cluster = generate(scale);
+        let cluster = generate(scale);
         progress(&format!(
             "{} pods, {} policies, {} namespaces over {} nodes; measuring {NODE}",
             scale.pods, scale.policies, scale.namespaces, scale.nodes
@@ -286,29 +286,24 @@ pub fn run(scale: Scale, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             Box::new(|e| e.pod(&new_pod.key(), Some(new_pod.clone()))),
             Box::new(|e| e.pod(&new_pod.key(), None)),
         )?);
-        cluster.pods[local] = pod;
-        cluster.pods.push(new_pod);
         // (c) one policy's first ingress rule moves to another port.
-        let spec = cluster.policies[0].spec.as_mut().context("a policy spec")?;
+        let original = cluster.policies[0].clone();
+        let key = format!(
+            "{}/{}",
+            original.metadata.namespace.as_deref().unwrap_or_default(),
+            original.metadata.name.as_deref().unwrap_or_default()
+        );
+        let mut updated = original.clone();
+        let spec = updated.spec.as_mut().context("a policy spec")?;
         spec.ingress.as_mut().context("ingress rules")?[0].ports =
             Some(serde_json::from_value(json!([{"port": 7070}]))?);
-        let updated = cluster.policies.clone();
-        let original = generate(scale).policies;
-        let everything = |policies: &Vec<NetworkPolicy>| -> Change {
-            let (policies, namespaces, pods) = (
-                policies.clone(),
-                cluster.namespaces.clone(),
-                cluster.pods.clone(),
-            );
-            Box::new(move |e| e.reset(policies.clone(), namespaces.clone(), pods.clone()))
-        };
         steps.push(step(
             "one policy update",
             &session,
             &mut engine,
-            3,
-            everything(&updated),
-            everything(&original),
+            ROUNDS,
+            Box::new(|e| e.policy(&key, Some(updated.clone()))),
+            Box::new(|e| e.policy(&key, Some(original.clone()))),
         )?);
         Ok(report)
     })();
