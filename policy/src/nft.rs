@@ -3,7 +3,7 @@
 //! one transaction (libnftables JSON through `nft -j -f -`, never a command
 //! per rule).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::net::IpAddr;
 
@@ -338,17 +338,20 @@ pub fn diff(old: &Ruleset, new: &Ruleset) -> Option<(Transaction, Changes)> {
     (!changes.is_empty()).then_some((Transaction { commands }, changes))
 }
 
-/// The sets of `rs`, the few that many rules use first: the kernel finds a
-/// set by name by walking the table's sets in creation order, once per rule
-/// using it, so this keeps loading a large table from going quadratic.
+/// The sets of `rs`, those more rules use first: the kernel finds a set by
+/// name by walking the table's sets in creation order, once per rule using
+/// it, so this keeps loading a large table from going quadratic.
 fn creation_order(rs: &Ruleset) -> Vec<(&String, &Set)> {
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for line in rs.chains.values().flatten() {
+        // Set references are the only strings starting with `@`.
+        for reference in line.expr.split("\"@").skip(1) {
+            let name = reference.split('"').next().unwrap_or_default();
+            *uses.entry(name).or_default() += 1;
+        }
+    }
     let mut sets: Vec<_> = rs.sets.iter().collect();
-    sets.sort_by_key(|(_, set)| match set.kind {
-        SetKind::Ports => 0,
-        SetKind::Named { .. } => 1,
-        SetKind::Blocks { .. } => 2,
-        SetKind::Hosts { .. } => 3,
-    });
+    sets.sort_by_key(|(name, _)| std::cmp::Reverse(uses.get(name.as_str()).copied().unwrap_or(0)));
     sets
 }
 
