@@ -3,7 +3,7 @@
 //! one transaction (libnftables JSON through `nft -j -f -`, never a command
 //! per rule).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::IpAddr;
 
@@ -276,7 +276,7 @@ fn skeleton() -> Vec<Value> {
 /// the table in the same transaction clears it atomically.
 pub fn full(rs: &Ruleset) -> (Transaction, Changes) {
     let mut commands = vec![Command::ReplaceTable];
-    let changes = diff_into(&mut commands, &Ruleset::default(), rs, true);
+    let changes = diff_into(&mut commands, &Ruleset::default(), rs, Some(Load::Atomic));
     (Transaction { commands }, changes)
 }
 
@@ -292,28 +292,8 @@ fn plain(kind: SetKind) -> bool {
 /// looser than one of the two ends. (Where a table exists, [`full`]
 /// replaces it in one transaction: it keeps enforcing until then.)
 pub fn fresh(rs: &Ruleset) -> (Transaction, Changes) {
-    let shell = Ruleset {
-        chains: rs.chains.clone(),
-        sets: rs
-            .sets
-            .iter()
-            .map(|(name, set)| {
-                let set = if plain(set.kind) {
-                    Set {
-                        kind: set.kind,
-                        elements: Default::default(),
-                    }
-                } else {
-                    set.clone()
-                };
-                (name.clone(), set)
-            })
-            .collect(),
-        maps: BTreeMap::new(),
-        counters: rs.counters.clone(),
-    };
     let mut commands = vec![Command::ReplaceTable];
-    let mut changes = diff_into(&mut commands, &Ruleset::default(), &shell, true);
+    let mut changes = diff_into(&mut commands, &Ruleset::default(), rs, Some(Load::Split));
     commands.push(Command::Commit);
     for (name, set) in rs.sets.iter().filter(|(_, s)| plain(s.kind)) {
         if !set.elements.is_empty() {
@@ -334,7 +314,7 @@ pub fn fresh(rs: &Ruleset) -> (Transaction, Changes) {
 /// `new`; `None` when nothing differs.
 pub fn diff(old: &Ruleset, new: &Ruleset) -> Option<(Transaction, Changes)> {
     let mut commands = Vec::new();
-    let changes = diff_into(&mut commands, old, new, false);
+    let changes = diff_into(&mut commands, old, new, None);
     (!changes.is_empty()).then_some((Transaction { commands }, changes))
 }
 
@@ -374,15 +354,21 @@ fn jumps(add: bool, map: MapName, entries: Vec<(&IpAddr, &String)>) -> Command {
     }
 }
 
+/// How a whole table is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// Everything in one transaction.
+    Atomic,
+    /// Plain sets created empty and map entries left out (the caller
+    /// adds them in a second transaction).
+    Split,
+}
+
 /// Appends the commands in an order the kernel accepts within one
 /// transaction: what is referenced exists before the reference, and a
-/// reference is gone before what it pointed to.
-fn diff_into(
-    cmds: &mut Vec<Command>,
-    old: &Ruleset,
-    new: &Ruleset,
-    with_skeleton: bool,
-) -> Changes {
+/// reference is gone before what it pointed to. `load`: `new` is a whole
+/// table, skeleton included.
+fn diff_into(cmds: &mut Vec<Command>, old: &Ruleset, new: &Ruleset, load: Option<Load>) -> Changes {
     let mut changes = Changes::default();
     for name in new
         .counters
@@ -395,10 +381,18 @@ fn diff_into(
         match old.sets.get(name) {
             None => {
                 changes.sets += 1;
+                let set = if load == Some(Load::Split) && plain(set.kind) {
+                    Set {
+                        kind: set.kind,
+                        elements: BTreeSet::new(),
+                    }
+                } else {
+                    set.clone()
+                };
                 changes.elements_added += set.elements.len();
                 cmds.push(Command::AddSet {
                     name: name.clone(),
-                    set: set.clone(),
+                    set,
                 });
             }
             Some(was) => {
@@ -429,11 +423,12 @@ fn diff_into(
             rule: rule.clone(),
         }));
     }
-    if with_skeleton {
+    if load.is_some() {
         cmds.push(Command::Skeleton);
     }
     let empty = BTreeMap::new();
-    for (map, entries) in &new.maps {
+    let maps = new.maps.iter().filter(|_| load != Some(Load::Split));
+    for (map, entries) in maps {
         let was = old.maps.get(map).unwrap_or(&empty);
         let gone: Vec<_> = was
             .iter()
@@ -558,6 +553,53 @@ pub fn counters() -> Result<BTreeMap<String, u64>, String> {
 mod tests {
     use super::*;
     use crate::render::Set;
+
+    #[test]
+    fn a_fresh_load_is_structure_then_elements_over_netlink() {
+        let mut rs = Ruleset::default();
+        let host = Element::Host("198.19.1.5".parse().unwrap());
+        let ports = Element::Ports(crate::compile::PortRange {
+            protocol: crate::model::Protocol::Tcp,
+            lo: 80,
+            hi: 81,
+        });
+        rs.sets.insert(
+            "a-1-4".into(),
+            Set {
+                kind: SetKind::Hosts { v4: true },
+                elements: [host].into(),
+            },
+        );
+        rs.sets.insert(
+            "t-1".into(),
+            Set {
+                kind: SetKind::Ports,
+                elements: [ports].into(),
+            },
+        );
+        let map = MapName::ALL[0];
+        rs.maps
+            .insert(map, [(host_ip(), "gi-1".to_string())].into());
+        let (t, changes) = fresh(&rs);
+        let parts: Vec<&[Command]> = t.commands.split(|c| *c == Command::Commit).collect();
+        assert_eq!(parts.len(), 2);
+        // Interval sets keep their elements in the structure; plain sets
+        // and maps are filled by the second, netlink-only transaction.
+        let filled: Vec<&Command> = parts[0]
+            .iter()
+            .filter(|c| matches!(c, Command::AddSet { set, .. } if !set.elements.is_empty()))
+            .collect();
+        assert!(matches!(filled[..], [Command::AddSet { name, .. }] if name == "t-1"));
+        assert!(!parts[0]
+            .iter()
+            .any(|c| matches!(c, Command::Jumps { .. } | Command::Elements { .. })));
+        assert!(netlink::Batch::of(parts[1]).is_some());
+        assert_eq!(changes, full(&rs).1);
+    }
+
+    fn host_ip() -> IpAddr {
+        "198.19.1.5".parse().unwrap()
+    }
 
     #[test]
     fn the_written_json_is_what_libnftables_reads() {
