@@ -4,6 +4,10 @@
 //! and reads the table back into its cache on every run (tens of
 //! milliseconds at 10,000 pods, however small the change).
 //!
+//! The same batches fill a freshly loaded table's plain sets and maps, and
+//! one request asks whether the table exists. The socket stays open
+//! between transactions ([`Socket`]).
+//!
 //! No crate encodes verdict-map elements or concatenated keys (rustables
 //! has key-only elements; nftnl needs the C libraries), and the handful of
 //! messages here are plain netlink attributes, so they are written out.
@@ -12,6 +16,7 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol as SocketProtocol, Socket as Socket2, Type};
 
 use crate::model::Protocol;
@@ -244,8 +249,14 @@ impl Socket {
     /// one is refused; returns the refusals.
     fn exchange(&mut self, datagram: &[u8], ours: &[u32]) -> Result<Vec<(u32, i32)>, String> {
         let fail = |what: &str, e: std::io::Error| format!("nfnetlink {what}: {e}");
-        // A large batch must fit the send buffer whole: it is one datagram.
-        let _ = self.socket.set_send_buffer_size(datagram.len() * 2);
+        // A batch is one datagram and must fit the send buffer whole. A
+        // fresh table's elements run to megabytes, past the usual wmem_max
+        // (208 KiB) that caps SO_SNDBUF; SO_SNDBUFFORCE (CAP_NET_ADMIN,
+        // which meshd has) is not capped.
+        let size = datagram.len() * 2;
+        if setsockopt(&self.socket, sockopt::SndBufForce, &size).is_err() {
+            let _ = self.socket.set_send_buffer_size(size);
+        }
         let sent = self.socket.send(datagram).map_err(|e| fail("send", e))?;
         if sent != datagram.len() {
             return Err(format!(
