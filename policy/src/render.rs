@@ -194,8 +194,9 @@ pub struct Line {
     pub comment: String,
 }
 
+#[cfg(test)]
 impl Line {
-    /// The expressions parsed back (for tests and tools).
+    /// The expressions parsed back.
     pub fn expressions(&self) -> Value {
         serde_json::from_str(&self.expr).unwrap_or_default()
     }
@@ -232,7 +233,7 @@ fn suffix(v4: bool) -> char {
 }
 
 /// The set of the pod addresses of peer list `id`, per family.
-pub fn hosts_set(id: &str, v4: bool) -> String {
+pub(crate) fn hosts_set(id: &str, v4: bool) -> String {
     format!("a-{}-{}", digest(&id), suffix(v4))
 }
 
@@ -241,12 +242,12 @@ fn blocks_set(id: &str, v4: bool) -> String {
 }
 
 /// The set of the resolved named ports `key`, per family.
-pub fn named_set(key: &NamedPorts, v4: bool) -> String {
+pub(crate) fn named_set(key: &NamedPorts, v4: bool) -> String {
     format!("n-{}-{}", digest(key), suffix(v4))
 }
 
 /// The chain of the pods isolated in `direction` by the policies `by`.
-pub fn group_chain_name(direction: Direction, by: &[String]) -> String {
+pub(crate) fn group_chain_name(direction: Direction, by: &[String]) -> String {
     format!("g{}-{}", letter(direction), digest(&by))
 }
 
@@ -265,7 +266,7 @@ fn counter_of(chain: &str) -> Option<String> {
 }
 
 /// The elements of a host set.
-pub fn host_elements(hosts: &BTreeSet<IpAddr>, v4: bool) -> BTreeSet<Element> {
+fn host_elements(hosts: &BTreeSet<IpAddr>, v4: bool) -> BTreeSet<Element> {
     hosts
         .iter()
         .filter(|h| h.is_ipv4() == v4)
@@ -274,7 +275,7 @@ pub fn host_elements(hosts: &BTreeSet<IpAddr>, v4: bool) -> BTreeSet<Element> {
 }
 
 /// The elements of a named-port set.
-pub fn named_elements(targets: &BTreeSet<NamedTarget>, v4: bool) -> BTreeSet<Element> {
+fn named_elements(targets: &BTreeSet<NamedTarget>, v4: bool) -> BTreeSet<Element> {
     targets
         .iter()
         .filter(|t| t.address.is_ipv4() == v4)
