@@ -554,22 +554,31 @@ mod tests {
     use super::*;
     use crate::render::Set;
 
+    /// A ruleset holding one plain set, `a-1-4`, with [`host_ip`] in it.
+    fn with_host_set() -> Ruleset {
+        let mut rs = Ruleset::default();
+        rs.sets.insert(
+            "a-1-4".into(),
+            Set {
+                kind: SetKind::Hosts { v4: true },
+                elements: [Element::Host(host_ip())].into(),
+            },
+        );
+        rs
+    }
+
+    fn host_ip() -> IpAddr {
+        "198.19.1.5".parse().unwrap()
+    }
+
     #[test]
     fn a_fresh_load_is_structure_then_elements_over_netlink() {
-        let mut rs = Ruleset::default();
-        let host = Element::Host("198.19.1.5".parse().unwrap());
+        let mut rs = with_host_set();
         let ports = Element::Ports(crate::compile::PortRange {
             protocol: crate::model::Protocol::Tcp,
             lo: 80,
             hi: 81,
         });
-        rs.sets.insert(
-            "a-1-4".into(),
-            Set {
-                kind: SetKind::Hosts { v4: true },
-                elements: [host].into(),
-            },
-        );
         rs.sets.insert(
             "t-1".into(),
             Set {
@@ -597,21 +606,9 @@ mod tests {
         assert_eq!(changes, full(&rs).1);
     }
 
-    fn host_ip() -> IpAddr {
-        "198.19.1.5".parse().unwrap()
-    }
-
     #[test]
     fn the_written_json_is_what_libnftables_reads() {
-        let mut rs = Ruleset::default();
-        let host = Element::Host("198.19.1.5".parse().unwrap());
-        rs.sets.insert(
-            "a-1-4".into(),
-            Set {
-                kind: SetKind::Hosts { v4: true },
-                elements: [host].into(),
-            },
-        );
+        let mut rs = with_host_set();
         rs.chains.insert(
             "pi-1".into(),
             vec![Line {
