@@ -9,4 +9,4 @@ mod key;
 mod store;
 
 pub use key::{KeyParseError, PrivateKey, PublicKey};
-pub use store::{write_private, KeyState, KeyStore, SealingKey, StoreError};
+pub use store::{write_atomic, write_private, KeyState, KeyStore, SealingKey, StoreError};

@@ -259,6 +259,13 @@ impl KeyStore {
 /// either the old contents or the new, never a mix: temp file in the same
 /// directory, fsync, rename over the target, fsync of the directory.
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
+    write_atomic(path, contents, 0o600)
+}
+
+/// Writes `contents` to `path` with permissions `mode` set before the
+/// rename, so the file appears whole and with its final mode at once (a
+/// runtime may exec a plugin binary the instant it appears).
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io(dir))?;
     let name = path
@@ -271,8 +278,10 @@ pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
             .create(true)
             .truncate(true)
             .write(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&tmp)?;
+        // The umask may have narrowed the mode given to open.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(contents)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;

@@ -46,12 +46,13 @@ pub fn conflist(args: &CniArgs) -> Value {
     })
 }
 
-/// Writes `contents` to `path` atomically unless it already holds them.
-fn write_if_changed(path: &Path, contents: &[u8]) -> Result<bool> {
+/// Writes `contents` to `path` atomically, with `mode`, unless it already
+/// holds them.
+fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> Result<bool> {
     if fs::read(path).is_ok_and(|current| current == contents) {
         return Ok(false);
     }
-    weft_keys::write_private(path, contents)?;
+    weft_keys::write_atomic(path, contents, mode)?;
     Ok(true)
 }
 
@@ -64,16 +65,12 @@ pub fn install(args: &CniArgs) -> Result<()> {
     let binary = fs::read(&source)
         .with_context(|| format!("reading the CNI plugin {}", source.display()))?;
     let target = args.cni_bin_dir.join("weft");
-    if write_if_changed(&target, &binary)? {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;
+    if write_if_changed(&target, &binary, 0o755)? {
         tracing::info!(path = %target.display(), "installed the CNI plugin");
     }
     let conf = serde_json::to_vec_pretty(&conflist(args))?;
     let conf_path = args.cni_conf_dir.join(CONFLIST);
-    if write_if_changed(&conf_path, &conf)? {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&conf_path, fs::Permissions::from_mode(0o644))?;
+    if write_if_changed(&conf_path, &conf, 0o644)? {
         tracing::info!(path = %conf_path.display(), "wrote the CNI configuration");
     }
     Ok(())
@@ -82,7 +79,7 @@ pub fn install(args: &CniArgs) -> Result<()> {
 /// Publishes the node state for the plugin if it changed; true if written.
 pub fn publish_state(path: &Path, state: &NodeState) -> Result<bool> {
     let bytes = serde_json::to_vec_pretty(state)?;
-    write_if_changed(path, &bytes)
+    write_if_changed(path, &bytes, 0o644)
 }
 
 /// Pods' traffic crosses the node: it must forward both families.

@@ -323,12 +323,12 @@ pub fn files_in(dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
     Ok(files)
 }
 
-/// Every conformance case of the repository at `repo`: the shared ones
-/// (`../shared/netpol/cases`, beside it) then Weft's own (`tests/netpol`:
-/// more of the upstream suite, written from the API's semantics).
+/// Every conformance case of the repository at `repo`: those transcribed
+/// from the upstream suite (`tests/netpol/upstream`) then Weft's own
+/// (`tests/netpol`: more of the upstream suite, written from the API's
+/// semantics).
 pub fn conformance_files(repo: &Path) -> Result<Vec<std::path::PathBuf>, String> {
-    let mut files = files_in(&repo.join("../shared/netpol/cases"))
-        .map_err(|e| format!("{e} (shared/ must sit beside the repository)"))?;
+    let mut files = files_in(&repo.join("tests/netpol/upstream"))?;
     files.extend(files_in(&repo.join("tests/netpol"))?);
     Ok(files)
 }
