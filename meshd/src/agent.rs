@@ -1,10 +1,14 @@
 //! `meshd run`: the node agent's event loop.
 //!
-//! Node watch events (debounced) and a one-second look at the data plane
-//! (is it alive, which peers are heard from) trigger a sync: build the
-//! snapshot, publish this node's annotations if they changed, plan, and
-//! reconcile the difference. A periodic resync is only a safety net. When
-//! meshd stops, the data plane and routes stay: traffic keeps flowing.
+//! Before anything else meshd makes the node fail closed: unreachable
+//! backstops for every cluster pod and mesh range, so that no state of the
+//! agent or the cluster can send pod traffic out in plaintext. Then Node and
+//! block-record watch events (debounced) and a one-second look at the data
+//! plane (is it alive, which peers are heard from) trigger a sync: gather
+//! the inputs, [`decide`](crate::decide) (pure), apply the decision —
+//! annotations, Events, the data plane and routes — and only then tell the
+//! CNI plugin it may attach pods. A periodic resync is only a safety net.
+//! When meshd stops, the data plane and routes stay: traffic keeps flowing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -13,10 +17,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use futures::StreamExt;
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -24,22 +28,26 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
 use weft_keys::{KeyStore, PrivateKey, PublicKey, SealingKey};
 
-use crate::annotations::render;
-use crate::cluster::{self, annotation_patch, node_info};
+use crate::cluster::{self, node_info};
 use crate::dataplane::{DataPlane, Mode, UserspaceProgram};
+use crate::decide::{decide, Inputs};
 use crate::http::{self, Health};
 use crate::liveness::Liveness;
 use crate::metrics::{PeerLabels, ReasonLabels, StateLabels};
-use crate::model::{ClusterSnapshot, LocalConfig, MeshRanges, Verdict};
-use crate::planner::{own_claim, own_endpoint, plan};
+use crate::model::{ClusterRanges, ClusterSnapshot, LocalConfig, Ranges, Verdict};
+use crate::planner::backstops;
 use crate::reconcile::netlink::Netlink;
 use crate::reconcile::Reconciler;
+use crate::report::Reports;
 
 /// WireGuard's per-packet overhead on an IPv6 underlay (the larger case).
 const WIREGUARD_OVERHEAD: u32 = 80;
 const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 /// Watch events closer together than this are applied as one.
 const DEBOUNCE: Duration = Duration::from_millis(10);
+/// A sync that takes longer fails (and is retried): every API, netlink and
+/// UAPI call in it is bounded by this at the latest.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -107,25 +115,15 @@ pub struct RunArgs {
     pub log_policy_drops: u32,
 }
 
-/// Exactly one IPv4 range and at most one IPv6 range.
-pub fn mesh_ranges(cidrs: &[IpNet]) -> Result<MeshRanges> {
-    let mut v4 = None;
-    let mut v6 = None;
-    for c in cidrs {
-        if c.trunc() != *c {
-            bail!(
-                "--mesh-cidr {c}: host bits set (did you mean {}?)",
-                c.trunc()
-            );
-        }
-        match c {
-            IpNet::V4(n) if v4.is_none() => v4 = Some(*n),
-            IpNet::V6(n) if v6.is_none() => v6 = Some(*n),
-            _ => bail!("--mesh-cidr {c}: give one IPv4 range and at most one IPv6 range"),
-        }
+/// The cluster's ranges from `--cluster-cidr` and `--mesh-cidr`.
+pub fn cluster_ranges(args: &RunArgs) -> Result<ClusterRanges> {
+    if args.blocks.cluster_cidrs.is_empty() {
+        anyhow::bail!("--cluster-cidr is required: the cluster's pod ranges (one IPv4, optionally one IPv6), the same on every node; every node's pod ranges must lie inside them");
     }
-    let v4 = v4.context("--mesh-cidr: an IPv4 range is required")?;
-    Ok(MeshRanges { v4, v6 })
+    Ok(ClusterRanges {
+        pods: Ranges::from_flag("--cluster-cidr", &args.blocks.cluster_cidrs)?,
+        mesh: Ranges::from_flag("--mesh-cidr", &args.mesh_cidrs)?,
+    })
 }
 
 async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
@@ -155,17 +153,29 @@ struct Agent {
     health: Arc<Health>,
     recorder: Recorder,
     liveness: Liveness,
-    /// Exclusions already reported, so each is reported once.
-    reported: BTreeMap<String, String>,
+    reports: Reports,
     mtu: Option<u32>,
     peer_names: BTreeMap<PublicKey, String>,
     needs_sync: bool,
     /// Blocks claimed through the API, and the Nodes there were then.
     claimed: Option<(BTreeSet<String>, Vec<IpNet>)>,
+    /// Whether the CNI plugin and its conflist are installed (retried each
+    /// sync until they are; the mesh does not wait for them).
+    cni_installed: bool,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    let mesh = mesh_ranges(&args.mesh_cidrs)?;
+    let ranges = cluster_ranges(&args)?;
+    // Fail closed first, before any key, API or data plane: from here on no
+    // cluster address can leave this node except through WireGuard.
+    let netlink = Netlink::new()?;
+    let added = netlink.ensure_unreachable(&backstops(&ranges)).await?;
+    tracing::info!(added, ranges = ?ranges.all().collect::<Vec<_>>(), "unreachable backstops in place");
+    let _lock = crate::lock::exclusive(
+        &args.state_dir.join("meshd.lock"),
+        "meshd on this node",
+        crate::lock::WAIT,
+    )?;
     let sealing = args
         .sealing_key_file
         .as_deref()
@@ -177,17 +187,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     tracing::info!(node = %args.node_name, public_key = %key.public_key(), "starting");
     let client = client(args.kubeconfig.as_ref()).await?;
     crate::cni::enable_forwarding()?;
-    crate::cni::install(&args.cni)?;
-    let health = Arc::new(Health {
-        ready: Default::default(),
-        metrics: Default::default(),
-    });
+    let health = Arc::new(Health::new(args.network_policy));
     http::serve(args.metrics_addr, health.clone()).await?;
     if args.network_policy {
         let options = weft_policy::render::Options {
             log_per_second: (args.log_policy_drops > 0).then_some(args.log_policy_drops),
         };
-        tokio::spawn(crate::policy::run(
+        tokio::spawn(supervise_policy(
             client.clone(),
             args.node_name.clone(),
             options,
@@ -209,32 +215,27 @@ pub async fn run(args: RunArgs) -> Result<()> {
         args.state_dir.clone(),
     )
     .await?;
-    let reconciler = Reconciler::new(dataplane, Netlink::new()?);
+    let reconciler = Reconciler::new(dataplane, netlink);
 
-    let (reader, writer) = reflector::store();
     let changed = Arc::new(Notify::new());
-    let nodes: Api<Node> = Api::all(client.clone());
-    let notify = changed.clone();
-    tokio::spawn(async move {
-        let stream =
-            reflector(writer, watcher(nodes, watcher::Config::default())).default_backoff();
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => notify.notify_one(),
-                Err(e) => tracing::warn!(error = %e, "watching Nodes (retrying)"),
-            }
-        }
-    });
-    reader
-        .wait_until_ready()
-        .await
-        .context("waiting for the first list of Nodes")?;
+    let nodes = watch(Api::<Node>::all(client.clone()), None, changed.clone());
+    let (namespace, name) = args.blocks.record()?;
+    let record = watch(
+        Api::<ConfigMap>::namespaced(client.clone(), namespace),
+        Some(format!("metadata.name={name}")),
+        changed.clone(),
+    );
+    for (what, store) in [
+        ("Nodes", nodes.wait_until_ready().await),
+        ("the block record", record.wait_until_ready().await),
+    ] {
+        store.with_context(|| format!("waiting for the first list of {what}"))?;
+    }
 
     let mut agent = Agent {
         local: LocalConfig {
             node_name: args.node_name.clone(),
-            mesh,
+            ranges,
             persistent_keepalive: (args.persistent_keepalive > 0)
                 .then_some(args.persistent_keepalive),
             down_peers: BTreeSet::new(),
@@ -246,11 +247,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         reconciler,
         health,
         liveness: Liveness::default(),
-        reported: BTreeMap::new(),
+        reports: Reports::default(),
         mtu: None,
         peer_names: BTreeMap::new(),
         needs_sync: true,
         claimed: None,
+        cni_installed: false,
     };
     let mut observe = tokio::time::interval(Duration::from_secs(1));
     let mut resync = tokio::time::interval(Duration::from_secs(agent.args.resync.max(1)));
@@ -270,10 +272,66 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             _ = resync.tick() => {}
         }
-        agent.sync(&reader).await;
+        agent.sync(&nodes, &record).await;
     }
     tracing::info!("stopping; the data plane and routes stay in place");
     Ok(())
+}
+
+/// A reflector store of `api` (optionally one field-selected object), kept
+/// current in the background; every event notifies `changed`.
+fn watch<K>(api: Api<K>, fields: Option<String>, changed: Arc<Notify>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let mut config = watcher::Config::default();
+    if let Some(f) = &fields {
+        config = config.fields(f);
+    }
+    tokio::spawn(async move {
+        let stream = reflector(writer, watcher(api, config)).default_backoff();
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => tracing::warn!(error = %e, kind = %K::kind(&()), "watching (retrying)"),
+            }
+        }
+    });
+    reader
+}
+
+/// Runs the policy engine, restarting it if it ever ends; readiness fails
+/// while it is not running.
+async fn supervise_policy(
+    client: Client,
+    node: String,
+    options: weft_policy::render::Options,
+    health: Arc<Health>,
+) {
+    loop {
+        health.policy.store(true, Ordering::Relaxed);
+        let engine = tokio::spawn(crate::policy::run(
+            client.clone(),
+            node.clone(),
+            options,
+            health.clone(),
+        ));
+        let ended = engine.await;
+        health.policy.store(false, Ordering::Relaxed);
+        tracing::error!(
+            ?ended,
+            "the NetworkPolicy engine stopped; restarting it in a second"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 impl Agent {
@@ -345,29 +403,36 @@ impl Agent {
         false
     }
 
-    async fn sync(&mut self, reader: &Store<Node>) {
+    async fn sync(&mut self, nodes: &Store<Node>, record: &Store<ConfigMap>) {
         let started = Instant::now();
-        let result = self.try_sync(reader).await;
+        let result = match tokio::time::timeout(SYNC_TIMEOUT, self.try_sync(nodes, record)).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!(
+                "the sync took longer than {SYNC_TIMEOUT:?}"
+            )),
+        };
         let m = &self.health.metrics;
-        match result {
-            Ok(()) => {
-                self.needs_sync = false;
-                self.health.ready.store(true, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.needs_sync = true;
-                m.reconcile_errors.inc();
-                tracing::warn!(error = %format!("{e:#}"), "sync failed; retrying in a second");
-            }
+        self.needs_sync = result.is_err();
+        self.health.mesh.store(result.is_ok(), Ordering::Relaxed);
+        if let Err(e) = result {
+            m.reconcile_errors.inc();
+            tracing::warn!(error = %format!("{e:#}"), "sync failed; retrying in a second");
         }
         m.reconciles.inc();
         m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
     }
 
-    async fn try_sync(&mut self, reader: &Store<Node>) -> Result<()> {
-        let objects = reader.state();
-        let mut snapshot = ClusterSnapshot {
+    /// Gather, decide, apply.
+    async fn try_sync(&mut self, nodes: &Store<Node>, record: &Store<ConfigMap>) -> Result<()> {
+        // Gather.
+        let objects = nodes.state();
+        let blocks = match record.state().first() {
+            Some(cm) => crate::node_blocks::record_of(cm)?,
+            None => Default::default(),
+        };
+        let snapshot = ClusterSnapshot {
             nodes: objects.iter().map(|n| node_info(n)).collect(),
+            blocks,
         };
         let name = self.local.node_name.clone();
         let me = snapshot
@@ -375,33 +440,27 @@ impl Agent {
             .iter()
             .find(|n| n.name == name)
             .with_context(|| format!("Node {name} is not registered yet"))?;
-        let endpoint = own_endpoint(me, self.args.endpoint, self.args.listen_port)
-            .map_err(anyhow::Error::msg)?;
         let internal_ip = me.internal_ips.first().copied();
-        let current = me.annotations.clone();
         let pod_cidrs = match me.spec_pod_cidrs.is_empty() {
             false => me.spec_pod_cidrs.clone(),
             true => self.claimed_blocks(&snapshot).await?,
         };
-        let claim = own_claim(
-            &snapshot,
-            &self.local,
-            self.key.public_key(),
-            endpoint,
+        // Decide.
+        let decision = decide(&Inputs {
+            snapshot: &snapshot,
+            local: &self.local,
+            public_key: self.key.public_key(),
+            endpoint_flag: self.args.endpoint,
+            listen_port: self.args.listen_port,
             pod_cidrs,
-        )
-        .map_err(anyhow::Error::msg)?;
-        let desired_annotations = render(&claim);
-        if let Some(patch) = annotation_patch(&current, &desired_annotations) {
-            cluster::patch_node(&self.client, &name, &patch).await?;
+        })?;
+        let desired = &decision.desired;
+        // Apply.
+        if let Some(patch) = &decision.patch {
+            cluster::patch_node(&self.client, &name, patch).await?;
             self.health.metrics.count_write("annotations");
             tracing::info!(?patch, "published this node's annotations");
         }
-        // Plan with what was just published rather than wait for its echo.
-        if let Some(me) = snapshot.nodes.iter_mut().find(|n| n.name == name) {
-            me.annotations.extend(desired_annotations);
-        }
-        let desired = plan(&snapshot, &self.local);
         self.peer_names = desired
             .peers
             .iter()
@@ -409,14 +468,10 @@ impl Agent {
             .collect();
         self.report(&desired.verdicts, &objects).await;
 
-        let mtu = self.mtu(endpoint, internal_ip).await;
-        let node_state = weft_ipam::NodeState::new(claim.pod_cidrs.clone(), mtu);
-        if crate::cni::publish_state(&self.args.cni.cni_state_file, &node_state)? {
-            tracing::info!(path = %self.args.cni.cni_state_file.display(), "published the node state for the CNI plugin");
-        }
+        let mtu = self.mtu(decision.claim.endpoint, internal_ip).await;
         let outcome = self
             .reconciler
-            .reconcile(&desired, &self.key, self.args.listen_port, mtu)
+            .reconcile(desired, &self.key, self.args.listen_port, mtu)
             .await?;
         let m = &self.health.metrics;
         m.count_change("wireguard", outcome.wireguard);
@@ -438,6 +493,31 @@ impl Agent {
             if let Some(peer) = desired.peers.get(key) {
                 start_handshake(peer);
             }
+        }
+        // Only now may pods attach: the node state is what the CNI plugin
+        // waits for, and the mesh their traffic needs is in place.
+        self.publish_for_cni(&decision.claim.pod_cidrs, mtu)
+    }
+
+    /// Installs the CNI plugin (until it is) and publishes the node state
+    /// it reads. A missing plugin binary is reported, not fatal: the mesh
+    /// does not depend on pods being attachable.
+    fn publish_for_cni(&mut self, pod_cidrs: &[IpNet], mtu: u32) -> Result<()> {
+        if !self.cni_installed {
+            match crate::cni::install(&self.args.cni) {
+                Ok(()) => self.cni_installed = true,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot install the CNI plugin yet; pods cannot attach on this node")
+                }
+            }
+            self.health
+                .metrics
+                .cni_installed
+                .set(i64::from(self.cni_installed));
+        }
+        let node_state = weft_ipam::NodeState::new(pod_cidrs.to_vec(), mtu);
+        if crate::cni::publish_state(&self.args.cni.cni_state_file, &node_state)? {
+            tracing::info!(path = %self.args.cni.cni_state_file.display(), "published the node state for the CNI plugin");
         }
         Ok(())
     }
@@ -473,40 +553,42 @@ impl Agent {
         Ok(blocks)
     }
 
-    /// Events and metrics for excluded nodes; each exclusion reported once.
+    /// Metrics for every excluded node; a log line and an Event for those
+    /// newly or differently excluded, rate-limited per node.
     async fn report(&mut self, verdicts: &BTreeMap<String, Verdict>, objects: &[Arc<Node>]) {
         let m = &self.health.metrics;
         m.excluded.clear();
-        let mut still = BTreeMap::new();
+        let mut rejected = BTreeMap::new();
         for (name, verdict) in verdicts {
-            let Verdict::Rejected(why) = verdict else {
+            if let Verdict::Rejected(why) = verdict {
+                m.excluded
+                    .get_or_create(&ReasonLabels {
+                        reason: why.reason().into(),
+                    })
+                    .inc();
+                rejected.insert(name.clone(), why.to_string());
+            }
+        }
+        for name in self.reports.select(&rejected, Instant::now()) {
+            let Some(Verdict::Rejected(why)) = verdicts.get(&name) else {
                 continue;
             };
-            m.excluded
+            m.rejected
                 .get_or_create(&ReasonLabels {
                     reason: why.reason().into(),
                 })
                 .inc();
             let note = why.to_string();
-            if self.reported.get(name) != Some(&note) {
-                m.rejected
-                    .get_or_create(&ReasonLabels {
-                        reason: why.reason().into(),
-                    })
-                    .inc();
-                tracing::warn!(node = %name, reason = why.reason(), "{note}; node excluded from the mesh");
-                if let Some(node) = objects.iter().find(|o| o.name_any() == *name) {
-                    match cluster::report_exclusion(&self.recorder, node, note.clone()).await {
-                        Ok(()) => m.count_write("event"),
-                        Err(e) => {
-                            tracing::warn!(error = %format!("{e:#}"), "could not record an Event")
-                        }
+            tracing::warn!(node = %name, reason = why.reason(), "{note}; node excluded from the mesh");
+            if let Some(node) = objects.iter().find(|o| o.name_any() == name) {
+                match cluster::report_exclusion(&self.recorder, node, note).await {
+                    Ok(()) => m.count_write("event"),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "could not record an Event")
                     }
                 }
             }
-            still.insert(name.clone(), note);
         }
-        self.reported = still;
     }
 
     async fn mtu(&mut self, endpoint: SocketAddr, internal_ip: Option<std::net::IpAddr>) -> u32 {
@@ -561,27 +643,57 @@ fn start_handshake(peer: &crate::model::Peer) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["meshd", "--node-name", "n"];
+        argv.extend_from_slice(extra);
+        Cli::parse_from(argv).run
+    }
 
     #[test]
-    fn mesh_range_flags() {
-        let r = mesh_ranges(&[
-            "198.18.128.0/17".parse().unwrap(),
-            "fd98:18::/64".parse().unwrap(),
-        ])
+    fn cluster_ranges_are_required_and_checked() {
+        let err = cluster_ranges(&args(&[])).unwrap_err().to_string();
+        assert!(err.contains("--cluster-cidr is required"), "{err}");
+        let r = cluster_ranges(&args(&[
+            "--cluster-cidr",
+            "198.19.0.0/16",
+            "--cluster-cidr",
+            "fd98:19::/48",
+        ]))
         .unwrap();
-        assert_eq!(r.v4.to_string(), "198.18.128.0/17");
-        assert!(mesh_ranges(&["fd98:18::/64".parse().unwrap()])
-            .unwrap_err()
-            .to_string()
-            .contains("IPv4 range is required"));
-        assert!(mesh_ranges(&[
-            "10.0.0.0/8".parse().unwrap(),
-            "10.1.0.0/16".parse().unwrap()
-        ])
-        .is_err());
-        assert!(mesh_ranges(&["10.0.0.1/8".parse().unwrap()])
-            .unwrap_err()
-            .to_string()
-            .contains("host bits"));
+        assert_eq!(r.pods.v4.to_string(), "198.19.0.0/16");
+        assert_eq!(
+            r.all().count(),
+            4,
+            "pods and the default mesh ranges, both families"
+        );
+        for (bad, want) in [
+            (["--cluster-cidr", "198.19.0.1/16"], "host bits"),
+            (
+                ["--cluster-cidr", "fd98:19::/48"],
+                "--cluster-cidr: an IPv4 range is required",
+            ),
+        ] {
+            let err = cluster_ranges(&args(&bad)).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        let err = cluster_ranges(&args(&[
+            "--cluster-cidr",
+            "198.19.0.0/16",
+            "--mesh-cidr",
+            "10.0.0.0/8",
+            "--mesh-cidr",
+            "10.1.0.0/16",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--mesh-cidr 10.1.0.0/16"), "{err}");
     }
 }

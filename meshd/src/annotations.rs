@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use weft_keys::PublicKey;
 
-use crate::model::{MeshRanges, NodeInfo};
+use crate::model::{ClusterRanges, NodeInfo};
 
 pub const PREFIX: &str = "weft.dev/";
 pub const VERSION: &str = "weft.dev/version";
@@ -22,6 +22,10 @@ pub const POD_CIDRS: &str = "weft.dev/pod-cidrs";
 /// Set by an admin (not by meshd) to override the endpoint a node publishes,
 /// e.g. a public address in front of NAT.
 pub const FORCE_ENDPOINT: &str = "weft.dev/force-endpoint";
+
+/// The annotations meshd owns on its Node (others under the prefix, like
+/// [`FORCE_ENDPOINT`], belong to admins and are never written).
+pub const OWNED: &[&str] = &[VERSION, PUBLIC_KEY, ENDPOINT, MESH_ADDRESSES, POD_CIDRS];
 
 /// The annotation format this meshd writes and reads.
 pub const FORMAT_VERSION: &str = "1";
@@ -57,12 +61,24 @@ pub enum Rejection {
     UnsupportedVersion(String),
     BadPublicKey(String),
     BadEndpoint(String),
-    UnspecifiedEndpoint(SocketAddr),
+    /// Parses, but nothing may be sent there: `why` says what it is.
+    UnusableEndpoint {
+        endpoint: SocketAddr,
+        why: &'static str,
+    },
     BadMeshAddress(String),
     MeshAddressOutsideRange(IpAddr),
     BadPodCidr(String),
-    PodCidrNotInSpec(IpNet),
     PodCidrOverlapsMesh(IpNet),
+    PodCidrOutsideCluster(IpNet),
+    /// Not within the node's `spec.podCIDRs` or, without them, the blocks
+    /// the cluster record holds for it.
+    PodCidrNotAssigned {
+        cidr: IpNet,
+        assigned: Vec<IpNet>,
+    },
+    /// As large as the whole cluster range it lies in.
+    PodCidrTooLarge(IpNet),
     /// An older node (or, at equal age, the one whose name sorts first)
     /// already holds this.
     Conflict {
@@ -80,11 +96,13 @@ impl Rejection {
             Self::Oversized(_) => "oversized",
             Self::UnsupportedVersion(_) => "unsupported_version",
             Self::BadPublicKey(_) => "bad_public_key",
-            Self::BadEndpoint(_) | Self::UnspecifiedEndpoint(_) => "bad_endpoint",
+            Self::BadEndpoint(_) | Self::UnusableEndpoint { .. } => "bad_endpoint",
             Self::BadMeshAddress(_) | Self::MeshAddressOutsideRange(_) => "bad_mesh_address",
-            Self::BadPodCidr(_) | Self::PodCidrNotInSpec(_) | Self::PodCidrOverlapsMesh(_) => {
-                "bad_pod_cidr"
-            }
+            Self::BadPodCidr(_)
+            | Self::PodCidrOverlapsMesh(_)
+            | Self::PodCidrOutsideCluster(_)
+            | Self::PodCidrTooLarge(_) => "bad_pod_cidr",
+            Self::PodCidrNotAssigned { .. } => "pod_cidr_not_assigned",
             Self::Conflict { .. } => "conflict",
         }
     }
@@ -101,22 +119,34 @@ impl fmt::Display for Rejection {
             ),
             Self::BadPublicKey(e) => write!(f, "{PUBLIC_KEY}: {e}"),
             Self::BadEndpoint(e) => write!(f, "{ENDPOINT}: {e}"),
-            Self::UnspecifiedEndpoint(e) => write!(
-                f,
-                "{ENDPOINT} {e} is not a usable address (unspecified, multicast or port 0)"
-            ),
+            Self::UnusableEndpoint { endpoint, why } => {
+                write!(f, "{ENDPOINT} {endpoint} is not usable: {why}")
+            }
             Self::BadMeshAddress(e) => write!(f, "{MESH_ADDRESSES}: {e}"),
             Self::MeshAddressOutsideRange(a) => write!(
                 f,
                 "{MESH_ADDRESSES}: {a} is outside the cluster's mesh ranges"
             ),
             Self::BadPodCidr(e) => write!(f, "{POD_CIDRS}: {e}"),
-            Self::PodCidrNotInSpec(c) => {
-                write!(f, "{POD_CIDRS}: {c} is not within the Node's spec.podCIDRs")
-            }
             Self::PodCidrOverlapsMesh(c) => {
                 write!(f, "{POD_CIDRS}: {c} overlaps the cluster's mesh range")
             }
+            Self::PodCidrOutsideCluster(c) => {
+                write!(f, "{POD_CIDRS}: {c} is outside the cluster's pod ranges (--cluster-cidr)")
+            }
+            Self::PodCidrNotAssigned { cidr, assigned } if assigned.is_empty() => write!(
+                f,
+                "{POD_CIDRS}: {cidr} was not assigned to this node: it has no spec.podCIDRs and holds no block in the cluster's block record"
+            ),
+            Self::PodCidrNotAssigned { cidr, assigned } => write!(
+                f,
+                "{POD_CIDRS}: {cidr} is not within what the control plane assigned to this node ({})",
+                assigned.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+            ),
+            Self::PodCidrTooLarge(c) => write!(
+                f,
+                "{POD_CIDRS}: {c} is as large as the cluster's whole pod range"
+            ),
             Self::Conflict {
                 field,
                 value,
@@ -138,8 +168,39 @@ fn list(v: &str) -> impl Iterator<Item = &str> {
     v.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
-/// Reads a node's claim. `Ok(None)`: the node has no Weft annotations yet.
-pub fn parse(node: &NodeInfo, mesh: &MeshRanges) -> Result<Option<Claim>, Rejection> {
+/// What is wrong with sending WireGuard to `endpoint`, if anything. An
+/// IPv4-mapped IPv6 address is judged as the IPv4 address it is.
+pub fn endpoint_problem(endpoint: SocketAddr, ranges: &ClusterRanges) -> Option<&'static str> {
+    let ip = endpoint.ip().to_canonical();
+    let link_local = match ip {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    if endpoint.port() == 0 {
+        Some("port 0")
+    } else if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if link_local {
+        Some("a link-local address")
+    } else if ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]) {
+        Some("a multicast or broadcast address")
+    } else if ranges.contains(ip) {
+        Some("inside the cluster's pod or mesh ranges (the tunnel cannot run through itself)")
+    } else {
+        None
+    }
+}
+
+/// Reads a node's claim. `assigned`: the pod ranges the control plane gave
+/// it (see [`crate::model::ClusterSnapshot::assigned`]). `Ok(None)`: the
+/// node has no Weft annotations yet.
+pub fn parse(
+    node: &NodeInfo,
+    ranges: &ClusterRanges,
+    assigned: &[IpNet],
+) -> Result<Option<Claim>, Rejection> {
     if !node.annotations.contains_key(PUBLIC_KEY) {
         return Ok(None);
     }
@@ -160,20 +221,15 @@ pub fn parse(node: &NodeInfo, mesh: &MeshRanges) -> Result<Option<Claim>, Reject
     let endpoint: SocketAddr = value(node, ENDPOINT)?
         .parse()
         .map_err(|e| Rejection::BadEndpoint(format!("{e} (expected IP:port or [IPv6]:port)")))?;
-    let ip = endpoint.ip();
-    if ip.is_unspecified()
-        || ip.is_multicast()
-        || endpoint.port() == 0
-        || ip == IpAddr::from([255, 255, 255, 255])
-    {
-        return Err(Rejection::UnspecifiedEndpoint(endpoint));
+    if let Some(why) = endpoint_problem(endpoint, ranges) {
+        return Err(Rejection::UnusableEndpoint { endpoint, why });
     }
     let mut mesh_addresses = Vec::new();
     for a in list(value(node, MESH_ADDRESSES)?) {
         let a: IpAddr = a
             .parse()
             .map_err(|e| Rejection::BadMeshAddress(format!("{a:?}: {e}")))?;
-        if !mesh.contains(a) {
+        if !ranges.mesh.contains(a) {
             return Err(Rejection::MeshAddressOutsideRange(a));
         }
         if mesh_addresses
@@ -199,11 +255,21 @@ pub fn parse(node: &NodeInfo, mesh: &MeshRanges) -> Result<Option<Claim>, Reject
         if c.trunc() != c {
             return Err(Rejection::BadPodCidr(format!("{c} has host bits set")));
         }
-        if mesh.overlaps(&c) {
+        if ranges.mesh.overlaps(&c) {
             return Err(Rejection::PodCidrOverlapsMesh(c));
         }
-        if !node.spec_pod_cidrs.is_empty() && !node.spec_pod_cidrs.iter().any(|s| s.contains(&c)) {
-            return Err(Rejection::PodCidrNotInSpec(c));
+        let cluster = ranges
+            .pods
+            .holding(&c)
+            .ok_or(Rejection::PodCidrOutsideCluster(c))?;
+        if c.prefix_len() <= cluster.prefix_len() {
+            return Err(Rejection::PodCidrTooLarge(c));
+        }
+        if !assigned.iter().any(|a| a.contains(&c)) {
+            return Err(Rejection::PodCidrNotAssigned {
+                cidr: c,
+                assigned: assigned.to_vec(),
+            });
         }
         pod_cidrs.push(c);
     }
@@ -247,16 +313,49 @@ pub fn render(claim: &Claim) -> BTreeMap<String, String> {
     ])
 }
 
+/// The merge patch taking `current` to `desired` for the keys meshd owns,
+/// or `None` when they already agree (steady state writes nothing).
+pub fn patch(
+    current: &BTreeMap<String, String>,
+    desired: &BTreeMap<String, String>,
+) -> Option<serde_json::Value> {
+    let mut changes = serde_json::Map::new();
+    for key in OWNED {
+        match (current.get(*key), desired.get(*key)) {
+            (a, b) if a == b => {}
+            (_, Some(v)) => {
+                changes.insert(key.to_string(), serde_json::Value::from(v.as_str()));
+            }
+            (Some(_), None) => {
+                changes.insert(key.to_string(), serde_json::Value::Null);
+            }
+            (None, None) => {}
+        }
+    }
+    (!changes.is_empty()).then(|| serde_json::json!({"metadata": {"annotations": changes}}))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use weft_keys::PrivateKey;
 
-    pub(crate) fn mesh() -> MeshRanges {
-        MeshRanges {
-            v4: "198.18.128.0/17".parse().unwrap(),
-            v6: Some("fd98:18::/64".parse().unwrap()),
+    pub(crate) fn ranges() -> ClusterRanges {
+        ClusterRanges {
+            pods: crate::model::Ranges {
+                v4: "198.19.0.0/16".parse().unwrap(),
+                v6: Some("fd98:19::/48".parse().unwrap()),
+            },
+            mesh: crate::model::Ranges {
+                v4: "198.18.128.0/17".parse().unwrap(),
+                v6: Some("fd98:18::/64".parse().unwrap()),
+            },
         }
+    }
+
+    /// Parsed with its spec.podCIDRs as what was assigned.
+    fn check(n: &NodeInfo) -> Result<Option<Claim>, Rejection> {
+        parse(n, &ranges(), &n.spec_pod_cidrs)
     }
 
     fn node_with(claim: &Claim) -> NodeInfo {
@@ -290,20 +389,20 @@ mod tests {
     #[test]
     fn round_trips() {
         let c = claim();
-        assert_eq!(parse(&node_with(&c), &mesh()), Ok(Some(c)));
+        assert_eq!(check(&node_with(&c)), Ok(Some(c)));
     }
 
     #[test]
     fn no_annotations_is_pending() {
         let mut n = node_with(&claim());
         n.annotations.clear();
-        assert_eq!(parse(&n, &mesh()), Ok(None));
+        assert_eq!(check(&n), Ok(None));
     }
 
     fn rejected(edit: impl FnOnce(&mut NodeInfo)) -> Rejection {
         let mut n = node_with(&claim());
         edit(&mut n);
-        parse(&n, &mesh()).unwrap_err()
+        check(&n).unwrap_err()
     }
 
     fn set(n: &mut NodeInfo, k: &str, v: &str) {
@@ -377,11 +476,6 @@ mod tests {
                 MESH_ADDRESSES,
             ),
             (
-                Box::new(|n| set(n, POD_CIDRS, "198.19.2.0/24")),
-                "bad_pod_cidr",
-                POD_CIDRS,
-            ),
-            (
                 Box::new(|n| set(n, POD_CIDRS, "198.19.1.1/24")),
                 "bad_pod_cidr",
                 POD_CIDRS,
@@ -399,6 +493,78 @@ mod tests {
                 "bad_pod_cidr",
                 POD_CIDRS,
             ),
+            // Addresses nothing may be sent to, or that would loop the
+            // tunnel through itself.
+            (
+                Box::new(|n| set(n, ENDPOINT, "127.0.0.1:51820")),
+                "bad_endpoint",
+                "loopback",
+            ),
+            (
+                Box::new(|n| set(n, ENDPOINT, "[::ffff:127.0.0.1]:51820")),
+                "bad_endpoint",
+                "loopback",
+            ),
+            (
+                Box::new(|n| set(n, ENDPOINT, "169.254.1.1:51820")),
+                "bad_endpoint",
+                "link-local",
+            ),
+            (
+                Box::new(|n| set(n, ENDPOINT, "[fe80::1]:51820")),
+                "bad_endpoint",
+                "link-local",
+            ),
+            (
+                Box::new(|n| set(n, ENDPOINT, "224.0.0.5:51820")),
+                "bad_endpoint",
+                "multicast",
+            ),
+            (
+                Box::new(|n| set(n, ENDPOINT, "198.19.2.1:51820")),
+                "bad_endpoint",
+                "pod or mesh ranges",
+            ),
+            (
+                Box::new(|n| set(n, ENDPOINT, "[fd98:18::9]:51820")),
+                "bad_endpoint",
+                "pod or mesh ranges",
+            ),
+            // Ranges the node was not given, with or without a spec.
+            (
+                Box::new(|n| set(n, POD_CIDRS, "8.8.8.0/24")),
+                "bad_pod_cidr",
+                "--cluster-cidr",
+            ),
+            (
+                Box::new(|n| {
+                    n.spec_pod_cidrs.clear();
+                    set(n, POD_CIDRS, "8.8.8.0/24,1.0.0.0/8");
+                }),
+                "bad_pod_cidr",
+                "outside the cluster",
+            ),
+            (
+                Box::new(|n| {
+                    n.spec_pod_cidrs = vec!["198.19.0.0/16".parse().unwrap()];
+                    set(n, POD_CIDRS, "198.19.0.0/16");
+                }),
+                "bad_pod_cidr",
+                "whole pod range",
+            ),
+            (
+                Box::new(|n| {
+                    n.spec_pod_cidrs.clear();
+                    set(n, POD_CIDRS, "198.19.7.0/24");
+                }),
+                "pod_cidr_not_assigned",
+                "holds no block",
+            ),
+            (
+                Box::new(|n| set(n, POD_CIDRS, "198.19.2.0/24")),
+                "pod_cidr_not_assigned",
+                "198.19.1.0/24",
+            ),
         ];
         for (edit, reason, field) in cases {
             let r = rejected(edit);
@@ -408,12 +574,34 @@ mod tests {
     }
 
     #[test]
-    fn claim_within_spec_is_fine_and_spec_less_nodes_may_claim() {
+    fn claims_within_what_was_assigned_are_accepted() {
         let mut n = node_with(&claim());
         set(&mut n, POD_CIDRS, "198.19.1.128/25");
-        assert!(parse(&n, &mesh()).unwrap().is_some());
+        assert!(check(&n).unwrap().is_some());
+        // Without a spec, the block the record holds for the node counts.
         n.spec_pod_cidrs.clear();
         set(&mut n, POD_CIDRS, "198.19.7.0/24");
-        assert!(parse(&n, &mesh()).unwrap().is_some());
+        let record_block: IpNet = "198.19.7.0/24".parse().unwrap();
+        assert!(parse(&n, &ranges(), &[record_block]).unwrap().is_some());
+    }
+
+    #[test]
+    fn patches_only_what_differs_and_never_admin_keys() {
+        let mut current = BTreeMap::from([
+            (PUBLIC_KEY.to_string(), "k".to_string()),
+            (FORCE_ENDPOINT.to_string(), "1.2.3.4:5".to_string()),
+            (POD_CIDRS.to_string(), "old".to_string()),
+        ]);
+        let desired = BTreeMap::from([
+            (PUBLIC_KEY.to_string(), "k".to_string()),
+            (ENDPOINT.to_string(), "e".to_string()),
+        ]);
+        assert_eq!(
+            patch(&current, &desired).unwrap(),
+            serde_json::json!({"metadata": {"annotations": {ENDPOINT: "e", POD_CIDRS: null}}})
+        );
+        current.remove(POD_CIDRS);
+        current.insert(ENDPOINT.into(), "e".into());
+        assert_eq!(patch(&current, &desired), None);
     }
 }

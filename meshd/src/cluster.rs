@@ -2,28 +2,16 @@
 //! annotations out (only when their content changes), and Events on nodes
 //! the planner excluded.
 
-use std::collections::BTreeMap;
-
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, ResourceExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::annotations::{self, PREFIX};
+use crate::annotations::PREFIX;
 use crate::model::NodeInfo;
-
-/// The annotations meshd owns on its Node (others under the prefix, like
-/// `weft.dev/force-endpoint`, belong to admins and are never written).
-const OWNED: &[&str] = &[
-    annotations::VERSION,
-    annotations::PUBLIC_KEY,
-    annotations::ENDPOINT,
-    annotations::MESH_ADDRESSES,
-    annotations::POD_CIDRS,
-];
 
 /// A Node as the planner sees it. Malformed control-plane fields (an
 /// unparsable podCIDR or address) are dropped, not fatal.
@@ -66,28 +54,6 @@ pub fn node_info(node: &Node) -> NodeInfo {
     }
 }
 
-/// The merge patch taking `current` to `desired` for the keys meshd owns,
-/// or `None` when they already agree (steady state writes nothing).
-pub fn annotation_patch(
-    current: &BTreeMap<String, String>,
-    desired: &BTreeMap<String, String>,
-) -> Option<Value> {
-    let mut changes = serde_json::Map::new();
-    for key in OWNED {
-        match (current.get(*key), desired.get(*key)) {
-            (a, b) if a == b => {}
-            (_, Some(v)) => {
-                changes.insert(key.to_string(), json!(v));
-            }
-            (Some(_), None) => {
-                changes.insert(key.to_string(), Value::Null);
-            }
-            (None, None) => {}
-        }
-    }
-    (!changes.is_empty()).then(|| json!({"metadata": {"annotations": changes}}))
-}
-
 pub async fn patch_node(client: &Client, name: &str, patch: &Value) -> Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     nodes
@@ -127,33 +93,4 @@ pub fn recorder(client: Client, node_name: &str) -> Recorder {
             instance: Some(node_name.into()),
         },
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn patches_only_what_differs_and_never_admin_keys() {
-        let mut current = BTreeMap::from([
-            (annotations::PUBLIC_KEY.to_string(), "k".to_string()),
-            (
-                annotations::FORCE_ENDPOINT.to_string(),
-                "1.2.3.4:5".to_string(),
-            ),
-            (annotations::POD_CIDRS.to_string(), "old".to_string()),
-        ]);
-        let desired = BTreeMap::from([
-            (annotations::PUBLIC_KEY.to_string(), "k".to_string()),
-            (annotations::ENDPOINT.to_string(), "e".to_string()),
-        ]);
-        let patch = annotation_patch(&current, &desired).unwrap();
-        assert_eq!(
-            patch,
-            json!({"metadata": {"annotations": {annotations::ENDPOINT: "e", annotations::POD_CIDRS: null}}})
-        );
-        current.remove(annotations::POD_CIDRS);
-        current.insert(annotations::ENDPOINT.into(), "e".into());
-        assert_eq!(annotation_patch(&current, &desired), None);
-    }
 }

@@ -1,5 +1,6 @@
-//! `/healthz` (the process serves), `/readyz` (the first full sync has been
-//! applied) and `/metrics` (Prometheus text), on `--metrics-addr`.
+//! `/healthz` (the process serves), `/readyz` (the last sync was applied —
+//! which needs the API and an answering data plane — and the NetworkPolicy
+//! engine runs) and `/metrics` (Prometheus text), on `--metrics-addr`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,19 +18,43 @@ use hyper_util::server::conn::auto;
 use crate::metrics::Metrics;
 
 pub struct Health {
-    pub ready: AtomicBool,
+    /// The last sync was applied.
+    pub mesh: AtomicBool,
+    /// The NetworkPolicy engine runs (always true when enforcement is off).
+    pub policy: AtomicBool,
     pub metrics: Metrics,
 }
 
+impl Health {
+    pub fn new(network_policy: bool) -> Self {
+        Self {
+            mesh: AtomicBool::new(false),
+            policy: AtomicBool::new(!network_policy),
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// What keeps the node from being ready; empty when it is.
+    pub fn not_ready(&self) -> Vec<&'static str> {
+        let mut why = Vec::new();
+        if !self.mesh.load(Ordering::Relaxed) {
+            why.push("the last sync was not applied (see meshd's log)");
+        }
+        if !self.policy.load(Ordering::Relaxed) {
+            why.push("the NetworkPolicy engine is not running");
+        }
+        why
+    }
+}
+
 fn respond(health: &Health, path: &str) -> Response<Full<Bytes>> {
+    let not_ready = health.not_ready();
     let (code, body, content_type) = match path {
         "/healthz" | "/livez" => (StatusCode::OK, "ok".to_string(), "text/plain"),
-        "/readyz" if health.ready.load(Ordering::Relaxed) => {
-            (StatusCode::OK, "ok".to_string(), "text/plain")
-        }
+        "/readyz" if not_ready.is_empty() => (StatusCode::OK, "ok".to_string(), "text/plain"),
         "/readyz" => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: first sync not applied yet".to_string(),
+            format!("not ready: {}", not_ready.join("; ")),
             "text/plain",
         ),
         "/metrics" => (

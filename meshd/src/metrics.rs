@@ -51,6 +51,7 @@ pub struct Metrics {
     pub excluded: Family<ReasonLabels, Gauge>,
     pub api_writes: Family<KindLabels, Counter>,
     pub dataplane_starts: Counter,
+    pub cni_installed: Gauge,
     pub policy_revision: Gauge,
     pub policy_drops: Family<PolicyLabels, Counter>,
     pub policy_elements: Gauge,
@@ -72,6 +73,7 @@ impl Default for Metrics {
             excluded: Family::default(),
             api_writes: Family::default(),
             dataplane_starts: Counter::default(),
+            cni_installed: Gauge::default(),
             policy_revision: Gauge::default(),
             policy_drops: Family::default(),
             policy_elements: Gauge::default(),
@@ -132,6 +134,11 @@ impl Default for Metrics {
             "dataplane_starts",
             "Times meshd created the WireGuard device (first start, or after the data plane died)",
             m.dataplane_starts.clone(),
+        );
+        registry.register(
+            "cni_installed",
+            "1 once the weft CNI plugin and its conflist are installed; until then pods cannot attach on this node",
+            m.cni_installed.clone(),
         );
         registry.register(
             "policy_synced_revision",

@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use weft_keys::PublicKey;
 
+use weft_ipam::BlockRecord;
+
 use crate::annotations::{Claim, Rejection};
 
 /// What the planner needs to know about one Node object.
@@ -24,21 +26,71 @@ pub struct NodeInfo {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// Every Node in the cluster, in any order.
+/// Every Node in the cluster, in any order, and the block record nodes
+/// without `spec.podCIDRs` claim their pod ranges in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterSnapshot {
     pub nodes: Vec<NodeInfo>,
+    pub blocks: BlockRecord,
 }
 
-/// The cluster-wide ranges WireGuard interface addresses come from. Every
-/// node must be configured with the same ranges.
+impl ClusterSnapshot {
+    /// The pod ranges the control plane gave `node`: its `spec.podCIDRs`,
+    /// else the blocks the record holds for it. A node's pod CIDR claim
+    /// must lie within them.
+    pub fn assigned(&self, node: &NodeInfo) -> Vec<IpNet> {
+        if node.spec_pod_cidrs.is_empty() {
+            self.blocks.held_by(&node.name)
+        } else {
+            node.spec_pod_cidrs.clone()
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangesError {
+    #[error("{flag} {cidr}: host bits set (did you mean {}?)", cidr.trunc())]
+    HostBits { flag: &'static str, cidr: IpNet },
+    #[error("{flag} {cidr}: give one IPv4 range and at most one IPv6 range")]
+    Family { flag: &'static str, cidr: IpNet },
+    #[error("{flag}: an IPv4 range is required")]
+    NoIpv4 { flag: &'static str },
+}
+
+/// A cluster-wide pair of ranges, one per family: IPv4 required, IPv6
+/// optional. Every node is configured with the same ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MeshRanges {
+pub struct Ranges {
     pub v4: Ipv4Net,
     pub v6: Option<Ipv6Net>,
 }
 
-impl MeshRanges {
+impl Ranges {
+    /// From a flag's values: exactly one IPv4 range, at most one IPv6
+    /// range, no host bits. Errors name `flag`.
+    pub fn from_flag(flag: &'static str, cidrs: &[IpNet]) -> Result<Self, RangesError> {
+        let mut v4 = None;
+        let mut v6 = None;
+        for c in cidrs {
+            if c.trunc() != *c {
+                return Err(RangesError::HostBits { flag, cidr: *c });
+            }
+            match c {
+                IpNet::V4(n) if v4.is_none() => v4 = Some(*n),
+                IpNet::V6(n) if v6.is_none() => v6 = Some(*n),
+                _ => return Err(RangesError::Family { flag, cidr: *c }),
+            }
+        }
+        let v4 = v4.ok_or(RangesError::NoIpv4 { flag })?;
+        Ok(Self { v4, v6 })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = IpNet> {
+        [Some(IpNet::V4(self.v4)), self.v6.map(IpNet::V6)]
+            .into_iter()
+            .flatten()
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match ip {
             IpAddr::V4(a) => self.v4.contains(&a),
@@ -46,14 +98,36 @@ impl MeshRanges {
         }
     }
 
-    /// Whether `net` shares any address with a mesh range.
+    /// Whether `net` shares any address with one of the ranges.
     pub fn overlaps(&self, net: &IpNet) -> bool {
-        let v4 = IpNet::V4(self.v4);
-        let v6 = self.v6.map(IpNet::V6);
-        [Some(v4), v6]
-            .into_iter()
-            .flatten()
-            .any(|r| overlap(&r, net))
+        self.iter().any(|r| overlap(&r, net))
+    }
+
+    /// The range of `net`'s family that holds all of `net`, if any.
+    pub fn holding(&self, net: &IpNet) -> Option<IpNet> {
+        self.iter().find(|r| r.contains(net))
+    }
+}
+
+/// The cluster's address plan, the same on every node: what pods and
+/// WireGuard interfaces are numbered from. Every claim must lie inside it,
+/// and all of it is unreachable unless a mesh route says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterRanges {
+    /// `--cluster-cidr`: pod addresses.
+    pub pods: Ranges,
+    /// `--mesh-cidr`: WireGuard interface addresses.
+    pub mesh: Ranges,
+}
+
+impl ClusterRanges {
+    /// Every range, pods then mesh.
+    pub fn all(&self) -> impl Iterator<Item = IpNet> {
+        self.pods.iter().chain(self.mesh.iter())
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.pods.contains(ip) || self.mesh.contains(ip)
     }
 }
 
@@ -66,7 +140,7 @@ pub fn overlap(a: &IpNet, b: &IpNet) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalConfig {
     pub node_name: String,
-    pub mesh: MeshRanges,
+    pub ranges: ClusterRanges,
     /// Sent to every peer; `None` disables keepalives.
     pub persistent_keepalive: Option<u16>,
     /// Peers the data plane has not heard from recently: their routes become
@@ -90,10 +164,12 @@ pub struct Peer {
 pub enum RouteKind {
     /// Through the WireGuard interface.
     Mesh,
-    /// Rejected with ICMP unreachable. Every remote prefix has one at a
-    /// higher metric than its mesh route, so that if the mesh route goes
-    /// (interface gone, peer down or excluded) traffic is refused rather
-    /// than leaking onto the default route in plaintext.
+    /// Rejected with ICMP unreachable. Every cluster pod and mesh range has
+    /// one (the backstops), installed before anything else and never
+    /// removed, so that wherever no mesh route is more specific (interface
+    /// gone, peer down, pending, rejected or deleted, meshd never synced)
+    /// traffic is refused rather than leaking onto the default route in
+    /// plaintext.
     Unreachable,
 }
 

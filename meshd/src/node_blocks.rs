@@ -55,13 +55,28 @@ impl BlockArgs {
             .collect()
     }
 
-    fn record(&self) -> Result<(&str, &str)> {
+    /// The record's NAMESPACE and NAME.
+    pub fn record(&self) -> Result<(&str, &str)> {
         self.block_record.split_once('/').with_context(|| {
             format!(
                 "--block-record {:?}: expected NAMESPACE/NAME",
                 self.block_record
             )
         })
+    }
+}
+
+/// The block record a ConfigMap holds (empty if it holds none yet).
+pub fn record_of(cm: &ConfigMap) -> Result<BlockRecord> {
+    match cm.data.as_ref().and_then(|d| d.get(KEY)) {
+        Some(json) => serde_json::from_str(json).with_context(|| {
+            format!(
+                "ConfigMap {}/{} key {KEY} is corrupt",
+                cm.metadata.namespace.as_deref().unwrap_or_default(),
+                cm.metadata.name.as_deref().unwrap_or_default()
+            )
+        }),
+        None => Ok(BlockRecord::default()),
     }
 }
 
@@ -88,9 +103,8 @@ pub async fn claim(
             .get_opt(name)
             .await
             .with_context(|| format!("reading ConfigMap {namespace}/{name}"))?;
-        let before: BlockRecord = match current.as_ref().and_then(|c| c.data.as_ref()?.get(KEY)) {
-            Some(json) => serde_json::from_str(json)
-                .with_context(|| format!("ConfigMap {namespace}/{name} key {KEY} is corrupt"))?,
+        let before = match &current {
+            Some(cm) => record_of(cm)?,
             None => BlockRecord::default(),
         };
         let mut record = before.clone();

@@ -3,17 +3,15 @@
 
 use anyhow::{Context, Result};
 use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{LinkUnspec, LinkWireguard};
 use wireguard_control::InterfaceName;
 
-use super::Ensured;
+use super::{Ensured, Existing};
 
-/// Whether kernel WireGuard can be used: the interface already exists as a
-/// kernel device, or a probe link can be created (and is removed again).
-pub async fn available(iface: &InterfaceName) -> bool {
-    if exists(iface).await {
-        return true;
-    }
+/// Whether a probe link of kind `wireguard` can be created (it is removed
+/// again): the module is loaded or loadable.
+pub async fn module_available() -> bool {
     let probe = format!("wfprobe{}", std::process::id() % 100_000);
     match create(&probe).await {
         Ok(()) => {
@@ -33,12 +31,11 @@ async fn handle() -> Result<rtnetlink::Handle> {
     Ok(handle)
 }
 
-async fn link_index(name: &str) -> Result<Option<u32>> {
+async fn link(name: &str) -> Result<Option<LinkMessage>> {
     let handle = handle().await?;
     let mut links = handle.link().get().match_name(name.to_string()).execute();
     match links.try_next().await {
-        Ok(Some(link)) => Ok(Some(link.header.index)),
-        Ok(None) => Ok(None),
+        Ok(link) => Ok(link),
         Err(rtnetlink::Error::NetlinkError(e))
             if e.raw_code() == -(nix::errno::Errno::ENODEV as i32) =>
         {
@@ -48,8 +45,30 @@ async fn link_index(name: &str) -> Result<Option<u32>> {
     }
 }
 
-pub async fn exists(iface: &InterfaceName) -> bool {
-    matches!(link_index(&iface.as_str_lossy()).await, Ok(Some(_)))
+async fn link_index(name: &str) -> Result<Option<u32>> {
+    Ok(link(name).await?.map(|l| l.header.index))
+}
+
+/// What holds the interface's name in this network namespace, by the
+/// link's kind: a kernel WireGuard link, a TUN (a userspace data plane), or
+/// something else.
+pub async fn existing(iface: &InterfaceName) -> Result<Existing> {
+    let Some(link) = link(&iface.as_str_lossy()).await? else {
+        return Ok(Existing::Nothing);
+    };
+    let kind = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.clone()),
+            _ => None,
+        }),
+        _ => None,
+    });
+    Ok(match kind {
+        Some(InfoKind::Wireguard) => Existing::Kernel,
+        Some(InfoKind::Tun) => Existing::Tun,
+        Some(other) => Existing::Other(other.to_string()),
+        None => Existing::Other("unknown".into()),
+    })
 }
 
 async fn create(name: &str) -> Result<()> {
@@ -95,7 +114,7 @@ mod tests {
     #[tokio::test]
     async fn probe_matches_the_kernel_and_leaves_nothing() {
         let iface: InterfaceName = "wfnotthere0".parse().unwrap();
-        let usable = available(&iface).await;
+        let usable = module_available().await;
         // Checked after the probe: creating the link autoloads the module.
         assert_eq!(
             usable,
@@ -103,6 +122,25 @@ mod tests {
         );
         let probe = format!("wfprobe{}", std::process::id() % 100_000);
         assert_eq!(link_index(&probe).await.unwrap(), None);
-        assert!(!exists(&iface).await);
+        assert_eq!(existing(&iface).await.unwrap(), Existing::Nothing);
+    }
+
+    /// A userspace data plane's TUN holding the name is told apart from a
+    /// kernel link by its kind, not taken for one by its name (the bug: a
+    /// restarted meshd chose "kernel" and every netlink read failed).
+    #[tokio::test]
+    async fn a_tun_is_a_userspace_data_plane_not_a_kernel_link() {
+        let name = format!("wftun{}", std::process::id() % 100_000);
+        let out = std::process::Command::new("ip")
+            .args(["tuntap", "add", "dev", &name, "mode", "tun"])
+            .output()
+            .expect("ip");
+        assert!(out.status.success(), "{out:?}");
+        let iface: InterfaceName = name.parse().unwrap();
+        let found = existing(&iface).await;
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &name])
+            .status();
+        assert_eq!(found.unwrap(), Existing::Tun);
     }
 }

@@ -5,12 +5,18 @@
 
 pub mod builtin;
 mod kernel;
+pub mod uapi;
 mod userspace;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use wireguard_control::{Backend, InterfaceName};
+
+/// Where every UAPI implementation (boringtun, wireguard-go, `wg`) puts and
+/// looks for control sockets. One directory for the whole machine: every
+/// network namespace sees every socket.
+pub const SOCKET_DIR: &str = "/var/run/wireguard";
 
 /// Which data plane the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -28,12 +34,33 @@ pub enum Resolved {
     Userspace,
 }
 
-/// The decision, separate from probing so it is testable anywhere.
-pub fn resolve(mode: Mode, kernel_available: bool) -> Result<Resolved> {
-    match (mode, kernel_available) {
-        (Mode::Kernel, false) => bail!("--dataplane kernel: this kernel has no WireGuard module (modprobe wireguard), or use --dataplane auto"),
-        (Mode::Kernel, true) | (Mode::Auto, true) => Ok(Resolved::Kernel),
-        (Mode::Userspace, _) | (Mode::Auto, false) => Ok(Resolved::Userspace),
+/// What already holds the interface's name, by link kind (never by name:
+/// a userspace data plane's TUN and a kernel link may share it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Existing {
+    Nothing,
+    /// A kernel WireGuard link.
+    Kernel,
+    /// A TUN device: a userspace data plane that outlived a meshd.
+    Tun,
+    /// Some other kind of link, not ours to take over.
+    Other(String),
+}
+
+/// The decision, separate from probing so it is testable anywhere. An
+/// existing data plane is adopted as what it is; `module` (whether kernel
+/// WireGuard can be created) matters only when nothing exists yet.
+pub fn resolve(mode: Mode, existing: &Existing, module: bool) -> Result<Resolved> {
+    match (mode, existing) {
+        (_, Existing::Other(kind)) => bail!("--interface is held by a link of kind {kind:?}, not a WireGuard data plane: rename it or choose another --interface"),
+        (Mode::Userspace, Existing::Kernel) => bail!("--dataplane userspace: the interface is a kernel WireGuard link; delete it or use --dataplane auto"),
+        (Mode::Kernel, Existing::Tun) => bail!("--dataplane kernel: the interface is a userspace data plane's TUN; stop it or use --dataplane auto"),
+        (Mode::Auto | Mode::Kernel, Existing::Kernel) => Ok(Resolved::Kernel),
+        (Mode::Auto | Mode::Userspace, Existing::Tun) => Ok(Resolved::Userspace),
+        (Mode::Userspace, Existing::Nothing) => Ok(Resolved::Userspace),
+        (Mode::Auto | Mode::Kernel, Existing::Nothing) if module => Ok(Resolved::Kernel),
+        (Mode::Auto, Existing::Nothing) => Ok(Resolved::Userspace),
+        (Mode::Kernel, Existing::Nothing) => bail!("--dataplane kernel: this kernel has no WireGuard module (modprobe wireguard), or use --dataplane auto"),
     }
 }
 
@@ -81,12 +108,12 @@ impl DataPlane {
         let iface: InterfaceName = iface
             .parse()
             .map_err(|e| anyhow::anyhow!("--interface {iface:?}: {e}"))?;
-        let kernel_available = match mode {
-            Mode::Userspace => false,
-            Mode::Auto | Mode::Kernel => kernel::available(&iface).await,
-        };
-        let resolved = resolve(mode, kernel_available)?;
-        tracing::info!(interface = %iface, ?mode, ?resolved, "data plane selected");
+        let existing = kernel::existing(&iface).await?;
+        let module = mode != Mode::Userspace
+            && existing == Existing::Nothing
+            && kernel::module_available().await;
+        let resolved = resolve(mode, &existing, module)?;
+        tracing::info!(interface = %iface, ?mode, ?existing, ?resolved, "data plane selected");
         Ok(Self {
             iface,
             resolved,
@@ -110,7 +137,7 @@ impl DataPlane {
                 let ensured = userspace::ensure(&self.iface, &self.program, &self.log_dir).await?;
                 // The socket directory is shared by every network namespace
                 // on the machine: a device answering there may live elsewhere.
-                if !kernel::exists(&self.iface).await {
+                if kernel::existing(&self.iface).await? != Existing::Tun {
                     anyhow::bail!(
                         "a data plane answers on the UAPI socket of {} but its interface is not in this network namespace; another namespace's process holds the name",
                         self.iface
@@ -124,7 +151,9 @@ impl DataPlane {
     /// Whether the device is there and answering (cheap; polled every second).
     pub async fn alive(&self) -> bool {
         match self.resolved {
-            Resolved::Kernel => kernel::exists(&self.iface).await,
+            Resolved::Kernel => {
+                matches!(kernel::existing(&self.iface).await, Ok(Existing::Kernel))
+            }
             Resolved::Userspace => userspace::answering(&self.iface),
         }
     }
@@ -135,12 +164,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_prefers_the_kernel_and_falls_back() {
-        assert_eq!(resolve(Mode::Auto, true).unwrap(), Resolved::Kernel);
-        assert_eq!(resolve(Mode::Auto, false).unwrap(), Resolved::Userspace);
-        assert_eq!(resolve(Mode::Userspace, true).unwrap(), Resolved::Userspace);
-        assert_eq!(resolve(Mode::Kernel, true).unwrap(), Resolved::Kernel);
-        let err = resolve(Mode::Kernel, false).unwrap_err().to_string();
-        assert!(err.contains("no WireGuard module"), "{err}");
+    fn auto_adopts_what_exists_and_otherwise_prefers_the_kernel() {
+        use Existing as E;
+        use Mode as M;
+        let other = E::Other("veth".into());
+        let table: &[(Mode, &Existing, bool, Result<Resolved, &str>)] = &[
+            (M::Auto, &E::Nothing, true, Ok(Resolved::Kernel)),
+            (M::Auto, &E::Nothing, false, Ok(Resolved::Userspace)),
+            // A restarted meshd finds its userspace data plane's TUN: even
+            // where the module exists, it adopts it as userspace.
+            (M::Auto, &E::Tun, true, Ok(Resolved::Userspace)),
+            (M::Auto, &E::Kernel, false, Ok(Resolved::Kernel)),
+            (M::Userspace, &E::Nothing, true, Ok(Resolved::Userspace)),
+            (M::Userspace, &E::Tun, false, Ok(Resolved::Userspace)),
+            (
+                M::Userspace,
+                &E::Kernel,
+                true,
+                Err("is a kernel WireGuard link"),
+            ),
+            (M::Kernel, &E::Nothing, true, Ok(Resolved::Kernel)),
+            (M::Kernel, &E::Kernel, false, Ok(Resolved::Kernel)),
+            (M::Kernel, &E::Nothing, false, Err("no WireGuard module")),
+            (M::Kernel, &E::Tun, true, Err("userspace data plane's TUN")),
+            (M::Auto, &other, true, Err("kind \"veth\"")),
+        ];
+        for (mode, existing, module, want) in table {
+            let got = resolve(*mode, existing, *module);
+            match (got, want) {
+                (Ok(g), Ok(w)) => assert_eq!(g, *w, "{mode:?} {existing:?} {module}"),
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{e}"),
+                (g, w) => panic!("{mode:?} {existing:?} {module}: got {g:?}, want {w:?}"),
+            }
+        }
     }
 }

@@ -7,16 +7,14 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use wireguard_control::InterfaceName;
 
-use super::{Ensured, UserspaceProgram};
-
-/// Where every UAPI implementation (boringtun, wireguard-go, `wg`) puts and
-/// looks for the control socket.
-const SOCKET_DIR: &str = "/var/run/wireguard";
+use super::{Ensured, UserspaceProgram, SOCKET_DIR};
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn socket_path(iface: &InterfaceName) -> PathBuf {
@@ -45,14 +43,27 @@ pub async fn ensure(
     };
     let _ = fs::remove_file(socket_path(iface));
     let log_path = log_dir.join(format!("dataplane-{}.log", iface.as_str_lossy()));
-    start(cmd, &log_path)?;
+    let exited = start(cmd, &log_path)?;
     let deadline = Instant::now() + START_TIMEOUT;
     while !answering(iface) {
-        if Instant::now() > deadline {
-            let log = fs::read_to_string(&log_path).unwrap_or_default();
-            bail!("the data plane for {iface} did not answer on {} within {START_TIMEOUT:?}; its log:\n{log}", socket_path(iface).display());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let why = if exited.load(Ordering::Relaxed) {
+            "exited".to_string()
+        } else if Instant::now() > deadline {
+            format!(
+                "did not answer on {} within {START_TIMEOUT:?}",
+                socket_path(iface).display()
+            )
+        } else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let log = fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        bail!(
+            "the data plane for {iface} {why}; the end of its log ({}):\n{}",
+            log_path.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
     tracing::info!(interface = %iface, "started the userspace data plane");
     Ok(Ensured::Created)
@@ -76,7 +87,8 @@ fn command(iface: &InterfaceName, program: &UserspaceProgram) -> Result<Option<C
     })
 }
 
-fn start(mut cmd: Command, log_path: &Path) -> Result<()> {
+/// Starts the data plane; the flag turns true when it exits.
+fn start(mut cmd: Command, log_path: &Path) -> Result<Arc<AtomicBool>> {
     if let Some(dir) = log_path.parent() {
         fs::create_dir_all(dir)?;
     }
@@ -91,11 +103,14 @@ fn start(mut cmd: Command, log_path: &Path) -> Result<()> {
         .spawn()
         .with_context(|| format!("starting the data plane {cmd:?}"))?;
     // Reap it if it dies while meshd lives; once meshd is gone, init does.
+    let exited = Arc::new(AtomicBool::new(false));
+    let flag = exited.clone();
     std::thread::spawn(move || {
         let status = child.wait();
+        flag.store(true, Ordering::Relaxed);
         tracing::warn!(?status, "the userspace data plane exited");
     });
-    Ok(())
+    Ok(exited)
 }
 
 #[cfg(test)]

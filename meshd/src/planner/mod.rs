@@ -11,27 +11,35 @@ use std::collections::{BTreeMap, BTreeSet};
 use ipnet::IpNet;
 
 pub use mesh_address::choose_mesh_address;
-pub use own::{own_claim, own_endpoint};
+pub use own::{own_claim, own_endpoint, OwnError};
 pub use verdict::judge;
 
 use crate::model::{
-    overlap, ClusterSnapshot, DesiredNode, LocalConfig, Peer, Route, RouteKind, Verdict,
+    ClusterRanges, ClusterSnapshot, DesiredNode, LocalConfig, Peer, Route, RouteKind, Verdict,
 };
+
+/// The unreachable routes that keep every cluster pod and mesh address
+/// from leaving the node in plaintext: one per range, below every mesh
+/// route (longest prefix wins). meshd installs them before it does
+/// anything else, and every plan keeps them.
+pub fn backstops(ranges: &ClusterRanges) -> BTreeSet<Route> {
+    ranges
+        .all()
+        .map(|dst| Route {
+            dst,
+            kind: RouteKind::Unreachable,
+        })
+        .collect()
+}
 
 /// Plans this node's WireGuard peers, interface addresses and routes.
 pub fn plan(snapshot: &ClusterSnapshot, local: &LocalConfig) -> DesiredNode {
-    let verdicts = judge(snapshot, &local.mesh);
+    let verdicts = judge(snapshot, &local.ranges);
     let mut peers = BTreeMap::new();
-    let mut routes = BTreeSet::new();
+    // Every accepted claim lies inside the ranges (the parser checks), so
+    // a peer that is down, pending, rejected or deleted falls back to them.
+    let mut routes = backstops(&local.ranges);
     let mut addresses = BTreeSet::new();
-    let accepted: Vec<IpNet> = verdicts
-        .values()
-        .filter_map(|v| match v {
-            Verdict::Accepted(c) => Some(c.prefixes().collect::<Vec<_>>()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
     for (name, verdict) in &verdicts {
         let is_local = *name == local.node_name;
         match verdict {
@@ -40,18 +48,11 @@ pub fn plan(snapshot: &ClusterSnapshot, local: &LocalConfig) -> DesiredNode {
             }
             Verdict::Accepted(claim) => {
                 let allowed: BTreeSet<IpNet> = claim.prefixes().collect();
-                let up = !local.down_peers.contains(&claim.public_key);
-                for dst in &allowed {
-                    routes.insert(Route {
+                if !local.down_peers.contains(&claim.public_key) {
+                    routes.extend(allowed.iter().map(|dst| Route {
                         dst: *dst,
-                        kind: RouteKind::Unreachable,
-                    });
-                    if up {
-                        routes.insert(Route {
-                            dst: *dst,
-                            kind: RouteKind::Mesh,
-                        });
-                    }
+                        kind: RouteKind::Mesh,
+                    }));
                 }
                 peers.insert(
                     claim.public_key,
@@ -63,22 +64,7 @@ pub fn plan(snapshot: &ClusterSnapshot, local: &LocalConfig) -> DesiredNode {
                     },
                 );
             }
-            // An excluded node's pods are refused, not routed in plaintext —
-            // but only where that cannot shadow a prefix someone else holds.
-            Verdict::Rejected(_) if !is_local => {
-                let spec = snapshot
-                    .nodes
-                    .iter()
-                    .filter(|n| n.name == *name)
-                    .flat_map(|n| n.spec_pod_cidrs.iter());
-                for cidr in spec.filter(|c| !accepted.iter().any(|a| overlap(a, c))) {
-                    routes.insert(Route {
-                        dst: *cidr,
-                        kind: RouteKind::Unreachable,
-                    });
-                }
-            }
-            _ => {}
+            Verdict::Pending | Verdict::Rejected(_) => {}
         }
     }
     DesiredNode {

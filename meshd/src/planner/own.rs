@@ -7,29 +7,55 @@ use ipnet::IpNet;
 use weft_keys::PublicKey;
 
 use super::choose_mesh_address;
-use crate::annotations::{parse, Claim, FORCE_ENDPOINT, MESH_ADDRESSES};
-use crate::model::{ClusterSnapshot, LocalConfig, NodeInfo};
+use crate::annotations::{endpoint_problem, parse, Claim, FORCE_ENDPOINT, MESH_ADDRESSES};
+use crate::model::{ClusterRanges, ClusterSnapshot, LocalConfig, NodeInfo};
+
+/// Why this node cannot say what it claims.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OwnError {
+    #[error("Node {0} is not registered yet")]
+    NotRegistered(String),
+    #[error("{FORCE_ENDPOINT} {value:?} on this node: {error} (expected IP:port)")]
+    BadForcedEndpoint { value: String, error: String },
+    #[error("the Node has no InternalIP address and no --endpoint was given")]
+    NoEndpoint,
+    #[error("this node's endpoint {endpoint} is not usable: {why}")]
+    UnusableEndpoint {
+        endpoint: SocketAddr,
+        why: &'static str,
+    },
+    #[error("the mesh range {0} has no free address")]
+    MeshRangeFull(IpNet),
+}
 
 /// The endpoint to publish: the `--endpoint` flag, else an admin's
 /// `weft.dev/force-endpoint` annotation, else the first InternalIP at the
-/// listen port.
+/// listen port. One every other node would refuse is an error here.
 pub fn own_endpoint(
     me: &NodeInfo,
     flag: Option<SocketAddr>,
     listen_port: u16,
-) -> Result<SocketAddr, String> {
-    if let Some(e) = flag {
-        return Ok(e);
+    ranges: &ClusterRanges,
+) -> Result<SocketAddr, OwnError> {
+    let endpoint = match (flag, me.annotations.get(FORCE_ENDPOINT)) {
+        (Some(e), _) => e,
+        (None, Some(forced)) => forced
+            .trim()
+            .parse()
+            .map_err(|e: std::net::AddrParseError| OwnError::BadForcedEndpoint {
+                value: forced.chars().take(64).collect(),
+                error: e.to_string(),
+            })?,
+        (None, None) => me
+            .internal_ips
+            .first()
+            .map(|ip| SocketAddr::new(*ip, listen_port))
+            .ok_or(OwnError::NoEndpoint)?,
+    };
+    match endpoint_problem(endpoint, ranges) {
+        Some(why) => Err(OwnError::UnusableEndpoint { endpoint, why }),
+        None => Ok(endpoint),
     }
-    if let Some(forced) = me.annotations.get(FORCE_ENDPOINT) {
-        return forced.trim().parse().map_err(|e| {
-            format!("{FORCE_ENDPOINT} {forced:?} on this node: {e} (expected IP:port)")
-        });
-    }
-    me.internal_ips
-        .first()
-        .map(|ip| SocketAddr::new(*ip, listen_port))
-        .ok_or_else(|| "the Node has no InternalIP address and no --endpoint was given".to_string())
 }
 
 /// This node's claim, given what every other node claims and its pod CIDRs
@@ -41,12 +67,12 @@ pub fn own_claim(
     public_key: PublicKey,
     endpoint: SocketAddr,
     mut pod_cidrs: Vec<IpNet>,
-) -> Result<Claim, String> {
+) -> Result<Claim, OwnError> {
     let me = snapshot
         .nodes
         .iter()
         .find(|n| n.name == local.node_name)
-        .ok_or_else(|| format!("Node {} is not registered yet", local.node_name))?;
+        .ok_or_else(|| OwnError::NotRegistered(local.node_name.clone()))?;
     let published: Vec<IpAddr> = me
         .annotations
         .get(MESH_ADDRESSES)
@@ -55,20 +81,19 @@ pub fn own_claim(
     let mut held_by_older = Vec::new();
     let mut claimed_by_others = Vec::new();
     for other in snapshot.nodes.iter().filter(|n| n.name != me.name) {
-        if let Ok(Some(claim)) = parse(other, &local.mesh) {
+        if let Ok(Some(claim)) = parse(other, &local.ranges, &snapshot.assigned(other)) {
             if (other.created, &other.name) < (me.created, &me.name) {
                 held_by_older.extend(claim.mesh_addresses.iter().copied());
             }
             claimed_by_others.extend(claim.mesh_addresses);
         }
     }
-    let ranges = [Some(IpNet::V4(local.mesh.v4)), local.mesh.v6.map(IpNet::V6)];
     let mut mesh_addresses = Vec::new();
-    for range in ranges.into_iter().flatten() {
+    for range in local.ranges.mesh.iter() {
         let current = published.iter().copied().find(|a| range.contains(a));
         let chosen =
             choose_mesh_address(&me.name, range, current, &held_by_older, &claimed_by_others)
-                .ok_or_else(|| format!("the mesh range {range} has no free address"))?;
+                .ok_or(OwnError::MeshRangeFull(range))?;
         mesh_addresses.push(chosen);
     }
     pod_cidrs.sort();
@@ -84,7 +109,7 @@ pub fn own_claim(
 mod tests {
     use super::*;
     use crate::annotations::render;
-    use crate::model::MeshRanges;
+    use crate::model::Ranges;
     use std::collections::{BTreeMap, BTreeSet};
 
     fn node(name: &str, created: i64, annotations: BTreeMap<String, String>) -> NodeInfo {
@@ -101,13 +126,23 @@ mod tests {
         vec![c.parse().unwrap()]
     }
 
-    fn local(name: &str) -> LocalConfig {
-        LocalConfig {
-            node_name: name.into(),
-            mesh: MeshRanges {
+    fn ranges() -> ClusterRanges {
+        ClusterRanges {
+            pods: Ranges {
+                v4: "198.19.0.0/16".parse().unwrap(),
+                v6: None,
+            },
+            mesh: Ranges {
                 v4: "198.18.128.0/17".parse().unwrap(),
                 v6: Some("fd98:18::/64".parse().unwrap()),
             },
+        }
+    }
+
+    fn local(name: &str) -> LocalConfig {
+        LocalConfig {
+            node_name: name.into(),
+            ranges: ranges(),
             persistent_keepalive: None,
             down_peers: BTreeSet::new(),
         }
@@ -115,27 +150,39 @@ mod tests {
 
     #[test]
     fn endpoint_precedence() {
+        let r = ranges();
         let mut me = node("a", 0, BTreeMap::new());
         assert_eq!(
-            own_endpoint(&me, None, 51820).unwrap(),
+            own_endpoint(&me, None, 51820, &r).unwrap(),
             "198.18.1.1:51820".parse().unwrap()
         );
         me.annotations
             .insert(FORCE_ENDPOINT.into(), "203.0.113.5:4500".into());
         assert_eq!(
-            own_endpoint(&me, None, 51820).unwrap(),
+            own_endpoint(&me, None, 51820, &r).unwrap(),
             "203.0.113.5:4500".parse().unwrap()
         );
         let flag = "192.0.2.1:1".parse().unwrap();
-        assert_eq!(own_endpoint(&me, Some(flag), 51820).unwrap(), flag);
+        assert_eq!(own_endpoint(&me, Some(flag), 51820, &r).unwrap(), flag);
         me.annotations
             .insert(FORCE_ENDPOINT.into(), "nonsense".into());
-        assert!(own_endpoint(&me, None, 51820)
+        assert!(own_endpoint(&me, None, 51820, &r)
             .unwrap_err()
+            .to_string()
             .contains(FORCE_ENDPOINT));
+        // One that every peer would refuse is refused here first.
+        me.annotations
+            .insert(FORCE_ENDPOINT.into(), "127.0.0.1:51820".into());
+        assert!(matches!(
+            own_endpoint(&me, None, 51820, &r),
+            Err(OwnError::UnusableEndpoint { .. })
+        ));
         me.internal_ips.clear();
         me.annotations.clear();
-        assert!(own_endpoint(&me, None, 51820).is_err());
+        assert_eq!(
+            own_endpoint(&me, None, 51820, &r),
+            Err(OwnError::NoEndpoint)
+        );
     }
 
     #[test]
@@ -145,6 +192,7 @@ mod tests {
         let a = node("a", 0, BTreeMap::new());
         let snap = ClusterSnapshot {
             nodes: vec![a.clone()],
+            blocks: Default::default(),
         };
         let first = own_claim(&snap, &local("a"), key, ep, cidrs("198.19.1.0/24")).unwrap();
         assert_eq!(first.mesh_addresses.len(), 2);
@@ -161,6 +209,7 @@ mod tests {
         b.spec_pod_cidrs = vec!["198.19.2.0/24".parse().unwrap()];
         let snap = ClusterSnapshot {
             nodes: vec![a_published.clone(), b],
+            blocks: Default::default(),
         };
         let b_new = own_claim(
             &snap,

@@ -6,12 +6,18 @@ use weft_keys::PublicKey;
 
 use super::*;
 use crate::annotations::{render, Claim, ENDPOINT, PUBLIC_KEY};
-use crate::model::{MeshRanges, NodeInfo};
+use crate::model::{overlap, ClusterRanges, NodeInfo, Ranges};
 
-fn mesh() -> MeshRanges {
-    MeshRanges {
-        v4: "198.18.128.0/17".parse().unwrap(),
-        v6: Some("fd98:18::/64".parse().unwrap()),
+fn ranges() -> ClusterRanges {
+    ClusterRanges {
+        pods: Ranges {
+            v4: "198.19.0.0/16".parse().unwrap(),
+            v6: Some("fd98:19::/48".parse().unwrap()),
+        },
+        mesh: Ranges {
+            v4: "198.18.128.0/17".parse().unwrap(),
+            v6: Some("fd98:18::/64".parse().unwrap()),
+        },
     }
 }
 
@@ -35,7 +41,7 @@ fn node(i: u8, created: i64, key_seed: u8, mesh_host: u8, block: u8, len: u8) ->
         name: format!("node-{i}"),
         created,
         internal_ips: vec![claim.endpoint.ip()],
-        spec_pod_cidrs: vec![],
+        spec_pod_cidrs: vec![pod],
         annotations: render(&claim),
     }
 }
@@ -47,14 +53,21 @@ fn simple(i: u8) -> NodeInfo {
 fn local(name: &str) -> LocalConfig {
     LocalConfig {
         node_name: name.into(),
-        mesh: mesh(),
+        ranges: ranges(),
         persistent_keepalive: Some(5),
         down_peers: BTreeSet::new(),
     }
 }
 
 fn snapshot(nodes: Vec<NodeInfo>) -> ClusterSnapshot {
-    ClusterSnapshot { nodes }
+    ClusterSnapshot {
+        nodes,
+        blocks: Default::default(),
+    }
+}
+
+fn backstopped(d: &DesiredNode) -> bool {
+    backstops(&ranges()).is_subset(&d.routes)
 }
 
 fn net(s: &str) -> IpNet {
@@ -62,7 +75,7 @@ fn net(s: &str) -> IpNet {
 }
 
 #[test]
-fn three_nodes_form_a_full_mesh_with_backstop_routes() {
+fn three_nodes_form_a_full_mesh_over_the_backstops() {
     let d = plan(
         &snapshot(vec![simple(1), simple(2), simple(3)]),
         &local("node-1"),
@@ -90,14 +103,24 @@ fn three_nodes_form_a_full_mesh_with_backstop_routes() {
             }),
             "{dst}"
         );
-        assert!(
-            d.routes.contains(&Route {
-                dst: net(dst),
-                kind: RouteKind::Unreachable
-            }),
-            "{dst}"
-        );
     }
+    assert!(backstopped(&d));
+    let unreachable: Vec<String> = d
+        .routes
+        .iter()
+        .filter(|r| r.kind == RouteKind::Unreachable)
+        .map(|r| r.dst.to_string())
+        .collect();
+    assert_eq!(
+        unreachable,
+        [
+            "198.18.128.0/17",
+            "198.19.0.0/16",
+            "fd98:18::/64",
+            "fd98:19::/48"
+        ],
+        "one backstop per cluster range, none per node"
+    );
     assert!(
         !d.routes.iter().any(|r| r.dst == net("198.19.1.0/24")),
         "no route for our own pods"
@@ -136,14 +159,11 @@ fn hostile_nodes_are_excluded_and_the_victim_is_unaffected() {
         kind: RouteKind::Mesh
     }));
     // The excluded node's own (spec) pod CIDR is refused, not routed.
-    assert!(d.routes.contains(&Route {
-        dst: net("198.19.4.0/24"),
-        kind: RouteKind::Unreachable
-    }));
-    assert!(!d.routes.contains(&Route {
-        dst: net("198.19.4.0/24"),
-        kind: RouteKind::Mesh
-    }));
+    assert!(!d
+        .routes
+        .iter()
+        .any(|r| r.kind == RouteKind::Mesh && overlap(&r.dst, &net("198.19.4.0/24"))));
+    assert!(backstopped(&d));
 }
 
 #[test]
@@ -167,10 +187,70 @@ fn a_down_peer_keeps_its_peer_but_loses_its_route() {
         "still a peer, so handshakes can resume"
     );
     assert!(!d.routes.iter().any(|r| r.kind == RouteKind::Mesh));
-    assert!(d.routes.contains(&Route {
-        dst: net("198.19.2.0/24"),
-        kind: RouteKind::Unreachable
-    }));
+    assert!(backstopped(&d));
+}
+
+#[test]
+fn claims_outside_what_the_control_plane_assigned_are_refused() {
+    // A Node with no spec and no block in the record claims public ranges
+    // (the hijack seen: every node routed them into WireGuard).
+    let mut evil = simple(7);
+    evil.spec_pod_cidrs.clear();
+    evil.annotations.insert(
+        crate::annotations::POD_CIDRS.into(),
+        "8.8.8.0/24,1.0.0.0/8".into(),
+    );
+    // Another claims the cluster's whole range through a spec saying so.
+    let mut greedy = node(8, 8, 8, 8, 0, 16);
+    greedy.spec_pod_cidrs = vec![net("198.19.0.0/16")];
+    // A third, without a spec, takes a block the record gives node-2.
+    let mut squatter = node(9, 9, 9, 9, 2, 24);
+    squatter.spec_pod_cidrs.clear();
+    let mut snap = snapshot(vec![simple(1), simple(2), evil, greedy, squatter]);
+    snap.blocks.blocks.insert(
+        net("198.19.2.0/24"),
+        weft_ipam::Holder {
+            node: "node-2".into(),
+            gone_since: None,
+        },
+    );
+    for asker in ["node-1", "node-2"] {
+        let d = plan(&snap, &local(asker));
+        for (n, reason) in [
+            ("node-7", "bad_pod_cidr"),
+            ("node-8", "bad_pod_cidr"),
+            ("node-9", "pod_cidr_not_assigned"),
+        ] {
+            assert!(
+                matches!(&d.verdicts[n], Verdict::Rejected(r) if r.reason() == reason),
+                "{n}: {:?}",
+                d.verdicts[n]
+            );
+        }
+        assert_eq!(d.peers.len(), 1);
+        for r in &d.routes {
+            assert!(
+                ranges().all().any(|range| range.contains(&r.dst)),
+                "{r:?} is outside the cluster's ranges"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_second_node_on_the_same_endpoint_is_refused() {
+    let mut copy = node(5, 50, 5, 5, 5, 24);
+    copy.annotations
+        .insert(ENDPOINT.into(), "[::ffff:198.18.1.2]:51820".into());
+    let d = plan(
+        &snapshot(vec![simple(1), simple(2), copy]),
+        &local("node-1"),
+    );
+    assert!(
+        matches!(&d.verdicts["node-5"], Verdict::Rejected(r) if r.to_string().contains(ENDPOINT)),
+        "{:?}",
+        d.verdicts["node-5"]
+    );
 }
 
 /// Arbitrary clusters where keys, mesh addresses, pod blocks and ages
@@ -250,6 +330,20 @@ proptest! {
         let d = plan(&snapshot(nodes), &local("node-1"));
         prop_assert_eq!(d.peers.len(), usize::from(n) - 1);
         prop_assert!(d.verdicts.values().all(|v| matches!(v, Verdict::Accepted(_))));
+    }
+
+    /// Fail closed: whatever the cluster says, every cluster range keeps its
+    /// backstop and every mesh route lies inside one, to an accepted peer.
+    #[test]
+    fn every_mesh_route_is_backstopped(nodes in clusters(), down in 0u8..10) {
+        let mut l = local(&nodes[0].name);
+        l.down_peers.insert(key(down));
+        let d = plan(&snapshot(nodes), &l);
+        prop_assert!(backstopped(&d));
+        for r in d.routes.iter().filter(|r| r.kind == RouteKind::Mesh) {
+            prop_assert!(ranges().all().any(|range| range.contains(&r.dst)));
+            prop_assert!(d.peers.values().any(|p| p.allowed_ips.contains(&r.dst)));
+        }
     }
 
     #[test]

@@ -9,13 +9,33 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use ipnet::IpNet;
 use weft_keys::{PrivateKey, PublicKey};
 
 use crate::dataplane::{DataPlane, Ensured};
 use crate::model::{DesiredNode, Route};
 use netlink::{set_diff, Netlink};
+
+/// How long one read or write of the WireGuard device may take. The UAPI
+/// socket and netlink both block; a data plane that does not answer must
+/// fail this pass, not hang the agent.
+const DEVICE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs a blocking device call on the blocking pool, bounded by
+/// [`DEVICE_TIMEOUT`]. (A call past it is abandoned; its thread ends when
+/// the device answers or closes the socket.)
+async fn device_call<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    match tokio::time::timeout(DEVICE_TIMEOUT, tokio::task::spawn_blocking(f)).await {
+        Ok(joined) => joined?,
+        Err(_) => Err(anyhow!(
+            "{what}: the WireGuard device did not answer within {DEVICE_TIMEOUT:?}"
+        )),
+    }
+}
 
 /// What one pass changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,8 +94,10 @@ impl Reconciler {
             self.applied_endpoints.clear();
         }
         let (iface, backend) = (self.dataplane.iface, self.dataplane.backend());
-        let device =
-            tokio::task::spawn_blocking(move || wireguard::read(&iface, backend)).await??;
+        let device = device_call("reading the device", move || {
+            wireguard::read(&iface, backend)
+        })
+        .await?;
         let actual = wireguard::Actual::from_device(&device);
         let changes = wireguard::diff(
             key,
@@ -86,8 +108,10 @@ impl Reconciler {
         );
         if !changes.is_empty() {
             let to_apply = changes.clone();
-            tokio::task::spawn_blocking(move || wireguard::apply(&iface, backend, &to_apply))
-                .await??;
+            device_call("configuring the device", move || {
+                wireguard::apply(&iface, backend, &to_apply)
+            })
+            .await?;
             for c in &changes.upserts {
                 if let Some(e) = c.endpoint {
                     self.applied_endpoints.insert(c.key, e);
@@ -146,8 +170,10 @@ impl Reconciler {
     /// Per-peer counters from the data plane.
     pub async fn peer_stats(&self) -> Result<Vec<PeerStats>> {
         let (iface, backend) = (self.dataplane.iface, self.dataplane.backend());
-        let device =
-            tokio::task::spawn_blocking(move || wireguard::read(&iface, backend)).await??;
+        let device = device_call("reading peer statistics", move || {
+            wireguard::read(&iface, backend)
+        })
+        .await?;
         Ok(device
             .peers
             .iter()

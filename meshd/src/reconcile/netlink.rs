@@ -206,6 +206,27 @@ impl Netlink {
             .with_context(|| format!("adding route {route:?}"))
     }
 
+    /// Adds those of `routes` (unreachable ones: they need no interface)
+    /// that are not there yet; returns how many it added.
+    pub async fn ensure_unreachable(&self, routes: &BTreeSet<Route>) -> Result<usize> {
+        let present: BTreeSet<Route> = self
+            .our_routes(None)
+            .await?
+            .into_iter()
+            .filter_map(|f| f.route)
+            .collect();
+        let mut added = 0;
+        for r in routes.difference(&present) {
+            anyhow::ensure!(
+                r.kind == RouteKind::Unreachable,
+                "{r:?} needs the WireGuard interface"
+            );
+            self.add_route(r, 0).await?;
+            added += 1;
+        }
+        Ok(added)
+    }
+
     pub async fn del_route(&self, found: Found) -> Result<()> {
         self.handle
             .route()

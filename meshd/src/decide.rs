@@ -1,0 +1,201 @@
+//! One sync's decision, pure: from what meshd gathered (the Nodes and block
+//! record it watches, its key, its pod ranges, its settings and what it
+//! observed of its peers) to what it must do — the annotations to publish,
+//! the node as it should be, every node's verdict. The agent gathers the
+//! inputs and applies the decision; nothing here does I/O.
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use weft_keys::PublicKey;
+
+use crate::annotations::{self, Claim};
+use crate::model::{ClusterSnapshot, DesiredNode, LocalConfig};
+use crate::planner::{own_claim, own_endpoint, plan, OwnError};
+
+/// Everything a sync decides from.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a> {
+    pub snapshot: &'a ClusterSnapshot,
+    pub local: &'a LocalConfig,
+    pub public_key: PublicKey,
+    /// `--endpoint`, if given.
+    pub endpoint_flag: Option<SocketAddr>,
+    pub listen_port: u16,
+    /// This node's pod ranges: its `spec.podCIDRs`, or the blocks it
+    /// claimed in the record (claiming is I/O, so it is gathered).
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// What a sync must do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The merge patch for this node's annotations, when they must change.
+    pub patch: Option<serde_json::Value>,
+    /// What this node claims (and publishes).
+    pub claim: Claim,
+    /// The node as it should be, planned with the claim as published.
+    pub desired: DesiredNode,
+}
+
+pub fn decide(inputs: &Inputs) -> Result<Decision, OwnError> {
+    let Inputs {
+        snapshot,
+        local,
+        public_key,
+        endpoint_flag,
+        listen_port,
+        pod_cidrs,
+    } = inputs;
+    let me = snapshot
+        .nodes
+        .iter()
+        .find(|n| n.name == local.node_name)
+        .ok_or_else(|| OwnError::NotRegistered(local.node_name.clone()))?;
+    let endpoint = own_endpoint(me, *endpoint_flag, *listen_port, &local.ranges)?;
+    let claim = own_claim(snapshot, local, *public_key, endpoint, pod_cidrs.clone())?;
+    let published = annotations::render(&claim);
+    let patch = annotations::patch(&me.annotations, &published);
+    // Plan with what is being published rather than wait for its echo.
+    let mut planned = (*snapshot).clone();
+    if let Some(me) = planned.nodes.iter_mut().find(|n| n.name == local.node_name) {
+        me.annotations.extend(published);
+    }
+    Ok(Decision {
+        patch,
+        desired: plan(&planned, local),
+        claim,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::annotations::{render, FORCE_ENDPOINT, POD_CIDRS};
+    use crate::model::{ClusterRanges, NodeInfo, Ranges, Verdict};
+
+    fn ranges() -> ClusterRanges {
+        ClusterRanges {
+            pods: Ranges {
+                v4: "198.19.0.0/16".parse().unwrap(),
+                v6: None,
+            },
+            mesh: Ranges {
+                v4: "198.18.128.0/17".parse().unwrap(),
+                v6: None,
+            },
+        }
+    }
+
+    fn node(k: u8, annotations: BTreeMap<String, String>) -> NodeInfo {
+        NodeInfo {
+            name: format!("node-{k}"),
+            created: i64::from(k),
+            internal_ips: vec![format!("198.18.1.{k}").parse().unwrap()],
+            spec_pod_cidrs: vec![format!("198.19.{k}.0/24").parse().unwrap()],
+            annotations,
+        }
+    }
+
+    fn key(k: u8) -> PublicKey {
+        PublicKey::from_bytes([k; 32])
+    }
+
+    fn local() -> LocalConfig {
+        LocalConfig {
+            node_name: "node-1".into(),
+            ranges: ranges(),
+            persistent_keepalive: None,
+            down_peers: BTreeSet::new(),
+        }
+    }
+
+    fn inputs<'a>(snapshot: &'a ClusterSnapshot, local: &'a LocalConfig) -> Inputs<'a> {
+        Inputs {
+            snapshot,
+            local,
+            public_key: key(1),
+            endpoint_flag: None,
+            listen_port: 51820,
+            pod_cidrs: vec!["198.19.1.0/24".parse().unwrap()],
+        }
+    }
+
+    /// A published node-2, as its own meshd would have rendered it.
+    fn peer() -> NodeInfo {
+        let claim = Claim {
+            public_key: key(2),
+            endpoint: "198.18.1.2:51820".parse().unwrap(),
+            mesh_addresses: vec!["198.18.128.2".parse().unwrap()],
+            pod_cidrs: vec!["198.19.2.0/24".parse().unwrap()],
+        };
+        node(2, render(&claim))
+    }
+
+    #[test]
+    fn a_fresh_node_publishes_and_plans_with_what_it_publishes() {
+        let snap = ClusterSnapshot {
+            nodes: vec![node(1, BTreeMap::new()), peer()],
+            blocks: Default::default(),
+        };
+        let l = local();
+        let d = decide(&inputs(&snap, &l)).unwrap();
+        let patch = d.patch.expect("a fresh node publishes");
+        assert_eq!(patch["metadata"]["annotations"][POD_CIDRS], "198.19.1.0/24");
+        // Its own verdict is already Accepted: it planned with the claim.
+        assert!(matches!(d.desired.verdicts["node-1"], Verdict::Accepted(_)));
+        assert_eq!(d.desired.peers.len(), 1);
+        assert_eq!(d.desired.addresses.len(), 1);
+    }
+
+    #[test]
+    fn a_converged_node_writes_nothing() {
+        let l = local();
+        let first = {
+            let snap = ClusterSnapshot {
+                nodes: vec![node(1, BTreeMap::new()), peer()],
+                blocks: Default::default(),
+            };
+            decide(&inputs(&snap, &l)).unwrap()
+        };
+        let snap = ClusterSnapshot {
+            nodes: vec![node(1, render(&first.claim)), peer()],
+            blocks: Default::default(),
+        };
+        let again = decide(&inputs(&snap, &l)).unwrap();
+        assert_eq!(again.patch, None);
+        assert_eq!(again.desired, first.desired);
+    }
+
+    #[test]
+    fn what_cannot_be_published_is_an_error_not_a_guess() {
+        let l = local();
+        let table: Vec<(Vec<NodeInfo>, &str)> = vec![
+            (vec![peer()], "not registered"),
+            (
+                vec![node(
+                    1,
+                    BTreeMap::from([(FORCE_ENDPOINT.to_string(), "nowhere".to_string())]),
+                )],
+                FORCE_ENDPOINT,
+            ),
+            (
+                vec![node(
+                    1,
+                    BTreeMap::from([(FORCE_ENDPOINT.to_string(), "198.19.9.9:1".to_string())]),
+                )],
+                "not usable",
+            ),
+        ];
+        for (nodes, want) in table {
+            let snap = ClusterSnapshot {
+                nodes,
+                blocks: Default::default(),
+            };
+            let err = decide(&inputs(&snap, &l)).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} should say {want}");
+        }
+    }
+}
