@@ -7,19 +7,10 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{plaintext, wait_for, Lab};
+use common::{node, plaintext, wait_for, Lab};
 use serde_json::Value;
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
-
-fn node<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in status"))
-}
 
 fn mesh_v4(status: &Value, name: &str) -> String {
     node(status, name)["meshAddresses"][0]
@@ -446,6 +437,51 @@ fn hostile_nodes_are_excluded_on_every_node() {
             ),
             "conflict",
         ),
+        (
+            "endpoint-thief",
+            valid(
+                "endpoint-thief",
+                &fresh_key(),
+                "198.18.1.2:51820",
+                "198.19.54.0/24",
+                "198.18.250.5",
+            ),
+            "conflict",
+        ),
+        (
+            "loopback",
+            valid(
+                "loopback",
+                &fresh_key(),
+                "127.0.0.1:51820",
+                "198.19.55.0/24",
+                "198.18.250.6",
+            ),
+            "bad_endpoint",
+        ),
+        (
+            // The whole cluster range, through a spec saying so.
+            "greedy",
+            valid(
+                "greedy",
+                &fresh_key(),
+                "198.18.1.56:51820",
+                "198.19.0.0/16",
+                "198.18.250.7",
+            ),
+            "bad_pod_cidr",
+        ),
+        (
+            // No spec and no block: public ranges (the hijack seen).
+            "evil",
+            format!(
+                r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"evil","annotations":{{
+                  "weft.dev/version":"1","weft.dev/public-key":"{}","weft.dev/endpoint":"198.18.1.57:51820",
+                  "weft.dev/mesh-addresses":"198.18.250.8","weft.dev/pod-cidrs":"8.8.8.0/24,1.0.0.0/8"}}}}}}"#,
+                fresh_key()
+            ),
+            "bad_pod_cidr",
+        ),
     ];
     // creationTimestamp has one-second resolution and, at equal age, the
     // name that sorts first wins a conflict: the intruders must be younger.
@@ -457,16 +493,26 @@ fn hostile_nodes_are_excluded_on_every_node() {
     }
     for name in NODES {
         wait_for(
-            &format!("{name} to exclude all four"),
+            &format!("{name} to exclude all eight"),
             Duration::from_secs(10),
             || {
-                ["bad_public_key", "bad_endpoint", "conflict"]
-                    .iter()
-                    .all(|r| {
-                        lab.metric(name, &format!("weft_excluded_nodes{{reason=\"{r}\"}}")) >= 1.0
-                    })
-                    && lab.metric(name, "weft_excluded_nodes{reason=\"conflict\"}") == 2.0
+                [
+                    ("bad_public_key", 1.0),
+                    ("bad_endpoint", 2.0),
+                    ("conflict", 3.0),
+                    ("bad_pod_cidr", 2.0),
+                ]
+                .iter()
+                .all(|(r, n)| {
+                    lab.metric(name, &format!("weft_excluded_nodes{{reason=\"{r}\"}}")) == *n
+                })
             },
+        );
+        // Nothing of the claimed public ranges was routed into the mesh.
+        let route = lab.ok(&["exec", name, "--", "ip", "route", "get", "8.8.8.8"]);
+        assert!(
+            route.contains("via 198.18.0.1") && !route.contains(" dev wf"),
+            "{name} routes 8.8.8.8 into the mesh: {route}"
         );
         let status = lab.status();
         let peers: Vec<&str> = node(&status, name)["peers"]

@@ -18,6 +18,7 @@ pub mod netns;
 pub mod netpol;
 pub mod pods;
 pub mod preflight;
+pub mod sentinel;
 pub mod state;
 pub mod status;
 pub mod topology;

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use super::topology::{LabPlan, NodePlan, FABRIC_GATEWAY};
+use super::topology::{LabPlan, NodePlan, FABRIC_GATEWAY, FABRIC_GATEWAY6};
 
 const NETNS_DIR: &str = "/run/netns";
 
@@ -36,7 +36,9 @@ fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
     ip(&all)
 }
 
-/// Creates the fabric namespace and its bridge, holding the gateway address.
+/// Creates the fabric namespace and its bridge, holding the gateway
+/// addresses, with the plaintext sentinel armed before any node exists.
+/// The fabric forwards nothing: what nodes send to the gateway ends there.
 pub fn create_fabric(plan: &LabPlan) -> Result<()> {
     let ns = plan.fabric_netns.as_str();
     ip(&["netns", "add", ns])?;
@@ -44,6 +46,9 @@ pub fn create_fabric(plan: &LabPlan) -> Result<()> {
     ip_in(ns, &["link", "add", &plan.bridge, "type", "bridge"])?;
     let gw = format!("{FABRIC_GATEWAY}/{}", plan.fabric_cidr.prefix_len());
     ip_in(ns, &["addr", "add", &gw, "dev", &plan.bridge])?;
+    let gw6 = format!("{FABRIC_GATEWAY6}/64");
+    ip_in(ns, &["addr", "add", &gw6, "dev", &plan.bridge, "nodad"])?;
+    super::sentinel::arm(ns)?;
     ip_in(ns, &["link", "set", &plan.bridge, "up"])
 }
 
@@ -72,6 +77,23 @@ pub fn create_node(plan: &LabPlan, node: &NodePlan) -> Result<()> {
     let addr = format!("{}/{}", node.underlay, plan.fabric_cidr.prefix_len());
     ip_in(ns, &["addr", "add", &addr, "dev", &node.interface])?;
     ip_in(ns, &["link", "set", &node.interface, "up"])?;
+    // Default routes, as every real node has: whatever a node does not
+    // route itself goes out onto the fabric, where the sentinel sees it.
+    let gw = FABRIC_GATEWAY.to_string();
+    ip_in(ns, &["route", "add", "default", "via", &gw])?;
+    ip_in(
+        ns,
+        &[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            FABRIC_GATEWAY6,
+            "dev",
+            &node.interface,
+        ],
+    )?;
     let fabric = plan.fabric_netns.as_str();
     ip_in(
         fabric,

@@ -53,6 +53,9 @@ pub struct FabricReport {
     pub netns: String,
     pub bridge: String,
     pub cidr: String,
+    /// Frames the plaintext sentinel counted: cluster pod or mesh addresses
+    /// outside WireGuard on the underlay. Anything but 0 is a leak.
+    pub plaintext: Option<super::sentinel::Count>,
 }
 
 #[derive(Debug, Serialize)]
@@ -161,6 +164,7 @@ pub fn collect(dir: &LabDir) -> Result<Report> {
             running,
         },
         fabric: FabricReport {
+            plaintext: super::sentinel::count(&state.plan.fabric_netns).ok(),
             netns: state.plan.fabric_netns,
             bridge: state.plan.bridge,
             cidr: state.plan.fabric_cidr.to_string(),
@@ -213,7 +217,7 @@ pub fn table(r: &Report) -> String {
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     let mut out = format!(
-        "lab {}: API server {} ({}), kubeconfig {}\n",
+        "lab {}: API server {} ({}), kubeconfig {}\nplaintext on the fabric: {}\n",
         r.name,
         r.api_server.url,
         if r.api_server.running {
@@ -221,7 +225,12 @@ pub fn table(r: &Report) -> String {
         } else {
             "NOT RUNNING"
         },
-        r.kubeconfig.display()
+        r.kubeconfig.display(),
+        match r.fabric.plaintext {
+            Some(c) if c.packets == 0 => "0 packets".to_string(),
+            Some(c) => format!("{} packets, {} bytes: A LEAK", c.packets, c.bytes),
+            None => "unknown (the sentinel cannot be read)".to_string(),
+        }
     );
     for row in rows {
         let cells: Vec<String> = row

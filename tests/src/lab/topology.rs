@@ -17,6 +17,9 @@ pub const MESH_V4: &str = "198.18.128.0/17";
 pub const MESH_V6: &str = "fd98:18::/64";
 /// The fabric bridge's own address, where the API server listens for nodes.
 pub const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The fabric bridge's IPv6 link-local address: every node's IPv6 default
+/// route points at it, as a real node's points at its router.
+pub const FABRIC_GATEWAY6: &str = "fe80::1";
 /// The API server's port on the fabric.
 pub const FABRIC_API_PORT: u16 = 6443;
 /// Node `k` gets underlay `198.18.1.k`.

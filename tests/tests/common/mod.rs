@@ -64,6 +64,20 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Frames the fabric's plaintext sentinel has counted so far (read
+    /// straight from the fabric, so it works whatever else is broken).
+    pub fn plaintext(&self) -> Option<u64> {
+        meshlab::lab::sentinel::count(&format!("{}-fabric", self.name))
+            .ok()
+            .map(|c| c.packets)
+    }
+
+    /// Zeroes the sentinel, for a test that provoked a leak on purpose.
+    pub fn reset_plaintext(&self) {
+        meshlab::lab::sentinel::reset(&format!("{}-fabric", self.name))
+            .expect("resetting the plaintext sentinel");
+    }
+
     pub fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json is JSON")
     }
@@ -78,12 +92,25 @@ impl Lab {
 }
 
 impl Drop for Lab {
+    /// Tears the lab down, then fails the test if the plaintext sentinel
+    /// counted anything during it (a test already failing keeps its own
+    /// message).
     fn drop(&mut self) {
+        // A test that took the lab down itself leaves no sentinel to read.
+        let armed = std::path::Path::new(&format!("/run/netns/{}-fabric", self.name)).exists();
+        let plaintext = self.plaintext();
         let out = self.meshlab(&["down"]);
         if !out.status.success() {
             eprintln!(
                 "meshlab down failed: {}",
                 String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if armed && !std::thread::panicking() {
+            assert_eq!(
+                plaintext,
+                Some(0),
+                "the plaintext sentinel counted frames with cluster pod or mesh addresses on the fabric (None: it could not be read)"
             );
         }
     }
@@ -153,12 +180,24 @@ impl Lab {
 
     /// The value of a metric line (`name{labels} value`) of a node's meshd; 0 if absent.
     pub fn metric(&self, node: &str, series: &str) -> f64 {
-        let text = self.ok(&["metrics", node]);
-        text.lines()
-            .find(|l| l.split_whitespace().next() == Some(series))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        self.try_metric(node, series)
+            .unwrap_or_else(|| panic!("{node}'s meshd does not serve metrics"))
+    }
+
+    /// As [`Lab::metric`], `None` while the node's meshd does not answer.
+    pub fn try_metric(&self, node: &str, series: &str) -> Option<f64> {
+        let out = self.meshlab(&["metrics", node]);
+        if !out.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        Some(
+            text.lines()
+                .find(|l| l.split_whitespace().next() == Some(series))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0),
+        )
     }
 
     /// The pod stand-in (gateway) address of each family on `node` (from status).
@@ -272,6 +311,16 @@ pub fn plaintext(packets: &[String]) -> Vec<String> {
         .filter(|p| !p.contains("ICMP") || !p.contains("udp port 51820 unreachable"))
         .cloned()
         .collect()
+}
+
+/// One node's entry in `meshlab status --json`.
+pub fn node<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in status"))
 }
 
 /// Polls `check` every 20 ms until it holds, failing with `what` after `limit`.
