@@ -16,7 +16,9 @@ use ipnet::IpNet;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope};
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use serde_json::Value;
-use weft_ipam::{gateway, AllocError, Attachment, NodeState, PodStore, StoreError};
+use weft_ipam::{
+    gateway, AllocError, Attachment, NodeState, PodStore, StoreError, POD_VETH_PREFIX,
+};
 
 use crate::config::{parse, NetConf};
 use crate::netlink::{index_and_mac, Netlink, NlError, EEXIST};
@@ -27,7 +29,7 @@ use crate::spec::{
 /// The node-side veth of an attachment: stable, unique, within 15 characters.
 pub fn host_veth(attachment: &Attachment) -> String {
     format!(
-        "wp{:012x}",
+        "{POD_VETH_PREFIX}{:012x}",
         hash(&format!(
             "{}/{}",
             attachment.container_id, attachment.ifname
@@ -42,7 +44,8 @@ fn hash(s: &str) -> u64 {
 }
 
 fn is_pod_veth(name: &str) -> bool {
-    name.len() == 14 && name.starts_with("wp") && name[2..].bytes().all(|b| b.is_ascii_hexdigit())
+    name.strip_prefix(POD_VETH_PREFIX)
+        .is_some_and(|hex| hex.len() == 12 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 impl From<NlError> for CniError {

@@ -53,6 +53,10 @@ struct Held {
 }
 
 /// The address a block's pods use as their gateway (the node's side).
+/// What every pod veth's node-side name starts with (`wp` + 12 hex
+/// digits): NetworkPolicy tells traffic from and to pods by it.
+pub const POD_VETH_PREFIX: &str = "wp";
+
 pub fn gateway(block: &IpNet) -> IpAddr {
     address_from_bits(block, address_bits(block.network()) + 1)
 }

@@ -72,7 +72,11 @@ impl PodInfo {
             .map(|p| p.port)
     }
 
-    /// From a Pod object; pods without IPs (not running yet) have none here.
+    /// From a Pod object. A pod has addresses here only while they are its
+    /// own: not before they are assigned, not once it finished (Succeeded or
+    /// Failed: its addresses are released and may already be another
+    /// pod's), and never for a hostNetwork pod (its addresses are the
+    /// node's). So only such pods are policy peers or programmed.
     pub fn from_pod(pod: &Pod) -> Self {
         let meta = &pod.metadata;
         let spec = pod.spec.as_ref();
@@ -93,10 +97,15 @@ impl PodInfo {
                     .collect()
             })
             .unwrap_or_default();
-        let ips = pod
-            .status
-            .as_ref()
+        let status = pod.status.as_ref();
+        let finished = matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+        let ips = status
             .and_then(|s| s.pod_ips.as_ref())
+            .filter(|_| !finished && !host_network)
             .map(|ips| ips.iter().filter_map(|i| i.ip.parse().ok()).collect())
             .unwrap_or_default();
         Self {
@@ -122,6 +131,31 @@ impl NamespaceInfo {
         Self {
             name: ns.metadata.name.clone().unwrap_or_default(),
             labels: ns.metadata.labels.clone().unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(phase: &str, host_network: bool) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "x", "name": "a"},
+            "spec": {"nodeName": "n", "hostNetwork": host_network, "containers": []},
+            "status": {"phase": phase, "podIPs": [{"ip": "198.19.1.5"}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_running_pod_network_pods_have_addresses() {
+        assert_eq!(PodInfo::from_pod(&pod("Running", false)).ips.len(), 1);
+        for (phase, host) in [("Succeeded", false), ("Failed", false), ("Running", true)] {
+            assert!(
+                PodInfo::from_pod(&pod(phase, host)).ips.is_empty(),
+                "{phase} hostNetwork={host}"
+            );
         }
     }
 }

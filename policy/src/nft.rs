@@ -12,8 +12,10 @@ use serde_json::{json, Value};
 
 use crate::netlink;
 use crate::render::{
-    element_text, family, set_json, Element, Line, MapName, Ruleset, Set, SetKind, TABLE,
+    element_text, family, set_json, Element, Line, MapName, Ruleset, Set, SetKind, OPEN_CHAIN,
+    TABLE,
 };
+use weft_ipam::POD_VETH_PREFIX;
 
 /// What a transaction changes, for logs, metrics and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -239,7 +241,19 @@ fn verb(add: bool) -> &'static str {
     }
 }
 
-/// The base chains and maps every ruleset has.
+/// The base chains and maps every ruleset has. Every local pod has an
+/// entry in both directions' maps once it is programmed: to its group's
+/// chain when isolated, to [`OPEN_CHAIN`] when not. So, on the egress
+/// chain, in order:
+/// 1. a packet from a pod veth must come from that pod's own address
+///    (strict reverse path: the route back to its source is the veth it
+///    came in on), before conntrack could take it for an existing flow;
+/// 2. established and related traffic passes;
+/// 3. the source's map entry decides;
+/// 4. a packet from a pod veth that no entry matched comes from a pod not
+///    programmed yet (or not known at all): dropped.
+///
+/// The ingress chain does 2–4 for the destination.
 fn skeleton() -> Vec<Value> {
     let mut cmds = Vec::new();
     for map in MapName::ALL {
@@ -249,11 +263,32 @@ fn skeleton() -> Vec<Value> {
             json!({"name": map.name(), "type": typ, "map": "verdict"}),
         ));
     }
-    for (name, prio, field) in [("egress", 0, "saddr"), ("ingress", 10, "daddr")] {
+    cmds.push(add("chain", json!({"name": OPEN_CHAIN})));
+    cmds.push(add(
+        "rule",
+        json!({"chain": OPEN_CHAIN, "expr": [{"accept": null}]}),
+    ));
+    let pod_veth = format!("{POD_VETH_PREFIX}*");
+    for (name, prio, field, via) in [
+        ("egress", 0, "saddr", "iifname"),
+        ("ingress", 10, "daddr", "oifname"),
+    ] {
         cmds.push(add(
             "chain",
             json!({"name": name, "type": "filter", "hook": "forward", "prio": prio, "policy": "accept"}),
         ));
+        let from_pod =
+            json!({"match": {"op": "==", "left": {"meta": {"key": via}}, "right": pod_veth}});
+        if name == "egress" {
+            cmds.push(add(
+                "rule",
+                json!({"chain": name, "comment": "a pod sends only from its own addresses", "expr": [
+                    from_pod,
+                    {"match": {"op": "==", "left": {"fib": {"result": "oif", "flags": ["saddr", "iif"]}}, "right": false}},
+                    {"counter": null},
+                    {"drop": null}]}),
+            ));
+        }
         cmds.push(add(
             "rule",
             json!({"chain": name, "expr": [
@@ -268,6 +303,11 @@ fn skeleton() -> Vec<Value> {
                     "data": format!("@{}", map.name())}}]}),
             ));
         }
+        cmds.push(add(
+            "rule",
+            json!({"chain": name, "comment": "a pod not programmed yet", "expr": [
+                from_pod, {"counter": null}, {"drop": null}]}),
+        ));
     }
     cmds
 }

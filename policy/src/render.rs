@@ -41,6 +41,9 @@ use crate::compile::{
 use crate::model::Protocol;
 
 pub const TABLE: &str = "weft_policy";
+/// Where the map entries of a programmed pod that no policy isolates (in
+/// that direction) point: it accepts. Part of the skeleton.
+pub const OPEN_CHAIN: &str = "open";
 
 /// How drops are reported besides their counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -535,10 +538,10 @@ impl Ruleset {
             (Direction::Egress, &pod.egress),
             (Direction::Ingress, &pod.ingress),
         ] {
-            let Gate::Isolated { by } = gate else {
-                continue;
+            let chain = match gate {
+                Gate::Isolated { by } => self.add_group(direction, by, options),
+                Gate::Open => OPEN_CHAIN.to_string(),
             };
-            let chain = self.add_group(direction, by, options);
             for ip in &pod.ips {
                 let map = MapName::new(direction, ip.is_ipv4());
                 self.maps.entry(map).or_default().insert(*ip, chain.clone());

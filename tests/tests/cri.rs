@@ -206,19 +206,31 @@ async fn containerd_cri_sandboxes_get_mesh_addresses_and_release_them() {
     );
     assert!(ips2[0].starts_with("198.19.2."), "{ips2:?}");
 
-    // The sandbox on node-2 reaches the one on node-1 through the mesh.
-    for target in &ips1 {
-        let ping = Command::new("nsenter")
-            .arg(format!("--net={netns2}"))
-            .args(["ping", "-c", "1", "-W", "2", target])
-            .output()
-            .unwrap();
-        assert!(
-            ping.status.success(),
-            "sandbox on node-2 cannot reach {target}: {}",
-            String::from_utf8_lossy(&ping.stdout)
-        );
-    }
+    // kubelet reports the sandboxes' addresses on their Pods; until meshd
+    // has programmed a pod, its traffic is dropped.
+    let lab = tokio::task::spawn_blocking(move || {
+        for (node, name, ips) in [("node-1", "web", &ips1), ("node-2", "client", &ips2)] {
+            lab.register_pod("default", name, node, &serde_json::json!({}), ips);
+        }
+        // The sandbox on node-2 reaches the one on node-1 through the mesh.
+        for target in &ips1 {
+            let ping = || {
+                Command::new("nsenter")
+                    .arg(format!("--net={netns2}"))
+                    .args(["ping", "-c", "1", "-W", "1", target])
+                    .output()
+                    .unwrap()
+            };
+            common::wait_for(
+                &format!("the sandbox on node-2 to reach {target}"),
+                Duration::from_secs(10),
+                || ping().status.success(),
+            );
+        }
+        lab
+    })
+    .await
+    .unwrap();
 
     one.stop_pod_sandbox(StopPodSandboxRequest {
         pod_sandbox_id: id1.clone(),

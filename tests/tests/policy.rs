@@ -139,3 +139,255 @@ fn meshd_enforces_policy_changes_on_real_connections() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// `ip netns exec` into a pod's network namespace.
+fn in_pod(lab: &Lab, pod: &str, args: &[&str]) -> String {
+    lab.ok(&[&["pod", "exec", pod, "--"], args].concat())
+}
+
+/// A counter of the pod's own network stack (`/proc/net/snmp` or
+/// `snmp6`): what actually arrived there, whatever the node did.
+fn snmp(lab: &Lab, pod: &str, table: &str, field: &str) -> u64 {
+    let file = if table.ends_with('6') {
+        "/proc/net/snmp6"
+    } else {
+        "/proc/net/snmp"
+    };
+    let text = in_pod(lab, pod, &["cat", file]);
+    if table.ends_with('6') {
+        return text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{table}{field}")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{table}{field} in {file}"));
+    }
+    let mut rows = text.lines().filter(|l| l.starts_with(&format!("{table}:")));
+    let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == field)
+        .unwrap_or_else(|| panic!("{table} {field}"));
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+fn add_pod(lab: &Lab, node: &str, pod: &str, labels: &[&str]) -> Vec<String> {
+    let (namespace, name) = pod.split_once('/').unwrap();
+    let mut args = vec!["pod", "add", node, name, "--namespace", namespace];
+    for l in labels {
+        args.extend(["--label", l]);
+    }
+    lab.ok(&args)
+        .split_whitespace()
+        .filter(|w| w.parse::<std::net::IpAddr>().is_ok())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The address the node's IPAM hands out after `ip` (it goes round the
+/// block from the last address given).
+fn next_address(ip: &str) -> String {
+    match ip.parse::<std::net::IpAddr>().unwrap() {
+        std::net::IpAddr::V4(a) => std::net::Ipv4Addr::from(u32::from(a) + 1).to_string(),
+        std::net::IpAddr::V6(a) => std::net::Ipv6Addr::from(u128::from(a) + 1).to_string(),
+    }
+}
+
+fn create(lab: &Lab, name: &str, manifest: &str) -> u64 {
+    let path = lab.dir().join(name);
+    std::fs::write(&path, manifest).unwrap();
+    lab.ok(&[
+        "kubectl",
+        "--",
+        "create",
+        "-f",
+        path.to_str().unwrap(),
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ])
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+fn wait_programmed(lab: &Lab, node: &str, revision: u64) {
+    wait_for(
+        &format!("{node} to apply revision {revision}"),
+        Duration::from_secs(10),
+        || lab.metric(node, "weft_policy_synced_revision") >= revision as f64,
+    );
+}
+
+/// UDP datagrams to `targets` (port 9) in a tight loop for `seconds`,
+/// from `pod`, in the background.
+fn flood(lab: &Lab, pod: &str, targets: &[String], seconds: u32) -> std::process::Child {
+    let script = format!(
+        "import socket,time\n\
+         end=time.time()+{seconds}\n\
+         ts=[(socket.socket(socket.AF_INET6 if ':' in t else socket.AF_INET,socket.SOCK_DGRAM),t) for t in {targets:?}]\n\
+         while time.time()<end:\n\
+         \x20 for s,t in ts:\n\
+         \x20   try: s.sendto(b'x',(t,9))\n\
+         \x20   except OSError: pass\n\
+         \x20 time.sleep(0.0005)\n"
+    );
+    lab.command(&["pod", "exec", pod, "--", "/usr/bin/python3", "-c", &script])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Probed in a tight loop from before it exists, a pod that a deny-all
+/// policy isolates receives nothing: not between its attach and the
+/// moment meshd programs it, not after. The same probes reach a pod no
+/// policy isolates (so they can fail the first half).
+#[test]
+fn a_new_pod_gets_nothing_before_its_policy_is_programmed() {
+    let lab = Lab::up("t-window", &["--nodes", "2"]);
+    add_pod(&lab, "node-2", "y/prober", &[]);
+    for namespace in ["x", "z"] {
+        lab.ok(&["kubectl", "--", "create", "namespace", namespace]);
+    }
+    let revision = create(
+        &lab,
+        "deny.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {name: deny-all, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n",
+    );
+    for (pod, isolated) in [("x/new", true), ("z/open", false)] {
+        let (namespace, _) = pod.split_once('/').unwrap();
+        let before = add_pod(&lab, "node-1", &format!("{namespace}/before"), &[]);
+        wait_programmed(&lab, "node-1", revision);
+        let predicted: Vec<String> = before.iter().map(|ip| next_address(ip)).collect();
+        let mut prober = flood(&lab, "y/prober", &predicted, 5);
+        std::thread::sleep(Duration::from_millis(1500));
+        let got = add_pod(&lab, "node-1", pod, &[]);
+        assert_eq!(
+            got, predicted,
+            "the new pod's addresses were not the ones probed"
+        );
+        let _ = prober.wait();
+        let arrived = snmp(&lab, pod, "Udp", "NoPorts") + snmp(&lab, pod, "Udp6", "NoPorts");
+        if isolated {
+            assert_eq!(
+                arrived, 0,
+                "{pod} received probes before or after its policy was programmed"
+            );
+        } else {
+            assert!(
+                arrived > 0,
+                "no probe reached {pod}, which no policy isolates: the probes prove nothing"
+            );
+        }
+    }
+}
+
+/// A pod cannot send from an address that is not its own, in either
+/// family: the packet dies on its node, before conntrack or policy.
+#[test]
+fn a_spoofed_source_is_dropped() {
+    let lab = Lab::up("t-spoof", &["--nodes", "2"]);
+    let own = add_pod(&lab, "node-1", "x/a", &[]);
+    let target = add_pod(&lab, "node-2", "x/c", &[]);
+    for (own, ip, spoofed, table) in [
+        (&own[0], &target[0], "198.19.1.200", "Icmp"),
+        (&own[1], &target[1], "fd98:19:0:1::c8", "Icmp6"),
+    ] {
+        let field = "InEchos";
+        wait_for("x/a to reach x/c", Duration::from_secs(10), || {
+            lab.meshlab(&["pod", "exec", "x/a", "--", "ping", "-c1", "-W1", ip])
+                .status
+                .success()
+        });
+        let before = snmp(&lab, "x/c", table, field);
+        in_pod(
+            &lab,
+            "x/a",
+            &["ip", "addr", "add", spoofed, "dev", "eth0", "nodad"],
+        );
+        let _ = lab.meshlab(&[
+            "pod", "exec", "x/a", "--", "ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", spoofed,
+            ip,
+        ]);
+        assert_eq!(
+            snmp(&lab, "x/c", table, field),
+            before,
+            "x/c received pings from the spoofed source {spoofed}"
+        );
+        // The same pings from x/a's own address arrive.
+        let _ = lab.meshlab(&[
+            "pod", "exec", "x/a", "--", "ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", own, ip,
+        ]);
+        assert_eq!(snmp(&lab, "x/c", table, field), before + 3);
+    }
+}
+
+/// A finished pod (a completed Job keeps its Pod object, addresses and
+/// all) is not a policy peer: its address, now another pod's, gets none
+/// of its allows. Marked running again, it is: the probe can fail.
+#[test]
+fn a_finished_pods_address_gets_no_allow() {
+    let lab = Lab::up("t-finished", &["--nodes", "2"]);
+    let server = add_pod(&lab, "node-2", "x/server", &["app=server"]);
+    let reused = add_pod(&lab, "node-1", "x/newcomer", &[]);
+    let mut serving = lab
+        .command(&[
+            "pod",
+            "exec",
+            "x/server",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            SERVER,
+        ])
+        .spawn()
+        .unwrap();
+    wait_for("the server", Duration::from_secs(10), || {
+        connects(&lab, "x/newcomer", &server[0], 80)
+    });
+    create(
+        &lab,
+        "clients.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {name: clients, namespace: x}\n\
+         spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n",
+    );
+    wait_for("x/newcomer to be refused", Duration::from_secs(10), || {
+        !connects(&lab, "x/newcomer", &server[0], 80)
+    });
+    // The Job's pod that held the newcomer's address, finished.
+    create(
+        &lab,
+        "job.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: job, namespace: x, labels: {app: client}}\n\
+         spec: {nodeName: node-1, containers: [{name: c, image: busybox}]}\n",
+    );
+    let set_phase = |phase: &str| {
+        let ips: Vec<serde_json::Value> = reused
+            .iter()
+            .map(|ip| serde_json::json!({"ip": ip}))
+            .collect();
+        lab.patch_pod_status(
+            "x",
+            "job",
+            &serde_json::json!({"phase": phase, "podIP": reused[0], "podIPs": ips}),
+        )
+    };
+    let revision = set_phase("Succeeded");
+    wait_programmed(&lab, "node-2", revision);
+    for _ in 0..5 {
+        assert!(
+            !connects(&lab, "x/newcomer", &server[0], 80),
+            "the newcomer got the finished client's allow"
+        );
+    }
+    let revision = set_phase("Running");
+    wait_programmed(&lab, "node-2", revision);
+    wait_for(
+        "a running client's address to be allowed (the probe can pass)",
+        Duration::from_secs(10),
+        || connects(&lab, "x/newcomer", &server[0], 80),
+    );
+    let _ = serving.kill();
+    let _ = serving.wait();
+}

@@ -228,9 +228,9 @@ fn map_entries(pod: &PodProgram) -> Vec<(MapName, IpAddr, String)> {
         (Direction::Egress, &pod.egress),
     ]
     .into_iter()
-    .filter_map(|(direction, gate)| match gate {
-        Gate::Isolated { by } => Some((direction, render::group_chain_name(direction, by))),
-        Gate::Open => None,
+    .map(|(direction, gate)| match gate {
+        Gate::Isolated { by } => (direction, render::group_chain_name(direction, by)),
+        Gate::Open => (direction, render::OPEN_CHAIN.to_string()),
     })
     .flat_map(|(direction, chain)| {
         pod.ips.iter().map(move |ip| {

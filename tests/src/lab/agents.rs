@@ -51,6 +51,15 @@ pub fn cni_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
     node_dir(dir, node).join("cni")
 }
 
+/// Whether the node's meshd has made it ready for pods: the plugin, its
+/// conflist and the node state are in place.
+pub fn cni_ready(dir: &LabDir, node: &NodePlan) -> bool {
+    let cni = cni_dir(dir, node);
+    ["bin/weft", "net.d/10-weft.conflist", "node.json"]
+        .iter()
+        .all(|f| cni.join(f).is_file())
+}
+
 fn pid_file(dir: &LabDir, node: &NodePlan) -> PathBuf {
     node_dir(dir, node).join("meshd.pid")
 }

@@ -72,6 +72,60 @@ impl Lab {
             .map(|c| c.packets)
     }
 
+    /// Merges `status` into Pod `namespace/name`'s status subresource (as
+    /// kubelet reports it), with the image's kubectl (Debian's 1.20 has no
+    /// `--subresource`); returns the new resourceVersion.
+    pub fn patch_pod_status(&self, namespace: &str, name: &str, status: &serde_json::Value) -> u64 {
+        let patch = serde_json::json!({ "status": status }).to_string();
+        let out = Command::new("/usr/bin/kubectl")
+            .args([
+                "--kubeconfig",
+                &self.kubeconfig(),
+                "-n",
+                namespace,
+                "patch",
+                "pod",
+                name,
+            ])
+            .args(["--subresource=status", "--type=merge", "-p", &patch])
+            .args(["-o", "jsonpath={.metadata.resourceVersion}"])
+            .output()
+            .expect("/usr/bin/kubectl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    /// Registers a running Pod on `node` with `ips`, as kubelet does for a
+    /// sandbox it started; returns the resourceVersion of its status.
+    pub fn register_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        node: &str,
+        labels: &serde_json::Value,
+        ips: &[String],
+    ) -> u64 {
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]},
+        });
+        let path = self.dir().join(format!("pod-{namespace}-{name}.json"));
+        std::fs::write(&path, pod.to_string()).unwrap();
+        self.ok(&["kubectl", "--", "create", "-f", path.to_str().unwrap()]);
+        let pod_ips: Vec<serde_json::Value> =
+            ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect();
+        self.patch_pod_status(
+            namespace,
+            name,
+            &serde_json::json!({"phase": "Running", "podIP": ips.first(), "podIPs": pod_ips}),
+        )
+    }
+
     /// Zeroes the sentinel, for a test that provoked a leak on purpose.
     pub fn reset_plaintext(&self) {
         meshlab::lab::sentinel::reset(&format!("{}-fabric", self.name))
