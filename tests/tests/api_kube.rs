@@ -175,7 +175,7 @@ async fn list_then_watch_sees_every_change_once_in_order() {
         (rv_of(&a), rv_of(&b), rv_of(&a2), rv_of(&a3))
     );
     assert!(a3.annotations().get("weft.dev/x").is_none());
-    lab.server.stop().await;
+    lab.server.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -235,7 +235,7 @@ async fn concurrent_writers_each_change_seen_exactly_once() {
     for (name, seqs) in per_node {
         assert_eq!(seqs, want, "{name}: every change once, in order");
     }
-    lab.server.stop().await;
+    lab.server.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -273,7 +273,7 @@ async fn watch_from_expired_version_gets_410() {
         }
         other => panic!("expected a 410 ERROR event, got {other:?}"),
     }
-    lab.server.stop().await;
+    lab.server.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -304,7 +304,7 @@ async fn concurrent_updates_have_one_winner() {
         }
     }
     assert_eq!((ok, conflicts), (1, 15));
-    lab.server.stop().await;
+    lab.server.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -394,7 +394,7 @@ async fn patches_behave_as_on_a_real_server() {
         .unwrap();
     assert_eq!(replaced.labels()["main"], "yes");
     assert_eq!(replaced.status.unwrap().conditions.unwrap().len(), 2);
-    lab.server.stop().await;
+    lab.server.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -430,7 +430,7 @@ async fn errors_are_status_objects() {
         ),
         other => panic!("expected 404, got {other:?}"),
     }
-    lab.server.stop().await;
+    lab.server.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -530,7 +530,7 @@ async fn namespaces_and_field_selectors() {
         .await
         .unwrap_err();
     assert!(matches!(bad, kube::Error::Api(s) if s.code == 400));
-    lab.server.stop().await;
+    lab.server.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -576,7 +576,7 @@ async fn dry_run_delete_collection_and_body_limit() {
         Err(kube::Error::Api(s)) => assert_eq!(s.code, 413),
         other => panic!("expected 413, got {other:?}"),
     }
-    lab.server.stop().await;
+    lab.server.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -603,7 +603,7 @@ async fn streaming_list_watcher_gets_initial_events_end() {
         "no initial-events-end bookmark; saw {initial:?}"
     );
     assert_eq!(initial, ["s0", "s1", "s2"]);
-    lab.server.stop().await;
+    lab.server.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -663,5 +663,5 @@ async fn twenty_nodes_claiming_blocks_at_once_get_distinct_ones() {
         .await
         .unwrap();
     assert_eq!(rv(&lab).await, before, "steady state writes nothing");
-    lab.server.stop().await;
+    lab.server.stop().await.unwrap();
 }

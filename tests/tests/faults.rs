@@ -518,3 +518,54 @@ fn a_flapping_hostile_node_cannot_flood_the_api() {
 fn meshlab_report_burst() -> f64 {
     weft_meshd::report::BURST as f64
 }
+
+#[test]
+fn the_mesh_rides_out_a_hung_and_a_restarted_api_server() {
+    let lab = Lab::up("t-apiserver", &["--nodes", "2"]);
+    let target = lab.pod_addresses("node-2")[0].clone();
+    let api = lab.status()["apiServer"]["pid"].as_i64().unwrap();
+    let ping = lab.command(&[
+        "exec", "node-1", "--", "ping", "-n", "-c", "140", "-i", "0.05", "-W", "1", &target,
+    ]);
+    let pinging = std::thread::spawn(move || common::run_bounded(ping, Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(500));
+    // Hung: every request and watch stalls.
+    signal(api, "-STOP");
+    std::thread::sleep(Duration::from_secs(3));
+    signal(api, "-CONT");
+    // Restarted with its objects: every watch gets 410 and relists.
+    let restarted = lab.ok(&["api", "restart"]);
+    assert!(restarted.contains("API server restarted"), "{restarted}");
+    let out = pinging.join().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains(" 0% packet loss"),
+        "pod traffic was lost while the API server hung and restarted:\n{summary}"
+    );
+    let after = lab.status();
+    assert_ne!(after["apiServer"]["pid"].as_i64().unwrap(), api);
+    assert_eq!(
+        after["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["registered"] == true)
+            .count(),
+        2,
+        "the restarted API server lost the Nodes"
+    );
+    // The agents follow the restarted server: a join works.
+    lab.ok(&["node", "add"]);
+    wait_for(
+        "node-1 to peer with node-3",
+        Duration::from_secs(15),
+        || peer_nodes(&lab, "node-1").contains(&"node-3".to_string()),
+    );
+    for t in lab.pod_addresses("node-3") {
+        wait_for(
+            &format!("node-1 to reach {t}"),
+            Duration::from_secs(10),
+            || pod_ping(&lab, "node-1", &t, 1).status.success(),
+        );
+    }
+}

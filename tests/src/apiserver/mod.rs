@@ -43,6 +43,10 @@ pub struct Options {
     pub watch_log: usize,
     /// How often watches that asked for bookmarks get one.
     pub bookmark_interval: Duration,
+    /// A directory to keep credentials and objects in across restarts:
+    /// credentials are reused if saved there, objects restored if a
+    /// previous instance saved them when it stopped.
+    pub persist: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -50,7 +54,19 @@ impl Default for Options {
         Self {
             watch_log: 10_000,
             bookmark_interval: Duration::from_secs(10),
+            persist: None,
         }
+    }
+}
+
+const PKI_FILE: &str = "apiserver-pki.json";
+const OBJECTS_FILE: &str = "apiserver-objects.json";
+
+/// Removes what a server persisted in `dir`, so the next one starts empty
+/// with new credentials.
+pub fn forget(dir: &std::path::Path) {
+    for f in [PKI_FILE, OBJECTS_FILE] {
+        let _ = std::fs::remove_file(dir.join(f));
     }
 }
 
@@ -59,6 +75,8 @@ pub struct Running {
     pub addrs: Vec<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
+    shared: Arc<Shared>,
+    persist: Option<PathBuf>,
 }
 
 /// How long open connections get to finish when the server stops.
@@ -74,10 +92,15 @@ impl Running {
     }
 
     /// Stops accepting, ends every watch and waits (bounded) for open
-    /// connections to drain.
-    pub async fn stop(self) {
+    /// connections to drain; then saves the objects if persisting.
+    pub async fn stop(self) -> Result<()> {
         self.shutdown.cancel();
-        self.wait().await;
+        let _ = self.task.await;
+        if let Some(dir) = &self.persist {
+            let snapshot = self.shared.store.snapshot();
+            weft_keys::write_private(&dir.join(OBJECTS_FILE), &serde_json::to_vec(&snapshot)?)?;
+        }
+        Ok(())
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -100,7 +123,19 @@ pub fn launch(endpoints: Vec<Endpoint>, options: Options) -> Result<Running> {
         addrs.push(e.listener.local_addr()?);
     }
     let ips: Vec<_> = addrs.iter().map(SocketAddr::ip).collect();
-    let pki = Pki::generate(&ips)?;
+    let saved = options.persist.as_ref().map(|d| d.join(PKI_FILE));
+    let pki = match saved.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        Some(bytes) => {
+            serde_json::from_slice(&bytes).context("the saved API server credentials")?
+        }
+        None => {
+            let pki = Pki::generate(&ips)?;
+            if let Some(path) = &saved {
+                weft_keys::write_private(path, &serde_json::to_vec(&pki)?)?;
+            }
+            pki
+        }
+    };
     for (e, addr) in endpoints.iter().zip(&addrs) {
         let kubeconfig = pki.kubeconfig(&format!("https://{addr}"));
         weft_keys::write_private(&e.kubeconfig, kubeconfig.as_bytes())?;
@@ -116,8 +151,19 @@ fn start(
     options: Options,
 ) -> Result<Running> {
     let shutdown = CancellationToken::new();
+    let saved = options
+        .persist
+        .as_ref()
+        .and_then(|d| std::fs::read(d.join(OBJECTS_FILE)).ok());
+    let store = match saved {
+        Some(bytes) => Store::restore(
+            serde_json::from_slice(&bytes).context("the saved API server objects")?,
+            options.watch_log,
+        ),
+        None => Store::new(options.watch_log),
+    };
     let shared = Arc::new(Shared {
-        store: Store::new(options.watch_log),
+        store,
         token,
         bookmark_interval: options.bookmark_interval,
         shutdown: shutdown.clone(),
@@ -130,11 +176,18 @@ fn start(
         addrs.push(l.local_addr()?);
         tokio_listeners.push(TcpListener::from_std(l).context("registering a listener")?);
     }
-    let task = tokio::spawn(serve(tokio_listeners, acceptor, shared, shutdown.clone()));
+    let task = tokio::spawn(serve(
+        tokio_listeners,
+        acceptor,
+        shared.clone(),
+        shutdown.clone(),
+    ));
     Ok(Running {
         addrs,
         shutdown,
         task,
+        shared,
+        persist: options.persist,
     })
 }
 

@@ -12,11 +12,49 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// A CA, the server's certificate and key, and the clients' token.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Pki {
     pub ca_pem: String,
+    #[serde(with = "base64_der")]
     pub cert_der: CertificateDer<'static>,
+    #[serde(with = "base64_bytes")]
     key_der: Vec<u8>,
     pub token: String,
+}
+
+/// DER in JSON as base64 text.
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+mod base64_der {
+    use rustls::pki_types::CertificateDer;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        der: &CertificateDer<'static>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        super::base64_bytes::serialize(der.as_ref(), s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<CertificateDer<'static>, D::Error> {
+        super::base64_bytes::deserialize(d).map(CertificateDer::from)
+    }
 }
 
 impl Pki {
@@ -101,6 +139,15 @@ current-context: meshlab
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_survive_a_round_trip_through_json() {
+        let pki = Pki::generate(&["127.0.0.1".parse().unwrap()]).unwrap();
+        let again: Pki = serde_json::from_slice(&serde_json::to_vec(&pki).unwrap()).unwrap();
+        assert_eq!(again.kubeconfig("https://x"), pki.kubeconfig("https://x"));
+        assert_eq!(again.cert_der, pki.cert_der);
+        again.server_config().unwrap();
+    }
 
     #[test]
     fn kubeconfig_carries_ca_and_token() {

@@ -31,6 +31,13 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum ApiCmd {
+    /// Stop the API server and start it again with its objects (as a
+    /// restarted kube-apiserver: every watch gets 410 and relists).
+    Restart,
+}
+
+#[derive(Subcommand)]
 enum PodCmd {
     /// Attach pod NAME on NODE through the node's weft CNI plugin.
     Add {
@@ -143,6 +150,11 @@ enum Cmd {
     },
     /// Start meshd on a node where it is not running (e.g. after a test killed it).
     StartMeshd { node: String },
+    /// The lab's API server.
+    Api {
+        #[command(subcommand)]
+        action: ApiCmd,
+    },
     /// Print a node's meshd metrics (Prometheus text).
     Metrics { node: String },
     /// Benchmarks (they bring up labs of their own).
@@ -441,6 +453,16 @@ fn run(cli: Cli) -> Result<()> {
                 .args(&args)
                 .exec();
             Err(err).context("running kubectl")
+        }
+        Cmd::Api {
+            action: ApiCmd::Restart,
+        } => {
+            let state = lifecycle::restart_api_server(&dir)?;
+            println!(
+                "API server restarted: pid {}, {}",
+                state.api_server.pid, state.api_server.url
+            );
+            Ok(())
         }
         Cmd::Apiserver {
             lab_dir,

@@ -57,7 +57,11 @@ pub fn run(dir: &LabDir, fabric_netns: &str, fabric_addr: SocketAddr) -> Result<
                 kubeconfig: dir.node_kubeconfig(),
             },
         ];
-        let server = apiserver::launch(endpoints, Options::default())?;
+        let options = Options {
+            persist: Some(dir.path()),
+            ..Options::default()
+        };
+        let server = apiserver::launch(endpoints, options)?;
         // Atomically: `spawn` polls for this file and parses what it finds.
         write_atomic(&dir.file(READY_FILE), &serde_json::to_vec(&ready)?)?;
         tracing::info!(url = %ready.url, fabric_url = %ready.fabric_url, "API server ready");
@@ -66,16 +70,38 @@ pub fn run(dir: &LabDir, fabric_netns: &str, fabric_addr: SocketAddr) -> Result<
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        tracing::info!("stopping");
-        server.stop().await;
-        Ok(())
+        tracing::info!("stopping; saving the objects for a restart");
+        server.stop().await
     })
+}
+
+/// How a starting API server begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Empty, with new credentials (`meshlab up`).
+    Fresh,
+    /// With the objects and credentials the last one saved when it
+    /// stopped; every watch must relist (`meshlab api restart`).
+    Restore,
 }
 
 /// Starts `meshlab apiserver` detached from this process and waits until it
 /// serves.
-pub fn spawn(dir: &LabDir, fabric_netns: &str, fabric_addr: SocketAddr) -> Result<ApiServerState> {
-    let log = File::create(dir.file(LOG_FILE))?;
+pub fn spawn(
+    dir: &LabDir,
+    fabric_netns: &str,
+    fabric_addr: SocketAddr,
+    start: Start,
+) -> Result<ApiServerState> {
+    // A ready file left by an earlier server would be taken for this one's.
+    let _ = fs::remove_file(dir.file(READY_FILE));
+    if start == Start::Fresh {
+        apiserver::forget(&dir.path());
+    }
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.file(LOG_FILE))?;
     let exe = std::env::current_exe().context("locating the meshlab binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("--root")
@@ -121,6 +147,22 @@ pub fn spawn(dir: &LabDir, fabric_netns: &str, fabric_addr: SocketAddr) -> Resul
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Stops the API server `pid` with SIGTERM (it saves its objects first)
+/// and waits, bounded, until it is gone.
+pub fn stop(pid: i32) -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    kill(Pid::from_raw(pid), Signal::SIGTERM).context("signalling the API server")?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    while kill(Pid::from_raw(pid), None).is_ok() {
+        if Instant::now() > deadline {
+            bail!("the API server (pid {pid}) did not stop within {START_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 fn log_tail(path: &Path) -> String {

@@ -89,7 +89,7 @@ fn build(
         ));
     }
     let fabric_addr = SocketAddr::from((FABRIC_GATEWAY, FABRIC_API_PORT));
-    let api_server = control::spawn(dir, &plan.fabric_netns, fabric_addr)?;
+    let api_server = control::spawn(dir, &plan.fabric_netns, fabric_addr, control::Start::Fresh)?;
     progress(&format!(
         "API server at {} (nodes use {})",
         api_server.url, api_server.fabric_url
@@ -211,6 +211,26 @@ fn start_mesh(dir: &LabDir, nodes: &[NodePlan], progress: &mut dyn FnMut(&str)) 
         }
     }
     Ok(())
+}
+
+/// Restarts the lab's API server with its objects and credentials: as a
+/// restarted kube-apiserver, resourceVersions go on and every watch gets
+/// 410 and relists.
+pub fn restart_api_server(dir: &LabDir) -> Result<LabState> {
+    let _lock = dir.lock()?;
+    let mut state = dir.running_state()?;
+    if process_alive(state.api_server.pid, &dir.path()) {
+        control::stop(state.api_server.pid)?;
+    }
+    let fabric_addr = SocketAddr::from((FABRIC_GATEWAY, FABRIC_API_PORT));
+    state.api_server = control::spawn(
+        dir,
+        &state.plan.fabric_netns,
+        fabric_addr,
+        control::Start::Restore,
+    )?;
+    dir.write_state(&state)?;
+    Ok(state)
 }
 
 /// Adds the next node to a running lab; returns its plan.

@@ -14,10 +14,7 @@ use kube::api::{Api, ListParams};
 use kube::ResourceExt;
 use serde::Serialize;
 
-/// The annotations status reads (their meaning is meshd's; see docs/annotations.md).
-const PUBLIC_KEY: &str = "weft.dev/public-key";
-const MESH_ADDRESSES: &str = "weft.dev/mesh-addresses";
-const POD_CIDRS: &str = "weft.dev/pod-cidrs";
+use weft_meshd::annotations::{MESH_ADDRESSES, POD_CIDRS, PUBLIC_KEY};
 
 use super::mesh::{self, PeerReport};
 use super::pods::PodRecord;
