@@ -107,7 +107,7 @@ fn add(env: &Env, conf: &NetConf, attachment: &Attachment) -> Result<AddResult, 
         )
     })?;
     let store = PodStore::new(&conf.ipam_dir);
-    let addresses = store.allocate(attachment, &state.pod_cidrs)?;
+    let addresses = store.allocate(attachment, &state.pod_cidrs, env.pod().as_ref())?;
     let wired = wire(env, attachment, &netns, &addresses, mtu);
     if wired.is_err() {
         // Leave nothing behind: no veth, no address held.

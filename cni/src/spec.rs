@@ -103,6 +103,16 @@ fn required(vars: &BTreeMap<String, String>, name: &str) -> Result<String, CniEr
 }
 
 impl Env {
+    /// The Kubernetes pod this is, when the runtime says (kubelet's CRI
+    /// runtimes pass `K8S_POD_NAMESPACE` and `K8S_POD_NAME` in CNI_ARGS).
+    pub fn pod(&self) -> Option<weft_ipam::PodRef> {
+        let get = |k: &str| self.args.get(k).filter(|v| !v.is_empty()).cloned();
+        Some(weft_ipam::PodRef {
+            namespace: get("K8S_POD_NAMESPACE")?,
+            name: get("K8S_POD_NAME")?,
+        })
+    }
+
     /// Reads the environment variables a command needs, naming any missing one.
     pub fn from_vars(vars: &BTreeMap<String, String>) -> Result<Self, CniError> {
         let command = match required(vars, "CNI_COMMAND")?.as_str() {
@@ -294,6 +304,16 @@ mod tests {
         .unwrap();
         assert_eq!(add.command, Command::Add);
         assert_eq!(add.args["K8S_POD_NAME"], "web");
+        assert_eq!(add.pod(), None, "a name without a namespace names no pod");
+        let named = Env::from_vars(&vars(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "abc123"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", "K8S_POD_NAMESPACE=x;K8S_POD_NAME=web"),
+        ]))
+        .unwrap();
+        assert_eq!(named.pod().map(|p| p.key()).as_deref(), Some("x/web"));
         let missing = Env::from_vars(&vars(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc")]))
             .unwrap_err();
         assert_eq!(missing.code, Code::InvalidEnvironment);

@@ -18,5 +18,5 @@ mod store;
 pub use blocks::{BlockError, BlockPlan};
 pub use cluster::{BlockRecord, ClaimError, Holder};
 pub use node_state::{NodeState, NodeStateError};
-pub use pool::{gateway, AllocError, Allocations, Attachment, POD_VETH_PREFIX};
+pub use pool::{gateway, AllocError, Allocations, Attachment, PodRef, POD_VETH_PREFIX};
 pub use store::{PodStore, StoreError};

@@ -50,13 +50,32 @@ pub struct Allocations {
 struct Held {
     attachment: Attachment,
     addresses: Vec<IpNet>,
+    /// The Kubernetes pod the runtime said this is (CNI_ARGS), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pod: Option<PodRef>,
 }
 
-/// The address a block's pods use as their gateway (the node's side).
+/// A Kubernetes pod by namespace and name (`K8S_POD_NAMESPACE`,
+/// `K8S_POD_NAME` in CNI_ARGS): meshd programs NetworkPolicy for a pod
+/// from its attachment, before the API reports its addresses.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PodRef {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// What every pod veth's node-side name starts with (`wp` + 12 hex
 /// digits): NetworkPolicy tells traffic from and to pods by it.
 pub const POD_VETH_PREFIX: &str = "wp";
 
+/// The address a block's pods use as their gateway (the node's side).
 pub fn gateway(block: &IpNet) -> IpAddr {
     address_from_bits(block, address_bits(block.network()) + 1)
 }
@@ -87,11 +106,19 @@ impl Allocations {
         self.held.values().map(|h| &h.attachment)
     }
 
+    /// Every attached pod the runtime named, with its addresses.
+    pub fn pods(&self) -> impl Iterator<Item = (&PodRef, &[IpNet])> {
+        self.held
+            .values()
+            .filter_map(|h| Some((h.pod.as_ref()?, h.addresses.as_slice())))
+    }
+
     /// One address per block for `attachment`, or the ones it already holds.
     pub fn allocate(
         &mut self,
         attachment: &Attachment,
         blocks: &[IpNet],
+        pod: Option<&PodRef>,
     ) -> Result<Vec<IpNet>, AllocError> {
         if let Some(held) = self.get(attachment) {
             return Ok(held.to_vec());
@@ -127,6 +154,7 @@ impl Allocations {
             Held {
                 attachment: attachment.clone(),
                 addresses: addresses.clone(),
+                pod: pod.cloned(),
             },
         );
         Ok(addresses)
@@ -171,16 +199,16 @@ mod tests {
     fn dual_stack_idempotent_and_reserved() {
         let blocks = [net("198.19.1.0/24"), net("fd98:19:0:1::/64")];
         let mut a = Allocations::default();
-        let first = a.allocate(&att(1), &blocks).unwrap();
+        let first = a.allocate(&att(1), &blocks, None).unwrap();
         assert_eq!(first, vec![net("198.19.1.2/24"), net("fd98:19:0:1::2/64")]);
         assert_eq!(
-            a.allocate(&att(1), &blocks).unwrap(),
+            a.allocate(&att(1), &blocks, None).unwrap(),
             first,
             "ADD is idempotent"
         );
         assert_eq!(gateway(&blocks[0]).to_string(), "198.19.1.1");
         assert_eq!(
-            a.allocate(&att(2), &blocks).unwrap()[0],
+            a.allocate(&att(2), &blocks, None).unwrap()[0],
             net("198.19.1.3/24")
         );
     }
@@ -190,23 +218,23 @@ mod tests {
         let block = [net("198.19.1.0/29")]; // .2 .. .6 usable
         let mut a = Allocations::default();
         for i in 0..5 {
-            a.allocate(&att(i), &block).unwrap();
+            a.allocate(&att(i), &block, None).unwrap();
         }
-        let err = a.allocate(&att(9), &block).unwrap_err();
+        let err = a.allocate(&att(9), &block, None).unwrap_err();
         assert_eq!(err, AllocError::Exhausted(block[0]));
         assert!(err.to_string().contains("198.19.1.0/29"));
         assert!(a.release(&att(1)));
         assert!(!a.release(&att(1)));
         // The only free address is the one just freed: it is used (not skipped forever).
         assert_eq!(
-            a.allocate(&att(9), &block).unwrap(),
+            a.allocate(&att(9), &block, None).unwrap(),
             vec![net("198.19.1.3/29")]
         );
         a.release(&att(9));
         a.release(&att(4));
         // With a choice, the next after the last handed out comes first.
         assert_eq!(
-            a.allocate(&att(10), &block).unwrap(),
+            a.allocate(&att(10), &block, None).unwrap(),
             vec![net("198.19.1.6/29")]
         );
     }
@@ -216,7 +244,7 @@ mod tests {
         let block = [net("198.19.1.0/24")];
         let mut a = Allocations::default();
         for i in 0..4 {
-            a.allocate(&att(i), &block).unwrap();
+            a.allocate(&att(i), &block, None).unwrap();
         }
         let live = BTreeSet::from([att(1), att(3)]);
         assert_eq!(a.gc(&live), vec![att(0), att(2)]);
@@ -250,7 +278,7 @@ mod tests {
                 match op {
                     Op::Allocate(i) => {
                         let before = a.get(&att(i)).map(<[IpNet]>::to_vec);
-                        match a.allocate(&att(i), &blocks) {
+                        match a.allocate(&att(i), &blocks, None) {
                             Ok(got) => {
                                 if let Some(b) = before { prop_assert_eq!(got.clone(), b); }
                                 for (addr, block) in got.iter().zip(&blocks) {

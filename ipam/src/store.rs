@@ -8,14 +8,15 @@
 //! ADD died before the pod was wired up is an attachment the runtime does not
 //! know, which GC frees.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::pool::{AllocError, Allocations, Attachment};
+use crate::pool::{AllocError, Allocations, Attachment, PodRef};
 
 /// Why the store failed; every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -89,13 +90,38 @@ impl PodStore {
         Ok(result)
     }
 
-    /// One address per block for `attachment` (the same ones if it has them).
+    /// The directory (meshd watches it for attachments).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// One address per block for `attachment` (the same ones if it has
+    /// them), recording the pod it is when the runtime said.
     pub fn allocate(
         &self,
         attachment: &Attachment,
         blocks: &[IpNet],
+        pod: Option<&PodRef>,
     ) -> Result<Vec<IpNet>, StoreError> {
-        self.locked(|a| Ok(a.allocate(attachment, blocks)?))
+        self.locked(|a| Ok(a.allocate(attachment, blocks, pod)?))
+    }
+
+    /// Every attached pod the runtime named (`namespace/name`) with its
+    /// addresses. Reads without the lock: the file is replaced whole.
+    pub fn attached_pods(&self) -> Result<BTreeMap<String, Vec<IpAddr>>, StoreError> {
+        let path = self.file();
+        let allocations: Allocations = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Allocations::default(),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        Ok(allocations
+            .pods()
+            .map(|(pod, addresses)| (pod.key(), addresses.iter().map(IpNet::addr).collect()))
+            .collect())
     }
 
     /// What `attachment` holds.
@@ -137,7 +163,7 @@ mod tests {
         let threads: Vec<_> = (0..100)
             .map(|i| {
                 let (store, blocks) = (store.clone(), blocks.clone());
-                std::thread::spawn(move || store.allocate(&att(i), &blocks).unwrap())
+                std::thread::spawn(move || store.allocate(&att(i), &blocks, None).unwrap())
             })
             .collect();
         let all: Vec<IpNet> = threads
@@ -161,7 +187,7 @@ mod tests {
         let store = PodStore::new(dir.path());
         fs::write(store.file(), b"{garbage").unwrap();
         let err = store
-            .allocate(&att(1), &["198.19.1.0/24".parse().unwrap()])
+            .allocate(&att(1), &["198.19.1.0/24".parse().unwrap()], None)
             .unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         assert_eq!(fs::read(store.file()).unwrap(), b"{garbage");
@@ -173,7 +199,7 @@ mod tests {
         let store = PodStore::new(dir.path());
         let block = ["198.19.1.0/24".parse().unwrap()];
         for i in 0..3 {
-            store.allocate(&att(i), &block).unwrap();
+            store.allocate(&att(i), &block, None).unwrap();
         }
         assert!(store.release(&att(0)).unwrap());
         assert!(!store.release(&att(0)).unwrap(), "DEL twice is fine");

@@ -197,6 +197,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             client.clone(),
             args.node_name.clone(),
             options,
+            args.cni.cni_ipam_dir.clone(),
             health.clone(),
         ));
     }
@@ -314,6 +315,7 @@ async fn supervise_policy(
     client: Client,
     node: String,
     options: weft_policy::render::Options,
+    ipam_dir: PathBuf,
     health: Arc<Health>,
 ) {
     loop {
@@ -322,6 +324,7 @@ async fn supervise_policy(
             client.clone(),
             node.clone(),
             options,
+            ipam_dir.clone(),
             health.clone(),
         ));
         let ended = engine.await;

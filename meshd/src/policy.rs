@@ -1,11 +1,15 @@
 //! NetworkPolicy enforcement on this node: reflectors on Pods, Namespaces
-//! and NetworkPolicies feed the policy [`Engine`] (debounced): a pod or
+//! and NetworkPolicies, and the node's pod address store (what the CNI
+//! plugin attached, watched with inotify, so a local pod is programmed the
+//! moment it is attached) feed the policy [`Engine`] (debounced): a pod or
 //! policy change is worked out for that object alone, a namespace change
 //! recompiles the node, and only the difference from what the kernel holds
 //! is applied (the whole table at start or after a failure). The drop
 //! counters become per-policy metrics; a table that vanished is rebuilt.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -165,11 +169,92 @@ async fn with_session<T: Send + 'static>(
     result
 }
 
+/// Addresses of the pods the CNI plugin attached on this node, by
+/// `namespace/name`, kept current from the address store.
+type Attached = Arc<Mutex<BTreeMap<String, Vec<IpAddr>>>>;
+
+/// Watches the pod address store in `dir`: whenever it changes, the pods
+/// whose attached addresses changed are marked stale. Returns the current
+/// view.
+fn watch_attachments(
+    dir: PathBuf,
+    changed: Arc<Notify>,
+    dirty: Arc<Mutex<Dirty>>,
+) -> Result<Attached, String> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| format!("inotify: {e}"))?;
+    // The store replaces its file by rename.
+    inotify
+        .add_watch(
+            &dir,
+            AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_DELETE,
+        )
+        .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+    let store = weft_ipam::PodStore::new(dir);
+    let read = move || {
+        store.attached_pods().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the pod address store");
+            BTreeMap::new()
+        })
+    };
+    let attached: Attached = Arc::new(Mutex::new(read()));
+    let view = attached.clone();
+    std::thread::spawn(move || {
+        while inotify.read_events().is_ok() {
+            let now = read();
+            let mut was = view.lock().unwrap_or_else(|e| e.into_inner());
+            let moved: BTreeSet<String> = now
+                .iter()
+                .filter(|(k, v)| was.get(*k) != Some(v))
+                .map(|(k, _)| k.clone())
+                .chain(was.keys().filter(|k| !now.contains_key(*k)).cloned())
+                .collect();
+            *was = now;
+            drop(was);
+            if !moved.is_empty() {
+                dirty
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pods
+                    .extend(moved);
+                changed.notify_one();
+            }
+        }
+        tracing::error!("the pod address store watch ended; new pods wait for the API");
+    });
+    Ok(attached)
+}
+
+/// A Pod as policy sees it, with the addresses attached on this node.
+fn pod_info(pod: &Pod, attached: &Attached) -> PodInfo {
+    let key = format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    );
+    let attached = attached.lock().unwrap_or_else(|e| e.into_inner());
+    PodInfo::from_pod_attached(pod, attached.get(&key).map(Vec::as_slice))
+}
+
 /// Enforces policy for the pods on `node` until the process ends.
-pub async fn run(client: Client, node: String, options: render::Options, health: Arc<Health>) {
+pub async fn run(
+    client: Client,
+    node: String,
+    options: render::Options,
+    ipam_dir: PathBuf,
+    health: Arc<Health>,
+) {
     let changed = Arc::new(Notify::new());
     let dirty = Arc::new(Mutex::new(Dirty::default()));
     let seen = Arc::new(AtomicU64::new(0));
+    let attached = match watch_attachments(ipam_dir, changed.clone(), dirty.clone()) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch the pod address store; policy is not enforced");
+            return;
+        }
+    };
     let pods = watch::<Pod>(&client, changed.clone(), dirty.clone(), seen.clone());
     let namespaces = watch::<Namespace>(&client, changed.clone(), dirty.clone(), seen.clone());
     let policies = watch::<NetworkPolicy>(&client, changed.clone(), dirty.clone(), seen.clone());
@@ -206,7 +291,10 @@ pub async fn run(client: Client, node: String, options: render::Options, health:
                     .iter()
                     .map(|n| NamespaceInfo::from_namespace(n))
                     .collect(),
-                pods.state().iter().map(|p| PodInfo::from_pod(p)).collect(),
+                pods.state()
+                    .iter()
+                    .map(|p| pod_info(p, &attached))
+                    .collect(),
             );
             if in_kernel {
                 update = engine.reset(cluster.0, cluster.1, cluster.2);
@@ -216,7 +304,7 @@ pub async fn run(client: Client, node: String, options: render::Options, health:
         } else {
             let mut changes = Vec::new();
             for key in &stale.pods {
-                let pod = get(&pods, key).map(|p| PodInfo::from_pod(&p));
+                let pod = get(&pods, key).map(|p| pod_info(&p, &attached));
                 changes.extend(engine.pod(key, pod));
             }
             for key in &stale.policies {

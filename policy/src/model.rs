@@ -78,6 +78,14 @@ impl PodInfo {
     /// pod's), and never for a hostNetwork pod (its addresses are the
     /// node's). So only such pods are policy peers or programmed.
     pub fn from_pod(pod: &Pod) -> Self {
+        Self::from_pod_attached(pod, None)
+    }
+
+    /// As [`PodInfo::from_pod`], with the addresses this node's CNI plugin
+    /// recorded for the pod when it attached it, used until
+    /// `status.podIPs` reports them: a local pod is programmed from the
+    /// moment it is attached, not an API round trip later.
+    pub fn from_pod_attached(pod: &Pod, attached: Option<&[IpAddr]>) -> Self {
         let meta = &pod.metadata;
         let spec = pod.spec.as_ref();
         let ports = spec
@@ -103,11 +111,15 @@ impl PodInfo {
             Some("Succeeded" | "Failed")
         );
         let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-        let ips = status
+        let reported: Vec<IpAddr> = status
             .and_then(|s| s.pod_ips.as_ref())
-            .filter(|_| !finished && !host_network)
             .map(|ips| ips.iter().filter_map(|i| i.ip.parse().ok()).collect())
             .unwrap_or_default();
+        let ips = match (finished || host_network, reported.is_empty(), attached) {
+            (true, _, _) => Vec::new(),
+            (false, true, Some(attached)) => attached.to_vec(),
+            (false, _, _) => reported,
+        };
         Self {
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
@@ -146,6 +158,26 @@ mod tests {
             "status": {"phase": phase, "podIPs": [{"ip": "198.19.1.5"}]},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn attached_addresses_count_until_the_api_reports_them() {
+        let attached: Vec<IpAddr> = vec!["198.19.1.9".parse().unwrap()];
+        let mut p = pod("Pending", false);
+        p.status.as_mut().unwrap().pod_ips = None;
+        assert_eq!(
+            PodInfo::from_pod_attached(&p, Some(&attached)).ips,
+            attached
+        );
+        assert!(PodInfo::from_pod(&p).ips.is_empty());
+        // The API's word wins once it has one; a finished pod has none.
+        let reported = PodInfo::from_pod_attached(&pod("Running", false), Some(&attached));
+        assert_eq!(reported.ips, vec!["198.19.1.5".parse::<IpAddr>().unwrap()]);
+        assert!(
+            PodInfo::from_pod_attached(&pod("Succeeded", false), Some(&attached))
+                .ips
+                .is_empty()
+        );
     }
 
     #[test]

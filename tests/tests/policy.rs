@@ -391,3 +391,49 @@ fn a_finished_pods_address_gets_no_allow() {
     let _ = serving.kill();
     let _ = serving.wait();
 }
+
+/// A pod is programmed from what the CNI plugin recorded when it attached
+/// it (namespace and name from CNI_ARGS, with its addresses), not only once
+/// the API reports its addresses: here the API never does.
+#[test]
+fn a_pod_is_programmed_from_its_attachment() {
+    let lab = Lab::up("t-attach", &["--nodes", "2"]);
+    add_pod(&lab, "node-2", "y/client", &[]);
+    let out = lab.ok(&[
+        "pod",
+        "add",
+        "node-1",
+        "quiet",
+        "--namespace",
+        "z",
+        "--no-status",
+    ]);
+    let quiet: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+    assert_eq!(quiet.len(), 2, "{out}");
+    let reported = lab.ok(&[
+        "kubectl",
+        "--",
+        "get",
+        "pod",
+        "-n",
+        "z",
+        "quiet",
+        "-o",
+        "jsonpath={.status.podIPs}",
+    ]);
+    assert!(
+        reported.trim().is_empty(),
+        "the Pod reports addresses: {reported}"
+    );
+    for ip in &quiet {
+        wait_for(
+            &format!("y/client to reach z/quiet at {ip}"),
+            Duration::from_secs(5),
+            || {
+                lab.meshlab(&["pod", "exec", "y/client", "--", "ping", "-c1", "-W1", ip])
+                    .status
+                    .success()
+            },
+        );
+    }
+}

@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
 use meshlab::lab::topology::{parse_label, parse_topology, LabSpec, NodePlan};
 use meshlab::lab::{
-    agents, bench, bench_cni, bench_policy, control, lifecycle, netpol, preflight, status, topology,
+    agents, bench, bench_cni, bench_policy, control, lifecycle, netpol, pods, preflight, status,
+    topology,
 };
 
 #[derive(Parser)]
@@ -49,6 +50,10 @@ enum PodCmd {
         /// A label: KEY=VALUE (repeatable).
         #[arg(long)]
         label: Vec<String>,
+        /// Do not report the pod's addresses on its Pod object (as if
+        /// kubelet had not yet): only the CNI plugin's record has them.
+        #[arg(long)]
+        no_status: bool,
     },
     /// Delete pod NAMESPACE/NAME (CNI DEL, namespace, Pod object).
     Del { pod: String },
@@ -359,6 +364,7 @@ fn run(cli: Cli) -> Result<()> {
                     pod: name,
                     namespace,
                     label,
+                    no_status,
                 },
         } => {
             let mut labels = std::collections::BTreeMap::new();
@@ -368,7 +374,11 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("--label {l:?}: expected KEY=VALUE"))?;
                 labels.insert(k.to_string(), v.to_string());
             }
-            let pod = lifecycle::add_pod(&dir, &node, &namespace, &name, &labels)?;
+            let status = match no_status {
+                true => pods::Status::Unreported,
+                false => pods::Status::Reported,
+            };
+            let pod = lifecycle::add_pod(&dir, &node, &namespace, &name, &labels, status)?;
             println!("{}", pod.ips.join(" "));
             Ok(())
         }

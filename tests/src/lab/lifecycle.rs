@@ -116,6 +116,7 @@ fn build(
                 "default",
                 &format!("pod-{k}-{i}"),
                 &BTreeMap::new(),
+                pods::Status::Reported,
             )?;
             progress(&format!(
                 "pod {}/{} on {} at {}",
@@ -136,10 +137,11 @@ pub fn add_pod(
     namespace: &str,
     name: &str,
     labels: &BTreeMap<String, String>,
+    status: pods::Status,
 ) -> Result<PodRecord> {
     preflight::require_root()?;
     let _lock = dir.lock()?;
-    add_pod_unlocked(dir, node, namespace, name, labels)
+    add_pod_unlocked(dir, node, namespace, name, labels, status)
 }
 
 fn add_pod_unlocked(
@@ -148,10 +150,11 @@ fn add_pod_unlocked(
     namespace: &str,
     name: &str,
     labels: &BTreeMap<String, String>,
+    status: pods::Status,
 ) -> Result<PodRecord> {
     let mut state = dir.running_state()?;
     let plan = &state.plan.nodes[state.node_index(node)?];
-    let pod = pods::add(dir, plan, namespace, name, labels)?;
+    let pod = pods::add(dir, plan, namespace, name, labels, status)?;
     state.pods.push(pod.clone());
     dir.write_state(&state)?;
     Ok(pod)

@@ -40,8 +40,13 @@ fn cni(
     node: &NodePlan,
     command: &str,
     container_id: &str,
+    pod: (&str, &str),
     pod_netns: &str,
 ) -> Result<Value> {
+    let cni_args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+        pod.0, pod.1
+    );
     let cni = cni_dir(dir, node);
     let conflist: Value = serde_json::from_slice(
         &std::fs::read(cni.join("net.d/10-weft.conflist"))
@@ -58,6 +63,8 @@ fn cni(
         .env("CNI_CONTAINERID", container_id)
         .env("CNI_NETNS", format!("/run/netns/{pod_netns}"))
         .env("CNI_IFNAME", "eth0")
+        // What kubelet's runtimes pass: the plugin records which pod this is.
+        .env("CNI_ARGS", &cni_args)
         .env("CNI_PATH", cni.join("bin"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -85,27 +92,59 @@ fn cni(
 }
 
 /// Creates pod `namespace/name` on `node`.
+/// Whether a new pod's addresses are reported on its Pod object, as
+/// kubelet does once the sandbox is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Reported,
+    /// Never reported: only what the CNI plugin recorded says which
+    /// addresses the pod has.
+    Unreported,
+}
+
+/// Attaches a pod the way a cluster does: the Pod object exists first (the
+/// scheduler put it on the node), then the runtime calls CNI ADD naming it,
+/// then kubelet reports its addresses.
 pub fn add(
     dir: &LabDir,
     node: &NodePlan,
     namespace: &str,
     name: &str,
     labels: &BTreeMap<String, String>,
+    status: Status,
 ) -> Result<PodRecord> {
     let pod_netns = netns_name(&dir.name, namespace, name);
     if netns::exists(&pod_netns) {
         bail!("pod {namespace}/{name} exists already");
     }
+    let mut record = PodRecord {
+        namespace: namespace.into(),
+        name: name.into(),
+        node: node.name.clone(),
+        netns: pod_netns.clone(),
+        container_id: uuid::Uuid::new_v4().simple().to_string(),
+        ips: Vec::new(),
+    };
     netns::ip(&["netns", "add", &pod_netns])?;
-    let container_id = uuid::Uuid::new_v4().simple().to_string();
-    let result = match cni(dir, node, "ADD", &container_id, &pod_netns) {
+    let attached = create_object(dir, &record, labels).and_then(|()| {
+        cni(
+            dir,
+            node,
+            "ADD",
+            &record.container_id,
+            (namespace, name),
+            &pod_netns,
+        )
+    });
+    let result = match attached {
         Ok(r) => r,
         Err(e) => {
             let _ = netns::delete(&pod_netns);
+            let _ = delete_object(dir, &record);
             return Err(e);
         }
     };
-    let ips: Vec<String> = result["ips"]
+    record.ips = result["ips"]
         .as_array()
         .map(|ips| {
             ips.iter()
@@ -113,19 +152,14 @@ pub fn add(
                 .collect()
         })
         .unwrap_or_default();
-    let record = PodRecord {
-        namespace: namespace.into(),
-        name: name.into(),
-        node: node.name.clone(),
-        netns: pod_netns,
-        container_id,
-        ips,
-    };
-    register(dir, &record, labels)?;
+    if status == Status::Reported {
+        report_status(dir, &record)?;
+    }
     Ok(record)
 }
 
-fn register(dir: &LabDir, pod: &PodRecord, labels: &BTreeMap<String, String>) -> Result<()> {
+/// Creates the Pod object (and its namespace if needed), as scheduled.
+fn create_object(dir: &LabDir, pod: &PodRecord, labels: &BTreeMap<String, String>) -> Result<()> {
     client::block_on(dir, |client| async move {
         let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
         if namespaces.get_opt(&pod.namespace).await?.is_none() {
@@ -138,6 +172,14 @@ fn register(dir: &LabDir, pod: &PodRecord, labels: &BTreeMap<String, String>) ->
             "spec": {"nodeName": pod.node, "containers": [{"name": "app", "image": "meshlab/netns"}]},
         }))?;
         pods.create(&PostParams::default(), &object).await?;
+        Ok(())
+    })
+}
+
+/// Reports the pod running with its addresses, as kubelet does.
+fn report_status(dir: &LabDir, pod: &PodRecord) -> Result<()> {
+    client::block_on(dir, |client| async move {
+        let pods: Api<Pod> = Api::namespaced(client, &pod.namespace);
         let ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip})).collect();
         let status =
             json!({"status": {"phase": "Running", "podIP": pod.ips.first(), "podIPs": ips}});
@@ -149,10 +191,15 @@ fn register(dir: &LabDir, pod: &PodRecord, labels: &BTreeMap<String, String>) ->
 
 /// Deletes a pod: CNI DEL, its namespace and its Pod object.
 pub fn delete(dir: &LabDir, node: &NodePlan, pod: &PodRecord) -> Result<()> {
-    cni(dir, node, "DEL", &pod.container_id, &pod.netns)?;
+    let who = (pod.namespace.as_str(), pod.name.as_str());
+    cni(dir, node, "DEL", &pod.container_id, who, &pod.netns)?;
     if netns::exists(&pod.netns) {
         netns::delete(&pod.netns)?;
     }
+    delete_object(dir, pod)
+}
+
+fn delete_object(dir: &LabDir, pod: &PodRecord) -> Result<()> {
     client::block_on(dir, |client| async move {
         let pods: Api<Pod> = Api::namespaced(client, &pod.namespace);
         pods.delete(&pod.name, &Default::default()).await?;

@@ -150,7 +150,14 @@ fn place_pods(dir: &LabDir, case: &Case) -> Result<LabState> {
             Some(_) => lifecycle::delete_pod(dir, &pod.namespace, &pod.name)?,
             None => {}
         }
-        lifecycle::add_pod(dir, &pod.node, &pod.namespace, &pod.name, &pod.labels)?;
+        lifecycle::add_pod(
+            dir,
+            &pod.node,
+            &pod.namespace,
+            &pod.name,
+            &pod.labels,
+            super::pods::Status::Reported,
+        )?;
     }
     dir.running_state()
 }
