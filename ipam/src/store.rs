@@ -70,14 +70,7 @@ impl PodStore {
         let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
             .map_err(|(_, e)| io(&lock_path)(e.into()))?;
         let path = self.file();
-        let before = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Allocations::default(),
-            Err(e) => return Err(io(&path)(e)),
-        };
+        let before = self.read()?;
         let mut after = before.clone();
         let result = f(&mut after)?;
         if after != before {
@@ -106,19 +99,25 @@ impl PodStore {
         self.locked(|a| Ok(a.allocate(attachment, blocks, pod)?))
     }
 
-    /// Every attached pod the runtime named (`namespace/name`) with its
-    /// addresses. Reads without the lock: the file is replaced whole.
-    pub fn attached_pods(&self) -> Result<BTreeMap<String, Vec<IpAddr>>, StoreError> {
+    /// The allocations as stored (none yet: empty). The file is replaced
+    /// whole, so a read without the lock sees one state or the next.
+    fn read(&self) -> Result<Allocations, StoreError> {
         let path = self.file();
-        let allocations: Allocations = match fs::read(&path) {
+        match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
                 path: path.clone(),
                 reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Allocations::default(),
-            Err(e) => return Err(io(&path)(e)),
-        };
-        Ok(allocations
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Allocations::default()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Every attached pod the runtime named (`namespace/name`) with its
+    /// addresses (read without the lock).
+    pub fn attached_pods(&self) -> Result<BTreeMap<String, Vec<IpAddr>>, StoreError> {
+        Ok(self
+            .read()?
             .pods()
             .map(|(pod, addresses)| (pod.key(), addresses.iter().map(IpNet::addr).collect()))
             .collect())

@@ -18,12 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::{self, reflector, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
 use weft_keys::{KeyStore, PrivateKey, PublicKey, SealingKey};
@@ -219,12 +218,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let reconciler = Reconciler::new(dataplane, netlink);
 
     let changed = Arc::new(Notify::new());
-    let nodes = watch(Api::<Node>::all(client.clone()), None, changed.clone());
+    let nodes = cluster::reflect(
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        notifier(&changed),
+    );
     let (namespace, name) = args.blocks.record()?;
-    let record = watch(
+    let record = cluster::reflect(
         Api::<ConfigMap>::namespaced(client.clone(), namespace),
-        Some(format!("metadata.name={name}")),
-        changed.clone(),
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+        notifier(&changed),
     );
     for (what, store) in [
         ("Nodes", nodes.wait_until_ready().await),
@@ -279,34 +282,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// A reflector store of `api` (optionally one field-selected object), kept
-/// current in the background; every event notifies `changed`.
-fn watch<K>(api: Api<K>, fields: Option<String>, changed: Arc<Notify>) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let mut config = watcher::Config::default();
-    if let Some(f) = &fields {
-        config = config.fields(f);
-    }
-    tokio::spawn(async move {
-        let stream = reflector(writer, watcher(api, config)).default_backoff();
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => changed.notify_one(),
-                Err(e) => tracing::warn!(error = %e, kind = %K::kind(&()), "watching (retrying)"),
-            }
-        }
-    });
-    reader
+/// A watch event handler that wakes the sync loop.
+fn notifier<T>(changed: &Arc<Notify>) -> impl FnMut(&T) + Send + 'static {
+    let changed = changed.clone();
+    move |_| changed.notify_one()
 }
 
 /// Runs the policy engine, restarting it if it ever ends; readiness fails

@@ -340,22 +340,9 @@ mod tests {
     use super::*;
     use weft_keys::PrivateKey;
 
-    pub(crate) fn ranges() -> ClusterRanges {
-        ClusterRanges {
-            pods: crate::model::Ranges {
-                v4: "198.19.0.0/16".parse().unwrap(),
-                v6: Some("fd98:19::/48".parse().unwrap()),
-            },
-            mesh: crate::model::Ranges {
-                v4: "198.18.128.0/17".parse().unwrap(),
-                v6: Some("fd98:18::/64".parse().unwrap()),
-            },
-        }
-    }
-
     /// Parsed with its spec.podCIDRs as what was assigned.
     fn check(n: &NodeInfo) -> Result<Option<Claim>, Rejection> {
-        parse(n, &ranges(), &n.spec_pod_cidrs)
+        parse(n, &ClusterRanges::lab(), &n.spec_pod_cidrs)
     }
 
     fn node_with(claim: &Claim) -> NodeInfo {
@@ -582,7 +569,9 @@ mod tests {
         n.spec_pod_cidrs.clear();
         set(&mut n, POD_CIDRS, "198.19.7.0/24");
         let record_block: IpNet = "198.19.7.0/24".parse().unwrap();
-        assert!(parse(&n, &ranges(), &[record_block]).unwrap().is_some());
+        assert!(parse(&n, &ClusterRanges::lab(), &[record_block])
+            .unwrap()
+            .is_some());
     }
 
     #[test]

@@ -3,15 +3,63 @@
 //! the planner excluded.
 
 use anyhow::{Context, Result};
+use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, reflector, Store};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use serde_json::Value;
 
 use crate::annotations::PREFIX;
 use crate::model::NodeInfo;
+
+/// A kind meshd watches through a reflector.
+pub trait Watched:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A reflector store of `api`, kept current in the background (watch
+/// errors are retried with backoff); `on_event` sees every event once the
+/// store has it.
+pub fn reflect<K: Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+    mut on_event: impl FnMut(&watcher::Event<K>) + Send + 'static,
+) -> Store<K> {
+    let (reader, writer) = reflector::store();
+    tokio::spawn(async move {
+        let stream = reflector(writer, watcher(api, config)).default_backoff();
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => on_event(&event),
+                Err(e) => tracing::warn!(error = %e, kind = %K::kind(&()), "watching (retrying)"),
+            }
+        }
+    });
+    reader
+}
 
 /// A Node as the planner sees it. Malformed control-plane fields (an
 /// unparsable podCIDR or address) are dropped, not fatal.

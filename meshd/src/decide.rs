@@ -74,20 +74,7 @@ mod tests {
 
     use super::*;
     use crate::annotations::{render, FORCE_ENDPOINT, POD_CIDRS};
-    use crate::model::{ClusterRanges, NodeInfo, Ranges, Verdict};
-
-    fn ranges() -> ClusterRanges {
-        ClusterRanges {
-            pods: Ranges {
-                v4: "198.19.0.0/16".parse().unwrap(),
-                v6: None,
-            },
-            mesh: Ranges {
-                v4: "198.18.128.0/17".parse().unwrap(),
-                v6: None,
-            },
-        }
-    }
+    use crate::model::{ClusterRanges, NodeInfo, Verdict};
 
     fn node(k: u8, annotations: BTreeMap<String, String>) -> NodeInfo {
         NodeInfo {
@@ -106,7 +93,7 @@ mod tests {
     fn local() -> LocalConfig {
         LocalConfig {
             node_name: "node-1".into(),
-            ranges: ranges(),
+            ranges: ClusterRanges::lab(),
             persistent_keepalive: None,
             down_peers: BTreeSet::new(),
         }
@@ -147,7 +134,7 @@ mod tests {
         // Its own verdict is already Accepted: it planned with the claim.
         assert!(matches!(d.desired.verdicts["node-1"], Verdict::Accepted(_)));
         assert_eq!(d.desired.peers.len(), 1);
-        assert_eq!(d.desired.addresses.len(), 1);
+        assert_eq!(d.desired.addresses.len(), 2, "a mesh address per family");
     }
 
     #[test]

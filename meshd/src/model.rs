@@ -121,6 +121,25 @@ pub struct ClusterRanges {
 }
 
 impl ClusterRanges {
+    /// The lab's ranges, dual-stack: what the tests plan with.
+    #[cfg(test)]
+    pub(crate) fn lab() -> Self {
+        let (v4, v6) = (
+            |s: &str| s.parse().expect("a literal range"),
+            |s: &str| s.parse().expect("a literal range"),
+        );
+        Self {
+            pods: Ranges {
+                v4: v4("198.19.0.0/16"),
+                v6: Some(v6("fd98:19::/48")),
+            },
+            mesh: Ranges {
+                v4: v4("198.18.128.0/17"),
+                v6: Some(v6("fd98:18::/64")),
+            },
+        }
+    }
+
     /// Every range, pods then mesh.
     pub fn all(&self) -> impl Iterator<Item = IpNet> {
         self.pods.iter().chain(self.mesh.iter())

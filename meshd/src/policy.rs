@@ -14,12 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::runtime::reflector::{self, reflector, ObjectRef, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use tokio::sync::Notify;
 use weft_policy::engine::Engine;
@@ -84,47 +83,27 @@ where
 
 /// A reflector for every object of kind `K`, marking what each event makes
 /// stale in `dirty`, notifying `changed` and raising `seen` to the newest
-/// resourceVersion of any event (deletions included, which the store alone
-/// would not show).
-fn watch<K>(
+/// resourceVersion of any event (deletions included).
+fn watch<K: crate::cluster::Watched>(
     client: &Client,
     changed: Arc<Notify>,
     dirty: Arc<Mutex<Dirty>>,
     seen: Arc<AtomicU64>,
-) -> Store<K>
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let api: Api<K> = Api::all(client.clone());
-    tokio::spawn(async move {
-        let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(event) => {
-                    mark(&dirty, &event);
-                    if let watcher::Event::Apply(o)
-                    | watcher::Event::Delete(o)
-                    | watcher::Event::InitApply(o) = &event
-                    {
-                        seen.fetch_max(revision(o.meta()), Ordering::Relaxed);
-                    }
-                    changed.notify_one()
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, kind = %K::kind(&()), "watching for policy (retrying)")
-                }
+) -> Store<K> {
+    crate::cluster::reflect(
+        Api::<K>::all(client.clone()),
+        watcher::Config::default(),
+        move |event| {
+            mark(&dirty, event);
+            if let watcher::Event::Apply(o)
+            | watcher::Event::Delete(o)
+            | watcher::Event::InitApply(o) = event
+            {
+                seen.fetch_max(revision(o.meta()), Ordering::Relaxed);
             }
-        }
-    });
-    reader
+            changed.notify_one()
+        },
+    )
 }
 
 /// How often the drop counters are read into metrics (and the table's

@@ -81,6 +81,20 @@ fn kubectl(lab: &Lab, args: &[&str]) -> String {
     lab.ok(&[&["kubectl", "--"], args].concat())
 }
 
+/// Sets (or overwrites) one annotation on a Node, as an admin or attacker would.
+fn annotate(lab: &Lab, node: &str, key: &str, value: &str) {
+    kubectl(
+        lab,
+        &[
+            "annotate",
+            "node",
+            node,
+            "--overwrite",
+            &format!("{key}={value}"),
+        ],
+    );
+}
+
 /// A ping from `from`'s pod stand-in address of `target`'s family (the
 /// source a pod on that node would have).
 fn pod_ping(lab: &Lab, from: &str, target: &str, count: u32) -> std::process::Output {
@@ -146,16 +160,7 @@ fn a_restarted_meshd_follows_every_change() {
             "{}:51821",
             node(&lab.status(), &newest)["underlay"].as_str().unwrap()
         );
-        kubectl(
-            &lab,
-            &[
-                "annotate",
-                "node",
-                &newest,
-                "--overwrite",
-                &format!("weft.dev/endpoint={moved}"),
-            ],
-        );
+        annotate(&lab, &newest, "weft.dev/endpoint", &moved);
         wait_for(
             &format!("node-2 to move {newest}'s endpoint to {moved}"),
             Duration::from_secs(5),
@@ -251,15 +256,7 @@ fn no_plaintext_whatever_happens_to_a_peer() {
     // A sync error on the sender (a bad admin override): what is installed
     // stays, and still only inside WireGuard.
     let errors = lab.metric("node-1", "weft_reconcile_errors_total");
-    kubectl(
-        &lab,
-        &[
-            "annotate",
-            "node",
-            "node-1",
-            "weft.dev/force-endpoint=not-an-endpoint",
-        ],
-    );
+    annotate(&lab, "node-1", "weft.dev/force-endpoint", "not-an-endpoint");
     wait_for("node-1's syncs to fail", Duration::from_secs(5), || {
         lab.metric("node-1", "weft_reconcile_errors_total") > errors
     });
@@ -311,16 +308,7 @@ fn changing_a_peer_keeps_every_data_plane_alive() {
         .unwrap()
         .to_string();
     let moved = format!("{underlay}:51821");
-    kubectl(
-        &lab,
-        &[
-            "annotate",
-            "node",
-            "node-3",
-            "--overwrite",
-            &format!("weft.dev/endpoint={moved}"),
-        ],
-    );
+    annotate(&lab, "node-3", "weft.dev/endpoint", &moved);
     for name in ["node-1", "node-2"] {
         wait_for(
             &format!("{name} to move node-3's endpoint"),
@@ -346,15 +334,11 @@ fn changing_a_peer_keeps_every_data_plane_alive() {
             false => "198.18.200.238".to_string(),
         })
         .collect();
-    kubectl(
+    annotate(
         &lab,
-        &[
-            "annotate",
-            "node",
-            "node-3",
-            "--overwrite",
-            &format!("weft.dev/mesh-addresses={}", renumbered.join(",")),
-        ],
+        "node-3",
+        "weft.dev/mesh-addresses",
+        &renumbered.join(","),
     );
     for name in ["node-1", "node-2"] {
         wait_for(
@@ -486,15 +470,11 @@ fn a_flapping_hostile_node_cannot_flood_the_api() {
         "198.19.200.0/24",
     ];
     for i in 0..100 {
-        kubectl(
+        annotate(
             &lab,
-            &[
-                "annotate",
-                "node",
-                "flapper",
-                "--overwrite",
-                &format!("weft.dev/pod-cidrs={}", claims[i % claims.len()]),
-            ],
+            "flapper",
+            "weft.dev/pod-cidrs",
+            claims[i % claims.len()],
         );
     }
     println!("100 claim flips in {} ms", started.elapsed().as_millis());

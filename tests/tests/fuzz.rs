@@ -81,16 +81,15 @@ mod annotations {
     use weft_meshd::model::{ClusterRanges, ClusterSnapshot, LocalConfig, NodeInfo, Ranges};
     use weft_meshd::planner::{backstops, plan};
 
+    /// The lab's ranges, through the same checks meshd's flags go through.
     fn ranges() -> ClusterRanges {
+        use meshlab::lab::topology::{CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
+        let flag = |name, a: &str, b: &str| {
+            Ranges::from_flag(name, &[a.parse().unwrap(), b.parse().unwrap()]).unwrap()
+        };
         ClusterRanges {
-            pods: Ranges {
-                v4: "198.19.0.0/16".parse().unwrap(),
-                v6: Some("fd98:19::/48".parse().unwrap()),
-            },
-            mesh: Ranges {
-                v4: "198.18.128.0/17".parse().unwrap(),
-                v6: Some("fd98:18::/64".parse().unwrap()),
-            },
+            pods: flag("--cluster-cidr", CLUSTER_V4, CLUSTER_V6),
+            mesh: flag("--mesh-cidr", MESH_V4, MESH_V6),
         }
     }
 

@@ -109,7 +109,6 @@ pub fn own_claim(
 mod tests {
     use super::*;
     use crate::annotations::render;
-    use crate::model::Ranges;
     use std::collections::{BTreeMap, BTreeSet};
 
     fn node(name: &str, created: i64, annotations: BTreeMap<String, String>) -> NodeInfo {
@@ -126,23 +125,10 @@ mod tests {
         vec![c.parse().unwrap()]
     }
 
-    fn ranges() -> ClusterRanges {
-        ClusterRanges {
-            pods: Ranges {
-                v4: "198.19.0.0/16".parse().unwrap(),
-                v6: None,
-            },
-            mesh: Ranges {
-                v4: "198.18.128.0/17".parse().unwrap(),
-                v6: Some("fd98:18::/64".parse().unwrap()),
-            },
-        }
-    }
-
     fn local(name: &str) -> LocalConfig {
         LocalConfig {
             node_name: name.into(),
-            ranges: ranges(),
+            ranges: ClusterRanges::lab(),
             persistent_keepalive: None,
             down_peers: BTreeSet::new(),
         }
@@ -150,7 +136,7 @@ mod tests {
 
     #[test]
     fn endpoint_precedence() {
-        let r = ranges();
+        let r = ClusterRanges::lab();
         let mut me = node("a", 0, BTreeMap::new());
         assert_eq!(
             own_endpoint(&me, None, 51820, &r).unwrap(),

@@ -6,20 +6,7 @@ use weft_keys::PublicKey;
 
 use super::*;
 use crate::annotations::{render, Claim, ENDPOINT, PUBLIC_KEY};
-use crate::model::{overlap, ClusterRanges, NodeInfo, Ranges};
-
-fn ranges() -> ClusterRanges {
-    ClusterRanges {
-        pods: Ranges {
-            v4: "198.19.0.0/16".parse().unwrap(),
-            v6: Some("fd98:19::/48".parse().unwrap()),
-        },
-        mesh: Ranges {
-            v4: "198.18.128.0/17".parse().unwrap(),
-            v6: Some("fd98:18::/64".parse().unwrap()),
-        },
-    }
-}
+use crate::model::{overlap, ClusterRanges, NodeInfo};
 
 fn key(seed: u8) -> PublicKey {
     PublicKey::from_bytes([seed.max(1); 32])
@@ -53,7 +40,7 @@ fn simple(i: u8) -> NodeInfo {
 fn local(name: &str) -> LocalConfig {
     LocalConfig {
         node_name: name.into(),
-        ranges: ranges(),
+        ranges: ClusterRanges::lab(),
         persistent_keepalive: Some(5),
         down_peers: BTreeSet::new(),
     }
@@ -67,7 +54,7 @@ fn snapshot(nodes: Vec<NodeInfo>) -> ClusterSnapshot {
 }
 
 fn backstopped(d: &DesiredNode) -> bool {
-    backstops(&ranges()).is_subset(&d.routes)
+    backstops(&ClusterRanges::lab()).is_subset(&d.routes)
 }
 
 fn net(s: &str) -> IpNet {
@@ -230,7 +217,9 @@ fn claims_outside_what_the_control_plane_assigned_are_refused() {
         assert_eq!(d.peers.len(), 1);
         for r in &d.routes {
             assert!(
-                ranges().all().any(|range| range.contains(&r.dst)),
+                ClusterRanges::lab()
+                    .all()
+                    .any(|range| range.contains(&r.dst)),
                 "{r:?} is outside the cluster's ranges"
             );
         }
@@ -341,7 +330,7 @@ proptest! {
         let d = plan(&snapshot(nodes), &l);
         prop_assert!(backstopped(&d));
         for r in d.routes.iter().filter(|r| r.kind == RouteKind::Mesh) {
-            prop_assert!(ranges().all().any(|range| range.contains(&r.dst)));
+            prop_assert!(ClusterRanges::lab().all().any(|range| range.contains(&r.dst)));
             prop_assert!(d.peers.values().any(|p| p.allowed_ips.contains(&r.dst)));
         }
     }
