@@ -472,6 +472,17 @@ fn hostile_nodes_are_excluded_on_every_node() {
             "bad_pod_cidr",
         ),
         (
+            "oversized",
+            valid(
+                "oversized",
+                &fresh_key(),
+                &"9".repeat(10_000),
+                "198.19.58.0/24",
+                "198.18.250.9",
+            ),
+            "oversized",
+        ),
+        (
             // No spec and no block: public ranges (the hijack seen).
             "evil",
             format!(
@@ -493,7 +504,7 @@ fn hostile_nodes_are_excluded_on_every_node() {
     }
     for name in NODES {
         wait_for(
-            &format!("{name} to exclude all eight"),
+            &format!("{name} to exclude all nine"),
             Duration::from_secs(10),
             || {
                 [
@@ -501,6 +512,7 @@ fn hostile_nodes_are_excluded_on_every_node() {
                     ("bad_endpoint", 2.0),
                     ("conflict", 3.0),
                     ("bad_pod_cidr", 2.0),
+                    ("oversized", 1.0),
                 ]
                 .iter()
                 .all(|(r, n)| {
