@@ -22,6 +22,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use tokio::sync::Notify;
 use weft_policy::engine::Engine;
+use weft_policy::netlink::EnforceError;
 use weft_policy::render;
 use weft_policy::{nft, NamespaceInfo, PodInfo};
 
@@ -131,8 +132,8 @@ fn drop_deltas(last: &mut HashMap<String, u64>, now: &BTreeMap<String, u64>) -> 
 /// session if there is none (at start, or after a panic lost it).
 async fn with_session<T: Send + 'static>(
     session: &mut Option<nft::Session>,
-    f: impl FnOnce(&mut nft::Session) -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce(&mut nft::Session) -> Result<T, EnforceError> + Send + 'static,
+) -> Result<T, EnforceError> {
     let held = session.take();
     let (held, result) = tokio::task::spawn_blocking(move || {
         let mut s = match held.map_or_else(nft::Session::open, Ok) {
@@ -143,7 +144,7 @@ async fn with_session<T: Send + 'static>(
         (Some(s), result)
     })
     .await
-    .map_err(|e| format!("the nf_tables task failed: {e}"))?;
+    .map_err(|e| EnforceError::Task(e.to_string()))?;
     *session = held;
     result
 }
@@ -159,17 +160,18 @@ fn watch_attachments(
     dir: PathBuf,
     changed: Arc<Notify>,
     dirty: Arc<Mutex<Dirty>>,
-) -> Result<Attached, String> {
+) -> anyhow::Result<Attached> {
+    use anyhow::Context;
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).map_err(|e| format!("inotify: {e}"))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC).context("inotify")?;
     // The store replaces its file by rename.
     inotify
         .add_watch(
             &dir,
             AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_DELETE,
         )
-        .map_err(|e| format!("watching {}: {e}", dir.display()))?;
+        .with_context(|| format!("watching {}", dir.display()))?;
     let store = weft_ipam::PodStore::new(dir);
     let read = move || {
         store.attached_pods().unwrap_or_else(|e| {
@@ -230,7 +232,7 @@ pub async fn run(
     let attached = match watch_attachments(ipam_dir, changed.clone(), dirty.clone()) {
         Ok(a) => a,
         Err(e) => {
-            tracing::error!(error = %e, "cannot watch the pod address store; policy is not enforced");
+            tracing::error!(error = %format!("{e:#}"), "cannot watch the pod address store; policy is not enforced");
             return;
         }
     };

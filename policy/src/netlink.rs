@@ -204,24 +204,43 @@ pub struct Socket {
     seq: u32,
 }
 
+/// Why a policy transaction or a read of nf_tables failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnforceError {
+    #[error("nfnetlink {step}: {source}")]
+    Netlink {
+        step: &'static str,
+        source: std::io::Error,
+    },
+    #[error("nfnetlink {what} refused: {why}")]
+    Refused { what: String, why: String },
+    #[error("{what}: {message}")]
+    Nft { what: &'static str, message: String },
+    #[error("the nf_tables task ended abnormally: {0}")]
+    Task(String),
+}
+
+fn io_error(step: &'static str) -> impl FnOnce(std::io::Error) -> EnforceError {
+    move |source| EnforceError::Netlink { step, source }
+}
+
 impl Socket {
     /// Opens a socket in the calling thread's network namespace.
-    pub fn open() -> Result<Self, String> {
-        let fail = |what: &str, e: std::io::Error| format!("nfnetlink {what}: {e}");
+    pub fn open() -> Result<Self, EnforceError> {
         let socket = Socket2::new(
             Domain::from(AF_NETLINK),
             Type::RAW,
             Some(SocketProtocol::from(NETLINK_NETFILTER)),
         )
-        .map_err(|e| fail("socket", e))?;
+        .map_err(io_error("socket"))?;
         socket
             .set_read_timeout(Some(ANSWER_TIMEOUT))
-            .map_err(|e| fail("timeout", e))?;
+            .map_err(io_error("timeout"))?;
         Ok(Self { socket, seq: 0 })
     }
 
     /// Whether table `name` of the inet family exists.
-    pub fn table_exists(&mut self, name: &str) -> Result<bool, String> {
+    pub fn table_exists(&mut self, name: &str) -> Result<bool, EnforceError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let mut request = Vec::new();
@@ -237,18 +256,17 @@ impl Socket {
         match self.exchange(&request, &[seq])?.first() {
             None => Ok(true),
             Some((_, e)) if *e == -2 => Ok(false),
-            Some((_, e)) => Err(format!(
-                "nfnetlink asking for table {name}: {}",
-                std::io::Error::from_raw_os_error(-e)
-            )),
+            Some((_, e)) => Err(EnforceError::Refused {
+                what: format!("asking for table {name}"),
+                why: std::io::Error::from_raw_os_error(-e).to_string(),
+            }),
         }
     }
 
     /// Sends `datagram` (messages numbered `ours`, the last asking for an
     /// acknowledgement) and reads answers until the last is acknowledged or
     /// one is refused; returns the refusals.
-    fn exchange(&mut self, datagram: &[u8], ours: &[u32]) -> Result<Vec<(u32, i32)>, String> {
-        let fail = |what: &str, e: std::io::Error| format!("nfnetlink {what}: {e}");
+    fn exchange(&mut self, datagram: &[u8], ours: &[u32]) -> Result<Vec<(u32, i32)>, EnforceError> {
         // A batch is one datagram and must fit the send buffer whole. A
         // fresh table's elements run to megabytes, past the usual wmem_max
         // (208 KiB) that caps SO_SNDBUF; SO_SNDBUFFORCE (CAP_NET_ADMIN,
@@ -257,20 +275,18 @@ impl Socket {
         if setsockopt(&self.socket, sockopt::SndBufForce, &size).is_err() {
             let _ = self.socket.set_send_buffer_size(size);
         }
-        let sent = self.socket.send(datagram).map_err(|e| fail("send", e))?;
+        let sent = self.socket.send(datagram).map_err(io_error("send"))?;
         if sent != datagram.len() {
-            return Err(format!(
-                "nfnetlink send: {sent} of {} bytes",
-                datagram.len()
-            ));
+            return Err(EnforceError::Refused {
+                what: "send".into(),
+                why: format!("{sent} of {} bytes sent", datagram.len()),
+            });
         }
         let mut buf = vec![0u8; 64 * 1024];
         let mut refused = Vec::new();
         let mut done = ours.is_empty();
         while !done && refused.is_empty() {
-            let n = (&self.socket)
-                .read(&mut buf)
-                .map_err(|e| fail("answer", e))?;
+            let n = (&self.socket).read(&mut buf).map_err(io_error("answer"))?;
             // Answers to an earlier batch that failed part-way are not ours.
             for (seq, error) in answers(&buf[..n]) {
                 if !ours.contains(&seq) {
@@ -287,7 +303,7 @@ impl Socket {
 
     /// Sends `batch` and waits for the kernel to acknowledge every message;
     /// any error aborts the whole transaction, and is returned.
-    pub fn send(&mut self, batch: &Batch) -> Result<(), String> {
+    pub fn send(&mut self, batch: &Batch) -> Result<(), EnforceError> {
         let (datagram, seqs) = batch.encode(self.seq.wrapping_add(1));
         self.seq = self.seq.wrapping_add(seqs.len() as u32 + 2);
         let refused = self.exchange(&datagram, &seqs)?;
@@ -298,10 +314,10 @@ impl Socket {
             .iter()
             .map(|(seq, e)| format!("message {seq}: {}", std::io::Error::from_raw_os_error(-e)))
             .collect();
-        Err(format!(
-            "nfnetlink element batch refused: {}",
-            why.join("; ")
-        ))
+        Err(EnforceError::Refused {
+            what: "element batch".into(),
+            why: why.join("; "),
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::netlink;
+use crate::netlink::{self, EnforceError};
 use crate::render::{
     element_text, family, set_json, Element, Line, MapName, Ruleset, Set, SetKind, OPEN_CHAIN,
     TABLE,
@@ -534,7 +534,7 @@ pub struct Session {
 
 impl Session {
     /// Opens a session in the calling thread's network namespace.
-    pub fn open() -> Result<Self, String> {
+    pub fn open() -> Result<Self, EnforceError> {
         Ok(Self {
             netlink: netlink::Socket::open()?,
         })
@@ -544,7 +544,7 @@ impl Session {
     /// that only adds and removes elements of plain sets and maps straight
     /// over netlink (a pod change: no parsing, no reading the table back),
     /// any other with `nft -j -f -`.
-    pub fn apply(&mut self, transaction: &Transaction) -> Result<(), String> {
+    pub fn apply(&mut self, transaction: &Transaction) -> Result<(), EnforceError> {
         for part in transaction.commands.split(|c| *c == Command::Commit) {
             if part.is_empty() {
                 continue;
@@ -560,25 +560,35 @@ impl Session {
                 nftables::helper::DEFAULT_NFT,
                 nftables::helper::DEFAULT_ARGS,
             )
-            .map_err(|e| format!("applying the policy ruleset: {e}"))?;
+            .map_err(|e| EnforceError::Nft {
+                what: "applying the policy ruleset",
+                message: e.to_string(),
+            })?;
         }
         Ok(())
     }
 
     /// Whether the policy table exists.
-    pub fn table_exists(&mut self) -> Result<bool, String> {
+    pub fn table_exists(&mut self) -> Result<bool, EnforceError> {
         self.netlink.table_exists(TABLE)
     }
 }
 
 /// The packet counts of the table's named counters.
-pub fn counters() -> Result<BTreeMap<String, u64>, String> {
+pub fn counters() -> Result<BTreeMap<String, u64>, EnforceError> {
+    let what = "reading the policy counters";
     let raw = nftables::helper::get_current_ruleset_raw(
         nftables::helper::DEFAULT_NFT,
         ["list", "counters", "table", "inet", TABLE],
     )
-    .map_err(|e| format!("reading the policy counters: {e}"))?;
-    let doc: Value = serde_json::from_str(&raw).map_err(|e| format!("nft's counters: {e}"))?;
+    .map_err(|e| EnforceError::Nft {
+        what,
+        message: e.to_string(),
+    })?;
+    let doc: Value = serde_json::from_str(&raw).map_err(|e| EnforceError::Nft {
+        what,
+        message: e.to_string(),
+    })?;
     Ok(doc["nftables"]
         .as_array()
         .into_iter()

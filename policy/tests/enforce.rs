@@ -242,7 +242,7 @@ fn a_rendered_program_enforces_with_real_connections() {
         assert!(!session.table_exists()?, "a table before the first load");
         session.apply(&transaction)?;
         assert!(session.table_exists()?, "no table after the first load");
-        Ok::<_, String>(())
+        Ok::<_, weft_policy::netlink::EnforceError>(())
     })
     .unwrap();
 
@@ -381,7 +381,7 @@ fn a_rendered_program_enforces_with_real_connections() {
 
 /// Runs one transaction in a session of its own (the calling thread's
 /// network namespace).
-fn apply(transaction: &nft::Transaction) -> Result<(), String> {
+fn apply(transaction: &nft::Transaction) -> Result<(), weft_policy::netlink::EnforceError> {
     nft::Session::open()?.apply(transaction)
 }
 

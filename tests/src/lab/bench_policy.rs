@@ -156,7 +156,7 @@ fn timed_apply(session: &Session, transaction: &nft::Transaction) -> Result<Dura
             .lock()
             .map_err(|_| anyhow::anyhow!("the session lock is poisoned"))?;
         let started = Instant::now();
-        session.apply(&transaction).map_err(anyhow::Error::msg)?;
+        session.apply(&transaction)?;
         Ok(started.elapsed())
     })
 }
@@ -221,7 +221,7 @@ pub fn run(scale: Scale, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         ));
         let session: Session =
             std::sync::Arc::new(std::sync::Mutex::new(netns::run_in(NETNS, || {
-                nft::Session::open().map_err(anyhow::Error::msg)
+                nft::Session::open().map_err(anyhow::Error::from)
             })?));
         let mut engine = Engine::new(NODE, render::Options::default());
         // The full sync: everything compiled, rendered and loaded at once.
