@@ -96,15 +96,47 @@ pub struct Mismatch {
     pub why: String,
 }
 
+/// Why a case cannot be read or used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaseError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    InFile {
+        path: std::path::PathBuf,
+        source: Box<CaseError>,
+    },
+    #[error(transparent)]
+    Format(#[from] serde_norway::Error),
+    #[error("policies[{index}]: {reason}")]
+    Policy { index: usize, reason: String },
+    #[error("pod {0} has no place (node and address)")]
+    Unplaced(String),
+    #[error("{source} in case {case}")]
+    Explain {
+        case: String,
+        source: crate::eval::ExplainError,
+    },
+}
+
 /// Reads a case file, naming the file and field on error.
-pub fn load(path: &Path) -> Result<Case, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+pub fn load(path: &Path) -> Result<Case, CaseError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CaseError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text).map_err(|e| CaseError::InFile {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    })
 }
 
 /// Parses a case and gives its pods addresses.
-pub fn parse(text: &str) -> Result<Case, String> {
-    let file: CaseFile = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+pub fn parse(text: &str) -> Result<Case, CaseError> {
+    let file: CaseFile = serde_norway::from_str(text)?;
     let pods: Vec<PodInfo> = file
         .pods
         .iter()
@@ -151,13 +183,14 @@ pub fn parse(text: &str) -> Result<Case, String> {
     })
 }
 
-fn resolve_policies(raw: &[Value], pods: &[PodInfo]) -> Result<Vec<NetworkPolicy>, String> {
+fn resolve_policies(raw: &[Value], pods: &[PodInfo]) -> Result<Vec<NetworkPolicy>, CaseError> {
     raw.iter()
         .enumerate()
-        .map(|(i, raw)| {
+        .map(|(index, raw)| {
             let mut raw = raw.clone();
-            resolve_placeholders(&mut raw, pods).map_err(|e| format!("policies[{i}]: {e}"))?;
-            serde_json::from_value(raw).map_err(|e| format!("policies[{i}]: {e}"))
+            let policy = |reason: String| CaseError::Policy { index, reason };
+            resolve_placeholders(&mut raw, pods).map_err(policy)?;
+            serde_json::from_value(raw).map_err(|e| policy(e.to_string()))
         })
         .collect()
 }
@@ -168,14 +201,13 @@ impl Case {
     /// are resolved again from those addresses.
     pub fn placed(
         &self,
-        place: impl Fn(&PodInfo) -> Result<(String, Vec<IpAddr>), String>,
-    ) -> Result<Case, String> {
+        place: impl Fn(&PodInfo) -> Option<(String, Vec<IpAddr>)>,
+    ) -> Result<Case, CaseError> {
         let mut case = self.clone();
         for pod in &mut case.pods {
-            let (node, ips) = place(pod)?;
-            if ips.is_empty() {
-                return Err(format!("pod {} has no address", pod.key()));
-            }
+            let (node, ips) = place(pod)
+                .filter(|(_, ips)| !ips.is_empty())
+                .ok_or_else(|| CaseError::Unplaced(pod.key()))?;
             pod.node = node;
             pod.ips = ips;
         }
@@ -263,7 +295,7 @@ pub fn explain(
     to: &str,
     protocol: Protocol,
     port: u16,
-) -> Result<Decision, String> {
+) -> Result<Decision, CaseError> {
     crate::eval::explain(
         &case.policies,
         &case.pods,
@@ -273,7 +305,10 @@ pub fn explain(
         protocol,
         port,
     )
-    .map_err(|e| format!("{e} in case {}", case.id))
+    .map_err(|source| CaseError::Explain {
+        case: case.id.clone(),
+        source,
+    })
 }
 
 /// The compiled programs' steps for one cell, in words.
@@ -310,11 +345,15 @@ pub fn check(case: &Case) -> Vec<Mismatch> {
 
 /// The case files (`*.yaml`) in `dir`, sorted by name (the order steps
 /// of a multi-step case must run in).
-pub fn files_in(dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn files_in(dir: &Path) -> Result<Vec<std::path::PathBuf>, CaseError> {
+    let io = |source| CaseError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let entries = std::fs::read_dir(dir).map_err(io)?;
     let mut files = Vec::new();
     for entry in entries {
-        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+        let path = entry.map_err(io)?.path();
         if path.extension().is_some_and(|x| x == "yaml") {
             files.push(path);
         }
@@ -327,7 +366,7 @@ pub fn files_in(dir: &Path) -> Result<Vec<std::path::PathBuf>, String> {
 /// from the upstream suite (`tests/netpol/upstream`) then Weft's own
 /// (`tests/netpol`: more of the upstream suite, written from the API's
 /// semantics).
-pub fn conformance_files(repo: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+pub fn conformance_files(repo: &Path) -> Result<Vec<std::path::PathBuf>, CaseError> {
     let mut files = files_in(&repo.join("tests/netpol/upstream"))?;
     files.extend(files_in(&repo.join("tests/netpol"))?);
     Ok(files)

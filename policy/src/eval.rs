@@ -104,6 +104,15 @@ pub fn decide(
     }
 }
 
+/// Why a connection cannot be explained.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExplainError {
+    #[error("no pod {0:?}")]
+    NoPod(String),
+    #[error("pod {0:?} has no address yet")]
+    NoAddress(String),
+}
+
 /// The decision for a connection between two pods of a cluster
 /// (`namespace/name` keys), compiled for the nodes the two pods are on.
 pub fn explain(
@@ -114,14 +123,14 @@ pub fn explain(
     to: &str,
     protocol: Protocol,
     port: u16,
-) -> Result<Decision, String> {
+) -> Result<Decision, ExplainError> {
     let pod = |key: &str| {
         pods.iter()
             .find(|p| p.key() == key)
-            .ok_or_else(|| format!("no pod {key:?}"))
+            .ok_or_else(|| ExplainError::NoPod(key.to_string()))
             .and_then(|p| match p.ips.first() {
                 Some(ip) => Ok((p, *ip)),
-                None => Err(format!("pod {key:?} has no address yet")),
+                None => Err(ExplainError::NoAddress(key.to_string())),
             })
     };
     let ((from, src), (to, dst)) = (pod(from)?, pod(to)?);

@@ -19,15 +19,20 @@ pub enum Protocol {
 
 impl Protocol {
     /// The API's spelling (`TCP`, `UDP`, `SCTP`); absent means TCP.
-    pub fn parse(name: Option<&str>) -> Result<Self, String> {
+    pub fn parse(name: Option<&str>) -> Result<Self, UnknownProtocol> {
         match name.unwrap_or("TCP") {
             "TCP" => Ok(Self::Tcp),
             "UDP" => Ok(Self::Udp),
             "SCTP" => Ok(Self::Sctp),
-            other => Err(format!("protocol {other:?} is not TCP, UDP or SCTP")),
+            other => Err(UnknownProtocol(other.chars().take(32).collect())),
         }
     }
 }
+
+/// A protocol NetworkPolicy does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("protocol {0:?} is not TCP, UDP or SCTP")]
+pub struct UnknownProtocol(pub String);
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

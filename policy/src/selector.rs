@@ -6,31 +6,32 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
+/// Why a selector cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    #[error("matchExpressions {key:?} {operator}: needs values")]
+    NeedsValues { key: String, operator: String },
+    #[error("matchExpressions {key:?} {operator}: takes no values")]
+    TakesNoValues { key: String, operator: String },
+    #[error("matchExpressions {key:?}: unknown operator {operator:?}")]
+    UnknownOperator { key: String, operator: String },
+}
+
 /// Why a selector cannot be used (it then matches nothing: a policy with a
 /// broken selector must not open traffic).
-pub fn check(selector: &LabelSelector) -> Result<(), String> {
+pub fn check(selector: &LabelSelector) -> Result<(), SelectorError> {
     for e in selector.match_expressions.iter().flatten() {
         let has_values = e.values.as_ref().is_some_and(|v| !v.is_empty());
+        let (key, operator) = (e.key.clone(), e.operator.clone());
         match e.operator.as_str() {
             "In" | "NotIn" if !has_values => {
-                return Err(format!(
-                    "matchExpressions {:?} {}: needs values",
-                    e.key, e.operator
-                ))
+                return Err(SelectorError::NeedsValues { key, operator })
             }
             "Exists" | "DoesNotExist" if has_values => {
-                return Err(format!(
-                    "matchExpressions {:?} {}: takes no values",
-                    e.key, e.operator
-                ))
+                return Err(SelectorError::TakesNoValues { key, operator })
             }
             "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-            other => {
-                return Err(format!(
-                    "matchExpressions {:?}: unknown operator {other:?}",
-                    e.key
-                ))
-            }
+            _ => return Err(SelectorError::UnknownOperator { key, operator }),
         }
     }
     Ok(())

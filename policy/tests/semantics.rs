@@ -238,5 +238,6 @@ fn explain_names_the_deciding_rule_or_the_isolating_policy() {
         .contains("isolated by x/allow-client-a-via-ns-selector"));
     assert!(case::explain(&c, "x/b", "x/zz", Protocol::Tcp, 81)
         .unwrap_err()
+        .to_string()
         .contains("x/zz"));
 }

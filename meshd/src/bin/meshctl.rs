@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -54,38 +55,34 @@ enum PolicyCmd {
 }
 
 /// `80/TCP` (protocol defaults to TCP).
-fn parse_port(arg: &str) -> Result<(u16, Protocol), String> {
+fn parse_port(arg: &str) -> Result<(u16, Protocol)> {
     let (port, protocol) = arg.split_once('/').unwrap_or((arg, "TCP"));
     let port = port
         .parse()
-        .map_err(|_| format!("--port {arg:?}: expected PORT/PROTOCOL, e.g. 80/TCP"))?;
+        .with_context(|| format!("--port {arg:?}: expected PORT/PROTOCOL, e.g. 80/TCP"))?;
     let protocol = Protocol::parse(Some(&protocol.to_uppercase()))
-        .map_err(|e| format!("--port {arg:?}: {e}"))?;
+        .with_context(|| format!("--port {arg:?}"))?;
     Ok((port, protocol))
 }
 
 /// Pods, namespaces and policies as the cluster has them now.
-async fn cluster() -> Result<(Vec<NetworkPolicy>, Vec<PodInfo>, Vec<NamespaceInfo>), String> {
+async fn cluster() -> Result<(Vec<NetworkPolicy>, Vec<PodInfo>, Vec<NamespaceInfo>)> {
     let client = kube::Client::try_default()
         .await
-        .map_err(|e| format!("connecting to the cluster (KUBECONFIG?): {e}"))?;
+        .context("connecting to the cluster (KUBECONFIG?)")?;
     let list = ListParams::default();
-    let failed = |what: &str| {
-        let what = what.to_string();
-        move |e: kube::Error| format!("listing {what}: {e}")
-    };
     let pods = Api::<Pod>::all(client.clone())
         .list(&list)
         .await
-        .map_err(failed("pods"))?;
+        .context("listing pods")?;
     let namespaces = Api::<Namespace>::all(client.clone())
         .list(&list)
         .await
-        .map_err(failed("namespaces"))?;
+        .context("listing namespaces")?;
     let policies = Api::<NetworkPolicy>::all(client)
         .list(&list)
         .await
-        .map_err(failed("networkpolicies"))?;
+        .context("listing networkpolicies")?;
     Ok((
         policies.items,
         pods.items.iter().map(PodInfo::from_pod).collect(),
@@ -97,15 +94,14 @@ async fn cluster() -> Result<(Vec<NetworkPolicy>, Vec<PodInfo>, Vec<NamespaceInf
     ))
 }
 
-fn explain(case_file: Option<&Path>, from: &str, to: &str, port: &str) -> Result<String, String> {
+fn explain(case_file: Option<&Path>, from: &str, to: &str, port: &str) -> Result<String> {
     let (port, protocol) = parse_port(port)?;
     let d = match case_file {
         Some(path) => case::explain(&case::load(path)?, from, to, protocol, port)?,
         None => {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
+                .build()?;
             let (policies, pods, namespaces) = runtime.block_on(cluster())?;
             weft_policy::explain(&policies, &pods, &namespaces, from, to, protocol, port)?
         }
@@ -143,7 +139,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("meshctl: {e}");
+                eprintln!("meshctl: {e:#}");
                 ExitCode::from(2)
             }
         },

@@ -60,7 +60,7 @@ pub fn run(
     let cases = options
         .cases
         .iter()
-        .map(|p| case::load(p).map_err(anyhow::Error::msg))
+        .map(|p| case::load(p).map_err(anyhow::Error::from))
         .collect::<Result<Vec<Case>>>()?;
     ensure!(!cases.is_empty(), "no case files given");
     let reused = match dir.read_state()? {
@@ -104,7 +104,6 @@ fn run_cases(
         let state = place_pods(dir, case)?;
         let placed = case
             .placed(|pod| lab_address(&state, pod))
-            .map_err(anyhow::Error::msg)
             .with_context(|| format!("case {}", case.id))?;
         let revision = client::block_on(dir, |c| api::apply(c, &placed))
             .with_context(|| format!("case {}: applying it through the API", case.id))?;
@@ -164,15 +163,14 @@ fn place_pods(dir: &LabDir, case: &Case) -> Result<LabState> {
 
 /// Where the lab put `pod`: its node and addresses, IPv4 first (probes and
 /// placeholders use the first, as upstream's single-family runs do).
-fn lab_address(state: &LabState, pod: &PodInfo) -> Result<(String, Vec<IpAddr>), String> {
+fn lab_address(state: &LabState, pod: &PodInfo) -> Option<(String, Vec<IpAddr>)> {
     let record = state
         .pods
         .iter()
-        .find(|p| p.namespace == pod.namespace && p.name == pod.name)
-        .ok_or_else(|| format!("pod {} is not in the lab", pod.key()))?;
+        .find(|p| p.namespace == pod.namespace && p.name == pod.name)?;
     let mut ips: Vec<IpAddr> = record.ips.iter().filter_map(|i| i.parse().ok()).collect();
     ips.sort_by_key(|ip| !ip.is_ipv4());
-    Ok((record.node.clone(), ips))
+    Some((record.node.clone(), ips))
 }
 
 /// Waits until every node's meshd has applied a program reflecting
