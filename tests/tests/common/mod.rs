@@ -73,30 +73,24 @@ impl Lab {
     }
 
     /// Merges `status` into Pod `namespace/name`'s status subresource (as
-    /// kubelet reports it), with the image's kubectl (Debian's 1.20 has no
-    /// `--subresource`); returns the new resourceVersion.
+    /// kubelet reports it), through the lab's own client; returns the new
+    /// resourceVersion.
     pub fn patch_pod_status(&self, namespace: &str, name: &str, status: &serde_json::Value) -> u64 {
-        let patch = serde_json::json!({ "status": status }).to_string();
-        let out = Command::new("/usr/bin/kubectl")
-            .args([
-                "--kubeconfig",
-                &self.kubeconfig(),
-                "-n",
-                namespace,
-                "patch",
-                "pod",
-                name,
-            ])
-            .args(["--subresource=status", "--type=merge", "-p", &patch])
-            .args(["-o", "jsonpath={.metadata.resourceVersion}"])
-            .output()
-            .expect("/usr/bin/kubectl");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::{Api, Patch, PatchParams};
+        let dir = meshlab::lab::state::LabDir::new(&self.root, &self.name);
+        let patch = serde_json::json!({ "status": status });
+        let pod = meshlab::lab::client::block_on(&dir, |client| async move {
+            let pods: Api<Pod> = Api::namespaced(client, namespace);
+            Ok(pods
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await?)
+        })
+        .unwrap_or_else(|e| panic!("patching {namespace}/{name}'s status: {e:#}"));
+        pod.metadata
+            .resource_version
+            .and_then(|v| v.parse().ok())
+            .expect("a numeric resourceVersion")
     }
 
     /// Registers a running Pod on `node` with `ips`, as kubelet does for a
