@@ -61,6 +61,16 @@ impl PrivateKey {
     pub fn from_base64(text: &str) -> Result<Self, KeyParseError> {
         decode(text).map(|b| Self(StaticSecret::from(b)))
     }
+
+    /// From the raw 32 bytes (the UAPI's hex form, decoded).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(StaticSecret::from(bytes))
+    }
+
+    /// The x25519 secret, for the WireGuard handshake.
+    pub fn secret(&self) -> StaticSecret {
+        self.0.clone()
+    }
 }
 
 impl fmt::Debug for PrivateKey {
@@ -72,6 +82,27 @@ impl fmt::Debug for PrivateKey {
 impl PartialEq for PrivateKey {
     fn eq(&self, other: &Self) -> bool {
         self.0.to_bytes() == other.0.to_bytes()
+    }
+}
+
+/// A peer's optional preshared key (mixed into the handshake). Secret as a
+/// private key is: its `Debug` form never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresharedKey([u8; 32]);
+
+impl PresharedKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0
+    }
+}
+
+impl fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PresharedKey(..)")
     }
 }
 

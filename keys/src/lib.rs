@@ -8,5 +8,5 @@
 mod key;
 mod store;
 
-pub use key::{KeyParseError, PrivateKey, PublicKey};
+pub use key::{KeyParseError, PresharedKey, PrivateKey, PublicKey};
 pub use store::{write_atomic, write_private, KeyState, KeyStore, SealingKey, StoreError};

@@ -80,14 +80,11 @@ pub struct RunArgs {
     pub peer_timeout: u64,
     #[arg(long, value_enum, default_value = "auto")]
     pub dataplane: Mode,
-    /// `builtin` (boringtun in `meshd dataplane`, started and adopted by meshd),
+    /// `builtin` (Weft's own device in `meshd dataplane`, started and adopted by meshd),
     /// a wireguard-go compatible program, or `none` (another process — a
     /// separate container — runs `meshd dataplane`; meshd only adopts it).
     #[arg(long, default_value = "builtin")]
     pub userspace_program: String,
-    /// Threads of the builtin userspace data plane.
-    #[arg(long, default_value_t = 1)]
-    pub dataplane_threads: usize,
     /// MTU of the WireGuard interface; default: the underlay's minus 80.
     #[arg(long)]
     pub mtu: Option<u32>,
@@ -202,9 +199,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
 
     let program = match args.userspace_program.as_str() {
-        "builtin" => UserspaceProgram::Builtin {
-            threads: args.dataplane_threads,
-        },
+        "builtin" => UserspaceProgram::Builtin,
         "none" => UserspaceProgram::Supervised,
         path => UserspaceProgram::External(path.into()),
     };

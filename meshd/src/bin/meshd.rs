@@ -27,13 +27,9 @@ enum LogFormat {
 enum Cmd {
     /// Run the agent.
     Run(Box<agent::RunArgs>),
-    /// Run the userspace WireGuard device IFACE (boringtun), serving its UAPI
-    /// socket until SIGTERM. meshd starts and adopts it; it outlives meshd.
-    Dataplane {
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-        iface: String,
-    },
+    /// Run the userspace WireGuard device IFACE, serving its UAPI socket
+    /// until SIGTERM. meshd starts and adopts it; it outlives meshd.
+    Dataplane { iface: String },
 }
 
 fn main() -> ExitCode {
@@ -48,7 +44,7 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().init(),
     }
     let result = match cli.command {
-        Cmd::Dataplane { threads, iface } => dataplane::builtin::run(&iface, threads),
+        Cmd::Dataplane { iface } => dataplane::builtin::run(&iface),
         Cmd::Run(args) => {
             // meshd supervises the userspace data plane itself; wireguard-control
             // must never start one on its own when a socket is missing.

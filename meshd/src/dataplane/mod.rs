@@ -4,7 +4,9 @@
 //! or the UAPI socket — so the reconcilers have one path.
 
 pub mod builtin;
+pub mod device;
 mod kernel;
+pub mod offload;
 pub mod uapi;
 mod userspace;
 
@@ -64,14 +66,11 @@ pub fn resolve(mode: Mode, existing: &Existing, module: bool) -> Result<Resolved
     }
 }
 
-/// The userspace implementation to run: Weft's own (boringtun, in `meshd
-/// dataplane`) or any program speaking the wireguard-go command line and
+/// The userspace implementation to run: Weft's own (in `meshd dataplane`) or any program speaking the wireguard-go command line and
 /// UAPI (`PROGRAM -f IFACE`), such as Debian's wireguard-go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserspaceProgram {
-    Builtin {
-        threads: usize,
-    },
+    Builtin,
     External(PathBuf),
     /// Something else runs the data plane (in Kubernetes, a container of its
     /// own, so that restarting the meshd container cannot take it down):

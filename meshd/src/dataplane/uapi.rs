@@ -1,288 +1,237 @@
-//! The standard WireGuard UAPI `set` semantics, expressed in requests that
-//! boringtun 0.7 can carry out. Pure: `meshd dataplane` feeds it the
-//! client's request and the device's current peers, and sends what comes
-//! out.
-//!
-//! boringtun 0.7.1 departs from the protocol in two ways that take a data
-//! plane down or corrupt it:
-//! - a `set` naming a peer it already has panics ("Modifying existing peers
-//!   is not yet supported"), killing the device's event loop;
-//! - inside one `set`, a peer section inherits `remove`, `endpoint`,
-//!   `persistent_keepalive_interval` and `replace_allowed_ips` from the
-//!   section before it, so a removal followed by an addition removes twice.
-//!
-//! So every peer section becomes a `set` of its own, and a change to an
-//! existing peer becomes its merged configuration, removed and added back
-//! (its session is renegotiated). A section that changes nothing is
-//! dropped, so an idempotent `set` keeps sessions. Requests are bounded
-//! and validated field by field; anything else is refused with an errno,
-//! never passed on.
+//! The cross-platform WireGuard UAPI (`wg`, wireguard-go and
+//! wireguard-control speak it over `/var/run/wireguard/<iface>.sock`):
+//! a `set` parsed into a typed request, a `get` reply rendered from the
+//! device's view. Pure; table-tested and fuzzed. Every field is checked
+//! before anything is applied, so a bad request changes nothing.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
 
-/// `EINVAL` and `EPROTO`, as UAPI replies name them.
-pub const EINVAL: i32 = 22;
-pub const EPROTO: i32 = 71;
+use ipnet::IpNet;
+use weft_keys::{PresharedKey, PrivateKey, PublicKey};
 
 /// A request larger than this is refused (a full mesh of 5,000 peers with
 /// four prefixes each is about 1.5 MB).
 pub const MAX_REQUEST: usize = 16 << 20;
 
-/// One peer's configuration as the device reports it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerConfig {
-    pub endpoint: Option<String>,
-    pub keepalive: Option<u16>,
-    pub preshared_key: Option<String>,
-    /// In the order the device reports them, without duplicates.
-    pub allowed_ips: Vec<String>,
+/// Why a request was refused; the reply carries [`UapiError::errno`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UapiError {
+    #[error("line {line}: {why}")]
+    Malformed { line: usize, why: &'static str },
+    #[error("line {line}: invalid {key}")]
+    Invalid { line: usize, key: String },
+    #[error("the request is larger than {MAX_REQUEST} bytes")]
+    TooLarge,
 }
 
-/// The peers of a `get` reply, by hex public key.
-pub fn parse_get(reply: &str) -> Result<BTreeMap<String, PeerConfig>, i32> {
-    let mut peers = BTreeMap::new();
-    let mut current: Option<(String, PeerConfig)> = None;
-    for line in reply.lines().filter(|l| !l.is_empty()) {
-        let (key, value) = line.split_once('=').ok_or(EPROTO)?;
-        match key {
-            "public_key" => {
-                let hex = hex_key(value)?;
-                if let Some((k, p)) = current.replace((hex, PeerConfig::default())) {
-                    peers.insert(k, p);
-                }
-            }
-            "errno" => {
-                let errno: i32 = value.parse().map_err(|_| EPROTO)?;
-                if errno != 0 {
-                    return Err(errno);
-                }
-            }
-            _ => {
-                if let Some((_, p)) = current.as_mut() {
-                    match key {
-                        "endpoint" => p.endpoint = Some(value.to_string()),
-                        "persistent_keepalive_interval" => {
-                            p.keepalive = Some(value.parse().map_err(|_| EPROTO)?)
-                        }
-                        "preshared_key" => p.preshared_key = Some(hex_key(value)?),
-                        "allowed_ip" => push_unique(&mut p.allowed_ips, value),
-                        _ => {}
-                    }
-                }
-            }
+impl UapiError {
+    /// The errno a UAPI reply reports: EPROTO for a request that is not the
+    /// protocol, EINVAL for a bad value.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::Malformed { .. } => libc::EPROTO,
+            Self::Invalid { .. } | Self::TooLarge => libc::EINVAL,
         }
     }
-    if let Some((k, p)) = current {
-        peers.insert(k, p);
+}
+
+/// A `set=1` request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SetRequest {
+    /// `Some(None)`: the all-zero key, which removes the device's key.
+    pub private_key: Option<Option<PrivateKey>>,
+    pub listen_port: Option<u16>,
+    /// 0 removes the mark.
+    pub fwmark: Option<u32>,
+    pub replace_peers: bool,
+    pub peers: Vec<PeerRequest>,
+}
+
+/// One `public_key=` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerRequest {
+    pub public_key: PublicKey,
+    pub remove: bool,
+    pub update_only: bool,
+    /// `Some(None)`: the all-zero key, no preshared key.
+    pub preshared_key: Option<Option<PresharedKey>>,
+    pub endpoint: Option<SocketAddr>,
+    /// Seconds; 0 turns it off.
+    pub keepalive: Option<u16>,
+    /// In request order: a `replace_allowed_ips` clears what came before.
+    pub allowed_ips: Vec<AllowedIp>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllowedIp {
+    Clear,
+    Add(IpNet),
+}
+
+/// Parses a whole `set=1\n…\n\n` request.
+pub fn parse_set(request: &str) -> Result<SetRequest, UapiError> {
+    if request.len() > MAX_REQUEST {
+        return Err(UapiError::TooLarge);
     }
-    Ok(peers)
-}
-
-fn push_unique(list: &mut Vec<String>, value: &str) {
-    if !list.iter().any(|v| v == value) {
-        list.push(value.to_string());
-    }
-}
-
-/// A 32-byte key in hex, lower-cased; `EINVAL` otherwise.
-fn hex_key(value: &str) -> Result<String, i32> {
-    if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(value.to_ascii_lowercase())
-    } else {
-        Err(EINVAL)
-    }
-}
-
-/// One peer section of a `set` request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct Section {
-    key: String,
-    remove: bool,
-    update_only: bool,
-    replace_allowed_ips: bool,
-    endpoint: Option<String>,
-    keepalive: Option<u16>,
-    preshared_key: Option<String>,
-    allowed_ips: Vec<String>,
-}
-
-/// A parsed `set` request: device lines as given, then peer sections.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct SetRequest {
-    device: Vec<String>,
-    replace_peers: bool,
-    private_key: Option<String>,
-    sections: Vec<Section>,
-}
-
-fn parse_set(request: &str) -> Result<SetRequest, i32> {
-    let mut lines = request.lines();
-    if lines.next() != Some("set=1") {
-        return Err(EPROTO);
+    let mut lines = request.lines().enumerate();
+    if lines.next().map(|(_, l)| l) != Some("set=1") {
+        return Err(UapiError::Malformed {
+            line: 1,
+            why: "a set request starts with set=1",
+        });
     }
     let mut set = SetRequest::default();
-    for line in lines.take_while(|l| !l.is_empty()) {
-        let (key, value) = line.split_once('=').ok_or(EPROTO)?;
-        let bool_value = || match value {
+    for (n, line) in lines.take_while(|(_, l)| !l.is_empty()) {
+        let line_no = n + 1;
+        let (key, value) = line.split_once('=').ok_or(UapiError::Malformed {
+            line: line_no,
+            why: "expected key=value",
+        })?;
+        let invalid = || UapiError::Invalid {
+            line: line_no,
+            key: key.to_string(),
+        };
+        let flag = || match value {
             "true" => Ok(true),
             "false" => Ok(false),
-            _ => Err(EINVAL),
+            _ => Err(invalid()),
         };
         if key == "public_key" {
-            set.sections.push(Section {
-                key: hex_key(value)?,
-                ..Section::default()
+            let bytes = hex32(value).ok_or_else(invalid)?;
+            set.peers.push(PeerRequest {
+                public_key: PublicKey::from_bytes(bytes),
+                remove: false,
+                update_only: false,
+                preshared_key: None,
+                endpoint: None,
+                keepalive: None,
+                allowed_ips: Vec::new(),
             });
             continue;
         }
-        let Some(section) = set.sections.last_mut() else {
+        let Some(peer) = set.peers.last_mut() else {
             match key {
                 "private_key" => {
-                    set.private_key = Some(hex_key(value)?);
-                    set.device.push(line.to_string());
+                    let bytes = hex32(value).ok_or_else(invalid)?;
+                    set.private_key =
+                        Some((bytes != [0; 32]).then(|| PrivateKey::from_bytes(bytes)));
                 }
-                "listen_port" => {
-                    value.parse::<u16>().map_err(|_| EINVAL)?;
-                    set.device.push(line.to_string());
-                }
-                "fwmark" => {
-                    value.parse::<u32>().map_err(|_| EINVAL)?;
-                    set.device.push(line.to_string());
-                }
-                "replace_peers" => set.replace_peers = bool_value()?,
-                _ => return Err(EINVAL),
+                "listen_port" => set.listen_port = Some(value.parse().map_err(|_| invalid())?),
+                "fwmark" => set.fwmark = Some(value.parse().map_err(|_| invalid())?),
+                "replace_peers" => set.replace_peers = flag()?,
+                _ => return Err(invalid()),
             }
             continue;
         };
         match key {
-            "remove" => section.remove = bool_value()?,
-            "update_only" => section.update_only = bool_value()?,
-            "replace_allowed_ips" => section.replace_allowed_ips = bool_value()?,
-            "endpoint" => {
-                value.parse::<std::net::SocketAddr>().map_err(|_| EINVAL)?;
-                section.endpoint = Some(value.to_string());
+            "remove" => peer.remove = flag()?,
+            "update_only" => peer.update_only = flag()?,
+            "preshared_key" => {
+                let bytes = hex32(value).ok_or_else(invalid)?;
+                peer.preshared_key =
+                    Some((bytes != [0; 32]).then(|| PresharedKey::from_bytes(bytes)));
             }
+            "endpoint" => peer.endpoint = Some(value.parse().map_err(|_| invalid())?),
             "persistent_keepalive_interval" => {
-                section.keepalive = Some(value.parse().map_err(|_| EINVAL)?)
+                peer.keepalive = Some(value.parse().map_err(|_| invalid())?)
             }
-            "preshared_key" => section.preshared_key = Some(hex_key(value)?),
+            "replace_allowed_ips" => {
+                if flag()? {
+                    peer.allowed_ips.push(AllowedIp::Clear);
+                }
+            }
             "allowed_ip" => {
-                value.parse::<ipnet::IpNet>().map_err(|_| EINVAL)?;
-                push_unique(&mut section.allowed_ips, value);
+                let net: IpNet = value.parse().map_err(|_| invalid())?;
+                peer.allowed_ips.push(AllowedIp::Add(net.trunc()));
             }
             "protocol_version" if value == "1" => {}
-            _ => return Err(EINVAL),
+            _ => return Err(invalid()),
         }
     }
     Ok(set)
 }
 
-/// What the relay sends to boringtun for one client `set`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    /// Each a complete `set=1` request, to send in order; stop at the first
-    /// failure.
-    pub requests: Vec<String>,
-    /// The private key the request sets, if any (`get` replies report it).
-    pub private_key: Option<String>,
+/// What a `get` reports about the device.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceView {
+    pub private_key: Option<PrivateKey>,
+    pub listen_port: u16,
+    pub fwmark: u32,
+    pub peers: Vec<PeerView>,
 }
 
-/// Translates a client's `set` into requests boringtun carries out with
-/// the standard meaning, given its current peers.
-pub fn plan_set(request: &str, mut peers: BTreeMap<String, PeerConfig>) -> Result<Plan, i32> {
-    if request.len() > MAX_REQUEST {
-        return Err(EINVAL);
+#[derive(Debug, Clone)]
+pub struct PeerView {
+    pub public_key: PublicKey,
+    pub preshared_key: Option<PresharedKey>,
+    pub endpoint: Option<SocketAddr>,
+    /// Since the Unix epoch; `None` before the first handshake.
+    pub last_handshake: Option<Duration>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub keepalive: u16,
+    pub allowed_ips: Vec<IpNet>,
+}
+
+/// The `get=1` reply, `errno=0` and the empty line included.
+pub fn render_get(view: &DeviceView) -> String {
+    let mut out = String::with_capacity(128 + view.peers.len() * 256);
+    if let Some(k) = &view.private_key {
+        let _ = writeln!(out, "private_key={}", hex(&k.to_bytes()));
     }
-    let set = parse_set(request)?;
-    let mut requests = Vec::new();
-    if !set.device.is_empty() || set.replace_peers {
-        let mut r = String::from("set=1\n");
-        for line in &set.device {
-            r.push_str(line);
-            r.push('\n');
-        }
-        if set.replace_peers {
-            r.push_str("replace_peers=true\n");
-            peers.clear();
-        }
-        r.push('\n');
-        requests.push(r);
+    let _ = writeln!(out, "listen_port={}", view.listen_port);
+    if view.fwmark != 0 {
+        let _ = writeln!(out, "fwmark={}", view.fwmark);
     }
-    for section in set.sections {
-        if section.remove {
-            if peers.remove(&section.key).is_some() {
-                requests.push(format!(
-                    "set=1\npublic_key={}\nremove=true\n\n",
-                    section.key
-                ));
-            }
-            continue;
+    for p in &view.peers {
+        let _ = writeln!(out, "public_key={}", hex(p.public_key.as_bytes()));
+        if let Some(k) = &p.preshared_key {
+            let _ = writeln!(out, "preshared_key={}", hex(&k.to_bytes()));
         }
-        let wanted = match peers.get(&section.key) {
-            Some(have) => merge(have, &section),
-            None if section.update_only => continue,
-            None => merge(&PeerConfig::default(), &section),
-        };
-        let existing = peers.get(&section.key);
-        if existing == Some(&wanted) {
-            continue;
+        out.push_str("protocol_version=1\n");
+        if let Some(e) = p.endpoint {
+            let _ = writeln!(out, "endpoint={e}");
         }
-        if existing.is_some() {
-            requests.push(format!(
-                "set=1\npublic_key={}\nremove=true\n\n",
-                section.key
-            ));
+        let at = p.last_handshake.unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "last_handshake_time_sec={}\nlast_handshake_time_nsec={}",
+            at.as_secs(),
+            at.subsec_nanos()
+        );
+        let _ = writeln!(out, "tx_bytes={}\nrx_bytes={}", p.tx_bytes, p.rx_bytes);
+        let _ = writeln!(out, "persistent_keepalive_interval={}", p.keepalive);
+        for ip in &p.allowed_ips {
+            let _ = writeln!(out, "allowed_ip={ip}");
         }
-        requests.push(add(&section.key, &wanted));
-        peers.insert(section.key, wanted);
     }
-    Ok(Plan {
-        requests,
-        private_key: set.private_key,
+    out.push_str("errno=0\n\n");
+    out
+}
+
+/// The reply to a refused or failed request.
+pub fn render_errno(errno: i32) -> String {
+    format!("errno={errno}\n\n")
+}
+
+fn hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn hex(bytes: &[u8; 32]) -> String {
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
     })
-}
-
-/// `have` with the section's changes: the protocol's meaning of a `set`
-/// for an existing peer.
-fn merge(have: &PeerConfig, section: &Section) -> PeerConfig {
-    let mut allowed_ips = if section.replace_allowed_ips {
-        Vec::new()
-    } else {
-        have.allowed_ips.clone()
-    };
-    for ip in &section.allowed_ips {
-        push_unique(&mut allowed_ips, ip);
-    }
-    PeerConfig {
-        endpoint: section.endpoint.clone().or_else(|| have.endpoint.clone()),
-        // 0 turns keepalives off; the device reports none then.
-        keepalive: section.keepalive.or(have.keepalive).filter(|k| *k > 0),
-        preshared_key: section
-            .preshared_key
-            .clone()
-            .or_else(|| have.preshared_key.clone())
-            .filter(|k| k.bytes().any(|b| b != b'0')),
-        allowed_ips,
-    }
-}
-
-fn add(key: &str, p: &PeerConfig) -> String {
-    let mut r = format!("set=1\npublic_key={key}\n");
-    if let Some(e) = &p.endpoint {
-        let _ = writeln!(r, "endpoint={e}");
-    }
-    if let Some(k) = p.keepalive {
-        let _ = writeln!(r, "persistent_keepalive_interval={k}");
-    }
-    if let Some(k) = &p.preshared_key {
-        let _ = writeln!(r, "preshared_key={k}");
-    }
-    for ip in &p.allowed_ips {
-        let _ = writeln!(r, "allowed_ip={ip}");
-    }
-    r.push('\n');
-    r
 }
 
 #[cfg(test)]
@@ -290,126 +239,160 @@ mod tests {
     use super::*;
 
     fn key(c: char) -> String {
-        std::iter::repeat_n(c, 64).collect()
-    }
-
-    fn peer(endpoint: &str, keepalive: Option<u16>, ips: &[&str]) -> PeerConfig {
-        PeerConfig {
-            endpoint: Some(endpoint.into()),
-            keepalive,
-            preshared_key: None,
-            allowed_ips: ips.iter().map(|s| s.to_string()).collect(),
-        }
+        c.to_string().repeat(64)
     }
 
     #[test]
-    fn get_replies_parse_into_peers() {
-        let reply = format!(
-            "private_key={a}\nlisten_port=51820\npublic_key={b}\npersistent_keepalive_interval=5\n\
-             endpoint=198.18.1.2:51820\nallowed_ip=198.19.2.0/24\nallowed_ip=198.18.128.2/32\n\
-             rx_bytes=1\ntx_bytes=2\npublic_key={c}\nendpoint=[fd00::1]:1\nerrno=0\n\n",
-            a = key('a'),
-            b = key('b'),
-            c = key('c')
+    fn a_full_set_parses_field_by_field() {
+        let request = format!(
+            "set=1\nprivate_key={}\nlisten_port=51820\nfwmark=7\nreplace_peers=true\n\
+             public_key={}\npreshared_key={}\nendpoint=198.18.1.2:51820\npersistent_keepalive_interval=25\n\
+             allowed_ip=10.1.0.7/24\nreplace_allowed_ips=true\nallowed_ip=fd00::1/64\nprotocol_version=1\n\
+             public_key={}\nremove=true\n\
+             public_key={}\nupdate_only=true\nendpoint=[fd00::2]:1\npreshared_key={}\n\n",
+            key('1'),
+            key('a'),
+            key('c'),
+            key('b'),
+            key('d'),
+            key('0'),
         );
-        let peers = parse_get(&reply).unwrap();
+        let set = parse_set(&request).unwrap();
         assert_eq!(
-            peers[&key('b')],
-            peer(
-                "198.18.1.2:51820",
-                Some(5),
-                &["198.19.2.0/24", "198.18.128.2/32"]
-            )
+            set.private_key,
+            Some(Some(PrivateKey::from_bytes([0x11; 32])))
         );
-        assert_eq!(peers[&key('c')].endpoint.as_deref(), Some("[fd00::1]:1"));
-        assert_eq!(parse_get("errno=5\n\n"), Err(5));
-        assert_eq!(parse_get("public_key=zz\n"), Err(EINVAL));
-        assert_eq!(parse_get("garbage\n"), Err(EPROTO));
+        assert_eq!(
+            (set.listen_port, set.fwmark, set.replace_peers),
+            (Some(51820), Some(7), true)
+        );
+        assert_eq!(set.peers.len(), 3);
+        let a = &set.peers[0];
+        assert_eq!(a.public_key, PublicKey::from_bytes([0xaa; 32]));
+        assert_eq!(
+            a.preshared_key,
+            Some(Some(PresharedKey::from_bytes([0xcc; 32])))
+        );
+        assert_eq!(a.endpoint, Some("198.18.1.2:51820".parse().unwrap()));
+        assert_eq!(a.keepalive, Some(25));
+        assert_eq!(
+            a.allowed_ips,
+            [
+                // Host bits are cleared, as the kernel stores prefixes.
+                AllowedIp::Add("10.1.0.0/24".parse().unwrap()),
+                AllowedIp::Clear,
+                AllowedIp::Add("fd00::/64".parse().unwrap()),
+            ]
+        );
+        assert!(set.peers[1].remove);
+        let d = &set.peers[2];
+        assert!(d.update_only);
+        assert_eq!(d.preshared_key, Some(None), "the zero key removes it");
     }
 
-    /// The table: (client request, device peers before) → requests sent.
     #[test]
-    fn sets_become_requests_boringtun_can_carry_out() {
-        let (b, c) = (key('b'), key('c'));
-        let existing = BTreeMap::from([(
-            b.clone(),
-            peer("198.18.1.2:51820", Some(5), &["198.19.2.0/24"]),
-        )]);
-        let cases: Vec<(String, Vec<String>)> = vec![
-            // A new peer: one request of its own.
+    fn bad_requests_name_the_line_and_field() {
+        let table: &[(&str, UapiError)] = &[
             (
-                format!("set=1\npublic_key={c}\nendpoint=198.18.1.3:51820\nallowed_ip=198.19.3.0/24\n\n"),
-                vec![format!("set=1\npublic_key={c}\nendpoint=198.18.1.3:51820\nallowed_ip=198.19.3.0/24\n\n")],
+                "get=1\n\n",
+                UapiError::Malformed {
+                    line: 1,
+                    why: "a set request starts with set=1",
+                },
             ),
-            // An endpoint change: merged, removed and added back.
             (
-                format!("set=1\npublic_key={b}\nendpoint=198.18.1.9:51821\n\n"),
-                vec![
-                    format!("set=1\npublic_key={b}\nremove=true\n\n"),
-                    format!("set=1\npublic_key={b}\nendpoint=198.18.1.9:51821\npersistent_keepalive_interval=5\nallowed_ip=198.19.2.0/24\n\n"),
-                ],
+                "set=1\nnonsense\n\n",
+                UapiError::Malformed {
+                    line: 2,
+                    why: "expected key=value",
+                },
             ),
-            // Allowed IPs replaced, keepalive turned off.
             (
-                format!("set=1\npublic_key={b}\npersistent_keepalive_interval=0\nreplace_allowed_ips=true\nallowed_ip=198.19.9.0/24\n\n"),
-                vec![
-                    format!("set=1\npublic_key={b}\nremove=true\n\n"),
-                    format!("set=1\npublic_key={b}\nendpoint=198.18.1.2:51820\nallowed_ip=198.19.9.0/24\n\n"),
-                ],
+                "set=1\nlisten_port=70000\n\n",
+                UapiError::Invalid {
+                    line: 2,
+                    key: "listen_port".into(),
+                },
             ),
-            // The same configuration again: nothing sent, the session stays.
             (
-                format!("set=1\npublic_key={b}\nendpoint=198.18.1.2:51820\npersistent_keepalive_interval=5\nreplace_allowed_ips=true\nallowed_ip=198.19.2.0/24\n\n"),
-                vec![],
+                "set=1\nprivate_key=abc\n\n",
+                UapiError::Invalid {
+                    line: 2,
+                    key: "private_key".into(),
+                },
             ),
-            // Removal, then a new peer: the removal cannot leak into it.
             (
-                format!("set=1\npublic_key={b}\nremove=true\npublic_key={c}\nendpoint=198.18.1.3:51820\n\n"),
-                vec![
-                    format!("set=1\npublic_key={b}\nremove=true\n\n"),
-                    format!("set=1\npublic_key={c}\nendpoint=198.18.1.3:51820\n\n"),
-                ],
+                "set=1\nendpoint=1.2.3.4:5\n\n",
+                UapiError::Invalid {
+                    line: 2,
+                    key: "endpoint".into(),
+                },
             ),
-            // Device fields go first, alone; update_only skips unknown peers.
             (
-                format!("set=1\nprivate_key={c}\nlisten_port=51820\npublic_key={c}\nupdate_only=true\nendpoint=198.18.1.3:1\n\n"),
-                vec![format!("set=1\nprivate_key={c}\nlisten_port=51820\n\n")],
+                &format!("set=1\npublic_key={}\nallowed_ip=10.0.0.1/33\n\n", key('a')),
+                UapiError::Invalid {
+                    line: 3,
+                    key: "allowed_ip".into(),
+                },
             ),
-            // replace_peers: every section after it is a new peer.
             (
-                format!("set=1\nreplace_peers=true\npublic_key={b}\nendpoint=198.18.1.2:51820\n\n"),
-                vec![
-                    "set=1\nreplace_peers=true\n\n".to_string(),
-                    format!("set=1\npublic_key={b}\nendpoint=198.18.1.2:51820\n\n"),
-                ],
+                &format!("set=1\npublic_key={}\nremove=yes\n\n", key('a')),
+                UapiError::Invalid {
+                    line: 3,
+                    key: "remove".into(),
+                },
+            ),
+            (
+                &format!("set=1\npublic_key={}\nprotocol_version=2\n\n", key('a')),
+                UapiError::Invalid {
+                    line: 3,
+                    key: "protocol_version".into(),
+                },
+            ),
+            (
+                &format!("set=1\npublic_key={}\n\n", "zz".repeat(32)),
+                UapiError::Invalid {
+                    line: 2,
+                    key: "public_key".into(),
+                },
             ),
         ];
-        for (request, want) in cases {
-            let plan = plan_set(&request, existing.clone()).unwrap();
-            assert_eq!(plan.requests, want, "for {request:?}");
+        for (request, want) in table {
+            assert_eq!(parse_set(request).as_ref(), Err(want), "{request:?}");
         }
+        assert_eq!(
+            parse_set(&"x".repeat(MAX_REQUEST + 1)),
+            Err(UapiError::TooLarge)
+        );
+        assert_eq!(UapiError::TooLarge.errno(), libc::EINVAL);
     }
 
     #[test]
-    fn malformed_sets_are_refused_not_passed_on() {
-        let b = key('b');
-        for bad in [
-            "get=1\n\n".to_string(),
-            "set=1\nlisten_port=70000\n\n".to_string(),
-            "set=1\nendpoint=1.2.3.4:5\n\n".to_string(),
-            format!("set=1\npublic_key={b}\nendpoint=nowhere\n\n"),
-            format!("set=1\npublic_key={b}\nallowed_ip=10.0.0.0/33\n\n"),
-            format!("set=1\npublic_key={b}\nremove=maybe\n\n"),
-            format!("set=1\npublic_key={b}\nprotocol_version=2\n\n"),
-            "set=1\npublic_key=abc\n\n".to_string(),
-            "set=1\nnonsense\n\n".to_string(),
-        ] {
-            assert!(plan_set(&bad, BTreeMap::new()).is_err(), "{bad:?}");
-        }
-        let private = plan_set(
-            &format!("set=1\nprivate_key={}\n\n", key('A')),
-            BTreeMap::new(),
+    fn get_replies_are_the_standard_form() {
+        let view = DeviceView {
+            private_key: Some(PrivateKey::from_bytes([0x11; 32])),
+            listen_port: 51820,
+            fwmark: 0,
+            peers: vec![PeerView {
+                public_key: PublicKey::from_bytes([0xaa; 32]),
+                preshared_key: None,
+                endpoint: Some("198.18.1.2:51820".parse().unwrap()),
+                last_handshake: Some(Duration::new(984, 5)),
+                rx_bytes: 1,
+                tx_bytes: 2,
+                keepalive: 25,
+                allowed_ips: vec!["10.1.0.0/24".parse().unwrap()],
+            }],
+        };
+        assert_eq!(
+            render_get(&view),
+            format!(
+                "private_key={}\nlisten_port=51820\npublic_key={}\nprotocol_version=1\n\
+                 endpoint=198.18.1.2:51820\nlast_handshake_time_sec=984\nlast_handshake_time_nsec=5\n\
+                 tx_bytes=2\nrx_bytes=1\npersistent_keepalive_interval=25\nallowed_ip=10.1.0.0/24\nerrno=0\n\n",
+                key('1'),
+                key('a')
+            )
         );
-        assert_eq!(private.unwrap().private_key, Some(key('a')));
     }
 }

@@ -73,9 +73,9 @@ pub async fn ensure(
 fn command(iface: &InterfaceName, program: &UserspaceProgram) -> Result<Option<Command>> {
     let name = iface.as_str_lossy().into_owned();
     Ok(match program {
-        UserspaceProgram::Builtin { threads } => {
+        UserspaceProgram::Builtin => {
             let mut c = Command::new(std::env::current_exe().context("locating meshd")?);
-            c.args(["dataplane", "--threads", &threads.to_string(), &name]);
+            c.args(["dataplane", &name]);
             Some(c)
         }
         UserspaceProgram::External(path) => {

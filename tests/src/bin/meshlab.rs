@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
-use meshlab::lab::topology::{parse_label, parse_topology, LabSpec, NodePlan};
+use meshlab::lab::topology::{parse_label, parse_topology, LabSpec, NodePlan, DEBIAN_WIREGUARD_GO};
 use meshlab::lab::{
     agents, bench, bench_cni, bench_policy, control, lifecycle, netpol, pods, preflight, status,
     topology,
@@ -83,6 +83,13 @@ enum BenchCmd {
         /// Seconds per run.
         #[arg(long, default_value_t = 5)]
         seconds: u32,
+        /// TCP stream counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        streams: Vec<u32>,
+        /// wireguard-go 867a4c4, the peer to beat (build it with
+        /// ../shared/anchors/build-wireguard-go.sh OUT); without it its rows are left out.
+        #[arg(long, env = "MESHLAB_WIREGUARD_GO")]
+        wireguard_go: Option<PathBuf>,
     },
     /// CNI ADD/DEL latency: weft vs Debian's bridge+host-local, dual-stack.
     Cni {
@@ -253,7 +260,10 @@ fn run(cli: Cli) -> Result<()> {
             let mut spec = LabSpec {
                 name: cli.name.clone(),
                 nodes,
-                wireguard_go,
+                userspace_programs: wireguard_go
+                    .into_iter()
+                    .map(|n| (n, DEBIAN_WIREGUARD_GO.to_string()))
+                    .collect(),
                 pods_per_node,
                 self_allocated: self_allocated_blocks,
                 ..LabSpec::default()
@@ -287,7 +297,8 @@ fn run(cli: Cli) -> Result<()> {
                 spec.topology.insert(next.clone(), rz);
             }
             if wireguard_go {
-                spec.wireguard_go.push(next);
+                spec.userspace_programs
+                    .insert(next, DEBIAN_WIREGUARD_GO.to_string());
             }
             let node = lifecycle::add_node(&dir, &spec, &mut |step| eprintln!("meshlab: {step}"))?;
             println!("{}", node.name);
@@ -301,16 +312,30 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench {
-            what: BenchCmd::Throughput { runs, seconds },
+            what:
+                BenchCmd::Throughput {
+                    runs,
+                    seconds,
+                    streams,
+                    wireguard_go,
+                },
         } => {
             anyhow::ensure!(
                 runs >= 1 && seconds >= 1,
                 "--runs and --seconds must be at least 1"
             );
+            anyhow::ensure!(
+                streams.iter().all(|&s| (1..=128).contains(&s)),
+                "--streams: each count must be 1 to 128"
+            );
+            if let Some(p) = &wireguard_go {
+                anyhow::ensure!(p.is_file(), "--wireguard-go {}: no such file", p.display());
+            }
             let spec = bench::ThroughputSpec {
                 runs,
                 seconds,
-                streams: vec![1, 2],
+                streams,
+                wireguard_go,
             };
             let rows =
                 bench::throughput(&cli.root, &spec, &mut |step| eprintln!("meshlab: {step}"))?;

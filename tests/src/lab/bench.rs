@@ -1,8 +1,16 @@
-//! `meshlab bench throughput`: iperf3 between two lab nodes, through Weft's
-//! userspace data plane, through Debian's wireguard-go configured the same
-//! way by meshd, and over the raw underlay veth, all in one run so the
-//! numbers compare (absolute figures drift between runs on shared CPUs).
+//! `meshlab bench throughput`: iperf3 between two lab nodes through Weft's
+//! userspace data plane, through wireguard-go 867a4c4 (the current upstream
+//! with offloads, the one users would pick instead) and Debian's
+//! wireguard-go — each configured by meshd exactly as Weft's is — and over
+//! the raw underlay veth, all in one run so the numbers compare (absolute
+//! figures drift between runs on shared CPUs).
+//!
+//! Per path: TCP with 1, 2, 4 and 8 streams; the UDP loss knee (the highest
+//! rate received with at most 1% loss); small packets (64-byte UDP
+//! payloads, packets per second received); and for each, CPU seconds per
+//! GB received — of the data plane processes and of the whole machine.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -10,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::state::LabDir;
-use super::topology::LabSpec;
+use super::topology::{LabSpec, DEBIAN_WIREGUARD_GO};
 use super::{lifecycle, preflight};
 
 /// What to measure.
@@ -19,74 +27,153 @@ pub struct ThroughputSpec {
     pub runs: usize,
     pub seconds: u32,
     pub streams: Vec<u32>,
+    /// wireguard-go 867a4c4 (`../shared/anchors/build-wireguard-go.sh OUT`);
+    /// its rows are left out without it.
+    pub wireguard_go: Option<PathBuf>,
 }
 
-/// One measured path.
-#[derive(Debug, Clone)]
-pub struct Row {
-    pub path: &'static str,
-    pub streams: u32,
-    /// Gbit/s of each run, in order.
-    pub runs: Vec<f64>,
+/// One kind of measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Test {
+    Tcp { streams: u32 },
+    UdpKnee,
+    SmallPackets,
 }
 
-impl Row {
-    pub fn median(&self) -> f64 {
-        let mut v = self.runs.clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+impl Test {
+    fn label(self) -> String {
+        match self {
+            Self::Tcp { streams } => format!("TCP, {streams} stream(s)"),
+            Self::UdpKnee => "UDP loss knee (≤1% lost)".into(),
+            Self::SmallPackets => "UDP 64-byte payloads".into(),
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Self::SmallPackets => "Mpps",
+            _ => "Gbit/s",
+        }
     }
 }
 
-const WEFT: &str = "weft (boringtun)";
-const WIREGUARD_GO: &str = "wireguard-go (Debian)";
-const UNDERLAY: &str = "raw underlay veth";
+/// One measured path and test.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub path: &'static str,
+    pub test: Test,
+    pub runs: Vec<Run>,
+}
+
+/// One iperf3 run and the CPU it cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Run {
+    pub value: f64,
+    pub bytes: f64,
+    /// CPU seconds of the data plane processes on both nodes.
+    pub dataplane_cpu: f64,
+    /// CPU seconds of the whole machine (iperf3 and kernel included).
+    pub machine_cpu: f64,
+}
+
+impl Row {
+    fn median_by(&self, f: impl Fn(&Run) -> f64) -> f64 {
+        let mut v: Vec<f64> = self.runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    }
+
+    pub fn median(&self) -> f64 {
+        self.median_by(|r| r.value)
+    }
+
+    /// CPU seconds per GB received: (data plane, machine).
+    pub fn cpu_per_gb(&self) -> (f64, f64) {
+        let per_gb = |cpu: f64, bytes: f64| {
+            if bytes > 0.0 {
+                cpu / (bytes / 1e9)
+            } else {
+                0.0
+            }
+        };
+        (
+            self.median_by(|r| per_gb(r.dataplane_cpu, r.bytes)),
+            self.median_by(|r| per_gb(r.machine_cpu, r.bytes)),
+        )
+    }
+}
+
+pub const WEFT: &str = "weft";
+pub const WIREGUARD_GO: &str = "wireguard-go 867a4c4";
+pub const DEBIAN: &str = "wireguard-go (Debian)";
+pub const UNDERLAY: &str = "raw underlay veth";
+
+/// UDP payload that fits the mesh MTU (1420) without fragments.
+const UDP_PAYLOAD: &str = "1372";
+/// Loss above which a rate is past the knee.
+const KNEE_LOSS_PERCENT: f64 = 1.0;
 
 /// Runs every measurement; each path gets its own lab, torn down after.
 pub fn throughput(
-    root: &std::path::Path,
+    root: &Path,
     spec: &ThroughputSpec,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Row>> {
     preflight::require_tools(&[("iperf3", "iperf3")])?;
+    let mut labs: Vec<(&'static str, &str, Option<String>)> = vec![(WEFT, "bench-weft", None)];
+    match &spec.wireguard_go {
+        Some(p) => labs.push((WIREGUARD_GO, "bench-wggo", Some(p.display().to_string()))),
+        None => progress("no --wireguard-go given: its rows are left out (build it with ../shared/anchors/build-wireguard-go.sh OUT)"),
+    }
+    labs.push((
+        DEBIAN,
+        "bench-debian",
+        Some(DEBIAN_WIREGUARD_GO.to_string()),
+    ));
     let mut rows = Vec::new();
-    for (path, lab, wireguard_go) in [
-        (WEFT, "bench-weft", false),
-        (WIREGUARD_GO, "bench-wggo", true),
-    ] {
+    for (path, lab, program) in labs {
         let dir = LabDir::new(root, lab);
-        let nodes = LabSpec {
+        let mut nodes = LabSpec {
             name: lab.into(),
             nodes: 2,
-            wireguard_go: if wireguard_go {
-                vec!["node-1".into(), "node-2".into()]
-            } else {
-                vec![]
-            },
             ..LabSpec::default()
         };
+        if let Some(program) = &program {
+            for n in ["node-1", "node-2"] {
+                nodes.userspace_programs.insert(n.into(), program.clone());
+            }
+        }
         let state = lifecycle::up(&dir, &nodes, &mut |_| {})?;
         let result = (|| -> Result<Vec<Row>> {
+            let client = &state.plan.nodes[0];
             let server = &state.plan.nodes[1];
+            let interfaces: Vec<&str> = state
+                .plan
+                .nodes
+                .iter()
+                .map(|n| n.wg_interface.as_str())
+                .collect();
             let target = weft_ipam::gateway(&server.pod_cidrs[0]).to_string();
-            let mut measured = measure(
-                &state.plan.nodes[0].netns,
-                &server.netns,
-                &target,
-                path,
+            let mut measured = Bench {
+                client: &client.netns,
+                server: &server.netns,
+                target: &target,
+                interfaces: &interfaces,
                 spec,
-                progress,
-            )?;
-            if !wireguard_go {
+            }
+            .all(path, progress)?;
+            if path == WEFT {
                 let underlay = server.underlay.to_string();
-                measured.extend(measure(
-                    &state.plan.nodes[0].netns,
-                    &server.netns,
-                    &underlay,
-                    UNDERLAY,
-                    spec,
-                    progress,
-                )?);
+                measured.extend(
+                    Bench {
+                        client: &client.netns,
+                        server: &server.netns,
+                        target: &underlay,
+                        interfaces: &[],
+                        spec,
+                    }
+                    .all(UNDERLAY, progress)?,
+                );
             }
             Ok(measured)
         })();
@@ -96,38 +183,164 @@ pub fn throughput(
     Ok(rows)
 }
 
-fn measure(
-    client_ns: &str,
-    server_ns: &str,
-    target: &str,
-    path: &'static str,
-    spec: &ThroughputSpec,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Vec<Row>> {
-    let mut server = start_server(server_ns, target)?;
-    let result = (|| -> Result<Vec<Row>> {
-        let mut rows = Vec::new();
-        for &streams in &spec.streams {
-            let mut row = Row {
-                path,
-                streams,
-                runs: Vec::new(),
-            };
-            for run in 1..=spec.runs {
-                let gbps = client(client_ns, target, streams, spec.seconds)?;
-                progress(&format!(
-                    "{path}, {streams} stream(s), run {run}/{}: {gbps:.2} Gbit/s",
-                    spec.runs
-                ));
-                row.runs.push(gbps);
+struct Bench<'a> {
+    client: &'a str,
+    server: &'a str,
+    target: &'a str,
+    /// The WireGuard interfaces whose data plane processes are measured.
+    interfaces: &'a [&'a str],
+    spec: &'a ThroughputSpec,
+}
+
+impl Bench<'_> {
+    fn all(&self, path: &'static str, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
+        let mut server = start_server(self.server, self.target)?;
+        let result = (|| -> Result<Vec<Row>> {
+            let mut tests: Vec<Test> = self
+                .spec
+                .streams
+                .iter()
+                .map(|&streams| Test::Tcp { streams })
+                .collect();
+            tests.extend([Test::UdpKnee, Test::SmallPackets]);
+            let mut rows = Vec::new();
+            for test in tests {
+                let mut row = Row {
+                    path,
+                    test,
+                    runs: Vec::new(),
+                };
+                for n in 1..=self.spec.runs {
+                    let run = match test {
+                        Test::Tcp { streams } => {
+                            self.measured(&["-P", &streams.to_string()], |r| r.gbps())?
+                        }
+                        Test::UdpKnee => self.knee()?,
+                        Test::SmallPackets => self
+                            .measured(&["-u", "-b", "0", "-l", "64"], |r| {
+                                r.received_packets() / r.seconds() / 1e6
+                            })?,
+                    };
+                    progress(&format!(
+                        "{path}, {}, run {n}/{}: {:.2} {}",
+                        test.label(),
+                        self.spec.runs,
+                        run.value,
+                        test.unit()
+                    ));
+                    row.runs.push(run);
+                }
+                rows.push(row);
             }
-            rows.push(row);
+            Ok(rows)
+        })();
+        let _ = server.kill();
+        let _ = server.wait();
+        result
+    }
+
+    /// One iperf3 run with `args`, its CPU cost, and `value` of its report.
+    fn measured(&self, args: &[&str], value: impl FnOnce(&Report) -> f64) -> Result<Run> {
+        let pids = dataplane_pids(self.interfaces);
+        let before = (process_cpu(&pids), machine_cpu()?);
+        let report = self.iperf(args)?;
+        let after = (process_cpu(&pids), machine_cpu()?);
+        Ok(Run {
+            value: value(&report),
+            bytes: report.received_bytes(),
+            dataplane_cpu: after.0 - before.0,
+            machine_cpu: after.1 - before.1,
+        })
+    }
+
+    /// The highest UDP rate received with at most 1% loss: double until
+    /// loss passes it, then bisect three times.
+    fn knee(&self) -> Result<Run> {
+        let udp = |gbps: f64| -> Result<(Run, f64)> {
+            let rate = format!("{:.0}M", gbps * 1000.0);
+            let mut lost = 0.0;
+            let run = self.measured(&["-u", "-b", &rate, "-l", UDP_PAYLOAD], |r| {
+                lost = r.lost_percent();
+                r.gbps()
+            })?;
+            Ok((run, lost))
+        };
+        let (mut good, mut bad): (Option<(f64, Run)>, Option<f64>) = (None, None);
+        let mut rate = 0.5;
+        while bad.is_none() && rate <= 32.0 {
+            let (run, lost) = udp(rate)?;
+            if lost <= KNEE_LOSS_PERCENT {
+                good = Some((rate, run));
+                rate *= 2.0;
+            } else {
+                bad = Some(rate);
+            }
         }
-        Ok(rows)
-    })();
-    let _ = server.kill();
-    let _ = server.wait();
-    result
+        for _ in 0..3 {
+            let (Some((lo, _)), Some(hi)) = (&good, bad) else {
+                break;
+            };
+            let mid = (lo + hi) / 2.0;
+            let (run, lost) = udp(mid)?;
+            if lost <= KNEE_LOSS_PERCENT {
+                good = Some((mid, run));
+            } else {
+                bad = Some(mid);
+            }
+        }
+        Ok(good.map(|(_, run)| run).unwrap_or_default())
+    }
+
+    fn iperf(&self, args: &[&str]) -> Result<Report> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                self.client,
+                "iperf3",
+                "-J",
+                "-c",
+                self.target,
+            ])
+            .args(["-t", &self.spec.seconds.to_string()])
+            .args(args)
+            .output()
+            .context("running iperf3 -c")?;
+        let report: Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+        if let Some(err) = report["error"].as_str() {
+            bail!("iperf3 to {}: {err}", self.target);
+        }
+        Ok(Report(report))
+    }
+}
+
+/// An iperf3 `-J` report, read from the receiver's side.
+struct Report(Value);
+
+impl Report {
+    fn received(&self, field: &str) -> f64 {
+        self.0["end"]["sum_received"][field].as_f64().unwrap_or(0.0)
+    }
+
+    fn gbps(&self) -> f64 {
+        self.received("bits_per_second") / 1e9
+    }
+
+    fn received_bytes(&self) -> f64 {
+        self.received("bytes")
+    }
+
+    fn seconds(&self) -> f64 {
+        self.received("seconds").max(1e-9)
+    }
+
+    fn lost_percent(&self) -> f64 {
+        self.received("lost_percent")
+    }
+
+    fn received_packets(&self) -> f64 {
+        self.received("packets") - self.received("lost_packets")
+    }
 }
 
 fn start_server(netns: &str, bind: &str) -> Result<Child> {
@@ -141,49 +354,104 @@ fn start_server(netns: &str, bind: &str) -> Result<Child> {
     Ok(child)
 }
 
-/// Receiver-side Gbit/s of one iperf3 run.
-fn client(netns: &str, target: &str, streams: u32, seconds: u32) -> Result<f64> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "iperf3", "-J", "-c", target])
-        .args(["-P", &streams.to_string(), "-t", &seconds.to_string()])
-        .output()
-        .context("running iperf3 -c")?;
-    let report: Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
-    if let Some(err) = report["error"].as_str() {
-        bail!("iperf3 to {target}: {err}");
-    }
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .context("iperf3 reported no throughput")
+/// The processes serving the data planes of `interfaces` (Weft's `meshd
+/// dataplane IFACE`, wireguard-go's `-f IFACE`): the last argument names
+/// the interface.
+fn dataplane_pids(interfaces: &[&str]) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .collect();
+            args.len() >= 2
+                && args
+                    .last()
+                    .is_some_and(|last| interfaces.iter().any(|i| i.as_bytes() == *last))
+        })
+        .collect()
 }
 
-/// The results as a Markdown table, with Weft / wireguard-go per stream count.
+/// Clock ticks per second of /proc's CPU times (USER_HZ).
+fn ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// User + system CPU seconds of `pids` (all their threads).
+fn process_cpu(pids: &[u32]) -> f64 {
+    let ticks_used: u64 = pids
+        .iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the parenthesised command name; utime and stime
+            // are the 14th and 15th of the line.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks_used as f64 / ticks()
+}
+
+/// Busy CPU seconds of the whole machine (every CPU, idle and iowait excluded).
+fn machine_cpu() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    Ok((total - idle) as f64 / ticks())
+}
+
+/// The results as a Markdown table, then Weft / wireguard-go 867a4c4 per test.
 pub fn table(rows: &[Row]) -> String {
-    let mut out =
-        String::from("| path | streams | median Gbit/s | runs (Gbit/s) |\n|---|---|---|---|\n");
+    let mut out = String::from(
+        "| path | test | median | runs | CPU s/GB, data plane | CPU s/GB, machine |\n|---|---|---|---|---|---|\n",
+    );
     for r in rows {
-        let runs: Vec<String> = r.runs.iter().map(|g| format!("{g:.2}")).collect();
+        let runs: Vec<String> = r.runs.iter().map(|g| format!("{:.2}", g.value)).collect();
+        let (dp, machine) = r.cpu_per_gb();
+        let dp = if r.path == UNDERLAY {
+            "–".to_string()
+        } else {
+            format!("{dp:.2}")
+        };
         out.push_str(&format!(
-            "| {} | {} | {:.2} | {} |\n",
+            "| {} | {} | {:.2} {} | {} | {dp} | {machine:.2} |\n",
             r.path,
-            r.streams,
+            r.test.label(),
             r.median(),
-            runs.join(", ")
+            r.test.unit(),
+            runs.join(", "),
         ));
     }
     out.push('\n');
-    let median = |path: &str, streams: u32| {
-        rows.iter()
-            .find(|r| r.path == path && r.streams == streams)
-            .map(Row::median)
-    };
-    let streams: std::collections::BTreeSet<u32> = rows.iter().map(|r| r.streams).collect();
-    for s in streams {
-        if let (Some(w), Some(g)) = (median(WEFT, s), median(WIREGUARD_GO, s)) {
+    let find = |path: &str, test: Test| rows.iter().find(|r| r.path == path && r.test == test);
+    let tests: std::collections::BTreeSet<Test> = rows.iter().map(|r| r.test).collect();
+    for t in tests {
+        if let (Some(w), Some(g)) = (find(WEFT, t), find(WIREGUARD_GO, t)) {
+            let (wc, gc) = (w.cpu_per_gb().0, g.cpu_per_gb().0);
             out.push_str(&format!(
-                "Weft / wireguard-go, {s} stream(s): {:.2}\n",
-                w / g
+                "Weft / wireguard-go 867a4c4, {}: {:.2}× the rate, {:.2}× the data plane CPU per GB\n",
+                t.label(),
+                w.median() / g.median(),
+                if gc > 0.0 { wc / gc } else { 0.0 },
             ));
         }
     }
@@ -194,35 +462,65 @@ pub fn table(rows: &[Row]) -> String {
 mod tests {
     use super::*;
 
+    fn run(value: f64, cpu: f64) -> Run {
+        Run {
+            value,
+            bytes: 1e9,
+            dataplane_cpu: cpu,
+            machine_cpu: 2.0 * cpu,
+        }
+    }
+
     #[test]
-    fn median_and_ratio() {
+    fn medians_cpu_and_ratios() {
+        let tcp1 = Test::Tcp { streams: 1 };
         let rows = vec![
             Row {
                 path: WEFT,
-                streams: 1,
-                runs: vec![1.0, 3.0, 2.0],
+                test: tcp1,
+                runs: vec![run(1.0, 1.0), run(3.0, 1.0), run(2.0, 1.0)],
             },
             Row {
                 path: WIREGUARD_GO,
-                streams: 1,
-                runs: vec![4.0, 4.0, 1.0],
+                test: tcp1,
+                runs: vec![run(4.0, 2.0), run(4.0, 2.0), run(1.0, 2.0)],
             },
             Row {
                 path: UNDERLAY,
-                streams: 1,
-                runs: vec![9.0],
+                test: tcp1,
+                runs: vec![run(9.0, 0.0)],
             },
         ];
         assert_eq!(rows[0].median(), 2.0);
+        assert_eq!(rows[0].cpu_per_gb(), (1.0, 2.0));
         let t = table(&rows);
         assert!(
-            t.contains("| weft (boringtun) | 1 | 2.00 | 1.00, 3.00, 2.00 |"),
+            t.contains(
+                "| weft | TCP, 1 stream(s) | 2.00 Gbit/s | 1.00, 3.00, 2.00 | 1.00 | 2.00 |"
+            ),
             "{t}"
         );
-        assert_eq!(
-            t.matches("Weft / wireguard-go, 1 stream(s): 0.50").count(),
-            1,
+        assert!(
+            t.contains("| raw underlay veth | TCP, 1 stream(s) | 9.00 Gbit/s | 9.00 | – |"),
             "{t}"
         );
+        assert!(
+            t.contains("Weft / wireguard-go 867a4c4, TCP, 1 stream(s): 0.50× the rate, 0.50× the data plane CPU per GB"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn the_data_plane_processes_are_found_by_interface() {
+        // This test process's own arguments end in a test filter, never an
+        // interface name; an empty list finds nothing.
+        assert!(dataplane_pids(&[]).is_empty());
+        let spin = std::time::Instant::now();
+        let mut x = 0u64;
+        while spin.elapsed() < Duration::from_millis(100) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(process_cpu(&[std::process::id()]) > 0.0, "{x}");
+        assert!(machine_cpu().unwrap() > 0.0);
     }
 }

@@ -9,6 +9,10 @@ use anyhow::{bail, Result};
 /// images that ship another kubectl at /usr/bin/kubectl block installing it.
 pub const DEBIAN_KUBECTL: &str = "/usr/local/lib/meshlab/kubernetes-client/usr/bin/kubectl";
 
+/// Where `tests/setup` builds wireguard-go 867a4c4 (from `tests/anchors`):
+/// the current upstream userspace WireGuard, with offloads.
+pub const WIREGUARD_GO_867A4C4: &str = "/usr/local/lib/meshlab/wireguard-go-867a4c4";
+
 pub fn require_root() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("meshlab creates network namespaces and must run as root (try: sudo meshlab …)");

@@ -68,6 +68,9 @@ pub struct LabPlan {
     pub self_allocated: bool,
 }
 
+/// Debian's wireguard-go, as meshd's `--userspace-program` finds it.
+pub const DEBIAN_WIREGUARD_GO: &str = "wireguard-go";
+
 /// What the user asked for.
 #[derive(Debug, Clone, Default)]
 pub struct LabSpec {
@@ -77,8 +80,9 @@ pub struct LabSpec {
     pub topology: BTreeMap<String, (String, String)>,
     /// `node -> labels` additions.
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
-    /// Nodes whose data plane is Debian's wireguard-go instead of boringtun.
-    pub wireguard_go: Vec<String>,
+    /// `node -> program`: nodes whose data plane is a wireguard-go
+    /// compatible program (meshd's `--userspace-program`) instead of Weft's.
+    pub userspace_programs: BTreeMap<String, String>,
     /// Pods attached on every node by `up` (`pod-<k>-<i>` in `default`).
     pub pods_per_node: usize,
     /// Register Nodes without `spec.podCIDRs`, so meshd claims its blocks.
@@ -155,7 +159,7 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
         .topology
         .keys()
         .chain(spec.labels.keys())
-        .chain(&spec.wireguard_go)
+        .chain(spec.userspace_programs.keys())
     {
         let known = named
             .strip_prefix("node-")
@@ -212,10 +216,7 @@ pub fn node_plan(lab: &str, k: usize, spec: &LabSpec) -> Result<NodePlan> {
         interface: "eth0".into(),
         fabric_interface: format!("veth{k}"),
         wg_interface: wg_interface(lab, k),
-        userspace_program: spec
-            .wireguard_go
-            .contains(&name)
-            .then(|| "wireguard-go".to_string()),
+        userspace_program: spec.userspace_programs.get(&name).cloned(),
         underlay: Ipv4Addr::new(198, 18, 1, k as u8),
         pod_cidrs: vec![block(&v4)?, block(&v6)?],
         labels,

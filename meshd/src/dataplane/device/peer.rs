@@ -1,0 +1,214 @@
+//! One peer at run time: its WireGuard tunnel (boringtun's `noise::Tunn`:
+//! the handshake, sessions, replay windows and protocol timers) and what
+//! may change without replacing it — endpoint, keepalive, preshared key.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::Tunn;
+use weft_keys::{PresharedKey, PublicKey};
+
+use super::settings::PeerSettings;
+use super::Identity;
+
+pub struct Peer {
+    pub public_key: PublicKey,
+    state: Mutex<PeerState>,
+    /// Transport bytes, as the kernel counts them (keepalives included).
+    pub rx_bytes: AtomicU64,
+    pub tx_bytes: AtomicU64,
+}
+
+/// A tunnel and the 24-bit index its sessions are known by (data packets
+/// name it in their receiver index, shifted left by 8).
+pub struct Tunnel {
+    pub tunn: Tunn,
+    pub index: u32,
+}
+
+impl Tunnel {
+    fn new(identity: &Identity, key: &PublicKey, psk: Option<&PresharedKey>, index: u32) -> Self {
+        Self {
+            // Persistent keepalive is the device's (so it can change in place).
+            tunn: Tunn::new(
+                identity.secret.clone(),
+                boringtun::x25519::PublicKey::from(*key.as_bytes()),
+                psk.map(PresharedKey::to_bytes),
+                None,
+                index,
+                Some(identity.limiter.clone()),
+            ),
+            index,
+        }
+    }
+
+    pub fn has_session(&self) -> bool {
+        self.tunn.time_since_last_handshake().is_some()
+    }
+}
+
+pub struct PeerState {
+    /// `None` while the device has no private key.
+    pub current: Option<Tunnel>,
+    /// The tunnel from before a preshared-key change: it carries traffic
+    /// until `current` has a session, so the change loses nothing.
+    pub previous: Option<Tunnel>,
+    pub endpoint: Option<SocketAddr>,
+    pub keepalive: u16,
+    pub keepalive_sent: Instant,
+    preshared_key: Option<PresharedKey>,
+}
+
+impl PeerState {
+    /// The tunnel to encrypt with: the current one, unless only the
+    /// previous has a session yet.
+    pub fn sending(&mut self) -> Option<&mut Tunnel> {
+        let use_previous = !self.current.as_ref().is_some_and(Tunnel::has_session)
+            && self.previous.as_ref().is_some_and(Tunnel::has_session);
+        if use_previous {
+            self.previous.as_mut()
+        } else {
+            self.current.as_mut()
+        }
+    }
+
+    /// The tunnel whose sessions carry `index`.
+    pub fn by_index(&mut self, index: u32) -> Option<&mut Tunnel> {
+        match (&mut self.current, &mut self.previous) {
+            (Some(t), _) if t.index == index => Some(t),
+            (_, Some(t)) if t.index == index => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Every tunnel's indices, for the device's index map.
+    pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
+        self.current.iter().chain(&self.previous).map(|t| t.index)
+    }
+
+    /// Whether persistent keepalive is due now, and if so marks it sent.
+    pub fn keepalive_due(&mut self, now: Instant) -> bool {
+        let due = self.keepalive > 0
+            && now.duration_since(self.keepalive_sent)
+                >= Duration::from_secs(self.keepalive.into());
+        if due {
+            self.keepalive_sent = now;
+        }
+        due
+    }
+
+    /// Drops the previous tunnel once the current one has taken over.
+    pub fn retire_previous(&mut self) {
+        if self.current.as_ref().is_some_and(Tunnel::has_session) {
+            self.previous = None;
+        }
+    }
+}
+
+impl Peer {
+    pub fn new(settings: &PeerSettings, identity: Option<&Identity>, index: u32) -> Arc<Self> {
+        let now = Instant::now();
+        Arc::new(Self {
+            public_key: settings.public_key,
+            state: Mutex::new(PeerState {
+                current: identity.map(|id| {
+                    Tunnel::new(
+                        id,
+                        &settings.public_key,
+                        settings.preshared_key.as_ref(),
+                        index,
+                    )
+                }),
+                previous: None,
+                endpoint: settings.endpoint,
+                keepalive: settings.keepalive,
+                // A keepalive set is due at once (it opens the session).
+                keepalive_sent: now - Duration::from_secs(settings.keepalive.into()),
+                preshared_key: settings.preshared_key.clone(),
+            }),
+            rx_bytes: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+        })
+    }
+
+    /// The peer's state. A poisoned lock means a worker panicked, and the
+    /// panic hook is already ending the process; carrying on with the
+    /// state as it is beats a second panic.
+    pub fn lock(&self) -> MutexGuard<'_, PeerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies changed settings in place: the tunnel and its sessions stay
+    /// unless the identity changed (the kernel drops sessions then too);
+    /// a new preshared key gets a new tunnel while the old one keeps
+    /// carrying traffic until the new one has a session.
+    pub fn update(
+        &self,
+        old: &PeerSettings,
+        new: &PeerSettings,
+        identity: Option<&Identity>,
+        identity_changed: bool,
+        next_index: &mut dyn FnMut() -> u32,
+    ) {
+        let mut s = self.lock();
+        if old.endpoint != new.endpoint {
+            s.endpoint = new.endpoint;
+        }
+        if old.keepalive != new.keepalive {
+            s.keepalive = new.keepalive;
+            s.keepalive_sent = Instant::now() - Duration::from_secs(new.keepalive.into());
+        }
+        let psk_changed = s.preshared_key != new.preshared_key;
+        s.preshared_key = new.preshared_key.clone();
+        let Some(id) = identity else {
+            s.current = None;
+            s.previous = None;
+            return;
+        };
+        if identity_changed || s.current.is_none() {
+            s.previous = None;
+            s.current = Some(Tunnel::new(
+                id,
+                &new.public_key,
+                new.preshared_key.as_ref(),
+                next_index(),
+            ));
+        } else if psk_changed {
+            let fresh = Tunnel::new(
+                id,
+                &new.public_key,
+                new.preshared_key.as_ref(),
+                next_index(),
+            );
+            let old_tunnel = s.current.replace(fresh);
+            if old_tunnel.as_ref().is_some_and(Tunnel::has_session) {
+                s.previous = old_tunnel;
+            }
+        }
+    }
+
+    /// When the last handshake completed, since the Unix epoch.
+    pub fn last_handshake(&self, now: SystemTime) -> Option<Duration> {
+        let s = self.lock();
+        let age = s.current.as_ref()?.tunn.time_since_last_handshake()?;
+        now.checked_sub(age)?.duration_since(UNIX_EPOCH).ok()
+    }
+
+    pub fn count_rx(&self, bytes: usize) {
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn count_tx(&self, bytes: usize) {
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// The rate limiter all tunnels share, keyed to the device's public key.
+pub fn limiter(public: &boringtun::x25519::PublicKey) -> Arc<RateLimiter> {
+    /// Handshakes per second before cookies are required (boringtun's).
+    const HANDSHAKES_PER_SECOND: u64 = 10;
+    Arc::new(RateLimiter::new(public, HANDSHAKES_PER_SECOND))
+}

@@ -1,0 +1,63 @@
+//! The protocol's clock: every 250 ms each tunnel's timers run (rekeys,
+//! handshake retries, keepalives after receiving, expiry), persistent
+//! keepalives go out, and a tunnel replaced by a preshared-key change is
+//! retired once its successor has a session. Once a second the handshake
+//! rate limiters start a new window.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::TunnResult;
+
+use super::sys::Family;
+use super::Device;
+
+const TICK: Duration = Duration::from_millis(250);
+
+pub fn run(device: &Arc<Device>) {
+    let mut buf = vec![0u8; 2048];
+    let mut window = Instant::now();
+    loop {
+        std::thread::sleep(TICK);
+        let now = Instant::now();
+        let config = device.config.load();
+        let sockets = device.sockets.load();
+        if now.duration_since(window) >= Duration::from_secs(1) {
+            window = now;
+            if let Some(id) = &config.identity {
+                id.limiter.reset_count();
+            }
+            if let Some(l) = device.anonymous.load().as_ref() {
+                l.reset_count();
+            }
+        }
+        for peer in &config.peers {
+            let mut guard = peer.lock();
+            let state = &mut *guard;
+            state.retire_previous();
+            let endpoint = state.endpoint.map(|e| Family::of(&e).1);
+            let keepalive = state.keepalive_due(now);
+            let mut sent = 0;
+            for tunnel in state.current.iter_mut().chain(state.previous.iter_mut()) {
+                if let TunnResult::WriteToNetwork(p) = tunnel.tunn.update_timers(&mut buf) {
+                    if let Some(to) = endpoint {
+                        sent += p.len();
+                        sockets.send_to(p, to);
+                    }
+                }
+            }
+            if keepalive {
+                if let (Some(tunnel), Some(to)) = (state.current.as_mut(), endpoint) {
+                    // With a session, an empty data packet; without, the
+                    // handshake that opens one.
+                    if let TunnResult::WriteToNetwork(p) = tunnel.tunn.encapsulate(&[], &mut buf) {
+                        sent += p.len();
+                        sockets.send_to(p, to);
+                    }
+                }
+            }
+            drop(guard);
+            peer.count_tx(sent);
+        }
+    }
+}

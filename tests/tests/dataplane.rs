@@ -1,0 +1,756 @@
+//! Weft's userspace data plane on its own, with real packets: two or three
+//! network namespaces on a bridge, each running a WireGuard device (`meshd
+//! dataplane`, or wireguard-go for interop) configured with Debian's `wg`.
+//! Every offload path is crossed with data compared byte for byte; peers are
+//! changed under traffic and the packets lost are counted.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{run_bounded, wait_for, MESHLAB};
+use meshlab::lab::netns;
+use meshlab::lab::preflight::WIREGUARD_GO_867A4C4;
+use weft_keys::PrivateKey;
+
+const MTU: usize = 1420;
+const PORT: u16 = 51820;
+const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Impl {
+    Weft,
+    DebianGo,
+    UpstreamGo,
+}
+
+/// One namespace with its device.
+struct Side {
+    netns: String,
+    iface: String,
+    key: PrivateKey,
+    underlay: Ipv4Addr,
+    /// A second underlay address, for endpoint changes.
+    underlay_alt: Ipv4Addr,
+    overlay4: Ipv4Addr,
+    overlay6: Ipv6Addr,
+}
+
+/// Namespaces on a bridge, torn down when dropped (also after a panic);
+/// leftovers of a crashed run with the same name are removed first.
+struct Net {
+    name: String,
+    sides: Vec<Side>,
+    children: Vec<Child>,
+}
+
+fn sh(args: &[&str]) {
+    let mut c = Command::new(args[0]);
+    c.args(&args[1..]);
+    let out = run_bounded(c, Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn in_ns(ns: &str, args: &[&str]) {
+    let mut all = vec!["ip", "netns", "exec", ns];
+    all.extend_from_slice(args);
+    sh(&all);
+}
+
+fn output_in(ns: &str, args: &[&str]) -> String {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(args);
+    let out = run_bounded(c, Duration::from_secs(60));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn meshd() -> PathBuf {
+    Path::new(MESHLAB).with_file_name("meshd")
+}
+
+impl Net {
+    fn new(name: &str, impls: &[Impl]) -> Net {
+        let bridge = format!("{name}-br");
+        let names: Vec<String> = (0..impls.len()).map(|i| format!("{name}-{i}")).collect();
+        for ns in names.iter().chain([&bridge]) {
+            if netns::exists(ns) {
+                for pid in netns::pids(ns) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                netns::delete(ns).expect("removing a leftover namespace");
+            }
+        }
+        let mut net = Net {
+            name: name.into(),
+            sides: Vec::new(),
+            children: Vec::new(),
+        };
+        sh(&["ip", "netns", "add", &bridge]);
+        in_ns(&bridge, &["ip", "link", "add", "br0", "type", "bridge"]);
+        in_ns(&bridge, &["ip", "link", "set", "br0", "up"]);
+        for (i, (ns, imp)) in names.iter().zip(impls).enumerate() {
+            let n = i as u8 + 1;
+            sh(&["ip", "netns", "add", ns]);
+            sh(&[
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("p{n}"),
+                "netns",
+                &bridge,
+            ]);
+            in_ns(
+                &bridge,
+                &["ip", "link", "set", &format!("p{n}"), "master", "br0", "up"],
+            );
+            let side = Side {
+                netns: ns.clone(),
+                iface: format!("{name}{n}"),
+                key: PrivateKey::generate(),
+                underlay: Ipv4Addr::new(198, 51, 100, n),
+                underlay_alt: Ipv4Addr::new(198, 51, 100, 100 + n),
+                overlay4: Ipv4Addr::new(10, 200, 0, n),
+                overlay6: format!("fd00:200::{n}").parse().unwrap(),
+            };
+            for a in [side.underlay, side.underlay_alt] {
+                in_ns(
+                    ns,
+                    &["ip", "addr", "add", &format!("{a}/24"), "dev", "eth0"],
+                );
+            }
+            in_ns(ns, &["ip", "link", "set", "eth0", "up"]);
+            in_ns(ns, &["ip", "link", "set", "lo", "up"]);
+            net.children.push(start(*imp, &side));
+            wait_for(
+                &format!("{} to answer on its UAPI socket", side.iface),
+                Duration::from_secs(10),
+                || {
+                    std::os::unix::net::UnixStream::connect(format!(
+                        "/var/run/wireguard/{}.sock",
+                        side.iface
+                    ))
+                    .is_ok()
+                },
+            );
+            in_ns(
+                ns,
+                &[
+                    "ip",
+                    "link",
+                    "set",
+                    &side.iface,
+                    "up",
+                    "mtu",
+                    &MTU.to_string(),
+                ],
+            );
+            in_ns(
+                ns,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/24", side.overlay4),
+                    "dev",
+                    &side.iface,
+                ],
+            );
+            in_ns(
+                ns,
+                &[
+                    "ip",
+                    "addr",
+                    "add",
+                    &format!("{}/64", side.overlay6),
+                    "dev",
+                    &side.iface,
+                    "nodad",
+                ],
+            );
+            net.sides.push(side);
+        }
+        for i in 0..net.sides.len() {
+            let key = format!("/run/{}-{i}.key", net.name);
+            std::fs::write(&key, net.sides[i].key.to_base64()).unwrap();
+            let mut args = vec![
+                "wg".to_string(),
+                "set".into(),
+                net.sides[i].iface.clone(),
+                "private-key".into(),
+                key.clone(),
+                "listen-port".into(),
+                PORT.to_string(),
+            ];
+            for (j, peer) in net.sides.iter().enumerate() {
+                if i != j {
+                    args.extend(net.peer_args(j, peer.underlay, &[]));
+                }
+            }
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            in_ns(&net.sides[i].netns, &refs);
+            let _ = std::fs::remove_file(&key);
+        }
+        net
+    }
+
+    /// `peer KEY endpoint … allowed-ips …` for side `j` as seen by others.
+    fn peer_args(&self, j: usize, endpoint: Ipv4Addr, extra_ips: &[&str]) -> Vec<String> {
+        let p = &self.sides[j];
+        let mut ips = vec![format!("{}/32", p.overlay4), format!("{}/128", p.overlay6)];
+        ips.extend(extra_ips.iter().map(|s| s.to_string()));
+        vec![
+            "peer".into(),
+            p.key.public_key().to_string(),
+            "endpoint".into(),
+            format!("{endpoint}:{PORT}"),
+            "allowed-ips".into(),
+            ips.join(","),
+        ]
+    }
+
+    fn wg(&self, i: usize, args: &[String]) {
+        let mut all = vec!["wg".to_string(), "set".into(), self.sides[i].iface.clone()];
+        all.extend_from_slice(args);
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        in_ns(&self.sides[i].netns, &refs);
+    }
+
+    /// Pings `to` from side `from` `count` times every 10 ms, running
+    /// `during` a second in; returns how many answers came back.
+    fn pings_answered(&self, from: usize, to: IpAddr, count: u32, during: impl FnOnce()) -> u32 {
+        let mut c = Command::new("ip");
+        c.args([
+            "netns",
+            "exec",
+            &self.sides[from].netns,
+            "ping",
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+        ])
+        .args(["-c", &count.to_string(), &to.to_string()]);
+        let ping = std::thread::spawn(move || run_bounded(c, Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_secs(1));
+        during();
+        let out = ping.join().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split(", ")
+            .find_map(|f| f.strip_suffix(" received"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no ping summary: {text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+    }
+
+    /// The latest handshake of side `i` with each peer, by public key
+    /// (`wg show latest-handshakes`, Unix seconds).
+    fn handshakes(&self, i: usize) -> std::collections::BTreeMap<String, u64> {
+        output_in(
+            &self.sides[i].netns,
+            &["wg", "show", &self.sides[i].iface, "latest-handshakes"],
+        )
+        .lines()
+        .filter_map(|l| {
+            let (key, at) = l.split_once('\t')?;
+            Some((key.to_string(), at.trim().parse().ok()?))
+        })
+        .collect()
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for s in &self.sides {
+            let _ = netns::delete(&s.netns);
+        }
+        let _ = netns::delete(&format!("{}-br", self.name));
+    }
+}
+
+fn start(imp: Impl, side: &Side) -> Child {
+    let log = std::fs::File::create(format!("/tmp/{}.log", side.iface)).unwrap();
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &side.netns]);
+    match imp {
+        Impl::Weft => c.arg(meshd()).args(["dataplane", &side.iface]),
+        Impl::DebianGo => c.args(["wireguard-go", "-f", &side.iface]),
+        Impl::UpstreamGo => {
+            assert!(
+                Path::new(WIREGUARD_GO_867A4C4).is_file(),
+                "{WIREGUARD_GO_867A4C4} is missing: run tests/setup (it builds it from tests/anchors)"
+            );
+            c.args([WIREGUARD_GO_867A4C4, "-f", &side.iface])
+        }
+    };
+    c.stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting a data plane")
+}
+
+/// Deterministic bytes that make a reordered or duplicated chunk visible.
+fn data(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Options put on a socket before it connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IpOptions {
+    None,
+    /// IPv4 options (three NOPs and an end): a 24-byte IP header.
+    V4Nops,
+    /// An IPv6 destination-options extension header (PadN).
+    V6DestOpts,
+}
+
+fn set_ip_options(fd: i32, opts: IpOptions) {
+    let (level, name, value): (i32, i32, Vec<u8>) = match opts {
+        IpOptions::None => return,
+        IpOptions::V4Nops => (libc::IPPROTO_IP, libc::IP_OPTIONS, vec![1, 1, 1, 0]),
+        IpOptions::V6DestOpts => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_DSTOPTS,
+            vec![0, 0, 1, 4, 0, 0, 0, 0],
+        ),
+    };
+    // SAFETY: a byte option passed with its length.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setsockopt {opts:?}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Sends `len` bytes over TCP from side `from` to `to`:`port` and checks
+/// that exactly they arrived, in order.
+fn tcp_transfer(net: &Net, from: usize, to: usize, family: u8, len: usize, opts: IpOptions) {
+    let (src, dst): (IpAddr, IpAddr) = if family == 4 {
+        (
+            net.sides[from].overlay4.into(),
+            net.sides[to].overlay4.into(),
+        )
+    } else {
+        (
+            net.sides[from].overlay6.into(),
+            net.sides[to].overlay6.into(),
+        )
+    };
+    let port = 7000 + u16::from(family) * 10 + from as u16;
+    let (ready, listening) = mpsc::channel();
+    let server_ns = net.sides[to].netns.clone();
+    let server = std::thread::spawn(move || {
+        netns::run_in(&server_ns, move || {
+            let listener = TcpListener::bind(SocketAddr::new(dst, port))?;
+            ready.send(()).ok();
+            let (mut s, _) = listener.accept()?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            let mut got = Vec::new();
+            s.read_to_end(&mut got)?;
+            Ok(got)
+        })
+    });
+    listening
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the receiver did not listen");
+    let sent = data(len);
+    let payload = sent.clone();
+    netns::run_in(&net.sides[from].netns, move || {
+        let domain = if family == 4 {
+            socket2::Domain::IPV4
+        } else {
+            socket2::Domain::IPV6
+        };
+        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+        set_ip_options(s.as_raw_fd(), opts);
+        s.bind(&SocketAddr::new(src, 0).into())?;
+        s.connect_timeout(&SocketAddr::new(dst, port).into(), Duration::from_secs(10))?;
+        let mut s: TcpStream = s.into();
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        s.write_all(&payload)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("sending over TCP/IPv{family} {opts:?}: {e:#}"));
+    let got = server
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("receiving over TCP/IPv{family}: {e:#}"));
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "TCP/IPv{family} {opts:?}: bytes received"
+    );
+    assert!(got == sent, "TCP/IPv{family} {opts:?}: the bytes differ");
+}
+
+/// Sends each of `sizes` as one UDP datagram (or as GSO sends of
+/// `segment`-byte datagrams) and checks each arrives whole and in order.
+fn udp_datagrams(net: &Net, family: u8, sizes: &[usize], segment: Option<u16>) -> Vec<Vec<u8>> {
+    let (src, dst): (IpAddr, IpAddr) = if family == 4 {
+        (net.sides[0].overlay4.into(), net.sides[1].overlay4.into())
+    } else {
+        (net.sides[0].overlay6.into(), net.sides[1].overlay6.into())
+    };
+    let expected: usize = match segment {
+        Some(s) => sizes.iter().map(|&n| n.div_ceil(usize::from(s))).sum(),
+        None => sizes.len(),
+    };
+    let (ready, listening) = mpsc::channel();
+    let ns = net.sides[1].netns.clone();
+    let receiver = std::thread::spawn(move || {
+        netns::run_in(&ns, move || {
+            let s = UdpSocket::bind(SocketAddr::new(dst, 9000))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            ready.send(()).ok();
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 70_000];
+            while got.len() < expected {
+                let n = s.recv(&mut buf)?;
+                got.push(buf[..n].to_vec());
+            }
+            Ok(got)
+        })
+    });
+    listening.recv_timeout(Duration::from_secs(10)).unwrap();
+    let payloads: Vec<Vec<u8>> = sizes.iter().map(|&n| data(n)).collect();
+    let sent = payloads.clone();
+    netns::run_in(&net.sides[0].netns, move || {
+        let s = UdpSocket::bind(SocketAddr::new(src, 0))?;
+        if let Some(seg) = segment {
+            let v = libc::c_int::from(seg);
+            // SAFETY: an int option.
+            let r = unsafe {
+                libc::setsockopt(s.as_raw_fd(), 17, 103, (&v as *const libc::c_int).cast(), 4)
+            };
+            anyhow::ensure!(r == 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        }
+        for p in &sent {
+            s.send_to(p, SocketAddr::new(dst, 9000))?;
+            // Paced: this is about sizes, not about socket buffers.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    })
+    .unwrap();
+    let got = receiver
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("UDP/IPv{family} {sizes:?}: {e:#}"));
+    let want: Vec<Vec<u8>> = match segment {
+        Some(s) => payloads
+            .iter()
+            .flat_map(|p| p.chunks(usize::from(s)).map(<[u8]>::to_vec))
+            .collect(),
+        None => payloads,
+    };
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            g == w,
+            "UDP/IPv{family} datagram {i} ({} bytes) arrived changed",
+            w.len()
+        );
+    }
+    got
+}
+
+#[test]
+fn every_offload_path_delivers_the_bytes_unchanged() {
+    let net = Net::new("wdpoff", &[Impl::Weft, Impl::Weft]);
+    let log =
+        std::fs::read_to_string(format!("/tmp/{}.log", net.sides[0].iface)).unwrap_or_default();
+    assert!(
+        log.contains("tso: true"),
+        "this kernel should give the TUN TSO: {log}"
+    );
+
+    // TCP in both families and directions: TSO super-packets split and
+    // encrypted, GRO'd datagrams decrypted and coalesced back.
+    for family in [4, 6] {
+        tcp_transfer(&net, 0, 1, family, 16 << 20, IpOptions::None);
+        tcp_transfer(&net, 1, 0, family, 4 << 20, IpOptions::None);
+    }
+    // IPv4 options and IPv6 extension headers pass through (never merged).
+    tcp_transfer(&net, 0, 1, 4, 4 << 20, IpOptions::V4Nops);
+    tcp_transfer(&net, 0, 1, 6, 4 << 20, IpOptions::V6DestOpts);
+
+    // UDP around the MTU (and past it: IP fragments) and tiny.
+    let v4_max = MTU - 28;
+    let v6_max = MTU - 48;
+    udp_datagrams(
+        &net,
+        4,
+        &[1, 64, 1000, v4_max - 1, v4_max, v4_max + 1, 3000, 9000],
+        None,
+    );
+    udp_datagrams(
+        &net,
+        6,
+        &[1, 64, 1000, v6_max - 1, v6_max, v6_max + 1, 3000],
+        None,
+    );
+    // UDP GSO from the application: USO super-packets through the TUN.
+    udp_datagrams(&net, 4, &[10_500, 1000, 64_000], Some(1000));
+    udp_datagrams(&net, 6, &[10_500, 1200], Some(1200));
+
+    // Lost datagrams on the underlay (every 25th WireGuard datagram into
+    // side 1): TCP's retransmissions still deliver exactly the bytes.
+    in_ns(&net.sides[1].netns, &["nft", &format!(
+        "add table inet wdploss; add chain inet wdploss in {{ type filter hook input priority 0; }}; \
+         add rule inet wdploss in udp dport {PORT} numgen inc mod 25 == 0 counter drop"
+    )]);
+    tcp_transfer(&net, 0, 1, 4, 8 << 20, IpOptions::None);
+    tcp_transfer(&net, 0, 1, 6, 8 << 20, IpOptions::None);
+    let rules = output_in(
+        &net.sides[1].netns,
+        &["nft", "list", "table", "inet", "wdploss"],
+    );
+    assert!(
+        !rules.contains("counter packets 0 "),
+        "the drop rule dropped something: {rules}"
+    );
+}
+
+#[test]
+fn a_corrupted_checksum_is_dropped_not_delivered() {
+    let net = Net::new("wdpsum", &[Impl::Weft, Impl::Weft]);
+    let (src, dst) = (net.sides[0].overlay4, net.sides[1].overlay4);
+    let (ready, listening) = mpsc::channel();
+    let ns = net.sides[1].netns.clone();
+    let receiver = std::thread::spawn(move || {
+        netns::run_in(&ns, move || {
+            let errors = || -> u64 {
+                let snmp =
+                    std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap_or_default();
+                let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+                let (names, values) = (udp[0].split_whitespace(), udp[1].split_whitespace());
+                names
+                    .zip(values)
+                    .find(|(n, _)| *n == "InCsumErrors")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            let before = errors();
+            let s = UdpSocket::bind(SocketAddr::new(dst.into(), 9100))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            ready.send(()).ok();
+            let mut buf = [0u8; 2048];
+            let n = s.recv(&mut buf)?;
+            Ok((buf[..n].to_vec(), errors() - before))
+        })
+    });
+    listening.recv_timeout(Duration::from_secs(10)).unwrap();
+    netns::run_in(&net.sides[0].netns, move || {
+        // A UDP header written by hand with a wrong checksum, through a raw
+        // socket: the kernel sends it as it is, into the tunnel.
+        // SAFETY: plain socket calls on a descriptor owned below.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP) };
+        anyhow::ensure!(raw >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let payload = b"corrupt";
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&40000u16.to_be_bytes());
+        udp.extend_from_slice(&9100u16.to_be_bytes());
+        udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&0x1234u16.to_be_bytes());
+        udp.extend_from_slice(payload);
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(dst).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sends `udp` to a valid sockaddr_in.
+        let n = unsafe {
+            libc::sendto(
+                raw,
+                udp.as_ptr().cast(),
+                udp.len(),
+                0,
+                (&to as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        // SAFETY: closing the descriptor opened above.
+        unsafe { libc::close(raw) };
+        anyhow::ensure!(n > 0, "raw send: {}", std::io::Error::last_os_error());
+        std::thread::sleep(Duration::from_millis(200));
+        let s = UdpSocket::bind(SocketAddr::new(src.into(), 0))?;
+        s.send_to(b"good", SocketAddr::new(dst.into(), 9100))?;
+        Ok(())
+    })
+    .unwrap();
+    let (got, errors) = receiver.join().unwrap().unwrap();
+    assert_eq!(
+        got, b"good",
+        "the corrupted datagram must never be delivered"
+    );
+    assert!(
+        errors >= 1,
+        "the receiving kernel saw (and counted) the bad checksum"
+    );
+}
+
+#[test]
+fn interoperates_with_both_wireguard_go_builds() {
+    for (name, peer) in [("wdpgo1", Impl::DebianGo), ("wdpgo2", Impl::UpstreamGo)] {
+        let net = Net::new(name, &[Impl::Weft, peer]);
+        for family in [4, 6] {
+            tcp_transfer(&net, 0, 1, family, 8 << 20, IpOptions::None);
+            tcp_transfer(&net, 1, 0, family, 8 << 20, IpOptions::None);
+        }
+        udp_datagrams(&net, 4, &[1, 1000, MTU - 28], None);
+    }
+}
+
+#[test]
+fn peers_change_in_place_under_traffic_without_loss() {
+    let net = Net::new("wdpchg", &[Impl::Weft, Impl::Weft, Impl::Weft]);
+    let b4: IpAddr = net.sides[1].overlay4.into();
+    // Sessions up first; a change must not need a new handshake.
+    assert_eq!(net.pings_answered(0, b4, 20, || {}), 20);
+    assert_eq!(
+        net.pings_answered(0, net.sides[2].overlay4.into(), 20, || {}),
+        20
+    );
+    let handshakes = net.handshakes(0);
+
+    // Endpoint and keepalive of side 1, changed while pinging it.
+    let answered = net.pings_answered(0, b4, 300, || {
+        net.wg(0, &net.peer_args(1, net.sides[1].underlay_alt, &[]));
+        net.wg(
+            0,
+            &[
+                "peer".into(),
+                net.sides[1].key.public_key().to_string(),
+                "persistent-keepalive".into(),
+                "7".into(),
+            ],
+        );
+    });
+    assert_eq!(
+        answered, 300,
+        "an endpoint or keepalive change lost packets"
+    );
+
+    // A prefix moved between two live peers in one `set`: the service
+    // address answered by side 1, then by side 2.
+    let service = "10.254.0.1";
+    for s in &net.sides[1..] {
+        in_ns(
+            &s.netns,
+            &["ip", "addr", "add", &format!("{service}/32"), "dev", "lo"],
+        );
+    }
+    in_ns(
+        &net.sides[0].netns,
+        &["ip", "route", "add", service, "dev", &net.sides[0].iface],
+    );
+    net.wg(
+        0,
+        &net.peer_args(1, net.sides[1].underlay_alt, &[&format!("{service}/32")]),
+    );
+    let moved = net.pings_answered(0, service.parse().unwrap(), 300, || {
+        net.wg(
+            0,
+            &net.peer_args(2, net.sides[2].underlay, &[&format!("{service}/32")]),
+        );
+    });
+    // A reply in flight at the instant of the move comes from a peer that
+    // no longer holds the prefix, and is dropped (as the kernel does).
+    assert!(moved >= 299, "a prefix move lost {} of 300", 300 - moved);
+    let ips = output_in(
+        &net.sides[0].netns,
+        &["wg", "show", &net.sides[0].iface, "allowed-ips"],
+    );
+    let holders: Vec<&str> = ips.lines().filter(|l| l.contains(service)).collect();
+    assert_eq!(holders.len(), 1, "one peer holds the prefix: {ips}");
+    assert!(
+        holders[0].starts_with(&net.sides[2].key.public_key().to_string()),
+        "{ips}"
+    );
+
+    // The whole peer set replaced (`wg setconf`: replace_peers) with the
+    // same peers: nothing lost, no session renegotiated.
+    let conf = format!(
+        "[Interface]\nListenPort = {PORT}\nPrivateKey = {}\n\n[Peer]\nPublicKey = {}\nEndpoint = {}:{PORT}\nAllowedIPs = {}/32, {}/128\n\n[Peer]\nPublicKey = {}\nEndpoint = {}:{PORT}\nAllowedIPs = {}/32, {}/128, {service}/32\n",
+        net.sides[0].key.to_base64(),
+        net.sides[1].key.public_key(),
+        net.sides[1].underlay,
+        net.sides[1].overlay4,
+        net.sides[1].overlay6,
+        net.sides[2].key.public_key(),
+        net.sides[2].underlay,
+        net.sides[2].overlay4,
+        net.sides[2].overlay6,
+    );
+    let path = format!("/run/{}-0.conf", net.name);
+    std::fs::write(&path, conf).unwrap();
+    let replaced = net.pings_answered(0, b4, 300, || {
+        in_ns(
+            &net.sides[0].netns,
+            &["wg", "setconf", &net.sides[0].iface, &path],
+        )
+    });
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(replaced, 300, "replacing the peer set lost packets");
+    let after = net.handshakes(0);
+    for (key, at) in &handshakes {
+        let now = after.get(key).copied().unwrap_or(0);
+        // Reported in whole seconds from a monotonic age: ±1 is rounding.
+        assert!(
+            now.abs_diff(*at) <= 1,
+            "{key} handshook again: {at} then {now}"
+        );
+    }
+}
