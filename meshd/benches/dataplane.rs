@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
 use weft_keys::PrivateKey;
-use weft_meshd::dataplane::device::sys::{Family, RecvBatch, Run, SendScratch, Udp};
+use weft_meshd::dataplane::device::sys::{Family, Offloads, RecvBatch, Run, SendScratch, Udp};
 use weft_meshd::dataplane::offload::gro::Coalescer;
 use weft_meshd::dataplane::offload::gso::Segmenter;
 use weft_meshd::dataplane::offload::{checksum, GsoType, VnetHdr, F_NEEDS_CSUM};
@@ -115,7 +115,7 @@ fn main() {
                 }
                 drain(&recv);
             });
-            let udp = Udp::bind(Family::V4, 0, 0).unwrap();
+            let udp = Udp::bind(Family::V4, 0, 0, Offloads::Auto).unwrap();
             let buf: Vec<u8> = datagram.repeat(SEGMENTS);
             let run = [Run {
                 to,
@@ -130,7 +130,7 @@ fn main() {
                 drain(&recv);
             });
             rows.push(("send 44 datagrams (+ drain)", Some(one), gso));
-            let receiver = Udp::bind(Family::V4, 0, 0).unwrap();
+            let receiver = Udp::bind(Family::V4, 0, 0, Offloads::Auto).unwrap();
             let rto = SocketAddr::from((Ipv4Addr::LOCALHOST, receiver.local_port().unwrap()));
             let mut batch = RecvBatch::default();
             let run = [Run { to: rto, ..run[0] }];

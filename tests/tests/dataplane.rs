@@ -26,6 +26,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Impl {
     Weft,
+    /// `meshd dataplane --offloads off`.
+    WeftPlain,
     DebianGo,
     UpstreamGo,
 }
@@ -303,6 +305,9 @@ fn start(imp: Impl, side: &Side) -> Child {
     c.args(["netns", "exec", &side.netns]);
     match imp {
         Impl::Weft => c.arg(meshd()).args(["dataplane", &side.iface]),
+        Impl::WeftPlain => c
+            .arg(meshd())
+            .args(["dataplane", "--offloads", "off", &side.iface]),
         Impl::DebianGo => c.args(["wireguard-go", "-f", &side.iface]),
         Impl::UpstreamGo => {
             assert!(
@@ -503,44 +508,79 @@ fn udp_datagrams(net: &Net, family: u8, sizes: &[usize], segment: Option<u16>) -
     got
 }
 
+/// A data plane's log, without the terminal colours tracing puts in.
+fn log_of(net: &Net, side: usize) -> String {
+    let log =
+        std::fs::read_to_string(format!("/tmp/{}.log", net.sides[side].iface)).unwrap_or_default();
+    let mut plain = String::with_capacity(log.len());
+    let mut escape = false;
+    for c in log.chars() {
+        match (escape, c) {
+            (false, '\u{1b}') => escape = true,
+            (true, 'm') => escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    plain
+}
+
 #[test]
 fn every_offload_path_delivers_the_bytes_unchanged() {
     let net = Net::new("wdpoff", &[Impl::Weft, Impl::Weft]);
-    let log =
-        std::fs::read_to_string(format!("/tmp/{}.log", net.sides[0].iface)).unwrap_or_default();
+    let log = log_of(&net, 0);
     assert!(
-        log.contains("tso: true"),
-        "this kernel should give the TUN TSO: {log}"
+        log.contains("tso: true") && log.contains("udp_gso=true") && log.contains("udp_gro=true"),
+        "this kernel should give the TUN TSO and the sockets GSO/GRO: {log}"
     );
+    exercise(&net);
+}
 
+/// The paths every missing kernel feature falls back to (no virtio-net
+/// header, no GSO, no GRO), against a device that uses them all.
+#[test]
+fn without_offloads_the_same_bytes_arrive() {
+    let net = Net::new("wdpplain", &[Impl::Weft, Impl::WeftPlain]);
+    let log = log_of(&net, 1);
+    assert!(
+        log.contains("vnet: false")
+            && log.contains("udp_gso=false")
+            && log.contains("udp_gro=false"),
+        "--offloads off: {log}"
+    );
+    exercise(&net);
+}
+
+/// Everything that crosses a data plane's offload paths, both ways.
+fn exercise(net: &Net) {
     // TCP in both families and directions: TSO super-packets split and
     // encrypted, GRO'd datagrams decrypted and coalesced back.
     for family in [4, 6] {
-        tcp_transfer(&net, 0, 1, family, 16 << 20, IpOptions::None);
-        tcp_transfer(&net, 1, 0, family, 4 << 20, IpOptions::None);
+        tcp_transfer(net, 0, 1, family, 16 << 20, IpOptions::None);
+        tcp_transfer(net, 1, 0, family, 4 << 20, IpOptions::None);
     }
     // IPv4 options and IPv6 extension headers pass through (never merged).
-    tcp_transfer(&net, 0, 1, 4, 4 << 20, IpOptions::V4Nops);
-    tcp_transfer(&net, 0, 1, 6, 4 << 20, IpOptions::V6DestOpts);
+    tcp_transfer(net, 0, 1, 4, 4 << 20, IpOptions::V4Nops);
+    tcp_transfer(net, 0, 1, 6, 4 << 20, IpOptions::V6DestOpts);
 
     // UDP around the MTU (and past it: IP fragments) and tiny.
     let v4_max = MTU - 28;
     let v6_max = MTU - 48;
     udp_datagrams(
-        &net,
+        net,
         4,
         &[1, 64, 1000, v4_max - 1, v4_max, v4_max + 1, 3000, 9000],
         None,
     );
     udp_datagrams(
-        &net,
+        net,
         6,
         &[1, 64, 1000, v6_max - 1, v6_max, v6_max + 1, 3000],
         None,
     );
     // UDP GSO from the application: USO super-packets through the TUN.
-    udp_datagrams(&net, 4, &[10_500, 1000, 64_000], Some(1000));
-    udp_datagrams(&net, 6, &[10_500, 1200], Some(1200));
+    udp_datagrams(net, 4, &[10_500, 1000, 64_000], Some(1000));
+    udp_datagrams(net, 6, &[10_500, 1200], Some(1200));
 
     // Lost datagrams on the underlay (every 25th WireGuard datagram into
     // side 1): TCP's retransmissions still deliver exactly the bytes.
@@ -548,8 +588,8 @@ fn every_offload_path_delivers_the_bytes_unchanged() {
         "add table inet wdploss; add chain inet wdploss in {{ type filter hook input priority 0; }}; \
          add rule inet wdploss in udp dport {PORT} numgen inc mod 25 == 0 counter drop"
     )]);
-    tcp_transfer(&net, 0, 1, 4, 8 << 20, IpOptions::None);
-    tcp_transfer(&net, 0, 1, 6, 8 << 20, IpOptions::None);
+    tcp_transfer(net, 0, 1, 4, 8 << 20, IpOptions::None);
+    tcp_transfer(net, 0, 1, 6, 8 << 20, IpOptions::None);
     let rules = output_in(
         &net.sides[1].netns,
         &["nft", "list", "table", "inet", "wdploss"],
@@ -558,6 +598,46 @@ fn every_offload_path_delivers_the_bytes_unchanged() {
         !rules.contains("counter packets 0 "),
         "the drop rule dropped something: {rules}"
     );
+    in_ns(&net.sides[1].netns, &["nft", "delete table inet wdploss"]);
+
+    // Reordered datagrams (no netem here): every other WireGuard datagram
+    // side 0 sends is classed (by its skb priority, which htb reads) behind
+    // a 100 Mbit/s shaper, so later ones overtake it. Nothing out of sequence may be merged; TCP reassembles.
+    let ns = &net.sides[0].netns;
+    in_ns(
+        ns,
+        &[
+            "tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "1",
+        ],
+    );
+    in_ns(
+        ns,
+        &[
+            "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:1", "htb", "rate",
+            "10gbit",
+        ],
+    );
+    in_ns(
+        ns,
+        &[
+            "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:2", "htb", "rate",
+            "100mbit",
+        ],
+    );
+    in_ns(ns, &["nft", &format!(
+        "add table inet wdpreorder; add chain inet wdpreorder out {{ type filter hook output priority 0; }}; \
+         add rule inet wdpreorder out udp dport {PORT} meta priority set numgen inc mod 2 map {{ 0 : 1:1, 1 : 1:2 }}"
+    )]);
+    tcp_transfer(net, 0, 1, 4, 8 << 20, IpOptions::None);
+    tcp_transfer(net, 0, 1, 6, 8 << 20, IpOptions::None);
+    let classes = output_in(ns, &["tc", "-s", "class", "show", "dev", "eth0"]);
+    let slow = classes.split("class htb 1:2").nth(1).unwrap_or_default();
+    assert!(
+        !slow.trim_start().is_empty() && !slow.contains("Sent 0 bytes"),
+        "the slow class carried nothing: {classes}"
+    );
+    in_ns(ns, &["nft", "delete table inet wdpreorder"]);
+    in_ns(ns, &["tc", "qdisc", "del", "dev", "eth0", "root"]);
 }
 
 #[test]

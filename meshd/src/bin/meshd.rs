@@ -29,7 +29,13 @@ enum Cmd {
     Run(Box<agent::RunArgs>),
     /// Run the userspace WireGuard device IFACE, serving its UAPI socket
     /// until SIGTERM. meshd starts and adopts it; it outlives meshd.
-    Dataplane { iface: String },
+    Dataplane {
+        /// `off`: no TUN or UDP offloads (the paths every missing kernel
+        /// feature falls back to).
+        #[arg(long, value_enum, default_value = "auto")]
+        offloads: dataplane::device::sys::Offloads,
+        iface: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,7 +50,7 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().init(),
     }
     let result = match cli.command {
-        Cmd::Dataplane { iface } => dataplane::builtin::run(&iface),
+        Cmd::Dataplane { offloads, iface } => dataplane::builtin::run(&iface, offloads),
         Cmd::Run(args) => {
             // meshd supervises the userspace data plane itself; wireguard-control
             // must never start one on its own when a socket is missing.

@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use nix::sys::signal::{SigSet, Signal};
 
+use super::device::sys::Offloads;
 use super::device::{Device, EXIT_DEVICE_FAILED};
 use super::uapi;
 use super::SOCKET_DIR;
@@ -26,7 +27,7 @@ use super::SOCKET_DIR;
 /// How long a client may take to send a request (or sit idle between two).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn run(iface: &str) -> Result<()> {
+pub fn run(iface: &str, offloads: Offloads) -> Result<()> {
     // A panic anywhere ends the process: a live process with a dead device
     // would blackhole every pod.
     std::panic::set_hook(Box::new(|info| {
@@ -45,8 +46,8 @@ pub fn run(iface: &str) -> Result<()> {
     stop.add(Signal::SIGINT);
     stop.thread_block().context("blocking signals")?;
 
-    let device =
-        Device::open(iface).with_context(|| format!("creating the WireGuard device {iface}"))?;
+    let device = Device::open(iface, offloads)
+        .with_context(|| format!("creating the WireGuard device {iface}"))?;
     device
         .start()
         .context("starting the data plane's workers")?;
@@ -64,7 +65,9 @@ pub fn run(iface: &str) -> Result<()> {
     std::thread::spawn(move || watch_interface(&name));
     tracing::info!(
         interface = iface,
-        offloads = ?device.tun.offloads,
+        tun = ?device.tun.offloads,
+        udp_gso = device.sockets.load().v4.gso(),
+        udp_gro = device.sockets.load().v4.gro,
         "userspace data plane running"
     );
 

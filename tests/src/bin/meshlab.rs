@@ -86,8 +86,8 @@ enum BenchCmd {
         /// TCP stream counts to measure.
         #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
         streams: Vec<u32>,
-        /// wireguard-go 867a4c4, the peer to beat (build it with
-        /// ../shared/anchors/build-wireguard-go.sh OUT); without it its rows are left out.
+        /// wireguard-go 867a4c4, the peer to beat; default: the one tests/setup
+        /// builds from tests/anchors. Without either its rows are left out.
         #[arg(long, env = "MESHLAB_WIREGUARD_GO")]
         wireguard_go: Option<PathBuf>,
     },
@@ -331,6 +331,11 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(p) = &wireguard_go {
                 anyhow::ensure!(p.is_file(), "--wireguard-go {}: no such file", p.display());
             }
+            // The one tests/setup builds, when none is named.
+            let wireguard_go = wireguard_go.or_else(|| {
+                let built = PathBuf::from(preflight::WIREGUARD_GO_867A4C4);
+                built.is_file().then_some(built)
+            });
             let spec = bench::ThroughputSpec {
                 runs,
                 seconds,

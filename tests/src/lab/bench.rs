@@ -10,16 +10,19 @@
 //! payloads, packets per second received); and for each, CPU seconds per
 //! GB received — of the data plane processes and of the whole machine.
 
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::state::LabDir;
 use super::topology::{LabSpec, DEBIAN_WIREGUARD_GO};
-use super::{lifecycle, preflight};
+use super::{lifecycle, netns, preflight};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -109,7 +112,16 @@ pub const DEBIAN: &str = "wireguard-go (Debian)";
 pub const UNDERLAY: &str = "raw underlay veth";
 
 /// UDP payload that fits the mesh MTU (1420) without fragments.
-const UDP_PAYLOAD: &str = "1372";
+const UDP_PAYLOAD: usize = 1372;
+const SMALL_PAYLOAD: usize = 64;
+const FLOOD_PORT: u16 = 9301;
+
+/// What a UDP flood delivered.
+struct Flood {
+    sent: u64,
+    received: u64,
+    seconds: f64,
+}
 /// Loss above which a rate is past the knee.
 const KNEE_LOSS_PERCENT: f64 = 1.0;
 
@@ -123,7 +135,9 @@ pub fn throughput(
     let mut labs: Vec<(&'static str, &str, Option<String>)> = vec![(WEFT, "bench-weft", None)];
     match &spec.wireguard_go {
         Some(p) => labs.push((WIREGUARD_GO, "bench-wggo", Some(p.display().to_string()))),
-        None => progress("no --wireguard-go given: its rows are left out (build it with ../shared/anchors/build-wireguard-go.sh OUT)"),
+        None => progress(
+            "no wireguard-go 867a4c4 (run tests/setup or pass --wireguard-go): its rows are left out",
+        ),
     }
     labs.push((
         DEBIAN,
@@ -216,10 +230,13 @@ impl Bench<'_> {
                             self.measured(&["-P", &streams.to_string()], |r| r.gbps())?
                         }
                         Test::UdpKnee => self.knee()?,
-                        Test::SmallPackets => self
-                            .measured(&["-u", "-b", "0", "-l", "64"], |r| {
-                                r.received_packets() / r.seconds() / 1e6
-                            })?,
+                        Test::SmallPackets => {
+                            let (run, flood) = self.flood(SMALL_PAYLOAD, None)?;
+                            Run {
+                                value: flood.received as f64 / flood.seconds / 1e6,
+                                ..run
+                            }
+                        }
                     };
                     progress(&format!(
                         "{path}, {}, run {n}/{}: {:.2} {}",
@@ -257,16 +274,18 @@ impl Bench<'_> {
     /// loss passes it, then bisect three times.
     fn knee(&self) -> Result<Run> {
         let udp = |gbps: f64| -> Result<(Run, f64)> {
-            let rate = format!("{:.0}M", gbps * 1000.0);
-            let mut lost = 0.0;
-            let run = self.measured(&["-u", "-b", &rate, "-l", UDP_PAYLOAD], |r| {
-                lost = r.lost_percent();
-                r.gbps()
-            })?;
-            Ok((run, lost))
+            let (run, flood) = self.flood(UDP_PAYLOAD, Some(gbps * 1e9))?;
+            let lost = 100.0 * (1.0 - flood.received as f64 / flood.sent.max(1) as f64);
+            Ok((
+                Run {
+                    value: run.bytes * 8.0 / flood.seconds / 1e9,
+                    ..run
+                },
+                lost,
+            ))
         };
         let (mut good, mut bad): (Option<(f64, Run)>, Option<f64>) = (None, None);
-        let mut rate = 0.5;
+        let mut rate = 0.25;
         while bad.is_none() && rate <= 32.0 {
             let (run, lost) = udp(rate)?;
             if lost <= KNEE_LOSS_PERCENT {
@@ -289,6 +308,106 @@ impl Bench<'_> {
             }
         }
         Ok(good.map(|(_, run)| run).unwrap_or_default())
+    }
+
+    /// A UDP flood of `payload`-byte datagrams for the run's seconds, paced
+    /// to `rate` bits/s or as fast as one sender thread goes. iperf3's UDP
+    /// sender tops out below what the data planes carry, so the lab sends
+    /// its own (one `send` per datagram) and counts what arrives.
+    fn flood(&self, payload: usize, rate: Option<f64>) -> Result<(Run, Flood)> {
+        let target: IpAddr = self.target.parse().context("the target address")?;
+        let to = SocketAddr::new(target, FLOOD_PORT);
+        let seconds = f64::from(self.spec.seconds);
+        let done = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready) = mpsc::channel();
+        let (server_ns, stop) = (self.server.to_string(), done.clone());
+        let receiver = std::thread::spawn(move || {
+            netns::run_in(&server_ns, move || {
+                let s = socket2::Socket::new(
+                    socket2::Domain::for_address(to),
+                    socket2::Type::DGRAM,
+                    None,
+                )?;
+                let _ = s.set_recv_buffer_size(8 << 20);
+                s.bind(&to.into())?;
+                let s: UdpSocket = s.into();
+                s.set_read_timeout(Some(Duration::from_millis(100)))?;
+                ready_tx.send(()).ok();
+                let (mut packets, mut bytes) = (0u64, 0u64);
+                let mut buf = [0u8; 2048];
+                let mut quiet_since = Instant::now();
+                loop {
+                    match s.recv(&mut buf) {
+                        Ok(n) => {
+                            packets += 1;
+                            bytes += n as u64;
+                            quiet_since = Instant::now();
+                        }
+                        Err(_)
+                            if stop.load(Ordering::Relaxed)
+                                && quiet_since.elapsed() > Duration::from_millis(300) =>
+                        {
+                            break
+                        }
+                        Err(_) => {}
+                    }
+                }
+                Ok((packets, bytes))
+            })
+        });
+        ready
+            .recv_timeout(Duration::from_secs(10))
+            .context("the flood receiver did not start")?;
+        let pids = dataplane_pids(self.interfaces);
+        let before = (process_cpu(&pids), machine_cpu()?);
+        let per_second = rate.map(|bits| bits / (payload as f64 * 8.0));
+        let sent = netns::run_in(self.client, move || {
+            let s = UdpSocket::bind(SocketAddr::new(
+                if to.is_ipv4() {
+                    [0, 0, 0, 0].into()
+                } else {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                },
+                0,
+            ))?;
+            s.connect(to)?;
+            let data = vec![0x5au8; payload];
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while start.elapsed().as_secs_f64() < seconds {
+                let due = per_second.map_or(sent + 64, |pps| {
+                    (pps * start.elapsed().as_secs_f64()) as u64
+                });
+                while sent < due {
+                    // A full socket buffer (ENOBUFS) is a datagram not sent.
+                    if s.send(&data).is_ok() {
+                        sent += 1;
+                    }
+                }
+                if per_second.is_some() {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            Ok(sent)
+        })?;
+        done.store(true, Ordering::Relaxed);
+        let (received, bytes) = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("the flood receiver panicked"))??;
+        let after = (process_cpu(&pids), machine_cpu()?);
+        Ok((
+            Run {
+                value: 0.0,
+                bytes: bytes as f64,
+                dataplane_cpu: after.0 - before.0,
+                machine_cpu: after.1 - before.1,
+            },
+            Flood {
+                sent,
+                received,
+                seconds,
+            },
+        ))
     }
 
     fn iperf(&self, args: &[&str]) -> Result<Report> {
@@ -328,18 +447,6 @@ impl Report {
 
     fn received_bytes(&self) -> f64 {
         self.received("bytes")
-    }
-
-    fn seconds(&self) -> f64 {
-        self.received("seconds").max(1e-9)
-    }
-
-    fn lost_percent(&self) -> f64 {
-        self.received("lost_percent")
-    }
-
-    fn received_packets(&self) -> f64 {
-        self.received("packets") - self.received("lost_packets")
     }
 }
 

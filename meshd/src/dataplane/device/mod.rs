@@ -39,7 +39,7 @@ use weft_keys::{PrivateKey, PublicKey};
 use super::uapi::{self, DeviceView, PeerView, SetRequest};
 pub use peer::Peer;
 use settings::Settings;
-use sys::{Family, Tun, Udp};
+use sys::{Family, Offloads, Tun, Udp};
 
 /// The device's key pair and the rate limiter tied to it.
 pub struct Identity {
@@ -88,11 +88,11 @@ pub struct Sockets {
 }
 
 impl Sockets {
-    fn bind(port: u16, fwmark: u32) -> io::Result<Self> {
-        let v4 = Arc::new(Udp::bind(Family::V4, port, fwmark)?);
+    fn bind(port: u16, fwmark: u32, offloads: Offloads) -> io::Result<Self> {
+        let v4 = Arc::new(Udp::bind(Family::V4, port, fwmark, offloads)?);
         let port = v4.local_port()?;
         // A host without IPv6 still runs an IPv4 mesh.
-        let v6 = match Udp::bind(Family::V6, port, fwmark) {
+        let v6 = match Udp::bind(Family::V6, port, fwmark, offloads) {
             Ok(s) => Some(Arc::new(s)),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
             Err(e) => {
@@ -129,6 +129,7 @@ pub struct Device {
     /// writer at a time; the workers never take it.
     settings: Mutex<Settings>,
     next_index: AtomicU32,
+    offloads: Offloads,
     /// For handshake initiations from keys not yet matched to a peer (the
     /// expensive kind: a Diffie-Hellman each).
     pub anonymous: ArcSwap<Option<Arc<RateLimiter>>>,
@@ -136,15 +137,16 @@ pub struct Device {
 
 impl Device {
     /// Creates the TUN `iface` and binds a random port until told one.
-    pub fn open(iface: &str) -> io::Result<Arc<Self>> {
-        let tun = Tun::open(iface)?;
-        let sockets = Sockets::bind(0, 0)?;
+    pub fn open(iface: &str, offloads: Offloads) -> io::Result<Arc<Self>> {
+        let tun = Tun::open(iface, offloads)?;
+        let sockets = Sockets::bind(0, 0, offloads)?;
         Ok(Arc::new(Self {
             tun,
             config: ArcSwap::from_pointee(Config::empty()),
             sockets: ArcSwap::from_pointee(sockets),
             settings: Mutex::new(Settings::default()),
             next_index: AtomicU32::new(rand_index()),
+            offloads,
             anonymous: ArcSwap::from_pointee(None),
         }))
     }
@@ -212,8 +214,11 @@ impl Device {
             .listen_port
             .is_some_and(|p| p != sockets.port && p != 0);
         if rebind {
-            self.sockets
-                .store(Arc::new(Sockets::bind(next.listen_port, next.fwmark)?));
+            self.sockets.store(Arc::new(Sockets::bind(
+                next.listen_port,
+                next.fwmark,
+                self.offloads,
+            )?));
             // The old receivers notice they are stale within a second.
             self.spawn_receivers()?;
         } else if next.fwmark != settings.fwmark {

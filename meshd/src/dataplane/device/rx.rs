@@ -52,7 +52,7 @@ struct Receiver<'a> {
 pub fn run(device: &Arc<Device>, socket: &Arc<Udp>) {
     let mut batch = RecvBatch::default();
     let mut datagrams: Vec<Datagram> = Vec::with_capacity(1024);
-    let mut coalescer = Coalescer::default();
+    let mut coalescer = Coalescer::new(device.tun.offloads.uso);
     let mut parts: Vec<Range<usize>> = Vec::with_capacity(128);
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(128);
     let mut rx = Receiver {

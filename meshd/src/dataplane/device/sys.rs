@@ -41,6 +41,15 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// Whether to use the kernel's offloads at all. `off` runs the plain
+/// one-packet-per-call paths every feature falls back to: for a kernel
+/// whose offloads misbehave, and for the tests of those paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Offloads {
+    Auto,
+    Off,
+}
+
 /// What the TUN was able to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TunOffloads {
@@ -61,7 +70,7 @@ pub struct Tun {
 impl Tun {
     /// Creates the TUN `name`, negotiating offloads from the most to the
     /// least capable: each missing kernel feature costs speed, not service.
-    pub fn open(name: &str) -> io::Result<Self> {
+    pub fn open(name: &str, wanted: Offloads) -> io::Result<Self> {
         if name.len() >= libc::IFNAMSIZ {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -76,7 +85,8 @@ impl Tun {
         }
         // SAFETY: `raw` is a fresh descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let vnet = set_iff(&fd, name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR).is_ok();
+        let vnet = wanted == Offloads::Auto
+            && set_iff(&fd, name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR).is_ok();
         if !vnet {
             set_iff(&fd, name, IFF_TUN | IFF_NO_PI)?;
         }
@@ -206,7 +216,7 @@ pub struct Udp {
 }
 
 impl Udp {
-    pub fn bind(family: Family, port: u16, fwmark: u32) -> io::Result<Self> {
+    pub fn bind(family: Family, port: u16, fwmark: u32, wanted: Offloads) -> io::Result<Self> {
         let (domain, addr) = match family {
             Family::V4 => (
                 Domain::IPV4,
@@ -231,8 +241,9 @@ impl Udp {
         socket.bind(&addr.into())?;
         socket.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
         let fd = socket.as_raw_fd();
-        let gso = getsockopt_int(fd, SOL_UDP, UDP_SEGMENT).is_ok();
-        let gro = setsockopt_int(fd, SOL_UDP, UDP_GRO, 1).is_ok();
+        let on = wanted == Offloads::Auto;
+        let gso = on && getsockopt_int(fd, SOL_UDP, UDP_SEGMENT).is_ok();
+        let gro = on && setsockopt_int(fd, SOL_UDP, UDP_GRO, 1).is_ok();
         Ok(Self {
             socket,
             family,
