@@ -8,7 +8,8 @@
 //! Per path: TCP with 1, 2, 4 and 8 streams; the UDP loss knee (the highest
 //! rate received with at most 1% loss); small packets (64-byte UDP
 //! payloads, packets per second received); and for each, CPU seconds per
-//! GB received — of the data plane processes and of the whole machine.
+//! GB received — of the data plane processes and of the whole machine —
+//! and the data plane processes' peak memory.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -77,6 +78,8 @@ pub struct Run {
     pub dataplane_cpu: f64,
     /// CPU seconds of the whole machine (iperf3 and kernel included).
     pub machine_cpu: f64,
+    /// Peak resident memory of the data plane processes so far, MB.
+    pub dataplane_peak_mb: f64,
 }
 
 impl Row {
@@ -267,6 +270,7 @@ impl Bench<'_> {
             bytes: report.received_bytes(),
             dataplane_cpu: after.0 - before.0,
             machine_cpu: after.1 - before.1,
+            dataplane_peak_mb: peak_memory_mb(&pids),
         })
     }
 
@@ -401,6 +405,7 @@ impl Bench<'_> {
                 bytes: bytes as f64,
                 dataplane_cpu: after.0 - before.0,
                 machine_cpu: after.1 - before.1,
+                dataplane_peak_mb: peak_memory_mb(&pids),
             },
             Flood {
                 sent,
@@ -512,6 +517,19 @@ fn process_cpu(pids: &[u32]) -> f64 {
     ticks_used as f64 / ticks()
 }
 
+/// The summed peak resident memory (`VmHWM`) of `pids`, MB.
+fn peak_memory_mb(pids: &[u32]) -> f64 {
+    let kb: u64 = pids
+        .iter()
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum();
+    kb as f64 / 1024.0
+}
+
 /// Busy CPU seconds of the whole machine (every CPU, idle and iowait excluded).
 fn machine_cpu() -> Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
@@ -529,18 +547,23 @@ fn machine_cpu() -> Result<f64> {
 /// The results as a Markdown table, then Weft / wireguard-go 867a4c4 per test.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| path | test | median | runs | CPU s/GB, data plane | CPU s/GB, machine |\n|---|---|---|---|---|---|\n",
+        "| path | test | median | runs | CPU s/GB, data plane | CPU s/GB, machine | peak MB, data planes |\n|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let runs: Vec<String> = r.runs.iter().map(|g| format!("{:.2}", g.value)).collect();
         let (dp, machine) = r.cpu_per_gb();
-        let dp = if r.path == UNDERLAY {
-            "–".to_string()
+        let peak = r
+            .runs
+            .iter()
+            .map(|g| g.dataplane_peak_mb)
+            .fold(0.0, f64::max);
+        let (dp, peak) = if r.path == UNDERLAY {
+            ("–".to_string(), "–".to_string())
         } else {
-            format!("{dp:.2}")
+            (format!("{dp:.2}"), format!("{peak:.1}"))
         };
         out.push_str(&format!(
-            "| {} | {} | {:.2} {} | {} | {dp} | {machine:.2} |\n",
+            "| {} | {} | {:.2} {} | {} | {dp} | {machine:.2} | {peak} |\n",
             r.path,
             r.test.label(),
             r.median(),
@@ -575,6 +598,7 @@ mod tests {
             bytes: 1e9,
             dataplane_cpu: cpu,
             machine_cpu: 2.0 * cpu,
+            dataplane_peak_mb: 12.0,
         }
     }
 
@@ -603,12 +627,14 @@ mod tests {
         let t = table(&rows);
         assert!(
             t.contains(
-                "| weft | TCP, 1 stream(s) | 2.00 Gbit/s | 1.00, 3.00, 2.00 | 1.00 | 2.00 |"
+                "| weft | TCP, 1 stream(s) | 2.00 Gbit/s | 1.00, 3.00, 2.00 | 1.00 | 2.00 | 12.0 |"
             ),
             "{t}"
         );
         assert!(
-            t.contains("| raw underlay veth | TCP, 1 stream(s) | 9.00 Gbit/s | 9.00 | – |"),
+            t.contains(
+                "| raw underlay veth | TCP, 1 stream(s) | 9.00 Gbit/s | 9.00 | – | 0.00 | – |"
+            ),
             "{t}"
         );
         assert!(
