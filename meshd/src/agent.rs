@@ -592,10 +592,9 @@ impl Agent {
 }
 
 /// Sends one datagram through the tunnel to a new peer's mesh address, so
-/// the data plane handshakes now rather than at the first keepalive
-/// (boringtun, unlike the kernel and wireguard-go, does not send a keepalive
-/// when one is configured). Both sides do this when they add each other;
-/// whichever is second finds the other ready.
+/// the data plane handshakes now, whichever implementation it is (Debian's
+/// wireguard-go, for one, waits for traffic). Both sides do this when they
+/// add each other; whichever is second finds the other ready.
 fn start_handshake(peer: &crate::model::Peer) {
     let Some(target) = peer
         .allowed_ips

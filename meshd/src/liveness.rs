@@ -1,8 +1,9 @@
 //! Which peers are down: a peer from which nothing was heard for `timeout` —
 //! its received-bytes counter did not move and no new handshake completed.
-//! Both signals count because implementations differ: the kernel and
-//! wireguard-go count keepalives in rx bytes, boringtun does not (but an
-//! idle session still rekeys every two minutes while keepalives flow). A
+//! Both signals count because implementations differ: the kernel,
+//! wireguard-go and Weft's device count keepalives in rx bytes; a program
+//! that does not still shows an idle session rekeying every two minutes
+//! while keepalives flow. A
 //! down peer stays configured and WireGuard keeps retrying its handshake,
 //! so it comes back up by itself. Pure: the caller supplies the clock.
 
@@ -86,7 +87,7 @@ mod tests {
                 .is_empty(),
             "b is heard again"
         );
-        // A fresh handshake alone (boringtun counts no keepalive bytes) is heard too.
+        // A fresh handshake alone (a data plane that counts no keepalive bytes) is heard too.
         let much_later = again + Duration::from_secs(11);
         assert!(l
             .observe(

@@ -342,9 +342,14 @@ fn run(cli: Cli) -> Result<()> {
                 streams,
                 wireguard_go,
             };
-            let rows =
+            let measured =
                 bench::throughput(&cli.root, &spec, &mut |step| eprintln!("meshlab: {step}"))?;
-            print!("{}", bench::table(&rows));
+            print!("{}", bench::table(&measured.rows));
+            anyhow::ensure!(
+                measured.failed.is_empty(),
+                "not measured: {}",
+                measured.failed.join("; ")
+            );
             Ok(())
         }
         Cmd::Bench {

@@ -133,7 +133,7 @@ pub fn throughput(
     root: &Path,
     spec: &ThroughputSpec,
     progress: &mut dyn FnMut(&str),
-) -> Result<Vec<Row>> {
+) -> Result<Measured> {
     preflight::require_tools(&[("iperf3", "iperf3")])?;
     let mut labs: Vec<(&'static str, &str, Option<String>)> = vec![(WEFT, "bench-weft", None)];
     match &spec.wireguard_go {
@@ -147,7 +147,7 @@ pub fn throughput(
         "bench-debian",
         Some(DEBIAN_WIREGUARD_GO.to_string()),
     ));
-    let mut rows = Vec::new();
+    let (mut rows, mut failed) = (Vec::new(), Vec::new());
     for (path, lab, program) in labs {
         let dir = LabDir::new(root, lab);
         let mut nodes = LabSpec {
@@ -160,8 +160,8 @@ pub fn throughput(
                 nodes.userspace_programs.insert(n.into(), program.clone());
             }
         }
-        let state = lifecycle::up(&dir, &nodes, &mut |_| {})?;
         let result = (|| -> Result<Vec<Row>> {
+            let state = lifecycle::up(&dir, &nodes, &mut |_| {})?;
             let client = &state.plan.nodes[0];
             let server = &state.plan.nodes[1];
             let interfaces: Vec<&str> = state
@@ -195,9 +195,23 @@ pub fn throughput(
             Ok(measured)
         })();
         lifecycle::down(&dir)?;
-        rows.extend(result?);
+        // One path failing (a lab that did not converge) costs its rows,
+        // not the others'.
+        match result {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                progress(&format!("{path}: {e:#}"));
+                failed.push(format!("{path}: {e:#}"));
+            }
+        }
     }
-    Ok(rows)
+    Ok(Measured { rows, failed })
+}
+
+/// What a benchmark run measured, and the paths it could not.
+pub struct Measured {
+    pub rows: Vec<Row>,
+    pub failed: Vec<String>,
 }
 
 struct Bench<'a> {
