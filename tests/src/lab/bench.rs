@@ -288,8 +288,8 @@ impl Bench<'_> {
         })
     }
 
-    /// The highest UDP rate received with at most 1% loss: double until
-    /// loss passes it, then bisect three times.
+    /// The highest UDP rate received with at most 1% loss: double from
+    /// 1/16 Gbit/s until loss passes it, then bisect three times.
     fn knee(&self) -> Result<Run> {
         let udp = |gbps: f64| -> Result<(Run, f64)> {
             let (run, flood) = self.flood(UDP_PAYLOAD, Some(gbps * 1e9))?;
@@ -303,7 +303,7 @@ impl Bench<'_> {
             ))
         };
         let (mut good, mut bad): (Option<(f64, Run)>, Option<f64>) = (None, None);
-        let mut rate = 0.25;
+        let mut rate = 0.0625;
         while bad.is_none() && rate <= 32.0 {
             let (run, lost) = udp(rate)?;
             if lost <= KNEE_LOSS_PERCENT {
@@ -590,12 +590,18 @@ pub fn table(rows: &[Row]) -> String {
     let tests: std::collections::BTreeSet<Test> = rows.iter().map(|r| r.test).collect();
     for t in tests {
         if let (Some(w), Some(g)) = (find(WEFT, t), find(WIREGUARD_GO, t)) {
-            let (wc, gc) = (w.cpu_per_gb().0, g.cpu_per_gb().0);
+            let ratio = |a: f64, b: f64| {
+                if b > 0.0 {
+                    format!("{:.2}×", a / b)
+                } else {
+                    "n/a (nothing measured for wireguard-go)".to_string()
+                }
+            };
             out.push_str(&format!(
-                "Weft / wireguard-go 867a4c4, {}: {:.2}× the rate, {:.2}× the data plane CPU per GB\n",
+                "Weft / wireguard-go 867a4c4, {}: {} the rate, {} the data plane CPU per GB\n",
                 t.label(),
-                w.median() / g.median(),
-                if gc > 0.0 { wc / gc } else { 0.0 },
+                ratio(w.median(), g.median()),
+                ratio(w.cpu_per_gb().0, g.cpu_per_gb().0),
             ));
         }
     }
