@@ -31,7 +31,7 @@ pub struct ThroughputSpec {
     pub runs: usize,
     pub seconds: u32,
     pub streams: Vec<u32>,
-    /// wireguard-go 867a4c4 (`../shared/anchors/build-wireguard-go.sh OUT`);
+    /// wireguard-go 867a4c4 (`tests/setup` builds it from `tests/anchors`);
     /// its rows are left out without it.
     pub wireguard_go: Option<PathBuf>,
 }

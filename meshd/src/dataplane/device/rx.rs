@@ -128,8 +128,9 @@ fn is_current(device: &Device, socket: &Arc<Udp>) -> bool {
 
 fn datagram<'b>(batch: &'b RecvBatch, d: &Datagram) -> &'b [u8] {
     batch
-        .message(d.message)
-        .map_or(&[][..], |(_, bytes, _)| &bytes[d.range.0..d.range.1])
+        .bytes(d.message)
+        .get(d.range.0..d.range.1)
+        .unwrap_or_default()
 }
 
 /// The tunnel index a data message is for (its receiver index's top 24 bits).

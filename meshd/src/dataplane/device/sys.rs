@@ -628,6 +628,17 @@ impl RecvBatch {
     pub fn received(&self) -> usize {
         self.received
     }
+
+    /// The bytes of message `i` alone (no address, no control data): for
+    /// the per-datagram path, once [`Self::message`] has been read.
+    pub fn bytes(&self, i: usize) -> &[u8] {
+        let len = if i < self.received {
+            self.msgs[i].msg_len as usize
+        } else {
+            0
+        };
+        &self.bufs[i * RECV_BUFFER..i * RECV_BUFFER + len]
+    }
 }
 
 /// The virtio-net header of a TUN read, if the TUN has them.
