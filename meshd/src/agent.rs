@@ -34,6 +34,7 @@ use crate::http::{self, Health};
 use crate::liveness::Liveness;
 use crate::metrics::{PeerLabels, ReasonLabels, StateLabels};
 use crate::model::{ClusterRanges, ClusterSnapshot, LocalConfig, Ranges, Verdict};
+use crate::node_blocks::PodCidrSource;
 use crate::planner::backstops;
 use crate::reconcile::netlink::Netlink;
 use crate::reconcile::Reconciler;
@@ -60,25 +61,25 @@ pub struct RunArgs {
     #[arg(long, default_value = "/var/lib/weft")]
     pub state_dir: PathBuf,
     /// The WireGuard interface.
-    #[arg(long, default_value = "weft0")]
+    #[arg(long, env = crate::dataplane::INTERFACE_ENV, default_value = crate::dataplane::DEFAULT_INTERFACE)]
     pub interface: String,
-    #[arg(long, default_value_t = 51820)]
+    #[arg(long, env = "WEFT_LISTEN_PORT", default_value_t = 51820)]
     pub listen_port: u16,
     /// Publish this endpoint instead of InternalIP:listen-port.
     #[arg(long)]
     pub endpoint: Option<SocketAddr>,
     /// The cluster's mesh ranges (one IPv4, optionally one IPv6); the same on every node.
-    #[arg(long = "mesh-cidr", default_values = ["100.64.0.0/16", "fd64:77:65::/64"])]
+    #[arg(long = "mesh-cidr", env = "WEFT_MESH_CIDRS", value_delimiter = ',', default_values = ["100.64.0.0/16", "fd64:77:65::/64"])]
     pub mesh_cidrs: Vec<IpNet>,
     /// Seconds between keepalives to each peer; 0 turns them (and peer liveness) off.
-    #[arg(long, default_value_t = 25)]
+    #[arg(long, env = "WEFT_PERSISTENT_KEEPALIVE", default_value_t = 25)]
     pub persistent_keepalive: u16,
     /// A peer not heard from for this many seconds (no bytes, no new handshake)
     /// is down: its routes become unreachable. WireGuard itself gives up on a
     /// session after 180 s.
-    #[arg(long, default_value_t = 180)]
+    #[arg(long, env = "WEFT_PEER_TIMEOUT", default_value_t = 180)]
     pub peer_timeout: u64,
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, env = crate::dataplane::MODE_ENV, value_enum, default_value = "auto")]
     pub dataplane: Mode,
     /// `builtin` (Weft's own device in `meshd dataplane`, started and adopted by meshd),
     /// a wireguard-go compatible program, or `none` (another process — a
@@ -86,7 +87,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "builtin")]
     pub userspace_program: String,
     /// MTU of the WireGuard interface; default: the underlay's minus 80.
-    #[arg(long)]
+    #[arg(long, env = "WEFT_MTU")]
     pub mtu: Option<u32>,
     /// Encrypt the key file at rest with this 32-byte base64 key.
     #[arg(long)]
@@ -95,14 +96,14 @@ pub struct RunArgs {
     #[arg(long, default_value = "127.0.0.1:9475")]
     pub metrics_addr: SocketAddr,
     /// Seconds between full resyncs (a safety net; changes are event-driven).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, env = "WEFT_RESYNC", default_value_t = 60)]
     pub resync: u64,
     #[command(flatten)]
-    pub cni: crate::cni::CniArgs,
+    pub cni: crate::cni::CniPaths,
     #[command(flatten)]
     pub blocks: crate::node_blocks::BlockArgs,
     /// Enforce Kubernetes NetworkPolicy for this node's pods (needs `nft`).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "WEFT_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
     pub network_policy: bool,
     /// Log packets NetworkPolicy drops to the kernel log (prefix "weft
     /// drop"), at most this many per second per group of isolating
@@ -155,9 +156,6 @@ struct Agent {
     needs_sync: bool,
     /// Blocks claimed through the API, and the Nodes there were then.
     claimed: Option<(BTreeSet<String>, Vec<IpNet>)>,
-    /// Whether the CNI plugin and its conflist are installed (retried each
-    /// sync until they are; the mesh does not wait for them).
-    cni_installed: bool,
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -251,7 +249,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         peer_names: BTreeMap::new(),
         needs_sync: true,
         claimed: None,
-        cni_installed: false,
     };
     let mut observe = tokio::time::interval(Duration::from_secs(1));
     let mut resync = tokio::time::interval(Duration::from_secs(agent.args.resync.max(1)));
@@ -418,9 +415,12 @@ impl Agent {
             .find(|n| n.name == name)
             .with_context(|| format!("Node {name} is not registered yet"))?;
         let internal_ip = me.internal_ips.first().copied();
-        let pod_cidrs = match me.spec_pod_cidrs.is_empty() {
-            false => me.spec_pod_cidrs.clone(),
-            true => self.claimed_blocks(&snapshot).await?,
+        let pod_cidrs = match (me.spec_pod_cidrs.is_empty(), self.args.blocks.pod_cidr_source) {
+            (false, _) => me.spec_pod_cidrs.clone(),
+            (true, PodCidrSource::NodeOrBlocks) => self.claimed_blocks(&snapshot).await?,
+            (true, PodCidrSource::Node) => anyhow::bail!(
+                "Node {name} has no spec.podCIDRs yet: waiting for kube-controller-manager to assign them (--pod-cidr-source node; node-or-blocks claims blocks instead)"
+            ),
         };
         // Decide.
         let decision = decide(&Inputs {
@@ -476,22 +476,9 @@ impl Agent {
         self.publish_for_cni(&decision.claim.pod_cidrs, mtu)
     }
 
-    /// Installs the CNI plugin (until it is) and publishes the node state
-    /// it reads. A missing plugin binary is reported, not fatal: the mesh
-    /// does not depend on pods being attachable.
+    /// Publishes the node state the CNI plugin reads (the plugin attaches
+    /// nothing until it exists).
     fn publish_for_cni(&mut self, pod_cidrs: &[IpNet], mtu: u32) -> Result<()> {
-        if !self.cni_installed {
-            match crate::cni::install(&self.args.cni) {
-                Ok(()) => self.cni_installed = true,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "cannot install the CNI plugin yet; pods cannot attach on this node")
-                }
-            }
-            self.health
-                .metrics
-                .cni_installed
-                .set(i64::from(self.cni_installed));
-        }
         let node_state = weft_ipam::NodeState::new(pod_cidrs.to_vec(), mtu);
         if crate::cni::publish_state(&self.args.cni.cni_state_file, &node_state)? {
             tracing::info!(path = %self.args.cni.cni_state_file.display(), "published the node state for the CNI plugin");

@@ -1,7 +1,9 @@
-//! What meshd does for the `weft` CNI plugin: install it and its conflist,
-//! keep the node state it reads current, and let the node forward pod
-//! traffic. Files are replaced atomically and only when their content
-//! changes.
+//! What meshd does for the `weft` CNI plugin: `meshd install-cni` (the
+//! DaemonSet's init container) installs the plugin and its conflist; the
+//! agent keeps the node state the plugin reads current. Until that state
+//! exists the plugin refuses every ADD, so an installed conflist never lets
+//! a pod attach before meshd has made the node's mesh. Files are replaced
+//! atomically and only when their content changes.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -13,14 +15,23 @@ use weft_ipam::NodeState;
 /// The conflist's file name: sorts early so runtimes pick it.
 pub const CONFLIST: &str = "10-weft.conflist";
 
+/// The files meshd and the plugin share, as host paths (the plugin runs on
+/// the host, so the DaemonSet mounts them at the same paths).
 #[derive(Debug, Clone, clap::Args)]
-pub struct CniArgs {
+pub struct CniPaths {
     /// Where the plugin reads this node's pod blocks and MTU.
     #[arg(long, default_value = "/run/weft/node.json")]
     pub cni_state_file: PathBuf,
     /// The plugin's pod address store.
     #[arg(long, default_value = "/var/lib/weft/ipam")]
     pub cni_ipam_dir: PathBuf,
+}
+
+/// `meshd install-cni`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub paths: CniPaths,
     /// Where the runtime looks for plugin binaries.
     #[arg(long, default_value = "/opt/cni/bin")]
     pub cni_bin_dir: PathBuf,
@@ -34,14 +45,14 @@ pub struct CniArgs {
 
 /// The conflist runtimes read. `cniVersion` 1.0.0: libcni 1.1.2 (containerd
 /// 1.6, CRI-O, podman 4) rejects 1.1.0.
-pub fn conflist(args: &CniArgs) -> Value {
+pub fn conflist(paths: &CniPaths) -> Value {
     json!({
         "cniVersion": "1.0.0",
         "name": "weft",
         "plugins": [{
             "type": "weft",
-            "stateFile": args.cni_state_file,
-            "ipamDir": args.cni_ipam_dir,
+            "stateFile": paths.cni_state_file,
+            "ipamDir": paths.cni_ipam_dir,
         }],
     })
 }
@@ -56,8 +67,9 @@ fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> Result<bool> {
     Ok(true)
 }
 
-/// Installs the plugin binary (mode 0755) and the conflist.
-pub fn install(args: &CniArgs) -> Result<()> {
+/// Installs the plugin binary (mode 0755) and the conflist, and makes the
+/// directories the plugin uses.
+pub fn install(args: &InstallArgs) -> Result<()> {
     let source = match &args.cni_plugin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("weft"),
@@ -68,7 +80,16 @@ pub fn install(args: &CniArgs) -> Result<()> {
     if write_if_changed(&target, &binary, 0o755)? {
         tracing::info!(path = %target.display(), "installed the CNI plugin");
     }
-    let conf = serde_json::to_vec_pretty(&conflist(args))?;
+    for dir in [
+        args.paths.cni_ipam_dir.as_path(),
+        args.paths
+            .cni_state_file
+            .parent()
+            .context("--cni-state-file has no directory")?,
+    ] {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let conf = serde_json::to_vec_pretty(&conflist(&args.paths))?;
     let conf_path = args.cni_conf_dir.join(CONFLIST);
     if write_if_changed(&conf_path, &conf, 0o644)? {
         tracing::info!(path = %conf_path.display(), "wrote the CNI configuration");
@@ -82,7 +103,9 @@ pub fn publish_state(path: &Path, state: &NodeState) -> Result<bool> {
     write_if_changed(path, &bytes, 0o644)
 }
 
-/// Pods' traffic crosses the node: it must forward both families.
+/// Pods' traffic crosses the node: it must forward both families. The
+/// DaemonSet's init container does this (it is privileged for this one write
+/// to /proc/sys); the agent's own container is not, so there it is a check.
 pub fn enable_forwarding() -> Result<()> {
     for knob in [
         "/proc/sys/net/ipv4/ip_forward",
@@ -103,10 +126,12 @@ pub fn enable_forwarding() -> Result<()> {
 mod tests {
     use super::*;
 
-    fn args(dir: &Path) -> CniArgs {
-        CniArgs {
-            cni_state_file: dir.join("run/node.json"),
-            cni_ipam_dir: dir.join("ipam"),
+    fn args(dir: &Path) -> InstallArgs {
+        InstallArgs {
+            paths: CniPaths {
+                cni_state_file: dir.join("run/node.json"),
+                cni_ipam_dir: dir.join("ipam"),
+            },
             cni_bin_dir: dir.join("bin"),
             cni_conf_dir: dir.join("net.d"),
             cni_plugin: Some(dir.join("weft-src")),
@@ -130,11 +155,12 @@ mod tests {
             0o755
         );
         let state = NodeState::new(vec!["198.19.1.0/24".parse().unwrap()], 1420);
-        assert!(publish_state(&a.cni_state_file, &state).unwrap());
+        let state_file = &a.paths.cni_state_file;
+        assert!(publish_state(state_file, &state).unwrap());
         assert!(
-            !publish_state(&a.cni_state_file, &state).unwrap(),
+            !publish_state(state_file, &state).unwrap(),
             "unchanged state is not rewritten"
         );
-        assert_eq!(NodeState::read(&a.cni_state_file).unwrap(), Some(state));
+        assert_eq!(NodeState::read(state_file).unwrap(), Some(state));
     }
 }

@@ -51,7 +51,6 @@ pub struct Metrics {
     pub excluded: Family<ReasonLabels, Gauge>,
     pub api_writes: Family<KindLabels, Counter>,
     pub dataplane_starts: Counter,
-    pub cni_installed: Gauge,
     pub policy_revision: Gauge,
     pub policy_drops: Family<PolicyLabels, Counter>,
     pub policy_elements: Gauge,
@@ -73,7 +72,6 @@ impl Default for Metrics {
             excluded: Family::default(),
             api_writes: Family::default(),
             dataplane_starts: Counter::default(),
-            cni_installed: Gauge::default(),
             policy_revision: Gauge::default(),
             policy_drops: Family::default(),
             policy_elements: Gauge::default(),
@@ -132,13 +130,8 @@ impl Default for Metrics {
         );
         registry.register(
             "dataplane_starts",
-            "Times meshd created the WireGuard device (first start, or after the data plane died)",
+            "Times meshd configured a new WireGuard device from scratch: one it created, or one that replaced the device it had configured (a restarted data plane container)",
             m.dataplane_starts.clone(),
-        );
-        registry.register(
-            "cni_installed",
-            "1 once the weft CNI plugin and its conflist are installed; until then pods cannot attach on this node",
-            m.cni_installed.clone(),
         );
         registry.register(
             "policy_synced_revision",

@@ -16,21 +16,43 @@ use weft_ipam::{BlockPlan, BlockRecord};
 const KEY: &str = "blocks.json";
 const ATTEMPTS: usize = 20;
 
+/// Where this node's pod CIDRs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PodCidrSource {
+    /// `spec.podCIDRs` only (kube-controller-manager --allocate-node-cidrs):
+    /// a Node without them waits, never claims a block it would later have
+    /// to give up.
+    Node,
+    /// `spec.podCIDRs` where set, else blocks claimed in the block record.
+    NodeOrBlocks,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BlockArgs {
+    #[arg(
+        long,
+        env = "WEFT_POD_CIDR_SOURCE",
+        value_enum,
+        default_value = "node-or-blocks"
+    )]
+    pub pod_cidr_source: PodCidrSource,
     /// Cluster pod ranges (at most one per family) that node blocks are
     /// carved from when a Node has no spec.podCIDRs.
-    #[arg(long = "cluster-cidr")]
+    #[arg(
+        long = "cluster-cidr",
+        env = "WEFT_CLUSTER_CIDRS",
+        value_delimiter = ','
+    )]
     pub cluster_cidrs: Vec<IpNet>,
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, env = "WEFT_NODE_BLOCK_V4", default_value_t = 24)]
     pub node_block_v4: u8,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "WEFT_NODE_BLOCK_V6", default_value_t = 64)]
     pub node_block_v6: u8,
     /// Seconds a deleted Node's blocks stay reserved before reuse.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, env = "WEFT_BLOCK_GRACE", default_value_t = 300)]
     pub block_grace: u64,
     /// The shared record: NAMESPACE/NAME of a ConfigMap.
-    #[arg(long, default_value = "kube-system/weft-node-blocks")]
+    #[arg(long, default_value = "weft-system/weft-node-blocks")]
     pub block_record: String,
 }
 
@@ -151,6 +173,7 @@ mod tests {
 
     fn args(cidrs: &[&str]) -> BlockArgs {
         BlockArgs {
+            pod_cidr_source: PodCidrSource::NodeOrBlocks,
             cluster_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
             node_block_v4: 24,
             node_block_v6: 64,

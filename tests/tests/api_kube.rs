@@ -610,6 +610,7 @@ async fn streaming_list_watcher_gets_initial_events_end() {
 async fn twenty_nodes_claiming_blocks_at_once_get_distinct_ones() {
     let lab = server(Options::default()).await;
     let args = weft_meshd::node_blocks::BlockArgs {
+        pod_cidr_source: weft_meshd::node_blocks::PodCidrSource::NodeOrBlocks,
         cluster_cidrs: vec![
             "198.19.0.0/16".parse().unwrap(),
             "fd98:19::/48".parse().unwrap(),

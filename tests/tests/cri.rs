@@ -52,10 +52,13 @@ fn sandbox_image(dir: &Path) -> PathBuf {
 /// conflist; returns its socket.
 fn start_containerd(lab: &Lab, node: &str, image: &Path) -> PathBuf {
     let node_dir = lab.dir().join(node);
-    let (cni, root) = (node_dir.join("cni"), node_dir.join("containerd"));
+    // The node's own /opt/cni/bin and /etc/cni/net.d (the lab maps the
+    // DaemonSet's host paths under root/).
+    let (host, root) = (node_dir.join("root"), node_dir.join("containerd"));
+    let (bin, conf) = (host.join("opt/cni/bin"), host.join("etc/cni/net.d"));
     std::fs::create_dir_all(&root).unwrap();
     // containerd 1.6 sets up the pod's loopback with the loopback plugin from the same bin_dir.
-    std::fs::copy("/usr/lib/cni/loopback", cni.join("bin/loopback"))
+    std::fs::copy("/usr/lib/cni/loopback", bin.join("loopback"))
         .expect("containernetworking-plugins (run tests/setup)");
     let socket = root.join("containerd.sock");
     let config = format!(
@@ -71,12 +74,13 @@ state = "{root}/state"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "native"
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{cni}/bin"
-    conf_dir = "{cni}/net.d"
+    bin_dir = "{bin}"
+    conf_dir = "{conf}"
 "#,
         root = root.display(),
         socket = socket.display(),
-        cni = cni.display()
+        bin = bin.display(),
+        conf = conf.display()
     );
     std::fs::write(root.join("config.toml"), config).unwrap();
     let log = std::fs::File::create(root.join("containerd.log")).unwrap();
@@ -243,7 +247,11 @@ async fn containerd_cri_sandboxes_get_mesh_addresses_and_release_them() {
     .await
     .expect("RemovePodSandbox");
     let held: Value = serde_json::from_slice(
-        &std::fs::read(lab.dir().join("node-1/cni/ipam/allocations.json")).unwrap(),
+        &std::fs::read(
+            lab.dir()
+                .join("node-1/root/var/lib/weft/ipam/allocations.json"),
+        )
+        .unwrap(),
     )
     .unwrap();
     assert!(

@@ -236,3 +236,144 @@ fn clear_errors_for_bad_input_missing_tools_and_non_root() {
     assert!(fails(Command::new("setpriv").args(nobody)).contains("must run as root"));
     assert!(!Path::new("/run/meshlab-tests/t-errors").exists());
 }
+
+/// The containers of the DaemonSet in `manifests` as the YAML declares them:
+/// `(name, command + args, env names)`.
+fn declared_containers(manifests: &Path) -> Vec<(String, Vec<String>, Vec<String>)> {
+    let text = std::fs::read_to_string(manifests.join("base/daemonset.yaml")).unwrap();
+    let ds: serde_json::Value = serde_norway::from_str(&text).unwrap();
+    ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let strings = |v: &serde_json::Value| -> Vec<String> {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| s.as_str().unwrap().to_string())
+                    .collect()
+            };
+            let mut argv = strings(&c["command"]);
+            argv.extend(strings(&c["args"]));
+            let env = c["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| e["name"].as_str().unwrap().to_string())
+                .collect();
+            (c["name"].as_str().unwrap().to_string(), argv, env)
+        })
+        .collect()
+}
+
+fn proc_strings(pid: i64, file: &str) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/{file}"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Whether `running` is `declared` with its host paths under `root`
+/// (`--flag=/x` runs as `--flag=<root>/x`) and the image's binaries from
+/// the build (`/usr/local/bin/meshd` runs as `…/target/…/meshd`).
+fn same_argument(running: &str, declared: &str, root: &Path) -> bool {
+    if running == declared {
+        return true;
+    }
+    if let Some(binary) = declared.strip_prefix("/usr/local/bin/") {
+        return running.ends_with(&format!("/{binary}"));
+    }
+    match declared.split_once("=/") {
+        Some((flag, path)) => running == format!("{flag}={}/{path}", root.display()),
+        None => false,
+    }
+}
+
+#[test]
+fn every_node_runs_exactly_the_daemonsets_containers() {
+    // A copy of deploy/ with one flag changed: the lab must run the change.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let copy = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(repo.join("deploy/."))
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ds = copy.path().join("base/daemonset.yaml");
+    let text = std::fs::read_to_string(&ds).unwrap();
+    let changed = text.replacen(
+        "        - --metrics-addr=",
+        "        - --log-policy-drops=7\n        - --metrics-addr=",
+        1,
+    );
+    assert_ne!(text, changed, "the manifest's meshd args moved");
+    std::fs::write(&ds, changed).unwrap();
+
+    let manifests = copy.path().to_str().unwrap();
+    let lab = Lab::up("t-manifest", &["--nodes", "2", "--manifests", manifests]);
+    let declared = declared_containers(copy.path());
+    let status = lab.status();
+    for node in ["node-1", "node-2"] {
+        let root = lab.dir().join(node).join("root");
+        for (name, argv, env) in &declared {
+            let pid: i64 =
+                std::fs::read_to_string(lab.dir().join(node).join(format!("{name}.pid")))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+            // `ip netns exec NETNS` execs the container's command in place.
+            let running = proc_strings(pid, "cmdline");
+            assert_eq!(
+                running.len(),
+                argv.len(),
+                "{node}/{name}: {running:?} vs {argv:?}"
+            );
+            for (r, d) in running.iter().zip(argv) {
+                assert!(
+                    same_argument(r, d, &root),
+                    "{node}/{name}: runs {r:?}, the manifest says {d:?}"
+                );
+            }
+            let environ = proc_strings(pid, "environ");
+            for e in env {
+                assert!(
+                    environ.iter().any(|kv| kv.starts_with(&format!("{e}="))),
+                    "{node}/{name}: no {e} in {environ:?}"
+                );
+            }
+        }
+        assert!(
+            proc_strings(
+                common::node(&status, node)["meshd"]["pid"]
+                    .as_i64()
+                    .unwrap(),
+                "cmdline"
+            )
+            .contains(&"--log-policy-drops=7".to_string()),
+            "the changed flag is not what {node} runs"
+        );
+    }
+    // The install's objects are in the API server, the lab's values in the
+    // ConfigMap.
+    let resync = lab.ok(&[
+        "kubectl",
+        "--",
+        "get",
+        "configmap",
+        "-n",
+        "weft-system",
+        "weft-config",
+        "-o",
+        "jsonpath={.data.WEFT_RESYNC}",
+    ]);
+    assert_eq!(resync.trim(), "10");
+    for kind in ["daemonset/weft", "serviceaccount/meshd"] {
+        lab.ok(&["kubectl", "--", "get", "-n", "weft-system", kind]);
+    }
+}

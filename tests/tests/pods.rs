@@ -104,8 +104,11 @@ fn deleting_a_pod_releases_everything() {
     assert_eq!(veths(), 1);
     lab.ok(&["pod", "del", "default/web"]);
     assert_eq!(veths(), 0, "the pod's veth survived");
-    let allocations =
-        std::fs::read_to_string(lab.dir().join("node-1/cni/ipam/allocations.json")).unwrap();
+    let allocations = std::fs::read_to_string(
+        lab.dir()
+            .join("node-1/root/var/lib/weft/ipam/allocations.json"),
+    )
+    .unwrap();
     let held: Value = serde_json::from_str(&allocations).unwrap();
     assert!(
         held["held"].as_object().unwrap().is_empty(),
@@ -141,7 +144,7 @@ fn self_allocated_blocks_are_distinct_carry_pods_and_are_reused_after_grace() {
             "get",
             "configmap",
             "-n",
-            "kube-system",
+            "weft-system",
             "weft-node-blocks",
             "-o",
             "jsonpath={.data.blocks\\.json}",

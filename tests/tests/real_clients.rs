@@ -119,3 +119,92 @@ fn official_python_client() {
     assert!(stdout.contains("list_node node-1,node-2"), "{stdout}");
     assert!(stdout.contains("watch MODIFIED node-2"), "{stdout}");
 }
+
+/// `kubectl apply -k` of deploy/ and of every overlay, with Debian's kubectl
+/// (1.20, kustomize 2.0) and the image's newer one: each installs, reads
+/// back as rendered, and `delete -k` removes it again.
+#[test]
+fn both_kubectls_install_and_remove_every_variant() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut variants = vec![repo.join("deploy")];
+    for overlay in std::fs::read_dir(repo.join("deploy/overlays")).unwrap() {
+        variants.push(overlay.unwrap().path());
+    }
+    variants.sort();
+    assert!(variants.len() >= 5, "{variants:?}");
+    let kubectls: Vec<std::path::PathBuf> = [
+        std::path::PathBuf::from(meshlab::lab::preflight::DEBIAN_KUBECTL),
+        std::path::PathBuf::from("/usr/bin/kubectl"),
+    ]
+    .into_iter()
+    .filter(|k| k.is_file())
+    .collect();
+    assert!(!kubectls.is_empty(), "no kubectl (run tests/setup)");
+
+    let lab = Lab::up("t-install", &["--nodes", "1"]);
+    let run = |kubectl: &std::path::Path, args: &[&str]| -> String {
+        let mut cmd = Command::new(kubectl);
+        cmd.args(args).env("KUBECONFIG", lab.kubeconfig());
+        let out = run_bounded(cmd, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "{} {args:?}: {}",
+            kubectl.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The lab installed deploy/ at `up`: start from nothing. (The lab's API
+    // server deletes a namespace's contents at once, where kube-apiserver's
+    // namespace controller takes a while: kubectl's later deletes of those
+    // contents would see 404, hence --ignore-not-found.)
+    let delete = |kubectl: &std::path::Path, v: &str| {
+        run(kubectl, &["delete", "--ignore-not-found", "-k", v]);
+    };
+    delete(&kubectls[0], repo.join("deploy").to_str().unwrap());
+    for kubectl in &kubectls {
+        for variant in &variants {
+            let v = variant.to_str().unwrap();
+            let rendered = run(kubectl, &["kustomize", v]);
+            let declared: Vec<Value> = serde_norway::Deserializer::from_str(&rendered)
+                .map(|d| serde::Deserialize::deserialize(d).unwrap())
+                .collect();
+            run(kubectl, &["apply", "-k", v]);
+            // What the server holds equals what was rendered.
+            for (kind, name, field) in [
+                ("DaemonSet", "weft", "spec"),
+                ("ConfigMap", "weft-config", "data"),
+            ] {
+                let declared = declared.iter().find(|o| o["kind"] == kind).unwrap();
+                let args = ["get", kind, "-n", "weft-system", name, "-o", "json"];
+                let got: Value = serde_json::from_str(&run(kubectl, &args)).unwrap();
+                assert_eq!(
+                    got[field],
+                    declared[field],
+                    "{kind} of {v} with {}",
+                    kubectl.display()
+                );
+            }
+            run(
+                kubectl,
+                &["get", "validatingadmissionpolicy", "weft-meshd-own-node"],
+            );
+            delete(kubectl, v);
+            for (kind, ns) in [
+                ("daemonsets", "weft-system"),
+                ("clusterroles", ""),
+                ("validatingadmissionpolicies", ""),
+            ] {
+                let mut args = vec!["get", kind, "-o", "name"];
+                if !ns.is_empty() {
+                    args.extend(["-n", ns]);
+                }
+                let left = run(kubectl, &args);
+                assert!(
+                    !left.contains("weft"),
+                    "{v}: {kind} left after delete -k: {left}"
+                );
+            }
+        }
+    }
+}

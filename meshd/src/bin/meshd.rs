@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use weft_meshd::{agent, dataplane};
+use weft_meshd::{agent, cni, dataplane};
 
 #[derive(Parser)]
 #[command(
@@ -28,14 +28,22 @@ enum Cmd {
     /// Run the agent.
     Run(Box<agent::RunArgs>),
     /// Run the userspace WireGuard device IFACE, serving its UAPI socket
-    /// until SIGTERM. meshd starts and adopts it; it outlives meshd.
+    /// until SIGTERM; it outlives meshd. Where the mode resolves to kernel
+    /// WireGuard it runs nothing and waits for SIGTERM.
     Dataplane {
+        /// As meshd's --dataplane.
+        #[arg(long, env = dataplane::MODE_ENV, value_enum, default_value = "auto")]
+        mode: dataplane::Mode,
         /// `off`: no TUN or UDP offloads (the paths every missing kernel
         /// feature falls back to).
         #[arg(long, value_enum, default_value = "auto")]
         offloads: dataplane::device::sys::Offloads,
+        #[arg(env = dataplane::INTERFACE_ENV, default_value = dataplane::DEFAULT_INTERFACE)]
         iface: String,
     },
+    /// Install the `weft` CNI plugin and its conflist and let the node
+    /// forward (the DaemonSet's init container).
+    InstallCni(cni::InstallArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,7 +58,12 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().init(),
     }
     let result = match cli.command {
-        Cmd::Dataplane { offloads, iface } => dataplane::builtin::run(&iface, offloads),
+        Cmd::Dataplane {
+            mode,
+            offloads,
+            iface,
+        } => dataplane::builtin::serve(&iface, mode, offloads),
+        Cmd::InstallCni(args) => cni::install(&args).and_then(|()| cni::enable_forwarding()),
         Cmd::Run(args) => {
             // meshd supervises the userspace data plane itself; wireguard-control
             // must never start one on its own when a socket is missing.

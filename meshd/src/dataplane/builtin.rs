@@ -22,30 +22,53 @@ use nix::sys::signal::{SigSet, Signal};
 use super::device::sys::Offloads;
 use super::device::{Device, EXIT_DEVICE_FAILED};
 use super::uapi;
-use super::SOCKET_DIR;
+use super::{Mode, Resolved, SOCKET_DIR};
 
 /// How long a client may take to send a request (or sit idle between two).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn run(iface: &str, offloads: Offloads) -> Result<()> {
+/// `meshd dataplane`: runs the userspace device for `iface`, unless `mode`
+/// resolves to kernel WireGuard on this machine (the same decision meshd
+/// makes); then it holds nothing and waits to be stopped, so the
+/// DaemonSet's data plane container is the same on every node.
+pub fn serve(iface: &str, mode: Mode, offloads: Offloads) -> Result<()> {
     // A panic anywhere ends the process: a live process with a dead device
     // would blackhole every pod.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("the userspace data plane panicked: {info}; exiting so that it is restarted");
         std::process::exit(EXIT_DEVICE_FAILED);
     }));
-    let _lock = crate::lock::exclusive(
-        &PathBuf::from(SOCKET_DIR).join(format!("{iface}.lock")),
-        "data plane for this interface",
-        crate::lock::WAIT,
-    )?;
     // Block the stop signals before any thread starts, so every thread
     // inherits the mask and this one alone takes them, in sigwait.
     let mut stop = SigSet::empty();
     stop.add(Signal::SIGTERM);
     stop.add(Signal::SIGINT);
     stop.thread_block().context("blocking signals")?;
+    let name = super::interface_name(iface)?;
+    let resolved = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(super::probe(&name, mode))?;
+    match resolved {
+        Resolved::Userspace => run(iface, offloads, &stop),
+        Resolved::Kernel => {
+            tracing::info!(
+                interface = iface,
+                "kernel WireGuard serves this node: no userspace data plane to run"
+            );
+            let signal = stop.wait().context("waiting for a signal")?;
+            tracing::info!(?signal, "stopping");
+            Ok(())
+        }
+    }
+}
 
+fn run(iface: &str, offloads: Offloads, stop: &SigSet) -> Result<()> {
+    let _lock = crate::lock::exclusive(
+        &PathBuf::from(SOCKET_DIR).join(format!("{iface}.lock")),
+        "data plane for this interface",
+        crate::lock::WAIT,
+    )?;
     let device = Device::open(iface, offloads)
         .with_context(|| format!("creating the WireGuard device {iface}"))?;
     device
@@ -93,12 +116,12 @@ fn watch_interface(iface: &str) {
 fn accept(listener: UnixListener, device: Arc<Device>) {
     for client in listener.incoming().flatten() {
         let device = device.clone();
-        std::thread::spawn(move || serve(client, &device));
+        std::thread::spawn(move || serve_client(client, &device));
     }
 }
 
 /// Serves one client: several requests may come on one connection.
-fn serve(client: UnixStream, device: &Arc<Device>) {
+fn serve_client(client: UnixStream, device: &Arc<Device>) {
     let (Ok(()), Ok(()), Ok(read)) = (
         client.set_read_timeout(Some(CLIENT_TIMEOUT)),
         client.set_write_timeout(Some(CLIENT_TIMEOUT)),

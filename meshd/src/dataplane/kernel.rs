@@ -12,7 +12,13 @@ use super::{Ensured, Existing};
 /// Whether a probe link of kind `wireguard` can be created (it is removed
 /// again): the module is loaded or loadable.
 pub async fn module_available() -> bool {
-    let probe = format!("wfprobe{}", std::process::id() % 100_000);
+    // Not the pid alone: meshd and the data plane container probe at the
+    // same moment in one network namespace, and in containers both may be
+    // pid 1.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let probe = format!("wfp{:x}", (nanos ^ std::process::id()) & 0xff_ffff);
     match create(&probe).await {
         Ok(()) => {
             let _ = delete(&probe).await;
@@ -45,7 +51,7 @@ async fn link(name: &str) -> Result<Option<LinkMessage>> {
     }
 }
 
-async fn link_index(name: &str) -> Result<Option<u32>> {
+pub(super) async fn link_index(name: &str) -> Result<Option<u32>> {
     Ok(link(name).await?.map(|l| l.header.index))
 }
 

@@ -20,6 +20,12 @@ use wireguard_control::{Backend, InterfaceName};
 /// network namespace sees every socket.
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
 
+/// The variables the DaemonSet's two containers (meshd and the data plane)
+/// both read, so they cannot disagree on the interface or the mode.
+pub const INTERFACE_ENV: &str = "WEFT_INTERFACE";
+pub const MODE_ENV: &str = "WEFT_DATAPLANE";
+pub const DEFAULT_INTERFACE: &str = "weft0";
+
 /// Which data plane the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -66,6 +72,24 @@ pub fn resolve(mode: Mode, existing: &Existing, module: bool) -> Result<Resolved
     }
 }
 
+pub fn interface_name(iface: &str) -> Result<InterfaceName> {
+    iface
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--interface {iface:?}: {e}"))
+}
+
+/// Looks at this machine and resolves `mode`: what meshd and the data plane
+/// container both do, so that they agree.
+pub async fn probe(iface: &InterfaceName, mode: Mode) -> Result<Resolved> {
+    let existing = kernel::existing(iface).await?;
+    let module = mode != Mode::Userspace
+        && existing == Existing::Nothing
+        && kernel::module_available().await;
+    let resolved = resolve(mode, &existing, module)?;
+    tracing::info!(interface = %iface, ?mode, ?existing, ?resolved, "data plane selected");
+    Ok(resolved)
+}
+
 /// The userspace implementation to run: Weft's own (in `meshd dataplane`) or any program speaking the wireguard-go command line and
 /// UAPI (`PROGRAM -f IFACE`), such as Debian's wireguard-go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +118,10 @@ pub struct DataPlane {
     pub resolved: Resolved,
     program: UserspaceProgram,
     log_dir: PathBuf,
+    /// The userspace device's TUN last seen: another index is a new device
+    /// (one restarted by someone else, such as the kubelet), which must be
+    /// configured from scratch like one meshd created.
+    tun_index: std::sync::Mutex<Option<u32>>,
 }
 
 impl DataPlane {
@@ -104,20 +132,14 @@ impl DataPlane {
         program: UserspaceProgram,
         log_dir: PathBuf,
     ) -> Result<Self> {
-        let iface: InterfaceName = iface
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--interface {iface:?}: {e}"))?;
-        let existing = kernel::existing(&iface).await?;
-        let module = mode != Mode::Userspace
-            && existing == Existing::Nothing
-            && kernel::module_available().await;
-        let resolved = resolve(mode, &existing, module)?;
-        tracing::info!(interface = %iface, ?mode, ?existing, ?resolved, "data plane selected");
+        let iface = interface_name(iface)?;
+        let resolved = probe(&iface, mode).await?;
         Ok(Self {
             iface,
             resolved,
             program,
             log_dir,
+            tun_index: std::sync::Mutex::new(None),
         })
     }
 
@@ -136,13 +158,17 @@ impl DataPlane {
                 let ensured = userspace::ensure(&self.iface, &self.program, &self.log_dir).await?;
                 // The socket directory is shared by every network namespace
                 // on the machine: a device answering there may live elsewhere.
-                if kernel::existing(&self.iface).await? != Existing::Tun {
-                    anyhow::bail!(
+                let index = match kernel::existing(&self.iface).await? {
+                    Existing::Tun => kernel::link_index(&self.iface.as_str_lossy()).await?,
+                    _ => anyhow::bail!(
                         "a data plane answers on the UAPI socket of {} but its interface is not in this network namespace; another namespace's process holds the name",
                         self.iface
-                    );
-                }
-                Ok(ensured)
+                    ),
+                };
+                let mut seen = self.tun_index.lock().unwrap_or_else(|e| e.into_inner());
+                let replaced = seen.is_some() && *seen != index;
+                *seen = index;
+                Ok(if replaced { Ensured::Created } else { ensured })
             }
         }
     }

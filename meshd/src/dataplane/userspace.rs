@@ -75,7 +75,8 @@ fn command(iface: &InterfaceName, program: &UserspaceProgram) -> Result<Option<C
     Ok(match program {
         UserspaceProgram::Builtin => {
             let mut c = Command::new(std::env::current_exe().context("locating meshd")?);
-            c.args(["dataplane", &name]);
+            // meshd has resolved the mode already.
+            c.args(["dataplane", "--mode", "userspace", &name]);
             Some(c)
         }
         UserspaceProgram::External(path) => {

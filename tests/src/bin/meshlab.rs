@@ -128,6 +128,11 @@ enum NodeCmd {
 }
 
 #[derive(Subcommand)]
+enum ContainerCmd {
+    Restart { node: String, container: String },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Create the fabric, the nodes and the API server, and register the Nodes.
     Up {
@@ -149,6 +154,11 @@ enum Cmd {
         /// Register Nodes without spec.podCIDRs: meshd claims its blocks through the API.
         #[arg(long)]
         self_allocated_blocks: bool,
+        /// The manifests whose DaemonSet every node runs: a kustomization
+        /// directory of plain resources or a rendered YAML file (`kubectl
+        /// kustomize deploy/overlays/X > FILE`); default: this tree's deploy/.
+        #[arg(long, value_name = "PATH")]
+        manifests: Option<std::path::PathBuf>,
     },
     /// Attach, delete or enter pods.
     Pod {
@@ -160,8 +170,15 @@ enum Cmd {
         #[command(subcommand)]
         action: NodeCmd,
     },
-    /// Start meshd on a node where it is not running (e.g. after a test killed it).
+    /// Start the node's pod where it is not running (every container that
+    /// is not, e.g. after a test killed meshd).
     StartMeshd { node: String },
+    /// Restart one container of a node's pod (just its process, as the
+    /// kubelet does); prints the new pid.
+    Container {
+        #[command(subcommand)]
+        action: ContainerCmd,
+    },
     /// The lab's API server.
     Api {
         #[command(subcommand)]
@@ -256,6 +273,7 @@ fn run(cli: Cli) -> Result<()> {
             wireguard_go,
             pods_per_node,
             self_allocated_blocks,
+            manifests,
         } => {
             let mut spec = LabSpec {
                 name: cli.name.clone(),
@@ -266,6 +284,7 @@ fn run(cli: Cli) -> Result<()> {
                     .collect(),
                 pods_per_node,
                 self_allocated: self_allocated_blocks,
+                manifests,
                 ..LabSpec::default()
             };
             for t in &topology {
@@ -387,8 +406,17 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", agents::metrics(&node_plan(&dir, &node)?)?);
             Ok(())
         }
+        Cmd::Container {
+            action: ContainerCmd::Restart { node, container },
+        } => {
+            let state = dir.running_state()?;
+            let pid = agents::restart(&dir, &state.plan, &node_plan(&dir, &node)?, &container)?;
+            println!("{pid}");
+            Ok(())
+        }
         Cmd::StartMeshd { node } => {
-            let pid = agents::start(&dir, &node_plan(&dir, &node)?)?;
+            let state = dir.running_state()?;
+            let pid = agents::start(&dir, &state.plan, &node_plan(&dir, &node)?)?;
             println!("{pid}");
             Ok(())
         }

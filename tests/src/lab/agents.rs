@@ -1,20 +1,26 @@
-//! The real `meshd` on every lab node: started inside the node's namespace,
-//! pointed at the node kubeconfig (the same kube-rs path as in production),
-//! detached so it outlives `meshlab up`, found again through its pid file.
+//! The lab's kubelet: each node runs the DaemonSet's pod from `deploy/`
+//! ([`manifest`] maps it), one process per container inside the node's
+//! namespace, pointed at the node kubeconfig (the same kube-rs path as in
+//! production), detached so it outlives `meshlab up`, found again through
+//! its pid file. Containers are started and restarted on request (`up`,
+//! `start-meshd`, `container restart`), not by a watchdog.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use weft_meshd::cni::CONFLIST;
 
-use super::netns;
 use super::state::{process_alive, write_atomic, LabDir};
-use super::topology::{NodePlan, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
+use super::topology::{LabPlan, NodePlan, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
+use super::{manifest, netns};
 
 /// Keepalive in the lab: short, so that handshakes happen at once and
 /// liveness is observable in tests.
@@ -45,28 +51,55 @@ fn node_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
     dir.file(&node.name)
 }
 
-/// The node's CNI directories (each lab node is its own machine): `bin/`,
-/// `net.d/`, `ipam/` and the `node.json` meshd writes.
-pub fn cni_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
-    node_dir(dir, node).join("cni")
+/// The node's own host filesystem: host path `/x` of the DaemonSet's
+/// volumes is `root/x` (each lab node is its own machine).
+pub fn root(dir: &LabDir, node: &NodePlan) -> PathBuf {
+    node_dir(dir, node).join("root")
 }
 
-/// Whether the node's meshd has made it ready for pods: the plugin, its
-/// conflist and the node state are in place.
+/// Where the node's runtime finds CNI plugins and their configurations
+/// (the standard `/opt/cni/bin` and `/etc/cni/net.d` of the node).
+pub fn cni_bin_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
+    root(dir, node).join("opt/cni/bin")
+}
+
+pub fn cni_conf_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
+    root(dir, node).join("etc/cni/net.d")
+}
+
+/// The node's conflist, as the install-cni container wrote it.
+pub fn conflist(dir: &LabDir, node: &NodePlan) -> Result<serde_json::Value> {
+    let path = cni_conf_dir(dir, node).join(CONFLIST);
+    let bytes = fs::read(&path)
+        .with_context(|| format!("{} (did the install-cni container run?)", path.display()))?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Whether meshd has made the node ready for pods: the plugin and its
+/// conflist are installed and the node state the plugin reads is there.
 pub fn cni_ready(dir: &LabDir, node: &NodePlan) -> bool {
-    let cni = cni_dir(dir, node);
-    ["bin/weft", "net.d/10-weft.conflist", "node.json"]
-        .iter()
-        .all(|f| cni.join(f).is_file())
+    let Ok(conf) = conflist(dir, node) else {
+        return false;
+    };
+    let state = conf["plugins"][0]["stateFile"].as_str().map(PathBuf::from);
+    cni_bin_dir(dir, node).join("weft").is_file() && state.is_some_and(|s| s.is_file())
 }
 
-fn pid_file(dir: &LabDir, node: &NodePlan) -> PathBuf {
-    node_dir(dir, node).join("meshd.pid")
+fn pid_file(dir: &LabDir, node: &NodePlan, container: &str) -> PathBuf {
+    node_dir(dir, node).join(format!("{container}.pid"))
 }
 
-/// The node's running meshd, if any.
-pub fn pid(dir: &LabDir, node: &NodePlan) -> Option<i32> {
-    let pid: i32 = fs::read_to_string(pid_file(dir, node))
+/// Where the container's output goes.
+pub fn log_file(dir: &LabDir, node: &NodePlan, container: &str) -> PathBuf {
+    node_dir(dir, node).join(format!("{container}.log"))
+}
+
+/// The DaemonSet's container that runs the agent.
+pub const MESHD: &str = "meshd";
+
+/// The process of the node's `container`, if it runs.
+pub fn container_pid(dir: &LabDir, node: &NodePlan, container: &str) -> Option<i32> {
+    let pid: i32 = fs::read_to_string(pid_file(dir, node, container))
         .ok()?
         .trim()
         .parse()
@@ -74,64 +107,212 @@ pub fn pid(dir: &LabDir, node: &NodePlan) -> Option<i32> {
     process_alive(pid, &dir.path()).then_some(pid)
 }
 
-/// Where the node's meshd serves /metrics (inside the node's namespace).
+/// The node's running meshd, if any.
+pub fn pid(dir: &LabDir, node: &NodePlan) -> Option<i32> {
+    container_pid(dir, node, MESHD)
+}
+
+/// Where the node's meshd serves /metrics (inside the node's namespace):
+/// the DaemonSet's `--metrics-addr` (a test holds them equal).
 pub const METRICS_ADDR: &str = "127.0.0.1:9475";
 
-/// Starts meshd on `node` unless it runs already; returns its pid.
-pub fn start(dir: &LabDir, node: &NodePlan) -> Result<i32> {
-    if let Some(pid) = pid(dir, node) {
-        return Ok(pid);
+/// How long an init container may run.
+const INIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The lab's values in the manifests' ConfigMap: its cluster ranges and
+/// short timers.
+pub fn lab_config(plan: &LabPlan) -> BTreeMap<String, String> {
+    let pod_cidr_source = if plan.self_allocated {
+        "node-or-blocks"
+    } else {
+        "node"
+    };
+    [
+        ("WEFT_CLUSTER_CIDRS", format!("{CLUSTER_V4},{CLUSTER_V6}")),
+        ("WEFT_MESH_CIDRS", format!("{MESH_V4},{MESH_V6}")),
+        ("WEFT_PERSISTENT_KEEPALIVE", KEEPALIVE_SECS.to_string()),
+        ("WEFT_RESYNC", RESYNC_SECS.to_string()),
+        ("WEFT_BLOCK_GRACE", BLOCK_GRACE_SECS.to_string()),
+        ("WEFT_POD_CIDR_SOURCE", pod_cidr_source.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The DaemonSet's pod on `node`, as processes.
+pub fn pod(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<Vec<manifest::Process>> {
+    let manifests = manifest::load(&plan.manifests)?;
+    let bin = sibling("meshd")?;
+    let commands = node
+        .userspace_program
+        .iter()
+        .map(|program| {
+            let argv = vec![program.clone(), "-f".into(), node.wg_interface.clone()];
+            (DATAPLANE.to_string(), argv)
+        })
+        .collect();
+    let lab_node = manifest::Node {
+        name: node.name.clone(),
+        host_ip: node.underlay,
+        root: root(dir, node),
+        bin_dir: bin
+            .parent()
+            .context("meshd has no directory")?
+            .to_path_buf(),
+        config: lab_config(plan),
+        injected: vec![
+            (
+                "KUBECONFIG".into(),
+                dir.node_kubeconfig().display().to_string(),
+            ),
+            (
+                weft_meshd::dataplane::INTERFACE_ENV.into(),
+                node.wg_interface.clone(),
+            ),
+        ],
+        commands,
+    };
+    manifest::pod(&manifests, &lab_node).with_context(|| {
+        format!(
+            "the DaemonSet of {} on {}",
+            plan.manifests.display(),
+            node.name
+        )
+    })
+}
+
+/// The DaemonSet's container that runs the userspace data plane.
+pub const DATAPLANE: &str = "dataplane";
+
+/// Starts the node's pod, as the kubelet would: the init containers to
+/// completion (unless a container of the pod runs already: they ran), then
+/// every container that is not running. Returns meshd's pid.
+pub fn start(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<i32> {
+    let pod = pod(dir, plan, node)?;
+    fs::create_dir_all(node_dir(dir, node))?;
+    let running = pod
+        .iter()
+        .any(|p| !p.init && container_pid(dir, node, &p.container).is_some());
+    for p in &pod {
+        if p.init && running || container_pid(dir, node, &p.container).is_some() {
+            continue;
+        }
+        for d in &p.dirs {
+            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let mut child = spawn(dir, node, p)?;
+        if p.init {
+            let deadline = Instant::now() + INIT_TIMEOUT;
+            let status = loop {
+                if let Some(status) = child.try_wait()? {
+                    break status;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "init container {} on {} did not finish within {INIT_TIMEOUT:?}",
+                    p.container,
+                    node.name
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            if !status.success() {
+                let log = fs::read_to_string(log_file(dir, node, &p.container)).unwrap_or_default();
+                bail!(
+                    "init container {} on {} failed ({status}):\n{}",
+                    p.container,
+                    node.name,
+                    log.trim_end()
+                );
+            }
+        } else {
+            // `ip netns exec` execs the container's command in place, so
+            // this is its pid.
+            write_atomic(
+                &pid_file(dir, node, &p.container),
+                child.id().to_string().as_bytes(),
+            )?;
+        }
     }
-    let state = node_dir(dir, node);
-    fs::create_dir_all(&state)?;
+    pid(dir, node).with_context(|| {
+        let log = fs::read_to_string(log_file(dir, node, MESHD)).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        format!(
+            "meshd on {} exited at once:\n{}",
+            node.name,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    })
+}
+
+/// Restarts one container of the node's pod (just its process, as the
+/// kubelet restarts a container): stops it with SIGTERM, then SIGKILL.
+pub fn restart(dir: &LabDir, plan: &LabPlan, node: &NodePlan, container: &str) -> Result<i32> {
+    let pod = pod(dir, plan, node)?;
+    let p = pod
+        .iter()
+        .find(|p| !p.init && p.container == container)
+        .with_context(|| {
+            let names: Vec<&str> = pod
+                .iter()
+                .filter(|p| !p.init)
+                .map(|p| p.container.as_str())
+                .collect();
+            format!(
+                "no container {container:?} in the pod (it has {})",
+                names.join(", ")
+            )
+        })?;
+    if let Some(old) = container_pid(dir, node, container) {
+        stop(dir, old, TERM_GRACE);
+    }
+    let child = spawn(dir, node, p)?;
+    write_atomic(
+        &pid_file(dir, node, container),
+        child.id().to_string().as_bytes(),
+    )?;
+    Ok(child.id() as i32)
+}
+
+/// How long a stopped container gets between SIGTERM and SIGKILL (the
+/// DaemonSet's grace period is longer; the lab's processes stop at once).
+const TERM_GRACE: Duration = Duration::from_secs(5);
+
+fn stop(dir: &LabDir, pid: i32, grace: Duration) {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while process_alive(pid, &dir.path()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+}
+
+fn spawn(dir: &LabDir, node: &NodePlan, p: &manifest::Process) -> Result<std::process::Child> {
     let log = File::options()
         .create(true)
         .append(true)
-        .open(state.join("meshd.log"))?;
+        .open(log_file(dir, node, &p.container))?;
+    let (program, args) = p.argv.split_first().context("an empty command")?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &node.netns])
-        .arg(sibling("meshd")?)
-        .args(["--log-format", "json", "run", "--node-name", &node.name])
-        .arg("--kubeconfig")
-        .arg(dir.node_kubeconfig())
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--interface", &node.wg_interface])
-        .args(["--mesh-cidr", MESH_V4, "--mesh-cidr", MESH_V6])
-        .args([
-            "--persistent-keepalive",
-            KEEPALIVE_SECS,
-            "--metrics-addr",
-            METRICS_ADDR,
-            "--resync",
-            RESYNC_SECS,
-        ]);
-    let cni = cni_dir(dir, node);
-    cmd.arg("--cni-state-file").arg(cni.join("node.json"));
-    cmd.arg("--cni-ipam-dir").arg(cni.join("ipam"));
-    cmd.arg("--cni-bin-dir").arg(cni.join("bin"));
-    cmd.arg("--cni-conf-dir").arg(cni.join("net.d"));
-    cmd.args(["--cluster-cidr", CLUSTER_V4, "--cluster-cidr", CLUSTER_V6]);
-    cmd.args(["--block-grace", BLOCK_GRACE_SECS]);
-    if let Some(program) = &node.userspace_program {
-        cmd.args(["--userspace-program", program]);
-    }
-    let child = cmd
+        .arg(program)
+        .args(args)
+        // A container sees its own environment, not meshlab's; PATH stays
+        // so that the tools the image would carry (nft) are found.
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(p.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("starting meshd on {}", node.name))?;
-    // `ip netns exec` execs meshd in place, so this is meshd's pid.
-    let pid = child.id() as i32;
-    write_atomic(&pid_file(dir, node), pid.to_string().as_bytes())?;
-    Ok(pid)
+        .process_group(0);
+    cmd.spawn()
+        .with_context(|| format!("starting container {} on {}", p.container, node.name))
 }
 
 /// The last `n` warning or error lines of the node's meshd log.
 pub fn log_warnings(dir: &LabDir, node: &NodePlan, n: usize) -> String {
-    let log = fs::read_to_string(node_dir(dir, node).join("meshd.log")).unwrap_or_default();
+    let log = fs::read_to_string(log_file(dir, node, MESHD)).unwrap_or_default();
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| !l.contains("\"level\":\"INFO\""))

@@ -17,7 +17,7 @@ use serde_json::json;
 use super::pods::{self, PodRecord};
 use super::state::{is_zombie, process_alive, LabDir, LabState};
 use super::topology::{self, LabPlan, LabSpec, NodePlan, FABRIC_API_PORT, FABRIC_GATEWAY};
-use super::{agents, client, control, mesh, netns, preflight};
+use super::{agents, client, control, manifest, mesh, netns, preflight};
 
 /// How long `up` and `node add` wait for every pair of nodes to handshake.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -100,6 +100,11 @@ fn build(
         pods: Vec::new(),
     };
     dir.write_state(&state)?;
+    let installed = install_manifests(dir, plan)?;
+    progress(&format!(
+        "installed {installed} objects of {}",
+        plan.manifests.display()
+    ));
     register_nodes(dir, &plan.nodes, plan.self_allocated)?;
     progress(&format!(
         "registered {} Node objects in {:.1} s",
@@ -179,10 +184,10 @@ pub fn delete_pod(dir: &LabDir, namespace: &str, name: &str) -> Result<()> {
 /// Starts meshd on `nodes` and waits for every pair of the lab's nodes to
 /// complete a handshake.
 fn start_mesh(dir: &LabDir, nodes: &[NodePlan], progress: &mut dyn FnMut(&str)) -> Result<()> {
-    for node in nodes {
-        agents::start(dir, node)?;
-    }
     let state = dir.running_state()?;
+    for node in nodes {
+        agents::start(dir, &state.plan, node)?;
+    }
     // A failed up removes the lab, logs included: carry what meshd said.
     let took = mesh::wait_converged(&state.plan.nodes, CONVERGE_TIMEOUT).map_err(|e| {
         let said: Vec<String> = state
@@ -281,6 +286,45 @@ pub fn delete_node(dir: &LabDir, name: &str) -> Result<()> {
 }
 
 /// Creates a Node object per lab node, as a kubelet registering itself would.
+/// Creates the manifests' objects as `kubectl apply -k` would, with the
+/// lab's values in the ConfigMap (what the nodes' pods then read).
+fn install_manifests(dir: &LabDir, plan: &LabPlan) -> Result<usize> {
+    let manifests = manifest::load(&plan.manifests)?;
+    let config = agents::lab_config(plan);
+    client::block_on(dir, |client| async move {
+        for object in &manifests.objects {
+            let mut object = object.clone();
+            if object["kind"] == "ConfigMap" {
+                for (k, v) in &config {
+                    object["data"][k] = json!(v);
+                }
+            }
+            let api_version = object["apiVersion"].as_str().unwrap_or_default();
+            let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+            let kind = object["kind"].as_str().unwrap_or_default();
+            let served = crate::apiserver::kinds::KINDS
+                .iter()
+                .find(|k| k.group == group && k.version == version && k.kind == kind)
+                .with_context(|| {
+                    format!("the lab API server does not serve {api_version} {kind}")
+                })?;
+            let gvk = kube::api::GroupVersionKind::gvk(group, version, kind);
+            let resource = kube::api::ApiResource::from_gvk_with_plural(&gvk, served.plural);
+            let obj: kube::api::DynamicObject = serde_json::from_value(object.clone())?;
+            let api: Api<kube::api::DynamicObject> = match obj.metadata.namespace.as_deref() {
+                Some(ns) if served.namespaced => {
+                    Api::namespaced_with(client.clone(), ns, &resource)
+                }
+                _ => Api::all_with(client.clone(), &resource),
+            };
+            api.create(&PostParams::default(), &obj)
+                .await
+                .with_context(|| format!("creating {kind} {:?}", obj.metadata.name))?;
+        }
+        Ok(manifests.objects.len())
+    })
+}
+
 fn register_nodes(dir: &LabDir, plan: &[NodePlan], self_allocated: bool) -> Result<()> {
     client::block_on(dir, |client| async move {
         let nodes: Api<Node> = Api::all(client);

@@ -12,7 +12,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::agents::cni_dir;
+use super::agents;
 use super::state::LabDir;
 use super::topology::NodePlan;
 use super::{client, netns};
@@ -47,17 +47,14 @@ fn cni(
         "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
         pod.0, pod.1
     );
-    let cni = cni_dir(dir, node);
-    let conflist: Value = serde_json::from_slice(
-        &std::fs::read(cni.join("net.d/10-weft.conflist"))
-            .context("the node's conflist (is meshd running?)")?,
-    )?;
+    let bin = agents::cni_bin_dir(dir, node);
+    let conflist = agents::conflist(dir, node)?;
     let mut conf = conflist["plugins"][0].clone();
     conf["cniVersion"] = conflist["cniVersion"].clone();
     conf["name"] = conflist["name"].clone();
     let mut child = Command::new("ip")
         .args(["netns", "exec", &node.netns])
-        .arg(cni.join("bin/weft"))
+        .arg(bin.join("weft"))
         .env_clear()
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container_id)
@@ -65,7 +62,7 @@ fn cni(
         .env("CNI_IFNAME", "eth0")
         // What kubelet's runtimes pass: the plugin records which pod this is.
         .env("CNI_ARGS", &cni_args)
-        .env("CNI_PATH", cni.join("bin"))
+        .env("CNI_PATH", &bin)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -176,15 +176,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Whether `pid` is alive and one of its arguments is `dir` or a path inside
-/// it (so a recycled pid, or another lab's process, is never taken for ours).
+/// Whether `pid` is alive and one of its arguments, `--flag=` values or
+/// environment values is `dir` or a path inside it (so a recycled pid, or
+/// another lab's process, is never taken for ours; every container the lab
+/// runs has its kubeconfig there).
 pub fn process_alive(pid: i32, dir: &Path) -> bool {
+    let inside = |value: &[u8]| Path::new(std::ffi::OsStr::from_bytes(value)).starts_with(dir);
+    let after_eq = |item: &[u8]| match item.iter().position(|b| *b == b'=') {
+        Some(i) => inside(&item[i + 1..]),
+        None => false,
+    };
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
+    let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     let mentions = cmdline
         .split(|b| *b == 0)
-        .any(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)).starts_with(dir));
+        .any(|arg| inside(arg) || after_eq(arg))
+        || environ.split(|b| *b == 0).any(after_eq);
     mentions && !is_zombie(pid)
 }
 

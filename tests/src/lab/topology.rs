@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
 use ipnet::{IpNet, Ipv4Net};
@@ -66,6 +67,9 @@ pub struct LabPlan {
     /// Nodes are registered without `spec.podCIDRs`; meshd claims blocks.
     #[serde(default)]
     pub self_allocated: bool,
+    /// The manifests each node's pod comes from (`deploy/` or a rendered
+    /// overlay).
+    pub manifests: PathBuf,
 }
 
 /// Debian's wireguard-go, as meshd's `--userspace-program` finds it.
@@ -87,6 +91,8 @@ pub struct LabSpec {
     pub pods_per_node: usize,
     /// Register Nodes without `spec.podCIDRs`, so meshd claims its blocks.
     pub self_allocated: bool,
+    /// `deploy/` of this tree unless given.
+    pub manifests: Option<PathBuf>,
 }
 
 /// Namespace names the lab `name` owns, so teardown can find leftovers of a
@@ -182,7 +188,14 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
         fabric_cidr: FABRIC_CIDR.parse()?,
         nodes,
         self_allocated: spec.self_allocated,
+        manifests: manifests(spec.manifests.as_deref())?,
     })
+}
+
+/// The manifests as an absolute path (later commands may run elsewhere).
+fn manifests(given: Option<&std::path::Path>) -> Result<PathBuf> {
+    let path = given.unwrap_or(std::path::Path::new(super::manifest::DEFAULT_DIR));
+    std::fs::canonicalize(path).with_context(|| format!("--manifests {}", path.display()))
 }
 
 /// Node `k` of lab `lab` (1-based), with the spec's topology and labels for it.
