@@ -194,6 +194,7 @@ pub fn start(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<i32> {
     let running = pod
         .iter()
         .any(|p| !p.init && container_pid(dir, node, &p.container).is_some());
+    let mut meshd = None;
     for p in &pod {
         if p.init && running || container_pid(dir, node, &p.container).is_some() {
             continue;
@@ -232,13 +233,17 @@ pub fn start(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<i32> {
                 &pid_file(dir, node, &p.container),
                 child.id().to_string().as_bytes(),
             )?;
+            if p.container == MESHD {
+                meshd = Some(child);
+            }
         }
     }
     pid(dir, node).with_context(|| {
         let log = fs::read_to_string(log_file(dir, node, MESHD)).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        let status = meshd.as_mut().map(std::process::Child::try_wait);
         format!(
-            "meshd on {} exited at once:\n{}",
+            "meshd on {} is not running ({status:?}):\n{}",
             node.name,
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         )
