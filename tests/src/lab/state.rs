@@ -186,7 +186,7 @@ pub fn process_alive(pid: i32, dir: &Path) -> bool {
         Some(i) => inside(&item[i + 1..]),
         None => false,
     };
-    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+    let Some(cmdline) = cmdline(pid) else {
         return false;
     };
     let environ = fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
@@ -195,6 +195,21 @@ pub fn process_alive(pid: i32, dir: &Path) -> bool {
         .any(|arg| inside(arg) || after_eq(arg))
         || environ.split(|b| *b == 0).any(after_eq);
     mentions && !is_zombie(pid)
+}
+
+/// The process's arguments. A process inside `execve` (a container the lab
+/// just started: `ip netns exec` replacing itself with the container's
+/// command) briefly shows an empty cmdline and environ; it is read again
+/// until it has its new ones, for at most 200 ms.
+fn cmdline(pid: i32) -> Option<Vec<u8>> {
+    for _ in 0..40 {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        if !cmdline.is_empty() || is_zombie(pid) {
+            return Some(cmdline);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Some(Vec::new())
 }
 
 /// A process that has exited but not been reaped (or is already gone).
