@@ -18,12 +18,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use super::access::{self, Admission};
+use super::auth::{Signer, User};
 use super::discovery;
 use super::kinds::{lookup, Kind};
 use super::patch::PatchType;
+use super::rbac::Attributes;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::{self, ApiError};
-use super::store::{Filter, Preconditions, Store, Subresource, Watch, WatchStart};
+use super::store::{Filter, Preconditions, Store, Subresource, Watch, WatchStart, Write};
 use super::table;
 
 /// The real server's request body limit.
@@ -37,7 +40,10 @@ pub type Body = BoxBody<Bytes, Infallible>;
 /// State shared by every connection.
 pub struct Shared {
     pub store: Store,
+    /// The admin's token (`system:masters`).
     pub token: String,
+    /// Signs and verifies service account tokens.
+    pub signer: Signer,
     pub bookmark_interval: Duration,
     pub shutdown: CancellationToken,
 }
@@ -61,6 +67,11 @@ enum Route<'a> {
         namespace: Option<&'a str>,
         name: &'a str,
         sub: Subresource,
+    },
+    /// TokenRequest: `…/namespaces/NS/serviceaccounts/NAME/token`.
+    Token {
+        namespace: &'a str,
+        name: &'a str,
     },
 }
 
@@ -98,6 +109,12 @@ fn resource_route<'a>(group: &'a str, version: &'a str, rest: &[&'a str]) -> Opt
                 namespace: Some(ns),
                 name,
                 sub: Subresource::Main,
+            })
+        }
+        ["namespaces", ns, "serviceaccounts", name, "token"] if group.is_empty() => {
+            Some(Route::Token {
+                namespace: ns,
+                name,
             })
         }
         ["namespaces", ns, plural, name, s] => {
@@ -172,15 +189,18 @@ async fn dispatch(
     let Some(route) = route(&path) else {
         return Err(ApiError::no_route(&path));
     };
-    let public = matches!(route, Route::Health | Route::Version);
-    if !public && !authorized(&req, &shared.token) {
-        return Err(ApiError::unauthorized());
-    }
     let query: HashMap<String, String> =
         form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
     let method = req.method().clone();
+    let user = match route {
+        Route::Health | Route::Version => User::admin(), // unauthenticated, read-only
+        _ => access::authenticate(&shared.store, &shared.signer, &shared.token, bearer(&req))?,
+    };
+    if let Some(a) = attributes(&route, &method, &query) {
+        access::authorize(&shared.store, &user, &a)?;
+    }
     match (route, &method) {
         (Route::Health, &Method::GET) => {
             let mut r = Response::new(full(b"ok".to_vec()));
@@ -202,12 +222,19 @@ async fn dispatch(
             collection(
                 shared,
                 req,
+                &user,
                 kind,
                 namespace.map(str::to_string),
                 &query,
                 m.clone(),
             )
             .await
+        }
+        (Route::Token { namespace, name }, &Method::POST) => {
+            require_json(&req)?;
+            let body = read_json(req, true).await?;
+            access::token_request(&shared.store, &shared.signer, namespace, name, &body)
+                .map(|r| respond(201, &r))
         }
         (
             Route::Object {
@@ -219,18 +246,103 @@ async fn dispatch(
             m,
         ) => {
             let (ns, name) = (namespace.unwrap_or("").to_string(), name.to_string());
-            object(shared, req, kind, &ns, &name, sub, &query, m.clone()).await
+            let target = Target {
+                kind,
+                ns: &ns,
+                name: &name,
+                sub,
+            };
+            object(shared, req, &user, target, &query, m.clone()).await
         }
         (_, m) => Err(ApiError::method_not_allowed(m.as_str())),
     }
 }
 
-fn authorized<B>(req: &Request<B>, token: &str) -> bool {
+/// The bearer token of the request, if it has one.
+fn bearer<B>(req: &Request<B>) -> Option<&str> {
     req.headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
-        .is_some_and(|(scheme, t)| scheme.eq_ignore_ascii_case("bearer") && t.trim() == token)
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+}
+
+/// What RBAC judges a resource request by; `None` for discovery, which
+/// every authenticated user may read (`system:discovery`).
+fn attributes<'a>(
+    route: &Route<'a>,
+    method: &Method,
+    query: &'a HashMap<String, String>,
+) -> Option<Attributes<'a>> {
+    let verb = |collection: bool| -> &'static str {
+        match (method, collection) {
+            (&Method::GET, true) if flag(query, "watch") => "watch",
+            (&Method::GET, true) => "list",
+            (&Method::GET, false) => "get",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, true) => "deletecollection",
+            (&Method::DELETE, false) => "delete",
+            _ => "unknown",
+        }
+    };
+    match *route {
+        Route::Collection { kind, namespace } => Some(Attributes {
+            verb: verb(true),
+            kind,
+            subresource: "",
+            namespace: namespace.unwrap_or(""),
+            name: match method {
+                &Method::GET => query
+                    .get("fieldSelector")
+                    .and_then(|s| super::selector::exact_name(s))
+                    .unwrap_or(""),
+                _ => "",
+            },
+        }),
+        Route::Object {
+            kind,
+            namespace,
+            name,
+            sub,
+        } => Some(Attributes {
+            verb: verb(false),
+            kind,
+            subresource: sub.as_str(),
+            namespace: namespace.unwrap_or(""),
+            name,
+        }),
+        Route::Token { namespace, name } => Some(Attributes {
+            verb: verb(false),
+            kind: lookup("", "v1", "serviceaccounts")?,
+            subresource: "token",
+            namespace,
+            name,
+        }),
+        _ => None,
+    }
+}
+
+/// How a write is made: dry-run or not, admitted by the policies in force.
+fn admission<'a>(
+    store: &Store,
+    user: &'a User,
+    kind: &'static Kind,
+    ns: &'a str,
+    name: &'a str,
+    sub: Subresource,
+    dry_run: bool,
+) -> Admission<'a> {
+    let attributes = Attributes {
+        verb: "",
+        kind,
+        subresource: sub.as_str(),
+        namespace: ns,
+        name,
+    };
+    Admission::new(store, user, attributes, dry_run)
 }
 
 /// kubectl validates manifests against `/openapi/v2` and fails without it.
@@ -313,9 +425,11 @@ fn wants_table<B>(req: &Request<B>) -> bool {
         .is_some_and(table::wanted)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn collection(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
+    user: &User,
     kind: &'static Kind,
     namespace: Option<String>,
     query: &HashMap<String, String>,
@@ -342,13 +456,24 @@ async fn collection(
             };
             require_json(&req)?;
             let body = read_json(req, true).await?;
-            store
-                .create(kind, &ns, body, dry_run(query))
-                .map(|o| respond(201, &o))
+            let dry = dry_run(query);
+            let admit = admission(store, user, kind, &ns, "", Subresource::Main, dry);
+            let w = Write {
+                dry_run: dry,
+                admit: &admit,
+            };
+            store.create(kind, &ns, body, w).map(|o| respond(201, &o))
         }
         Method::DELETE => {
+            let ns = namespace.clone().unwrap_or_default();
             let f = filter(kind, namespace, query)?;
-            let deleted = store.delete_collection(kind, &f, dry_run(query))?;
+            let dry = dry_run(query);
+            let admit = admission(store, user, kind, &ns, "", Subresource::Main, dry);
+            let w = Write {
+                dry_run: dry,
+                admit: &admit,
+            };
+            let deleted = store.delete_collection(kind, &f, w)?;
             let items: Vec<Arc<Value>> = deleted.into_iter().map(Arc::new).collect();
             Ok(respond(200, &list_body(kind, &items, store.current_rv())))
         }
@@ -356,19 +481,35 @@ async fn collection(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The object a request addresses.
+struct Target<'a> {
+    kind: &'static Kind,
+    ns: &'a str,
+    name: &'a str,
+    sub: Subresource,
+}
+
 async fn object(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
-    kind: &'static Kind,
-    ns: &str,
-    name: &str,
-    sub: Subresource,
+    user: &User,
+    target: Target<'_>,
     query: &HashMap<String, String>,
     method: Method,
 ) -> Result<Response<Body>, ApiError> {
+    let Target {
+        kind,
+        ns,
+        name,
+        sub,
+    } = target;
     let store = &shared.store;
     let dry = dry_run(query);
+    let admit = admission(store, user, kind, ns, name, sub, dry);
+    let w = Write {
+        dry_run: dry,
+        admit: &admit,
+    };
     match method {
         Method::GET => {
             let o = store.get(kind, ns, name)?;
@@ -384,14 +525,14 @@ async fn object(
             require_json(&req)?;
             let body = read_json(req, true).await?;
             store
-                .update(kind, ns, name, body, sub, dry)
+                .update(kind, ns, name, body, sub, w)
                 .map(|o| respond(200, &o))
         }
         Method::PATCH => {
             let patch_type = PatchType::from_content_type(&content_type(&req))?;
             let body = read_json(req, true).await?;
             store
-                .patch(kind, ns, name, &body, patch_type, sub, dry)
+                .patch(kind, ns, name, &body, patch_type, sub, w)
                 .map(|o| respond(200, &o))
         }
         Method::DELETE if sub == Subresource::Main => {
@@ -402,7 +543,7 @@ async fn object(
                     .as_str()
                     .map(str::to_string),
             };
-            let gone = store.delete(kind, ns, name, &pre, dry)?;
+            let gone = store.delete(kind, ns, name, &pre, w)?;
             if query.get("as").is_some_and(|v| v == "Status") {
                 let uid = gone["metadata"]["uid"].as_str().unwrap_or_default();
                 return Ok(respond(200, &status::success(kind, name, uid)));
@@ -644,16 +785,16 @@ mod tests {
     }
 
     #[test]
-    fn bearer_token_is_checked() {
+    fn the_bearer_token_is_taken_from_its_header() {
         let req = |h: &str| {
             Request::builder()
                 .header(AUTHORIZATION, h)
                 .body(())
                 .unwrap()
         };
-        assert!(authorized(&req("Bearer abc"), "abc"));
-        assert!(authorized(&req("bearer abc"), "abc"));
-        assert!(!authorized(&req("Bearer abd"), "abc"));
-        assert!(!authorized(&req("Basic abc"), "abc"));
+        assert_eq!(bearer(&req("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(&req("bearer abc ")), Some("abc"));
+        assert_eq!(bearer(&req("Basic abc")), None);
+        assert_eq!(bearer(&req("abc")), None);
     }
 }

@@ -6,11 +6,15 @@
 //! [`patch`], [`selector`], [`validate`] (pure helpers). [`kinds`] is the
 //! table of served kinds; [`pki`] makes the credentials.
 
+pub mod access;
+pub mod admission;
+pub mod auth;
 pub mod discovery;
 pub mod http;
 pub mod kinds;
 pub mod patch;
 pub mod pki;
+pub mod rbac;
 pub mod selector;
 pub mod status;
 pub mod store;
@@ -141,13 +145,15 @@ pub fn launch(endpoints: Vec<Endpoint>, options: Options) -> Result<Running> {
         weft_keys::write_private(&e.kubeconfig, kubeconfig.as_bytes())?;
     }
     let listeners = endpoints.into_iter().map(|e| e.listener).collect();
-    start(listeners, pki.server_config()?, pki.token, options)
+    let signer = auth::Signer::new(&pki.signing_key);
+    start(listeners, pki.server_config()?, pki.token, signer, options)
 }
 
 fn start(
     listeners: Vec<std::net::TcpListener>,
     tls: rustls::ServerConfig,
     token: String,
+    signer: auth::Signer,
     options: Options,
 ) -> Result<Running> {
     let shutdown = CancellationToken::new();
@@ -165,6 +171,7 @@ fn start(
     let shared = Arc::new(Shared {
         store,
         token,
+        signer,
         bookmark_interval: options.bookmark_interval,
         shutdown: shutdown.clone(),
     });

@@ -20,6 +20,9 @@ pub struct Pki {
     #[serde(with = "base64_bytes")]
     key_der: Vec<u8>,
     pub token: String,
+    /// Signs the service account tokens TokenRequest mints.
+    #[serde(with = "base64_bytes")]
+    pub signing_key: Vec<u8>,
 }
 
 /// DER in JSON as base64 text.
@@ -89,6 +92,12 @@ impl Pki {
             ca_pem: ca_cert.pem(),
             cert_der: server_cert.der().clone(),
             key_der: server_key.serialize_der(),
+            signing_key: {
+                let mut key = vec![0u8; 32];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+                    .map_err(|_| anyhow::anyhow!("no system randomness for the signing key"))?;
+                key
+            },
             token: format!(
                 "{}{}",
                 uuid::Uuid::new_v4().simple(),

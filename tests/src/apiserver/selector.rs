@@ -112,6 +112,16 @@ fn valid_key(key: &str) -> Option<&str> {
     ok.then_some(key)
 }
 
+/// The name a field selector pins with `metadata.name=NAME`: a list or
+/// watch with one is authorized like a get of that object (RBAC
+/// `resourceNames` cover it), as kube-apiserver's request info says.
+pub fn exact_name(selector: &str) -> Option<&str> {
+    selector.split(',').map(str::trim).find_map(|term| {
+        let (field, value) = term.split_once("==").or_else(|| term.split_once('='))?;
+        (field.trim() == "metadata.name").then(|| value.trim())
+    })
+}
+
 /// A parsed field selector over the fields a kind supports.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FieldSelector(Vec<(String, bool, String)>);
@@ -194,6 +204,15 @@ mod tests {
         assert!(!m("missing in (x)"));
         assert!(LabelSelector::parse("a in b").is_err());
         assert!(LabelSelector::parse("a b=c").is_err());
+    }
+
+    #[test]
+    fn an_exact_name_is_found_only_in_an_equality() {
+        assert_eq!(exact_name("metadata.name=a"), Some("a"));
+        assert_eq!(exact_name("spec.x=1, metadata.name==b"), Some("b"));
+        assert_eq!(exact_name("metadata.name!=a"), None);
+        assert_eq!(exact_name("metadata.namespace=a"), None);
+        assert_eq!(exact_name(""), None);
     }
 
     #[test]

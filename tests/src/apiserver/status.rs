@@ -96,6 +96,16 @@ impl ApiError {
         Self::new(403, "Forbidden", message)
     }
 
+    /// kube-apiserver's `NewForbidden`: `nodes "n" is forbidden: why`.
+    pub fn forbidden_on(kind: &Kind, name: &str, why: impl std::fmt::Display) -> Self {
+        let message = if name.is_empty() {
+            format!("{} is forbidden: {why}", resource(kind))
+        } else {
+            format!("{} \"{name}\" is forbidden: {why}", resource(kind))
+        };
+        Self::new(403, "Forbidden", message).with_details(details(kind, name))
+    }
+
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
     }

@@ -14,6 +14,7 @@ use std::time::SystemTime;
 use serde_json::{json, Map, Value};
 use tokio::sync::broadcast;
 
+use super::admission::Operation;
 use super::kinds::{namespace_kind, Kind, KINDS};
 use super::patch::{self, PatchType};
 use super::selector::{FieldSelector, LabelSelector};
@@ -26,6 +27,42 @@ const BUILTIN_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "
 /// Live watches that fall this many events behind are closed with 410 (the
 /// client relists), so a stuck watcher cannot hold memory without bound.
 const WATCH_CHANNEL: usize = 4096;
+
+/// Admission control: judges a write under the store's lock, after the
+/// object is defaulted and validated and before anything is written, so
+/// what it admits is exactly what is stored.
+pub trait Admit: Sync {
+    fn admit(
+        &self,
+        operation: Operation,
+        old: Option<&Value>,
+        new: Option<&Value>,
+    ) -> Result<(), ApiError>;
+}
+
+/// Admits every write (the store's own writes and tests).
+pub struct AdmitAll;
+
+impl Admit for AdmitAll {
+    fn admit(&self, _: Operation, _: Option<&Value>, _: Option<&Value>) -> Result<(), ApiError> {
+        Ok(())
+    }
+}
+
+/// How a write is made: for real or as a dry run, and who admits it.
+#[derive(Clone, Copy)]
+pub struct Write<'a> {
+    pub dry_run: bool,
+    pub admit: &'a dyn Admit,
+}
+
+impl Write<'static> {
+    /// Written for real, admitted without questions.
+    pub const COMMIT: Write<'static> = Write {
+        dry_run: false,
+        admit: &AdmitAll,
+    };
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Key {
@@ -112,6 +149,16 @@ impl Filter {
 pub enum Subresource {
     Main,
     Status,
+}
+
+impl Subresource {
+    /// As in a URL and in RBAC rules: empty for the main resource.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Subresource::Main => "",
+            Subresource::Status => "status",
+        }
+    }
 }
 
 /// Where a watch starts.
@@ -225,7 +272,7 @@ impl Store {
                     namespace_kind(),
                     "",
                     json!({"metadata": {"name": name}}),
-                    false,
+                    Write::COMMIT,
                 )
                 .expect("built-in namespaces are valid");
         }
@@ -348,7 +395,7 @@ impl Store {
         kind: &'static Kind,
         ns: &str,
         body: Value,
-        dry_run: bool,
+        w: Write,
     ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let object = prepare_create(kind, ns, body)?;
@@ -360,7 +407,8 @@ impl Store {
         if inner.objects.contains_key(&k) {
             return Err(ApiError::already_exists(kind, &name));
         }
-        if dry_run {
+        w.admit.admit(Operation::Create, None, Some(&object))?;
+        if w.dry_run {
             return Ok(object);
         }
         Ok(self
@@ -376,12 +424,12 @@ impl Store {
         name: &str,
         body: Value,
         sub: Subresource,
-        dry_run: bool,
+        w: Write,
     ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let old = current(&inner, kind, ns, name)?;
         let new = prepare_update(kind, ns, name, &old, body, sub)?;
-        self.finish_update(&mut inner, kind, ns, name, old, new, dry_run)
+        self.finish_update(&mut inner, kind, ns, name, old, new, w)
     }
 
     /// Applies a patch to the current object and stores the result as an
@@ -395,13 +443,13 @@ impl Store {
         body: &Value,
         patch_type: PatchType,
         sub: Subresource,
-        dry_run: bool,
+        w: Write,
     ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let old = current(&inner, kind, ns, name)?;
         let patched = patch::apply(&old, body, patch_type)?;
         let new = prepare_update(kind, ns, name, &old, patched, sub)?;
-        self.finish_update(&mut inner, kind, ns, name, old, new, dry_run)
+        self.finish_update(&mut inner, kind, ns, name, old, new, w)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -413,14 +461,16 @@ impl Store {
         name: &str,
         old: Arc<Value>,
         new: Value,
-        dry_run: bool,
+        w: Write,
     ) -> Result<Value, ApiError> {
+        // Admission judges no-op updates too, as on the real server.
+        w.admit.admit(Operation::Update, Some(&old), Some(&new))?;
         // An update that changes nothing is not written and bumps nothing,
         // as on the real server (so idle controllers cause no watch traffic).
         if new == *old {
             return Ok(old.as_ref().clone());
         }
-        if dry_run {
+        if w.dry_run {
             return Ok(new);
         }
         let k = key(kind, ns, name);
@@ -441,7 +491,7 @@ impl Store {
         ns: &str,
         name: &str,
         pre: &Preconditions,
-        dry_run: bool,
+        w: Write,
     ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let old = current(&inner, kind, ns, name)?;
@@ -462,7 +512,8 @@ impl Store {
                 return Err(ApiError::conflict(kind, name, &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}", meta_str(&old, "resourceVersion").unwrap_or(""))));
             }
         }
-        if dry_run {
+        w.admit.admit(Operation::Delete, Some(&old), None)?;
+        if w.dry_run {
             return Ok(old.as_ref().clone());
         }
         if !finalizers_empty(&old) {
@@ -504,14 +555,14 @@ impl Store {
         &self,
         kind: &'static Kind,
         filter: &Filter,
-        dry_run: bool,
+        w: Write,
     ) -> Result<Vec<Value>, ApiError> {
         let (items, _) = self.list(kind, filter);
         let mut out = Vec::with_capacity(items.len());
         for item in items {
             let ns = meta_str(&item, "namespace").unwrap_or_default();
             let name = meta_str(&item, "name").unwrap_or_default();
-            match self.delete(kind, ns, name, &Preconditions::default(), dry_run) {
+            match self.delete(kind, ns, name, &Preconditions::default(), w) {
                 Ok(v) => out.push(v),
                 // Deleted concurrently: the goal is met.
                 Err(e) if e.code == 404 => {}
@@ -799,7 +850,7 @@ mod tests {
     #[test]
     fn create_sets_server_fields() {
         let s = Store::new(100);
-        let n = s.create(nodes(), "", node("a"), false).unwrap();
+        let n = s.create(nodes(), "", node("a"), Write::COMMIT).unwrap();
         assert_eq!(n["kind"], "Node");
         assert_eq!(n["apiVersion"], "v1");
         assert!(n["metadata"]["uid"].as_str().unwrap().len() == 36);
@@ -809,7 +860,9 @@ mod tests {
             .ends_with('Z'));
         assert!(n["metadata"].get("generation").is_none());
         assert_eq!(
-            s.create(nodes(), "", node("a"), false).unwrap_err().reason,
+            s.create(nodes(), "", node("a"), Write::COMMIT)
+                .unwrap_err()
+                .reason,
             "AlreadyExists"
         );
         let p = s
@@ -817,32 +870,51 @@ mod tests {
                 netpols(),
                 "default",
                 json!({"metadata": {"generateName": "p-"}, "spec": {}}),
-                false,
+                Write::COMMIT,
             )
             .unwrap();
         assert_eq!(p["metadata"]["generation"], 1);
         assert!(p["metadata"]["name"].as_str().unwrap().starts_with("p-"));
-        let missing_ns = s.create(netpols(), "nope", json!({"metadata": {"name": "p"}}), false);
+        let missing_ns = s.create(
+            netpols(),
+            "nope",
+            json!({"metadata": {"name": "p"}}),
+            Write::COMMIT,
+        );
         assert_eq!(missing_ns.unwrap_err().code, 404);
     }
 
     #[test]
     fn stale_update_conflicts_and_noop_writes_nothing() {
         let s = Store::new(100);
-        let n = s.create(nodes(), "", node("a"), false).unwrap();
+        let n = s.create(nodes(), "", node("a"), Write::COMMIT).unwrap();
         let rv = s.current_rv();
         let same = s
-            .update(nodes(), "", "a", n.clone(), Subresource::Main, false)
+            .update(
+                nodes(),
+                "",
+                "a",
+                n.clone(),
+                Subresource::Main,
+                Write::COMMIT,
+            )
             .unwrap();
         assert_eq!(s.current_rv(), rv, "a no-op update must not write");
         assert_eq!(same, n);
         let mut changed = n.clone();
         changed["metadata"]["labels"] = json!({"x": "y"});
-        s.update(nodes(), "", "a", changed.clone(), Subresource::Main, false)
-            .unwrap();
+        s.update(
+            nodes(),
+            "",
+            "a",
+            changed.clone(),
+            Subresource::Main,
+            Write::COMMIT,
+        )
+        .unwrap();
         changed["metadata"]["labels"] = json!({"x": "z"});
         let err = s
-            .update(nodes(), "", "a", changed, Subresource::Main, false)
+            .update(nodes(), "", "a", changed, Subresource::Main, Write::COMMIT)
             .unwrap_err();
         assert_eq!((err.code, err.reason), (409, "Conflict"));
     }
@@ -850,19 +922,26 @@ mod tests {
     #[test]
     fn status_subresource_splits_writes() {
         let s = Store::new(100);
-        let n = s.create(nodes(), "", node("a"), false).unwrap();
+        let n = s.create(nodes(), "", node("a"), Write::COMMIT).unwrap();
         let mut body = n.clone();
         body["status"] = json!({"phase": "changed"});
         body["spec"]["podCIDR"] = json!("198.19.2.0/24");
         let main = s
-            .update(nodes(), "", "a", body.clone(), Subresource::Main, false)
+            .update(
+                nodes(),
+                "",
+                "a",
+                body.clone(),
+                Subresource::Main,
+                Write::COMMIT,
+            )
             .unwrap();
         assert_eq!(main["status"]["phase"], "x");
         assert_eq!(main["spec"]["podCIDR"], "198.19.2.0/24");
         body["metadata"]["resourceVersion"] = main["metadata"]["resourceVersion"].clone();
         body["spec"]["podCIDR"] = json!("198.19.3.0/24");
         let status = s
-            .update(nodes(), "", "a", body, Subresource::Status, false)
+            .update(nodes(), "", "a", body, Subresource::Status, Write::COMMIT)
             .unwrap();
         assert_eq!(status["status"]["phase"], "changed");
         assert_eq!(status["spec"]["podCIDR"], "198.19.2.0/24");
@@ -876,7 +955,7 @@ mod tests {
                 netpols(),
                 "default",
                 json!({"metadata": {"name": "p"}, "spec": {"podSelector": {}}}),
-                false,
+                Write::COMMIT,
             )
             .unwrap();
         let mut labelled = p.clone();
@@ -888,7 +967,7 @@ mod tests {
                 "p",
                 labelled,
                 Subresource::Main,
-                false,
+                Write::COMMIT,
             )
             .unwrap();
         assert_eq!(p["metadata"]["generation"], 1);
@@ -900,7 +979,7 @@ mod tests {
                 &json!({"spec": {"policyTypes": ["Ingress"]}}),
                 PatchType::Merge,
                 Subresource::Main,
-                false,
+                Write::COMMIT,
             )
             .unwrap();
         assert_eq!(patched["metadata"]["generation"], 2);
@@ -911,9 +990,9 @@ mod tests {
         let s = Store::new(100);
         let mut n = node("a");
         n["metadata"]["finalizers"] = json!(["weft.dev/test"]);
-        s.create(nodes(), "", n, false).unwrap();
+        s.create(nodes(), "", n, Write::COMMIT).unwrap();
         let marked = s
-            .delete(nodes(), "", "a", &Preconditions::default(), false)
+            .delete(nodes(), "", "a", &Preconditions::default(), Write::COMMIT)
             .unwrap();
         assert!(marked["metadata"]["deletionTimestamp"].is_string());
         assert!(s.get(nodes(), "", "a").is_ok());
@@ -924,7 +1003,7 @@ mod tests {
             &json!({"metadata": {"finalizers": null}}),
             PatchType::Merge,
             Subresource::Main,
-            false,
+            Write::COMMIT,
         )
         .unwrap();
         assert_eq!(s.get(nodes(), "", "a").unwrap_err().code, 404);
@@ -938,15 +1017,26 @@ mod tests {
                 namespace_kind(),
                 "",
                 json!({"metadata": {"name": "x"}}),
-                false,
+                Write::COMMIT,
             )
             .unwrap();
         assert_eq!(ns["metadata"]["labels"]["kubernetes.io/metadata.name"], "x");
         assert_eq!(ns["status"]["phase"], "Active");
-        s.create(netpols(), "x", json!({"metadata": {"name": "p"}}), false)
-            .unwrap();
-        s.delete(namespace_kind(), "", "x", &Preconditions::default(), false)
-            .unwrap();
+        s.create(
+            netpols(),
+            "x",
+            json!({"metadata": {"name": "p"}}),
+            Write::COMMIT,
+        )
+        .unwrap();
+        s.delete(
+            namespace_kind(),
+            "",
+            "x",
+            &Preconditions::default(),
+            Write::COMMIT,
+        )
+        .unwrap();
         assert_eq!(s.get(netpols(), "x", "p").unwrap_err().code, 404);
     }
 
@@ -955,7 +1045,7 @@ mod tests {
         let s = Store::new(3);
         let base = s.current_rv();
         for i in 0..5 {
-            s.create(nodes(), "", node(&format!("n{i}")), false)
+            s.create(nodes(), "", node(&format!("n{i}")), Write::COMMIT)
                 .unwrap();
         }
         let err = s
@@ -981,7 +1071,7 @@ mod tests {
     #[test]
     fn a_restored_store_keeps_objects_and_sends_every_old_watch_away() {
         let s = Store::new(100);
-        s.create(nodes(), "", node("a"), false).unwrap();
+        s.create(nodes(), "", node("a"), Write::COMMIT).unwrap();
         let seen = s.current_rv();
         let json = serde_json::to_vec(&s.snapshot()).unwrap();
         let r = Store::restore(serde_json::from_slice(&json).unwrap(), 100);
@@ -992,7 +1082,7 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(err.code, 410, "a client's old resourceVersion must relist");
-        let created = r.create(nodes(), "", node("b"), false).unwrap();
+        let created = r.create(nodes(), "", node("b"), Write::COMMIT).unwrap();
         let rv: u64 = created["metadata"]["resourceVersion"]
             .as_str()
             .unwrap()
@@ -1011,7 +1101,7 @@ mod tests {
     #[test]
     fn selector_transitions_become_added_and_deleted() {
         let s = Store::new(100);
-        s.create(nodes(), "", node("a"), false).unwrap();
+        s.create(nodes(), "", node("a"), Write::COMMIT).unwrap();
         let filter = Filter {
             labels: LabelSelector::parse("role=mesh").unwrap(),
             ..Filter::default()
@@ -1026,7 +1116,7 @@ mod tests {
             &label(json!("mesh")),
             PatchType::Merge,
             Subresource::Main,
-            false,
+            Write::COMMIT,
         )
         .unwrap();
         s.patch(
@@ -1036,7 +1126,7 @@ mod tests {
             &label(json!("other")),
             PatchType::Merge,
             Subresource::Main,
-            false,
+            Write::COMMIT,
         )
         .unwrap();
         let seen: Vec<_> = (0..2)

@@ -159,6 +159,11 @@ enum Cmd {
         /// kustomize deploy/overlays/X > FILE`); default: this tree's deploy/.
         #[arg(long, value_name = "PATH")]
         manifests: Option<std::path::PathBuf>,
+        /// How each node's containers run: as processes with the built
+        /// binaries, or as podman containers of the DaemonSet's image
+        /// (build it first: deploy/image/build).
+        #[arg(long, value_enum, default_value_t)]
+        runtime: topology::Runtime,
     },
     /// Attach, delete or enter pods.
     Pod {
@@ -274,6 +279,7 @@ fn run(cli: Cli) -> Result<()> {
             pods_per_node,
             self_allocated_blocks,
             manifests,
+            runtime,
         } => {
             let mut spec = LabSpec {
                 name: cli.name.clone(),
@@ -285,6 +291,7 @@ fn run(cli: Cli) -> Result<()> {
                 pods_per_node,
                 self_allocated: self_allocated_blocks,
                 manifests,
+                runtime,
                 ..LabSpec::default()
             };
             for t in &topology {

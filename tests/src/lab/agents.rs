@@ -19,8 +19,11 @@ use nix::unistd::Pid;
 use weft_meshd::cni::CONFLIST;
 
 use super::state::{process_alive, write_atomic, LabDir};
-use super::topology::{LabPlan, NodePlan, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
-use super::{manifest, netns};
+use super::topology::{LabPlan, NodePlan, Runtime, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
+use super::{client, manifest, netns};
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, PostParams};
 
 /// Keepalive in the lab: short, so that handshakes happen at once and
 /// liveness is observable in tests.
@@ -51,6 +54,59 @@ fn node_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
     dir.file(&node.name)
 }
 
+/// The kubeconfig of the node's pod: the API server's fabric address and a
+/// token of the DaemonSet's service account bound to this Node, as the
+/// kubelet projects one into the pod. The API server knows from it which
+/// node asks (and the admission policy holds each node to its own Node).
+pub fn pod_kubeconfig(dir: &LabDir, node: &NodePlan) -> PathBuf {
+    node_dir(dir, node).join("kubeconfig")
+}
+
+/// How long a pod's token is valid (the lab does not refresh tokens as the
+/// kubelet does; a lab lives for hours, not weeks).
+const TOKEN_SECONDS: i64 = 7 * 24 * 3600;
+
+/// Asks the API server for the pod's token (a TokenRequest bound to the
+/// Node) and writes the pod's kubeconfig with it.
+fn issue_credentials(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<()> {
+    let (namespace, account) = manifest::load(&plan.manifests)?.service_account();
+    let node_name = node.name.clone();
+    let token = client::block_on(dir, |client| async move {
+        let api: Api<ServiceAccount> = Api::namespaced(client, &namespace);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Node".into()),
+                    name: Some(node_name),
+                    uid: None,
+                }),
+                expiration_seconds: Some(TOKEN_SECONDS),
+                ..TokenRequestSpec::default()
+            },
+            ..TokenRequest::default()
+        };
+        let issued = api
+            .create_token_request(&account, &PostParams::default(), &request)
+            .await
+            .with_context(|| format!("requesting a token for {namespace}/{account}"))?;
+        issued
+            .status
+            .map(|s| s.token)
+            .context("the TokenRequest came back without a token")
+    })?;
+    let path = dir.node_kubeconfig();
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut kubeconfig: serde_json::Value =
+        serde_norway::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))?;
+    kubeconfig["users"][0]["user"]["token"] = serde_json::json!(token);
+    weft_keys::write_private(
+        &pod_kubeconfig(dir, node),
+        serde_norway::to_string(&kubeconfig)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
 /// The node's own host filesystem: host path `/x` of the DaemonSet's
 /// volumes is `root/x` (each lab node is its own machine).
 pub fn root(dir: &LabDir, node: &NodePlan) -> PathBuf {
@@ -67,12 +123,29 @@ pub fn cni_conf_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
     root(dir, node).join("etc/cni/net.d")
 }
 
-/// The node's conflist, as the install-cni container wrote it.
+/// The node's conflist, as the install-cni container wrote it, with the
+/// host paths in it resolved in the node's filesystem as the node's runtime
+/// resolves them: a container writes the paths it was given (`/run/weft/…`
+/// from the image, `<root>/run/weft/…` as a process), and on the lab
+/// machine the node's `/` is `<root>`.
 pub fn conflist(dir: &LabDir, node: &NodePlan) -> Result<serde_json::Value> {
     let path = cni_conf_dir(dir, node).join(CONFLIST);
     let bytes = fs::read(&path)
         .with_context(|| format!("{} (did the install-cni container run?)", path.display()))?;
-    Ok(serde_json::from_slice(&bytes)?)
+    let mut conflist: serde_json::Value = serde_json::from_slice(&bytes)?;
+    let lab = dir.path();
+    for plugin in conflist["plugins"].as_array_mut().into_iter().flatten() {
+        for key in ["stateFile", "ipamDir"] {
+            let Some(p) = plugin[key].as_str().map(PathBuf::from) else {
+                continue;
+            };
+            if p.is_absolute() && !p.starts_with(&lab) {
+                let on_node = root(dir, node).join(p.strip_prefix("/").unwrap_or(&p));
+                plugin[key] = serde_json::json!(on_node);
+            }
+        }
+    }
+    Ok(conflist)
 }
 
 /// Whether meshd has made the node ready for pods: the plugin and its
@@ -143,7 +216,6 @@ pub fn lab_config(plan: &LabPlan) -> BTreeMap<String, String> {
 /// The DaemonSet's pod on `node`, as processes.
 pub fn pod(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<Vec<manifest::Process>> {
     let manifests = manifest::load(&plan.manifests)?;
-    let bin = sibling("meshd")?;
     let commands = node
         .userspace_program
         .iter()
@@ -156,21 +228,12 @@ pub fn pod(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<Vec<manifest
         name: node.name.clone(),
         host_ip: node.underlay,
         root: root(dir, node),
-        bin_dir: bin
-            .parent()
-            .context("meshd has no directory")?
-            .to_path_buf(),
+        kubeconfig: pod_kubeconfig(dir, node),
         config: lab_config(plan),
-        injected: vec![
-            (
-                "KUBECONFIG".into(),
-                dir.node_kubeconfig().display().to_string(),
-            ),
-            (
-                weft_meshd::dataplane::INTERFACE_ENV.into(),
-                node.wg_interface.clone(),
-            ),
-        ],
+        injected: vec![(
+            weft_meshd::dataplane::INTERFACE_ENV.into(),
+            node.wg_interface.clone(),
+        )],
         commands,
     };
     manifest::pod(&manifests, &lab_node).with_context(|| {
@@ -194,6 +257,7 @@ pub fn start(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<i32> {
     let running = pod
         .iter()
         .any(|p| !p.init && container_pid(dir, node, &p.container).is_some());
+    issue_credentials(dir, plan, node)?;
     let mut meshd = None;
     for p in &pod {
         if p.init && running || container_pid(dir, node, &p.container).is_some() {
@@ -202,7 +266,7 @@ pub fn start(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<i32> {
         for d in &p.dirs {
             fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let mut child = spawn(dir, node, p)?;
+        let mut child = spawn(dir, plan, node, p)?;
         if p.init {
             let deadline = Instant::now() + INIT_TIMEOUT;
             let status = loop {
@@ -271,7 +335,7 @@ pub fn restart(dir: &LabDir, plan: &LabPlan, node: &NodePlan, container: &str) -
     if let Some(old) = container_pid(dir, node, container) {
         stop(dir, old, TERM_GRACE);
     }
-    let child = spawn(dir, node, p)?;
+    let child = spawn(dir, plan, node, p)?;
     write_atomic(
         &pid_file(dir, node, container),
         child.id().to_string().as_bytes(),
@@ -292,12 +356,35 @@ fn stop(dir: &LabDir, pid: i32, grace: Duration) {
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
 }
 
-fn spawn(dir: &LabDir, node: &NodePlan, p: &manifest::Process) -> Result<std::process::Child> {
+fn spawn(
+    dir: &LabDir,
+    plan: &LabPlan,
+    node: &NodePlan,
+    p: &manifest::Process,
+) -> Result<std::process::Child> {
     let log = File::options()
         .create(true)
         .append(true)
         .open(log_file(dir, node, &p.container))?;
-    let (program, args) = p.argv.split_first().context("an empty command")?;
+    let mut cmd = match plan.runtime {
+        Runtime::Processes => process_command(node, p)?,
+        Runtime::Podman => podman_command(dir, node, p)?,
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    cmd.spawn()
+        .with_context(|| format!("starting container {} on {}", p.container, node.name))
+}
+
+/// The container as a process in the node's namespace, with the binaries
+/// built beside meshlab and paths mapped into the node's directory.
+fn process_command(node: &NodePlan, p: &manifest::Process) -> Result<Command> {
+    let meshd = sibling("meshd")?;
+    let bin_dir = meshd.parent().context("meshd has no directory")?;
+    let (argv, env) = p.on_host(bin_dir);
+    let (program, args) = argv.split_first().context("an empty command")?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &node.netns])
         .arg(program)
@@ -306,13 +393,58 @@ fn spawn(dir: &LabDir, node: &NodePlan, p: &manifest::Process) -> Result<std::pr
         // so that the tools the image would carry (nft) are found.
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(p.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0);
-    cmd.spawn()
-        .with_context(|| format!("starting container {} on {}", p.container, node.name))
+        .envs(env);
+    Ok(cmd)
+}
+
+/// Labels every podman container of a lab with the lab's directory, so
+/// teardown finds them even after a crash.
+pub const PODMAN_LABEL: &str = "dev.weft.meshlab";
+
+/// The container with podman: the DaemonSet's image in the node's network
+/// namespace, with the manifest's volumes, devices, privileges and
+/// capabilities, command and environment exactly as written. `nsenter
+/// --net`, not `ip netns exec`: the latter's private /sys hides the cgroup
+/// mount runc needs. Attached, so the pid file holds podman, which passes
+/// signals on to the container (`--sig-proxy`) and removes it when it ends.
+fn podman_command(dir: &LabDir, node: &NodePlan, p: &manifest::Process) -> Result<Command> {
+    anyhow::ensure!(
+        !p.replaced,
+        "container {} on {}: the lab runs a program of this machine's there, which the image does not have (use --runtime processes)",
+        p.container,
+        node.name
+    );
+    let (program, args) = p.argv.split_first().context("an empty command")?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", node.netns))
+        .args(["podman", "run", "--rm", "--network=host", "--pull=never"])
+        .arg(format!("--name={}-{}", node.netns, p.container))
+        .arg(format!("--label={PODMAN_LABEL}={}", dir.path().display()));
+    // podman's default limits (1048576 open files) exceed what this
+    // sandbox lets runc grant without CAP_SYS_RESOURCE, and runc then fails
+    // to start the container: open files as many as this process may have;
+    // processes 4096 (measured: runc is refused even this process's own
+    // hard limit of processes here).
+    let (_, files) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    cmd.arg(format!("--ulimit=nofile={files}:{files}"))
+        .arg("--ulimit=nproc=4096:4096");
+    if p.privileged {
+        cmd.arg("--privileged");
+    }
+    for cap in &p.capabilities {
+        cmd.arg(format!("--cap-add={cap}"));
+    }
+    for m in &p.mounts {
+        let flag = if m.device { "--device" } else { "--volume" };
+        cmd.arg(format!("{flag}={}:{}", m.host.display(), m.container));
+    }
+    for (k, v) in &p.env {
+        cmd.arg(format!("--env={k}={v}"));
+    }
+    cmd.arg(format!("--entrypoint={program}"))
+        .arg(&p.image)
+        .args(args);
+    Ok(cmd)
 }
 
 /// The last `n` warning or error lines of the node's meshd log.

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::SocketAddr;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -371,6 +372,7 @@ pub fn down(dir: &LabDir) -> Result<Removed> {
 }
 
 fn teardown(dir: &LabDir) -> Result<Removed> {
+    let containers = remove_podman_containers(dir);
     let namespaces: Vec<String> = netns::list()
         .into_iter()
         .filter(|ns| topology::owns_netns(&dir.name, ns))
@@ -412,10 +414,35 @@ fn teardown(dir: &LabDir) -> Result<Removed> {
         fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
     }
     Ok(Removed {
-        processes: stopped.len(),
+        processes: stopped.len() + containers,
         namespaces: namespaces.len(),
         files,
     })
+}
+
+/// Removes the lab's podman containers (`--runtime podman`), found by their
+/// label even after a crash; returns how many. Bounded: a wedged podman
+/// must not hang teardown.
+fn remove_podman_containers(dir: &LabDir) -> usize {
+    let podman = |args: &[&str]| {
+        Command::new("timeout")
+            .args(["60", "podman"])
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let label = format!("label={}={}", agents::PODMAN_LABEL, dir.path().display());
+    let Some(listed) = podman(&["ps", "--all", "--quiet", "--filter", &label]) else {
+        return 0; // No podman: no containers either.
+    };
+    let ids: Vec<&str> = listed.split_whitespace().collect();
+    if !ids.is_empty() {
+        podman(&[&["rm", "--force", "--time", "0"], ids.as_slice()].concat());
+    }
+    ids.len()
 }
 
 /// Mount points at or below `dir`, shallowest first.

@@ -50,6 +50,51 @@ struct Kustomization {
     patches_json6902: Vec<Value>,
     #[serde(default)]
     patches: Vec<Value>,
+    #[serde(default)]
+    images: Vec<ImageOverride>,
+}
+
+/// A kustomization's `images` entry: what the DaemonSet's `image: weft`
+/// becomes (`localhost/weft:0.1.0`).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageOverride {
+    name: String,
+    new_name: Option<String>,
+    new_tag: Option<String>,
+}
+
+impl ImageOverride {
+    fn apply(&self, image: &str) -> Option<String> {
+        let (name, tag) = match image.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, Some(t)),
+            _ => (image, None),
+        };
+        (name == self.name).then(|| {
+            let name = self.new_name.as_deref().unwrap_or(name);
+            match self.new_tag.as_deref().or(tag) {
+                Some(tag) => format!("{name}:{tag}"),
+                None => name.to_string(),
+            }
+        })
+    }
+}
+
+impl Manifests {
+    /// The namespace and service account the DaemonSet's pods run as.
+    pub fn service_account(&self) -> (String, String) {
+        let namespace = self.daemonset.metadata.namespace.clone();
+        let account = self
+            .daemonset
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.service_account_name.clone());
+        (
+            namespace.unwrap_or_else(|| "default".into()),
+            account.unwrap_or_else(|| "default".into()),
+        )
+    }
 }
 
 /// Loads `path`: a kustomization directory of plain resources (patches are
@@ -111,8 +156,20 @@ fn collect(path: &Path, out: &mut Vec<Value>) -> Result<()> {
             path.display()
         );
     }
+    let first = out.len();
     for r in k.bases.iter().chain(&k.resources) {
         collect(&path.join(r), out)?;
+    }
+    for object in &mut out[first..] {
+        let spec = &mut object["spec"]["template"]["spec"];
+        for list in ["initContainers", "containers"] {
+            for c in spec[list].as_array_mut().into_iter().flatten() {
+                let image = c["image"].as_str().unwrap_or_default().to_string();
+                if let Some(new) = k.images.iter().find_map(|o| o.apply(&image)) {
+                    c["image"] = Value::String(new);
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -124,29 +181,71 @@ pub struct Node {
     pub host_ip: Ipv4Addr,
     /// The node's own "host filesystem": host path `/x` is `root/x`.
     pub root: PathBuf,
-    /// Where the binaries built with meshlab are (the image's
-    /// [`IMAGE_BIN_DIR`]).
-    pub bin_dir: PathBuf,
+    /// The pod's kubeconfig on the lab node, mounted at [`POD_KUBECONFIG`].
+    pub kubeconfig: PathBuf,
     /// ConfigMap values the lab sets (its cluster ranges, short timers).
     pub config: BTreeMap<String, String>,
-    /// Variables the runtime adds, as a kubelet adds the service account's
-    /// credentials: the node's kubeconfig, its interface name.
+    /// Variables the runtime adds: the node's interface name.
     pub injected: Vec<(String, String)>,
     /// Containers whose command the lab replaces (a node running another
     /// WireGuard implementation in the data plane container).
     pub commands: BTreeMap<String, Vec<String>>,
 }
 
-/// One container as a process.
+/// Where the lab's pods find their kubeconfig (the lab's stand-in for the
+/// projected service account token: kube-rs reads `KUBECONFIG` first).
+pub const POD_KUBECONFIG: &str = "/var/run/secrets/meshlab/kubeconfig";
+
+/// A hostPath volume as one container mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// Where it is on the lab node.
+    pub host: PathBuf,
+    /// Where the container sees it.
+    pub container: String,
+    /// A character device (`/dev/net/tun`), passed as a device.
+    pub device: bool,
+}
+
+/// One container of the pod, as the container sees itself: its image,
+/// command and environment with container paths, and what is mounted
+/// where. [`Process::on_host`] turns it into a process on the lab node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Process {
     pub container: String,
     /// Runs to completion before the containers start.
     pub init: bool,
+    pub image: String,
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
+    pub mounts: Vec<Mount>,
     /// Host directories to create first (`DirectoryOrCreate` volumes).
     pub dirs: Vec<PathBuf>,
+    pub privileged: bool,
+    /// Capabilities added to the runtime's defaults.
+    pub capabilities: Vec<String>,
+    /// The lab replaced the command with a program of the machine's (one
+    /// that is not in the image).
+    pub replaced: bool,
+}
+
+impl Process {
+    /// The command and environment as a process on the lab node runs
+    /// them: every path inside a mount becomes the mount's source, and the
+    /// image's binaries the ones built beside meshlab (`bin_dir`).
+    pub fn on_host(&self, bin_dir: &Path) -> (Vec<String>, Vec<(String, String)>) {
+        // Longest mount first, so that a nested mount wins.
+        let mut mounts: Vec<(&str, &Path)> = self
+            .mounts
+            .iter()
+            .map(|m| (m.container.trim_end_matches('/'), m.host.as_path()))
+            .collect();
+        mounts.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
+        let map = |s: &String| map_path(s, &mounts, bin_dir);
+        let argv = self.argv.iter().map(map).collect();
+        let env = self.env.iter().map(|(k, v)| (k.clone(), map(v))).collect();
+        (argv, env)
+    }
 }
 
 /// The DaemonSet's pod on `node`: init containers, then containers, in order.
@@ -171,10 +270,12 @@ pub fn pod(m: &Manifests, node: &Node) -> Result<Vec<Process>> {
         .collect()
 }
 
-/// A hostPath volume: where it is on the lab node, and whether to create it.
+/// A hostPath volume: where it is on the lab node, whether to create it,
+/// whether it is a device.
 struct HostPath {
     path: PathBuf,
     create_dir: bool,
+    device: bool,
 }
 
 fn host_paths(spec: &PodSpec, node: &Node) -> Result<BTreeMap<String, HostPath>> {
@@ -191,7 +292,15 @@ fn host_paths(spec: &PodSpec, node: &Node) -> Result<BTreeMap<String, HostPath>>
             node.root.join(hp.path.trim_start_matches('/'))
         };
         let create_dir = !shared && hp.type_.as_deref() == Some("DirectoryOrCreate");
-        out.insert(v.name.clone(), HostPath { path, create_dir });
+        let device = hp.type_.as_deref() == Some("CharDevice");
+        out.insert(
+            v.name.clone(),
+            HostPath {
+                path,
+                create_dir,
+                device,
+            },
+        );
     }
     Ok(out)
 }
@@ -204,24 +313,25 @@ fn container(
     config_name: &str,
     config: &BTreeMap<String, String>,
 ) -> Result<Process> {
-    // mountPath -> where it is on the lab node, longest first so that a
-    // nested mount wins.
-    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    let mut mounts = vec![Mount {
+        host: node.kubeconfig.clone(),
+        container: POD_KUBECONFIG.into(),
+        device: false,
+    }];
     let mut dirs = Vec::new();
     for m in c.volume_mounts.iter().flatten() {
         let v = volumes
             .get(&m.name)
             .with_context(|| format!("volumeMounts: no volume {:?}", m.name))?;
-        mounts.push((
-            m.mount_path.trim_end_matches('/').to_string(),
-            v.path.clone(),
-        ));
+        mounts.push(Mount {
+            host: v.path.clone(),
+            container: m.mount_path.clone(),
+            device: v.device,
+        });
         if v.create_dir {
             dirs.push(v.path.clone());
         }
     }
-    mounts.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
-    let map = |s: &str| map_path(s, &mounts, &node.bin_dir);
 
     let mut env: Vec<(String, String)> = Vec::new();
     let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
@@ -240,13 +350,14 @@ fn container(
         );
         for (k, v) in config {
             let key = format!("{}{k}", from.prefix.as_deref().unwrap_or(""));
-            set(&mut env, key, map(v));
+            set(&mut env, key, v.clone());
         }
     }
     for e in c.env.iter().flatten() {
         let value = env_value(e, node, config_name, config, &env)?;
-        set(&mut env, e.name.clone(), map(&value));
+        set(&mut env, e.name.clone(), value);
     }
+    set(&mut env, "KUBECONFIG".into(), POD_KUBECONFIG.into());
     for (k, v) in &node.injected {
         set(&mut env, k.clone(), v.clone());
     }
@@ -259,16 +370,25 @@ fn container(
             command
                 .iter()
                 .chain(c.args.iter().flatten())
-                .map(|a| map(&expand(a, &env)))
+                .map(|a| expand(a, &env))
                 .collect()
         }
     };
+    let security = c.security_context.as_ref();
     Ok(Process {
         container: c.name.clone(),
         init,
+        image: c.image.clone().unwrap_or_default(),
         argv,
         env,
+        mounts,
         dirs,
+        privileged: security.and_then(|s| s.privileged).unwrap_or(false),
+        capabilities: security
+            .and_then(|s| s.capabilities.as_ref())
+            .and_then(|c| c.add.clone())
+            .unwrap_or_default(),
+        replaced: node.commands.contains_key(&c.name),
     })
 }
 
@@ -344,7 +464,7 @@ pub fn expand(s: &str, env: &[(String, String)]) -> String {
 
 /// A path in the container (a whole argument, or the value of `--flag=`)
 /// as it is on the lab node.
-fn map_path(s: &str, mounts: &[(String, PathBuf)], bin_dir: &Path) -> String {
+fn map_path(s: &str, mounts: &[(&str, &Path)], bin_dir: &Path) -> String {
     let (prefix, path) = match s.split_once('=') {
         Some((flag, value)) if flag.starts_with('-') => (format!("{flag}="), value),
         _ => (String::new(), s),
@@ -374,7 +494,7 @@ mod tests {
             name: "node-1".into(),
             host_ip: Ipv4Addr::new(198, 18, 1, 1),
             root: "/run/meshlab/t/node-1/root".into(),
-            bin_dir: "/src/target/debug".into(),
+            kubeconfig: "/run/meshlab/t/node-1/kubeconfig".into(),
             config: BTreeMap::from([("WEFT_RESYNC".into(), "10".into())]),
             injected: vec![("WEFT_INTERFACE".into(), "wft1".into())],
             commands: BTreeMap::new(),
@@ -395,22 +515,37 @@ mod tests {
             ]
         );
         let meshd = &pod[1];
-        assert_eq!(meshd.argv[0], "/src/target/debug/meshd");
+        // As the container sees itself: the image, its paths.
+        assert_eq!(
+            meshd.image, "localhost/weft:0.1.0",
+            "kustomize's images applied"
+        );
+        assert_eq!(meshd.argv[0], "/usr/local/bin/meshd");
         assert!(meshd
             .argv
-            .contains(&"--state-dir=/run/meshlab/t/node-1/root/var/lib/weft".to_string()));
-        let env: BTreeMap<_, _> = meshd.env.iter().cloned().collect();
+            .contains(&"--state-dir=/var/lib/weft".to_string()));
+        assert_eq!(meshd.capabilities, ["NET_ADMIN"]);
+        assert!(!meshd.privileged && pod[0].privileged);
+        assert!(pod[2]
+            .mounts
+            .iter()
+            .any(|m| m.device && m.container == "/dev/net/tun"));
+        // As a process on the lab node: the node's paths, the build's binaries.
+        let bin = Path::new("/src/target/debug");
+        let (argv, env) = meshd.on_host(bin);
+        assert_eq!(argv[0], "/src/target/debug/meshd");
+        assert!(argv.contains(&"--state-dir=/run/meshlab/t/node-1/root/var/lib/weft".to_string()));
+        let env: BTreeMap<_, _> = env.into_iter().collect();
         assert_eq!(env["NODE_NAME"], "node-1");
         assert_eq!(env["WEFT_RESYNC"], "10", "the lab's ConfigMap values win");
         assert_eq!(env["WEFT_DATAPLANE"], "auto");
         assert_eq!(env["WEFT_INTERFACE"], "wft1");
-        let install = &pod[0];
-        assert!(install
-            .argv
-            .contains(&"--cni-bin-dir=/run/meshlab/t/node-1/root/opt/cni/bin".to_string()));
-        assert!(install
-            .argv
-            .contains(&"--cni-plugin=/src/target/debug/weft".to_string()));
+        assert_eq!(env["KUBECONFIG"], "/run/meshlab/t/node-1/kubeconfig");
+        let (install, _) = pod[0].on_host(bin);
+        assert!(
+            install.contains(&"--cni-bin-dir=/run/meshlab/t/node-1/root/opt/cni/bin".to_string())
+        );
+        assert!(install.contains(&"--cni-plugin=/src/target/debug/weft".to_string()));
         // Shared paths stay what they are.
         assert!(!pod[2]
             .dirs
@@ -421,8 +556,8 @@ mod tests {
     #[test]
     fn paths_map_by_whole_components_longest_mount_first() {
         let mounts = vec![
-            ("/var/lib/weft/ipam".to_string(), PathBuf::from("/n/ipam")),
-            ("/var/lib/weft".to_string(), PathBuf::from("/n/weft")),
+            ("/var/lib/weft/ipam", Path::new("/n/ipam")),
+            ("/var/lib/weft", Path::new("/n/weft")),
         ];
         let bin = Path::new("/b");
         for (input, want) in [

@@ -200,11 +200,13 @@ pub fn process_alive(pid: i32, dir: &Path) -> bool {
 /// The process's arguments. A process inside `execve` (a container the lab
 /// just started: `ip netns exec` replacing itself with the container's
 /// command) briefly shows an empty cmdline and environ; it is read again
-/// until it has its new ones, for at most 200 ms.
+/// until it has its new ones, for at most 200 ms. Kernel threads (no
+/// executable) always have an empty one and are not waited for.
 fn cmdline(pid: i32) -> Option<Vec<u8>> {
     for _ in 0..40 {
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        if !cmdline.is_empty() || is_zombie(pid) {
+        let kernel_thread = fs::read_link(format!("/proc/{pid}/exe")).is_err();
+        if !cmdline.is_empty() || kernel_thread || is_zombie(pid) {
             return Some(cmdline);
         }
         std::thread::sleep(std::time::Duration::from_millis(5));

@@ -70,6 +70,24 @@ pub struct LabPlan {
     /// The manifests each node's pod comes from (`deploy/` or a rendered
     /// overlay).
     pub manifests: PathBuf,
+    /// How each node's containers run.
+    #[serde(default)]
+    pub runtime: Runtime,
+}
+
+/// How the lab's kubelet runs a pod's containers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "camelCase")]
+pub enum Runtime {
+    /// Each container a process in the node's namespace, with the binaries
+    /// built beside meshlab and volume paths mapped into the node's
+    /// directory (no image needed).
+    #[default]
+    Processes,
+    /// Each container a podman container of the DaemonSet's image (built by
+    /// deploy/image/build), in the node's network namespace, with the
+    /// manifest's volumes, devices and capabilities.
+    Podman,
 }
 
 /// Debian's wireguard-go, as meshd's `--userspace-program` finds it.
@@ -93,6 +111,7 @@ pub struct LabSpec {
     pub self_allocated: bool,
     /// `deploy/` of this tree unless given.
     pub manifests: Option<PathBuf>,
+    pub runtime: Runtime,
 }
 
 /// Namespace names the lab `name` owns, so teardown can find leftovers of a
@@ -189,6 +208,7 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
         nodes,
         self_allocated: spec.self_allocated,
         manifests: manifests(spec.manifests.as_deref())?,
+        runtime: spec.runtime,
     })
 }
 
