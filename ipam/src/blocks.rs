@@ -86,7 +86,9 @@ impl BlockPlan {
             return None;
         }
         let shift = u32::from(self.cluster.max_prefix_len() - self.block_prefix);
-        let offset = index.checked_shl(shift)?;
+        // A /0 block (the whole IPv6 space) is block 0 and shifts by 128,
+        // which `<<` on a u128 cannot: its offset is 0.
+        let offset = index.checked_shl(shift).unwrap_or(0);
         let base = address_bits(self.cluster.network()) | offset;
         Some(net_from_bits(self.cluster, base, self.block_prefix))
     }
@@ -168,6 +170,15 @@ mod tests {
         let plan = BlockPlan::new(net("::/0"), 128).unwrap();
         assert_eq!(plan.len(), u128::MAX);
         assert_eq!(plan.block(1), Some(net("::1/128")));
+    }
+
+    #[test]
+    fn the_whole_ipv6_space_is_one_block() {
+        let plan = BlockPlan::new(net("::/0"), 0).unwrap();
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan.block(0), Some(net("::/0")));
+        assert_eq!(plan.block(1), None);
+        assert_eq!(plan.first_free(&[]), Some(net("::/0")));
     }
 
     #[test]

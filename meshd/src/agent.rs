@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use weft_keys::{KeyStore, PrivateKey, PublicKey, SealingKey};
 
 use crate::cluster::{self, node_info};
-use crate::dataplane::{DataPlane, Mode, UserspaceProgram};
+use crate::dataplane::{DataPlane, DeviceState, Mode, UserspaceProgram};
 use crate::decide::{decide, Inputs};
 use crate::http::{self, Health};
 use crate::liveness::Liveness;
@@ -311,9 +311,17 @@ async fn supervise_policy(
 impl Agent {
     /// Looks at the data plane; true if the plan or the device needs a sync.
     async fn observe(&mut self) -> bool {
-        if !self.reconciler.dataplane.alive().await {
-            tracing::warn!(interface = %self.reconciler.dataplane.iface, "the data plane is gone; recreating it");
-            return true;
+        let iface = &self.reconciler.dataplane.iface;
+        match self.reconciler.dataplane.state().await {
+            DeviceState::Configured => {}
+            DeviceState::Gone => {
+                tracing::warn!(interface = %iface, "the data plane is gone; recreating it");
+                return true;
+            }
+            DeviceState::Replaced => {
+                tracing::warn!(interface = %iface, "a new data plane holds the interface; configuring it");
+                return true;
+            }
         }
         let stats = match self.reconciler.peer_stats().await {
             Ok(s) => s,

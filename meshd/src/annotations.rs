@@ -27,8 +27,18 @@ pub const FORCE_ENDPOINT: &str = "weft.dev/force-endpoint";
 /// [`FORCE_ENDPOINT`], belong to admins and are never written).
 pub const OWNED: &[&str] = &[VERSION, PUBLIC_KEY, ENDPOINT, MESH_ADDRESSES, POD_CIDRS];
 
-/// The annotation format this meshd writes and reads.
-pub const FORMAT_VERSION: &str = "1";
+/// The annotation format this meshd writes.
+///
+/// Formats evolve additively: a later format keeps every annotation of the
+/// earlier ones with the same meaning and may add more. So a reader accepts
+/// any version from [`OLDEST_READ_VERSION`] up, reads the annotations it
+/// knows and ignores the others: during a rolling upgrade, nodes on the
+/// next format and nodes on this one mesh with each other. A change that
+/// cannot be additive takes new annotation names, never a new meaning for
+/// an old one.
+pub const FORMAT_VERSION: u32 = 1;
+/// The oldest format this meshd still reads (an older node is excluded).
+pub const OLDEST_READ_VERSION: u32 = 1;
 /// No Weft annotation value is legitimately longer.
 pub const MAX_VALUE_LEN: usize = 512;
 const MAX_POD_CIDRS: usize = 8;
@@ -115,7 +125,7 @@ impl fmt::Display for Rejection {
             Self::Oversized(a) => write!(f, "{a} is longer than {MAX_VALUE_LEN} bytes"),
             Self::UnsupportedVersion(v) => write!(
                 f,
-                "{VERSION} {v:?} is not supported (this meshd reads {FORMAT_VERSION:?})"
+                "{VERSION} {v:?} is not supported (this meshd reads formats {OLDEST_READ_VERSION} and later, written as a decimal number)"
             ),
             Self::BadPublicKey(e) => write!(f, "{PUBLIC_KEY}: {e}"),
             Self::BadEndpoint(e) => write!(f, "{ENDPOINT}: {e}"),
@@ -210,7 +220,13 @@ pub fn parse(
         }
     }
     let version = value(node, VERSION)?;
-    if version != FORMAT_VERSION {
+    // Digits only: `+1`, ` 1` and `01` are not how meshd writes a version.
+    let readable = !version.starts_with('0')
+        && version.bytes().all(|b| b.is_ascii_digit())
+        && version
+            .parse::<u32>()
+            .is_ok_and(|v| v >= OLDEST_READ_VERSION);
+    if !readable {
         return Err(Rejection::UnsupportedVersion(
             version.chars().take(16).collect(),
         ));
@@ -379,6 +395,19 @@ mod tests {
         assert_eq!(check(&node_with(&c)), Ok(Some(c)));
     }
 
+    /// A node on a later (additive) format: its known annotations are read,
+    /// the ones this meshd does not know are ignored.
+    #[test]
+    fn later_formats_are_read_for_what_this_format_knows() {
+        let c = claim();
+        for version in ["2", "17"] {
+            let mut n = node_with(&c);
+            set(&mut n, VERSION, version);
+            set(&mut n, "weft.dev/a-later-field", "anything");
+            assert_eq!(check(&n), Ok(Some(c.clone())), "version {version}");
+        }
+    }
+
     #[test]
     fn no_annotations_is_pending() {
         let mut n = node_with(&claim());
@@ -436,7 +465,27 @@ mod tests {
                 "weft.dev/other",
             ),
             (
-                Box::new(|n| set(n, VERSION, "2")),
+                Box::new(|n| set(n, VERSION, "0")),
+                "unsupported_version",
+                VERSION,
+            ),
+            (
+                Box::new(|n| set(n, VERSION, "01")),
+                "unsupported_version",
+                VERSION,
+            ),
+            (
+                Box::new(|n| set(n, VERSION, "1.5")),
+                "unsupported_version",
+                VERSION,
+            ),
+            (
+                Box::new(|n| set(n, VERSION, "+2")),
+                "unsupported_version",
+                VERSION,
+            ),
+            (
+                Box::new(|n| set(n, VERSION, "99999999999")),
                 "unsupported_version",
                 VERSION,
             ),

@@ -730,3 +730,70 @@ fn meshd_configures_a_restarted_data_plane() {
     assert_eq!(peers.len(), 1);
     assert_eq!(peers[0]["allowedIps"].as_array().unwrap().len(), 4);
 }
+
+/// A node on the next annotation format (a later meshd in a rolling
+/// upgrade: a higher `weft.dev/version` and an annotation this meshd does
+/// not know) stays a peer of this one, and traffic to it keeps flowing; when
+/// it goes back to this format, nothing changes either. Node-2's meshd is
+/// stopped while its Node carries the next format's annotations (its data
+/// plane keeps serving), as if a later build had written them.
+#[test]
+fn a_node_on_the_next_annotation_format_stays_a_peer() {
+    let lab = Lab::up("t-format", &["--nodes", "2"]);
+    let target = lab.pod_addresses("node-2")[0].clone();
+    let pid = node(&lab.status(), "node-2")["meshd"]["pid"]
+        .as_i64()
+        .unwrap();
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let next_format = [
+        "annotate",
+        "node",
+        "node-2",
+        "--overwrite",
+        "weft.dev/version=2",
+        "weft.dev/a-later-field=anything",
+    ];
+    let passes = lab.metric("node-1", "weft_reconciles_total");
+    lab.ok(&[&["kubectl", "--"], &next_format[..]].concat());
+    let rejected = || {
+        lab.metric(
+            "node-1",
+            "weft_excluded_nodes{reason=\"unsupported_version\"}",
+        )
+    };
+    // node-1 judges the change at once (a watch event).
+    wait_for(
+        "node-1 to judge the change",
+        Duration::from_secs(15),
+        || lab.metric("node-1", "weft_reconciles_total") > passes,
+    );
+    assert_eq!(rejected(), 0.0, "node-1 refused the next format");
+    assert_eq!(lab.metric("node-1", "weft_peers{state=\"up\"}"), 1.0);
+    assert!(lab.reaches("node-1", &target), "node-2 is unreachable");
+
+    // Back to this format (the upgrade rolled back): node-2's meshd writes
+    // version 1 again and leaves the admin's key alone.
+    lab.ok(&["start-meshd", "node-2"]);
+    wait_for(
+        "node-2 to publish format 1 again",
+        Duration::from_secs(15),
+        || {
+            let out = lab.ok(&[
+                "kubectl",
+                "--",
+                "get",
+                "node",
+                "node-2",
+                "-o",
+                "jsonpath={.metadata.annotations.weft\\.dev/version}",
+            ]);
+            out.trim() == "1"
+        },
+    );
+    assert_eq!(rejected(), 0.0);
+    assert!(lab.reaches("node-1", &target));
+}

@@ -173,15 +173,41 @@ impl DataPlane {
         }
     }
 
-    /// Whether the device is there and answering (cheap; polled every second).
-    pub async fn alive(&self) -> bool {
-        match self.resolved {
+    /// Whether the device meshd configured is still the one there (cheap;
+    /// polled every second).
+    pub async fn state(&self) -> DeviceState {
+        let answering = match self.resolved {
             Resolved::Kernel => {
                 matches!(kernel::existing(&self.iface).await, Ok(Existing::Kernel))
             }
             Resolved::Userspace => userspace::answering(&self.iface),
+        };
+        if !answering {
+            return DeviceState::Gone;
+        }
+        let seen = *self.tun_index.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(seen) = seen else {
+            return DeviceState::Configured;
+        };
+        match kernel::link_index(&self.iface.as_str_lossy()).await {
+            Ok(Some(index)) if index == seen => DeviceState::Configured,
+            Ok(_) => DeviceState::Replaced,
+            Err(_) => DeviceState::Gone,
         }
     }
+}
+
+/// What holds the interface, compared with what meshd configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    /// The device meshd configured, answering.
+    Configured,
+    /// No device answers: meshd (or the data plane container) makes one.
+    Gone,
+    /// Another device answers under the name: a data plane container
+    /// restarted and made a new TUN, empty until meshd configures it. Seen
+    /// within a second, rather than at the next resync.
+    Replaced,
 }
 
 #[cfg(test)]

@@ -302,16 +302,26 @@ pub fn start(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<i32> {
             }
         }
     }
-    pid(dir, node).with_context(|| {
-        let log = fs::read_to_string(log_file(dir, node, MESHD)).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(5).collect();
-        let status = meshd.as_mut().map(std::process::Child::try_wait);
-        format!(
-            "meshd on {} is not running ({status:?}):\n{}",
-            node.name,
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        )
-    })
+    match meshd.as_mut() {
+        // Started here: its parent knows for sure whether it runs.
+        Some(child) => match child.try_wait()? {
+            None => Ok(i32::try_from(child.id())?),
+            Some(status) => Err(not_running(dir, node, &status.to_string())),
+        },
+        // Running already: known by its pid file.
+        None => pid(dir, node)
+            .ok_or_else(|| not_running(dir, node, "its pid file names no live process")),
+    }
+}
+
+fn not_running(dir: &LabDir, node: &NodePlan, why: &str) -> anyhow::Error {
+    let log = fs::read_to_string(log_file(dir, node, MESHD)).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+    anyhow::anyhow!(
+        "meshd on {} is not running ({why}):\n{}",
+        node.name,
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
 }
 
 /// Restarts one container of the node's pod (just its process, as the
