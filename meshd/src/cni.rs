@@ -27,17 +27,34 @@ pub struct CniPaths {
     pub cni_ipam_dir: PathBuf,
 }
 
-/// `meshd install-cni`.
+/// Where the node's container runtime looks for CNI plugins and configs.
 #[derive(Debug, Clone, clap::Args)]
-pub struct InstallArgs {
-    #[command(flatten)]
-    pub paths: CniPaths,
+pub struct RuntimeDirs {
     /// Where the runtime looks for plugin binaries.
     #[arg(long, default_value = "/opt/cni/bin")]
     pub cni_bin_dir: PathBuf,
     /// Where the runtime looks for network configurations.
     #[arg(long, default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
+}
+
+impl RuntimeDirs {
+    pub fn plugin(&self) -> PathBuf {
+        self.cni_bin_dir.join("weft")
+    }
+
+    pub fn conflist(&self) -> PathBuf {
+        self.cni_conf_dir.join(CONFLIST)
+    }
+}
+
+/// `meshd install-cni`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub paths: CniPaths,
+    #[command(flatten)]
+    pub dirs: RuntimeDirs,
     /// The plugin binary to install; default: `weft` next to meshd.
     #[arg(long)]
     pub cni_plugin: Option<PathBuf>,
@@ -76,7 +93,7 @@ pub fn install(args: &InstallArgs) -> Result<()> {
     };
     let binary = fs::read(&source)
         .with_context(|| format!("reading the CNI plugin {}", source.display()))?;
-    let target = args.cni_bin_dir.join("weft");
+    let target = args.dirs.plugin();
     if write_if_changed(&target, &binary, 0o755)? {
         tracing::info!(path = %target.display(), "installed the CNI plugin");
     }
@@ -90,7 +107,7 @@ pub fn install(args: &InstallArgs) -> Result<()> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let conf = serde_json::to_vec_pretty(&conflist(&args.paths))?;
-    let conf_path = args.cni_conf_dir.join(CONFLIST);
+    let conf_path = args.dirs.conflist();
     if write_if_changed(&conf_path, &conf, 0o644)? {
         tracing::info!(path = %conf_path.display(), "wrote the CNI configuration");
     }
@@ -132,8 +149,10 @@ mod tests {
                 cni_state_file: dir.join("run/node.json"),
                 cni_ipam_dir: dir.join("ipam"),
             },
-            cni_bin_dir: dir.join("bin"),
-            cni_conf_dir: dir.join("net.d"),
+            dirs: RuntimeDirs {
+                cni_bin_dir: dir.join("bin"),
+                cni_conf_dir: dir.join("net.d"),
+            },
             cni_plugin: Some(dir.join("weft-src")),
         }
     }
@@ -144,11 +163,10 @@ mod tests {
         let a = args(dir.path());
         fs::write(dir.path().join("weft-src"), b"\x7fELF plugin").unwrap();
         install(&a).unwrap();
-        let conf: Value =
-            serde_json::from_slice(&fs::read(a.cni_conf_dir.join(CONFLIST)).unwrap()).unwrap();
+        let conf: Value = serde_json::from_slice(&fs::read(a.dirs.conflist()).unwrap()).unwrap();
         assert_eq!(conf["plugins"][0]["type"], "weft");
         assert_eq!(conf["cniVersion"], "1.0.0");
-        let installed = a.cni_bin_dir.join("weft");
+        let installed = a.dirs.plugin();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             fs::metadata(&installed).unwrap().permissions().mode() & 0o777,

@@ -24,3 +24,4 @@ pub mod planner;
 pub mod policy;
 pub mod reconcile;
 pub mod report;
+pub mod uninstall;

@@ -555,15 +555,7 @@ impl Session {
             }
             // (The crate's typed schema has no verdict maps or
             // concatenations, so the JSON goes raw.)
-            nftables::helper::apply_ruleset_raw(
-                &json_text(part),
-                nftables::helper::DEFAULT_NFT,
-                nftables::helper::DEFAULT_ARGS,
-            )
-            .map_err(|e| EnforceError::Nft {
-                what: "applying the policy ruleset",
-                message: e.to_string(),
-            })?;
+            nft_apply(&json_text(part), "applying the policy ruleset")?;
         }
         Ok(())
     }
@@ -572,6 +564,32 @@ impl Session {
     pub fn table_exists(&mut self) -> Result<bool, EnforceError> {
         self.netlink.table_exists(TABLE)
     }
+
+    /// Deletes the policy table (uninstall); false if there was none.
+    pub fn remove_table(&mut self) -> Result<bool, EnforceError> {
+        if !self.table_exists()? {
+            return Ok(false);
+        }
+        let delete = serde_json::json!({"nftables": [
+            {"delete": {"table": {"family": "inet", "name": TABLE}}}
+        ]});
+        nft_apply(&delete.to_string(), "deleting the policy table")?;
+        Ok(true)
+    }
+}
+
+/// Runs a JSON ruleset through `nft -j -f -`.
+fn nft_apply(json: &str, what: &'static str) -> Result<(), EnforceError> {
+    nftables::helper::apply_ruleset_raw(
+        json,
+        nftables::helper::DEFAULT_NFT,
+        nftables::helper::DEFAULT_ARGS,
+    )
+    .map(drop)
+    .map_err(|e| EnforceError::Nft {
+        what,
+        message: e.to_string(),
+    })
 }
 
 /// The packet counts of the table's named counters.

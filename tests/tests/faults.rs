@@ -9,25 +9,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{node, wait_for, Lab};
+use common::{node, pid_of_meshd, signal, wait_for, Lab};
 use serde_json::Value;
-
-fn pid_of_meshd(lab: &Lab, name: &str) -> i64 {
-    node(&lab.status(), name)["meshd"]["pid"]
-        .as_i64()
-        .unwrap_or_else(|| panic!("{name}'s meshd is not running"))
-}
-
-fn signal(pid: i64, sig: &str) {
-    assert!(
-        Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success(),
-        "kill {sig} {pid}"
-    );
-}
 
 /// Stops a node's meshd cleanly (its data plane stays) and waits for it.
 fn stop_meshd(lab: &Lab, name: &str) {

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{node, plaintext, wait_for, Lab};
+use common::{node, pid_of_meshd, plaintext, signal, wait_for, Lab};
 use serde_json::Value;
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -233,14 +233,7 @@ fn kill_9_of_meshd_loses_no_pings_and_the_data_plane_is_adopted() {
     ]);
     let pinging = std::thread::spawn(move || common::run_bounded(ping, Duration::from_secs(30)));
     std::thread::sleep(Duration::from_millis(1500));
-    let pid = node(&lab.status(), "node-1")["meshd"]["pid"]
-        .as_i64()
-        .unwrap();
-    assert!(Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal(pid_of_meshd(&lab, "node-1"), "-9");
     std::thread::sleep(Duration::from_millis(1500));
     lab.ok(&["start-meshd", "node-1"]);
     let out = pinging.join().unwrap();
@@ -741,14 +734,7 @@ fn meshd_configures_a_restarted_data_plane() {
 fn a_node_on_the_next_annotation_format_stays_a_peer() {
     let lab = Lab::up("t-format", &["--nodes", "2"]);
     let target = lab.pod_addresses("node-2")[0].clone();
-    let pid = node(&lab.status(), "node-2")["meshd"]["pid"]
-        .as_i64()
-        .unwrap();
-    assert!(Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal(pid_of_meshd(&lab, "node-2"), "-9");
     let next_format = [
         "annotate",
         "node",

@@ -206,5 +206,27 @@ fn both_kubectls_install_and_remove_every_variant() {
                 );
             }
         }
+        // The cleanup DaemonSet of docs/install.md's uninstall.
+        let cleanup = repo.join("deploy/uninstall");
+        let cleanup = cleanup.to_str().unwrap();
+        run(kubectl, &["apply", "-k", cleanup]);
+        let got: Value = serde_json::from_str(&run(
+            kubectl,
+            &[
+                "get",
+                "daemonset",
+                "-n",
+                "kube-system",
+                "weft-cleanup",
+                "-o",
+                "json",
+            ],
+        ))
+        .unwrap();
+        assert_eq!(
+            got["spec"]["template"]["spec"]["initContainers"][0]["args"][0],
+            "uninstall"
+        );
+        run(kubectl, &["delete", "-k", cleanup]);
     }
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use weft_meshd::{agent, cni, dataplane};
+use weft_meshd::{agent, cni, dataplane, uninstall};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +44,9 @@ enum Cmd {
     /// Install the `weft` CNI plugin and its conflist and let the node
     /// forward (the DaemonSet's init container).
     InstallCni(cni::InstallArgs),
+    /// Remove everything Weft made on this node (after Weft is deleted:
+    /// the cleanup DaemonSet in deploy/uninstall runs it).
+    Uninstall(uninstall::UninstallArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,11 @@ fn main() -> ExitCode {
             iface,
         } => dataplane::builtin::serve(&iface, mode, offloads),
         Cmd::InstallCni(args) => cni::install(&args).and_then(|()| cni::enable_forwarding()),
+        Cmd::Uninstall(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(uninstall::run(&args))),
         Cmd::Run(args) => {
             // meshd supervises the userspace data plane itself; wireguard-control
             // must never start one on its own when a socket is missing.

@@ -59,6 +59,15 @@ impl Netlink {
         }
     }
 
+    pub async fn del_link(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .with_context(|| format!("deleting link {index}"))
+    }
+
     /// The MTU of the link holding `addr` (the underlay interface).
     pub async fn mtu_of_address(&self, addr: IpAddr) -> Result<Option<u32>> {
         let mut addrs = self

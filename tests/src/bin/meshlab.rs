@@ -178,6 +178,14 @@ enum Cmd {
     /// Start the node's pod where it is not running (every container that
     /// is not, e.g. after a test killed meshd).
     StartMeshd { node: String },
+    /// Uninstall Weft from every node as an admin would: stop Weft's pod,
+    /// then run the cleanup DaemonSet's pod (deploy/uninstall) to remove
+    /// what Weft made there. The lab stays up for inspection.
+    Uninstall {
+        /// The cleanup manifests; default: this tree's deploy/uninstall.
+        #[arg(long, value_name = "PATH")]
+        manifests: Option<std::path::PathBuf>,
+    },
     /// Restart one container of a node's pod (just its process, as the
     /// kubelet does); prints the new pid.
     Container {
@@ -419,6 +427,18 @@ fn run(cli: Cli) -> Result<()> {
             let state = dir.running_state()?;
             let pid = agents::restart(&dir, &state.plan, &node_plan(&dir, &node)?, &container)?;
             println!("{pid}");
+            Ok(())
+        }
+        Cmd::Uninstall { manifests } => {
+            let state = dir.running_state()?;
+            let path = manifests.unwrap_or_else(|| {
+                std::path::Path::new(meshlab::lab::manifest::DEFAULT_DIR).join("uninstall")
+            });
+            let cleanup = meshlab::lab::manifest::load(&path)?;
+            for node in &state.plan.nodes {
+                agents::uninstall(&dir, &state.plan, node, &cleanup)?;
+                eprintln!("meshlab: uninstalled Weft from {}", node.name);
+            }
             Ok(())
         }
         Cmd::StartMeshd { node } => {

@@ -216,6 +216,22 @@ pub fn lab_config(plan: &LabPlan) -> BTreeMap<String, String> {
 /// The DaemonSet's pod on `node`, as processes.
 pub fn pod(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<Vec<manifest::Process>> {
     let manifests = manifest::load(&plan.manifests)?;
+    pod_of(&manifests, dir, plan, node).with_context(|| {
+        format!(
+            "the DaemonSet of {} on {}",
+            plan.manifests.display(),
+            node.name
+        )
+    })
+}
+
+/// A DaemonSet's pod on `node`.
+fn pod_of(
+    manifests: &manifest::Manifests,
+    dir: &LabDir,
+    plan: &LabPlan,
+    node: &NodePlan,
+) -> Result<Vec<manifest::Process>> {
     let commands = node
         .userspace_program
         .iter()
@@ -236,13 +252,66 @@ pub fn pod(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<Vec<manifest
         )],
         commands,
     };
-    manifest::pod(&manifests, &lab_node).with_context(|| {
-        format!(
-            "the DaemonSet of {} on {}",
-            plan.manifests.display(),
-            node.name
-        )
-    })
+    manifest::pod(manifests, &lab_node)
+}
+
+/// Uninstalls Weft from `node` as an admin would: Weft's pod goes (`kubectl
+/// delete -k deploy/`: every container stopped), then the cleanup
+/// DaemonSet's pod runs its init containers to completion (its other
+/// containers only show that it finished, so they are not started).
+pub fn uninstall(
+    dir: &LabDir,
+    plan: &LabPlan,
+    node: &NodePlan,
+    cleanup: &manifest::Manifests,
+) -> Result<()> {
+    for p in pod(dir, plan, node)?.iter().filter(|p| !p.init) {
+        if let Some(pid) = container_pid(dir, node, &p.container) {
+            stop(dir, pid, TERM_GRACE);
+        }
+    }
+    for p in pod_of(cleanup, dir, plan, node)?.iter().filter(|p| p.init) {
+        run_to_completion(dir, plan, node, p)?;
+    }
+    Ok(())
+}
+
+/// Runs an init container and waits (bounded) for it to succeed.
+fn run_to_completion(
+    dir: &LabDir,
+    plan: &LabPlan,
+    node: &NodePlan,
+    p: &manifest::Process,
+) -> Result<()> {
+    for d in &p.dirs {
+        fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut child = spawn(dir, plan, node, p)?;
+    let deadline = Instant::now() + INIT_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            bail!(
+                "init container {} on {} did not finish within {INIT_TIMEOUT:?}",
+                p.container,
+                node.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if !status.success() {
+        let log = fs::read_to_string(log_file(dir, node, &p.container)).unwrap_or_default();
+        bail!(
+            "init container {} on {} failed ({status}):\n{}",
+            p.container,
+            node.name,
+            log.trim_end()
+        );
+    }
+    Ok(())
 }
 
 /// The DaemonSet's container that runs the userspace data plane.
@@ -263,34 +332,13 @@ pub fn start(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<i32> {
         if p.init && running || container_pid(dir, node, &p.container).is_some() {
             continue;
         }
-        for d in &p.dirs {
-            fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-        }
-        let mut child = spawn(dir, plan, node, p)?;
         if p.init {
-            let deadline = Instant::now() + INIT_TIMEOUT;
-            let status = loop {
-                if let Some(status) = child.try_wait()? {
-                    break status;
-                }
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "init container {} on {} did not finish within {INIT_TIMEOUT:?}",
-                    p.container,
-                    node.name
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            };
-            if !status.success() {
-                let log = fs::read_to_string(log_file(dir, node, &p.container)).unwrap_or_default();
-                bail!(
-                    "init container {} on {} failed ({status}):\n{}",
-                    p.container,
-                    node.name,
-                    log.trim_end()
-                );
-            }
+            run_to_completion(dir, plan, node, p)?;
         } else {
+            for d in &p.dirs {
+                fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            }
+            let child = spawn(dir, plan, node, p)?;
             // `ip netns exec` execs the container's command in place, so
             // this is its pid.
             write_atomic(

@@ -35,7 +35,9 @@ pub struct Manifests {
     /// Every object, in file order: the lab applies them to its API server.
     pub objects: Vec<Value>,
     pub daemonset: DaemonSet,
-    pub config: ConfigMap,
+    /// The settings the DaemonSet reads, if it reads any (deploy/ has one;
+    /// the cleanup DaemonSet in deploy/uninstall none).
+    pub config: Option<ConfigMap>,
 }
 
 #[derive(Deserialize)]
@@ -103,20 +105,23 @@ impl Manifests {
 pub fn load(path: &Path) -> Result<Manifests> {
     let mut objects = Vec::new();
     collect(path, &mut objects)?;
-    let find = |kind: &str| -> Result<Value> {
+    let find = |kind: &str| -> Result<Option<Value>> {
         let mut found = objects.iter().filter(|o| o["kind"] == kind);
-        let first = found
-            .next()
-            .with_context(|| format!("{}: no {kind}", path.display()))?;
+        let first = found.next().cloned();
         ensure!(
             found.next().is_none(),
             "{}: more than one {kind}",
             path.display()
         );
-        Ok(first.clone())
+        Ok(first)
     };
-    let daemonset = serde_json::from_value(find("DaemonSet")?).context("the DaemonSet")?;
-    let config = serde_json::from_value(find("ConfigMap")?).context("the ConfigMap")?;
+    let daemonset =
+        find("DaemonSet")?.with_context(|| format!("{}: no DaemonSet", path.display()))?;
+    let daemonset = serde_json::from_value(daemonset).context("the DaemonSet")?;
+    let config = find("ConfigMap")?
+        .map(serde_json::from_value)
+        .transpose()
+        .context("the ConfigMap")?;
     Ok(Manifests {
         objects,
         daemonset,
@@ -256,9 +261,16 @@ pub fn pod(m: &Manifests, node: &Node) -> Result<Vec<Process>> {
         .as_ref()
         .and_then(|s| s.template.spec.as_ref())
         .context("the DaemonSet has no spec.template.spec")?;
-    let mut config = m.config.data.clone().unwrap_or_default();
-    config.extend(node.config.clone());
-    let config_name = m.config.metadata.name.clone().unwrap_or_default();
+    let (mut config, config_name) = match &m.config {
+        Some(c) => (
+            c.data.clone().unwrap_or_default(),
+            c.metadata.name.clone().unwrap_or_default(),
+        ),
+        None => Default::default(),
+    };
+    if m.config.is_some() {
+        config.extend(node.config.clone());
+    }
     let volumes = host_paths(spec, node)?;
     let init = spec.init_containers.iter().flatten().map(|c| (c, true));
     let main = spec.containers.iter().map(|c| (c, false));

@@ -173,6 +173,25 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// The pid of `name`'s running meshd (from `meshlab status`).
+pub fn pid_of_meshd(lab: &Lab, name: &str) -> i64 {
+    node(&lab.status(), name)["meshd"]["pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{name}'s meshd is not running"))
+}
+
+/// `kill SIG PID`, which must succeed.
+pub fn signal(pid: i64, sig: &str) {
+    assert!(
+        Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success(),
+        "kill {sig} {pid}"
+    );
+}
+
 /// Runs a command, killing it if it outlives `limit`.
 pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
     use std::io::Read;

@@ -1,0 +1,163 @@
+//! `meshd uninstall`: removes what Weft made on a node — the WireGuard
+//! interface, every route with Weft's protocol (the unreachable backstops
+//! included), the NetworkPolicy table, the CNI plugin and conflist, the
+//! node's state (its private key included) and the data plane's socket. Run
+//! by the cleanup DaemonSet (deploy/uninstall) after Weft itself is deleted,
+//! since a running meshd would make it all again. Idempotent: what is
+//! already gone is skipped; every step is tried even if one fails.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::cni::{CniPaths, RuntimeDirs};
+use crate::dataplane;
+use crate::reconcile::netlink::Netlink;
+
+/// `meshd uninstall`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    pub paths: CniPaths,
+    #[command(flatten)]
+    pub dirs: RuntimeDirs,
+    /// meshd's state directory (its key and the pod address store).
+    #[arg(long, default_value = "/var/lib/weft")]
+    pub state_dir: PathBuf,
+    #[arg(long, env = dataplane::INTERFACE_ENV, default_value = dataplane::DEFAULT_INTERFACE)]
+    pub interface: String,
+}
+
+/// Files and directories to remove, in order (pure: tested from a table).
+pub fn files(args: &UninstallArgs) -> Vec<PathBuf> {
+    let socket_dir = Path::new(dataplane::SOCKET_DIR);
+    let mut out = vec![
+        args.dirs.conflist(),
+        args.dirs.plugin(),
+        args.paths.cni_state_file.clone(),
+        args.paths.cni_ipam_dir.clone(),
+        args.state_dir.clone(),
+        socket_dir.join(format!("{}.sock", args.interface)),
+        socket_dir.join(format!("{}.lock", args.interface)),
+    ];
+    // The state file's directory is Weft's own (`/run/weft`).
+    if let Some(parent) = args.paths.cni_state_file.parent() {
+        out.push(parent.to_path_buf());
+    }
+    out
+}
+
+/// Removes everything; fails (after trying every step) if any step failed.
+pub async fn run(args: &UninstallArgs) -> Result<()> {
+    let mut failed = Vec::new();
+    let mut step = |what: &str, result: Result<bool>| match result {
+        Ok(true) => tracing::info!("removed {what}"),
+        Ok(false) => tracing::info!("no {what} to remove"),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "removing {what}");
+            failed.push(what.to_string());
+        }
+    };
+    let netlink = Netlink::new()?;
+    step(
+        &format!("interface {}", args.interface),
+        remove_interface(&netlink, &args.interface).await,
+    );
+    step("Weft's routes", remove_routes(&netlink).await);
+    step("the NetworkPolicy table", remove_policy_table());
+    for path in files(args) {
+        step(&path.display().to_string(), remove_path(&path));
+    }
+    anyhow::ensure!(failed.is_empty(), "could not remove: {}", failed.join(", "));
+    Ok(())
+}
+
+async fn remove_interface(netlink: &Netlink, name: &str) -> Result<bool> {
+    let Some(index) = netlink.link_index(name).await? else {
+        return Ok(false);
+    };
+    netlink.del_link(index).await?;
+    Ok(true)
+}
+
+async fn remove_routes(netlink: &Netlink) -> Result<bool> {
+    let routes = netlink.our_routes(None).await?;
+    let any = !routes.is_empty();
+    for r in routes {
+        netlink.del_route(r).await?;
+    }
+    Ok(any)
+}
+
+fn remove_policy_table() -> Result<bool> {
+    let mut nft = weft_policy::nft::Session::open()?;
+    Ok(nft.remove_table()?)
+}
+
+fn remove_path(path: &Path) -> Result<bool> {
+    let removed = match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+    };
+    removed.with_context(|| format!("{}", path.display()))?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_weft_files_and_nothing_beside_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let args = UninstallArgs {
+            paths: CniPaths {
+                cni_state_file: d.join("run/weft/node.json"),
+                cni_ipam_dir: d.join("var/lib/weft/ipam"),
+            },
+            dirs: RuntimeDirs {
+                cni_bin_dir: d.join("opt/cni/bin"),
+                cni_conf_dir: d.join("etc/cni/net.d"),
+            },
+            state_dir: d.join("var/lib/weft"),
+            interface: "weft0".into(),
+        };
+        let ours = [
+            "opt/cni/bin/weft",
+            "etc/cni/net.d/10-weft.conflist",
+            "run/weft/node.json",
+            "var/lib/weft/key.json",
+            "var/lib/weft/ipam/198.19.1.0_24",
+        ];
+        let others = [
+            "opt/cni/bin/bridge",
+            "etc/cni/net.d/20-other.conflist",
+            "run/other",
+        ];
+        for f in ours.iter().chain(&others) {
+            let p = d.join(f);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, b"x").unwrap();
+        }
+        for path in files(&args).iter().filter(|p| p.starts_with(d)) {
+            remove_path(path).unwrap();
+        }
+        for f in ours {
+            assert!(!d.join(f).exists(), "{f} is left");
+        }
+        for f in ["run/weft", "var/lib/weft"] {
+            assert!(!d.join(f).exists(), "{f} is left");
+        }
+        for f in others {
+            assert!(d.join(f).exists(), "{f} was removed");
+        }
+        // Again: nothing left to remove is not an error.
+        for path in files(&args).iter().filter(|p| p.starts_with(d)) {
+            assert!(!remove_path(path).unwrap());
+        }
+    }
+}
