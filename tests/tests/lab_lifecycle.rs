@@ -377,3 +377,39 @@ fn every_node_runs_exactly_the_daemonsets_containers() {
         lab.ok(&["kubectl", "--", "get", "-n", "weft-system", kind]);
     }
 }
+
+/// `link cut` drops the underlay between exactly two nodes, both ways, and
+/// `link restore` lets it through again.
+#[test]
+fn a_cut_link_drops_the_underlay_between_two_nodes_only() {
+    let lab = Lab::up("t-link", &["--nodes", "3"]);
+    let underlay = |k: u8| format!("198.18.1.{k}");
+    lab.ok(&["link", "cut", "node-3", "node-1"]);
+    assert_eq!(lab.ok(&["link", "list"]), "node-1 node-3\n");
+    assert!(
+        !lab.reaches("node-1", &underlay(3)),
+        "node-1 still reaches node-3"
+    );
+    assert!(
+        !lab.reaches("node-3", &underlay(1)),
+        "node-3 still reaches node-1"
+    );
+    for (from, to) in [("node-1", 2), ("node-2", 3), ("node-3", 2), ("node-2", 1)] {
+        assert!(lab.reaches(from, &underlay(to)), "{from} lost node-{to}");
+    }
+    for (a, b, says) in [
+        ("node-1", "node-1", "two different nodes"),
+        ("node-1", "node-9", "no node \"node-9\""),
+    ] {
+        let out = lab.meshlab(&["link", "cut", a, b]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{a} {b}: {err}"
+        );
+    }
+    lab.ok(&["link", "restore", "node-1", "node-3"]);
+    assert_eq!(lab.ok(&["link", "list"]), "");
+    assert!(lab.reaches("node-1", &underlay(3)));
+    assert!(lab.reaches("node-3", &underlay(1)));
+}

@@ -128,6 +128,16 @@ enum NodeCmd {
 }
 
 #[derive(Subcommand)]
+enum LinkCmd {
+    /// Drop the underlay between two nodes, both ways, in the fabric.
+    Cut { a: String, b: String },
+    /// Let it through again.
+    Restore { a: String, b: String },
+    /// The cut links, one `A B` per line.
+    List,
+}
+
+#[derive(Subcommand)]
 enum ContainerCmd {
     Restart { node: String, container: String },
 }
@@ -185,6 +195,11 @@ enum Cmd {
         /// The cleanup manifests; default: this tree's deploy/uninstall.
         #[arg(long, value_name = "PATH")]
         manifests: Option<std::path::PathBuf>,
+    },
+    /// Cut or restore the underlay link between two nodes.
+    Link {
+        #[command(subcommand)]
+        action: LinkCmd,
     },
     /// Restart one container of a node's pod (just its process, as the
     /// kubelet does); prints the new pid.
@@ -429,6 +444,16 @@ fn run(cli: Cli) -> Result<()> {
             println!("{pid}");
             Ok(())
         }
+        Cmd::Link { action } => match action {
+            LinkCmd::Cut { a, b } => lifecycle::set_link(&dir, &a, &b, true),
+            LinkCmd::Restore { a, b } => lifecycle::set_link(&dir, &a, &b, false),
+            LinkCmd::List => {
+                for (a, b) in dir.running_state()?.cuts {
+                    println!("{a} {b}");
+                }
+                Ok(())
+            }
+        },
         Cmd::Uninstall { manifests } => {
             let state = dir.running_state()?;
             let path = manifests.unwrap_or_else(|| {

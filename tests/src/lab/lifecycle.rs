@@ -99,6 +99,7 @@ fn build(
         plan: plan.clone(),
         api_server,
         pods: Vec::new(),
+        cuts: Default::default(),
     };
     dir.write_state(&state)?;
     let installed = install_manifests(dir, plan)?;
@@ -134,6 +135,21 @@ fn build(
         }
     }
     dir.running_state()
+}
+
+/// Cuts (`cut`: true) or restores the underlay link between two nodes.
+pub fn set_link(dir: &LabDir, a: &str, b: &str, cut: bool) -> Result<()> {
+    preflight::require_root()?;
+    let _lock = dir.lock()?;
+    let mut state = dir.running_state()?;
+    let link = super::links::cut(&state, a, b)?;
+    if cut {
+        state.cuts.insert(link);
+    } else {
+        state.cuts.remove(&link);
+    }
+    super::links::apply(&state)?;
+    dir.write_state(&state)
 }
 
 /// Attaches a pod on `node` through the node's CNI plugin.

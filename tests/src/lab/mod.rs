@@ -13,6 +13,7 @@ pub mod bench_policy;
 pub mod client;
 pub mod control;
 pub mod lifecycle;
+pub mod links;
 pub mod manifest;
 pub mod mesh;
 pub mod netns;

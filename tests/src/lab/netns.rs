@@ -173,3 +173,28 @@ pub fn delete(netns: &str) -> Result<()> {
 pub fn exists(netns: &str) -> bool {
     Path::new(NETNS_DIR).join(netns).exists()
 }
+
+/// `nft ARGS` inside `netns`, with `stdin` piped in; its stdout.
+pub fn nft(fabric_netns: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", fabric_netns, "nft"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft (install nftables)")?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft {} in {fabric_netns}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

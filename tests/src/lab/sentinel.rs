@@ -5,11 +5,10 @@
 //! the fabric is made, before any node exists; `meshlab status` shows the
 //! count and every end-to-end test requires 0 at teardown.
 
-use std::process::Command;
-
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 
+use super::netns::nft;
 use super::topology::{CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
 
 const TABLE: &str = "weft_sentinel";
@@ -33,30 +32,6 @@ fn ruleset() -> String {
 }}
 "
     )
-}
-
-fn nft(fabric_netns: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
-    use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", fabric_netns, "nft"])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running nft (install nftables)")?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "nft {} in {fabric_netns}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Arms the sentinel in the fabric namespace.

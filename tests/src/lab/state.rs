@@ -42,6 +42,9 @@ pub struct LabState {
     pub api_server: ApiServerState,
     #[serde(default)]
     pub pods: Vec<PodRecord>,
+    /// Underlay links cut between nodes (`meshlab link cut`).
+    #[serde(default)]
+    pub cuts: std::collections::BTreeSet<super::links::Cut>,
 }
 
 impl LabState {

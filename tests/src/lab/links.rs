@@ -1,0 +1,86 @@
+//! `meshlab link cut A B` / `link restore A B`: the underlay between two
+//! nodes dropped both ways on the fabric bridge, as a firewall between two
+//! clouds or a failed link would; every other pair, and ARP, is untouched.
+//! One nftables bridge table in the fabric namespace holds every cut; it is
+//! replaced whole on each change, from the cuts recorded in the lab state.
+
+use std::collections::BTreeSet;
+
+use anyhow::{ensure, Result};
+
+use super::netns::nft;
+use super::state::LabState;
+use super::topology::NodePlan;
+
+const TABLE: &str = "meshlab_links";
+
+/// A cut between two nodes, by name, in canonical order.
+pub type Cut = (String, String);
+
+/// The cut between `a` and `b`: both must be lab nodes, and different.
+pub fn cut(state: &LabState, a: &str, b: &str) -> Result<Cut> {
+    for n in [a, b] {
+        state.node_index(n)?;
+    }
+    ensure!(a != b, "a link joins two different nodes (got {a} twice)");
+    Ok(if a < b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
+    })
+}
+
+/// The table for `cuts` (pure): IP between the two nodes' underlay
+/// addresses dropped where the bridge forwards it, both ways.
+fn ruleset(nodes: &[NodePlan], cuts: &BTreeSet<Cut>) -> String {
+    let addr = |name: &str| nodes.iter().find(|n| n.name == name).map(|n| n.underlay);
+    let mut rules = String::new();
+    for (a, b) in cuts {
+        if let (Some(a), Some(b)) = (addr(a), addr(b)) {
+            for (from, to) in [(a, b), (b, a)] {
+                rules.push_str(&format!("    ip saddr {from} ip daddr {to} drop\n"));
+            }
+        }
+    }
+    // `add` then `delete` then the table: replaced whole in one transaction,
+    // whether or not it existed.
+    format!(
+        "add table bridge {TABLE}\ndelete table bridge {TABLE}\ntable bridge {TABLE} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n{rules}  }}\n}}\n"
+    )
+}
+
+/// Makes the fabric drop exactly the lab state's cuts.
+pub fn apply(state: &LabState) -> Result<()> {
+    let rules = ruleset(&state.plan.nodes, &state.cuts);
+    nft(&state.plan.fabric_netns, &["-f", "-"], Some(&rules)).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cut_drops_both_directions_and_nothing_else() {
+        let node = |k: u8| NodePlan {
+            name: format!("node-{k}"),
+            netns: String::new(),
+            interface: String::new(),
+            fabric_interface: String::new(),
+            wg_interface: String::new(),
+            userspace_program: None,
+            underlay: std::net::Ipv4Addr::new(198, 18, 1, k),
+            pod_cidrs: vec![],
+            labels: Default::default(),
+        };
+        let nodes = [node(1), node(2), node(3)];
+        let cuts = BTreeSet::from([("node-1".to_string(), "node-3".to_string())]);
+        let rules = ruleset(&nodes, &cuts);
+        assert!(rules.contains("ip saddr 198.18.1.1 ip daddr 198.18.1.3 drop"));
+        assert!(rules.contains("ip saddr 198.18.1.3 ip daddr 198.18.1.1 drop"));
+        assert_eq!(rules.matches(" drop").count(), 2);
+        assert_eq!(
+            ruleset(&nodes, &BTreeSet::new()).matches(" drop").count(),
+            0
+        );
+    }
+}
