@@ -60,22 +60,15 @@ fn peer_nodes(lab: &Lab, name: &str) -> Vec<String> {
     nodes
 }
 
-fn kubectl(lab: &Lab, args: &[&str]) -> String {
-    lab.ok(&[&["kubectl", "--"], args].concat())
-}
-
 /// Sets (or overwrites) one annotation on a Node, as an admin or attacker would.
 fn annotate(lab: &Lab, node: &str, key: &str, value: &str) {
-    kubectl(
-        lab,
-        &[
-            "annotate",
-            "node",
-            node,
-            "--overwrite",
-            &format!("{key}={value}"),
-        ],
-    );
+    lab.kubectl(&[
+        "annotate",
+        "node",
+        node,
+        "--overwrite",
+        &format!("{key}={value}"),
+    ]);
 }
 
 /// A ping from `from`'s pod stand-in address of `target`'s family (the
@@ -194,18 +187,15 @@ fn no_plaintext_whatever_happens_to_a_peer() {
 
     // The peer's agent stops and its key annotation goes: pending.
     stop_meshd(&lab, "node-3");
-    let saved = kubectl(&lab, &["get", "node", "node-3", "-o", "json"]);
-    kubectl(
-        &lab,
-        &["annotate", "node", "node-3", "weft.dev/public-key-"],
-    );
+    let saved = lab.kubectl(&["get", "node", "node-3", "-o", "json"]);
+    lab.kubectl(&["annotate", "node", "node-3", "weft.dev/public-key-"]);
     wait_for("node-1 to drop node-3", Duration::from_secs(5), || {
         peer_nodes(&lab, "node-1") == ["node-2"]
     });
     refused("node-3 pending");
 
     // The Node is deleted, then registered again while its pods run.
-    kubectl(&lab, &["delete", "node", "node-3"]);
+    lab.kubectl(&["delete", "node", "node-3"]);
     wait_for("node-3 to be gone", Duration::from_secs(5), || {
         node(&lab.status(), "node-3")["registered"] == false
     });
@@ -216,7 +206,7 @@ fn no_plaintext_whatever_happens_to_a_peer() {
     }
     let path = lab.dir().join("node-3-again.json");
     std::fs::write(&path, again.to_string()).unwrap();
-    kubectl(&lab, &["create", "-f", path.to_str().unwrap()]);
+    lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
     wait_for(
         "node-1 to reach node-3's pods again, through WireGuard",
         Duration::from_secs(10),
@@ -455,7 +445,7 @@ fn a_flapping_hostile_node_cannot_flood_the_api() {
     );
     let path = lab.dir().join("flapper.json");
     std::fs::write(&path, manifest).unwrap();
-    kubectl(&lab, &["create", "-f", path.to_str().unwrap()]);
+    lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
     let nodes = ["node-1", "node-2"];
     for n in nodes {
         wait_for(

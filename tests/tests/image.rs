@@ -9,7 +9,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{run_bounded, Lab};
-use serde_json::Value;
 
 fn podman(args: &[&str]) -> String {
     let mut cmd = Command::new("podman");
@@ -98,22 +97,10 @@ fn the_image_builds_and_a_podman_lab_carries_pod_traffic() {
         assert!(lab.dir().join(node).join("root/opt/cni/bin/weft").is_file());
     }
     // Pod traffic both ways, both families.
-    let status = lab.status();
-    let pods: Vec<(String, Vec<String>)> = status["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p: &Value| {
-            let ips = p["ips"].as_array().unwrap().iter();
-            (
-                p["name"].as_str().unwrap().to_string(),
-                ips.map(|i| i.as_str().unwrap().to_string()).collect(),
-            )
-        })
-        .collect();
+    let pods = lab.pods();
     assert_eq!(pods.len(), 2, "{pods:?}");
     for (from, to) in [(&pods[0], &pods[1]), (&pods[1], &pods[0])] {
-        for ip in &to.1 {
+        for ip in &to.2 {
             let out = lab.meshlab(&[
                 "pod", "exec", &from.0, "--", "ping", "-n", "-c", "2", "-W", "2", ip,
             ]);

@@ -361,9 +361,7 @@ fn every_node_runs_exactly_the_daemonsets_containers() {
     }
     // The install's objects are in the API server, the lab's values in the
     // ConfigMap.
-    let resync = lab.ok(&[
-        "kubectl",
-        "--",
+    let resync = lab.kubectl(&[
         "get",
         "configmap",
         "-n",
@@ -374,7 +372,7 @@ fn every_node_runs_exactly_the_daemonsets_containers() {
     ]);
     assert_eq!(resync.trim(), "10");
     for kind in ["daemonset/weft", "serviceaccount/meshd"] {
-        lab.ok(&["kubectl", "--", "get", "-n", "weft-system", kind]);
+        lab.kubectl(&["get", "-n", "weft-system", kind]);
     }
 }
 

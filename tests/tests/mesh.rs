@@ -744,7 +744,7 @@ fn a_node_on_the_next_annotation_format_stays_a_peer() {
         "weft.dev/a-later-field=anything",
     ];
     let passes = lab.metric("node-1", "weft_reconciles_total");
-    lab.ok(&[&["kubectl", "--"], &next_format[..]].concat());
+    lab.kubectl(&next_format);
     let rejected = || {
         lab.metric(
             "node-1",

@@ -7,27 +7,6 @@ use std::time::Duration;
 use common::{plaintext, Lab};
 use serde_json::Value;
 
-fn pods(status: &Value) -> Vec<(String, String, Vec<String>)> {
-    status["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            let ips = p["ips"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|i| i.as_str().unwrap().to_string())
-                .collect();
-            (
-                p["name"].as_str().unwrap().to_string(),
-                p["node"].as_str().unwrap().to_string(),
-                ips,
-            )
-        })
-        .collect()
-}
-
 /// Pings every pod address from every other pod.
 fn assert_all_pairs(lab: &Lab, all: &[(String, String, Vec<String>)]) {
     let mut failures = Vec::new();
@@ -53,7 +32,7 @@ fn assert_all_pairs(lab: &Lab, all: &[(String, String, Vec<String>)]) {
 #[test]
 fn every_pod_reaches_every_pod_in_both_families_only_encrypted() {
     let lab = Lab::up("t-pods", &["--nodes", "3", "--pods-per-node", "2"]);
-    let all = pods(&lab.status());
+    let all = lab.pods();
     assert_eq!(all.len(), 6);
     for (name, _, ips) in &all {
         assert_eq!(ips.len(), 2, "{name} is not dual-stack: {ips:?}");
@@ -69,8 +48,7 @@ fn every_pod_reaches_every_pod_in_both_families_only_encrypted() {
     );
 
     // The API has the pods, with their node and both IPs.
-    let list: Value =
-        serde_json::from_str(&lab.ok(&["kubectl", "--", "get", "pods", "-o", "json"])).unwrap();
+    let list: Value = serde_json::from_str(&lab.kubectl(&["get", "pods", "-o", "json"])).unwrap();
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 6);
     for item in items {
@@ -138,9 +116,7 @@ fn self_allocated_blocks_are_distinct_carry_pods_and_are_reused_after_grace() {
         ],
     );
     let record = || -> Value {
-        let raw = lab.ok(&[
-            "kubectl",
-            "--",
+        let raw = lab.kubectl(&[
             "get",
             "configmap",
             "-n",
@@ -181,7 +157,7 @@ fn self_allocated_blocks_are_distinct_carry_pods_and_are_reused_after_grace() {
         published.sort();
         assert_eq!(published, blocks_of(&r, n), "{n} publishes what it claimed");
     }
-    assert_all_pairs(&lab, &pods(&status));
+    assert_all_pairs(&lab, &lab.pods());
 
     let old = blocks_of(&r, "node-2");
     lab.ok(&["node", "del", "node-2"]);

@@ -10,10 +10,6 @@ use std::time::Duration;
 use common::{run_bounded, Lab};
 use serde_json::Value;
 
-fn kubectl(lab: &Lab, args: &[&str]) -> String {
-    lab.ok(&[&["kubectl", "--"], args].concat())
-}
-
 const NETPOL: &str = r#"apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata:
@@ -38,8 +34,7 @@ fn debian_kubectl() {
     );
 
     let lab = Lab::up("t-kubectl", &["--nodes", "2"]);
-    let nodes: Value =
-        serde_json::from_str(&kubectl(&lab, &["get", "nodes", "-o", "json"])).unwrap();
+    let nodes: Value = serde_json::from_str(&lab.kubectl(&["get", "nodes", "-o", "json"])).unwrap();
     let items = nodes["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
     let node1 = &items[0];
@@ -50,53 +45,49 @@ fn debian_kubectl() {
     );
     assert_eq!(node1["spec"]["podCIDRs"][1], "fd98:19:0:1::/64");
 
-    assert!(kubectl(
-        &lab,
-        &["annotate", "node", "node-1", "weft.dev/owner=kubectl"]
-    )
-    .contains("annotated"));
-    assert!(kubectl(&lab, &["label", "node", "node-1", "role=edge"]).contains("labeled"));
-    let got = kubectl(
-        &lab,
-        &[
-            "get",
-            "node",
-            "node-1",
-            "-o",
-            "jsonpath={.metadata.annotations.weft\\.dev/owner} {.metadata.labels.role}",
-        ],
-    );
+    assert!(lab
+        .kubectl(&["annotate", "node", "node-1", "weft.dev/owner=kubectl"])
+        .contains("annotated"));
+    assert!(lab
+        .kubectl(&["label", "node", "node-1", "role=edge"])
+        .contains("labeled"));
+    let got = lab.kubectl(&[
+        "get",
+        "node",
+        "node-1",
+        "-o",
+        "jsonpath={.metadata.annotations.weft\\.dev/owner} {.metadata.labels.role}",
+    ]);
     assert_eq!(got, "kubectl edge");
     assert!(
-        kubectl(&lab, &["get", "nodes", "-l", "role=edge", "-o", "name"]).trim() == "node/node-1"
+        lab.kubectl(&["get", "nodes", "-l", "role=edge", "-o", "name"])
+            .trim()
+            == "node/node-1"
     );
     // Overwriting without --overwrite is refused client-side after a GET; with it, applied.
     let refused = lab.meshlab(&["kubectl", "--", "label", "node", "node-1", "role=core"]);
     assert!(!refused.status.success());
-    kubectl(
-        &lab,
-        &["label", "node", "node-1", "role=core", "--overwrite"],
-    );
+    lab.kubectl(&["label", "node", "node-1", "role=core", "--overwrite"]);
 
     let manifest = lab.dir().join("netpol.yaml");
     std::fs::write(&manifest, NETPOL).unwrap();
     let m = manifest.to_str().unwrap();
-    assert!(kubectl(&lab, &["create", "-f", m]).contains("created"));
-    let np: Value = serde_json::from_str(&kubectl(
-        &lab,
-        &["get", "networkpolicy", "deny-ingress", "-o", "json"],
-    ))
-    .unwrap();
+    assert!(lab.kubectl(&["create", "-f", m]).contains("created"));
+    let np: Value =
+        serde_json::from_str(&lab.kubectl(&["get", "networkpolicy", "deny-ingress", "-o", "json"]))
+            .unwrap();
     assert_eq!(np["spec"]["podSelector"]["matchLabels"]["app"], "web");
     assert_eq!(np["metadata"]["generation"], 1);
     let dup = lab.meshlab(&["kubectl", "--", "create", "-f", m]);
     assert!(String::from_utf8_lossy(&dup.stderr).contains("AlreadyExists"));
-    assert!(kubectl(&lab, &["delete", "-f", m]).contains("deleted"));
+    assert!(lab.kubectl(&["delete", "-f", m]).contains("deleted"));
     let gone = lab.meshlab(&["kubectl", "--", "get", "networkpolicy", "deny-ingress"]);
     assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
-    assert!(kubectl(&lab, &["delete", "node", "node-2"]).contains("deleted"));
+    assert!(lab
+        .kubectl(&["delete", "node", "node-2"])
+        .contains("deleted"));
     assert_eq!(
-        kubectl(&lab, &["get", "nodes", "-o", "name"]).trim(),
+        lab.kubectl(&["get", "nodes", "-o", "name"]).trim(),
         "node/node-1"
     );
 }

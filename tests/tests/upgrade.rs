@@ -26,7 +26,11 @@ struct Traffic {
 
 impl Traffic {
     fn start(lab: &Lab, seconds: u32) -> Traffic {
-        let ips = pod_ips(lab, "pod-2-1");
+        let (_, _, ips) = lab
+            .pods()
+            .into_iter()
+            .find(|(name, _, _)| name == "pod-2-1")
+            .expect("pod-2-1");
         let (v4, v6) = (ips[0].clone(), ips[1].clone());
         let limit = Duration::from_secs(u64::from(seconds) + 60);
         let server = lab.command(&["pod", "exec", "pod-2-1", "--", "iperf3", "-s", "-1"]);
@@ -75,22 +79,6 @@ impl Traffic {
             .unwrap_or(0);
         (self.count - received, retransmits)
     }
-}
-
-fn pod_ips(lab: &Lab, pod: &str) -> Vec<String> {
-    let status = lab.status();
-    let p = status["pods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == pod)
-        .unwrap_or_else(|| panic!("no pod {pod}"));
-    p["ips"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i.as_str().unwrap().to_string())
-        .collect()
 }
 
 #[test]

@@ -130,6 +130,28 @@ impl Lab {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json is JSON")
     }
 
+    /// `meshlab kubectl -- ARGS` (Debian's kubectl against the lab); stdout.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        self.ok(&[&["kubectl", "--"], args].concat())
+    }
+
+    /// Every pod of the lab as `(name, node, ips)`, from `meshlab status`.
+    pub fn pods(&self) -> Vec<(String, String, Vec<String>)> {
+        self.status()["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let ips = p["ips"].as_array().unwrap().iter();
+                (
+                    p["name"].as_str().unwrap().to_string(),
+                    p["node"].as_str().unwrap().to_string(),
+                    ips.map(|i| i.as_str().unwrap().to_string()).collect(),
+                )
+            })
+            .collect()
+    }
+
     pub fn kubeconfig(&self) -> String {
         self.ok(&["kubeconfig"]).trim().to_string()
     }
