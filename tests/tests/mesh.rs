@@ -734,6 +734,11 @@ fn meshd_configures_a_restarted_data_plane() {
 fn a_node_on_the_next_annotation_format_stays_a_peer() {
     let lab = Lab::up("t-format", &["--nodes", "2"]);
     let target = lab.pod_addresses("node-2")[0].clone();
+    // The peer gauge is refreshed once a second, after the first sync.
+    let up = || lab.metric("node-1", "weft_peers{state=\"up\"}");
+    wait_for("node-1 to count node-2 up", Duration::from_secs(10), || {
+        up() == 1.0
+    });
     signal(pid_of_meshd(&lab, "node-2"), "-9");
     let next_format = [
         "annotate",
@@ -758,7 +763,7 @@ fn a_node_on_the_next_annotation_format_stays_a_peer() {
         || lab.metric("node-1", "weft_reconciles_total") > passes,
     );
     assert_eq!(rejected(), 0.0, "node-1 refused the next format");
-    assert_eq!(lab.metric("node-1", "weft_peers{state=\"up\"}"), 1.0);
+    assert_eq!(up(), 1.0, "node-1 dropped node-2");
     assert!(lab.reaches("node-1", &target), "node-2 is unreachable");
 
     // Back to this format (the upgrade rolled back): node-2's meshd writes
