@@ -33,7 +33,9 @@ use crate::decide::{decide, Inputs};
 use crate::http::{self, Health};
 use crate::liveness::Liveness;
 use crate::metrics::{PeerLabels, ReasonLabels, StateLabels};
-use crate::model::{ClusterRanges, ClusterSnapshot, LocalConfig, Ranges, Verdict};
+use crate::model::{
+    ClusterRanges, ClusterSnapshot, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
+};
 use crate::node_blocks::PodCidrSource;
 use crate::planner::backstops;
 use crate::reconcile::netlink::Netlink;
@@ -72,13 +74,27 @@ pub struct RunArgs {
     #[arg(long = "mesh-cidr", env = "WEFT_MESH_CIDRS", value_delimiter = ',', default_values = ["100.64.0.0/16", "fd64:77:65::/64"])]
     pub mesh_cidrs: Vec<IpNet>,
     /// Seconds between keepalives to each peer; 0 turns them (and peer liveness) off.
-    #[arg(long, env = "WEFT_PERSISTENT_KEEPALIVE", default_value_t = 25)]
+    #[arg(long, env = "WEFT_PERSISTENT_KEEPALIVE", default_value_t = 10)]
     pub persistent_keepalive: u16,
-    /// A peer not heard from for this many seconds (no bytes, no new handshake)
-    /// is down: its routes become unreachable. WireGuard itself gives up on a
-    /// session after 180 s.
-    #[arg(long, env = "WEFT_PEER_TIMEOUT", default_value_t = 180)]
+    /// A peer not heard from for this many seconds (no bytes, no new
+    /// handshake) is unreachable: this node reports it in its link state and
+    /// traffic to it goes through a relay. Heard again for as long, it is
+    /// reachable again. Must exceed the keepalive interval.
+    #[arg(long, env = "WEFT_PEER_TIMEOUT", default_value_t = 30)]
     pub peer_timeout: u64,
+    /// What a link costs by how far apart its ends are (node labels
+    /// topology.kubernetes.io/region and /zone): relays are chosen by the
+    /// least total cost. The same on every node.
+    #[arg(
+        long,
+        env = "WEFT_LINK_COSTS",
+        default_value = "zone=1,region=2,other=4"
+    )]
+    pub link_costs: LinkCosts,
+    /// Whether two nodes without a working direct link talk through a
+    /// third (`one-hop`) or not at all (`never`). The same on every node.
+    #[arg(long, env = "WEFT_RELAY", value_enum, default_value = "one-hop")]
+    pub relay: Relay,
     #[arg(long, env = crate::dataplane::MODE_ENV, value_enum, default_value = "auto")]
     pub dataplane: Mode,
     /// `builtin` (Weft's own device in `meshd dataplane`, started and adopted by meshd),
@@ -110,6 +126,19 @@ pub struct RunArgs {
     /// policies; 0: count them only.
     #[arg(long, default_value_t = 0)]
     pub log_policy_drops: u32,
+}
+
+/// A peer is judged by what it sends: keepalives must come more often than
+/// the silence that makes it unreachable.
+fn check_timers(args: &RunArgs) -> Result<()> {
+    let keepalive = u64::from(args.persistent_keepalive);
+    if keepalive > 0 && args.peer_timeout <= keepalive {
+        anyhow::bail!(
+            "--peer-timeout {} must exceed --persistent-keepalive {keepalive} (a silence of one keepalive interval is normal)",
+            args.peer_timeout
+        );
+    }
+    Ok(())
 }
 
 /// The cluster's ranges from `--cluster-cidr` and `--mesh-cidr`.
@@ -149,7 +178,8 @@ struct Agent {
     reconciler: Reconciler,
     health: Arc<Health>,
     recorder: Recorder,
-    liveness: Liveness,
+    /// By peer node name.
+    liveness: Liveness<String>,
     reports: Reports,
     mtu: Option<u32>,
     peer_names: BTreeMap<PublicKey, String>,
@@ -160,6 +190,7 @@ struct Agent {
 
 pub async fn run(args: RunArgs) -> Result<()> {
     let ranges = cluster_ranges(&args)?;
+    check_timers(&args)?;
     // Fail closed first, before any key, API or data plane: from here on no
     // cluster address can leave this node except through WireGuard.
     let netlink = Netlink::new()?;
@@ -229,13 +260,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
         store.with_context(|| format!("waiting for the first list of {what}"))?;
     }
 
+    // A restarted meshd keeps the link state it had published until it
+    // hears those peers again, rather than bringing their links back.
+    let published = nodes
+        .state()
+        .iter()
+        .find(|n| n.name_any() == args.node_name)
+        .and_then(|n| crate::annotations::unreachable(&node_info(n)).ok())
+        .unwrap_or_default();
     let mut agent = Agent {
         local: LocalConfig {
-            node_name: args.node_name.clone(),
-            ranges,
             persistent_keepalive: (args.persistent_keepalive > 0)
                 .then_some(args.persistent_keepalive),
-            down_peers: BTreeSet::new(),
+            costs: args.link_costs,
+            relay: args.relay,
+            unreachable: published.clone(),
+            ..LocalConfig::new(&args.node_name, ranges)
         },
         recorder: cluster::recorder(client.clone(), &args.node_name),
         args,
@@ -243,7 +283,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         key,
         reconciler,
         health,
-        liveness: Liveness::default(),
+        liveness: Liveness::new(published),
         reports: Reports::default(),
         mtu: None,
         peer_names: BTreeMap::new(),
@@ -351,14 +391,16 @@ impl Agent {
         }
         let down = match self.local.persistent_keepalive {
             Some(_) => {
+                // Peers not yet planned (no name) are judged from the next sync.
                 let readings: Vec<_> = stats
                     .iter()
-                    .map(|s| {
+                    .filter_map(|s| {
                         let handshake = s
                             .last_handshake
                             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                             .map_or(0, |d| d.as_secs());
-                        (s.key, (s.rx_bytes, handshake))
+                        let name = self.peer_names.get(&s.key)?;
+                        Some((name.clone(), (s.rx_bytes, handshake)))
                     })
                     .collect();
                 self.liveness.observe(
@@ -377,9 +419,11 @@ impl Agent {
         m.peers
             .get_or_create(&StateLabels { state: "up".into() })
             .set((stats.len() - down.len()) as i64);
-        if down != self.local.down_peers {
-            tracing::info!(down = ?down.iter().map(|k| self.peer_names.get(k).cloned().unwrap_or_else(|| k.to_string())).collect::<Vec<_>>(), "peer liveness changed");
-            self.local.down_peers = down;
+        // Published as this node's link state: at most one change a second
+        // (this runs once a second), and per peer at most one per timeout.
+        if down != self.local.unreachable {
+            tracing::info!(unreachable = ?down, "link state changed");
+            self.local.unreachable = down;
             return true;
         }
         false
@@ -459,6 +503,7 @@ impl Agent {
             .reconcile(desired, &self.key, self.args.listen_port, mtu)
             .await?;
         let m = &self.health.metrics;
+        m.set_paths(&desired.paths);
         m.count_change("wireguard", outcome.wireguard);
         m.count_change("link", outcome.link);
         m.count_change("address", outcome.addresses);

@@ -4,7 +4,7 @@
 //! the annotation — never a panic, never a partial peer.
 //! Documented in docs/annotations.md.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
@@ -19,13 +19,24 @@ pub const PUBLIC_KEY: &str = "weft.dev/public-key";
 pub const ENDPOINT: &str = "weft.dev/endpoint";
 pub const MESH_ADDRESSES: &str = "weft.dev/mesh-addresses";
 pub const POD_CIDRS: &str = "weft.dev/pod-cidrs";
+/// The nodes this node cannot reach directly (its link state; absent:
+/// it reaches every node). A link is used only if neither end lists the
+/// other, so a node's report can only take away its own links.
+pub const UNREACHABLE: &str = "weft.dev/unreachable";
 /// Set by an admin (not by meshd) to override the endpoint a node publishes,
 /// e.g. a public address in front of NAT.
 pub const FORCE_ENDPOINT: &str = "weft.dev/force-endpoint";
 
 /// The annotations meshd owns on its Node (others under the prefix, like
 /// [`FORCE_ENDPOINT`], belong to admins and are never written).
-pub const OWNED: &[&str] = &[VERSION, PUBLIC_KEY, ENDPOINT, MESH_ADDRESSES, POD_CIDRS];
+pub const OWNED: &[&str] = &[
+    VERSION,
+    PUBLIC_KEY,
+    ENDPOINT,
+    MESH_ADDRESSES,
+    POD_CIDRS,
+    UNREACHABLE,
+];
 
 /// The annotation format this meshd writes.
 ///
@@ -39,8 +50,11 @@ pub const OWNED: &[&str] = &[VERSION, PUBLIC_KEY, ENDPOINT, MESH_ADDRESSES, POD_
 pub const FORMAT_VERSION: u32 = 1;
 /// The oldest format this meshd still reads (an older node is excluded).
 pub const OLDEST_READ_VERSION: u32 = 1;
-/// No Weft annotation value is legitimately longer.
+/// No Weft annotation value is legitimately longer, but [`UNREACHABLE`].
 pub const MAX_VALUE_LEN: usize = 512;
+/// [`UNREACHABLE`] lists node names: room for thousands (Kubernetes allows
+/// 256 KiB of annotations per object).
+pub const MAX_UNREACHABLE_LEN: usize = 64 * 1024;
 const MAX_POD_CIDRS: usize = 8;
 
 /// What a valid node claims: its identity and the addresses it answers for.
@@ -50,6 +64,8 @@ pub struct Claim {
     pub endpoint: SocketAddr,
     pub mesh_addresses: Vec<IpAddr>,
     pub pod_cidrs: Vec<IpNet>,
+    /// Its link state: the nodes it reports it cannot reach directly.
+    pub unreachable: BTreeSet<String>,
 }
 
 impl Claim {
@@ -79,6 +95,7 @@ pub enum Rejection {
     BadMeshAddress(String),
     MeshAddressOutsideRange(IpAddr),
     BadPodCidr(String),
+    BadUnreachable(String),
     PodCidrOverlapsMesh(IpNet),
     PodCidrOutsideCluster(IpNet),
     /// Not within the node's `spec.podCIDRs` or, without them, the blocks
@@ -113,6 +130,7 @@ impl Rejection {
             | Self::PodCidrOutsideCluster(_)
             | Self::PodCidrTooLarge(_) => "bad_pod_cidr",
             Self::PodCidrNotAssigned { .. } => "pod_cidr_not_assigned",
+            Self::BadUnreachable(_) => "bad_unreachable",
             Self::Conflict { .. } => "conflict",
         }
     }
@@ -122,7 +140,7 @@ impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Missing(a) => write!(f, "{a} is missing"),
-            Self::Oversized(a) => write!(f, "{a} is longer than {MAX_VALUE_LEN} bytes"),
+            Self::Oversized(a) => write!(f, "{a} is longer than {} bytes", max_len(a)),
             Self::UnsupportedVersion(v) => write!(
                 f,
                 "{VERSION} {v:?} is not supported (this meshd reads formats {OLDEST_READ_VERSION} and later, written as a decimal number)"
@@ -138,6 +156,7 @@ impl fmt::Display for Rejection {
                 "{MESH_ADDRESSES}: {a} is outside the cluster's mesh ranges"
             ),
             Self::BadPodCidr(e) => write!(f, "{POD_CIDRS}: {e}"),
+            Self::BadUnreachable(e) => write!(f, "{UNREACHABLE}: {e}"),
             Self::PodCidrOverlapsMesh(c) => {
                 write!(f, "{POD_CIDRS}: {c} overlaps the cluster's mesh range")
             }
@@ -166,12 +185,55 @@ impl fmt::Display for Rejection {
     }
 }
 
+/// The longest value `key` may have.
+fn max_len(key: &str) -> usize {
+    if key == UNREACHABLE {
+        MAX_UNREACHABLE_LEN
+    } else {
+        MAX_VALUE_LEN
+    }
+}
+
 fn value<'a>(node: &'a NodeInfo, key: &'static str) -> Result<&'a str, Rejection> {
     let v = node.annotations.get(key).ok_or(Rejection::Missing(key))?;
-    if v.len() > MAX_VALUE_LEN {
-        return Err(Rejection::Oversized(key.to_string()));
-    }
     Ok(v.trim())
+}
+
+/// Whether `name` could be a Node's name (an RFC 1123 subdomain).
+fn is_node_name(name: &str) -> bool {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    name.len() <= 253 && name.split('.').all(label_ok)
+}
+
+/// A node's link state: names only, no duplicates, not itself. Names of
+/// nodes that do not exist are kept (and match nothing).
+pub fn unreachable(node: &NodeInfo) -> Result<BTreeSet<String>, Rejection> {
+    let Some(v) = node.annotations.get(UNREACHABLE) else {
+        return Ok(BTreeSet::new());
+    };
+    let mut names = BTreeSet::new();
+    for name in list(v) {
+        if !is_node_name(name) {
+            return Err(Rejection::BadUnreachable(format!(
+                "{:?} is not a node name",
+                name.chars().take(64).collect::<String>()
+            )));
+        }
+        if name == node.name {
+            return Err(Rejection::BadUnreachable("lists the node itself".into()));
+        }
+        if !names.insert(name.to_string()) {
+            return Err(Rejection::BadUnreachable(format!("{name} is listed twice")));
+        }
+    }
+    Ok(names)
 }
 
 fn list(v: &str) -> impl Iterator<Item = &str> {
@@ -215,7 +277,7 @@ pub fn parse(
         return Ok(None);
     }
     for (k, v) in &node.annotations {
-        if k.starts_with(PREFIX) && v.len() > MAX_VALUE_LEN {
+        if k.starts_with(PREFIX) && v.len() > max_len(k) {
             return Err(Rejection::Oversized(k.clone()));
         }
     }
@@ -302,13 +364,27 @@ pub fn parse(
         endpoint,
         mesh_addresses,
         pod_cidrs,
+        unreachable: unreachable(node)?,
     }))
 }
 
-/// The annotations this node publishes for `claim`.
+/// The annotations this node publishes for `claim`. Link state only when
+/// it has some (the common case, reaching everyone, is no annotation); a
+/// list longer than [`MAX_UNREACHABLE_LEN`] is cut at a name (the far ends
+/// of the links left out still report them).
 pub fn render(claim: &Claim) -> BTreeMap<String, String> {
     let join = |items: Vec<String>| items.join(",");
-    BTreeMap::from([
+    let mut unreachable = String::new();
+    for name in &claim.unreachable {
+        if unreachable.len() + name.len() + 1 > MAX_UNREACHABLE_LEN {
+            break;
+        }
+        if !unreachable.is_empty() {
+            unreachable.push(',');
+        }
+        unreachable.push_str(name);
+    }
+    let mut rendered = BTreeMap::from([
         (VERSION.to_string(), FORMAT_VERSION.to_string()),
         (PUBLIC_KEY.to_string(), claim.public_key.to_string()),
         (ENDPOINT.to_string(), claim.endpoint.to_string()),
@@ -326,7 +402,11 @@ pub fn render(claim: &Claim) -> BTreeMap<String, String> {
             POD_CIDRS.to_string(),
             join(claim.pod_cidrs.iter().map(ToString::to_string).collect()),
         ),
-    ])
+    ]);
+    if !unreachable.is_empty() {
+        rendered.insert(UNREACHABLE.to_string(), unreachable);
+    }
+    rendered
 }
 
 /// The merge patch taking `current` to `desired` for the keys meshd owns,
@@ -371,6 +451,7 @@ mod tests {
                 "fd98:19:0:1::/64".parse().unwrap(),
             ],
             annotations: render(claim),
+            placement: crate::model::Placement::anywhere(),
         }
     }
 
@@ -386,6 +467,7 @@ mod tests {
                 "198.19.1.0/24".parse().unwrap(),
                 "fd98:19:0:1::/64".parse().unwrap(),
             ],
+            unreachable: BTreeSet::new(),
         }
     }
 
@@ -406,6 +488,22 @@ mod tests {
             set(&mut n, "weft.dev/a-later-field", "anything");
             assert_eq!(check(&n), Ok(Some(c.clone())), "version {version}");
         }
+    }
+
+    /// Link state round-trips; absent is "reaches everyone"; a list too
+    /// long for the annotation is cut at a name.
+    #[test]
+    fn link_state_round_trips_and_is_bounded() {
+        let mut c = claim();
+        assert!(!render(&c).contains_key(UNREACHABLE));
+        c.unreachable = BTreeSet::from(["node-2".to_string(), "node-10.example".to_string()]);
+        assert_eq!(render(&c)[UNREACHABLE], "node-10.example,node-2");
+        assert_eq!(check(&node_with(&c)), Ok(Some(c.clone())));
+        c.unreachable = (0..20_000).map(|i| format!("node-{i:05}")).collect();
+        let rendered = render(&c)[UNREACHABLE].clone();
+        assert!(rendered.len() <= MAX_UNREACHABLE_LEN);
+        assert!(rendered.split(',').all(|n| n.len() == 10), "cut at a name");
+        assert!(check(&node_with(&c)).is_ok());
     }
 
     #[test]
@@ -463,6 +561,26 @@ mod tests {
                 Box::new(|n| set(n, "weft.dev/other", &"x".repeat(600))),
                 "oversized",
                 "weft.dev/other",
+            ),
+            (
+                Box::new(|n| set(n, UNREACHABLE, "node-2,Node_3")),
+                "bad_unreachable",
+                UNREACHABLE,
+            ),
+            (
+                Box::new(|n| set(n, UNREACHABLE, "n")),
+                "bad_unreachable",
+                UNREACHABLE,
+            ),
+            (
+                Box::new(|n| set(n, UNREACHABLE, "node-2,node-2")),
+                "bad_unreachable",
+                UNREACHABLE,
+            ),
+            (
+                Box::new(|n| set(n, UNREACHABLE, &"node-2,".repeat(10_000))),
+                "oversized",
+                UNREACHABLE,
             ),
             (
                 Box::new(|n| set(n, VERSION, "0")),

@@ -14,7 +14,16 @@ use kube::{Client, ResourceExt};
 use serde_json::Value;
 
 use crate::annotations::PREFIX;
-use crate::model::NodeInfo;
+use crate::model::{NodeInfo, Placement};
+
+/// The well-known topology labels link costs are computed from.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// `false` keeps a node from relaying others' traffic. Under the
+/// `node-restriction.kubernetes.io/` prefix, which the NodeRestriction
+/// admission plugin keeps kubelets from setting or removing: only an
+/// admin can change it.
+pub const RELAY_LABEL: &str = "node-restriction.kubernetes.io/weft-relay";
 
 /// A kind meshd watches through a reflector.
 pub trait Watched:
@@ -93,12 +102,19 @@ pub fn node_info(node: &Node) -> NodeInfo {
         .filter(|(k, _)| k.starts_with(PREFIX))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let labels = node.labels();
+    let placement = Placement {
+        region: labels.get(REGION_LABEL).cloned(),
+        zone: labels.get(ZONE_LABEL).cloned(),
+        may_relay: labels.get(RELAY_LABEL).map(String::as_str) != Some("false"),
+    };
     NodeInfo {
         name: node.name_any(),
         created,
         internal_ips,
         spec_pod_cidrs,
         annotations,
+        placement,
     }
 }
 

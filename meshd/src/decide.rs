@@ -74,7 +74,7 @@ mod tests {
 
     use super::*;
     use crate::annotations::{render, FORCE_ENDPOINT, POD_CIDRS};
-    use crate::model::{ClusterRanges, NodeInfo, Verdict};
+    use crate::model::{ClusterRanges, NodeInfo, Placement, Verdict};
 
     fn node(k: u8, annotations: BTreeMap<String, String>) -> NodeInfo {
         NodeInfo {
@@ -83,6 +83,7 @@ mod tests {
             internal_ips: vec![format!("198.18.1.{k}").parse().unwrap()],
             spec_pod_cidrs: vec![format!("198.19.{k}.0/24").parse().unwrap()],
             annotations,
+            placement: Placement::anywhere(),
         }
     }
 
@@ -91,12 +92,7 @@ mod tests {
     }
 
     fn local() -> LocalConfig {
-        LocalConfig {
-            node_name: "node-1".into(),
-            ranges: ClusterRanges::lab(),
-            persistent_keepalive: None,
-            down_peers: BTreeSet::new(),
-        }
+        LocalConfig::new("node-1", ClusterRanges::lab())
     }
 
     fn inputs<'a>(snapshot: &'a ClusterSnapshot, local: &'a LocalConfig) -> Inputs<'a> {
@@ -117,6 +113,7 @@ mod tests {
             endpoint: "198.18.1.2:51820".parse().unwrap(),
             mesh_addresses: vec!["198.18.128.2".parse().unwrap()],
             pod_cidrs: vec!["198.19.2.0/24".parse().unwrap()],
+            unreachable: BTreeSet::new(),
         };
         node(2, render(&claim))
     }

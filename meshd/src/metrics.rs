@@ -1,5 +1,6 @@
 //! Prometheus metrics (prometheus-client), documented in docs/operations.md.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -9,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use weft_policy::Direction;
+
+use crate::model::Hop;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
@@ -37,9 +40,15 @@ pub struct PolicyLabels {
     pub policy: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HopLabels {
+    pub hop: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub peers: Family<StateLabels, Gauge>,
+    pub paths: Family<HopLabels, Gauge>,
     pub handshake_age: Family<PeerLabels, Gauge<f64, AtomicU64>>,
     pub rx_bytes: Family<PeerLabels, Gauge>,
     pub tx_bytes: Family<PeerLabels, Gauge>,
@@ -61,6 +70,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("weft");
         let m = Self {
             peers: Family::default(),
+            paths: Family::default(),
             handshake_age: Family::default(),
             rx_bytes: Family::default(),
             tx_bytes: Family::default(),
@@ -81,6 +91,11 @@ impl Default for Metrics {
             "peers",
             "WireGuard peers by state (up: heard from recently; down: silent past --peer-timeout)",
             m.peers.clone(),
+        );
+        registry.register(
+            "paths",
+            "Other nodes by how this node reaches them: direct, relayed (through a third node), none (no working path)",
+            m.paths.clone(),
         );
         registry.register(
             "peer_last_handshake_age_seconds",
@@ -183,10 +198,29 @@ impl Metrics {
         }
     }
 
+    /// Sets the path gauges from this node's paths.
+    pub fn set_paths(&self, paths: &BTreeMap<String, Hop>) {
+        for hop in ["direct", "relayed", "none"] {
+            let n = paths.values().filter(|h| hop_label(h) == hop).count();
+            self.paths
+                .get_or_create(&HopLabels { hop: hop.into() })
+                .set(n as i64);
+        }
+    }
+
     pub fn count_write(&self, kind: &str) {
         self.api_writes
             .get_or_create(&KindLabels { kind: kind.into() })
             .inc();
+    }
+}
+
+/// The metric label of a path.
+pub fn hop_label(hop: &Hop) -> &'static str {
+    match hop {
+        Hop::Direct => "direct",
+        Hop::Via(_) => "relayed",
+        Hop::None => "none",
     }
 }
 

@@ -24,6 +24,126 @@ pub struct NodeInfo {
     pub spec_pod_cidrs: Vec<IpNet>,
     /// The node's `weft.dev/` annotations, as published: untrusted.
     pub annotations: BTreeMap<String, String>,
+    /// Where the node is and whether it may relay, from its labels.
+    pub placement: Placement,
+}
+
+/// A node's place in the cluster, from its labels: what link costs and
+/// relay choice are computed from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// `topology.kubernetes.io/region`.
+    pub region: Option<String>,
+    /// `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+    /// False when an admin labelled the node
+    /// `node-restriction.kubernetes.io/weft-relay=false` (a prefix a
+    /// kubelet cannot set or remove, so a compromised node cannot undo it).
+    pub may_relay: bool,
+}
+
+impl Placement {
+    /// A node in no region or zone that may relay.
+    pub fn anywhere() -> Self {
+        Self {
+            may_relay: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// What a link costs by how far apart its ends are; the same on every node
+/// (a cluster setting), so every node chooses the same relays. Any positive
+/// costs make a direct link cheaper than a path through a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkCosts {
+    pub zone: u32,
+    pub region: u32,
+    pub other: u32,
+}
+
+impl Default for LinkCosts {
+    fn default() -> Self {
+        Self {
+            zone: 1,
+            region: 2,
+            other: 4,
+        }
+    }
+}
+
+impl LinkCosts {
+    /// The cost of a link between nodes placed at `a` and `b`: both in the
+    /// same zone of the same region, else both in the same region, else
+    /// anything else (an unlabelled node is in no region).
+    pub fn between(&self, a: &Placement, b: &Placement) -> u32 {
+        let same = |x: &Option<String>, y: &Option<String>| x.is_some() && x == y;
+        match (same(&a.region, &b.region), same(&a.zone, &b.zone)) {
+            (true, true) => self.zone,
+            (true, false) => self.region,
+            (false, _) => self.other,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkCostsError {
+    #[error("--link-costs {0:?}: expected zone=N,region=N,other=N")]
+    Syntax(String),
+    #[error("--link-costs: {0} must be a whole number from 1 to 1000000")]
+    Value(&'static str),
+    #[error("--link-costs: expected zone <= region <= other (a nearer link never costs more)")]
+    Order,
+}
+
+impl std::str::FromStr for LinkCosts {
+    type Err = LinkCostsError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut costs = Self::default();
+        for part in s.split(',').map(str::trim) {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| LinkCostsError::Syntax(s.chars().take(64).collect()))?;
+            let field = match key.trim() {
+                "zone" => ("zone", &mut costs.zone),
+                "region" => ("region", &mut costs.region),
+                "other" => ("other", &mut costs.other),
+                _ => return Err(LinkCostsError::Syntax(s.chars().take(64).collect())),
+            };
+            *field.1 = value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|v| (1..=1_000_000).contains(v))
+                .ok_or(LinkCostsError::Value(field.0))?;
+        }
+        if !(costs.zone <= costs.region && costs.region <= costs.other) {
+            return Err(LinkCostsError::Order);
+        }
+        Ok(costs)
+    }
+}
+
+/// Whether traffic between two nodes without a working direct link may
+/// go through a third node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Relay {
+    /// Only direct links: a pair without one cannot talk.
+    Never,
+    /// Through the one intermediate node with the cheapest two links.
+    #[default]
+    OneHop,
+}
+
+/// How this node reaches another.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hop {
+    Direct,
+    /// Through this node, which forwards between its WireGuard peers.
+    Via(String),
+    /// No working path: its prefixes are unreachable here (fail closed).
+    None,
 }
 
 /// Every Node in the cluster, in any order, and the block record nodes
@@ -162,9 +282,26 @@ pub struct LocalConfig {
     pub ranges: ClusterRanges,
     /// Sent to every peer; `None` disables keepalives.
     pub persistent_keepalive: Option<u16>,
-    /// Peers the data plane has not heard from recently: their routes become
-    /// unreachable until they are heard again (fail closed).
-    pub down_peers: BTreeSet<PublicKey>,
+    /// The nodes this node cannot reach directly (see [`crate::liveness`]):
+    /// published as its link state, and no direct link is used to them.
+    pub unreachable: BTreeSet<String>,
+    /// Cluster settings: every node must have the same.
+    pub costs: LinkCosts,
+    pub relay: Relay,
+}
+
+impl LocalConfig {
+    /// `node_name`'s defaults: no keepalives, no unreachable peers.
+    pub fn new(node_name: &str, ranges: ClusterRanges) -> Self {
+        Self {
+            node_name: node_name.to_string(),
+            ranges,
+            persistent_keepalive: None,
+            unreachable: BTreeSet::new(),
+            costs: LinkCosts::default(),
+            relay: Relay::default(),
+        }
+    }
 }
 
 /// One WireGuard peer as it should be configured.
@@ -219,4 +356,6 @@ pub struct DesiredNode {
     pub routes: BTreeSet<Route>,
     /// Every node's verdict, this node's included, by node name.
     pub verdicts: BTreeMap<String, Verdict>,
+    /// How this node reaches each other accepted node, by name.
+    pub paths: BTreeMap<String, Hop>,
 }

@@ -76,9 +76,12 @@ mod annotations {
     use super::*;
     use weft_keys::PublicKey;
     use weft_meshd::annotations::{
-        parse, ENDPOINT, FORCE_ENDPOINT, MESH_ADDRESSES, POD_CIDRS, PUBLIC_KEY, VERSION,
+        parse, ENDPOINT, FORCE_ENDPOINT, MESH_ADDRESSES, POD_CIDRS, PUBLIC_KEY, UNREACHABLE,
+        VERSION,
     };
-    use weft_meshd::model::{ClusterRanges, ClusterSnapshot, LocalConfig, NodeInfo, Ranges};
+    use weft_meshd::model::{
+        ClusterRanges, ClusterSnapshot, LocalConfig, NodeInfo, Placement, Ranges,
+    };
     use weft_meshd::planner::{backstops, plan};
 
     /// The lab's ranges, through the same checks meshd's flags go through.
@@ -111,6 +114,10 @@ mod annotations {
             "AK64kaURB7gIujba7uPpXZuBtMVJZA8BQwbhn1xWC2c=",
             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
             "255.255.255.255:1",
+            "n1,n2",
+            "n0",
+            "N1,-x",
+            "n3,n3",
         ])
     }
 
@@ -121,6 +128,7 @@ mod annotations {
             ENDPOINT,
             MESH_ADDRESSES,
             POD_CIDRS,
+            UNREACHABLE,
             FORCE_ENDPOINT,
             "weft.dev/x",
         ]);
@@ -153,6 +161,7 @@ mod annotations {
                     internal_ips: vec![],
                     spec_pod_cidrs: spec.iter().map(|c| c.parse().unwrap()).collect(),
                     annotations,
+                    placement: Placement::anywhere(),
                 }
             })
     }
@@ -178,12 +187,7 @@ mod annotations {
                     nodes: nodes.clone(),
                     blocks: Default::default(),
                 };
-                let local = LocalConfig {
-                    node_name: nodes[0].name.clone(),
-                    ranges: r,
-                    persistent_keepalive: None,
-                    down_peers: Default::default(),
-                };
+                let local = LocalConfig::new(&nodes[0].name, r);
                 let d = plan(&snapshot, &local);
                 prop_assert!(backstops(&r).is_subset(&d.routes));
                 Ok(())

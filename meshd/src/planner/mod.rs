@@ -4,6 +4,7 @@
 
 mod mesh_address;
 mod own;
+mod paths;
 mod verdict;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,10 +13,11 @@ use ipnet::IpNet;
 
 pub use mesh_address::choose_mesh_address;
 pub use own::{own_claim, own_endpoint, OwnError};
+pub use paths::{Links, Member};
 pub use verdict::judge;
 
 use crate::model::{
-    ClusterRanges, ClusterSnapshot, DesiredNode, LocalConfig, Peer, Route, RouteKind, Verdict,
+    ClusterRanges, ClusterSnapshot, DesiredNode, Hop, LocalConfig, Peer, Route, RouteKind, Verdict,
 };
 
 /// The unreachable routes that keep every cluster pod and mesh address
@@ -32,34 +34,54 @@ pub fn backstops(ranges: &ClusterRanges) -> BTreeSet<Route> {
         .collect()
 }
 
+/// The links between the accepted nodes of `verdicts`.
+pub fn links<'a>(
+    snapshot: &'a ClusterSnapshot,
+    verdicts: &'a BTreeMap<String, Verdict>,
+    local: &LocalConfig,
+) -> Links<'a> {
+    let members = snapshot
+        .nodes
+        .iter()
+        .filter_map(|n| match verdicts.get(&n.name) {
+            Some(Verdict::Accepted(claim)) => Some(Member {
+                name: &n.name,
+                placement: &n.placement,
+                unreachable: &claim.unreachable,
+            }),
+            _ => None,
+        });
+    Links::new(members, local.costs)
+}
+
 /// Plans this node's WireGuard peers, interface addresses and routes.
+///
+/// Every accepted node is a peer, so WireGuard keeps its session (or keeps
+/// trying) whatever the path; its prefixes go on the peer the path names:
+/// itself, a relay, or none (unreachable, fail closed). A relay's
+/// prefixes are its own plus those of the nodes reached through it.
 pub fn plan(snapshot: &ClusterSnapshot, local: &LocalConfig) -> DesiredNode {
     let verdicts = judge(snapshot, &local.ranges);
+    let paths = links(snapshot, &verdicts, local).paths_from(&local.node_name, local.relay);
     let mut peers = BTreeMap::new();
+    let mut by_name = BTreeMap::new();
     // Every accepted claim lies inside the ranges (the parser checks), so
-    // a peer that is down, pending, rejected or deleted falls back to them.
+    // a node without a path, pending, rejected or deleted falls back to them.
     let mut routes = backstops(&local.ranges);
     let mut addresses = BTreeSet::new();
     for (name, verdict) in &verdicts {
-        let is_local = *name == local.node_name;
         match verdict {
-            Verdict::Accepted(claim) if is_local => {
+            Verdict::Accepted(claim) if *name == local.node_name => {
                 addresses.extend(claim.mesh_addresses.iter().map(|a| IpNet::from(*a)));
             }
             Verdict::Accepted(claim) => {
-                let allowed: BTreeSet<IpNet> = claim.prefixes().collect();
-                if !local.down_peers.contains(&claim.public_key) {
-                    routes.extend(allowed.iter().map(|dst| Route {
-                        dst: *dst,
-                        kind: RouteKind::Mesh,
-                    }));
-                }
+                by_name.insert(name.as_str(), claim.public_key);
                 peers.insert(
                     claim.public_key,
                     Peer {
                         node: name.clone(),
                         endpoint: claim.endpoint,
-                        allowed_ips: allowed,
+                        allowed_ips: BTreeSet::new(),
                         persistent_keepalive: local.persistent_keepalive,
                     },
                 );
@@ -67,11 +89,37 @@ pub fn plan(snapshot: &ClusterSnapshot, local: &LocalConfig) -> DesiredNode {
             Verdict::Pending | Verdict::Rejected(_) => {}
         }
     }
+    for (name, verdict) in &verdicts {
+        let Verdict::Accepted(claim) = verdict else {
+            continue;
+        };
+        // A node that is not itself accepted has no paths: it sends
+        // directly (and is refused until it is accepted).
+        let carrier = match paths.get(name) {
+            Some(Hop::Direct) => Some(name.as_str()),
+            Some(Hop::Via(relay)) => Some(relay.as_str()),
+            Some(Hop::None) => None,
+            None if *name != local.node_name && paths.is_empty() => Some(name.as_str()),
+            None => None,
+        };
+        let Some(peer) = carrier
+            .and_then(|c| by_name.get(c))
+            .and_then(|k| peers.get_mut(k))
+        else {
+            continue;
+        };
+        peer.allowed_ips.extend(claim.prefixes());
+        routes.extend(claim.prefixes().map(|dst| Route {
+            dst,
+            kind: RouteKind::Mesh,
+        }));
+    }
     DesiredNode {
         addresses,
         peers,
         routes,
         verdicts,
+        paths,
     }
 }
 

@@ -102,6 +102,7 @@ pub fn own_claim(
         endpoint,
         mesh_addresses,
         pod_cidrs,
+        unreachable: local.unreachable.clone(),
     })
 }
 
@@ -109,7 +110,8 @@ pub fn own_claim(
 mod tests {
     use super::*;
     use crate::annotations::render;
-    use std::collections::{BTreeMap, BTreeSet};
+    use crate::model::Placement;
+    use std::collections::BTreeMap;
 
     fn node(name: &str, created: i64, annotations: BTreeMap<String, String>) -> NodeInfo {
         NodeInfo {
@@ -118,6 +120,7 @@ mod tests {
             internal_ips: vec!["198.18.1.1".parse().unwrap()],
             spec_pod_cidrs: vec!["198.19.1.0/24".parse().unwrap()],
             annotations,
+            placement: Placement::anywhere(),
         }
     }
 
@@ -126,12 +129,7 @@ mod tests {
     }
 
     fn local(name: &str) -> LocalConfig {
-        LocalConfig {
-            node_name: name.into(),
-            ranges: ClusterRanges::lab(),
-            persistent_keepalive: None,
-            down_peers: BTreeSet::new(),
-        }
+        LocalConfig::new(name, ClusterRanges::lab())
     }
 
     #[test]

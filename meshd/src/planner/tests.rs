@@ -1,4 +1,4 @@
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 use proptest::prelude::*;
@@ -6,7 +6,7 @@ use weft_keys::PublicKey;
 
 use super::*;
 use crate::annotations::{render, Claim, ENDPOINT, PUBLIC_KEY};
-use crate::model::{overlap, ClusterRanges, NodeInfo};
+use crate::model::{overlap, ClusterRanges, NodeInfo, Placement};
 
 fn key(seed: u8) -> PublicKey {
     PublicKey::from_bytes([seed.max(1); 32])
@@ -23,6 +23,7 @@ fn node(i: u8, created: i64, key_seed: u8, mesh_host: u8, block: u8, len: u8) ->
         endpoint: format!("198.18.1.{i}:51820").parse().unwrap(),
         mesh_addresses: vec![format!("198.18.128.{mesh_host}").parse().unwrap()],
         pod_cidrs: vec![pod],
+        unreachable: BTreeSet::new(),
     };
     NodeInfo {
         name: format!("node-{i}"),
@@ -30,6 +31,7 @@ fn node(i: u8, created: i64, key_seed: u8, mesh_host: u8, block: u8, len: u8) ->
         internal_ips: vec![claim.endpoint.ip()],
         spec_pod_cidrs: vec![pod],
         annotations: render(&claim),
+        placement: Placement::anywhere(),
     }
 }
 
@@ -39,10 +41,8 @@ fn simple(i: u8) -> NodeInfo {
 
 fn local(name: &str) -> LocalConfig {
     LocalConfig {
-        node_name: name.into(),
-        ranges: ClusterRanges::lab(),
         persistent_keepalive: Some(5),
-        down_peers: BTreeSet::new(),
+        ..LocalConfig::new(name, ClusterRanges::lab())
     }
 }
 
@@ -164,16 +164,65 @@ fn the_older_node_wins_whoever_asks() {
     }
 }
 
+/// `node`'s published link state says it cannot reach `others`.
+fn reports(node: &mut NodeInfo, others: &[&str]) {
+    node.annotations
+        .insert(crate::annotations::UNREACHABLE.into(), others.join(","));
+}
+
 #[test]
-fn a_down_peer_keeps_its_peer_but_loses_its_route() {
-    let mut l = local("node-1");
-    l.down_peers.insert(key(2));
-    let d = plan(&snapshot(vec![simple(1), simple(2)]), &l);
+fn an_unreachable_peer_stays_a_peer_but_its_prefixes_go_through_a_relay() {
+    let mut n1 = simple(1);
+    reports(&mut n1, &["node-2"]);
+    let nodes = vec![n1, simple(2), simple(3)];
+    let d1 = plan(&snapshot(nodes.clone()), &local("node-1"));
     assert!(
-        d.peers.contains_key(&key(2)),
-        "still a peer, so handshakes can resume"
+        d1.peers[&key(2)].allowed_ips.is_empty(),
+        "still a peer (handshakes go on), but nothing goes to it directly"
     );
-    assert!(!d.routes.iter().any(|r| r.kind == RouteKind::Mesh));
+    assert_eq!(
+        d1.peers[&key(3)].allowed_ips,
+        BTreeSet::from([
+            net("198.18.128.2/32"),
+            net("198.18.128.3/32"),
+            net("198.19.2.0/24"),
+            net("198.19.3.0/24"),
+        ])
+    );
+    assert_eq!(d1.paths["node-2"], Hop::Via("node-3".into()));
+    assert!(d1
+        .routes
+        .iter()
+        .any(|r| r.kind == RouteKind::Mesh && r.dst == net("198.19.2.0/24")));
+    // node-2 agrees from node-1's report alone, and node-3 relays.
+    let d2 = plan(&snapshot(nodes.clone()), &local("node-2"));
+    assert!(d2.peers[&key(1)].allowed_ips.is_empty());
+    assert!(d2.peers[&key(3)]
+        .allowed_ips
+        .contains(&net("198.19.1.0/24")));
+    let d3 = plan(&snapshot(nodes), &local("node-3"));
+    assert_eq!(d3.paths["node-1"], Hop::Direct);
+    assert!(d3.peers[&key(1)]
+        .allowed_ips
+        .contains(&net("198.19.1.0/24")));
+    assert!(d3.peers[&key(2)]
+        .allowed_ips
+        .contains(&net("198.19.2.0/24")));
+}
+
+#[test]
+fn a_peer_nobody_reaches_loses_its_routes() {
+    let mut n1 = simple(1);
+    let mut n3 = simple(3);
+    reports(&mut n1, &["node-2"]);
+    reports(&mut n3, &["node-2"]);
+    let d = plan(&snapshot(vec![n1, simple(2), n3]), &local("node-1"));
+    assert_eq!(d.paths["node-2"], Hop::None);
+    assert!(d.peers[&key(2)].allowed_ips.is_empty());
+    assert!(!d
+        .routes
+        .iter()
+        .any(|r| r.kind == RouteKind::Mesh && overlap(&r.dst, &net("198.19.2.0/24"))));
     assert!(backstopped(&d));
 }
 
@@ -324,9 +373,10 @@ proptest! {
     /// Fail closed: whatever the cluster says, every cluster range keeps its
     /// backstop and every mesh route lies inside one, to an accepted peer.
     #[test]
-    fn every_mesh_route_is_backstopped(nodes in clusters(), down in 0u8..10) {
-        let mut l = local(&nodes[0].name);
-        l.down_peers.insert(key(down));
+    fn every_mesh_route_is_backstopped(mut nodes in clusters(), down in 0u8..10) {
+        let l = local(&nodes[0].name);
+        let name = format!("node-{down}");
+        reports(&mut nodes[0], &[&name]);
         let d = plan(&snapshot(nodes), &l);
         prop_assert!(backstopped(&d));
         for r in d.routes.iter().filter(|r| r.kind == RouteKind::Mesh) {
@@ -340,6 +390,49 @@ proptest! {
         let first = plan(&snapshot(nodes.clone()), &local(&nodes[0].name)).verdicts;
         for n in &nodes {
             prop_assert_eq!(&first, &plan(&snapshot(nodes.clone()), &local(&n.name)).verdicts);
+        }
+    }
+
+    /// Cryptokey routing holds across the cluster on random link failures:
+    /// wherever node S puts T's prefixes (on peer X), a packet S sends T
+    /// through X is accepted all the way and the reply comes back the same
+    /// way: X = T puts S's prefixes on S; a relay X puts S's on S and T's
+    /// on T; and T expects S's from X.
+    #[test]
+    fn every_node_agrees_on_every_path(n in 2u8..9, cuts in proptest::collection::vec((1u8..9, 1u8..9), 0..12)) {
+        let mut nodes: Vec<NodeInfo> = (1..=n).map(simple).collect();
+        let mut reported: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        for (a, b) in cuts {
+            if a <= n && b <= n && a != b {
+                reported.entry(usize::from(a - 1)).or_default().push(format!("node-{b}"));
+            }
+        }
+        for (i, others) in &mut reported {
+            others.sort();
+            others.dedup();
+            let names: Vec<&str> = others.iter().map(String::as_str).collect();
+            reports(&mut nodes[*i], &names);
+        }
+        let snap = snapshot(nodes);
+        let plans: BTreeMap<u8, DesiredNode> =
+            (1..=n).map(|i| (i, plan(&snap, &local(&format!("node-{i}"))))).collect();
+        let pod = |i: u8| net(&format!("198.19.{i}.0/24"));
+        let carrier = |at: u8, of: u8| -> Option<u8> {
+            plans[&at].peers.iter().find(|(_, p)| p.allowed_ips.contains(&pod(of))).map(|(k, _)| k.as_bytes()[0])
+        };
+        for s in 1..=n {
+            prop_assert_eq!(allowed_overlap(&plans[&s]), None);
+            for t in (1..=n).filter(|t| *t != s) {
+                match carrier(s, t) {
+                    Some(x) if x == t => prop_assert_eq!(carrier(t, s), Some(s)),
+                    Some(r) => {
+                        prop_assert_eq!(carrier(r, s), Some(s));
+                        prop_assert_eq!(carrier(r, t), Some(t));
+                        prop_assert_eq!(carrier(t, s), Some(r));
+                    }
+                    None => prop_assert_eq!(carrier(t, s), None),
+                }
+            }
         }
     }
 }

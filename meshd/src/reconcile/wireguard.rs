@@ -131,6 +131,18 @@ pub fn diff(
             });
         }
     }
+    // Peers that gain a prefix go first: a prefix given to one peer leaves
+    // whichever peer had it in the same step (kernel, wireguard-go and
+    // Weft's device alike), so a path moving from a peer to a relay never
+    // leaves its prefix on no peer, however the update is applied.
+    changes.upserts.sort_by_key(|c| {
+        let had = actual.peers.get(&c.key).map(|h| &h.allowed_ips);
+        let gains = c
+            .allowed_ips
+            .as_ref()
+            .is_some_and(|want| had.is_none_or(|had| !want.is_subset(had)));
+        !gains
+    });
     changes.removals = actual
         .peers
         .keys()
@@ -285,5 +297,30 @@ mod tests {
         actual.peers.get_mut(&key(1)).unwrap().keepalive = Some(25);
         let c = diff(&pk, 51820, &peers, &actual, &BTreeMap::new());
         assert_eq!(c.upserts[0].keepalive, Some(0));
+    }
+
+    #[test]
+    fn a_prefix_moving_to_a_relay_is_given_before_it_is_taken() {
+        let pk = PrivateKey::generate();
+        let before = BTreeMap::from([
+            (key(1), peer("198.18.1.1:51820", &["198.19.9.0/24"], None)),
+            (key(2), peer("198.18.1.2:51820", &["198.19.2.0/24"], None)),
+        ]);
+        let actual = actual_of(&pk, &before);
+        // node 9's prefix moves from peer 1 (the lower key) to relay 2.
+        let after = BTreeMap::from([
+            (key(1), peer("198.18.1.1:51820", &[], None)),
+            (
+                key(2),
+                peer(
+                    "198.18.1.2:51820",
+                    &["198.19.2.0/24", "198.19.9.0/24"],
+                    None,
+                ),
+            ),
+        ]);
+        let c = diff(&pk, 51820, &after, &actual, &BTreeMap::new());
+        let order: Vec<PublicKey> = c.upserts.iter().map(|u| u.key).collect();
+        assert_eq!(order, vec![key(2), key(1)]);
     }
 }

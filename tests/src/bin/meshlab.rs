@@ -9,7 +9,9 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
-use meshlab::lab::topology::{parse_label, parse_topology, LabSpec, NodePlan, DEBIAN_WIREGUARD_GO};
+use meshlab::lab::topology::{
+    parse_config, parse_label, parse_topology, LabSpec, NodePlan, DEBIAN_WIREGUARD_GO,
+};
 use meshlab::lab::{
     agents, bench, bench_cni, bench_policy, control, lifecycle, netpol, pods, preflight, status,
     topology,
@@ -174,6 +176,10 @@ enum Cmd {
         /// (build it first: deploy/image/build).
         #[arg(long, value_enum, default_value_t)]
         runtime: topology::Runtime,
+        /// A value in the manifests' ConfigMap, replacing the lab's:
+        /// KEY=VALUE (repeatable), e.g. WEFT_PEER_TIMEOUT=3.
+        #[arg(long, value_name = "KEY=VALUE")]
+        config: Vec<String>,
     },
     /// Attach, delete or enter pods.
     Pod {
@@ -303,6 +309,7 @@ fn run(cli: Cli) -> Result<()> {
             self_allocated_blocks,
             manifests,
             runtime,
+            config,
         } => {
             let mut spec = LabSpec {
                 name: cli.name.clone(),
@@ -324,6 +331,10 @@ fn run(cli: Cli) -> Result<()> {
             for l in &label {
                 let (node, k, v) = parse_label(l)?;
                 spec.labels.entry(node).or_default().insert(k, v);
+            }
+            for c in &config {
+                let (k, v) = parse_config(c)?;
+                spec.config.insert(k, v);
             }
             lifecycle::up(&dir, &spec, &mut |step| eprintln!("meshlab: {step}"))?;
             print!("{}", status::table(&status::collect(&dir)?));

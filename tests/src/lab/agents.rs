@@ -193,7 +193,7 @@ pub const METRICS_ADDR: &str = "127.0.0.1:9475";
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The lab's values in the manifests' ConfigMap: its cluster ranges and
-/// short timers.
+/// short timers, then what `up --config` set.
 pub fn lab_config(plan: &LabPlan) -> BTreeMap<String, String> {
     let pod_cidr_source = if plan.self_allocated {
         "node-or-blocks"
@@ -210,6 +210,7 @@ pub fn lab_config(plan: &LabPlan) -> BTreeMap<String, String> {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
+    .chain(plan.config.clone())
     .collect()
 }
 

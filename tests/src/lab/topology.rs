@@ -73,6 +73,9 @@ pub struct LabPlan {
     /// How each node's containers run.
     #[serde(default)]
     pub runtime: Runtime,
+    /// Values replacing the lab's in the manifests' ConfigMap (`up --config`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
 }
 
 /// How the lab's kubelet runs a pod's containers.
@@ -112,6 +115,8 @@ pub struct LabSpec {
     /// `deploy/` of this tree unless given.
     pub manifests: Option<PathBuf>,
     pub runtime: Runtime,
+    /// Values replacing the lab's in the manifests' ConfigMap.
+    pub config: BTreeMap<String, String>,
 }
 
 /// Namespace names the lab `name` owns, so teardown can find leftovers of a
@@ -155,6 +160,20 @@ pub fn parse_topology(arg: &str) -> Result<(String, (String, String))> {
         "--topology {arg:?}: node, region and zone must be non-empty"
     );
     Ok((node.into(), (region.into(), zone.into())))
+}
+
+/// Parses `KEY=VALUE` (a ConfigMap key: letters, digits, `-`, `_`, `.`).
+pub fn parse_config(arg: &str) -> Result<(String, String)> {
+    let (k, v) = arg
+        .split_once('=')
+        .with_context(|| format!("--config {arg:?}: expected KEY=VALUE"))?;
+    ensure!(
+        !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+        "--config {arg:?}: the key must be a ConfigMap key (letters, digits, '-', '_', '.')"
+    );
+    Ok((k.into(), v.into()))
 }
 
 /// Parses `NODE:KEY=VALUE`.
@@ -209,6 +228,7 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
         self_allocated: spec.self_allocated,
         manifests: manifests(spec.manifests.as_deref())?,
         runtime: spec.runtime,
+        config: spec.config.clone(),
     })
 }
 

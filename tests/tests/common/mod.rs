@@ -6,7 +6,10 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::thread::JoinHandle;
 use std::time::Duration;
+
+use serde_json::Value;
 
 pub const MESHLAB: &str = env!("CARGO_BIN_EXE_meshlab");
 
@@ -410,6 +413,73 @@ pub fn node<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Va
         .iter()
         .find(|n| n["name"] == name)
         .unwrap_or_else(|| panic!("{name} not in status"))
+}
+
+/// Traffic between two pods while something happens: one TCP stream over
+/// IPv4 (iperf3, rate-capped so the two cores are not its) and 20 pings a
+/// second over IPv6.
+pub struct Traffic {
+    server: JoinHandle<Output>,
+    client: JoinHandle<Output>,
+    pings: JoinHandle<Output>,
+    count: u32,
+}
+
+impl Traffic {
+    pub fn start(lab: &Lab, from: &str, to: &str, seconds: u32) -> Traffic {
+        let (_, _, ips) = lab
+            .pods()
+            .into_iter()
+            .find(|(name, _, _)| name == to)
+            .unwrap_or_else(|| panic!("no pod {to}"));
+        let (v4, v6) = (ips[0].clone(), ips[1].clone());
+        let limit = Duration::from_secs(u64::from(seconds) + 60);
+        let server = lab.command(&["pod", "exec", to, "--", "iperf3", "-s", "-1"]);
+        let server = std::thread::spawn(move || run_bounded(server, limit));
+        std::thread::sleep(Duration::from_millis(500));
+        let t = seconds.to_string();
+        let client = lab.command(&[
+            "pod", "exec", from, "--", "iperf3", "-J", "-c", &v4, "-t", &t, "-b", "100M",
+        ]);
+        let client = std::thread::spawn(move || run_bounded(client, limit));
+        let count = seconds * 20;
+        let c = count.to_string();
+        let pings = lab.command(&[
+            "pod", "exec", from, "--", "ping", "-n", "-c", &c, "-i", "0.05", "-W", "1", &v6,
+        ]);
+        let pings = std::thread::spawn(move || run_bounded(pings, limit));
+        std::thread::sleep(Duration::from_secs(2));
+        Traffic {
+            server,
+            client,
+            pings,
+            count,
+        }
+    }
+
+    /// (pings lost, TCP retransmits); panics if the TCP stream failed.
+    pub fn finish(self) -> (u32, u64) {
+        let client = self.client.join().unwrap();
+        let report: Value = serde_json::from_slice(&client.stdout).unwrap_or(Value::Null);
+        assert!(
+            client.status.success() && report["error"].is_null(),
+            "the TCP stream failed (reset?): {}\n{}",
+            report["error"],
+            String::from_utf8_lossy(&client.stderr)
+        );
+        let _ = self.server.join();
+        let pings = self.pings.join().unwrap();
+        let summary = String::from_utf8_lossy(&pings.stdout);
+        let received: u32 = summary
+            .split(", ")
+            .find_map(|part| part.strip_suffix(" received"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no ping summary:\n{summary}"));
+        let retransmits = report["end"]["sum_sent"]["retransmits"]
+            .as_u64()
+            .unwrap_or(0);
+        (self.count - received, retransmits)
+    }
 }
 
 /// Polls `check` every 20 ms until it holds, failing with `what` after `limit`.

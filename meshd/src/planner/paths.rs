@@ -1,0 +1,338 @@
+//! Which way traffic between two accepted nodes goes: over their direct
+//! link when it works, else through the one node with the cheapest pair of
+//! working links to both.
+//!
+//! WireGuard's cryptokey routing puts every prefix on exactly one peer and
+//! accepts a packet only from the peer whose allowed IPs hold its source.
+//! So if A sends C's traffic through R, R must send A's traffic to A and
+//! C must expect A's traffic from R: the path between two nodes must be the
+//! same both ways and the same on every node. It is: a link works unless
+//! either end reports the other unreachable (so a node's report can only
+//! take away its own links); a direct link, when it works, is always
+//! cheaper than a path through a relay (link costs are positive); and the
+//! relay is the minimum of a function symmetric in its two ends, over data
+//! every node holds, with no ties (node names are unique). A relay's own
+//! paths to both ends are then direct, which is what its forwarding needs.
+//!
+//! One relay at most: with two or more, every node on a path would also
+//! have to choose the same path to each end, which per-pair minima do not
+//! guarantee. docs/routing.md has the argument.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use crate::model::{Hop, LinkCosts, Placement, Relay};
+
+/// One node as path choice sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Member<'a> {
+    pub name: &'a str,
+    pub placement: &'a Placement,
+    /// The nodes it reports it cannot reach.
+    pub unreachable: &'a BTreeSet<String>,
+}
+
+/// The accepted nodes and which of the links between them work.
+#[derive(Debug)]
+pub struct Links<'a> {
+    members: Vec<Member<'a>>,
+    index: HashMap<&'a str, usize>,
+    /// Pairs (lower index, higher index) with a link either end reports down.
+    down: HashSet<(usize, usize)>,
+    /// Each member's down links, for a node's own paths in O(its links).
+    down_of: Vec<Vec<usize>>,
+    costs: LinkCosts,
+}
+
+impl<'a> Links<'a> {
+    /// Cost: O(members + reported links).
+    pub fn new(members: impl IntoIterator<Item = Member<'a>>, costs: LinkCosts) -> Self {
+        let mut members: Vec<Member<'a>> = members.into_iter().collect();
+        members.sort_by_key(|m| m.name);
+        members.dedup_by_key(|m| m.name);
+        let index: HashMap<&str, usize> = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.name, i))
+            .collect();
+        let mut down = HashSet::new();
+        let mut down_of = vec![Vec::new(); members.len()];
+        for (i, m) in members.iter().enumerate() {
+            for other in m.unreachable {
+                let Some(&j) = index.get(other.as_str()) else {
+                    continue;
+                };
+                if i != j && down.insert((i.min(j), i.max(j))) {
+                    down_of[i].push(j);
+                    down_of[j].push(i);
+                }
+            }
+        }
+        Self {
+            members,
+            index,
+            down,
+            down_of,
+            costs,
+        }
+    }
+
+    fn up(&self, a: usize, b: usize) -> bool {
+        a != b && !self.down.contains(&(a.min(b), a.max(b)))
+    }
+
+    fn cost(&self, a: usize, b: usize) -> u64 {
+        u64::from(
+            self.costs
+                .between(self.members[a].placement, self.members[b].placement),
+        )
+    }
+
+    /// The links either end reports down, as name pairs (lower name first).
+    pub fn down_links(&self) -> BTreeSet<(&'a str, &'a str)> {
+        self.down
+            .iter()
+            .map(|&(a, b)| (self.members[a].name, self.members[b].name))
+            .collect()
+    }
+
+    /// The relay between `a` and `b`: of the nodes that may relay and have
+    /// working links to both, the one with the least total cost; ties go to
+    /// a hash of the three names (spreading pairs over relays rather than
+    /// piling them on one), then to the name. Symmetric in `a` and `b`.
+    fn relay(&self, a: usize, b: usize) -> Option<usize> {
+        let (lo, hi) = (self.members[a.min(b)].name, self.members[a.max(b)].name);
+        (0..self.members.len())
+            .filter(|&r| self.members[r].placement.may_relay && self.up(a, r) && self.up(r, b))
+            .min_by_key(|&r| {
+                let name = self.members[r].name;
+                (
+                    self.cost(a, r) + self.cost(r, b),
+                    fnv1a(&[lo, hi, name]),
+                    name,
+                )
+            })
+    }
+
+    /// How `from` reaches every other member. O(members + relayed pairs ×
+    /// members): a node with few down links costs little more than a full
+    /// mesh. Empty if `from` is not a member.
+    pub fn paths_from(&self, from: &str, relay: Relay) -> BTreeMap<String, Hop> {
+        let Some(&a) = self.index.get(from) else {
+            return BTreeMap::new();
+        };
+        let mut paths: BTreeMap<String, Hop> = self
+            .members
+            .iter()
+            .filter(|m| m.name != from)
+            .map(|m| (m.name.to_string(), Hop::Direct))
+            .collect();
+        for &b in &self.down_of[a] {
+            let hop = match relay {
+                Relay::Never => None,
+                Relay::OneHop => self.relay(a, b),
+            }
+            .map_or(Hop::None, |r| Hop::Via(self.members[r].name.to_string()));
+            paths.insert(self.members[b].name.to_string(), hop);
+        }
+        paths
+    }
+}
+
+/// 64-bit FNV-1a over the names, each ended by a 0 byte: a fixed function,
+/// so meshd builds of any Rust version choose the same relays (std's
+/// `DefaultHasher` makes no such promise).
+fn fnv1a(names: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in names
+        .iter()
+        .flat_map(|n| n.bytes().chain(std::iter::once(0)))
+    {
+        h ^= u64::from(byte);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Nodes `0..n` named `n00`… (so their order is their index), with
+    /// the given placements and reports.
+    #[derive(Debug)]
+    struct Cluster {
+        names: Vec<String>,
+        placements: Vec<Placement>,
+        reports: Vec<BTreeSet<String>>,
+    }
+
+    impl Cluster {
+        fn new(n: usize) -> Self {
+            Self {
+                names: (0..n).map(|i| format!("n{i:02}")).collect(),
+                placements: vec![Placement::anywhere(); n],
+                reports: vec![BTreeSet::new(); n],
+            }
+        }
+
+        fn cut(&mut self, a: usize, b: usize) {
+            let name = self.names[b].clone();
+            self.reports[a].insert(name);
+        }
+
+        fn links(&self) -> Links<'_> {
+            Links::new(
+                (0..self.names.len()).map(|i| Member {
+                    name: &self.names[i],
+                    placement: &self.placements[i],
+                    unreachable: &self.reports[i],
+                }),
+                LinkCosts::default(),
+            )
+        }
+
+        fn hop(&self, a: usize, b: usize) -> Hop {
+            self.links().paths_from(&self.names[a], Relay::OneHop)[&self.names[b]].clone()
+        }
+    }
+
+    fn via(name: &str) -> Hop {
+        Hop::Via(name.into())
+    }
+
+    #[test]
+    fn a_link_is_down_if_either_end_says_so() {
+        let mut c = Cluster::new(3);
+        c.cut(0, 2);
+        assert_eq!(c.hop(0, 2), via("n01"));
+        assert_eq!(c.hop(2, 0), via("n01"), "the far end agrees");
+        assert_eq!(c.hop(1, 0), Hop::Direct);
+        assert_eq!(c.hop(1, 2), Hop::Direct);
+        let l = c.links();
+        assert_eq!(l.down_links(), BTreeSet::from([("n00", "n02")]));
+    }
+
+    #[test]
+    fn a_report_never_cuts_a_link_between_two_other_nodes() {
+        // n3 claims it reaches nobody, and names nodes that do not exist.
+        let mut c = Cluster::new(4);
+        for b in [0, 1, 2] {
+            c.cut(3, b);
+        }
+        c.reports[3].insert("ghost".into());
+        for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+            assert_eq!(c.hop(a, b), Hop::Direct);
+        }
+        assert_eq!(c.hop(0, 3), Hop::None, "only its own links are gone");
+    }
+
+    #[test]
+    fn the_relay_is_the_cheapest_then_hashed() {
+        let mut c = Cluster::new(5);
+        let place = |region: &str, zone: &str| Placement {
+            region: Some(region.into()),
+            zone: Some(zone.into()),
+            may_relay: true,
+        };
+        c.placements = vec![
+            place("eu", "a"),
+            place("us", "x"),
+            place("eu", "a"),
+            place("eu", "b"),
+            place("eu", "a"),
+        ];
+        c.cut(0, 4);
+        // n2 (same zone as both: 1 + 1) beats n3 (2 + 2) and n1 (4 + 4).
+        assert_eq!(c.hop(0, 4), via("n02"));
+        c.cut(2, 0);
+        assert_eq!(c.hop(0, 4), via("n03"));
+        // Nobody may relay: no path.
+        c.placements[3].may_relay = false;
+        c.placements[1].may_relay = false;
+        assert_eq!(c.hop(0, 4), Hop::None);
+    }
+
+    #[test]
+    fn never_relaying_leaves_the_pair_apart() {
+        let mut c = Cluster::new(3);
+        c.cut(0, 1);
+        let l = c.links();
+        assert_eq!(l.paths_from("n00", Relay::Never)["n01"], Hop::None);
+        assert_eq!(l.paths_from("n00", Relay::Never)["n02"], Hop::Direct);
+        assert!(l.paths_from("stranger", Relay::OneHop).is_empty());
+    }
+
+    #[test]
+    fn ties_spread_over_relays() {
+        // Many cut pairs among 12 equal nodes: more than one relay is used.
+        let mut c = Cluster::new(12);
+        for a in 0..6 {
+            c.cut(a, a + 6);
+        }
+        let relays: BTreeSet<Hop> = (0..6).map(|a| c.hop(a, a + 6)).collect();
+        assert!(relays.len() > 1, "{relays:?}");
+    }
+
+    fn clusters() -> impl Strategy<Value = Cluster> {
+        (
+            2usize..14,
+            proptest::collection::vec((0usize..14, 0usize..14), 0..40),
+            proptest::collection::vec(0u8..4, 14),
+        )
+            .prop_map(|(n, cuts, zones)| {
+                let mut c = Cluster::new(n);
+                for (i, p) in c.placements.iter_mut().enumerate() {
+                    p.region = Some(format!("r{}", zones[i] / 2));
+                    p.zone = Some(format!("z{}", zones[i]));
+                    p.may_relay = zones[i] != 3;
+                }
+                for (a, b) in cuts {
+                    if a < n && b < n && a != b {
+                        c.cut(a, b);
+                    }
+                }
+                c
+            })
+    }
+
+    proptest! {
+        /// Every node computes every path the same way both ways; a relayed
+        /// path's relay has direct links to both ends (so its own paths
+        /// forward correctly: no loop); every pair with a working link or a
+        /// common neighbour that may relay has a path.
+        #[test]
+        fn paths_are_symmetric_agreed_loop_free_and_complete(c in clusters()) {
+            let l = c.links();
+            let all: Vec<BTreeMap<String, Hop>> =
+                c.names.iter().map(|n| l.paths_from(n, Relay::OneHop)).collect();
+            let idx = |name: &str| c.names.iter().position(|n| n == name).unwrap();
+            for a in 0..c.names.len() {
+                for b in 0..c.names.len() {
+                    if a == b { continue; }
+                    let ab = &all[a][&c.names[b]];
+                    let ba = &all[b][&c.names[a]];
+                    prop_assert_eq!(ab, ba, "{} and {} disagree", &c.names[a], &c.names[b]);
+                    let linked = l.up(a, b);
+                    match ab {
+                        Hop::Direct => prop_assert!(linked),
+                        Hop::Via(r) => {
+                            let r = idx(r);
+                            prop_assert!(!linked && r != a && r != b);
+                            prop_assert!(c.placements[r].may_relay);
+                            prop_assert_eq!(&all[r][&c.names[a]], &Hop::Direct);
+                            prop_assert_eq!(&all[r][&c.names[b]], &Hop::Direct);
+                        }
+                        Hop::None => {
+                            prop_assert!(!linked);
+                            let common = (0..c.names.len()).any(|r| {
+                                c.placements[r].may_relay && l.up(a, r) && l.up(r, b)
+                            });
+                            prop_assert!(!common, "{} and {} have a relay", a, b);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

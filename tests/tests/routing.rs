@@ -1,0 +1,254 @@
+//! Shortest-path routing with relays, with real packets: a cut underlay
+//! link is routed around through a third node (the TTL shows the extra
+//! hop) while a TCP stream carries on, and the direct path comes back when
+//! the link does; a dead relay is replaced by the next; hostile link state
+//! attracts nothing and cuts no one else off; a relayed mesh at rest
+//! changes nothing. Labs run with 1 s keepalives and a 3 s peer timeout
+//! (docs/routing.md has the production timings).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{node, signal, wait_for, Lab, Traffic};
+
+/// Short timers, so failover takes seconds.
+const FAST: [&str; 4] = [
+    "--config",
+    "WEFT_PERSISTENT_KEEPALIVE=1",
+    "--config",
+    "WEFT_PEER_TIMEOUT=3",
+];
+
+/// How long a link change may take to be acted on: detection (3 s of
+/// silence) or hysteresis (3 s heard), the next keepalive, a write and a
+/// watch event, on a loaded CI machine.
+const REROUTE: Duration = Duration::from_secs(20);
+
+fn fast_lab(name: &str, nodes: &str) -> Lab {
+    let mut args = vec!["--nodes", nodes, "--pods-per-node", "1"];
+    args.extend(FAST);
+    Lab::up(name, &args)
+}
+
+/// The TTL (IPv4) or hop limit (IPv6) of the reply to one ping from pod
+/// `from` to `target`; `None` if no reply came.
+fn reply_ttl(lab: &Lab, from: &str, target: &str) -> Option<u32> {
+    let out = lab.meshlab(&[
+        "pod", "exec", from, "--", "ping", "-n", "-c", "1", "-W", "2", target,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("ttl=").or_else(|| w.strip_prefix("hlim=")))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Pod `name`'s addresses (IPv4, IPv6).
+fn pod_ips(lab: &Lab, name: &str) -> (String, String) {
+    let (_, _, ips) = lab
+        .pods()
+        .into_iter()
+        .find(|(n, _, _)| n == name)
+        .unwrap_or_else(|| panic!("no pod {name}"));
+    (ips[0].clone(), ips[1].clone())
+}
+
+/// Which peer of `at`'s data plane carries `target`'s pod CIDR (read from
+/// the device, not from meshd).
+fn carrier(lab: &Lab, at: &str, target: &str) -> Option<String> {
+    let status = lab.status();
+    let cidr = node(&status, target)["podCIDRs"][0]
+        .as_str()
+        .expect("a pod CIDR")
+        .to_string();
+    node(&status, at)["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| {
+            p["allowedIps"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|ip| ip == cidr.as_str()))
+        })
+        .and_then(|p| p["node"].as_str().map(String::from))
+}
+
+fn paths(lab: &Lab, at: &str, hop: &str) -> f64 {
+    lab.metric(at, &format!("weft_paths{{hop=\"{hop}\"}}"))
+}
+
+/// Direct pod-to-pod replies come with TTL 62 (each node's forwarding
+/// takes one); through a relay, 61. Both families, both directions.
+fn assert_hops(lab: &Lab, a: &str, b: &str, ttl: u32) {
+    for (from, to) in [(a, b), (b, a)] {
+        let (v4, v6) = pod_ips(lab, to);
+        for target in [&v4, &v6] {
+            assert_eq!(
+                reply_ttl(lab, from, target),
+                Some(ttl),
+                "{from} -> {target}: expected TTL {ttl}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_cut_link_is_routed_through_a_relay_and_back_without_resetting_tcp() {
+    let lab = fast_lab("t-route-cut", "4");
+    assert_hops(&lab, "pod-1-1", "pod-3-1", 62);
+    let traffic = Traffic::start(&lab, "pod-1-1", "pod-3-1", 30);
+
+    let cut = Instant::now();
+    lab.ok(&["link", "cut", "node-1", "node-3"]);
+    for end in ["node-1", "node-3"] {
+        wait_for(&format!("{end} to relay to the other end"), REROUTE, || {
+            paths(&lab, end, "relayed") == 1.0
+        });
+    }
+    let rerouted = cut.elapsed();
+    let relay = carrier(&lab, "node-1", "node-3").expect("a carrier for node-3");
+    assert!(
+        relay == "node-2" || relay == "node-4",
+        "node-1's device has node-3's prefixes on {relay}"
+    );
+    assert_eq!(
+        carrier(&lab, "node-3", "node-1").as_deref(),
+        Some(relay.as_str())
+    );
+    // The relay itself reaches both ends directly.
+    assert_eq!(carrier(&lab, &relay, "node-1").as_deref(), Some("node-1"));
+    assert_eq!(carrier(&lab, &relay, "node-3").as_deref(), Some("node-3"));
+    assert_hops(&lab, "pod-1-1", "pod-3-1", 61);
+    // Nobody else's paths moved.
+    for other in ["node-2", "node-4"] {
+        assert_eq!(paths(&lab, other, "direct"), 3.0, "{other}");
+    }
+
+    let restore = Instant::now();
+    lab.ok(&["link", "restore", "node-1", "node-3"]);
+    for end in ["node-1", "node-3"] {
+        wait_for(&format!("{end} to go direct again"), REROUTE, || {
+            paths(&lab, end, "direct") == 3.0
+        });
+    }
+    let back = restore.elapsed();
+    assert_hops(&lab, "pod-1-1", "pod-3-1", 62);
+    let (lost, retransmits) = traffic.finish();
+    eprintln!(
+        "cut -> relayed in {} ms; restore -> direct in {} ms; {lost} of 600 pings lost (50 ms apart), {retransmits} TCP retransmits, no reset",
+        rerouted.as_millis(),
+        back.as_millis()
+    );
+}
+
+#[test]
+fn a_dead_relay_is_replaced_by_the_next() {
+    let lab = fast_lab("t-route-relay", "4");
+    lab.ok(&["link", "cut", "node-1", "node-3"]);
+    wait_for("node-1 to relay to node-3", REROUTE, || {
+        paths(&lab, "node-1", "relayed") == 1.0
+    });
+    let first = carrier(&lab, "node-1", "node-3").expect("a relay");
+    let next = if first == "node-2" {
+        "node-4"
+    } else {
+        "node-2"
+    };
+    // The relay dies: its meshd and its data plane (the interface goes).
+    for (pid, _) in lab.processes(&first) {
+        signal(i64::from(pid), "-KILL");
+    }
+    let (v4, _) = pod_ips(&lab, "pod-3-1");
+    let killed = Instant::now();
+    wait_for(
+        &format!("node-1 to send node-3's traffic through {next}"),
+        REROUTE,
+        || carrier(&lab, "node-1", "node-3").as_deref() == Some(next),
+    );
+    wait_for("pod-1-1 to reach pod-3-1 again", REROUTE, || {
+        reply_ttl(&lab, "pod-1-1", &v4) == Some(61)
+    });
+    eprintln!(
+        "relay {first} killed -> through {next} in {} ms",
+        killed.elapsed().as_millis()
+    );
+    assert_hops(&lab, "pod-1-1", "pod-3-1", 61);
+}
+
+/// A node's link state can only take away its own links: node-3 claiming
+/// it reaches nobody loses its own paths and cuts no one else off; node-3
+/// claiming a link to node-1 that node-1 cannot use gets no traffic on it.
+#[test]
+fn hostile_link_state_attracts_nothing_and_cuts_off_no_one_else() {
+    let lab = fast_lab("t-route-hostile", "3");
+    // node-3's meshd is stopped so what it "publishes" is the attacker's.
+    signal(common::pid_of_meshd(&lab, "node-3"), "-KILL");
+    lab.kubectl(&[
+        "annotate",
+        "node",
+        "node-3",
+        "--overwrite",
+        "weft.dev/unreachable=node-1,node-2",
+    ]);
+    wait_for("node-1 to drop its path to node-3", REROUTE, || {
+        paths(&lab, "node-1", "none") == 1.0
+    });
+    assert_eq!(
+        paths(&lab, "node-1", "direct"),
+        1.0,
+        "node-1 still reaches node-2"
+    );
+    assert_eq!(carrier(&lab, "node-1", "node-2").as_deref(), Some("node-2"));
+    assert_eq!(carrier(&lab, "node-1", "node-3"), None, "fail closed");
+    assert_hops(&lab, "pod-1-1", "pod-2-1", 62);
+
+    // Now node-3 claims every link while node-1 cannot reach it: node-1's
+    // own report keeps that link down, and the others route accordingly.
+    // (node-3's meshd stays dead: it cannot take the relayed path back, so
+    // the paths are checked on the devices of node-1 and node-2.)
+    lab.kubectl(&["annotate", "node", "node-3", "weft.dev/unreachable-"]);
+    lab.ok(&["link", "cut", "node-1", "node-3"]);
+    wait_for("node-1 to report node-3 unreachable", REROUTE, || {
+        let out = lab.kubectl(&[
+            "get",
+            "node",
+            "node-1",
+            "-o",
+            "jsonpath={.metadata.annotations.weft\\.dev/unreachable}",
+        ]);
+        out.trim() == "node-3"
+    });
+    wait_for("node-1 to route node-3 through node-2", REROUTE, || {
+        carrier(&lab, "node-1", "node-3").as_deref() == Some("node-2")
+    });
+    assert_eq!(carrier(&lab, "node-2", "node-1").as_deref(), Some("node-1"));
+    assert_eq!(carrier(&lab, "node-2", "node-3").as_deref(), Some("node-3"));
+    assert_hops(&lab, "pod-1-1", "pod-2-1", 62);
+}
+
+/// A relayed mesh at rest: no API writes, no WireGuard or route changes.
+#[test]
+fn a_relayed_mesh_at_rest_changes_nothing() {
+    let lab = fast_lab("t-route-idle", "3");
+    lab.ok(&["link", "cut", "node-1", "node-3"]);
+    for end in ["node-1", "node-3"] {
+        wait_for(&format!("{end} to relay"), REROUTE, || {
+            paths(&lab, end, "relayed") == 1.0
+        });
+    }
+    // Settle: the far end's write and its echo.
+    std::thread::sleep(Duration::from_secs(3));
+    let counters = |n: &str| {
+        let series = [
+            "weft_api_writes_total{kind=\"annotations\"}",
+            "weft_dataplane_changes_total{kind=\"wireguard\"}",
+            "weft_dataplane_changes_total{kind=\"route\"}",
+            "weft_dataplane_changes_total{kind=\"address\"}",
+        ];
+        series.map(|s| lab.metric(n, s))
+    };
+    let before: Vec<_> = ["node-1", "node-2", "node-3"].map(counters).into();
+    std::thread::sleep(Duration::from_secs(30));
+    let after: Vec<_> = ["node-1", "node-2", "node-3"].map(counters).into();
+    assert_eq!(before, after, "[writes, wireguard, routes] per node");
+    assert_eq!(paths(&lab, "node-1", "relayed"), 1.0);
+}
