@@ -11,7 +11,7 @@ use weft_keys::PublicKey;
 
 use crate::annotations::{self, Claim};
 use crate::model::{ClusterSnapshot, DesiredNode, LocalConfig};
-use crate::planner::{own_claim, own_endpoint, plan, OwnError};
+use crate::planner::{judge_parsed, own_claim, own_endpoint, parse_all, plan_judged, OwnError};
 
 /// Everything a sync decides from.
 #[derive(Debug, Clone)]
@@ -53,17 +53,22 @@ pub fn decide(inputs: &Inputs) -> Result<Decision, OwnError> {
         .find(|n| n.name == local.node_name)
         .ok_or_else(|| OwnError::NotRegistered(local.node_name.clone()))?;
     let endpoint = own_endpoint(me, *endpoint_flag, *listen_port, &local.ranges)?;
-    let claim = own_claim(snapshot, local, *public_key, endpoint, pod_cidrs.clone())?;
+    // Every node's annotations are parsed once, for the claim and the verdicts.
+    let mut parsed = parse_all(snapshot, &local.ranges);
+    let claim = own_claim(&parsed, local, *public_key, endpoint, pod_cidrs.clone())?;
     let published = annotations::render(&claim);
     let patch = annotations::patch(&me.annotations, &published);
     // Plan with what is being published rather than wait for its echo.
-    let mut planned = (*snapshot).clone();
-    if let Some(me) = planned.nodes.iter_mut().find(|n| n.name == local.node_name) {
-        me.annotations.extend(published);
+    let mut mine = me.clone();
+    mine.annotations.extend(published);
+    let own = annotations::parse(&mine, &local.ranges, &snapshot.assigned(me));
+    if let Some(entry) = parsed.iter_mut().find(|(n, _)| n.name == local.node_name) {
+        entry.1 = own;
     }
+    let verdicts = judge_parsed(parsed);
     Ok(Decision {
         patch,
-        desired: plan(&planned, local),
+        desired: plan_judged(snapshot, local, verdicts),
         claim,
     })
 }

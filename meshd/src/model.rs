@@ -52,9 +52,11 @@ impl Placement {
     }
 }
 
-/// What a link costs by how far apart its ends are; the same on every node
-/// (a cluster setting), so every node chooses the same relays. Any positive
-/// costs make a direct link cheaper than a path through a relay.
+/// What a link costs by how far apart its ends are: both in the same zone
+/// of the same region, else both in the same region, else anything else
+/// (an unlabelled node is in no region). The same on every node (a cluster
+/// setting), so every node chooses the same relays. Any positive costs
+/// make a direct link cheaper than a path through a relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkCosts {
     pub zone: u32,
@@ -68,20 +70,6 @@ impl Default for LinkCosts {
             zone: 1,
             region: 2,
             other: 4,
-        }
-    }
-}
-
-impl LinkCosts {
-    /// The cost of a link between nodes placed at `a` and `b`: both in the
-    /// same zone of the same region, else both in the same region, else
-    /// anything else (an unlabelled node is in no region).
-    pub fn between(&self, a: &Placement, b: &Placement) -> u32 {
-        let same = |x: &Option<String>, y: &Option<String>| x.is_some() && x == y;
-        match (same(&a.region, &b.region), same(&a.zone, &b.zone)) {
-            (true, true) => self.zone,
-            (true, false) => self.region,
-            (false, _) => self.other,
         }
     }
 }

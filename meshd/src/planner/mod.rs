@@ -14,7 +14,7 @@ use ipnet::IpNet;
 pub use mesh_address::choose_mesh_address;
 pub use own::{own_claim, own_endpoint, OwnError};
 pub use paths::{Links, Member};
-pub use verdict::judge;
+pub use verdict::{judge, judge_pairwise, judge_parsed, parse_all, Parsed};
 
 use crate::model::{
     ClusterRanges, ClusterSnapshot, DesiredNode, Hop, LocalConfig, Peer, Route, RouteKind, Verdict,
@@ -61,7 +61,15 @@ pub fn links<'a>(
 /// itself, a relay, or none (unreachable, fail closed). A relay's
 /// prefixes are its own plus those of the nodes reached through it.
 pub fn plan(snapshot: &ClusterSnapshot, local: &LocalConfig) -> DesiredNode {
-    let verdicts = judge(snapshot, &local.ranges);
+    plan_judged(snapshot, local, judge(snapshot, &local.ranges))
+}
+
+/// [`plan`] with the verdicts already reached (from the same snapshot).
+pub fn plan_judged(
+    snapshot: &ClusterSnapshot,
+    local: &LocalConfig,
+    verdicts: BTreeMap<String, Verdict>,
+) -> DesiredNode {
     let paths = links(snapshot, &verdicts, local).paths_from(&local.node_name, local.relay);
     let mut peers = BTreeMap::new();
     let mut by_name = BTreeMap::new();

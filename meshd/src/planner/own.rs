@@ -6,9 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use ipnet::IpNet;
 use weft_keys::PublicKey;
 
-use super::choose_mesh_address;
-use crate::annotations::{endpoint_problem, parse, Claim, FORCE_ENDPOINT, MESH_ADDRESSES};
-use crate::model::{ClusterRanges, ClusterSnapshot, LocalConfig, NodeInfo};
+use super::{choose_mesh_address, Parsed};
+use crate::annotations::{endpoint_problem, Claim, FORCE_ENDPOINT, MESH_ADDRESSES};
+use crate::model::{ClusterRanges, LocalConfig, NodeInfo};
 
 /// Why this node cannot say what it claims.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,19 +58,19 @@ pub fn own_endpoint(
     }
 }
 
-/// This node's claim, given what every other node claims and its pod CIDRs
-/// (`spec.podCIDRs`, or blocks it claimed). Keeps published mesh addresses
-/// unless an older node holds them.
+/// This node's claim, given what every node claims (`parsed`) and its pod
+/// CIDRs (`spec.podCIDRs`, or blocks it claimed). Keeps published mesh
+/// addresses unless an older node holds them.
 pub fn own_claim(
-    snapshot: &ClusterSnapshot,
+    parsed: &[Parsed],
     local: &LocalConfig,
     public_key: PublicKey,
     endpoint: SocketAddr,
     mut pod_cidrs: Vec<IpNet>,
 ) -> Result<Claim, OwnError> {
-    let me = snapshot
-        .nodes
+    let me = parsed
         .iter()
+        .map(|(n, _)| *n)
         .find(|n| n.name == local.node_name)
         .ok_or_else(|| OwnError::NotRegistered(local.node_name.clone()))?;
     let published: Vec<IpAddr> = me
@@ -80,12 +80,12 @@ pub fn own_claim(
         .unwrap_or_default();
     let mut held_by_older = Vec::new();
     let mut claimed_by_others = Vec::new();
-    for other in snapshot.nodes.iter().filter(|n| n.name != me.name) {
-        if let Ok(Some(claim)) = parse(other, &local.ranges, &snapshot.assigned(other)) {
+    for (other, claim) in parsed.iter().filter(|(n, _)| n.name != me.name) {
+        if let Ok(Some(claim)) = claim {
             if (other.created, &other.name) < (me.created, &me.name) {
                 held_by_older.extend(claim.mesh_addresses.iter().copied());
             }
-            claimed_by_others.extend(claim.mesh_addresses);
+            claimed_by_others.extend(claim.mesh_addresses.iter().copied());
         }
     }
     let mut mesh_addresses = Vec::new();
@@ -110,7 +110,24 @@ pub fn own_claim(
 mod tests {
     use super::*;
     use crate::annotations::render;
-    use crate::model::Placement;
+    use crate::model::{ClusterSnapshot, Placement};
+    use crate::planner::parse_all;
+
+    fn own_claim(
+        snap: &ClusterSnapshot,
+        local: &LocalConfig,
+        key: PublicKey,
+        endpoint: SocketAddr,
+        pod_cidrs: Vec<IpNet>,
+    ) -> Result<Claim, OwnError> {
+        super::own_claim(
+            &parse_all(snap, &local.ranges),
+            local,
+            key,
+            endpoint,
+            pod_cidrs,
+        )
+    }
     use std::collections::BTreeMap;
 
     fn node(name: &str, created: i64, annotations: BTreeMap<String, String>) -> NodeInfo {

@@ -18,7 +18,7 @@
 //! have to choose the same path to each end, which per-pair minima do not
 //! guarantee. docs/routing.md has the argument.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::model::{Hop, LinkCosts, Placement, Relay};
 
@@ -36,10 +36,12 @@ pub struct Member<'a> {
 pub struct Links<'a> {
     members: Vec<Member<'a>>,
     index: HashMap<&'a str, usize>,
-    /// Pairs (lower index, higher index) with a link either end reports down.
-    down: HashSet<(usize, usize)>,
-    /// Each member's down links, for a node's own paths in O(its links).
+    /// Each member's links either end reports down, sorted: the whole link
+    /// state in O(reported links), and a link's state in O(log its node's).
     down_of: Vec<Vec<usize>>,
+    /// Each member's (region, zone), as small numbers: costs compare them
+    /// millions of times.
+    places: Vec<(Option<u32>, Option<u32>)>,
     costs: LinkCosts,
 }
 
@@ -54,44 +56,63 @@ impl<'a> Links<'a> {
             .enumerate()
             .map(|(i, m)| (m.name, i))
             .collect();
-        let mut down = HashSet::new();
         let mut down_of = vec![Vec::new(); members.len()];
         for (i, m) in members.iter().enumerate() {
             for other in m.unreachable {
-                let Some(&j) = index.get(other.as_str()) else {
-                    continue;
-                };
-                if i != j && down.insert((i.min(j), i.max(j))) {
-                    down_of[i].push(j);
-                    down_of[j].push(i);
+                match index.get(other.as_str()) {
+                    Some(&j) if j != i => {
+                        down_of[i].push(j);
+                        down_of[j].push(i);
+                    }
+                    _ => {}
                 }
             }
         }
+        for d in &mut down_of {
+            d.sort_unstable();
+            d.dedup();
+        }
+        let mut names: HashMap<&str, u32> = HashMap::new();
+        let mut intern = |s: &'a Option<String>| {
+            s.as_deref().map(|s| {
+                let next = names.len() as u32;
+                *names.entry(s).or_insert(next)
+            })
+        };
+        let places = members
+            .iter()
+            .map(|m| (intern(&m.placement.region), intern(&m.placement.zone)))
+            .collect();
         Self {
             members,
             index,
-            down,
             down_of,
+            places,
             costs,
         }
     }
 
     fn up(&self, a: usize, b: usize) -> bool {
-        a != b && !self.down.contains(&(a.min(b), a.max(b)))
+        a != b && self.down_of[a].binary_search(&b).is_err()
     }
 
     fn cost(&self, a: usize, b: usize) -> u64 {
-        u64::from(
-            self.costs
-                .between(self.members[a].placement, self.members[b].placement),
-        )
+        let ((ra, za), (rb, zb)) = (self.places[a], self.places[b]);
+        let same_region = ra.is_some() && ra == rb;
+        u64::from(match (same_region, za.is_some() && za == zb) {
+            (true, true) => self.costs.zone,
+            (true, false) => self.costs.region,
+            (false, _) => self.costs.other,
+        })
     }
 
     /// The links either end reports down, as name pairs (lower name first).
     pub fn down_links(&self) -> BTreeSet<(&'a str, &'a str)> {
-        self.down
+        self.down_of
             .iter()
-            .map(|&(a, b)| (self.members[a].name, self.members[b].name))
+            .enumerate()
+            .flat_map(|(a, d)| d.iter().filter(move |&&b| a < b).map(move |&b| (a, b)))
+            .map(|(a, b)| (self.members[a].name, self.members[b].name))
             .collect()
     }
 
@@ -100,19 +121,21 @@ impl<'a> Links<'a> {
     /// a hash of the three names (spreading pairs over relays rather than
     /// piling them on one), then to the name. Symmetric in `a` and `b`.
     fn relay(&self, a: usize, b: usize) -> Option<usize> {
-        let (lo, hi) = (self.members[a.min(b)].name, self.members[a.max(b)].name);
-        (0..self.members.len())
+        let eligible: Vec<(u64, usize)> = (0..self.members.len())
             .filter(|&r| self.members[r].placement.may_relay && self.up(a, r) && self.up(r, b))
+            .map(|r| (self.cost(a, r) + self.cost(r, b), r))
+            .collect();
+        let least = eligible.iter().map(|(c, _)| *c).min()?;
+        let (lo, hi) = (self.members[a.min(b)].name, self.members[a.max(b)].name);
+        eligible
+            .into_iter()
+            .filter(|(c, _)| *c == least)
+            .map(|(_, r)| r)
             .min_by_key(|&r| {
                 let name = self.members[r].name;
-                (
-                    self.cost(a, r) + self.cost(r, b),
-                    fnv1a(&[lo, hi, name]),
-                    name,
-                )
+                (fnv1a(&[lo, hi, name]), name)
             })
     }
-
     /// How `from` reaches every other member. O(members + relayed pairs ×
     /// members): a node with few down links costs little more than a full
     /// mesh. Empty if `from` is not a member.

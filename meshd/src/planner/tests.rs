@@ -385,6 +385,15 @@ proptest! {
         }
     }
 
+    /// The indexed judge reaches exactly the pairwise comparison's verdicts,
+    /// rejections (field, value, holder) included.
+    #[test]
+    fn indexed_verdicts_equal_pairwise_ones(nodes in clusters()) {
+        let snap = snapshot(nodes);
+        let r = ClusterRanges::lab();
+        prop_assert_eq!(judge(&snap, &r), judge_pairwise(&snap, &r));
+    }
+
     #[test]
     fn every_node_reaches_the_same_verdicts(nodes in clusters()) {
         let first = plan(&snapshot(nodes.clone()), &local(&nodes[0].name)).verdicts;

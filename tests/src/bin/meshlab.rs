@@ -13,8 +13,8 @@ use meshlab::lab::topology::{
     parse_config, parse_label, parse_topology, LabSpec, NodePlan, DEBIAN_WIREGUARD_GO,
 };
 use meshlab::lab::{
-    agents, bench, bench_cni, bench_policy, control, lifecycle, netpol, pods, preflight, status,
-    topology,
+    agents, bench, bench_cni, bench_planner, bench_policy, control, lifecycle, netpol, pods,
+    preflight, status, topology,
 };
 
 #[derive(Parser)]
@@ -98,6 +98,21 @@ enum BenchCmd {
         /// ADD/DEL cycles per plugin.
         #[arg(long, default_value_t = 200)]
         cycles: usize,
+    },
+    /// meshd's planner at scale: verdicts (indexed vs pairwise), paths and
+    /// one Node event's whole decision, with peak memory.
+    Planner {
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,5000")]
+        nodes: Vec<usize>,
+        /// Percent of all node pairs whose link is reported down.
+        #[arg(long, default_value_t = 1.0)]
+        down: f64,
+        /// Timed runs per figure (the median is reported).
+        #[arg(long, default_value_t = 9)]
+        runs: usize,
+        /// Time the pairwise verdicts (quadratic) up to this many nodes.
+        #[arg(long, default_value_t = 5000)]
+        pairwise_up_to: usize,
     },
     /// NetworkPolicy at scale: compile, full sync, one pod and one policy
     /// change as differences vs whole-table replaces.
@@ -441,6 +456,22 @@ fn run(cli: Cli) -> Result<()> {
             };
             let report = bench_policy::run(scale, &mut |step| eprintln!("meshlab: {step}"))?;
             print!("{}", bench_policy::table(&report));
+            Ok(())
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Planner {
+                    nodes,
+                    down,
+                    runs,
+                    pairwise_up_to,
+                },
+        } => {
+            anyhow::ensure!(runs >= 1, "--runs must be at least 1");
+            let rows = bench_planner::run(&nodes, down, runs, pairwise_up_to, &mut |step| {
+                eprintln!("meshlab: {step}")
+            })?;
+            print!("{}", bench_planner::table(&rows));
             Ok(())
         }
         Cmd::Metrics { node } => {

@@ -9,6 +9,7 @@
 pub mod agents;
 pub mod bench;
 pub mod bench_cni;
+pub mod bench_planner;
 pub mod bench_policy;
 pub mod client;
 pub mod control;
