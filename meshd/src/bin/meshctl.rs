@@ -5,14 +5,23 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use std::io::Write;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, ListParams};
+use weft_meshd::cluster::node_info;
+use weft_meshd::graph::{MeshGraph, MeshSettings};
+use weft_meshd::model::{ClusterSnapshot, Hop};
 use weft_policy::{case, NamespaceInfo, PodInfo, Protocol, Step};
 
 #[derive(Parser)]
 #[command(version, about = "Weft's admin command line")]
 struct Cli {
+    /// The kubeconfig to use (default: $KUBECONFIG, then ~/.kube/config,
+    /// then in-cluster), as kubectl does.
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -24,6 +33,52 @@ enum Cmd {
         #[command(subcommand)]
         action: PolicyCmd,
     },
+    /// The mesh as every node computes it from the cluster: nodes, links
+    /// reported down and the relay each such pair goes through.
+    Graph {
+        #[arg(long, value_enum, default_value = "dot")]
+        format: GraphFormat,
+        /// Draw direct links up to this many nodes (dot and svg).
+        #[arg(long, default_value_t = 40)]
+        max_direct: usize,
+        #[command(flatten)]
+        source: MeshSource,
+    },
+    /// Mesh health from the cluster: each node's state, key, endpoint,
+    /// link state and paths; with NODE, how it reaches each other node.
+    Status {
+        node: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        source: MeshSource,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GraphFormat {
+    Json,
+    Dot,
+    /// Graphviz's `dot -Tsvg` (package graphviz).
+    Svg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// Where the cluster's Weft settings are.
+#[derive(clap::Args)]
+struct MeshSource {
+    /// The ConfigMap (NAMESPACE/NAME) holding the cluster settings meshd
+    /// runs with (deploy/base/config.yaml).
+    #[arg(long, default_value = "weft-system/weft-config")]
+    config_map: String,
+    /// The block record (NAMESPACE/NAME); absent is empty.
+    #[arg(long, default_value = "weft-system/weft-node-blocks")]
+    block_record: String,
 }
 
 #[derive(Subcommand)]
@@ -65,11 +120,228 @@ fn parse_port(arg: &str) -> Result<(u16, Protocol)> {
     Ok((port, protocol))
 }
 
-/// Pods, namespaces and policies as the cluster has them now.
-async fn cluster() -> Result<(Vec<NetworkPolicy>, Vec<PodInfo>, Vec<NamespaceInfo>)> {
-    let client = kube::Client::try_default()
+/// A client as kubectl would make one.
+async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no cluster: set --kubeconfig or KUBECONFIG, or run in a cluster")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// `NAMESPACE/NAME` of `flag`.
+fn object_ref<'a>(flag: &str, value: &'a str) -> Result<(&'a str, &'a str)> {
+    value
+        .split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+        .with_context(|| format!("{flag} {value:?}: expected NAMESPACE/NAME"))
+}
+
+/// The mesh as the cluster has it now.
+async fn mesh(kubeconfig: Option<&Path>, source: &MeshSource) -> Result<MeshGraph> {
+    let client = client(kubeconfig).await?;
+    let (ns, name) = object_ref("--config-map", &source.config_map)?;
+    let config = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get(name)
         .await
-        .context("connecting to the cluster (KUBECONFIG?)")?;
+        .with_context(|| format!("reading ConfigMap {}", source.config_map))?;
+    let settings = MeshSettings::from_config(&config.data.unwrap_or_default())
+        .with_context(|| format!("ConfigMap {}", source.config_map))?;
+    let (ns, name) = object_ref("--block-record", &source.block_record)?;
+    let blocks = match Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .with_context(|| format!("reading ConfigMap {}", source.block_record))?
+    {
+        Some(cm) => weft_meshd::node_blocks::record_of(&cm)?,
+        None => Default::default(),
+    };
+    let nodes = Api::<Node>::all(client)
+        .list(&ListParams::default())
+        .await
+        .context("listing nodes")?;
+    let snapshot = ClusterSnapshot {
+        nodes: nodes.items.iter().map(node_info).collect(),
+        blocks,
+    };
+    Ok(MeshGraph::of(&snapshot, &settings))
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+fn graph(
+    kubeconfig: Option<&Path>,
+    format: GraphFormat,
+    max_direct: usize,
+    source: &MeshSource,
+) -> Result<String> {
+    let g = block_on(mesh(kubeconfig, source))?;
+    match format {
+        GraphFormat::Json => Ok(serde_json::to_string_pretty(&g)? + "\n"),
+        GraphFormat::Dot => Ok(g.dot(max_direct)),
+        GraphFormat::Svg => {
+            let mut child = std::process::Command::new("dot")
+                .arg("-Tsvg")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .context("--format svg runs Graphviz's `dot` (apt-get install graphviz), or use --format dot")?;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(g.dot(max_direct).as_bytes())?;
+            }
+            let out = child.wait_with_output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "dot -Tsvg failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    }
+}
+
+fn hop_text(hop: &Hop) -> String {
+    match hop {
+        Hop::Direct => "direct".into(),
+        Hop::Via(r) => format!("via {r}"),
+        Hop::None => "none".into(),
+    }
+}
+
+fn status(
+    kubeconfig: Option<&Path>,
+    node: Option<&str>,
+    output: Output,
+    source: &MeshSource,
+) -> Result<String> {
+    let g = block_on(mesh(kubeconfig, source))?;
+    let Some(name) = node else {
+        return Ok(match output {
+            Output::Json => serde_json::to_string_pretty(&g)? + "\n",
+            Output::Table => {
+                let mut rows = vec![[
+                    "NODE",
+                    "STATE",
+                    "ZONE",
+                    "ENDPOINT",
+                    "KEY",
+                    "UNREACHABLE",
+                    "PATHS (direct/relayed/none)",
+                ]
+                .map(String::from)];
+                for n in &g.nodes {
+                    let paths = g.paths_from(&n.name);
+                    let count = |f: fn(&Hop) -> bool| paths.values().filter(|h| f(h)).count();
+                    rows.push([
+                        n.name.clone(),
+                        n.reason
+                            .as_ref()
+                            .map_or(n.state.to_string(), |r| format!("{}: {r}", n.state)),
+                        n.zone.clone().unwrap_or_else(|| "-".into()),
+                        n.endpoint.clone().unwrap_or_else(|| "-".into()),
+                        n.public_key
+                            .as_deref()
+                            .map_or("-".into(), |k| k.chars().take(8).collect()),
+                        if n.unreachable.is_empty() {
+                            "-".into()
+                        } else {
+                            n.unreachable.join(",")
+                        },
+                        if n.state == "accepted" {
+                            format!(
+                                "{}/{}/{}",
+                                count(|h| *h == Hop::Direct),
+                                count(|h| matches!(h, Hop::Via(_))),
+                                count(|h| *h == Hop::None)
+                            )
+                        } else {
+                            "-".into()
+                        },
+                    ]);
+                }
+                table(&rows)
+            }
+        });
+    };
+    let me = g
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .with_context(|| format!("no node {name:?} in the cluster"))?;
+    anyhow::ensure!(
+        me.state == "accepted",
+        "node {name} is {}{}",
+        me.state,
+        me.reason
+            .as_ref()
+            .map_or(String::new(), |r| format!(": {r}"))
+    );
+    let paths = g.paths_from(name);
+    let reported_by = |peer: &str| -> String {
+        let by_me = me.unreachable.iter().any(|u| u == peer);
+        let by_peer = g
+            .nodes
+            .iter()
+            .any(|n| n.name == peer && n.unreachable.iter().any(|u| u == name));
+        match (by_me, by_peer) {
+            (false, false) => "up".into(),
+            (true, false) => format!("down (reported by {name})"),
+            (false, true) => format!("down (reported by {peer})"),
+            (true, true) => "down (reported by both)".into(),
+        }
+    };
+    Ok(match output {
+        Output::Json => {
+            let peers: Vec<serde_json::Value> = paths
+                .iter()
+                .map(|(peer, hop)| serde_json::json!({"node": peer, "path": hop_text(hop), "link": reported_by(peer)}))
+                .collect();
+            serde_json::to_string_pretty(&serde_json::json!({"node": me, "peers": peers}))? + "\n"
+        }
+        Output::Table => {
+            let mut rows = vec![["PEER", "PATH", "LINK"].map(String::from)];
+            for (peer, hop) in &paths {
+                rows.push([peer.clone(), hop_text(hop), reported_by(peer)]);
+            }
+            table(&rows)
+        }
+    })
+}
+
+/// Columns padded to their widest cell, as kubectl prints them.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Pods, namespaces and policies as the cluster has them now.
+async fn cluster(
+    kubeconfig: Option<&Path>,
+) -> Result<(Vec<NetworkPolicy>, Vec<PodInfo>, Vec<NamespaceInfo>)> {
+    let client = client(kubeconfig).await?;
     let list = ListParams::default();
     let pods = Api::<Pod>::all(client.clone())
         .list(&list)
@@ -94,7 +366,13 @@ async fn cluster() -> Result<(Vec<NetworkPolicy>, Vec<PodInfo>, Vec<NamespaceInf
     ))
 }
 
-fn explain(case_file: Option<&Path>, from: &str, to: &str, port: &str) -> Result<String> {
+fn explain(
+    kubeconfig: Option<&Path>,
+    case_file: Option<&Path>,
+    from: &str,
+    to: &str,
+    port: &str,
+) -> Result<String> {
     let (port, protocol) = parse_port(port)?;
     let d = match case_file {
         Some(path) => case::explain(&case::load(path)?, from, to, protocol, port)?,
@@ -102,7 +380,7 @@ fn explain(case_file: Option<&Path>, from: &str, to: &str, port: &str) -> Result
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (policies, pods, namespaces) = runtime.block_on(cluster())?;
+            let (policies, pods, namespaces) = runtime.block_on(cluster(kubeconfig))?;
             weft_policy::explain(&policies, &pods, &namespaces, from, to, protocol, port)?
         }
     };
@@ -122,6 +400,20 @@ fn explain(case_file: Option<&Path>, from: &str, to: &str, port: &str) -> Result
     Ok(out)
 }
 
+/// Prints a command's output, or its error (exit 2).
+fn done(result: Result<String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -133,16 +425,33 @@ fn main() -> ExitCode {
                     to,
                     port,
                 },
-        } => match explain(case.as_deref(), &from, &to, &port) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("meshctl: {e:#}");
-                ExitCode::from(2)
-            }
-        },
+        } => done(explain(
+            cli.kubeconfig.as_deref(),
+            case.as_deref(),
+            &from,
+            &to,
+            &port,
+        )),
+        Cmd::Graph {
+            format,
+            max_direct,
+            source,
+        } => done(graph(
+            cli.kubeconfig.as_deref(),
+            format,
+            max_direct,
+            &source,
+        )),
+        Cmd::Status {
+            node,
+            output,
+            source,
+        } => done(status(
+            cli.kubeconfig.as_deref(),
+            node.as_deref(),
+            output,
+            &source,
+        )),
         Cmd::Policy {
             action: PolicyCmd::Check { cases },
         } => {

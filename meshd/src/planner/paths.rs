@@ -150,14 +150,31 @@ impl<'a> Links<'a> {
             .map(|m| (m.name.to_string(), Hop::Direct))
             .collect();
         for &b in &self.down_of[a] {
-            let hop = match relay {
-                Relay::Never => None,
-                Relay::OneHop => self.relay(a, b),
-            }
-            .map_or(Hop::None, |r| Hop::Via(self.members[r].name.to_string()));
-            paths.insert(self.members[b].name.to_string(), hop);
+            paths.insert(
+                self.members[b].name.to_string(),
+                self.hop_between(a, b, relay),
+            );
         }
         paths
+    }
+
+    /// How `a` and `b` reach each other; `None` if either is not a member.
+    pub fn hop(&self, a: &str, b: &str, relay: Relay) -> Hop {
+        match (self.index.get(a), self.index.get(b)) {
+            (Some(&a), Some(&b)) if a != b => self.hop_between(a, b, relay),
+            _ => Hop::None,
+        }
+    }
+
+    fn hop_between(&self, a: usize, b: usize, relay: Relay) -> Hop {
+        if self.up(a, b) {
+            return Hop::Direct;
+        }
+        match relay {
+            Relay::Never => None,
+            Relay::OneHop => self.relay(a, b),
+        }
+        .map_or(Hop::None, |r| Hop::Via(self.members[r].name.to_string()))
     }
 }
 

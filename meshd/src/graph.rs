@@ -1,0 +1,376 @@
+//! The mesh as a graph, for `meshctl graph` and `meshctl status`: every
+//! node with its verdict and link state, the links reported down and the
+//! path each such pair takes, computed from the cluster by the same pure
+//! functions meshd plans with — so it is what every node agrees on. Pure.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::model::{
+    ClusterRanges, ClusterSnapshot, Hop, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
+};
+use crate::planner::{judge, links};
+
+/// The cluster settings every meshd shares (the DaemonSet's ConfigMap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSettings {
+    pub ranges: ClusterRanges,
+    pub costs: LinkCosts,
+    pub relay: Relay,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{key} is missing")]
+    Missing { key: &'static str },
+    #[error("{key} {value:?}: {error}")]
+    Bad {
+        key: &'static str,
+        value: String,
+        error: String,
+    },
+}
+
+pub const CLUSTER_CIDRS_KEY: &str = "WEFT_CLUSTER_CIDRS";
+pub const MESH_CIDRS_KEY: &str = "WEFT_MESH_CIDRS";
+pub const LINK_COSTS_KEY: &str = "WEFT_LINK_COSTS";
+pub const RELAY_KEY: &str = "WEFT_RELAY";
+
+impl MeshSettings {
+    /// From the ConfigMap's data; meshd's defaults where a key is absent
+    /// (but the cluster's pod ranges, which have none). Errors name the key.
+    pub fn from_config(data: &BTreeMap<String, String>) -> Result<Self, SettingsError> {
+        let bad = |key: &'static str, value: &str, error: String| SettingsError::Bad {
+            key,
+            value: value.chars().take(64).collect(),
+            error,
+        };
+        let ranges = |key: &'static str, default: Option<&str>| -> Result<Ranges, SettingsError> {
+            let value = data
+                .get(key)
+                .map(String::as_str)
+                .or(default)
+                .ok_or(SettingsError::Missing { key })?;
+            let cidrs = value
+                .split(',')
+                .map(|c| c.trim().parse::<IpNet>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(key, value, e.to_string()))?;
+            Ranges::from_flag(key, &cidrs).map_err(|e| bad(key, value, e.to_string()))
+        };
+        let costs = match data.get(LINK_COSTS_KEY) {
+            Some(v) => v
+                .parse()
+                .map_err(|e: crate::model::LinkCostsError| bad(LINK_COSTS_KEY, v, e.to_string()))?,
+            None => LinkCosts::default(),
+        };
+        let relay = match data.get(RELAY_KEY) {
+            Some(v) => <Relay as clap::ValueEnum>::from_str(v.trim(), false)
+                .map_err(|e| bad(RELAY_KEY, v, e))?,
+            None => Relay::default(),
+        };
+        Ok(Self {
+            ranges: ClusterRanges {
+                pods: ranges(CLUSTER_CIDRS_KEY, None)?,
+                mesh: ranges(MESH_CIDRS_KEY, Some("100.64.0.0/16,fd64:77:65::/64"))?,
+            },
+            costs,
+            relay,
+        })
+    }
+}
+
+/// One node in the graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GraphNode {
+    pub name: String,
+    /// `accepted`, `pending` or `excluded`.
+    pub state: &'static str,
+    /// Why it is excluded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    pub may_relay: bool,
+    /// The nodes it reports it cannot reach (its link state).
+    pub unreachable: Vec<String>,
+}
+
+/// A pair of accepted nodes whose direct link is down, and their path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DownLink {
+    pub a: String,
+    pub b: String,
+    /// The relay their traffic goes through; `None`: they cannot talk.
+    pub via: Option<String>,
+}
+
+/// The mesh: every other pair of accepted nodes is linked directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshGraph {
+    pub nodes: Vec<GraphNode>,
+    pub down_links: Vec<DownLink>,
+}
+
+impl MeshGraph {
+    pub fn of(snapshot: &ClusterSnapshot, settings: &MeshSettings) -> Self {
+        let verdicts = judge(snapshot, &settings.ranges);
+        let local = LocalConfig {
+            costs: settings.costs,
+            relay: settings.relay,
+            ..LocalConfig::new("", settings.ranges)
+        };
+        let links = links(snapshot, &verdicts, &local);
+        let mut nodes: Vec<GraphNode> = snapshot
+            .nodes
+            .iter()
+            .map(|n| {
+                let verdict = verdicts.get(&n.name);
+                let claim = match verdict {
+                    Some(Verdict::Accepted(c)) => Some(c),
+                    _ => None,
+                };
+                GraphNode {
+                    name: n.name.clone(),
+                    state: match verdict {
+                        Some(Verdict::Accepted(_)) => "accepted",
+                        Some(Verdict::Rejected(_)) => "excluded",
+                        Some(Verdict::Pending) | None => "pending",
+                    },
+                    reason: match verdict {
+                        Some(Verdict::Rejected(r)) => Some(r.to_string()),
+                        _ => None,
+                    },
+                    public_key: claim.map(|c| c.public_key.to_string()),
+                    endpoint: claim.map(|c| c.endpoint.to_string()),
+                    region: n.placement.region.clone(),
+                    zone: n.placement.zone.clone(),
+                    may_relay: n.placement.may_relay,
+                    unreachable: claim
+                        .map(|c| c.unreachable.iter().cloned().collect())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        let down_links = links
+            .down_links()
+            .into_iter()
+            .map(|(a, b)| DownLink {
+                a: a.to_string(),
+                b: b.to_string(),
+                via: match links.hop(a, b, settings.relay) {
+                    Hop::Via(r) => Some(r),
+                    Hop::Direct | Hop::None => None,
+                },
+            })
+            .collect();
+        Self { nodes, down_links }
+    }
+
+    /// How `from` reaches each other accepted node.
+    pub fn paths_from(&self, from: &str) -> BTreeMap<String, Hop> {
+        let accepted = |n: &&GraphNode| n.state == "accepted" && n.name != from;
+        let mut paths: BTreeMap<String, Hop> = self
+            .nodes
+            .iter()
+            .filter(accepted)
+            .map(|n| (n.name.clone(), Hop::Direct))
+            .collect();
+        for d in &self.down_links {
+            let other = match (d.a == from, d.b == from) {
+                (true, _) => &d.b,
+                (_, true) => &d.a,
+                _ => continue,
+            };
+            let hop = d.via.clone().map_or(Hop::None, Hop::Via);
+            paths.insert(other.clone(), hop);
+        }
+        paths
+    }
+
+    /// Graphviz: nodes (grey: not accepted), direct links (only up to
+    /// `max_direct` nodes: a full mesh drawn larger is a blot), down links
+    /// dashed red, relayed paths dotted blue through their relay.
+    pub fn dot(&self, max_direct: usize) -> String {
+        let mut out =
+            String::from("graph weft {\n  layout=circo;\n  node [shape=box, style=rounded];\n");
+        let accepted: Vec<&GraphNode> = self
+            .nodes
+            .iter()
+            .filter(|n| n.state == "accepted")
+            .collect();
+        for n in &self.nodes {
+            let place = [n.region.as_deref(), n.zone.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("/");
+            let (note, style) = match n.state {
+                "accepted" => ("", ""),
+                other => (other, ", color=grey, fontcolor=grey"),
+            };
+            // Graphviz's own escape for a line break inside a label.
+            let label = [n.name.as_str(), &place, note]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .map(quote)
+                .collect::<Vec<_>>()
+                .join("\\n");
+            let _ = writeln!(out, "  \"{}\" [label=\"{label}\"{style}];", quote(&n.name));
+        }
+        let down: std::collections::BTreeSet<(&str, &str)> = self
+            .down_links
+            .iter()
+            .map(|d| (d.a.as_str(), d.b.as_str()))
+            .collect();
+        if accepted.len() <= max_direct {
+            for (i, a) in accepted.iter().enumerate() {
+                for b in &accepted[i + 1..] {
+                    if !down.contains(&(a.name.as_str(), b.name.as_str())) {
+                        let _ = writeln!(
+                            out,
+                            "  \"{}\" -- \"{}\" [color=darkgreen];",
+                            quote(&a.name),
+                            quote(&b.name)
+                        );
+                    }
+                }
+            }
+        } else {
+            let _ = writeln!(out, "  // {} nodes: direct links not drawn", accepted.len());
+        }
+        for d in &self.down_links {
+            let label = match &d.via {
+                Some(r) => format!("down, via {r}"),
+                None => "down, no path".into(),
+            };
+            let _ = writeln!(
+                out,
+                "  \"{}\" -- \"{}\" [style=dashed, color=red, label=\"{}\", constraint=false];",
+                quote(&d.a),
+                quote(&d.b),
+                quote(&label)
+            );
+        }
+        out.push_str("}\n");
+        out
+    }
+}
+
+/// `s` inside a Graphviz double-quoted string (node names and label values
+/// cannot hold quotes or backslashes, but a graph must never break).
+fn quote(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotations::{render, Claim};
+    use crate::model::{NodeInfo, Placement};
+    use std::collections::BTreeSet;
+    use weft_keys::PublicKey;
+
+    fn node(i: u8, unreachable: &[&str]) -> NodeInfo {
+        let pod: IpNet = format!("198.19.{i}.0/24").parse().unwrap();
+        let claim = Claim {
+            public_key: PublicKey::from_bytes([i; 32]),
+            endpoint: format!("198.18.1.{i}:51820").parse().unwrap(),
+            mesh_addresses: vec![format!("198.18.128.{i}").parse().unwrap()],
+            pod_cidrs: vec![pod],
+            unreachable: unreachable
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<BTreeSet<_>>(),
+        };
+        NodeInfo {
+            name: format!("node-{i}"),
+            created: i64::from(i),
+            internal_ips: vec![],
+            spec_pod_cidrs: vec![pod],
+            annotations: render(&claim),
+            placement: Placement::anywhere(),
+        }
+    }
+
+    fn settings() -> MeshSettings {
+        MeshSettings {
+            ranges: ClusterRanges::lab(),
+            costs: LinkCosts::default(),
+            relay: Relay::OneHop,
+        }
+    }
+
+    #[test]
+    fn down_links_carry_their_relay_and_pending_nodes_show() {
+        let mut pending = node(4, &[]);
+        pending.annotations.clear();
+        let snap = ClusterSnapshot {
+            nodes: vec![node(1, &["node-3"]), node(2, &[]), node(3, &[]), pending],
+            blocks: Default::default(),
+        };
+        let g = MeshGraph::of(&snap, &settings());
+        assert_eq!(
+            g.down_links,
+            vec![DownLink {
+                a: "node-1".into(),
+                b: "node-3".into(),
+                via: Some("node-2".into())
+            }]
+        );
+        assert_eq!(g.nodes[3].state, "pending");
+        assert_eq!(g.nodes[0].unreachable, vec!["node-3".to_string()]);
+        assert_eq!(g.paths_from("node-3")["node-1"], Hop::Via("node-2".into()));
+        assert_eq!(g.paths_from("node-3")["node-2"], Hop::Direct);
+        let dot = g.dot(10);
+        assert!(dot.contains(
+            "\"node-1\" -- \"node-3\" [style=dashed, color=red, label=\"down, via node-2\""
+        ));
+        assert!(dot.contains("\"node-1\" -- \"node-2\" [color=darkgreen]"));
+        assert!(!dot.contains("\"node-1\" -- \"node-3\" [color=darkgreen]"));
+        assert!(g.dot(2).contains("direct links not drawn"));
+    }
+
+    #[test]
+    fn settings_come_from_the_config_map_with_errors_naming_the_key() {
+        let mut data =
+            BTreeMap::from([(CLUSTER_CIDRS_KEY.to_string(), "198.19.0.0/16".to_string())]);
+        let s = MeshSettings::from_config(&data).unwrap();
+        assert_eq!(s.relay, Relay::OneHop);
+        assert_eq!(s.costs, LinkCosts::default());
+        data.insert(RELAY_KEY.into(), "never".into());
+        data.insert(LINK_COSTS_KEY.into(), "zone=1,region=3,other=9".into());
+        let s = MeshSettings::from_config(&data).unwrap();
+        assert_eq!((s.relay, s.costs.region), (Relay::Never, 3));
+        for (key, value) in [
+            (RELAY_KEY, "sometimes"),
+            (LINK_COSTS_KEY, "zone=5,region=1"),
+            (CLUSTER_CIDRS_KEY, "198.19.0.1/16"),
+            (MESH_CIDRS_KEY, "nonsense"),
+        ] {
+            let mut d = data.clone();
+            d.insert(key.into(), value.into());
+            let e = MeshSettings::from_config(&d).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{e}");
+        }
+        assert_eq!(
+            MeshSettings::from_config(&BTreeMap::new()),
+            Err(SettingsError::Missing {
+                key: CLUSTER_CIDRS_KEY
+            })
+        );
+    }
+}
