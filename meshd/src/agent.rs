@@ -37,7 +37,7 @@ use crate::model::{
     ClusterRanges, ClusterSnapshot, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
 };
 use crate::node_blocks::PodCidrSource;
-use crate::planner::backstops;
+use crate::planner::{backstops, ParseMemo};
 use crate::reconcile::netlink::Netlink;
 use crate::reconcile::Reconciler;
 use crate::report::Reports;
@@ -180,6 +180,7 @@ struct Agent {
     recorder: Recorder,
     /// By peer node name.
     liveness: Liveness<String>,
+    parse_memo: ParseMemo,
     reports: Reports,
     mtu: Option<u32>,
     peer_names: BTreeMap<PublicKey, String>,
@@ -284,6 +285,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         reconciler,
         health,
         liveness: Liveness::new(published),
+        parse_memo: ParseMemo::default(),
         reports: Reports::default(),
         mtu: None,
         peer_names: BTreeMap::new(),
@@ -475,14 +477,17 @@ impl Agent {
             ),
         };
         // Decide.
-        let decision = decide(&Inputs {
-            snapshot: &snapshot,
-            local: &self.local,
-            public_key: self.key.public_key(),
-            endpoint_flag: self.args.endpoint,
-            listen_port: self.args.listen_port,
-            pod_cidrs,
-        })?;
+        let decision = decide(
+            &Inputs {
+                snapshot: &snapshot,
+                local: &self.local,
+                public_key: self.key.public_key(),
+                endpoint_flag: self.args.endpoint,
+                listen_port: self.args.listen_port,
+                pod_cidrs,
+            },
+            &mut self.parse_memo,
+        )?;
         let desired = &decision.desired;
         // Apply.
         if let Some(patch) = &decision.patch {

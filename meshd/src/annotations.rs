@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use weft_keys::PublicKey;
@@ -64,8 +65,10 @@ pub struct Claim {
     pub endpoint: SocketAddr,
     pub mesh_addresses: Vec<IpAddr>,
     pub pod_cidrs: Vec<IpNet>,
-    /// Its link state: the nodes it reports it cannot reach directly.
-    pub unreachable: BTreeSet<String>,
+    /// Its link state: the nodes it reports it cannot reach directly
+    /// (shared: claims are cloned on every decision, and at scale this is
+    /// most of a claim).
+    pub unreachable: Arc<BTreeSet<String>>,
 }
 
 impl Claim {
@@ -218,7 +221,7 @@ pub fn unreachable(node: &NodeInfo) -> Result<BTreeSet<String>, Rejection> {
     let Some(v) = node.annotations.get(UNREACHABLE) else {
         return Ok(BTreeSet::new());
     };
-    let mut names = BTreeSet::new();
+    let mut names: Vec<&str> = Vec::new();
     for name in list(v) {
         if !is_node_name(name) {
             return Err(Rejection::BadUnreachable(format!(
@@ -229,11 +232,17 @@ pub fn unreachable(node: &NodeInfo) -> Result<BTreeSet<String>, Rejection> {
         if name == node.name {
             return Err(Rejection::BadUnreachable("lists the node itself".into()));
         }
-        if !names.insert(name.to_string()) {
-            return Err(Rejection::BadUnreachable(format!("{name} is listed twice")));
-        }
+        names.push(name);
     }
-    Ok(names)
+    // Sorted first, so the set is built in bulk (meshd writes it sorted).
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Rejection::BadUnreachable(format!(
+            "{} is listed twice",
+            w[0]
+        )));
+    }
+    Ok(names.into_iter().map(String::from).collect())
 }
 
 fn list(v: &str) -> impl Iterator<Item = &str> {
@@ -364,7 +373,7 @@ pub fn parse(
         endpoint,
         mesh_addresses,
         pod_cidrs,
-        unreachable: unreachable(node)?,
+        unreachable: Arc::new(unreachable(node)?),
     }))
 }
 
@@ -375,7 +384,7 @@ pub fn parse(
 pub fn render(claim: &Claim) -> BTreeMap<String, String> {
     let join = |items: Vec<String>| items.join(",");
     let mut unreachable = String::new();
-    for name in &claim.unreachable {
+    for name in claim.unreachable.iter() {
         if unreachable.len() + name.len() + 1 > MAX_UNREACHABLE_LEN {
             break;
         }
@@ -467,7 +476,7 @@ mod tests {
                 "198.19.1.0/24".parse().unwrap(),
                 "fd98:19:0:1::/64".parse().unwrap(),
             ],
-            unreachable: BTreeSet::new(),
+            unreachable: Default::default(),
         }
     }
 
@@ -496,10 +505,13 @@ mod tests {
     fn link_state_round_trips_and_is_bounded() {
         let mut c = claim();
         assert!(!render(&c).contains_key(UNREACHABLE));
-        c.unreachable = BTreeSet::from(["node-2".to_string(), "node-10.example".to_string()]);
+        c.unreachable = Arc::new(BTreeSet::from([
+            "node-2".to_string(),
+            "node-10.example".to_string(),
+        ]));
         assert_eq!(render(&c)[UNREACHABLE], "node-10.example,node-2");
         assert_eq!(check(&node_with(&c)), Ok(Some(c.clone())));
-        c.unreachable = (0..20_000).map(|i| format!("node-{i:05}")).collect();
+        c.unreachable = Arc::new((0..20_000).map(|i| format!("node-{i:05}")).collect());
         let rendered = render(&c)[UNREACHABLE].clone();
         assert!(rendered.len() <= MAX_UNREACHABLE_LEN);
         assert!(rendered.split(',').all(|n| n.len() == 10), "cut at a name");

@@ -11,7 +11,7 @@ use weft_keys::PublicKey;
 
 use crate::annotations::{self, Claim};
 use crate::model::{ClusterSnapshot, DesiredNode, LocalConfig};
-use crate::planner::{judge_parsed, own_claim, own_endpoint, parse_all, plan_judged, OwnError};
+use crate::planner::{judge_parsed, own_claim, own_endpoint, plan_judged, OwnError, ParseMemo};
 
 /// Everything a sync decides from.
 #[derive(Debug, Clone)]
@@ -38,7 +38,8 @@ pub struct Decision {
     pub desired: DesiredNode,
 }
 
-pub fn decide(inputs: &Inputs) -> Result<Decision, OwnError> {
+/// `memo` keeps parse results between decisions (see [`ParseMemo`]).
+pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnError> {
     let Inputs {
         snapshot,
         local,
@@ -54,7 +55,7 @@ pub fn decide(inputs: &Inputs) -> Result<Decision, OwnError> {
         .ok_or_else(|| OwnError::NotRegistered(local.node_name.clone()))?;
     let endpoint = own_endpoint(me, *endpoint_flag, *listen_port, &local.ranges)?;
     // Every node's annotations are parsed once, for the claim and the verdicts.
-    let mut parsed = parse_all(snapshot, &local.ranges);
+    let mut parsed = memo.parse_all(snapshot, &local.ranges);
     let claim = own_claim(&parsed, local, *public_key, endpoint, pod_cidrs.clone())?;
     let published = annotations::render(&claim);
     let patch = annotations::patch(&me.annotations, &published);
@@ -75,7 +76,7 @@ pub fn decide(inputs: &Inputs) -> Result<Decision, OwnError> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
+    use std::collections::BTreeMap;
 
     use super::*;
     use crate::annotations::{render, FORCE_ENDPOINT, POD_CIDRS};
@@ -118,7 +119,7 @@ mod tests {
             endpoint: "198.18.1.2:51820".parse().unwrap(),
             mesh_addresses: vec!["198.18.128.2".parse().unwrap()],
             pod_cidrs: vec!["198.19.2.0/24".parse().unwrap()],
-            unreachable: BTreeSet::new(),
+            unreachable: Default::default(),
         };
         node(2, render(&claim))
     }
@@ -130,7 +131,7 @@ mod tests {
             blocks: Default::default(),
         };
         let l = local();
-        let d = decide(&inputs(&snap, &l)).unwrap();
+        let d = decide(&inputs(&snap, &l), &mut ParseMemo::default()).unwrap();
         let patch = d.patch.expect("a fresh node publishes");
         assert_eq!(patch["metadata"]["annotations"][POD_CIDRS], "198.19.1.0/24");
         // Its own verdict is already Accepted: it planned with the claim.
@@ -147,13 +148,13 @@ mod tests {
                 nodes: vec![node(1, BTreeMap::new()), peer()],
                 blocks: Default::default(),
             };
-            decide(&inputs(&snap, &l)).unwrap()
+            decide(&inputs(&snap, &l), &mut ParseMemo::default()).unwrap()
         };
         let snap = ClusterSnapshot {
             nodes: vec![node(1, render(&first.claim)), peer()],
             blocks: Default::default(),
         };
-        let again = decide(&inputs(&snap, &l)).unwrap();
+        let again = decide(&inputs(&snap, &l), &mut ParseMemo::default()).unwrap();
         assert_eq!(again.patch, None);
         assert_eq!(again.desired, first.desired);
     }
@@ -183,7 +184,9 @@ mod tests {
                 nodes,
                 blocks: Default::default(),
             };
-            let err = decide(&inputs(&snap, &l)).unwrap_err().to_string();
+            let err = decide(&inputs(&snap, &l), &mut ParseMemo::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{err} should say {want}");
         }
     }

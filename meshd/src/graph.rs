@@ -291,10 +291,12 @@ mod tests {
             endpoint: format!("198.18.1.{i}:51820").parse().unwrap(),
             mesh_addresses: vec![format!("198.18.128.{i}").parse().unwrap()],
             pod_cidrs: vec![pod],
-            unreachable: unreachable
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<BTreeSet<_>>(),
+            unreachable: std::sync::Arc::new(
+                unreachable
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<BTreeSet<_>>(),
+            ),
         };
         NodeInfo {
             name: format!("node-{i}"),

@@ -1,7 +1,7 @@
 //! The planner's input and output: plain data, no Kubernetes or netlink
 //! types, so the planner stays a pure function that is cheap to test.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -152,6 +152,27 @@ impl ClusterSnapshot {
         } else {
             node.spec_pod_cidrs.clone()
         }
+    }
+
+    /// [`Self::assigned`] for every node, in one pass over the block record.
+    pub fn all_assigned(&self) -> HashMap<&str, Vec<IpNet>> {
+        let mut held: HashMap<&str, Vec<IpNet>> = HashMap::new();
+        for (block, holder) in &self.blocks.blocks {
+            if holder.gone_since.is_none() {
+                held.entry(holder.node.as_str()).or_default().push(*block);
+            }
+        }
+        self.nodes
+            .iter()
+            .map(|n| {
+                let assigned = if n.spec_pod_cidrs.is_empty() {
+                    held.remove(n.name.as_str()).unwrap_or_default()
+                } else {
+                    n.spec_pod_cidrs.clone()
+                };
+                (n.name.as_str(), assigned)
+            })
+            .collect()
     }
 }
 

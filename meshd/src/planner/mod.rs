@@ -7,17 +7,20 @@ mod own;
 mod paths;
 mod verdict;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use weft_keys::PublicKey;
 
 use ipnet::IpNet;
 
 pub use mesh_address::choose_mesh_address;
 pub use own::{own_claim, own_endpoint, OwnError};
 pub use paths::{Links, Member};
-pub use verdict::{judge, judge_pairwise, judge_parsed, parse_all, Parsed};
+pub use verdict::{judge, judge_pairwise, judge_parsed, parse_all, ParseMemo, Parsed};
 
 use crate::model::{
-    ClusterRanges, ClusterSnapshot, DesiredNode, Hop, LocalConfig, Peer, Route, RouteKind, Verdict,
+    ClusterRanges, ClusterSnapshot, DesiredNode, Hop, LocalConfig, Peer, Placement, Route,
+    RouteKind, Verdict,
 };
 
 /// The unreachable routes that keep every cluster pod and mesh address
@@ -40,17 +43,20 @@ pub fn links<'a>(
     verdicts: &'a BTreeMap<String, Verdict>,
     local: &LocalConfig,
 ) -> Links<'a> {
-    let members = snapshot
+    // In the verdicts' order (by name), so the members come sorted.
+    let placements: HashMap<&str, &Placement> = snapshot
         .nodes
         .iter()
-        .filter_map(|n| match verdicts.get(&n.name) {
-            Some(Verdict::Accepted(claim)) => Some(Member {
-                name: &n.name,
-                placement: &n.placement,
-                unreachable: &claim.unreachable,
-            }),
-            _ => None,
-        });
+        .map(|n| (n.name.as_str(), &n.placement))
+        .collect();
+    let members = verdicts.iter().filter_map(|(name, verdict)| match verdict {
+        Verdict::Accepted(claim) => Some(Member {
+            name,
+            placement: placements.get(name.as_str())?,
+            unreachable: &claim.unreachable,
+        }),
+        _ => None,
+    });
     Links::new(members, local.costs)
 }
 
@@ -71,11 +77,13 @@ pub fn plan_judged(
     verdicts: BTreeMap<String, Verdict>,
 ) -> DesiredNode {
     let paths = links(snapshot, &verdicts, local).paths_from(&local.node_name, local.relay);
-    let mut peers = BTreeMap::new();
-    let mut by_name = BTreeMap::new();
+    // Built as vectors and collected once (in bulk, sorted): on a large
+    // cluster, element-by-element tree inserts are most of a plan.
+    let mut peers: Vec<(PublicKey, Peer)> = Vec::new();
+    let mut slot: HashMap<&str, usize> = HashMap::new();
     // Every accepted claim lies inside the ranges (the parser checks), so
     // a node without a path, pending, rejected or deleted falls back to them.
-    let mut routes = backstops(&local.ranges);
+    let mut routes: Vec<Route> = backstops(&local.ranges).into_iter().collect();
     let mut addresses = BTreeSet::new();
     for (name, verdict) in &verdicts {
         match verdict {
@@ -83,8 +91,8 @@ pub fn plan_judged(
                 addresses.extend(claim.mesh_addresses.iter().map(|a| IpNet::from(*a)));
             }
             Verdict::Accepted(claim) => {
-                by_name.insert(name.as_str(), claim.public_key);
-                peers.insert(
+                slot.insert(name.as_str(), peers.len());
+                peers.push((
                     claim.public_key,
                     Peer {
                         node: name.clone(),
@@ -92,7 +100,7 @@ pub fn plan_judged(
                         allowed_ips: BTreeSet::new(),
                         persistent_keepalive: local.persistent_keepalive,
                     },
-                );
+                ));
             }
             Verdict::Pending | Verdict::Rejected(_) => {}
         }
@@ -110,18 +118,17 @@ pub fn plan_judged(
             None if *name != local.node_name && paths.is_empty() => Some(name.as_str()),
             None => None,
         };
-        let Some(peer) = carrier
-            .and_then(|c| by_name.get(c))
-            .and_then(|k| peers.get_mut(k))
-        else {
+        let Some(&i) = carrier.and_then(|c| slot.get(c)) else {
             continue;
         };
-        peer.allowed_ips.extend(claim.prefixes());
+        peers[i].1.allowed_ips.extend(claim.prefixes());
         routes.extend(claim.prefixes().map(|dst| Route {
             dst,
             kind: RouteKind::Mesh,
         }));
     }
+    let peers: BTreeMap<PublicKey, Peer> = peers.into_iter().collect();
+    let routes: BTreeSet<Route> = routes.into_iter().collect();
     DesiredNode {
         addresses,
         peers,

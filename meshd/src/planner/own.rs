@@ -102,7 +102,7 @@ pub fn own_claim(
         endpoint,
         mesh_addresses,
         pod_cidrs,
-        unreachable: local.unreachable.clone(),
+        unreachable: std::sync::Arc::new(local.unreachable.clone()),
     })
 }
 

@@ -19,6 +19,7 @@
 //! guarantee. docs/routing.md has the argument.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::model::{Hop, LinkCosts, Placement, Relay};
 
@@ -35,10 +36,12 @@ pub struct Member<'a> {
 #[derive(Debug)]
 pub struct Links<'a> {
     members: Vec<Member<'a>>,
-    index: HashMap<&'a str, usize>,
-    /// Each member's links either end reports down, sorted: the whole link
-    /// state in O(reported links), and a link's state in O(log its node's).
-    down_of: Vec<Vec<usize>>,
+    index: FnvMap<&'a str, usize>,
+    /// Each member's links either end reports down, sorted, packed:
+    /// member i's are `down[offsets[i]..offsets[i + 1]]`. The whole link
+    /// state in O(reported links), a link's state in O(log its node's).
+    down: Vec<usize>,
+    offsets: Vec<usize>,
     /// Each member's (region, zone), as small numbers: costs compare them
     /// millions of times.
     places: Vec<(Option<u32>, Option<u32>)>,
@@ -51,28 +54,53 @@ impl<'a> Links<'a> {
         let mut members: Vec<Member<'a>> = members.into_iter().collect();
         members.sort_by_key(|m| m.name);
         members.dedup_by_key(|m| m.name);
-        let index: HashMap<&str, usize> = members
+        let index: FnvMap<&str, usize> = members
             .iter()
             .enumerate()
             .map(|(i, m)| (m.name, i))
             .collect();
-        let mut down_of = vec![Vec::new(); members.len()];
+        // Both directions of every reported link, grouped by their first
+        // end with a counting sort (no per-member allocations).
+        let mut pairs: Vec<(usize, usize)> = Vec::new();
         for (i, m) in members.iter().enumerate() {
-            for other in m.unreachable {
+            for other in m.unreachable.iter() {
                 match index.get(other.as_str()) {
-                    Some(&j) if j != i => {
-                        down_of[i].push(j);
-                        down_of[j].push(i);
-                    }
+                    Some(&j) if j != i => pairs.extend([(i, j), (j, i)]),
                     _ => {}
                 }
             }
         }
-        for d in &mut down_of {
-            d.sort_unstable();
-            d.dedup();
+        let mut offsets = vec![0; members.len() + 1];
+        for &(i, _) in &pairs {
+            offsets[i + 1] += 1;
         }
-        let mut names: HashMap<&str, u32> = HashMap::new();
+        for i in 0..members.len() {
+            offsets[i + 1] += offsets[i];
+        }
+        let mut next = offsets.clone();
+        let mut down = vec![0; pairs.len()];
+        for &(i, j) in &pairs {
+            down[next[i]] = j;
+            next[i] += 1;
+        }
+        // Sort and dedup each member's list in place (both ends may report).
+        let mut packed = 0;
+        for i in 0..members.len() {
+            let (start, end) = (offsets[i], offsets[i + 1]);
+            down[start..end].sort_unstable();
+            offsets[i] = packed;
+            let mut last = None;
+            for k in start..end {
+                if last != Some(down[k]) {
+                    last = Some(down[k]);
+                    down[packed] = down[k];
+                    packed += 1;
+                }
+            }
+        }
+        offsets[members.len()] = packed;
+        down.truncate(packed);
+        let mut names: FnvMap<&str, u32> = FnvMap::default();
         let mut intern = |s: &'a Option<String>| {
             s.as_deref().map(|s| {
                 let next = names.len() as u32;
@@ -86,14 +114,20 @@ impl<'a> Links<'a> {
         Self {
             members,
             index,
-            down_of,
+            down,
+            offsets,
             places,
             costs,
         }
     }
 
+    /// Member `a`'s down links.
+    fn down_of(&self, a: usize) -> &[usize] {
+        &self.down[self.offsets[a]..self.offsets[a + 1]]
+    }
+
     fn up(&self, a: usize, b: usize) -> bool {
-        a != b && self.down_of[a].binary_search(&b).is_err()
+        a != b && self.down_of(a).binary_search(&b).is_err()
     }
 
     fn cost(&self, a: usize, b: usize) -> u64 {
@@ -108,10 +142,13 @@ impl<'a> Links<'a> {
 
     /// The links either end reports down, as name pairs (lower name first).
     pub fn down_links(&self) -> BTreeSet<(&'a str, &'a str)> {
-        self.down_of
-            .iter()
-            .enumerate()
-            .flat_map(|(a, d)| d.iter().filter(move |&&b| a < b).map(move |&b| (a, b)))
+        (0..self.members.len())
+            .flat_map(|a| {
+                self.down_of(a)
+                    .iter()
+                    .filter(move |&&b| a < b)
+                    .map(move |&b| (a, b))
+            })
             .map(|(a, b)| (self.members[a].name, self.members[b].name))
             .collect()
     }
@@ -121,21 +158,33 @@ impl<'a> Links<'a> {
     /// a hash of the three names (spreading pairs over relays rather than
     /// piling them on one), then to the name. Symmetric in `a` and `b`.
     fn relay(&self, a: usize, b: usize) -> Option<usize> {
-        let eligible: Vec<(u64, usize)> = (0..self.members.len())
-            .filter(|&r| self.members[r].placement.may_relay && self.up(a, r) && self.up(r, b))
-            .map(|r| (self.cost(a, r) + self.cost(r, b), r))
-            .collect();
-        let least = eligible.iter().map(|(c, _)| *c).min()?;
         let (lo, hi) = (self.members[a.min(b)].name, self.members[a.max(b)].name);
-        eligible
-            .into_iter()
-            .filter(|(c, _)| *c == least)
-            .map(|(_, r)| r)
-            .min_by_key(|&r| {
-                let name = self.members[r].name;
-                (fnv1a(&[lo, hi, name]), name)
-            })
+        // The nodes without a working link to a or b, marked once: the
+        // scan below is then one lookup per candidate.
+        let mut cut_off = vec![false; self.members.len()];
+        for &x in self.down_of(a).iter().chain(self.down_of(b)) {
+            cut_off[x] = true;
+        }
+        cut_off[a] = true;
+        cut_off[b] = true;
+        // One pass; the hash only where the cost ties the best so far.
+        let mut best: Option<(u64, u64, &str, usize)> = None;
+        for (r, m) in self.members.iter().enumerate() {
+            if cut_off[r] || !m.placement.may_relay {
+                continue;
+            }
+            let cost = self.cost(a, r) + self.cost(r, b);
+            if best.is_some_and(|(c, ..)| cost > c) {
+                continue;
+            }
+            let key = (cost, fnv1a(&[lo, hi, m.name]), m.name, r);
+            if best.is_none_or(|b| key < b) {
+                best = Some(key);
+            }
+        }
+        best.map(|(.., r)| r)
     }
+
     /// How `from` reaches every other member. O(members + relayed pairs ×
     /// members): a node with few down links costs little more than a full
     /// mesh. Empty if `from` is not a member.
@@ -149,7 +198,7 @@ impl<'a> Links<'a> {
             .filter(|m| m.name != from)
             .map(|m| (m.name.to_string(), Hop::Direct))
             .collect();
-        for &b in &self.down_of[a] {
+        for &b in self.down_of(a) {
             paths.insert(
                 self.members[b].name.to_string(),
                 self.hop_between(a, b, relay),
@@ -182,16 +231,40 @@ impl<'a> Links<'a> {
 /// so meshd builds of any Rust version choose the same relays (std's
 /// `DefaultHasher` makes no such promise).
 fn fnv1a(names: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in names
-        .iter()
-        .flat_map(|n| n.bytes().chain(std::iter::once(0)))
-    {
-        h ^= u64::from(byte);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+    let mut h = Fnv::default();
+    for name in names {
+        h.write(name.as_bytes());
+        h.write_u8(0);
     }
-    h
+    h.finish()
 }
+
+/// FNV-1a as a `Hasher`: for the relay tie-break, and for the name maps
+/// (short keys, no untrusted collisions to fear: the names are Node names
+/// the API server admitted, and a collision costs only a probe).
+#[derive(Debug, Clone, Copy)]
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
 
 #[cfg(test)]
 mod tests {

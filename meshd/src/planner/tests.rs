@@ -23,7 +23,7 @@ fn node(i: u8, created: i64, key_seed: u8, mesh_host: u8, block: u8, len: u8) ->
         endpoint: format!("198.18.1.{i}:51820").parse().unwrap(),
         mesh_addresses: vec![format!("198.18.128.{mesh_host}").parse().unwrap()],
         pod_cidrs: vec![pod],
-        unreachable: BTreeSet::new(),
+        unreachable: Default::default(),
     };
     NodeInfo {
         name: format!("node-{i}"),
@@ -289,6 +289,38 @@ fn a_second_node_on_the_same_endpoint_is_refused() {
         "{:?}",
         d.verdicts["node-5"]
     );
+}
+
+#[test]
+fn the_parse_memo_returns_what_parsing_returns() {
+    let r = ClusterRanges::lab();
+    let mut memo = ParseMemo::default();
+    let mut check = |nodes: &[NodeInfo]| {
+        let snap = snapshot(nodes.to_vec());
+        let named = |parsed: Vec<Parsed>| -> Vec<(String, Result<Option<Claim>, _>)> {
+            parsed
+                .into_iter()
+                .map(|(n, p)| (n.name.clone(), p))
+                .collect()
+        };
+        assert_eq!(
+            named(memo.parse_all(&snap, &r)),
+            named(parse_all(&snap, &r))
+        );
+    };
+    let mut nodes = vec![simple(1), simple(2), simple(3)];
+    check(&nodes);
+    check(&nodes);
+    nodes[1]
+        .annotations
+        .insert(ENDPOINT.into(), "[::]:0".into());
+    check(&nodes);
+    nodes[0].spec_pod_cidrs = vec![net("198.19.9.0/24")];
+    check(&nodes);
+    nodes.pop();
+    check(&nodes);
+    nodes.push(simple(3));
+    check(&nodes);
 }
 
 /// Arbitrary clusters where keys, mesh addresses, pod blocks and ages

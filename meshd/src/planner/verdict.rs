@@ -4,7 +4,7 @@
 //! that collides with one already taken — a public key, an endpoint, a mesh
 //! address, an overlapping pod CIDR — excludes the later node.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -20,11 +20,69 @@ pub type Parsed<'a> = (&'a NodeInfo, Result<Option<Claim>, Rejection>);
 
 /// Every node's annotations, parsed once.
 pub fn parse_all<'a>(snapshot: &'a ClusterSnapshot, ranges: &ClusterRanges) -> Vec<Parsed<'a>> {
-    snapshot
-        .nodes
-        .iter()
-        .map(|node| (node, parse(node, ranges, &snapshot.assigned(node))))
-        .collect()
+    ParseMemo::default().parse_all(snapshot, ranges)
+}
+
+/// Parse results kept from one decision to the next: a node whose
+/// annotations and assigned ranges did not change is not parsed again (on
+/// a large cluster, parsing is most of a decision). A memo only: what it
+/// returns is what parsing returns.
+#[derive(Debug, Default)]
+pub struct ParseMemo {
+    ranges: Option<ClusterRanges>,
+    entries: HashMap<String, Memo>,
+}
+
+#[derive(Debug)]
+struct Memo {
+    annotations: BTreeMap<String, String>,
+    assigned: Vec<IpNet>,
+    parsed: Result<Option<Claim>, Rejection>,
+}
+
+impl ParseMemo {
+    /// Every node's annotations, parsed (or remembered).
+    pub fn parse_all<'a>(
+        &mut self,
+        snapshot: &'a ClusterSnapshot,
+        ranges: &ClusterRanges,
+    ) -> Vec<Parsed<'a>> {
+        if self.ranges != Some(*ranges) {
+            self.entries.clear();
+            self.ranges = Some(*ranges);
+        }
+        let mut assigned = snapshot.all_assigned();
+        let parsed: Vec<Parsed<'a>> = snapshot
+            .nodes
+            .iter()
+            .map(|node| {
+                let assigned = assigned.remove(node.name.as_str()).unwrap_or_default();
+                let parsed = match self.entries.get(&node.name) {
+                    Some(m) if m.annotations == node.annotations && m.assigned == assigned => {
+                        m.parsed.clone()
+                    }
+                    _ => {
+                        let parsed = parse(node, ranges, &assigned);
+                        self.entries.insert(
+                            node.name.clone(),
+                            Memo {
+                                annotations: node.annotations.clone(),
+                                assigned,
+                                parsed: parsed.clone(),
+                            },
+                        );
+                        parsed
+                    }
+                };
+                (node, parsed)
+            })
+            .collect();
+        if self.entries.len() > parsed.len() {
+            let live: HashSet<&str> = parsed.iter().map(|(n, _)| n.name.as_str()).collect();
+            self.entries.retain(|name, _| live.contains(name.as_str()));
+        }
+        parsed
+    }
 }
 
 /// Every node's verdict, by name.
@@ -45,11 +103,11 @@ pub fn judge_parsed(parsed: Vec<Parsed>) -> BTreeMap<String, Verdict> {
                     .expect("an indexed holder collides with the claim");
                 verdicts.insert(node.name.clone(), Verdict::Rejected(rejection));
             }
-            None => {
-                verdicts.insert(node.name.clone(), Verdict::Accepted(claim.clone()));
-                taken.insert(&node.name, claim);
-            }
+            None => taken.insert(&node.name, claim),
         }
+    }
+    for (holder, claim) in taken.claims {
+        verdicts.insert(holder.to_string(), Verdict::Accepted(claim));
     }
     verdicts
 }
@@ -82,8 +140,13 @@ struct Taken<'a> {
     keys: HashMap<PublicKey, usize>,
     endpoints: HashMap<(IpAddr, u16), usize>,
     mesh: HashMap<IpAddr, usize>,
-    /// Pod CIDRs by network address, then length.
-    pods: BTreeMap<IpNet, usize>,
+    /// Pod CIDRs, for exact lookups.
+    pods: HashMap<IpNet, usize>,
+    /// Pod CIDRs by network address, then length, for range lookups.
+    pods_ordered: BTreeMap<IpNet, usize>,
+    /// The prefix lengths held, per family (IPv4: true): a covering CIDR
+    /// can only have one of these (in practice one or two).
+    lengths: BTreeSet<(bool, u8)>,
 }
 
 /// Compared as the addresses they are: [::ffff:a.b.c.d]:p is a.b.c.d:p.
@@ -101,6 +164,8 @@ impl<'a> Taken<'a> {
         }
         for c in &claim.pod_cidrs {
             self.pods.insert(*c, i);
+            self.pods_ordered.insert(*c, i);
+            self.lengths.insert((c.addr().is_ipv4(), c.prefix_len()));
         }
         self.claims.push((holder, claim));
     }
@@ -113,10 +178,13 @@ impl<'a> Taken<'a> {
         hits.extend(self.endpoints.get(&canonical(claim.endpoint)));
         hits.extend(claim.mesh_addresses.iter().filter_map(|a| self.mesh.get(a)));
         for c in &claim.pod_cidrs {
-            // Held CIDRs containing c: one exact lookup per shorter length.
+            // Held CIDRs containing c: one exact lookup per held length
+            // not longer than c's.
+            let family = c.addr().is_ipv4();
             hits.extend(
-                (0..=c.prefix_len())
-                    .filter_map(|len| IpNet::new(c.addr(), len).ok())
+                self.lengths
+                    .range((family, 0)..=(family, c.prefix_len()))
+                    .filter_map(|&(_, len)| IpNet::new(c.addr(), len).ok())
                     .filter_map(|n| self.pods.get(&n.trunc())),
             );
             // Held CIDRs inside c: those whose network address lies in it.
@@ -125,7 +193,7 @@ impl<'a> Taken<'a> {
                 IpNet::new(c.broadcast(), c.max_prefix_len()),
             );
             if let (Ok(first), Ok(last)) = (first, last) {
-                hits.extend(self.pods.range(first..=last).map(|(_, i)| i));
+                hits.extend(self.pods_ordered.range(first..=last).map(|(_, i)| i));
             }
         }
         let i = *hits.into_iter().min()?;

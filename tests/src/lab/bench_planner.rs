@@ -4,8 +4,10 @@
 //! 3 zones) with a fraction of its links reported down, seen from one node:
 //! the verdicts (indexed, and the pairwise comparison they replaced), the
 //! paths, and the whole `decide` meshd runs on every Node event (own claim,
-//! verdicts, paths, peers and routes; an event is a full recompute). Peak
-//! memory is the process's high-water mark after each size.
+//! verdicts, paths, peers and routes): from scratch (a full recompute, as
+//! on meshd's first sync) and for one node's change with the parse memo of
+//! the decision before (an event). Peak memory is the process's high-water
+//! mark after each size.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -18,7 +20,7 @@ use weft_meshd::decide::{decide, Inputs};
 use weft_meshd::model::{
     ClusterRanges, ClusterSnapshot, Hop, LocalConfig, NodeInfo, Placement, Ranges,
 };
-use weft_meshd::planner::{judge, judge_pairwise, links};
+use weft_meshd::planner::{judge, judge_pairwise, links, ParseMemo};
 
 /// One cluster size's figures (medians).
 pub struct Row {
@@ -28,6 +30,7 @@ pub struct Row {
     pub pairwise: Duration,
     pub indexed: Duration,
     pub paths: Duration,
+    pub full: Duration,
     pub event: Duration,
     pub peak_rss_mib: f64,
 }
@@ -86,7 +89,7 @@ fn claim(i: usize) -> Claim {
             format!("10.{hi}.{lo}.0/24").parse().expect("a CIDR"),
             format!("fd00:10:0:{:x}::/64", i).parse().expect("a CIDR"),
         ],
-        unreachable: BTreeSet::new(),
+        unreachable: Default::default(),
     }
 }
 
@@ -98,7 +101,7 @@ fn cluster(n: usize, down: usize) -> ClusterSnapshot {
     while cut.len() < down {
         let (a, b) = (next(&mut state) as usize % n, next(&mut state) as usize % n);
         if a != b && cut.insert((a.min(b), a.max(b))) {
-            claims[a].unreachable.insert(name(b));
+            std::sync::Arc::make_mut(&mut claims[a].unreachable).insert(name(b));
         }
     }
     let nodes = claims
@@ -173,22 +176,31 @@ pub fn run(
         let mut snapshot = cluster(n, down);
         let local = LocalConfig::new(&name(0), r);
         let me = claim(0);
-        let inputs = |snapshot: &ClusterSnapshot| -> Result<usize> {
-            let d = decide(&Inputs {
-                snapshot,
-                local: &local,
-                public_key: me.public_key,
-                endpoint_flag: None,
-                listen_port: 51820,
-                pod_cidrs: me.pod_cidrs.clone(),
-            })?;
+        // meshd keeps its parse memo from one event to the next; a full
+        // recompute (meshd's first sync) starts without one.
+        let mut memo = ParseMemo::default();
+        let decide_with = |snapshot: &ClusterSnapshot, memo: &mut ParseMemo| -> Result<usize> {
+            let d = decide(
+                &Inputs {
+                    snapshot,
+                    local: &local,
+                    public_key: me.public_key,
+                    endpoint_flag: None,
+                    listen_port: 51820,
+                    pod_cidrs: me.pod_cidrs.clone(),
+                },
+                memo,
+            )?;
             Ok(d.desired
                 .paths
                 .values()
                 .filter(|h| matches!(h, Hop::Via(_)))
                 .count())
         };
-        let relayed = inputs(&snapshot)?;
+        let relayed = decide_with(&snapshot, &mut memo)?;
+        let full = median(runs, || {
+            let _ = decide_with(&snapshot, &mut ParseMemo::default());
+        });
         let indexed = median(runs, || {
             judge(&snapshot, &r);
         });
@@ -216,7 +228,7 @@ pub fn run(
                         .insert(UNREACHABLE.into(), name(if who == 1 { 2 } else { 1 }));
                 }
             }
-            let _ = inputs(&snapshot);
+            let _ = decide_with(&snapshot, &mut memo);
         });
         rows.push(Row {
             nodes: n,
@@ -225,6 +237,7 @@ pub fn run(
             pairwise,
             indexed,
             paths,
+            full,
             event,
             peak_rss_mib: peak_rss_mib(),
         });
@@ -242,17 +255,18 @@ fn ms(d: Duration) -> String {
 
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| nodes | links down | relayed from node-0 | verdicts, pairwise ms | verdicts, indexed ms | paths ms | one event (decide) ms | peak RSS MiB |\n|---|---|---|---|---|---|---|---|\n",
+        "| nodes | links down | relayed from node-0 | verdicts, pairwise ms | verdicts, indexed ms | paths ms | full recompute ms | one event ms | peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
             r.nodes,
             r.down_links,
             r.relayed,
             ms(r.pairwise),
             ms(r.indexed),
             ms(r.paths),
+            ms(r.full),
             ms(r.event),
             r.peak_rss_mib
         ));
