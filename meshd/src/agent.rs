@@ -613,14 +613,21 @@ impl Agent {
         }
     }
 
-    async fn mtu(&mut self, endpoint: SocketAddr, internal_ip: Option<std::net::IpAddr>) -> u32 {
+    async fn mtu(
+        &mut self,
+        endpoint: Option<SocketAddr>,
+        internal_ip: Option<std::net::IpAddr>,
+    ) -> u32 {
         if let Some(m) = self.args.mtu.or(self.mtu) {
             return m;
         }
         let netlink = Netlink::new();
         let mut underlay = None;
         if let Ok(n) = netlink {
-            for ip in [Some(endpoint.ip()), internal_ip].into_iter().flatten() {
+            for ip in [endpoint.map(|e| e.ip()), internal_ip]
+                .into_iter()
+                .flatten()
+            {
                 if let Ok(Some(m)) = n.mtu_of_address(ip).await {
                     underlay = Some(m);
                     break;

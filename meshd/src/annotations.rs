@@ -25,8 +25,12 @@ pub const POD_CIDRS: &str = "weft.dev/pod-cidrs";
 /// other, so a node's report can only take away its own links.
 pub const UNREACHABLE: &str = "weft.dev/unreachable";
 /// Set by an admin (not by meshd) to override the endpoint a node publishes,
-/// e.g. a public address in front of NAT.
+/// e.g. a public address in front of NAT, or [`NO_ENDPOINT`].
 pub const FORCE_ENDPOINT: &str = "weft.dev/force-endpoint";
+/// [`FORCE_ENDPOINT`]'s value for a node nothing can reach unasked (behind
+/// NAT): it publishes no endpoint, and peers learn its address from the
+/// handshakes it starts.
+pub const NO_ENDPOINT: &str = "none";
 
 /// The annotations meshd owns on its Node (others under the prefix, like
 /// [`FORCE_ENDPOINT`], belong to admins and are never written).
@@ -62,7 +66,9 @@ const MAX_POD_CIDRS: usize = 8;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub public_key: PublicKey,
-    pub endpoint: SocketAddr,
+    /// `None`: the node cannot be reached unasked (behind NAT); it keeps its
+    /// sessions up itself, and peers send to where its packets come from.
+    pub endpoint: Option<SocketAddr>,
     pub mesh_addresses: Vec<IpAddr>,
     pub pod_cidrs: Vec<IpNet>,
     /// Its link state: the nodes it reports it cannot reach directly
@@ -305,12 +311,19 @@ pub fn parse(
     let public_key: PublicKey = value(node, PUBLIC_KEY)?
         .parse()
         .map_err(|e: weft_keys::KeyParseError| Rejection::BadPublicKey(e.to_string()))?;
-    let endpoint: SocketAddr = value(node, ENDPOINT)?
-        .parse()
-        .map_err(|e| Rejection::BadEndpoint(format!("{e} (expected IP:port or [IPv6]:port)")))?;
-    if let Some(why) = endpoint_problem(endpoint, ranges) {
-        return Err(Rejection::UnusableEndpoint { endpoint, why });
-    }
+    // Absent: a node behind NAT (nothing may be sent to it unasked).
+    let endpoint = match node.annotations.get(ENDPOINT) {
+        None => None,
+        Some(v) => {
+            let endpoint: SocketAddr = v.trim().parse().map_err(|e| {
+                Rejection::BadEndpoint(format!("{e} (expected IP:port or [IPv6]:port)"))
+            })?;
+            if let Some(why) = endpoint_problem(endpoint, ranges) {
+                return Err(Rejection::UnusableEndpoint { endpoint, why });
+            }
+            Some(endpoint)
+        }
+    };
     let mut mesh_addresses = Vec::new();
     for a in list(value(node, MESH_ADDRESSES)?) {
         let a: IpAddr = a
@@ -396,7 +409,6 @@ pub fn render(claim: &Claim) -> BTreeMap<String, String> {
     let mut rendered = BTreeMap::from([
         (VERSION.to_string(), FORMAT_VERSION.to_string()),
         (PUBLIC_KEY.to_string(), claim.public_key.to_string()),
-        (ENDPOINT.to_string(), claim.endpoint.to_string()),
         (
             MESH_ADDRESSES.to_string(),
             join(
@@ -412,6 +424,9 @@ pub fn render(claim: &Claim) -> BTreeMap<String, String> {
             join(claim.pod_cidrs.iter().map(ToString::to_string).collect()),
         ),
     ]);
+    if let Some(endpoint) = claim.endpoint {
+        rendered.insert(ENDPOINT.to_string(), endpoint.to_string());
+    }
     if !unreachable.is_empty() {
         rendered.insert(UNREACHABLE.to_string(), unreachable);
     }
@@ -467,7 +482,7 @@ mod tests {
     fn claim() -> Claim {
         Claim {
             public_key: PrivateKey::generate().public_key(),
-            endpoint: "198.18.1.1:51820".parse().unwrap(),
+            endpoint: Some("198.18.1.1:51820".parse().unwrap()),
             mesh_addresses: vec![
                 "198.18.128.1".parse().unwrap(),
                 "fd98:18::1".parse().unwrap(),
@@ -516,6 +531,16 @@ mod tests {
         assert!(rendered.len() <= MAX_UNREACHABLE_LEN);
         assert!(rendered.split(',').all(|n| n.len() == 10), "cut at a name");
         assert!(check(&node_with(&c)).is_ok());
+    }
+
+    /// A node behind NAT publishes no endpoint: still a valid claim.
+    #[test]
+    fn a_node_without_an_endpoint_is_behind_nat() {
+        let mut c = claim();
+        c.endpoint = None;
+        let n = node_with(&c);
+        assert!(!n.annotations.contains_key(ENDPOINT));
+        assert_eq!(check(&n), Ok(Some(c)));
     }
 
     #[test]
@@ -621,10 +646,10 @@ mod tests {
             ),
             (
                 Box::new(|n| {
-                    n.annotations.remove(ENDPOINT);
+                    n.annotations.remove(MESH_ADDRESSES);
                 }),
                 "missing",
-                ENDPOINT,
+                MESH_ADDRESSES,
             ),
             (
                 Box::new(|n| set(n, MESH_ADDRESSES, "10.0.0.1")),

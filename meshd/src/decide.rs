@@ -116,7 +116,7 @@ mod tests {
     fn peer() -> NodeInfo {
         let claim = Claim {
             public_key: key(2),
-            endpoint: "198.18.1.2:51820".parse().unwrap(),
+            endpoint: Some("198.18.1.2:51820".parse().unwrap()),
             mesh_addresses: vec!["198.18.128.2".parse().unwrap()],
             pod_cidrs: vec!["198.19.2.0/24".parse().unwrap()],
             unreachable: Default::default(),

@@ -154,7 +154,7 @@ impl MeshGraph {
                         _ => None,
                     },
                     public_key: claim.map(|c| c.public_key.to_string()),
-                    endpoint: claim.map(|c| c.endpoint.to_string()),
+                    endpoint: claim.and_then(|c| c.endpoint).map(|e| e.to_string()),
                     region: n.placement.region.clone(),
                     zone: n.placement.zone.clone(),
                     may_relay: n.placement.may_relay,
@@ -288,7 +288,7 @@ mod tests {
         let pod: IpNet = format!("198.19.{i}.0/24").parse().unwrap();
         let claim = Claim {
             public_key: PublicKey::from_bytes([i; 32]),
-            endpoint: format!("198.18.1.{i}:51820").parse().unwrap(),
+            endpoint: Some(format!("198.18.1.{i}:51820").parse().unwrap()),
             mesh_addresses: vec![format!("198.18.128.{i}").parse().unwrap()],
             pod_cidrs: vec![pod],
             unreachable: std::sync::Arc::new(

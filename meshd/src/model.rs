@@ -318,7 +318,8 @@ impl LocalConfig {
 pub struct Peer {
     /// The Node this peer is.
     pub node: String,
-    pub endpoint: SocketAddr,
+    /// `None`: WireGuard learns it from the peer's handshakes (behind NAT).
+    pub endpoint: Option<SocketAddr>,
     /// Cryptokey routing: the only source addresses accepted from this peer.
     pub allowed_ips: BTreeSet<IpNet>,
     pub persistent_keepalive: Option<u16>,

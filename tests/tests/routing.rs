@@ -3,8 +3,9 @@
 //! hop) while a TCP stream carries on, and the direct path comes back when
 //! the link does; a dead relay is replaced by the next; hostile link state
 //! attracts nothing and cuts no one else off; a relayed mesh at rest
-//! changes nothing. Labs run with 1 s keepalives and a 3 s peer timeout
-//! (docs/routing.md has the production timings).
+//! changes nothing. Labs run with 1 s keepalives and a 5 s peer timeout
+//! (docs/routing.md has the production timings): shorter, and a data plane
+//! starved of CPU by the tests running alongside looks like a dead link.
 
 mod common;
 
@@ -17,13 +18,28 @@ const FAST: [&str; 4] = [
     "--config",
     "WEFT_PERSISTENT_KEEPALIVE=1",
     "--config",
-    "WEFT_PEER_TIMEOUT=3",
+    "WEFT_PEER_TIMEOUT=5",
 ];
 
-/// How long a link change may take to be acted on: detection (3 s of
-/// silence) or hysteresis (3 s heard), the next keepalive, a write and a
+/// How long a link change may take to be acted on: detection (5 s of
+/// silence) or hysteresis (5 s heard), the next keepalive, a write and a
 /// watch event, on a loaded CI machine.
-const REROUTE: Duration = Duration::from_secs(20);
+const REROUTE: Duration = Duration::from_secs(25);
+
+/// Waits until `at`'s device carries `target`'s prefixes on one of
+/// `carriers`; returns which.
+fn wait_for_carrier(lab: &Lab, at: &str, target: &str, carriers: &[&str]) -> String {
+    let mut found = None;
+    wait_for(
+        &format!("{at} to send {target}'s traffic through one of {carriers:?}"),
+        REROUTE,
+        || {
+            found = carrier(lab, at, target).filter(|c| carriers.contains(&c.as_str()));
+            found.is_some()
+        },
+    );
+    found.unwrap_or_default()
+}
 
 fn fast_lab(name: &str, nodes: &str) -> Lab {
     let mut args = vec!["--nodes", nodes, "--pods-per-node", "1"];
@@ -116,21 +132,9 @@ fn a_cut_link_is_routed_through_a_relay_and_back_without_resetting_tcp() {
 
     let cut = Instant::now();
     lab.ok(&["link", "cut", "node-1", "node-3"]);
-    for end in ["node-1", "node-3"] {
-        wait_for(&format!("{end} to relay to the other end"), REROUTE, || {
-            paths(&lab, end, "relayed") == 1.0
-        });
-    }
+    let relay = wait_for_carrier(&lab, "node-1", "node-3", &["node-2", "node-4"]);
+    wait_for_carrier(&lab, "node-3", "node-1", &[&relay]);
     let rerouted = cut.elapsed();
-    let relay = carrier(&lab, "node-1", "node-3").expect("a carrier for node-3");
-    assert!(
-        relay == "node-2" || relay == "node-4",
-        "node-1's device has node-3's prefixes on {relay}"
-    );
-    assert_eq!(
-        carrier(&lab, "node-3", "node-1").as_deref(),
-        Some(relay.as_str())
-    );
     // The relay itself reaches both ends directly.
     assert_eq!(carrier(&lab, &relay, "node-1").as_deref(), Some("node-1"));
     assert_eq!(carrier(&lab, &relay, "node-3").as_deref(), Some("node-3"));
@@ -157,11 +161,8 @@ fn a_cut_link_is_routed_through_a_relay_and_back_without_resetting_tcp() {
 
     let restore = Instant::now();
     lab.ok(&["link", "restore", "node-1", "node-3"]);
-    for end in ["node-1", "node-3"] {
-        wait_for(&format!("{end} to go direct again"), REROUTE, || {
-            paths(&lab, end, "direct") == 3.0
-        });
-    }
+    wait_for_carrier(&lab, "node-1", "node-3", &["node-3"]);
+    wait_for_carrier(&lab, "node-3", "node-1", &["node-1"]);
     let back = restore.elapsed();
     assert_hops(&lab, "pod-1-1", "pod-3-1", 62);
     let (lost, retransmits) = traffic.finish();
@@ -176,10 +177,7 @@ fn a_cut_link_is_routed_through_a_relay_and_back_without_resetting_tcp() {
 fn a_dead_relay_is_replaced_by_the_next() {
     let lab = fast_lab("t-route-relay", "4");
     lab.ok(&["link", "cut", "node-1", "node-3"]);
-    wait_for("node-1 to relay to node-3", REROUTE, || {
-        paths(&lab, "node-1", "relayed") == 1.0
-    });
-    let first = carrier(&lab, "node-1", "node-3").expect("a relay");
+    let first = wait_for_carrier(&lab, "node-1", "node-3", &["node-2", "node-4"]);
     let next = if first == "node-2" {
         "node-4"
     } else {
@@ -191,11 +189,8 @@ fn a_dead_relay_is_replaced_by_the_next() {
     }
     let (v4, _) = pod_ips(&lab, "pod-3-1");
     let killed = Instant::now();
-    wait_for(
-        &format!("node-1 to send node-3's traffic through {next}"),
-        REROUTE,
-        || carrier(&lab, "node-1", "node-3").as_deref() == Some(next),
-    );
+    wait_for_carrier(&lab, "node-1", "node-3", &[next]);
+    wait_for_carrier(&lab, "node-3", "node-1", &[next]);
     wait_for("pod-1-1 to reach pod-3-1 again", REROUTE, || {
         reply_ttl(&lab, "pod-1-1", &v4) == Some(61)
     });
@@ -262,11 +257,8 @@ fn hostile_link_state_attracts_nothing_and_cuts_off_no_one_else() {
 fn a_relayed_mesh_at_rest_changes_nothing() {
     let lab = fast_lab("t-route-idle", "3");
     lab.ok(&["link", "cut", "node-1", "node-3"]);
-    for end in ["node-1", "node-3"] {
-        wait_for(&format!("{end} to relay"), REROUTE, || {
-            paths(&lab, end, "relayed") == 1.0
-        });
-    }
+    wait_for_carrier(&lab, "node-1", "node-3", &["node-2"]);
+    wait_for_carrier(&lab, "node-3", "node-1", &["node-2"]);
     // Settle: the far end's write and its echo.
     std::thread::sleep(Duration::from_secs(3));
     let counters = |n: &str| {

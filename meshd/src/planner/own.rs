@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use weft_keys::PublicKey;
 
 use super::{choose_mesh_address, Parsed};
-use crate::annotations::{endpoint_problem, Claim, FORCE_ENDPOINT, MESH_ADDRESSES};
+use crate::annotations::{endpoint_problem, Claim, FORCE_ENDPOINT, MESH_ADDRESSES, NO_ENDPOINT};
 use crate::model::{ClusterRanges, LocalConfig, NodeInfo};
 
 /// Why this node cannot say what it claims.
@@ -29,16 +29,18 @@ pub enum OwnError {
 }
 
 /// The endpoint to publish: the `--endpoint` flag, else an admin's
-/// `weft.dev/force-endpoint` annotation, else the first InternalIP at the
-/// listen port. One every other node would refuse is an error here.
+/// `weft.dev/force-endpoint` annotation (`none`: publish none, the node is
+/// behind NAT), else the first InternalIP at the listen port. One every
+/// other node would refuse is an error here.
 pub fn own_endpoint(
     me: &NodeInfo,
     flag: Option<SocketAddr>,
     listen_port: u16,
     ranges: &ClusterRanges,
-) -> Result<SocketAddr, OwnError> {
+) -> Result<Option<SocketAddr>, OwnError> {
     let endpoint = match (flag, me.annotations.get(FORCE_ENDPOINT)) {
         (Some(e), _) => e,
+        (None, Some(forced)) if forced.trim() == NO_ENDPOINT => return Ok(None),
         (None, Some(forced)) => forced
             .trim()
             .parse()
@@ -54,7 +56,7 @@ pub fn own_endpoint(
     };
     match endpoint_problem(endpoint, ranges) {
         Some(why) => Err(OwnError::UnusableEndpoint { endpoint, why }),
-        None => Ok(endpoint),
+        None => Ok(Some(endpoint)),
     }
 }
 
@@ -65,7 +67,7 @@ pub fn own_claim(
     parsed: &[Parsed],
     local: &LocalConfig,
     public_key: PublicKey,
-    endpoint: SocketAddr,
+    endpoint: Option<SocketAddr>,
     mut pod_cidrs: Vec<IpNet>,
 ) -> Result<Claim, OwnError> {
     let me = parsed
@@ -117,7 +119,7 @@ mod tests {
         snap: &ClusterSnapshot,
         local: &LocalConfig,
         key: PublicKey,
-        endpoint: SocketAddr,
+        endpoint: Option<SocketAddr>,
         pod_cidrs: Vec<IpNet>,
     ) -> Result<Claim, OwnError> {
         super::own_claim(
@@ -155,16 +157,23 @@ mod tests {
         let mut me = node("a", 0, BTreeMap::new());
         assert_eq!(
             own_endpoint(&me, None, 51820, &r).unwrap(),
-            "198.18.1.1:51820".parse().unwrap()
+            Some("198.18.1.1:51820".parse().unwrap())
         );
         me.annotations
             .insert(FORCE_ENDPOINT.into(), "203.0.113.5:4500".into());
         assert_eq!(
             own_endpoint(&me, None, 51820, &r).unwrap(),
-            "203.0.113.5:4500".parse().unwrap()
+            Some("203.0.113.5:4500".parse().unwrap())
         );
         let flag = "192.0.2.1:1".parse().unwrap();
-        assert_eq!(own_endpoint(&me, Some(flag), 51820, &r).unwrap(), flag);
+        assert_eq!(
+            own_endpoint(&me, Some(flag), 51820, &r).unwrap(),
+            Some(flag)
+        );
+        // Behind NAT: no endpoint at all.
+        me.annotations
+            .insert(FORCE_ENDPOINT.into(), NO_ENDPOINT.into());
+        assert_eq!(own_endpoint(&me, None, 51820, &r).unwrap(), None);
         me.annotations
             .insert(FORCE_ENDPOINT.into(), "nonsense".into());
         assert!(own_endpoint(&me, None, 51820, &r)
@@ -189,7 +198,7 @@ mod tests {
     #[test]
     fn yields_to_an_older_node_and_keeps_otherwise() {
         let key = PublicKey::from_bytes([1; 32]);
-        let ep = "198.18.1.1:51820".parse().unwrap();
+        let ep = Some("198.18.1.1:51820".parse().unwrap());
         let a = node("a", 0, BTreeMap::new());
         let snap = ClusterSnapshot {
             nodes: vec![a.clone()],

@@ -20,7 +20,7 @@ fn node(i: u8, created: i64, key_seed: u8, mesh_host: u8, block: u8, len: u8) ->
         .trunc();
     let claim = Claim {
         public_key: key(key_seed),
-        endpoint: format!("198.18.1.{i}:51820").parse().unwrap(),
+        endpoint: Some(format!("198.18.1.{i}:51820").parse().unwrap()),
         mesh_addresses: vec![format!("198.18.128.{mesh_host}").parse().unwrap()],
         pod_cidrs: vec![pod],
         unreachable: Default::default(),
@@ -28,7 +28,7 @@ fn node(i: u8, created: i64, key_seed: u8, mesh_host: u8, block: u8, len: u8) ->
     NodeInfo {
         name: format!("node-{i}"),
         created,
-        internal_ips: vec![claim.endpoint.ip()],
+        internal_ips: claim.endpoint.iter().map(|e| e.ip()).collect(),
         spec_pod_cidrs: vec![pod],
         annotations: render(&claim),
         placement: Placement::anywhere(),
@@ -289,6 +289,25 @@ fn a_second_node_on_the_same_endpoint_is_refused() {
         "{:?}",
         d.verdicts["node-5"]
     );
+}
+
+/// Nodes behind NAT publish no endpoint: two of them do not conflict, and
+/// their peers are configured without one (WireGuard learns it from their
+/// handshakes).
+#[test]
+fn nodes_behind_nat_have_no_endpoint_and_do_not_conflict() {
+    let mut nodes = vec![simple(1), simple(2), simple(3)];
+    for n in &mut nodes[1..] {
+        n.annotations.remove(ENDPOINT);
+    }
+    let d = plan(&snapshot(nodes), &local("node-1"));
+    assert!(d
+        .verdicts
+        .values()
+        .all(|v| matches!(v, Verdict::Accepted(_))));
+    assert_eq!(d.peers[&key(2)].endpoint, None);
+    assert_eq!(d.peers[&key(3)].endpoint, None);
+    assert_eq!(d.paths["node-3"], Hop::Direct);
 }
 
 #[test]

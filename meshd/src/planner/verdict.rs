@@ -158,7 +158,9 @@ impl<'a> Taken<'a> {
     fn insert(&mut self, holder: &'a str, claim: Claim) {
         let i = self.claims.len();
         self.keys.insert(claim.public_key, i);
-        self.endpoints.insert(canonical(claim.endpoint), i);
+        if let Some(e) = claim.endpoint {
+            self.endpoints.insert(canonical(e), i);
+        }
         for a in &claim.mesh_addresses {
             self.mesh.insert(*a, i);
         }
@@ -175,7 +177,11 @@ impl<'a> Taken<'a> {
     fn first_holder(&self, claim: &Claim) -> Option<(&str, &Claim)> {
         let mut hits: Vec<&usize> = Vec::new();
         hits.extend(self.keys.get(&claim.public_key));
-        hits.extend(self.endpoints.get(&canonical(claim.endpoint)));
+        hits.extend(
+            claim
+                .endpoint
+                .and_then(|e| self.endpoints.get(&canonical(e))),
+        );
         hits.extend(claim.mesh_addresses.iter().filter_map(|a| self.mesh.get(a)));
         for c in &claim.pod_cidrs {
             // Held CIDRs containing c: one exact lookup per held length
@@ -237,8 +243,10 @@ fn collision(claim: &Claim, held: &Claim, holder: &str) -> Option<Rejection> {
     if claim.public_key == held.public_key {
         return Some(conflict(PUBLIC_KEY, claim.public_key.to_string()));
     }
-    if canonical(claim.endpoint) == canonical(held.endpoint) {
-        return Some(conflict(ENDPOINT, claim.endpoint.to_string()));
+    if let (Some(e), Some(h)) = (claim.endpoint, held.endpoint) {
+        if canonical(e) == canonical(h) {
+            return Some(conflict(ENDPOINT, e.to_string()));
+        }
     }
     if let Some(a) = claim
         .mesh_addresses

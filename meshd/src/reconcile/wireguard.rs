@@ -111,10 +111,12 @@ pub fn diff(
     };
     for (pk, want) in peers {
         let have = actual.peers.get(pk);
-        let endpoint = match have.and_then(|h| h.endpoint) {
-            Some(current) if current == want.endpoint => None,
-            Some(_) if applied.get(pk) == Some(&want.endpoint) => None,
-            _ => Some(want.endpoint),
+        // A peer without a planned endpoint keeps whatever WireGuard learnt.
+        let endpoint = match (have.and_then(|h| h.endpoint), want.endpoint) {
+            (_, None) => None,
+            (Some(current), Some(want)) if current == want => None,
+            (Some(_), Some(want)) if applied.get(pk) == Some(&want) => None,
+            (_, Some(want)) => Some(want),
         };
         let allowed_ips = (have.map(|h| &h.allowed_ips) != Some(&want.allowed_ips))
             .then(|| want.allowed_ips.clone());
@@ -210,7 +212,7 @@ mod tests {
     fn peer(ep: &str, allowed: &[&str], keepalive: Option<u16>) -> Peer {
         Peer {
             node: "n".into(),
-            endpoint: ep.parse().unwrap(),
+            endpoint: Some(ep.parse().unwrap()),
             allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
             persistent_keepalive: keepalive,
         }
@@ -226,7 +228,7 @@ mod tests {
                     (
                         *k,
                         ActualPeer {
-                            endpoint: Some(p.endpoint),
+                            endpoint: p.endpoint,
                             allowed_ips: p.allowed_ips.clone(),
                             keepalive: p.persistent_keepalive,
                         },
@@ -287,6 +289,22 @@ mod tests {
             c.upserts[0].endpoint,
             Some("198.18.1.1:51820".parse().unwrap())
         );
+    }
+
+    /// A peer behind NAT has no planned endpoint: none is set, and the one
+    /// WireGuard learnt from its handshakes stays.
+    #[test]
+    fn a_peer_behind_nat_keeps_the_endpoint_wireguard_learnt() {
+        let pk = PrivateKey::generate();
+        let mut peers =
+            BTreeMap::from([(key(1), peer("198.18.1.1:51820", &["198.19.1.0/24"], None))]);
+        peers.get_mut(&key(1)).unwrap().endpoint = None;
+        let fresh = diff(&pk, 51820, &peers, &Actual::default(), &BTreeMap::new());
+        assert_eq!(fresh.upserts[0].endpoint, None);
+        let mut actual = actual_of(&pk, &peers);
+        actual.peers.get_mut(&key(1)).unwrap().endpoint =
+            Some("203.0.113.9:40000".parse().unwrap());
+        assert!(diff(&pk, 51820, &peers, &actual, &BTreeMap::new()).is_empty());
     }
 
     #[test]

@@ -78,9 +78,11 @@ fn claim(i: usize) -> Claim {
     key[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
     Claim {
         public_key: PublicKey::from_bytes(key),
-        endpoint: format!("192.0.{}.{}:51820", i / 250, i % 250 + 1)
-            .parse()
-            .expect("an endpoint"),
+        endpoint: Some(
+            format!("192.0.{}.{}:51820", i / 250, i % 250 + 1)
+                .parse()
+                .expect("an endpoint"),
+        ),
         mesh_addresses: vec![
             format!("100.64.{hi}.{lo}").parse().expect("an address"),
             format!("fd64::{:x}", i + 1).parse().expect("an address"),
@@ -110,7 +112,7 @@ fn cluster(n: usize, down: usize) -> ClusterSnapshot {
         .map(|(i, c)| NodeInfo {
             name: name(i),
             created: i as i64,
-            internal_ips: vec![c.endpoint.ip()],
+            internal_ips: c.endpoint.iter().map(|e| e.ip()).collect(),
             spec_pod_cidrs: c.pod_cidrs.clone(),
             annotations: render(c),
             placement: Placement {
