@@ -208,17 +208,21 @@ fn value<'a>(node: &'a NodeInfo, key: &'static str) -> Result<&'a str, Rejection
     Ok(v.trim())
 }
 
-/// Whether `name` could be a Node's name (an RFC 1123 subdomain).
-fn is_node_name(name: &str) -> bool {
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    name.len() <= 253 && name.split('.').all(label_ok)
+/// An RFC 1123 label, as Kubernetes checks one: 1-63 of `a-z`, `0-9`,
+/// `-`, neither first nor last a `-`.
+pub fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// An RFC 1123 subdomain (what a Node's name is): labels joined by `.`, at
+/// most 253 characters.
+pub fn dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(dns_label)
 }
 
 /// A node's link state: names only, no duplicates, not itself. Names of
@@ -229,7 +233,7 @@ pub fn unreachable(node: &NodeInfo) -> Result<BTreeSet<String>, Rejection> {
     };
     let mut names: Vec<&str> = Vec::new();
     for name in list(v) {
-        if !is_node_name(name) {
+        if !dns_subdomain(name) {
             return Err(Rejection::BadUnreachable(format!(
                 "{:?} is not a node name",
                 name.chars().take(64).collect::<String>()

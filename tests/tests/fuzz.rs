@@ -75,10 +75,7 @@ fn text_from(tokens: Vec<&'static str>) -> impl Strategy<Value = String> {
 mod annotations {
     use super::*;
     use weft_keys::PublicKey;
-    use weft_meshd::annotations::{
-        parse, ENDPOINT, FORCE_ENDPOINT, MESH_ADDRESSES, POD_CIDRS, PUBLIC_KEY, UNREACHABLE,
-        VERSION,
-    };
+    use weft_meshd::annotations::{parse, FORCE_ENDPOINT, OWNED, PUBLIC_KEY, VERSION};
     use weft_meshd::model::{
         ClusterRanges, ClusterSnapshot, LocalConfig, NodeInfo, Placement, Ranges,
     };
@@ -122,16 +119,13 @@ mod annotations {
     }
 
     fn node() -> impl Strategy<Value = NodeInfo> {
-        let key = proptest::sample::select(vec![
-            VERSION,
-            PUBLIC_KEY,
-            ENDPOINT,
-            MESH_ADDRESSES,
-            POD_CIDRS,
-            UNREACHABLE,
-            FORCE_ENDPOINT,
-            "weft.dev/x",
-        ]);
+        // Every annotation meshd writes, the admin's, and one it does not know.
+        let keys: Vec<&str> = OWNED
+            .iter()
+            .copied()
+            .chain([FORCE_ENDPOINT, "weft.dev/x"])
+            .collect();
+        let key = proptest::sample::select(keys);
         (
             proptest::collection::btree_map(key.prop_map(String::from), value(), 0..7),
             proptest::collection::vec(

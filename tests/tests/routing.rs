@@ -276,3 +276,68 @@ fn a_relayed_mesh_at_rest_changes_nothing() {
     assert_eq!(before, after, "[writes, wireguard, routes] per node");
     assert_eq!(paths(&lab, "node-1", "relayed"), 1.0);
 }
+
+/// Two public sites and two sites behind NAT (one with two nodes): every
+/// pod reaches every other. Public nodes reach the NAT'd ones directly (the
+/// NAT'd node starts the session and the public one answers to the address
+/// its NAT gave it); NAT'd nodes publish no endpoint, so two of them cannot
+/// start a session with each other and meet through a public relay.
+#[test]
+fn sites_behind_nat_reach_every_pod_directly_or_through_a_relay() {
+    let dir = std::env::temp_dir().join(format!("weft-sites-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let file = dir.join("sites.yaml");
+    std::fs::write(
+        &file,
+        "sites:
+- {name: cloud-a, nodes: 2, region: eu, zone: eu-a}
+- {name: cloud-b, nodes: 1, region: us, zone: us-a}
+- {name: edge-1, nodes: 2, nat: true}
+- {name: edge-2, nodes: 1, nat: true}
+",
+    )
+    .expect("writing the topology");
+    let mut args = vec![
+        "--topology",
+        file.to_str().expect("a UTF-8 path"),
+        "--pods-per-node",
+        "1",
+    ];
+    args.extend(FAST);
+    let lab = Lab::up("t-route-sites", &args);
+    let _ = std::fs::remove_dir_all(&dir);
+    let pods: Vec<String> = (1..=6).map(|k| format!("pod-{k}-1")).collect();
+    for from in &pods {
+        for to in pods.iter().filter(|p| *p != from) {
+            let (v4, _) = pod_ips(&lab, to);
+            wait_for(&format!("{from} to reach {to}"), REROUTE, || {
+                reply_ttl(&lab, from, &v4).is_some()
+            });
+        }
+    }
+    // Public to NAT'd: direct, to the address the NAT gave the edge node.
+    assert_hops(&lab, "pod-1-1", "pod-4-1", 62);
+    assert_eq!(carrier(&lab, "node-1", "node-4").as_deref(), Some("node-4"));
+    let status = lab.status();
+    let endpoint = node(&status, "node-1")["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .find(|p| p["node"] == "node-4")
+        .and_then(|p| p["endpoint"].as_str())
+        .expect("node-1 learnt node-4's endpoint")
+        .to_string();
+    assert!(
+        endpoint.starts_with("198.18.16.254:"),
+        "node-4 seen behind its NAT at cloud-a's gateway, not {endpoint}"
+    );
+    // NAT'd to NAT'd, in one site and across two: through a public relay.
+    for (a, b) in [("pod-4-1", "pod-5-1"), ("pod-4-1", "pod-6-1")] {
+        assert_hops(&lab, a, b, 61);
+    }
+    let relay = carrier(&lab, "node-4", "node-6").expect("a relay");
+    assert!(
+        ["node-1", "node-2", "node-3"].contains(&relay.as_str()),
+        "node-4 reaches node-6 through {relay}"
+    );
+}

@@ -2,6 +2,7 @@
 //! name, label or annotation fails here as it would in production (422).
 
 use serde_json::Value;
+use weft_meshd::annotations::{dns_label, dns_subdomain};
 
 use super::kinds::Kind;
 use super::status::FieldError;
@@ -102,19 +103,6 @@ fn qualified_key(field: &str, key: &str, errors: &mut Vec<FieldError>) {
             format!("{key:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (at most 63), with an optional DNS subdomain prefix and '/'"),
         ));
     }
-}
-
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
-fn dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(dns_label)
 }
 
 fn label_value(s: &str) -> bool {

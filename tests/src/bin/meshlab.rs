@@ -10,7 +10,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
 use meshlab::lab::topology::{
-    parse_config, parse_label, parse_topology, LabSpec, NodePlan, DEBIAN_WIREGUARD_GO,
+    load_topology, parse_config, parse_label, parse_topology, LabSpec, NodePlan,
+    DEBIAN_WIREGUARD_GO,
 };
 use meshlab::lab::{
     agents, bench, bench_cni, bench_planner, bench_policy, control, lifecycle, netpol, pods,
@@ -166,8 +167,10 @@ enum Cmd {
         /// How many nodes.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
-        /// A node's region and zone labels: NODE=REGION/ZONE (repeatable).
-        #[arg(long, value_name = "NODE=REGION/ZONE")]
+        /// A node's region and zone labels: NODE=REGION/ZONE (repeatable);
+        /// or a topology FILE of sites (separate fabrics joined by a router,
+        /// some behind NAT; docs/lab.md), which sets the number of nodes.
+        #[arg(long, value_name = "NODE=REGION/ZONE|FILE")]
         topology: Vec<String>,
         /// An extra label on a node: NODE:KEY=VALUE (repeatable).
         #[arg(long, value_name = "NODE:KEY=VALUE")]
@@ -340,8 +343,12 @@ fn run(cli: Cli) -> Result<()> {
                 ..LabSpec::default()
             };
             for t in &topology {
-                let (node, rz) = parse_topology(t)?;
-                spec.topology.insert(node, rz);
+                if t.contains('=') {
+                    let (node, rz) = parse_topology(t)?;
+                    spec.topology.insert(node, rz);
+                } else {
+                    spec.sites = load_topology(std::path::Path::new(t))?;
+                }
             }
             for l in &label {
                 let (node, k, v) = parse_label(l)?;

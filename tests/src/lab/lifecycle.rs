@@ -352,7 +352,7 @@ fn register_nodes(dir: &LabDir, plan: &[NodePlan], self_allocated: bool) -> Resu
                 false => json!({"podCIDR": cidrs[0], "podCIDRs": cidrs}),
             };
             let node: Node = serde_json::from_value(json!({
-                "metadata": {"name": n.name, "labels": n.labels},
+                "metadata": {"name": n.name, "labels": n.labels, "annotations": n.annotations},
                 "spec": spec,
             }))?;
             nodes.create(&PostParams::default(), &node).await?;

@@ -30,8 +30,9 @@ pub fn cut(state: &LabState, a: &str, b: &str) -> Result<Cut> {
     })
 }
 
-/// The table for `cuts` (pure): IP between the two nodes' underlay
-/// addresses dropped where the bridge forwards it, both ways.
+/// The tables for `cuts` (pure): IP between the two nodes' underlay
+/// addresses dropped both ways, where a bridge forwards it (nodes on one
+/// segment) and where the fabric routes it (nodes on two sites).
 fn ruleset(nodes: &[NodePlan], cuts: &BTreeSet<Cut>) -> String {
     let addr = |name: &str| nodes.iter().find(|n| n.name == name).map(|n| n.underlay);
     let mut rules = String::new();
@@ -44,9 +45,13 @@ fn ruleset(nodes: &[NodePlan], cuts: &BTreeSet<Cut>) -> String {
     }
     // `add` then `delete` then the table: replaced whole in one transaction,
     // whether or not it existed.
-    format!(
-        "add table bridge {TABLE}\ndelete table bridge {TABLE}\ntable bridge {TABLE} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n{rules}  }}\n}}\n"
-    )
+    ["bridge", "ip"]
+        .map(|family| {
+            format!(
+                "add table {family} {TABLE}\ndelete table {family} {TABLE}\ntable {family} {TABLE} {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n{rules}  }}\n}}\n"
+            )
+        })
+        .concat()
 }
 
 /// Makes the fabric drop exactly the lab state's cuts.
@@ -71,13 +76,19 @@ mod tests {
             underlay: std::net::Ipv4Addr::new(198, 18, 1, k),
             pod_cidrs: vec![],
             labels: Default::default(),
+            annotations: Default::default(),
+            site: None,
         };
         let nodes = [node(1), node(2), node(3)];
         let cuts = BTreeSet::from([("node-1".to_string(), "node-3".to_string())]);
         let rules = ruleset(&nodes, &cuts);
         assert!(rules.contains("ip saddr 198.18.1.1 ip daddr 198.18.1.3 drop"));
         assert!(rules.contains("ip saddr 198.18.1.3 ip daddr 198.18.1.1 drop"));
-        assert_eq!(rules.matches(" drop").count(), 2);
+        assert_eq!(rules.matches(" drop").count(), 4, "bridged and routed");
+        assert!(
+            rules.contains("table ip meshlab_links")
+                && rules.contains("table bridge meshlab_links")
+        );
         assert_eq!(
             ruleset(&nodes, &BTreeSet::new()).matches(" drop").count(),
             0

@@ -22,6 +22,7 @@ pub mod netpol;
 pub mod pods;
 pub mod preflight;
 pub mod sentinel;
+pub mod sites;
 pub mod state;
 pub mod status;
 pub mod topology;

@@ -38,7 +38,9 @@ fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
 
 /// Creates the fabric namespace and its bridge, holding the gateway
 /// addresses, with the plaintext sentinel armed before any node exists.
-/// The fabric forwards nothing: what nodes send to the gateway ends there.
+/// A flat fabric forwards nothing: what nodes send to the gateway ends
+/// there. With sites, each has its own bridge and the fabric routes
+/// between them ([`super::sites`]).
 pub fn create_fabric(plan: &LabPlan) -> Result<()> {
     let ns = plan.fabric_netns.as_str();
     ip(&["netns", "add", ns])?;
@@ -49,7 +51,34 @@ pub fn create_fabric(plan: &LabPlan) -> Result<()> {
     let gw6 = format!("{FABRIC_GATEWAY6}/64");
     ip_in(ns, &["addr", "add", &gw6, "dev", &plan.bridge, "nodad"])?;
     super::sentinel::arm(ns)?;
-    ip_in(ns, &["link", "set", &plan.bridge, "up"])
+    ip_in(ns, &["link", "set", &plan.bridge, "up"])?;
+    for site in &plan.sites {
+        ip_in(ns, &["link", "add", &site.bridge, "type", "bridge"])?;
+        let gw = format!("{}/{}", site.gateway, site.cidr.prefix_len());
+        ip_in(ns, &["addr", "add", &gw, "dev", &site.bridge])?;
+        ip_in(ns, &["addr", "add", &gw6, "dev", &site.bridge, "nodad"])?;
+        ip_in(ns, &["link", "set", &site.bridge, "up"])?;
+    }
+    if !plan.sites.is_empty() {
+        super::sites::apply(ns, &plan.sites)?;
+        sysctl(ns, "net.ipv4.ip_forward=1")?;
+    }
+    Ok(())
+}
+
+/// `sysctl -w SETTING` inside `netns`.
+fn sysctl(netns: &str, setting: &str) -> Result<()> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "sysctl", "-qw", setting])
+        .output()
+        .context("running sysctl (install procps)")?;
+    if !out.status.success() {
+        bail!(
+            "sysctl -w {setting} in {netns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Creates a node namespace wired to the fabric bridge by a veth.
@@ -74,12 +103,20 @@ pub fn create_node(plan: &LabPlan, node: &NodePlan) -> Result<()> {
             &plan.fabric_netns,
         ],
     )?;
-    let addr = format!("{}/{}", node.underlay, plan.fabric_cidr.prefix_len());
+    let (prefix_len, gateway, bridge) = match plan.site_of(node) {
+        Some(site) => (site.cidr.prefix_len(), site.gateway, site.bridge.as_str()),
+        None => (
+            plan.fabric_cidr.prefix_len(),
+            FABRIC_GATEWAY,
+            plan.bridge.as_str(),
+        ),
+    };
+    let addr = format!("{}/{prefix_len}", node.underlay);
     ip_in(ns, &["addr", "add", &addr, "dev", &node.interface])?;
     ip_in(ns, &["link", "set", &node.interface, "up"])?;
     // Default routes, as every real node has: whatever a node does not
     // route itself goes out onto the fabric, where the sentinel sees it.
-    let gw = FABRIC_GATEWAY.to_string();
+    let gw = gateway.to_string();
     ip_in(ns, &["route", "add", "default", "via", &gw])?;
     ip_in(
         ns,
@@ -97,13 +134,7 @@ pub fn create_node(plan: &LabPlan, node: &NodePlan) -> Result<()> {
     let fabric = plan.fabric_netns.as_str();
     ip_in(
         fabric,
-        &[
-            "link",
-            "set",
-            &node.fabric_interface,
-            "master",
-            &plan.bridge,
-        ],
+        &["link", "set", &node.fabric_interface, "master", bridge],
     )?;
     ip_in(fabric, &["link", "set", &node.fabric_interface, "up"])
 }

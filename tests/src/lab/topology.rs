@@ -23,8 +23,11 @@ pub const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const FABRIC_GATEWAY6: &str = "fe80::1";
 /// The API server's port on the fabric.
 pub const FABRIC_API_PORT: u16 = 6443;
-/// Node `k` gets underlay `198.18.1.k`.
+/// Node `k` gets underlay `198.18.1.k` (on a site: `198.18.(16 + site).k`).
 pub const MAX_NODES: usize = 250;
+/// Site `i`'s subnet is `198.18.(16 + i).0/24`, its gateway `.254`.
+const SITE_BASE: u8 = 16;
+const SITE_GATEWAY_HOST: u8 = 254;
 /// Default cluster pod ranges and node block sizes.
 pub const CLUSTER_V4: &str = "198.19.0.0/16";
 pub const CLUSTER_V6: &str = "fd98:19::/48";
@@ -53,6 +56,87 @@ pub struct NodePlan {
     #[serde(rename = "podCIDRs")]
     pub pod_cidrs: Vec<IpNet>,
     pub labels: BTreeMap<String, String>,
+    /// What an admin annotated the Node with at registration.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Its site (`up --topology FILE`); `None`: the flat fabric.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+}
+
+/// A site of a lab built from a topology file: its own bridge and subnet
+/// in the fabric namespace, which routes between sites like the internet
+/// between clouds; a NAT'd site's nodes reach out through masquerade and
+/// nothing reaches them unasked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SitePlan {
+    pub name: String,
+    pub bridge: String,
+    pub cidr: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub nat: bool,
+}
+
+/// A topology file (`meshlab up --topology FILE`, docs/lab.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopologyFile {
+    pub sites: Vec<SiteSpec>,
+}
+
+/// One site as the file describes it.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSpec {
+    pub name: String,
+    pub nodes: usize,
+    /// Behind NAT: its nodes publish no endpoint.
+    #[serde(default)]
+    pub nat: bool,
+    /// Node labels; default: the site's name for both.
+    pub region: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// At most this many sites (each takes a /24 of the fabric range).
+pub const MAX_SITES: usize = 16;
+
+/// Reads and checks a topology file.
+pub fn load_topology(path: &std::path::Path) -> Result<Vec<SiteSpec>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--topology {}", path.display()))?;
+    let file: TopologyFile =
+        serde_norway::from_str(&text).with_context(|| format!("--topology {}", path.display()))?;
+    check_sites(&file.sites).with_context(|| format!("--topology {}", path.display()))?;
+    Ok(file.sites)
+}
+
+fn check_sites(sites: &[SiteSpec]) -> Result<()> {
+    ensure!(
+        (1..=MAX_SITES).contains(&sites.len()),
+        "sites: give 1 to {MAX_SITES}"
+    );
+    let mut names = std::collections::BTreeSet::new();
+    for site in sites {
+        check_name(&site.name).with_context(|| format!("site {:?}", site.name))?;
+        ensure!(
+            names.insert(&site.name),
+            "site {:?} is named twice",
+            site.name
+        );
+        ensure!(
+            site.nodes >= 1,
+            "site {:?}: nodes must be at least 1",
+            site.name
+        );
+    }
+    let total: usize = sites.iter().map(|s| s.nodes).sum();
+    ensure!(
+        total <= MAX_NODES,
+        "sites hold {total} nodes; the lab holds at most {MAX_NODES}"
+    );
+    Ok(())
 }
 
 /// The whole lab: a fabric namespace with a bridge and the nodes on it.
@@ -76,6 +160,17 @@ pub struct LabPlan {
     /// Values replacing the lab's in the manifests' ConfigMap (`up --config`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
+    /// The sites, when built from a topology file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<SitePlan>,
+}
+
+impl LabPlan {
+    /// `node`'s site, if it has one.
+    pub fn site_of(&self, node: &NodePlan) -> Option<&SitePlan> {
+        let name = node.site.as_deref()?;
+        self.sites.iter().find(|s| s.name == name)
+    }
 }
 
 /// How the lab's kubelet runs a pod's containers.
@@ -117,6 +212,8 @@ pub struct LabSpec {
     pub runtime: Runtime,
     /// Values replacing the lab's in the manifests' ConfigMap.
     pub config: BTreeMap<String, String>,
+    /// Sites from a topology file; empty: one flat fabric.
+    pub sites: Vec<SiteSpec>,
 }
 
 /// Namespace names the lab `name` owns, so teardown can find leftovers of a
@@ -194,6 +291,12 @@ pub fn parse_label(arg: &str) -> Result<(String, String, String)> {
 /// Lays out the lab.
 pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
     check_name(&spec.name)?;
+    let mut spec = spec.clone();
+    if !spec.sites.is_empty() {
+        check_sites(&spec.sites)?;
+        spec.nodes = spec.sites.iter().map(|s| s.nodes).sum();
+    }
+    let spec = &spec;
     ensure!(
         (1..=MAX_NODES).contains(&spec.nodes),
         "--nodes {}: the lab holds 1 to {MAX_NODES} nodes",
@@ -229,6 +332,19 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
         manifests: manifests(spec.manifests.as_deref())?,
         runtime: spec.runtime,
         config: spec.config.clone(),
+        sites: spec
+            .sites
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SitePlan {
+                name: s.name.clone(),
+                bridge: format!("site{i}"),
+                cidr: Ipv4Net::new(Ipv4Addr::new(198, 18, SITE_BASE + i as u8, 0), 24)
+                    .expect("a /24 is valid"),
+                gateway: Ipv4Addr::new(198, 18, SITE_BASE + i as u8, SITE_GATEWAY_HOST),
+                nat: s.nat,
+            })
+            .collect(),
     })
 }
 
@@ -245,13 +361,26 @@ pub fn node_plan(lab: &str, k: usize, spec: &LabSpec) -> Result<NodePlan> {
         "node-{k}: the lab holds at most {MAX_NODES} nodes"
     );
     let name = format!("node-{k}");
+    // Sites take nodes in order: the first site's nodes first.
+    let mut first = 1;
+    let mut site = None;
+    for (i, s) in spec.sites.iter().enumerate() {
+        if k < first + s.nodes {
+            site = Some((i, s));
+            break;
+        }
+        first += s.nodes;
+    }
     let v4 = BlockPlan::new(CLUSTER_V4.parse()?, BLOCK_V4)?;
     let v6 = BlockPlan::new(CLUSTER_V6.parse()?, BLOCK_V6)?;
-    let (region, zone) = spec
-        .topology
-        .get(&name)
-        .cloned()
-        .unwrap_or_else(|| (DEFAULT_REGION.into(), DEFAULT_ZONE.into()));
+    let (region, zone) = match (spec.topology.get(&name), site) {
+        (Some(rz), _) => rz.clone(),
+        (None, Some((_, s))) => (
+            s.region.clone().unwrap_or_else(|| s.name.clone()),
+            s.zone.clone().unwrap_or_else(|| s.name.clone()),
+        ),
+        (None, None) => (DEFAULT_REGION.into(), DEFAULT_ZONE.into()),
+    };
     let arch = std::env::consts::ARCH
         .replace("x86_64", "amd64")
         .replace("aarch64", "arm64");
@@ -270,9 +399,21 @@ pub fn node_plan(lab: &str, k: usize, spec: &LabSpec) -> Result<NodePlan> {
         fabric_interface: format!("veth{k}"),
         wg_interface: wg_interface(lab, k),
         userspace_program: spec.userspace_programs.get(&name).cloned(),
-        underlay: Ipv4Addr::new(198, 18, 1, k as u8),
+        underlay: match site {
+            Some((i, _)) => Ipv4Addr::new(198, 18, SITE_BASE + i as u8, k as u8),
+            None => Ipv4Addr::new(198, 18, 1, k as u8),
+        },
         pod_cidrs: vec![block(&v4)?, block(&v6)?],
         labels,
+        // An admin marks the nodes nothing reaches unasked.
+        annotations: match site {
+            Some((_, s)) if s.nat => BTreeMap::from([(
+                weft_meshd::annotations::FORCE_ENDPOINT.to_string(),
+                weft_meshd::annotations::NO_ENDPOINT.to_string(),
+            )]),
+            _ => BTreeMap::new(),
+        },
+        site: site.map(|(_, s)| s.name.clone()),
         name,
     })
 }
@@ -364,5 +505,56 @@ mod tests {
         assert!(!owns_netns("weft", "weft-node-"));
         assert!(!owns_netns("weft", "weftnode-1"));
         assert!(!owns_netns("weft-x", "weft-fabric"));
+    }
+
+    #[test]
+    fn sites_number_their_nodes_in_order_and_mark_the_natd_ones() {
+        let mut sp = spec(1);
+        sp.sites = vec![
+            SiteSpec {
+                name: "cloud".into(),
+                nodes: 2,
+                region: Some("eu".into()),
+                ..SiteSpec::default()
+            },
+            SiteSpec {
+                name: "edge".into(),
+                nodes: 1,
+                nat: true,
+                ..SiteSpec::default()
+            },
+        ];
+        let p = plan(&sp).unwrap();
+        assert_eq!(p.nodes.len(), 3, "the sites set the node count");
+        assert_eq!(p.sites[1].cidr.to_string(), "198.18.17.0/24");
+        assert_eq!(p.sites[1].gateway.to_string(), "198.18.17.254");
+        let n3 = &p.nodes[2];
+        assert_eq!(n3.underlay.to_string(), "198.18.17.3");
+        assert_eq!(p.site_of(n3).map(|s| s.nat), Some(true));
+        assert_eq!(n3.annotations["weft.dev/force-endpoint"], "none");
+        assert_eq!(n3.labels["topology.kubernetes.io/zone"], "edge");
+        assert!(p.nodes[0].annotations.is_empty());
+        assert_eq!(p.nodes[1].labels["topology.kubernetes.io/region"], "eu");
+        sp.sites[1].name = "cloud".into();
+        assert!(plan(&sp).unwrap_err().to_string().contains("named twice"));
+    }
+
+    #[test]
+    fn a_topology_file_is_checked() {
+        let dir = tempfile_dir();
+        let path = dir.join("t.yaml");
+        std::fs::write(&path, "sites:\n- {name: a, nodes: 2, nat: true}\n").unwrap();
+        assert_eq!(load_topology(&path).unwrap()[0].nodes, 2);
+        std::fs::write(&path, "sites:\n- {name: a, nodes: 2, natt: true}\n").unwrap();
+        assert!(format!("{:#}", load_topology(&path).unwrap_err()).contains("natt"));
+        std::fs::write(&path, "sites: []\n").unwrap();
+        assert!(format!("{:#}", load_topology(&path).unwrap_err()).contains("give 1 to"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("meshlab-topology-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 }
