@@ -44,6 +44,11 @@ enum Cmd {
         #[command(flatten)]
         source: MeshSource,
     },
+    /// Shell completion for meshctl: `source <(meshctl completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Mesh health from the cluster: each node's state, key, endpoint,
     /// link state and paths; with NODE, how it reaches each other node.
     Status {
@@ -442,6 +447,11 @@ fn main() -> ExitCode {
             max_direct,
             &source,
         )),
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "meshctl", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Cmd::Status {
             node,
             output,
