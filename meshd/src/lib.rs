@@ -25,4 +25,5 @@ pub mod planner;
 pub mod policy;
 pub mod reconcile;
 pub mod report;
+pub mod table;
 pub mod uninstall;

@@ -275,7 +275,7 @@ fn status(
                         },
                     ]);
                 }
-                table(&rows)
+                weft_meshd::table::render(&rows)
             }
         });
     };
@@ -319,27 +319,9 @@ fn status(
             for (peer, hop) in &paths {
                 rows.push([peer.clone(), hop_text(hop), reported_by(peer)]);
             }
-            table(&rows)
+            weft_meshd::table::render(&rows)
         }
     })
-}
-
-/// Columns padded to their widest cell, as kubectl prints them.
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
-    let widths: Vec<usize> = (0..N)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 /// Pods, namespaces and policies as the cluster has them now.

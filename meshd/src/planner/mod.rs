@@ -109,14 +109,11 @@ pub fn plan_judged(
         let Verdict::Accepted(claim) = verdict else {
             continue;
         };
-        // A node that is not itself accepted has no paths: it sends
-        // directly (and is refused until it is accepted).
         let carrier = match paths.get(name) {
             Some(Hop::Direct) => Some(name.as_str()),
             Some(Hop::Via(relay)) => Some(relay.as_str()),
-            Some(Hop::None) => None,
-            None if *name != local.node_name && paths.is_empty() => Some(name.as_str()),
-            None => None,
+            // Hop::None, or this node itself.
+            _ => None,
         };
         let Some(&i) = carrier.and_then(|c| slot.get(c)) else {
             continue;

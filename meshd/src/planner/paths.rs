@@ -187,17 +187,19 @@ impl<'a> Links<'a> {
 
     /// How `from` reaches every other member. O(members + relayed pairs ×
     /// members): a node with few down links costs little more than a full
-    /// mesh. Empty if `from` is not a member.
+    /// mesh. A node that is not a member (not accepted itself) has no link
+    /// state: it sends to every member directly, and is refused until it
+    /// is accepted.
     pub fn paths_from(&self, from: &str, relay: Relay) -> BTreeMap<String, Hop> {
-        let Some(&a) = self.index.get(from) else {
-            return BTreeMap::new();
-        };
         let mut paths: BTreeMap<String, Hop> = self
             .members
             .iter()
             .filter(|m| m.name != from)
             .map(|m| (m.name.to_string(), Hop::Direct))
             .collect();
+        let Some(&a) = self.index.get(from) else {
+            return paths;
+        };
         for &b in self.down_of(a) {
             paths.insert(
                 self.members[b].name.to_string(),
@@ -373,7 +375,9 @@ mod tests {
         let l = c.links();
         assert_eq!(l.paths_from("n00", Relay::Never)["n01"], Hop::None);
         assert_eq!(l.paths_from("n00", Relay::Never)["n02"], Hop::Direct);
-        assert!(l.paths_from("stranger", Relay::OneHop).is_empty());
+        let stranger = l.paths_from("stranger", Relay::OneHop);
+        assert_eq!(stranger.len(), 3);
+        assert!(stranger.values().all(|h| *h == Hop::Direct));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use weft_meshd::annotations::{MESH_ADDRESSES, POD_CIDRS, PUBLIC_KEY};
+use weft_meshd::cluster::ZONE_LABEL;
 
 use super::mesh::{self, PeerReport};
 use super::pods::PodRecord;
@@ -190,10 +191,7 @@ pub fn table(r: &Report) -> String {
             n.netns.clone(),
             n.underlay.to_string(),
             cidrs.join(","),
-            n.labels
-                .get("topology.kubernetes.io/zone")
-                .cloned()
-                .unwrap_or_default(),
+            n.labels.get(ZONE_LABEL).cloned().unwrap_or_default(),
             n.mesh_addresses.join(","),
             match (n.registered, n.meshd.pid) {
                 (false, _) => "unregistered".into(),
@@ -210,9 +208,6 @@ pub fn table(r: &Report) -> String {
             ),
         ]);
     }
-    let widths: Vec<usize> = (0..8)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
     let mut out = format!(
         "lab {}: API server {} ({}), kubeconfig {}\nplaintext on the fabric: {}\n",
         r.name,
@@ -229,15 +224,7 @@ pub fn table(r: &Report) -> String {
             None => "unknown (the sentinel cannot be read)".to_string(),
         }
     );
-    for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
+    out.push_str(&weft_meshd::table::render(&rows));
     if !r.pods.is_empty() {
         out.push_str("\nPOD                          NODE     IPS\n");
         for p in &r.pods {

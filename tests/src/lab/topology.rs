@@ -9,6 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 use weft_ipam::BlockPlan;
+use weft_meshd::cluster::{REGION_LABEL, ZONE_LABEL};
 
 /// The underlay every lab node sits on (198.18.0.0/15 is reserved for
 /// benchmarking, so it never collides with a real network).
@@ -388,8 +389,8 @@ pub fn node_plan(lab: &str, k: usize, spec: &LabSpec) -> Result<NodePlan> {
         ("kubernetes.io/hostname".to_string(), name.clone()),
         ("kubernetes.io/os".to_string(), "linux".to_string()),
         ("kubernetes.io/arch".to_string(), arch),
-        ("topology.kubernetes.io/region".to_string(), region),
-        ("topology.kubernetes.io/zone".to_string(), zone),
+        (REGION_LABEL.to_string(), region),
+        (ZONE_LABEL.to_string(), zone),
     ]);
     labels.extend(spec.labels.get(&name).cloned().unwrap_or_default());
     let block = |plan: &BlockPlan| plan.block(k as u128).context("cluster range too small");
