@@ -834,3 +834,127 @@ fn peers_change_in_place_under_traffic_without_loss() {
         );
     }
 }
+
+/// Sends one raw UAPI request to side `i`'s device and returns the reply.
+fn uapi(net: &Net, i: usize, request: &str) -> String {
+    let path = format!("/var/run/wireguard/{}.sock", net.sides[i].iface);
+    let mut socket = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    socket.write_all(request.as_bytes()).unwrap();
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while !reply.ends_with(b"\n\n") && socket.read(&mut byte).unwrap() == 1 {
+        reply.push(byte[0]);
+    }
+    String::from_utf8(reply).unwrap()
+}
+
+fn hex(key: &PrivateKey) -> String {
+    key.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Weft's rotation overlap at the device: with the next key set and the
+/// old one kept as `weft_previous_private_key`, sessions carry on, a peer
+/// that swapped its entry to the next key handshakes with it, a peer that
+/// did not (wireguard-go here) still handshakes with the old key, and `wg
+/// show` tells the two apart (a handshake under the next key is the only
+/// one reported). Ending the overlap leaves the old key answered nowhere.
+#[test]
+fn a_rotating_device_answers_both_keys_and_loses_nothing() {
+    let net = Net::new("wdprot", &[Impl::Weft, Impl::Weft, Impl::DebianGo]);
+    let (b4, c4): (IpAddr, IpAddr) = (net.sides[1].overlay4.into(), net.sides[2].overlay4.into());
+    assert_eq!(net.pings_answered(0, b4, 20, || {}), 20);
+    assert_eq!(net.pings_answered(0, c4, 20, || {}), 20);
+
+    let old = net.sides[0].key.clone();
+    let next = PrivateKey::generate();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let answered = net.pings_answered(0, b4, 300, || {
+        let reply = uapi(
+            &net,
+            0,
+            &format!(
+                "set=1\nprivate_key={}\nweft_previous_private_key={}\n\n",
+                hex(&next),
+                hex(&old)
+            ),
+        );
+        assert_eq!(reply, "errno=0\n\n");
+    });
+    assert_eq!(answered, 300, "starting the overlap lost packets");
+    assert!(
+        output_in(&net.sides[0].netns, &["wg", "show", &net.sides[0].iface])
+            .contains(&next.public_key().to_string()),
+        "wg show reads the rotating device"
+    );
+
+    // Side 1 moves to the next key: one `wg set` removes the old entry and
+    // adds the next one with the same prefixes.
+    let swap = |j: usize| {
+        let mut args = vec![
+            "peer".to_string(),
+            old.public_key().to_string(),
+            "remove".into(),
+        ];
+        args.extend(vec![
+            "peer".to_string(),
+            next.public_key().to_string(),
+            "endpoint".into(),
+            format!("{}:{PORT}", net.sides[0].underlay),
+            "persistent-keepalive".into(),
+            "1".into(),
+            "allowed-ips".into(),
+            format!("{}/32,{}/128", net.sides[0].overlay4, net.sides[0].overlay6),
+        ]);
+        net.wg(j, &args);
+    };
+    let answered = net.pings_answered(0, b4, 300, || swap(1));
+    assert!(answered >= 299, "the swap lost {} of 300", 300 - answered);
+
+    // Side 2 has not moved: its sessions carry on, and a fresh handshake
+    // of its own (its entry re-added) still reaches the old key.
+    assert_eq!(net.pings_answered(0, c4, 100, || {}), 100);
+    let readd: Vec<String> = ["peer", &old.public_key().to_string(), "remove"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    net.wg(2, &readd);
+    net.wg(2, &net.peer_args(0, net.sides[0].underlay, &[]));
+    let answered = net.pings_answered(2, net.sides[0].overlay4.into(), 50, || {});
+    assert!(
+        answered >= 49,
+        "a peer still on the old key cannot handshake ({answered} of 50)"
+    );
+
+    // Who moved, as meshd reads it: a handshake under the next key.
+    let handshakes = net.handshakes(0);
+    let moved = |j: usize| {
+        handshakes
+            .get(&net.sides[j].key.public_key().to_string())
+            .is_some_and(|at| *at >= started)
+    };
+    assert!(moved(1), "side 1 moved: {handshakes:?}");
+    assert!(!moved(2), "side 2 did not: {handshakes:?}");
+
+    // The overlap ends: the old key is answered nowhere, side 2 is cut off
+    // until it moves too.
+    assert_eq!(
+        uapi(
+            &net,
+            0,
+            &format!("set=1\nweft_previous_private_key={}\n\n", "0".repeat(64))
+        ),
+        "errno=0\n\n"
+    );
+    assert_eq!(net.pings_answered(0, b4, 50, || {}), 50);
+    assert_eq!(
+        net.pings_answered(2, net.sides[0].overlay4.into(), 20, || {}),
+        0,
+        "the retired key still carries traffic"
+    );
+    swap(2);
+    assert_eq!(net.pings_answered(0, c4, 50, || {}), 50);
+}

@@ -37,11 +37,21 @@ impl UapiError {
     }
 }
 
+/// The device key of Weft's rotation extension. Only Weft's device knows
+/// it; `wg` and wireguard-go never send it, and `get` never reports it (so
+/// `wg show` and wireguard-control read Weft's device as any other).
+pub const PREVIOUS_PRIVATE_KEY: &str = "weft_previous_private_key";
+
 /// A `set=1` request.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SetRequest {
     /// `Some(None)`: the all-zero key, which removes the device's key.
     pub private_key: Option<Option<PrivateKey>>,
+    /// Weft's extension for key rotation (`weft_previous_private_key=`): a
+    /// key the device still answers handshakes for, and whose sessions it
+    /// keeps, until every peer has moved to `private_key`. `Some(None)`:
+    /// the all-zero key, which ends the overlap.
+    pub previous_private_key: Option<Option<PrivateKey>>,
     pub listen_port: Option<u16>,
     /// 0 removes the mark.
     pub fwmark: Option<u32>,
@@ -112,11 +122,16 @@ pub fn parse_set(request: &str) -> Result<SetRequest, UapiError> {
             continue;
         }
         let Some(peer) = set.peers.last_mut() else {
+            let key_name = key;
             match key {
-                "private_key" => {
+                "private_key" | PREVIOUS_PRIVATE_KEY => {
                     let bytes = hex32(value).ok_or_else(invalid)?;
-                    set.private_key =
-                        Some((bytes != [0; 32]).then(|| PrivateKey::from_bytes(bytes)));
+                    let key = Some((bytes != [0; 32]).then(|| PrivateKey::from_bytes(bytes)));
+                    if key_name == "private_key" {
+                        set.private_key = key;
+                    } else {
+                        set.previous_private_key = key;
+                    }
                 }
                 "listen_port" => set.listen_port = Some(value.parse().map_err(|_| invalid())?),
                 "fwmark" => set.fwmark = Some(value.parse().map_err(|_| invalid())?),
@@ -225,6 +240,12 @@ fn hex32(text: &str) -> Option<[u8; 32]> {
         *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+/// The request that sets (or, with `None`, ends) the rotation overlap.
+pub fn render_previous_key(key: Option<&PrivateKey>) -> String {
+    let bytes = key.map_or([0; 32], PrivateKey::to_bytes);
+    format!("set=1\n{PREVIOUS_PRIVATE_KEY}={}\n\n", hex(&bytes))
 }
 
 fn hex(bytes: &[u8; 32]) -> String {

@@ -42,6 +42,7 @@ use settings::Settings;
 use sys::{Family, Offloads, Tun, Udp};
 
 /// The device's key pair and the rate limiter tied to it.
+#[derive(Clone)]
 pub struct Identity {
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
@@ -51,6 +52,8 @@ pub struct Identity {
 /// What the workers route by; replaced whole by each `set`.
 pub struct Config {
     identity: Option<Identity>,
+    /// The key being rotated away from: still answered (see `SetRequest`).
+    previous: Option<Identity>,
     peers: Vec<Arc<Peer>>,
     by_key: HashMap<PublicKey, Arc<Peer>>,
     by_index: HashMap<u32, Arc<Peer>>,
@@ -63,6 +66,7 @@ impl Config {
     fn empty() -> Self {
         Self {
             identity: None,
+            previous: None,
             peers: Vec::new(),
             by_key: HashMap::new(),
             by_index: HashMap::new(),
@@ -131,8 +135,9 @@ pub struct Device {
     next_index: AtomicU32,
     offloads: Offloads,
     /// For handshake initiations from keys not yet matched to a peer (the
-    /// expensive kind: a Diffie-Hellman each).
-    pub anonymous: ArcSwap<Option<Arc<RateLimiter>>>,
+    /// expensive kind: a Diffie-Hellman each): one per device key, the
+    /// current first.
+    pub anonymous: ArcSwap<Vec<Arc<RateLimiter>>>,
 }
 
 impl Device {
@@ -147,7 +152,7 @@ impl Device {
             settings: Mutex::new(Settings::default()),
             next_index: AtomicU32::new(rand_index()),
             offloads,
-            anonymous: ArcSwap::from_pointee(None),
+            anonymous: ArcSwap::from_pointee(Vec::new()),
         }))
     }
 
@@ -229,7 +234,12 @@ impl Device {
         }
         let config = self.build(&self.config.load(), &settings, &next);
         self.anonymous.store(Arc::new(
-            config.identity.as_ref().map(|id| peer::limiter(&id.public)),
+            config
+                .identity
+                .iter()
+                .chain(&config.previous)
+                .map(|id| peer::limiter(&id.public))
+                .collect(),
         ));
         self.config.store(Arc::new(config));
         *settings = next;
@@ -241,22 +251,27 @@ impl Device {
     fn build(&self, current: &Config, old: &Settings, next: &Settings) -> Config {
         let identity_changed = old.private_key.as_ref().map(PrivateKey::public_key)
             != next.private_key.as_ref().map(PrivateKey::public_key);
-        let identity = match (&next.private_key, identity_changed, &current.identity) {
-            (Some(_), false, Some(id)) => Some(Identity {
-                secret: id.secret.clone(),
-                public: id.public,
-                limiter: id.limiter.clone(),
-            }),
-            (Some(k), _, _) => {
-                let secret = k.secret();
-                let public = x25519::PublicKey::from(&secret);
-                Some(Identity {
-                    limiter: peer::limiter(&public),
-                    secret,
-                    public,
-                })
-            }
-            (None, _, _) => None,
+        // An identity whose key stays (as the key or as the previous key)
+        // keeps its rate limiter.
+        let identity_of = |key: &Option<PrivateKey>| -> Option<Identity> {
+            let key = key.as_ref()?;
+            let public = x25519::PublicKey::from(*key.public_key().as_bytes());
+            let known = current
+                .identity
+                .iter()
+                .chain(&current.previous)
+                .find(|id| id.public == public);
+            Some(known.cloned().unwrap_or_else(|| Identity {
+                secret: key.secret(),
+                limiter: peer::limiter(&public),
+                public,
+            }))
+        };
+        let identity = identity_of(&next.private_key);
+        let previous = identity_of(&next.previous_key).filter(|_| identity.is_some());
+        let keys = peer::Keys {
+            identity: identity.as_ref(),
+            previous: previous.as_ref(),
         };
         let old_by_key: HashMap<PublicKey, &settings::PeerSettings> =
             old.peers.iter().map(|p| (p.public_key, p)).collect();
@@ -271,16 +286,10 @@ impl Device {
                 old_by_key.get(&ps.public_key),
             ) {
                 (Some(peer), Some(old_ps)) => {
-                    peer.update(
-                        old_ps,
-                        ps,
-                        identity.as_ref(),
-                        identity_changed,
-                        &mut next_index,
-                    );
+                    peer.update(old_ps, ps, keys, identity_changed, &mut next_index);
                     peer.clone()
                 }
-                _ => Peer::new(ps, identity.as_ref(), next_index()),
+                _ => Peer::new(ps, keys, &mut next_index),
             };
             for index in peer.lock().indices() {
                 config.by_index.insert(index, peer.clone());
@@ -294,6 +303,7 @@ impl Device {
             config.peers.push(peer);
         }
         config.identity = identity;
+        config.previous = previous;
         config
     }
 

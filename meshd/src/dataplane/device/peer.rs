@@ -27,11 +27,14 @@ pub struct Peer {
 pub struct Tunnel {
     pub tunn: Tunn,
     pub index: u32,
+    /// The public half of the device key this tunnel speaks for.
+    pub identity: [u8; 32],
 }
 
 impl Tunnel {
     fn new(identity: &Identity, key: &PublicKey, psk: Option<&PresharedKey>, index: u32) -> Self {
         Self {
+            identity: identity.public.to_bytes(),
             // Persistent keepalive is the device's (so it can change in place).
             tunn: Tunn::new(
                 identity.secret.clone(),
@@ -53,8 +56,10 @@ impl Tunnel {
 pub struct PeerState {
     /// `None` while the device has no private key.
     pub current: Option<Tunnel>,
-    /// The tunnel from before a preshared-key change: it carries traffic
-    /// until `current` has a session, so the change loses nothing.
+    /// The tunnel from before a preshared-key change, or under the device's
+    /// previous key while it rotates: it carries traffic (and answers the
+    /// peer's handshakes) until `current` has a session, so the change
+    /// loses nothing.
     pub previous: Option<Tunnel>,
     pub endpoint: Option<SocketAddr>,
     pub keepalive: u16,
@@ -73,6 +78,24 @@ impl PeerState {
         } else {
             self.current.as_mut()
         }
+    }
+
+    /// The tunnels a persistent keepalive goes through: the current one,
+    /// and while it has no session also the previous one (a peer not yet
+    /// on the device's new key answers only that).
+    pub fn keepalive_tunnels(&mut self) -> impl Iterator<Item = &mut Tunnel> {
+        let current_ready = self.current.as_ref().is_some_and(Tunnel::has_session);
+        self.current
+            .iter_mut()
+            .chain(self.previous.iter_mut().filter(move |_| !current_ready))
+    }
+
+    /// The tunnel speaking for the device key `identity`.
+    pub fn by_identity(&mut self, identity: &[u8; 32]) -> Option<&mut Tunnel> {
+        self.current
+            .iter_mut()
+            .chain(self.previous.iter_mut())
+            .find(|t| &t.identity == identity)
     }
 
     /// The tunnel whose sessions carry `index`.
@@ -109,20 +132,30 @@ impl PeerState {
 }
 
 impl Peer {
-    pub fn new(settings: &PeerSettings, identity: Option<&Identity>, index: u32) -> Arc<Self> {
+    pub fn new(
+        settings: &PeerSettings,
+        keys: Keys,
+        next_index: &mut dyn FnMut() -> u32,
+    ) -> Arc<Self> {
         let now = Instant::now();
+        let tunnel = |id: &Identity, index| {
+            Tunnel::new(
+                id,
+                &settings.public_key,
+                settings.preshared_key.as_ref(),
+                index,
+            )
+        };
+        let current = keys.identity.map(|id| tunnel(id, next_index()));
+        let previous = keys
+            .previous
+            .filter(|_| current.is_some())
+            .map(|id| tunnel(id, next_index()));
         Arc::new(Self {
             public_key: settings.public_key,
             state: Mutex::new(PeerState {
-                current: identity.map(|id| {
-                    Tunnel::new(
-                        id,
-                        &settings.public_key,
-                        settings.preshared_key.as_ref(),
-                        index,
-                    )
-                }),
-                previous: None,
+                current,
+                previous,
                 endpoint: settings.endpoint,
                 keepalive: settings.keepalive,
                 // A keepalive set is due at once (it opens the session).
@@ -142,14 +175,15 @@ impl Peer {
     }
 
     /// Applies changed settings in place: the tunnel and its sessions stay
-    /// unless the identity changed (the kernel drops sessions then too);
-    /// a new preshared key gets a new tunnel while the old one keeps
-    /// carrying traffic until the new one has a session.
+    /// unless the identity changed (the kernel drops sessions then too,
+    /// unless the old key stays as the device's previous key); a new
+    /// preshared key gets a new tunnel while the old one keeps carrying
+    /// traffic until the new one has a session.
     pub fn update(
         &self,
         old: &PeerSettings,
         new: &PeerSettings,
-        identity: Option<&Identity>,
+        keys: Keys,
         identity_changed: bool,
         next_index: &mut dyn FnMut() -> u32,
     ) {
@@ -163,30 +197,39 @@ impl Peer {
         }
         let psk_changed = s.preshared_key != new.preshared_key;
         s.preshared_key = new.preshared_key.clone();
-        let Some(id) = identity else {
+        let Some(id) = keys.identity else {
             s.current = None;
             s.previous = None;
             return;
         };
+        let tunnel = |id: &Identity, index| {
+            Tunnel::new(id, &new.public_key, new.preshared_key.as_ref(), index)
+        };
         if identity_changed || s.current.is_none() {
-            s.previous = None;
-            s.current = Some(Tunnel::new(
-                id,
-                &new.public_key,
-                new.preshared_key.as_ref(),
-                next_index(),
-            ));
+            let old_tunnel = s.current.replace(tunnel(id, next_index()));
+            // Rotating: the old key's tunnel keeps its sessions.
+            s.previous = old_tunnel.filter(|t| {
+                keys.previous
+                    .is_some_and(|p| t.identity == p.public.to_bytes())
+            });
         } else if psk_changed {
-            let fresh = Tunnel::new(
-                id,
-                &new.public_key,
-                new.preshared_key.as_ref(),
-                next_index(),
-            );
-            let old_tunnel = s.current.replace(fresh);
+            let old_tunnel = s.current.replace(tunnel(id, next_index()));
             if old_tunnel.as_ref().is_some_and(Tunnel::has_session) {
                 s.previous = old_tunnel;
             }
+        }
+        let moved = s.current.as_ref().is_some_and(Tunnel::has_session);
+        let previous_identity = s.previous.as_ref().map(|t| t.identity);
+        match keys.previous {
+            // A peer not yet on the new key reaches the previous one.
+            Some(p) if !moved && previous_identity != Some(p.public.to_bytes()) => {
+                s.previous = Some(tunnel(p, next_index()));
+            }
+            // The overlap ended: tunnels under a retired key go.
+            None if previous_identity.is_some_and(|i| i != id.public.to_bytes()) => {
+                s.previous = None;
+            }
+            _ => {}
         }
     }
 
@@ -204,6 +247,14 @@ impl Peer {
     pub fn count_tx(&self, bytes: usize) {
         self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
+}
+
+/// The device keys a peer's tunnels speak for.
+#[derive(Clone, Copy)]
+pub struct Keys<'a> {
+    pub identity: Option<&'a Identity>,
+    /// The key being rotated away from.
+    pub previous: Option<&'a Identity>,
 }
 
 /// The rate limiter all tunnels share, keyed to the device's public key.

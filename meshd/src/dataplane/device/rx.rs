@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
 
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 
@@ -195,7 +196,7 @@ impl Receiver<'_> {
 
     /// A handshake initiation, response or cookie reply.
     fn control(&mut self, config: &Config, msg: &[u8], from: SocketAddr) {
-        let Some(peer) = self.peer_for(config, msg, from) else {
+        let Some((peer, identity)) = self.peer_for(config, msg, from) else {
             return;
         };
         peer.count_rx(msg.len());
@@ -206,9 +207,10 @@ impl Receiver<'_> {
             Ok(Packet::PacketCookieReply(c)) => Some(c.receiver_idx >> 8),
             _ => None,
         };
-        let tunnel = match index {
-            Some(i) => state.by_index(i),
-            None => state.current.as_mut(),
+        let tunnel = match (index, identity) {
+            (Some(i), _) => state.by_index(i),
+            (None, Some(id)) => state.by_identity(&id),
+            (None, None) => None,
         };
         let Some(tunnel) = tunnel else { return };
         let mut result = tunnel
@@ -228,30 +230,49 @@ impl Receiver<'_> {
         peer.count_tx(sent);
     }
 
-    fn peer_for(&mut self, config: &Config, msg: &[u8], from: SocketAddr) -> Option<Arc<Peer>> {
+    /// The peer a control message is from, and for an initiation the
+    /// device key it was made for (during a rotation there are two).
+    fn peer_for(
+        &mut self,
+        config: &Config,
+        msg: &[u8],
+        from: SocketAddr,
+    ) -> Option<(Arc<Peer>, Option<[u8; 32]>)> {
         match Tunn::parse_incoming_packet(msg).ok()? {
             Packet::HandshakeInit(_) => {
-                let id = config.identity.as_ref()?;
-                let limiter = self.device.anonymous.load_full();
-                let limiter = limiter.as_ref().as_ref()?;
-                // Under load, a cookie first: no Diffie-Hellman for a flood.
-                let packet = match limiter.verify_packet(Some(from.ip()), msg, &mut self.control) {
-                    Ok(p) => p,
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        self.device.sockets.load().send_to(cookie, from);
+                let limiters = self.device.anonymous.load_full();
+                let identities = config.identity.iter().chain(&config.previous);
+                for (id, limiter) in identities.zip(limiters.iter()) {
+                    // Under load, a cookie first: no Diffie-Hellman for a
+                    // flood. mac1 names the key the initiation is for.
+                    let packet =
+                        match limiter.verify_packet(Some(from.ip()), msg, &mut self.control) {
+                            Ok(p) => p,
+                            Err(TunnResult::Err(WireGuardError::InvalidMac)) => continue,
+                            Err(TunnResult::WriteToNetwork(cookie)) => {
+                                self.device.sockets.load().send_to(cookie, from);
+                                return None;
+                            }
+                            Err(_) => return None,
+                        };
+                    let Packet::HandshakeInit(init) = packet else {
                         return None;
-                    }
-                    Err(_) => return None,
-                };
-                let Packet::HandshakeInit(init) = packet else {
-                    return None;
-                };
-                let half = parse_handshake_anon(&id.secret, &id.public, &init).ok()?;
-                let key = weft_keys::PublicKey::from_bytes(half.peer_static_public);
-                config.by_key.get(&key).cloned()
+                    };
+                    let half = parse_handshake_anon(&id.secret, &id.public, &init).ok()?;
+                    let key = weft_keys::PublicKey::from_bytes(half.peer_static_public);
+                    let peer = config.by_key.get(&key).cloned()?;
+                    return Some((peer, Some(id.public.to_bytes())));
+                }
+                None
             }
-            Packet::HandshakeResponse(r) => config.by_index.get(&(r.receiver_idx >> 8)).cloned(),
-            Packet::PacketCookieReply(c) => config.by_index.get(&(c.receiver_idx >> 8)).cloned(),
+            Packet::HandshakeResponse(r) => config
+                .by_index
+                .get(&(r.receiver_idx >> 8))
+                .map(|p| (p.clone(), None)),
+            Packet::PacketCookieReply(c) => config
+                .by_index
+                .get(&(c.receiver_idx >> 8))
+                .map(|p| (p.clone(), None)),
             Packet::PacketData(_) => None,
         }
     }

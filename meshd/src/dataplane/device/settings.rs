@@ -13,6 +13,9 @@ use crate::dataplane::uapi::{AllowedIp, SetRequest};
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
     pub private_key: Option<PrivateKey>,
+    /// The key being rotated away from (see `SetRequest`); never equal to
+    /// `private_key`.
+    pub previous_key: Option<PrivateKey>,
     pub listen_port: u16,
     pub fwmark: u32,
     /// In the order they were added (`get` reports them so).
@@ -46,11 +49,18 @@ impl Settings {
     /// moves between peers in one request); `update_only` never creates;
     /// a peer with the device's own public key is dropped.
     pub fn apply(&self, set: &SetRequest) -> Settings {
+        let private_key = match &set.private_key {
+            Some(k) => k.clone(),
+            None => self.private_key.clone(),
+        };
+        let previous_key = match &set.previous_private_key {
+            Some(k) => k.clone(),
+            None => self.previous_key.clone(),
+        }
+        .filter(|k| private_key.as_ref().map(PrivateKey::public_key) != Some(k.public_key()));
         let mut next = Settings {
-            private_key: match &set.private_key {
-                Some(k) => k.clone(),
-                None => self.private_key.clone(),
-            },
+            private_key,
+            previous_key,
             listen_port: set.listen_port.unwrap_or(self.listen_port),
             fwmark: set.fwmark.unwrap_or(self.fwmark),
             peers: Vec::new(),
@@ -127,11 +137,15 @@ impl Settings {
                 }
             }
         }
-        let own = next.private_key.as_ref().map(PrivateKey::public_key);
+        let own: Vec<PublicKey> = [&next.private_key, &next.previous_key]
+            .into_iter()
+            .flatten()
+            .map(PrivateKey::public_key)
+            .collect();
         next.peers = peers
             .into_iter()
             .flatten()
-            .filter(|p| Some(p.public_key) != own)
+            .filter(|p| !own.contains(&p.public_key))
             .collect();
         next
     }
@@ -243,5 +257,42 @@ mod tests {
         assert!(s.peers.is_empty());
         let cleared = set(&s, &format!("private_key={}\n", hex('0')));
         assert!(cleared.private_key.is_none(), "the zero key removes it");
+    }
+
+    #[test]
+    fn the_previous_key_is_kept_until_ended_and_never_equals_the_key() {
+        let key = |c: char| format!("private_key={}\n", hex(c));
+        let previous = |c: char| format!("weft_previous_private_key={}\n", hex(c));
+        let rotating = set(
+            &set(&Settings::default(), &key('1')),
+            &format!("{}{}", key('2'), previous('1')),
+        );
+        let public = |c: char| {
+            let byte = u8::from_str_radix(&format!("{c}{c}"), 16).unwrap();
+            PrivateKey::from_bytes([byte; 32]).public_key()
+        };
+        let previous_public = |s: &Settings| s.previous_key.as_ref().map(PrivateKey::public_key);
+        assert_eq!(previous_public(&rotating), Some(public('1')));
+        let own_hex: String = public('1')
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let peer = set(&rotating, &format!("public_key={own_hex}\n"));
+        assert!(
+            peer.peers.is_empty(),
+            "the previous key is the device's too"
+        );
+        assert_eq!(
+            previous_public(&set(&rotating, "listen_port=1\n")),
+            Some(public('1')),
+            "a set without it keeps it"
+        );
+        assert_eq!(previous_public(&set(&rotating, &previous('0'))), None);
+        assert_eq!(
+            previous_public(&set(&rotating, &previous('2'))),
+            None,
+            "the key itself is no previous key"
+        );
     }
 }

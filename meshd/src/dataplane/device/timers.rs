@@ -24,10 +24,10 @@ pub fn run(device: &Arc<Device>) {
         let sockets = device.sockets.load();
         if now.duration_since(window) >= Duration::from_secs(1) {
             window = now;
-            if let Some(id) = &config.identity {
+            for id in config.identity.iter().chain(&config.previous) {
                 id.limiter.reset_count();
             }
-            if let Some(l) = device.anonymous.load().as_ref() {
+            for l in device.anonymous.load().iter() {
                 l.reset_count();
             }
         }
@@ -46,8 +46,8 @@ pub fn run(device: &Arc<Device>) {
                     }
                 }
             }
-            if keepalive {
-                if let (Some(tunnel), Some(to)) = (state.current.as_mut(), endpoint) {
+            if let (true, Some(to)) = (keepalive, endpoint) {
+                for tunnel in state.keepalive_tunnels() {
                     // With a session, an empty data packet; without, the
                     // handshake that opens one.
                     if let TunnResult::WriteToNetwork(p) = tunnel.tunn.encapsulate(&[], &mut buf) {
