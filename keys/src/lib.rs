@@ -9,4 +9,6 @@ mod key;
 mod store;
 
 pub use key::{KeyParseError, PresharedKey, PrivateKey, PublicKey};
-pub use store::{write_atomic, write_private, KeyState, KeyStore, SealingKey, StoreError};
+pub use store::{
+    unix_now, write_atomic, write_private, KeyState, KeyStore, NextKey, SealingKey, StoreError,
+};

@@ -6,10 +6,16 @@
 //! repaired to 0600 with a warning. With a sealing key configured, the file
 //! holds the key encrypted with XChaCha20-Poly1305 instead.
 //!
-//! Format (version 1): `{"version":1,"current":"<base64 private key>"}`, or
+//! Format (version 1): `{"version":1,"current":"<base64 private key>",
+//! "since":<unix seconds>}` and, while the node rotates, `"next"`,
+//! `"next_started"` and (for a switch at a set time) `"next_at"`; or
 //! sealed: `{"version":1,"sealed":"<base64 nonce ‖ ciphertext>"}` whose
-//! plaintext is the unsealed form. Key rotation will add optional fields
-//! (the next key and its activation) alongside `current`.
+//! plaintext is the unsealed form. A file without `since` (written before
+//! rotation existed) counts its key's age from when it is first loaded.
+//!
+//! Each save wipes what it replaces: the old file's bytes are overwritten
+//! with zeros (through a descriptor opened before the rename) once the new
+//! file is in place, so a retired private key does not linger on disk.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -91,16 +97,56 @@ impl SealingKey {
 pub struct KeyState {
     /// The key the node uses now.
     pub current: PrivateKey,
+    /// When `current` became the node's key (Unix seconds).
+    pub since: u64,
+    /// A rotation under way.
+    pub next: Option<NextKey>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// The key a node is rotating to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextKey {
+    pub key: PrivateKey,
+    /// When the rotation started (Unix seconds).
+    pub started: u64,
+    /// For a switch at a set time: when (Unix seconds).
+    pub at: Option<u64>,
+}
+
+impl KeyState {
+    /// A fresh key, in use from `now`.
+    pub fn generate(now: u64) -> Self {
+        Self {
+            current: PrivateKey::generate(),
+            since: now,
+            next: None,
+        }
+    }
+}
+
+#[derive(Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileFormat {
     version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     current: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    since: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next_started: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     sealed: Option<String>,
+}
+
+/// Now, in Unix seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The key file of one node.
@@ -135,9 +181,7 @@ impl KeyStore {
                 Ok(state)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let state = KeyState {
-                    current: PrivateKey::generate(),
-                };
+                let state = KeyState::generate(unix_now());
                 self.save(&state)?;
                 tracing::info!(path = %self.path.display(), public_key = %state.current.public_key(), "generated a new WireGuard key");
                 Ok(state)
@@ -204,12 +248,29 @@ impl KeyStore {
             format = serde_json::from_slice(&plain)
                 .map_err(|e| self.corrupt(format!("sealed contents: {e}")))?;
         }
-        let current = format
-            .current
-            .ok_or_else(|| self.corrupt("no \"current\" key".into()))?;
-        let current = PrivateKey::from_base64(&current)
-            .map_err(|e| self.corrupt(format!("current key: {e}")))?;
-        Ok(KeyState { current })
+        let key = |field: &str, text: Option<&String>| {
+            let text = text.ok_or_else(|| self.corrupt(format!("no \"{field}\" key")))?;
+            PrivateKey::from_base64(text).map_err(|e| self.corrupt(format!("{field} key: {e}")))
+        };
+        let current = key("current", format.current.as_ref())?;
+        let next = match (&format.next, format.next_started) {
+            (None, None) if format.next_at.is_none() => None,
+            (Some(_), Some(started)) => Some(NextKey {
+                key: key("next", format.next.as_ref())?,
+                started,
+                at: format.next_at,
+            }),
+            _ => {
+                return Err(self.corrupt(
+                    "\"next\", \"next_started\" and \"next_at\" must come together".into(),
+                ))
+            }
+        };
+        Ok(KeyState {
+            current,
+            since: format.since.unwrap_or_else(unix_now),
+            next,
+        })
     }
 
     /// Stores `state`, replacing the file atomically.
@@ -217,6 +278,10 @@ impl KeyStore {
         let plain = FileFormat {
             version: FORMAT_VERSION,
             current: Some(state.current.to_base64()),
+            since: Some(state.since),
+            next: state.next.as_ref().map(|n| n.key.to_base64()),
+            next_started: state.next.as_ref().map(|n| n.started),
+            next_at: state.next.as_ref().and_then(|n| n.at),
             sealed: None,
         };
         let plain = serde_json::to_vec(&plain).expect("the key file format serializes");
@@ -238,13 +303,19 @@ impl KeyStore {
                 blob.extend_from_slice(&ciphertext);
                 let sealed = FileFormat {
                     version: FORMAT_VERSION,
-                    current: None,
                     sealed: Some(STANDARD.encode(blob)),
+                    ..FileFormat::default()
                 };
                 serde_json::to_vec(&sealed).expect("the key file format serializes")
             }
         };
-        write_private(&self.path, &contents)
+        // What this replaces is wiped once the new file is in place.
+        let old = File::options().write(true).open(&self.path).ok();
+        write_private(&self.path, &contents)?;
+        if let Some(old) = old {
+            wipe(old).map_err(io(&self.path))?;
+        }
+        Ok(())
     }
 
     fn corrupt(&self, reason: String) -> StoreError {
@@ -253,6 +324,14 @@ impl KeyStore {
             reason,
         }
     }
+}
+
+/// Overwrites a replaced (already unlinked) file's bytes with zeros.
+fn wipe(mut old: File) -> std::io::Result<()> {
+    let len = old.metadata()?.len();
+    let zeros = vec![0u8; usize::try_from(len).unwrap_or(0).min(1 << 20)];
+    old.write_all(&zeros)?;
+    old.sync_all()
 }
 
 /// Writes a secret file (mode 0600) so that a crash at any point leaves
@@ -389,5 +468,64 @@ mod tests {
         assert!(err.to_string().contains("must be 32 bytes"));
         fs::write(&path, PrivateKey::generate().to_base64()).unwrap();
         assert!(SealingKey::from_file(&path).is_ok());
+    }
+
+    #[test]
+    fn a_rotation_round_trips_plain_and_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        for sealing in [None, Some(sealing())] {
+            let store = KeyStore::new(dir.path().join("key.json"), sealing);
+            let mut state = store.load_or_create().unwrap();
+            assert!(state.since > 0 && state.next.is_none());
+            state.next = Some(NextKey {
+                key: PrivateKey::generate(),
+                started: 1_700_000_000,
+                at: Some(1_700_000_005),
+            });
+            store.save(&state).unwrap();
+            assert_eq!(store.load_or_create().unwrap(), state);
+            fs::remove_file(store.path()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_half_recorded_rotation_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.json");
+        let key = PrivateKey::generate().to_base64();
+        for fields in [
+            format!(r#""next":"{key}""#),
+            r#""next_started":5"#.to_string(),
+            r#""next_at":5"#.to_string(),
+        ] {
+            fs::write(
+                &path,
+                format!(r#"{{"version":1,"current":"{key}",{fields}}}"#),
+            )
+            .unwrap();
+            let err = KeyStore::new(&path, None).load_or_create().unwrap_err();
+            assert!(err.to_string().contains("must come together"), "{err}");
+        }
+    }
+
+    /// A second name for the old file keeps its inode reachable: after a
+    /// save, what it holds is zeros, not the retired key.
+    #[test]
+    fn a_replaced_key_is_wiped_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KeyStore::new(dir.path().join("key.json"), None);
+        let old = store.load_or_create().unwrap();
+        let witness = dir.path().join("old-inode");
+        fs::hard_link(store.path(), &witness).unwrap();
+        let before = fs::read(&witness).unwrap();
+        assert!(String::from_utf8_lossy(&before).contains(&old.current.to_base64()));
+        store.save(&KeyState::generate(1)).unwrap();
+        let after = fs::read(&witness).unwrap();
+        assert_eq!(after.len(), before.len());
+        assert!(
+            after.iter().all(|b| *b == 0),
+            "the old key file was not wiped"
+        );
+        assert_ne!(store.load_or_create().unwrap().current, old.current);
     }
 }

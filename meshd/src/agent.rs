@@ -25,22 +25,26 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
-use weft_keys::{KeyStore, PrivateKey, PublicKey, SealingKey};
+use weft_keys::{KeyState, KeyStore, PublicKey, SealingKey};
 
+use crate::annotations::{parse_time, NEXT_PUBLIC_KEY, ROTATE_REQUESTED};
 use crate::cluster::{self, node_info};
 use crate::dataplane::{DataPlane, DeviceState, Mode, UserspaceProgram};
 use crate::decide::{decide, Inputs};
 use crate::http::{self, Health};
 use crate::liveness::Liveness;
 use crate::metrics::{PeerLabels, ReasonLabels, StateLabels};
+use crate::model::NodeInfo;
 use crate::model::{
     ClusterRanges, ClusterSnapshot, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
 };
 use crate::node_blocks::PodCidrSource;
 use crate::planner::{backstops, ParseMemo};
 use crate::reconcile::netlink::Netlink;
+use crate::reconcile::PeerStats;
 use crate::reconcile::Reconciler;
 use crate::report::Reports;
+use crate::rotation::{self, DeviceKeys, Mechanism, PeerProgress, Step};
 
 /// WireGuard's per-packet overhead on an IPv6 underlay (the larger case).
 const WIREGUARD_OVERHEAD: u32 = 80;
@@ -126,6 +130,64 @@ pub struct RunArgs {
     /// policies; 0: count them only.
     #[arg(long, default_value_t = 0)]
     pub log_policy_drops: u32,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+}
+
+/// Key rotation and revocation (docs/operations.md, "Keys").
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeyArgs {
+    /// Rotate the key once it is this old (e.g. `30d`); default: only when
+    /// an admin asks (`meshctl keys rotate`).
+    #[arg(long, env = "WEFT_KEY_MAX_AGE")]
+    pub key_max_age: Option<humantime::Duration>,
+    /// How long the old key is still answered, at most, while peers move to
+    /// the next one (a peer that is up moves within seconds; one that is
+    /// down does not hold the rotation up).
+    #[arg(long, env = "WEFT_KEY_OVERLAP_MAX", default_value = "5m")]
+    pub key_overlap_max: humantime::Duration,
+    /// On a device that answers only one key (kernel WireGuard,
+    /// wireguard-go): how far ahead the switch is announced. It must exceed
+    /// how long a Node change takes to reach every node.
+    #[arg(long, env = "WEFT_KEY_SWITCH_LEAD", default_value = "5s")]
+    pub key_switch_lead: humantime::Duration,
+    /// `auto`: overlap the keys where the device can (Weft's own);
+    /// `never`: always switch as a one-key device must (for comparison).
+    #[arg(long, env = "WEFT_KEY_OVERLAP", value_enum, default_value = "auto")]
+    pub key_overlap: KeyOverlap,
+    /// NAMESPACE/NAME of the ConfigMap listing revoked keys.
+    #[arg(long, env = "WEFT_REVOKED_KEYS", default_value = crate::revoked::DEFAULT_RECORD)]
+    pub revoked_keys: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyOverlap {
+    Auto,
+    Never,
+}
+
+impl KeyArgs {
+    /// The mechanism for a device that can (or cannot) overlap two keys.
+    fn mechanism(&self, device_overlaps: bool) -> Mechanism {
+        if device_overlaps && self.key_overlap == KeyOverlap::Auto {
+            Mechanism::Overlap {
+                max_overlap: self.key_overlap_max.as_secs(),
+            }
+        } else {
+            Mechanism::Switch {
+                lead: self.key_switch_lead.as_secs(),
+            }
+        }
+    }
+
+    fn revoked_record(&self) -> Result<(&str, &str)> {
+        self.revoked_keys.split_once('/').with_context(|| {
+            format!(
+                "--revoked-keys {:?}: expected NAMESPACE/NAME",
+                self.revoked_keys
+            )
+        })
+    }
 }
 
 /// A peer is judged by what it sends: keepalives must come more often than
@@ -173,7 +235,16 @@ async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
 struct Agent {
     args: RunArgs,
     client: Client,
-    key: PrivateKey,
+    key_store: KeyStore,
+    keys: KeyState,
+    /// The device keys the last successful pass applied.
+    applied_keys: Option<DeviceKeys>,
+    /// When a rotation step is due by time alone (Unix seconds).
+    wake_at: Option<u64>,
+    /// What the data plane last reported, per peer.
+    stats: Vec<PeerStats>,
+    /// Problems in the revoked-keys record last seen (logged on change).
+    revoked_errors: Vec<String>,
     local: LocalConfig,
     reconciler: Reconciler,
     health: Arc<Health>,
@@ -207,10 +278,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .as_deref()
         .map(SealingKey::from_file)
         .transpose()?;
-    let key = KeyStore::new(args.state_dir.join("key.json"), sealing)
-        .load_or_create()?
-        .current;
-    tracing::info!(node = %args.node_name, public_key = %key.public_key(), "starting");
+    let key_store = KeyStore::new(args.state_dir.join("key.json"), sealing);
+    let keys = key_store.load_or_create()?;
+    tracing::info!(
+        node = %args.node_name,
+        public_key = %keys.current.public_key(),
+        rotating_to = ?keys.next.as_ref().map(|n| n.key.public_key()),
+        "starting"
+    );
     let client = client(args.kubeconfig.as_ref()).await?;
     crate::cni::enable_forwarding()?;
     let health = Arc::new(Health::new(args.network_policy));
@@ -254,9 +329,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         watcher::Config::default().fields(&format!("metadata.name={name}")),
         notifier(&changed),
     );
+    let (namespace, name) = args.keys.revoked_record()?;
+    let revoked = cluster::reflect(
+        Api::<ConfigMap>::namespaced(client.clone(), namespace),
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+        notifier(&changed),
+    );
     for (what, store) in [
         ("Nodes", nodes.wait_until_ready().await),
         ("the block record", record.wait_until_ready().await),
+        ("the revoked keys", revoked.wait_until_ready().await),
     ] {
         store.with_context(|| format!("waiting for the first list of {what}"))?;
     }
@@ -281,7 +363,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         recorder: cluster::recorder(client.clone(), &args.node_name),
         args,
         client,
-        key,
+        key_store,
+        keys,
+        applied_keys: None,
+        wake_at: None,
+        stats: Vec::new(),
+        revoked_errors: Vec::new(),
         reconciler,
         health,
         liveness: Liveness::new(published),
@@ -295,7 +382,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut observe = tokio::time::interval(Duration::from_secs(1));
     let mut resync = tokio::time::interval(Duration::from_secs(agent.args.resync.max(1)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let sources = Sources {
+        nodes,
+        record,
+        revoked,
+    };
     loop {
+        let wake = until(agent.wake_at);
         tokio::select! {
             // Stop signals first: a meshd being stopped must not start
             // anything new (a data plane it recreated would outlive it).
@@ -303,6 +396,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = changed.notified() => tokio::time::sleep(DEBOUNCE).await,
+            _ = tokio::time::sleep(wake) => {}
             _ = observe.tick() => {
                 if !agent.observe().await && !agent.needs_sync {
                     continue;
@@ -310,10 +404,28 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             _ = resync.tick() => {}
         }
-        agent.sync(&nodes, &record).await;
+        agent.sync(&sources).await;
     }
     tracing::info!("stopping; the data plane and routes stay in place");
     Ok(())
+}
+
+/// What meshd watches.
+struct Sources {
+    nodes: Store<Node>,
+    record: Store<ConfigMap>,
+    revoked: Store<ConfigMap>,
+}
+
+/// How long until `at` (Unix seconds); a long time for `None`.
+fn until(at: Option<u64>) -> Duration {
+    let Some(at) = at else {
+        return Duration::from_secs(3600);
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(at).saturating_sub(now)
 }
 
 /// A watch event handler that wakes the sync loop.
@@ -372,6 +484,9 @@ impl Agent {
                 return true;
             }
         };
+        let progress_before = self.progress();
+        self.stats = stats.clone();
+        let rotation_moved = self.keys.next.is_some() && self.progress() != progress_before;
         let m = &self.health.metrics;
         for family in [&m.rx_bytes, &m.tx_bytes] {
             family.clear();
@@ -428,17 +543,101 @@ impl Agent {
             self.local.unreachable = down;
             return true;
         }
-        false
+        rotation_moved
     }
 
-    async fn sync(&mut self, nodes: &Store<Node>, record: &Store<ConfigMap>) {
+    /// Each peer's progress towards this node's next key: moved once it
+    /// completed a handshake with it (the device reports handshakes under
+    /// its own key only, and the next key is its key while overlapping).
+    fn progress(&self) -> BTreeMap<String, PeerProgress> {
+        let started = self.keys.next.as_ref().map_or(u64::MAX, |n| n.started);
+        let handshakes: BTreeMap<&PublicKey, u64> = self
+            .stats
+            .iter()
+            .map(|s| {
+                let at = s
+                    .last_handshake
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                (&s.key, at)
+            })
+            .collect();
+        self.peer_names
+            .iter()
+            .map(|(key, name)| {
+                let progress = PeerProgress {
+                    moved: handshakes.get(key).is_some_and(|at| *at >= started),
+                    up: !self.local.unreachable.contains(name),
+                };
+                (name.clone(), progress)
+            })
+            .collect()
+    }
+
+    /// The rotation step for this sync, its new key state saved before
+    /// anything is published or configured.
+    fn rotate(&mut self, me: &NodeInfo, revoked: &BTreeSet<PublicKey>, now: u64) -> Result<Step> {
+        let requested = me.annotations.get(ROTATE_REQUESTED).and_then(|v| {
+            parse_time(v)
+                .map_err(|e| tracing::warn!(error = %e, "ignoring {ROTATE_REQUESTED}"))
+                .ok()
+        });
+        let next_public = self
+            .keys
+            .next
+            .as_ref()
+            .map(|n| n.key.public_key().to_string());
+        let announced =
+            next_public.is_some() && me.annotations.get(NEXT_PUBLIC_KEY) == next_public.as_ref();
+        let progress = self.progress();
+        let step = rotation::step(&rotation::Inputs {
+            state: &self.keys,
+            now,
+            mechanism: self
+                .reconciler
+                .overlap()
+                .map(|o| self.args.keys.mechanism(o)),
+            requested,
+            max_age: self.args.keys.key_max_age.map(|d| d.as_secs()),
+            revoked,
+            device_ready: self.applied_keys.as_ref() == Some(&rotation::device_keys(&self.keys)),
+            announced,
+            peers: &progress,
+        });
+        if step.state != self.keys {
+            self.key_store.save(&step.state)?;
+            tracing::info!(
+                event = ?step.event,
+                public_key = %step.state.current.public_key(),
+                next = ?step.state.next.as_ref().map(|n| n.key.public_key()),
+                "key state changed"
+            );
+            if let Some(event) = &step.event {
+                self.health.metrics.count_rotation(event);
+            }
+            self.keys = step.state.clone();
+        }
+        self.wake_at = step.wake_at;
+        Ok(step)
+    }
+
+    async fn sync(&mut self, sources: &Sources) {
         let started = Instant::now();
-        let result = match tokio::time::timeout(SYNC_TIMEOUT, self.try_sync(nodes, record)).await {
-            Ok(r) => r,
-            Err(_) => Err(anyhow::anyhow!(
-                "the sync took longer than {SYNC_TIMEOUT:?}"
-            )),
-        };
+        // A pass that changed the device's keys is followed by one that
+        // announces them (peers may move only to a key the device answers).
+        let mut result = Ok(true);
+        for _ in 0..2 {
+            result = match tokio::time::timeout(SYNC_TIMEOUT, self.try_sync(sources)).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow::anyhow!(
+                    "the sync took longer than {SYNC_TIMEOUT:?}"
+                )),
+            };
+            if !matches!(result, Ok(true)) {
+                break;
+            }
+        }
+        let result = result.map(|_| ());
         let m = &self.health.metrics;
         self.needs_sync = result.is_err();
         self.health.mesh.store(result.is_ok(), Ordering::Relaxed);
@@ -450,17 +649,27 @@ impl Agent {
         m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
     }
 
-    /// Gather, decide, apply.
-    async fn try_sync(&mut self, nodes: &Store<Node>, record: &Store<ConfigMap>) -> Result<()> {
+    /// Gather, decide, apply. True when another pass is due at once.
+    async fn try_sync(&mut self, sources: &Sources) -> Result<bool> {
         // Gather.
-        let objects = nodes.state();
-        let blocks = match record.state().first() {
+        let objects = sources.nodes.state();
+        let blocks = match sources.record.state().first() {
             Some(cm) => crate::node_blocks::record_of(cm)?,
             None => Default::default(),
         };
+        let (revoked, errors) = crate::revoked::of(sources.revoked.state().first().map(|c| &**c));
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        if errors != self.revoked_errors {
+            for e in &errors {
+                tracing::warn!(record = %self.args.keys.revoked_keys, error = %e, "skipping a line of the revoked keys");
+            }
+            self.revoked_errors = errors;
+        }
         let snapshot = ClusterSnapshot {
             nodes: objects.iter().map(|n| node_info(n)).collect(),
             blocks,
+            revoked: Arc::new(revoked),
+            now: weft_keys::unix_now(),
         };
         let name = self.local.node_name.clone();
         let me = snapshot
@@ -477,11 +686,12 @@ impl Agent {
             ),
         };
         // Decide.
+        let step = self.rotate(me, &snapshot.revoked.clone(), snapshot.now)?;
         let decision = decide(
             &Inputs {
                 snapshot: &snapshot,
                 local: &self.local,
-                public_key: self.key.public_key(),
+                keys: step.keys.clone(),
                 endpoint_flag: self.args.endpoint,
                 listen_port: self.args.listen_port,
                 pod_cidrs,
@@ -505,8 +715,10 @@ impl Agent {
         let mtu = self.mtu(decision.claim.endpoint, internal_ip).await;
         let outcome = self
             .reconciler
-            .reconcile(desired, &self.key, self.args.listen_port, mtu)
+            .reconcile(desired, &step.device, self.args.listen_port, mtu)
             .await?;
+        let keys_changed = self.applied_keys.as_ref() != Some(&step.device);
+        self.applied_keys = Some(step.device.clone());
         let m = &self.health.metrics;
         m.set_paths(&desired.paths);
         m.count_change("wireguard", outcome.wireguard);
@@ -531,7 +743,11 @@ impl Agent {
         }
         // Only now may pods attach: the node state is what the CNI plugin
         // waits for, and the mesh their traffic needs is in place.
-        self.publish_for_cni(&decision.claim.pod_cidrs, mtu)
+        self.publish_for_cni(&decision.claim.pod_cidrs, mtu)?;
+        Ok(keys_changed
+            || (self.keys.next.is_some()
+                && self.reconciler.overlap().is_some()
+                && step.keys.next.is_none()))
     }
 
     /// Publishes the node state the CNI plugin reads (the plugin attaches

@@ -24,6 +24,21 @@ pub const POD_CIDRS: &str = "weft.dev/pod-cidrs";
 /// it reaches every node). A link is used only if neither end lists the
 /// other, so a node's report can only take away its own links.
 pub const UNREACHABLE: &str = "weft.dev/unreachable";
+/// While the node rotates its key: the key its peers move to. Its old
+/// key stays in [`PUBLIC_KEY`] until every peer has moved (see
+/// docs/security.md, "Key rotation").
+pub const NEXT_PUBLIC_KEY: &str = "weft.dev/next-public-key";
+/// With [`NEXT_PUBLIC_KEY`], from a node whose data plane answers only one
+/// key (kernel WireGuard, wireguard-go): when its peers move and it
+/// switches (RFC 3339). Absent: peers move at once (the node answers both).
+pub const NEXT_KEY_AT: &str = "weft.dev/next-key-at";
+/// With [`NEXT_PUBLIC_KEY`]: the peers not yet on the next key.
+pub const KEY_PENDING: &str = "weft.dev/key-pending";
+/// When the node's current key came into use (RFC 3339): its age.
+pub const KEY_SINCE: &str = "weft.dev/key-since";
+/// Set by an admin (`meshctl keys rotate`), never by meshd: the node
+/// rotates its key if the key is older than this time (RFC 3339).
+pub const ROTATE_REQUESTED: &str = "weft.dev/rotate-requested";
 /// Set by an admin (not by meshd) to override the endpoint a node publishes,
 /// e.g. a public address in front of NAT, or [`NO_ENDPOINT`].
 pub const FORCE_ENDPOINT: &str = "weft.dev/force-endpoint";
@@ -41,6 +56,10 @@ pub const OWNED: &[&str] = &[
     MESH_ADDRESSES,
     POD_CIDRS,
     UNREACHABLE,
+    NEXT_PUBLIC_KEY,
+    NEXT_KEY_AT,
+    KEY_PENDING,
+    KEY_SINCE,
 ];
 
 /// The annotation format this meshd writes.
@@ -75,9 +94,37 @@ pub struct Claim {
     /// (shared: claims are cloned on every decision, and at scale this is
     /// most of a claim).
     pub unreachable: Arc<BTreeSet<String>>,
+    /// When its key came into use (Unix seconds), if it says.
+    pub key_since: Option<u64>,
+    /// A key rotation under way.
+    pub next_key: Option<NextPublicKey>,
+}
+
+/// The key a node is rotating to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextPublicKey {
+    pub key: PublicKey,
+    /// When peers move to it (Unix seconds); `None`: at once.
+    pub at: Option<u64>,
+    /// The peers that have not moved yet, as the node last saw.
+    pub pending: Arc<BTreeSet<String>>,
 }
 
 impl Claim {
+    /// The key peers configure for this node at `now` (Unix seconds): the
+    /// next key once peers are to move to it.
+    pub fn key_at(&self, now: u64) -> PublicKey {
+        match &self.next_key {
+            Some(next) if next.at.is_none_or(|at| at <= now) => next.key,
+            _ => self.public_key,
+        }
+    }
+
+    /// Every key the node holds: no other node may hold any of them.
+    pub fn keys(&self) -> impl Iterator<Item = PublicKey> + '_ {
+        std::iter::once(self.public_key).chain(self.next_key.as_ref().map(|n| n.key))
+    }
+
     /// The prefixes traffic from this node may come from (its WireGuard
     /// allowed IPs): mesh addresses as host routes, and pod CIDRs.
     pub fn prefixes(&self) -> impl Iterator<Item = IpNet> + '_ {
@@ -105,6 +152,13 @@ pub enum Rejection {
     MeshAddressOutsideRange(IpAddr),
     BadPodCidr(String),
     BadUnreachable(String),
+    /// A key-rotation annotation that is malformed or inconsistent.
+    BadRotation {
+        annotation: &'static str,
+        why: String,
+    },
+    /// The node holds a key an admin revoked (`meshctl keys revoke`).
+    Revoked(PublicKey),
     PodCidrOverlapsMesh(IpNet),
     PodCidrOutsideCluster(IpNet),
     /// Not within the node's `spec.podCIDRs` or, without them, the blocks
@@ -140,6 +194,8 @@ impl Rejection {
             | Self::PodCidrTooLarge(_) => "bad_pod_cidr",
             Self::PodCidrNotAssigned { .. } => "pod_cidr_not_assigned",
             Self::BadUnreachable(_) => "bad_unreachable",
+            Self::BadRotation { .. } => "bad_rotation",
+            Self::Revoked(_) => "revoked_key",
             Self::Conflict { .. } => "conflict",
         }
     }
@@ -166,6 +222,11 @@ impl fmt::Display for Rejection {
             ),
             Self::BadPodCidr(e) => write!(f, "{POD_CIDRS}: {e}"),
             Self::BadUnreachable(e) => write!(f, "{UNREACHABLE}: {e}"),
+            Self::BadRotation { annotation, why } => write!(f, "{annotation}: {why}"),
+            Self::Revoked(key) => write!(
+                f,
+                "holds the revoked key {key} (the node must rotate to rejoin)"
+            ),
             Self::PodCidrOverlapsMesh(c) => {
                 write!(f, "{POD_CIDRS}: {c} overlaps the cluster's mesh range")
             }
@@ -196,7 +257,7 @@ impl fmt::Display for Rejection {
 
 /// The longest value `key` may have.
 fn max_len(key: &str) -> usize {
-    if key == UNREACHABLE {
+    if key == UNREACHABLE || key == KEY_PENDING {
         MAX_UNREACHABLE_LEN
     } else {
         MAX_VALUE_LEN
@@ -228,31 +289,94 @@ pub fn dns_subdomain(s: &str) -> bool {
 /// A node's link state: names only, no duplicates, not itself. Names of
 /// nodes that do not exist are kept (and match nothing).
 pub fn unreachable(node: &NodeInfo) -> Result<BTreeSet<String>, Rejection> {
-    let Some(v) = node.annotations.get(UNREACHABLE) else {
+    names(node, UNREACHABLE).map_err(Rejection::BadUnreachable)
+}
+
+/// A list of other nodes' names in annotation `key` (absent: none).
+fn names(node: &NodeInfo, key: &str) -> Result<BTreeSet<String>, String> {
+    let Some(v) = node.annotations.get(key) else {
         return Ok(BTreeSet::new());
     };
     let mut names: Vec<&str> = Vec::new();
     for name in list(v) {
         if !dns_subdomain(name) {
-            return Err(Rejection::BadUnreachable(format!(
+            return Err(format!(
                 "{:?} is not a node name",
                 name.chars().take(64).collect::<String>()
-            )));
+            ));
         }
         if name == node.name {
-            return Err(Rejection::BadUnreachable("lists the node itself".into()));
+            return Err("lists the node itself".into());
         }
         names.push(name);
     }
     // Sorted first, so the set is built in bulk (meshd writes it sorted).
     names.sort_unstable();
     if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-        return Err(Rejection::BadUnreachable(format!(
-            "{} is listed twice",
-            w[0]
-        )));
+        return Err(format!("{} is listed twice", w[0]));
     }
     Ok(names.into_iter().map(String::from).collect())
+}
+
+/// A time as meshd writes one: RFC 3339, UTC, whole seconds.
+pub fn render_time(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
+        .to_string()
+}
+
+/// Reads an RFC 3339 time (as [`render_time`] writes it) as Unix seconds.
+pub fn parse_time(text: &str) -> Result<u64, String> {
+    let t = humantime::parse_rfc3339(text.trim()).map_err(|e| {
+        format!(
+            "{:?}: {e} (expected RFC 3339, e.g. 2026-12-02T12:00:00Z)",
+            text.chars().take(40).collect::<String>()
+        )
+    })?;
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .map_err(|_| "before 1970".to_string())
+}
+
+/// The rotation annotations: the next key, when peers move to it, who has
+/// not moved yet, and the current key's age.
+fn rotation(
+    node: &NodeInfo,
+    public_key: PublicKey,
+) -> Result<(Option<u64>, Option<NextPublicKey>), Rejection> {
+    let bad = |annotation, why: String| Rejection::BadRotation { annotation, why };
+    let time = |key: &'static str| {
+        node.annotations
+            .get(key)
+            .map(|v| parse_time(v).map_err(|why| bad(key, why)))
+            .transpose()
+    };
+    let since = time(KEY_SINCE)?;
+    let at = time(NEXT_KEY_AT)?;
+    let pending = names(node, KEY_PENDING).map_err(|why| bad(KEY_PENDING, why))?;
+    let Some(next) = node.annotations.get(NEXT_PUBLIC_KEY) else {
+        if at.is_some() || !pending.is_empty() {
+            return Err(bad(
+                NEXT_PUBLIC_KEY,
+                format!("missing, but {NEXT_KEY_AT} or {KEY_PENDING} is set"),
+            ));
+        }
+        return Ok((since, None));
+    };
+    let key: PublicKey = next
+        .trim()
+        .parse()
+        .map_err(|e: weft_keys::KeyParseError| bad(NEXT_PUBLIC_KEY, e.to_string()))?;
+    if key == public_key {
+        return Err(bad(NEXT_PUBLIC_KEY, format!("is the same as {PUBLIC_KEY}")));
+    }
+    Ok((
+        since,
+        Some(NextPublicKey {
+            key,
+            at,
+            pending: Arc::new(pending),
+        }),
+    ))
 }
 
 fn list(v: &str) -> impl Iterator<Item = &str> {
@@ -385,12 +509,15 @@ pub fn parse(
     pod_cidrs.sort();
     pod_cidrs.dedup();
     mesh_addresses.sort();
+    let (key_since, next_key) = rotation(node, public_key)?;
     Ok(Some(Claim {
         public_key,
         endpoint,
         mesh_addresses,
         pod_cidrs,
         unreachable: Arc::new(unreachable(node)?),
+        key_since,
+        next_key,
     }))
 }
 
@@ -400,16 +527,6 @@ pub fn parse(
 /// of the links left out still report them).
 pub fn render(claim: &Claim) -> BTreeMap<String, String> {
     let join = |items: Vec<String>| items.join(",");
-    let mut unreachable = String::new();
-    for name in claim.unreachable.iter() {
-        if unreachable.len() + name.len() + 1 > MAX_UNREACHABLE_LEN {
-            break;
-        }
-        if !unreachable.is_empty() {
-            unreachable.push(',');
-        }
-        unreachable.push_str(name);
-    }
     let mut rendered = BTreeMap::from([
         (VERSION.to_string(), FORMAT_VERSION.to_string()),
         (PUBLIC_KEY.to_string(), claim.public_key.to_string()),
@@ -431,10 +548,41 @@ pub fn render(claim: &Claim) -> BTreeMap<String, String> {
     if let Some(endpoint) = claim.endpoint {
         rendered.insert(ENDPOINT.to_string(), endpoint.to_string());
     }
-    if !unreachable.is_empty() {
-        rendered.insert(UNREACHABLE.to_string(), unreachable);
+    let mut lists = vec![(UNREACHABLE, &claim.unreachable)];
+    if let Some(since) = claim.key_since {
+        rendered.insert(KEY_SINCE.to_string(), render_time(since));
+    }
+    if let Some(next) = &claim.next_key {
+        rendered.insert(NEXT_PUBLIC_KEY.to_string(), next.key.to_string());
+        if let Some(at) = next.at {
+            rendered.insert(NEXT_KEY_AT.to_string(), render_time(at));
+        }
+        lists.push((KEY_PENDING, &next.pending));
+    }
+    for (key, names) in lists {
+        let joined = join_names(names);
+        if !joined.is_empty() {
+            rendered.insert(key.to_string(), joined);
+        }
     }
     rendered
+}
+
+/// Node names joined with commas, cut at a name before
+/// [`MAX_UNREACHABLE_LEN`] (the far ends of the links left out still
+/// report them).
+fn join_names(names: &BTreeSet<String>) -> String {
+    let mut joined = String::new();
+    for name in names {
+        if joined.len() + name.len() + 1 > MAX_UNREACHABLE_LEN {
+            break;
+        }
+        if !joined.is_empty() {
+            joined.push(',');
+        }
+        joined.push_str(name);
+    }
+    joined
 }
 
 /// The merge patch taking `current` to `desired` for the keys meshd owns,
@@ -496,6 +644,8 @@ mod tests {
                 "fd98:19:0:1::/64".parse().unwrap(),
             ],
             unreachable: Default::default(),
+            key_since: None,
+            next_key: None,
         }
     }
 
@@ -562,6 +712,41 @@ mod tests {
 
     fn set(n: &mut NodeInfo, k: &str, v: &str) {
         n.annotations.insert(k.into(), v.into());
+    }
+
+    #[test]
+    fn a_rotation_round_trips_and_bad_rotation_annotations_are_named() {
+        let mut c = claim();
+        c.key_since = Some(1_764_676_800);
+        c.next_key = Some(NextPublicKey {
+            key: PrivateKey::generate().public_key(),
+            at: Some(1_764_676_805),
+            pending: Arc::new(BTreeSet::from(["node-2".to_string()])),
+        });
+        let n = node_with(&c);
+        assert_eq!(n.annotations[KEY_SINCE], "2025-12-02T12:00:00Z");
+        assert_eq!(check(&n), Ok(Some(c.clone())));
+        let own = c.public_key.to_string();
+        for (key, value, field) in [
+            (NEXT_PUBLIC_KEY, "short", NEXT_PUBLIC_KEY),
+            (NEXT_PUBLIC_KEY, own.as_str(), NEXT_PUBLIC_KEY),
+            (NEXT_KEY_AT, "tomorrow", NEXT_KEY_AT),
+            (KEY_SINCE, "1764676800", KEY_SINCE),
+            (KEY_PENDING, "n", KEY_PENDING),
+            (KEY_PENDING, "Not_A_Name", KEY_PENDING),
+        ] {
+            let mut bad = node_with(&c);
+            set(&mut bad, key, value);
+            let err = check(&bad).unwrap_err();
+            assert!(
+                matches!(&err, Rejection::BadRotation { annotation, .. } if *annotation == field),
+                "{key}={value}: {err}"
+            );
+            assert!(err.to_string().starts_with(field), "{err}");
+        }
+        let mut orphan = node_with(&claim());
+        set(&mut orphan, NEXT_KEY_AT, "2026-12-02T12:00:00Z");
+        assert!(check(&orphan).unwrap_err().to_string().contains("missing"));
     }
 
     #[test]

@@ -7,18 +7,19 @@
 use std::net::SocketAddr;
 
 use ipnet::IpNet;
-use weft_keys::PublicKey;
 
 use crate::annotations::{self, Claim};
 use crate::model::{ClusterSnapshot, DesiredNode, LocalConfig};
-use crate::planner::{judge_parsed, own_claim, own_endpoint, plan_judged, OwnError, ParseMemo};
+use crate::planner::{
+    judge_parsed, own_claim, own_endpoint, plan_judged, OwnError, OwnKeys, ParseMemo,
+};
 
 /// Everything a sync decides from.
 #[derive(Debug, Clone)]
 pub struct Inputs<'a> {
     pub snapshot: &'a ClusterSnapshot,
     pub local: &'a LocalConfig,
-    pub public_key: PublicKey,
+    pub keys: OwnKeys,
     /// `--endpoint`, if given.
     pub endpoint_flag: Option<SocketAddr>,
     pub listen_port: u16,
@@ -43,7 +44,7 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
     let Inputs {
         snapshot,
         local,
-        public_key,
+        keys,
         endpoint_flag,
         listen_port,
         pod_cidrs,
@@ -56,17 +57,20 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
     let endpoint = own_endpoint(me, *endpoint_flag, *listen_port, &local.ranges)?;
     // Every node's annotations are parsed once, for the claim and the verdicts.
     let mut parsed = memo.parse_all(snapshot, &local.ranges);
-    let claim = own_claim(&parsed, local, *public_key, endpoint, pod_cidrs.clone())?;
+    let claim = own_claim(&parsed, local, keys, endpoint, pod_cidrs.clone())?;
     let published = annotations::render(&claim);
     let patch = annotations::patch(&me.annotations, &published);
     // Plan with what is being published rather than wait for its echo.
+    // (Owned annotations no longer published are gone from it too.)
     let mut mine = me.clone();
+    mine.annotations
+        .retain(|k, _| !annotations::OWNED.contains(&k.as_str()));
     mine.annotations.extend(published);
     let own = annotations::parse(&mine, &local.ranges, &snapshot.assigned(me));
     if let Some(entry) = parsed.iter_mut().find(|(n, _)| n.name == local.node_name) {
         entry.1 = own;
     }
-    let verdicts = judge_parsed(parsed);
+    let verdicts = judge_parsed(parsed, &snapshot.revoked);
     Ok(Decision {
         patch,
         desired: plan_judged(snapshot, local, verdicts),
@@ -93,8 +97,8 @@ mod tests {
         }
     }
 
-    fn key(k: u8) -> PublicKey {
-        PublicKey::from_bytes([k; 32])
+    fn key(k: u8) -> weft_keys::PublicKey {
+        weft_keys::PublicKey::from_bytes([k; 32])
     }
 
     fn local() -> LocalConfig {
@@ -105,7 +109,7 @@ mod tests {
         Inputs {
             snapshot,
             local,
-            public_key: key(1),
+            keys: crate::planner::OwnKeys::steady(key(1), 0),
             endpoint_flag: None,
             listen_port: 51820,
             pod_cidrs: vec!["198.19.1.0/24".parse().unwrap()],
@@ -120,6 +124,8 @@ mod tests {
             mesh_addresses: vec!["198.18.128.2".parse().unwrap()],
             pod_cidrs: vec!["198.19.2.0/24".parse().unwrap()],
             unreachable: Default::default(),
+            key_since: None,
+            next_key: None,
         };
         node(2, render(&claim))
     }
@@ -129,6 +135,7 @@ mod tests {
         let snap = ClusterSnapshot {
             nodes: vec![node(1, BTreeMap::new()), peer()],
             blocks: Default::default(),
+            ..Default::default()
         };
         let l = local();
         let d = decide(&inputs(&snap, &l), &mut ParseMemo::default()).unwrap();
@@ -147,16 +154,69 @@ mod tests {
             let snap = ClusterSnapshot {
                 nodes: vec![node(1, BTreeMap::new()), peer()],
                 blocks: Default::default(),
+                ..Default::default()
             };
             decide(&inputs(&snap, &l), &mut ParseMemo::default()).unwrap()
         };
         let snap = ClusterSnapshot {
             nodes: vec![node(1, render(&first.claim)), peer()],
             blocks: Default::default(),
+            ..Default::default()
         };
         let again = decide(&inputs(&snap, &l), &mut ParseMemo::default()).unwrap();
         assert_eq!(again.patch, None);
         assert_eq!(again.desired, first.desired);
+    }
+
+    /// A rotation finishing: the Node still carries the next key (now the
+    /// key) in `next-public-key`; the node plans with what it publishes,
+    /// which drops it, so its own claim stays valid throughout.
+    #[test]
+    fn a_finished_rotation_plans_without_the_stale_next_key() {
+        use crate::annotations::NextPublicKey;
+        let l = local();
+        let empty = ClusterSnapshot::default();
+        let rotating = Inputs {
+            keys: crate::planner::OwnKeys {
+                next: Some(NextPublicKey {
+                    key: key(7),
+                    at: None,
+                    pending: Default::default(),
+                }),
+                ..crate::planner::OwnKeys::steady(key(1), 0)
+            },
+            ..inputs(&empty, &l)
+        };
+        let snap = ClusterSnapshot {
+            nodes: vec![node(1, BTreeMap::new()), peer()],
+            ..Default::default()
+        };
+        let during = decide(
+            &Inputs {
+                snapshot: &snap,
+                ..rotating
+            },
+            &mut ParseMemo::default(),
+        )
+        .unwrap();
+        let snap = ClusterSnapshot {
+            nodes: vec![node(1, render(&during.claim)), peer()],
+            ..Default::default()
+        };
+        let finished = Inputs {
+            snapshot: &snap,
+            keys: crate::planner::OwnKeys::steady(key(7), 5),
+            ..inputs(&snap, &l)
+        };
+        let d = decide(&finished, &mut ParseMemo::default()).unwrap();
+        assert!(
+            matches!(d.desired.verdicts["node-1"], Verdict::Accepted(_)),
+            "{:?}",
+            d.desired.verdicts["node-1"]
+        );
+        assert_eq!(d.desired.addresses.len(), 2);
+        let patch = d.patch.expect("the rotation's end is published");
+        assert!(patch["metadata"]["annotations"][crate::annotations::NEXT_PUBLIC_KEY].is_null());
     }
 
     #[test]
@@ -183,6 +243,7 @@ mod tests {
             let snap = ClusterSnapshot {
                 nodes,
                 blocks: Default::default(),
+                ..Default::default()
             };
             let err = decide(&inputs(&snap, &l), &mut ParseMemo::default())
                 .unwrap_err()

@@ -9,6 +9,7 @@ use std::fmt::Write;
 use ipnet::IpNet;
 use serde::Serialize;
 
+use crate::annotations::{parse_time, ROTATE_REQUESTED};
 use crate::model::{
     ClusterRanges, ClusterSnapshot, Hop, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
 };
@@ -104,6 +105,27 @@ pub struct GraphNode {
     pub may_relay: bool,
     /// The nodes it reports it cannot reach (its link state).
     pub unreachable: Vec<String>,
+    /// When its key came into use (Unix seconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_since: Option<u64>,
+    /// A key rotation under way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_key: Option<GraphNextKey>,
+    /// An admin's rotation request (Unix seconds), if its key is older.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotate_requested: Option<u64>,
+}
+
+/// A node's next key, as it announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GraphNextKey {
+    pub public_key: String,
+    /// When peers move to it (Unix seconds); absent: at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at: Option<u64>,
+    /// The peers that have not moved yet.
+    pub pending: Vec<String>,
 }
 
 /// A pair of accepted nodes whose direct link is down, and their path.
@@ -161,6 +183,23 @@ impl MeshGraph {
                     unreachable: claim
                         .map(|c| c.unreachable.iter().cloned().collect())
                         .unwrap_or_default(),
+                    key_since: claim.and_then(|c| c.key_since),
+                    next_key: claim
+                        .and_then(|c| c.next_key.as_ref())
+                        .map(|next| GraphNextKey {
+                            public_key: next.key.to_string(),
+                            at: next.at,
+                            pending: next.pending.iter().cloned().collect(),
+                        }),
+                    rotate_requested: n
+                        .annotations
+                        .get(ROTATE_REQUESTED)
+                        .and_then(|v| parse_time(v).ok())
+                        .filter(|r| {
+                            claim
+                                .and_then(|c| c.key_since)
+                                .is_none_or(|since| *r > since)
+                        }),
                 }
             })
             .collect();
@@ -297,6 +336,8 @@ mod tests {
                     .map(|s| s.to_string())
                     .collect::<BTreeSet<_>>(),
             ),
+            key_since: None,
+            next_key: None,
         };
         NodeInfo {
             name: format!("node-{i}"),
@@ -323,6 +364,7 @@ mod tests {
         let snap = ClusterSnapshot {
             nodes: vec![node(1, &["node-3"]), node(2, &[]), node(3, &[]), pending],
             blocks: Default::default(),
+            ..Default::default()
         };
         let g = MeshGraph::of(&snap, &settings());
         assert_eq!(

@@ -25,5 +25,7 @@ pub mod planner;
 pub mod policy;
 pub mod reconcile;
 pub mod report;
+pub mod revoked;
+pub mod rotation;
 pub mod table;
 pub mod uninstall;

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub excluded: Family<ReasonLabels, Gauge>,
     pub api_writes: Family<KindLabels, Counter>,
     pub dataplane_starts: Counter,
+    pub key_events: Family<KindLabels, Counter>,
     pub policy_revision: Gauge,
     pub policy_drops: Family<PolicyLabels, Counter>,
     pub policy_elements: Gauge,
@@ -82,6 +83,7 @@ impl Default for Metrics {
             excluded: Family::default(),
             api_writes: Family::default(),
             dataplane_starts: Counter::default(),
+            key_events: Family::default(),
             policy_revision: Gauge::default(),
             policy_drops: Family::default(),
             policy_elements: Gauge::default(),
@@ -111,6 +113,11 @@ impl Default for Metrics {
             "peer_tx_bytes",
             "Bytes sent to a peer, as the data plane reports",
             m.tx_bytes.clone(),
+        );
+        registry.register(
+            "key_events",
+            "Key rotation steps: started, finished, timed_out (the overlap ran out), replaced_revoked",
+            m.key_events.clone(),
         );
         registry.register("reconciles", "Reconcile passes", m.reconciles.clone());
         registry.register(
@@ -206,6 +213,19 @@ impl Metrics {
                 .get_or_create(&HopLabels { hop: hop.into() })
                 .set(n as i64);
         }
+    }
+
+    pub fn count_rotation(&self, event: &crate::rotation::Event) {
+        use crate::rotation::Event;
+        let kind = match event {
+            Event::Started { .. } => "started",
+            Event::Finished => "finished",
+            Event::TimedOut { .. } => "timed_out",
+            Event::Replaced { .. } => "replaced_revoked",
+        };
+        self.key_events
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
     }
 
     pub fn count_write(&self, kind: &str) {

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use weft_keys::PublicKey;
@@ -140,6 +141,12 @@ pub enum Hop {
 pub struct ClusterSnapshot {
     pub nodes: Vec<NodeInfo>,
     pub blocks: BlockRecord,
+    /// Keys an admin revoked: a node holding one is out, whatever else
+    /// it claims.
+    pub revoked: Arc<BTreeSet<PublicKey>>,
+    /// When the snapshot was taken (Unix seconds): the time a scheduled
+    /// key switch ([`crate::annotations::NextPublicKey::at`]) is judged at.
+    pub now: u64,
 }
 
 impl ClusterSnapshot {

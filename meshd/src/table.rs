@@ -3,13 +3,21 @@
 //! by meshlab's status.
 
 /// `rows` (the header first) as aligned text, one line each.
-pub fn render<const N: usize>(rows: &[[String; N]]) -> String {
-    let widths: Vec<usize> = (0..N)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+pub fn render<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let columns = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.as_ref().get(i))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {
         let line: Vec<String> = r
+            .as_ref()
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:w$}"))

@@ -179,7 +179,7 @@ mod annotations {
                 }
                 let snapshot = ClusterSnapshot {
                     nodes: nodes.clone(),
-                    blocks: Default::default(),
+                    ..Default::default()
                 };
                 let local = LocalConfig::new(&nodes[0].name, r);
                 let d = plan(&snapshot, &local);

@@ -10,6 +10,8 @@ pub mod offload;
 pub mod uapi;
 mod userspace;
 
+pub use userspace::request;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};

@@ -242,10 +242,24 @@ fn hex32(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// The request that sets (or, with `None`, ends) the rotation overlap.
-pub fn render_previous_key(key: Option<&PrivateKey>) -> String {
-    let bytes = key.map_or([0; 32], PrivateKey::to_bytes);
-    format!("set=1\n{PREVIOUS_PRIVATE_KEY}={}\n\n", hex(&bytes))
+/// The request that sets the device's key and previous key in one step.
+/// The extension comes first: a device that does not know it (wireguard-go)
+/// refuses the request before applying any of it.
+pub fn render_keys(private: &PrivateKey, previous: Option<&PrivateKey>) -> String {
+    let previous = previous.map_or([0; 32], PrivateKey::to_bytes);
+    format!(
+        "set=1\n{PREVIOUS_PRIVATE_KEY}={}\nprivate_key={}\n\n",
+        hex(&previous),
+        hex(&private.to_bytes())
+    )
+}
+
+/// The errno of a reply (`errno=N`), if it has one.
+pub fn reply_errno(reply: &str) -> Option<i32> {
+    reply
+        .lines()
+        .find_map(|l| l.strip_prefix("errno="))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 fn hex(bytes: &[u8; 32]) -> String {

@@ -21,6 +21,31 @@ fn socket_path(iface: &InterfaceName) -> PathBuf {
     Path::new(SOCKET_DIR).join(format!("{}.sock", iface.as_str_lossy()))
 }
 
+/// Sends one raw UAPI request and returns the reply (for Weft's rotation
+/// extension, which wireguard-control cannot send). Bounded: a device that
+/// does not answer within `timeout` is an error.
+pub fn request(iface: &InterfaceName, request: &str, timeout: Duration) -> Result<String> {
+    use std::io::{Read, Write};
+    let path = socket_path(iface);
+    let mut socket =
+        UnixStream::connect(&path).with_context(|| format!("connecting to {}", path.display()))?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.set_write_timeout(Some(timeout))?;
+    socket.write_all(request.as_bytes())?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 256];
+    while !reply.ends_with(b"\n\n") {
+        let n = socket
+            .read(&mut chunk)
+            .with_context(|| format!("reading the reply from {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&chunk[..n]);
+    }
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
 /// A device answers if its socket accepts a connection (a dead process
 /// leaves a socket file that refuses).
 pub fn answering(iface: &InterfaceName) -> bool {

@@ -14,7 +14,7 @@ use weft_keys::PublicKey;
 use ipnet::IpNet;
 
 pub use mesh_address::choose_mesh_address;
-pub use own::{own_claim, own_endpoint, OwnError};
+pub use own::{own_claim, own_endpoint, OwnError, OwnKeys};
 pub use paths::{Links, Member};
 pub use verdict::{judge, judge_pairwise, judge_parsed, parse_all, ParseMemo, Parsed};
 
@@ -93,7 +93,7 @@ pub fn plan_judged(
             Verdict::Accepted(claim) => {
                 slot.insert(name.as_str(), peers.len());
                 peers.push((
-                    claim.public_key,
+                    claim.key_at(snapshot.now),
                     Peer {
                         node: name.clone(),
                         endpoint: claim.endpoint,

@@ -7,7 +7,9 @@ use ipnet::IpNet;
 use weft_keys::PublicKey;
 
 use super::{choose_mesh_address, Parsed};
-use crate::annotations::{endpoint_problem, Claim, FORCE_ENDPOINT, MESH_ADDRESSES, NO_ENDPOINT};
+use crate::annotations::{
+    endpoint_problem, Claim, NextPublicKey, FORCE_ENDPOINT, MESH_ADDRESSES, NO_ENDPOINT,
+};
 use crate::model::{ClusterRanges, LocalConfig, NodeInfo};
 
 /// Why this node cannot say what it claims.
@@ -60,13 +62,34 @@ pub fn own_endpoint(
     }
 }
 
+/// This node's keys as it announces them (the private halves stay in
+/// its key file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnKeys {
+    pub public_key: PublicKey,
+    /// When `public_key` came into use (Unix seconds).
+    pub since: u64,
+    pub next: Option<NextPublicKey>,
+}
+
+impl OwnKeys {
+    /// A key with no rotation under way.
+    pub fn steady(public_key: PublicKey, since: u64) -> Self {
+        Self {
+            public_key,
+            since,
+            next: None,
+        }
+    }
+}
+
 /// This node's claim, given what every node claims (`parsed`) and its pod
 /// CIDRs (`spec.podCIDRs`, or blocks it claimed). Keeps published mesh
 /// addresses unless an older node holds them.
 pub fn own_claim(
     parsed: &[Parsed],
     local: &LocalConfig,
-    public_key: PublicKey,
+    keys: &OwnKeys,
     endpoint: Option<SocketAddr>,
     mut pod_cidrs: Vec<IpNet>,
 ) -> Result<Claim, OwnError> {
@@ -100,11 +123,13 @@ pub fn own_claim(
     }
     pod_cidrs.sort();
     Ok(Claim {
-        public_key,
+        public_key: keys.public_key,
         endpoint,
         mesh_addresses,
         pod_cidrs,
         unreachable: std::sync::Arc::new(local.unreachable.clone()),
+        key_since: Some(keys.since),
+        next_key: keys.next.clone(),
     })
 }
 
@@ -125,7 +150,7 @@ mod tests {
         super::own_claim(
             &parse_all(snap, &local.ranges),
             local,
-            key,
+            &super::OwnKeys::steady(key, 0),
             endpoint,
             pod_cidrs,
         )
@@ -203,6 +228,7 @@ mod tests {
         let snap = ClusterSnapshot {
             nodes: vec![a.clone()],
             blocks: Default::default(),
+            ..Default::default()
         };
         let first = own_claim(&snap, &local("a"), key, ep, cidrs("198.19.1.0/24")).unwrap();
         assert_eq!(first.mesh_addresses.len(), 2);
@@ -220,6 +246,7 @@ mod tests {
         let snap = ClusterSnapshot {
             nodes: vec![a_published.clone(), b],
             blocks: Default::default(),
+            ..Default::default()
         };
         let b_new = own_claim(
             &snap,

@@ -24,6 +24,8 @@ fn node(i: u8, created: i64, key_seed: u8, mesh_host: u8, block: u8, len: u8) ->
         mesh_addresses: vec![format!("198.18.128.{mesh_host}").parse().unwrap()],
         pod_cidrs: vec![pod],
         unreachable: Default::default(),
+        key_since: None,
+        next_key: None,
     };
     NodeInfo {
         name: format!("node-{i}"),
@@ -50,6 +52,7 @@ fn snapshot(nodes: Vec<NodeInfo>) -> ClusterSnapshot {
     ClusterSnapshot {
         nodes,
         blocks: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -494,5 +497,62 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+/// A rotating node's peers configure its next key: at once when it
+/// overlaps, at the announced time when it switches; the old key is
+/// never configured beside it (one entry per node).
+#[test]
+fn peers_move_to_a_next_key_when_it_says() {
+    use crate::annotations::{render_time, NEXT_KEY_AT, NEXT_PUBLIC_KEY};
+    let mut rotating = simple(2);
+    rotating
+        .annotations
+        .insert(NEXT_PUBLIC_KEY.into(), key(9).to_string());
+    let keys_at = |rotating: &NodeInfo, now: u64| -> Vec<PublicKey> {
+        let snap = ClusterSnapshot {
+            now,
+            ..snapshot(vec![simple(1), rotating.clone()])
+        };
+        plan(&snap, &local("node-1")).peers.into_keys().collect()
+    };
+    assert_eq!(keys_at(&rotating, 100), [key(9)]);
+    rotating
+        .annotations
+        .insert(NEXT_KEY_AT.into(), render_time(105));
+    assert_eq!(keys_at(&rotating, 104), [key(2)], "not before its time");
+    assert_eq!(keys_at(&rotating, 105), [key(9)]);
+}
+
+/// A next key is held like a key: another node claiming it (as its key or
+/// its next key) is the later claim and is out; a revoked key, current or
+/// next, puts its holder out before anything else.
+#[test]
+fn next_keys_conflict_and_revoked_keys_are_out() {
+    use crate::annotations::{Rejection, NEXT_PUBLIC_KEY};
+    let mut older = simple(1);
+    older
+        .annotations
+        .insert(NEXT_PUBLIC_KEY.into(), key(3).to_string());
+    let thief = simple(3);
+    let verdicts = judge(&snapshot(vec![older.clone(), thief]), &ClusterRanges::lab());
+    assert!(
+        matches!(&verdicts["node-3"], Verdict::Rejected(Rejection::Conflict { holder, .. }) if holder == "node-1"),
+        "{verdicts:?}"
+    );
+    for revoked in [key(1), key(3)] {
+        let snap = ClusterSnapshot {
+            revoked: std::sync::Arc::new(BTreeSet::from([revoked])),
+            ..snapshot(vec![older.clone(), simple(2)])
+        };
+        let verdicts = judge(&snap, &ClusterRanges::lab());
+        assert_eq!(
+            verdicts["node-1"],
+            Verdict::Rejected(Rejection::Revoked(revoked))
+        );
+        assert!(matches!(verdicts["node-2"], Verdict::Accepted(_)));
+        let d = plan(&snap, &local("node-2"));
+        assert!(d.peers.is_empty(), "no peer entry for a revoked node");
     }
 }

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use weft_keys::PublicKey;
 
 use crate::annotations::{
-    parse, Claim, Rejection, ENDPOINT, MESH_ADDRESSES, POD_CIDRS, PUBLIC_KEY,
+    parse, Claim, Rejection, ENDPOINT, MESH_ADDRESSES, NEXT_PUBLIC_KEY, POD_CIDRS, PUBLIC_KEY,
 };
 use crate::model::{overlap, ClusterRanges, ClusterSnapshot, NodeInfo, Verdict};
 
@@ -87,14 +87,17 @@ impl ParseMemo {
 
 /// Every node's verdict, by name.
 pub fn judge(snapshot: &ClusterSnapshot, ranges: &ClusterRanges) -> BTreeMap<String, Verdict> {
-    judge_parsed(parse_all(snapshot, ranges))
+    judge_parsed(parse_all(snapshot, ranges), &snapshot.revoked)
 }
 
 /// Every node's verdict from its parsed annotations. O(n log n): each
 /// claim is checked against indexes of what older nodes hold, not against
 /// each of them.
-pub fn judge_parsed(parsed: Vec<Parsed>) -> BTreeMap<String, Verdict> {
-    let (mut verdicts, candidates) = candidates(parsed);
+pub fn judge_parsed(
+    parsed: Vec<Parsed>,
+    revoked: &BTreeSet<PublicKey>,
+) -> BTreeMap<String, Verdict> {
+    let (mut verdicts, candidates) = candidates(parsed, revoked);
     let mut taken = Taken::default();
     for (node, claim) in candidates {
         match taken.first_holder(&claim) {
@@ -113,13 +116,28 @@ pub fn judge_parsed(parsed: Vec<Parsed>) -> BTreeMap<String, Verdict> {
 }
 
 /// Valid claims, oldest node first (then by name), and the verdicts of
-/// nodes without one.
-fn candidates(parsed: Vec<Parsed<'_>>) -> (BTreeMap<String, Verdict>, Vec<(&NodeInfo, Claim)>) {
+/// nodes without one. A claim holding a revoked key is out before anything
+/// else is looked at.
+fn candidates<'a>(
+    parsed: Vec<Parsed<'a>>,
+    revoked: &BTreeSet<PublicKey>,
+) -> (BTreeMap<String, Verdict>, Vec<(&'a NodeInfo, Claim)>) {
     let mut verdicts = BTreeMap::new();
     let mut candidates: Vec<(&NodeInfo, Claim)> = Vec::new();
     for (node, parsed) in parsed {
         match parsed {
-            Ok(Some(claim)) => candidates.push((node, claim)),
+            Ok(Some(claim)) => {
+                let revoked_key = claim.keys().find(|k| revoked.contains(k));
+                match revoked_key {
+                    Some(key) => {
+                        verdicts.insert(
+                            node.name.clone(),
+                            Verdict::Rejected(Rejection::Revoked(key)),
+                        );
+                    }
+                    None => candidates.push((node, claim)),
+                }
+            }
             Ok(None) => {
                 verdicts.insert(node.name.clone(), Verdict::Pending);
             }
@@ -157,7 +175,9 @@ fn canonical(e: SocketAddr) -> (IpAddr, u16) {
 impl<'a> Taken<'a> {
     fn insert(&mut self, holder: &'a str, claim: Claim) {
         let i = self.claims.len();
-        self.keys.insert(claim.public_key, i);
+        for key in claim.keys() {
+            self.keys.insert(key, i);
+        }
         if let Some(e) = claim.endpoint {
             self.endpoints.insert(canonical(e), i);
         }
@@ -176,7 +196,7 @@ impl<'a> Taken<'a> {
     /// it with each accepted claim in order would find first.
     fn first_holder(&self, claim: &Claim) -> Option<(&str, &Claim)> {
         let mut hits: Vec<&usize> = Vec::new();
-        hits.extend(self.keys.get(&claim.public_key));
+        hits.extend(claim.keys().filter_map(|k| self.keys.get(&k)));
         hits.extend(
             claim
                 .endpoint
@@ -215,7 +235,7 @@ pub fn judge_pairwise(
     snapshot: &ClusterSnapshot,
     ranges: &ClusterRanges,
 ) -> BTreeMap<String, Verdict> {
-    let (mut verdicts, candidates) = candidates(parse_all(snapshot, ranges));
+    let (mut verdicts, candidates) = candidates(parse_all(snapshot, ranges), &snapshot.revoked);
     let mut taken: Vec<(&str, Claim)> = Vec::new();
     for (node, claim) in candidates {
         match taken
@@ -240,8 +260,13 @@ fn collision(claim: &Claim, held: &Claim, holder: &str) -> Option<Rejection> {
         value,
         holder: holder.to_string(),
     };
-    if claim.public_key == held.public_key {
-        return Some(conflict(PUBLIC_KEY, claim.public_key.to_string()));
+    if let Some(key) = claim.keys().find(|k| held.keys().any(|h| h == *k)) {
+        let field = if key == claim.public_key {
+            PUBLIC_KEY
+        } else {
+            NEXT_PUBLIC_KEY
+        };
+        return Some(conflict(field, key.to_string()));
     }
     if let (Some(e), Some(h)) = (claim.endpoint, held.endpoint) {
         if canonical(e) == canonical(h) {

@@ -11,10 +11,12 @@ use std::time::SystemTime;
 
 use anyhow::{anyhow, Context, Result};
 use ipnet::IpNet;
-use weft_keys::{PrivateKey, PublicKey};
+use weft_keys::PublicKey;
+use wireguard_control::Backend;
 
 use crate::dataplane::{DataPlane, Ensured};
 use crate::model::{DesiredNode, Route};
+use crate::rotation::DeviceKeys;
 use netlink::{set_diff, Netlink};
 
 /// How long one read or write of the WireGuard device may take. The UAPI
@@ -70,21 +72,54 @@ pub struct Reconciler {
     netlink: Netlink,
     /// Endpoints last written per peer (see `wireguard::diff`).
     applied_endpoints: BTreeMap<PublicKey, SocketAddr>,
+    /// The keys last given to a device that takes a previous key.
+    applied_keys: Option<DeviceKeys>,
+    /// Whether the device answers two keys while rotating (Weft's own);
+    /// `None` until asked.
+    overlap: Option<bool>,
 }
 
 impl Reconciler {
     pub fn new(dataplane: DataPlane, netlink: Netlink) -> Self {
+        let overlap = (dataplane.backend() == Backend::Kernel).then_some(false);
         Self {
             dataplane,
             netlink,
             applied_endpoints: BTreeMap::new(),
+            applied_keys: None,
+            overlap,
         }
+    }
+
+    /// Whether the device can overlap two keys (see [`crate::rotation`]);
+    /// `None` before the first pass asked it.
+    pub fn overlap(&self) -> Option<bool> {
+        self.overlap
+    }
+
+    /// Gives a userspace device its key and previous key in one request
+    /// (Weft's extension): one step, so the old key's sessions carry on.
+    /// A device that refuses the extension (wireguard-go) changed nothing
+    /// and gets its key through the standard update instead.
+    async fn set_keys(&mut self, keys: &DeviceKeys) -> Result<()> {
+        let iface = self.dataplane.iface;
+        let request = crate::dataplane::uapi::render_keys(&keys.private, keys.previous.as_ref());
+        let reply = device_call("setting the device's keys", move || {
+            crate::dataplane::request(&iface, &request, DEVICE_TIMEOUT)
+        })
+        .await?;
+        let errno = crate::dataplane::uapi::reply_errno(&reply);
+        self.overlap = Some(errno == Some(0));
+        if errno == Some(0) {
+            self.applied_keys = Some(keys.clone());
+        }
+        Ok(())
     }
 
     pub async fn reconcile(
         &mut self,
         desired: &DesiredNode,
-        key: &PrivateKey,
+        keys: &DeviceKeys,
         listen_port: u16,
         mtu: u32,
     ) -> Result<Outcome> {
@@ -92,15 +127,25 @@ impl Reconciler {
         if self.dataplane.ensure().await? == Ensured::Created {
             outcome.created_device = true;
             self.applied_endpoints.clear();
+            self.applied_keys = None;
         }
         let (iface, backend) = (self.dataplane.iface, self.dataplane.backend());
-        let device = device_call("reading the device", move || {
-            wireguard::read(&iface, backend)
-        })
-        .await?;
+        let read = move || {
+            device_call("reading the device", move || {
+                wireguard::read(&iface, backend)
+            })
+        };
+        let mut device = read().await?;
+        let key_differs = device.private_key.as_ref().map(|k| k.0) != Some(keys.private.to_bytes());
+        let userspace = backend == Backend::Userspace && self.overlap != Some(false);
+        if userspace && (key_differs || self.applied_keys.as_ref() != Some(keys)) {
+            self.set_keys(keys).await?;
+            outcome.wireguard += usize::from(key_differs);
+            device = read().await?;
+        }
         let actual = wireguard::Actual::from_device(&device);
         let changes = wireguard::diff(
-            key,
+            &keys.private,
             listen_port,
             &desired.peers,
             &actual,
@@ -119,7 +164,7 @@ impl Reconciler {
             }
             self.applied_endpoints
                 .retain(|k, _| desired.peers.contains_key(k));
-            outcome.wireguard = changes.count();
+            outcome.wireguard += changes.count();
             outcome.new_peers = changes
                 .upserts
                 .iter()

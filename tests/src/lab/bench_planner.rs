@@ -92,6 +92,8 @@ fn claim(i: usize) -> Claim {
             format!("fd00:10:0:{:x}::/64", i).parse().expect("a CIDR"),
         ],
         unreachable: Default::default(),
+        key_since: None,
+        next_key: None,
     }
 }
 
@@ -125,6 +127,7 @@ fn cluster(n: usize, down: usize) -> ClusterSnapshot {
     ClusterSnapshot {
         nodes,
         blocks: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -186,7 +189,7 @@ pub fn run(
                 &Inputs {
                     snapshot,
                     local: &local,
-                    public_key: me.public_key,
+                    keys: weft_meshd::planner::OwnKeys::steady(me.public_key, 0),
                     endpoint_flag: None,
                     listen_port: 51820,
                     pod_cidrs: me.pod_cidrs.clone(),

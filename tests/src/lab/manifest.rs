@@ -117,11 +117,26 @@ pub fn load(path: &Path) -> Result<Manifests> {
     };
     let daemonset =
         find("DaemonSet")?.with_context(|| format!("{}: no DaemonSet", path.display()))?;
-    let daemonset = serde_json::from_value(daemonset).context("the DaemonSet")?;
-    let config = find("ConfigMap")?
+    // The cluster settings: the ConfigMap the DaemonSet's containers take
+    // their environment from (others, like the revoked keys, are data).
+    let referenced: Vec<&str> = daemonset["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["envFrom"].as_array().into_iter().flatten())
+        .filter_map(|e| e["configMapRef"]["name"].as_str())
+        .collect();
+    let config = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "ConfigMap"
+                && referenced.contains(&o["metadata"]["name"].as_str().unwrap_or_default())
+        })
+        .cloned()
         .map(serde_json::from_value)
         .transpose()
         .context("the ConfigMap")?;
+    let daemonset = serde_json::from_value(daemonset).context("the DaemonSet")?;
     Ok(Manifests {
         objects,
         daemonset,

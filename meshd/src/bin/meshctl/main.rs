@@ -1,5 +1,7 @@
 //! `meshctl`: Weft's admin command line.
 
+mod keys;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -44,6 +46,11 @@ enum Cmd {
         #[command(flatten)]
         source: MeshSource,
     },
+    /// Node keys: status, rotation, revocation.
+    Keys {
+        #[command(subcommand)]
+        action: keys::KeysCmd,
+    },
     /// Shell completion for meshctl: `source <(meshctl completion bash)`.
     Completion {
         #[arg(value_enum)]
@@ -71,6 +78,8 @@ enum GraphFormat {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Output {
     Table,
+    /// The table with more columns.
+    Wide,
     Json,
 }
 
@@ -84,6 +93,9 @@ struct MeshSource {
     /// The block record (NAMESPACE/NAME); absent is empty.
     #[arg(long, default_value = "weft-system/weft-node-blocks")]
     block_record: String,
+    /// The revoked keys (NAMESPACE/NAME); absent is none.
+    #[arg(long, default_value = weft_meshd::revoked::DEFAULT_RECORD)]
+    revoked_keys: String,
 }
 
 #[derive(Subcommand)]
@@ -167,6 +179,12 @@ async fn mesh(kubeconfig: Option<&Path>, source: &MeshSource) -> Result<MeshGrap
         Some(cm) => weft_meshd::node_blocks::record_of(&cm)?,
         None => Default::default(),
     };
+    let (ns, name) = object_ref("--revoked-keys", &source.revoked_keys)?;
+    let record = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .with_context(|| format!("reading ConfigMap {}", source.revoked_keys))?;
+    let (revoked, _) = weft_meshd::revoked::of(record.as_ref());
     let nodes = Api::<Node>::all(client)
         .list(&ListParams::default())
         .await
@@ -174,6 +192,8 @@ async fn mesh(kubeconfig: Option<&Path>, source: &MeshSource) -> Result<MeshGrap
     let snapshot = ClusterSnapshot {
         nodes: nodes.items.iter().map(node_info).collect(),
         blocks,
+        revoked: std::sync::Arc::new(revoked),
+        now: weft_keys::unix_now(),
     };
     Ok(MeshGraph::of(&snapshot, &settings))
 }
@@ -234,8 +254,10 @@ fn status(
     let Some(name) = node else {
         return Ok(match output {
             Output::Json => serde_json::to_string_pretty(&g)? + "\n",
-            Output::Table => {
-                let mut rows = vec![[
+            Output::Table | Output::Wide => {
+                let wide = matches!(output, Output::Wide);
+                let now = weft_keys::unix_now();
+                let mut header = vec![
                     "NODE",
                     "STATE",
                     "ZONE",
@@ -243,12 +265,15 @@ fn status(
                     "KEY",
                     "UNREACHABLE",
                     "PATHS (direct/relayed/none)",
-                ]
-                .map(String::from)];
+                ];
+                if wide {
+                    header.extend(["KEY AGE", "ROTATION"]);
+                }
+                let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
                 for n in &g.nodes {
                     let paths = g.paths_from(&n.name);
                     let count = |f: fn(&Hop) -> bool| paths.values().filter(|h| f(h)).count();
-                    rows.push([
+                    let mut row = vec![
                         n.name.clone(),
                         n.reason
                             .as_ref()
@@ -273,7 +298,15 @@ fn status(
                         } else {
                             "-".into()
                         },
-                    ]);
+                    ];
+                    if wide {
+                        row.push(
+                            n.key_since
+                                .map_or("-".into(), |s| keys::age(now.saturating_sub(s))),
+                        );
+                        row.push(keys::rotation(n, now));
+                    }
+                    rows.push(row);
                 }
                 weft_meshd::table::render(&rows)
             }
@@ -314,7 +347,7 @@ fn status(
                 .collect();
             serde_json::to_string_pretty(&serde_json::json!({"node": me, "peers": peers}))? + "\n"
         }
-        Output::Table => {
+        Output::Table | Output::Wide => {
             let mut rows = vec![["PEER", "PATH", "LINK"].map(String::from)];
             for (peer, hop) in &paths {
                 rows.push([peer.clone(), hop_text(hop), reported_by(peer)]);
@@ -429,6 +462,7 @@ fn main() -> ExitCode {
             max_direct,
             &source,
         )),
+        Cmd::Keys { action } => done(keys::run(cli.kubeconfig.as_deref(), action)),
         Cmd::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "meshctl", &mut std::io::stdout());
