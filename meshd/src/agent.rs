@@ -255,6 +255,8 @@ struct Agent {
     reports: Reports,
     mtu: Option<u32>,
     peer_names: BTreeMap<PublicKey, String>,
+    /// Whether `peer_names` holds a plan of this meshd's.
+    planned: bool,
     needs_sync: bool,
     /// Blocks claimed through the API, and the Nodes there were then.
     claimed: Option<(BTreeSet<String>, Vec<IpNet>)>,
@@ -376,6 +378,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         reports: Reports::default(),
         mtu: None,
         peer_names: BTreeMap::new(),
+        planned: false,
         needs_sync: true,
         claimed: None,
     };
@@ -602,7 +605,9 @@ impl Agent {
             revoked,
             device_ready: self.applied_keys.as_ref() == Some(&rotation::device_keys(&self.keys)),
             announced,
-            peers: &progress,
+            // Known once this meshd has planned (the first sync after a
+            // restart has not).
+            peers: self.planned.then_some(&progress),
         });
         if step.state != self.keys {
             self.key_store.save(&step.state)?;
@@ -710,6 +715,7 @@ impl Agent {
             .iter()
             .map(|(k, p)| (*k, p.node.clone()))
             .collect();
+        self.planned = true;
         self.report(&desired.verdicts, &objects).await;
 
         let mtu = self.mtu(decision.claim.endpoint, internal_ip).await;

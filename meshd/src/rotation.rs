@@ -55,8 +55,9 @@ pub struct Inputs<'a> {
     pub device_ready: bool,
     /// This node's Node already carries the next public key.
     pub announced: bool,
-    /// Every peer, by node name.
-    pub peers: &'a BTreeMap<String, PeerProgress>,
+    /// Every peer, by node name; `None` before this meshd has planned its
+    /// peers (right after a restart): no peer counts as moved then.
+    pub peers: Option<&'a BTreeMap<String, PeerProgress>>,
 }
 
 /// The keys the device should hold.
@@ -157,10 +158,14 @@ pub fn step(inputs: &Inputs) -> Step {
         }
     }
     // The device holds what this state needs (a step that just started or
-    // replaced a key has not been applied yet).
-    let ready = inputs.device_ready && device_keys(&state) == device_keys(inputs.state);
-    let pending: BTreeSet<String> = inputs
-        .peers
+    // replaced a key has not been applied yet). A next key already
+    // announced stays announced: after a restart, the device kept it (the
+    // data plane outlives meshd) or this pass gives it back.
+    let ready = (inputs.device_ready || inputs.announced)
+        && device_keys(&state) == device_keys(inputs.state);
+    let no_peers = BTreeMap::new();
+    let peers = inputs.peers.unwrap_or(&no_peers);
+    let pending: BTreeSet<String> = peers
         .iter()
         .filter(|(_, p)| !(ready && p.moved))
         .map(|(name, _)| name.clone())
@@ -176,10 +181,8 @@ pub fn step(inputs: &Inputs) -> Step {
             // A device that answers one key cannot overlap: switch now.
             (None, Some(Mechanism::Switch { .. })) => Some(Event::Finished),
             (None, overlap) => {
-                let waiting = inputs
-                    .peers
-                    .iter()
-                    .any(|(name, p)| p.up && pending.contains(name));
+                let waiting = inputs.peers.is_none()
+                    || peers.iter().any(|(name, p)| p.up && pending.contains(name));
                 let max = match overlap {
                     Some(Mechanism::Overlap { max_overlap }) => max_overlap,
                     _ => u64::MAX,
@@ -314,7 +317,7 @@ mod tests {
             revoked: &revoked,
             device_ready: c.ready,
             announced: c.announced,
-            peers: &peers,
+            peers: Some(&peers),
         })
     }
 
@@ -461,6 +464,29 @@ mod tests {
                 assert_eq!(s.wake_at, Some(400));
             }
         }
+    }
+
+    /// Right after a restart: the announcement stays out (no flapping of
+    /// the next key for peers), and nothing finishes before the peers are
+    /// known.
+    #[test]
+    fn a_restarted_meshd_keeps_announcing_and_waits_to_know_its_peers() {
+        let state = rotating(100, None);
+        let revoked = BTreeSet::new();
+        let s = step(&Inputs {
+            state: &state,
+            now: 150,
+            mechanism: None,
+            requested: None,
+            max_age: None,
+            revoked: &revoked,
+            device_ready: false,
+            announced: true,
+            peers: None,
+        });
+        assert_eq!(s.event, None);
+        assert!(s.keys.next.is_some(), "the next key stays announced");
+        assert_eq!(s.device.previous, Some(PrivateKey::from_bytes([1; 32])));
     }
 
     #[test]

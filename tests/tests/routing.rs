@@ -88,23 +88,6 @@ fn carrier(lab: &Lab, at: &str, target: &str) -> Option<String> {
         .and_then(|p| p["node"].as_str().map(String::from))
 }
 
-/// meshctl against the lab's API server; its stdout.
-fn meshctl(lab: &Lab, args: &[&str]) -> String {
-    let bin = meshlab::lab::agents::sibling("meshctl").expect("meshctl is built");
-    let out = std::process::Command::new(bin)
-        .arg("--kubeconfig")
-        .arg(lab.kubeconfig())
-        .args(args)
-        .output()
-        .expect("meshctl runs");
-    assert!(
-        out.status.success(),
-        "meshctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn paths(lab: &Lab, at: &str, hop: &str) -> f64 {
     lab.metric(at, &format!("weft_paths{{hop=\"{hop}\"}}"))
 }
@@ -141,14 +124,14 @@ fn a_cut_link_is_routed_through_a_relay_and_back_without_resetting_tcp() {
     assert_hops(&lab, "pod-1-1", "pod-3-1", 61);
     // meshctl, from the API alone, shows the same.
     let graph: serde_json::Value =
-        serde_json::from_str(&meshctl(&lab, &["graph", "--format", "json"])).expect("json");
+        serde_json::from_str(&lab.meshctl(&["graph", "--format", "json"])).expect("json");
     assert_eq!(
         graph["downLinks"],
         serde_json::json!([{"a": "node-1", "b": "node-3", "via": relay}])
     );
-    let svg = meshctl(&lab, &["graph", "--format", "svg"]);
+    let svg = lab.meshctl(&["graph", "--format", "svg"]);
     assert!(svg.contains("<svg") && svg.contains("down, via"), "{svg}");
-    let status = meshctl(&lab, &["status", "node-1"]);
+    let status = lab.meshctl(&["status", "node-1"]);
     assert!(
         status.contains(&format!("node-3  via {relay}")),
         "meshctl status node-1:\n{status}"

@@ -155,6 +155,25 @@ impl Lab {
             .collect()
     }
 
+    /// meshctl against the lab as its admin; panics with stderr on failure.
+    pub fn meshctl(&self, args: &[&str]) -> String {
+        let out = self.meshctl_output(args);
+        assert!(
+            out.status.success(),
+            "meshctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// meshctl against the lab as its admin, bounded.
+    pub fn meshctl_output(&self, args: &[&str]) -> Output {
+        let bin = meshlab::lab::agents::sibling("meshctl").expect("meshctl is built");
+        let mut c = Command::new(bin);
+        c.arg("--kubeconfig").arg(self.kubeconfig()).args(args);
+        run_bounded(c, Duration::from_secs(120))
+    }
+
     pub fn kubeconfig(&self) -> String {
         self.ok(&["kubeconfig"]).trim().to_string()
     }
