@@ -330,6 +330,10 @@ pub struct Peer {
     /// Cryptokey routing: the only source addresses accepted from this peer.
     pub allowed_ips: BTreeSet<IpNet>,
     pub persistent_keepalive: Option<u16>,
+    /// The node's current key, when this entry is its next key (it is
+    /// rotating): a device that can takes the old entry's sessions over
+    /// until the new one has its own.
+    pub replaces: Option<PublicKey>,
 }
 
 /// Where traffic for a prefix goes.

@@ -116,6 +116,11 @@ async fn a_nodes_credentials_write_only_its_own_weft_annotations() {
             json!({"metadata": {"annotations": {"weft.dev/relay": "yes"}}}),
             "only the annotations it owns",
         ),
+        (
+            "an admin's rotation request",
+            json!({"metadata": {"annotations": {"weft.dev/rotate-requested": "2026-12-02T12:00:00Z"}}}),
+            "only the annotations it owns",
+        ),
     ] {
         let (code, message) = refused(nodes.patch("node-1", &pp, &Patch::Merge(patch)).await);
         assert_eq!(code, 403, "{what}");
@@ -136,6 +141,25 @@ async fn a_nodes_credentials_write_only_its_own_weft_annotations() {
     let config_maps: Api<ConfigMap> = Api::namespaced(client(&node1).await, "kube-system");
     let (code, message) = refused(config_maps.get("kube-root-ca.crt").await);
     assert_eq!(code, 403, "{message}");
+    // The revoked keys: read, never written (a node must not un-revoke).
+    let revoked: Api<ConfigMap> = Api::namespaced(client(&node1).await, "weft-system");
+    let mut record = revoked
+        .get("weft-revoked-keys")
+        .await
+        .expect("meshd reads it");
+    record.data = Some(Default::default());
+    let (code, message) = refused(
+        revoked
+            .replace("weft-revoked-keys", &PostParams::default(), &record)
+            .await,
+    );
+    assert_eq!(code, 403, "{message}");
+    let (code, _) = refused(
+        revoked
+            .delete("weft-revoked-keys", &DeleteParams::default())
+            .await,
+    );
+    assert_eq!(code, 403);
 
     // Its own annotations: allowed (meshd puts its endpoint back).
     nodes

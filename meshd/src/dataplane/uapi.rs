@@ -41,6 +41,11 @@ impl UapiError {
 /// it; `wg` and wireguard-go never send it, and `get` never reports it (so
 /// `wg show` and wireguard-control read Weft's device as any other).
 pub const PREVIOUS_PRIVATE_KEY: &str = "weft_previous_private_key";
+/// The peer key of Weft's rotation extension (`weft_successor_of=<old
+/// public key>` in a new peer's section): the new peer is the same node
+/// under its next key, and takes the old peer's sessions over until it has
+/// its own (the old peer is removed in the same request).
+pub const SUCCESSOR_OF: &str = "weft_successor_of";
 
 /// A `set=1` request.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -72,6 +77,8 @@ pub struct PeerRequest {
     pub keepalive: Option<u16>,
     /// In request order: a `replace_allowed_ips` clears what came before.
     pub allowed_ips: Vec<AllowedIp>,
+    /// Weft's extension: the peer this one succeeds (see [`SUCCESSOR_OF`]).
+    pub successor_of: Option<PublicKey>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +125,7 @@ pub fn parse_set(request: &str) -> Result<SetRequest, UapiError> {
                 endpoint: None,
                 keepalive: None,
                 allowed_ips: Vec::new(),
+                successor_of: None,
             });
             continue;
         }
@@ -160,6 +168,9 @@ pub fn parse_set(request: &str) -> Result<SetRequest, UapiError> {
             "allowed_ip" => {
                 let net: IpNet = value.parse().map_err(|_| invalid())?;
                 peer.allowed_ips.push(AllowedIp::Add(net.trunc()));
+            }
+            SUCCESSOR_OF => {
+                peer.successor_of = Some(PublicKey::from_bytes(hex32(value).ok_or_else(invalid)?))
             }
             "protocol_version" if value == "1" => {}
             _ => return Err(invalid()),
@@ -254,6 +265,38 @@ pub fn render_keys(private: &PrivateKey, previous: Option<&PrivateKey>) -> Strin
     )
 }
 
+/// The request moving a node from its entry `old` to `new` (its next key)
+/// in one step: the new entry succeeds the old one (takes its sessions
+/// over, see [`SUCCESSOR_OF`]) with the old entry's prefixes, and the old
+/// entry goes. Only Weft's device takes it.
+pub fn render_successor(
+    new: &PublicKey,
+    old: &PublicKey,
+    endpoint: Option<SocketAddr>,
+    keepalive: Option<u16>,
+    allowed_ips: &[IpNet],
+) -> String {
+    let mut out = format!(
+        "set=1\npublic_key={}\n{SUCCESSOR_OF}={}\n",
+        hex(new.as_bytes()),
+        hex(old.as_bytes())
+    );
+    if let Some(e) = endpoint {
+        let _ = writeln!(out, "endpoint={e}");
+    }
+    let _ = writeln!(
+        out,
+        "persistent_keepalive_interval={}",
+        keepalive.unwrap_or(0)
+    );
+    out.push_str("replace_allowed_ips=true\n");
+    for ip in allowed_ips {
+        let _ = writeln!(out, "allowed_ip={ip}");
+    }
+    let _ = write!(out, "public_key={}\nremove=true\n\n", hex(old.as_bytes()));
+    out
+}
+
 /// The errno of a reply (`errno=N`), if it has one.
 pub fn reply_errno(reply: &str) -> Option<i32> {
     reply
@@ -275,6 +318,50 @@ mod tests {
 
     fn key(c: char) -> String {
         c.to_string().repeat(64)
+    }
+
+    #[test]
+    fn the_rotation_extensions_round_trip() {
+        let (old, new) = (
+            PublicKey::from_bytes([1; 32]),
+            PublicKey::from_bytes([2; 32]),
+        );
+        let text = render_successor(
+            &new,
+            &old,
+            Some("198.18.1.1:51820".parse().unwrap()),
+            Some(10),
+            &["198.19.1.0/24".parse().unwrap()],
+        );
+        let set = parse_set(&text).unwrap();
+        assert_eq!(set.peers.len(), 2);
+        assert_eq!(
+            (set.peers[0].public_key, set.peers[0].successor_of),
+            (new, Some(old))
+        );
+        assert_eq!(
+            set.peers[0].allowed_ips,
+            [
+                AllowedIp::Clear,
+                AllowedIp::Add("198.19.1.0/24".parse().unwrap())
+            ]
+        );
+        assert!(set.peers[1].remove && set.peers[1].public_key == old);
+        let (key, previous) = (
+            PrivateKey::from_bytes([3; 32]),
+            PrivateKey::from_bytes([4; 32]),
+        );
+        let set = parse_set(&render_keys(&key, Some(&previous))).unwrap();
+        assert_eq!(set.private_key, Some(Some(key.clone())));
+        assert_eq!(set.previous_private_key, Some(Some(previous)));
+        let set = parse_set(&render_keys(&key, None)).unwrap();
+        assert_eq!(
+            set.previous_private_key,
+            Some(None),
+            "zeros end the overlap"
+        );
+        assert_eq!(reply_errno("errno=0\n\n"), Some(0));
+        assert_eq!(reply_errno("errno=22\n\n"), Some(22));
     }
 
     #[test]

@@ -92,13 +92,15 @@ pub fn plan_judged(
             }
             Verdict::Accepted(claim) => {
                 slot.insert(name.as_str(), peers.len());
+                let key = claim.key_at(snapshot.now);
                 peers.push((
-                    claim.key_at(snapshot.now),
+                    key,
                     Peer {
                         node: name.clone(),
                         endpoint: claim.endpoint,
                         allowed_ips: BTreeSet::new(),
                         persistent_keepalive: local.persistent_keepalive,
+                        replaces: (key != claim.public_key).then_some(claim.public_key),
                     },
                 ));
             }

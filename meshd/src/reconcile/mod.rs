@@ -97,6 +97,47 @@ impl Reconciler {
         self.overlap
     }
 
+    /// Moves each rotating peer from its old entry to its next key's, the
+    /// new entry taking the old one's sessions over (Weft's extension), so
+    /// the traffic it sends on them is not dropped while the new entry
+    /// handshakes. Returns how many moved.
+    async fn succeed(
+        &mut self,
+        desired: &DesiredNode,
+        actual: &wireguard::Actual,
+    ) -> Result<usize> {
+        let mut moved = 0;
+        for (key, peer) in &desired.peers {
+            let Some(old) = peer.replaces else { continue };
+            if actual.peers.contains_key(key) || !actual.peers.contains_key(&old) {
+                continue;
+            }
+            let allowed: Vec<IpNet> = peer.allowed_ips.iter().copied().collect();
+            let request = crate::dataplane::uapi::render_successor(
+                key,
+                &old,
+                peer.endpoint,
+                peer.persistent_keepalive,
+                &allowed,
+            );
+            let iface = self.dataplane.iface;
+            let reply = device_call("moving a peer to its next key", move || {
+                crate::dataplane::request(&iface, &request, DEVICE_TIMEOUT)
+            })
+            .await?;
+            anyhow::ensure!(
+                crate::dataplane::uapi::reply_errno(&reply) == Some(0),
+                "moving {} to its next key: the device answered {reply:?}",
+                peer.node
+            );
+            if let Some(e) = peer.endpoint {
+                self.applied_endpoints.insert(*key, e);
+            }
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
     /// Gives a userspace device its key and previous key in one request
     /// (Weft's extension): one step, so the old key's sessions carry on.
     /// A device that refuses the extension (wireguard-go) changed nothing
@@ -143,7 +184,14 @@ impl Reconciler {
             outcome.wireguard += usize::from(key_differs);
             device = read().await?;
         }
-        let actual = wireguard::Actual::from_device(&device);
+        let mut actual = wireguard::Actual::from_device(&device);
+        if self.overlap == Some(true) {
+            let moved = self.succeed(desired, &actual).await?;
+            if moved > 0 {
+                outcome.wireguard += moved;
+                actual = wireguard::Actual::from_device(&read().await?);
+            }
+        }
         let changes = wireguard::diff(
             &keys.private,
             listen_port,

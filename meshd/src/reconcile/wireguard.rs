@@ -215,6 +215,7 @@ mod tests {
             endpoint: Some(ep.parse().unwrap()),
             allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
             persistent_keepalive: keepalive,
+            replaces: None,
         }
     }
 

@@ -14,8 +14,8 @@ use meshlab::lab::topology::{
     DEBIAN_WIREGUARD_GO,
 };
 use meshlab::lab::{
-    agents, bench, bench_cni, bench_planner, bench_policy, control, lifecycle, netpol, pods,
-    preflight, status, topology,
+    agents, bench, bench_cni, bench_planner, bench_policy, bench_rotate, control, lifecycle,
+    netpol, pods, preflight, status, topology,
 };
 
 #[derive(Parser)]
@@ -114,6 +114,13 @@ enum BenchCmd {
         /// Time the pairwise verdicts (quadratic) up to this many nodes.
         #[arg(long, default_value_t = 5000)]
         pairwise_up_to: usize,
+    },
+    /// Key rotation under traffic through the node: Weft's overlap vs the
+    /// scheduled switch of one-key devices vs the naive rotation, for one
+    /// node and for every node (rolling).
+    Rotate {
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
     },
     /// NetworkPolicy at scale: compile, full sync, one pod and one policy
     /// change as differences vs whole-table replaces.
@@ -479,6 +486,15 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("meshlab: {step}")
             })?;
             print!("{}", bench_planner::table(&rows));
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Rotate { nodes },
+        } => {
+            anyhow::ensure!(nodes >= 2, "--nodes must be at least 2");
+            let rows =
+                bench_rotate::run(&cli.root, nodes, &mut |step| eprintln!("meshlab: {step}"))?;
+            print!("{}", bench_rotate::table(&rows));
             Ok(())
         }
         Cmd::Metrics { node } => {

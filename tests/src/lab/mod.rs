@@ -11,6 +11,7 @@ pub mod bench;
 pub mod bench_cni;
 pub mod bench_planner;
 pub mod bench_policy;
+pub mod bench_rotate;
 pub mod client;
 pub mod control;
 pub mod lifecycle;

@@ -232,7 +232,14 @@ impl Device {
                 v6.set_mark(next.fwmark)?;
             }
         }
-        let config = self.build(&self.config.load(), &settings, &next);
+        // Weft's rotation extension: new peers that succeed removed ones.
+        let successors: HashMap<PublicKey, PublicKey> = request
+            .peers
+            .iter()
+            .filter(|p| !p.remove)
+            .filter_map(|p| Some((p.public_key, p.successor_of?)))
+            .collect();
+        let config = self.build(&self.config.load(), &settings, &next, &successors);
         self.anonymous.store(Arc::new(
             config
                 .identity
@@ -241,14 +248,39 @@ impl Device {
                 .map(|id| peer::limiter(&id.public))
                 .collect(),
         ));
+        // A keepalive set is due at once (it opens the session): sent now,
+        // not at the next tick, so a peer entry moved to a new key
+        // handshakes within a round trip.
+        let before = self.config.load_full();
+        let fresh: Vec<Arc<Peer>> = config
+            .peers
+            .iter()
+            .filter(|p| !before.by_key.contains_key(&p.public_key))
+            .cloned()
+            .collect();
         self.config.store(Arc::new(config));
         *settings = next;
+        let mut buf = vec![0u8; 256];
+        for peer in fresh {
+            let mut state = peer.lock();
+            if state.keepalive_due(std::time::Instant::now()) {
+                let sent = timers::keepalive_now(&mut state, &self.sockets.load(), &mut buf);
+                drop(state);
+                peer.count_tx(sent);
+            }
+        }
         Ok(())
     }
 
     /// The run-time configuration for `next`, keeping every peer (and its
     /// sessions) that `old` already has.
-    fn build(&self, current: &Config, old: &Settings, next: &Settings) -> Config {
+    fn build(
+        &self,
+        current: &Config,
+        old: &Settings,
+        next: &Settings,
+        successors: &HashMap<PublicKey, PublicKey>,
+    ) -> Config {
         let identity_changed = old.private_key.as_ref().map(PrivateKey::public_key)
             != next.private_key.as_ref().map(PrivateKey::public_key);
         // An identity whose key stays (as the key or as the previous key)
@@ -289,7 +321,18 @@ impl Device {
                     peer.update(old_ps, ps, keys, identity_changed, &mut next_index);
                     peer.clone()
                 }
-                _ => Peer::new(ps, keys, &mut next_index),
+                _ => {
+                    let peer = Peer::new(ps, keys, &mut next_index);
+                    let gone = |k: &PublicKey| !next.peers.iter().any(|p| p.public_key == *k);
+                    if let Some(old) = successors
+                        .get(&ps.public_key)
+                        .filter(|k| gone(k))
+                        .and_then(|k| current.by_key.get(k))
+                    {
+                        peer.succeed(old);
+                    }
+                    peer
+                }
             };
             for index in peer.lock().indices() {
                 config.by_index.insert(index, peer.clone());

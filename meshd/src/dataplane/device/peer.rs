@@ -233,6 +233,20 @@ impl Peer {
         }
     }
 
+    /// Takes over `old`'s sessions (the same node under its previous key):
+    /// they carry traffic until this peer's own tunnel has a session, and
+    /// its roamed endpoint if this peer has none planned.
+    pub fn succeed(&self, old: &Peer) {
+        let mut from = old.lock();
+        let mut to = self.lock();
+        if let Some(tunnel) = from.current.take().filter(Tunnel::has_session) {
+            to.previous = Some(tunnel);
+        }
+        if to.endpoint.is_none() {
+            to.endpoint = from.endpoint;
+        }
+    }
+
     /// When the last handshake completed, since the Unix epoch.
     pub fn last_handshake(&self, now: SystemTime) -> Option<Duration> {
         let s = self.lock();

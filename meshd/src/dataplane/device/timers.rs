@@ -9,10 +9,28 @@ use std::time::{Duration, Instant};
 
 use boringtun::noise::TunnResult;
 
+use super::peer::PeerState;
 use super::sys::Family;
-use super::Device;
+use super::{Device, Sockets};
 
 const TICK: Duration = Duration::from_millis(250);
+
+/// Sends a persistent keepalive through the peer's tunnels: with a session
+/// an empty data packet, without one the handshake that opens it. Returns
+/// the bytes sent.
+pub fn keepalive_now(state: &mut PeerState, sockets: &Sockets, buf: &mut [u8]) -> usize {
+    let Some(to) = state.endpoint.map(|e| Family::of(&e).1) else {
+        return 0;
+    };
+    let mut sent = 0;
+    for tunnel in state.keepalive_tunnels() {
+        if let TunnResult::WriteToNetwork(p) = tunnel.tunn.encapsulate(&[], buf) {
+            sent += p.len();
+            sockets.send_to(p, to);
+        }
+    }
+    sent
+}
 
 pub fn run(device: &Arc<Device>) {
     let mut buf = vec![0u8; 2048];
@@ -46,15 +64,8 @@ pub fn run(device: &Arc<Device>) {
                     }
                 }
             }
-            if let (true, Some(to)) = (keepalive, endpoint) {
-                for tunnel in state.keepalive_tunnels() {
-                    // With a session, an empty data packet; without, the
-                    // handshake that opens one.
-                    if let TunnResult::WriteToNetwork(p) = tunnel.tunn.encapsulate(&[], &mut buf) {
-                        sent += p.len();
-                        sockets.send_to(p, to);
-                    }
-                }
+            if keepalive {
+                sent += keepalive_now(state, &sockets, &mut buf);
             }
             drop(guard);
             peer.count_tx(sent);
