@@ -515,12 +515,8 @@ impl Agent {
                 let readings: Vec<_> = stats
                     .iter()
                     .filter_map(|s| {
-                        let handshake = s
-                            .last_handshake
-                            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                            .map_or(0, |d| d.as_secs());
                         let name = self.peer_names.get(&s.key)?;
-                        Some((name.clone(), (s.rx_bytes, handshake)))
+                        Some((name.clone(), (s.rx_bytes, s.handshake_secs())))
                     })
                     .collect();
                 self.liveness.observe(
@@ -557,13 +553,7 @@ impl Agent {
         let handshakes: BTreeMap<&PublicKey, u64> = self
             .stats
             .iter()
-            .map(|s| {
-                let at = s
-                    .last_handshake
-                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_secs());
-                (&s.key, at)
-            })
+            .map(|s| (&s.key, s.handshake_secs()))
             .collect();
         self.peer_names
             .iter()
@@ -905,6 +895,29 @@ mod tests {
         let mut argv = vec!["meshd", "--node-name", "n"];
         argv.extend_from_slice(extra);
         Cli::parse_from(argv).run
+    }
+
+    /// The kernel's boundary: a device that answers one key (kernel
+    /// WireGuard, wireguard-go: `Reconciler` reports no overlap) switches at
+    /// an announced time; Weft's own overlaps unless told not to.
+    #[test]
+    fn a_one_key_device_switches_and_weft_s_device_overlaps() {
+        let defaults = args(&[]);
+        assert_eq!(
+            defaults.keys.mechanism(false),
+            Mechanism::Switch { lead: 5 }
+        );
+        assert_eq!(
+            defaults.keys.mechanism(true),
+            Mechanism::Overlap { max_overlap: 300 }
+        );
+        let never = args(&["--key-overlap", "never", "--key-switch-lead", "0s"]);
+        assert_eq!(never.keys.mechanism(true), Mechanism::Switch { lead: 0 });
+        let err = Cli::try_parse_from(["meshd", "--node-name", "n", "--key-max-age", "soon"])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("--key-max-age"), "{err}");
     }
 
     #[test]

@@ -190,7 +190,7 @@ pub fn step(inputs: &Inputs) -> Step {
                 let deadline = next.started.saturating_add(max);
                 if ready && inputs.announced && !waiting {
                     Some(Event::Finished)
-                } else if now >= deadline && ready {
+                } else if now >= deadline && ready && inputs.announced {
                     Some(Event::TimedOut {
                         pending: pending.iter().cloned().collect(),
                     })
@@ -464,6 +464,21 @@ mod tests {
                 assert_eq!(s.wake_at, Some(400));
             }
         }
+    }
+
+    /// An overlap whose announcement never got out (the API unreachable)
+    /// does not run out: peers that never saw the next key still need the
+    /// old one.
+    #[test]
+    fn an_unannounced_overlap_does_not_time_out() {
+        let c = Case {
+            announced: false,
+            peers: &[("b", false, true)],
+            ..case(rotating(100, None))
+        };
+        let s = run(c, 1_000);
+        assert_eq!(s.event, None);
+        assert_eq!(s.device.previous, Some(PrivateKey::from_bytes([1; 32])));
     }
 
     /// Right after a restart: the announcement stays out (no flapping of

@@ -16,12 +16,14 @@ use common::{node, pid_of_meshd, signal, wait_for, Lab, Traffic};
 /// How long a rotation may take on a loaded CI machine.
 const ROTATION: Duration = Duration::from_secs(60);
 
-/// Every node's current public key, from its device (`meshlab status`).
+/// Each node's status entry (`meshlab status`).
+fn nodes(lab: &Lab) -> Vec<serde_json::Value> {
+    lab.status()["nodes"].as_array().cloned().expect("nodes")
+}
+
+/// Every node's current public key, from its device.
 fn device_keys(lab: &Lab) -> Vec<String> {
-    let status = lab.status();
-    status["nodes"]
-        .as_array()
-        .expect("nodes")
+    nodes(lab)
         .iter()
         .map(|n| n["publicKey"].as_str().unwrap_or_default().to_string())
         .collect()
@@ -29,10 +31,7 @@ fn device_keys(lab: &Lab) -> Vec<String> {
 
 /// Every key any node's device has configured for a peer.
 fn peer_keys(lab: &Lab) -> BTreeSet<String> {
-    let status = lab.status();
-    status["nodes"]
-        .as_array()
-        .expect("nodes")
+    nodes(lab)
         .iter()
         .flat_map(|n| n["peers"].as_array().cloned().unwrap_or_default())
         .filter_map(|p| p["publicKey"].as_str().map(String::from))

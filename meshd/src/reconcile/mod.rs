@@ -67,6 +67,15 @@ pub struct PeerStats {
     pub tx_bytes: u64,
 }
 
+impl PeerStats {
+    /// The last handshake in Unix seconds; 0 for never.
+    pub fn handshake_secs(&self) -> u64 {
+        self.last_handshake
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs())
+    }
+}
+
 pub struct Reconciler {
     pub dataplane: DataPlane,
     netlink: Netlink,
