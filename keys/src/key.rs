@@ -53,6 +53,13 @@ impl PrivateKey {
         self.0.to_bytes()
     }
 
+    /// The key as a WireGuard device stores and reports it: clamped for
+    /// X25519 (the same key; the kernel and wireguard-go clamp what they are
+    /// given, so a device is compared with this form).
+    pub fn to_clamped_bytes(&self) -> [u8; 32] {
+        clamp(self.0.to_bytes())
+    }
+
     /// The `wg genkey` text form. Handle with care: this is the secret.
     pub fn to_base64(&self) -> String {
         STANDARD.encode(self.0.to_bytes())
@@ -142,6 +149,14 @@ impl FromStr for PublicKey {
         }
         Ok(Self(bytes))
     }
+}
+
+/// X25519 clamping of a private key, as WireGuard devices apply it.
+pub fn clamp(mut b: [u8; 32]) -> [u8; 32] {
+    b[0] &= 248;
+    b[31] &= 127;
+    b[31] |= 64;
+    b
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 mod key;
 mod store;
 
-pub use key::{KeyParseError, PresharedKey, PrivateKey, PublicKey};
+pub use key::{clamp, KeyParseError, PresharedKey, PrivateKey, PublicKey};
 pub use store::{
     unix_now, write_atomic, write_private, KeyState, KeyStore, NextKey, SealingKey, StoreError,
 };

@@ -732,8 +732,11 @@ impl Agent {
                 "applied changes"
             );
         }
-        for key in &outcome.new_peers {
-            if let Some(peer) = desired.peers.get(key) {
+        // New peers, and every peer once this node's key changed (a device
+        // with one key has just dropped its sessions): handshake now, not
+        // when traffic or a keepalive happens to ask.
+        for (key, peer) in &desired.peers {
+            if keys_changed || outcome.new_peers.contains(key) {
                 start_handshake(peer);
             }
         }

@@ -56,8 +56,18 @@ fn annotation(lab: &Lab, name: &str, key: &str) -> Option<String> {
 /// Traffic both ways between pods on node-1 and node-2: (pings lost, pings
 /// sent) per direction, and TCP retransmits; panics if a stream reset.
 fn both_ways(lab: &Lab, seconds: u32, during: impl FnOnce()) -> [(u32, u32, u64); 2] {
-    let there = Traffic::start(lab, "pod-1-1", "pod-2-1", seconds);
-    let back = Traffic::start(lab, "pod-2-1", "pod-1-1", seconds);
+    both_ways_at(lab, seconds, "100M", during)
+}
+
+/// [`both_ways`] with the TCP streams capped at `rate`.
+fn both_ways_at(
+    lab: &Lab,
+    seconds: u32,
+    rate: &str,
+    during: impl FnOnce(),
+) -> [(u32, u32, u64); 2] {
+    let there = Traffic::start_at(lab, "pod-1-1", "pod-2-1", seconds, rate);
+    let back = Traffic::start_at(lab, "pod-2-1", "pod-1-1", seconds, rate);
     during();
     let count = seconds * 20;
     let (lost_there, retr_there) = there.finish();
@@ -278,5 +288,56 @@ fn keys_older_than_the_maximum_age_rotate_on_their_own() {
     assert!(
         lab.metric("node-1", "weft_key_events_total{kind=\"finished\"}") >= 1.0,
         "the rotation is counted"
+    );
+}
+
+/// A node on a one-key data plane (Debian's wireguard-go here, as kernel
+/// WireGuard would be): meshd finds the device refuses the overlap, so the
+/// node announces a switch time and it and every peer switch then. A Weft
+/// node rotating in the same lab has a wireguard-go peer, which replaces
+/// its entry. Traffic through the one-key node (TCP at 10 Mbit/s each way:
+/// Debian's wireguard-go drops packets of its own at 100) loses at most 1
+/// probe in 100 and never resets.
+#[test]
+fn a_one_key_data_plane_switches_at_the_announced_time() {
+    let lab = Lab::up(
+        "t-rotswitch",
+        &[
+            "--nodes",
+            "3",
+            "--pods-per-node",
+            "1",
+            "--wireguard-go",
+            "node-2",
+            "--config",
+            "WEFT_KEY_SWITCH_LEAD=3s",
+        ],
+    );
+    let before = device_keys(&lab);
+    let results = both_ways_at(&lab, 25, "10M", || {
+        std::thread::sleep(Duration::from_secs(3));
+        lab.meshctl(&["keys", "rotate", "node-2", "--no-wait"]);
+        let mut at = None;
+        wait_for("node-2 to announce its switch time", ROTATION, || {
+            at = annotation(&lab, "node-2", "weft.dev/next-key-at");
+            at.is_some()
+        });
+        wait_for("node-2 to switch", ROTATION, || {
+            annotation(&lab, "node-2", "weft.dev/next-public-key").is_none()
+        });
+        lab.meshctl(&["keys", "rotate", "node-1"]);
+    });
+    assert_at_most_one_in_a_hundred(
+        "one-key switch, then a Weft node with a one-key peer",
+        results,
+    );
+    let after = device_keys(&lab);
+    assert_ne!(after[0], before[0], "node-1 rotated");
+    assert_ne!(after[1], before[1], "node-2 rotated");
+    assert_eq!(after[2], before[2]);
+    assert_gone(&lab, &before[..2], &[]);
+    assert_eq!(
+        peer_keys(&lab),
+        after.iter().cloned().collect::<BTreeSet<_>>()
     );
 }

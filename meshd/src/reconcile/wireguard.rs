@@ -103,9 +103,16 @@ pub fn diff(
     actual: &Actual,
     applied: &BTreeMap<PublicKey, SocketAddr>,
 ) -> Changes {
+    // Devices clamp the key they are given (and report it clamped): the
+    // same key either way. Compared raw, a kernel device would be given
+    // its key again on every pass, and the kernel expires every session
+    // when it is (it compares the clamped key it holds with the raw one).
     let key = private_key.to_bytes();
+    let same_key = actual
+        .private_key
+        .is_some_and(|k| weft_keys::clamp(k) == private_key.to_clamped_bytes());
     let mut changes = Changes {
-        private_key: (actual.private_key != Some(key)).then_some(key),
+        private_key: (!same_key).then_some(key),
         listen_port: (actual.listen_port != Some(listen_port)).then_some(listen_port),
         ..Changes::default()
     };
@@ -251,6 +258,21 @@ mod tests {
         assert_eq!(c.upserts[0].keepalive, Some(5));
         let converged = actual_of(&pk, &peers);
         assert!(diff(&pk, 51820, &peers, &converged, &BTreeMap::new()).is_empty());
+    }
+
+    /// The kernel's boundary: kernel WireGuard and wireguard-go report the
+    /// private key clamped. That is the same key: never given again (the
+    /// kernel would expire every session if it were).
+    #[test]
+    fn a_device_reporting_the_clamped_key_has_the_key() {
+        let pk = PrivateKey::from_bytes([0xff; 32]);
+        assert_ne!(pk.to_bytes(), pk.to_clamped_bytes());
+        let mut device = actual_of(&pk, &BTreeMap::new());
+        device.private_key = Some(pk.to_clamped_bytes());
+        assert!(diff(&pk, 51820, &BTreeMap::new(), &device, &BTreeMap::new()).is_empty());
+        device.private_key = Some(PrivateKey::from_bytes([0x11; 32]).to_clamped_bytes());
+        let other = diff(&pk, 51820, &BTreeMap::new(), &device, &BTreeMap::new());
+        assert_eq!(other.private_key, Some(pk.to_bytes()));
     }
 
     #[test]

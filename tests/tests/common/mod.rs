@@ -446,6 +446,13 @@ pub struct Traffic {
 
 impl Traffic {
     pub fn start(lab: &Lab, from: &str, to: &str, seconds: u32) -> Traffic {
+        Traffic::start_at(lab, from, to, seconds, "100M")
+    }
+
+    /// [`Traffic::start`] with the TCP stream capped at `rate` (iperf3's
+    /// `-b`): Debian's wireguard-go drops packets of its own at 100 Mbit/s
+    /// on two busy cores.
+    pub fn start_at(lab: &Lab, from: &str, to: &str, seconds: u32, rate: &str) -> Traffic {
         let (_, _, ips) = lab
             .pods()
             .into_iter()
@@ -458,7 +465,7 @@ impl Traffic {
         std::thread::sleep(Duration::from_millis(500));
         let t = seconds.to_string();
         let client = lab.command(&[
-            "pod", "exec", from, "--", "iperf3", "-J", "-c", &v4, "-t", &t, "-b", "100M",
+            "pod", "exec", from, "--", "iperf3", "-J", "-c", &v4, "-t", &t, "-b", rate,
         ]);
         let client = std::thread::spawn(move || run_bounded(client, limit));
         let count = seconds * 20;
