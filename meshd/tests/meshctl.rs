@@ -16,7 +16,16 @@ fn completion_covers_every_command_and_flag() {
         let out = meshctl(&["completion", shell]);
         assert!(out.status.success(), "{shell}");
         let script = String::from_utf8_lossy(&out.stdout);
-        for word in ["status", "graph", "policy", "kubeconfig", "format"] {
+        for word in [
+            "status",
+            "graph",
+            "policy",
+            "keys",
+            "rotate",
+            "revoke",
+            "kubeconfig",
+            "format",
+        ] {
             assert!(script.contains(word), "{shell} completion lacks {word}");
         }
     }
@@ -39,6 +48,23 @@ fn bad_arguments_name_the_flag() {
         (
             &["status", "-o", "yaml"][..],
             "invalid value 'yaml' for '--output <OUTPUT>'",
+        ),
+        (
+            &["keys", "status", "-o", "yaml"][..],
+            "invalid value 'yaml' for '--output <OUTPUT>'",
+        ),
+        (&["keys", "rotate"][..], "<NODES|--all>"),
+        (
+            &["keys", "rotate", "node-1", "--all"][..],
+            "'[NODES]...' cannot be used with '--all'",
+        ),
+        (
+            &["keys", "rotate", "--all", "--timeout", "soon"][..],
+            "invalid value 'soon' for '--timeout <TIMEOUT>'",
+        ),
+        (
+            &["keys", "revoke", "n", "--revoked-keys", "nons"][..],
+            "--revoked-keys \"nons\": expected NAMESPACE/NAME",
         ),
     ] {
         let out = meshctl(args);

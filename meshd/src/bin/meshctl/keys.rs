@@ -28,9 +28,9 @@ pub enum KeysCmd {
     },
     /// Rotate nodes' keys without interrupting their connections: the
     /// request is recorded on each Node and its meshd carries it out.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["nodes", "all"])))]
     Rotate {
         /// The nodes to rotate (at once).
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
         nodes: Vec<String>,
         /// Every node, one at a time (each finishes before the next starts).
         #[arg(long)]
@@ -68,10 +68,14 @@ pub fn run(kubeconfig: Option<&std::path::Path>, cmd: KeysCmd) -> Result<String>
             let api = Api::<Node>::all(super::client(kubeconfig).await?);
             rotate(&api, nodes, all, *timeout, no_wait).await
         }),
-        KeysCmd::Revoke { node, revoked_keys } => super::block_on(async {
-            let client = super::client(kubeconfig).await?;
-            revoke(client, &node, &revoked_keys).await
-        }),
+        KeysCmd::Revoke { node, revoked_keys } => {
+            // Arguments first: a bad one is named before any cluster is asked.
+            let record = super::object_ref("--revoked-keys", &revoked_keys)?;
+            super::block_on(async {
+                let client = super::client(kubeconfig).await?;
+                revoke(client, &node, record, &revoked_keys).await
+            })
+        }
     }
 }
 
@@ -263,8 +267,12 @@ async fn rotate(
     Ok(out)
 }
 
-async fn revoke(client: kube::Client, name: &str, record: &str) -> Result<String> {
-    let (ns, cm_name) = super::object_ref("--revoked-keys", record)?;
+async fn revoke(
+    client: kube::Client,
+    name: &str,
+    (ns, cm_name): (&str, &str),
+    record: &str,
+) -> Result<String> {
     let node = Api::<Node>::all(client.clone())
         .get(name)
         .await
