@@ -181,12 +181,7 @@ impl KeyArgs {
     }
 
     fn revoked_record(&self) -> Result<(&str, &str)> {
-        self.revoked_keys.split_once('/').with_context(|| {
-            format!(
-                "--revoked-keys {:?}: expected NAMESPACE/NAME",
-                self.revoked_keys
-            )
-        })
+        cluster::object_ref("--revoked-keys", &self.revoked_keys)
     }
 }
 
@@ -487,9 +482,19 @@ impl Agent {
                 return true;
             }
         };
-        let progress_before = self.progress();
-        self.stats = stats.clone();
-        let rotation_moved = self.keys.next.is_some() && self.progress() != progress_before;
+        // While rotating, a peer that moved is news (its annotation and,
+        // once all have, the end of the overlap).
+        let rotation_moved = match self.keys.next {
+            Some(_) => {
+                let before = self.progress();
+                self.stats = stats.clone();
+                self.progress() != before
+            }
+            None => {
+                self.stats = stats.clone();
+                false
+            }
+        };
         let m = &self.health.metrics;
         for family in [&m.rx_bytes, &m.tx_bytes] {
             family.clear();
@@ -646,6 +651,8 @@ impl Agent {
 
     /// Gather, decide, apply. True when another pass is due at once.
     async fn try_sync(&mut self, sources: &Sources) -> Result<bool> {
+        // Whether the device has said if it overlaps two keys (see below).
+        let probed = self.reconciler.overlap().is_some();
         // Gather.
         let objects = sources.nodes.state();
         let blocks = match sources.record.state().first() {
@@ -681,7 +688,7 @@ impl Agent {
             ),
         };
         // Decide.
-        let step = self.rotate(me, &snapshot.revoked.clone(), snapshot.now)?;
+        let step = self.rotate(me, &snapshot.revoked, snapshot.now)?;
         let decision = decide(
             &Inputs {
                 snapshot: &snapshot,
@@ -743,10 +750,10 @@ impl Agent {
         // Only now may pods attach: the node state is what the CNI plugin
         // waits for, and the mesh their traffic needs is in place.
         self.publish_for_cni(&decision.claim.pod_cidrs, mtu)?;
-        Ok(keys_changed
-            || (self.keys.next.is_some()
-                && self.reconciler.overlap().is_some()
-                && step.keys.next.is_none()))
+        // Decided on what this pass changed: keys the device now holds may
+        // be announced, and a mechanism learnt from the device may start
+        // a requested rotation.
+        Ok(keys_changed || (!probed && self.reconciler.overlap().is_some()))
     }
 
     /// Publishes the node state the CNI plugin reads (the plugin attaches

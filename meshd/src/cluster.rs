@@ -72,6 +72,15 @@ pub fn reflect<K: Watched>(
 
 /// A Node as the planner sees it. Malformed control-plane fields (an
 /// unparsable podCIDR or address) are dropped, not fatal.
+/// `NAMESPACE/NAME` given as `flag` (a ConfigMap meshd or meshctl reads),
+/// split; an error names the flag.
+pub fn object_ref<'a>(flag: &str, value: &'a str) -> Result<(&'a str, &'a str)> {
+    value
+        .split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+        .with_context(|| format!("{flag} {value:?}: expected NAMESPACE/NAME"))
+}
+
 pub fn node_info(node: &Node) -> NodeInfo {
     let created = node
         .metadata

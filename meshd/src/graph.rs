@@ -14,6 +14,7 @@ use crate::model::{
     ClusterRanges, ClusterSnapshot, Hop, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
 };
 use crate::planner::{judge, links};
+use crate::rotation::request_pending;
 
 /// The cluster settings every meshd shares (the DaemonSet's ConfigMap).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,11 +196,7 @@ impl MeshGraph {
                         .annotations
                         .get(ROTATE_REQUESTED)
                         .and_then(|v| parse_time(v).ok())
-                        .filter(|r| {
-                            claim
-                                .and_then(|c| c.key_since)
-                                .is_none_or(|since| *r > since)
-                        }),
+                        .filter(|r| request_pending(*r, claim.and_then(|c| c.key_since))),
                 }
             })
             .collect();

@@ -79,12 +79,7 @@ impl BlockArgs {
 
     /// The record's NAMESPACE and NAME.
     pub fn record(&self) -> Result<(&str, &str)> {
-        self.block_record.split_once('/').with_context(|| {
-            format!(
-                "--block-record {:?}: expected NAMESPACE/NAME",
-                self.block_record
-            )
-        })
+        crate::cluster::object_ref("--block-record", &self.block_record)
     }
 }
 

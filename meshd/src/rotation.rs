@@ -112,6 +112,13 @@ pub struct Step {
     pub event: Option<Event>,
 }
 
+/// Whether an admin's rotation request (Unix seconds) is still to be
+/// carried out: it is newer than the key (`since`; a node that does not
+/// say has not).
+pub fn request_pending(requested: u64, since: Option<u64>) -> bool {
+    since.is_none_or(|since| requested > since)
+}
+
 /// The keys the device holds in `state`: while overlapping, the next key
 /// with the current one still answered; before a scheduled switch, the
 /// current key alone.
@@ -141,7 +148,9 @@ pub fn step(inputs: &Inputs) -> Step {
         state = KeyState::generate(now);
         event = Some(Event::Replaced { revoked });
     } else if let (None, Some(mechanism)) = (&state.next, inputs.mechanism) {
-        let requested = inputs.requested.is_some_and(|r| r > state.since);
+        let requested = inputs
+            .requested
+            .is_some_and(|r| request_pending(r, Some(state.since)));
         let aged = inputs
             .max_age
             .is_some_and(|age| now >= state.since.saturating_add(age));

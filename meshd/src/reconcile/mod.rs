@@ -186,8 +186,8 @@ impl Reconciler {
             })
         };
         let mut device = read().await?;
-        let key_differs = device.private_key.as_ref().map(|k| weft_keys::clamp(k.0))
-            != Some(keys.private.to_clamped_bytes());
+        let key_differs =
+            !wireguard::holds(device.private_key.as_ref().map(|k| k.0), &keys.private);
         let userspace = backend == Backend::Userspace && self.overlap != Some(false);
         if userspace && (key_differs || self.applied_keys.as_ref() != Some(keys)) {
             self.set_keys(keys).await?;

@@ -107,12 +107,8 @@ pub fn diff(
     // same key either way. Compared raw, a kernel device would be given
     // its key again on every pass, and the kernel expires every session
     // when it is (it compares the clamped key it holds with the raw one).
-    let key = private_key.to_bytes();
-    let same_key = actual
-        .private_key
-        .is_some_and(|k| weft_keys::clamp(k) == private_key.to_clamped_bytes());
     let mut changes = Changes {
-        private_key: (!same_key).then_some(key),
+        private_key: (!holds(actual.private_key, private_key)).then(|| private_key.to_bytes()),
         listen_port: (actual.listen_port != Some(listen_port)).then_some(listen_port),
         ..Changes::default()
     };
@@ -159,6 +155,12 @@ pub fn diff(
         .copied()
         .collect();
     changes
+}
+
+/// Whether a device reporting `reported` as its private key holds `key`
+/// (devices clamp the key they are given).
+pub fn holds(reported: Option<[u8; 32]>, key: &PrivateKey) -> bool {
+    reported.is_some_and(|k| weft_keys::clamp(k) == key.to_clamped_bytes())
 }
 
 fn wg_key(k: &PublicKey) -> Key {

@@ -70,7 +70,7 @@ pub fn run(kubeconfig: Option<&std::path::Path>, cmd: KeysCmd) -> Result<String>
         }),
         KeysCmd::Revoke { node, revoked_keys } => {
             // Arguments first: a bad one is named before any cluster is asked.
-            let record = super::object_ref("--revoked-keys", &revoked_keys)?;
+            let record = weft_meshd::cluster::object_ref("--revoked-keys", &revoked_keys)?;
             super::block_on(async {
                 let client = super::client(kubeconfig).await?;
                 revoke(client, &node, record, &revoked_keys).await

@@ -12,7 +12,7 @@ use std::io::Write;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, ListParams};
-use weft_meshd::cluster::node_info;
+use weft_meshd::cluster::{node_info, object_ref};
 use weft_meshd::graph::{MeshGraph, MeshSettings};
 use weft_meshd::model::{ClusterSnapshot, Hop};
 use weft_policy::{case, NamespaceInfo, PodInfo, Protocol, Step};
@@ -150,14 +150,6 @@ async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
             .context("no cluster: set --kubeconfig or KUBECONFIG, or run in a cluster")?,
     };
     Ok(kube::Client::try_from(config)?)
-}
-
-/// `NAMESPACE/NAME` of `flag`.
-fn object_ref<'a>(flag: &str, value: &'a str) -> Result<(&'a str, &'a str)> {
-    value
-        .split_once('/')
-        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
-        .with_context(|| format!("{flag} {value:?}: expected NAMESPACE/NAME"))
 }
 
 /// The mesh as the cluster has it now.
