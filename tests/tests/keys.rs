@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use common::{node, pid_of_meshd, signal, wait_for, Lab, Traffic};
@@ -59,6 +60,12 @@ fn both_ways(lab: &Lab, seconds: u32, during: impl FnOnce()) -> [(u32, u32, u64)
     both_ways_at(lab, seconds, "100M", during)
 }
 
+/// Held while traffic is measured: the tests of this file run in parallel
+/// on two cores, and a neighbour's iperf3 starves a data plane into
+/// dropping packets of its own (Debian's wireguard-go most), which would
+/// be counted against the rotation being measured.
+static MEASURING: Mutex<()> = Mutex::new(());
+
 /// [`both_ways`] with the TCP streams capped at `rate`.
 fn both_ways_at(
     lab: &Lab,
@@ -66,6 +73,9 @@ fn both_ways_at(
     rate: &str,
     during: impl FnOnce(),
 ) -> [(u32, u32, u64); 2] {
+    // A test that failed while measuring poisons the lock; the others
+    // still measure.
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     let there = Traffic::start_at(lab, "pod-1-1", "pod-2-1", seconds, rate);
     let back = Traffic::start_at(lab, "pod-2-1", "pod-1-1", seconds, rate);
     during();
