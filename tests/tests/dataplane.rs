@@ -958,3 +958,69 @@ fn a_rotating_device_answers_both_keys_and_loses_nothing() {
     swap(2);
     assert_eq!(net.pings_answered(0, c4, 50, || {}), 50);
 }
+
+/// Two neighbours rotating at once (`meshctl keys rotate node-1 node-2`):
+/// each device answers its previous and next key, and each moves the
+/// other's entry to its next key with `weft_successor_of` (what meshd
+/// sends). The sessions the pair already has were made under both previous
+/// keys, so they sit in the old entry's previous-key tunnel; the new entry
+/// must take them from there. With every handshake dropped on the wire,
+/// only those sessions can carry the pings.
+#[test]
+fn neighbours_rotating_at_once_keep_their_sessions() {
+    let net = Net::new("wdprot2", &[Impl::Weft, Impl::Weft]);
+    let overlay = |i: usize| -> IpAddr { net.sides[i].overlay4.into() };
+    assert_eq!(net.pings_answered(0, overlay(1), 20, || {}), 20);
+
+    // Nothing but data packets (type 4) crosses from here on.
+    for side in &net.sides {
+        in_ns(&side.netns, &["nft", &format!(
+            "add table inet wdpnohs; add chain inet wdpnohs in {{ type filter hook input priority 0; }}; \
+             add rule inet wdpnohs in udp dport {PORT} @th,64,8 != 4 counter drop"
+        )]);
+    }
+    let next = [PrivateKey::generate(), PrivateKey::generate()];
+    for (i, side) in net.sides.iter().enumerate() {
+        let reply = uapi(
+            &net,
+            i,
+            &format!(
+                "set=1\nprivate_key={}\nweft_previous_private_key={}\n\n",
+                hex(&next[i]),
+                hex(&side.key)
+            ),
+        );
+        assert_eq!(reply, "errno=0\n\n");
+    }
+    for (i, j) in [(0, 1), (1, 0)] {
+        let peer = &net.sides[j];
+        let allowed = [
+            ipnet::IpNet::from(IpAddr::from(peer.overlay4)),
+            ipnet::IpNet::from(IpAddr::from(peer.overlay6)),
+        ];
+        let request = weft_meshd::dataplane::uapi::render_successor(
+            &next[j].public_key(),
+            &peer.key.public_key(),
+            Some(SocketAddr::from((peer.underlay, PORT))),
+            // A keepalive each second: each new entry keeps trying to
+            // handshake under the next keys (and is dropped).
+            Some(1),
+            &allowed,
+        );
+        assert_eq!(uapi(&net, i, &request), "errno=0\n\n");
+    }
+    assert_eq!(
+        net.pings_answered(0, overlay(1), 50, || {}),
+        50,
+        "the moved entries lost the sessions both previous keys made"
+    );
+    assert_eq!(net.pings_answered(1, overlay(0), 50, || {}), 50);
+    let dropped = output_in(
+        &net.sides[0].netns,
+        &["nft", "list", "table", "inet", "wdpnohs"],
+    );
+    assert!(
+        !dropped.contains("counter packets 0 "),
+        "no handshake was tried (and dropped): {dropped}"
+    );
+}

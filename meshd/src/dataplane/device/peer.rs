@@ -71,13 +71,16 @@ impl PeerState {
     /// The tunnel to encrypt with: the current one, unless only the
     /// previous has a session yet.
     pub fn sending(&mut self) -> Option<&mut Tunnel> {
-        let use_previous = !self.current.as_ref().is_some_and(Tunnel::has_session)
-            && self.previous.as_ref().is_some_and(Tunnel::has_session);
-        if use_previous {
+        if self.sends_on_previous() {
             self.previous.as_mut()
         } else {
             self.current.as_mut()
         }
+    }
+
+    fn sends_on_previous(&self) -> bool {
+        !self.current.as_ref().is_some_and(Tunnel::has_session)
+            && self.previous.as_ref().is_some_and(Tunnel::has_session)
     }
 
     /// The tunnels a persistent keepalive goes through: the current one,
@@ -235,11 +238,19 @@ impl Peer {
 
     /// Takes over `old`'s sessions (the same node under its previous key):
     /// they carry traffic until this peer's own tunnel has a session, and
-    /// its roamed endpoint if this peer has none planned.
+    /// its roamed endpoint if this peer has none planned. The sessions are
+    /// those `old` sends on: its previous-key tunnel's when this device
+    /// rotates too and the pair has not handshaken under its next key yet
+    /// (two neighbours rotating at once).
     pub fn succeed(&self, old: &Peer) {
         let mut from = old.lock();
         let mut to = self.lock();
-        if let Some(tunnel) = from.current.take().filter(Tunnel::has_session) {
+        let sending = if from.sends_on_previous() {
+            from.previous.take()
+        } else {
+            from.current.take()
+        };
+        if let Some(tunnel) = sending.filter(Tunnel::has_session) {
             to.previous = Some(tunnel);
         }
         if to.endpoint.is_none() {
