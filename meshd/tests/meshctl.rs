@@ -63,6 +63,14 @@ fn bad_arguments_name_the_flag() {
             "invalid value 'soon' for '--timeout <TIMEOUT>'",
         ),
         (
+            &["keys", "rotate", "--all", "--parallel", "0"][..],
+            "invalid value '0' for '--parallel <PARALLEL>'",
+        ),
+        (
+            &["keys", "rotate", "node-1", "--parallel", "2"][..],
+            "'[NODES]...' cannot be used with '--parallel <PARALLEL>'",
+        ),
+        (
             &["keys", "revoke", "n", "--revoked-keys", "nons"][..],
             "--revoked-keys \"nons\": expected NAMESPACE/NAME",
         ),

@@ -90,9 +90,14 @@ pub fn run(root: &Path, nodes: usize, progress: &mut dyn FnMut(&str)) -> Result<
             let target = server.ips[0].clone();
             let kubeconfig = dir.kubeconfig();
             let mut out = Vec::new();
+            let all_at_once = nodes.to_string();
             for (scope, args) in [
                 ("node-1".to_string(), vec!["node-1"]),
                 (format!("all {nodes}, rolling"), vec!["--all"]),
+                (
+                    format!("all {nodes} at once"),
+                    vec!["--all", "--parallel", &all_at_once],
+                ),
             ] {
                 progress(&format!("{mechanism}: rotating {scope}"));
                 let measured = measure(&client.netns, &server.netns, &target, || {

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
@@ -32,9 +33,14 @@ pub enum KeysCmd {
     Rotate {
         /// The nodes to rotate (at once).
         nodes: Vec<String>,
-        /// Every node, one at a time (each finishes before the next starts).
+        /// Every node, rolling: at most --parallel at a time, each next one
+        /// started when one finishes.
         #[arg(long)]
         all: bool,
+        /// With --all: how many nodes rotate at once. Each rotating node
+        /// costs its peers one more entry and a handshake, nothing more.
+        #[arg(long, default_value = "1", conflicts_with = "nodes", value_parser = clap::value_parser!(u16).range(1..))]
+        parallel: u16,
         /// How long to wait for each node to finish.
         #[arg(long, default_value = "5m")]
         timeout: humantime::Duration,
@@ -62,11 +68,19 @@ pub fn run(kubeconfig: Option<&std::path::Path>, cmd: KeysCmd) -> Result<String>
         KeysCmd::Rotate {
             nodes,
             all,
+            parallel,
             timeout,
             no_wait,
         } => super::block_on(async {
             let api = Api::<Node>::all(super::client(kubeconfig).await?);
-            rotate(&api, nodes, all, *timeout, no_wait).await
+            let how = match (all, no_wait) {
+                (true, _) => Rollout::Rolling {
+                    parallel: usize::from(parallel),
+                },
+                (false, true) => Rollout::Request,
+                (false, false) => Rollout::Together,
+            };
+            rotate(&api, nodes, how, *timeout).await
         }),
         KeysCmd::Revoke { node, revoked_keys } => {
             // Arguments first: a bad one is named before any cluster is asked.
@@ -218,14 +232,24 @@ async fn finished(api: &Api<Node>, name: &str, at: u64, timeout: Duration) -> Re
     }
 }
 
+/// How the nodes of one `keys rotate` go.
+enum Rollout {
+    /// Every node's request recorded, nothing waited for (`--no-wait`).
+    Request,
+    /// The named nodes at once, waiting for all of them.
+    Together,
+    /// Every node (`--all`), at most `parallel` at a time: the next starts
+    /// when one finishes, and none starts after one failed.
+    Rolling { parallel: usize },
+}
+
 async fn rotate(
     api: &Api<Node>,
     mut nodes: Vec<String>,
-    all: bool,
+    how: Rollout,
     timeout: Duration,
-    no_wait: bool,
 ) -> Result<String> {
-    if all {
+    if let Rollout::Rolling { .. } = how {
         let list = api
             .list(&Default::default())
             .await
@@ -243,28 +267,34 @@ async fn rotate(
             .await
             .with_context(|| format!("node {name:?}"))?;
     }
-    let mut out = String::new();
-    // Named nodes rotate at once; --all one at a time (rolling).
     let at = weft_keys::unix_now();
-    if !all {
-        for name in &nodes {
-            request(api, name, at).await?;
+    let lines: Vec<String> = match how {
+        Rollout::Request | Rollout::Together => {
+            for name in &nodes {
+                request(api, name, at).await?;
+            }
+            if let Rollout::Request = how {
+                return Ok(format!("rotation requested for {}\n", nodes.join(", ")));
+            }
+            futures::future::try_join_all(nodes.iter().map(|name| finished(api, name, at, timeout)))
+                .await?
         }
-        if no_wait {
-            return Ok(format!("rotation requested for {}\n", nodes.join(", ")));
+        Rollout::Rolling { parallel } => {
+            // In the nodes' order, so the output reads the same however
+            // many ran at once; the first failure stops the stream, and with
+            // it every node not yet started.
+            futures::stream::iter(&nodes)
+                .map(|name| async move {
+                    let at = weft_keys::unix_now();
+                    request(api, name, at).await?;
+                    finished(api, name, at, timeout).await
+                })
+                .buffered(parallel)
+                .try_collect()
+                .await?
         }
-    }
-    for name in &nodes {
-        let at = if all {
-            let at = weft_keys::unix_now();
-            request(api, name, at).await?;
-            at
-        } else {
-            at
-        };
-        out.push_str(&finished(api, name, at, timeout).await?);
-    }
-    Ok(out)
+    };
+    Ok(lines.concat())
 }
 
 async fn revoke(
