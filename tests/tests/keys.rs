@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use common::{node, pid_of_meshd, signal, wait_for, Lab, Traffic};
@@ -60,11 +60,18 @@ fn both_ways(lab: &Lab, seconds: u32, during: impl FnOnce()) -> [(u32, u32, u64)
     both_ways_at(lab, seconds, "100M", during)
 }
 
-/// Held while traffic is measured: the tests of this file run in parallel
-/// on two cores, and a neighbour's iperf3 starves a data plane into
-/// dropping packets of its own (Debian's wireguard-go most), which would
-/// be counted against the rotation being measured.
-static MEASURING: Mutex<()> = Mutex::new(());
+/// One lab at a time: these tests count lost packets and time rotations,
+/// and on two cores a neighbouring lab (its iperf3, or just its start)
+/// starves a data plane into dropping packets of its own (Debian's
+/// wireguard-go most: CI once counted 8 of 500 against a one-key switch
+/// that costs 1), which would be counted against the rotation measured.
+static ONE_LAB: Mutex<()> = Mutex::new(());
+
+/// Taken first by every test here, dropped after its lab is down. A test
+/// that failed poisons the lock; the others still run.
+fn alone() -> MutexGuard<'static, ()> {
+    ONE_LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// [`both_ways`] with the TCP streams capped at `rate`.
 fn both_ways_at(
@@ -73,9 +80,6 @@ fn both_ways_at(
     rate: &str,
     during: impl FnOnce(),
 ) -> [(u32, u32, u64); 2] {
-    // A test that failed while measuring poisons the lock; the others
-    // still measure.
-    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
     let there = Traffic::start_at(lab, "pod-1-1", "pod-2-1", seconds, rate);
     let back = Traffic::start_at(lab, "pod-2-1", "pod-1-1", seconds, rate);
     during();
@@ -121,6 +125,7 @@ fn assert_gone(lab: &Lab, old_public: &[String], old_files: &[(String, String)])
 
 #[test]
 fn one_node_then_every_node_rotates_under_traffic_without_loss() {
+    let _alone = alone();
     let lab = Lab::up("t-rotate", &["--nodes", "3", "--pods-per-node", "1"]);
     let before = device_keys(&lab);
     let files: Vec<(String, String)> = ["node-1", "node-2", "node-3"]
@@ -141,10 +146,13 @@ fn one_node_then_every_node_rotates_under_traffic_without_loss() {
 
     let results = both_ways(&lab, 25, || {
         std::thread::sleep(Duration::from_secs(3));
-        let out = lab.meshctl(&["keys", "rotate", "--all"]);
+        // Two at a time: node-1 and node-2, both ends of the measured
+        // traffic, rotate at once (each moves the other's entry while its
+        // own device answers two keys), then node-3.
+        let out = lab.meshctl(&["keys", "rotate", "--all", "--parallel", "2"]);
         assert_eq!(out.lines().count(), 3, "{out}");
     });
-    assert_at_most_one_in_a_hundred("every node rotated, rolling", results);
+    assert_at_most_one_in_a_hundred("every node rotated, two at a time", results);
     let rotated = device_keys(&lab);
     for (i, key) in rotated.iter().enumerate() {
         assert_ne!(key, &after[i], "node-{} rotated", i + 1);
@@ -169,6 +177,7 @@ fn one_node_then_every_node_rotates_under_traffic_without_loss() {
 /// traffic through the node carries on.
 #[test]
 fn a_rotation_survives_meshd_restarts_on_both_sides() {
+    let _alone = alone();
     let lab = Lab::up("t-rotkill", &["--nodes", "3", "--pods-per-node", "1"]);
     let before = device_keys(&lab);
     let kill = |name: &str| signal(pid_of_meshd(&lab, name), "-9");
@@ -205,6 +214,7 @@ fn a_rotation_survives_meshd_restarts_on_both_sides() {
 
 #[test]
 fn a_revoked_key_is_refused_everywhere_at_once_and_for_good() {
+    let _alone = alone();
     let lab = Lab::up("t-revoke", &["--nodes", "3", "--pods-per-node", "1"]);
     let status = lab.status();
     let old = node(&status, "node-3")["publicKey"]
@@ -275,6 +285,7 @@ fn a_revoked_key_is_refused_everywhere_at_once_and_for_good() {
 
 #[test]
 fn keys_older_than_the_maximum_age_rotate_on_their_own() {
+    let _alone = alone();
     let lab = Lab::up(
         "t-keyage",
         &[
@@ -305,11 +316,14 @@ fn keys_older_than_the_maximum_age_rotate_on_their_own() {
 /// WireGuard would be): meshd finds the device refuses the overlap, so the
 /// node announces a switch time and it and every peer switch then. A Weft
 /// node rotating in the same lab has a wireguard-go peer, which replaces
-/// its entry. Traffic through the one-key node (TCP at 10 Mbit/s each way:
-/// Debian's wireguard-go drops packets of its own at 100) loses at most 1
-/// probe in 100 and never resets.
+/// its entry. Traffic through the one-key node loses at most 1 probe in 100
+/// across each rotation and never resets. Its TCP streams run at 2 Mbit/s
+/// each way: with 10, Debian's wireguard-go alone drops 0.6–0.8% of the
+/// probes on two cores (measured here with no rotation), too close to the
+/// bar to tell anything about the rotation.
 #[test]
 fn a_one_key_data_plane_switches_at_the_announced_time() {
+    let _alone = alone();
     let lab = Lab::up(
         "t-rotswitch",
         &[
@@ -324,23 +338,22 @@ fn a_one_key_data_plane_switches_at_the_announced_time() {
         ],
     );
     let before = device_keys(&lab);
-    let results = both_ways_at(&lab, 25, "10M", || {
+    let results = both_ways_at(&lab, 20, "2M", || {
         std::thread::sleep(Duration::from_secs(3));
         lab.meshctl(&["keys", "rotate", "node-2", "--no-wait"]);
-        let mut at = None;
         wait_for("node-2 to announce its switch time", ROTATION, || {
-            at = annotation(&lab, "node-2", "weft.dev/next-key-at");
-            at.is_some()
+            annotation(&lab, "node-2", "weft.dev/next-key-at").is_some()
         });
         wait_for("node-2 to switch", ROTATION, || {
             annotation(&lab, "node-2", "weft.dev/next-public-key").is_none()
         });
+    });
+    assert_at_most_one_in_a_hundred("one-key node switched", results);
+    let results = both_ways_at(&lab, 20, "2M", || {
+        std::thread::sleep(Duration::from_secs(3));
         lab.meshctl(&["keys", "rotate", "node-1"]);
     });
-    assert_at_most_one_in_a_hundred(
-        "one-key switch, then a Weft node with a one-key peer",
-        results,
-    );
+    assert_at_most_one_in_a_hundred("a Weft node with a one-key peer rotated", results);
     let after = device_keys(&lab);
     assert_ne!(after[0], before[0], "node-1 rotated");
     assert_ne!(after[1], before[1], "node-2 rotated");
