@@ -49,6 +49,17 @@ pub struct Identity {
     limiter: Arc<RateLimiter>,
 }
 
+impl Identity {
+    pub fn of(key: &PrivateKey) -> Self {
+        let public = x25519::PublicKey::from(*key.public_key().as_bytes());
+        Self {
+            secret: key.secret(),
+            limiter: peer::limiter(&public),
+            public,
+        }
+    }
+}
+
 /// What the workers route by; replaced whole by each `set`.
 pub struct Config {
     identity: Option<Identity>,
@@ -293,11 +304,7 @@ impl Device {
                 .iter()
                 .chain(&current.previous)
                 .find(|id| id.public == public);
-            Some(known.cloned().unwrap_or_else(|| Identity {
-                secret: key.secret(),
-                limiter: peer::limiter(&public),
-                public,
-            }))
+            Some(known.cloned().unwrap_or_else(|| Identity::of(key)))
         };
         let identity = identity_of(&next.private_key);
         let previous = identity_of(&next.previous_key).filter(|_| identity.is_some());

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -17,6 +17,8 @@ use super::Identity;
 pub struct Peer {
     pub public_key: PublicKey,
     state: Mutex<PeerState>,
+    /// The entry that took this one's sessions over (see [`Peer::succeed`]).
+    successor: OnceLock<Arc<Peer>>,
     /// Transport bytes, as the kernel counts them (keepalives included).
     pub rx_bytes: AtomicU64,
     pub tx_bytes: AtomicU64,
@@ -29,6 +31,9 @@ pub struct Tunnel {
     pub index: u32,
     /// The public half of the device key this tunnel speaks for.
     pub identity: [u8; 32],
+    /// As a previous tunnel: the current one had a session at the last
+    /// tick (see [`PeerState::retire_previous`]).
+    retiring: bool,
 }
 
 impl Tunnel {
@@ -45,6 +50,7 @@ impl Tunnel {
                 Some(identity.limiter.clone()),
             ),
             index,
+            retiring: false,
         }
     }
 
@@ -126,10 +132,20 @@ impl PeerState {
         due
     }
 
-    /// Drops the previous tunnel once the current one has taken over.
+    /// Drops the previous tunnel one tick after the current one has a
+    /// session (at least 250 ms): what the peer sent on the old session
+    /// before it saw the new one — in flight, or sent until the first
+    /// packet on the new session reached it — is still decrypted. Dropped
+    /// at once, that was a window of a round trip of a TCP stream, each
+    /// segment of it retransmitted.
     pub fn retire_previous(&mut self) {
-        if self.current.as_ref().is_some_and(Tunnel::has_session) {
-            self.previous = None;
+        if !self.current.as_ref().is_some_and(Tunnel::has_session) {
+            return;
+        }
+        match &mut self.previous {
+            Some(t) if t.retiring => self.previous = None,
+            Some(t) => t.retiring = true,
+            None => {}
         }
     }
 }
@@ -165,6 +181,7 @@ impl Peer {
                 keepalive_sent: now - Duration::from_secs(settings.keepalive.into()),
                 preshared_key: settings.preshared_key.clone(),
             }),
+            successor: OnceLock::new(),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
         })
@@ -242,9 +259,13 @@ impl Peer {
     /// those `old` sends on: its previous-key tunnel's when this device
     /// rotates too and the pair has not handshaken under its next key yet
     /// (two neighbours rotating at once).
-    pub fn succeed(&self, old: &Peer) {
+    pub fn succeed(self: &Arc<Self>, old: &Peer) {
         let mut from = old.lock();
         let mut to = self.lock();
+        // Workers still routing by the configuration being replaced reach
+        // `old`, whose tunnels are gone: they follow this (dropping what
+        // they hold was a whole TSO batch of a TCP stream, ~45 segments).
+        let _ = old.successor.set(self.clone());
         let sending = if from.sends_on_previous() {
             from.previous.take()
         } else {
@@ -255,6 +276,24 @@ impl Peer {
         }
         if to.endpoint.is_none() {
             to.endpoint = from.endpoint;
+        }
+    }
+
+    /// Locks the entry holding this one's tunnels now: itself, or the
+    /// successor that took them over in a `set` whose configuration the
+    /// caller had not loaded yet. [`Peer::succeed`] names the successor
+    /// under this entry's lock, so an entry locked with none named still
+    /// has its tunnels.
+    pub fn lock_holder(self: &Arc<Self>) -> (&Arc<Peer>, MutexGuard<'_, PeerState>) {
+        let mut peer = self;
+        loop {
+            while let Some(next) = peer.successor.get() {
+                peer = next;
+            }
+            let state = peer.lock();
+            if peer.successor.get().is_none() {
+                return (peer, state);
+            }
         }
     }
 
@@ -287,4 +326,130 @@ pub fn limiter(public: &boringtun::x25519::PublicKey) -> Arc<RateLimiter> {
     /// Handshakes per second before cookies are required (boringtun's).
     const HANDSHAKES_PER_SECOND: u64 = 10;
     Arc::new(RateLimiter::new(public, HANDSHAKES_PER_SECOND))
+}
+
+#[cfg(test)]
+mod tests {
+    use boringtun::noise::TunnResult;
+    use weft_keys::PrivateKey;
+
+    use super::*;
+
+    /// The peer's end of `tunnel`, handshaken with it in memory (the peer
+    /// initiates, as one that just moved its entry does).
+    fn far_end(tunnel: &mut Tunnel, peer: &PrivateKey) -> Tunn {
+        let here = boringtun::x25519::PublicKey::from(tunnel.identity);
+        let mut far = Tunn::new(peer.secret(), here, None, None, 7, None);
+        let (mut a, mut b) = ([0u8; 256], [0u8; 256]);
+        let TunnResult::WriteToNetwork(init) = far.format_handshake_initiation(&mut a, false)
+        else {
+            panic!("no initiation")
+        };
+        let TunnResult::WriteToNetwork(response) = tunnel.tunn.decapsulate(None, init, &mut b)
+        else {
+            panic!("no response")
+        };
+        let TunnResult::WriteToNetwork(keepalive) = far.decapsulate(None, response, &mut a) else {
+            panic!("no keepalive")
+        };
+        // The keepalive confirms the session here.
+        let _ = tunnel.tunn.decapsulate(None, keepalive, &mut b);
+        far
+    }
+
+    /// Whether an IPv4 header `far` seals on its current session comes
+    /// out of `tunnel`.
+    fn delivers(far: &mut Tunn, tunnel: &mut Tunnel) -> bool {
+        let ip = [
+            0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        let (mut sealed, mut opened) = ([0u8; 256], [0u8; 256]);
+        let TunnResult::WriteToNetwork(packet) = far.encapsulate(&ip, &mut sealed) else {
+            panic!("the far end has no session")
+        };
+        matches!(
+            tunnel.tunn.decapsulate(None, packet, &mut opened),
+            TunnResult::WriteToTunnelV4(..)
+        )
+    }
+
+    /// A worker that routed by the configuration a `set` replaces reaches
+    /// the entry being removed; the entry succeeding it holds the sessions.
+    #[test]
+    fn a_succeeded_entry_leads_to_its_successor_and_its_sessions() {
+        let (here, old_key, next_key) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
+        let identity = Identity::of(&here);
+        let keys = Keys {
+            identity: Some(&identity),
+            previous: None,
+        };
+        let settings = |key: &PrivateKey| PeerSettings {
+            public_key: key.public_key(),
+            preshared_key: None,
+            endpoint: None,
+            keepalive: 0,
+            allowed_ips: Vec::new(),
+        };
+        let mut index = 10;
+        let mut next_index = || {
+            index += 1;
+            index
+        };
+        let old = Peer::new(&settings(&old_key), keys, &mut next_index);
+        let mut far = {
+            let mut state = old.lock();
+            far_end(state.current.as_mut().expect("a tunnel"), &old_key)
+        };
+        let session = old.lock().current.as_ref().map(|t| t.index);
+        let next = Peer::new(&settings(&next_key), keys, &mut next_index);
+        assert!(Arc::ptr_eq(old.lock_holder().0, &old), "not succeeded yet");
+
+        next.succeed(&old);
+        let (holder, mut state) = old.lock_holder();
+        assert!(Arc::ptr_eq(holder, &next));
+        let tunnel = state
+            .by_index(session.expect("an index"))
+            .expect("the session moved with the entry");
+        assert!(delivers(&mut far, tunnel));
+    }
+
+    #[test]
+    fn the_previous_tunnel_decrypts_for_a_tick_after_the_current_took_over() {
+        let (old, next, peer) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
+        let tunnel = |key: &PrivateKey, index| {
+            Tunnel::new(&Identity::of(key), &peer.public_key(), None, index)
+        };
+        let mut previous = tunnel(&old, 1);
+        let mut far_old = far_end(&mut previous, &peer);
+        let mut state = PeerState {
+            current: Some(tunnel(&next, 2)),
+            previous: Some(previous),
+            endpoint: None,
+            keepalive: 0,
+            keepalive_sent: Instant::now(),
+            preshared_key: None,
+        };
+        state.retire_previous();
+        assert!(
+            state.previous.is_some(),
+            "kept: the current one has no session"
+        );
+
+        let current = state.current.as_mut().expect("a current tunnel");
+        far_end(current, &peer);
+        state.retire_previous();
+        // What the peer sent on the old session before it saw the new one.
+        let previous = state.previous.as_mut().expect("kept for a tick");
+        assert!(delivers(&mut far_old, previous));
+        state.retire_previous();
+        assert!(state.previous.is_none(), "retired at the next tick");
+    }
 }

@@ -146,10 +146,12 @@ fn data_index(d: &[u8]) -> Option<u32> {
 impl Receiver<'_> {
     /// Decrypts a run of data messages for one tunnel, under one lock.
     fn data(&mut self, config: &Config, index: u32, batch: &RecvBatch, run: &[Datagram]) {
-        let Some(peer) = config.by_index.get(&index) else {
+        let Some(routed) = config.by_index.get(&index) else {
             return;
         };
-        let mut state = peer.lock();
+        // The sources allowed are the routed entry's in this configuration;
+        // the tunnel may have moved to its successor since.
+        let (peer, mut state) = routed.lock_holder();
         let Some(tunnel) = state.by_index(index) else {
             return;
         };
@@ -164,13 +166,13 @@ impl Receiver<'_> {
             }
             let slot = &mut plain.arena[plain.used..plain.used + msg.len()];
             match tunnel.tunn.decapsulate(Some(d.from.ip()), msg, slot) {
-                TunnResult::WriteToTunnelV4(p, src) if config.allows(peer, src.into()) => {
+                TunnResult::WriteToTunnelV4(p, src) if config.allows(routed, src.into()) => {
                     let len = p.len();
                     plain.packets.push(plain.used..plain.used + len);
                     plain.used += len;
                     heard_from = Some(d.from);
                 }
-                TunnResult::WriteToTunnelV6(p, src) if config.allows(peer, src.into()) => {
+                TunnResult::WriteToTunnelV6(p, src) if config.allows(routed, src.into()) => {
                     let len = p.len();
                     plain.packets.push(plain.used..plain.used + len);
                     plain.used += len;
@@ -199,9 +201,9 @@ impl Receiver<'_> {
         let Some((peer, identity)) = self.peer_for(config, msg, from) else {
             return;
         };
-        peer.count_rx(msg.len());
         let sockets = self.device.sockets.load();
-        let mut state = peer.lock();
+        let (peer, mut state) = peer.lock_holder();
+        peer.count_rx(msg.len());
         let index = match Tunn::parse_incoming_packet(msg) {
             Ok(Packet::HandshakeResponse(r)) => Some(r.receiver_idx >> 8),
             Ok(Packet::PacketCookieReply(c)) => Some(c.receiver_idx >> 8),

@@ -1,7 +1,8 @@
 //! The protocol's clock: every 250 ms each tunnel's timers run (rekeys,
 //! handshake retries, keepalives after receiving, expiry), persistent
-//! keepalives go out, and a tunnel replaced by a preshared-key change is
-//! retired once its successor has a session. Once a second the handshake
+//! keepalives go out, and a tunnel replaced (a preshared-key change, a
+//! rotation's previous key, an entry taken over) is retired a tick after
+//! its successor has a session. Once a second the handshake
 //! rate limiters start a new window.
 
 use std::sync::Arc;

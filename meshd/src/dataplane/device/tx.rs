@@ -159,7 +159,7 @@ pub fn run(device: &Arc<Device>) {
 
 /// Encrypts `packets` for `peer`, one lock for all of them.
 fn send<'a>(peer: &Arc<Peer>, packets: impl Iterator<Item = &'a [u8]>, batch: &mut TxBatch) {
-    let mut state = peer.lock();
+    let (peer, mut state) = peer.lock_holder();
     let Some(to) = state.endpoint.map(|e| Family::of(&e).1) else {
         // A peer without an endpoint is reached once it reaches us.
         return;
