@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use super::state::LabDir;
 use super::topology::{LabSpec, DEBIAN_WIREGUARD_GO};
-use super::{lifecycle, netns, preflight};
+use super::{agents, lifecycle, netns, preflight};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -164,18 +164,21 @@ pub fn throughput(
             let state = lifecycle::up(&dir, &nodes, &mut |_| {})?;
             let client = &state.plan.nodes[0];
             let server = &state.plan.nodes[1];
-            let interfaces: Vec<&str> = state
+            // Each node's data plane container: `meshd dataplane`, or the
+            // wireguard-go that replaces it.
+            let dataplanes: Vec<u32> = state
                 .plan
                 .nodes
                 .iter()
-                .map(|n| n.wg_interface.as_str())
+                .filter_map(|n| agents::container_pid(&dir, n, agents::DATAPLANE))
+                .filter_map(|pid| u32::try_from(pid).ok())
                 .collect();
             let target = weft_ipam::gateway(&server.pod_cidrs[0]).to_string();
             let mut measured = Bench {
                 client: &client.netns,
                 server: &server.netns,
                 target: &target,
-                interfaces: &interfaces,
+                dataplanes: &dataplanes,
                 spec,
             }
             .all(path, progress)?;
@@ -186,7 +189,7 @@ pub fn throughput(
                         client: &client.netns,
                         server: &server.netns,
                         target: &underlay,
-                        interfaces: &[],
+                        dataplanes: &[],
                         spec,
                     }
                     .all(UNDERLAY, progress)?,
@@ -218,8 +221,8 @@ struct Bench<'a> {
     client: &'a str,
     server: &'a str,
     target: &'a str,
-    /// The WireGuard interfaces whose data plane processes are measured.
-    interfaces: &'a [&'a str],
+    /// The data plane processes measured.
+    dataplanes: &'a [u32],
     spec: &'a ThroughputSpec,
 }
 
@@ -275,16 +278,16 @@ impl Bench<'_> {
 
     /// One iperf3 run with `args`, its CPU cost, and `value` of its report.
     fn measured(&self, args: &[&str], value: impl FnOnce(&Report) -> f64) -> Result<Run> {
-        let pids = dataplane_pids(self.interfaces);
-        let before = (process_cpu(&pids), machine_cpu()?);
+        let pids = self.dataplanes;
+        let before = (process_cpu(pids), machine_cpu()?);
         let report = self.iperf(args)?;
-        let after = (process_cpu(&pids), machine_cpu()?);
+        let after = (process_cpu(pids), machine_cpu()?);
         Ok(Run {
             value: value(&report),
             bytes: report.received_bytes(),
             dataplane_cpu: after.0 - before.0,
             machine_cpu: after.1 - before.1,
-            dataplane_peak_mb: peak_memory_mb(&pids),
+            dataplane_peak_mb: peak_memory_mb(pids),
         })
     }
 
@@ -376,8 +379,8 @@ impl Bench<'_> {
         ready
             .recv_timeout(Duration::from_secs(10))
             .context("the flood receiver did not start")?;
-        let pids = dataplane_pids(self.interfaces);
-        let before = (process_cpu(&pids), machine_cpu()?);
+        let pids = self.dataplanes;
+        let before = (process_cpu(pids), machine_cpu()?);
         let per_second = rate.map(|bits| bits / (payload as f64 * 8.0));
         let sent = netns::run_in(self.client, move || {
             let s = UdpSocket::bind(SocketAddr::new(
@@ -412,14 +415,14 @@ impl Bench<'_> {
         let (received, bytes) = receiver
             .join()
             .map_err(|_| anyhow::anyhow!("the flood receiver panicked"))??;
-        let after = (process_cpu(&pids), machine_cpu()?);
+        let after = (process_cpu(pids), machine_cpu()?);
         Ok((
             Run {
                 value: 0.0,
                 bytes: bytes as f64,
                 dataplane_cpu: after.0 - before.0,
                 machine_cpu: after.1 - before.1,
-                dataplane_peak_mb: peak_memory_mb(&pids),
+                dataplane_peak_mb: peak_memory_mb(pids),
             },
             Flood {
                 sent,
@@ -478,30 +481,6 @@ fn start_server(netns: &str, bind: &str) -> Result<Child> {
         .context("starting iperf3 -s")?;
     std::thread::sleep(Duration::from_millis(300));
     Ok(child)
-}
-
-/// The processes serving the data planes of `interfaces` (Weft's `meshd
-/// dataplane IFACE`, wireguard-go's `-f IFACE`): the last argument names
-/// the interface.
-fn dataplane_pids(interfaces: &[&str]) -> Vec<u32> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    procs
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline
-                .split(|&b| b == 0)
-                .filter(|a| !a.is_empty())
-                .collect();
-            args.len() >= 2
-                && args
-                    .last()
-                    .is_some_and(|last| interfaces.iter().any(|i| i.as_bytes() == *last))
-        })
-        .collect()
 }
 
 /// Clock ticks per second of /proc's CPU times (USER_HZ).
@@ -664,10 +643,7 @@ mod tests {
     }
 
     #[test]
-    fn the_data_plane_processes_are_found_by_interface() {
-        // This test process's own arguments end in a test filter, never an
-        // interface name; an empty list finds nothing.
-        assert!(dataplane_pids(&[]).is_empty());
+    fn cpu_times_are_read_from_proc() {
         let spin = std::time::Instant::now();
         let mut x = 0u64;
         while spin.elapsed() < Duration::from_millis(100) {
