@@ -70,8 +70,6 @@ pub fn reflect<K: Watched>(
     reader
 }
 
-/// A Node as the planner sees it. Malformed control-plane fields (an
-/// unparsable podCIDR or address) are dropped, not fatal.
 /// `NAMESPACE/NAME` given as `flag` (a ConfigMap meshd or meshctl reads),
 /// split; an error names the flag.
 pub fn object_ref<'a>(flag: &str, value: &'a str) -> Result<(&'a str, &'a str)> {
@@ -81,6 +79,8 @@ pub fn object_ref<'a>(flag: &str, value: &'a str) -> Result<(&'a str, &'a str)> 
         .with_context(|| format!("{flag} {value:?}: expected NAMESPACE/NAME"))
 }
 
+/// A Node as the planner sees it. Malformed control-plane fields (an
+/// unparsable podCIDR or address) are dropped, not fatal.
 pub fn node_info(node: &Node) -> NodeInfo {
     let created = node
         .metadata

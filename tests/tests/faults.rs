@@ -96,11 +96,12 @@ fn a_restarted_meshd_follows_every_change() {
         }
         signal(meshd, "-KILL");
         lab.ok(&["start-meshd", "node-2"]);
-        wait_for(
+        let synced = wait_for(
             "the restarted meshd to apply a sync",
             Duration::from_secs(10),
             || lab.try_metric("node-2", "weft_reconciles_total") >= Some(1.0),
         );
+        println!("restart (data plane killed too: {kill_dataplane}): first sync after {synced:?}");
         let errors = lab.metric("node-2", "weft_reconcile_errors_total");
 
         // A node joins: the restarted node follows.

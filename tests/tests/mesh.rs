@@ -203,6 +203,56 @@ fn a_node_joins_and_one_leaves_without_restarts() {
             "{name}'s meshd restarted"
         );
     }
+
+    // The gateway (and API server) keeps its MAC as ports come and go: a
+    // port with the lowest possible address joins the fabric's bridge (a
+    // bridge without an address of its own would take it, and every node's
+    // ARP entry for the gateway would point nowhere for ~13 s).
+    let fabric = format!("{}-fabric", lab.name);
+    let bridge_mac = || {
+        let out = Command::new("ip")
+            .args(["-n", &fabric, "-j", "link", "show", "br0"])
+            .output()
+            .unwrap();
+        let links: Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
+        links[0]["address"].as_str().unwrap().to_string()
+    };
+    let before = bridge_mac();
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["-n", &fabric])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ip(&[
+        "link",
+        "add",
+        "lowmac",
+        "address",
+        "00:00:00:00:00:01",
+        "type",
+        "veth",
+        "peer",
+        "lowmac-p",
+    ]);
+    ip(&["link", "set", "lowmac", "master", "br0", "up"]);
+    let after = bridge_mac();
+    ip(&["link", "del", "lowmac"]);
+    assert_eq!(
+        after, before,
+        "the fabric's bridge changed its MAC when a port joined"
+    );
+    let neighbour = lab.ok(&["exec", "node-1", "--", "ip", "neigh", "show", "198.18.0.1"]);
+    assert!(
+        neighbour.contains(&before),
+        "node-1's ARP entry for the gateway is not the bridge's {before}: {neighbour}"
+    );
 }
 
 #[test]

@@ -45,15 +45,15 @@ pub fn create_fabric(plan: &LabPlan) -> Result<()> {
     let ns = plan.fabric_netns.as_str();
     ip(&["netns", "add", ns])?;
     ip_in(ns, &["link", "set", "lo", "up"])?;
-    ip_in(ns, &["link", "add", &plan.bridge, "type", "bridge"])?;
+    add_bridge(ns, &plan.bridge, 0)?;
     let gw = format!("{FABRIC_GATEWAY}/{}", plan.fabric_cidr.prefix_len());
     ip_in(ns, &["addr", "add", &gw, "dev", &plan.bridge])?;
     let gw6 = format!("{FABRIC_GATEWAY6}/64");
     ip_in(ns, &["addr", "add", &gw6, "dev", &plan.bridge, "nodad"])?;
     super::sentinel::arm(ns)?;
     ip_in(ns, &["link", "set", &plan.bridge, "up"])?;
-    for site in &plan.sites {
-        ip_in(ns, &["link", "add", &site.bridge, "type", "bridge"])?;
+    for (i, site) in (1..).zip(&plan.sites) {
+        add_bridge(ns, &site.bridge, i)?;
         let gw = format!("{}/{}", site.gateway, site.cidr.prefix_len());
         ip_in(ns, &["addr", "add", &gw, "dev", &site.bridge])?;
         ip_in(ns, &["addr", "add", &gw6, "dev", &site.bridge, "nodad"])?;
@@ -64,6 +64,21 @@ pub fn create_fabric(plan: &LabPlan) -> Result<()> {
         sysctl(ns, "net.ipv4.ip_forward=1")?;
     }
     Ok(())
+}
+
+/// A fabric bridge with an address of its own (locally administered,
+/// `index` tells the bridges of a fabric apart). Without one, Linux gives a
+/// bridge the lowest address among its ports, so a node joining or leaving
+/// changed the gateway's MAC under every node's ARP entry: each node's
+/// traffic to the gateway and the API server went to the old address until
+/// its neighbour entry failed and was resolved again, ~13 s (a restarted
+/// meshd's first connections to the API server waited that long).
+fn add_bridge(netns: &str, name: &str, index: u8) -> Result<()> {
+    let mac = format!("02:77:65:66:74:{index:02x}");
+    ip_in(
+        netns,
+        &["link", "add", name, "address", &mac, "type", "bridge"],
+    )
 }
 
 /// `sysctl -w SETTING` inside `netns`.

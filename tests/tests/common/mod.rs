@@ -181,6 +181,37 @@ impl Lab {
     pub fn dir(&self) -> PathBuf {
         self.root.join(&self.name)
     }
+
+    /// The end of the lab's logs (the API server's, every node's
+    /// containers'), which `down` removes, so a failure in CI shows what the
+    /// agents said.
+    fn print_logs(&self) {
+        const LINES: usize = 15;
+        let files = |dir: PathBuf| {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+        };
+        let mut logs: Vec<PathBuf> = files(self.dir())
+            .flat_map(|p| match p.is_dir() {
+                true => files(p).collect(),
+                false => vec![p],
+            })
+            .filter(|f| f.extension().is_some_and(|e| e == "log"))
+            .collect();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!(
+                "--- the last {LINES} lines of {} ---\n{}",
+                log.display(),
+                lines[lines.len().saturating_sub(LINES)..].join("\n")
+            );
+        }
+    }
 }
 
 impl Drop for Lab {
@@ -190,6 +221,9 @@ impl Drop for Lab {
     fn drop(&mut self) {
         // A test that took the lab down itself leaves no sentinel to read.
         let armed = std::path::Path::new(&format!("/run/netns/{}-fabric", self.name)).exists();
+        if std::thread::panicking() {
+            self.print_logs();
+        }
         let plaintext = self.plaintext();
         let out = self.meshlab(&["down"]);
         if !out.status.success() {
