@@ -27,7 +27,9 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
 use weft_keys::{KeyState, KeyStore, PublicKey, SealingKey};
 
-use crate::annotations::{parse_time, NEXT_PUBLIC_KEY, ROTATE_REQUESTED};
+use crate::annotations::{
+    parse_time, PolicyApplied, NEXT_PUBLIC_KEY, POLICY_APPLIED, ROTATE_REQUESTED,
+};
 use crate::cluster::{self, node_info};
 use crate::dataplane::{DataPlane, DeviceState, Mode, UserspaceProgram};
 use crate::decide::{decide, Inputs};
@@ -54,6 +56,10 @@ const DEBOUNCE: Duration = Duration::from_millis(10);
 /// A sync that takes longer fails (and is retried): every API, netlink and
 /// UAPI call in it is bounded by this at the latest.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// A node writes its policy status at most this often: a burst of
+/// NetworkPolicy changes costs each node one Node write, not one per
+/// change (for scale: kubelet renews every node's Lease every 10 s).
+const POLICY_STATUS_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -255,6 +261,37 @@ struct Agent {
     needs_sync: bool,
     /// Blocks claimed through the API, and the Nodes there were then.
     claimed: Option<(BTreeSet<String>, Vec<IpNet>)>,
+    policy: PolicyStatus,
+}
+
+/// The NetworkPolicies this node publishes it enforces: the engine's
+/// reports, taken at most once per [`POLICY_STATUS_INTERVAL`].
+struct PolicyStatus {
+    reports: tokio::sync::watch::Receiver<Option<PolicyApplied>>,
+    published: Option<PolicyApplied>,
+    /// When a report was last taken.
+    taken: Option<Instant>,
+    /// When the report waiting is to be taken.
+    due: Option<Instant>,
+}
+
+impl PolicyStatus {
+    /// A report arrived: due at once, or once the interval since the last
+    /// one taken has passed.
+    fn reported(&mut self, now: Instant) {
+        let earliest = self
+            .taken
+            .map_or(now, |t| (t + POLICY_STATUS_INTERVAL).max(now));
+        self.due.get_or_insert(earliest);
+    }
+
+    /// Takes the latest report; true if it changes what is published.
+    fn take(&mut self, now: Instant) -> bool {
+        self.due = None;
+        self.taken = Some(now);
+        let latest = *self.reports.borrow_and_update();
+        std::mem::replace(&mut self.published, latest) != latest
+    }
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
@@ -342,12 +379,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     // A restarted meshd keeps the link state it had published until it
     // hears those peers again, rather than bringing their links back.
-    let published = nodes
+    let me = nodes
         .state()
         .iter()
         .find(|n| n.name_any() == args.node_name)
-        .and_then(|n| crate::annotations::unreachable(&node_info(n)).ok())
+        .map(|n| node_info(n));
+    let published = me
+        .as_ref()
+        .and_then(|n| crate::annotations::unreachable(n).ok())
         .unwrap_or_default();
+    // Likewise the policy set it published: the kernel keeps enforcing it
+    // until the engine's first pass replaces it.
+    let policy_published = me
+        .as_ref()
+        .filter(|_| args.network_policy)
+        .and_then(|n| n.annotations.get(POLICY_APPLIED)?.parse().ok());
+    let policy_reports = health.policy_applied.subscribe();
     let mut agent = Agent {
         local: LocalConfig {
             persistent_keepalive: (args.persistent_keepalive > 0)
@@ -376,6 +423,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         planned: false,
         needs_sync: true,
         claimed: None,
+        policy: PolicyStatus {
+            reports: policy_reports,
+            published: policy_published,
+            taken: None,
+            due: None,
+        },
     };
     let mut observe = tokio::time::interval(Duration::from_secs(1));
     let mut resync = tokio::time::interval(Duration::from_secs(agent.args.resync.max(1)));
@@ -387,6 +440,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
     loop {
         let wake = until(agent.wake_at);
+        let policy_due = agent.policy.due;
         tokio::select! {
             // Stop signals first: a meshd being stopped must not start
             // anything new (a data plane it recreated would outlive it).
@@ -395,6 +449,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = changed.notified() => tokio::time::sleep(DEBOUNCE).await,
             _ = tokio::time::sleep(wake) => {}
+            Ok(()) = agent.policy.reports.changed() => {
+                agent.policy.reported(Instant::now());
+                continue;
+            }
+            _ = sleep_until(policy_due) => {
+                if !agent.policy.take(Instant::now()) {
+                    continue;
+                }
+            }
             _ = observe.tick() => {
                 if !agent.observe().await && !agent.needs_sync {
                     continue;
@@ -424,6 +487,14 @@ fn until(at: Option<u64>) -> Duration {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
     Duration::from_secs(at).saturating_sub(now)
+}
+
+/// Sleeps until `at`; forever for `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A watch event handler that wakes the sync loop.
@@ -697,6 +768,7 @@ impl Agent {
                 endpoint_flag: self.args.endpoint,
                 listen_port: self.args.listen_port,
                 pod_cidrs,
+                policy_applied: self.policy.published,
             },
             &mut self.parse_memo,
         )?;

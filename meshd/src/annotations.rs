@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weft_keys::PublicKey;
 
 use crate::model::{ClusterRanges, NodeInfo};
@@ -36,6 +37,10 @@ pub const NEXT_KEY_AT: &str = "weft.dev/next-key-at";
 pub const KEY_PENDING: &str = "weft.dev/key-pending";
 /// When the node's current key came into use (RFC 3339): its age.
 pub const KEY_SINCE: &str = "weft.dev/key-since";
+/// The NetworkPolicies this node enforces, as [`PolicyApplied`] renders
+/// them; absent while enforcement is off or has applied nothing yet.
+/// Status for `meshctl status`, not part of the claim: peers ignore it.
+pub const POLICY_APPLIED: &str = "weft.dev/policy-applied";
 /// Set by an admin (`meshctl keys rotate`), never by meshd: the node
 /// rotates its key if the key is older than this time (RFC 3339).
 pub const ROTATE_REQUESTED: &str = "weft.dev/rotate-requested";
@@ -60,6 +65,7 @@ pub const OWNED: &[&str] = &[
     NEXT_KEY_AT,
     KEY_PENDING,
     KEY_SINCE,
+    POLICY_APPLIED,
 ];
 
 /// The annotation format this meshd writes.
@@ -568,6 +574,66 @@ pub fn render(claim: &Claim) -> BTreeMap<String, String> {
     rendered
 }
 
+/// Which set of NetworkPolicies a node enforces: how many, and the newest
+/// resourceVersion among them. Two sets with the same count and newest
+/// version are the same set — resourceVersions are unique and only grow, so
+/// every other member of either is older than that newest object and was
+/// in place, unchanged, at both moments — which lets `meshctl status` tell
+/// a node in sync from one behind without the set being published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct PolicyApplied {
+    pub policies: usize,
+    pub revision: u64,
+}
+
+impl PolicyApplied {
+    /// The set of the objects with `metas`.
+    pub fn of<'a>(metas: impl IntoIterator<Item = &'a ObjectMeta>) -> Self {
+        metas.into_iter().fold(Self::default(), |set, meta| Self {
+            policies: set.policies + 1,
+            revision: set.revision.max(crate::cluster::revision(meta)),
+        })
+    }
+}
+
+impl fmt::Display for PolicyApplied {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "policies={},revision={}", self.policies, self.revision)
+    }
+}
+
+impl std::str::FromStr for PolicyApplied {
+    type Err = String;
+
+    /// Exactly as rendered: `policies=N,revision=R`, decimal.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let number = |field: Option<&str>, name: &str| -> Result<String, String> {
+            let digits = field
+                .and_then(|f| f.strip_prefix(name))
+                .and_then(|f| f.strip_prefix('='))
+                .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| {
+                    format!(
+                        "{POLICY_APPLIED} {:?}: expected policies=N,revision=R",
+                        text.chars().take(64).collect::<String>()
+                    )
+                })?;
+            Ok(digits.to_string())
+        };
+        let mut fields = text.split(',');
+        let policies = number(fields.next(), "policies")?;
+        let revision = number(fields.next(), "revision")?;
+        if fields.next().is_some() {
+            return Err(format!("{POLICY_APPLIED}: more than policies and revision"));
+        }
+        let too_large = |what: &str| format!("{POLICY_APPLIED}: {what} is too large");
+        Ok(Self {
+            policies: policies.parse().map_err(|_| too_large("policies"))?,
+            revision: revision.parse().map_err(|_| too_large("revision"))?,
+        })
+    }
+}
+
 /// Node names joined with commas, cut at a name before
 /// [`MAX_UNREACHABLE_LEN`] (the far ends of the links left out still
 /// report them).
@@ -985,5 +1051,53 @@ mod tests {
         current.remove(POD_CIDRS);
         current.insert(ENDPOINT.into(), "e".into());
         assert_eq!(patch(&current, &desired), None);
+    }
+
+    #[test]
+    fn a_policy_status_reads_only_as_written() {
+        let applied = PolicyApplied {
+            policies: 3,
+            revision: 4711,
+        };
+        assert_eq!(applied.to_string(), "policies=3,revision=4711");
+        assert_eq!("policies=3,revision=4711".parse(), Ok(applied));
+        assert_eq!(
+            "policies=0,revision=0".parse(),
+            Ok(PolicyApplied::default())
+        );
+        for bad in [
+            "",
+            "policies=3",
+            "revision=4711,policies=3",
+            "policies=3,revision=4711,extra=1",
+            "policies=-3,revision=4711",
+            "policies=+3,revision=4711",
+            "policies= 3,revision=4711",
+            "policies=3,revision=",
+            "policies=3;revision=4711",
+            "policies=99999999999999999999999,revision=1",
+        ] {
+            let e = bad.parse::<PolicyApplied>().expect_err(bad);
+            assert!(e.contains(POLICY_APPLIED), "{bad:?}: {e}");
+        }
+    }
+
+    /// Count and newest resourceVersion; a version that is not a number
+    /// counts as 0 (never newer than a real one).
+    #[test]
+    fn a_policy_set_is_its_size_and_newest_version() {
+        let meta = |rv: &str| ObjectMeta {
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        };
+        let metas = [meta("12"), meta("40"), meta("x"), meta("7")];
+        assert_eq!(
+            PolicyApplied::of(&metas),
+            PolicyApplied {
+                policies: 4,
+                revision: 40
+            }
+        );
+        assert_eq!(PolicyApplied::of([]), PolicyApplied::default());
     }
 }

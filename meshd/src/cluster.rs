@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, reflector, Store};
@@ -68,6 +69,14 @@ pub fn reflect<K: Watched>(
         }
     });
     reader
+}
+
+/// The numeric resourceVersion of an object (0 if it is not a number).
+pub fn revision(meta: &ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `NAMESPACE/NAME` given as `flag` (a ConfigMap meshd or meshctl reads),

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
-use crate::annotations::{self, Claim};
+use crate::annotations::{self, Claim, PolicyApplied, POLICY_APPLIED};
 use crate::model::{ClusterSnapshot, DesiredNode, LocalConfig};
 use crate::planner::{
     judge_parsed, own_claim, own_endpoint, plan_judged, OwnError, OwnKeys, ParseMemo,
@@ -26,6 +26,8 @@ pub struct Inputs<'a> {
     /// This node's pod ranges: its `spec.podCIDRs`, or the blocks it
     /// claimed in the record (claiming is I/O, so it is gathered).
     pub pod_cidrs: Vec<IpNet>,
+    /// The NetworkPolicies this node enforces, to publish.
+    pub policy_applied: Option<PolicyApplied>,
 }
 
 /// What a sync must do.
@@ -48,6 +50,7 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
         endpoint_flag,
         listen_port,
         pod_cidrs,
+        policy_applied,
     } = inputs;
     let me = snapshot
         .nodes
@@ -58,7 +61,10 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
     // Every node's annotations are parsed once, for the claim and the verdicts.
     let mut parsed = memo.parse_all(snapshot, &local.ranges);
     let claim = own_claim(&parsed, local, keys, endpoint, pod_cidrs.clone())?;
-    let published = annotations::render(&claim);
+    let mut published = annotations::render(&claim);
+    if let Some(applied) = policy_applied {
+        published.insert(POLICY_APPLIED.to_string(), applied.to_string());
+    }
     let patch = annotations::patch(&me.annotations, &published);
     // Plan with what is being published rather than wait for its echo.
     // (Owned annotations no longer published are gone from it too.)
@@ -113,6 +119,7 @@ mod tests {
             endpoint_flag: None,
             listen_port: 51820,
             pod_cidrs: vec!["198.19.1.0/24".parse().unwrap()],
+            policy_applied: None,
         }
     }
 
@@ -166,6 +173,55 @@ mod tests {
         let again = decide(&inputs(&snap, &l), &mut ParseMemo::default()).unwrap();
         assert_eq!(again.patch, None);
         assert_eq!(again.desired, first.desired);
+    }
+
+    /// The policy status rides along with the claim: a new set is one
+    /// patch of that key alone, the same set none, enforcement turned off
+    /// removes it; it never changes the plan.
+    #[test]
+    fn the_policy_status_is_published_alone_and_plans_nothing() {
+        let l = local();
+        let snap = ClusterSnapshot {
+            nodes: vec![node(1, BTreeMap::new()), peer()],
+            ..Default::default()
+        };
+        let plain = decide(&inputs(&snap, &l), &mut ParseMemo::default()).unwrap();
+        let converged = ClusterSnapshot {
+            nodes: vec![node(1, render(&plain.claim)), peer()],
+            ..Default::default()
+        };
+        let applied = PolicyApplied {
+            policies: 3,
+            revision: 4711,
+        };
+        let with = |snapshot, policy_applied| {
+            let inputs = Inputs {
+                policy_applied,
+                ..inputs(snapshot, &l)
+            };
+            decide(&inputs, &mut ParseMemo::default()).unwrap()
+        };
+        let d = with(&converged, Some(applied));
+        assert_eq!(
+            d.patch,
+            Some(serde_json::json!({"metadata": {"annotations": {
+                POLICY_APPLIED: "policies=3,revision=4711"
+            }}}))
+        );
+        assert_eq!(d.desired, plain.desired);
+        let mut published = render(&plain.claim);
+        published.insert(POLICY_APPLIED.into(), applied.to_string());
+        let current = ClusterSnapshot {
+            nodes: vec![node(1, published), peer()],
+            ..Default::default()
+        };
+        assert_eq!(with(&current, Some(applied)).patch, None);
+        let off = with(&current, None).patch.expect("the status is removed");
+        assert_eq!(
+            off["metadata"]["annotations"][POLICY_APPLIED],
+            serde_json::Value::Null
+        );
+        assert_eq!(with(&current, None).desired, plain.desired);
     }
 
     /// A rotation finishing: the Node still carries the next key (now the

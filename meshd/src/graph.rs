@@ -9,7 +9,7 @@ use std::fmt::Write;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::annotations::{parse_time, ROTATE_REQUESTED};
+use crate::annotations::{parse_time, PolicyApplied, POLICY_APPLIED, ROTATE_REQUESTED};
 use crate::model::{
     ClusterRanges, ClusterSnapshot, Hop, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
 };
@@ -115,6 +115,49 @@ pub struct GraphNode {
     /// An admin's rotation request (Unix seconds), if its key is older.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rotate_requested: Option<u64>,
+    /// The NetworkPolicies it reports it enforces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_applied: Option<PolicyApplied>,
+    /// Its enforcement against the cluster's policies, when those are
+    /// known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicySync>,
+}
+
+/// Where a node's NetworkPolicy enforcement stands against the cluster's
+/// NetworkPolicies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicySync {
+    /// Its kernel enforces the cluster's policies.
+    InSync,
+    /// It enforces another set: its engine is behind, failing, or stopped.
+    Behind,
+    /// It reports none: enforcement is off, or has not applied yet.
+    Unreported,
+    /// What it reports does not parse.
+    Invalid,
+}
+
+impl PolicySync {
+    /// A node's `weft.dev/policy-applied` against the cluster's set.
+    pub fn of(reported: Option<&str>, cluster: PolicyApplied) -> Self {
+        match reported.map(str::parse::<PolicyApplied>) {
+            None => Self::Unreported,
+            Some(Err(_)) => Self::Invalid,
+            Some(Ok(applied)) if applied == cluster => Self::InSync,
+            Some(Ok(_)) => Self::Behind,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InSync => "in sync",
+            Self::Behind => "behind",
+            Self::Unreported => "unreported",
+            Self::Invalid => "invalid",
+        }
+    }
 }
 
 /// A node's next key, as it announces it.
@@ -145,10 +188,20 @@ pub struct DownLink {
 pub struct MeshGraph {
     pub nodes: Vec<GraphNode>,
     pub down_links: Vec<DownLink>,
+    /// The cluster's NetworkPolicies, when asked for (each node's
+    /// [`GraphNode::policy`] is judged against them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policies: Option<PolicyApplied>,
 }
 
 impl MeshGraph {
-    pub fn of(snapshot: &ClusterSnapshot, settings: &MeshSettings) -> Self {
+    /// With `policies`, the cluster's NetworkPolicies, each node's
+    /// enforcement is judged against them.
+    pub fn of(
+        snapshot: &ClusterSnapshot,
+        settings: &MeshSettings,
+        policies: Option<PolicyApplied>,
+    ) -> Self {
         let verdicts = judge(snapshot, &settings.ranges);
         let local = LocalConfig {
             costs: settings.costs,
@@ -197,6 +250,13 @@ impl MeshGraph {
                         .get(ROTATE_REQUESTED)
                         .and_then(|v| parse_time(v).ok())
                         .filter(|r| request_pending(*r, claim.and_then(|c| c.key_since))),
+                    policy_applied: n
+                        .annotations
+                        .get(POLICY_APPLIED)
+                        .and_then(|v| v.parse().ok()),
+                    policy: policies.map(|p| {
+                        PolicySync::of(n.annotations.get(POLICY_APPLIED).map(String::as_str), p)
+                    }),
                 }
             })
             .collect();
@@ -213,7 +273,11 @@ impl MeshGraph {
                 },
             })
             .collect();
-        Self { nodes, down_links }
+        Self {
+            nodes,
+            down_links,
+            policies,
+        }
     }
 
     /// How `from` reaches each other accepted node.
@@ -363,7 +427,7 @@ mod tests {
             blocks: Default::default(),
             ..Default::default()
         };
-        let g = MeshGraph::of(&snap, &settings());
+        let g = MeshGraph::of(&snap, &settings(), None);
         assert_eq!(
             g.down_links,
             vec![DownLink {
@@ -383,6 +447,49 @@ mod tests {
         assert!(dot.contains("\"node-1\" -- \"node-2\" [color=darkgreen]"));
         assert!(!dot.contains("\"node-1\" -- \"node-3\" [color=darkgreen]"));
         assert!(g.dot(2).contains("direct links not drawn"));
+    }
+
+    #[test]
+    fn each_node_s_policy_enforcement_is_judged_against_the_cluster_s() {
+        let cluster = PolicyApplied {
+            policies: 2,
+            revision: 90,
+        };
+        let reporting = |i, value: Option<&str>| {
+            let mut n = node(i, &[]);
+            if let Some(v) = value {
+                n.annotations.insert(POLICY_APPLIED.into(), v.into());
+            }
+            n
+        };
+        let snap = ClusterSnapshot {
+            nodes: vec![
+                reporting(1, Some("policies=2,revision=90")),
+                reporting(2, Some("policies=2,revision=85")),
+                reporting(3, Some("policies=3,revision=90")),
+                reporting(4, None),
+                reporting(5, Some("2@90")),
+            ],
+            ..Default::default()
+        };
+        let g = MeshGraph::of(&snap, &settings(), Some(cluster));
+        let sync: Vec<_> = g.nodes.iter().map(|n| n.policy).collect();
+        use PolicySync::*;
+        assert_eq!(
+            sync,
+            [
+                Some(InSync),
+                Some(Behind),
+                Some(Behind),
+                Some(Unreported),
+                Some(Invalid)
+            ]
+        );
+        assert_eq!(g.nodes[1].policy_applied.map(|p| p.revision), Some(85));
+        assert_eq!(g.policies, Some(cluster));
+        // Not asked: nothing judged.
+        let g = MeshGraph::of(&snap, &settings(), None);
+        assert!(g.nodes.iter().all(|n| n.policy.is_none()));
     }
 
     #[test]

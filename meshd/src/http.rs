@@ -15,6 +15,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
+use crate::annotations::PolicyApplied;
 use crate::metrics::Metrics;
 
 pub struct Health {
@@ -22,6 +23,9 @@ pub struct Health {
     pub mesh: AtomicBool,
     /// The NetworkPolicy engine runs (always true when enforcement is off).
     pub policy: AtomicBool,
+    /// The NetworkPolicies the kernel enforces (the engine's last applied
+    /// pass), for the agent to publish.
+    pub policy_applied: tokio::sync::watch::Sender<Option<PolicyApplied>>,
     pub metrics: Metrics,
 }
 
@@ -30,6 +34,7 @@ impl Health {
         Self {
             mesh: AtomicBool::new(false),
             policy: AtomicBool::new(!network_policy),
+            policy_applied: tokio::sync::watch::Sender::new(None),
             metrics: Metrics::default(),
         }
     }

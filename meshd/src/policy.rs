@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
@@ -26,17 +25,10 @@ use weft_policy::netlink::EnforceError;
 use weft_policy::render;
 use weft_policy::{nft, NamespaceInfo, PodInfo};
 
+use crate::annotations::PolicyApplied;
 use crate::http::Health;
 
 const DEBOUNCE: Duration = Duration::from_millis(20);
-
-/// The numeric resourceVersion of an object (0 if it is not a number).
-fn revision(meta: &ObjectMeta) -> u64 {
-    meta.resource_version
-        .as_deref()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// What changed since the engine last looked.
 #[derive(Default)]
@@ -100,7 +92,7 @@ fn watch<K: crate::cluster::Watched>(
             | watcher::Event::Delete(o)
             | watcher::Event::InitApply(o) = event
             {
-                seen.fetch_max(revision(o.meta()), Ordering::Relaxed);
+                seen.fetch_max(crate::cluster::revision(o.meta()), Ordering::Relaxed);
             }
             changed.notify_one()
         },
@@ -317,6 +309,7 @@ pub async fn run(
         match update {
             None => {
                 health.metrics.policy_revision.set(revision as i64);
+                report_applied(&health, &engine);
             }
             Some((transaction, changes)) => {
                 let started = Instant::now();
@@ -342,6 +335,7 @@ pub async fn run(
                             "applied the node's NetworkPolicy program"
                         );
                         in_kernel = true;
+                        report_applied(&health, &engine);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "applying NetworkPolicy failed; replacing the whole table on the next pass");
@@ -378,6 +372,15 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Tells the agent which policies the kernel now enforces (it publishes
+/// them on the Node); only a different set wakes it.
+fn report_applied(health: &Health, engine: &Engine) {
+    let applied = PolicyApplied::of(engine.policies().iter().map(|p| &p.metadata));
+    health
+        .policy_applied
+        .send_if_modified(|last| last.replace(applied) != Some(applied));
 }
 
 #[cfg(test)]

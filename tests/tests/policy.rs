@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{wait_for, Lab};
+use common::{pid_of_meshd, signal, wait_for, Lab};
 
 const SERVER: &str = "import socket,threading
 def run(p):
@@ -132,12 +132,74 @@ fn meshd_enforces_policy_changes_on_real_connections() {
         "{allowed}"
     );
 
+    // Every node reports it enforces the cluster's one policy.
+    wait_for(
+        "both nodes in sync with 1 policy",
+        Duration::from_secs(15),
+        || policy_sync(&lab) == [("in-sync".into(), 1), ("in-sync".into(), 1)],
+    );
+
+    // node-2's agent is frozen while the policy goes: node-1 follows and
+    // says so, node-2 shows behind until its agent runs again.
+    let frozen = Frozen::new(pid_of_meshd(&lab, "node-2"));
     lab.ok(&["kubectl", "--", "delete", "-f", manifest.to_str().unwrap()]);
     wait_for("y/c -> x/a to be restored", Duration::from_secs(10), || {
         connects(&lab, "y/c", &a, 80)
     });
+    wait_for(
+        "node-1 in sync with no policy",
+        Duration::from_secs(15),
+        || policy_sync(&lab)[0] == ("in-sync".into(), 0),
+    );
+    let sync = policy_sync(&lab);
+    drop(frozen);
+    assert_eq!(sync[1], ("behind".into(), 1), "node-2's agent was frozen");
+    let table = lab.meshctl(&["status"]);
+    assert!(table.lines().next().unwrap().contains("POLICY"), "{table}");
+    wait_for("node-2 in sync again", Duration::from_secs(15), || {
+        policy_sync(&lab)[1] == ("in-sync".into(), 0)
+    });
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// A stopped process (SIGSTOP), continued when dropped, whatever the test
+/// did meanwhile.
+struct Frozen(i64);
+
+impl Frozen {
+    fn new(pid: i64) -> Self {
+        signal(pid, "-STOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // Not `signal`: a panic while unwinding would abort the test run.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// Each node's NetworkPolicy enforcement per `meshctl status`: its state
+/// against the cluster's policies and how many it enforces (-1: none
+/// reported), in node order.
+fn policy_sync(lab: &Lab) -> Vec<(String, i64)> {
+    let status: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(&["status", "-o", "json"])).expect("JSON");
+    status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| {
+            (
+                n["policy"].as_str().unwrap_or("-").to_string(),
+                n["policyApplied"]["policies"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect()
 }
 
 /// `ip netns exec` into a pod's network namespace.

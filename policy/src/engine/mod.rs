@@ -68,6 +68,11 @@ impl Engine {
         &self.program
     }
 
+    /// The NetworkPolicies compiled into the program.
+    pub fn policies(&self) -> &[NetworkPolicy] {
+        &self.policies
+    }
+
     /// What the kernel should hold.
     pub fn ruleset(&self) -> &Ruleset {
         &self.ruleset

@@ -193,6 +193,7 @@ pub fn run(
                     endpoint_flag: None,
                     listen_port: 51820,
                     pod_cidrs: me.pod_cidrs.clone(),
+                    policy_applied: None,
                 },
                 memo,
             )?;

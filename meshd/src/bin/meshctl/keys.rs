@@ -62,7 +62,7 @@ pub enum KeysCmd {
 pub fn run(kubeconfig: Option<&std::path::Path>, cmd: KeysCmd) -> Result<String> {
     match cmd {
         KeysCmd::Status { output, source } => {
-            let g = super::block_on(super::mesh(kubeconfig, &source))?;
+            let g = super::block_on(super::mesh(kubeconfig, &source, super::Policies::Skip))?;
             status(&g, output, weft_keys::unix_now())
         }
         KeysCmd::Rotate {

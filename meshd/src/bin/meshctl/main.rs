@@ -12,8 +12,9 @@ use std::io::Write;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, ListParams};
+use weft_meshd::annotations::PolicyApplied;
 use weft_meshd::cluster::{node_info, object_ref};
-use weft_meshd::graph::{MeshGraph, MeshSettings};
+use weft_meshd::graph::{MeshGraph, MeshSettings, PolicySync};
 use weft_meshd::model::{ClusterSnapshot, Hop};
 use weft_policy::{case, NamespaceInfo, PodInfo, Protocol, Step};
 
@@ -57,7 +58,8 @@ enum Cmd {
         shell: clap_complete::Shell,
     },
     /// Mesh health from the cluster: each node's state, key, endpoint,
-    /// link state and paths; with NODE, how it reaches each other node.
+    /// link state, paths and whether it enforces the cluster's
+    /// NetworkPolicies; with NODE, how it reaches each other node.
     Status {
         node: Option<String>,
         #[arg(short, long, value_enum, default_value = "table")]
@@ -152,8 +154,20 @@ async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
+/// Whether [`mesh`] judges each node's NetworkPolicy enforcement (it lists
+/// the cluster's NetworkPolicies to do so).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Policies {
+    Skip,
+    Judge,
+}
+
 /// The mesh as the cluster has it now.
-async fn mesh(kubeconfig: Option<&Path>, source: &MeshSource) -> Result<MeshGraph> {
+async fn mesh(
+    kubeconfig: Option<&Path>,
+    source: &MeshSource,
+    policies: Policies,
+) -> Result<MeshGraph> {
     let client = client(kubeconfig).await?;
     let (ns, name) = object_ref("--config-map", &source.config_map)?;
     let config = Api::<ConfigMap>::namespaced(client.clone(), ns)
@@ -177,17 +191,27 @@ async fn mesh(kubeconfig: Option<&Path>, source: &MeshSource) -> Result<MeshGrap
         .await
         .with_context(|| format!("reading ConfigMap {}", source.revoked_keys))?;
     let (revoked, _) = weft_meshd::revoked::of(record.as_ref());
-    let nodes = Api::<Node>::all(client)
+    let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await
         .context("listing nodes")?;
+    let policies = match policies {
+        Policies::Skip => None,
+        Policies::Judge => {
+            let list = Api::<NetworkPolicy>::all(client)
+                .list(&ListParams::default())
+                .await
+                .context("listing networkpolicies")?;
+            Some(PolicyApplied::of(list.items.iter().map(|p| &p.metadata)))
+        }
+    };
     let snapshot = ClusterSnapshot {
         nodes: nodes.items.iter().map(node_info).collect(),
         blocks,
         revoked: std::sync::Arc::new(revoked),
         now: weft_keys::unix_now(),
     };
-    Ok(MeshGraph::of(&snapshot, &settings))
+    Ok(MeshGraph::of(&snapshot, &settings, policies))
 }
 
 fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
@@ -203,7 +227,7 @@ fn graph(
     max_direct: usize,
     source: &MeshSource,
 ) -> Result<String> {
-    let g = block_on(mesh(kubeconfig, source))?;
+    let g = block_on(mesh(kubeconfig, source, Policies::Skip))?;
     match format {
         GraphFormat::Json => Ok(serde_json::to_string_pretty(&g)? + "\n"),
         GraphFormat::Dot => Ok(g.dot(max_direct)),
@@ -242,7 +266,7 @@ fn status(
     output: Output,
     source: &MeshSource,
 ) -> Result<String> {
-    let g = block_on(mesh(kubeconfig, source))?;
+    let g = block_on(mesh(kubeconfig, source, Policies::Judge))?;
     let Some(name) = node else {
         return Ok(match output {
             Output::Json => serde_json::to_string_pretty(&g)? + "\n",
@@ -257,9 +281,10 @@ fn status(
                     "KEY",
                     "UNREACHABLE",
                     "PATHS (direct/relayed/none)",
+                    "POLICY",
                 ];
                 if wide {
-                    header.extend(["KEY AGE", "ROTATION"]);
+                    header.extend(["KEY AGE", "ROTATION", "POLICIES APPLIED"]);
                 }
                 let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
                 for n in &g.nodes {
@@ -290,6 +315,7 @@ fn status(
                         } else {
                             "-".into()
                         },
+                        n.policy.map_or("-", PolicySync::as_str).into(),
                     ];
                     if wide {
                         row.push(
@@ -297,6 +323,7 @@ fn status(
                                 .map_or("-".into(), |s| keys::age(now.saturating_sub(s))),
                         );
                         row.push(keys::rotation(n, now));
+                        row.push(n.policy_applied.map_or("-".into(), |p| p.to_string()));
                     }
                     rows.push(row);
                 }
