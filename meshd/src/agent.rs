@@ -1041,4 +1041,51 @@ mod tests {
         .to_string();
         assert!(err.contains("--mesh-cidr 10.1.0.0/16"), "{err}");
     }
+
+    /// Reports are taken at once after a quiet interval, otherwise when the
+    /// interval since the last one taken ends; reports meanwhile wait for
+    /// that one take, and only a different set is news.
+    #[test]
+    fn policy_reports_are_published_at_most_once_per_interval() {
+        let (tx, reports) = tokio::sync::watch::channel(None);
+        let mut status = PolicyStatus {
+            reports,
+            published: None,
+            taken: None,
+            due: None,
+        };
+        let t0 = Instant::now();
+        let set = |policies| {
+            Some(PolicyApplied {
+                policies,
+                revision: 10 + policies as u64,
+            })
+        };
+        tx.send_replace(set(1));
+        status.reported(t0);
+        assert_eq!(status.due, Some(t0), "the first report is due at once");
+        assert!(status.take(t0));
+        assert_eq!(status.published, set(1));
+
+        let t1 = t0 + Duration::from_secs(1);
+        tx.send_replace(set(2));
+        status.reported(t1);
+        tx.send_replace(set(3));
+        status.reported(t1 + Duration::from_secs(1));
+        assert_eq!(
+            status.due,
+            Some(t0 + POLICY_STATUS_INTERVAL),
+            "reports within the interval wait for its end, together"
+        );
+        assert!(status.take(t0 + POLICY_STATUS_INTERVAL));
+        assert_eq!(status.published, set(3), "the latest report is taken");
+        assert_eq!(status.due, None);
+
+        // Back to a set already published: taken, but nothing to write.
+        let later = t0 + 4 * POLICY_STATUS_INTERVAL;
+        tx.send_replace(set(3));
+        status.reported(later);
+        assert_eq!(status.due, Some(later), "after a quiet interval, at once");
+        assert!(!status.take(later));
+    }
 }

@@ -267,9 +267,9 @@ async fn rotate(
             .await
             .with_context(|| format!("node {name:?}"))?;
     }
-    let at = weft_keys::unix_now();
     let lines: Vec<String> = match how {
         Rollout::Request | Rollout::Together => {
+            let at = weft_keys::unix_now();
             for name in &nodes {
                 request(api, name, at).await?;
             }
