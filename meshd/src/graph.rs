@@ -140,12 +140,12 @@ pub enum PolicySync {
 }
 
 impl PolicySync {
-    /// A node's `weft.dev/policy-applied` against the cluster's set.
-    pub fn of(reported: Option<&str>, cluster: PolicyApplied) -> Self {
-        match reported.map(str::parse::<PolicyApplied>) {
+    /// A node's `weft.dev/policy-applied`, parsed, against the cluster's set.
+    pub fn of(reported: Option<&Result<PolicyApplied, String>>, cluster: PolicyApplied) -> Self {
+        match reported {
             None => Self::Unreported,
             Some(Err(_)) => Self::Invalid,
-            Some(Ok(applied)) if applied == cluster => Self::InSync,
+            Some(Ok(applied)) if *applied == cluster => Self::InSync,
             Some(Ok(_)) => Self::Behind,
         }
     }
@@ -214,6 +214,10 @@ impl MeshGraph {
             .iter()
             .map(|n| {
                 let verdict = verdicts.get(&n.name);
+                let reported = n
+                    .annotations
+                    .get(POLICY_APPLIED)
+                    .map(|v| v.parse::<PolicyApplied>());
                 let claim = match verdict {
                     Some(Verdict::Accepted(c)) => Some(c),
                     _ => None,
@@ -250,13 +254,8 @@ impl MeshGraph {
                         .get(ROTATE_REQUESTED)
                         .and_then(|v| parse_time(v).ok())
                         .filter(|r| request_pending(*r, claim.and_then(|c| c.key_since))),
-                    policy_applied: n
-                        .annotations
-                        .get(POLICY_APPLIED)
-                        .and_then(|v| v.parse().ok()),
-                    policy: policies.map(|p| {
-                        PolicySync::of(n.annotations.get(POLICY_APPLIED).map(String::as_str), p)
-                    }),
+                    policy_applied: reported.clone().and_then(Result::ok),
+                    policy: policies.map(|p| PolicySync::of(reported.as_ref(), p)),
                 }
             })
             .collect();

@@ -251,9 +251,13 @@ pub async fn run(
     let mut counted = HashMap::new();
     let mut tick = tokio::time::interval(COUNTER_PERIOD);
     let mut first = true;
+    // Whether the kernel may hold another policy set than last reported.
+    let mut unreported = false;
     loop {
         let revision = seen.load(Ordering::Relaxed);
         let stale = std::mem::take(&mut *dirty.lock().unwrap_or_else(|e| e.into_inner()));
+        // Until a pass that may have changed the policy set is applied.
+        unreported |= stale.everything || first || !stale.policies.is_empty();
         let mut update: Option<(nft::Transaction, nft::Changes)> = None;
         if stale.everything || first {
             first = false;
@@ -309,7 +313,7 @@ pub async fn run(
         match update {
             None => {
                 health.metrics.policy_revision.set(revision as i64);
-                report_applied(&health, &engine);
+                report_applied(&health, &engine, &mut unreported);
             }
             Some((transaction, changes)) => {
                 let started = Instant::now();
@@ -335,7 +339,7 @@ pub async fn run(
                             "applied the node's NetworkPolicy program"
                         );
                         in_kernel = true;
-                        report_applied(&health, &engine);
+                        report_applied(&health, &engine, &mut unreported);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "applying NetworkPolicy failed; replacing the whole table on the next pass");
@@ -375,8 +379,13 @@ pub async fn run(
 }
 
 /// Tells the agent which policies the kernel now enforces (it publishes
-/// them on the Node); only a different set wakes it.
-fn report_applied(health: &Health, engine: &Engine) {
+/// them on the Node); only a different set wakes it. Computed only after a
+/// pass that may have changed the set (`unreported`): a pod's change, the
+/// common one, does not walk the policies.
+fn report_applied(health: &Health, engine: &Engine, unreported: &mut bool) {
+    if !std::mem::take(unreported) {
+        return;
+    }
     let applied = PolicyApplied::of(engine.policies().iter().map(|p| &p.metadata));
     health
         .policy_applied
