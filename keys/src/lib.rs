@@ -6,9 +6,11 @@
 //! anywhere but the key file.
 
 mod key;
+mod proof;
 mod store;
 
 pub use key::{clamp, KeyParseError, PresharedKey, PrivateKey, PublicKey};
+pub use proof::{KeyProof, ProofError, ProofSubject};
 pub use store::{
     unix_now, write_atomic, write_private, KeyState, KeyStore, NextKey, SealingKey, StoreError,
 };

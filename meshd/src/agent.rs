@@ -25,10 +25,10 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
-use weft_keys::{KeyState, KeyStore, PublicKey, SealingKey};
+use weft_keys::{KeyProof, KeyState, KeyStore, PublicKey, SealingKey};
 
 use crate::annotations::{
-    parse_time, PolicyApplied, NEXT_PUBLIC_KEY, POLICY_APPLIED, ROTATE_REQUESTED,
+    self, parse_time, KeyProofs, PolicyApplied, NEXT_PUBLIC_KEY, POLICY_APPLIED, ROTATE_REQUESTED,
 };
 use crate::cluster::{self, node_info};
 use crate::dataplane::{DataPlane, DeviceState, Mode, UserspaceProgram};
@@ -41,7 +41,7 @@ use crate::model::{
     ClusterRanges, ClusterSnapshot, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
 };
 use crate::node_blocks::PodCidrSource;
-use crate::planner::{backstops, ParseMemo};
+use crate::planner::{backstops, OwnKeys, ParseMemo};
 use crate::reconcile::netlink::Netlink;
 use crate::reconcile::PeerStats;
 use crate::reconcile::Reconciler;
@@ -201,7 +201,32 @@ fn check_timers(args: &RunArgs) -> Result<()> {
             args.peer_timeout
         );
     }
+    // Peers refuse a switch scheduled further ahead (see
+    // annotations::MAX_KEY_SWITCH_AHEAD).
+    if *args.keys.key_switch_lead > crate::annotations::MAX_KEY_SWITCH_LEAD {
+        anyhow::bail!(
+            "--key-switch-lead {} must be at most {} (peers refuse a key switch announced further ahead)",
+            args.keys.key_switch_lead,
+            humantime::format_duration(crate::annotations::MAX_KEY_SWITCH_LEAD)
+        );
+    }
     Ok(())
+}
+
+/// Fresh proofs that this node holds the keys it announces (the decision
+/// keeps published ones that still hold).
+fn own_proofs(me: &NodeInfo, keys: &OwnKeys, state: &KeyState) -> Result<KeyProofs> {
+    let prove = |key: &PublicKey| -> Result<KeyProof> {
+        let private = std::iter::once(&state.current)
+            .chain(state.next.as_ref().map(|n| &n.key))
+            .find(|k| k.public_key() == *key)
+            .with_context(|| format!("no private key for the announced key {key}"))?;
+        Ok(private.prove(annotations::subject(me)))
+    };
+    Ok(KeyProofs {
+        key: prove(&keys.public_key)?,
+        next: keys.next.as_ref().map(|n| prove(&n.key)).transpose()?,
+    })
 }
 
 /// The cluster's ranges from `--cluster-cidr` and `--mesh-cidr`.
@@ -760,11 +785,13 @@ impl Agent {
         };
         // Decide.
         let step = self.rotate(me, &snapshot.revoked, snapshot.now)?;
+        let proofs = own_proofs(me, &step.keys, &step.state)?;
         let decision = decide(
             &Inputs {
                 snapshot: &snapshot,
                 local: &self.local,
                 keys: step.keys.clone(),
+                proofs,
                 endpoint_flag: self.args.endpoint,
                 listen_port: self.args.listen_port,
                 pod_cidrs,

@@ -11,13 +11,18 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use weft_keys::PublicKey;
+use weft_keys::{KeyProof, ProofError, ProofSubject, PublicKey};
 
 use crate::model::{ClusterRanges, NodeInfo};
+use crate::planner::{mesh_address_of, smallest_block};
 
 pub const PREFIX: &str = "weft.dev/";
 pub const VERSION: &str = "weft.dev/version";
 pub const PUBLIC_KEY: &str = "weft.dev/public-key";
+/// Proof that the node holds [`PUBLIC_KEY`]'s private key: its XEdDSA
+/// signature over the Node's name and UID (see [`weft_keys::KeyProof`]).
+/// A key anyone can copy; this, only its holder can make.
+pub const KEY_PROOF: &str = "weft.dev/key-proof";
 pub const ENDPOINT: &str = "weft.dev/endpoint";
 pub const MESH_ADDRESSES: &str = "weft.dev/mesh-addresses";
 pub const POD_CIDRS: &str = "weft.dev/pod-cidrs";
@@ -29,6 +34,9 @@ pub const UNREACHABLE: &str = "weft.dev/unreachable";
 /// key stays in [`PUBLIC_KEY`] until every peer has moved (see
 /// docs/security.md, "Key rotation").
 pub const NEXT_PUBLIC_KEY: &str = "weft.dev/next-public-key";
+/// With [`NEXT_PUBLIC_KEY`]: its proof, as [`KEY_PROOF`] is the current
+/// key's.
+pub const NEXT_KEY_PROOF: &str = "weft.dev/next-key-proof";
 /// With [`NEXT_PUBLIC_KEY`], from a node whose data plane answers only one
 /// key (kernel WireGuard, wireguard-go): when its peers move and it
 /// switches (RFC 3339). Absent: peers move at once (the node answers both).
@@ -57,11 +65,13 @@ pub const NO_ENDPOINT: &str = "none";
 pub const OWNED: &[&str] = &[
     VERSION,
     PUBLIC_KEY,
+    KEY_PROOF,
     ENDPOINT,
     MESH_ADDRESSES,
     POD_CIDRS,
     UNREACHABLE,
     NEXT_PUBLIC_KEY,
+    NEXT_KEY_PROOF,
     NEXT_KEY_AT,
     KEY_PENDING,
     KEY_SINCE,
@@ -77,9 +87,19 @@ pub const OWNED: &[&str] = &[
 /// next format and nodes on this one mesh with each other. A change that
 /// cannot be additive takes new annotation names, never a new meaning for
 /// an old one.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// Format 2 made key proofs ([`KEY_PROOF`]) and derived mesh addresses
+/// required: a format-1 node's claims prove nothing, so it is not read.
+pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format this meshd still reads (an older node is excluded).
-pub const OLDEST_READ_VERSION: u32 = 1;
+pub const OLDEST_READ_VERSION: u32 = 2;
+/// The furthest ahead a node may schedule its key switch ([`NEXT_KEY_AT`]):
+/// the longest `--key-switch-lead` (10 minutes) and 5 minutes of clock
+/// skew. A switch beyond it is refused: announcing a next key costs a node
+/// nothing until peers move to it, so it must not wait forever.
+pub const MAX_KEY_SWITCH_AHEAD: u64 = 15 * 60;
+/// The longest `--key-switch-lead`.
+pub const MAX_KEY_SWITCH_LEAD: std::time::Duration = std::time::Duration::from_secs(10 * 60);
 /// No Weft annotation value is legitimately longer, but [`UNREACHABLE`].
 pub const MAX_VALUE_LEN: usize = 512;
 /// [`UNREACHABLE`] lists node names: room for thousands (Kubernetes allows
@@ -91,9 +111,14 @@ const MAX_POD_CIDRS: usize = 8;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub public_key: PublicKey,
+    /// Its proofs of holding `public_key` and `next_key`'s key (shared:
+    /// claims are cloned on every decision).
+    pub proofs: Arc<KeyProofs>,
     /// `None`: the node cannot be reached unasked (behind NAT); it keeps its
     /// sessions up itself, and peers send to where its packets come from.
     pub endpoint: Option<SocketAddr>,
+    /// One per family, each derived from one of its pod CIDRs
+    /// ([`mesh_address_of`]): assigned by the control plane, never free.
     pub mesh_addresses: Vec<IpAddr>,
     pub pod_cidrs: Vec<IpNet>,
     /// Its link state: the nodes it reports it cannot reach directly
@@ -114,6 +139,15 @@ pub struct NextPublicKey {
     pub at: Option<u64>,
     /// The peers that have not moved yet, as the node last saw.
     pub pending: Arc<BTreeSet<String>>,
+}
+
+/// A node's proofs that it holds its keys' private halves ([`KEY_PROOF`],
+/// [`NEXT_KEY_PROOF`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyProofs {
+    pub key: KeyProof,
+    /// The next key's, exactly when the claim has a next key.
+    pub next: Option<KeyProof>,
 }
 
 impl Claim {
@@ -148,6 +182,12 @@ pub enum Rejection {
     Oversized(String),
     UnsupportedVersion(String),
     BadPublicKey(String),
+    /// A key without a valid proof of possession ([`KEY_PROOF`],
+    /// [`NEXT_KEY_PROOF`]): copied, or signed for another Node.
+    BadKeyProof {
+        annotation: &'static str,
+        why: ProofError,
+    },
     BadEndpoint(String),
     /// Parses, but nothing may be sent there: `why` says what it is.
     UnusableEndpoint {
@@ -156,6 +196,11 @@ pub enum Rejection {
     },
     BadMeshAddress(String),
     MeshAddressOutsideRange(IpAddr),
+    /// Not the mesh address of any of the node's pod CIDRs.
+    MeshAddressNotAssigned {
+        address: IpAddr,
+        expected: Vec<IpAddr>,
+    },
     BadPodCidr(String),
     BadUnreachable(String),
     /// A key-rotation annotation that is malformed or inconsistent.
@@ -175,8 +220,15 @@ pub enum Rejection {
     },
     /// As large as the whole cluster range it lies in.
     PodCidrTooLarge(IpNet),
+    /// Smaller than the mesh range can give an address of its own
+    /// (`smallest` is the longest prefix it can).
+    PodCidrTooSmall {
+        cidr: IpNet,
+        smallest: u8,
+    },
     /// An older node (or, at equal age, the one whose name sorts first)
-    /// already holds this.
+    /// already holds this: a key both prove they hold (a cloned key), or
+    /// overlapping pod CIDRs the control plane assigned to both.
     Conflict {
         field: &'static str,
         value: String,
@@ -192,12 +244,16 @@ impl Rejection {
             Self::Oversized(_) => "oversized",
             Self::UnsupportedVersion(_) => "unsupported_version",
             Self::BadPublicKey(_) => "bad_public_key",
+            Self::BadKeyProof { .. } => "bad_key_proof",
             Self::BadEndpoint(_) | Self::UnusableEndpoint { .. } => "bad_endpoint",
-            Self::BadMeshAddress(_) | Self::MeshAddressOutsideRange(_) => "bad_mesh_address",
+            Self::BadMeshAddress(_)
+            | Self::MeshAddressOutsideRange(_)
+            | Self::MeshAddressNotAssigned { .. } => "bad_mesh_address",
             Self::BadPodCidr(_)
             | Self::PodCidrOverlapsMesh(_)
             | Self::PodCidrOutsideCluster(_)
-            | Self::PodCidrTooLarge(_) => "bad_pod_cidr",
+            | Self::PodCidrTooLarge(_)
+            | Self::PodCidrTooSmall { .. } => "bad_pod_cidr",
             Self::PodCidrNotAssigned { .. } => "pod_cidr_not_assigned",
             Self::BadUnreachable(_) => "bad_unreachable",
             Self::BadRotation { .. } => "bad_rotation",
@@ -217,6 +273,7 @@ impl fmt::Display for Rejection {
                 "{VERSION} {v:?} is not supported (this meshd reads formats {OLDEST_READ_VERSION} and later, written as a decimal number)"
             ),
             Self::BadPublicKey(e) => write!(f, "{PUBLIC_KEY}: {e}"),
+            Self::BadKeyProof { annotation, why } => write!(f, "{annotation}: {why}"),
             Self::BadEndpoint(e) => write!(f, "{ENDPOINT}: {e}"),
             Self::UnusableEndpoint { endpoint, why } => {
                 write!(f, "{ENDPOINT} {endpoint} is not usable: {why}")
@@ -225,6 +282,15 @@ impl fmt::Display for Rejection {
             Self::MeshAddressOutsideRange(a) => write!(
                 f,
                 "{MESH_ADDRESSES}: {a} is outside the cluster's mesh ranges"
+            ),
+            Self::MeshAddressNotAssigned { address, expected } => write!(
+                f,
+                "{MESH_ADDRESSES}: {address} is not the mesh address of any of this node's pod CIDRs (expected {})",
+                if expected.is_empty() {
+                    "none: it has no pod CIDR of that family".to_string()
+                } else {
+                    expected.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or ")
+                }
             ),
             Self::BadPodCidr(e) => write!(f, "{POD_CIDRS}: {e}"),
             Self::BadUnreachable(e) => write!(f, "{UNREACHABLE}: {e}"),
@@ -251,6 +317,10 @@ impl fmt::Display for Rejection {
             Self::PodCidrTooLarge(c) => write!(
                 f,
                 "{POD_CIDRS}: {c} is as large as the cluster's whole pod range"
+            ),
+            Self::PodCidrTooSmall { cidr, smallest } => write!(
+                f,
+                "{POD_CIDRS}: {cidr} is smaller than /{smallest}, the smallest block the mesh range gives an address of its own"
             ),
             Self::Conflict {
                 field,
@@ -385,6 +455,26 @@ fn rotation(
     ))
 }
 
+/// The Node a key proof on `node` must be bound to.
+pub fn subject(node: &NodeInfo) -> ProofSubject<'_> {
+    ProofSubject {
+        node: &node.name,
+        uid: &node.uid,
+    }
+}
+
+/// The proof in `annotation` that `node` holds `key`'s private key.
+fn proof(
+    node: &NodeInfo,
+    annotation: &'static str,
+    key: &PublicKey,
+) -> Result<KeyProof, Rejection> {
+    let bad = |why| Rejection::BadKeyProof { annotation, why };
+    let proof: KeyProof = value(node, annotation)?.parse().map_err(bad)?;
+    proof.verify(key, subject(node)).map_err(bad)?;
+    Ok(proof)
+}
+
 fn list(v: &str) -> impl Iterator<Item = &str> {
     v.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
@@ -445,6 +535,7 @@ pub fn parse(
     let public_key: PublicKey = value(node, PUBLIC_KEY)?
         .parse()
         .map_err(|e: weft_keys::KeyParseError| Rejection::BadPublicKey(e.to_string()))?;
+    let key_proof = proof(node, KEY_PROOF, &public_key)?;
     // Absent: a node behind NAT (nothing may be sent to it unasked).
     let endpoint = match node.annotations.get(ENDPOINT) {
         None => None,
@@ -458,29 +549,6 @@ pub fn parse(
             Some(endpoint)
         }
     };
-    let mut mesh_addresses = Vec::new();
-    for a in list(value(node, MESH_ADDRESSES)?) {
-        let a: IpAddr = a
-            .parse()
-            .map_err(|e| Rejection::BadMeshAddress(format!("{a:?}: {e}")))?;
-        if !ranges.mesh.contains(a) {
-            return Err(Rejection::MeshAddressOutsideRange(a));
-        }
-        if mesh_addresses
-            .iter()
-            .any(|m: &IpAddr| m.is_ipv4() == a.is_ipv4())
-        {
-            return Err(Rejection::BadMeshAddress(
-                "at most one address per family".into(),
-            ));
-        }
-        mesh_addresses.push(a);
-    }
-    if !mesh_addresses.iter().any(IpAddr::is_ipv4) {
-        return Err(Rejection::BadMeshAddress(
-            "an IPv4 mesh address is required".into(),
-        ));
-    }
     let mut pod_cidrs = Vec::new();
     for c in list(value(node, POD_CIDRS)?) {
         let c: IpNet = c
@@ -499,6 +567,12 @@ pub fn parse(
         if c.prefix_len() <= cluster.prefix_len() {
             return Err(Rejection::PodCidrTooLarge(c));
         }
+        let mesh = ranges.mesh.of_family(&c);
+        if let Some(smallest) = mesh.map(|m| smallest_block(cluster, m)) {
+            if c.prefix_len() > smallest {
+                return Err(Rejection::PodCidrTooSmall { cidr: c, smallest });
+            }
+        }
         if !assigned.iter().any(|a| a.contains(&c)) {
             return Err(Rejection::PodCidrNotAssigned {
                 cidr: c,
@@ -514,10 +588,54 @@ pub fn parse(
     }
     pod_cidrs.sort();
     pod_cidrs.dedup();
+    let mut mesh_addresses = Vec::new();
+    for a in list(value(node, MESH_ADDRESSES)?) {
+        let a: IpAddr = a
+            .parse()
+            .map_err(|e| Rejection::BadMeshAddress(format!("{a:?}: {e}")))?;
+        if !ranges.mesh.contains(a) {
+            return Err(Rejection::MeshAddressOutsideRange(a));
+        }
+        if mesh_addresses
+            .iter()
+            .any(|m: &IpAddr| m.is_ipv4() == a.is_ipv4())
+        {
+            return Err(Rejection::BadMeshAddress(
+                "at most one address per family".into(),
+            ));
+        }
+        // Assigned, not claimed: the address of one of its own blocks, so
+        // no node can take another's (blocks do not overlap).
+        let expected: Vec<IpAddr> = pod_cidrs
+            .iter()
+            .filter_map(|c| mesh_address_of(ranges, c))
+            .filter(|e| e.is_ipv4() == a.is_ipv4())
+            .collect();
+        if !expected.contains(&a) {
+            return Err(Rejection::MeshAddressNotAssigned {
+                address: a,
+                expected,
+            });
+        }
+        mesh_addresses.push(a);
+    }
+    if !mesh_addresses.iter().any(IpAddr::is_ipv4) {
+        return Err(Rejection::BadMeshAddress(
+            "an IPv4 mesh address is required".into(),
+        ));
+    }
     mesh_addresses.sort();
     let (key_since, next_key) = rotation(node, public_key)?;
+    let proofs = KeyProofs {
+        key: key_proof,
+        next: next_key
+            .as_ref()
+            .map(|next| proof(node, NEXT_KEY_PROOF, &next.key))
+            .transpose()?,
+    };
     Ok(Some(Claim {
         public_key,
+        proofs: Arc::new(proofs),
         endpoint,
         mesh_addresses,
         pod_cidrs,
@@ -536,6 +654,7 @@ pub fn render(claim: &Claim) -> BTreeMap<String, String> {
     let mut rendered = BTreeMap::from([
         (VERSION.to_string(), FORMAT_VERSION.to_string()),
         (PUBLIC_KEY.to_string(), claim.public_key.to_string()),
+        (KEY_PROOF.to_string(), claim.proofs.key.to_string()),
         (
             MESH_ADDRESSES.to_string(),
             join(
@@ -564,6 +683,9 @@ pub fn render(claim: &Claim) -> BTreeMap<String, String> {
             rendered.insert(NEXT_KEY_AT.to_string(), render_time(at));
         }
         lists.push((KEY_PENDING, &next.pending));
+    }
+    if let Some(proof) = &claim.proofs.next {
+        rendered.insert(NEXT_KEY_PROOF.to_string(), proof.to_string());
     }
     for (key, names) in lists {
         let joined = join_names(names);
@@ -673,10 +795,95 @@ pub fn patch(
     (!changes.is_empty()).then(|| serde_json::json!({"metadata": {"annotations": changes}}))
 }
 
+/// Keys and proofs for tests: test key `seed` is the private key of 32
+/// bytes `seed` (never 0), so a test names keys by number and can prove
+/// them.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::net::{IpAddr, SocketAddr};
+
+    use ipnet::{IpNet, Ipv4Net};
+    use weft_keys::{KeyProof, PrivateKey, PublicKey};
+
+    use super::{render, subject, Claim, KeyProofs};
+    use crate::model::{ClusterRanges, NodeInfo, Placement};
+    use crate::planner::mesh_address_of;
+
+    pub fn private(seed: u8) -> PrivateKey {
+        PrivateKey::from_bytes([seed.max(1); 32])
+    }
+
+    pub fn key(seed: u8) -> PublicKey {
+        private(seed).public_key()
+    }
+
+    /// `node`'s proof of test key `seed`: the same one every time in a
+    /// thread (proofs are randomized), so fixtures made twice are equal.
+    pub fn proof(node: &NodeInfo, seed: u8) -> KeyProof {
+        thread_local! {
+            static MADE: RefCell<HashMap<(String, String, u8), KeyProof>> = RefCell::default();
+        }
+        MADE.with(|made| {
+            *made
+                .borrow_mut()
+                .entry((node.name.clone(), node.uid.clone(), seed))
+                .or_insert_with(|| private(seed).prove(subject(node)))
+        })
+    }
+
+    /// `node`'s proofs of test keys `key` and `next`.
+    pub fn proofs(node: &NodeInfo, key: u8, next: Option<u8>) -> KeyProofs {
+        KeyProofs {
+            key: proof(node, key),
+            next: next.map(|n| proof(node, n)),
+        }
+    }
+
+    /// A valid claim of `node`'s with test key `key` and pod CIDR `pod`
+    /// (and its mesh address), reachable at 198.18.1.`i`:51820.
+    pub fn claim(node: &NodeInfo, key: u8, i: u8, pod: IpNet) -> Claim {
+        Claim {
+            public_key: self::key(key),
+            proofs: std::sync::Arc::new(proofs(node, key, None)),
+            endpoint: Some(SocketAddr::from(([198, 18, 1, i], 51820))),
+            mesh_addresses: mesh_address_of(&ClusterRanges::lab(), &pod)
+                .into_iter()
+                .collect(),
+            pod_cidrs: vec![pod],
+            unreachable: Default::default(),
+            key_since: None,
+            next_key: None,
+        }
+    }
+
+    /// Node `node-{i}`, created at `i`, its pod CIDR 198.19.`i`.0/24
+    /// assigned, and no annotations yet.
+    pub fn bare(i: u8) -> NodeInfo {
+        NodeInfo {
+            name: format!("node-{i}"),
+            uid: format!("node-{i}-uid"),
+            created: i64::from(i),
+            internal_ips: vec![IpAddr::from([198, 18, 1, i])],
+            spec_pod_cidrs: vec![IpNet::from(Ipv4Net::new_assert([198, 19, i, 0].into(), 24))],
+            annotations: Default::default(),
+            placement: Placement::anywhere(),
+        }
+    }
+
+    /// [`bare`] node `i` publishing a valid claim with test key `i`.
+    pub fn published(i: u8) -> (NodeInfo, Claim) {
+        let mut node = bare(i);
+        let claim = claim(&node, i, i, node.spec_pod_cidrs[0]);
+        node.annotations = render(&claim);
+        (node, claim)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use weft_keys::PrivateKey;
 
     /// Parsed with its spec.podCIDRs as what was assigned.
     fn check(n: &NodeInfo) -> Result<Option<Claim>, Rejection> {
@@ -685,25 +892,35 @@ mod tests {
 
     fn node_with(claim: &Claim) -> NodeInfo {
         NodeInfo {
+            annotations: render(claim),
+            ..bare()
+        }
+    }
+
+    /// Node `n` with its pod CIDRs assigned and no annotations.
+    fn bare() -> NodeInfo {
+        NodeInfo {
             name: "n".into(),
+            uid: "n-uid".into(),
             created: 0,
             internal_ips: vec![],
             spec_pod_cidrs: vec![
                 "198.19.1.0/24".parse().unwrap(),
                 "fd98:19:0:1::/64".parse().unwrap(),
             ],
-            annotations: render(claim),
+            annotations: BTreeMap::new(),
             placement: crate::model::Placement::anywhere(),
         }
     }
 
     fn claim() -> Claim {
         Claim {
-            public_key: PrivateKey::generate().public_key(),
+            public_key: fixtures::key(1),
+            proofs: Arc::new(fixtures::proofs(&bare(), 1, None)),
             endpoint: Some("198.18.1.1:51820".parse().unwrap()),
             mesh_addresses: vec![
-                "198.18.128.1".parse().unwrap(),
-                "fd98:18::1".parse().unwrap(),
+                "198.18.128.65".parse().unwrap(),
+                "fd98:18::8000:0:1".parse().unwrap(),
             ],
             pod_cidrs: vec![
                 "198.19.1.0/24".parse().unwrap(),
@@ -726,12 +943,135 @@ mod tests {
     #[test]
     fn later_formats_are_read_for_what_this_format_knows() {
         let c = claim();
-        for version in ["2", "17"] {
+        for version in ["3", "17"] {
             let mut n = node_with(&c);
             set(&mut n, VERSION, version);
             set(&mut n, "weft.dev/a-later-field", "anything");
             assert_eq!(check(&n), Ok(Some(c.clone())), "version {version}");
         }
+        // Format 1 proved no key: not read.
+        let mut old = node_with(&c);
+        set(&mut old, VERSION, "1");
+        assert_eq!(check(&old).unwrap_err().reason(), "unsupported_version");
+    }
+
+    /// A key is the node's only with its proof, made by the key's holder
+    /// for this Node: copied from another Node (the key and its proof as
+    /// published there), for another UID, or missing, it is refused — the
+    /// current key and the next alike.
+    #[test]
+    fn a_key_without_its_holder_s_proof_for_this_node_is_refused() {
+        let victim = NodeInfo {
+            name: "victim".into(),
+            uid: "victim-uid".into(),
+            ..bare()
+        };
+        let copied = fixtures::proofs(&victim, 5, Some(6));
+        let reincarnated = NodeInfo {
+            uid: "n-uid-2".into(),
+            ..bare()
+        };
+        let mut rotating = claim();
+        rotating.next_key = Some(NextPublicKey {
+            key: fixtures::key(6),
+            at: None,
+            pending: Default::default(),
+        });
+        rotating.proofs = Arc::new(fixtures::proofs(&bare(), 1, Some(6)));
+        assert!(check(&node_with(&rotating)).is_ok());
+        type Edit<'a> = Box<dyn Fn(&mut NodeInfo) + 'a>;
+        let cases: Vec<(&str, Edit, &str)> = vec![
+            (
+                "the victim's key and proof",
+                Box::new(|n| {
+                    set(n, PUBLIC_KEY, &fixtures::key(5).to_string());
+                    set(n, KEY_PROOF, &copied.key.to_string());
+                }),
+                KEY_PROOF,
+            ),
+            (
+                "the victim's next key and its proof",
+                Box::new(|n| {
+                    set(n, NEXT_PUBLIC_KEY, &fixtures::key(6).to_string());
+                    set(n, NEXT_KEY_PROOF, &copied.next.unwrap().to_string());
+                }),
+                NEXT_KEY_PROOF,
+            ),
+            (
+                "a proof for an earlier Node of the same name",
+                Box::new(|n| {
+                    let old = fixtures::proofs(&reincarnated, 1, None);
+                    set(n, KEY_PROOF, &old.key.to_string());
+                }),
+                KEY_PROOF,
+            ),
+            (
+                "the current key's proof for the next key",
+                Box::new(|n| {
+                    let own = n.annotations[KEY_PROOF].clone();
+                    set(n, NEXT_KEY_PROOF, &own);
+                }),
+                NEXT_KEY_PROOF,
+            ),
+            (
+                "not a proof",
+                Box::new(|n| set(n, KEY_PROOF, "c2lnbmVk")),
+                KEY_PROOF,
+            ),
+        ];
+        for (what, edit, field) in cases {
+            let mut n = node_with(&rotating);
+            edit(&mut n);
+            let err = check(&n).unwrap_err();
+            assert_eq!(err.reason(), "bad_key_proof", "{what}: {err}");
+            assert!(err.to_string().starts_with(field), "{what}: {err}");
+        }
+        for missing in [KEY_PROOF, NEXT_KEY_PROOF] {
+            let mut n = node_with(&rotating);
+            n.annotations.remove(missing);
+            assert_eq!(check(&n), Err(Rejection::Missing(missing)));
+        }
+    }
+
+    /// A mesh address is one of the node's own blocks' and nothing else;
+    /// a block too small to have one is refused.
+    #[test]
+    fn a_mesh_address_is_one_of_its_blocks() {
+        for (value, ok) in [
+            ("198.18.128.65,fd98:18::8000:0:1", true),
+            ("198.18.128.65", true),
+            // Another block's (node-2's, say), or any other address.
+            ("198.18.128.129", false),
+            ("198.18.128.66", false),
+            ("198.18.128.65,fd98:18::1", false),
+        ] {
+            let mut n = node_with(&claim());
+            set(&mut n, MESH_ADDRESSES, value);
+            match check(&n) {
+                Ok(_) => assert!(ok, "{value} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{value}: {e}");
+                    assert!(
+                        matches!(e, Rejection::MeshAddressNotAssigned { .. }),
+                        "{value}: {e}"
+                    );
+                    assert!(
+                        e.to_string().contains("expected 198.18.128.65")
+                            || e.to_string().contains("expected fd98:18::8000:0:1"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+        let mut tiny = node_with(&claim());
+        set(&mut tiny, POD_CIDRS, "198.19.1.0/31");
+        assert_eq!(
+            check(&tiny),
+            Err(Rejection::PodCidrTooSmall {
+                cidr: "198.19.1.0/31".parse().unwrap(),
+                smallest: 30
+            })
+        );
     }
 
     /// Link state round-trips; absent is "reaches everyone"; a list too
@@ -785,10 +1125,11 @@ mod tests {
         let mut c = claim();
         c.key_since = Some(1_764_676_800);
         c.next_key = Some(NextPublicKey {
-            key: PrivateKey::generate().public_key(),
+            key: fixtures::key(2),
             at: Some(1_764_676_805),
             pending: Arc::new(BTreeSet::from(["node-2".to_string()])),
         });
+        c.proofs = Arc::new(fixtures::proofs(&bare(), 1, Some(2)));
         let n = node_with(&c);
         assert_eq!(n.annotations[KEY_SINCE], "2025-12-02T12:00:00Z");
         assert_eq!(check(&n), Ok(Some(c.clone())));
@@ -1023,10 +1364,12 @@ mod tests {
     fn claims_within_what_was_assigned_are_accepted() {
         let mut n = node_with(&claim());
         set(&mut n, POD_CIDRS, "198.19.1.128/25");
+        set(&mut n, MESH_ADDRESSES, "198.18.128.97");
         assert!(check(&n).unwrap().is_some());
         // Without a spec, the block the record holds for the node counts.
         n.spec_pod_cidrs.clear();
         set(&mut n, POD_CIDRS, "198.19.7.0/24");
+        set(&mut n, MESH_ADDRESSES, "198.18.129.193");
         let record_block: IpNet = "198.19.7.0/24".parse().unwrap();
         assert!(parse(&n, &ClusterRanges::lab(), &[record_block])
             .unwrap()

@@ -128,6 +128,7 @@ pub fn node_info(node: &Node) -> NodeInfo {
     };
     NodeInfo {
         name: node.name_any(),
+        uid: node.metadata.uid.clone().unwrap_or_default(),
         created,
         internal_ips,
         spec_pod_cidrs,

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
-use crate::annotations::{self, Claim, PolicyApplied, POLICY_APPLIED};
+use crate::annotations::{self, Claim, KeyProofs, PolicyApplied, POLICY_APPLIED};
 use crate::model::{ClusterSnapshot, DesiredNode, LocalConfig};
 use crate::planner::{
     judge_parsed, own_claim, own_endpoint, plan_judged, OwnError, OwnKeys, ParseMemo,
@@ -20,6 +20,8 @@ pub struct Inputs<'a> {
     pub snapshot: &'a ClusterSnapshot,
     pub local: &'a LocalConfig,
     pub keys: OwnKeys,
+    /// Proofs of `keys` (made where the private keys are).
+    pub proofs: KeyProofs,
     /// `--endpoint`, if given.
     pub endpoint_flag: Option<SocketAddr>,
     pub listen_port: u16,
@@ -47,6 +49,7 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
         snapshot,
         local,
         keys,
+        proofs,
         endpoint_flag,
         listen_port,
         pod_cidrs,
@@ -58,9 +61,9 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
         .find(|n| n.name == local.node_name)
         .ok_or_else(|| OwnError::NotRegistered(local.node_name.clone()))?;
     let endpoint = own_endpoint(me, *endpoint_flag, *listen_port, &local.ranges)?;
-    // Every node's annotations are parsed once, for the claim and the verdicts.
+    // Every node's annotations are parsed once.
     let mut parsed = memo.parse_all(snapshot, &local.ranges);
-    let claim = own_claim(&parsed, local, keys, endpoint, pod_cidrs.clone())?;
+    let claim = own_claim(me, local, keys, proofs.clone(), endpoint, pod_cidrs.clone())?;
     let mut published = annotations::render(&claim);
     if let Some(applied) = policy_applied {
         published.insert(POLICY_APPLIED.to_string(), applied.to_string());
@@ -76,7 +79,7 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
     if let Some(entry) = parsed.iter_mut().find(|(n, _)| n.name == local.node_name) {
         entry.1 = own;
     }
-    let verdicts = judge_parsed(parsed, &snapshot.revoked);
+    let verdicts = judge_parsed(parsed, &snapshot.revoked, snapshot.now);
     Ok(Decision {
         patch,
         desired: plan_judged(snapshot, local, verdicts),
@@ -89,23 +92,25 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::annotations::{render, FORCE_ENDPOINT, POD_CIDRS};
+    use crate::annotations::{fixtures, render, FORCE_ENDPOINT, POD_CIDRS};
     use crate::model::{ClusterRanges, NodeInfo, Placement, Verdict};
 
     fn node(k: u8, annotations: BTreeMap<String, String>) -> NodeInfo {
         NodeInfo {
             name: format!("node-{k}"),
+            uid: format!("node-{k}-uid"),
             created: i64::from(k),
             internal_ips: vec![format!("198.18.1.{k}").parse().unwrap()],
-            spec_pod_cidrs: vec![format!("198.19.{k}.0/24").parse().unwrap()],
+            spec_pod_cidrs: vec![
+                format!("198.19.{k}.0/24").parse().unwrap(),
+                format!("fd98:19:0:{k}::/64").parse().unwrap(),
+            ],
             annotations,
             placement: Placement::anywhere(),
         }
     }
 
-    fn key(k: u8) -> weft_keys::PublicKey {
-        weft_keys::PublicKey::from_bytes([k; 32])
-    }
+    use fixtures::key;
 
     fn local() -> LocalConfig {
         LocalConfig::new("node-1", ClusterRanges::lab())
@@ -116,9 +121,10 @@ mod tests {
             snapshot,
             local,
             keys: crate::planner::OwnKeys::steady(key(1), 0),
+            proofs: fixtures::proofs(&node(1, BTreeMap::new()), 1, None),
             endpoint_flag: None,
             listen_port: 51820,
-            pod_cidrs: vec!["198.19.1.0/24".parse().unwrap()],
+            pod_cidrs: node(1, BTreeMap::new()).spec_pod_cidrs,
             policy_applied: None,
         }
     }
@@ -127,8 +133,9 @@ mod tests {
     fn peer() -> NodeInfo {
         let claim = Claim {
             public_key: key(2),
+            proofs: std::sync::Arc::new(fixtures::proofs(&node(2, BTreeMap::new()), 2, None)),
             endpoint: Some("198.18.1.2:51820".parse().unwrap()),
-            mesh_addresses: vec!["198.18.128.2".parse().unwrap()],
+            mesh_addresses: vec!["198.18.128.129".parse().unwrap()],
             pod_cidrs: vec!["198.19.2.0/24".parse().unwrap()],
             unreachable: Default::default(),
             key_since: None,
@@ -147,7 +154,10 @@ mod tests {
         let l = local();
         let d = decide(&inputs(&snap, &l), &mut ParseMemo::default()).unwrap();
         let patch = d.patch.expect("a fresh node publishes");
-        assert_eq!(patch["metadata"]["annotations"][POD_CIDRS], "198.19.1.0/24");
+        assert_eq!(
+            patch["metadata"]["annotations"][POD_CIDRS],
+            "198.19.1.0/24,fd98:19:0:1::/64"
+        );
         // Its own verdict is already Accepted: it planned with the claim.
         assert!(matches!(d.desired.verdicts["node-1"], Verdict::Accepted(_)));
         assert_eq!(d.desired.peers.len(), 1);
@@ -241,6 +251,7 @@ mod tests {
                 }),
                 ..crate::planner::OwnKeys::steady(key(1), 0)
             },
+            proofs: fixtures::proofs(&node(1, BTreeMap::new()), 1, Some(7)),
             ..inputs(&empty, &l)
         };
         let snap = ClusterSnapshot {
@@ -262,6 +273,7 @@ mod tests {
         let finished = Inputs {
             snapshot: &snap,
             keys: crate::planner::OwnKeys::steady(key(7), 5),
+            proofs: fixtures::proofs(&node(1, BTreeMap::new()), 7, None),
             ..inputs(&snap, &l)
         };
         let d = decide(&finished, &mut ParseMemo::default()).unwrap();

@@ -378,35 +378,20 @@ fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::annotations::{render, Claim};
-    use crate::model::{NodeInfo, Placement};
+    use crate::annotations::{fixtures, render};
+    use crate::model::NodeInfo;
     use std::collections::BTreeSet;
-    use weft_keys::PublicKey;
 
     fn node(i: u8, unreachable: &[&str]) -> NodeInfo {
-        let pod: IpNet = format!("198.19.{i}.0/24").parse().unwrap();
-        let claim = Claim {
-            public_key: PublicKey::from_bytes([i; 32]),
-            endpoint: Some(format!("198.18.1.{i}:51820").parse().unwrap()),
-            mesh_addresses: vec![format!("198.18.128.{i}").parse().unwrap()],
-            pod_cidrs: vec![pod],
-            unreachable: std::sync::Arc::new(
-                unreachable
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<BTreeSet<_>>(),
-            ),
-            key_since: None,
-            next_key: None,
-        };
-        NodeInfo {
-            name: format!("node-{i}"),
-            created: i64::from(i),
-            internal_ips: vec![],
-            spec_pod_cidrs: vec![pod],
-            annotations: render(&claim),
-            placement: Placement::anywhere(),
-        }
+        let (mut node, mut claim) = fixtures::published(i);
+        claim.unreachable = std::sync::Arc::new(
+            unreachable
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<BTreeSet<_>>(),
+        );
+        node.annotations = render(&claim);
+        node
     }
 
     fn settings() -> MeshSettings {

@@ -16,6 +16,9 @@ use crate::annotations::{Claim, Rejection};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: String,
+    /// `metadata.uid` (set by the API server): what a key proof is bound to
+    /// besides the name, so a proof dies with its Node object.
+    pub uid: String,
     /// `metadata.creationTimestamp` in Unix seconds (set by the API server,
     /// so trusted); the older node wins a conflicting claim.
     pub created: i64,
@@ -237,6 +240,12 @@ impl Ranges {
     /// Whether `net` shares any address with one of the ranges.
     pub fn overlaps(&self, net: &IpNet) -> bool {
         self.iter().any(|r| overlap(&r, net))
+    }
+
+    /// The range of `net`'s family, if there is one.
+    pub fn of_family(&self, net: &IpNet) -> Option<IpNet> {
+        self.iter()
+            .find(|r| r.addr().is_ipv4() == net.addr().is_ipv4())
     }
 
     /// The range of `net`'s family that holds all of `net`, if any.

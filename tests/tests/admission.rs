@@ -12,44 +12,12 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::{run_bounded, Lab};
+use common::{client, kubeconfig_with, pod_token, run_bounded, Lab};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
 use serde_json::{json, Value};
 
 const DENIED: &str = "is forbidden: ValidatingAdmissionPolicy 'weft-meshd-own-node' with binding 'weft-meshd-own-node' denied request: ";
-
-/// The pod token the lab's kubelet issued to `node`.
-fn pod_token(lab: &Lab, node: &str) -> String {
-    let text = std::fs::read_to_string(lab.dir().join(node).join("kubeconfig")).unwrap();
-    let kubeconfig: Value = serde_norway::from_str(&text).unwrap();
-    kubeconfig["users"][0]["user"]["token"]
-        .as_str()
-        .expect("the pod kubeconfig has a token")
-        .to_string()
-}
-
-/// A kubeconfig for the host's API address that authenticates with `token`
-/// (the pod's own points at the fabric address, reachable only inside the
-/// node's namespace).
-fn kubeconfig_with(lab: &Lab, token: &str, name: &str) -> PathBuf {
-    let text = std::fs::read_to_string(lab.kubeconfig()).unwrap();
-    let mut kubeconfig: Value = serde_norway::from_str(&text).unwrap();
-    kubeconfig["users"][0]["user"]["token"] = json!(token);
-    let path = lab.dir().join(format!("{name}.kubeconfig"));
-    std::fs::write(&path, serde_norway::to_string(&kubeconfig).unwrap()).unwrap();
-    path
-}
-
-async fn client(path: &Path) -> Client {
-    let kubeconfig = Kubeconfig::read_from(path).unwrap();
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    Client::try_from(config).unwrap()
-}
 
 /// The API server's answer to a failed request: (code, message).
 fn refused<T: std::fmt::Debug>(result: kube::Result<T>) -> (u16, String) {

@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{node, pid_of_meshd, signal, wait_for, Lab};
+use common::{node, pid_of_meshd, signal, wait_for, Hostile, Lab};
 use serde_json::Value;
 
 /// Stops a node's meshd cleanly (its data plane stays) and waits for it.
@@ -58,6 +58,18 @@ fn peer_nodes(lab: &Lab, name: &str) -> Vec<String> {
     let mut nodes: Vec<String> = peers(lab, name).into_iter().map(|p| p.0).collect();
     nodes.sort();
     nodes
+}
+
+/// `name`'s published IPv4 mesh address.
+fn mesh_v4_of(lab: &Lab, name: &str) -> String {
+    node(&lab.status(), name)["meshAddresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .find(|a| !a.contains(':'))
+        .expect("an IPv4 mesh address")
+        .to_string()
 }
 
 /// Sets (or overwrites) one annotation on a Node, as an admin or attacker would.
@@ -208,6 +220,16 @@ fn no_plaintext_whatever_happens_to_a_peer() {
     let path = lab.dir().join("node-3-again.json");
     std::fs::write(&path, again.to_string()).unwrap();
     lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
+    // Its old annotations prove nothing for the new Node (a key proof is
+    // bound to the Node's UID): it is refused until its meshd proves its
+    // key again.
+    wait_for(
+        "node-1 to refuse node-3's old proof",
+        Duration::from_secs(5),
+        || lab.metric("node-1", "weft_excluded_nodes{reason=\"bad_key_proof\"}") == 1.0,
+    );
+    refused("node-3 re-registered");
+    lab.ok(&["start-meshd", "node-3"]);
     wait_for(
         "node-1 to reach node-3's pods again, through WireGuard",
         Duration::from_secs(10),
@@ -217,6 +239,7 @@ fn no_plaintext_whatever_happens_to_a_peer() {
                 .all(|t| pod_ping(&lab, "node-1", t, 1).status.success())
         },
     );
+    stop_meshd(&lab, "node-3");
 
     // The peer's data plane dies too.
     signal(i64::from(dataplane_pid(&lab, "node-3")), "-KILL");
@@ -296,33 +319,19 @@ fn changing_a_peer_keeps_every_data_plane_alive() {
             },
         );
     }
-    // Its allowed IPs change: a new mesh address.
-    let mesh = node(&lab.status(), "node-3")["meshAddresses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_string())
-        .collect::<Vec<_>>();
-    let renumbered: Vec<String> = mesh
-        .iter()
-        .map(|a| match a.contains(':') {
-            true => "fd98:18::ee".to_string(),
-            false => "198.18.200.238".to_string(),
-        })
-        .collect();
-    annotate(
-        &lab,
-        "node-3",
-        "weft.dev/mesh-addresses",
-        &renumbered.join(","),
-    );
+    // Its allowed IPs change: it drops its IPv6 mesh address (optional;
+    // a mesh address is its block's, so it can only drop or keep one).
+    let v4 = mesh_v4_of(&lab, "node-3");
+    annotate(&lab, "node-3", "weft.dev/mesh-addresses", &v4);
     for name in ["node-1", "node-2"] {
         wait_for(
-            &format!("{name} to take node-3's new mesh address"),
+            &format!("{name} to drop node-3's IPv6 mesh address"),
             Duration::from_secs(5),
             || {
                 peers(&lab, name).iter().any(|(n, _, allowed)| {
-                    n == "node-3" && allowed.contains(&"198.18.200.238/32".to_string())
+                    n == "node-3"
+                        && allowed.contains(&format!("{v4}/32"))
+                        && !allowed.iter().any(|a| a.starts_with("fd98:18:"))
                 })
             },
         );
@@ -434,21 +443,11 @@ fn the_agent_cannot_be_wedged() {
 #[test]
 fn a_flapping_hostile_node_cannot_flood_the_api() {
     let lab = Lab::up("t-flap", &["--nodes", "2"]);
-    let key = {
-        let out = Command::new("bash")
-            .args(["-c", "wg genkey | wg pubkey"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let manifest = format!(
-        r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"flapper","annotations":{{
-          "weft.dev/version":"1","weft.dev/public-key":"{key}","weft.dev/endpoint":"198.18.1.60:51820",
-          "weft.dev/mesh-addresses":"198.18.250.60","weft.dev/pod-cidrs":"8.8.8.0/24"}}}}}}"#
-    );
-    let path = lab.dir().join("flapper.json");
-    std::fs::write(&path, manifest).unwrap();
-    lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
+    // Its key proven, so its claims are judged past the proof.
+    let mut flapper = Hostile::valid("flapper", "8.8.8.0/24", "bad_pod_cidr")
+        .with("weft.dev/mesh-addresses", "198.18.250.60");
+    flapper.spec = None;
+    flapper.register(&lab);
     let nodes = ["node-1", "node-2"];
     for n in nodes {
         wait_for(

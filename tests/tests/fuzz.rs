@@ -74,8 +74,8 @@ fn text_from(tokens: Vec<&'static str>) -> impl Strategy<Value = String> {
 
 mod annotations {
     use super::*;
-    use weft_keys::PublicKey;
-    use weft_meshd::annotations::{parse, FORCE_ENDPOINT, OWNED, PUBLIC_KEY, VERSION};
+    use weft_keys::{PrivateKey, ProofSubject};
+    use weft_meshd::annotations::{parse, FORCE_ENDPOINT, KEY_PROOF, OWNED, PUBLIC_KEY, VERSION};
     use weft_meshd::model::{
         ClusterRanges, ClusterSnapshot, LocalConfig, NodeInfo, Placement, Ranges,
     };
@@ -106,7 +106,9 @@ mod annotations {
             "8.8.8.0/24",
             "fd98:19:0:1::/64",
             "198.18.128.1",
+            "198.18.128.65",
             "fd98:18::1",
+            "fd98:18::8000:0:1",
             "0.0.0.0:0",
             "AK64kaURB7gIujba7uPpXZuBtMVJZA8BQwbhn1xWC2c=",
             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
@@ -142,15 +144,26 @@ mod annotations {
             any::<[u8; 32]>(),
         )
             .prop_map(|(mut annotations, spec, created, n, key)| {
-                // Half the nodes carry a well-formed key, so parsing goes deep.
+                let (name, uid) = (format!("n{n}"), format!("uid-{}", key[1] % 2));
+                // Half the nodes carry a well-formed key, and most of those
+                // its proof for this node, so parsing goes deep.
                 if key[0] % 2 == 0 {
-                    annotations.insert(PUBLIC_KEY.into(), PublicKey::from_bytes(key).to_string());
+                    let private = PrivateKey::from_bytes(key);
+                    annotations.insert(PUBLIC_KEY.into(), private.public_key().to_string());
+                    if key[2] % 4 != 0 {
+                        let subject = ProofSubject {
+                            node: &name,
+                            uid: "uid-0",
+                        };
+                        annotations.insert(KEY_PROOF.into(), private.prove(subject).to_string());
+                    }
                     annotations
                         .entry(VERSION.into())
-                        .or_insert_with(|| "1".into());
+                        .or_insert_with(|| "2".into());
                 }
                 NodeInfo {
-                    name: format!("n{n}"),
+                    name,
+                    uid,
                     created,
                     internal_ips: vec![],
                     spec_pod_cidrs: spec.iter().map(|c| c.parse().unwrap()).collect(),

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{node, pid_of_meshd, plaintext, signal, wait_for, Lab};
+use common::{node, pid_of_meshd, plaintext, signal, wait_for, Hostile, Lab};
 use serde_json::Value;
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -413,148 +413,60 @@ fn a_stopped_data_plane_fails_closed() {
 fn hostile_nodes_are_excluded_on_every_node() {
     let lab = Lab::up("t-hostile", &["--nodes", "3"]);
     let status = lab.status();
-    let good_key = node(&status, "node-1")["publicKey"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let valid = |name: &str, key: &str, endpoint: &str, cidr: &str, mesh: &str| {
-        format!(
-            r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"{name}","annotations":{{
-              "weft.dev/version":"1","weft.dev/public-key":"{key}","weft.dev/endpoint":"{endpoint}",
-              "weft.dev/mesh-addresses":"{mesh}","weft.dev/pod-cidrs":"{cidr}"}}}},
-              "spec":{{"podCIDRs":["{cidr}"]}}}}"#
-        )
-    };
-    let fresh_key = || {
-        let out = Command::new("bash")
-            .args(["-c", "wg genkey | wg pubkey"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let n1_cidr = node(&status, "node-1")["podCIDRs"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let n1 = node(&status, "node-1");
+    let n1_cidr = n1["podCIDRs"][0].as_str().unwrap().to_string();
+    let n1_key = n1["publicKey"].as_str().unwrap().to_string();
+    let n1_proof = lab.kubectl(&[
+        "get",
+        "node",
+        "node-1",
+        "-o",
+        "jsonpath={.metadata.annotations.weft\\.dev/key-proof}",
+    ]);
+    let mut key_thief = Hostile::valid("key-thief", "198.19.53.0/24", "bad_key_proof")
+        .with("weft.dev/public-key", &n1_key)
+        .with("weft.dev/key-proof", n1_proof.trim());
+    key_thief.key = None;
+    let mut bad_key = Hostile::valid("bad-key", "198.19.50.0/24", "bad_public_key")
+        .with("weft.dev/public-key", "this-is-not-a-key");
+    bad_key.key = None;
+    let mut evil = Hostile::valid("evil", "8.8.8.0/24", "bad_pod_cidr")
+        .with("weft.dev/pod-cidrs", "8.8.8.0/24,1.0.0.0/8")
+        .with("weft.dev/mesh-addresses", "198.18.250.8");
+    // No spec and no block: public ranges (the hijack seen).
+    evil.spec = None;
     let hostile = [
-        (
-            "bad-key",
-            valid(
-                "bad-key",
-                "this-is-not-a-key",
-                "198.18.1.50:51820",
-                "198.19.50.0/24",
-                "198.18.250.1",
-            ),
-            "bad_public_key",
-        ),
-        (
-            "zero-endpoint",
-            valid(
-                "zero-endpoint",
-                &fresh_key(),
-                "0.0.0.0:51820",
-                "198.19.51.0/24",
-                "198.18.250.2",
-            ),
-            "bad_endpoint",
-        ),
-        (
-            "hijacker",
-            valid(
-                "hijacker",
-                &fresh_key(),
-                "198.18.1.52:51820",
-                &n1_cidr,
-                "198.18.250.3",
-            ),
-            "conflict",
-        ),
-        (
-            "key-thief",
-            valid(
-                "key-thief",
-                &good_key,
-                "198.18.1.53:51820",
-                "198.19.53.0/24",
-                "198.18.250.4",
-            ),
-            "conflict",
-        ),
-        (
-            "endpoint-thief",
-            valid(
-                "endpoint-thief",
-                &fresh_key(),
-                "198.18.1.2:51820",
-                "198.19.54.0/24",
-                "198.18.250.5",
-            ),
-            "conflict",
-        ),
-        (
-            "loopback",
-            valid(
-                "loopback",
-                &fresh_key(),
-                "127.0.0.1:51820",
-                "198.19.55.0/24",
-                "198.18.250.6",
-            ),
-            "bad_endpoint",
-        ),
-        (
-            // The whole cluster range, through a spec saying so.
-            "greedy",
-            valid(
-                "greedy",
-                &fresh_key(),
-                "198.18.1.56:51820",
-                "198.19.0.0/16",
-                "198.18.250.7",
-            ),
-            "bad_pod_cidr",
-        ),
-        (
-            "oversized",
-            valid(
-                "oversized",
-                &fresh_key(),
-                &"9".repeat(10_000),
-                "198.19.58.0/24",
-                "198.18.250.9",
-            ),
-            "oversized",
-        ),
-        (
-            // No spec and no block: public ranges (the hijack seen).
-            "evil",
-            format!(
-                r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"evil","annotations":{{
-                  "weft.dev/version":"1","weft.dev/public-key":"{}","weft.dev/endpoint":"198.18.1.57:51820",
-                  "weft.dev/mesh-addresses":"198.18.250.8","weft.dev/pod-cidrs":"8.8.8.0/24,1.0.0.0/8"}}}}}}"#,
-                fresh_key()
-            ),
-            "bad_pod_cidr",
-        ),
+        bad_key,
+        Hostile::valid("zero-endpoint", "198.19.51.0/24", "bad_endpoint")
+            .with("weft.dev/endpoint", "0.0.0.0:51820"),
+        // Younger than node-1, assigned an overlapping pod CIDR.
+        Hostile::valid("hijacker", &n1_cidr, "conflict"),
+        // node-1's key with node-1's proof: bound to node-1, not to it.
+        key_thief,
+        Hostile::valid("loopback", "198.19.55.0/24", "bad_endpoint")
+            .with("weft.dev/endpoint", "127.0.0.1:51820"),
+        // The whole cluster range, through a spec saying so.
+        Hostile::valid("greedy", "198.19.0.0/16", "bad_pod_cidr"),
+        Hostile::valid("oversized", "198.19.58.0/24", "oversized")
+            .with("weft.dev/endpoint", &"9".repeat(10_000)),
+        evil,
     ];
     // creationTimestamp has one-second resolution and, at equal age, the
     // name that sorts first wins a conflict: the intruders must be younger.
     std::thread::sleep(Duration::from_millis(1100));
-    for (name, manifest, _) in &hostile {
-        let path = lab.dir().join(format!("{name}.json"));
-        std::fs::write(&path, manifest).unwrap();
-        lab.ok(&["kubectl", "--", "create", "-f", path.to_str().unwrap()]);
+    for h in &hostile {
+        h.register(&lab);
     }
     for name in NODES {
         wait_for(
-            &format!("{name} to exclude all nine"),
+            &format!("{name} to exclude all eight"),
             Duration::from_secs(10),
             || {
                 [
                     ("bad_public_key", 1.0),
+                    ("bad_key_proof", 1.0),
                     ("bad_endpoint", 2.0),
-                    ("conflict", 3.0),
+                    ("conflict", 1.0),
                     ("bad_pod_cidr", 2.0),
                     ("oversized", 1.0),
                 ]
@@ -604,7 +516,7 @@ fn hostile_nodes_are_excluded_on_every_node() {
         "/apis/events.k8s.io/v1/namespaces/default/events",
     ]))
     .unwrap();
-    for (name, _, reason) in &hostile {
+    for Hostile { name, reason, .. } in &hostile {
         let about: Vec<&Value> = events["items"]
             .as_array()
             .unwrap()
@@ -795,7 +707,7 @@ fn a_node_on_the_next_annotation_format_stays_a_peer() {
         "node",
         "node-2",
         "--overwrite",
-        "weft.dev/version=2",
+        "weft.dev/version=3",
         "weft.dev/a-later-field=anything",
     ];
     let passes = lab.metric("node-1", "weft_reconciles_total");
@@ -817,10 +729,10 @@ fn a_node_on_the_next_annotation_format_stays_a_peer() {
     assert!(lab.reaches("node-1", &target), "node-2 is unreachable");
 
     // Back to this format (the upgrade rolled back): node-2's meshd writes
-    // version 1 again and leaves the admin's key alone.
+    // version 2 again and leaves the admin's key alone.
     lab.ok(&["start-meshd", "node-2"]);
     wait_for(
-        "node-2 to publish format 1 again",
+        "node-2 to publish format 2 again",
         Duration::from_secs(15),
         || {
             let out = lab.ok(&[
@@ -832,7 +744,7 @@ fn a_node_on_the_next_annotation_format_stays_a_peer() {
                 "-o",
                 "jsonpath={.metadata.annotations.weft\\.dev/version}",
             ]);
-            out.trim() == "1"
+            out.trim() == "2"
         },
     );
     assert_eq!(rejected(), 0.0);

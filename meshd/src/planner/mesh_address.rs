@@ -1,22 +1,22 @@
-//! How a node picks its own mesh address in a range: stable across restarts
-//! and cluster changes (unlike numbering nodes by sorted position, which
-//! renumbers everyone when a node joins), and conflict-free.
+//! A node's mesh address is assigned, not claimed: the mesh range holds
+//! one address for every pod block the cluster range can hold, and a node's
+//! mesh address of a family is the one of a pod block the control plane
+//! gave it. Blocks never overlap, so neither do mesh addresses: no node can
+//! claim another's address, and none ever gives its own up because another
+//! claims it. The address also stays put across restarts and cluster
+//! changes (it moves only with the block).
 //!
-//! A node keeps the address it already publishes unless an older node holds
-//! it; otherwise it starts at a slot derived from its name and probes upward
-//! past every address another node claims.
+//! The numbering: a block's offset in the cluster range, shifted right
+//! until every offset fits in the lower half of the mesh range, past the
+//! network address (so never the network or broadcast address). Two blocks
+//! of at least 2^shift addresses differ above the shift, so their addresses
+//! differ; a smaller block is refused ([`smallest_block`]).
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-/// FNV-1a: a stable hash (the standard library's may change between
-/// releases, and a node's slot must not move when meshd is upgraded).
-fn stable_hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
+use crate::model::ClusterRanges;
 
 fn bits(a: IpAddr) -> u128 {
     match a {
@@ -25,56 +25,37 @@ fn bits(a: IpAddr) -> u128 {
     }
 }
 
-/// Usable host slots: not the network address, nor the IPv4 broadcast.
-/// Capped at 2^64 (more than any cluster will probe).
-fn slots(range: &IpNet) -> u128 {
-    let host_bits = u32::from(range.max_prefix_len() - range.prefix_len()).min(64);
-    let size = 1u128 << host_bits;
-    match range {
-        IpNet::V4(_) => size.saturating_sub(2),
-        IpNet::V6(_) => size - 1,
-    }
+fn host_bits(net: IpNet) -> u32 {
+    u32::from(net.max_prefix_len() - net.prefix_len())
 }
 
-fn slot_address(range: &IpNet, slot: u128) -> IpAddr {
-    let b = bits(range.network()) + 1 + slot;
-    match range {
-        IpNet::V4(_) => IpAddr::from((b as u32).to_be_bytes()),
-        IpNet::V6(_) => IpAddr::from(b.to_be_bytes()),
-    }
+/// How far offsets in `pods` are shifted to fit the mesh range's lower half.
+fn shift(pods: IpNet, mesh: IpNet) -> u32 {
+    (host_bits(pods) + 1).saturating_sub(host_bits(mesh))
 }
 
-/// Picks an address in `range` for `node`, or `None` if the range is full.
-/// - `current`: what the node publishes now, kept if still usable.
-/// - `held_by_older`: addresses of nodes that win a conflict against it.
-/// - `claimed_by_others`: every address any other node claims (avoided when
-///   choosing anew, so two young nodes do not chase each other).
-pub fn choose_mesh_address(
-    node: &str,
-    range: IpNet,
-    current: Option<IpAddr>,
-    held_by_older: &[IpAddr],
-    claimed_by_others: &[IpAddr],
-) -> Option<IpAddr> {
-    let slots = slots(&range);
-    let usable = |a: &IpAddr| {
-        range.contains(a)
-            && *a != range.network()
-            && (matches!(range, IpNet::V6(_)) || *a != range.broadcast())
-    };
-    if let Some(c) = current.filter(|c| usable(c) && !held_by_older.contains(c)) {
-        return Some(c);
-    }
-    if slots == 0 {
+/// The longest prefix a block in `pods` may have to get a mesh address of
+/// its own in `mesh`.
+pub fn smallest_block(pods: IpNet, mesh: IpNet) -> u8 {
+    let shift = shift(pods, mesh).min(u32::from(pods.max_prefix_len()));
+    pods.max_prefix_len() - shift as u8
+}
+
+/// The mesh address of `block`: `None` if no cluster or mesh range of its
+/// family holds it, or it is smaller than [`smallest_block`].
+pub fn mesh_address_of(ranges: &ClusterRanges, block: &IpNet) -> Option<IpAddr> {
+    let pods = ranges.pods.holding(block)?;
+    let mesh = ranges.mesh.of_family(block)?;
+    if block.prefix_len() > smallest_block(pods, mesh) || host_bits(mesh) < 2 {
         return None;
     }
-    let start = u128::from(stable_hash(node)) % slots;
-    // After as many steps as there are claims, a free slot has been found
-    // or the range is full.
-    (0..=claimed_by_others.len() as u128)
-        .take(slots as usize)
-        .map(|i| slot_address(&range, (start + i) % slots))
-        .find(|a| !claimed_by_others.contains(a))
+    let offset = bits(block.network()) - bits(pods.network());
+    let slot = offset.checked_shr(shift(pods, mesh)).unwrap_or(0);
+    let b = bits(mesh.network()) + 1 + slot;
+    Some(match mesh {
+        IpNet::V4(_) => IpAddr::from((b as u32).to_be_bytes()),
+        IpNet::V6(_) => IpAddr::from(b.to_be_bytes()),
+    })
 }
 
 #[cfg(test)]
@@ -90,53 +71,51 @@ mod tests {
     }
 
     #[test]
-    fn keeps_its_address_unless_an_older_node_holds_it() {
-        let range = net("198.18.128.0/17");
-        let mine = ip("198.18.130.7");
-        assert_eq!(
-            choose_mesh_address("n1", range, Some(mine), &[], &[mine]),
-            Some(mine)
-        );
-        let moved = choose_mesh_address("n1", range, Some(mine), &[mine], &[mine]).unwrap();
-        assert!(moved != mine && range.contains(&moved));
-        let outside = ip("10.0.0.1");
-        assert_ne!(
-            choose_mesh_address("n1", range, Some(outside), &[], &[]),
-            Some(outside)
-        );
+    fn each_block_has_its_own_address_in_the_lab_ranges() {
+        let r = ClusterRanges::lab();
+        let of = |b: &str| mesh_address_of(&r, &net(b));
+        // 198.19.0.0/16 into 198.18.128.0/17: offsets shift by 2.
+        assert_eq!(of("198.19.0.0/24"), Some(ip("198.18.128.1")));
+        assert_eq!(of("198.19.1.0/24"), Some(ip("198.18.128.65")));
+        assert_eq!(of("198.19.255.0/24"), Some(ip("198.18.191.193")));
+        assert_eq!(of("198.19.0.4/30"), Some(ip("198.18.128.2")));
+        // fd98:19::/48 into fd98:18::/64.
+        assert_eq!(of("fd98:19:0:1::/64"), Some(ip("fd98:18::8000:0:1")));
+        assert_eq!(smallest_block(r.pods.v4.into(), r.mesh.v4.into()), 30);
+        assert_eq!(of("198.19.0.0/31"), None, "too small to number");
+        assert_eq!(of("10.0.0.0/24"), None, "outside the cluster range");
     }
 
     #[test]
-    fn stable_for_a_name_and_never_network_or_broadcast() {
-        let range = net("198.18.128.0/17");
+    fn a_mesh_range_larger_than_the_cluster_range_numbers_every_address() {
+        let mut r = ClusterRanges::lab();
+        r.pods.v4 = "10.0.0.0/24".parse().unwrap();
+        assert_eq!(smallest_block(r.pods.v4.into(), r.mesh.v4.into()), 32);
         assert_eq!(
-            choose_mesh_address("node-1", range, None, &[], &[]),
-            choose_mesh_address("node-1", range, None, &[], &[])
+            mesh_address_of(&r, &net("10.0.0.255/32")),
+            Some(ip("198.18.129.0"))
         );
-        let tiny = net("198.18.128.0/30");
-        for name in ["a", "b", "c", "d", "e"] {
-            let a = choose_mesh_address(name, tiny, None, &[], &[]).unwrap();
-            assert!(a == ip("198.18.128.1") || a == ip("198.18.128.2"), "{a}");
-        }
-        let full = [ip("198.18.128.1"), ip("198.18.128.2")];
-        assert_eq!(choose_mesh_address("x", tiny, None, &[], &full), None);
-        let v6 = net("fd98:18::/64");
-        let a = choose_mesh_address("node-1", v6, None, &[], &[]).unwrap();
-        assert!(v6.contains(&a) && a != v6.network());
     }
 
     proptest! {
+        /// Blocks that do not overlap get different addresses, each a usable
+        /// host of the mesh range: whatever the ranges' sizes.
         #[test]
-        fn never_picks_what_others_claim(name in "[a-z0-9-]{1,20}", claimed in proptest::collection::vec(0u32..32, 0..40)) {
-            let range = net("198.18.128.0/27");
-            let claimed: Vec<IpAddr> = claimed.iter().map(|i| IpAddr::from((0xc612_8000u32 + i).to_be_bytes())).collect();
-            match choose_mesh_address(&name, range, None, &[], &claimed) {
-                Some(a) => {
-                    prop_assert!(!claimed.contains(&a));
-                    prop_assert!(range.contains(&a) && a != range.network() && a != range.broadcast());
-                }
-                None => prop_assert!(range.hosts().all(|h| claimed.contains(&h))),
-            }
+        fn blocks_that_do_not_overlap_never_share_an_address(
+            pods_len in 8u8..=24, mesh_len in 8u8..=30, extra in 0u8..=8,
+            a in any::<u32>(), b in any::<u32>(),
+        ) {
+            let mut r = ClusterRanges::lab();
+            r.pods.v4 = format!("10.0.0.0/{pods_len}").parse().unwrap();
+            r.mesh.v4 = format!("172.16.0.0/{mesh_len}").parse::<ipnet::Ipv4Net>().unwrap().trunc();
+            let len = (smallest_block(r.pods.v4.into(), r.mesh.v4.into()) - extra).max(pods_len + 1);
+            prop_assume!(len <= 32);
+            let block = |x: u32| IpNet::new(IpAddr::from((0x0a00_0000 | (x >> pods_len)).to_be_bytes()), len).unwrap().trunc();
+            let (a, b) = (block(a), block(b));
+            let (ma, mb) = (mesh_address_of(&r, &a).unwrap(), mesh_address_of(&r, &b).unwrap());
+            let mesh = IpNet::from(r.mesh.v4);
+            prop_assert!(mesh.contains(&ma) && ma != mesh.network() && ma != mesh.broadcast());
+            prop_assert_eq!(a == b, ma == mb, "{} {} -> {} {}", a, b, ma, mb);
         }
     }
 }

@@ -13,7 +13,7 @@ use weft_keys::PublicKey;
 
 use ipnet::IpNet;
 
-pub use mesh_address::choose_mesh_address;
+pub use mesh_address::{mesh_address_of, smallest_block};
 pub use own::{own_claim, own_endpoint, OwnError, OwnKeys};
 pub use paths::{Links, Member};
 pub use verdict::{judge, judge_pairwise, judge_parsed, parse_all, ParseMemo, Parsed};

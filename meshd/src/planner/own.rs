@@ -4,11 +4,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
-use weft_keys::PublicKey;
+use weft_keys::{KeyProof, PublicKey};
 
-use super::{choose_mesh_address, Parsed};
+use super::mesh_address_of;
 use crate::annotations::{
-    endpoint_problem, Claim, NextPublicKey, FORCE_ENDPOINT, MESH_ADDRESSES, NO_ENDPOINT,
+    endpoint_problem, subject, Claim, KeyProofs, NextPublicKey, FORCE_ENDPOINT, KEY_PROOF,
+    MESH_ADDRESSES, NEXT_KEY_PROOF, NO_ENDPOINT,
 };
 use crate::model::{ClusterRanges, LocalConfig, NodeInfo};
 
@@ -26,8 +27,10 @@ pub enum OwnError {
         endpoint: SocketAddr,
         why: &'static str,
     },
-    #[error("the mesh range {0} has no free address")]
-    MeshRangeFull(IpNet),
+    #[error("no pod CIDR of this node has an address in the mesh range {0} (a node's mesh address is its pod block's: it needs an IPv4 block at least as large as --cluster-cidr and --mesh-cidr allow)")]
+    NoMeshAddress(IpNet),
+    #[error("a key this node announces has no proof of possession (a bug: proofs are made for every announced key)")]
+    Unproven,
 }
 
 /// The endpoint to publish: the `--endpoint` flag, else an admin's
@@ -83,47 +86,63 @@ impl OwnKeys {
     }
 }
 
-/// This node's claim, given what every node claims (`parsed`) and its pod
-/// CIDRs (`spec.podCIDRs`, or blocks it claimed). Keeps published mesh
-/// addresses unless an older node holds them.
+/// This node's claim: its keys with their proofs, its endpoint, its pod
+/// CIDRs (`spec.podCIDRs`, or blocks it claimed) and the mesh address of
+/// one of them per family. `proofs` are fresh ones (made where the private
+/// keys are); a published proof that still holds is kept instead, since
+/// proofs are randomized and a new one would rewrite the annotation on
+/// every pass. A published mesh address is kept while it is still one of
+/// its blocks'; nothing another node claims can move it.
 pub fn own_claim(
-    parsed: &[Parsed],
+    me: &NodeInfo,
     local: &LocalConfig,
     keys: &OwnKeys,
+    proofs: KeyProofs,
     endpoint: Option<SocketAddr>,
     mut pod_cidrs: Vec<IpNet>,
 ) -> Result<Claim, OwnError> {
-    let me = parsed
-        .iter()
-        .map(|(n, _)| *n)
-        .find(|n| n.name == local.node_name)
-        .ok_or_else(|| OwnError::NotRegistered(local.node_name.clone()))?;
+    if proofs.next.is_some() != keys.next.is_some() {
+        return Err(OwnError::Unproven);
+    }
+    let kept = |key: &PublicKey, annotation: &str, fresh: KeyProof| {
+        me.annotations
+            .get(annotation)
+            .and_then(|p| p.parse::<KeyProof>().ok())
+            .filter(|p| p.verify(key, subject(me)).is_ok())
+            .unwrap_or(fresh)
+    };
+    let proofs = KeyProofs {
+        key: kept(&keys.public_key, KEY_PROOF, proofs.key),
+        next: keys
+            .next
+            .as_ref()
+            .zip(proofs.next)
+            .map(|(next, fresh)| kept(&next.key, NEXT_KEY_PROOF, fresh)),
+    };
+    pod_cidrs.sort();
     let published: Vec<IpAddr> = me
         .annotations
         .get(MESH_ADDRESSES)
         .map(|v| v.split(',').filter_map(|a| a.trim().parse().ok()).collect())
         .unwrap_or_default();
-    let mut held_by_older = Vec::new();
-    let mut claimed_by_others = Vec::new();
-    for (other, claim) in parsed.iter().filter(|(n, _)| n.name != me.name) {
-        if let Ok(Some(claim)) = claim {
-            if (other.created, &other.name) < (me.created, &me.name) {
-                held_by_older.extend(claim.mesh_addresses.iter().copied());
-            }
-            claimed_by_others.extend(claim.mesh_addresses.iter().copied());
-        }
-    }
     let mut mesh_addresses = Vec::new();
     for range in local.ranges.mesh.iter() {
-        let current = published.iter().copied().find(|a| range.contains(a));
-        let chosen =
-            choose_mesh_address(&me.name, range, current, &held_by_older, &claimed_by_others)
-                .ok_or(OwnError::MeshRangeFull(range))?;
-        mesh_addresses.push(chosen);
+        let mine: Vec<IpAddr> = pod_cidrs
+            .iter()
+            .filter(|c| c.addr().is_ipv4() == range.addr().is_ipv4())
+            .filter_map(|c| mesh_address_of(&local.ranges, c))
+            .collect();
+        match published.iter().find(|a| mine.contains(a)).or(mine.first()) {
+            Some(a) => mesh_addresses.push(*a),
+            // The IPv4 address is required; without an IPv6 block a node
+            // has no IPv6 mesh address.
+            None if range.addr().is_ipv4() => return Err(OwnError::NoMeshAddress(range)),
+            None => {}
+        }
     }
-    pod_cidrs.sort();
     Ok(Claim {
         public_key: keys.public_key,
+        proofs: std::sync::Arc::new(proofs),
         endpoint,
         mesh_addresses,
         pod_cidrs,
@@ -135,32 +154,17 @@ pub fn own_claim(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::annotations::render;
-    use crate::model::{ClusterSnapshot, Placement};
-    use crate::planner::parse_all;
-
-    fn own_claim(
-        snap: &ClusterSnapshot,
-        local: &LocalConfig,
-        key: PublicKey,
-        endpoint: Option<SocketAddr>,
-        pod_cidrs: Vec<IpNet>,
-    ) -> Result<Claim, OwnError> {
-        super::own_claim(
-            &parse_all(snap, &local.ranges),
-            local,
-            &super::OwnKeys::steady(key, 0),
-            endpoint,
-            pod_cidrs,
-        )
-    }
     use std::collections::BTreeMap;
 
-    fn node(name: &str, created: i64, annotations: BTreeMap<String, String>) -> NodeInfo {
+    use super::*;
+    use crate::annotations::{fixtures, render};
+    use crate::model::Placement;
+
+    fn node(name: &str, annotations: BTreeMap<String, String>) -> NodeInfo {
         NodeInfo {
             name: name.into(),
-            created,
+            uid: format!("{name}-uid"),
+            created: 0,
             internal_ips: vec!["198.18.1.1".parse().unwrap()],
             spec_pod_cidrs: vec!["198.19.1.0/24".parse().unwrap()],
             annotations,
@@ -168,18 +172,33 @@ mod tests {
         }
     }
 
-    fn cidrs(c: &str) -> Vec<IpNet> {
-        vec![c.parse().unwrap()]
+    fn cidrs(c: &[&str]) -> Vec<IpNet> {
+        c.iter().map(|c| c.parse().unwrap()).collect()
     }
 
-    fn local(name: &str) -> LocalConfig {
-        LocalConfig::new(name, ClusterRanges::lab())
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn claim(me: &NodeInfo, pod_cidrs: &[&str]) -> Result<Claim, OwnError> {
+        let key = fixtures::private(1);
+        own_claim(
+            me,
+            &LocalConfig::new(&me.name, ClusterRanges::lab()),
+            &OwnKeys::steady(key.public_key(), 0),
+            KeyProofs {
+                key: key.prove(subject(me)),
+                next: None,
+            },
+            None,
+            cidrs(pod_cidrs),
+        )
     }
 
     #[test]
     fn endpoint_precedence() {
         let r = ClusterRanges::lab();
-        let mut me = node("a", 0, BTreeMap::new());
+        let mut me = node("a", BTreeMap::new());
         assert_eq!(
             own_endpoint(&me, None, 51820, &r).unwrap(),
             Some("198.18.1.1:51820".parse().unwrap())
@@ -220,52 +239,91 @@ mod tests {
         );
     }
 
+    /// A node's mesh addresses are its blocks': the first block's, or the
+    /// one it publishes while that block is still its own.
     #[test]
-    fn yields_to_an_older_node_and_keeps_otherwise() {
-        let key = PublicKey::from_bytes([1; 32]);
-        let ep = Some("198.18.1.1:51820".parse().unwrap());
-        let a = node("a", 0, BTreeMap::new());
-        let snap = ClusterSnapshot {
-            nodes: vec![a.clone()],
-            blocks: Default::default(),
-            ..Default::default()
-        };
-        let first = own_claim(&snap, &local("a"), key, ep, cidrs("198.19.1.0/24")).unwrap();
-        assert_eq!(first.mesh_addresses.len(), 2);
+    fn the_mesh_address_is_a_block_s_own_and_stays_with_it() {
+        let me = node("a", BTreeMap::new());
+        let two = ["198.19.1.0/24", "198.19.7.0/24", "fd98:19:0:1::/64"];
+        let first = claim(&me, &two).unwrap();
         assert_eq!(
-            first.pod_cidrs,
-            vec!["198.19.1.0/24".parse::<IpNet>().unwrap()]
+            first.mesh_addresses,
+            vec![ip("198.18.128.65"), ip("fd98:18::8000:0:1")]
         );
+        // Publishing the second block's address: kept.
+        let mut published = me.clone();
+        published.annotations.insert(
+            MESH_ADDRESSES.into(),
+            "198.18.129.193,fd98:18::8000:0:1".into(),
+        );
+        assert_eq!(
+            claim(&published, &two).unwrap().mesh_addresses[0],
+            ip("198.18.129.193")
+        );
+        // That block gone: back to a block it holds.
+        assert_eq!(
+            claim(&published, &two[..1]).unwrap().mesh_addresses,
+            vec![ip("198.18.128.65")]
+        );
+        // Any other published address (another node's, say) is not kept.
+        published
+            .annotations
+            .insert(MESH_ADDRESSES.into(), "198.18.128.2".into());
+        assert_eq!(
+            claim(&published, &two).unwrap().mesh_addresses[0],
+            ip("198.18.128.65")
+        );
+        // No IPv4 block: no mesh address to publish.
+        assert_eq!(
+            claim(&me, &["fd98:19:0:1::/64"]),
+            Err(OwnError::NoMeshAddress("198.18.128.0/17".parse().unwrap()))
+        );
+    }
 
-        // b is younger and publishes the same addresses as a: b must move.
-        let a_published = node("a", 0, render(&first));
-        let mut b_claim = first.clone();
-        b_claim.public_key = PublicKey::from_bytes([2; 32]);
-        let mut b = node("b", 5, render(&b_claim));
-        b.spec_pod_cidrs = vec!["198.19.2.0/24".parse().unwrap()];
-        let snap = ClusterSnapshot {
-            nodes: vec![a_published.clone(), b],
-            blocks: Default::default(),
-            ..Default::default()
+    /// A published proof that holds is kept (a fresh one would rewrite the
+    /// annotation on every pass); one that does not hold is replaced.
+    #[test]
+    fn a_published_proof_is_kept_while_it_holds() {
+        let bare = node("a", BTreeMap::new());
+        let first = claim(&bare, &["198.19.1.0/24"]).unwrap();
+        let published = node("a", render(&first));
+        let again = claim(&published, &["198.19.1.0/24"]).unwrap();
+        assert_eq!(again.proofs, first.proofs);
+        // Another UID (the Node was re-registered): a new proof.
+        let reregistered = NodeInfo {
+            uid: "a-uid-2".into(),
+            ..published
         };
-        let b_new = own_claim(
-            &snap,
-            &local("b"),
-            b_claim.public_key,
-            ep,
-            cidrs("198.19.2.0/24"),
-        )
-        .unwrap();
-        assert!(b_new
-            .mesh_addresses
-            .iter()
-            .all(|m| !first.mesh_addresses.contains(m)));
-        // a keeps what it has.
-        assert_eq!(
-            own_claim(&snap, &local("a"), key, ep, cidrs("198.19.1.0/24"))
-                .unwrap()
-                .mesh_addresses,
-            first.mesh_addresses
+        let fresh = claim(&reregistered, &["198.19.1.0/24"]).unwrap();
+        assert_ne!(fresh.proofs, first.proofs);
+        assert!(fresh
+            .proofs
+            .key
+            .verify(&fixtures::key(1), subject(&reregistered))
+            .is_ok());
+    }
+
+    #[test]
+    fn every_announced_key_needs_its_proof() {
+        let me = node("a", BTreeMap::new());
+        let key = fixtures::private(1);
+        let mut keys = OwnKeys::steady(key.public_key(), 0);
+        keys.next = Some(NextPublicKey {
+            key: fixtures::key(2),
+            at: None,
+            pending: Default::default(),
+        });
+        let unproven = own_claim(
+            &me,
+            &LocalConfig::new("a", ClusterRanges::lab()),
+            &keys,
+            KeyProofs {
+                key: key.prove(subject(&me)),
+                next: None,
+            },
+            None,
+            cidrs(&["198.19.1.0/24"]),
         );
+        assert_eq!(unproven, Err(OwnError::Unproven));
     }
 }

@@ -5,40 +5,44 @@ use proptest::prelude::*;
 use weft_keys::PublicKey;
 
 use super::*;
-use crate::annotations::{render, Claim, ENDPOINT, PUBLIC_KEY};
-use crate::model::{overlap, ClusterRanges, NodeInfo, Placement};
+use crate::annotations::fixtures::{self, key};
+use crate::annotations::{render, Claim, ENDPOINT, KEY_PROOF, PUBLIC_KEY};
+use crate::model::{overlap, ClusterRanges, NodeInfo};
 
-fn key(seed: u8) -> PublicKey {
-    PublicKey::from_bytes([seed.max(1); 32])
-}
-
-/// Node `i` with its own key, mesh address and pod CIDR (a /`len` at block `block`).
-fn node(i: u8, created: i64, key_seed: u8, mesh_host: u8, block: u8, len: u8) -> NodeInfo {
+/// Node `i`, created at `created`, holding test key `key_seed` and pod
+/// CIDR (a /`len` at block `block`) with its mesh address.
+fn node(i: u8, created: i64, key_seed: u8, block: u8, len: u8) -> NodeInfo {
     let pod: IpNet = format!("198.19.{block}.0/{len}")
         .parse::<IpNet>()
         .unwrap()
         .trunc();
-    let claim = Claim {
-        public_key: key(key_seed),
-        endpoint: Some(format!("198.18.1.{i}:51820").parse().unwrap()),
-        mesh_addresses: vec![format!("198.18.128.{mesh_host}").parse().unwrap()],
-        pod_cidrs: vec![pod],
-        unreachable: Default::default(),
-        key_since: None,
-        next_key: None,
-    };
-    NodeInfo {
-        name: format!("node-{i}"),
+    let mut node = NodeInfo {
         created,
-        internal_ips: claim.endpoint.iter().map(|e| e.ip()).collect(),
         spec_pod_cidrs: vec![pod],
-        annotations: render(&claim),
-        placement: Placement::anywhere(),
-    }
+        ..fixtures::bare(i)
+    };
+    node.annotations = render(&fixtures::claim(&node, key_seed, i, pod));
+    node
 }
 
 fn simple(i: u8) -> NodeInfo {
-    node(i, i64::from(i), i, i, i, 24)
+    fixtures::published(i).0
+}
+
+/// Node `i`'s mesh address (of its block 198.19.`i`.0/24), as a host route.
+fn mesh(i: u8) -> IpNet {
+    let block = net(&format!("198.19.{i}.0/24"));
+    IpNet::from(mesh_address_of(&ClusterRanges::lab(), &block).unwrap())
+}
+
+/// `node` announcing test key `seed` as its next key, with its proof.
+fn announce(node: &mut NodeInfo, seed: u8) {
+    use crate::annotations::{NEXT_KEY_PROOF, NEXT_PUBLIC_KEY};
+    let proof = fixtures::proof(node, seed);
+    node.annotations
+        .insert(NEXT_PUBLIC_KEY.into(), key(seed).to_string());
+    node.annotations
+        .insert(NEXT_KEY_PROOF.into(), proof.to_string());
 }
 
 fn local(name: &str) -> LocalConfig {
@@ -70,25 +74,20 @@ fn three_nodes_form_a_full_mesh_over_the_backstops() {
         &snapshot(vec![simple(1), simple(2), simple(3)]),
         &local("node-1"),
     );
-    assert_eq!(d.addresses, BTreeSet::from([net("198.18.128.1/32")]));
+    assert_eq!(d.addresses, BTreeSet::from([mesh(1)]));
     let peer_nodes: Vec<&str> = d.peers.values().map(|p| p.node.as_str()).collect();
     assert_eq!(peer_nodes.len(), 2);
     assert!(peer_nodes.contains(&"node-2") && peer_nodes.contains(&"node-3"));
     let p2 = &d.peers[&key(2)];
     assert_eq!(
         p2.allowed_ips,
-        BTreeSet::from([net("198.18.128.2/32"), net("198.19.2.0/24")])
+        BTreeSet::from([mesh(2), net("198.19.2.0/24")])
     );
     assert_eq!(p2.persistent_keepalive, Some(5));
-    for dst in [
-        "198.18.128.2/32",
-        "198.19.2.0/24",
-        "198.18.128.3/32",
-        "198.19.3.0/24",
-    ] {
+    for dst in [mesh(2), net("198.19.2.0/24"), mesh(3), net("198.19.3.0/24")] {
         assert!(
             d.routes.contains(&Route {
-                dst: net(dst),
+                dst,
                 kind: RouteKind::Mesh
             }),
             "{dst}"
@@ -129,7 +128,7 @@ fn hostile_nodes_are_excluded_and_the_victim_is_unaffected() {
         .annotations
         .insert(ENDPOINT.into(), "0.0.0.0:51820".into());
     // Younger than node-2, claiming an overlapping pod CIDR (a hijack attempt).
-    let hijacker = node(6, 100, 6, 6, 2, 23);
+    let hijacker = node(6, 100, 6, 2, 23);
     let nodes = vec![simple(1), simple(2), bad_key, zero_endpoint, hijacker];
     let d = plan(&snapshot(nodes), &local("node-1"));
     let reason = |n: &str| match &d.verdicts[n] {
@@ -142,7 +141,7 @@ fn hostile_nodes_are_excluded_and_the_victim_is_unaffected() {
     assert_eq!(d.peers.len(), 1);
     assert_eq!(
         d.peers[&key(2)].allowed_ips,
-        BTreeSet::from([net("198.18.128.2/32"), net("198.19.2.0/24")])
+        BTreeSet::from([mesh(2), net("198.19.2.0/24")])
     );
     assert!(d.routes.contains(&Route {
         dst: net("198.19.2.0/24"),
@@ -156,9 +155,11 @@ fn hostile_nodes_are_excluded_and_the_victim_is_unaffected() {
     assert!(backstopped(&d));
 }
 
+/// Two nodes that both prove one key (a cloned machine) collide: the
+/// older keeps it, whoever asks.
 #[test]
-fn the_older_node_wins_whoever_asks() {
-    let young = node(2, 50, 2, 1, 2, 24); // same mesh address as node-1
+fn the_older_node_wins_a_cloned_key_whoever_asks() {
+    let young = node(2, 50, 1, 2, 24); // node-1's key, and its private half
     let nodes = vec![simple(1), young];
     for asker in ["node-1", "node-2"] {
         let d = plan(&snapshot(nodes.clone()), &local(asker));
@@ -185,12 +186,7 @@ fn an_unreachable_peer_stays_a_peer_but_its_prefixes_go_through_a_relay() {
     );
     assert_eq!(
         d1.peers[&key(3)].allowed_ips,
-        BTreeSet::from([
-            net("198.18.128.2/32"),
-            net("198.18.128.3/32"),
-            net("198.19.2.0/24"),
-            net("198.19.3.0/24"),
-        ])
+        BTreeSet::from([mesh(2), mesh(3), net("198.19.2.0/24"), net("198.19.3.0/24"),])
     );
     assert_eq!(d1.paths["node-2"], Hop::Via("node-3".into()));
     assert!(d1
@@ -240,10 +236,10 @@ fn claims_outside_what_the_control_plane_assigned_are_refused() {
         "8.8.8.0/24,1.0.0.0/8".into(),
     );
     // Another claims the cluster's whole range through a spec saying so.
-    let mut greedy = node(8, 8, 8, 8, 0, 16);
+    let mut greedy = node(8, 8, 8, 0, 16);
     greedy.spec_pod_cidrs = vec![net("198.19.0.0/16")];
     // A third, without a spec, takes a block the record gives node-2.
-    let mut squatter = node(9, 9, 9, 9, 2, 24);
+    let mut squatter = node(9, 9, 9, 2, 24);
     squatter.spec_pod_cidrs.clear();
     let mut snap = snapshot(vec![simple(1), simple(2), evil, greedy, squatter]);
     snap.blocks.blocks.insert(
@@ -278,20 +274,24 @@ fn claims_outside_what_the_control_plane_assigned_are_refused() {
     }
 }
 
+/// Equal endpoints are no conflict: both nodes are peers, each under its
+/// own key (only the real one answers handshakes for it), so an older node
+/// copying a younger one's endpoint excludes nobody.
 #[test]
-fn a_second_node_on_the_same_endpoint_is_refused() {
-    let mut copy = node(5, 50, 5, 5, 5, 24);
+fn two_nodes_on_one_endpoint_are_both_peers() {
+    let mut copy = simple(1);
     copy.annotations
         .insert(ENDPOINT.into(), "[::ffff:198.18.1.2]:51820".into());
     let d = plan(
-        &snapshot(vec![simple(1), simple(2), copy]),
-        &local("node-1"),
+        &snapshot(vec![copy, simple(2), simple(3)]),
+        &local("node-3"),
     );
-    assert!(
-        matches!(&d.verdicts["node-5"], Verdict::Rejected(r) if r.to_string().contains(ENDPOINT)),
-        "{:?}",
-        d.verdicts["node-5"]
-    );
+    assert!(d
+        .verdicts
+        .values()
+        .all(|v| matches!(v, Verdict::Accepted(_))));
+    let ip = |k| d.peers[&key(k)].endpoint.map(|e| e.ip().to_canonical());
+    assert_eq!(ip(1), ip(2));
 }
 
 /// Nodes behind NAT publish no endpoint: two of them do not conflict, and
@@ -345,14 +345,13 @@ fn the_parse_memo_returns_what_parsing_returns() {
     check(&nodes);
 }
 
-/// Arbitrary clusters where keys, mesh addresses, pod blocks and ages
-/// collide often, and some annotations are garbage.
+/// Arbitrary clusters where keys (cloned: each proven), pod blocks and
+/// ages collide often, and some annotations are garbage.
 fn clusters() -> impl Strategy<Value = Vec<NodeInfo>> {
     proptest::collection::vec(
         (
             0i64..4,
             1u8..8,
-            1u8..10,
             0u8..10,
             prop_oneof![Just(24u8), Just(23u8)],
             0u8..10,
@@ -363,8 +362,8 @@ fn clusters() -> impl Strategy<Value = Vec<NodeInfo>> {
         specs
             .into_iter()
             .enumerate()
-            .map(|(i, (created, key_seed, mesh_host, block, len, garbage))| {
-                let mut n = node(i as u8 + 1, created, key_seed, mesh_host, block, len);
+            .map(|(i, (created, key_seed, block, len, garbage))| {
+                let mut n = node(i as u8 + 1, created, key_seed, block, len);
                 if garbage == 0 {
                     n.annotations.insert(ENDPOINT.into(), "[::]:0".into());
                 }
@@ -481,7 +480,7 @@ proptest! {
             (1..=n).map(|i| (i, plan(&snap, &local(&format!("node-{i}"))))).collect();
         let pod = |i: u8| net(&format!("198.19.{i}.0/24"));
         let carrier = |at: u8, of: u8| -> Option<u8> {
-            plans[&at].peers.iter().find(|(_, p)| p.allowed_ips.contains(&pod(of))).map(|(k, _)| k.as_bytes()[0])
+            plans[&at].peers.iter().find(|(_, p)| p.allowed_ips.contains(&pod(of))).map(|(k, _)| (1..=n).find(|i| key(*i) == *k).expect("a node's key"))
         };
         for s in 1..=n {
             prop_assert_eq!(allowed_overlap(&plans[&s]), None);
@@ -505,11 +504,9 @@ proptest! {
 /// never configured beside it (one entry per node).
 #[test]
 fn peers_move_to_a_next_key_when_it_says() {
-    use crate::annotations::{render_time, NEXT_KEY_AT, NEXT_PUBLIC_KEY};
+    use crate::annotations::{render_time, NEXT_KEY_AT};
     let mut rotating = simple(2);
-    rotating
-        .annotations
-        .insert(NEXT_PUBLIC_KEY.into(), key(9).to_string());
+    announce(&mut rotating, 9);
     let keys_at = |rotating: &NodeInfo, now: u64| -> Vec<PublicKey> {
         let snap = ClusterSnapshot {
             now,
@@ -525,18 +522,16 @@ fn peers_move_to_a_next_key_when_it_says() {
     assert_eq!(keys_at(&rotating, 105), [key(9)]);
 }
 
-/// A next key is held like a key: another node claiming it (as its key or
-/// its next key) is the later claim and is out; a revoked key, current or
-/// next, puts its holder out before anything else.
+/// A next key is held like a key: a node proving it (a clone of the
+/// holder) is the later claim and is out; a revoked key, current or next,
+/// puts its holder out before anything else.
 #[test]
 fn next_keys_conflict_and_revoked_keys_are_out() {
-    use crate::annotations::{Rejection, NEXT_PUBLIC_KEY};
+    use crate::annotations::Rejection;
     let mut older = simple(1);
-    older
-        .annotations
-        .insert(NEXT_PUBLIC_KEY.into(), key(3).to_string());
-    let thief = simple(3);
-    let verdicts = judge(&snapshot(vec![older.clone(), thief]), &ClusterRanges::lab());
+    announce(&mut older, 3);
+    let clone = simple(3);
+    let verdicts = judge(&snapshot(vec![older.clone(), clone]), &ClusterRanges::lab());
     assert!(
         matches!(&verdicts["node-3"], Verdict::Rejected(Rejection::Conflict { holder, .. }) if holder == "node-1"),
         "{verdicts:?}"
@@ -554,5 +549,121 @@ fn next_keys_conflict_and_revoked_keys_are_out() {
         assert!(matches!(verdicts["node-2"], Verdict::Accepted(_)));
         let d = plan(&snap, &local("node-2"));
         assert!(d.peers.is_empty(), "no peer entry for a revoked node");
+    }
+}
+
+/// The oldest node, with nothing but what the others publish, copies a
+/// younger node's key (with its proof), next key, endpoint and mesh
+/// address: it excludes only itself, and the victim stays a peer with all
+/// it had, on every node.
+#[test]
+fn the_oldest_node_copying_a_younger_one_hurts_only_itself() {
+    use crate::annotations::{NEXT_KEY_AT, NEXT_KEY_PROOF, NEXT_PUBLIC_KEY};
+    let victim = simple(3);
+    let copy = |keys: &[&str]| {
+        let mut attacker = NodeInfo {
+            created: -1_000_000,
+            ..simple(1)
+        };
+        for k in keys {
+            attacker
+                .annotations
+                .insert(k.to_string(), victim.annotations[*k].clone());
+        }
+        attacker
+    };
+    let mut rotating_victim = victim.clone();
+    announce(&mut rotating_victim, 9);
+    let next = |attacker: &mut NodeInfo| {
+        attacker.annotations.insert(
+            NEXT_PUBLIC_KEY.into(),
+            rotating_victim.annotations[NEXT_PUBLIC_KEY].clone(),
+        );
+        attacker.annotations.insert(
+            NEXT_KEY_PROOF.into(),
+            rotating_victim.annotations[NEXT_KEY_PROOF].clone(),
+        );
+        attacker
+            .annotations
+            .insert(NEXT_KEY_AT.into(), "2999-01-01T00:00:00Z".into());
+    };
+    let mut next_copied = copy(&[]);
+    next(&mut next_copied);
+    let cases: Vec<(&str, NodeInfo, NodeInfo, Option<&str>)> = vec![
+        (
+            "key and proof",
+            copy(&[PUBLIC_KEY, KEY_PROOF]),
+            victim.clone(),
+            Some("bad_key_proof"),
+        ),
+        (
+            "next key and proof, switch in 2999",
+            next_copied,
+            rotating_victim.clone(),
+            Some("bad_key_proof"),
+        ),
+        (
+            "mesh address",
+            copy(&[crate::annotations::MESH_ADDRESSES]),
+            victim.clone(),
+            Some("bad_mesh_address"),
+        ),
+        ("endpoint", copy(&[ENDPOINT]), victim.clone(), None),
+    ];
+    for (what, attacker, victim, attacker_verdict) in cases {
+        let nodes = vec![attacker, simple(2), victim];
+        for asker in ["node-1", "node-2", "node-3"] {
+            let d = plan(&snapshot(nodes.clone()), &local(asker));
+            assert!(
+                matches!(d.verdicts["node-3"], Verdict::Accepted(_)),
+                "{what}, asked on {asker}: {:?}",
+                d.verdicts["node-3"]
+            );
+            match (attacker_verdict, &d.verdicts["node-1"]) {
+                (Some(want), Verdict::Rejected(r)) => assert_eq!(r.reason(), want, "{what}"),
+                (None, Verdict::Accepted(_)) => {}
+                (_, other) => panic!("{what}: node-1 is {other:?}"),
+            }
+            if asker != "node-3" {
+                let to_victim = d.peers.values().find(|p| p.node == "node-3").unwrap();
+                assert!(to_victim.allowed_ips.contains(&mesh(3)), "{what}");
+                assert!(
+                    to_victim.allowed_ips.contains(&net("198.19.3.0/24")),
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+/// A key switch scheduled further ahead than any lead allows is refused
+/// (announcing one costs nothing until it comes).
+#[test]
+fn a_key_switch_too_far_ahead_is_refused() {
+    use crate::annotations::{render_time, MAX_KEY_SWITCH_AHEAD, NEXT_KEY_AT};
+    let mut rotating = simple(2);
+    announce(&mut rotating, 9);
+    let now = 1_800_000_000;
+    for (at, ok) in [
+        (now + 5, true),
+        (now + MAX_KEY_SWITCH_AHEAD, true),
+        (now + MAX_KEY_SWITCH_AHEAD + 1, false),
+    ] {
+        rotating
+            .annotations
+            .insert(NEXT_KEY_AT.into(), render_time(at));
+        let snap = ClusterSnapshot {
+            now,
+            ..snapshot(vec![simple(1), rotating.clone()])
+        };
+        let verdict = &judge(&snap, &ClusterRanges::lab())["node-2"];
+        match verdict {
+            Verdict::Accepted(_) => assert!(ok, "{at}"),
+            Verdict::Rejected(r) => {
+                assert!(!ok, "{at}: {r}");
+                assert!(r.to_string().starts_with(NEXT_KEY_AT), "{r}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -1,17 +1,25 @@
 //! Which nodes are in the mesh. The decision uses only cluster data, never
 //! who is asking, so every node reaches the same verdicts from the same
-//! snapshot: claims are taken oldest node first (then by name), and a claim
-//! that collides with one already taken — a public key, an endpoint, a mesh
-//! address, an overlapping pod CIDR — excludes the later node.
+//! snapshot.
+//!
+//! Age never decides who owns what another node relies on: a claim to a
+//! key is proven (only the private key's holder can sign for it, see
+//! [`crate::annotations::KEY_PROOF`]), pod CIDRs are what the control plane
+//! assigned and mesh addresses are derived from them. So two valid claims
+//! collide only where the control plane or a key's holder made them do so
+//! — a key both prove they hold (a cloned key), pod CIDRs assigned to both
+//! — and only then is the later node (by age, then name) excluded. Equal
+//! endpoints are no conflict at all: cryptokey routing tells the two apart
+//! by key, and the one that does not answer for its key gets no session.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use weft_keys::PublicKey;
 
 use crate::annotations::{
-    parse, Claim, Rejection, ENDPOINT, MESH_ADDRESSES, NEXT_PUBLIC_KEY, POD_CIDRS, PUBLIC_KEY,
+    parse, render_time, Claim, Rejection, MAX_KEY_SWITCH_AHEAD, NEXT_KEY_AT, NEXT_PUBLIC_KEY,
+    POD_CIDRS, PUBLIC_KEY,
 };
 use crate::model::{overlap, ClusterRanges, ClusterSnapshot, NodeInfo, Verdict};
 
@@ -87,7 +95,7 @@ impl ParseMemo {
 
 /// Every node's verdict, by name.
 pub fn judge(snapshot: &ClusterSnapshot, ranges: &ClusterRanges) -> BTreeMap<String, Verdict> {
-    judge_parsed(parse_all(snapshot, ranges), &snapshot.revoked)
+    judge_parsed(parse_all(snapshot, ranges), &snapshot.revoked, snapshot.now)
 }
 
 /// Every node's verdict from its parsed annotations. O(n log n): each
@@ -96,8 +104,9 @@ pub fn judge(snapshot: &ClusterSnapshot, ranges: &ClusterRanges) -> BTreeMap<Str
 pub fn judge_parsed(
     parsed: Vec<Parsed>,
     revoked: &BTreeSet<PublicKey>,
+    now: u64,
 ) -> BTreeMap<String, Verdict> {
-    let (mut verdicts, candidates) = candidates(parsed, revoked);
+    let (mut verdicts, candidates) = candidates(parsed, revoked, now);
     let mut taken = Taken::default();
     for (node, claim) in candidates {
         match taken.first_holder(&claim) {
@@ -117,27 +126,23 @@ pub fn judge_parsed(
 
 /// Valid claims, oldest node first (then by name), and the verdicts of
 /// nodes without one. A claim holding a revoked key is out before anything
-/// else is looked at.
+/// else is looked at; so is one scheduling its key switch further ahead
+/// than any node's lead allows (at `now`, Unix seconds).
 fn candidates<'a>(
     parsed: Vec<Parsed<'a>>,
     revoked: &BTreeSet<PublicKey>,
+    now: u64,
 ) -> (BTreeMap<String, Verdict>, Vec<(&'a NodeInfo, Claim)>) {
     let mut verdicts = BTreeMap::new();
     let mut candidates: Vec<(&NodeInfo, Claim)> = Vec::new();
     for (node, parsed) in parsed {
         match parsed {
-            Ok(Some(claim)) => {
-                let revoked_key = claim.keys().find(|k| revoked.contains(k));
-                match revoked_key {
-                    Some(key) => {
-                        verdicts.insert(
-                            node.name.clone(),
-                            Verdict::Rejected(Rejection::Revoked(key)),
-                        );
-                    }
-                    None => candidates.push((node, claim)),
+            Ok(Some(claim)) => match out_of_bounds(&claim, revoked, now) {
+                Some(rejection) => {
+                    verdicts.insert(node.name.clone(), Verdict::Rejected(rejection));
                 }
-            }
+                None => candidates.push((node, claim)),
+            },
             Ok(None) => {
                 verdicts.insert(node.name.clone(), Verdict::Pending);
             }
@@ -150,14 +155,28 @@ fn candidates<'a>(
     (verdicts, candidates)
 }
 
+/// Why a parsed claim is out whatever other nodes claim: a revoked key, or
+/// a key switch scheduled too far ahead.
+fn out_of_bounds(claim: &Claim, revoked: &BTreeSet<PublicKey>, now: u64) -> Option<Rejection> {
+    if let Some(key) = claim.keys().find(|k| revoked.contains(k)) {
+        return Some(Rejection::Revoked(key));
+    }
+    let at = claim.next_key.as_ref()?.at?;
+    (at > now.saturating_add(MAX_KEY_SWITCH_AHEAD)).then(|| Rejection::BadRotation {
+        annotation: NEXT_KEY_AT,
+        why: format!(
+            "{} is more than {MAX_KEY_SWITCH_AHEAD} s ahead (the longest --key-switch-lead plus clock skew)",
+            render_time(at)
+        ),
+    })
+}
+
 /// The accepted claims so far, in order, indexed by everything two claims
 /// may not share.
 #[derive(Default)]
 struct Taken<'a> {
     claims: Vec<(&'a str, Claim)>,
     keys: HashMap<PublicKey, usize>,
-    endpoints: HashMap<(IpAddr, u16), usize>,
-    mesh: HashMap<IpAddr, usize>,
     /// Pod CIDRs, for exact lookups.
     pods: HashMap<IpNet, usize>,
     /// Pod CIDRs by network address, then length, for range lookups.
@@ -167,22 +186,11 @@ struct Taken<'a> {
     lengths: BTreeSet<(bool, u8)>,
 }
 
-/// Compared as the addresses they are: [::ffff:a.b.c.d]:p is a.b.c.d:p.
-fn canonical(e: SocketAddr) -> (IpAddr, u16) {
-    (e.ip().to_canonical(), e.port())
-}
-
 impl<'a> Taken<'a> {
     fn insert(&mut self, holder: &'a str, claim: Claim) {
         let i = self.claims.len();
         for key in claim.keys() {
             self.keys.insert(key, i);
-        }
-        if let Some(e) = claim.endpoint {
-            self.endpoints.insert(canonical(e), i);
-        }
-        for a in &claim.mesh_addresses {
-            self.mesh.insert(*a, i);
         }
         for c in &claim.pod_cidrs {
             self.pods.insert(*c, i);
@@ -197,12 +205,6 @@ impl<'a> Taken<'a> {
     fn first_holder(&self, claim: &Claim) -> Option<(&str, &Claim)> {
         let mut hits: Vec<&usize> = Vec::new();
         hits.extend(claim.keys().filter_map(|k| self.keys.get(&k)));
-        hits.extend(
-            claim
-                .endpoint
-                .and_then(|e| self.endpoints.get(&canonical(e))),
-        );
-        hits.extend(claim.mesh_addresses.iter().filter_map(|a| self.mesh.get(a)));
         for c in &claim.pod_cidrs {
             // Held CIDRs containing c: one exact lookup per held length
             // not longer than c's.
@@ -235,7 +237,8 @@ pub fn judge_pairwise(
     snapshot: &ClusterSnapshot,
     ranges: &ClusterRanges,
 ) -> BTreeMap<String, Verdict> {
-    let (mut verdicts, candidates) = candidates(parse_all(snapshot, ranges), &snapshot.revoked);
+    let (mut verdicts, candidates) =
+        candidates(parse_all(snapshot, ranges), &snapshot.revoked, snapshot.now);
     let mut taken: Vec<(&str, Claim)> = Vec::new();
     for (node, claim) in candidates {
         match taken
@@ -267,18 +270,6 @@ fn collision(claim: &Claim, held: &Claim, holder: &str) -> Option<Rejection> {
             NEXT_PUBLIC_KEY
         };
         return Some(conflict(field, key.to_string()));
-    }
-    if let (Some(e), Some(h)) = (claim.endpoint, held.endpoint) {
-        if canonical(e) == canonical(h) {
-            return Some(conflict(ENDPOINT, e.to_string()));
-        }
-    }
-    if let Some(a) = claim
-        .mesh_addresses
-        .iter()
-        .find(|a| held.mesh_addresses.contains(a))
-    {
-        return Some(conflict(MESH_ADDRESSES, a.to_string()));
     }
     claim
         .pod_cidrs

@@ -1,7 +1,7 @@
 //! `meshlab bench planner`: what one event costs meshd's pure core on a
 //! large cluster. A synthetic cluster of N published nodes (dual-stack,
-//! distinct keys, endpoints, mesh addresses and pod blocks, in 3 regions of
-//! 3 zones) with a fraction of its links reported down, seen from one node:
+//! distinct keys with their proofs, endpoints, pod blocks and their mesh
+//! addresses, in 3 regions of 3 zones) with a fraction of its links reported down, seen from one node:
 //! the verdicts (indexed, and the pairwise comparison they replaced), the
 //! paths, and the whole `decide` meshd runs on every Node event (own claim,
 //! verdicts, paths, peers and routes): from scratch (a full recompute, as
@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use ipnet::IpNet;
-use weft_keys::PublicKey;
-use weft_meshd::annotations::{render, Claim, UNREACHABLE};
+use weft_keys::{PrivateKey, ProofSubject};
+use weft_meshd::annotations::{render, Claim, KeyProofs, UNREACHABLE};
 use weft_meshd::decide::{decide, Inputs};
 use weft_meshd::model::{
     ClusterRanges, ClusterSnapshot, Hop, LocalConfig, NodeInfo, Placement, Ranges,
 };
-use weft_meshd::planner::{judge, judge_pairwise, links, ParseMemo};
+use weft_meshd::planner::{judge, judge_pairwise, links, mesh_address_of, ParseMemo};
 
 /// One cluster size's figures (medians).
 pub struct Row {
@@ -71,26 +71,41 @@ fn name(i: usize) -> String {
     format!("node-{i}")
 }
 
-/// Node `i`'s claim: everything derived from its index.
-fn claim(i: usize) -> Claim {
+fn uid(i: usize) -> String {
+    format!("uid-{i}")
+}
+
+/// Node `i`'s claim, proofs included: everything derived from its index.
+fn claim(i: usize, r: &ClusterRanges) -> Claim {
     let (hi, lo) = ((i >> 8) as u8, i as u8);
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    // Past byte 0, whose low bits X25519 clears (keys differing only there
+    // are one key).
+    let mut secret = [0u8; 32];
+    secret[1..9].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    let key = PrivateKey::from_bytes(secret);
+    let pod_cidrs: Vec<IpNet> = vec![
+        format!("10.{hi}.{lo}.0/24").parse().expect("a CIDR"),
+        format!("fd00:10:0:{:x}::/64", i).parse().expect("a CIDR"),
+    ];
     Claim {
-        public_key: PublicKey::from_bytes(key),
+        public_key: key.public_key(),
+        proofs: std::sync::Arc::new(KeyProofs {
+            key: key.prove(ProofSubject {
+                node: &name(i),
+                uid: &uid(i),
+            }),
+            next: None,
+        }),
         endpoint: Some(
             format!("192.0.{}.{}:51820", i / 250, i % 250 + 1)
                 .parse()
                 .expect("an endpoint"),
         ),
-        mesh_addresses: vec![
-            format!("100.64.{hi}.{lo}").parse().expect("an address"),
-            format!("fd64::{:x}", i + 1).parse().expect("an address"),
-        ],
-        pod_cidrs: vec![
-            format!("10.{hi}.{lo}.0/24").parse().expect("a CIDR"),
-            format!("fd00:10:0:{:x}::/64", i).parse().expect("a CIDR"),
-        ],
+        mesh_addresses: pod_cidrs
+            .iter()
+            .filter_map(|c| mesh_address_of(r, c))
+            .collect(),
+        pod_cidrs,
         unreachable: Default::default(),
         key_since: None,
         next_key: None,
@@ -99,7 +114,8 @@ fn claim(i: usize) -> Claim {
 
 /// `n` nodes with `down` of their links reported down by one end.
 fn cluster(n: usize, down: usize) -> ClusterSnapshot {
-    let mut claims: Vec<Claim> = (0..n).map(claim).collect();
+    let r = ranges();
+    let mut claims: Vec<Claim> = (0..n).map(|i| claim(i, &r)).collect();
     let mut state = 0x5eed;
     let mut cut = BTreeSet::new();
     while cut.len() < down {
@@ -113,6 +129,7 @@ fn cluster(n: usize, down: usize) -> ClusterSnapshot {
         .enumerate()
         .map(|(i, c)| NodeInfo {
             name: name(i),
+            uid: uid(i),
             created: i as i64,
             internal_ips: c.endpoint.iter().map(|e| e.ip()).collect(),
             spec_pod_cidrs: c.pod_cidrs.clone(),
@@ -180,7 +197,7 @@ pub fn run(
         let down = ((pairs as f64) * down_percent / 100.0).round() as usize;
         let mut snapshot = cluster(n, down);
         let local = LocalConfig::new(&name(0), r);
-        let me = claim(0);
+        let me = claim(0, &r);
         // meshd keeps its parse memo from one event to the next; a full
         // recompute (meshd's first sync) starts without one.
         let mut memo = ParseMemo::default();
@@ -190,6 +207,7 @@ pub fn run(
                     snapshot,
                     local: &local,
                     keys: weft_meshd::planner::OwnKeys::steady(me.public_key, 0),
+                    proofs: (*me.proofs).clone(),
                     endpoint_flag: None,
                     listen_port: 51820,
                     pod_cidrs: me.pod_cidrs.clone(),

@@ -4,12 +4,17 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
 use serde_json::Value;
+use weft_keys::{PrivateKey, ProofSubject};
+use weft_meshd::model::{ClusterRanges, Ranges};
+use weft_meshd::planner::mesh_address_of;
 
 pub const MESHLAB: &str = env!("CARGO_BIN_EXE_meshlab");
 
@@ -553,4 +558,121 @@ pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) ->
         std::thread::sleep(Duration::from_millis(20));
     }
     started.elapsed()
+}
+
+/// A hostile Node, registered the way a compromised kubelet could: its
+/// spec (what the control plane "assigned"), and annotations signed with
+/// its own key where it has one (so the parser gets past the proof to what
+/// is under test).
+pub struct Hostile {
+    pub name: &'static str,
+    pub spec: Option<String>,
+    pub annotations: Vec<(&'static str, String)>,
+    /// The key it proves (None: its annotations say what key it has).
+    pub key: Option<PrivateKey>,
+    pub reason: &'static str,
+}
+
+impl Hostile {
+    /// A claim that is valid but for what `edit` changes.
+    pub fn valid(name: &'static str, cidr: &str, reason: &'static str) -> Self {
+        let key = PrivateKey::generate();
+        let block: ipnet::IpNet = cidr.parse().unwrap();
+        let mesh =
+            mesh_address_of(&lab_ranges(), &block).map_or_else(String::new, |a| a.to_string());
+        Hostile {
+            name,
+            spec: Some(cidr.to_string()),
+            annotations: vec![
+                ("weft.dev/version", "2".into()),
+                ("weft.dev/public-key", key.public_key().to_string()),
+                ("weft.dev/endpoint", "198.18.1.50:51820".into()),
+                ("weft.dev/mesh-addresses", mesh),
+                ("weft.dev/pod-cidrs", cidr.into()),
+            ],
+            key: Some(key),
+            reason,
+        }
+    }
+
+    pub fn with(mut self, key: &'static str, value: &str) -> Self {
+        self.annotations.retain(|(k, _)| *k != key);
+        self.annotations.push((key, value.to_string()));
+        self
+    }
+
+    /// Registers the Node, then publishes its annotations (a proof is bound
+    /// to the UID the API server gives it).
+    pub fn register(&self, lab: &Lab) {
+        let spec = self.spec.as_ref().map_or_else(String::new, |c| {
+            format!(r#","spec":{{"podCIDRs":["{c}"]}}"#)
+        });
+        let manifest = format!(
+            r#"{{"apiVersion":"v1","kind":"Node","metadata":{{"name":"{}"}}{spec}}}"#,
+            self.name
+        );
+        let path = lab.dir().join(format!("{}.json", self.name));
+        std::fs::write(&path, manifest).unwrap();
+        lab.ok(&["kubectl", "--", "create", "-f", path.to_str().unwrap()]);
+        let uid = lab.kubectl(&["get", "node", self.name, "-o", "jsonpath={.metadata.uid}"]);
+        let mut annotations = self.annotations.clone();
+        if let Some(key) = &self.key {
+            let subject = ProofSubject {
+                node: self.name,
+                uid: uid.trim(),
+            };
+            annotations.push(("weft.dev/key-proof", key.prove(subject).to_string()));
+        }
+        let mut args = vec![
+            "annotate".to_string(),
+            "node".into(),
+            self.name.into(),
+            "--overwrite".into(),
+        ];
+        args.extend(annotations.iter().map(|(k, v)| format!("{k}={v}")));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.kubectl(&args);
+    }
+}
+
+/// The lab's ranges, as meshd's flags give them.
+pub fn lab_ranges() -> ClusterRanges {
+    use meshlab::lab::topology::{CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
+    let flag = |name, a: &str, b: &str| {
+        Ranges::from_flag(name, &[a.parse().unwrap(), b.parse().unwrap()]).unwrap()
+    };
+    ClusterRanges {
+        pods: flag("--cluster-cidr", CLUSTER_V4, CLUSTER_V6),
+        mesh: flag("--mesh-cidr", MESH_V4, MESH_V6),
+    }
+}
+
+/// The pod token the lab's kubelet issued to `node`.
+pub fn pod_token(lab: &Lab, node: &str) -> String {
+    let text = std::fs::read_to_string(lab.dir().join(node).join("kubeconfig")).unwrap();
+    let kubeconfig: Value = serde_norway::from_str(&text).unwrap();
+    kubeconfig["users"][0]["user"]["token"]
+        .as_str()
+        .expect("the pod kubeconfig has a token")
+        .to_string()
+}
+
+/// A kubeconfig for the host's API address that authenticates with `token`
+/// (the pod's own points at the fabric address, reachable only inside the
+/// node's namespace).
+pub fn kubeconfig_with(lab: &Lab, token: &str, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(lab.kubeconfig()).unwrap();
+    let mut kubeconfig: Value = serde_norway::from_str(&text).unwrap();
+    kubeconfig["users"][0]["user"]["token"] = serde_json::json!(token);
+    let path = lab.dir().join(format!("{name}.kubeconfig"));
+    std::fs::write(&path, serde_norway::to_string(&kubeconfig).unwrap()).unwrap();
+    path
+}
+
+pub async fn client(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
 }
