@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{run_bounded, wait_for, MESHLAB};
+use common::{first_datagram, run_bounded, wait_for, MESHLAB};
 use meshlab::lab::netns;
 use meshlab::lab::preflight::WIREGUARD_GO_867A4C4;
 use weft_keys::PrivateKey;
@@ -1025,45 +1025,6 @@ fn neighbours_rotating_at_once_keep_their_sessions() {
     );
 }
 
-/// The UDP payload of the first datagram matching the tcpdump `filter` on
-/// side `i`'s underlay while `during` runs.
-fn first_datagram(net: &Net, i: usize, filter: &str, during: impl FnOnce()) -> Vec<u8> {
-    let mut tcpdump = Command::new("ip")
-        .args(["netns", "exec", &net.sides[i].netns])
-        .args(["tcpdump", "-c1", "-nn", "-x", "-i", "eth0", filter])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tcpdump (run tests/setup)");
-    // tcpdump needs a moment to attach.
-    std::thread::sleep(Duration::from_millis(500));
-    during();
-    wait_for(
-        "tcpdump to see the datagram",
-        Duration::from_secs(10),
-        || matches!(tcpdump.try_wait(), Ok(Some(_))),
-    );
-    let mut text = String::new();
-    tcpdump
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut text)
-        .unwrap();
-    // `-x`: the IP packet in hex, after each line's offset.
-    let ip: Vec<u8> = text
-        .lines()
-        .filter_map(|l| l.trim().split_once(":  ").map(|(_, hex)| hex))
-        .flat_map(|hex| hex.split_whitespace())
-        .flat_map(|word| {
-            (0..word.len() / 2)
-                .map(move |k| u8::from_str_radix(&word[2 * k..2 * k + 2], 16).unwrap())
-        })
-        .collect();
-    let header = usize::from(ip[0] & 0xf) * 4;
-    ip[header + 8..].to_vec()
-}
-
 /// One `wg show IFACE WHAT` column for side `i`'s peer `j`.
 fn wg_show(net: &Net, i: usize, what: &str, j: usize) -> String {
     let key = net.sides[j].key.public_key().to_string();
@@ -1097,8 +1058,8 @@ fn forged_initiations_and_guessed_indices_are_not_heard() {
     let b4: IpAddr = net.sides[1].overlay4.into();
     // Side 0's index for side 1: in every data message side 1 sends it.
     let data = first_datagram(
-        &net,
-        0,
+        &net.sides[0].netns,
+        "eth0",
         &format!(
             "dst host {} and udp dst port {PORT} and udp[8] = 4",
             net.sides[0].underlay
@@ -1153,8 +1114,8 @@ fn a_forged_cookie_reply_moves_no_endpoint() {
     let b4: IpAddr = net.sides[1].overlay4.into();
     // Side 0 initiates: its initiation's sender index and mac1.
     let init = first_datagram(
-        &net,
-        0,
+        &net.sides[0].netns,
+        "eth0",
         &format!(
             "src host {} and udp src port {PORT} and udp[8] = 1",
             net.sides[0].underlay
