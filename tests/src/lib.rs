@@ -3,6 +3,8 @@
 //!
 //! - [`apiserver`]: the embedded API server (REST + watch, TLS, kubeconfig).
 //! - [`lab`]: the topology (fabric, nodes), its runtime state and lifecycle.
+//! - [`forge`]: WireGuard datagrams forged from public data, for attack tests.
 
 pub mod apiserver;
+pub mod forge;
 pub mod lab;

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{run_bounded, wait_for, MESHLAB};
+use common::{first_datagram, run_bounded, wait_for, MESHLAB};
 use meshlab::lab::netns;
 use meshlab::lab::preflight::WIREGUARD_GO_867A4C4;
 use weft_keys::PrivateKey;
@@ -1022,5 +1022,129 @@ fn neighbours_rotating_at_once_keep_their_sessions() {
     assert!(
         !dropped.contains("counter packets 0 "),
         "no handshake was tried (and dropped): {dropped}"
+    );
+}
+
+/// One `wg show IFACE WHAT` column for side `i`'s peer `j`.
+fn wg_show(net: &Net, i: usize, what: &str, j: usize) -> String {
+    let key = net.sides[j].key.public_key().to_string();
+    output_in(
+        &net.sides[i].netns,
+        &["wg", "show", &net.sides[i].iface, what],
+    )
+    .lines()
+    .find_map(|l| l.strip_prefix(&key).map(|rest| rest.trim().to_string()))
+    .unwrap_or_else(|| panic!("no {what} for side {j} on side {i}"))
+}
+
+/// Sends `args`' forgeries (`meshlab forge`) to side `i` from side `from`'s
+/// namespace.
+fn forge(net: &Net, from: usize, i: usize, args: &[String]) {
+    let to = format!("{}:{PORT}", net.sides[i].underlay);
+    let device = net.sides[i].key.public_key().to_string();
+    let mut all = vec![MESHLAB, "forge", &to, "--device", &device];
+    all.extend(args.iter().map(String::as_str));
+    in_ns(&net.sides[from].netns, &all);
+}
+
+/// Only authenticated packets count (docs/security.md): initiations
+/// claiming a peer's key (made from public data: they decrypt up to the
+/// peer lookup) and data messages with the receiver index the device
+/// really gave the peer but noise for ciphertext move neither the peer's
+/// received bytes (what meshd's liveness reads) nor its endpoint.
+#[test]
+fn forged_initiations_and_guessed_indices_are_not_heard() {
+    let net = Net::new("wdpforge", &[Impl::Weft, Impl::Weft]);
+    let b4: IpAddr = net.sides[1].overlay4.into();
+    // Side 0's index for side 1: in every data message side 1 sends it.
+    let data = first_datagram(
+        &net.sides[0].netns,
+        "eth0",
+        &format!(
+            "dst host {} and udp dst port {PORT} and udp[8] = 4",
+            net.sides[0].underlay
+        ),
+        || assert_eq!(net.pings_answered(0, b4, 20, || {}), 20),
+    );
+    let index = u32::from_le_bytes(data[4..8].try_into().unwrap());
+    let rx = || -> u64 {
+        let transfer = wg_show(&net, 0, "transfer", 1);
+        transfer.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let endpoint = wg_show(&net, 0, "endpoints", 1);
+    let claim = net.sides[1].key.public_key().to_string();
+    for (what, args) in [
+        (
+            "initiations claiming side 1",
+            vec!["--claim".to_string(), claim],
+        ),
+        (
+            "data messages with side 1's index",
+            vec!["--index".into(), index.to_string()],
+        ),
+    ] {
+        let before = rx();
+        let mut args = args;
+        args.extend([
+            "--duration".into(),
+            "2s".into(),
+            "--every".into(),
+            "10ms".into(),
+        ]);
+        forge(&net, 1, 0, &args);
+        // About 200 forgeries of 32 or 148 bytes; a keepalive is 32.
+        let moved = rx() - before;
+        assert!(moved < 1000, "{what} counted as {moved} bytes received");
+    }
+    assert_eq!(wg_show(&net, 0, "endpoints", 1), endpoint);
+    assert_eq!(
+        net.pings_answered(0, b4, 20, || {}),
+        20,
+        "the session is intact"
+    );
+}
+
+/// A cookie reply proves nothing about its sender (its key derives from
+/// the peer's public key, its AAD is the mac1 the device last sent, seen
+/// on the wire): one forged from another address does not move the
+/// peer's endpoint, as `wg show` reports it.
+#[test]
+fn a_forged_cookie_reply_moves_no_endpoint() {
+    let net = Net::new("wdpcookie", &[Impl::Weft, Impl::Weft]);
+    let b4: IpAddr = net.sides[1].overlay4.into();
+    // Side 0 initiates: its initiation's sender index and mac1.
+    let init = first_datagram(
+        &net.sides[0].netns,
+        "eth0",
+        &format!(
+            "src host {} and udp src port {PORT} and udp[8] = 1",
+            net.sides[0].underlay
+        ),
+        || assert_eq!(net.pings_answered(0, b4, 20, || {}), 20),
+    );
+    let sender = u32::from_le_bytes(init[4..8].try_into().unwrap());
+    let mac1: String = init[meshlab::forge::INITIATION_MAC1..][..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let endpoint = wg_show(&net, 0, "endpoints", 1);
+    assert_eq!(endpoint, format!("{}:{PORT}", net.sides[1].underlay));
+    forge(
+        &net,
+        1,
+        0,
+        &[
+            "--claim".into(),
+            net.sides[1].key.public_key().to_string(),
+            "--cookie-reply".into(),
+            format!("{sender}:{mac1}"),
+            "--duration".into(),
+            "1s".into(),
+        ],
+    );
+    assert_eq!(
+        wg_show(&net, 0, "endpoints", 1),
+        endpoint,
+        "a forged cookie reply moved the endpoint"
     );
 }

@@ -9,15 +9,16 @@
 //! bounded idle time, so one stuck client cannot wedge the others.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::stat::{umask, Mode as FileMode};
 
 use super::device::sys::Offloads;
 use super::device::{Device, EXIT_DEVICE_FAILED};
@@ -79,9 +80,7 @@ fn run(iface: &str, offloads: Offloads, stop: &SigSet) -> Result<()> {
     fs::set_permissions(SOCKET_DIR, fs::Permissions::from_mode(0o755))?;
     let path = PathBuf::from(SOCKET_DIR).join(format!("{iface}.sock"));
     let _ = fs::remove_file(&path);
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+    let listener = bind_private(&path).with_context(|| format!("binding {}", path.display()))?;
     let d = device.clone();
     std::thread::spawn(move || accept(listener, d));
     let name = iface.to_string();
@@ -113,6 +112,18 @@ fn watch_interface(iface: &str) {
     }
 }
 
+/// Binds the UAPI socket with mode 0600 from its first moment (it hands out
+/// the private key): created under a umask that clears the group's and
+/// others' bits, not chmod'ed after a bind that the process's umask
+/// decided. No other thread creates files meanwhile (the workers do no
+/// file I/O; the lock file exists already).
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    let before = umask(FileMode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(before);
+    bound
+}
+
 fn accept(listener: UnixListener, device: Arc<Device>) {
     for client in listener.incoming().flatten() {
         let device = device.clone();
@@ -141,11 +152,15 @@ fn serve_client(client: UnixStream, device: &Arc<Device>) {
 
 /// Reads lines up to and including the empty line that ends a UAPI
 /// message; `None` at end of stream, on a timeout, or past `limit` bytes.
+/// A line is read only as far as the limit leaves room for: a client that
+/// never sends a newline holds at most `limit` bytes of memory.
 fn read_block(reader: &mut impl BufRead, limit: usize) -> Option<String> {
     let mut block = String::new();
     loop {
+        // One byte past the room left tells an over-long line apart.
+        let room = limit.saturating_sub(block.len()) as u64 + 1;
         let mut line = String::new();
-        match reader.read_line(&mut line) {
+        match reader.by_ref().take(room).read_line(&mut line) {
             Ok(0) | Err(_) => return None,
             Ok(_) if block.len() + line.len() > limit => return None,
             Ok(_) => {
@@ -174,5 +189,40 @@ mod tests {
         assert_eq!(read_block(&mut input, 100), None);
         let mut long = BufReader::new("set=1\nprivate_key=aa\n\n".as_bytes());
         assert_eq!(read_block(&mut long, 10), None, "over the limit");
+    }
+
+    /// A client that never sends a newline is read no further than the
+    /// request limit (and a buffer): it cannot grow the data plane's memory.
+    #[test]
+    fn an_endless_line_is_cut_at_the_limit() {
+        /// Counts what was taken from the client.
+        struct Counted<R>(R, usize);
+        impl<R: Read> Read for Counted<R> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.read(buf)?;
+                self.1 += n;
+                Ok(n)
+            }
+        }
+        let limit = 1 << 16;
+        let endless = std::io::repeat(b'a').take(64 * limit as u64);
+        let mut input = BufReader::new(Counted(endless, 0));
+        assert_eq!(read_block(&mut input, limit), None);
+        let read = input.get_ref().1;
+        assert!(
+            read <= limit + 1 + input.capacity(),
+            "read {read} bytes of one line with a limit of {limit}"
+        );
+    }
+
+    /// The socket hands out the private key: never readable by others,
+    /// not even between its bind and a chmod.
+    #[test]
+    fn the_uapi_socket_is_created_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wg0.sock");
+        let _listener = bind_private(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
     }
 }

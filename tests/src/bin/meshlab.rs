@@ -260,6 +260,33 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Send WireGuard datagrams forged from public data to a device, from
+    /// this namespace (`ip netns exec NS meshlab forge …`), for attack
+    /// tests: initiations claiming its peers, data messages with given
+    /// receiver indices and noise for ciphertext.
+    Forge {
+        /// The device's address:port.
+        to: SocketAddr,
+        /// The device's public key.
+        #[arg(long, value_name = "KEY")]
+        device: weft_keys::PublicKey,
+        /// A peer of the device to claim in initiations (repeatable).
+        #[arg(long, value_name = "KEY")]
+        claim: Vec<weft_keys::PublicKey>,
+        /// A receiver index for data messages (repeatable).
+        #[arg(long)]
+        index: Vec<u32>,
+        /// Also cookie replies from each claimed peer, to the device's
+        /// handshake message with this sender index and mac1 (hex).
+        #[arg(long, value_name = "INDEX:MAC1", value_parser = meshlab::forge::parse_cookie_target)]
+        cookie_reply: Option<(u32, [u8; 16])>,
+        /// How long to keep sending.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// The pause between two rounds.
+        #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+        every: std::time::Duration,
+    },
     /// Remove every process, namespace and file of the lab (also after a crash).
     Down,
     /// Show the lab's nodes.
@@ -591,6 +618,27 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", netpol::summary(&outcomes));
             let failed = outcomes.iter().filter(|o| !o.mismatches.is_empty()).count();
             anyhow::ensure!(failed == 0, "{failed} of {} cases failed", outcomes.len());
+            Ok(())
+        }
+        Cmd::Forge {
+            to,
+            device,
+            claim,
+            index,
+            cookie_reply,
+            duration,
+            every,
+        } => {
+            let target = meshlab::forge::Target {
+                to,
+                device,
+                claims: claim,
+                indices: index,
+                cookie: cookie_reply,
+            };
+            let sent = meshlab::forge::flood(&target, every, duration)
+                .with_context(|| format!("sending to {to}"))?;
+            eprintln!("meshlab: {sent} forged datagrams sent to {to}");
             Ok(())
         }
         Cmd::Down => {

@@ -676,3 +676,44 @@ pub async fn client(path: &Path) -> Client {
         .unwrap();
     Client::try_from(config).unwrap()
 }
+
+/// The UDP payload of the first datagram matching the tcpdump `filter` on
+/// `iface` in namespace `netns` while `during` runs (bounded: 10 s after it).
+pub fn first_datagram(netns: &str, iface: &str, filter: &str, during: impl FnOnce()) -> Vec<u8> {
+    use std::io::Read;
+    let mut tcpdump = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(["tcpdump", "-c1", "-nn", "-x", "-i", iface, filter])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump (run tests/setup)");
+    // tcpdump needs a moment to attach.
+    std::thread::sleep(Duration::from_millis(500));
+    during();
+    let seen = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        matches!(tcpdump.try_wait(), Ok(Some(_)))
+    });
+    if !seen {
+        let _ = tcpdump.kill();
+        let _ = tcpdump.wait();
+        panic!("tcpdump saw no {filter:?} in {netns} within 10 s");
+    }
+    let mut text = String::new();
+    if let Some(mut out) = tcpdump.stdout.take() {
+        out.read_to_string(&mut text).expect("tcpdump's output");
+    }
+    // `-x`: the IP packet in hex, after each line's offset.
+    let ip: Vec<u8> = text
+        .lines()
+        .filter_map(|l| l.trim().split_once(":  ").map(|(_, hex)| hex))
+        .flat_map(|hex| hex.split_whitespace())
+        .flat_map(|word| {
+            (0..word.len() / 2)
+                .map(move |k| u8::from_str_radix(&word[2 * k..2 * k + 2], 16).expect("hex"))
+        })
+        .collect();
+    let header = usize::from(ip[0] & 0xf) * 4;
+    ip[header + 8..].to_vec()
+}

@@ -336,7 +336,7 @@ impl Device {
                         .filter(|k| gone(k))
                         .and_then(|k| current.by_key.get(k))
                     {
-                        peer.succeed(old);
+                        peer.succeed(old, std::time::Instant::now());
                     }
                     peer
                 }

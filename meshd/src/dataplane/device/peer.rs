@@ -34,7 +34,19 @@ pub struct Tunnel {
     /// As a previous tunnel: the current one had a session at the last
     /// tick (see [`PeerState::retire_previous`]).
     retiring: bool,
+    /// When an entry took this tunnel over from the one it replaced (see
+    /// [`Peer::succeed`]). Its peer static is the node's retired key, so
+    /// it only carries the session it came with: its timers never run (no
+    /// rekey, no handshake under that key), and it goes
+    /// [`INHERITED_LIFETIME`] later whatever happens.
+    inherited: Option<Instant>,
 }
+
+/// How long a tunnel taken over from a replaced entry lives: WireGuard's
+/// REJECT_AFTER_TIME, the most any session may carry traffic. It bridges
+/// the round trip until the new entry's own handshake; a node whose next
+/// key cannot handshake for this long is not reached under the old one.
+pub const INHERITED_LIFETIME: Duration = Duration::from_secs(180);
 
 impl Tunnel {
     fn new(identity: &Identity, key: &PublicKey, psk: Option<&PresharedKey>, index: u32) -> Self {
@@ -51,6 +63,7 @@ impl Tunnel {
             ),
             index,
             retiring: false,
+            inherited: None,
         }
     }
 
@@ -91,12 +104,24 @@ impl PeerState {
 
     /// The tunnels a persistent keepalive goes through: the current one,
     /// and while it has no session also the previous one (a peer not yet
-    /// on the device's new key answers only that).
+    /// on the device's new key answers only that), unless it was taken
+    /// over from a replaced entry.
     pub fn keepalive_tunnels(&mut self) -> impl Iterator<Item = &mut Tunnel> {
         let current_ready = self.current.as_ref().is_some_and(Tunnel::has_session);
+        self.current.iter_mut().chain(
+            self.previous
+                .iter_mut()
+                .filter(move |t| !current_ready && t.inherited.is_none()),
+        )
+    }
+
+    /// The tunnels whose protocol timers run (rekeys, handshake retries,
+    /// expiry): all but one taken over from a replaced entry, which would
+    /// handshake under the node's retired key.
+    pub fn timed_tunnels(&mut self) -> impl Iterator<Item = &mut Tunnel> {
         self.current
             .iter_mut()
-            .chain(self.previous.iter_mut().filter(move |_| !current_ready))
+            .chain(self.previous.iter_mut().filter(|t| t.inherited.is_none()))
     }
 
     /// The tunnel speaking for the device key `identity`.
@@ -137,8 +162,17 @@ impl PeerState {
     /// before it saw the new one — in flight, or sent until the first
     /// packet on the new session reached it — is still decrypted. Dropped
     /// at once, that was a window of a round trip of a TCP stream, each
-    /// segment of it retransmitted.
-    pub fn retire_previous(&mut self) {
+    /// segment of it retransmitted. A tunnel taken over from a replaced
+    /// entry goes at `now` if it is [`INHERITED_LIFETIME`] old, session or
+    /// not.
+    pub fn retire_previous(&mut self, now: Instant) {
+        let expired = |t: &Tunnel| {
+            t.inherited
+                .is_some_and(|at| now.saturating_duration_since(at) >= INHERITED_LIFETIME)
+        };
+        if self.previous.as_ref().is_some_and(expired) {
+            self.previous = None;
+        }
         if !self.current.as_ref().is_some_and(Tunnel::has_session) {
             return;
         }
@@ -258,8 +292,9 @@ impl Peer {
     /// its roamed endpoint if this peer has none planned. The sessions are
     /// those `old` sends on: its previous-key tunnel's when this device
     /// rotates too and the pair has not handshaken under its next key yet
-    /// (two neighbours rotating at once).
-    pub fn succeed(self: &Arc<Self>, old: &Peer) {
+    /// (two neighbours rotating at once). They are under the node's old
+    /// key, so they only carry what they have (see [`Tunnel::inherited`]).
+    pub fn succeed(self: &Arc<Self>, old: &Peer, now: Instant) {
         let mut from = old.lock();
         let mut to = self.lock();
         // Workers still routing by the configuration being replaced reach
@@ -271,7 +306,8 @@ impl Peer {
         } else {
             from.current.take()
         };
-        if let Some(tunnel) = sending.filter(Tunnel::has_session) {
+        if let Some(mut tunnel) = sending.filter(Tunnel::has_session) {
+            tunnel.inherited = Some(now);
             to.previous = Some(tunnel);
         }
         if to.endpoint.is_none() {
@@ -408,7 +444,7 @@ mod tests {
         let next = Peer::new(&settings(&next_key), keys, &mut next_index);
         assert!(Arc::ptr_eq(old.lock_holder().0, &old), "not succeeded yet");
 
-        next.succeed(&old);
+        next.succeed(&old, Instant::now());
         let (holder, mut state) = old.lock_holder();
         assert!(Arc::ptr_eq(holder, &next));
         let tunnel = state
@@ -437,7 +473,7 @@ mod tests {
             keepalive_sent: Instant::now(),
             preshared_key: None,
         };
-        state.retire_previous();
+        state.retire_previous(Instant::now());
         assert!(
             state.previous.is_some(),
             "kept: the current one has no session"
@@ -445,11 +481,65 @@ mod tests {
 
         let current = state.current.as_mut().expect("a current tunnel");
         far_end(current, &peer);
-        state.retire_previous();
+        state.retire_previous(Instant::now());
         // What the peer sent on the old session before it saw the new one.
         let previous = state.previous.as_mut().expect("kept for a tick");
         assert!(delivers(&mut far_old, previous));
-        state.retire_previous();
+        state.retire_previous(Instant::now());
         assert!(state.previous.is_none(), "retired at the next tick");
+    }
+
+    /// A tunnel taken over from a replaced entry speaks for the node's
+    /// retired key: it decrypts what the peer sends on its session, but no
+    /// timer of it runs (no rekey, no handshake under the old key), no
+    /// persistent keepalive goes through it, and it is gone at its bound
+    /// even if the new entry never handshakes.
+    #[test]
+    fn an_inherited_tunnel_only_decrypts_and_is_gone_at_its_bound() {
+        let (here, old_key, next_key) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
+        let identity = Identity::of(&here);
+        let keys = Keys {
+            identity: Some(&identity),
+            previous: None,
+        };
+        let settings = |key: &PrivateKey| PeerSettings {
+            public_key: key.public_key(),
+            preshared_key: None,
+            endpoint: None,
+            keepalive: 1,
+            allowed_ips: Vec::new(),
+        };
+        let mut index = 20;
+        let mut next_index = || {
+            index += 1;
+            index
+        };
+        let old = Peer::new(&settings(&old_key), keys, &mut next_index);
+        let mut far = far_end(old.lock().current.as_mut().expect("a tunnel"), &old_key);
+        let next = Peer::new(&settings(&next_key), keys, &mut next_index);
+        let at = Instant::now();
+        next.succeed(&old, at);
+
+        let mut state = next.lock();
+        let inherited = state.previous.as_ref().map(|t| t.index);
+        assert!(inherited.is_some(), "the session moved with the entry");
+        let timed: Vec<u32> = state.timed_tunnels().map(|t| t.index).collect();
+        assert!(
+            !timed.contains(&inherited.unwrap_or_default()),
+            "timed: {timed:?}"
+        );
+        assert_eq!(timed.len(), 1, "the new entry's own tunnel is timed");
+        let kept_alive: Vec<u32> = state.keepalive_tunnels().map(|t| t.index).collect();
+        assert!(!kept_alive.contains(&inherited.unwrap_or_default()));
+
+        state.retire_previous(at + INHERITED_LIFETIME - Duration::from_secs(1));
+        let previous = state.previous.as_mut().expect("kept until its bound");
+        assert!(delivers(&mut far, previous), "it still decrypts");
+        state.retire_previous(at + INHERITED_LIFETIME);
+        assert!(state.previous.is_none(), "gone at its bound");
     }
 }

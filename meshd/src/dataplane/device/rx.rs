@@ -5,7 +5,7 @@
 //! what passes is coalesced and written to the TUN, a `writev` per flow.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -159,30 +159,33 @@ impl Receiver<'_> {
         let mut bytes = 0;
         for d in run {
             let msg = datagram(batch, d);
-            bytes += msg.len();
             let plain = &mut self.plain;
             if plain.arena.len() - plain.used < msg.len() {
                 break;
             }
             let slot = &mut plain.arena[plain.used..plain.used + msg.len()];
-            match tunnel.tunn.decapsulate(Some(d.from.ip()), msg, slot) {
-                TunnResult::WriteToTunnelV4(p, src) if config.allows(routed, src.into()) => {
-                    let len = p.len();
-                    plain.packets.push(plain.used..plain.used + len);
-                    plain.used += len;
-                    heard_from = Some(d.from);
-                }
-                TunnResult::WriteToTunnelV6(p, src) if config.allows(routed, src.into()) => {
-                    let len = p.len();
-                    plain.packets.push(plain.used..plain.used + len);
-                    plain.used += len;
-                    heard_from = Some(d.from);
-                }
+            // Only what decrypted counts, as in the kernel and wireguard-go:
+            // a datagram with a guessed index is no sign of the peer.
+            let (authentic, packet) = match tunnel.tunn.decapsulate(Some(d.from.ip()), msg, slot) {
+                TunnResult::WriteToTunnelV4(p, src) => (true, Some((p.len(), IpAddr::V4(src)))),
+                TunnResult::WriteToTunnelV6(p, src) => (true, Some((p.len(), IpAddr::V6(src)))),
                 // A keepalive: authentic, carries nothing.
-                TunnResult::Done => heard_from = Some(d.from),
-                TunnResult::WriteToNetwork(p) => self.device.sockets.load().send_to(p, d.from),
-                // Undecryptable, replayed, or a source the peer may not use.
-                _ => {}
+                TunnResult::Done => (true, None),
+                TunnResult::WriteToNetwork(p) => {
+                    self.device.sockets.load().send_to(p, d.from);
+                    (false, None)
+                }
+                // Undecryptable or replayed.
+                TunnResult::Err(_) => (false, None),
+            };
+            // Cryptokey routing: a source the peer may not use is dropped.
+            if let Some((len, _)) = packet.filter(|(_, src)| config.allows(routed, *src)) {
+                plain.packets.push(plain.used..plain.used + len);
+                plain.used += len;
+            }
+            if authentic {
+                bytes += msg.len();
+                heard_from = Some(d.from);
             }
         }
         // Roaming, as WireGuard does: an authenticated packet from a new
@@ -203,7 +206,6 @@ impl Receiver<'_> {
         };
         let sockets = self.device.sockets.load();
         let (peer, mut state) = peer.lock_holder();
-        peer.count_rx(msg.len());
         let index = match Tunn::parse_incoming_packet(msg) {
             Ok(Packet::HandshakeResponse(r)) => Some(r.receiver_idx >> 8),
             Ok(Packet::PacketCookieReply(c)) => Some(c.receiver_idx >> 8),
@@ -218,6 +220,8 @@ impl Receiver<'_> {
         let mut result = tunnel
             .tunn
             .decapsulate(Some(from.ip()), msg, &mut self.control);
+        let authentic =
+            matches!(&result, TunnResult::WriteToNetwork(reply) if completes_handshake(msg, reply));
         let mut sent = 0;
         // Answer, then flush what waited for the session.
         while let TunnResult::WriteToNetwork(p) = result {
@@ -225,10 +229,16 @@ impl Receiver<'_> {
             sockets.send_to(p, from);
             result = tunnel.tunn.decapsulate(None, &[], &mut self.control);
         }
-        if !matches!(result, TunnResult::Err(_)) {
+        // Roaming and liveness move only on a handshake step that proved
+        // the sender; a cookie reply proves nothing (see
+        // `completes_handshake`).
+        if authentic {
             state.endpoint = Some(from);
         }
         drop(state);
+        if authentic {
+            peer.count_rx(msg.len());
+        }
         peer.count_tx(sent);
     }
 
@@ -278,6 +288,22 @@ impl Receiver<'_> {
             Packet::PacketData(_) => None,
         }
     }
+}
+
+/// Whether decapsulating the control message `msg` completed a handshake
+/// step, judged by the first reply it produced: a valid initiation (static
+/// key, timestamp and replay checked) is answered with a response, a valid
+/// response opens a session and is answered with the keepalive confirming
+/// it. Nothing else proves who sent it: a cookie reply is sealed with a key
+/// derived from a public key and the last mac1 this device sent, and a
+/// cookie asked of a flood says only that mac1 was right (public data).
+fn completes_handshake(msg: &[u8], reply: &[u8]) -> bool {
+    const INITIATION: u8 = 1;
+    const RESPONSE: u8 = 2;
+    matches!(
+        (msg.first(), reply.first()),
+        (Some(&INITIATION), Some(&RESPONSE)) | (Some(&RESPONSE), Some(&DATA))
+    )
 }
 
 /// Writes the decrypted packets: coalesced where the TUN takes virtio-net

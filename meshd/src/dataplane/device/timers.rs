@@ -2,8 +2,9 @@
 //! handshake retries, keepalives after receiving, expiry), persistent
 //! keepalives go out, and a tunnel replaced (a preshared-key change, a
 //! rotation's previous key, an entry taken over) is retired a tick after
-//! its successor has a session. Once a second the handshake
-//! rate limiters start a new window.
+//! its successor has a session. A tunnel taken over from a replaced entry
+//! has no timers and is dropped at its bound (see `peer::Tunnel`). Once a
+//! second the handshake rate limiters start a new window.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,11 +54,11 @@ pub fn run(device: &Arc<Device>) {
         for peer in &config.peers {
             let mut guard = peer.lock();
             let state = &mut *guard;
-            state.retire_previous();
+            state.retire_previous(now);
             let endpoint = state.endpoint.map(|e| Family::of(&e).1);
             let keepalive = state.keepalive_due(now);
             let mut sent = 0;
-            for tunnel in state.current.iter_mut().chain(state.previous.iter_mut()) {
+            for tunnel in state.timed_tunnels() {
                 if let TunnResult::WriteToNetwork(p) = tunnel.tunn.update_timers(&mut buf) {
                     if let Some(to) = endpoint {
                         sent += p.len();
