@@ -11,4 +11,5 @@ mod store;
 pub use key::{clamp, KeyParseError, PresharedKey, PrivateKey, PublicKey};
 pub use store::{
     unix_now, write_atomic, write_private, KeyState, KeyStore, NextKey, SealingKey, StoreError,
+    KEY_FILE,
 };

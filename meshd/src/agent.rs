@@ -318,7 +318,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .as_deref()
         .map(SealingKey::from_file)
         .transpose()?;
-    let key_store = KeyStore::new(args.state_dir.join("key.json"), sealing);
+    let key_store = KeyStore::new(args.state_dir.join(weft_keys::KEY_FILE), sealing);
     let keys = key_store.load_or_create()?;
     tracing::info!(
         node = %args.node_name,
