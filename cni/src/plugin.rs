@@ -17,7 +17,7 @@ use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope};
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 use serde_json::Value;
 use weft_ipam::{
-    gateway, AllocError, Attachment, NodeState, PodStore, StoreError, POD_VETH_PREFIX,
+    gateway, AllocError, Attachment, NodeState, PodStore, PolicyState, StoreError, POD_VETH_PREFIX,
 };
 
 use crate::config::{parse, NetConf};
@@ -78,27 +78,72 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     };
     match env.command {
         Command::Version => Ok(Some(version_info())),
-        Command::Add => add(env, &conf, &attachment).map(|r| Some(r.to_json(&conf.cni_version))),
+        Command::Add => {
+            let state = ready(&conf, Code::TryAgainLater)?;
+            add(env, &conf, &attachment, &state).map(|r| Some(r.to_json(&conf.cni_version)))
+        }
+        // Teardown never looks at the node's state: a pod must always be
+        // removable, whatever meshd or its policy engine are doing.
         Command::Del => del(&conf, &attachment).map(|()| None),
         Command::Check => check(env, &conf, &attachment).map(|()| None),
-        Command::Status => status(&conf).map(|_| None),
+        Command::Status => ready(&conf, Code::NotAvailable).map(|_| None),
         Command::Gc => gc(&conf).map(|()| None),
     }
 }
 
-fn status(conf: &NetConf) -> Result<NodeState, CniError> {
-    match NodeState::read(&conf.state_file) {
-        Ok(Some(state)) => Ok(state),
-        Ok(None) => Err(CniError::new(
-            Code::NotAvailable,
-            format!("meshd has not written {} yet", conf.state_file.display()),
+/// What the plugin sees of the node: the state files meshd publishes, each
+/// present, absent (`None`) or unreadable (why).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub node: Result<Option<NodeState>, String>,
+    pub policy: Result<Option<PolicyState>, String>,
+    /// The node state file, to name in messages.
+    pub state_file: String,
+}
+
+/// The node's state for ADD, or the error `code` (ADD: try again later;
+/// STATUS: not available) naming why the node cannot take a pod.
+fn ready(conf: &NetConf, code: Code) -> Result<NodeState, CniError> {
+    let seen = Observed {
+        node: NodeState::read(&conf.state_file).map_err(|e| e.to_string()),
+        policy: PolicyState::read(&PolicyState::path_beside(&conf.state_file))
+            .map_err(|e| e.to_string()),
+        state_file: conf.state_file.display().to_string(),
+    };
+    readiness(seen).map_err(|why| CniError::new(code, why))
+}
+
+/// Whether the node can take a pod now, and if not why: meshd has made the
+/// node's mesh (its node state is there) and NetworkPolicy is either off or
+/// enforced by a loaded program. Fail-closed: an absent or unreadable
+/// policy state is not enforcement.
+pub fn readiness(seen: Observed) -> Result<NodeState, String> {
+    let node = match seen.node {
+        Ok(Some(state)) => state,
+        Ok(None) => return Err(format!("meshd has not written {} yet", seen.state_file)),
+        Err(e) => return Err(e),
+    };
+    let not_loaded = "NetworkPolicy enforcement is not loaded on this node yet";
+    match seen.policy {
+        Ok(Some(PolicyState::Off | PolicyState::Loaded)) => Ok(node),
+        Ok(Some(PolicyState::Pending { reason })) => Err(format!("{not_loaded}: {reason}")),
+        Ok(Some(PolicyState::Broken { reason })) => Err(format!(
+            "NetworkPolicy enforcement is broken on this node: {reason}"
         )),
-        Err(e) => Err(CniError::new(Code::NotAvailable, e.to_string())),
+        Ok(None) => Err(format!(
+            "{not_loaded}: meshd has not published its policy state beside {}",
+            seen.state_file
+        )),
+        Err(e) => Err(format!("{not_loaded}: {e}")),
     }
 }
 
-fn add(env: &Env, conf: &NetConf, attachment: &Attachment) -> Result<AddResult, CniError> {
-    let state = status(conf).map_err(|e| CniError::new(Code::TryAgainLater, e.msg))?;
+fn add(
+    env: &Env,
+    conf: &NetConf,
+    attachment: &Attachment,
+    state: &NodeState,
+) -> Result<AddResult, CniError> {
     let mtu = conf.mtu.unwrap_or(state.mtu);
     let netns = File::open(&env.netns).map_err(|e| {
         CniError::new(
@@ -392,6 +437,83 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every state the node can be in, and what ADD/STATUS answer: a pod
+    /// attaches only once the mesh is made and policy is loaded (or off).
+    #[test]
+    fn a_pod_attaches_only_where_policy_is_loaded_or_off() {
+        let node = NodeState::new(vec!["198.19.1.0/24".parse().unwrap()], 1420);
+        let pending = PolicyState::Pending {
+            reason: "listing Pods".into(),
+        };
+        let broken = PolicyState::Broken {
+            reason: "nft: No such file".into(),
+        };
+        let ready = Ok(node.clone());
+        let cases: Vec<(&str, _, _, Result<NodeState, &str>)> = vec![
+            ("ready", Ok(Some(node.clone())), Ok(Some(PolicyState::Loaded)), ready.clone()),
+            ("policy off", Ok(Some(node.clone())), Ok(Some(PolicyState::Off)), ready),
+            ("policy not loaded", Ok(Some(node.clone())), Ok(Some(pending)),
+                Err("NetworkPolicy enforcement is not loaded on this node yet: listing Pods")),
+            ("policy broken", Ok(Some(node.clone())), Ok(Some(broken)),
+                Err("NetworkPolicy enforcement is broken on this node: nft: No such file")),
+            ("policy state absent", Ok(Some(node.clone())), Ok(None),
+                Err("NetworkPolicy enforcement is not loaded on this node yet: meshd has not published its policy state beside /run/weft/node.json")),
+            ("policy state unreadable", Ok(Some(node.clone())), Err("garbled".to_string()),
+                Err("NetworkPolicy enforcement is not loaded on this node yet: garbled")),
+            ("mesh not made", Ok(None), Ok(Some(PolicyState::Loaded)),
+                Err("meshd has not written /run/weft/node.json yet")),
+        ];
+        for (case, node, policy, want) in cases {
+            let seen = Observed {
+                node,
+                policy,
+                state_file: "/run/weft/node.json".into(),
+            };
+            assert_eq!(readiness(seen), want.map_err(str::to_string), "{case}");
+        }
+    }
+
+    /// ADD is told to try again later, STATUS reports the plugin not
+    /// available, and DEL goes ahead, on a node whose policy is broken.
+    #[test]
+    fn del_goes_ahead_whatever_the_policy_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_file = dir.path().join("node.json");
+        NodeState::new(vec!["198.19.1.0/24".parse().unwrap()], 1420)
+            .write(&state_file)
+            .unwrap();
+        let broken = PolicyState::Broken {
+            reason: "the engine stopped".into(),
+        };
+        std::fs::write(PolicyState::path_beside(&state_file), broken.to_bytes()).unwrap();
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0", "name": "weft", "type": "weft",
+            "stateFile": state_file, "ipamDir": dir.path().join("ipam"),
+        })
+        .to_string();
+        let env = |command: &str| {
+            let vars: std::collections::BTreeMap<String, String> = [
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_NETNS", "/nonexistent"),
+                ("CNI_IFNAME", "eth0"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            Env::from_vars(&vars).unwrap()
+        };
+        let add = run(&env("ADD"), conf.as_bytes()).unwrap_err();
+        assert_eq!(add.code, Code::TryAgainLater);
+        assert!(
+            add.msg.contains("broken on this node: the engine stopped"),
+            "{add}"
+        );
+        let status = run(&env("STATUS"), conf.as_bytes()).unwrap_err();
+        assert_eq!(status.code, Code::NotAvailable);
+        assert_eq!(run(&env("DEL"), conf.as_bytes()), Ok(None));
+    }
 
     #[test]
     fn host_veth_names_are_short_stable_and_distinct() {

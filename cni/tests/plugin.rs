@@ -43,17 +43,33 @@ impl Sandbox {
             dir,
         };
         if !blocks.is_empty() {
-            std::fs::write(
-                sb.state(),
-                json!({"version": 1, "podCIDRs": blocks, "mtu": 1420}).to_string(),
-            )
-            .unwrap();
+            sb.publish_node(blocks);
+            sb.publish_policy("loaded");
         }
         sb
     }
 
     fn state(&self) -> std::path::PathBuf {
         self.dir.path().join("node.json")
+    }
+
+    /// Writes the node state as meshd does after a mesh sync.
+    fn publish_node(&self, blocks: &[&str]) {
+        std::fs::write(
+            self.state(),
+            json!({"version": 1, "podCIDRs": blocks, "mtu": 1420}).to_string(),
+        )
+        .unwrap();
+    }
+
+    /// Writes the policy state as meshd's policy engine does.
+    fn publish_policy(&self, enforcement: &str) {
+        std::fs::write(
+            self.dir.path().join("policy.json"),
+            json!({"version": 1, "enforcement": enforcement, "reason": "the engine said so"})
+                .to_string(),
+        )
+        .unwrap();
     }
 
     fn pod(&mut self, i: usize) -> String {
@@ -238,11 +254,36 @@ fn version_status_and_gc() {
         "ADD before meshd wrote state: {err}"
     );
 
-    std::fs::write(
-        sb.state(),
-        json!({"version": 1, "podCIDRs": ["198.19.2.0/24"], "mtu": 1420}).to_string(),
-    )
-    .unwrap();
+    // The mesh is made, but NetworkPolicy is not enforced yet, then broken.
+    sb.publish_node(&["198.19.2.0/24"]);
+    for (enforcement, says) in [
+        (None, "not loaded on this node yet"),
+        (
+            Some("pending"),
+            "not loaded on this node yet: the engine said so",
+        ),
+        (Some("broken"), "broken on this node: the engine said so"),
+    ] {
+        if let Some(e) = enforcement {
+            sb.publish_policy(e);
+        }
+        let (ok, err) = sb.run_raw("STATUS", &[], conf.to_string().as_bytes());
+        assert!(
+            !ok && err["code"] == 50,
+            "STATUS, policy {enforcement:?}: {err}"
+        );
+        let (ok, err) = sb.run("ADD", "early", &netns, &conf);
+        assert!(
+            !ok && err["code"] == 11,
+            "ADD, policy {enforcement:?}: {err}"
+        );
+        let msg = err["msg"].as_str().unwrap();
+        assert!(
+            msg.starts_with("NetworkPolicy enforcement is ") && msg.contains(says),
+            "{msg}"
+        );
+    }
+    sb.publish_policy("loaded");
     assert!(sb.run_raw("STATUS", &[], conf.to_string().as_bytes()).0);
     for i in 0..3 {
         let netns = sb.pod(i + 1);

@@ -6,7 +6,8 @@
 //! - [`Allocations`]: which pod attachment holds which address of a node's
 //!   blocks (pure), and [`PodStore`], the same on local disk under a file
 //!   lock, used directly by the CNI plugin.
-//! - [`NodeState`]: what meshd tells the plugin (pod blocks, MTU).
+//! - [`NodeState`]: what meshd tells the plugin (pod blocks, MTU), and
+//!   [`PolicyState`]: whether the node's NetworkPolicy program is loaded.
 
 mod bits;
 mod blocks;
@@ -17,6 +18,6 @@ mod store;
 
 pub use blocks::{BlockError, BlockPlan};
 pub use cluster::{BlockRecord, ClaimError, Holder};
-pub use node_state::{NodeState, NodeStateError};
+pub use node_state::{NodeState, NodeStateError, PolicyState, POLICY_STATE_FILE};
 pub use pool::{gateway, AllocError, Allocations, Attachment, PodRef, POD_VETH_PREFIX};
 pub use store::{PodStore, StoreError};

@@ -1,8 +1,11 @@
 //! The node-local state meshd writes and the CNI plugin reads: the node's
-//! pod blocks and the MTU pods should use. Until it exists the plugin
-//! answers "try again later" and STATUS reports not ready.
+//! pod blocks and the MTU pods should use ([`NodeState`], written after a
+//! mesh sync), and whether the node's NetworkPolicy program is loaded
+//! ([`PolicyState`], written by the policy engine, beside it). Until both
+//! say the node is ready the plugin answers "try again later" and STATUS
+//! reports not ready. Two files, so each has one writer.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -71,9 +74,97 @@ impl NodeState {
     }
 }
 
+/// The policy state's file name, in the node state's directory: the
+/// plugin finds it from `stateFile` alone, so the conflist needs no new
+/// field.
+pub const POLICY_STATE_FILE: &str = "policy.json";
+
+/// Where NetworkPolicy enforcement stands on this node, as meshd last
+/// published it. The plugin attaches pods only when it is `Loaded` or
+/// `Off`: a pod attached with no policy program in the kernel would have
+/// neither isolation nor anti-spoofing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "enforcement", rename_all = "camelCase")]
+pub enum PolicyState {
+    /// `--network-policy=false`: nothing to wait for.
+    Off,
+    /// No program of this node's is loaded yet (meshd started, or the
+    /// table is gone): why not.
+    Pending { reason: String },
+    /// The engine's last apply succeeded: the kernel holds its program.
+    Loaded,
+    /// The engine's last apply failed, or the engine stopped: why.
+    Broken { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PolicyFile {
+    version: u32,
+    #[serde(flatten)]
+    state: PolicyState,
+}
+
+impl PolicyState {
+    /// The policy state file beside the node state file `node_state`.
+    pub fn path_beside(node_state: &Path) -> PathBuf {
+        node_state.with_file_name(POLICY_STATE_FILE)
+    }
+
+    /// The file's contents.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let file = PolicyFile {
+            version: FORMAT_VERSION,
+            state: self.clone(),
+        };
+        serde_json::to_vec_pretty(&file).expect("policy state serializes")
+    }
+
+    /// Reads the state; `Ok(None)` if meshd has not written it yet.
+    pub fn read(path: &Path) -> Result<Option<Self>, NodeStateError> {
+        let shown = path.display().to_string();
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(NodeStateError::Io(shown, e)),
+        };
+        let file: PolicyFile = serde_json::from_slice(&bytes)
+            .map_err(|e| NodeStateError::Invalid(shown.clone(), e.to_string()))?;
+        if file.version != FORMAT_VERSION {
+            return Err(NodeStateError::Invalid(
+                shown,
+                format!("format version {}", file.version),
+            ));
+        }
+        Ok(Some(file.state))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policy_state_round_trips_beside_the_node_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = PolicyState::path_beside(&dir.path().join("node.json"));
+        assert_eq!(path, dir.path().join(POLICY_STATE_FILE));
+        assert_eq!(PolicyState::read(&path).unwrap(), None);
+        for state in [
+            PolicyState::Off,
+            PolicyState::Loaded,
+            PolicyState::Pending { reason: "r".into() },
+            PolicyState::Broken {
+                reason: "nft: not found".into(),
+            },
+        ] {
+            std::fs::write(&path, state.to_bytes()).unwrap();
+            assert_eq!(PolicyState::read(&path).unwrap(), Some(state));
+        }
+        std::fs::write(&path, br#"{"version":2,"enforcement":"loaded"}"#).unwrap();
+        assert!(PolicyState::read(&path).is_err());
+        std::fs::write(&path, br#"{"version":1,"enforcement":"maybe"}"#).unwrap();
+        assert!(PolicyState::read(&path).is_err());
+    }
 
     #[test]
     fn round_trip_absent_and_invalid() {

@@ -13,4 +13,5 @@ pub use key::{clamp, KeyParseError, PresharedKey, PrivateKey, PublicKey};
 pub use proof::{KeyProof, ProofError, ProofSubject};
 pub use store::{
     unix_now, write_atomic, write_private, KeyState, KeyStore, NextKey, SealingKey, StoreError,
+    KEY_FILE,
 };

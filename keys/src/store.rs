@@ -318,6 +318,19 @@ impl KeyStore {
         Ok(())
     }
 
+    /// Overwrites the key file with zeros, then removes it (uninstall): the
+    /// last private key does not stay in the file's blocks. False if there
+    /// was no file.
+    pub fn destroy(&self) -> Result<bool, StoreError> {
+        let file = match File::options().write(true).open(&self.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            other => other.map_err(io(&self.path))?,
+        };
+        wipe(file).map_err(io(&self.path))?;
+        fs::remove_file(&self.path).map_err(io(&self.path))?;
+        Ok(true)
+    }
+
     fn corrupt(&self, reason: String) -> StoreError {
         StoreError::Corrupt {
             path: self.path.clone(),
@@ -325,6 +338,9 @@ impl KeyStore {
         }
     }
 }
+
+/// The key file's name in meshd's state directory.
+pub const KEY_FILE: &str = "key.json";
 
 /// Overwrites a replaced (already unlinked) file's bytes with zeros.
 fn wipe(mut old: File) -> std::io::Result<()> {
@@ -527,5 +543,20 @@ mod tests {
             "the old key file was not wiped"
         );
         assert_ne!(store.load_or_create().unwrap().current, old.current);
+    }
+
+    /// Destroyed, the key file is gone and its bytes are zeros.
+    #[test]
+    fn a_destroyed_key_is_wiped_then_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = KeyStore::new(dir.path().join("key.json"), None);
+        store.load_or_create().unwrap();
+        let witness = dir.path().join("old-inode");
+        fs::hard_link(store.path(), &witness).unwrap();
+        assert!(store.destroy().unwrap());
+        assert!(!store.path().exists());
+        let after = fs::read(&witness).unwrap();
+        assert!(!after.is_empty() && after.iter().all(|b| *b == 0));
+        assert!(!store.destroy().unwrap(), "nothing left to destroy");
     }
 }

@@ -25,7 +25,9 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
+use weft_ipam::PolicyState;
 use weft_keys::{KeyProof, KeyState, KeyStore, PublicKey, SealingKey};
+use weft_policy::NodePodCidrs;
 
 use crate::annotations::{
     self, parse_time, KeyProofs, PolicyApplied, NEXT_PUBLIC_KEY, POLICY_APPLIED, ROTATE_REQUESTED,
@@ -42,6 +44,7 @@ use crate::model::{
 };
 use crate::node_blocks::PodCidrSource;
 use crate::planner::{backstops, OwnKeys, ParseMemo};
+use crate::policy::Enforcement;
 use crate::reconcile::netlink::Netlink;
 use crate::reconcile::PeerStats;
 use crate::reconcile::Reconciler;
@@ -286,6 +289,9 @@ struct Agent {
     needs_sync: bool,
     /// Blocks claimed through the API, and the Nodes there were then.
     claimed: Option<(BTreeSet<String>, Vec<IpNet>)>,
+    /// Every accepted node's pod CIDRs, for the policy engine (which binds
+    /// pods' reported addresses to their node's).
+    pod_cidrs: tokio::sync::watch::Sender<Option<Arc<NodePodCidrs>>>,
     policy: PolicyStatus,
 }
 
@@ -337,7 +343,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .as_deref()
         .map(SealingKey::from_file)
         .transpose()?;
-    let key_store = KeyStore::new(args.state_dir.join("key.json"), sealing);
+    let key_store = KeyStore::new(args.state_dir.join(weft_keys::KEY_FILE), sealing);
     let keys = key_store.load_or_create()?;
     tracing::info!(
         node = %args.node_name,
@@ -349,17 +355,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
     crate::cni::enable_forwarding()?;
     let health = Arc::new(Health::new(args.network_policy));
     http::serve(args.metrics_addr, health.clone()).await?;
+    // Before the first sync can publish the node state: the plugin then
+    // knows whether to wait for a policy program.
+    let mut enforcement = Enforcement::new(&args.cni.cni_state_file, health.clone());
+    let (pod_cidrs, cidrs_for_policy) = tokio::sync::watch::channel(None);
     if args.network_policy {
         let options = weft_policy::render::Options {
             log_per_second: (args.log_policy_drops > 0).then_some(args.log_policy_drops),
         };
-        tokio::spawn(supervise_policy(
+        tokio::spawn(crate::policy::supervise(
             client.clone(),
             args.node_name.clone(),
             options,
             args.cni.cni_ipam_dir.clone(),
-            health.clone(),
+            cidrs_for_policy,
+            Arc::new(std::sync::Mutex::new(enforcement)),
         ));
+    } else {
+        enforcement.set(PolicyState::Off);
     }
 
     let program = match args.userspace_program.as_str() {
@@ -448,6 +461,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         planned: false,
         needs_sync: true,
         claimed: None,
+        pod_cidrs,
         policy: PolicyStatus {
             reports: policy_reports,
             published: policy_published,
@@ -528,32 +542,18 @@ fn notifier<T>(changed: &Arc<Notify>) -> impl FnMut(&T) + Send + 'static {
     move |_| changed.notify_one()
 }
 
-/// Runs the policy engine, restarting it if it ever ends; readiness fails
-/// while it is not running.
-async fn supervise_policy(
-    client: Client,
-    node: String,
-    options: weft_policy::render::Options,
-    ipam_dir: PathBuf,
-    health: Arc<Health>,
-) {
-    loop {
-        health.policy.store(true, Ordering::Relaxed);
-        let engine = tokio::spawn(crate::policy::run(
-            client.clone(),
-            node.clone(),
-            options,
-            ipam_dir.clone(),
-            health.clone(),
-        ));
-        let ended = engine.await;
-        health.policy.store(false, Ordering::Relaxed);
-        tracing::error!(
-            ?ended,
-            "the NetworkPolicy engine stopped; restarting it in a second"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+/// The pod CIDRs of every node the mesh accepted, and this node's own
+/// blocks (`own`): where each node's pods' addresses may lie.
+fn node_pod_cidrs(verdicts: &BTreeMap<String, Verdict>, me: &str, own: &[IpNet]) -> NodePodCidrs {
+    verdicts
+        .iter()
+        .filter(|(name, _)| *name != me)
+        .filter_map(|(name, verdict)| match verdict {
+            Verdict::Accepted(claim) => Some((name.clone(), claim.pod_cidrs.clone())),
+            Verdict::Pending | Verdict::Rejected(_) => None,
+        })
+        .chain([(me.to_string(), own.to_vec())])
+        .collect()
 }
 
 impl Agent {
@@ -800,6 +800,14 @@ impl Agent {
             &mut self.parse_memo,
         )?;
         let desired = &decision.desired;
+        let cidrs = node_pod_cidrs(&desired.verdicts, &name, &decision.claim.pod_cidrs);
+        self.pod_cidrs.send_if_modified(|held| {
+            let changed = held.as_deref() != Some(&cidrs);
+            if changed {
+                *held = Some(Arc::new(cidrs));
+            }
+            changed
+        });
         // Apply.
         if let Some(patch) = &decision.patch {
             cluster::patch_node(&self.client, &name, patch).await?;
@@ -993,6 +1001,27 @@ fn start_handshake(peer: &crate::model::Peer) {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    /// Each accepted peer with its claimed pod CIDRs, this node with its own
+    /// blocks (whatever its own verdict says), and no other node.
+    #[test]
+    fn node_pod_cidrs_are_the_accepted_claims_and_our_own_blocks() {
+        // Pod CIDR 198.19.k.0/24.
+        let claim = |k: u8| crate::annotations::fixtures::published(k).1;
+        let verdicts = BTreeMap::from([
+            ("node-1".to_string(), Verdict::Accepted(claim(9))),
+            ("node-2".to_string(), Verdict::Accepted(claim(2))),
+            ("node-3".to_string(), Verdict::Pending),
+        ]);
+        let own: Vec<IpNet> = vec!["198.19.1.0/24".parse().unwrap()];
+        assert_eq!(
+            node_pod_cidrs(&verdicts, "node-1", &own),
+            BTreeMap::from([
+                ("node-1".to_string(), own.clone()),
+                ("node-2".to_string(), vec!["198.19.2.0/24".parse().unwrap()]),
+            ])
+        );
+    }
 
     #[derive(Parser)]
     struct Cli {

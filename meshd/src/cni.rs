@@ -1,16 +1,18 @@
 //! What meshd does for the `weft` CNI plugin: `meshd install-cni` (the
 //! DaemonSet's init container) installs the plugin and its conflist; the
-//! agent keeps the node state the plugin reads current. Until that state
-//! exists the plugin refuses every ADD, so an installed conflist never lets
-//! a pod attach before meshd has made the node's mesh. Files are replaced
-//! atomically and only when their content changes.
+//! agent keeps the node state the plugin reads current, and the policy
+//! engine the policy state beside it. Until the node state exists, and
+//! (with NetworkPolicy on) the policy state says the node's program is
+//! loaded, the plugin refuses every ADD, so an installed conflist never lets
+//! a pod attach before meshd has made the node's mesh and its policy.
+//! Files are replaced atomically and only when their content changes.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
-use weft_ipam::NodeState;
+use weft_ipam::{NodeState, PolicyState};
 
 /// The conflist's file name: sorts early so runtimes pick it.
 pub const CONFLIST: &str = "10-weft.conflist";
@@ -120,6 +122,16 @@ pub fn publish_state(path: &Path, state: &NodeState) -> Result<bool> {
     write_if_changed(path, &bytes, 0o644)
 }
 
+/// Publishes where NetworkPolicy enforcement stands, beside the node state
+/// file `node_state`, if it changed; true if written.
+pub fn publish_policy(node_state: &Path, state: &PolicyState) -> Result<bool> {
+    write_if_changed(
+        &PolicyState::path_beside(node_state),
+        &state.to_bytes(),
+        0o644,
+    )
+}
+
 /// Pods' traffic crosses the node: it must forward both families. The
 /// DaemonSet's init container does this (it is privileged for this one write
 /// to /proc/sys); the agent's own container is not, so there it is a check.
@@ -180,5 +192,14 @@ mod tests {
             "unchanged state is not rewritten"
         );
         assert_eq!(NodeState::read(state_file).unwrap(), Some(state));
+        let policy = PolicyState::Broken {
+            reason: "nft is missing".into(),
+        };
+        assert!(publish_policy(state_file, &policy).unwrap());
+        assert!(!publish_policy(state_file, &policy).unwrap());
+        assert_eq!(
+            PolicyState::read(&PolicyState::path_beside(state_file)).unwrap(),
+            Some(policy)
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! `/healthz` (the process serves), `/readyz` (the last sync was applied —
 //! which needs the API and an answering data plane — and the NetworkPolicy
-//! engine runs) and `/metrics` (Prometheus text), on `--metrics-addr`.
+//! program is loaded) and `/metrics` (Prometheus text), on `--metrics-addr`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,7 +21,8 @@ use crate::metrics::Metrics;
 pub struct Health {
     /// The last sync was applied.
     pub mesh: AtomicBool,
-    /// The NetworkPolicy engine runs (always true when enforcement is off).
+    /// The node's NetworkPolicy program is loaded and the engine's last
+    /// apply succeeded (always true when enforcement is off).
     pub policy: AtomicBool,
     /// The NetworkPolicies the kernel enforces (the engine's last applied
     /// pass), for the agent to publish.
@@ -46,7 +47,7 @@ impl Health {
             why.push("the last sync was not applied (see meshd's log)");
         }
         if !self.policy.load(Ordering::Relaxed) {
-            why.push("the NetworkPolicy engine is not running");
+            why.push("the NetworkPolicy program is not loaded (see meshd's log)");
         }
         why
     }

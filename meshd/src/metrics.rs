@@ -64,6 +64,7 @@ pub struct Metrics {
     pub policy_revision: Gauge,
     pub policy_drops: Family<PolicyLabels, Counter>,
     pub policy_elements: Gauge,
+    pub policy_unbound_addresses: Counter,
 }
 
 impl Default for Metrics {
@@ -87,6 +88,7 @@ impl Default for Metrics {
             policy_revision: Gauge::default(),
             policy_drops: Family::default(),
             policy_elements: Gauge::default(),
+            policy_unbound_addresses: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -169,6 +171,11 @@ impl Default for Metrics {
             "policy_elements",
             "Set and map elements of the applied NetworkPolicy ruleset",
             m.policy_elements.clone(),
+        );
+        registry.register(
+            "policy_unbound_pod_addresses",
+            "Pod addresses NetworkPolicy ignored because they lie outside the pod CIDRs of the pod's node (a kubelet reporting another node's address); each pod's set counted when it changes",
+            m.policy_unbound_addresses.clone(),
         );
         Self { registry, ..m }
     }

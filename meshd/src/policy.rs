@@ -6,10 +6,17 @@
 //! recompiles the node, and only the difference from what the kernel holds
 //! is applied (the whole table at start or after a failure). The drop
 //! counters become per-policy metrics; a table that vanished is rebuilt.
+//!
+//! Fail-closed: where enforcement stands ([`Enforcement`]) is published for
+//! the CNI plugin, which attaches no pod unless the node's program is
+//! loaded and the last apply succeeded. A pod's addresses count only inside
+//! its node's pod CIDRs, as the mesh accepted them (handed over by the
+//! agent after each sync): a node's kubelet cannot lend its pods' labels to
+//! another node's pod.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,11 +26,12 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
+use weft_ipam::PolicyState;
 use weft_policy::engine::Engine;
 use weft_policy::netlink::EnforceError;
 use weft_policy::render;
-use weft_policy::{nft, NamespaceInfo, PodInfo};
+use weft_policy::{nft, NamespaceInfo, NodePodCidrs, PodInfo};
 
 use crate::annotations::PolicyApplied;
 use crate::http::Health;
@@ -199,35 +207,186 @@ fn watch_attachments(
     Ok(attached)
 }
 
-/// A Pod as policy sees it, with the addresses attached on this node.
-fn pod_info(pod: &Pod, attached: &Attached) -> PodInfo {
-    let key = format!(
-        "{}/{}",
-        pod.metadata.namespace.as_deref().unwrap_or_default(),
-        pod.metadata.name.as_deref().unwrap_or_default()
-    );
-    let attached = attached.lock().unwrap_or_else(|e| e.into_inner());
-    PodInfo::from_pod_attached(pod, attached.get(&key).map(Vec::as_slice))
+/// Where this node's NetworkPolicy enforcement stands, published for the
+/// CNI plugin (beside its node state) and for `/readyz`.
+pub struct Enforcement {
+    node_state: PathBuf,
+    health: Arc<Health>,
+    /// What the file says (`None`: not written by this meshd yet, or the
+    /// last write failed: written at the next call).
+    published: Option<PolicyState>,
 }
 
-/// Enforces policy for the pods on `node` until the process ends.
-pub async fn run(
+impl Enforcement {
+    pub fn new(node_state: &Path, health: Arc<Health>) -> Self {
+        Self {
+            node_state: node_state.to_path_buf(),
+            health,
+            published: None,
+        }
+    }
+
+    /// Publishes `state` where it differs from what was published.
+    pub fn set(&mut self, state: PolicyState) {
+        let enforced = matches!(state, PolicyState::Loaded | PolicyState::Off);
+        self.health.policy.store(enforced, Ordering::Relaxed);
+        if self.published.as_ref() == Some(&state) {
+            return;
+        }
+        match crate::cni::publish_policy(&self.node_state, &state) {
+            Ok(_) => {
+                match &state {
+                    PolicyState::Pending { reason } | PolicyState::Broken { reason } => {
+                        tracing::warn!(%reason, "NetworkPolicy is not enforced: the CNI plugin attaches no pod")
+                    }
+                    PolicyState::Loaded | PolicyState::Off => {
+                        tracing::info!(state = ?state, "the CNI plugin may attach pods (NetworkPolicy)")
+                    }
+                }
+                self.published = Some(state);
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "publishing the NetworkPolicy state for the CNI plugin")
+            }
+        }
+    }
+}
+
+/// The enforcement state, shared by the engine and its supervisor.
+pub type SharedEnforcement = Arc<Mutex<Enforcement>>;
+
+fn set(enforcement: &SharedEnforcement, state: PolicyState) {
+    enforcement
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .set(state);
+}
+
+/// Pods whose reported addresses lie outside their node's pod CIDRs, and
+/// those addresses: each change is logged and counted once, not at every
+/// recompile.
+#[derive(Default)]
+struct Unbound(HashMap<String, Vec<IpAddr>>);
+
+impl Unbound {
+    fn note(&mut self, key: &str, outside: Vec<IpAddr>, health: &Health) {
+        if outside.is_empty() {
+            self.0.remove(key);
+            return;
+        }
+        if self.0.get(key) == Some(&outside) {
+            return;
+        }
+        tracing::warn!(pod = %key, addresses = ?outside, "ignoring pod addresses outside the pod CIDRs of the pod's node");
+        health
+            .metrics
+            .policy_unbound_addresses
+            .inc_by(outside.len() as u64);
+        self.0.insert(key.to_string(), outside);
+    }
+}
+
+/// What a Pod becomes for policy, with what it needs.
+struct Pods<'a> {
+    attached: &'a Attached,
+    cidrs: &'a NodePodCidrs,
+    unbound: &'a mut Unbound,
+    health: &'a Health,
+}
+
+impl Pods<'_> {
+    /// A Pod as policy sees it: with the addresses attached on this node,
+    /// and only those inside its node's pod CIDRs.
+    fn info(&mut self, pod: &Pod) -> PodInfo {
+        let key = format!(
+            "{}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+            pod.metadata.name.as_deref().unwrap_or_default()
+        );
+        let attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        let mut info = PodInfo::from_pod_attached(pod, attached.get(&key).map(Vec::as_slice));
+        drop(attached);
+        let outside = info.bind_to_node(self.cidrs);
+        self.unbound.note(&key, outside, self.health);
+        info
+    }
+}
+
+/// Runs the policy engine, restarting it if it ever ends; the plugin
+/// attaches no pod until its first apply, nor after it failed or stopped.
+pub async fn supervise(
     client: Client,
     node: String,
     options: render::Options,
     ipam_dir: PathBuf,
-    health: Arc<Health>,
+    cidrs: watch::Receiver<Option<Arc<NodePodCidrs>>>,
+    enforcement: SharedEnforcement,
 ) {
+    // A restarted meshd finds the program of the last in the kernel, which
+    // keeps enforcing (and dropping pods it has not programmed) until the
+    // first pass replaces it; after a reboot there is none.
+    let inherited = tokio::task::spawn_blocking(|| nft::Session::open()?.table_exists())
+        .await
+        .map_err(|e| EnforceError::Task(e.to_string()))
+        .and_then(|r| r);
+    set(
+        &enforcement,
+        match inherited {
+            Ok(true) => PolicyState::Loaded,
+            Ok(false) => PolicyState::Pending {
+                reason: "meshd has not loaded the NetworkPolicy program yet".into(),
+            },
+            Err(e) => PolicyState::Pending {
+                reason: format!("looking for the NetworkPolicy table: {e}"),
+            },
+        },
+    );
+    loop {
+        let engine = tokio::spawn(run(
+            client.clone(),
+            node.clone(),
+            options,
+            ipam_dir.clone(),
+            cidrs.clone(),
+            enforcement.clone(),
+        ));
+        let why = match engine.await {
+            Ok(Err(e)) => format!("{e:#}"),
+            Ok(Ok(never)) => match never {},
+            Err(e) => e.to_string(),
+        };
+        set(
+            &enforcement,
+            PolicyState::Broken {
+                reason: format!("the NetworkPolicy engine stopped: {why}"),
+            },
+        );
+        tracing::error!(error = %why, "the NetworkPolicy engine stopped; restarting it in a second");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Enforces policy for the pods on `node` until the process ends.
+/// Enforces policy for the pods on `node`; returns only why it cannot.
+async fn run(
+    client: Client,
+    node: String,
+    options: render::Options,
+    ipam_dir: PathBuf,
+    mut cidrs: watch::Receiver<Option<Arc<NodePodCidrs>>>,
+    enforcement: SharedEnforcement,
+) -> anyhow::Result<std::convert::Infallible> {
+    use anyhow::Context;
+    let health = enforcement
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .health
+        .clone();
     let changed = Arc::new(Notify::new());
     let dirty = Arc::new(Mutex::new(Dirty::default()));
     let seen = Arc::new(AtomicU64::new(0));
-    let attached = match watch_attachments(ipam_dir, changed.clone(), dirty.clone()) {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "cannot watch the pod address store; policy is not enforced");
-            return;
-        }
-    };
+    let attached = watch_attachments(ipam_dir, changed.clone(), dirty.clone())
+        .context("watching the pod address store")?;
     let pods = watch::<Pod>(&client, changed.clone(), dirty.clone(), seen.clone());
     let namespaces = watch::<Namespace>(&client, changed.clone(), dirty.clone(), seen.clone());
     let policies = watch::<NetworkPolicy>(&client, changed.clone(), dirty.clone(), seen.clone());
@@ -236,11 +395,15 @@ pub async fn run(
         namespaces.wait_until_ready().await,
         policies.wait_until_ready().await,
     ] {
-        if let Err(e) = ready {
-            tracing::error!(error = %e, "policy watches ended before their first list; policy is not enforced");
-            return;
-        }
+        ready.context("the policy watches ended before their first list")?;
     }
+    // Without the mesh's pod CIDRs no remote pod has an address: wait for
+    // the agent's first sync rather than load a program without peers.
+    cidrs
+        .wait_for(Option::is_some)
+        .await
+        .context("the agent stopped handing over the nodes' pod CIDRs")?;
+    let mut unbound = Unbound::default();
     let mut engine = Engine::new(&node, options);
     // Kept open between transactions (opened again if lost).
     let mut session: Option<nft::Session> = None;
@@ -259,6 +422,14 @@ pub async fn run(
         // Until a pass that may have changed the policy set is applied.
         unreported |= stale.everything || first || !stale.policies.is_empty();
         let mut update: Option<(nft::Transaction, nft::Changes)> = None;
+        let node_cidrs = cidrs.borrow_and_update().clone().unwrap_or_default();
+        // (An Arc: the map is shared with the agent, not copied per pass.)
+        let mut pod_info = Pods {
+            attached: &attached,
+            cidrs: &node_cidrs,
+            unbound: &mut unbound,
+            health: &health,
+        };
         if stale.everything || first {
             first = false;
             let cluster = (
@@ -268,10 +439,7 @@ pub async fn run(
                     .iter()
                     .map(|n| NamespaceInfo::from_namespace(n))
                     .collect(),
-                pods.state()
-                    .iter()
-                    .map(|p| pod_info(p, &attached))
-                    .collect(),
+                pods.state().iter().map(|p| pod_info.info(p)).collect(),
             );
             if in_kernel {
                 update = engine.reset(cluster.0, cluster.1, cluster.2);
@@ -281,7 +449,10 @@ pub async fn run(
         } else {
             let mut changes = Vec::new();
             for key in &stale.pods {
-                let pod = get(&pods, key).map(|p| pod_info(&p, &attached));
+                let pod = get(&pods, key).map(|p| pod_info.info(&p));
+                if pod.is_none() {
+                    pod_info.unbound.0.remove(key);
+                }
                 changes.extend(engine.pod(key, pod));
             }
             for key in &stale.policies {
@@ -339,11 +510,18 @@ pub async fn run(
                             "applied the node's NetworkPolicy program"
                         );
                         in_kernel = true;
+                        set(&enforcement, PolicyState::Loaded);
                         report_applied(&health, &engine, &mut unreported);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "applying NetworkPolicy failed; replacing the whole table on the next pass");
                         in_kernel = false;
+                        set(
+                            &enforcement,
+                            PolicyState::Broken {
+                                reason: format!("applying the NetworkPolicy program failed: {e}"),
+                            },
+                        );
                     }
                 }
             }
@@ -352,6 +530,11 @@ pub async fn run(
             tokio::select! {
                 _ = changed.notified() => {
                     tokio::time::sleep(DEBOUNCE).await;
+                    break;
+                }
+                // A node's pod CIDRs changed: every pod's addresses may.
+                Ok(()) = cidrs.changed() => {
+                    dirty.lock().unwrap_or_else(|e| e.into_inner()).everything = true;
                     break;
                 }
                 _ = tick.tick() => {
@@ -368,6 +551,9 @@ pub async fn run(
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "the policy table is unreadable (removed?); replacing it");
                             in_kernel = false;
+                            set(&enforcement, PolicyState::Broken {
+                                reason: format!("the NetworkPolicy table is unreadable (removed?): {e}"),
+                            });
                             break;
                         }
                         Err(e) => tracing::warn!(error = %e, "reading policy counters panicked"),

@@ -66,8 +66,8 @@ pub async fn run(args: &UninstallArgs) -> Result<()> {
     );
     step("Weft's routes", remove_routes(&netlink).await);
     step("the NetworkPolicy table", remove_policy_table());
-    for path in files(args) {
-        step(&path.display().to_string(), remove_path(&path));
+    for (what, result) in remove_files(args) {
+        step(&what, result);
     }
     anyhow::ensure!(failed.is_empty(), "could not remove: {}", failed.join(", "));
     Ok(())
@@ -93,6 +93,21 @@ async fn remove_routes(netlink: &Netlink) -> Result<bool> {
 fn remove_policy_table() -> Result<bool> {
     let mut nft = weft_policy::nft::Session::open()?;
     Ok(nft.remove_table()?)
+}
+
+/// Wipes the private key, then removes [`files`]; what each step removed.
+fn remove_files(args: &UninstallArgs) -> Vec<(String, Result<bool>)> {
+    // Overwritten before its directory goes: unlinked alone, the last
+    // private key would stay in freed blocks.
+    let key = weft_keys::KeyStore::new(args.state_dir.join(weft_keys::KEY_FILE), None);
+    let wiped = key.destroy().map_err(anyhow::Error::from);
+    std::iter::once(("the private key".to_string(), wiped))
+        .chain(
+            files(args)
+                .into_iter()
+                .map(|p| (p.display().to_string(), remove_path(&p))),
+        )
+        .collect()
 }
 
 fn remove_path(path: &Path) -> Result<bool> {
@@ -124,7 +139,9 @@ mod tests {
                 cni_conf_dir: d.join("etc/cni/net.d"),
             },
             state_dir: d.join("var/lib/weft"),
-            interface: "weft0".into(),
+            // No data plane has this name: its socket paths (outside the
+            // temporary directory) are absent.
+            interface: "weft-unit-test".into(),
         };
         let ours = [
             "opt/cni/bin/weft",
@@ -143,9 +160,19 @@ mod tests {
             fs::create_dir_all(p.parent().unwrap()).unwrap();
             fs::write(&p, b"x").unwrap();
         }
-        for path in files(&args).iter().filter(|p| p.starts_with(d)) {
-            remove_path(path).unwrap();
+        // The key's inode, reachable after the uninstall: zeros, not the key.
+        let key = d.join("var/lib/weft").join(weft_keys::KEY_FILE);
+        fs::write(&key, b"private key").unwrap();
+        let witness = d.join("key-inode");
+        fs::hard_link(&key, &witness).unwrap();
+        for (what, removed) in remove_files(&args) {
+            removed.unwrap_or_else(|e| panic!("{what}: {e:#}"));
         }
+        assert_eq!(
+            fs::read(&witness).unwrap(),
+            vec![0; 11],
+            "the key was not wiped"
+        );
         for f in ours {
             assert!(!d.join(f).exists(), "{f} is left");
         }
@@ -156,8 +183,8 @@ mod tests {
             assert!(d.join(f).exists(), "{f} was removed");
         }
         // Again: nothing left to remove is not an error.
-        for path in files(&args).iter().filter(|p| p.starts_with(d)) {
-            assert!(!remove_path(path).unwrap());
+        for (what, removed) in remove_files(&args) {
+            assert!(!removed.unwrap(), "{what}");
         }
     }
 }

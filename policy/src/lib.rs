@@ -24,4 +24,4 @@ pub use compile::{
     Rule, RuleRef,
 };
 pub use eval::{decide, explain, Decision, Step};
-pub use model::{NamedPort, NamespaceInfo, PodInfo, Protocol};
+pub use model::{NamedPort, NamespaceInfo, NodePodCidrs, PodInfo, Protocol};

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde::{Deserialize, Serialize};
 
@@ -136,6 +137,26 @@ impl PodInfo {
     }
 }
 
+/// The pod CIDRs each node may give its pods addresses from, by node name:
+/// the mesh's accepted claims, and this node's own blocks.
+pub type NodePodCidrs = BTreeMap<String, Vec<IpNet>>;
+
+impl PodInfo {
+    /// Keeps only the addresses inside the pod CIDRs of the pod's node
+    /// (none for a node not in `cidrs`), and returns those it dropped. A
+    /// node's kubelet writes its pods' `status.podIPs`: unbound, a
+    /// compromised node could name another node's pod's address and lend
+    /// it its own pods' labels, and with them their allows.
+    pub fn bind_to_node(&mut self, cidrs: &NodePodCidrs) -> Vec<IpAddr> {
+        let blocks = cidrs.get(&self.node).map_or(&[][..], Vec::as_slice);
+        let (kept, dropped) = std::mem::take(&mut self.ips)
+            .into_iter()
+            .partition(|ip| blocks.iter().any(|b| b.contains(ip)));
+        self.ips = kept;
+        dropped
+    }
+}
+
 /// A namespace as policy sees it: its labels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamespaceInfo {
@@ -183,6 +204,65 @@ mod tests {
                 .ips
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_pod_keeps_only_addresses_inside_its_nodes_pod_cidrs() {
+        let cidrs: NodePodCidrs = BTreeMap::from([
+            (
+                "node-2".to_string(),
+                vec![
+                    "198.19.2.0/24".parse().unwrap(),
+                    "fd98:19:0:2::/64".parse().unwrap(),
+                ],
+            ),
+            ("node-3".to_string(), vec!["198.19.3.0/24".parse().unwrap()]),
+        ]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let on = |node: &str, ips: &[&str]| PodInfo {
+            namespace: "x".into(),
+            name: "p".into(),
+            node: node.into(),
+            labels: BTreeMap::new(),
+            ips: ips.iter().map(|i| ip(i)).collect(),
+            ports: Vec::new(),
+        };
+        /// A node, the addresses reported, those kept, those dropped.
+        type Case<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+        let cases: [Case; 5] = [
+            (
+                "node-2",
+                &["198.19.2.7", "fd98:19:0:2::7"],
+                &["198.19.2.7", "fd98:19:0:2::7"],
+                &[],
+            ),
+            // node-3 names node-2's pod's address: ignored.
+            (
+                "node-3",
+                &["198.19.2.7", "198.19.3.9"],
+                &["198.19.3.9"],
+                &["198.19.2.7"],
+            ),
+            // A family node-3 has no block of.
+            ("node-3", &["fd98:19:0:3::9"], &[], &["fd98:19:0:3::9"]),
+            // A node the mesh has not accepted (or no node at all).
+            ("node-9", &["198.19.9.1"], &[], &["198.19.9.1"]),
+            ("", &["198.19.2.7"], &[], &["198.19.2.7"]),
+        ];
+        for (node, reported, kept, dropped) in cases {
+            let mut pod = on(node, reported);
+            let got = pod.bind_to_node(&cidrs);
+            assert_eq!(
+                pod.ips,
+                kept.iter().map(|i| ip(i)).collect::<Vec<_>>(),
+                "{node} {reported:?}"
+            );
+            assert_eq!(
+                got,
+                dropped.iter().map(|i| ip(i)).collect::<Vec<_>>(),
+                "{node} {reported:?}"
+            );
+        }
     }
 
     #[test]

@@ -327,9 +327,10 @@ fn plain(kind: SetKind) -> bool {
 
 /// The whole table where there is none: its structure (plain sets and
 /// maps empty) in one transaction, then every plain-set and map element in
-/// a second, straight over netlink. Until the second lands no pod is
-/// isolated, as before the table existed, so no moment is stricter or
-/// looser than one of the two ends. (Where a table exists, [`full`]
+/// a second, straight over netlink. The structure holds the skeleton, so
+/// until the second lands (or, if it fails, until a [`full`] load) every
+/// new flow from or to a pod veth is dropped as a pod not programmed yet:
+/// stricter than both ends, never looser. (Where a table exists, [`full`]
 /// replaces it in one transaction: it keeps enforcing until then.)
 pub fn fresh(rs: &Ruleset) -> (Transaction, Changes) {
     let mut commands = vec![Command::ReplaceTable];

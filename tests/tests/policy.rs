@@ -499,3 +499,124 @@ fn a_pod_is_programmed_from_its_attachment() {
         );
     }
 }
+
+/// With NetworkPolicy on, no pod attaches on a node whose policy program
+/// cannot be loaded: the CNI plugin answers "try again later" naming why,
+/// instead of a network with neither isolation nor anti-spoofing. Here
+/// node-1's meshd runs without `nft` (an image without it: a PATH holding
+/// only `ip`); with `nft` back, the next ADD attaches.
+#[test]
+fn no_pod_attaches_while_the_policy_program_cannot_be_loaded() {
+    let lab = Lab::up("t-unloaded", &["--nodes", "2"]);
+    let peer = add_pod(&lab, "node-2", "x/peer", &[]);
+    let bare = lab.dir().join("path-without-nft");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::os::unix::fs::symlink("/usr/sbin/ip", bare.join("ip")).unwrap();
+    let restart = |path: &std::ffi::OsStr| {
+        let mut c = lab.command(&["container", "restart", "node-1", "meshd"]);
+        c.env("PATH", path);
+        let out = common::run_bounded(c, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "restarting meshd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let policy_state = lab.dir().join("node-1/root/run/weft/policy.json");
+    restart(bare.as_os_str());
+    wait_for(
+        "node-1 to publish its policy enforcement broken",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&policy_state).is_ok_and(|s| s.contains("\"broken\"")),
+    );
+    let refused = lab.meshlab(&["pod", "add", "node-1", "late", "--namespace", "x"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "a pod attached while NetworkPolicy was not enforced"
+    );
+    assert!(
+        said.contains("\"code\":11")
+            && said.contains("NetworkPolicy enforcement is broken on this node"),
+        "not the CNI error naming the cause: {said}"
+    );
+
+    restart(&std::env::var_os("PATH").unwrap_or_default());
+    wait_for(
+        "node-1 to load its policy program",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&policy_state).is_ok_and(|s| s.contains("\"loaded\"")),
+    );
+    let ips = add_pod(&lab, "node-1", "x/late", &[]);
+    assert!(!ips.is_empty());
+    wait_for("x/late to reach x/peer", Duration::from_secs(10), || {
+        lab.meshlab(&[
+            "pod", "exec", "x/late", "--", "ping", "-c1", "-W1", &peer[0],
+        ])
+        .status
+        .success()
+    });
+}
+
+/// A pod's reported addresses count for policy only inside its node's pod
+/// CIDRs: a Pod on node-3 labelled as an allowed client, whose status
+/// (written by node-3's kubelet) names the address of a pod on node-2,
+/// lends that pod nothing. The legitimate client on node-3 is allowed, so
+/// the probe can pass.
+#[test]
+fn a_pod_address_from_another_node_gets_no_allow() {
+    let lab = Lab::up("t-bound", &["--nodes", "3"]);
+    let backend = add_pod(&lab, "node-1", "x/backend", &["app=backend"]);
+    let outsider = add_pod(&lab, "node-2", "x/outsider", &[]);
+    add_pod(&lab, "node-3", "x/client", &["app=client"]);
+    let mut serving = lab
+        .command(&[
+            "pod",
+            "exec",
+            "x/backend",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            SERVER,
+        ])
+        .spawn()
+        .unwrap();
+    wait_for("the backend", Duration::from_secs(10), || {
+        connects(&lab, "x/outsider", &backend[0], 80)
+    });
+    create(
+        &lab,
+        "clients.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {name: clients, namespace: x}\n\
+         spec: {podSelector: {matchLabels: {app: backend}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n",
+    );
+    wait_for("x/outsider to be refused", Duration::from_secs(10), || {
+        !connects(&lab, "x/outsider", &backend[0], 80)
+    });
+    wait_for("x/client to be allowed", Duration::from_secs(10), || {
+        connects(&lab, "x/client", &backend[0], 80)
+    });
+    // node-3's kubelet reports a client pod with x/outsider's addresses.
+    let revision = lab.register_pod(
+        "x",
+        "impostor",
+        "node-3",
+        &serde_json::json!({"app": "client"}),
+        &outsider,
+    );
+    wait_programmed(&lab, "node-1", revision);
+    for _ in 0..5 {
+        assert!(
+            !connects(&lab, "x/outsider", &backend[0], 80),
+            "x/outsider got the allow of a node-3 pod claiming its address"
+        );
+    }
+    assert!(connects(&lab, "x/client", &backend[0], 80));
+    assert!(
+        lab.metric("node-1", "weft_policy_unbound_pod_addresses_total") >= outsider.len() as f64,
+        "the ignored addresses are not counted"
+    );
+    let _ = serving.kill();
+    let _ = serving.wait();
+}

@@ -149,13 +149,11 @@ pub fn conflist(dir: &LabDir, node: &NodePlan) -> Result<serde_json::Value> {
 }
 
 /// Whether meshd has made the node ready for pods: the plugin and its
-/// conflist are installed and the node state the plugin reads is there.
+/// conflist are installed and the plugin's STATUS says it takes pods (the
+/// mesh is made and, with NetworkPolicy on, the policy program loaded), as
+/// a runtime asks.
 pub fn cni_ready(dir: &LabDir, node: &NodePlan) -> bool {
-    let Ok(conf) = conflist(dir, node) else {
-        return false;
-    };
-    let state = conf["plugins"][0]["stateFile"].as_str().map(PathBuf::from);
-    cni_bin_dir(dir, node).join("weft").is_file() && state.is_some_and(|s| s.is_file())
+    cni_bin_dir(dir, node).join("weft").is_file() && super::pods::status(dir, node).is_ok()
 }
 
 fn pid_file(dir: &LabDir, node: &NodePlan, container: &str) -> PathBuf {

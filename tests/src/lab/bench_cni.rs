@@ -50,6 +50,12 @@ pub fn run(cycles: usize, progress: &mut dyn FnMut(&str)) -> Result<Vec<Latencie
             json!({"version": 1, "podCIDRs": ["198.19.8.0/24", "fd98:19:0:8::/64"], "mtu": 1420})
                 .to_string(),
         )?;
+        // No meshd here: the plugin alone is measured, with NetworkPolicy
+        // enforcement as meshd publishes it once loaded.
+        std::fs::write(
+            weft_ipam::PolicyState::path_beside(&work.join("node.json")),
+            weft_ipam::PolicyState::Loaded.to_bytes(),
+        )?;
         let weft_conf = json!({"cniVersion": "1.0.0", "name": "weft", "type": "weft",
                                "stateFile": work.join("node.json"), "ipamDir": work.join("weft-ipam")});
         let reference_conf = json!({"cniVersion": "1.0.0", "name": "ref", "type": "bridge", "bridge": "cni0",

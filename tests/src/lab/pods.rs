@@ -47,6 +47,30 @@ fn cni(
         "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
         pod.0, pod.1
     );
+    let netns = format!("/run/netns/{pod_netns}");
+    plugin(
+        dir,
+        node,
+        command,
+        &[
+            ("CNI_CONTAINERID", container_id),
+            ("CNI_NETNS", &netns),
+            ("CNI_IFNAME", "eth0"),
+            // What kubelet's runtimes pass: the plugin records which pod this is.
+            ("CNI_ARGS", &cni_args),
+        ],
+    )
+}
+
+/// CNI STATUS, as a runtime asks before it sends pods: whether the node's
+/// plugin can take an ADD now (its error says why not).
+pub fn status(dir: &LabDir, node: &NodePlan) -> Result<()> {
+    plugin(dir, node, "STATUS", &[]).map(drop)
+}
+
+/// Runs the node's installed plugin with `command` and `vars`, the node's
+/// conflist's plugin configuration on stdin, in the node's namespace.
+fn plugin(dir: &LabDir, node: &NodePlan, command: &str, vars: &[(&str, &str)]) -> Result<Value> {
     let bin = agents::cni_bin_dir(dir, node);
     let conflist = agents::conflist(dir, node)?;
     let mut conf = conflist["plugins"][0].clone();
@@ -57,11 +81,7 @@ fn cni(
         .arg(bin.join("weft"))
         .env_clear()
         .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container_id)
-        .env("CNI_NETNS", format!("/run/netns/{pod_netns}"))
-        .env("CNI_IFNAME", "eth0")
-        // What kubelet's runtimes pass: the plugin records which pod this is.
-        .env("CNI_ARGS", &cni_args)
+        .envs(vars.iter().copied())
         .env("CNI_PATH", &bin)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
