@@ -40,10 +40,10 @@ use crate::liveness::Liveness;
 use crate::metrics::{PeerLabels, ReasonLabels, StateLabels};
 use crate::model::NodeInfo;
 use crate::model::{
-    ClusterRanges, ClusterSnapshot, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
+    ClusterRanges, ClusterSnapshot, DesiredNode, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
 };
 use crate::node_blocks::PodCidrSource;
-use crate::planner::{backstops, OwnKeys, ParseMemo};
+use crate::planner::{backstops, prune, OwnKeys, ParseMemo};
 use crate::policy::Enforcement;
 use crate::reconcile::netlink::Netlink;
 use crate::reconcile::PeerStats;
@@ -268,6 +268,13 @@ struct Agent {
     keys: KeyState,
     /// The device keys the last successful pass applied.
     applied_keys: Option<DeviceKeys>,
+    /// The last block record read whole, and what was wrong with the one
+    /// read after it (logged once).
+    good_record: weft_ipam::BlockRecord,
+    record_error: Option<String>,
+    /// The node as the last successful pass reconciled it, and its MTU:
+    /// what the removal path prunes when a pass fails.
+    applied: Option<(DesiredNode, u32)>,
     /// When a rotation step is due by time alone (Unix seconds).
     wake_at: Option<u64>,
     /// What the data plane last reported, per peer.
@@ -395,21 +402,32 @@ pub async fn run(args: RunArgs) -> Result<()> {
         watcher::Config::default(),
         notifier(&changed),
     );
-    let (namespace, name) = args.blocks.record()?;
-    let record = cluster::reflect(
-        Api::<ConfigMap>::namespaced(client.clone(), namespace),
-        watcher::Config::default().fields(&format!("metadata.name={name}")),
-        notifier(&changed),
-    );
+    // Read only where nodes may claim blocks in it.
+    let record = match args.blocks.pod_cidr_source {
+        PodCidrSource::NodeOrBlocks => {
+            let (namespace, name) = args.blocks.record()?;
+            Some(cluster::reflect(
+                Api::<ConfigMap>::namespaced(client.clone(), namespace),
+                watcher::Config::default().fields(&format!("metadata.name={name}")),
+                notifier(&changed),
+            ))
+        }
+        PodCidrSource::Node => None,
+    };
     let (namespace, name) = args.keys.revoked_record()?;
     let revoked = cluster::reflect(
         Api::<ConfigMap>::namespaced(client.clone(), namespace),
         watcher::Config::default().fields(&format!("metadata.name={name}")),
         notifier(&changed),
     );
+    if let Some(record) = &record {
+        record
+            .wait_until_ready()
+            .await
+            .context("waiting for the first list of the block record")?;
+    }
     for (what, store) in [
         ("Nodes", nodes.wait_until_ready().await),
-        ("the block record", record.wait_until_ready().await),
         ("the revoked keys", revoked.wait_until_ready().await),
     ] {
         store.with_context(|| format!("waiting for the first list of {what}"))?;
@@ -448,6 +466,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         key_store,
         keys,
         applied_keys: None,
+        applied: None,
+        good_record: Default::default(),
+        record_error: None,
         wake_at: None,
         stats: Vec::new(),
         revoked_errors: Vec::new(),
@@ -513,7 +534,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
 /// What meshd watches.
 struct Sources {
     nodes: Store<Node>,
-    record: Store<ConfigMap>,
+    /// With `--pod-cidr-source node-or-blocks` only.
+    record: Option<Store<ConfigMap>>,
     revoked: Store<ConfigMap>,
 }
 
@@ -740,9 +762,76 @@ impl Agent {
         if let Err(e) = result {
             m.reconcile_errors.inc();
             tracing::warn!(error = %format!("{e:#}"), "sync failed; retrying in a second");
+            if let Err(e) = self.remove_what_must_go(sources).await {
+                tracing::warn!(error = %format!("{e:#}"), "could not remove deleted or revoked peers");
+            }
         }
+        let m = &self.health.metrics;
         m.reconciles.inc();
         m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The block record as last read whole: a corrupt one (any node's token
+    /// could write it) is reported and the last good one kept, so it
+    /// stops no pass — at worst the nodes that claim blocks in it are
+    /// judged by an older record. Without `node-or-blocks` it is not read.
+    fn block_record(&mut self, sources: &Sources) -> weft_ipam::BlockRecord {
+        let Some(record) = &sources.record else {
+            return Default::default();
+        };
+        let read = record
+            .state()
+            .first()
+            .map(|cm| crate::node_blocks::record_of(cm))
+            .transpose();
+        match read {
+            Ok(current) => {
+                self.good_record = current.unwrap_or_default();
+                self.record_error = None;
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                if self.record_error.as_ref() != Some(&e) {
+                    tracing::warn!(error = %e, "ignoring the block record until it is whole again");
+                    self.record_error = Some(e);
+                }
+            }
+        }
+        self.good_record.clone()
+    }
+
+    /// The removal path, taken when a pass fails: peers whose Node is gone
+    /// or whose key is revoked leave the device anyway (see
+    /// [`crate::planner::prune`]); it reads only the Node list and the
+    /// revoked keys, so nothing a pass can fail on stops it.
+    async fn remove_what_must_go(&mut self, sources: &Sources) -> Result<()> {
+        let (Some((applied, mtu)), Some(keys)) = (&self.applied, &self.applied_keys) else {
+            return Ok(());
+        };
+        let objects = sources.nodes.state();
+        let names: Vec<String> = objects.iter().map(|n| n.name_any()).collect();
+        let live: BTreeSet<&str> = names.iter().map(String::as_str).collect();
+        let (revoked, _) = crate::revoked::of(sources.revoked.state().first().map(|c| &**c));
+        let pruned = prune(applied, &live, &revoked);
+        if pruned == *applied {
+            return Ok(());
+        }
+        let removed: Vec<&str> = applied
+            .peers
+            .values()
+            .filter(|p| !pruned.peers.values().any(|q| q.node == p.node))
+            .map(|p| p.node.as_str())
+            .collect();
+        tracing::warn!(
+            ?removed,
+            "a pass failed: removed deleted and revoked peers anyway"
+        );
+        let mtu = *mtu;
+        self.reconciler
+            .reconcile(&pruned, keys, self.args.listen_port, mtu)
+            .await?;
+        self.applied = Some((pruned, mtu));
+        Ok(())
     }
 
     /// Gather, decide, apply. True when another pass is due at once.
@@ -751,10 +840,7 @@ impl Agent {
         let probed = self.reconciler.overlap().is_some();
         // Gather.
         let objects = sources.nodes.state();
-        let blocks = match sources.record.state().first() {
-            Some(cm) => crate::node_blocks::record_of(cm)?,
-            None => Default::default(),
-        };
+        let blocks = self.block_record(sources);
         let (revoked, errors) = crate::revoked::of(sources.revoked.state().first().map(|c| &**c));
         let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
         if errors != self.revoked_errors {
@@ -829,6 +915,7 @@ impl Agent {
             .await?;
         let keys_changed = self.applied_keys.as_ref() != Some(&step.device);
         self.applied_keys = Some(step.device.clone());
+        self.applied = Some((desired.clone(), mtu));
         let m = &self.health.metrics;
         m.set_paths(&desired.paths);
         m.count_change("wireguard", outcome.wireguard);

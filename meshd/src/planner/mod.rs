@@ -137,5 +137,40 @@ pub fn plan_judged(
     }
 }
 
+/// What must go from `applied` (the node as last reconciled) whatever
+/// else fails: peers whose Node is gone (not in `live`) or who hold a
+/// revoked key (`key` is the entry's, `replaces` the key it moves from),
+/// with the prefixes they carried and the routes to those. Nothing is
+/// added or changed, so no input but the Node list and the revoked keys —
+/// both read without judging anyone — can stop a removal (the backstops
+/// stay, so what is removed falls back to unreachable).
+pub fn prune(
+    applied: &DesiredNode,
+    live: &BTreeSet<&str>,
+    revoked: &BTreeSet<PublicKey>,
+) -> DesiredNode {
+    let mut pruned = applied.clone();
+    let gone = |key: &PublicKey, peer: &Peer| {
+        !live.contains(peer.node.as_str())
+            || revoked.contains(key)
+            || peer.replaces.is_some_and(|old| revoked.contains(&old))
+    };
+    let removed: Vec<PublicKey> = applied
+        .peers
+        .iter()
+        .filter(|(key, peer)| gone(key, peer))
+        .map(|(key, _)| *key)
+        .collect();
+    for key in removed {
+        if let Some(peer) = pruned.peers.remove(&key) {
+            pruned
+                .routes
+                .retain(|r| r.kind != RouteKind::Mesh || !peer.allowed_ips.contains(&r.dst));
+            pruned.paths.remove(&peer.node);
+        }
+    }
+    pruned
+}
+
 #[cfg(test)]
 mod tests;

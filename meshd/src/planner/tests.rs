@@ -667,3 +667,54 @@ fn a_key_switch_too_far_ahead_is_refused() {
         }
     }
 }
+
+/// The removal path: a deleted node's and a revoked key's peers go, with
+/// the prefixes they carried (a relay's included) and the routes to them;
+/// nothing else changes, and pruning again changes nothing.
+#[test]
+fn prune_removes_gone_and_revoked_peers_and_only_them() {
+    let mut n1 = simple(1);
+    reports(&mut n1, &["node-4"]);
+    let nodes = vec![n1, simple(2), simple(3), simple(4)];
+    let applied = plan(&snapshot(nodes), &local("node-1"));
+    // node-4 is relayed: through node-2 (the cheapest, first by name).
+    let relay = match &applied.paths["node-4"] {
+        Hop::Via(r) => r.clone(),
+        other => panic!("{other:?}"),
+    };
+    let names =
+        |live: &[&'static str]| -> BTreeSet<&'static str> { live.iter().copied().collect() };
+    let all = names(&["node-1", "node-2", "node-3", "node-4"]);
+    let none = BTreeSet::new();
+    assert_eq!(
+        prune(&applied, &all, &none),
+        applied,
+        "nothing gone, nothing changes"
+    );
+
+    // node-3 deleted: its peer and its prefixes' routes go; the rest stays.
+    let without_3 = prune(&applied, &names(&["node-1", "node-2", "node-4"]), &none);
+    assert!(!without_3.peers.values().any(|p| p.node == "node-3"));
+    for dst in [mesh(3), net("198.19.3.0/24")] {
+        assert!(!without_3.routes.iter().any(|r| r.dst == dst), "{dst}");
+    }
+    assert_eq!(without_3.peers.len(), applied.peers.len() - 1);
+    assert!(backstopped(&without_3));
+    assert_eq!(prune(&without_3, &all, &none), without_3, "idempotent");
+
+    // The relay's key revoked: it goes with node-4's prefixes it carried.
+    let relay_key = *applied
+        .peers
+        .iter()
+        .find(|(_, p)| p.node == relay)
+        .unwrap()
+        .0;
+    let revoked = prune(&applied, &all, &BTreeSet::from([relay_key]));
+    assert!(!revoked.peers.contains_key(&relay_key));
+    assert!(!revoked
+        .routes
+        .iter()
+        .any(|r| r.kind == RouteKind::Mesh && r.dst == net("198.19.4.0/24")));
+    assert!(revoked.routes.iter().any(|r| r.dst == net("198.19.3.0/24")) || relay == "node-3");
+    assert!(backstopped(&revoked));
+}
