@@ -106,20 +106,43 @@ impl BlockPlan {
         Some(offset.checked_shr(shift).unwrap_or(0))
     }
 
-    /// The lowest-numbered block that overlaps none of `used`.
+    /// The lowest-numbered block that is none of `used`.
     pub fn first_free<'a>(&self, used: impl IntoIterator<Item = &'a IpNet>) -> Option<IpNet> {
+        self.free_from(0, used)
+    }
+
+    /// The first block numbered `start` (modulo the number of blocks) or
+    /// later, wrapping around, that is none of `used`.
+    pub fn free_from<'a>(
+        &self,
+        start: u128,
+        used: impl IntoIterator<Item = &'a IpNet>,
+    ) -> Option<IpNet> {
+        let len = self.len();
+        if len == 0 {
+            return None;
+        }
+        let start = start % len;
         let taken: BTreeSet<u128> = used
             .into_iter()
             .filter_map(|net| self.index_of(net))
             .collect();
-        let mut candidate = 0u128;
-        for index in taken {
-            if index != candidate {
-                break;
+        let first_gap = |from: u128, range: std::collections::btree_set::Range<u128>| {
+            let mut candidate = from;
+            for index in range {
+                if *index != candidate {
+                    break;
+                }
+                candidate += 1;
             }
-            candidate += 1;
+            candidate
+        };
+        let after = first_gap(start, taken.range(start..));
+        if after < len {
+            return self.block(after);
         }
-        self.block(candidate)
+        let before = first_gap(0, taken.range(..start));
+        (before < start).then(|| self.block(before)).flatten()
     }
 }
 

@@ -1,34 +1,36 @@
 //! Node blocks claimed through the API when the control plane assigns no
-//! `spec.podCIDRs`: one shared record of which node holds which block,
-//! changed only with optimistic concurrency (the caller replaces it with the
-//! resourceVersion it read and retries on conflict), so two nodes joining at
-//! the same instant never get the same block.
+//! `spec.podCIDRs`. Each node writes one claim of its own — an object only
+//! it may create or delete (the admission policy checks the name against
+//! the node's token), never changed once written — and a block is held by
+//! the earliest claim to it, by the creation time the API server stamped.
+//! So nothing a node writes can take a block another node holds: a later
+//! claim to it loses, and a node cannot touch another's claim, nor make
+//! its own look older (a rewrite is a new object, with a new time).
 //!
-//! A block whose node is gone is kept for a grace period (its pods may still
-//! be draining; the node may be re-registering) and then freed.
+//! A claim goes with its Node (it is owned by it, and the garbage
+//! collector deletes it), which frees its blocks.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 
 use crate::blocks::BlockPlan;
 
-/// One block's holder.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Holder {
+/// One node's claim, as the API server holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockClaim {
     pub node: String,
-    /// Unix seconds since which the node has been gone; `None` while it lives.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gone_since: Option<i64>,
+    /// When the API server created it (Unix seconds): set by the server,
+    /// so the claimant cannot choose it.
+    pub created: i64,
+    /// One block per family at most.
+    pub blocks: Vec<IpNet>,
 }
 
-/// The shared record (`version` guards the format).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Who holds each block: the earliest valid claim to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BlockRecord {
-    pub version: u32,
-    pub blocks: BTreeMap<IpNet, Holder>,
+    pub blocks: BTreeMap<IpNet, String>,
 }
 
 /// Why no block could be claimed.
@@ -39,69 +41,67 @@ pub enum ClaimError {
 }
 
 impl BlockRecord {
+    /// The holders of every block `plans` define, from every node's claim:
+    /// a block goes to the earliest claim (then the node name that sorts
+    /// first). A claimed prefix that is not exactly one block of a plan
+    /// (another size, unaligned, outside the ranges) holds nothing, so a
+    /// claim can never cover blocks of others.
+    pub fn resolve(claims: &[BlockClaim], plans: &[BlockPlan]) -> Self {
+        let mut ordered: Vec<&BlockClaim> = claims.iter().collect();
+        ordered.sort_by(|a, b| (a.created, &a.node).cmp(&(b.created, &b.node)));
+        let mut blocks = BTreeMap::new();
+        for claim in ordered {
+            for block in &claim.blocks {
+                if plans.iter().any(|p| p.index_of(block).is_some()) {
+                    blocks.entry(*block).or_insert_with(|| claim.node.clone());
+                }
+            }
+        }
+        Self { blocks }
+    }
+
     /// The blocks `node` holds.
     pub fn held_by(&self, node: &str) -> Vec<IpNet> {
         self.blocks
             .iter()
-            .filter(|(_, h)| h.node == node && h.gone_since.is_none())
+            .filter(|(_, holder)| *holder == node)
             .map(|(b, _)| *b)
             .collect()
     }
 
-    /// Marks blocks of nodes not in `live` as gone (or live again, if they
-    /// came back) and frees those gone for at least `grace` seconds.
-    pub fn expire(&mut self, live: &BTreeSet<String>, now: i64, grace: i64) {
-        for holder in self.blocks.values_mut() {
-            match (live.contains(&holder.node), holder.gone_since) {
-                (true, Some(_)) => holder.gone_since = None,
-                (false, None) => holder.gone_since = Some(now),
-                _ => {}
-            }
-        }
-        self.blocks
-            .retain(|_, h| h.gone_since.is_none_or(|since| now - since < grace));
-    }
-
-    /// Makes sure `node` holds one block of each plan, claiming the lowest
-    /// free ones; `reserved` are blocks in use elsewhere (other nodes'
-    /// `spec.podCIDRs`) that must not be handed out.
-    pub fn claim(
-        &mut self,
+    /// The blocks `node` should claim, one per plan: the one it holds, else
+    /// the first block nobody holds from a place its name hashes to (nodes
+    /// joining at once then rarely reach for the same block, and the one
+    /// that loses tries again); `reserved` are blocks in use elsewhere
+    /// (other nodes' `spec.podCIDRs`) that must not be handed out.
+    pub fn choose(
+        &self,
         node: &str,
         plans: &[BlockPlan],
         reserved: &[IpNet],
     ) -> Result<Vec<IpNet>, ClaimError> {
-        let mut mine = Vec::new();
-        for plan in plans {
-            if let Some(held) = self
-                .held_by(node)
-                .into_iter()
-                .find(|b| plan.index_of(b).is_some())
-            {
-                mine.push(held);
-                continue;
-            }
-            let taken: Vec<IpNet> = self
-                .blocks
-                .keys()
-                .copied()
-                .chain(reserved.iter().copied())
-                .collect();
-            let block = plan
-                .first_free(&taken)
-                .ok_or(ClaimError::Full(plan.cluster()))?;
-            self.blocks.insert(
-                block,
-                Holder {
-                    node: node.to_string(),
-                    gone_since: None,
-                },
-            );
-            mine.push(block);
-        }
-        self.version = 1;
-        Ok(mine)
+        let held = self.held_by(node);
+        plans
+            .iter()
+            .map(|plan| {
+                if let Some(mine) = held.iter().find(|b| plan.index_of(b).is_some()) {
+                    return Ok(*mine);
+                }
+                let taken = self.blocks.keys().chain(reserved);
+                plan.free_from(u128::from(stable_hash(node)), taken)
+                    .ok_or(ClaimError::Full(plan.cluster()))
+            })
+            .collect()
     }
+}
+
+/// FNV-1a: a hash that stays the same across releases (the standard
+/// library's may change), so a node reaches for the same blocks after an
+/// upgrade.
+fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -116,92 +116,117 @@ mod tests {
         ]
     }
 
-    #[test]
-    fn claims_are_stable_and_skip_reserved() {
-        let mut r = BlockRecord::default();
-        let reserved = ["198.19.0.0/24".parse().unwrap()];
-        let a = r.claim("a", &plans(), &reserved).unwrap();
-        assert_eq!(
-            a,
-            vec![
-                "198.19.1.0/24".parse::<IpNet>().unwrap(),
-                "fd98:19::/64".parse().unwrap()
-            ]
-        );
-        assert_eq!(
-            r.claim("a", &plans(), &reserved).unwrap(),
-            a,
-            "a node keeps its blocks"
-        );
-        let b = r.claim("b", &plans(), &reserved).unwrap();
-        assert_ne!(a, b);
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn claim(node: &str, created: i64, blocks: &[&str]) -> BlockClaim {
+        BlockClaim {
+            node: node.into(),
+            created,
+            blocks: blocks.iter().map(|b| net(b)).collect(),
+        }
     }
 
     #[test]
-    fn a_gone_node_keeps_its_block_for_the_grace_period() {
-        let mut r = BlockRecord::default();
-        let a = r.claim("a", &plans(), &[]).unwrap();
-        r.expire(&BTreeSet::new(), 1000, 300);
-        assert!(r.held_by("a").is_empty());
-        let b = r.claim("b", &plans(), &[]).unwrap();
-        assert!(
-            b.iter().all(|x| !a.contains(x)),
-            "a's blocks are not reused within the grace period"
-        );
-        // a comes back in time: its blocks are its own again.
-        r.expire(
-            &BTreeSet::from(["a".to_string(), "b".to_string()]),
-            1100,
-            300,
-        );
-        assert_eq!(r.held_by("a"), a);
-        // Gone for good: freed after the grace period.
-        r.expire(&BTreeSet::from(["b".to_string()]), 1200, 300);
-        r.expire(&BTreeSet::from(["b".to_string()]), 1500, 300);
-        assert!(r.blocks.values().all(|h| h.node == "b"));
+    fn choices_are_stable_and_skip_held_and_reserved() {
+        let empty = BlockRecord::default();
+        let a = empty.choose("a", &plans(), &[]).unwrap();
         assert_eq!(
-            r.claim("c", &plans(), &[]).unwrap(),
             a,
-            "the freed blocks are the lowest again"
+            empty.choose("a", &plans(), &[]).unwrap(),
+            "the same every time"
         );
+        // What a would take, reserved or held, it does not.
+        let moved = empty.choose("a", &plans(), &[a[0]]).unwrap();
+        assert_ne!(moved[0], a[0]);
+        let r = BlockRecord::resolve(&[claim("b", 1, &[&a[0].to_string()])], &plans());
+        assert_ne!(r.choose("a", &plans(), &[]).unwrap()[0], a[0]);
+        // Its own claim: kept.
+        let blocks: Vec<String> = a.iter().map(ToString::to_string).collect();
+        let refs: Vec<&str> = blocks.iter().map(String::as_str).collect();
+        let mine = BlockRecord::resolve(&[claim("a", 10, &refs)], &plans());
+        assert_eq!(
+            mine.choose("a", &plans(), &[]).unwrap(),
+            a,
+            "a keeps its blocks"
+        );
+    }
+
+    /// The earliest claim holds a block whoever claims it later, whatever
+    /// the later claimant's name; equal times go to the name sorting first.
+    #[test]
+    fn the_earliest_claim_holds_and_a_later_one_takes_nothing() {
+        let victim = claim("victim", 100, &["198.19.2.0/24"]);
+        let thief = claim("a-thief", 200, &["198.19.2.0/24", "198.19.3.0/24"]);
+        let r = BlockRecord::resolve(&[thief.clone(), victim.clone()], &plans());
+        assert_eq!(r.held_by("victim"), vec![net("198.19.2.0/24")]);
+        assert_eq!(r.held_by("a-thief"), vec![net("198.19.3.0/24")]);
+        let tie = BlockRecord::resolve(
+            &[
+                claim("b", 100, &["198.19.4.0/24"]),
+                claim("a", 100, &["198.19.4.0/24"]),
+            ],
+            &plans(),
+        );
+        assert_eq!(tie.held_by("a"), vec![net("198.19.4.0/24")]);
+    }
+
+    /// A claim to anything but exact blocks of the plans holds nothing: a
+    /// larger prefix cannot cover others' blocks.
+    #[test]
+    fn only_exact_blocks_are_held() {
+        let greedy = claim(
+            "greedy",
+            1,
+            &[
+                "198.19.0.0/16",
+                "198.19.2.128/25",
+                "10.0.0.0/24",
+                "198.19.5.0/24",
+            ],
+        );
+        let r = BlockRecord::resolve(&[greedy], &plans());
+        assert_eq!(r.held_by("greedy"), vec![net("198.19.5.0/24")]);
     }
 
     #[test]
     fn full_names_the_range() {
         let tiny = vec![BlockPlan::new("198.19.0.0/23".parse().unwrap(), 24).unwrap()];
-        let mut r = BlockRecord::default();
-        r.claim("a", &tiny, &[]).unwrap();
-        r.claim("b", &tiny, &[]).unwrap();
+        let r = BlockRecord::resolve(
+            &[
+                claim("a", 1, &["198.19.0.0/24"]),
+                claim("b", 2, &["198.19.1.0/24"]),
+            ],
+            &tiny,
+        );
         assert_eq!(
-            r.claim("c", &tiny, &[]),
+            r.choose("c", &tiny, &[]),
             Err(ClaimError::Full("198.19.0.0/23".parse().unwrap()))
         );
     }
 
     proptest! {
-        /// Whatever order nodes claim, leave and come back in, no block is
-        /// held by two live nodes.
+        /// Whatever the claims, no block has two holders, every held block
+        /// is one some claim names, and no later claim displaces an
+        /// earlier one's block.
         #[test]
-        fn no_block_is_ever_shared(steps in proptest::collection::vec((0u8..6, any::<bool>()), 1..60)) {
-            let mut r = BlockRecord::default();
-            let mut live: BTreeSet<String> = BTreeSet::new();
-            for (i, (node, joins)) in steps.into_iter().enumerate() {
-                let name = format!("n{node}");
-                if joins {
-                    live.insert(name.clone());
-                    let _ = r.claim(&name, &plans(), &[]);
-                } else {
-                    live.remove(&name);
-                }
-                r.expire(&live, i as i64 * 100, 250);
-                let mut seen = BTreeSet::new();
-                for (block, holder) in &r.blocks {
-                    prop_assert!(seen.insert(*block));
-                    if holder.gone_since.is_none() {
-                        prop_assert!(live.contains(&holder.node));
-                    }
-                }
+        fn a_block_has_one_holder_and_later_claims_never_displace(
+            claims in proptest::collection::vec((0u8..6, 0i64..5, proptest::collection::vec(0u8..8, 0..3)), 0..12)
+        ) {
+            let claims: Vec<BlockClaim> = claims.into_iter().map(|(n, t, bs)| BlockClaim {
+                node: format!("n{n}"),
+                created: t,
+                blocks: bs.into_iter().map(|b| net(&format!("198.19.{b}.0/24"))).collect(),
+            }).collect();
+            let r = BlockRecord::resolve(&claims, &plans());
+            for (block, holder) in &r.blocks {
+                let earliest = claims.iter().filter(|c| c.blocks.contains(block)).map(|c| (c.created, c.node.clone())).min();
+                prop_assert_eq!(earliest.map(|e| e.1), Some(holder.clone()));
             }
+            let mut later = claims.clone();
+            later.push(BlockClaim { node: "n9".into(), created: 99, blocks: r.blocks.keys().copied().collect() });
+            prop_assert_eq!(BlockRecord::resolve(&later, &plans()), r);
         }
     }
 }

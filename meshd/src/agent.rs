@@ -42,7 +42,7 @@ use crate::model::NodeInfo;
 use crate::model::{
     ClusterRanges, ClusterSnapshot, DesiredNode, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
 };
-use crate::node_blocks::PodCidrSource;
+use crate::node_blocks::{PodCidrSource, CLAIM_LABEL};
 use crate::planner::{backstops, prune, OwnKeys, ParseMemo};
 use crate::policy::Enforcement;
 use crate::reconcile::netlink::Netlink;
@@ -268,10 +268,10 @@ struct Agent {
     keys: KeyState,
     /// The device keys the last successful pass applied.
     applied_keys: Option<DeviceKeys>,
-    /// The last block record read whole, and what was wrong with the one
-    /// read after it (logged once).
-    good_record: weft_ipam::BlockRecord,
-    record_error: Option<String>,
+    /// The block plans of `--cluster-cidr` (what claims may hold).
+    block_plans: Vec<weft_ipam::BlockPlan>,
+    /// Objects last found to be no block claim (logged on change).
+    claim_errors: Vec<String>,
     /// The node as the last successful pass reconciled it, and its MTU:
     /// what the removal path prunes when a pass fails.
     applied: Option<(DesiredNode, u32)>,
@@ -294,8 +294,6 @@ struct Agent {
     /// Whether `peer_names` holds a plan of this meshd's.
     planned: bool,
     needs_sync: bool,
-    /// Blocks claimed through the API, and the Nodes there were then.
-    claimed: Option<(BTreeSet<String>, Vec<IpNet>)>,
     /// Every accepted node's pod CIDRs, for the policy engine (which binds
     /// pods' reported addresses to their node's).
     pod_cidrs: tokio::sync::watch::Sender<Option<Arc<NodePodCidrs>>>,
@@ -402,16 +400,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         watcher::Config::default(),
         notifier(&changed),
     );
-    // Read only where nodes may claim blocks in it.
+    // Nodes' block claims: read only where nodes may claim blocks.
+    let block_plans = args.blocks.plans()?;
     let record = match args.blocks.pod_cidr_source {
-        PodCidrSource::NodeOrBlocks => {
-            let (namespace, name) = args.blocks.record()?;
-            Some(cluster::reflect(
-                Api::<ConfigMap>::namespaced(client.clone(), namespace),
-                watcher::Config::default().fields(&format!("metadata.name={name}")),
-                notifier(&changed),
-            ))
-        }
+        PodCidrSource::NodeOrBlocks => Some(cluster::reflect(
+            Api::<ConfigMap>::namespaced(client.clone(), &args.blocks.block_namespace),
+            watcher::Config::default().labels(&format!("{CLAIM_LABEL}=true")),
+            notifier(&changed),
+        )),
         PodCidrSource::Node => None,
     };
     let (namespace, name) = args.keys.revoked_record()?;
@@ -424,7 +420,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         record
             .wait_until_ready()
             .await
-            .context("waiting for the first list of the block record")?;
+            .context("waiting for the first list of the block claims")?;
     }
     for (what, store) in [
         ("Nodes", nodes.wait_until_ready().await),
@@ -467,8 +463,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         keys,
         applied_keys: None,
         applied: None,
-        good_record: Default::default(),
-        record_error: None,
+        block_plans,
+        claim_errors: Vec::new(),
         wake_at: None,
         stats: Vec::new(),
         revoked_errors: Vec::new(),
@@ -481,7 +477,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         peer_names: BTreeMap::new(),
         planned: false,
         needs_sync: true,
-        claimed: None,
         pod_cidrs,
         policy: PolicyStatus {
             reports: policy_reports,
@@ -771,33 +766,23 @@ impl Agent {
         m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
     }
 
-    /// The block record as last read whole: a corrupt one (any node's token
-    /// could write it) is reported and the last good one kept, so it
-    /// stops no pass — at worst the nodes that claim blocks in it are
-    /// judged by an older record. Without `node-or-blocks` it is not read.
+    /// Who holds which block, from the nodes' claims (none unless
+    /// `node-or-blocks`). A claim that is no claim (corrupt, or written for
+    /// another node) holds nothing and is reported once; it stops no pass.
     fn block_record(&mut self, sources: &Sources) -> weft_ipam::BlockRecord {
-        let Some(record) = &sources.record else {
+        let Some(claims) = &sources.record else {
             return Default::default();
         };
-        let read = record
-            .state()
-            .first()
-            .map(|cm| crate::node_blocks::record_of(cm))
-            .transpose();
-        match read {
-            Ok(current) => {
-                self.good_record = current.unwrap_or_default();
-                self.record_error = None;
+        let objects = claims.state();
+        let (record, errors) =
+            crate::node_blocks::record(objects.iter().map(|c| &**c), &self.block_plans);
+        if errors != self.claim_errors {
+            for e in &errors {
+                tracing::warn!(error = %e, "ignoring a block claim");
             }
-            Err(e) => {
-                let e = format!("{e:#}");
-                if self.record_error.as_ref() != Some(&e) {
-                    tracing::warn!(error = %e, "ignoring the block record until it is whole again");
-                    self.record_error = Some(e);
-                }
-            }
+            self.claim_errors = errors;
         }
-        self.good_record.clone()
+        record
     }
 
     /// The removal path, taken when a pass fails: peers whose Node is gone
@@ -864,7 +849,7 @@ impl Agent {
         let internal_ip = me.internal_ips.first().copied();
         let pod_cidrs = match (me.spec_pod_cidrs.is_empty(), self.args.blocks.pod_cidr_source) {
             (false, _) => me.spec_pod_cidrs.clone(),
-            (true, PodCidrSource::NodeOrBlocks) => self.claimed_blocks(&snapshot).await?,
+            (true, PodCidrSource::NodeOrBlocks) => self.claimed_blocks(&snapshot, me).await?,
             (true, PodCidrSource::Node) => anyhow::bail!(
                 "Node {name} has no spec.podCIDRs yet: waiting for kube-controller-manager to assign them (--pod-cidr-source node; node-or-blocks claims blocks instead)"
             ),
@@ -960,35 +945,25 @@ impl Agent {
         Ok(())
     }
 
-    /// The blocks this node claims through the API (no `spec.podCIDRs`).
-    /// Asks the API only when the set of Nodes changed since the last claim.
-    async fn claimed_blocks(&mut self, snapshot: &ClusterSnapshot) -> Result<Vec<IpNet>> {
-        let live: BTreeSet<String> = snapshot.nodes.iter().map(|n| n.name.clone()).collect();
-        if let Some((seen, blocks)) = &self.claimed {
-            if *seen == live {
-                return Ok(blocks.clone());
-            }
+    /// The blocks this node holds by its claim (no `spec.podCIDRs`): asks
+    /// the API only when the claims watched do not show it holding one
+    /// block of each plan.
+    async fn claimed_blocks(
+        &self,
+        snapshot: &ClusterSnapshot,
+        me: &NodeInfo,
+    ) -> Result<Vec<IpNet>> {
+        let held = snapshot.blocks.held_by(&me.name);
+        if crate::node_blocks::holds_one_of_each(&held, &self.block_plans) {
+            return Ok(held);
         }
         let reserved: Vec<IpNet> = snapshot
             .nodes
             .iter()
-            .filter(|n| n.name != self.local.node_name)
+            .filter(|n| n.name != me.name)
             .flat_map(|n| n.spec_pod_cidrs.iter().copied())
             .collect();
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let blocks = crate::node_blocks::claim(
-            &self.client,
-            &self.args.blocks,
-            &self.local.node_name,
-            &live,
-            &reserved,
-            now,
-        )
-        .await?;
-        self.claimed = Some((live, blocks.clone()));
-        Ok(blocks)
+        crate::node_blocks::claim(&self.client, &self.args.blocks, me, &reserved).await
     }
 
     /// Metrics for every excluded node; a log line and an Event for those

@@ -22,6 +22,8 @@ pub struct MeshSettings {
     pub ranges: ClusterRanges,
     pub costs: LinkCosts,
     pub relay: Relay,
+    /// The node blocks claims may hold.
+    pub block_plans: Vec<weft_ipam::BlockPlan>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +42,8 @@ pub const CLUSTER_CIDRS_KEY: &str = "WEFT_CLUSTER_CIDRS";
 pub const MESH_CIDRS_KEY: &str = "WEFT_MESH_CIDRS";
 pub const LINK_COSTS_KEY: &str = "WEFT_LINK_COSTS";
 pub const RELAY_KEY: &str = "WEFT_RELAY";
+pub const NODE_BLOCK_V4_KEY: &str = "WEFT_NODE_BLOCK_V4";
+pub const NODE_BLOCK_V6_KEY: &str = "WEFT_NODE_BLOCK_V6";
 
 impl MeshSettings {
     /// From the ConfigMap's data; meshd's defaults where a key is absent
@@ -74,13 +78,34 @@ impl MeshSettings {
                 .map_err(|e| bad(RELAY_KEY, v, e))?,
             None => Relay::default(),
         };
+        let block_len = |key: &'static str, default: u8| -> Result<u8, SettingsError> {
+            data.get(key).map_or(Ok(default), |v| {
+                v.trim()
+                    .parse()
+                    .map_err(|e: std::num::ParseIntError| bad(key, v, e.to_string()))
+            })
+        };
+        let pods = ranges(CLUSTER_CIDRS_KEY, None)?;
+        let block_plans = crate::node_blocks::plans(
+            &pods.iter().collect::<Vec<_>>(),
+            block_len(NODE_BLOCK_V4_KEY, 24)?,
+            block_len(NODE_BLOCK_V6_KEY, 64)?,
+        )
+        .map_err(|e| {
+            bad(
+                CLUSTER_CIDRS_KEY,
+                data.get(CLUSTER_CIDRS_KEY).map_or("", String::as_str),
+                e,
+            )
+        })?;
         Ok(Self {
             ranges: ClusterRanges {
-                pods: ranges(CLUSTER_CIDRS_KEY, None)?,
+                pods,
                 mesh: ranges(MESH_CIDRS_KEY, Some("100.64.0.0/16,fd64:77:65::/64"))?,
             },
             costs,
             relay,
+            block_plans,
         })
     }
 }
@@ -399,6 +424,7 @@ mod tests {
             ranges: ClusterRanges::lab(),
             costs: LinkCosts::default(),
             relay: Relay::OneHop,
+            block_plans: Vec::new(),
         }
     }
 

@@ -138,8 +138,8 @@ pub enum Hop {
     None,
 }
 
-/// Every Node in the cluster, in any order, and the block record nodes
-/// without `spec.podCIDRs` claim their pod ranges in.
+/// Every Node in the cluster, in any order, and who holds which block by
+/// the claims of nodes without `spec.podCIDRs`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterSnapshot {
     pub nodes: Vec<NodeInfo>,
@@ -154,22 +154,23 @@ pub struct ClusterSnapshot {
 
 impl ClusterSnapshot {
     /// The pod ranges the control plane gave `node`: its `spec.podCIDRs`,
-    /// else the blocks the record holds for it. A node's pod CIDR claim
+    /// else the blocks it holds by its block claim. A node's pod CIDR claim
     /// must lie within them.
     pub fn assigned(&self, node: &NodeInfo) -> Vec<IpNet> {
-        if node.spec_pod_cidrs.is_empty() {
-            self.blocks.held_by(&node.name)
-        } else {
-            node.spec_pod_cidrs.clone()
-        }
+        self.all_assigned()
+            .remove(node.name.as_str())
+            .unwrap_or_default()
     }
 
-    /// [`Self::assigned`] for every node, in one pass over the block record.
+    /// [`Self::assigned`] for every node. A claimed block that overlaps
+    /// any node's `spec.podCIDRs` counts for nobody: what the control
+    /// plane assigned is never taken through a claim.
     pub fn all_assigned(&self) -> HashMap<&str, Vec<IpNet>> {
+        let spec: Vec<&IpNet> = self.nodes.iter().flat_map(|n| &n.spec_pod_cidrs).collect();
         let mut held: HashMap<&str, Vec<IpNet>> = HashMap::new();
         for (block, holder) in &self.blocks.blocks {
-            if holder.gone_since.is_none() {
-                held.entry(holder.node.as_str()).or_default().push(*block);
+            if !spec.iter().any(|s| overlap(s, block)) {
+                held.entry(holder.as_str()).or_default().push(*block);
             }
         }
         self.nodes

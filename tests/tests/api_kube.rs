@@ -617,21 +617,22 @@ async fn twenty_nodes_claiming_blocks_at_once_get_distinct_ones() {
         ],
         node_block_v4: 24,
         node_block_v6: 64,
-        block_grace: 300,
-        block_record: "kube-system/weft-node-blocks".into(),
+        block_namespace: "kube-system".into(),
     };
-    let names: std::collections::BTreeSet<String> = (0..20).map(|i| format!("n{i}")).collect();
-    let tasks: Vec<_> = names
-        .iter()
-        .map(|name| {
-            let (client, args, names, name) = (
-                lab.client.clone(),
-                args.clone(),
-                names.clone(),
-                name.clone(),
-            );
+    let node = |i: u32| weft_meshd::model::NodeInfo {
+        name: format!("n{i}"),
+        uid: format!("uid-{i}"),
+        created: 0,
+        internal_ips: Vec::new(),
+        spec_pod_cidrs: Vec::new(),
+        annotations: Default::default(),
+        placement: weft_meshd::model::Placement::anywhere(),
+    };
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let (client, args, me) = (lab.client.clone(), args.clone(), node(i));
             tokio::spawn(async move {
-                weft_meshd::node_blocks::claim(&client, &args, &name, &names, &[], 1000)
+                weft_meshd::node_blocks::claim(&client, &args, &me, &[])
                     .await
                     .unwrap()
             })
@@ -646,23 +647,26 @@ async fn twenty_nodes_claiming_blocks_at_once_get_distinct_ones() {
         }
     }
     assert_eq!(all.len(), 40);
-    // A repeated claim is answered from the record without writing.
-    let rv = |lab: &Lab| {
+    // A repeated claim is answered from the claims without writing.
+    let claims = |lab: &Lab| {
         let lab_client = lab.client.clone();
         async move {
             let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
                 Api::namespaced(lab_client, "kube-system");
-            cms.get("weft-node-blocks")
+            cms.list(&Default::default())
                 .await
                 .unwrap()
-                .resource_version()
-                .unwrap()
+                .items
+                .iter()
+                .map(|c| c.resource_version().unwrap())
+                .collect::<Vec<_>>()
         }
     };
-    let before = rv(&lab).await;
-    weft_meshd::node_blocks::claim(&lab.client, &args, "n3", &names, &[], 1001)
+    let before = claims(&lab).await;
+    assert_eq!(before.len(), 20, "one claim per node");
+    weft_meshd::node_blocks::claim(&lab.client, &args, &node(3), &[])
         .await
         .unwrap();
-    assert_eq!(rv(&lab).await, before, "steady state writes nothing");
+    assert_eq!(claims(&lab).await, before, "steady state writes nothing");
     lab.server.stop().await.unwrap();
 }

@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{client, kubeconfig_with, node, pod_token, signal, wait_for, Lab};
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, PatchParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::api::{Api, PatchParams, PostParams};
+use kube::Client;
 use serde_json::Value;
 
 /// Annotations to set (a value) or remove (`None`).
@@ -185,4 +186,194 @@ fn the_oldest_node_copying_a_younger_one_hurts_only_itself() {
             || peers(&lab, "node-2").contains_key("node-1"),
         );
     }
+}
+
+/// `attacker`'s own token, as a kube-rs client, and its Node's UID.
+fn token_client(lab: &Lab, attacker: &str) -> (tokio::runtime::Runtime, Client) {
+    let kubeconfig = kubeconfig_with(lab, &pod_token(lab, attacker), attacker);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = runtime.block_on(client(&kubeconfig));
+    (runtime, client)
+}
+
+/// A block claim as meshd writes one (see meshd's node_blocks).
+fn claim(name: &str, node: &str, uid: &str, blocks: &str) -> ConfigMap {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "namespace": "weft-system",
+            "labels": {"weft.dev/block-claim": "true"},
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid}],
+        },
+        "immutable": true,
+        "data": {"node": node, "blocks": blocks},
+    }))
+    .unwrap()
+}
+
+fn refused<T: std::fmt::Debug>(what: &str, result: kube::Result<T>, says: &str) {
+    match result {
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains(says) => {}
+        other => panic!("{what}: expected 403 saying {says:?}, got {other:?}"),
+    }
+}
+
+/// With self-allocated blocks, the oldest node, with its own token, can
+/// neither write another node's claim nor change or delete one, and a
+/// claim of its own naming another node's blocks holds none of them: the
+/// victim keeps its blocks and its traffic. A garbage claim of its own
+/// holds nothing and stops no one: a revocation is applied everywhere
+/// within a second and a new node joins.
+#[test]
+fn in_block_mode_a_node_takes_no_block_and_stops_no_one() {
+    let lab = Lab::up(
+        "t-claims",
+        &[
+            "--nodes",
+            "4",
+            "--self-allocated-blocks",
+            "--pods-per-node",
+            "1",
+        ],
+    );
+    let victim_blocks = published(&lab, "node-2")["weft.dev/pod-cidrs"].clone();
+    let victim_v4 = victim_blocks.split(',').next().unwrap().to_string();
+    let uid = lab
+        .kubectl(&["get", "node", "node-1", "-o", "jsonpath={.metadata.uid}"])
+        .trim()
+        .to_string();
+    signal(common::pid_of_meshd(&lab, "node-1"), "-KILL");
+    let (runtime, client) = token_client(&lab, "node-1");
+    let claims: Api<ConfigMap> = Api::namespaced(client, "weft-system");
+    let victim_uid = lab
+        .kubectl(&["get", "node", "node-2", "-o", "jsonpath={.metadata.uid}"])
+        .trim()
+        .to_string();
+    runtime.block_on(async {
+        let post = PostParams::default();
+        let forged = claim("weft-blocks-node-2", "node-2", &victim_uid, &victim_blocks);
+        refused(
+            "a claim in node-2's name",
+            claims.create(&post, &forged).await,
+            "its own block claim",
+        );
+        refused(
+            "deleting node-2's claim",
+            claims
+                .delete("weft-blocks-node-2", &Default::default())
+                .await,
+            "its own block claim",
+        );
+        let mut own = claims
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|c| c.metadata.name.as_deref() == Some("weft-blocks-node-1"))
+            .expect("node-1's claim");
+        own.data
+            .as_mut()
+            .unwrap()
+            .insert("blocks".into(), victim_blocks.clone());
+        // RBAC grants no update; admission would refuse it too.
+        refused(
+            "rewriting its own claim",
+            claims.replace("weft-blocks-node-1", &post, &own).await,
+            "update",
+        );
+        // Its own claim, made anew with node-2's blocks: admitted, and
+        // later than node-2's.
+        claims
+            .delete("weft-blocks-node-1", &Default::default())
+            .await
+            .unwrap();
+        claims
+            .create(
+                &post,
+                &claim("weft-blocks-node-1", "node-1", &uid, &victim_blocks),
+            )
+            .await
+            .unwrap();
+    });
+    let mut take = Patch::new();
+    take.insert("weft.dev/pod-cidrs".into(), Some(victim_blocks.clone()));
+    as_node(&lab, "node-1", &take);
+    for on in ["node-2", "node-3"] {
+        wait_for(
+            &format!("{on} to refuse node-1's claim to node-2's blocks"),
+            Duration::from_secs(10),
+            || excluded(&lab, on, "pod_cidr_not_assigned") == 1.0,
+        );
+    }
+    let to_victim = peers(&lab, "node-3")
+        .remove("node-2")
+        .expect("node-2 stays node-3's peer");
+    assert!(
+        to_victim.contains(&victim_v4),
+        "node-2's block left node-2: {to_victim:?}"
+    );
+    assert!(lab.reaches("node-3", &lab.pod_addresses("node-2")[0]));
+
+    // A garbage claim of its own: it holds nothing, and stops no one.
+    runtime.block_on(async {
+        claims
+            .delete("weft-blocks-node-1", &Default::default())
+            .await
+            .unwrap();
+        claims
+            .create(
+                &PostParams::default(),
+                &claim("weft-blocks-node-1", "node-1", &uid, "garbage,{}"),
+            )
+            .await
+            .unwrap();
+    });
+    let old = node(&lab.status(), "node-3")["publicKey"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let observers = ["node-2", "node-4"];
+    let has_old = || {
+        let status = lab.status();
+        observers.iter().any(|n| {
+            node(&status, n)["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["publicKey"] == old.as_str())
+        })
+    };
+    signal(common::pid_of_meshd(&lab, "node-3"), "-KILL");
+    lab.meshctl(&["keys", "revoke", "node-3"]);
+    let took = wait_for(
+        "node-2 and node-4 to drop node-3's revoked key",
+        Duration::from_secs(5),
+        || !has_old(),
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the revoked key stayed {took:?}"
+    );
+    // A new Node joins (spec.podCIDRs assigned, its key proven): every
+    // node still judging peers it at once.
+    let held: Vec<String> = ["node-1", "node-2", "node-3", "node-4"]
+        .iter()
+        .flat_map(|n| published(&lab, n).get("weft.dev/pod-cidrs").cloned())
+        .collect();
+    let free = (200..=255)
+        .map(|b| format!("198.19.{b}.0/24"))
+        .find(|c| !held.iter().any(|h| h.contains(c.as_str())))
+        .expect("a free block");
+    common::Hostile::valid("joiner", &free, "").register(&lab);
+    let took = wait_for(
+        "node-2 and node-4 to peer with the joiner",
+        Duration::from_secs(5),
+        || {
+            observers
+                .iter()
+                .all(|n| peers(&lab, n).contains_key("joiner"))
+        },
+    );
+    assert!(took < Duration::from_secs(1), "the join took {took:?}");
 }

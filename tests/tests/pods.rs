@@ -103,8 +103,11 @@ fn deleting_a_pod_releases_everything() {
     lab.ok(&["pod", "add", "node-1", "web"]);
 }
 
+/// Each node claims its blocks with an object of its own; the blocks are
+/// distinct, carry pods, and go with their Node (the claim is owned by it
+/// and collected when it is deleted).
 #[test]
-fn self_allocated_blocks_are_distinct_carry_pods_and_are_reused_after_grace() {
+fn self_allocated_blocks_are_distinct_carry_pods_and_go_with_their_node() {
     let lab = Lab::up(
         "t-blocks",
         &[
@@ -115,31 +118,46 @@ fn self_allocated_blocks_are_distinct_carry_pods_and_are_reused_after_grace() {
             "1",
         ],
     );
-    let record = || -> Value {
+    // Every claim: node name -> its blocks, sorted.
+    let claims = || -> std::collections::BTreeMap<String, Vec<String>> {
         let raw = lab.kubectl(&[
             "get",
             "configmap",
             "-n",
             "weft-system",
-            "weft-node-blocks",
+            "-l",
+            "weft.dev/block-claim=true",
             "-o",
-            "jsonpath={.data.blocks\\.json}",
+            "json",
         ]);
-        serde_json::from_str(&raw).expect("the block record is JSON")
-    };
-    let blocks_of = |record: &Value, node: &str| -> Vec<String> {
-        let mut v: Vec<String> = record["blocks"]
-            .as_object()
+        let list: Value = serde_json::from_str(&raw).expect("a ConfigMap list");
+        list["items"]
+            .as_array()
             .unwrap()
             .iter()
-            .filter(|(_, h)| h["node"] == node)
-            .map(|(b, _)| b.clone())
-            .collect();
-        v.sort();
-        v
+            .map(|cm| {
+                let mut blocks: Vec<String> = cm["data"]["blocks"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(String::from)
+                    .collect();
+                blocks.sort();
+                (
+                    cm["data"]["node"].as_str().unwrap_or_default().to_string(),
+                    blocks,
+                )
+            })
+            .collect()
     };
-    let r = record();
-    assert_eq!(r["blocks"].as_object().unwrap().len(), 6, "{r}");
+    let distinct = |claims: &std::collections::BTreeMap<String, Vec<String>>| {
+        let all: Vec<&String> = claims.values().flatten().collect();
+        let set: std::collections::BTreeSet<&&String> = all.iter().collect();
+        all.len() == set.len()
+    };
+    let c = claims();
+    assert_eq!(c.len(), 3, "{c:?}");
+    assert!(c.values().all(|b| b.len() == 2) && distinct(&c), "{c:?}");
     let status = lab.status();
     for n in ["node-1", "node-2", "node-3"] {
         let node = status["nodes"]
@@ -155,30 +173,18 @@ fn self_allocated_blocks_are_distinct_carry_pods_and_are_reused_after_grace() {
             .map(|c| c.as_str().unwrap().to_string())
             .collect();
         published.sort();
-        assert_eq!(published, blocks_of(&r, n), "{n} publishes what it claimed");
+        assert_eq!(published, c[n], "{n} publishes what it claimed");
     }
     assert_all_pairs(&lab, &lab.pods());
 
-    let old = blocks_of(&r, "node-2");
     lab.ok(&["node", "del", "node-2"]);
     common::wait_for(
-        "node-2's blocks to be marked gone",
+        "node-2's claim to go with its Node",
         Duration::from_secs(15),
-        || {
-            record()["blocks"]
-                .as_object()
-                .unwrap()
-                .values()
-                .any(|h| h["node"] == "node-2" && h["goneSince"].is_i64())
-        },
+        || !claims().contains_key("node-2"),
     );
-    // Within the grace period the blocks stay reserved; after it, they are free again.
-    std::thread::sleep(Duration::from_secs(6));
     lab.ok(&["node", "add"]);
-    let r = record();
-    assert_eq!(
-        blocks_of(&r, "node-4"),
-        old,
-        "node-4 should reuse node-2's blocks after the grace period: {r}"
-    );
+    let c = claims();
+    assert_eq!(c.len(), 3, "{c:?}");
+    assert!(c["node-4"].len() == 2 && distinct(&c), "{c:?}");
 }

@@ -7,7 +7,7 @@
 //! finalizers, no-op updates) live here, free of HTTP, so they can be tested
 //! directly and the HTTP layer stays a thin translation.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -404,10 +404,12 @@ impl Store {
             check_namespace_open(&inner, ns)?;
         }
         let k = key(kind, ns, &name);
+        // As kube-apiserver: admission first, storage (which finds the name
+        // taken) after, so a refused request is refused whatever exists.
+        w.admit.admit(Operation::Create, None, Some(&object))?;
         if inner.objects.contains_key(&k) {
             return Err(ApiError::already_exists(kind, &name));
         }
-        w.admit.admit(Operation::Create, None, Some(&object))?;
         if w.dry_run {
             return Ok(object);
         }
@@ -480,11 +482,18 @@ impl Store {
         } else {
             EventType::Modified
         };
-        Ok(self.commit(inner, k, typ, new, Some(old)).as_ref().clone())
+        let stored = self.commit(inner, k, typ, new, Some(old));
+        if finalized {
+            // Its last finalizer gone, the object is removed only now, and
+            // its dependents with it.
+            self.collect_garbage(inner, uids([&stored]));
+        }
+        Ok(stored.as_ref().clone())
     }
 
     /// Deletes an object, or marks it for deletion while finalizers remain.
-    /// A namespace takes its contents with it.
+    /// A namespace takes its contents with it, and whatever is removed
+    /// takes its dependents (objects naming it in `ownerReferences`).
     pub fn delete(
         &self,
         kind: &'static Kind,
@@ -520,16 +529,14 @@ impl Store {
             if meta_str(&old, "deletionTimestamp").is_some() {
                 return Ok(old.as_ref().clone());
             }
-            let mut marked = old.as_ref().clone();
-            let meta = meta_mut(&mut marked);
-            meta.insert("deletionTimestamp".into(), json!(now_rfc3339()));
-            meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+            let marked = marked_for_deletion(&old);
             let k = key(kind, ns, name);
             return Ok(self
                 .commit(&mut inner, k, EventType::Modified, marked, Some(old))
                 .as_ref()
                 .clone());
         }
+        let mut removed = uids([&old]);
         if std::ptr::eq(kind, namespace_kind()) {
             let contents: Vec<(Key, Arc<Value>)> = inner
                 .objects
@@ -537,6 +544,7 @@ impl Store {
                 .filter(|(k, _)| KINDS[k.kind].namespaced && k.namespace == name)
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
+            removed.extend(uids(contents.iter().map(|(_, v)| v)));
             for (k, v) in contents {
                 let gone = v.as_ref().clone();
                 self.commit(&mut inner, k, EventType::Deleted, gone, Some(v));
@@ -544,10 +552,38 @@ impl Store {
         }
         let k = key(kind, ns, name);
         let gone = old.as_ref().clone();
-        Ok(self
-            .commit(&mut inner, k, EventType::Deleted, gone, Some(old))
-            .as_ref()
-            .clone())
+        let gone = self.commit(&mut inner, k, EventType::Deleted, gone, Some(old));
+        self.collect_garbage(&mut inner, removed);
+        Ok(gone.as_ref().clone())
+    }
+
+    /// kube-apiserver's garbage collector, done at once rather than in the
+    /// background: every object whose `ownerReferences` name a removed
+    /// object's uid is deleted as a plain delete would delete it (removed,
+    /// or only marked while finalizers remain), and the dependents of what
+    /// is removed follow in turn. Ownership is by uid alone, so namespaced
+    /// dependents of a cluster-scoped owner (a Node) are found too. Each
+    /// round removes objects or marks unmarked ones, so cycles end.
+    fn collect_garbage(&self, inner: &mut Inner, mut removed: BTreeSet<String>) {
+        while !removed.is_empty() {
+            let dependents: Vec<(Key, Arc<Value>)> = inner
+                .objects
+                .iter()
+                .filter(|(_, v)| owner_uids(v).any(|uid| removed.contains(uid)))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            removed.clear();
+            for (k, v) in dependents {
+                if finalizers_empty(&v) {
+                    removed.extend(uids([&v]));
+                    let gone = v.as_ref().clone();
+                    self.commit(inner, k, EventType::Deleted, gone, Some(v));
+                } else if meta_str(&v, "deletionTimestamp").is_none() {
+                    let marked = marked_for_deletion(&v);
+                    self.commit(inner, k, EventType::Modified, marked, Some(v));
+                }
+            }
+        }
     }
 
     /// Deletes every object the filter selects; returns what was deleted.
@@ -654,6 +690,34 @@ fn check_namespace_open(inner: &Inner, ns: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `object` as a delete leaves it while finalizers remain.
+fn marked_for_deletion(object: &Value) -> Value {
+    let mut marked = object.clone();
+    let meta = meta_mut(&mut marked);
+    meta.insert("deletionTimestamp".into(), json!(now_rfc3339()));
+    meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+    marked
+}
+
+/// The uids of `objects` (every stored object has one).
+fn uids<'a>(objects: impl IntoIterator<Item = &'a Arc<Value>>) -> BTreeSet<String> {
+    objects
+        .into_iter()
+        .filter_map(|o| meta_str(o, "uid"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The uids an object's `ownerReferences` name.
+fn owner_uids(object: &Value) -> impl Iterator<Item = &str> {
+    object["metadata"]
+        .get("ownerReferences")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get("uid").and_then(Value::as_str))
+}
+
 fn finalizers_empty(object: &Value) -> bool {
     object["metadata"]
         .get("finalizers")
@@ -720,8 +784,12 @@ fn check_identity(
     Ok(())
 }
 
-fn validated(kind: &'static Kind, object: Value) -> Result<Value, ApiError> {
-    let errors = validate::metadata(kind, &object);
+/// `object` if valid, as created (`old` is `None`) or as an update of `old`.
+fn validated(kind: &'static Kind, old: Option<&Value>, object: Value) -> Result<Value, ApiError> {
+    let mut errors = validate::metadata(kind, &object);
+    if let Some(old) = old {
+        errors.extend(validate::update(kind, old, &object));
+    }
     if errors.is_empty() {
         Ok(object)
     } else {
@@ -774,7 +842,7 @@ fn prepare_create(kind: &'static Kind, ns: &str, mut body: Value) -> Result<Valu
     if std::ptr::eq(kind, namespace_kind()) && body["status"]["phase"].is_null() {
         body["status"] = json!({"phase": "Active"});
     }
-    validated(kind, body)
+    validated(kind, None, body)
 }
 
 fn prepare_update(
@@ -828,7 +896,7 @@ fn prepare_update(
         meta_mut(&mut new).insert("generation".into(), json!(generation));
     }
     label_namespace(kind, &mut new);
-    validated(kind, new)
+    validated(kind, Some(old), new)
 }
 
 #[cfg(test)]
@@ -1038,6 +1106,166 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.get(netpols(), "x", "p").unwrap_err().code, 404);
+    }
+
+    fn configmaps() -> &'static Kind {
+        lookup("", "v1", "configmaps").unwrap()
+    }
+
+    /// A ConfigMap named `name` whose owner is `owner` (as created).
+    fn owned_configmap(name: &str, owner: &Value) -> Value {
+        json!({"metadata": {"name": name, "ownerReferences": [{
+            "apiVersion": owner["apiVersion"],
+            "kind": owner["kind"],
+            "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"],
+        }]}})
+    }
+
+    fn weft_system(s: &Store) {
+        s.create(
+            namespace_kind(),
+            "",
+            json!({"metadata": {"name": "weft-system"}}),
+            Write::COMMIT,
+        )
+        .unwrap();
+    }
+
+    fn delete(s: &Store, kind: &'static Kind, ns: &str, name: &str) -> Value {
+        s.delete(kind, ns, name, &Preconditions::default(), Write::COMMIT)
+            .unwrap()
+    }
+
+    #[test]
+    fn deleting_a_node_collects_configmaps_it_owns_in_any_namespace() {
+        let s = Store::new(100);
+        weft_system(&s);
+        let a = s.create(nodes(), "", node("a"), Write::COMMIT).unwrap();
+        let b = s.create(nodes(), "", node("b"), Write::COMMIT).unwrap();
+        for (name, owner) in [("weft-blocks-a", &a), ("weft-blocks-b", &b)] {
+            s.create(
+                configmaps(),
+                "weft-system",
+                owned_configmap(name, owner),
+                Write::COMMIT,
+            )
+            .unwrap();
+        }
+        let filter = Filter::default();
+        let mut w = s.watch(configmaps(), &filter, WatchStart::Current).unwrap();
+        delete(&s, nodes(), "", "a");
+        assert_eq!(
+            s.get(configmaps(), "weft-system", "weft-blocks-a")
+                .unwrap_err()
+                .code,
+            404
+        );
+        assert!(s.get(configmaps(), "weft-system", "weft-blocks-b").is_ok());
+        let seen: Vec<_> = std::iter::from_fn(|| w.live.try_recv().ok())
+            .filter_map(|e| e.seen_by(configmaps(), &filter))
+            .map(|(typ, o)| (typ, o["metadata"]["name"].clone()))
+            .collect();
+        assert_eq!(seen, [(EventType::Deleted, json!("weft-blocks-a"))]);
+    }
+
+    #[test]
+    fn owner_chains_are_collected_and_finalizers_hold_dependents() {
+        let s = Store::new(100);
+        weft_system(&s);
+        let a = s.create(nodes(), "", node("a"), Write::COMMIT).unwrap();
+        let create = |body: Value| {
+            s.create(configmaps(), "weft-system", body, Write::COMMIT)
+                .unwrap()
+        };
+        let child = create(owned_configmap("child", &a));
+        create(owned_configmap("grandchild", &child));
+        let mut held = owned_configmap("held", &a);
+        held["metadata"]["finalizers"] = json!(["weft.dev/test"]);
+        let held = create(held);
+        create(owned_configmap("held-child", &held));
+
+        delete(&s, nodes(), "", "a");
+        for name in ["child", "grandchild"] {
+            let gone = s.get(configmaps(), "weft-system", name);
+            assert_eq!(gone.unwrap_err().code, 404, "{name}");
+        }
+        let held = s.get(configmaps(), "weft-system", "held").unwrap();
+        assert!(held["metadata"]["deletionTimestamp"].is_string());
+        assert!(
+            s.get(configmaps(), "weft-system", "held-child").is_ok(),
+            "a dependent goes only when its owner is actually removed"
+        );
+        s.patch(
+            configmaps(),
+            "weft-system",
+            "held",
+            &json!({"metadata": {"finalizers": null}}),
+            PatchType::Merge,
+            Subresource::Main,
+            Write::COMMIT,
+        )
+        .unwrap();
+        for name in ["held", "held-child"] {
+            let gone = s.get(configmaps(), "weft-system", name);
+            assert_eq!(gone.unwrap_err().code, 404, "{name}");
+        }
+    }
+
+    #[test]
+    fn an_immutable_configmap_keeps_its_data_but_can_be_deleted() {
+        let s = Store::new(100);
+        let cm = s
+            .create(
+                configmaps(),
+                "default",
+                json!({"metadata": {"name": "c"}, "immutable": true, "data": {"k": "v"}}),
+                Write::COMMIT,
+            )
+            .unwrap();
+        let mut changed = cm.clone();
+        changed["data"]["k"] = json!("w");
+        let err = s
+            .update(
+                configmaps(),
+                "default",
+                "c",
+                changed,
+                Subresource::Main,
+                Write::COMMIT,
+            )
+            .unwrap_err();
+        assert_eq!((err.code, err.reason), (422, "Invalid"));
+        assert!(
+            err.message
+                .contains("data: Forbidden: field is immutable when `immutable` is set"),
+            "{}",
+            err.message
+        );
+        let patch = |body: Value| {
+            s.patch(
+                configmaps(),
+                "default",
+                "c",
+                &body,
+                PatchType::Merge,
+                Subresource::Main,
+                Write::COMMIT,
+            )
+        };
+        for body in [
+            json!({"data": {"k": "w"}}),
+            json!({"data": {"more": "x"}}),
+            json!({"binaryData": {"b": "AA=="}}),
+            json!({"immutable": false}),
+        ] {
+            let err = patch(body.clone()).unwrap_err();
+            assert_eq!((err.code, err.reason), (422, "Invalid"), "{body}");
+        }
+        let labelled = patch(json!({"metadata": {"labels": {"x": "y"}}})).unwrap();
+        assert_eq!(labelled["data"], json!({"k": "v"}));
+        delete(&s, configmaps(), "default", "c");
+        assert_eq!(s.get(configmaps(), "default", "c").unwrap_err().code, 404);
     }
 
     #[test]

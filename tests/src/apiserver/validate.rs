@@ -68,6 +68,42 @@ pub fn metadata(kind: &Kind, object: &Value) -> Vec<FieldError> {
     errors
 }
 
+/// Checks what an update may not change, given the stored object: a
+/// ConfigMap with `immutable: true` keeps its data and stays immutable
+/// (only its metadata may change, and it may be deleted), as
+/// kube-apiserver's `ValidateConfigMapUpdate` has it.
+pub fn update(kind: &Kind, old: &Value, new: &Value) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let is_configmap = kind.group.is_empty() && kind.kind == "ConfigMap";
+    if !is_configmap || old["immutable"] != Value::Bool(true) {
+        return errors;
+    }
+    let forbidden = |field: &str| FieldError {
+        field: field.into(),
+        reason: "FieldValueForbidden",
+        message: "Forbidden: field is immutable when `immutable` is set".into(),
+    };
+    if new["immutable"] != Value::Bool(true) {
+        errors.push(forbidden("immutable"));
+    }
+    for field in ["data", "binaryData"] {
+        if map_or_empty(&old[field]) != map_or_empty(&new[field]) {
+            errors.push(forbidden(field));
+        }
+    }
+    errors
+}
+
+/// A map field's value, `None` for absent, null or `{}` (the real server
+/// stores an empty map as none, so the three are the same data).
+fn map_or_empty(value: &Value) -> Option<&Value> {
+    match value {
+        Value::Null => None,
+        Value::Object(map) if map.is_empty() => None,
+        other => Some(other),
+    }
+}
+
 /// Visits a `map[string]string` field, reporting non-object or non-string values.
 fn string_map(
     value: &Value,

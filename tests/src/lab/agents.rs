@@ -30,8 +30,6 @@ use kube::api::{Api, PostParams};
 const KEEPALIVE_SECS: &str = "5";
 /// Resync more often than in production, so tests see resyncs change nothing.
 const RESYNC_SECS: &str = "10";
-/// Deleted nodes' self-allocated blocks are reusable soon (tests watch it).
-const BLOCK_GRACE_SECS: &str = "5";
 
 /// A Weft binary (`meshd`, `weft`) built beside meshlab: `$MESHLAB_<NAME>`,
 /// else next to meshlab's own executable.
@@ -203,7 +201,6 @@ pub fn lab_config(plan: &LabPlan) -> BTreeMap<String, String> {
         ("WEFT_MESH_CIDRS", format!("{MESH_V4},{MESH_V6}")),
         ("WEFT_PERSISTENT_KEEPALIVE", KEEPALIVE_SECS.to_string()),
         ("WEFT_RESYNC", RESYNC_SECS.to_string()),
-        ("WEFT_BLOCK_GRACE", BLOCK_GRACE_SECS.to_string()),
         ("WEFT_POD_CIDR_SOURCE", pod_cidr_source.to_string()),
     ]
     .into_iter()

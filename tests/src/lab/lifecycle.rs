@@ -306,7 +306,15 @@ pub fn delete_node(dir: &LabDir, name: &str) -> Result<()> {
 /// Creates the manifests' objects as `kubectl apply -k` would, with the
 /// lab's values in the ConfigMap (what the nodes' pods then read).
 fn install_manifests(dir: &LabDir, plan: &LabPlan) -> Result<usize> {
-    let manifests = manifest::load(&plan.manifests)?;
+    let mut manifests = manifest::load(&plan.manifests)?;
+    if plan.self_allocated {
+        let named = |o: &serde_json::Value| (o["kind"].clone(), o["metadata"]["name"].clone());
+        for extra in manifest::objects(std::path::Path::new(manifest::BLOCK_CLAIMS_RBAC))? {
+            if !manifests.objects.iter().any(|o| named(o) == named(&extra)) {
+                manifests.objects.push(extra);
+            }
+        }
+    }
     let config = agents::lab_config(plan);
     client::block_on(dir, |client| async move {
         for object in &manifests.objects {

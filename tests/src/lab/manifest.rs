@@ -20,6 +20,12 @@ use serde_json::Value;
 
 /// `deploy/` of this source tree (the default of `meshlab up --manifests`).
 pub const DEFAULT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+/// What the self-allocated-blocks overlay adds to the base (`up
+/// --self-allocated-blocks`; its ConfigMap patch is the lab's own setting).
+pub const BLOCK_CLAIMS_RBAC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/overlays/self-allocated-blocks/blocks-rbac.yaml"
+);
 /// Where the image installs Weft's binaries (deploy/image/Containerfile);
 /// the lab runs the ones built next to meshlab instead.
 pub const IMAGE_BIN_DIR: &str = "/usr/local/bin";
@@ -142,6 +148,13 @@ pub fn load(path: &Path) -> Result<Manifests> {
         daemonset,
         config,
     })
+}
+
+/// The objects of a YAML file or plain kustomization, as they are.
+pub fn objects(path: &Path) -> Result<Vec<Value>> {
+    let mut objects = Vec::new();
+    collect(path, &mut objects)?;
+    Ok(objects)
 }
 
 fn collect(path: &Path, out: &mut Vec<Value>) -> Result<()> {

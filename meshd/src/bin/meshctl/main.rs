@@ -92,9 +92,9 @@ struct MeshSource {
     /// runs with (deploy/base/config.yaml).
     #[arg(long, default_value = "weft-system/weft-config")]
     config_map: String,
-    /// The block record (NAMESPACE/NAME); absent is empty.
-    #[arg(long, default_value = "weft-system/weft-node-blocks")]
-    block_record: String,
+    /// The namespace of the nodes' block claims.
+    #[arg(long, default_value = "weft-system")]
+    block_namespace: String,
     /// The revoked keys (NAMESPACE/NAME); absent is none.
     #[arg(long, default_value = weft_meshd::revoked::DEFAULT_RECORD)]
     revoked_keys: String,
@@ -176,15 +176,14 @@ async fn mesh(
         .with_context(|| format!("reading ConfigMap {}", source.config_map))?;
     let settings = MeshSettings::from_config(&config.data.unwrap_or_default())
         .with_context(|| format!("ConfigMap {}", source.config_map))?;
-    let (ns, name) = object_ref("--block-record", &source.block_record)?;
-    let blocks = match Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .get_opt(name)
+    let claims = Api::<ConfigMap>::namespaced(client.clone(), &source.block_namespace)
+        .list(
+            &ListParams::default()
+                .labels(&format!("{}=true", weft_meshd::node_blocks::CLAIM_LABEL)),
+        )
         .await
-        .with_context(|| format!("reading ConfigMap {}", source.block_record))?
-    {
-        Some(cm) => weft_meshd::node_blocks::record_of(&cm)?,
-        None => Default::default(),
-    };
+        .with_context(|| format!("listing the block claims in {}", source.block_namespace))?;
+    let (blocks, _) = weft_meshd::node_blocks::record(&claims.items, &settings.block_plans);
     let (ns, name) = object_ref("--revoked-keys", &source.revoked_keys)?;
     let record = Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get_opt(name)
