@@ -354,7 +354,8 @@ mod tests {
             of("ValidatingAdmissionPolicy"),
             of("ValidatingAdmissionPolicyBinding"),
         );
-        assert_eq!((p.len(), b.len()), (1, 1));
+        // Each node's own Node, and each node's own block claim.
+        assert_eq!((p.len(), b.len()), (2, 2));
         (p, b)
     }
 
@@ -588,7 +589,11 @@ mod tests {
     #[test]
     fn the_policy_lists_exactly_the_annotations_meshd_owns() {
         let (policies, _) = shipped();
-        let owned = policies[0]["spec"]["variables"]
+        let own_node = policies
+            .iter()
+            .find(|p| p["metadata"]["name"] == "weft-meshd-own-node")
+            .expect("the own-Node policy");
+        let owned = own_node["spec"]["variables"]
             .as_array()
             .unwrap()
             .iter()
