@@ -20,7 +20,6 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
@@ -72,6 +71,10 @@ pub struct RunArgs {
     /// Kubeconfig to use; default: $KUBECONFIG, then in-cluster.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// The namespace meshd's Events go to (its own: its role allows
+    /// creating Events there only).
+    #[arg(long, env = "WEFT_EVENT_NAMESPACE", default_value = "weft-system")]
+    pub event_namespace: String,
     /// Where the key and data plane logs live.
     #[arg(long, default_value = "/var/lib/weft")]
     pub state_dir: PathBuf,
@@ -284,7 +287,7 @@ struct Agent {
     local: LocalConfig,
     reconciler: Reconciler,
     health: Arc<Health>,
-    recorder: Recorder,
+    events: cluster::Events,
     /// By peer node name.
     liveness: Liveness<String>,
     parse_memo: ParseMemo,
@@ -456,7 +459,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             unreachable: published.clone(),
             ..LocalConfig::new(&args.node_name, ranges)
         },
-        recorder: cluster::recorder(client.clone(), &args.node_name),
+        events: cluster::Events::new(client.clone(), &args.event_namespace, &args.node_name),
         args,
         client,
         key_store,
@@ -994,7 +997,7 @@ impl Agent {
             let note = why.to_string();
             tracing::warn!(node = %name, reason = why.reason(), "{note}; node excluded from the mesh");
             if let Some(node) = objects.iter().find(|o| o.name_any() == name) {
-                match cluster::report_exclusion(&self.recorder, node, note).await {
+                match cluster::report_exclusion(&self.events, node, note).await {
                     Ok(()) => m.count_write("event"),
                     Err(e) => {
                         tracing::warn!(error = %format!("{e:#}"), "could not record an Event")

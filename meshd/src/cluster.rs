@@ -6,9 +6,9 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
@@ -146,34 +146,53 @@ pub async fn patch_node(client: &Client, name: &str, patch: &Value) -> Result<()
     Ok(())
 }
 
-/// Records that `node` was excluded, as an Event regarding that Node.
-pub async fn report_exclusion(recorder: &Recorder, node: &Node, note: String) -> Result<()> {
-    let reference = ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Node".into()),
-        name: Some(node.name_any()),
-        uid: node.uid(),
-        ..ObjectReference::default()
-    };
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "WeftAnnotationsRejected".into(),
-        note: Some(note),
-        action: "ExcludeFromMesh".into(),
-        secondary: None,
-    };
-    recorder
-        .publish(&event, &reference)
-        .await
-        .context("recording an Event")
+/// Where meshd's Events go: its own namespace (its role allows creating
+/// Events there and nowhere else), each regarding a Node.
+#[derive(Clone)]
+pub struct Events {
+    api: Api<Event>,
+    /// This node's name: the reporting instance.
+    instance: String,
 }
 
-pub fn recorder(client: Client, node_name: &str) -> Recorder {
-    Recorder::new(
-        client,
-        Reporter {
-            controller: "weft-meshd".into(),
-            instance: Some(node_name.into()),
+impl Events {
+    pub fn new(client: Client, namespace: &str, node_name: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            instance: node_name.to_string(),
+        }
+    }
+}
+
+/// A Warning Event regarding `node`: its annotations were rejected.
+/// (`kubectl describe node` finds Events regarding a Node in any
+/// namespace.)
+pub async fn report_exclusion(events: &Events, node: &Node, note: String) -> Result<()> {
+    let event = Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}.", node.name_any())),
+            ..ObjectMeta::default()
         },
-    )
+        event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+        reporting_controller: Some("weft-meshd".into()),
+        reporting_instance: Some(events.instance.clone()),
+        action: Some("ExcludeFromMesh".into()),
+        reason: Some("WeftAnnotationsRejected".into()),
+        type_: Some("Warning".into()),
+        note: Some(note.chars().take(1024).collect()),
+        regarding: Some(ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(node.name_any()),
+            uid: node.uid(),
+            ..ObjectReference::default()
+        }),
+        ..Event::default()
+    };
+    events
+        .api
+        .create(&PostParams::default(), &event)
+        .await
+        .context("recording an Event")?;
+    Ok(())
 }

@@ -23,6 +23,8 @@ pub const CLAIM_LABEL: &str = "weft.dev/block-claim";
 const NODE_KEY: &str = "node";
 const BLOCKS_KEY: &str = "blocks";
 const ATTEMPTS: usize = 10;
+/// Longer than the one-second resolution of creation times.
+const CLAIM_SETTLES: std::time::Duration = std::time::Duration::from_millis(1100);
 
 /// Where this node's pod CIDRs come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -169,9 +171,9 @@ fn claim_object(me: &NodeInfo, namespace: &str, blocks: &[IpNet]) -> Result<Conf
 }
 
 /// Makes sure `me` holds one block of each plan, and returns them: its
-/// claim if that holds, else a new claim of the lowest free blocks, kept
-/// only once the API shows it holds (a claim made in the same second by a
-/// node whose name sorts first wins, and this one is made again).
+/// claim if that holds, else a new claim of free blocks, kept only once
+/// the API shows it holds after its second has passed (a claim made in the
+/// same second leaves the block to nobody, and this one is made again).
 /// `reserved`: blocks other nodes hold through `spec.podCIDRs`.
 pub async fn claim(
     client: &Client,
@@ -215,7 +217,13 @@ pub async fn claim(
             )
             .await
         {
-            Ok(_) => tracing::info!(node = %me.name, ?blocks, "claimed node blocks"),
+            Ok(_) => {
+                tracing::info!(node = %me.name, ?blocks, "claimed node blocks");
+                // A claim made in the same second makes the block nobody's
+                // (see BlockRecord::resolve): the claim is judged once its
+                // second has passed, with every claim of that second seen.
+                tokio::time::sleep(CLAIM_SETTLES).await;
+            }
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(e).with_context(|| format!("creating {namespace}/{name}")),
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::{client, kubeconfig_with, pod_token, run_bounded, Lab};
+use common::{client, kubeconfig_with, kubelet_token, pod_token, run_bounded, Lab};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
@@ -228,4 +228,50 @@ fn kubectl_sees_the_denial_as_from_kube_apiserver() {
             kubectl.display()
         );
     }
+}
+
+/// A compromised node also holds its kubelet's credential, with which it
+/// may change its own Node (the Node authorizer) and no other
+/// (NodeRestriction): the lab's kubelet identity refuses as kube-apiserver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubelet_may_change_only_its_own_node() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = tokio::task::spawn_blocking(|| Lab::up("t-kubelet", &["--nodes", "2"]))
+        .await
+        .unwrap();
+    let file = lab.dir().join("node-1").join("kubelet.kubeconfig");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+    let admin: Api<Node> = Api::all(client(Path::new(&lab.kubeconfig())).await);
+    let kubelet = kubeconfig_with(&lab, &kubelet_token(&lab, "node-1"), "kubelet-node-1");
+    let nodes: Api<Node> = Api::all(client(&kubelet).await);
+    let label =
+        |value: &str| Patch::Merge(json!({"metadata": {"labels": {"example.com/zone": value}}}));
+    let zone = |n: &Node| {
+        n.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("example.com/zone").cloned())
+    };
+    let pp = PatchParams::default();
+
+    nodes
+        .patch("node-1", &pp, &label("a"))
+        .await
+        .expect("a kubelet may change its own Node");
+    assert_eq!(
+        zone(&admin.get("node-1").await.unwrap()).as_deref(),
+        Some("a")
+    );
+
+    let (code, message) = refused(nodes.patch("node-2", &pp, &label("a")).await);
+    assert_eq!(code, 403);
+    assert_eq!(
+        message,
+        "nodes \"node-2\" is forbidden: node \"node-1\" is not allowed to modify node \"node-2\""
+    );
+    assert_eq!(zone(&admin.get("node-2").await.unwrap()), None);
+    tokio::task::spawn_blocking(move || drop(lab))
+        .await
+        .unwrap();
 }

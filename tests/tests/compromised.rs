@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{client, kubeconfig_with, node, pod_token, signal, wait_for, Lab};
+use common::{client, kubeconfig_with, kubelet_token, node, pod_token, signal, wait_for, Lab};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, PatchParams, PostParams};
 use kube::Client;
@@ -133,15 +133,21 @@ fn the_oldest_node_copying_a_younger_one_hurts_only_itself() {
         ),
         ("its endpoint", copy(&same(&["weft.dev/endpoint"])), None),
     ];
+    let passes = |on: &str| lab.metric(on, "weft_reconciles_total");
     for (what, annotations, refused) in attacks {
+        let before: Vec<f64> = ["node-2", "node-3"].iter().map(|n| passes(n)).collect();
         as_node(&lab, "node-1", &annotations);
-        for on in ["node-2", "node-3"] {
+        for (on, before) in ["node-2", "node-3"].into_iter().zip(before) {
+            // A pass after the change (a watch event), and its verdict.
             wait_for(
                 &format!("{on} to judge node-1 copying {what}"),
                 Duration::from_secs(10),
-                || match refused {
-                    Some(reason) => excluded(&lab, on, reason) == 1.0,
-                    None => peers(&lab, on).contains_key("node-1"),
+                || {
+                    passes(on) > before
+                        && match refused {
+                            Some(reason) => excluded(&lab, on, reason) == 1.0,
+                            None => peers(&lab, on).contains_key("node-1"),
+                        }
                 },
             );
         }
@@ -180,17 +186,24 @@ fn the_oldest_node_copying_a_younger_one_hurts_only_itself() {
             .collect();
         restore.extend(own.iter().map(|(k, v)| (k.clone(), Some(v.clone()))));
         as_node(&lab, "node-1", &restore);
-        wait_for(
-            &format!("node-2 to take node-1 back after {what}"),
-            Duration::from_secs(10),
-            || peers(&lab, "node-2").contains_key("node-1"),
-        );
+        for on in ["node-2", "node-3"] {
+            wait_for(
+                &format!("{on} to take node-1 back after {what}"),
+                Duration::from_secs(10),
+                || {
+                    peers(&lab, on).contains_key("node-1")
+                        && ["bad_key_proof", "bad_mesh_address"]
+                            .iter()
+                            .all(|r| excluded(&lab, on, r) == 0.0)
+                },
+            );
+        }
     }
 }
 
-/// `attacker`'s own token, as a kube-rs client, and its Node's UID.
-fn token_client(lab: &Lab, attacker: &str) -> (tokio::runtime::Runtime, Client) {
-    let kubeconfig = kubeconfig_with(lab, &pod_token(lab, attacker), attacker);
+/// A kube-rs client with `token` (one of `attacker`'s credentials).
+fn token_client(lab: &Lab, attacker: &str, token: &str) -> (tokio::runtime::Runtime, Client) {
+    let kubeconfig = kubeconfig_with(lab, token, &format!("{attacker}-{}", token.len()));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let client = runtime.block_on(client(&kubeconfig));
     (runtime, client)
@@ -243,8 +256,27 @@ fn in_block_mode_a_node_takes_no_block_and_stops_no_one() {
         .trim()
         .to_string();
     signal(common::pid_of_meshd(&lab, "node-1"), "-KILL");
-    let (runtime, client) = token_client(&lab, "node-1");
+    let (runtime, client) = token_client(&lab, "node-1", &pod_token(&lab, "node-1"));
     let claims: Api<ConfigMap> = Api::namespaced(client, "weft-system");
+    // Its kubelet's credentials: they may change its Node, but not give it
+    // pod ranges (which block claims yield to).
+    let (_kubelet_runtime, kubelet) = token_client(&lab, "node-1", &kubelet_token(&lab, "node-1"));
+    let as_kubelet: Api<Node> = Api::all(kubelet);
+    let spec =
+        serde_json::json!({"spec": {"podCIDRs": victim_blocks.split(',').collect::<Vec<_>>()}});
+    runtime.block_on(async {
+        refused(
+            "the kubelet giving its Node node-2's blocks",
+            as_kubelet
+                .patch(
+                    "node-1",
+                    &PatchParams::default(),
+                    &kube::api::Patch::Merge(&spec),
+                )
+                .await,
+            "assigned by the control plane",
+        );
+    });
     let victim_uid = lab
         .kubectl(&["get", "node", "node-2", "-o", "jsonpath={.metadata.uid}"])
         .trim()
@@ -376,4 +408,56 @@ fn in_block_mode_a_node_takes_no_block_and_stops_no_one() {
         },
     );
     assert!(took < Duration::from_secs(1), "the join took {took:?}");
+}
+
+/// The node's kubelet credentials (NodeRestriction lets a kubelet change
+/// its own Node's annotations) write no Weft annotation: not the admin's
+/// force-endpoint or rotate-requested, not meshd's; anything else on its
+/// Node they still may.
+#[test]
+fn the_kubelet_writes_no_weft_annotation() {
+    let lab = Lab::up("t-kubelet", &["--nodes", "2"]);
+    let (runtime, kubelet) = token_client(&lab, "node-1", &kubelet_token(&lab, "node-1"));
+    let nodes: Api<Node> = Api::all(kubelet);
+    let patch = |annotations: serde_json::Value| {
+        kube::api::Patch::Merge(serde_json::json!({"metadata": {"annotations": annotations}}))
+    };
+    runtime.block_on(async {
+        let pp = PatchParams::default();
+        for (key, value) in [
+            ("weft.dev/force-endpoint", "none"),
+            ("weft.dev/rotate-requested", "2026-12-06T12:00:00Z"),
+            ("weft.dev/endpoint", "198.18.1.99:51820"),
+        ] {
+            refused(
+                &format!("the kubelet setting {key}"),
+                nodes
+                    .patch("node-1", &pp, &patch(serde_json::json!({key: value})))
+                    .await,
+                "written only by that node's Weft agent and by cluster admins",
+            );
+        }
+        refused(
+            "the kubelet removing weft.dev/public-key",
+            nodes
+                .patch(
+                    "node-1",
+                    &pp,
+                    &patch(serde_json::json!({"weft.dev/public-key": null})),
+                )
+                .await,
+            "written only by that node's Weft agent and by cluster admins",
+        );
+        nodes
+            .patch(
+                "node-1",
+                &pp,
+                &patch(serde_json::json!({"example.com/owner": "me"})),
+            )
+            .await
+            .expect("the kubelet may change its Node's other annotations");
+    });
+    let annotations = published(&lab, "node-1");
+    assert!(!annotations.contains_key("weft.dev/force-endpoint"));
+    assert!(annotations.contains_key("weft.dev/public-key"));
 }

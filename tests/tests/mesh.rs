@@ -513,7 +513,7 @@ fn hostile_nodes_are_excluded_on_every_node() {
         "--",
         "get",
         "--raw",
-        "/apis/events.k8s.io/v1/namespaces/default/events",
+        "/apis/events.k8s.io/v1/namespaces/weft-system/events",
     ]))
     .unwrap();
     for Hostile { name, reason, .. } in &hostile {

@@ -339,6 +339,14 @@ fn the_parse_memo_returns_what_parsing_returns() {
     check(&nodes);
     nodes.push(simple(3));
     check(&nodes);
+    // Registered again under the same name, with the old annotations: the
+    // proof is for the old UID, and the memo does not hide it.
+    nodes[2].uid = "node-3-registered-again".into();
+    check(&nodes);
+    assert!(matches!(
+        memo.parse_all(&snapshot(nodes.clone()), &r)[2].1,
+        Err(crate::annotations::Rejection::BadKeyProof { .. })
+    ));
 }
 
 /// Arbitrary clusters where keys (cloned: each proven), pod blocks and

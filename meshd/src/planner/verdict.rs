@@ -31,7 +31,7 @@ pub fn parse_all<'a>(snapshot: &'a ClusterSnapshot, ranges: &ClusterRanges) -> V
     ParseMemo::default().parse_all(snapshot, ranges)
 }
 
-/// Parse results kept from one decision to the next: a node whose
+/// Parse results kept from one decision to the next: a node whose UID,
 /// annotations and assigned ranges did not change is not parsed again (on
 /// a large cluster, parsing is most of a decision). A memo only: what it
 /// returns is what parsing returns.
@@ -43,6 +43,9 @@ pub struct ParseMemo {
 
 #[derive(Debug)]
 struct Memo {
+    /// The Node's UID: key proofs are bound to it, so a Node registered
+    /// again under the same name is parsed again.
+    uid: String,
     annotations: BTreeMap<String, String>,
     assigned: Vec<IpNet>,
     parsed: Result<Option<Claim>, Rejection>,
@@ -66,7 +69,11 @@ impl ParseMemo {
             .map(|node| {
                 let assigned = assigned.remove(node.name.as_str()).unwrap_or_default();
                 let parsed = match self.entries.get(&node.name) {
-                    Some(m) if m.annotations == node.annotations && m.assigned == assigned => {
+                    Some(m)
+                        if m.uid == node.uid
+                            && m.annotations == node.annotations
+                            && m.assigned == assigned =>
+                    {
                         m.parsed.clone()
                     }
                     _ => {
@@ -74,6 +81,7 @@ impl ParseMemo {
                         self.entries.insert(
                             node.name.clone(),
                             Memo {
+                                uid: node.uid.clone(),
                                 annotations: node.annotations.clone(),
                                 assigned,
                                 parsed: parsed.clone(),

@@ -1,8 +1,9 @@
 //! Access control around the store, in kube-apiserver's order:
-//! authentication (a bearer token → [`User`]), authorization (RBAC) and
-//! validating admission (policies over the object about to be written).
-//! Each step decides in a pure module ([`auth`], [`rbac`], [`admission`]);
-//! this one gathers their inputs from the store.
+//! authentication (a bearer token → [`User`]), authorization (the Node
+//! authorizer, then RBAC) and admission (NodeRestriction, then validating
+//! policies over the object about to be written). Each step decides in a
+//! pure module ([`auth`], [`kubelet`], [`rbac`], [`admission`]); this one
+//! gathers their inputs from the store.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -10,8 +11,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::admission::{self, Operation};
-use super::auth::{Claims, KubernetesClaim, ObjectRef, Signer, User, ISSUER};
+use super::auth::{Claims, Credential, KubernetesClaim, ObjectRef, Signer, User, ISSUER};
 use super::kinds::{lookup, Kind};
+use super::kubelet::{self, Decision};
 use super::rbac::{self, Attributes, Rules};
 use super::status::ApiError;
 use super::store::{Admit, Filter, Store};
@@ -30,10 +32,11 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The user a bearer token authenticates as: the admin token, or a
-/// service account token whose signature verifies, that has not expired,
-/// and whose service account and bound Node still exist with the uids it
-/// names (deleting either revokes it, as in Kubernetes).
+/// The user a bearer token authenticates as: the admin token, a service
+/// account token whose signature verifies, that has not expired, and whose
+/// service account and bound Node still exist with the uids it names
+/// (deleting either revokes it, as in Kubernetes), or a kubelet credential
+/// whose signature verifies and that has not expired.
 pub fn authenticate(
     store: &Store,
     signer: &Signer,
@@ -46,10 +49,16 @@ pub fn authenticate(
     if digest(token).as_ref() == digest(admin_token).as_ref() {
         return Ok(User::admin());
     }
-    let claims = signer.verify(token, now()).map_err(|e| {
-        tracing::debug!(error = %e, "a bearer token was refused");
-        ApiError::unauthorized()
-    })?;
+    let claims = match signer.verify_credential(token, now()) {
+        Ok(Credential::ServiceAccount(claims)) => claims,
+        // Whether or not its Node exists: a kubelet's client certificate
+        // outlives its Node, and lets it register the Node again.
+        Ok(Credential::Kubelet(claims)) => return Ok(claims.user()),
+        Err(e) => {
+            tracing::debug!(error = %e, "a bearer token was refused");
+            return Err(ApiError::unauthorized());
+        }
+    };
     let k = &claims.kubernetes;
     let exists = |kind, ns: &str, r: &ObjectRef| {
         store
@@ -66,9 +75,10 @@ pub fn authenticate(
     Ok(claims.user())
 }
 
-/// RBAC over the stored roles; `system:masters` skips it.
+/// The Node authorizer, then RBAC over the stored roles; `system:masters`
+/// skips both.
 pub fn authorize(store: &Store, user: &User, a: &Attributes) -> Result<(), ApiError> {
-    if user.is_master() {
+    if user.is_master() || kubelet::authorize(user, a) == Decision::Allow {
         return Ok(());
     }
     let (cluster_roles, cluster_role_bindings, roles, role_bindings) = (
@@ -93,9 +103,9 @@ pub fn authorize(store: &Store, user: &User, a: &Attributes) -> Result<(), ApiEr
     }
 }
 
-/// Validating admission for one write request: the policies and bindings
-/// as they were when the request arrived (kube-apiserver judges from its
-/// informer cache, also a moment behind).
+/// Admission for one write request: NodeRestriction, then the validating
+/// policies and bindings as they were when the request arrived
+/// (kube-apiserver judges from its informer cache, also a moment behind).
 pub struct Admission<'a> {
     policies: Vec<Arc<Value>>,
     bindings: Vec<Arc<Value>>,
@@ -130,6 +140,8 @@ impl Admit for Admission<'_> {
             Some(n) if a.name.is_empty() => n,
             _ => a.name,
         };
+        // A built-in plugin: it judges before any policy does.
+        kubelet::restrict(self.user, a.kind, name)?;
         admission::validate(
             &self.policies,
             &self.bindings,

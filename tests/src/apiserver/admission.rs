@@ -354,8 +354,9 @@ mod tests {
             of("ValidatingAdmissionPolicy"),
             of("ValidatingAdmissionPolicyBinding"),
         );
-        // Each node's own Node, and each node's own block claim.
-        assert_eq!((p.len(), b.len()), (2, 2));
+        // Each node's own Node, its own block claim, Weft's annotations
+        // from no one else, and pod ranges from no kubelet.
+        assert_eq!((p.len(), b.len()), (4, 4));
         (p, b)
     }
 

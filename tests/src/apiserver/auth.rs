@@ -1,8 +1,15 @@
-//! Who is asking. A bearer token is either the admin's static token or a
-//! service account token minted by TokenRequest and bound to a Node, as
-//! kube-apiserver's authenticators turn tokens into user info. A bound
-//! token names its node in `authentication.kubernetes.io/node-name`, the
-//! claim Weft's admission policy keys on.
+//! Who is asking. A bearer token is the admin's static token, a service
+//! account token minted by TokenRequest and bound to a Node, or a node's
+//! kubelet credential, as kube-apiserver's authenticators turn tokens (and
+//! client certificates) into user info. A bound token names its node in
+//! `authentication.kubernetes.io/node-name`, the claim Weft's admission
+//! policy keys on.
+//!
+//! A kubelet authenticates as `system:node:<name>` in `system:nodes`, by a
+//! client certificate in a real cluster. The lab gives it a token instead
+//! (signed like the others, with a claim of its own), so a test can act as
+//! a compromised node's kubelet with any client without the server
+//! verifying client certificates.
 //!
 //! The lab signs its tokens with HMAC-SHA256 (a JWT with `alg: HS256`)
 //! where kube-apiserver uses an asymmetric key: only the API server itself
@@ -25,6 +32,10 @@ pub const EXTRA_CREDENTIAL_ID: &str = "authentication.kubernetes.io/credential-i
 
 const MASTERS: &str = "system:masters";
 const AUTHENTICATED: &str = "system:authenticated";
+/// The group of every kubelet, which the Node authorizer answers for.
+pub const NODES: &str = "system:nodes";
+/// The prefix of a kubelet's user name; the node's name follows.
+const NODE_USER_PREFIX: &str = "system:node:";
 
 /// An authenticated user, as admission and authorization see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +60,14 @@ impl User {
     /// `system:masters` bypasses authorization, as in kube-apiserver.
     pub fn is_master(&self) -> bool {
         self.groups.iter().any(|g| g == MASTERS)
+    }
+
+    /// A node's kubelet, as the Node authorizer and NodeRestriction tell
+    /// one: in `system:nodes` and named `system:node:<name>`. The name may
+    /// be empty (a node they cannot place, which both refuse).
+    pub fn node_name(&self) -> Option<&str> {
+        let name = self.name.strip_prefix(NODE_USER_PREFIX)?;
+        self.groups.iter().any(|g| g == NODES).then_some(name)
     }
 
     /// `request.userInfo` of an admission request.
@@ -128,6 +147,91 @@ pub fn service_account_user(namespace: &str, name: &str) -> String {
     format!("system:serviceaccount:{namespace}:{name}")
 }
 
+/// `system:node:NAME`, the user name of node NAME's kubelet.
+pub fn node_user(node: &str) -> String {
+    format!("{NODE_USER_PREFIX}{node}")
+}
+
+/// The lab's own claim that makes a token a kubelet credential. A token
+/// carries either it or `kubernetes.io`, never both: which one decides what
+/// the token is, so neither kind can pass for the other.
+pub const KUBELET_CLAIM: &str = "meshlab.weft.dev/kubelet";
+
+/// How long a kubelet credential is valid: a year, as kubeadm's kubelet
+/// client certificates.
+pub const KUBELET_SECONDS: u64 = 365 * 24 * 3600;
+
+/// The [`KUBELET_CLAIM`] claim: whose kubelet holds the token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeletClaim {
+    pub node: String,
+}
+
+/// The claims of a kubelet credential. Unknown fields are refused, so a
+/// payload with a `kubernetes.io` claim beside this one is no credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeletClaims {
+    pub iss: String,
+    /// The user name, for whoever reads the token; the user is taken from
+    /// the kubelet claim.
+    pub sub: String,
+    pub aud: Vec<String>,
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+    pub jti: String,
+    #[serde(rename = "meshlab.weft.dev/kubelet")]
+    pub kubelet: KubeletClaim,
+}
+
+impl KubeletClaims {
+    /// A credential for `node`'s kubelet, valid from `now` for
+    /// [`KUBELET_SECONDS`]. Not bound to the Node object: a kubelet's
+    /// certificate outlives its Node too (and lets it register again).
+    pub fn for_node(node: &str, now: u64) -> Self {
+        Self {
+            iss: ISSUER.into(),
+            sub: node_user(node),
+            aud: vec![ISSUER.into()],
+            iat: now,
+            nbf: now,
+            exp: now + KUBELET_SECONDS,
+            jti: uuid::Uuid::new_v4().to_string(),
+            kubelet: KubeletClaim { node: node.into() },
+        }
+    }
+
+    /// The user the kubelet authenticates as. No `extra`: a client
+    /// certificate carries none, and Weft's policies must not take a
+    /// kubelet for a node's agent.
+    pub fn user(&self) -> User {
+        User {
+            name: node_user(&self.kubelet.node),
+            uid: String::new(),
+            groups: vec![NODES.into(), AUTHENTICATED.into()],
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a token that verifies is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    ServiceAccount(Claims),
+    Kubelet(KubeletClaims),
+}
+
+impl Credential {
+    pub fn user(&self) -> User {
+        match self {
+            Credential::ServiceAccount(c) => c.user(),
+            Credential::Kubelet(c) => c.user(),
+        }
+    }
+}
+
 /// Why a token was refused (the client only ever sees 401).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
@@ -141,6 +245,8 @@ pub enum TokenError {
     Audience,
     #[error("expired or not yet valid")]
     Time,
+    #[error("a kubelet credential, not a service account token")]
+    NotServiceAccount,
 }
 
 /// Mints and verifies tokens with the server's signing secret.
@@ -155,7 +261,8 @@ impl Signer {
         }
     }
 
-    pub fn mint(&self, claims: &Claims) -> String {
+    /// A signed token of `claims` ([`Claims`] or [`KubeletClaims`]).
+    pub fn mint<C: Serialize>(&self, claims: &C) -> String {
         let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
         let payload = serde_json::to_vec(claims).expect("claims serialize");
         let signed = format!("{header}.{}", URL_SAFE_NO_PAD.encode(payload));
@@ -163,9 +270,20 @@ impl Signer {
         format!("{signed}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
     }
 
-    /// The token's claims if its signature verifies (in constant time)
-    /// and it is valid at `now` (seconds since the epoch).
+    /// The claims of a service account token if its signature verifies (in
+    /// constant time) and it is valid at `now` (seconds since the epoch).
     pub fn verify(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
+        match self.verify_credential(token, now)? {
+            Credential::ServiceAccount(claims) => Ok(claims),
+            Credential::Kubelet(_) => Err(TokenError::NotServiceAccount),
+        }
+    }
+
+    /// What the token is if its signature verifies (in constant time) and
+    /// it is valid at `now` (seconds since the epoch): a kubelet credential
+    /// if it has the [`KUBELET_CLAIM`], else a service account token, read
+    /// exactly as before kubelets had credentials.
+    pub fn verify_credential(&self, token: &str, now: u64) -> Result<Credential, TokenError> {
         let (signed, tag) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
         let (header, payload) = signed.split_once('.').ok_or(TokenError::Malformed)?;
         let tag = URL_SAFE_NO_PAD
@@ -183,16 +301,34 @@ impl Signer {
         let payload = URL_SAFE_NO_PAD
             .decode(payload)
             .map_err(|_| TokenError::Malformed)?;
-        let claims: Claims =
-            serde_json::from_slice(&payload).map_err(|e| TokenError::Claims(e.to_string()))?;
-        if claims.iss != ISSUER || !claims.aud.iter().any(|a| a == ISSUER) {
+        let claims_error = |e: serde_json::Error| TokenError::Claims(e.to_string());
+        let credential = if has_kubelet_claim(&payload) {
+            Credential::Kubelet(serde_json::from_slice(&payload).map_err(claims_error)?)
+        } else {
+            Credential::ServiceAccount(serde_json::from_slice(&payload).map_err(claims_error)?)
+        };
+        let (iss, aud, nbf, exp) = match &credential {
+            Credential::ServiceAccount(c) => (&c.iss, &c.aud, c.nbf, c.exp),
+            Credential::Kubelet(c) => (&c.iss, &c.aud, c.nbf, c.exp),
+        };
+        if iss != ISSUER || !aud.iter().any(|a| a == ISSUER) {
             return Err(TokenError::Audience);
         }
-        if now < claims.nbf || now >= claims.exp {
+        if now < nbf || now >= exp {
             return Err(TokenError::Time);
         }
-        Ok(claims)
+        Ok(credential)
     }
+}
+
+/// Whether a (signed) payload is a JSON object with the [`KUBELET_CLAIM`].
+fn has_kubelet_claim(payload: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(rename = "meshlab.weft.dev/kubelet")]
+        kubelet: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Probe>(payload).is_ok_and(|p| p.kubelet.is_some())
 }
 
 #[cfg(test)]
@@ -262,5 +398,91 @@ mod tests {
             signer.verify(&signer.mint(&other_audience), 1500),
             Err(TokenError::Audience)
         );
+    }
+    #[test]
+    fn a_kubelet_credential_authenticates_as_its_node() {
+        let signer = Signer::new(b"secret");
+        let kubelet = KubeletClaims::for_node("node-1", 1000);
+        let token = signer.mint(&kubelet);
+        let back = signer.verify_credential(&token, 1500).unwrap();
+        assert_eq!(back, Credential::Kubelet(kubelet.clone()));
+        let user = back.user();
+        assert_eq!(user.name, "system:node:node-1");
+        assert_eq!(user.groups, vec!["system:nodes", "system:authenticated"]);
+        assert_eq!(user.node_name(), Some("node-1"));
+        assert!(!user.is_master());
+        // No node claim in `extra`: Weft's policies key on it for meshd.
+        assert!(user.to_user_info().get("extra").is_none());
+        // Valid for a year, as kubeadm's kubelet certificates.
+        assert!(signer
+            .verify_credential(&token, 1000 + KUBELET_SECONDS - 1)
+            .is_ok());
+        assert_eq!(
+            signer.verify_credential(&token, 1000 + KUBELET_SECONDS),
+            Err(TokenError::Time)
+        );
+        // Never taken for a service account token, nor one for it.
+        assert_eq!(
+            signer.verify(&token, 1500),
+            Err(TokenError::NotServiceAccount)
+        );
+        let sa = signer.mint(&claims(Some("node-1")));
+        let sa = signer.verify_credential(&sa, 1500).unwrap();
+        assert_eq!(sa, Credential::ServiceAccount(claims(Some("node-1"))));
+        assert_eq!(sa.user().node_name(), None);
+        // The claim's name in the payload is the constant others match on.
+        let payload = serde_json::to_value(&kubelet).unwrap();
+        assert_eq!(payload[KUBELET_CLAIM]["node"], "node-1");
+    }
+
+    #[test]
+    fn tampered_and_hybrid_kubelet_credentials_are_refused() {
+        let signer = Signer::new(b"secret");
+        let token = signer.mint(&KubeletClaims::for_node("node-1", 1000));
+        assert_eq!(
+            Signer::new(b"other").verify_credential(&token, 1500),
+            Err(TokenError::Signature)
+        );
+        // The node rewritten, signature kept.
+        let parts: Vec<&str> = token.split('.').collect();
+        let mut payload: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+        payload[KUBELET_CLAIM]["node"] = "node-2".into();
+        let forged = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&payload).unwrap());
+        let tampered = format!("{}.{forged}.{}", parts[0], parts[2]);
+        assert_eq!(
+            signer.verify_credential(&tampered, 1500),
+            Err(TokenError::Signature)
+        );
+        // Signed, but both a kubelet's and a service account's: neither.
+        let mut hybrid = serde_json::to_value(claims(Some("node-1"))).unwrap();
+        hybrid[KUBELET_CLAIM] = serde_json::json!({"node": "node-1"});
+        assert!(matches!(
+            signer.verify_credential(&signer.mint(&hybrid), 1500),
+            Err(TokenError::Claims(_))
+        ));
+        // A kubelet credential for another audience.
+        let mut other = KubeletClaims::for_node("node-1", 1000);
+        other.aud = vec!["vault".into()];
+        assert_eq!(
+            signer.verify_credential(&signer.mint(&other), 1500),
+            Err(TokenError::Audience)
+        );
+    }
+
+    #[test]
+    fn a_node_is_named_and_in_system_nodes() {
+        let mut user = KubeletClaims::for_node("node-1", 0).user();
+        assert_eq!(user.node_name(), Some("node-1"));
+        // The name alone makes no node, as for the Node authorizer.
+        user.groups = vec!["system:authenticated".into()];
+        assert_eq!(user.node_name(), None);
+        let user = User {
+            name: "system:node:".into(),
+            groups: vec![NODES.into()],
+            ..User::admin()
+        };
+        assert_eq!(user.node_name(), Some(""));
+        assert_eq!(User::admin().node_name(), None);
     }
 }

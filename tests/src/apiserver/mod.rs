@@ -12,6 +12,7 @@ pub mod auth;
 pub mod discovery;
 pub mod http;
 pub mod kinds;
+pub mod kubelet;
 pub mod patch;
 pub mod pki;
 pub mod rbac;
@@ -72,6 +73,23 @@ pub fn forget(dir: &std::path::Path) {
     for f in [PKI_FILE, OBJECTS_FILE] {
         let _ = std::fs::remove_file(dir.join(f));
     }
+}
+
+/// A credential for node `node`'s kubelet (see [`auth::KubeletClaims`]),
+/// signed with the key of the server that persists its credentials in
+/// `dir`, as kubeadm signs kubelet certificates with the cluster's CA key
+/// on disk: the server verifies it with nothing shared but that key, and
+/// across its restarts.
+pub fn kubelet_token(dir: &std::path::Path, node: &str) -> Result<String> {
+    let path = dir.join(PKI_FILE);
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("reading {} (has the API server started?)", path.display()))?;
+    let pki: Pki = serde_json::from_slice(&bytes).context("the saved API server credentials")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let signer = auth::Signer::new(&pki.signing_key);
+    Ok(signer.mint(&auth::KubeletClaims::for_node(node, now)))
 }
 
 /// A running server; dropping it does not stop it, [`Running::stop`] does.

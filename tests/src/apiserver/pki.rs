@@ -20,7 +20,8 @@ pub struct Pki {
     #[serde(with = "base64_bytes")]
     key_der: Vec<u8>,
     pub token: String,
-    /// Signs the service account tokens TokenRequest mints.
+    /// Signs the service account tokens TokenRequest mints and the
+    /// kubelets' credentials.
     #[serde(with = "base64_bytes")]
     pub signing_key: Vec<u8>,
 }

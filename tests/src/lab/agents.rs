@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -93,15 +93,37 @@ fn issue_credentials(dir: &LabDir, plan: &LabPlan, node: &NodePlan) -> Result<()
             .map(|s| s.token)
             .context("the TokenRequest came back without a token")
     })?;
-    let path = dir.node_kubeconfig();
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    write_kubeconfig(dir, &pod_kubeconfig(dir, node), &token)
+}
+
+/// The kubeconfig of the node's kubelet: the API server's fabric address
+/// (as the pod's) and a credential that authenticates as
+/// `system:node:<node>` in `system:nodes`, as a kubelet's client
+/// certificate does. What a compromised node holds besides its pod's token.
+pub fn kubelet_kubeconfig(dir: &LabDir, node: &NodePlan) -> PathBuf {
+    node_dir(dir, node).join("kubelet.kubeconfig")
+}
+
+/// Writes the node's kubelet kubeconfig, as a kubelet gets its credential
+/// when it joins. Signed with the running API server's key (read from the
+/// lab directory), it stays valid across API server restarts and whether
+/// or not the Node exists.
+pub fn issue_kubelet_credentials(dir: &LabDir, node: &NodePlan) -> Result<()> {
+    let token = crate::apiserver::kubelet_token(&dir.path(), &node.name)
+        .with_context(|| format!("a kubelet credential for {}", node.name))?;
+    write_kubeconfig(dir, &kubelet_kubeconfig(dir, node), &token)
+}
+
+/// Writes the node namespaces' kubeconfig with `token` in it to `path`
+/// (mode 0600: it is a credential).
+fn write_kubeconfig(dir: &LabDir, path: &Path, token: &str) -> Result<()> {
+    let base = dir.node_kubeconfig();
+    let text = fs::read_to_string(&base).with_context(|| format!("reading {}", base.display()))?;
     let mut kubeconfig: serde_json::Value =
-        serde_norway::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))?;
+        serde_norway::from_str(&text).with_context(|| format!("{} is not YAML", base.display()))?;
     kubeconfig["users"][0]["user"]["token"] = serde_json::json!(token);
-    weft_keys::write_private(
-        &pod_kubeconfig(dir, node),
-        serde_norway::to_string(&kubeconfig)?.as_bytes(),
-    )?;
+    weft_keys::write_private(path, serde_norway::to_string(&kubeconfig)?.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

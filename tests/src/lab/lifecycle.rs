@@ -302,7 +302,6 @@ pub fn delete_node(dir: &LabDir, name: &str) -> Result<()> {
     dir.write_state(&state)
 }
 
-/// Creates a Node object per lab node, as a kubelet registering itself would.
 /// Creates the manifests' objects as `kubectl apply -k` would, with the
 /// lab's values in the ConfigMap (what the nodes' pods then read).
 fn install_manifests(dir: &LabDir, plan: &LabPlan) -> Result<usize> {
@@ -350,6 +349,8 @@ fn install_manifests(dir: &LabDir, plan: &LabPlan) -> Result<usize> {
     })
 }
 
+/// Creates a Node object per lab node, as a kubelet registering itself
+/// would, and gives each node its kubelet's credential.
 fn register_nodes(dir: &LabDir, plan: &[NodePlan], self_allocated: bool) -> Result<()> {
     client::block_on(dir, |client| async move {
         let nodes: Api<Node> = Api::all(client);
@@ -381,7 +382,11 @@ fn register_nodes(dir: &LabDir, plan: &[NodePlan], self_allocated: bool) -> Resu
                 .await?;
         }
         Ok(())
-    })
+    })?;
+    for n in plan {
+        agents::issue_kubelet_credentials(dir, n)?;
+    }
+    Ok(())
 }
 
 /// Removes the lab `dir` names: processes, namespaces, files. Idempotent.

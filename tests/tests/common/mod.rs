@@ -649,11 +649,20 @@ pub fn lab_ranges() -> ClusterRanges {
 
 /// The pod token the lab's kubelet issued to `node`.
 pub fn pod_token(lab: &Lab, node: &str) -> String {
-    let text = std::fs::read_to_string(lab.dir().join(node).join("kubeconfig")).unwrap();
+    token_in(&lab.dir().join(node).join("kubeconfig"))
+}
+
+/// The credential of `node`'s kubelet (`system:node:<node>`).
+pub fn kubelet_token(lab: &Lab, node: &str) -> String {
+    token_in(&lab.dir().join(node).join("kubelet.kubeconfig"))
+}
+
+fn token_in(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
     let kubeconfig: Value = serde_norway::from_str(&text).unwrap();
     kubeconfig["users"][0]["user"]["token"]
         .as_str()
-        .expect("the pod kubeconfig has a token")
+        .unwrap_or_else(|| panic!("{} has a token", path.display()))
         .to_string()
 }
 
