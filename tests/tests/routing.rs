@@ -338,7 +338,8 @@ impl Drop for Forgers {
 }
 
 /// Only authenticated packets count (docs/security.md): with node-1 and
-/// node-2 cut apart, node-3 floods each with what keeps a peer "heard" if
+/// node-2 cut apart, node-3 on the fabric and a pod on each of them (to its
+/// own node's port) flood each with what keeps a peer "heard" if
 /// unauthenticated bytes count — initiations claiming the other's key
 /// (public data) and data messages with the receiver index each gave the
 /// other (read off the wire before the cut) — and the pair still fails
@@ -375,13 +376,20 @@ fn forged_datagrams_do_not_keep_a_cut_link_alive() {
         u32::from_le_bytes(data[4..8].try_into().expect("a data message"))
     };
     let mut forgers = Forgers(Vec::new());
-    for (victim, peer) in [("node-1", "node-2"), ("node-2", "node-1")] {
+    // From the fabric (node-3), and from a pod on each victim to its own
+    // WireGuard port (the input path any pod has).
+    let fabric_side: &[&str] = &["exec", "node-3"];
+    for (victim, peer, from) in [
+        ("node-1", "node-2", fabric_side),
+        ("node-2", "node-1", fabric_side),
+        ("node-1", "node-2", &["pod", "exec", "pod-1-1"][..]),
+        ("node-2", "node-1", &["pod", "exec", "pod-2-1"][..]),
+    ] {
         let index = index(peer, victim).to_string();
         let to = format!("{}:51820", underlay(victim));
         let (device, claim) = (key(victim), key(peer));
-        let args = [
-            "exec",
-            "node-3",
+        let mut args = from.to_vec();
+        args.extend([
             "--",
             MESHLAB,
             "forge",
@@ -396,7 +404,7 @@ fn forged_datagrams_do_not_keep_a_cut_link_alive() {
             "120s",
             "--every",
             "200ms",
-        ];
+        ]);
         forgers
             .0
             .push(lab.command(&args).spawn().expect("starting meshlab forge"));
