@@ -42,21 +42,11 @@ impl NodeState {
 
     /// Reads the state; `Ok(None)` if meshd has not written it yet.
     pub fn read(path: &Path) -> Result<Option<Self>, NodeStateError> {
-        let shown = path.display().to_string();
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(NodeStateError::Io(shown, e)),
+        let Some(state) = read_versioned(path, |s: &Self| s.version)? else {
+            return Ok(None);
         };
-        let state: Self = serde_json::from_slice(&bytes)
-            .map_err(|e| NodeStateError::Invalid(shown.clone(), e.to_string()))?;
-        if state.version != FORMAT_VERSION {
-            return Err(NodeStateError::Invalid(
-                shown,
-                format!("format version {}", state.version),
-            ));
-        }
         if state.pod_cidrs.is_empty() {
+            let shown = path.display().to_string();
             return Err(NodeStateError::Invalid(shown, "no pod CIDRs".into()));
         }
         Ok(Some(state))
@@ -121,22 +111,31 @@ impl PolicyState {
 
     /// Reads the state; `Ok(None)` if meshd has not written it yet.
     pub fn read(path: &Path) -> Result<Option<Self>, NodeStateError> {
-        let shown = path.display().to_string();
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(NodeStateError::Io(shown, e)),
-        };
-        let file: PolicyFile = serde_json::from_slice(&bytes)
-            .map_err(|e| NodeStateError::Invalid(shown.clone(), e.to_string()))?;
-        if file.version != FORMAT_VERSION {
-            return Err(NodeStateError::Invalid(
-                shown,
-                format!("format version {}", file.version),
-            ));
-        }
-        Ok(Some(file.state))
+        Ok(read_versioned(path, |f: &PolicyFile| f.version)?.map(|f| f.state))
     }
+}
+
+/// A state file of this format, `Ok(None)` if meshd has not written it
+/// yet; `version` reads the format it says it is.
+fn read_versioned<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    version: impl Fn(&T) -> u32,
+) -> Result<Option<T>, NodeStateError> {
+    let shown = path.display().to_string();
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(NodeStateError::Io(shown, e)),
+    };
+    let file: T = serde_json::from_slice(&bytes)
+        .map_err(|e| NodeStateError::Invalid(shown.clone(), e.to_string()))?;
+    if version(&file) != FORMAT_VERSION {
+        return Err(NodeStateError::Invalid(
+            shown,
+            format!("format version {}", version(&file)),
+        ));
+    }
+    Ok(Some(file))
 }
 
 #[cfg(test)]

@@ -19,20 +19,35 @@ pub enum KeyParseError {
     Zero,
 }
 
-fn decode(text: &str) -> Result<[u8; 32], KeyParseError> {
+/// Why a fixed-size value's base64 text was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Decode {
+    Base64(String),
+    /// The length in bytes it would have had.
+    Length(usize),
+}
+
+/// `N` bytes from standard base64 with padding. Longer input is refused
+/// before it is decoded (an oversized annotation costs no large decode).
+pub(crate) fn decode_exact<const N: usize>(text: &str) -> Result<[u8; N], Decode> {
     let text = text.trim();
-    // 32 bytes are 44 base64 characters; refusing longer input first keeps
-    // an oversized annotation from costing a large decode.
-    if text.len() != 44 {
-        return Err(KeyParseError::Length(text.len() * 3 / 4));
+    if text.len() != N.div_ceil(3) * 4 {
+        return Err(Decode::Length(text.len() * 3 / 4));
     }
     let bytes = STANDARD
         .decode(text)
-        .map_err(|e| KeyParseError::Base64(e.to_string()))?;
+        .map_err(|e| Decode::Base64(e.to_string()))?;
     bytes
         .as_slice()
         .try_into()
-        .map_err(|_| KeyParseError::Length(bytes.len()))
+        .map_err(|_| Decode::Length(bytes.len()))
+}
+
+fn decode(text: &str) -> Result<[u8; 32], KeyParseError> {
+    decode_exact(text).map_err(|e| match e {
+        Decode::Base64(e) => KeyParseError::Base64(e),
+        Decode::Length(n) => KeyParseError::Length(n),
+    })
 }
 
 /// A node's private key. Its `Debug` form never shows the key.

@@ -18,6 +18,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use xeddsa::{xed25519, Sign, Verify};
 
+use crate::key::{decode_exact, Decode};
 use crate::{PrivateKey, PublicKey};
 
 /// Separates Weft's key proofs from every other use of the same key
@@ -99,20 +100,10 @@ impl FromStr for KeyProof {
     type Err = ProofError;
 
     fn from_str(text: &str) -> Result<Self, ProofError> {
-        let text = text.trim();
-        // 64 bytes are 88 base64 characters: longer input is refused
-        // before it is decoded.
-        if text.len() != 88 {
-            return Err(ProofError::Length(text.len() * 3 / 4));
-        }
-        let bytes = STANDARD
-            .decode(text)
-            .map_err(|e| ProofError::Base64(e.to_string()))?;
-        bytes
-            .as_slice()
-            .try_into()
-            .map(Self)
-            .map_err(|_| ProofError::Length(bytes.len()))
+        decode_exact(text).map(Self).map_err(|e| match e {
+            Decode::Base64(e) => ProofError::Base64(e),
+            Decode::Length(n) => ProofError::Length(n),
+        })
     }
 }
 

@@ -224,6 +224,22 @@ fn claim(name: &str, node: &str, uid: &str, blocks: &str) -> ConfigMap {
     .unwrap()
 }
 
+/// node-1 replaces its own claim with one of `blocks` (delete, create:
+/// what its token may do).
+async fn claim_again(claims: &Api<ConfigMap>, uid: &str, blocks: &str) {
+    claims
+        .delete("weft-blocks-node-1", &Default::default())
+        .await
+        .expect("node-1 may delete its own claim");
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("weft-blocks-node-1", "node-1", uid, blocks),
+        )
+        .await
+        .expect("node-1 may make its own claim");
+}
+
 fn refused<T: std::fmt::Debug>(what: &str, result: kube::Result<T>, says: &str) {
     match result {
         Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains(says) => {}
@@ -316,17 +332,7 @@ fn in_block_mode_a_node_takes_no_block_and_stops_no_one() {
         );
         // Its own claim, made anew with node-2's blocks: admitted, and
         // later than node-2's.
-        claims
-            .delete("weft-blocks-node-1", &Default::default())
-            .await
-            .unwrap();
-        claims
-            .create(
-                &post,
-                &claim("weft-blocks-node-1", "node-1", &uid, &victim_blocks),
-            )
-            .await
-            .unwrap();
+        claim_again(&claims, &uid, &victim_blocks).await;
     });
     let mut take = Patch::new();
     take.insert("weft.dev/pod-cidrs".into(), Some(victim_blocks.clone()));
@@ -348,19 +354,7 @@ fn in_block_mode_a_node_takes_no_block_and_stops_no_one() {
     assert!(lab.reaches("node-3", &lab.pod_addresses("node-2")[0]));
 
     // A garbage claim of its own: it holds nothing, and stops no one.
-    runtime.block_on(async {
-        claims
-            .delete("weft-blocks-node-1", &Default::default())
-            .await
-            .unwrap();
-        claims
-            .create(
-                &PostParams::default(),
-                &claim("weft-blocks-node-1", "node-1", &uid, "garbage,{}"),
-            )
-            .await
-            .unwrap();
-    });
+    runtime.block_on(claim_again(&claims, &uid, "garbage,{}"));
     let old = node(&lab.status(), "node-3")["publicKey"]
         .as_str()
         .unwrap()

@@ -254,6 +254,35 @@ fn next_address(ip: &str) -> String {
     }
 }
 
+/// Serves on port 80 in pod `x/<app>` (labelled `app: <app>`), reachable at
+/// `addr` from `outsider` until a policy lets only `app: client` pods in,
+/// then no longer: the serving process.
+fn serve_to_clients_only(lab: &Lab, app: &str, addr: &str, outsider: &str) -> std::process::Child {
+    let pod = format!("x/{app}");
+    let serving = lab
+        .command(&["pod", "exec", &pod, "--", "/usr/bin/python3", "-c", SERVER])
+        .spawn()
+        .unwrap();
+    wait_for(&format!("the {app}"), Duration::from_secs(10), || {
+        connects(lab, outsider, addr, 80)
+    });
+    create(
+        lab,
+        "clients.yaml",
+        &format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {{name: clients, namespace: x}}\n\
+             spec: {{podSelector: {{matchLabels: {{app: {app}}}}}, ingress: [{{from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]}}]}}\n"
+        ),
+    );
+    wait_for(
+        &format!("{outsider} to be refused"),
+        Duration::from_secs(10),
+        || !connects(lab, outsider, addr, 80),
+    );
+    serving
+}
+
 fn create(lab: &Lab, name: &str, manifest: &str) -> u64 {
     let path = lab.dir().join(name);
     std::fs::write(&path, manifest).unwrap();
@@ -392,31 +421,7 @@ fn a_finished_pods_address_gets_no_allow() {
     let lab = Lab::up("t-finished", &["--nodes", "2"]);
     let server = add_pod(&lab, "node-2", "x/server", &["app=server"]);
     let reused = add_pod(&lab, "node-1", "x/newcomer", &[]);
-    let mut serving = lab
-        .command(&[
-            "pod",
-            "exec",
-            "x/server",
-            "--",
-            "/usr/bin/python3",
-            "-c",
-            SERVER,
-        ])
-        .spawn()
-        .unwrap();
-    wait_for("the server", Duration::from_secs(10), || {
-        connects(&lab, "x/newcomer", &server[0], 80)
-    });
-    create(
-        &lab,
-        "clients.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
-         metadata: {name: clients, namespace: x}\n\
-         spec: {podSelector: {matchLabels: {app: server}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n",
-    );
-    wait_for("x/newcomer to be refused", Duration::from_secs(10), || {
-        !connects(&lab, "x/newcomer", &server[0], 80)
-    });
+    let mut serving = serve_to_clients_only(&lab, "server", &server[0], "x/newcomer");
     // The Job's pod that held the newcomer's address, finished.
     create(
         &lab,
@@ -569,31 +574,7 @@ fn a_pod_address_from_another_node_gets_no_allow() {
     let backend = add_pod(&lab, "node-1", "x/backend", &["app=backend"]);
     let outsider = add_pod(&lab, "node-2", "x/outsider", &[]);
     add_pod(&lab, "node-3", "x/client", &["app=client"]);
-    let mut serving = lab
-        .command(&[
-            "pod",
-            "exec",
-            "x/backend",
-            "--",
-            "/usr/bin/python3",
-            "-c",
-            SERVER,
-        ])
-        .spawn()
-        .unwrap();
-    wait_for("the backend", Duration::from_secs(10), || {
-        connects(&lab, "x/outsider", &backend[0], 80)
-    });
-    create(
-        &lab,
-        "clients.yaml",
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
-         metadata: {name: clients, namespace: x}\n\
-         spec: {podSelector: {matchLabels: {app: backend}}, ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]}\n",
-    );
-    wait_for("x/outsider to be refused", Duration::from_secs(10), || {
-        !connects(&lab, "x/outsider", &backend[0], 80)
-    });
+    let mut serving = serve_to_clients_only(&lab, "backend", &backend[0], "x/outsider");
     wait_for("x/client to be allowed", Duration::from_secs(10), || {
         connects(&lab, "x/client", &backend[0], 80)
     });

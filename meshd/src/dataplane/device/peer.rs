@@ -409,10 +409,10 @@ mod tests {
         )
     }
 
-    /// A worker that routed by the configuration a `set` replaces reaches
-    /// the entry being removed; the entry succeeding it holds the sessions.
-    #[test]
-    fn a_succeeded_entry_leads_to_its_successor_and_its_sessions() {
+    /// An entry for a peer's old key, its successor for the peer's next key
+    /// (both with `keepalive`), and the peer's end of the old entry's
+    /// session.
+    fn old_and_next(keepalive: u16) -> (Arc<Peer>, Arc<Peer>, Tunn) {
         let (here, old_key, next_key) = (
             PrivateKey::generate(),
             PrivateKey::generate(),
@@ -427,7 +427,7 @@ mod tests {
             public_key: key.public_key(),
             preshared_key: None,
             endpoint: None,
-            keepalive: 0,
+            keepalive,
             allowed_ips: Vec::new(),
         };
         let mut index = 10;
@@ -436,12 +436,17 @@ mod tests {
             index
         };
         let old = Peer::new(&settings(&old_key), keys, &mut next_index);
-        let mut far = {
-            let mut state = old.lock();
-            far_end(state.current.as_mut().expect("a tunnel"), &old_key)
-        };
-        let session = old.lock().current.as_ref().map(|t| t.index);
+        let far = far_end(old.lock().current.as_mut().expect("a tunnel"), &old_key);
         let next = Peer::new(&settings(&next_key), keys, &mut next_index);
+        (old, next, far)
+    }
+
+    /// A worker that routed by the configuration a `set` replaces reaches
+    /// the entry being removed; the entry succeeding it holds the sessions.
+    #[test]
+    fn a_succeeded_entry_leads_to_its_successor_and_its_sessions() {
+        let (old, next, mut far) = old_and_next(0);
+        let session = old.lock().current.as_ref().map(|t| t.index);
         assert!(Arc::ptr_eq(old.lock_holder().0, &old), "not succeeded yet");
 
         next.succeed(&old, Instant::now());
@@ -496,31 +501,7 @@ mod tests {
     /// even if the new entry never handshakes.
     #[test]
     fn an_inherited_tunnel_only_decrypts_and_is_gone_at_its_bound() {
-        let (here, old_key, next_key) = (
-            PrivateKey::generate(),
-            PrivateKey::generate(),
-            PrivateKey::generate(),
-        );
-        let identity = Identity::of(&here);
-        let keys = Keys {
-            identity: Some(&identity),
-            previous: None,
-        };
-        let settings = |key: &PrivateKey| PeerSettings {
-            public_key: key.public_key(),
-            preshared_key: None,
-            endpoint: None,
-            keepalive: 1,
-            allowed_ips: Vec::new(),
-        };
-        let mut index = 20;
-        let mut next_index = || {
-            index += 1;
-            index
-        };
-        let old = Peer::new(&settings(&old_key), keys, &mut next_index);
-        let mut far = far_end(old.lock().current.as_mut().expect("a tunnel"), &old_key);
-        let next = Peer::new(&settings(&next_key), keys, &mut next_index);
+        let (old, next, mut far) = old_and_next(1);
         let at = Instant::now();
         next.succeed(&old, at);
 
