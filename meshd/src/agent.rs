@@ -137,6 +137,19 @@ pub struct RunArgs {
     /// Enforce Kubernetes NetworkPolicy for this node's pods (needs `nft`).
     #[arg(long, env = "WEFT_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
     pub network_policy: bool,
+    /// Masquerade pods' traffic to anything outside the cluster's pod and
+    /// mesh ranges and `--non-masquerade-cidr` to the node's address
+    /// (needs `nft`).
+    #[arg(long, env = "WEFT_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub masquerade: bool,
+    /// Destinations that see pods' own addresses (not masqueraded), beside
+    /// the cluster's ranges: e.g. a VPC that routes the pod ranges.
+    #[arg(
+        long = "non-masquerade-cidr",
+        env = "WEFT_NON_MASQUERADE_CIDRS",
+        value_delimiter = ','
+    )]
+    pub non_masquerade_cidrs: Vec<IpNet>,
     /// Log packets NetworkPolicy drops to the kernel log (prefix "weft
     /// drop"), at most this many per second per group of isolating
     /// policies; 0: count them only.
@@ -341,6 +354,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let netlink = Netlink::new()?;
     let added = netlink.ensure_unreachable(&backstops(&ranges)).await?;
     tracing::info!(added, ranges = ?ranges.all().collect::<Vec<_>>(), "unreachable backstops in place");
+    // Pods reach the world from their first packet (masquerading touches
+    // nothing that stays in the cluster).
+    match args.masquerade {
+        true => crate::egress::apply(
+            &crate::egress::ruleset(&ranges, &args.non_masquerade_cidrs),
+            "installing the egress masquerade",
+        )?,
+        false => crate::egress::apply(&crate::egress::removal(), "removing the egress masquerade")?,
+    }
     let _lock = crate::lock::exclusive(
         &args.state_dir.join("meshd.lock"),
         "meshd on this node",

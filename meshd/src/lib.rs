@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod cni;
 pub mod dataplane;
 pub mod decide;
+pub mod egress;
 pub mod graph;
 pub mod http;
 pub mod liveness;

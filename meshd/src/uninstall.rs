@@ -66,6 +66,12 @@ pub async fn run(args: &UninstallArgs) -> Result<()> {
     );
     step("Weft's routes", remove_routes(&netlink).await);
     step("the NetworkPolicy table", remove_policy_table());
+    step(
+        "the egress masquerade table",
+        crate::egress::apply(&crate::egress::removal(), "removing the egress masquerade")
+            .map(|()| true)
+            .map_err(Into::into),
+    );
     for (what, result) in remove_files(args) {
         step(&what, result);
     }

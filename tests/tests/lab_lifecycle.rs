@@ -90,7 +90,7 @@ fn nodes_reach_each_other_and_nothing_else_and_down_leaves_nothing() {
 
     // Nothing reaches outside the lab (checked without sending anything):
     // every node's default route ends at the fabric gateway, and the fabric
-    // forwards nothing and has no route out.
+    // forwards only to the lab's outside host and has no route out.
     for node in ["node-1", "node-2", "node-3"] {
         let routes = lab.ok(&["exec", node, "--", "ip", "route", "show", "default"]);
         assert_eq!(routes.trim(), "default via 198.18.0.1 dev eth0", "{node}");
@@ -107,7 +107,7 @@ fn nodes_reach_each_other_and_nothing_else_and_down_leaves_nothing() {
         "/proc/sys/net/ipv4/ip_forward",
         "/proc/sys/net/ipv6/conf/all/forwarding",
     ]);
-    assert_eq!(String::from_utf8_lossy(&forwarding.stdout), "0\n0\n");
+    assert_eq!(String::from_utf8_lossy(&forwarding.stdout), "1\n0\n");
     for escape in ["192.0.2.1", "2001:db8::1"] {
         assert!(
             !fabric(&["ip", "route", "get", escape]).status.success(),
@@ -187,7 +187,8 @@ fn a_running_lab_is_refused_and_a_crashed_one_is_cleaned_up() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("cleaned up an earlier run"));
     assert_eq!(lab.status()["nodes"].as_array().unwrap().len(), 3);
-    assert_eq!(lab_namespaces("t-crash").len(), 4);
+    // The fabric, the outside host and three nodes.
+    assert_eq!(lab_namespaces("t-crash").len(), 5);
 }
 
 #[test]

@@ -188,3 +188,96 @@ fn self_allocated_blocks_are_distinct_carry_pods_and_go_with_their_node() {
     assert_eq!(c.len(), 3, "{c:?}");
     assert!(c["node-4"].len() == 2 && distinct(&c), "{c:?}");
 }
+
+/// The source address the outside host sees on the first ping `ping`
+/// makes it answer (tcpdump in its namespace, bounded).
+fn seen_by_outside(lab: &Lab, ping: &[&str]) -> (bool, String) {
+    let outside = meshlab::lab::topology::outside_netns(&lab.name);
+    let tcpdump = std::process::Command::new("timeout")
+        .args(["10", "ip", "netns", "exec", &outside])
+        .args([
+            "tcpdump",
+            "-c1",
+            "-nn",
+            "-i",
+            "eth0",
+            "icmp[icmptype] == icmp-echo",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump (run tests/setup)");
+    // tcpdump needs a moment to attach.
+    std::thread::sleep(Duration::from_millis(500));
+    let answered = lab.meshlab(ping).status.success();
+    let out = tcpdump.wait_with_output().expect("tcpdump's output");
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    // "… IP 198.18.1.1 > 203.0.113.10: ICMP echo request, …"
+    let source = line
+        .split_whitespace()
+        .skip_while(|w| *w != "IP")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (answered, source)
+}
+
+/// Pods reach a host outside the cluster (which routes back only to the
+/// nodes' underlay): their packets leave masqueraded to their node's
+/// address. Without masquerading (`WEFT_MASQUERADE=false`) the same ping
+/// leaves with the pod's address, gets no answer, and the sentinel counts
+/// a cluster address on the fabric.
+#[test]
+fn pods_reach_the_world_masqueraded() {
+    let outside = meshlab::lab::topology::OUTSIDE_HOST.to_string();
+    let ping = [
+        "pod",
+        "exec",
+        "pod-1-1",
+        "--",
+        "ping",
+        "-n",
+        "-c",
+        "2",
+        "-W",
+        "2",
+        outside.as_str(),
+    ];
+    let lab = Lab::up("t-egress", &["--nodes", "2", "--pods-per-node", "1"]);
+    let (answered, source) = seen_by_outside(&lab, &ping);
+    assert!(answered, "a pod's ping to {outside} got no answer");
+    assert_eq!(
+        source, "198.18.1.1",
+        "the outside host saw {source:?}, not node-1's address"
+    );
+    drop(lab);
+
+    let lab = Lab::up(
+        "t-egress-off",
+        &[
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "1",
+            "--config",
+            "WEFT_MASQUERADE=false",
+        ],
+    );
+    let pod = lab
+        .pods()
+        .into_iter()
+        .find(|(name, _, _)| name.ends_with("pod-1-1"))
+        .map(|(_, _, ips)| ips[0].clone())
+        .expect("pod-1-1");
+    let (answered, source) = seen_by_outside(&lab, &ping);
+    assert!(
+        !answered,
+        "answered without masquerading: the test cannot tell"
+    );
+    assert_eq!(source, pod, "unmasqueraded, the pod's own address arrives");
+    assert!(
+        lab.plaintext().unwrap_or(0) > 0,
+        "the sentinel saw no pod address"
+    );
+    lab.reset_plaintext();
+}

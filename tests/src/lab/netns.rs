@@ -37,10 +37,11 @@ fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
 }
 
 /// Creates the fabric namespace and its bridge, holding the gateway
-/// addresses, with the plaintext sentinel armed before any node exists.
-/// A flat fabric forwards nothing: what nodes send to the gateway ends
-/// there. With sites, each has its own bridge and the fabric routes
-/// between them ([`super::sites`]).
+/// addresses, with the plaintext sentinel armed before any node exists,
+/// and the outside host behind it. The fabric routes what nodes send to
+/// the gateway on to the outside host and nowhere else; with sites, each
+/// has its own bridge and the fabric routes between them too
+/// ([`super::sites`]).
 pub fn create_fabric(plan: &LabPlan) -> Result<()> {
     let ns = plan.fabric_netns.as_str();
     ip(&["netns", "add", ns])?;
@@ -61,7 +62,54 @@ pub fn create_fabric(plan: &LabPlan) -> Result<()> {
     }
     if !plan.sites.is_empty() {
         super::sites::apply(ns, &plan.sites)?;
-        sysctl(ns, "net.ipv4.ip_forward=1")?;
+    }
+    create_outside(plan)?;
+    sysctl(ns, "net.ipv4.ip_forward=1")
+}
+
+/// The outside host ([`super::topology::OUTSIDE_HOST`]): a namespace on a
+/// veth from the fabric, routing back to the underlays only.
+fn create_outside(plan: &LabPlan) -> Result<()> {
+    use super::topology::{outside_netns, OUTSIDE_GATEWAY, OUTSIDE_HOST, OUTSIDE_PREFIX};
+    let fabric = plan.fabric_netns.as_str();
+    let outside = outside_netns(&plan.name);
+    ip(&["netns", "add", &outside])?;
+    ip_in(&outside, &["link", "set", "lo", "up"])?;
+    ip_in(
+        &outside,
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "outside", "netns", fabric,
+        ],
+    )?;
+    ip_in(
+        fabric,
+        &[
+            "addr",
+            "add",
+            &format!("{OUTSIDE_GATEWAY}/{OUTSIDE_PREFIX}"),
+            "dev",
+            "outside",
+        ],
+    )?;
+    ip_in(fabric, &["link", "set", "outside", "up"])?;
+    ip_in(
+        &outside,
+        &[
+            "addr",
+            "add",
+            &format!("{OUTSIDE_HOST}/{OUTSIDE_PREFIX}"),
+            "dev",
+            "eth0",
+        ],
+    )?;
+    ip_in(&outside, &["link", "set", "eth0", "up"])?;
+    let gateway = OUTSIDE_GATEWAY.to_string();
+    let underlays = std::iter::once(plan.fabric_cidr).chain(plan.sites.iter().map(|s| s.cidr));
+    for underlay in underlays {
+        ip_in(
+            &outside,
+            &["route", "add", &underlay.to_string(), "via", &gateway],
+        )?;
     }
     Ok(())
 }

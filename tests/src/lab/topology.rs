@@ -24,6 +24,14 @@ pub const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const FABRIC_GATEWAY6: &str = "fe80::1";
 /// The API server's port on the fabric.
 pub const FABRIC_API_PORT: u16 = 6443;
+/// A host outside the cluster (the internet, an off-cluster database),
+/// beyond the fabric's router: an address in no cluster range, a
+/// documentation range (TEST-NET-3). It routes back only to the fabric's
+/// underlay, so a pod address it is sent from gets no answer.
+pub const OUTSIDE_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The fabric's address towards the outside host.
+pub const OUTSIDE_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const OUTSIDE_PREFIX: u8 = 24;
 /// Node `k` gets underlay `198.18.1.k` (on a site: `198.18.(16 + site).k`).
 pub const MAX_NODES: usize = 250;
 /// Site `i`'s subnet is `198.18.(16 + i).0/24`, its gateway `.254`.
@@ -219,11 +227,17 @@ pub struct LabSpec {
 
 /// Namespace names the lab `name` owns, so teardown can find leftovers of a
 /// crashed run without any state file.
+/// The outside host's namespace ([`OUTSIDE_HOST`]).
+pub fn outside_netns(lab: &str) -> String {
+    format!("{lab}-outside")
+}
+
 pub fn owns_netns(lab: &str, netns: &str) -> bool {
     let Some(rest) = netns.strip_prefix(lab).and_then(|r| r.strip_prefix('-')) else {
         return false;
     };
     rest == "fabric"
+        || rest == "outside"
         || rest.strip_prefix("pod-").is_some_and(|p| !p.is_empty())
         || rest
             .strip_prefix("node-")
