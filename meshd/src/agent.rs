@@ -232,6 +232,49 @@ fn check_timers(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// The egress masquerade table (`crate::egress`) as the flags want it,
+/// until it is in place: a node without `nft` keeps its mesh, logs why
+/// once, and tries again on every pass.
+struct Egress {
+    pending: Option<(serde_json::Value, &'static str)>,
+    failed: Option<String>,
+}
+
+impl Egress {
+    fn new(args: &RunArgs, ranges: &ClusterRanges) -> Self {
+        let wanted = match args.masquerade {
+            true => (
+                crate::egress::ruleset(ranges, &args.non_masquerade_cidrs),
+                "installing the egress masquerade",
+            ),
+            false => (crate::egress::removal(), "removing the egress masquerade"),
+        };
+        Self {
+            pending: Some(wanted),
+            failed: None,
+        }
+    }
+
+    fn apply(&mut self) {
+        let Some((ruleset, what)) = &self.pending else {
+            return;
+        };
+        match crate::egress::apply(ruleset, what) {
+            Ok(()) => {
+                tracing::info!("{what}: done");
+                self.pending = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.failed.as_ref() != Some(&e) {
+                    tracing::error!(error = %e, "pods cannot reach beyond the cluster; trying again on every pass");
+                    self.failed = Some(e);
+                }
+            }
+        }
+    }
+}
+
 /// Fresh proofs that this node holds the keys it announces (the decision
 /// keeps published ones that still hold).
 fn own_proofs(me: &NodeInfo, keys: &OwnKeys, state: &KeyState) -> Result<KeyProofs> {
@@ -284,6 +327,8 @@ struct Agent {
     keys: KeyState,
     /// The device keys the last successful pass applied.
     applied_keys: Option<DeviceKeys>,
+    /// The egress masquerade, until it is in place.
+    egress: Egress,
     /// The block plans of `--cluster-cidr` (what claims may hold).
     block_plans: Vec<weft_ipam::BlockPlan>,
     /// Objects last found to be no block claim (logged on change).
@@ -355,14 +400,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let added = netlink.ensure_unreachable(&backstops(&ranges)).await?;
     tracing::info!(added, ranges = ?ranges.all().collect::<Vec<_>>(), "unreachable backstops in place");
     // Pods reach the world from their first packet (masquerading touches
-    // nothing that stays in the cluster).
-    match args.masquerade {
-        true => crate::egress::apply(
-            &crate::egress::ruleset(&ranges, &args.non_masquerade_cidrs),
-            "installing the egress masquerade",
-        )?,
-        false => crate::egress::apply(&crate::egress::removal(), "removing the egress masquerade")?,
-    }
+    // nothing that stays in the cluster). Not fatal: without it the mesh
+    // still works, and each pass tries again.
+    let mut egress = Egress::new(&args, &ranges);
+    egress.apply();
     let _lock = crate::lock::exclusive(
         &args.state_dir.join("meshd.lock"),
         "meshd on this node",
@@ -490,6 +531,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         applied: None,
         block_plans,
         claim_errors: Vec::new(),
+        egress,
         wake_at: None,
         stats: Vec::new(),
         revoked_errors: Vec::new(),
@@ -761,6 +803,7 @@ impl Agent {
 
     async fn sync(&mut self, sources: &Sources) {
         let started = Instant::now();
+        self.egress.apply();
         // A pass that changed the device's keys is followed by one that
         // announces them (peers may move only to a key the device answers).
         let mut result = Ok(true);
