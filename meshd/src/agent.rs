@@ -29,7 +29,8 @@ use weft_keys::{KeyProof, KeyState, KeyStore, PublicKey, SealingKey};
 use weft_policy::NodePodCidrs;
 
 use crate::annotations::{
-    self, parse_time, KeyProofs, PolicyApplied, NEXT_PUBLIC_KEY, POLICY_APPLIED, ROTATE_REQUESTED,
+    self, parse_time, KeyProofs, PolicyApplied, KEY_PROOF, NEXT_KEY_PROOF, NEXT_PUBLIC_KEY,
+    POLICY_APPLIED, ROTATE_REQUESTED,
 };
 use crate::cluster::{self, node_info};
 use crate::dataplane::{DataPlane, DeviceState, Mode, UserspaceProgram};
@@ -232,53 +233,14 @@ fn check_timers(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The egress masquerade table (`crate::egress`) as the flags want it,
-/// until it is in place: a node without `nft` keeps its mesh, logs why
-/// once, and tries again on every pass.
-struct Egress {
-    pending: Option<(serde_json::Value, &'static str)>,
-    failed: Option<String>,
-}
-
-impl Egress {
-    fn new(args: &RunArgs, ranges: &ClusterRanges) -> Self {
-        let wanted = match args.masquerade {
-            true => (
-                crate::egress::ruleset(ranges, &args.non_masquerade_cidrs),
-                "installing the egress masquerade",
-            ),
-            false => (crate::egress::removal(), "removing the egress masquerade"),
-        };
-        Self {
-            pending: Some(wanted),
-            failed: None,
-        }
-    }
-
-    fn apply(&mut self) {
-        let Some((ruleset, what)) = &self.pending else {
-            return;
-        };
-        match crate::egress::apply(ruleset, what) {
-            Ok(()) => {
-                tracing::info!("{what}: done");
-                self.pending = None;
-            }
-            Err(e) => {
-                let e = e.to_string();
-                if self.failed.as_ref() != Some(&e) {
-                    tracing::error!(error = %e, "pods cannot reach beyond the cluster; trying again on every pass");
-                    self.failed = Some(e);
-                }
-            }
-        }
-    }
-}
-
-/// Fresh proofs that this node holds the keys it announces (the decision
-/// keeps published ones that still hold).
+/// Proofs that this node holds the keys it announces: the ones it
+/// publishes while they hold (`annotations::published_proof`), else new
+/// ones, signed with the private keys only the shell holds.
 fn own_proofs(me: &NodeInfo, keys: &OwnKeys, state: &KeyState) -> Result<KeyProofs> {
-    let prove = |key: &PublicKey| -> Result<KeyProof> {
+    let prove = |key: &PublicKey, annotation: &str| -> Result<KeyProof> {
+        if let Some(kept) = annotations::published_proof(me, annotation, key) {
+            return Ok(kept);
+        }
         let private = std::iter::once(&state.current)
             .chain(state.next.as_ref().map(|n| &n.key))
             .find(|k| k.public_key() == *key)
@@ -286,8 +248,12 @@ fn own_proofs(me: &NodeInfo, keys: &OwnKeys, state: &KeyState) -> Result<KeyProo
         Ok(private.prove(annotations::subject(me)))
     };
     Ok(KeyProofs {
-        key: prove(&keys.public_key)?,
-        next: keys.next.as_ref().map(|n| prove(&n.key)).transpose()?,
+        key: prove(&keys.public_key, KEY_PROOF)?,
+        next: keys
+            .next
+            .as_ref()
+            .map(|n| prove(&n.key, NEXT_KEY_PROOF))
+            .transpose()?,
     })
 }
 
@@ -328,7 +294,7 @@ struct Agent {
     /// The device keys the last successful pass applied.
     applied_keys: Option<DeviceKeys>,
     /// The egress masquerade, until it is in place.
-    egress: Egress,
+    egress: crate::egress::Pending,
     /// The block plans of `--cluster-cidr` (what claims may hold).
     block_plans: Vec<weft_ipam::BlockPlan>,
     /// Objects last found to be no block claim (logged on change).
@@ -402,7 +368,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Pods reach the world from their first packet (masquerading touches
     // nothing that stays in the cluster). Not fatal: without it the mesh
     // still works, and each pass tries again.
-    let mut egress = Egress::new(&args, &ranges);
+    let mut egress =
+        crate::egress::Pending::new(args.masquerade, &ranges, &args.non_masquerade_cidrs);
     egress.apply();
     let _lock = crate::lock::exclusive(
         &args.state_dir.join("meshd.lock"),

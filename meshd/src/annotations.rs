@@ -463,6 +463,15 @@ pub fn subject(node: &NodeInfo) -> ProofSubject<'_> {
     }
 }
 
+/// The proof `node` publishes in `annotation` for `key`, if it holds for
+/// this Node: a node keeps publishing it (proofs are randomized, so
+/// signing anew would rewrite the annotation on every pass).
+pub fn published_proof(node: &NodeInfo, annotation: &str, key: &PublicKey) -> Option<KeyProof> {
+    let proof: KeyProof = node.annotations.get(annotation)?.parse().ok()?;
+    proof.verify(key, subject(node)).ok()?;
+    Some(proof)
+}
+
 /// The proof in `annotation` that `node` holds `key`'s private key.
 fn proof(
     node: &NodeInfo,
@@ -1031,6 +1040,25 @@ mod tests {
             n.annotations.remove(missing);
             assert_eq!(check(&n), Err(Rejection::Missing(missing)));
         }
+    }
+
+    /// A published proof that holds for this Node is the one to keep
+    /// publishing; another Node's (a new UID), or none, is not.
+    #[test]
+    fn a_published_proof_is_kept_while_it_holds() {
+        let n = node_with(&claim());
+        let key = fixtures::key(1);
+        assert_eq!(
+            published_proof(&n, KEY_PROOF, &key),
+            Some(claim().proofs.key)
+        );
+        let registered_again = NodeInfo {
+            uid: "n-uid-2".into(),
+            ..n.clone()
+        };
+        assert_eq!(published_proof(&registered_again, KEY_PROOF, &key), None);
+        assert_eq!(published_proof(&n, KEY_PROOF, &fixtures::key(2)), None);
+        assert_eq!(published_proof(&n, NEXT_KEY_PROOF, &key), None);
     }
 
     /// A mesh address is one of the node's own blocks' and nothing else;

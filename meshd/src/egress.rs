@@ -87,6 +87,46 @@ pub fn apply(ruleset: &Value, what: &'static str) -> Result<(), EgressError> {
     })
 }
 
+/// The table as `--masquerade` wants it, until it is in place: a node
+/// without `nft` keeps its mesh, logs why once, and tries again on every
+/// pass.
+pub struct Pending {
+    pending: Option<(serde_json::Value, &'static str)>,
+    failed: Option<String>,
+}
+
+impl Pending {
+    pub fn new(masquerade: bool, ranges: &ClusterRanges, extra: &[IpNet]) -> Self {
+        let wanted = match masquerade {
+            true => (ruleset(ranges, extra), "installing the egress masquerade"),
+            false => (removal(), "removing the egress masquerade"),
+        };
+        Self {
+            pending: Some(wanted),
+            failed: None,
+        }
+    }
+
+    pub fn apply(&mut self) {
+        let Some((ruleset, what)) = &self.pending else {
+            return;
+        };
+        match apply(ruleset, what) {
+            Ok(()) => {
+                tracing::info!("{what}: done");
+                self.pending = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.failed.as_ref() != Some(&e) {
+                    tracing::error!(error = %e, "pods cannot reach beyond the cluster; trying again on every pass");
+                    self.failed = Some(e);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,12 +4,11 @@
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
-use weft_keys::{KeyProof, PublicKey};
+use weft_keys::PublicKey;
 
 use super::mesh_address_of;
 use crate::annotations::{
-    endpoint_problem, subject, Claim, KeyProofs, NextPublicKey, FORCE_ENDPOINT, KEY_PROOF,
-    MESH_ADDRESSES, NEXT_KEY_PROOF, NO_ENDPOINT,
+    endpoint_problem, Claim, KeyProofs, NextPublicKey, FORCE_ENDPOINT, MESH_ADDRESSES, NO_ENDPOINT,
 };
 use crate::model::{ClusterRanges, LocalConfig, NodeInfo};
 
@@ -86,13 +85,11 @@ impl OwnKeys {
     }
 }
 
-/// This node's claim: its keys with their proofs, its endpoint, its pod
-/// CIDRs (`spec.podCIDRs`, or blocks it claimed) and the mesh address of
-/// one of them per family. `proofs` are fresh ones (made where the private
-/// keys are); a published proof that still holds is kept instead, since
-/// proofs are randomized and a new one would rewrite the annotation on
-/// every pass. A published mesh address is kept while it is still one of
-/// its blocks'; nothing another node claims can move it.
+/// This node's claim: its keys with their `proofs` (made where the private
+/// keys are), its endpoint, its pod CIDRs (`spec.podCIDRs`, or blocks it
+/// claimed) and the mesh address of one of them per family. A published
+/// mesh address is kept while it is still one of its blocks'; nothing
+/// another node claims can move it.
 pub fn own_claim(
     me: &NodeInfo,
     local: &LocalConfig,
@@ -104,21 +101,6 @@ pub fn own_claim(
     if proofs.next.is_some() != keys.next.is_some() {
         return Err(OwnError::Unproven);
     }
-    let kept = |key: &PublicKey, annotation: &str, fresh: KeyProof| {
-        me.annotations
-            .get(annotation)
-            .and_then(|p| p.parse::<KeyProof>().ok())
-            .filter(|p| p.verify(key, subject(me)).is_ok())
-            .unwrap_or(fresh)
-    };
-    let proofs = KeyProofs {
-        key: kept(&keys.public_key, KEY_PROOF, proofs.key),
-        next: keys
-            .next
-            .as_ref()
-            .zip(proofs.next)
-            .map(|(next, fresh)| kept(&next.key, NEXT_KEY_PROOF, fresh)),
-    };
     pod_cidrs.sort();
     let published: Vec<IpAddr> = me
         .annotations
@@ -157,7 +139,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::annotations::{fixtures, render};
+    use crate::annotations::{fixtures, subject};
     use crate::model::Placement;
 
     fn node(name: &str, annotations: BTreeMap<String, String>) -> NodeInfo {
@@ -278,29 +260,6 @@ mod tests {
             claim(&me, &["fd98:19:0:1::/64"]),
             Err(OwnError::NoMeshAddress("198.18.128.0/17".parse().unwrap()))
         );
-    }
-
-    /// A published proof that holds is kept (a fresh one would rewrite the
-    /// annotation on every pass); one that does not hold is replaced.
-    #[test]
-    fn a_published_proof_is_kept_while_it_holds() {
-        let bare = node("a", BTreeMap::new());
-        let first = claim(&bare, &["198.19.1.0/24"]).unwrap();
-        let published = node("a", render(&first));
-        let again = claim(&published, &["198.19.1.0/24"]).unwrap();
-        assert_eq!(again.proofs, first.proofs);
-        // Another UID (the Node was re-registered): a new proof.
-        let reregistered = NodeInfo {
-            uid: "a-uid-2".into(),
-            ..published
-        };
-        let fresh = claim(&reregistered, &["198.19.1.0/24"]).unwrap();
-        assert_ne!(fresh.proofs, first.proofs);
-        assert!(fresh
-            .proofs
-            .key
-            .verify(&fixtures::key(1), subject(&reregistered))
-            .is_ok());
     }
 
     #[test]
