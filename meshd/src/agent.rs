@@ -11,7 +11,7 @@
 //! When meshd stops, the data plane and routes stay: traffic keeps flowing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -151,6 +151,13 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub non_masquerade_cidrs: Vec<IpNet>,
+    /// Where nodes' host addresses (their InternalIPs) may lie for pods to
+    /// reach them through the mesh; default: the subnets of this node's own
+    /// InternalIPs. Another node's address outside these is not believed
+    /// (a node's kubelet writes it) and pods reach it masqueraded, in
+    /// plaintext like any host traffic.
+    #[arg(long = "host-cidr", env = "WEFT_HOST_CIDRS", value_delimiter = ',')]
+    pub host_cidrs: Vec<IpNet>,
     /// Log packets NetworkPolicy drops to the kernel log (prefix "weft
     /// drop"), at most this many per second per group of isolating
     /// policies; 0: count them only.
@@ -365,11 +372,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let netlink = Netlink::new()?;
     let added = netlink.ensure_unreachable(&backstops(&ranges)).await?;
     tracing::info!(added, ranges = ?ranges.all().collect::<Vec<_>>(), "unreachable backstops in place");
+    // Pods' traffic to other nodes' host addresses takes the table of mesh
+    // routes to them (empty until the first sync: until then it leaves as
+    // host traffic does, masqueraded).
+    netlink
+        .ensure_host_rules(&ranges.pods.iter().collect::<Vec<_>>())
+        .await?;
     // Pods reach the world from their first packet (masquerading touches
     // nothing that stays in the cluster). Not fatal: without it the mesh
     // still works, and each pass tries again.
-    let mut egress =
-        crate::egress::Pending::new(args.masquerade, &ranges, &args.non_masquerade_cidrs);
+    let mut egress = crate::egress::Pending::new(
+        args.masquerade,
+        &ranges,
+        &args.non_masquerade_cidrs,
+        &args.interface,
+    );
     egress.apply();
     let _lock = crate::lock::exclusive(
         &args.state_dir.join("meshd.lock"),
@@ -487,6 +504,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             costs: args.link_costs,
             relay: args.relay,
             unreachable: published.clone(),
+            host_networks: args.host_cidrs.clone(),
             ..LocalConfig::new(&args.node_name, ranges)
         },
         events: cluster::Events::new(client.clone(), &args.event_namespace, &args.node_name),
@@ -687,6 +705,23 @@ impl Agent {
         m.peers
             .get_or_create(&StateLabels { state: "up".into() })
             .set((stats.len() - down.len()) as i64);
+        // Where each peer's authenticated packets come from: the one host
+        // address of it pods may reach through the mesh (see
+        // planner::host_addresses). Only after a handshake: before, the
+        // endpoint is merely what the peer claimed.
+        let heard: BTreeMap<String, IpAddr> = stats
+            .iter()
+            .filter(|s| s.last_handshake.is_some())
+            .filter_map(|s| {
+                let name = self.peer_names.get(&s.key)?;
+                Some((name.clone(), s.endpoint?.ip().to_canonical()))
+            })
+            .collect();
+        let heard_changed = heard != self.local.heard_from;
+        if heard_changed {
+            tracing::info!(?heard, "peers heard from new addresses");
+            self.local.heard_from = heard;
+        }
         // Published as this node's link state: at most one change a second
         // (this runs once a second), and per peer at most one per timeout.
         if down != self.local.unreachable {
@@ -694,7 +729,7 @@ impl Agent {
             self.local.unreachable = down;
             return true;
         }
-        rotation_moved
+        rotation_moved || heard_changed
     }
 
     /// Each peer's progress towards this node's next key: moved once it
@@ -882,6 +917,9 @@ impl Agent {
             .find(|n| n.name == name)
             .with_context(|| format!("Node {name} is not registered yet"))?;
         let internal_ip = me.internal_ips.first().copied();
+        if self.local.host_networks.is_empty() {
+            self.local.host_networks = self.own_subnets(&me.internal_ips).await;
+        }
         let pod_cidrs = match (me.spec_pod_cidrs.is_empty(), self.args.blocks.pod_cidr_source) {
             (false, _) => me.spec_pod_cidrs.clone(),
             (true, PodCidrSource::NodeOrBlocks) => self.claimed_blocks(&snapshot, me).await?,
@@ -1039,6 +1077,29 @@ impl Agent {
         }
     }
 
+    /// The subnets this node's own addresses are on: where, unless
+    /// `--host-cidr` says otherwise, other nodes' host addresses are
+    /// believed (see [`crate::planner::host_addresses`]).
+    async fn own_subnets(&self, own: &[std::net::IpAddr]) -> Vec<IpNet> {
+        let mut subnets = Vec::new();
+        for ip in own {
+            match self.reconciler.netlink().subnet_of_address(*ip).await {
+                Ok(Some(net)) => subnets.push(net),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(address = %ip, error = %format!("{e:#}"), "reading this node's subnet")
+                }
+            }
+        }
+        if !subnets.is_empty() {
+            tracing::info!(
+                ?subnets,
+                "pods reach other nodes' host addresses in these subnets through the mesh"
+            );
+        }
+        subnets
+    }
+
     async fn mtu(
         &mut self,
         endpoint: Option<SocketAddr>,
@@ -1047,17 +1108,14 @@ impl Agent {
         if let Some(m) = self.args.mtu.or(self.mtu) {
             return m;
         }
-        let netlink = Netlink::new();
         let mut underlay = None;
-        if let Ok(n) = netlink {
-            for ip in [endpoint.map(|e| e.ip()), internal_ip]
-                .into_iter()
-                .flatten()
-            {
-                if let Ok(Some(m)) = n.mtu_of_address(ip).await {
-                    underlay = Some(m);
-                    break;
-                }
+        for ip in [endpoint.map(|e| e.ip()), internal_ip]
+            .into_iter()
+            .flatten()
+        {
+            if let Ok(Some(m)) = self.reconciler.netlink().mtu_of_address(ip).await {
+                underlay = Some(m);
+                break;
             }
         }
         let mtu = underlay

@@ -22,8 +22,10 @@ pub struct EgressError {
 
 /// The table, replacing any earlier one: a postrouting NAT chain that
 /// masquerades what the cluster's pod ranges send to anything but `keep`
-/// (the cluster's pod and mesh ranges and `extra`).
-pub fn ruleset(ranges: &ClusterRanges, extra: &[IpNet]) -> Value {
+/// (the cluster's pod and mesh ranges and `extra`), unless it goes
+/// through the WireGuard interface `mesh` (to another node's host address:
+/// the node answers the pod's own address back through the mesh).
+pub fn ruleset(ranges: &ClusterRanges, extra: &[IpNet], mesh: &str) -> Value {
     let table = json!({"family": "inet", "name": TABLE});
     let mut commands = vec![
         json!({"add": {"table": table}}),
@@ -56,6 +58,7 @@ pub fn ruleset(ranges: &ClusterRanges, extra: &[IpNet]) -> Value {
             "expr": [
                 {"match": {"op": "==", "left": {"payload": {"protocol": protocol, "field": "saddr"}}, "right": prefix(&pods)}},
                 {"match": {"op": "!=", "left": {"payload": {"protocol": protocol, "field": "daddr"}}, "right": format!("@{set}")}},
+                {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": mesh}},
                 {"masquerade": null}
             ]
         }}}));
@@ -96,9 +99,12 @@ pub struct Pending {
 }
 
 impl Pending {
-    pub fn new(masquerade: bool, ranges: &ClusterRanges, extra: &[IpNet]) -> Self {
+    pub fn new(masquerade: bool, ranges: &ClusterRanges, extra: &[IpNet], mesh: &str) -> Self {
         let wanted = match masquerade {
-            true => (ruleset(ranges, extra), "installing the egress masquerade"),
+            true => (
+                ruleset(ranges, extra, mesh),
+                "installing the egress masquerade",
+            ),
             false => (removal(), "removing the egress masquerade"),
         };
         Self {
@@ -135,12 +141,13 @@ mod tests {
         v["nftables"].as_array().unwrap().clone()
     }
 
-    /// One masquerade rule per pod range, sparing every cluster range and
-    /// the extra list of its family; the table replaced whole.
+    /// One masquerade rule per pod range, sparing every cluster range, the
+    /// extra list of its family and the mesh interface; the table replaced
+    /// whole.
     #[test]
     fn pods_are_masqueraded_to_anything_but_the_cluster_and_the_list() {
         let extra: Vec<IpNet> = vec!["10.96.0.0/12".parse().unwrap()];
-        let r = ruleset(&ClusterRanges::lab(), &extra);
+        let r = ruleset(&ClusterRanges::lab(), &extra, "weft0");
         let c = commands(&r);
         assert_eq!(c[0]["add"]["table"]["name"], TABLE);
         assert_eq!(c[1]["delete"]["table"]["name"], TABLE, "replaced whole");
@@ -168,7 +175,11 @@ mod tests {
             "198.19.0.0"
         );
         assert_eq!(rules[0]["expr"][1]["match"]["right"], "@keep4");
-        assert!(rules[0]["expr"][2].get("masquerade").is_some());
+        assert_eq!(
+            rules[0]["expr"][2]["match"]["right"], "weft0",
+            "what goes through the mesh keeps the pod's address"
+        );
+        assert!(rules[0]["expr"][3].get("masquerade").is_some());
         assert_eq!(
             rules[1]["expr"][0]["match"]["left"]["payload"]["protocol"],
             "ip6"
@@ -179,7 +190,7 @@ mod tests {
     fn an_ipv4_only_cluster_has_no_ipv6_rule() {
         let mut ranges = ClusterRanges::lab();
         ranges.pods.v6 = None;
-        let c = commands(&ruleset(&ranges, &[]));
+        let c = commands(&ruleset(&ranges, &[], "weft0"));
         assert_eq!(
             c.iter().filter(|x| x["add"].get("rule").is_some()).count(),
             1

@@ -314,6 +314,18 @@ pub struct LocalConfig {
     /// Cluster settings: every node must have the same.
     pub costs: LinkCosts,
     pub relay: Relay,
+    /// Where other nodes' host addresses may lie for pods to reach them
+    /// through the mesh (`--host-cidr`, else the subnets of this node's
+    /// own addresses): a node's claim to an address outside them is not
+    /// believed, so a compromised node cannot draw pods' traffic for an
+    /// arbitrary address (an off-cluster database, say) to itself.
+    pub host_networks: Vec<IpNet>,
+    /// Where each peer's authenticated WireGuard packets come from (its
+    /// endpoint as the data plane has it once a handshake completed), by
+    /// node name: the only host address of a node pods reach through the
+    /// mesh, since no other node can make its own packets arrive from there
+    /// without spoofing that address.
+    pub heard_from: BTreeMap<String, IpAddr>,
 }
 
 impl LocalConfig {
@@ -326,6 +338,8 @@ impl LocalConfig {
             unreachable: BTreeSet::new(),
             costs: LinkCosts::default(),
             relay: Relay::default(),
+            host_networks: Vec::new(),
+            heard_from: BTreeMap::new(),
         }
     }
 }
@@ -358,6 +372,24 @@ pub enum RouteKind {
     /// traffic is refused rather than leaking onto the default route in
     /// plaintext.
     Unreachable,
+    /// To another node's host address, through the WireGuard interface,
+    /// in a table only pods' traffic consults (see
+    /// `reconcile::netlink::HOST_TABLE`): pods reach
+    /// other nodes' kubelets and host-network services encrypted, and the
+    /// replies (to pod addresses) come back the same way. The node's own
+    /// traffic, WireGuard's datagrams among it, keeps the main table.
+    HostMesh,
+    /// To the host address of a node in the mesh that has no path: refused
+    /// like its pods, not sent in plaintext.
+    HostUnreachable,
+}
+
+impl RouteKind {
+    /// Whether the route's destination is carried by a peer (in its
+    /// allowed IPs), so the route goes with the peer.
+    pub fn through_peer(self) -> bool {
+        matches!(self, Self::Mesh | Self::HostMesh)
+    }
 }
 
 /// A route the node should have.

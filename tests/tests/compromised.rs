@@ -455,3 +455,61 @@ fn the_kubelet_writes_no_weft_annotation() {
     assert!(!annotations.contains_key("weft.dev/force-endpoint"));
     assert!(annotations.contains_key("weft.dev/public-key"));
 }
+
+/// The oldest node's kubelet lists other addresses as its own (its Node's
+/// `status.addresses`, which a kubelet writes): another node's, the API
+/// server's and an outside host's. None draws pods' traffic to it: an
+/// address another Node lists is nobody's, and the attacker is heard
+/// from (its authenticated WireGuard packets come from) its own address
+/// only. Pods on the other nodes still reach each of them.
+#[test]
+fn the_oldest_node_listing_others_addresses_draws_no_pod_traffic() {
+    use meshlab::lab::topology::{wg_interface, FABRIC_GATEWAY, OUTSIDE_HOST};
+    let lab = Lab::up("t-hostaddr", &["--nodes", "3", "--pods-per-node", "1"]);
+    let (fabric, outside) = (FABRIC_GATEWAY.to_string(), OUTSIDE_HOST.to_string());
+    let stolen = ["198.18.1.2", fabric.as_str(), outside.as_str()];
+    let (runtime, kubelet) = token_client(&lab, "node-1", &kubelet_token(&lab, "node-1"));
+    let nodes: Api<Node> = Api::all(kubelet);
+    let addresses: Vec<Value> = std::iter::once("198.18.1.1")
+        .chain(stolen)
+        .map(|a| serde_json::json!({"type": "InternalIP", "address": a}))
+        .collect();
+    runtime
+        .block_on(nodes.patch_status(
+            "node-1",
+            &PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {"addresses": addresses}})),
+        ))
+        .expect("a kubelet may write its own Node's addresses");
+    // node-3 has planned with node-1's new addresses once node-2's host
+    // route is gone (listed twice: nobody's).
+    wait_for(
+        "node-3 to stop tunnelling 198.18.1.2",
+        Duration::from_secs(20),
+        || !lab.host_routes("node-3").contains("198.18.1.2 "),
+    );
+    let routes = lab.host_routes("node-3");
+    for address in stolen {
+        assert!(
+            !routes.contains(&format!("{address} ")),
+            "node-3 routes {address} into the mesh:\n{routes}"
+        );
+    }
+    assert!(
+        routes.contains("198.18.1.1 "),
+        "node-1's own address stays tunnelled:\n{routes}"
+    );
+    let attacker = (format!("{}-node-1", lab.name), wg_interface(&lab.name, 1));
+    for address in stolen {
+        let ping = [
+            "pod", "exec", "pod-3-1", "--", "ping", "-n", "-c", "2", "-W", "2", address,
+        ];
+        let (answered, source) = lab.first_echo(&attacker.0, &attacker.1, &ping);
+        assert!(answered, "pod-3-1's ping to {address} got no answer");
+        assert_eq!(
+            source, "",
+            "the attacker received pod-3-1's ping to {address}"
+        );
+    }
+    drop(runtime);
+}

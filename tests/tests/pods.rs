@@ -193,33 +193,7 @@ fn self_allocated_blocks_are_distinct_carry_pods_and_go_with_their_node() {
 /// makes it answer (tcpdump in its namespace, bounded).
 fn seen_by_outside(lab: &Lab, ping: &[&str]) -> (bool, String) {
     let outside = meshlab::lab::topology::outside_netns(&lab.name);
-    let tcpdump = std::process::Command::new("timeout")
-        .args(["10", "ip", "netns", "exec", &outside])
-        .args([
-            "tcpdump",
-            "-c1",
-            "-nn",
-            "-i",
-            "eth0",
-            "icmp[icmptype] == icmp-echo",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("tcpdump (run tests/setup)");
-    // tcpdump needs a moment to attach.
-    std::thread::sleep(Duration::from_millis(500));
-    let answered = lab.meshlab(ping).status.success();
-    let out = tcpdump.wait_with_output().expect("tcpdump's output");
-    let line = String::from_utf8_lossy(&out.stdout).into_owned();
-    // "… IP 198.18.1.1 > 203.0.113.10: ICMP echo request, …"
-    let source = line
-        .split_whitespace()
-        .skip_while(|w| *w != "IP")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (answered, source)
+    lab.first_echo(&outside, "eth0", ping)
 }
 
 /// Pods reach a host outside the cluster (which routes back only to the
@@ -280,4 +254,66 @@ fn pods_reach_the_world_masqueraded() {
         "the sentinel saw no pod address"
     );
     lab.reset_plaintext();
+}
+
+/// Pods reach other nodes' host addresses (kubelets, host-network
+/// services) through the mesh both ways: the echo arrives on node-2's
+/// WireGuard interface from the pod's own address, node-2 answers it the
+/// same way, and nothing of it crosses the fabric in plaintext. An address
+/// outside the host networks (`--host-cidr`) is not tunnelled: it leaves
+/// masqueraded, as host traffic does.
+#[test]
+fn pods_reach_other_nodes_hosts_through_the_mesh() {
+    use meshlab::lab::topology::wg_interface;
+    let ping = |to: &'static str| {
+        [
+            "pod", "exec", "pod-1-1", "--", "ping", "-n", "-c", "2", "-W", "2", to,
+        ]
+    };
+    let lab = Lab::up("t-hosts", &["--nodes", "3", "--pods-per-node", "1"]);
+    let pod = lab
+        .pods()
+        .into_iter()
+        .find(|(name, _, _)| name.ends_with("pod-1-1"))
+        .map(|(_, _, ips)| ips[0].clone())
+        .expect("pod-1-1");
+    // Once node-1 has heard node-2's WireGuard packets from there.
+    common::wait_for(
+        "node-1 to route node-2's host address into the mesh",
+        Duration::from_secs(20),
+        || lab.host_routes("node-1").contains("198.18.1.2 "),
+    );
+    let capture = lab.capture();
+    let node2 = format!("{}-node-2", lab.name);
+    let (answered, source) =
+        lab.first_echo(&node2, &wg_interface(&lab.name, 2), &ping("198.18.1.2"));
+    let leaked = common::plaintext(&capture.stop());
+    assert!(
+        answered,
+        "pod-1-1's ping to node-2's host address got no answer"
+    );
+    assert_eq!(
+        source, pod,
+        "node-2 sees the pod's own address through the mesh"
+    );
+    assert!(leaked.is_empty(), "plaintext on the fabric: {leaked:#?}");
+    drop(lab);
+
+    // Host networks that leave node-2 out: its address is not believed,
+    // and the ping leaves masqueraded (answered, in plaintext).
+    let lab = Lab::up(
+        "t-hosts-off",
+        &[
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "1",
+            "--config",
+            "WEFT_HOST_CIDRS=192.0.2.0/24",
+        ],
+    );
+    let node2 = format!("{}-node-2", lab.name);
+    let (answered, source) = lab.first_echo(&node2, "eth0", &ping("198.18.1.2"));
+    assert!(answered, "the masqueraded ping got no answer");
+    assert_eq!(source, "198.18.1.1", "masqueraded to node-1's address");
 }

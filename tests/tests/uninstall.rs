@@ -25,8 +25,14 @@ fn the_cleanup_daemonset_leaves_nothing_of_weft_on_any_node() {
         ["-4", "-6"]
             .iter()
             .map(|f| {
-                let out = exec(node, &["ip", f, "route", "show", "proto", "77"]);
-                String::from_utf8_lossy(&out.stdout).into_owned()
+                let routes = exec(
+                    node,
+                    &["ip", f, "route", "show", "table", "all", "proto", "77"],
+                );
+                let rules = exec(node, &["ip", f, "rule", "show", "table", "77"]);
+                [routes, rules]
+                    .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                    .concat()
             })
             .collect::<String>()
     };
@@ -40,7 +46,11 @@ fn the_cleanup_daemonset_leaves_nothing_of_weft_on_any_node() {
     // Before: all of it is there.
     for (node, iface) in &nodes {
         assert!(exec(node, &["ip", "link", "show", iface]).status.success());
-        assert!(!weft_routes(node).is_empty(), "{node} has no Weft routes");
+        let before = weft_routes(node);
+        assert!(
+            before.contains("unreachable") && before.contains("lookup 77"),
+            "{node} has no Weft routes and rules:\n{before}"
+        );
         assert!(exec(node, &["nft", "list", "table", "inet", "weft_policy"])
             .status
             .success());
@@ -61,7 +71,7 @@ fn the_cleanup_daemonset_leaves_nothing_of_weft_on_any_node() {
             !exec(node, &["ip", "link", "show", iface]).status.success(),
             "{node}: {iface} is left"
         );
-        assert_eq!(weft_routes(node), "", "{node}: routes are left");
+        assert_eq!(weft_routes(node), "", "{node}: routes or rules are left");
         assert!(
             !exec(node, &["nft", "list", "table", "inet", "weft_policy"])
                 .status

@@ -2,6 +2,7 @@
 //! see it, computed from cluster data alone. Pure: no I/O, no clock, no
 //! randomness; the reconcilers make it so.
 
+mod hosts;
 mod mesh_address;
 mod own;
 mod paths;
@@ -13,6 +14,7 @@ use weft_keys::PublicKey;
 
 use ipnet::IpNet;
 
+pub use hosts::host_addresses;
 pub use mesh_address::{mesh_address_of, smallest_block};
 pub use own::{own_claim, own_endpoint, OwnError, OwnKeys};
 pub use paths::{Links, Member};
@@ -107,23 +109,40 @@ pub fn plan_judged(
             Verdict::Pending | Verdict::Rejected(_) => {}
         }
     }
+    let hosts = host_addresses(&snapshot.nodes, local);
     for (name, verdict) in &verdicts {
         let Verdict::Accepted(claim) = verdict else {
             continue;
         };
+        if *name == local.node_name {
+            continue;
+        }
+        let host_nets = hosts
+            .get(name.as_str())
+            .into_iter()
+            .flatten()
+            .map(|ip| IpNet::from(*ip));
         let carrier = match paths.get(name) {
             Some(Hop::Direct) => Some(name.as_str()),
             Some(Hop::Via(relay)) => Some(relay.as_str()),
-            // Hop::None, or this node itself.
-            _ => None,
+            Some(Hop::None) | None => None,
         };
         let Some(&i) = carrier.and_then(|c| slot.get(c)) else {
+            routes.extend(host_nets.map(|dst| Route {
+                dst,
+                kind: RouteKind::HostUnreachable,
+            }));
             continue;
         };
         peers[i].1.allowed_ips.extend(claim.prefixes());
+        peers[i].1.allowed_ips.extend(host_nets.clone());
         routes.extend(claim.prefixes().map(|dst| Route {
             dst,
             kind: RouteKind::Mesh,
+        }));
+        routes.extend(host_nets.map(|dst| Route {
+            dst,
+            kind: RouteKind::HostMesh,
         }));
     }
     let peers: BTreeMap<PublicKey, Peer> = peers.into_iter().collect();
@@ -165,7 +184,7 @@ pub fn prune(
         if let Some(peer) = pruned.peers.remove(&key) {
             pruned
                 .routes
-                .retain(|r| r.kind != RouteKind::Mesh || !peer.allowed_ips.contains(&r.dst));
+                .retain(|r| !r.kind.through_peer() || !peer.allowed_ips.contains(&r.dst));
             pruned.paths.remove(&peer.node);
         }
     }

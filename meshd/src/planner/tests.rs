@@ -722,3 +722,86 @@ fn prune_removes_gone_and_revoked_peers_and_only_them() {
     assert!(revoked.routes.iter().any(|r| r.dst == net("198.19.3.0/24")) || relay == "node-3");
     assert!(backstopped(&revoked));
 }
+
+/// Node `i`'s host address as a host route.
+fn host(i: u8) -> IpNet {
+    net(&format!("198.18.1.{i}/32"))
+}
+
+/// `name` believing the other nodes' host addresses (in the lab's
+/// underlay, each heard from there).
+fn with_hosts(name: &str) -> LocalConfig {
+    LocalConfig {
+        host_networks: vec![net("198.18.0.0/17")],
+        heard_from: (1..=4)
+            .map(|i| (format!("node-{i}"), host(i).addr()))
+            .collect(),
+        ..local(name)
+    }
+}
+
+fn host_routes(d: &DesiredNode) -> BTreeSet<(IpNet, RouteKind)> {
+    d.routes
+        .iter()
+        .filter(|r| matches!(r.kind, RouteKind::HostMesh | RouteKind::HostUnreachable))
+        .map(|r| (r.dst, r.kind))
+        .collect()
+}
+
+/// Pods reach other nodes' host addresses through the peer that carries
+/// the node's pods (itself or its relay), and nowhere when it has no path;
+/// the node's own address is never routed; prune takes them with their peer.
+#[test]
+fn host_addresses_go_where_the_nodes_pods_go() {
+    let direct = plan(
+        &snapshot(vec![simple(1), simple(2), simple(3)]),
+        &with_hosts("node-1"),
+    );
+    assert!(direct.peers[&key(2)].allowed_ips.contains(&host(2)));
+    assert_eq!(
+        host_routes(&direct),
+        BTreeSet::from([
+            (host(2), RouteKind::HostMesh),
+            (host(3), RouteKind::HostMesh)
+        ])
+    );
+    assert!(
+        host_routes(&plan(
+            &snapshot(vec![simple(1), simple(2)]),
+            &local("node-1")
+        ))
+        .is_empty(),
+        "no host networks: nothing tunnelled"
+    );
+
+    let mut n1 = simple(1);
+    reports(&mut n1, &["node-2"]);
+    let nodes = vec![n1, simple(2), simple(3)];
+    let relayed = plan(&snapshot(nodes.clone()), &with_hosts("node-1"));
+    assert!(relayed.peers[&key(3)].allowed_ips.contains(&host(2)));
+    assert!(!relayed.peers[&key(2)].allowed_ips.contains(&host(2)));
+    assert!(host_routes(&relayed).contains(&(host(2), RouteKind::HostMesh)));
+    let relay = plan(&snapshot(nodes), &with_hosts("node-3"));
+    assert!(
+        relay.peers[&key(2)].allowed_ips.contains(&host(2)),
+        "the relay forwards pods' traffic on to the host"
+    );
+
+    let mut n1 = simple(1);
+    let mut n3 = simple(3);
+    reports(&mut n1, &["node-2"]);
+    reports(&mut n3, &["node-2"]);
+    let cut = plan(&snapshot(vec![n1, simple(2), n3]), &with_hosts("node-1"));
+    assert_eq!(cut.paths["node-2"], Hop::None);
+    assert!(host_routes(&cut).contains(&(host(2), RouteKind::HostUnreachable)));
+
+    let pruned = prune(
+        &direct,
+        &BTreeSet::from(["node-1", "node-2"]),
+        &BTreeSet::new(),
+    );
+    assert_eq!(
+        host_routes(&pruned),
+        BTreeSet::from([(host(2), RouteKind::HostMesh)])
+    );
+}

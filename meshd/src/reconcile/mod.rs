@@ -100,6 +100,11 @@ impl Reconciler {
         }
     }
 
+    /// The node's netlink handle, for what else the agent asks the kernel.
+    pub fn netlink(&self) -> &Netlink {
+        &self.netlink
+    }
+
     /// Whether the device can overlap two keys (see [`crate::rotation`]);
     /// `None` before the first pass asked it.
     pub fn overlap(&self) -> Option<bool> {

@@ -11,8 +11,10 @@ use ipnet::IpNet;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::IpVersion;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::model::{Route, RouteKind};
@@ -22,6 +24,21 @@ pub const ROUTE_PROTOCOL: u8 = 77;
 /// Mesh routes win over the unreachable backstop for the same prefix.
 pub const MESH_METRIC: u32 = 100;
 pub const UNREACHABLE_METRIC: u32 = 4000;
+/// The table of routes to other nodes' host addresses
+/// ([`RouteKind::HostMesh`]), consulted only for traffic from the cluster's
+/// pod ranges ([`HOST_RULE_PRIORITY`]).
+pub const HOST_TABLE: u32 = 77;
+/// `ip rule` priority of `from <pod range> lookup 77`: after the local
+/// table's (0), before the main table's (32766).
+pub const HOST_RULE_PRIORITY: u32 = 7700;
+
+/// The table a route of this kind lives in.
+fn table_of(kind: RouteKind) -> u32 {
+    match kind {
+        RouteKind::Mesh | RouteKind::Unreachable => u32::from(RouteHeader::RT_TABLE_MAIN),
+        RouteKind::HostMesh | RouteKind::HostUnreachable => HOST_TABLE,
+    }
+}
 
 pub struct Netlink {
     handle: Handle,
@@ -68,15 +85,30 @@ impl Netlink {
             .with_context(|| format!("deleting link {index}"))
     }
 
-    /// The MTU of the link holding `addr` (the underlay interface).
-    pub async fn mtu_of_address(&self, addr: IpAddr) -> Result<Option<u32>> {
+    /// The address entry of a local address.
+    async fn address_entry(&self, addr: IpAddr) -> Result<Option<AddressMessage>> {
         let mut addrs = self
             .handle
             .address()
             .get()
             .set_address_filter(addr)
             .execute();
-        let Some(found) = addrs.try_next().await? else {
+        Ok(addrs.try_next().await?)
+    }
+
+    /// The subnet a local address is on (its connected prefix), if the
+    /// address is this host's.
+    pub async fn subnet_of_address(&self, addr: IpAddr) -> Result<Option<IpNet>> {
+        Ok(self
+            .address_entry(addr)
+            .await?
+            .and_then(|m| IpNet::new(addr, m.header.prefix_len).ok())
+            .map(|n| n.trunc()))
+    }
+
+    /// The MTU of the link holding `addr` (the underlay interface).
+    pub async fn mtu_of_address(&self, addr: IpAddr) -> Result<Option<u32>> {
+        let Some(found) = self.address_entry(addr).await? else {
             return Ok(None);
         };
         let mut links = self
@@ -195,14 +227,15 @@ impl Netlink {
         let builder = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(route.dst.addr(), route.dst.prefix_len())
             .map_err(|e| anyhow::anyhow!("route {}: {e}", route.dst))?
-            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL));
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .table_id(table_of(route.kind));
         let message = match route.kind {
-            RouteKind::Mesh => builder
+            RouteKind::Mesh | RouteKind::HostMesh => builder
                 .output_interface(wg_index)
                 .priority(MESH_METRIC)
                 .scope(RouteScope::Link)
                 .build(),
-            RouteKind::Unreachable => builder
+            RouteKind::Unreachable | RouteKind::HostUnreachable => builder
                 .kind(RouteType::Unreachable)
                 .priority(UNREACHABLE_METRIC)
                 .build(),
@@ -236,6 +269,87 @@ impl Netlink {
         Ok(added)
     }
 
+    /// Weft's pods-to-hosts rules, both families.
+    async fn host_rules(&self) -> Result<Vec<RuleMessage>> {
+        let mut found = Vec::new();
+        for family in [IpVersion::V4, IpVersion::V6] {
+            let rules: Vec<RuleMessage> = self
+                .handle
+                .rule()
+                .get(family)
+                .execute()
+                .try_collect()
+                .await
+                .context("listing routing rules")?;
+            found.extend(rules.into_iter().filter(is_host_rule));
+        }
+        Ok(found)
+    }
+
+    /// Makes the pods-to-hosts rules exactly `from <each of pods> lookup
+    /// HOST_TABLE`: adds what is missing, deletes ours that match anything
+    /// else. Returns how many it changed.
+    pub async fn ensure_host_rules(&self, pods: &[IpNet]) -> Result<usize> {
+        let present = self.host_rules().await?;
+        let wanted = |r: &RuleMessage| {
+            r.header.action == RuleAction::ToTable
+                && rule_source(r).is_some_and(|s| pods.contains(&s))
+        };
+        let sources: BTreeSet<IpNet> = present
+            .iter()
+            .filter(|r| wanted(r))
+            .filter_map(rule_source)
+            .collect();
+        let mut changed = 0;
+        for net in pods.iter().filter(|n| !sources.contains(n)) {
+            let request = self
+                .handle
+                .rule()
+                .add()
+                .table_id(HOST_TABLE)
+                .action(RuleAction::ToTable)
+                .priority(HOST_RULE_PRIORITY);
+            let added = match net {
+                IpNet::V4(v4) => {
+                    let r = request.v4().source_prefix(v4.network(), v4.prefix_len());
+                    r.execute().await
+                }
+                IpNet::V6(v6) => {
+                    let r = request.v6().source_prefix(v6.network(), v6.prefix_len());
+                    r.execute().await
+                }
+            };
+            added.with_context(|| format!("adding the rule from {net} lookup {HOST_TABLE}"))?;
+            changed += 1;
+        }
+        for rule in present {
+            if !wanted(&rule) {
+                self.del_rule(rule).await?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Deletes every pods-to-hosts rule (uninstall); whether there were any.
+    pub async fn remove_host_rules(&self) -> Result<bool> {
+        let present = self.host_rules().await?;
+        let any = !present.is_empty();
+        for rule in present {
+            self.del_rule(rule).await?;
+        }
+        Ok(any)
+    }
+
+    async fn del_rule(&self, rule: RuleMessage) -> Result<()> {
+        self.handle
+            .rule()
+            .del(rule)
+            .execute()
+            .await
+            .context("deleting a routing rule")
+    }
+
     pub async fn del_route(&self, found: Found) -> Result<()> {
         self.handle
             .route()
@@ -259,17 +373,51 @@ fn classify(m: &RouteMessage, wg_index: Option<u32>) -> Option<Route> {
         RouteAttribute::Oif(i) => Some(*i),
         _ => None,
     });
-    match m.header.kind {
-        RouteType::Unreachable => Some(Route {
-            dst,
-            kind: RouteKind::Unreachable,
-        }),
-        RouteType::Unicast if oif.is_some() && oif == wg_index => Some(Route {
-            dst,
-            kind: RouteKind::Mesh,
-        }),
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table));
+    let via_wg = oif.is_some() && oif == wg_index;
+    let kind = match (m.header.kind, table) {
+        (RouteType::Unreachable, t) if t == u32::from(RouteHeader::RT_TABLE_MAIN) => {
+            RouteKind::Unreachable
+        }
+        (RouteType::Unreachable, HOST_TABLE) => RouteKind::HostUnreachable,
+        (RouteType::Unicast, t) if via_wg && t == u32::from(RouteHeader::RT_TABLE_MAIN) => {
+            RouteKind::Mesh
+        }
+        (RouteType::Unicast, HOST_TABLE) if via_wg => RouteKind::HostMesh,
+        _ => return None,
+    };
+    Some(Route { dst, kind })
+}
+
+/// Whether `m` is one of Weft's pods-to-hosts rules.
+fn is_host_rule(m: &RuleMessage) -> bool {
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table));
+    table == HOST_TABLE
+        && m.attributes
+            .contains(&RuleAttribute::Priority(HOST_RULE_PRIORITY))
+}
+
+/// The source prefix a rule matches, if any.
+fn rule_source(m: &RuleMessage) -> Option<IpNet> {
+    let ip = m.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Source(ip) => Some(*ip),
         _ => None,
-    }
+    })?;
+    IpNet::new(ip, m.header.src_len).ok()
 }
 
 /// The set difference both ways: what to add, and what is there but unwanted.
@@ -320,6 +468,30 @@ mod tests {
         assert_eq!(
             classify(&unreachable, None).map(|r| r.kind),
             Some(RouteKind::Unreachable)
+        );
+        let in_table = |table: u32| {
+            RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix("198.18.1.2".parse().unwrap(), 32)
+                .unwrap()
+                .output_interface(7)
+                .table_id(table)
+                .build()
+        };
+        assert_eq!(
+            classify(&in_table(HOST_TABLE), Some(7)).map(|r| r.kind),
+            Some(RouteKind::HostMesh)
+        );
+        assert_eq!(classify(&in_table(HOST_TABLE), Some(8)), None);
+        assert_eq!(
+            classify(&in_table(1000), Some(7)),
+            None,
+            "ours in a table we do not use: it must go"
+        );
+        let mut host_unreachable = unreachable.clone();
+        host_unreachable.header.table = HOST_TABLE as u8;
+        assert_eq!(
+            classify(&host_unreachable, None).map(|r| r.kind),
+            Some(RouteKind::HostUnreachable)
         );
     }
 }

@@ -387,6 +387,50 @@ impl Lab {
             .collect()
     }
 
+    /// `node`'s routes to other nodes' host addresses (`ip route show
+    /// table 77`: those pods' traffic takes through the mesh).
+    pub fn host_routes(&self, node: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("{}-{node}", self.name)])
+            .args(["ip", "route", "show", "table", "77"])
+            .output()
+            .expect("ip route");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Whether `ping` was answered, and the source address of the first echo
+    /// request seen on `iface` in `netns` meanwhile ("" for none; tcpdump
+    /// bounded to 10 s).
+    pub fn first_echo(&self, netns: &str, iface: &str, ping: &[&str]) -> (bool, String) {
+        let tcpdump = std::process::Command::new("timeout")
+            .args(["10", "ip", "netns", "exec", netns])
+            .args([
+                "tcpdump",
+                "-c1",
+                "-nn",
+                "-i",
+                iface,
+                "icmp[icmptype] == icmp-echo",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tcpdump (run tests/setup)");
+        // tcpdump needs a moment to attach.
+        std::thread::sleep(Duration::from_millis(500));
+        let answered = self.meshlab(ping).status.success();
+        let out = tcpdump.wait_with_output().expect("tcpdump's output");
+        let line = String::from_utf8_lossy(&out.stdout).into_owned();
+        // "… IP 198.18.1.1 > 203.0.113.10: ICMP echo request, …"
+        let source = line
+            .split_whitespace()
+            .skip_while(|w| *w != "IP")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        (answered, source)
+    }
+
     /// Starts a packet capture on the fabric bridge; stop it with [`Capture::stop`].
     pub fn capture(&self) -> Capture {
         let file = self
