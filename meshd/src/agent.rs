@@ -302,6 +302,8 @@ struct Agent {
     applied_keys: Option<DeviceKeys>,
     /// The egress masquerade, until it is in place.
     egress: crate::egress::Pending,
+    /// Openings in a host firewall's FORWARD drop policy.
+    host_firewall: crate::host_firewall::Openings,
     /// The block plans of `--cluster-cidr` (what claims may hold).
     block_plans: Vec<weft_ipam::BlockPlan>,
     /// Objects last found to be no block claim (logged on change).
@@ -517,6 +519,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         block_plans,
         claim_errors: Vec::new(),
         egress,
+        host_firewall: crate::host_firewall::Openings::new(ranges),
         wake_at: None,
         stats: Vec::new(),
         revoked_errors: Vec::new(),
@@ -806,6 +809,7 @@ impl Agent {
     async fn sync(&mut self, sources: &Sources) {
         let started = Instant::now();
         self.egress.apply();
+        self.host_firewall.keep();
         // A pass that changed the device's keys is followed by one that
         // announces them (peers may move only to a key the device answers).
         let mut result = Ok(true);

@@ -13,13 +13,6 @@ use crate::model::ClusterRanges;
 /// The table's name.
 pub const TABLE: &str = "weft_egress";
 
-#[derive(Debug, thiserror::Error)]
-#[error("{what}: {message} (egress masquerading needs the nft binary; --masquerade=false runs without it)")]
-pub struct EgressError {
-    what: &'static str,
-    message: String,
-}
-
 /// The table, replacing any earlier one: a postrouting NAT chain that
 /// masquerades what the cluster's pod ranges send to anything but `keep`
 /// (the cluster's pod and mesh ranges and `extra`), unless it goes
@@ -76,20 +69,6 @@ fn prefix(net: &IpNet) -> Value {
     json!({"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}})
 }
 
-/// Applies a ruleset of this module's with `nft -j -f -`.
-pub fn apply(ruleset: &Value, what: &'static str) -> Result<(), EgressError> {
-    nftables::helper::apply_ruleset_raw(
-        &ruleset.to_string(),
-        nftables::helper::DEFAULT_NFT,
-        nftables::helper::DEFAULT_ARGS,
-    )
-    .map(drop)
-    .map_err(|e| EgressError {
-        what,
-        message: e.to_string(),
-    })
-}
-
 /// The table as `--masquerade` wants it, until it is in place: a node
 /// without `nft` keeps its mesh, logs why once, and tries again on every
 /// pass.
@@ -117,7 +96,7 @@ impl Pending {
         let Some((ruleset, what)) = &self.pending else {
             return;
         };
-        match apply(ruleset, what) {
+        match crate::nft::apply(ruleset, what) {
             Ok(()) => {
                 tracing::info!("{what}: done");
                 self.pending = None;
@@ -125,7 +104,7 @@ impl Pending {
             Err(e) => {
                 let e = e.to_string();
                 if self.failed.as_ref() != Some(&e) {
-                    tracing::error!(error = %e, "pods cannot reach beyond the cluster; trying again on every pass");
+                    tracing::error!(error = %e, "pods cannot reach beyond the cluster (--masquerade=false runs without nft); trying again on every pass");
                     self.failed = Some(e);
                 }
             }

@@ -72,9 +72,13 @@ pub async fn run(args: &UninstallArgs) -> Result<()> {
     step("the NetworkPolicy table", remove_policy_table());
     step(
         "the egress masquerade table",
-        crate::egress::apply(&crate::egress::removal(), "removing the egress masquerade")
+        crate::nft::apply(&crate::egress::removal(), "removing the egress masquerade")
             .map(|()| true)
             .map_err(Into::into),
+    );
+    step(
+        "the host firewall openings",
+        crate::host_firewall::remove().map_err(Into::into),
     );
     for (what, result) in remove_files(args) {
         step(&what, result);

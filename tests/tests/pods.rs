@@ -317,3 +317,56 @@ fn pods_reach_other_nodes_hosts_through_the_mesh() {
     assert!(answered, "the masqueraded ping got no answer");
     assert_eq!(source, "198.18.1.1", "masqueraded to node-1's address");
 }
+
+/// Every lab node has a host firewall whose FORWARD chains drop what no
+/// rule accepts (as Docker leaves one): pods reach each other because
+/// meshd opens those chains for the cluster's ranges, and when the
+/// firewall's owner flushes them (Docker restarting) meshd opens them
+/// again within a resync.
+#[test]
+fn pods_cross_a_host_firewall_that_drops_forwarding() {
+    let lab = Lab::up("t-firewall", &["--nodes", "2", "--pods-per-node", "1"]);
+    let node1 = format!("{}-node-1", lab.name);
+    let nft = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &node1, "nft"])
+            .args(args)
+            .output()
+            .expect("nft");
+        assert!(out.status.success(), "nft {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let chain = nft(&["list", "chain", "ip", "filter", "FORWARD"]);
+    assert!(
+        chain.contains("policy drop") && chain.contains("weft: cluster traffic to 198.19.0.0/16"),
+        "{chain}"
+    );
+    let ping = [
+        "pod",
+        "exec",
+        "pod-1-1",
+        "--",
+        "ping",
+        "-n",
+        "-c",
+        "1",
+        "-W",
+        "1",
+        "198.19.2.2",
+    ];
+    assert!(
+        lab.meshlab(&ping).status.success(),
+        "pod-1-1 does not reach pod-2-1"
+    );
+
+    nft(&["flush", "chain", "ip", "filter", "FORWARD"]);
+    assert!(
+        !lab.meshlab(&ping).status.success(),
+        "the flushed firewall lets pods through: the test cannot tell"
+    );
+    common::wait_for(
+        "meshd to open the firewall again",
+        Duration::from_secs(25),
+        || lab.meshlab(&ping).status.success(),
+    );
+}

@@ -72,6 +72,12 @@ fn the_cleanup_daemonset_leaves_nothing_of_weft_on_any_node() {
             "{node}: {iface} is left"
         );
         assert_eq!(weft_routes(node), "", "{node}: routes or rules are left");
+        let firewall = exec(node, &["nft", "list", "chain", "ip", "filter", "FORWARD"]);
+        let firewall = String::from_utf8_lossy(&firewall.stdout);
+        assert!(
+            firewall.contains("policy drop") && !firewall.contains("weft:"),
+            "{node}: openings left in the host firewall (or it is gone):\n{firewall}"
+        );
         assert!(
             !exec(node, &["nft", "list", "table", "inet", "weft_policy"])
                 .status

@@ -149,6 +149,7 @@ pub fn create_node(plan: &LabPlan, node: &NodePlan) -> Result<()> {
     let ns = node.netns.as_str();
     ip(&["netns", "add", ns])?;
     ip_in(ns, &["link", "set", "lo", "up"])?;
+    nft(ns, &["-f", "-"], Some(HOST_FIREWALL))?;
     // Both ends are created directly inside their namespaces: nothing of the
     // lab ever appears in the host's namespace.
     ip_in(
@@ -267,6 +268,14 @@ pub fn delete(netns: &str) -> Result<()> {
 pub fn exists(netns: &str) -> bool {
     Path::new(NETNS_DIR).join(netns).exists()
 }
+
+/// Every node's host firewall, as Docker leaves one (through iptables-nft):
+/// the `filter` tables' FORWARD chains drop what no rule accepts, so a
+/// node forwards pods' traffic only if Weft opens them.
+const HOST_FIREWALL: &str = "\
+table ip filter { chain FORWARD { type filter hook forward priority filter; policy drop; }; }
+table ip6 filter { chain FORWARD { type filter hook forward priority filter; policy drop; }; }
+";
 
 /// `nft ARGS` inside `netns`, with `stdin` piped in; its stdout.
 pub fn nft(fabric_netns: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
