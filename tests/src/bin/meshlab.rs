@@ -15,7 +15,7 @@ use meshlab::lab::topology::{
 };
 use meshlab::lab::{
     agents, bench, bench_cni, bench_planner, bench_policy, bench_rotate, control, lifecycle,
-    netpol, pods, preflight, status, topology,
+    netpol, pods, preflight, status, strict_runtime, topology,
 };
 
 #[derive(Parser)]
@@ -338,6 +338,18 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Run by podman as the lab's OCI runtime (see strict_runtime).
+    let mut args = std::env::args_os();
+    let invoked_as = args.next().map(PathBuf::from);
+    if invoked_as.as_deref().and_then(|p| p.file_name()) == Some(strict_runtime::NAME.as_ref()) {
+        return match strict_runtime::run(args.collect()) {
+            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            Err(e) => {
+                eprintln!("{}: {e:#}", strict_runtime::NAME);
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -478,7 +478,7 @@ fn process_command(node: &NodePlan, p: &manifest::Process) -> Result<Command> {
 pub const PODMAN_LABEL: &str = "dev.weft.meshlab";
 
 /// The container with podman: the DaemonSet's image in the node's network
-/// namespace, with the manifest's volumes, devices, privileges and
+/// namespace, run by `runc-strict`, with the manifest's volumes, privileges and
 /// capabilities, command and environment exactly as written. `nsenter
 /// --net`, not `ip netns exec`: the latter's private /sys hides the cgroup
 /// mount runc needs. Attached, so the pid file holds podman, which passes
@@ -494,6 +494,10 @@ fn podman_command(dir: &LabDir, node: &NodePlan, p: &manifest::Process) -> Resul
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", node.netns))
         .args(["podman", "run", "--rm", "--network=host", "--pull=never"])
+        .arg(format!(
+            "--runtime={}",
+            super::strict_runtime::install(&dir.path())?.display()
+        ))
         .arg(format!("--name={}-{}", node.netns, p.container))
         .arg(format!("--label={PODMAN_LABEL}={}", dir.path().display()));
     // podman's default limits (1048576 open files) exceed what this
@@ -510,9 +514,10 @@ fn podman_command(dir: &LabDir, node: &NodePlan, p: &manifest::Process) -> Resul
     for cap in &p.capabilities {
         cmd.arg(format!("--cap-add={cap}"));
     }
+    // Devices too are bind-mounted, as kubelet mounts them; the runtime
+    // then grants them as strict runtimes do (see strict_runtime).
     for m in &p.mounts {
-        let flag = if m.device { "--device" } else { "--volume" };
-        cmd.arg(format!("{flag}={}:{}", m.host.display(), m.container));
+        cmd.arg(format!("--volume={}:{}", m.host.display(), m.container));
     }
     for (k, v) in &p.env {
         cmd.arg(format!("--env={k}={v}"));

@@ -234,10 +234,10 @@ pub const POD_KUBECONFIG: &str = "/var/run/secrets/meshlab/kubeconfig";
 pub struct Mount {
     /// Where it is on the lab node.
     pub host: PathBuf,
-    /// Where the container sees it.
+    /// Where the container sees it. A character device (`/dev/net/tun`)
+    /// is bind-mounted like any path, as kubelet does: no device rule
+    /// grants it (see `strict_runtime`).
     pub container: String,
-    /// A character device (`/dev/net/tun`), passed as a device.
-    pub device: bool,
 }
 
 /// One container of the pod, as the container sees itself: its image,
@@ -310,12 +310,10 @@ pub fn pod(m: &Manifests, node: &Node) -> Result<Vec<Process>> {
         .collect()
 }
 
-/// A hostPath volume: where it is on the lab node, whether to create it,
-/// whether it is a device.
+/// A hostPath volume: where it is on the lab node, whether to create it.
 struct HostPath {
     path: PathBuf,
     create_dir: bool,
-    device: bool,
 }
 
 fn host_paths(spec: &PodSpec, node: &Node) -> Result<BTreeMap<String, HostPath>> {
@@ -332,15 +330,7 @@ fn host_paths(spec: &PodSpec, node: &Node) -> Result<BTreeMap<String, HostPath>>
             node.root.join(hp.path.trim_start_matches('/'))
         };
         let create_dir = !shared && hp.type_.as_deref() == Some("DirectoryOrCreate");
-        let device = hp.type_.as_deref() == Some("CharDevice");
-        out.insert(
-            v.name.clone(),
-            HostPath {
-                path,
-                create_dir,
-                device,
-            },
-        );
+        out.insert(v.name.clone(), HostPath { path, create_dir });
     }
     Ok(out)
 }
@@ -356,7 +346,6 @@ fn container(
     let mut mounts = vec![Mount {
         host: node.kubeconfig.clone(),
         container: POD_KUBECONFIG.into(),
-        device: false,
     }];
     let mut dirs = Vec::new();
     for m in c.volume_mounts.iter().flatten() {
@@ -366,7 +355,6 @@ fn container(
         mounts.push(Mount {
             host: v.path.clone(),
             container: m.mount_path.clone(),
-            device: v.device,
         });
         if v.create_dir {
             dirs.push(v.path.clone());
@@ -566,10 +554,11 @@ mod tests {
             .contains(&"--state-dir=/var/lib/weft".to_string()));
         assert_eq!(meshd.capabilities, ["NET_ADMIN"]);
         assert!(!meshd.privileged && pod[0].privileged);
-        assert!(pod[2]
-            .mounts
-            .iter()
-            .any(|m| m.device && m.container == "/dev/net/tun"));
+        assert!(pod[2].mounts.iter().any(|m| m.container == "/dev/net/tun"));
+        assert!(
+            pod[2].privileged,
+            "the data plane opens /dev/net/tun, which kubelet only bind-mounts"
+        );
         // As a process on the lab node: the node's paths, the build's binaries.
         let bin = Path::new("/src/target/debug");
         let (argv, env) = meshd.on_host(bin);

@@ -26,4 +26,5 @@ pub mod sentinel;
 pub mod sites;
 pub mod state;
 pub mod status;
+pub mod strict_runtime;
 pub mod topology;
