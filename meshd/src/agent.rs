@@ -74,7 +74,7 @@ pub struct RunArgs {
     pub kubeconfig: Option<PathBuf>,
     /// The namespace meshd's Events go to (its own: its role allows
     /// creating Events there only).
-    #[arg(long, env = "WEFT_EVENT_NAMESPACE", default_value = "weft-system")]
+    #[arg(long, env = "WEFT_EVENT_NAMESPACE", default_value = cluster::NAMESPACE)]
     pub event_namespace: String,
     /// Where the key and data plane logs live.
     #[arg(long, default_value = "/var/lib/weft")]
@@ -367,6 +367,7 @@ impl PolicyStatus {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    cluster::check_namespace(std::env::var("POD_NAMESPACE").ok().as_deref())?;
     let ranges = cluster_ranges(&args)?;
     check_timers(&args)?;
     // Fail closed first, before any key, API or data plane: from here on no

@@ -18,6 +18,33 @@ use crate::annotations::PREFIX;
 use crate::model::{NodeInfo, Placement};
 
 /// The well-known topology labels link costs are computed from.
+/// The namespace Weft is installed in. Its admission policies
+/// (deploy/base/admission.yaml) name meshd's service account in it, so it
+/// is fixed: a macro, so that the defaults built from it stay constants.
+#[macro_export]
+macro_rules! weft_namespace {
+    () => {
+        "weft-system"
+    };
+}
+pub const NAMESPACE: &str = weft_namespace!();
+
+/// meshd refuses to run in another namespace than [`NAMESPACE`] (a
+/// kustomize `namespace:` override moves every object but cannot rewrite
+/// the service account the admission policies' CEL names, and every write
+/// of meshd's would then be refused, one by one): `pod_namespace` is its
+/// Pod's (`POD_NAMESPACE`, from the downward API), `None` outside a Pod.
+pub fn check_namespace(pod_namespace: Option<&str>) -> Result<(), WrongNamespace> {
+    match pod_namespace {
+        Some(ns) if ns != NAMESPACE => Err(WrongNamespace(ns.to_string())),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("meshd runs in namespace {0:?}, but Weft's admission policies name its service account in {NAMESPACE:?}: install Weft into {NAMESPACE} (a kustomize namespace override is not supported; see docs/install.md)")]
+pub struct WrongNamespace(String);
+
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// `false` keeps a node from relaying others' traffic. Under the
@@ -195,4 +222,20 @@ pub async fn report_exclusion(events: &Events, node: &Node, note: String) -> Res
         .await
         .context("recording an Event")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meshd_runs_only_in_weft_s_namespace() {
+        assert_eq!(check_namespace(None), Ok(()), "outside a Pod");
+        assert_eq!(check_namespace(Some("weft-system")), Ok(()));
+        let e = check_namespace(Some("networking")).unwrap_err().to_string();
+        assert!(
+            e.contains("\"networking\"") && e.contains("install Weft into weft-system"),
+            "{e}"
+        );
+    }
 }

@@ -59,7 +59,7 @@ pub struct BlockArgs {
     #[arg(long, env = "WEFT_NODE_BLOCK_V6", default_value_t = 64)]
     pub node_block_v6: u8,
     /// The namespace of the nodes' block claims.
-    #[arg(long, env = "WEFT_BLOCK_NAMESPACE", default_value = "weft-system")]
+    #[arg(long, env = "WEFT_BLOCK_NAMESPACE", default_value = crate::cluster::NAMESPACE)]
     pub block_namespace: String,
 }
 

@@ -15,7 +15,7 @@ use weft_keys::PublicKey;
 use crate::annotations::{parse_time, render_time};
 
 /// `--revoked-keys`' default: NAMESPACE/NAME of the ConfigMap.
-pub const DEFAULT_RECORD: &str = "weft-system/weft-revoked-keys";
+pub const DEFAULT_RECORD: &str = concat!(crate::weft_namespace!(), "/weft-revoked-keys");
 pub const DATA_KEY: &str = "keys";
 
 /// One revoked key.

@@ -172,6 +172,18 @@ pub static KINDS: &[Kind] = &[
     Kind {
         group: "",
         version: "v1",
+        kind: "ResourceQuota",
+        plural: "resourcequotas",
+        singular: "resourcequota",
+        short_names: &["quota"],
+        namespaced: true,
+        status_subresource: true,
+        tracks_generation: false,
+        field_labels: &[],
+    },
+    Kind {
+        group: "",
+        version: "v1",
         kind: "ServiceAccount",
         plural: "serviceaccounts",
         singular: "serviceaccount",

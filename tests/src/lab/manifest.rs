@@ -300,14 +300,28 @@ pub fn pod(m: &Manifests, node: &Node) -> Result<Vec<Process>> {
         config.extend(node.config.clone());
     }
     let volumes = host_paths(spec, node)?;
+    let pod = PodContext {
+        namespace: m.service_account().0,
+        config_name,
+        config,
+    };
     let init = spec.init_containers.iter().flatten().map(|c| (c, true));
     let main = spec.containers.iter().map(|c| (c, false));
     init.chain(main)
         .map(|(c, init)| {
-            container(c, init, node, &volumes, &config_name, &config)
+            container(c, init, node, &volumes, &pod)
                 .with_context(|| format!("container {:?}", c.name))
         })
         .collect()
+}
+
+/// What every container of the pod resolves its environment from.
+struct PodContext {
+    /// The pod's namespace (the DaemonSet's).
+    namespace: String,
+    /// The ConfigMap of the manifests, and its data with the lab's values.
+    config_name: String,
+    config: BTreeMap<String, String>,
 }
 
 /// A hostPath volume: where it is on the lab node, whether to create it.
@@ -340,8 +354,7 @@ fn container(
     init: bool,
     node: &Node,
     volumes: &BTreeMap<String, HostPath>,
-    config_name: &str,
-    config: &BTreeMap<String, String>,
+    pod: &PodContext,
 ) -> Result<Process> {
     let mut mounts = vec![Mount {
         host: node.kubeconfig.clone(),
@@ -372,17 +385,17 @@ fn container(
             .as_ref()
             .context("envFrom: the lab resolves configMapRef only")?;
         ensure!(
-            cm.name == config_name,
+            cm.name == pod.config_name,
             "envFrom: ConfigMap {:?} is not in the manifests",
             cm.name
         );
-        for (k, v) in config {
+        for (k, v) in &pod.config {
             let key = format!("{}{k}", from.prefix.as_deref().unwrap_or(""));
             set(&mut env, key, v.clone());
         }
     }
     for e in c.env.iter().flatten() {
-        let value = env_value(e, node, config_name, config, &env)?;
+        let value = env_value(e, node, pod, &env)?;
         set(&mut env, e.name.clone(), value);
     }
     set(&mut env, "KUBECONFIG".into(), POD_KUBECONFIG.into());
@@ -423,8 +436,7 @@ fn container(
 fn env_value(
     e: &EnvVar,
     node: &Node,
-    config_name: &str,
-    config: &BTreeMap<String, String>,
+    pod: &PodContext,
     earlier: &[(String, String)],
 ) -> Result<String> {
     let Some(from) = &e.value_from else {
@@ -433,6 +445,7 @@ fn env_value(
     if let Some(f) = &from.field_ref {
         return match f.field_path.as_str() {
             "spec.nodeName" => Ok(node.name.clone()),
+            "metadata.namespace" => Ok(pod.namespace.clone()),
             "status.hostIP" => Ok(node.host_ip.to_string()),
             other => bail!(
                 "env {}: fieldRef {other:?} is not one the lab resolves",
@@ -442,12 +455,12 @@ fn env_value(
     }
     if let Some(k) = &from.config_map_key_ref {
         ensure!(
-            k.name == config_name,
+            k.name == pod.config_name,
             "env {}: ConfigMap {:?} is not in the manifests",
             e.name,
             k.name
         );
-        return config.get(&k.key).cloned().with_context(|| {
+        return pod.config.get(&k.key).cloned().with_context(|| {
             format!(
                 "env {}: ConfigMap {} has no key {:?}",
                 e.name, k.name, k.key

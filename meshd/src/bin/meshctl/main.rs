@@ -90,10 +90,10 @@ enum Output {
 struct MeshSource {
     /// The ConfigMap (NAMESPACE/NAME) holding the cluster settings meshd
     /// runs with (deploy/base/config.yaml).
-    #[arg(long, default_value = "weft-system/weft-config")]
+    #[arg(long, default_value = concat!(weft_meshd::weft_namespace!(), "/weft-config"))]
     config_map: String,
     /// The namespace of the nodes' block claims.
-    #[arg(long, default_value = "weft-system")]
+    #[arg(long, default_value = weft_meshd::cluster::NAMESPACE)]
     block_namespace: String,
     /// The revoked keys (NAMESPACE/NAME); absent is none.
     #[arg(long, default_value = weft_meshd::revoked::DEFAULT_RECORD)]
