@@ -10,12 +10,17 @@ use std::net::IpAddr;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::compile::Direction;
 use crate::netlink::{self, EnforceError};
 use crate::render::{
     element_text, family, set_json, Element, Line, MapName, Ruleset, Set, SetKind, OPEN_CHAIN,
     TABLE,
 };
 use weft_ipam::POD_VETH_PREFIX;
+
+/// kube-proxy's dummy interface holding the addresses of IPVS virtual
+/// servers (Services, in IPVS mode).
+pub const IPVS_INTERFACE: &str = "kube-ipvs0";
 
 /// What a transaction changes, for logs, metrics and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -269,17 +274,28 @@ fn skeleton() -> Vec<Value> {
         json!({"chain": OPEN_CHAIN, "expr": [{"accept": null}]}),
     ));
     let pod_veth = format!("{POD_VETH_PREFIX}*");
-    for (name, prio, field, via) in [
-        ("egress", 0, "saddr", "iifname"),
-        ("ingress", 10, "daddr", "oifname"),
+    // `to_node`: what pods send to the node itself (its kubelet, node-local
+    // DNS, host-network pods) takes the input hook, not forward; it gets
+    // the same egress verdicts. Except what is bound for an IPVS virtual
+    // server (kube-proxy's `kube-ipvs0` addresses): its destination is
+    // rewritten after this hook, so judging it here would judge the
+    // Service's address, not the pod it reaches.
+    for (name, hook, prio, direction) in [
+        ("egress", "forward", 0, Direction::Egress),
+        ("ingress", "forward", 10, Direction::Ingress),
+        ("to_node", "input", 0, Direction::Egress),
     ] {
+        let (field, via) = match direction {
+            Direction::Egress => ("saddr", "iifname"),
+            Direction::Ingress => ("daddr", "oifname"),
+        };
         cmds.push(add(
             "chain",
-            json!({"name": name, "type": "filter", "hook": "forward", "prio": prio, "policy": "accept"}),
+            json!({"name": name, "type": "filter", "hook": hook, "prio": prio, "policy": "accept"}),
         ));
         let from_pod =
             json!({"match": {"op": "==", "left": {"meta": {"key": via}}, "right": pod_veth}});
-        if name == "egress" {
+        if direction == Direction::Egress {
             cmds.push(add(
                 "rule",
                 json!({"chain": name, "comment": "a pod sends only from its own addresses", "expr": [
@@ -289,13 +305,30 @@ fn skeleton() -> Vec<Value> {
                     {"drop": null}]}),
             ));
         }
+        if hook == "input" {
+            // Neighbour discovery with the node (the pod resolving its
+            // gateway) is the link working, not traffic any policy governs.
+            cmds.push(add(
+                "rule",
+                json!({"chain": name, "expr": [
+                    {"match": {"op": "==", "left": {"payload": {"protocol": "icmpv6", "field": "type"}},
+                               "right": {"set": ["nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-solicit"]}}},
+                    {"accept": null}]}),
+            ));
+            cmds.push(add(
+                "rule",
+                json!({"chain": name, "comment": "an IPVS virtual server: judged once its destination is known", "expr": [
+                    {"match": {"op": "==", "left": {"fib": {"result": "oifname", "flags": ["daddr"]}}, "right": IPVS_INTERFACE}},
+                    {"accept": null}]}),
+            ));
+        }
         cmds.push(add(
             "rule",
             json!({"chain": name, "expr": [
                 {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
                 {"accept": null}]}),
         ));
-        for map in MapName::ALL.iter().filter(|m| m.name().starts_with(name)) {
+        for map in MapName::ALL.iter().filter(|m| m.direction == direction) {
             cmds.push(add(
                 "rule",
                 json!({"chain": name, "expr": [{"vmap": {

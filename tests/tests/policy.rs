@@ -210,18 +210,32 @@ fn in_pod(lab: &Lab, pod: &str, args: &[&str]) -> String {
 /// A counter of the pod's own network stack (`/proc/net/snmp` or
 /// `snmp6`): what actually arrived there, whatever the node did.
 fn snmp(lab: &Lab, pod: &str, table: &str, field: &str) -> u64 {
-    let file = if table.ends_with('6') {
+    let file = snmp_file(table);
+    snmp_field(&in_pod(lab, pod, &["cat", file]), table, field)
+}
+
+/// The same counter of a node's own stack.
+fn snmp_of_node(lab: &Lab, node: &str, table: &str, field: &str) -> u64 {
+    let file = snmp_file(table);
+    snmp_field(&lab.ok(&["exec", node, "--", "cat", file]), table, field)
+}
+
+fn snmp_file(table: &str) -> &'static str {
+    if table.ends_with('6') {
         "/proc/net/snmp6"
     } else {
         "/proc/net/snmp"
-    };
-    let text = in_pod(lab, pod, &["cat", file]);
+    }
+}
+
+/// `field` of `table` in the text of `/proc/net/snmp` (or `snmp6`).
+fn snmp_field(text: &str, table: &str, field: &str) -> u64 {
     if table.ends_with('6') {
         return text
             .lines()
             .find_map(|l| l.strip_prefix(&format!("{table}{field}")))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{table}{field} in {file}"));
+            .unwrap_or_else(|| panic!("{table}{field} in snmp6"));
     }
     let mut rows = text.lines().filter(|l| l.starts_with(&format!("{table}:")));
     let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
@@ -600,4 +614,99 @@ fn a_pod_address_from_another_node_gets_no_allow() {
     );
     let _ = serving.kill();
     let _ = serving.wait();
+}
+
+/// What a pod sends to its own node (the kubelet, node-local DNS,
+/// host-network pods: the input hook, not forward) gets the same egress
+/// verdicts as what it sends anywhere else: refused under an egress
+/// deny-all, let through by an ipBlock allowing it; and a spoofed source
+/// is dropped there too. Neighbour discovery with the node keeps working
+/// for an isolated pod (its allowed IPv6 traffic still gets out).
+#[test]
+fn a_pod_s_egress_policy_governs_its_own_node_too() {
+    let lab = Lab::up("t-tonode", &["--nodes", "2"]);
+    let a = add_pod(&lab, "node-1", "x/a", &["app=a"]);
+    let remote = add_pod(&lab, "node-2", "x/r", &[]);
+    let node = "198.18.1.1";
+    let gateway6 = "fd98:19:0:1::1";
+    let pings = |target: &str| {
+        lab.meshlab(&["pod", "exec", "x/a", "--", "ping", "-c1", "-W1", target])
+            .status
+            .success()
+    };
+    for target in [node, gateway6, &remote[1]] {
+        wait_for(
+            &format!("x/a to reach {target}"),
+            Duration::from_secs(10),
+            || pings(target),
+        );
+    }
+    let egress = |name: &str, to: &str| {
+        create(
+            &lab,
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                 metadata: {{name: {name}, namespace: x}}\n\
+                 spec: {{podSelector: {{matchLabels: {{app: a}}}}, policyTypes: [Egress], egress: [{to}]}}\n"
+            ),
+        )
+    };
+    let revision = egress("deny", "");
+    wait_programmed(&lab, "node-1", revision);
+    for target in [node, gateway6] {
+        assert!(
+            !pings(target),
+            "egress deny-all, yet x/a reaches its node at {target}"
+        );
+    }
+    let revision = egress(
+        "to-node",
+        &format!(
+            "{{to: [{{ipBlock: {{cidr: {node}/32}}}}, {{ipBlock: {{cidr: 'fd98:19::/48'}}}}]}}"
+        ),
+    );
+    wait_programmed(&lab, "node-1", revision);
+    assert!(pings(node), "the ipBlock allows x/a to reach {node}");
+    assert!(
+        pings(&remote[1]),
+        "an isolated pod's allowed IPv6 traffic gets out"
+    );
+
+    // A spoofed source towards the node is dropped before any verdict.
+    let before = snmp_of_node(&lab, "node-1", "Icmp", "InEchos");
+    in_pod(
+        &lab,
+        "x/a",
+        &["ip", "addr", "add", "198.19.1.200", "dev", "eth0", "nodad"],
+    );
+    let _ = lab.meshlab(&[
+        "pod",
+        "exec",
+        "x/a",
+        "--",
+        "ping",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        "-I",
+        "198.19.1.200",
+        node,
+    ]);
+    assert_eq!(
+        snmp_of_node(&lab, "node-1", "Icmp", "InEchos"),
+        before,
+        "node-1 answered a spoofed source"
+    );
+    let _ = lab.meshlab(&[
+        "pod", "exec", "x/a", "--", "ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", &a[0], node,
+    ]);
+    assert_eq!(
+        snmp_of_node(&lab, "node-1", "Icmp", "InEchos"),
+        before + 3,
+        "x/a's own pings arrive"
+    );
 }
