@@ -168,6 +168,18 @@ pub static KINDS: &[Kind] = &[
         tracks_generation: false,
         field_labels: &[],
     },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Service",
+        plural: "services",
+        singular: "service",
+        short_names: &["svc"],
+        namespaced: true,
+        status_subresource: true,
+        tracks_generation: false,
+        field_labels: &[],
+    },
     // What `kubectl apply -k deploy/` installs.
     Kind {
         group: "",

@@ -17,6 +17,7 @@ pub mod patch;
 pub mod pki;
 pub mod rbac;
 pub mod selector;
+pub mod services;
 pub mod status;
 pub mod store;
 pub mod table;

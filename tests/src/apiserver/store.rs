@@ -398,8 +398,17 @@ impl Store {
         w: Write,
     ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
-        let object = prepare_create(kind, ns, body)?;
+        let mut object = prepare_create(kind, ns, body)?;
         let name = meta_str(&object, "name").unwrap_or_default().to_string();
+        if kind.group.is_empty() && kind.kind == "Service" {
+            let stored = inner
+                .objects
+                .iter()
+                .filter(|(k, _)| k.kind == index(kind))
+                .map(|(_, o)| o.as_ref());
+            super::services::allocate(&mut object, stored)
+                .map_err(|e| ApiError::invalid(kind, &name, vec![e]))?;
+        }
         if kind.namespaced {
             check_namespace_open(&inner, ns)?;
         }

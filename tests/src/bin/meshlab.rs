@@ -14,8 +14,8 @@ use meshlab::lab::topology::{
     DEBIAN_WIREGUARD_GO,
 };
 use meshlab::lab::{
-    agents, bench, bench_cni, bench_planner, bench_policy, bench_rotate, control, lifecycle,
-    netpol, pods, preflight, status, strict_runtime, topology,
+    agents, bench, bench_cni, bench_planner, bench_policy, bench_rotate, control, kube_proxy,
+    lifecycle, netpol, pods, preflight, status, strict_runtime, topology,
 };
 
 #[derive(Parser)]
@@ -311,6 +311,13 @@ enum Cmd {
     Kubectl {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Translate Services on every node, as kube-proxy (started by `up`;
+    /// not for direct use).
+    #[command(hide = true)]
+    KubeProxy {
+        #[arg(long)]
+        lab_dir: PathBuf,
     },
     /// Serve the lab's API (started by `up`; not for direct use).
     #[command(hide = true)]
@@ -713,6 +720,14 @@ fn run(cli: Cli) -> Result<()> {
                 state.api_server.pid, state.api_server.url
             );
             Ok(())
+        }
+        Cmd::KubeProxy { lab_dir } => {
+            anyhow::ensure!(
+                lab_dir == dir.path(),
+                "--lab-dir must be {}",
+                dir.path().display()
+            );
+            tokio::runtime::Runtime::new()?.block_on(kube_proxy::run(&dir))
         }
         Cmd::Apiserver {
             lab_dir,

@@ -1,4 +1,5 @@
-//! A kube-rs client for the lab's API server, for one-shot CLI commands.
+//! A kube-rs client for the lab's API server: for one-shot CLI commands,
+//! and for the lab's own controllers (kube-proxy).
 
 use std::future::Future;
 
@@ -18,13 +19,16 @@ where
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
-        let path = dir.kubeconfig();
-        let kubeconfig =
-            Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
-        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .context("loading the lab kubeconfig")?;
-        f(Client::try_from(config)?).await
-    })
+    runtime.block_on(async { f(client(dir).await?).await })
+}
+
+/// A client with the lab's host kubeconfig (the admin's).
+pub async fn client(dir: &LabDir) -> Result<Client> {
+    let path = dir.kubeconfig();
+    let kubeconfig =
+        Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .context("loading the lab kubeconfig")?;
+    Ok(Client::try_from(config)?)
 }

@@ -102,6 +102,7 @@ fn build(
         cuts: Default::default(),
     };
     dir.write_state(&state)?;
+    super::kube_proxy::spawn(dir)?;
     let installed = install_manifests(dir, plan)?;
     progress(&format!(
         "installed {installed} objects of {}",

@@ -14,6 +14,7 @@ pub mod bench_policy;
 pub mod bench_rotate;
 pub mod client;
 pub mod control;
+pub mod kube_proxy;
 pub mod lifecycle;
 pub mod links;
 pub mod manifest;
