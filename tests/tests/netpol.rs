@@ -1,7 +1,8 @@
 //! `meshlab netpol`: every NetworkPolicy conformance case (shared and
 //! Weft's own) with real TCP, UDP and SCTP connections across three nodes,
 //! and a case with wrong expectations failing in both directions (so the
-//! probes can fail).
+//! probes can fail); the upstream cases again through Services, as
+//! upstream probes.
 
 mod common;
 
@@ -18,7 +19,11 @@ fn all_cases() -> Vec<PathBuf> {
 }
 
 fn netpol(lab: &Lab, cases: &[PathBuf]) -> (bool, String, String) {
-    let mut cmd = lab.command(&["netpol"]);
+    netpol_with(lab, &[], cases)
+}
+
+fn netpol_with(lab: &Lab, flags: &[&str], cases: &[PathBuf]) -> (bool, String, String) {
+    let mut cmd = lab.command(&[&["netpol"], flags].concat());
     cmd.args(cases);
     let out = run_bounded(cmd, Duration::from_secs(600));
     (
@@ -96,4 +101,19 @@ fn every_case_passes_with_real_packets_and_wrong_expectations_fail() {
         stdout.contains("expected connected, got blocked"),
         "{stdout}"
     );
+
+    // As upstream probes: every pod through its own Service's ClusterIP,
+    // translated by the lab's kube-proxy before Weft's policy sees it.
+    let upstream: Vec<PathBuf> = files
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("/upstream/"))
+        .cloned()
+        .collect();
+    assert_eq!(upstream.len(), 18);
+    let (ok, stdout, stderr) = netpol_with(&lab, &["--via-services"], &upstream);
+    assert!(
+        ok,
+        "meshlab netpol --via-services failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.ends_with("18 passed, 0 failed\n"), "{stdout}");
 }

@@ -259,6 +259,10 @@ enum Cmd {
         /// Leave the lab running if this run brought it up.
         #[arg(long)]
         keep: bool,
+        /// Probe each pod through its own Service's ClusterIP, as upstream
+        /// does (cases must label pods `pod: <name>`).
+        #[arg(long)]
+        via_services: bool,
     },
     /// Send WireGuard datagrams forged from public data to a device, from
     /// this namespace (`ip netns exec NS meshlab forge …`), for attack
@@ -626,8 +630,16 @@ fn run(cli: Cli) -> Result<()> {
                 .exec();
             Err(err).context("running ip netns exec")
         }
-        Cmd::Netpol { cases, keep } => {
-            let options = netpol::Options { cases, keep };
+        Cmd::Netpol {
+            cases,
+            keep,
+            via_services,
+        } => {
+            let options = netpol::Options {
+                cases,
+                keep,
+                via_services,
+            };
             let outcomes = netpol::run(
                 &dir,
                 &options,

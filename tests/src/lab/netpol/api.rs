@@ -109,3 +109,78 @@ pub async fn apply(client: Client, case: &Case) -> Result<u64> {
     }
     Ok(newest)
 }
+
+/// Makes sure each pod of `case` has its Service, as upstream's probes do:
+/// `s-<pod>` in the pod's namespace, selecting `pod: <name>` (upstream's
+/// label for every pod), with every port and protocol the case serves.
+/// Returns each pod's ClusterIP, by `namespace/name`.
+pub async fn services(
+    client: Client,
+    case: &Case,
+) -> Result<std::collections::BTreeMap<String, std::net::Ipv4Addr>> {
+    use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+    let mut ips = std::collections::BTreeMap::new();
+    for pod in &case.pods {
+        anyhow::ensure!(
+            pod.labels.get("pod") == Some(&pod.name),
+            "case {}: pod {} lacks upstream's label pod: {} (probing through Services needs it)",
+            case.id,
+            pod.key(),
+            pod.name
+        );
+        let services: Api<Service> = Api::namespaced(client.clone(), &pod.namespace);
+        let name = format!("s-{}", pod.name);
+        let ports: Vec<ServicePort> = case
+            .server_ports
+            .iter()
+            .flat_map(|port| {
+                case.server_protocols.iter().map(move |protocol| {
+                    let protocol = protocol.to_string();
+                    ServicePort {
+                        name: Some(format!("{}-{port}", protocol.to_lowercase())),
+                        port: i32::from(*port),
+                        protocol: Some(protocol),
+                        ..ServicePort::default()
+                    }
+                })
+            })
+            .collect();
+        let wanted = ServiceSpec {
+            selector: Some([("pod".to_string(), pod.name.clone())].into()),
+            ports: Some(ports),
+            ..ServiceSpec::default()
+        };
+        let service = match services.get_opt(&name).await? {
+            Some(s)
+                if s.spec.as_ref().map(|s| (&s.selector, &s.ports))
+                    == Some((&wanted.selector, &wanted.ports)) =>
+            {
+                s
+            }
+            existing => {
+                if existing.is_some() {
+                    services.delete(&name, &DeleteParams::default()).await?;
+                }
+                let object = Service {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(wanted),
+                    ..Service::default()
+                };
+                services
+                    .create(&PostParams::default(), &object)
+                    .await
+                    .with_context(|| format!("creating Service {}/{name}", pod.namespace))?
+            }
+        };
+        let ip = service
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .and_then(|ip| ip.parse().ok())
+            .with_context(|| format!("Service {}/{name} has no IPv4 ClusterIP", pod.namespace))?;
+        ips.insert(pod.key(), ip);
+    }
+    Ok(ips)
+}

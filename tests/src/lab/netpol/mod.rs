@@ -14,7 +14,7 @@ mod api;
 pub mod probe;
 pub mod sctp;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -26,7 +26,7 @@ use weft_policy::{PodInfo, Protocol};
 
 use super::state::{process_alive, LabDir, LabState};
 use super::topology::LabSpec;
-use super::{agents, client, lifecycle};
+use super::{agents, client, kube_proxy, lifecycle, netns};
 
 /// How long a probe waits for its connection.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -41,6 +41,9 @@ pub struct Options {
     pub cases: Vec<PathBuf>,
     /// Leave a lab this run brought up running.
     pub keep: bool,
+    /// Probe each pod through its own Service's ClusterIP (as upstream's
+    /// probes do), translated by the lab's kube-proxy, not its address.
+    pub via_services: bool,
 }
 
 /// One case's outcome.
@@ -84,7 +87,7 @@ pub fn run(
             false
         }
     };
-    let result = run_cases(dir, &cases, out, progress);
+    let result = run_cases(dir, &cases, options.via_services, out, progress);
     if !reused && !options.keep {
         lifecycle::down(dir)?;
     }
@@ -94,6 +97,7 @@ pub fn run(
 fn run_cases(
     dir: &LabDir,
     cases: &[Case],
+    via_services: bool,
     out: &mut dyn FnMut(&Outcome),
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Outcome>> {
@@ -117,7 +121,20 @@ fn run_cases(
                 }
             }
         }
-        let mismatches = probe_all(&state, &placed)?;
+        let targets = match via_services {
+            true => {
+                let ips = client::block_on(dir, |c| api::services(c, &placed))
+                    .with_context(|| format!("case {}: its Services", case.id))?;
+                wait_translated(&state, &ips)?;
+                ips
+            }
+            false => placed
+                .pods
+                .iter()
+                .map(|p| Ok((p.key(), ipv4(p)?)))
+                .collect::<Result<_>>()?,
+        };
+        let mismatches = probe_all(&state, &placed, &targets)?;
         progress(&format!(
             "{}: {} cells probed in {} ms",
             case.id,
@@ -206,9 +223,44 @@ fn metric(text: &str, name: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Probes every cell at once; a cell expected to connect that did not is
-/// tried again, up to [`RETRIES`] times.
-fn probe_all(state: &LabState, case: &Case) -> Result<Vec<Mismatch>> {
+/// Waits until the lab's kube-proxy translates every ClusterIP of `ips` to
+/// an endpoint on every node.
+fn wait_translated(state: &LabState, ips: &BTreeMap<String, Ipv4Addr>) -> Result<()> {
+    let deadline = Instant::now() + SYNC_TIMEOUT;
+    for node in &state.plan.nodes {
+        loop {
+            let rules = netns::nft(
+                &node.netns,
+                &["list", "chain", "ip", kube_proxy::TABLE, "services"],
+                None,
+            )
+            .unwrap_or_default();
+            if ips
+                .values()
+                .all(|ip| rules.contains(&format!("ip daddr {ip} ")))
+            {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "kube-proxy has not translated every case Service on {} after {} s",
+                node.name,
+                SYNC_TIMEOUT.as_secs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+/// Probes every cell at once, each at its destination's address in
+/// `targets` (by `namespace/name`); a cell expected to connect that did
+/// not is tried again, up to [`RETRIES`] times.
+fn probe_all(
+    state: &LabState,
+    case: &Case,
+    targets: &BTreeMap<String, Ipv4Addr>,
+) -> Result<Vec<Mismatch>> {
     let netns = |pod: &PodInfo| -> Result<String> {
         Ok(state.pods[state.pod_index(&pod.namespace, &pod.name)?]
             .netns
@@ -224,7 +276,9 @@ fn probe_all(state: &LabState, case: &Case) -> Result<Vec<Mismatch>> {
                     continue;
                 }
                 let from_netns = netns(from)?;
-                let to_ip = ipv4(to)?;
+                let to_ip = *targets
+                    .get(&to.key())
+                    .with_context(|| format!("no address to probe {} at", to.key()))?;
                 let (port, protocol) = (probe.port, probe.protocol);
                 let results = &results;
                 scope.spawn(move || {
