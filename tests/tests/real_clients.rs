@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use base64::Engine;
 use common::{run_bounded, Lab};
 use serde_json::Value;
 
@@ -526,6 +527,20 @@ fn kubectl_generators_store_what_the_client_built() {
             (
                 [
                     "create",
+                    "quota",
+                    "-n",
+                    &ns,
+                    &n("critical"),
+                    "--hard=pods=2,cpu=500m",
+                    "--scopes=BestEffort",
+                ]
+                .map(String::from)
+                .to_vec(),
+                vec!["quota".into(), "-n".into(), ns.clone(), n("critical")],
+            ),
+            (
+                [
+                    "create",
                     "clusterrole",
                     &role,
                     "--verb=get,list",
@@ -594,6 +609,40 @@ fn kubectl_generators_store_what_the_client_built() {
             let get: Vec<&str> = get.iter().map(String::as_str).collect();
             let got = server.json(reader, &[&["get"], &get[..], &["-o", "json"]].concat());
             assert_eq!(server_owned(got), server_owned(built), "{create:?}, {who}");
+        }
+        // TokenRequest (1.33 sends it in protobuf; 1.20 has no `create
+        // token`): the token carries the audience and lifetime asked for.
+        let mut help = Command::new(writer);
+        help.args(["create", "token", "--help"]);
+        let help = run_bounded(help, Duration::from_secs(60));
+        if String::from_utf8_lossy(&help.stdout).contains("--audience") {
+            let token = server.run(
+                writer,
+                &[
+                    "create",
+                    "token",
+                    "-n",
+                    &ns,
+                    &sa,
+                    "--audience=weft",
+                    "--duration=20m",
+                ],
+            );
+            let payload = token.trim().split('.').nth(1).unwrap_or_default();
+            let claims: Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .ok()
+                .and_then(|json| serde_json::from_slice(&json).ok())
+                .unwrap_or_else(|| panic!("{who}: not a JWT: {token}"));
+            assert_eq!(claims["aud"], serde_json::json!(["weft"]), "{who}");
+            assert_eq!(
+                claims["exp"]
+                    .as_u64()
+                    .zip(claims["iat"].as_u64())
+                    .map(|(e, i)| e - i),
+                Some(1200),
+                "{who}"
+            );
         }
     }
 }
