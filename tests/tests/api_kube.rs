@@ -670,3 +670,56 @@ async fn twenty_nodes_claiming_blocks_at_once_get_distinct_ones() {
     assert_eq!(claims(&lab).await, before, "steady state writes nothing");
     lab.server.stop().await.unwrap();
 }
+
+/// Protobuf bodies reach the decoder by their media type: a type the lab
+/// does not decode gets 415 naming it (the client falls back to JSON), a
+/// body that is not protobuf 400 naming what is wrong. (What the decoder
+/// accepts: real_clients, with kubectl 1.33.)
+#[tokio::test]
+async fn protobuf_bodies_are_decoded_or_refused_by_type() {
+    let lab = server(Options::default()).await;
+    let namespaces: Api<Namespace> = Api::all(lab.client.clone());
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some("pb".into());
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let send = |method: &str, path: &str, body: &[u8]| {
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/vnd.kubernetes.protobuf")
+            .body(body.to_vec())
+            .unwrap();
+        let client = lab.client.clone();
+        async move {
+            match client.request::<serde_json::Value>(request).await {
+                Err(kube::Error::Api(s)) => (s.code, s.message),
+                other => panic!("expected an API error, got {other:?}"),
+            }
+        }
+    };
+    assert_eq!(
+        send("POST", "/api/v1/namespaces/pb/pods", b"k8s\0").await,
+        (
+            415,
+            "application/vnd.kubernetes.protobuf is not supported for Pod (v1) by the lab API server: send application/json".into()
+        )
+    );
+    assert_eq!(
+        send("POST", "/api/v1/namespaces/pb/configmaps", b"{}").await,
+        (
+            400,
+            "the protobuf body does not start with the magic number k8s\\0".into()
+        )
+    );
+    assert_eq!(
+        send("DELETE", "/api/v1/namespaces/pb", b"k8s\0").await,
+        (
+            415,
+            "application/vnd.kubernetes.protobuf is not supported for DeleteOptions (v1) by the lab API server: send application/json".into()
+        )
+    );
+    lab.server.stop().await.unwrap();
+}

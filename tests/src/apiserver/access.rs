@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::admission::{self, Operation};
 use super::auth::{Claims, Credential, KubernetesClaim, ObjectRef, Signer, User, ISSUER};
-use super::kinds::{lookup, Kind};
+use super::kinds::{lookup, Gvk, Kind};
 use super::kubelet::{self, Decision};
 use super::rbac::{self, Attributes, Rules};
 use super::status::ApiError;
@@ -160,6 +160,14 @@ impl Admit for Admission<'_> {
     }
 }
 
+/// The body of a token request, in and out (a subresource's, not a kind
+/// the lab serves).
+pub const TOKEN_REQUEST: Gvk = Gvk {
+    group: "authentication.k8s.io",
+    version: "v1",
+    kind: "TokenRequest",
+};
+
 /// TokenRequest (`POST …/serviceaccounts/NAME/token`): a token for the
 /// service account, bound to the Node named in `spec.boundObjectRef` (the
 /// node claim Weft's admission policy keys on), valid for
@@ -246,8 +254,8 @@ pub fn token_request(
     let expires =
         humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(claims.exp));
     let mut response = json!({
-        "kind": "TokenRequest",
-        "apiVersion": "authentication.k8s.io/v1",
+        "kind": TOKEN_REQUEST.kind,
+        "apiVersion": TOKEN_REQUEST.api_version(),
         "metadata": {"name": name, "namespace": namespace, "creationTimestamp": null},
         "spec": spec.clone(),
         "status": {"token": signer.mint(&claims), "expirationTimestamp": expires.to_string()},

@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use super::access::{self, Admission};
 use super::auth::{Signer, User};
 use super::discovery;
-use super::kinds::{lookup, Kind};
+use super::kinds::{lookup, Gvk, Kind};
 use super::patch::PatchType;
+use super::protobuf;
 use super::rbac::Attributes;
 use super::selector::{FieldSelector, LabelSelector};
 use super::status::{self, ApiError};
@@ -231,8 +232,7 @@ async fn dispatch(
             .await
         }
         (Route::Token { namespace, name }, &Method::POST) => {
-            require_json(&req)?;
-            let body = read_json(req, true).await?;
+            let body = read_body(req, access::TOKEN_REQUEST, true).await?;
             access::token_request(&shared.store, &shared.signer, namespace, name, &body)
                 .map(|r| respond(201, &r))
         }
@@ -381,8 +381,8 @@ fn filter(
     })
 }
 
-async fn read_json(req: Request<Incoming>, required: bool) -> Result<Value, ApiError> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
+async fn read_bytes(body: Incoming) -> Result<Bytes, ApiError> {
+    Ok(Limited::new(body, MAX_BODY)
         .collect()
         .await
         .map_err(|e| {
@@ -392,12 +392,52 @@ async fn read_json(req: Request<Incoming>, required: bool) -> Result<Value, ApiE
                 ApiError::bad_request(format!("reading the request body: {e}"))
             }
         })?
-        .to_bytes();
+        .to_bytes())
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+/// The body of a write as the object's JSON, whichever way it was sent:
+/// JSON as is, protobuf decoded ([`protobuf`]) for `addressed`, the type
+/// the URL takes. `Value::Null` when empty and not `required`.
+async fn read_body(
+    req: Request<Incoming>,
+    addressed: Gvk,
+    required: bool,
+) -> Result<Value, ApiError> {
+    let media_type = content_type(&req);
+    let bytes = read_bytes(req.into_body()).await?;
     if bytes.is_empty() && !required {
         return Ok(Value::Null);
     }
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+    match media_type.split(';').next().unwrap_or("").trim() {
+        "" | "application/json" | "*/*" => parse_json(&bytes),
+        protobuf::MEDIA_TYPE => protobuf::decode(&bytes, addressed).map_err(|e| {
+            if e.unsupported_media_type() {
+                ApiError::unsupported_media_type_because(e.to_string())
+            } else {
+                ApiError::bad_request(e.to_string())
+            }
+        }),
+        other => Err(ApiError::unsupported_media_type(other)),
+    }
+}
+
+/// A delete's body, `DeleteOptions`, which every group version registers
+/// (kubectl sends it as JSON; the lab decodes it in no other form).
+fn delete_options(kind: &Kind) -> Gvk {
+    Gvk {
+        kind: "DeleteOptions",
+        ..kind.gvk()
+    }
+}
+
+/// A patch, whose media type (the patch type) the caller has checked.
+async fn read_patch(req: Request<Incoming>) -> Result<Value, ApiError> {
+    parse_json(&read_bytes(req.into_body()).await?)
 }
 
 fn content_type<B>(req: &Request<B>) -> String {
@@ -406,16 +446,6 @@ fn content_type<B>(req: &Request<B>) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json")
         .to_string()
-}
-
-fn require_json<B>(req: &Request<B>) -> Result<(), ApiError> {
-    let ct = content_type(req);
-    let base = ct.split(';').next().unwrap_or("").trim();
-    if base.is_empty() || base == "application/json" || base == "*/*" {
-        Ok(())
-    } else {
-        Err(ApiError::unsupported_media_type(base))
-    }
 }
 
 fn wants_table<B>(req: &Request<B>) -> bool {
@@ -454,8 +484,7 @@ async fn collection(
             let Some(ns) = namespace.or_else(|| (!kind.namespaced).then(String::new)) else {
                 return Err(ApiError::method_not_allowed("POST"));
             };
-            require_json(&req)?;
-            let body = read_json(req, true).await?;
+            let body = read_body(req, kind.gvk(), true).await?;
             let dry = dry_run(query);
             let admit = admission(store, user, kind, &ns, "", Subresource::Main, dry);
             let w = Write {
@@ -522,21 +551,20 @@ async fn object(
             Ok(respond(200, &o))
         }
         Method::PUT => {
-            require_json(&req)?;
-            let body = read_json(req, true).await?;
+            let body = read_body(req, kind.gvk(), true).await?;
             store
                 .update(kind, ns, name, body, sub, w)
                 .map(|o| respond(200, &o))
         }
         Method::PATCH => {
             let patch_type = PatchType::from_content_type(&content_type(&req))?;
-            let body = read_json(req, true).await?;
+            let body = read_patch(req).await?;
             store
                 .patch(kind, ns, name, &body, patch_type, sub, w)
                 .map(|o| respond(200, &o))
         }
         Method::DELETE if sub == Subresource::Main => {
-            let body = read_json(req, false).await?;
+            let body = read_body(req, delete_options(kind), false).await?;
             let pre = Preconditions {
                 uid: body["preconditions"]["uid"].as_str().map(str::to_string),
                 resource_version: body["preconditions"]["resourceVersion"]

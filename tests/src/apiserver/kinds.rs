@@ -22,7 +22,17 @@ pub struct Kind {
     pub field_labels: &'static [&'static str],
 }
 
-impl Kind {
+/// A type's group, version and kind: what a body's `apiVersion` and `kind`
+/// name, whether or not the lab serves it as a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gvk {
+    /// Empty for the core group.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+}
+
+impl Gvk {
     /// `v1` for the core group, `group/version` otherwise.
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {
@@ -30,6 +40,21 @@ impl Kind {
         } else {
             format!("{}/{}", self.group, self.version)
         }
+    }
+}
+
+impl Kind {
+    pub fn gvk(&self) -> Gvk {
+        Gvk {
+            group: self.group,
+            version: self.version,
+            kind: self.kind,
+        }
+    }
+
+    /// `v1` for the core group, `group/version` otherwise.
+    pub fn api_version(&self) -> String {
+        self.gvk().api_version()
     }
 
     /// Whether `name` is a valid object name for this kind: namespaces are

@@ -15,6 +15,7 @@ pub mod kinds;
 pub mod kubelet;
 pub mod patch;
 pub mod pki;
+pub mod protobuf;
 pub mod rbac;
 pub mod selector;
 pub mod services;

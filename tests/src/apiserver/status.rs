@@ -115,11 +115,11 @@ impl ApiError {
     }
 
     pub fn unsupported_media_type(content_type: &str) -> Self {
-        Self::new(
-            415,
-            "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type:?})"),
-        )
+        Self::unsupported_media_type_because(format!("the body of the request was in an unknown format - accepted media types include: application/json, application/vnd.kubernetes.protobuf, application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {content_type:?})"))
+    }
+
+    pub fn unsupported_media_type_because(message: impl Into<String>) -> Self {
+        Self::new(415, "UnsupportedMediaType", message)
     }
 
     /// 422 with one cause per invalid field.
