@@ -14,6 +14,11 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use weft_ipam::{NodeState, PolicyState};
 
+use crate::elf::Linking;
+
+/// The plugin's file name (its `type` in the conflist).
+pub const PLUGIN: &str = "weft";
+
 /// The conflist's file name: sorts early so runtimes pick it.
 pub const CONFLIST: &str = "10-weft.conflist";
 
@@ -42,7 +47,7 @@ pub struct RuntimeDirs {
 
 impl RuntimeDirs {
     pub fn plugin(&self) -> PathBuf {
-        self.cni_bin_dir.join("weft")
+        self.cni_bin_dir.join(PLUGIN)
     }
 
     pub fn conflist(&self) -> PathBuf {
@@ -95,6 +100,7 @@ pub fn install(args: &InstallArgs) -> Result<()> {
     };
     let binary = fs::read(&source)
         .with_context(|| format!("reading the CNI plugin {}", source.display()))?;
+    check_static(&source, &binary)?;
     let target = args.dirs.plugin();
     if write_if_changed(&target, &binary, 0o755)? {
         tracing::info!(path = %target.display(), "installed the CNI plugin");
@@ -114,6 +120,19 @@ pub fn install(args: &InstallArgs) -> Result<()> {
         tracing::info!(path = %conf_path.display(), "wrote the CNI configuration");
     }
     Ok(())
+}
+
+/// Refuses a plugin that needs a dynamic loader: it runs on the host, whose
+/// libc may be older than the build machine's (Debian 11's glibc 2.31 lacks
+/// the 2.34 symbols a bookworm build needs) or not glibc at all.
+fn check_static(path: &Path, binary: &[u8]) -> Result<()> {
+    match crate::elf::linking(binary).with_context(|| format!("the CNI plugin {}", path.display()))? {
+        Linking::Static => Ok(()),
+        Linking::Dynamic { interpreter } => anyhow::bail!(
+            "the CNI plugin {} is dynamically linked (loader {interpreter}): it runs on the host, whose libc may differ; install the static build (cni/build-static)",
+            path.display()
+        ),
+    }
 }
 
 /// Publishes the node state for the plugin if it changed; true if written.
@@ -169,11 +188,33 @@ mod tests {
         }
     }
 
+    /// An ELF64 header without program headers: no loader, as a static
+    /// build has none.
+    fn static_elf() -> Vec<u8> {
+        let mut elf = b"\x7fELF\x02\x01".to_vec();
+        elf.resize(64, 0);
+        elf
+    }
+
+    #[test]
+    fn a_dynamically_linked_plugin_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(dir.path());
+        // This test binary: linked against the build machine's glibc.
+        a.cni_plugin = Some("/proc/self/exe".into());
+        let err = format!("{:#}", install(&a).unwrap_err());
+        assert!(
+            err.contains("is dynamically linked (loader /lib64/ld-linux"),
+            "{err}"
+        );
+        assert!(!a.dirs.plugin().exists(), "installed anyway");
+    }
+
     #[test]
     fn installs_once_and_writes_state_only_on_change() {
         let dir = tempfile::tempdir().unwrap();
         let a = args(dir.path());
-        fs::write(dir.path().join("weft-src"), b"\x7fELF plugin").unwrap();
+        fs::write(dir.path().join("weft-src"), static_elf()).unwrap();
         install(&a).unwrap();
         let conf: Value = serde_json::from_slice(&fs::read(a.dirs.conflist()).unwrap()).unwrap();
         assert_eq!(conf["plugins"][0]["type"], "weft");

@@ -15,6 +15,7 @@ pub mod cni;
 pub mod dataplane;
 pub mod decide;
 pub mod egress;
+pub mod elf;
 pub mod graph;
 pub mod http;
 pub mod liveness;

@@ -78,7 +78,7 @@ fn plugin(dir: &LabDir, node: &NodePlan, command: &str, vars: &[(&str, &str)]) -
     conf["name"] = conflist["name"].clone();
     let mut child = Command::new("ip")
         .args(["netns", "exec", &node.netns])
-        .arg(bin.join("weft"))
+        .arg(bin.join(weft_meshd::cni::PLUGIN))
         .env_clear()
         .env("CNI_COMMAND", command)
         .envs(vars.iter().copied())
