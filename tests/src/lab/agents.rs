@@ -56,6 +56,10 @@ pub fn plugin() -> Result<PathBuf> {
         return Ok(explicit.into());
     }
     let meshd = sibling("meshd")?;
+    // Seen from a test binary: target/<profile>/deps/../meshd.
+    let meshd = meshd
+        .canonicalize()
+        .with_context(|| format!("{}", meshd.display()))?;
     let profile_dir = meshd.parent().context("meshd has no directory")?;
     let (Some(target), Some(profile)) = (profile_dir.parent(), profile_dir.file_name()) else {
         bail!("{} is not in a cargo target directory", meshd.display());
