@@ -65,7 +65,18 @@ pub struct InstallArgs {
     /// The plugin binary to install; default: `weft` next to meshd.
     #[arg(long)]
     pub cni_plugin: Option<PathBuf>,
+    /// Where the reference plugins of [`REFERENCE_PLUGINS`] are (the
+    /// image's Debian containernetworking-plugins).
+    #[arg(long, default_value = "/usr/lib/cni")]
+    pub cni_reference_plugins: PathBuf,
 }
+
+/// Reference plugins a node needs beside Weft's, installed where the host
+/// has none (a host's own are never replaced): `loopback`, which CRI
+/// runtimes run for every pod's `lo`, and `portmap`, chained after Weft's
+/// for pods' `hostPort`s.
+pub const REFERENCE_PLUGINS: [&str; 2] = ["loopback", PORTMAP];
+const PORTMAP: &str = "portmap";
 
 /// The conflist runtimes read. `cniVersion` 1.0.0: libcni 1.1.2 (containerd
 /// 1.6, CRI-O, podman 4) rejects 1.1.0.
@@ -73,11 +84,20 @@ pub fn conflist(paths: &CniPaths) -> Value {
     json!({
         "cniVersion": "1.0.0",
         "name": "weft",
-        "plugins": [{
-            "type": "weft",
-            "stateFile": paths.cni_state_file,
-            "ipamDir": paths.cni_ipam_dir,
-        }],
+        "plugins": [
+            {
+                "type": PLUGIN,
+                "stateFile": paths.cni_state_file,
+                "ipamDir": paths.cni_ipam_dir,
+            },
+            // The runtime hands it the pod's hostPorts (runtimeConfig
+            // portMappings) and Weft's result: DNAT from the node's
+            // addresses to the pod.
+            {
+                "type": PORTMAP,
+                "capabilities": {"portMappings": true},
+            },
+        ],
     })
 }
 
@@ -91,8 +111,8 @@ fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> Result<bool> {
     Ok(true)
 }
 
-/// Installs the plugin binary (mode 0755) and the conflist, and makes the
-/// directories the plugin uses.
+/// Installs the plugin binary (mode 0755), the reference plugins the host
+/// lacks, and the conflist, and makes the directories the plugin uses.
 pub fn install(args: &InstallArgs) -> Result<()> {
     let source = match &args.cni_plugin {
         Some(p) => p.clone(),
@@ -104,6 +124,18 @@ pub fn install(args: &InstallArgs) -> Result<()> {
     let target = args.dirs.plugin();
     if write_if_changed(&target, &binary, 0o755)? {
         tracing::info!(path = %target.display(), "installed the CNI plugin");
+    }
+    for name in REFERENCE_PLUGINS {
+        let target = args.dirs.cni_bin_dir.join(name);
+        if fs::symlink_metadata(&target).is_ok() {
+            tracing::info!(path = %target.display(), "kept the host's own plugin");
+            continue;
+        }
+        let source = args.cni_reference_plugins.join(name);
+        let binary = fs::read(&source)
+            .with_context(|| format!("reading {} (--cni-reference-plugins)", source.display()))?;
+        weft_keys::write_atomic(&target, &binary, 0o755)?;
+        tracing::info!(path = %target.display(), "installed a reference plugin");
     }
     for dir in [
         args.paths.cni_ipam_dir.as_path(),
@@ -185,6 +217,7 @@ mod tests {
                 cni_conf_dir: dir.join("net.d"),
             },
             cni_plugin: Some(dir.join("weft-src")),
+            cni_reference_plugins: dir.join("reference"),
         }
     }
 
@@ -215,9 +248,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = args(dir.path());
         fs::write(dir.path().join("weft-src"), static_elf()).unwrap();
+        fs::create_dir_all(&a.cni_reference_plugins).unwrap();
+        for name in REFERENCE_PLUGINS {
+            fs::write(a.cni_reference_plugins.join(name), b"image's").unwrap();
+        }
+        // The host has its own loopback, not portmap.
+        fs::create_dir_all(&a.dirs.cni_bin_dir).unwrap();
+        fs::write(a.dirs.cni_bin_dir.join("loopback"), b"host's").unwrap();
         install(&a).unwrap();
+        assert_eq!(
+            fs::read(a.dirs.cni_bin_dir.join("loopback")).unwrap(),
+            b"host's"
+        );
+        assert_eq!(
+            fs::read(a.dirs.cni_bin_dir.join("portmap")).unwrap(),
+            b"image's"
+        );
         let conf: Value = serde_json::from_slice(&fs::read(a.dirs.conflist()).unwrap()).unwrap();
         assert_eq!(conf["plugins"][0]["type"], "weft");
+        assert_eq!(conf["plugins"][1]["type"], "portmap");
+        assert_eq!(conf["plugins"][1]["capabilities"]["portMappings"], true);
         assert_eq!(conf["cniVersion"], "1.0.0");
         let installed = a.dirs.plugin();
         use std::os::unix::fs::PermissionsExt;
