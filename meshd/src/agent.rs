@@ -134,6 +134,13 @@ pub struct RunArgs {
     #[command(flatten)]
     pub cni: crate::cni::CniPaths,
     #[command(flatten)]
+    pub conflist: crate::cni::ConflistArgs,
+    /// A pod address allocation whose Pod has left this node for this long
+    /// (and whose veth is gone) is released: runtimes on libcni < 1.2 never
+    /// send CNI GC for attachments whose DEL never came.
+    #[arg(long, env = "WEFT_POD_GC_GRACE", default_value = "5m")]
+    pub pod_gc_grace: humantime::Duration,
+    #[command(flatten)]
     pub blocks: crate::node_blocks::BlockArgs,
     /// Enforce Kubernetes NetworkPolicy for this node's pods (needs `nft`).
     #[arg(long, env = "WEFT_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
@@ -325,6 +332,9 @@ struct Agent {
     /// pods' reported addresses to their node's).
     pod_cidrs: tokio::sync::watch::Sender<Option<Arc<NodePodCidrs>>>,
     policy: PolicyStatus,
+    /// Other CNI configurations last found sorting before Weft's (warned
+    /// about on change).
+    conf_ahead: Vec<String>,
 }
 
 /// The NetworkPolicies this node publishes it enforces: the engine's
@@ -376,6 +386,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "meshd on this node",
         crate::lock::WAIT,
     )?;
+    // Until this meshd's first sync the runtime sees Weft's network only if
+    // a meshd made it since boot (and it still carries traffic).
+    crate::cni::tend_conf_dir(
+        &args.conflist,
+        &args.cni,
+        crate::cni::readiness_at_start(&args.cni),
+    )?;
     let sealing = args
         .sealing_key_file
         .as_deref()
@@ -391,6 +408,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
     let client = client(args.kubeconfig.as_ref()).await?;
     crate::cni::enable_forwarding()?;
+    let gc = crate::pod_gc::run(
+        client.clone(),
+        args.node_name.clone(),
+        weft_ipam::PodStore::new(&args.cni.cni_ipam_dir),
+        *args.pod_gc_grace,
+    );
+    tokio::spawn(async move {
+        if let Err(e) = gc.await {
+            tracing::error!(error = %format!("{e:#}"), "pod address collection stopped");
+        }
+    });
     let health = Arc::new(Health::new(args.network_policy));
     http::serve(args.metrics_addr, health.clone()).await?;
     // Before the first sync can publish the node state: the plugin then
@@ -512,6 +540,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         planned: false,
         needs_sync: true,
         pod_cidrs,
+        conf_ahead: Vec::new(),
         policy: PolicyStatus {
             reports: policy_reports,
             published: policy_published,
@@ -963,7 +992,8 @@ impl Agent {
         }
         // Only now may pods attach: the node state is what the CNI plugin
         // waits for, and the mesh their traffic needs is in place.
-        self.publish_for_cni(&decision.claim.pod_cidrs, mtu)?;
+        self.publish_for_cni(&decision.claim.pod_cidrs, mtu, me)
+            .await?;
         // Decided on what this pass changed: keys the device now holds may
         // be announced, and a mechanism learnt from the device may start
         // a requested rotation.
@@ -971,12 +1001,43 @@ impl Agent {
     }
 
     /// Publishes the node state the CNI plugin reads (the plugin attaches
-    /// nothing until it exists).
-    fn publish_for_cni(&mut self, pod_cidrs: &[IpNet], mtu: u32) -> Result<()> {
+    /// nothing until it exists), then the conflist (the runtime sees the
+    /// network from then on); warns when another configuration would win.
+    async fn publish_for_cni(
+        &mut self,
+        pod_cidrs: &[IpNet],
+        mtu: u32,
+        me: &NodeInfo,
+    ) -> Result<()> {
         let node_state = weft_ipam::NodeState::new(pod_cidrs.to_vec(), mtu);
         if crate::cni::publish_state(&self.args.cni.cni_state_file, &node_state)? {
             tracing::info!(path = %self.args.cni.cni_state_file.display(), "published the node state for the CNI plugin");
         }
+        let plan = crate::cni::tend_conf_dir(
+            &self.args.conflist,
+            &self.args.cni,
+            crate::cni::Readiness::Synced,
+        )?;
+        if plan.ahead != self.conf_ahead && !plan.ahead.is_empty() {
+            let note = format!(
+                "{} in {} sort before Weft's {}: runtimes use the first CNI configuration by name, so pods on this node get that network; remove them",
+                plan.ahead.join(", "),
+                self.args.conflist.dir.cni_conf_dir.display(),
+                crate::cni::CONFLIST
+            );
+            tracing::warn!(ahead = ?plan.ahead, "{note}");
+            let warning = cluster::Warning {
+                action: "WriteCniConfig",
+                reason: "WeftCniConfigShadowed",
+                note,
+            };
+            let uid = (!me.uid.is_empty()).then(|| me.uid.clone());
+            match cluster::warn(&self.events, &me.name, uid, warning).await {
+                Ok(()) => self.health.metrics.count_write("event"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not record an Event"),
+            }
+        }
+        self.conf_ahead = plan.ahead;
         Ok(())
     }
 

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod model;
 pub mod node_blocks;
 pub mod planner;
+pub mod pod_gc;
 pub mod policy;
 pub mod reconcile;
 pub mod report;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use common::run_bounded;
 use serde_json::Value;
 use weft_ipam::{NodeState, PodStore, PolicyState};
-use weft_meshd::cni::CniPaths;
+use weft_meshd::cni::{CniPaths, CniVersion};
 
 /// Where the plugin's files are on the node, as the plugin sees them
 /// (inside the root: the DaemonSet mounts them at the same host paths).
@@ -173,7 +173,7 @@ fn inside(root: &Path, path: &str) -> PathBuf {
 /// meshd writes as the conflist's plugin configuration, as the runtime
 /// hands it to the plugin.
 fn install(root: &Path) -> Value {
-    for leftover in [BIN_DIR, "/etc/cni", "/run/weft", "/var/lib/weft"] {
+    for leftover in [BIN_DIR, "/run/weft", "/var/lib/weft"] {
         let _ = fs::remove_dir_all(inside(root, leftover));
     }
     let plugin = meshlab::lab::agents::plugin().expect("the static plugin (cni/build-static)");
@@ -182,10 +182,6 @@ fn install(root: &Path) -> Value {
     cmd.arg("install-cni")
         .arg(format!("--cni-plugin={}", plugin.display()))
         .arg(format!("--cni-bin-dir={}", inside(root, BIN_DIR).display()))
-        .arg(format!(
-            "--cni-conf-dir={}",
-            inside(root, "/etc/cni/net.d").display()
-        ))
         .arg(format!(
             "--cni-state-file={}",
             inside(root, STATE_FILE).display()
@@ -204,10 +200,11 @@ fn install(root: &Path) -> Value {
     let blocks = BLOCKS.iter().map(|b| b.parse().unwrap()).collect();
     weft_meshd::cni::publish_state(&state_file, &NodeState::new(blocks, 1420)).unwrap();
     weft_meshd::cni::publish_policy(&state_file, &PolicyState::Off).unwrap();
-    let conflist = weft_meshd::cni::conflist(&CniPaths {
+    let paths = CniPaths {
         cni_state_file: STATE_FILE.into(),
         cni_ipam_dir: IPAM_DIR.into(),
-    });
+    };
+    let conflist = weft_meshd::cni::conflist(&paths, CniVersion::V1_0_0);
     meshlab::lab::pods::weft_config(&conflist)
 }
 

@@ -172,15 +172,19 @@ pub fn cni_conf_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
     root(dir, node).join("etc/cni/net.d")
 }
 
-/// The node's conflist, as the install-cni container wrote it, with the
+/// The node's conflist, as meshd wrote it after its first sync, with the
 /// host paths in it resolved in the node's filesystem as the node's runtime
 /// resolves them: a container writes the paths it was given (`/run/weft/…`
 /// from the image, `<root>/run/weft/…` as a process), and on the lab
 /// machine the node's `/` is `<root>`.
 pub fn conflist(dir: &LabDir, node: &NodePlan) -> Result<serde_json::Value> {
     let path = cni_conf_dir(dir, node).join(CONFLIST);
-    let bytes = fs::read(&path)
-        .with_context(|| format!("{} (did the install-cni container run?)", path.display()))?;
+    let bytes = fs::read(&path).with_context(|| {
+        format!(
+            "{} (meshd writes it after its first successful sync)",
+            path.display()
+        )
+    })?;
     let mut conflist: serde_json::Value = serde_json::from_slice(&bytes)?;
     let lab = dir.path();
     for plugin in conflist["plugins"].as_array_mut().into_iter().flatten() {

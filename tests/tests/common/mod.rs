@@ -263,6 +263,16 @@ pub fn pid_of_meshd(lab: &Lab, name: &str) -> i64 {
         .unwrap_or_else(|| panic!("{name}'s meshd is not running"))
 }
 
+/// Stops a node's meshd cleanly (its data plane stays) and waits for it.
+pub fn stop_meshd(lab: &Lab, name: &str) {
+    signal(pid_of_meshd(lab, name), "-TERM");
+    wait_for(
+        &format!("{name}'s meshd to exit"),
+        Duration::from_secs(5),
+        || node(&lab.status(), name)["meshd"]["running"] == false,
+    );
+}
+
 /// `kill SIG PID`, which must succeed.
 pub fn signal(pid: i64, sig: &str) {
     assert!(
