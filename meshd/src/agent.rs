@@ -40,7 +40,7 @@ use crate::liveness::Liveness;
 use crate::metrics::{PeerLabels, ReasonLabels, StateLabels};
 use crate::model::NodeInfo;
 use crate::model::{
-    ClusterRanges, ClusterSnapshot, DesiredNode, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
+    ClusterRanges, ClusterSnapshot, DesiredNode, LinkCosts, LocalConfig, Relay, Verdict,
 };
 use crate::node_blocks::{PodCidrSource, CLAIM_LABEL};
 use crate::planner::{backstops, prune, OwnKeys, ParseMemo};
@@ -87,9 +87,8 @@ pub struct RunArgs {
     /// Publish this endpoint instead of InternalIP:listen-port.
     #[arg(long)]
     pub endpoint: Option<SocketAddr>,
-    /// The cluster's mesh ranges (one IPv4, optionally one IPv6); the same on every node.
-    #[arg(long = "mesh-cidr", env = "WEFT_MESH_CIDRS", value_delimiter = ',', default_values = ["100.64.0.0/16", "fd64:77:65::/64"])]
-    pub mesh_cidrs: Vec<IpNet>,
+    #[command(flatten)]
+    pub mesh: crate::model::MeshCidrs,
     /// Seconds between keepalives to each peer; 0 turns them (and peer liveness) off.
     #[arg(long, env = "WEFT_PERSISTENT_KEEPALIVE", default_value_t = 10)]
     pub persistent_keepalive: u16,
@@ -266,13 +265,7 @@ fn own_proofs(me: &NodeInfo, keys: &OwnKeys, state: &KeyState) -> Result<KeyProo
 
 /// The cluster's ranges from `--cluster-cidr` and `--mesh-cidr`.
 pub fn cluster_ranges(args: &RunArgs) -> Result<ClusterRanges> {
-    if args.blocks.cluster_cidrs.is_empty() {
-        anyhow::bail!("--cluster-cidr is required: the cluster's pod ranges (one IPv4, optionally one IPv6), the same on every node; every node's pod ranges must lie inside them");
-    }
-    Ok(ClusterRanges {
-        pods: Ranges::from_flag("--cluster-cidr", &args.blocks.cluster_cidrs)?,
-        mesh: Ranges::from_flag("--mesh-cidr", &args.mesh_cidrs)?,
-    })
+    ClusterRanges::from_flags(&args.blocks.cluster, &args.mesh)
 }
 
 async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
@@ -407,7 +400,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "starting"
     );
     let client = client(args.kubeconfig.as_ref()).await?;
-    crate::cni::enable_forwarding()?;
+    crate::cni::enable_forwarding(&ranges).await?;
     let gc = crate::pod_gc::run(
         client.clone(),
         args.node_name.clone(),

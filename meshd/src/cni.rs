@@ -9,6 +9,7 @@
 //! NetworkPolicy on) the policy state says the node's program is loaded.
 //! Files are replaced atomically and only when their content changes.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,7 @@ use serde_json::{json, Value};
 use weft_ipam::{NodeState, PolicyState};
 
 use crate::elf::Linking;
+use crate::model::{ClusterCidrs, ClusterRanges, MeshCidrs};
 
 /// The plugin's file name (its `type` in the conflist).
 pub const PLUGIN: &str = "weft";
@@ -105,6 +107,11 @@ pub struct InstallArgs {
     pub paths: CniPaths,
     #[command(flatten)]
     pub bin: BinDir,
+    /// The node forwards the families these use.
+    #[command(flatten)]
+    pub cluster: ClusterCidrs,
+    #[command(flatten)]
+    pub mesh: MeshCidrs,
     /// The plugin binary to install; default: `weft` next to meshd.
     #[arg(long)]
     pub cni_plugin: Option<PathBuf>,
@@ -155,8 +162,11 @@ fn write_if_changed(path: &Path, contents: &[u8], mode: u32) -> Result<bool> {
 
 /// Installs the plugin binary (mode 0755) and the reference plugins the
 /// host lacks, and makes the directories the plugin uses. No conflist: the
-/// agent writes it once the mesh works.
-pub fn install(args: &InstallArgs) -> Result<()> {
+/// agent writes it once the mesh works. Returns the cluster's ranges (the
+/// families to forward).
+pub fn install(args: &InstallArgs) -> Result<ClusterRanges> {
+    // Checked before anything is written.
+    let ranges = ClusterRanges::from_flags(&args.cluster, &args.mesh)?;
     let source = match &args.cni_plugin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("weft"),
@@ -189,7 +199,7 @@ pub fn install(args: &InstallArgs) -> Result<()> {
     ] {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    Ok(())
+    Ok(ranges)
 }
 
 /// Where the mesh stands, as the conf dir is to show it to the runtime.
@@ -333,21 +343,80 @@ pub fn publish_policy(node_state: &Path, state: &PolicyState) -> Result<bool> {
     )
 }
 
-/// Pods' traffic crosses the node: it must forward both families. The
-/// DaemonSet's init container does this (it is privileged for this one write
-/// to /proc/sys); the agent's own container is not, so there it is a check.
-pub fn enable_forwarding() -> Result<()> {
-    for knob in [
-        "/proc/sys/net/ipv4/ip_forward",
-        "/proc/sys/net/ipv6/conf/all/forwarding",
-    ] {
-        if fs::read_to_string(knob)
-            .map(|v| v.trim() == "1")
-            .unwrap_or(false)
-        {
-            continue;
+const IPV4_FORWARDING: &str = "/proc/sys/net/ipv4/ip_forward";
+const IPV6_FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+/// An interface's `accept_ra` knob.
+fn accept_ra(interface: &str) -> String {
+    format!("/proc/sys/net/ipv6/conf/{interface}/accept_ra")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardingError {
+    #[error("the cluster's ranges (--cluster-cidr, --mesh-cidr) include IPv6, but this host has IPv6 turned off (ipv6.disable=1): use IPv4-only ranges (deploy/overlays/ipv4-only) or turn IPv6 on")]
+    Ipv6Disabled,
+}
+
+/// The sysctl writes, in order, that let the node forward pods' traffic of
+/// the families the cluster uses (`v6`), given the knobs' `current`
+/// values (absent: no such file) and the `uplinks` that hold routes learned
+/// from router advertisements. IPv4 always; IPv6 only for IPv6 ranges, so
+/// a host without IPv6 runs the IPv4-only overlay. Turning IPv6 forwarding
+/// on makes the kernel ignore router advertisements on every interface
+/// whose `accept_ra` is 1, and the uplink's default route would expire: 2
+/// keeps taking them, set first.
+pub fn forwarding_writes(
+    v6: bool,
+    current: &BTreeMap<String, String>,
+    uplinks: &[String],
+) -> Result<Vec<(String, &'static str)>, ForwardingError> {
+    let is = |knob: &str, value: &str| current.get(knob).map(String::as_str) == Some(value);
+    let mut writes = Vec::new();
+    if !is(IPV4_FORWARDING, "1") {
+        writes.push((IPV4_FORWARDING.to_string(), "1"));
+    }
+    if !v6 {
+        return Ok(writes);
+    }
+    if !current.contains_key(IPV6_FORWARDING) {
+        return Err(ForwardingError::Ipv6Disabled);
+    }
+    if !is(IPV6_FORWARDING, "1") {
+        for uplink in uplinks {
+            if is(&accept_ra(uplink), "1") {
+                writes.push((accept_ra(uplink), "2"));
+            }
         }
-        fs::write(knob, "1").with_context(|| format!("enabling {knob}"))?;
+        writes.push((IPV6_FORWARDING.to_string(), "1"));
+    }
+    Ok(writes)
+}
+
+/// Pods' traffic crosses the node: it must forward the cluster's families
+/// ([`forwarding_writes`]). The DaemonSet's init container does this (it is
+/// privileged for these writes to /proc/sys); the agent's own container is
+/// not, so there it is a check that fails if anything is left to write.
+pub async fn enable_forwarding(ranges: &ClusterRanges) -> Result<()> {
+    let v6 = ranges.has_v6();
+    let uplinks = if v6 && Path::new(IPV6_FORWARDING).exists() {
+        crate::reconcile::netlink::Netlink::new()?
+            .ra_interfaces()
+            .await?
+    } else {
+        Vec::new()
+    };
+    let current: BTreeMap<String, String> =
+        [IPV4_FORWARDING.to_string(), IPV6_FORWARDING.to_string()]
+            .into_iter()
+            .chain(uplinks.iter().map(|u| accept_ra(u)))
+            .filter_map(|knob| {
+                let value = fs::read_to_string(&knob).ok()?.trim().to_string();
+                Some((knob, value))
+            })
+            .collect();
+    for (knob, value) in forwarding_writes(v6, &current, &uplinks)? {
+        fs::write(&knob, value).with_context(|| format!("writing {value} to {knob}"))?;
+        tracing::info!(knob, value, "set");
     }
     Ok(())
 }
@@ -361,6 +430,12 @@ mod tests {
             paths: paths(dir),
             bin: BinDir {
                 cni_bin_dir: dir.join("bin"),
+            },
+            cluster: ClusterCidrs {
+                cluster_cidrs: vec!["198.19.0.0/16".parse().unwrap()],
+            },
+            mesh: MeshCidrs {
+                mesh_cidrs: vec!["100.64.0.0/16".parse().unwrap()],
             },
             cni_plugin: Some(dir.join("weft-src")),
             cni_reference_plugins: dir.join("reference"),
@@ -536,5 +611,51 @@ mod tests {
             err.contains("--cni-version") && err.contains("1.1.0"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn forwarding_what_the_families_need_keeping_router_advertisements() {
+        let knobs = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let uplinks = vec!["eth0".to_string(), "eth1".to_string()];
+        let ra0 = "/proc/sys/net/ipv6/conf/eth0/accept_ra";
+        let ra1 = "/proc/sys/net/ipv6/conf/eth1/accept_ra";
+        let w = |v: &[(&str, &'static str)]| -> Vec<(String, &'static str)> {
+            v.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        let off = knobs(&[
+            (IPV4_FORWARDING, "0"),
+            (IPV6_FORWARDING, "0"),
+            (ra0, "1"),
+            (ra1, "0"),
+        ]);
+        let on = knobs(&[(IPV4_FORWARDING, "1"), (IPV6_FORWARDING, "1"), (ra0, "1")]);
+        let no_ipv6 = knobs(&[(IPV4_FORWARDING, "0")]);
+        for (v6, current, want) in [
+            // IPv4-only ranges: IPv6 untouched, wherever IPv6 stands.
+            (false, &off, Ok(w(&[(IPV4_FORWARDING, "1")]))),
+            (false, &no_ipv6, Ok(w(&[(IPV4_FORWARDING, "1")]))),
+            // accept_ra 2 on the uplink taking RAs, before forwarding.
+            (
+                true,
+                &off,
+                Ok(w(&[
+                    (IPV4_FORWARDING, "1"),
+                    (ra0, "2"),
+                    (IPV6_FORWARDING, "1"),
+                ])),
+            ),
+            (true, &on, Ok(vec![])),
+            (true, &no_ipv6, Err(ForwardingError::Ipv6Disabled)),
+        ] {
+            assert_eq!(
+                forwarding_writes(v6, current, &uplinks),
+                want,
+                "v6 {v6}, {current:?}"
+            );
+        }
     }
 }

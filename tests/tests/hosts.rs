@@ -167,19 +167,19 @@ fn inside(root: &Path, path: &str) -> PathBuf {
     root.join(path.trim_start_matches('/'))
 }
 
-/// Installs the plugin into `root` as the DaemonSet's init container does
-/// (`meshd install-cni` into the node's CNI and Weft directories), and the
-/// node state and policy state as meshd's first sync publishes them; what
-/// meshd writes as the conflist's plugin configuration, as the runtime
-/// hands it to the plugin.
-fn install(root: &Path) -> Value {
-    for leftover in [BIN_DIR, "/run/weft", "/var/lib/weft"] {
-        let _ = fs::remove_dir_all(inside(root, leftover));
-    }
+/// `meshd install-cni` in the node namespace `node`, into `root`'s CNI
+/// and Weft directories, for the cluster ranges `cidrs`, after the shell
+/// commands `prelude` (in the same mount namespace); its output.
+fn install_cni(node: &str, root: &Path, cidrs: &str, prelude: &str) -> Output {
     let plugin = meshlab::lab::agents::plugin().expect("the static plugin (cni/build-static)");
     let meshd = meshlab::lab::agents::sibling("meshd").expect("meshd is built");
-    let mut cmd = Command::new(meshd);
-    cmd.arg("install-cni")
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", node, "sh", "-c"])
+        .arg(format!("{prelude} exec \"$0\" \"$@\""))
+        .arg(meshd)
+        .arg("install-cni")
+        .arg(format!("--cluster-cidr={cidrs}"))
+        .arg(format!("--mesh-cidr={cidrs}"))
         .arg(format!("--cni-plugin={}", plugin.display()))
         .arg(format!("--cni-bin-dir={}", inside(root, BIN_DIR).display()))
         .arg(format!(
@@ -190,7 +190,19 @@ fn install(root: &Path) -> Value {
             "--cni-ipam-dir={}",
             inside(root, IPAM_DIR).display()
         ));
-    let out = run_bounded(cmd, Duration::from_secs(30));
+    run_bounded(cmd, Duration::from_secs(30))
+}
+
+/// Installs the plugin into `root` as the DaemonSet's init container does
+/// (`meshd install-cni` in the node namespace), and the node state and
+/// policy state as meshd's first sync publishes them; what meshd writes as
+/// the conflist's plugin configuration, as the runtime hands it to the
+/// plugin.
+fn install(node: &str, root: &Path) -> Value {
+    for leftover in [BIN_DIR, "/run/weft", "/var/lib/weft"] {
+        let _ = fs::remove_dir_all(inside(root, leftover));
+    }
+    let out = install_cni(node, root, "198.19.0.0/16,fd98:19::/48", "");
     assert!(
         out.status.success(),
         "meshd install-cni: {}",
@@ -261,7 +273,7 @@ fn plugin(root: &Path, node: &str, command: &str, conf: &Value, pod_netns: &str)
 fn attach_check_detach(root: &Path, prefix: &str) {
     let (node, pod) = (format!("{prefix}-node"), format!("{prefix}-pod"));
     let _ns = Namespaces::new(&[&node, &pod]);
-    let conf = install(root);
+    let conf = install(&node, root);
     let answer = |out: &Output, what: &str| -> Value {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -328,4 +340,90 @@ fn the_installed_plugin_runs_on_debian_11() {
 fn the_installed_plugin_runs_without_any_libc() {
     let dir = tempfile::tempdir().unwrap();
     attach_check_detach(&libc_free_root(dir.path()), "t-hosts-nolibc");
+}
+
+/// `meshd install-cni` lets a node forward only the families its cluster
+/// ranges use: on a host without IPv6 (ipv6.disable=1, emulated by hiding
+/// /proc/sys/net/ipv6 in the install's mount namespace) the IPv4-only
+/// overlay installs, and IPv6 ranges are refused with a clear error. With
+/// IPv6, the uplink that takes router advertisements keeps taking them
+/// (accept_ra 2: with 1, turning forwarding on makes the kernel ignore
+/// them); other interfaces are left as they are.
+#[test]
+fn install_cni_forwards_what_the_ranges_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let node = "t-hosts-fwd";
+    let _ns = Namespaces::new(&[node]);
+    let sysctl = |knob: &str| {
+        ip(&[
+            "netns",
+            "exec",
+            node,
+            "cat",
+            &format!("/proc/sys/net/{knob}"),
+        ])
+        .trim()
+        .to_string()
+    };
+    let no_ipv6 = "mount -t tmpfs none /proc/sys/net/ipv6 &&";
+    let v4 = "198.19.0.0/16";
+    let dual = "198.19.0.0/16,fd98:19::/48";
+
+    let out = install_cni(node, root, v4, no_ipv6);
+    assert!(
+        out.status.success(),
+        "IPv4-only on a host without IPv6: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sysctl("ipv4/ip_forward"), "1");
+    assert_eq!(
+        sysctl("ipv6/conf/all/forwarding"),
+        "0",
+        "IPv6 forwarding turned on for IPv4-only ranges"
+    );
+    let out = install_cni(node, root, dual, no_ipv6);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("ipv6.disable=1"),
+        "{err}"
+    );
+
+    // An uplink with a route learned from router advertisements, and an
+    // interface that takes them but has none.
+    for (link, peer) in [("up0", "up0p"), ("other0", "other0p")] {
+        ip(&[
+            "-n", node, "link", "add", link, "type", "veth", "peer", "name", peer,
+        ]);
+        ip(&["-n", node, "link", "set", link, "up"]);
+        ip(&["-n", node, "link", "set", peer, "up"]);
+        ip(&[
+            "netns",
+            "exec",
+            node,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{link}.accept_ra=1"),
+        ]);
+    }
+    ip(&[
+        "-n", node, "-6", "route", "add", "default", "via", "fe80::1", "dev", "up0", "proto", "ra",
+    ]);
+    let out = install_cni(node, root, dual, "");
+    assert!(
+        out.status.success(),
+        "dual-stack: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sysctl("ipv6/conf/all/forwarding"), "1");
+    assert_eq!(
+        sysctl("ipv6/conf/up0/accept_ra"),
+        "2",
+        "the uplink stops taking router advertisements"
+    );
+    assert_eq!(
+        sysctl("ipv6/conf/other0/accept_ra"),
+        "1",
+        "an interface without RA routes was changed"
+    );
 }
