@@ -71,15 +71,7 @@ fn the_conflist_appears_only_after_meshd_s_first_sync() {
         "an Event about the configuration sorting first",
         Duration::from_secs(10),
         || {
-            let events: Value = serde_json::from_str(&lab.ok(&[
-                "kubectl",
-                "--",
-                "get",
-                "--raw",
-                "/apis/events.k8s.io/v1/namespaces/weft-system/events",
-            ]))
-            .unwrap();
-            events["items"].as_array().unwrap().iter().any(|e| {
+            lab.events().iter().any(|e| {
                 e["reason"] == "WeftCniConfigShadowed"
                     && e["regarding"]["name"] == "node-1"
                     && e["note"]

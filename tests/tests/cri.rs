@@ -172,6 +172,20 @@ async fn sandbox_status(
     (ips, netns)
 }
 
+/// StopPodSandbox (the CNI DEL), then RemovePodSandbox, as kubelet does.
+async fn remove_sandbox(client: &mut RuntimeServiceClient<Channel>, id: String) {
+    client
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
+    client
+        .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
+        .await
+        .expect("RemovePodSandbox");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_cri_sandboxes_get_mesh_addresses_and_release_them() {
     let lab = tokio::task::spawn_blocking(|| Lab::up("t-cri", &["--nodes", "2"]))
@@ -239,16 +253,7 @@ async fn containerd_cri_sandboxes_get_mesh_addresses_and_release_them() {
     .await
     .unwrap();
 
-    one.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: id1.clone(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    one.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: id1,
-    })
-    .await
-    .expect("RemovePodSandbox");
+    remove_sandbox(&mut one, id1).await;
     let held: Value = serde_json::from_slice(
         &std::fs::read(
             lab.dir()
@@ -266,16 +271,7 @@ async fn containerd_cri_sandboxes_get_mesh_addresses_and_release_them() {
             .contains(" wp"),
         "the veth survived"
     );
-    two.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: id2.clone(),
-    })
-    .await
-    .unwrap();
-    two.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: id2,
-    })
-    .await
-    .unwrap();
+    remove_sandbox(&mut two, id2).await;
     tokio::task::spawn_blocking(move || drop(lab))
         .await
         .unwrap();
@@ -358,14 +354,7 @@ async fn a_pod_s_host_port_is_reached_on_its_node_s_address() {
     })
     .await
     .unwrap();
-    one.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: id.clone(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    one.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
-        .await
-        .expect("RemovePodSandbox");
+    remove_sandbox(&mut one, id).await;
     tokio::task::spawn_blocking(move || drop(lab))
         .await
         .unwrap();

@@ -13,10 +13,10 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::run_bounded;
+use common::{run_bounded, run_bounded_with_input};
 use serde_json::Value;
 use weft_ipam::{NodeState, PodStore, PolicyState};
 use weft_meshd::cni::{CniPaths, CniVersion};
@@ -128,21 +128,13 @@ fn debian11_root() -> PathBuf {
         mmdebstrap
             .args(["--quiet", "--variant=essential", "bullseye"])
             .arg(&partial)
-            .arg("-")
-            .stdin(Stdio::piped());
-        let mut child = mmdebstrap
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("mmdebstrap (run tests/setup)");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(sources.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+            .arg("-");
+        // Seconds from a nearby mirror; bounded for a slow one.
+        let out = run_bounded_with_input(
+            mmdebstrap,
+            Some(sources.as_bytes()),
+            Duration::from_secs(600),
+        );
         assert!(
             out.status.success(),
             "mmdebstrap bullseye: {}",
@@ -242,30 +234,13 @@ fn plugin(root: &Path, node: &str, command: &str, conf: &Value, pod_netns: &str)
         .env(
             "CNI_ARGS",
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web",
-        )
-        .stdin(Stdio::piped());
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
+        );
     // Bounded: the plugin answers in milliseconds.
-    let started = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("the plugin's {command} did not finish within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
+    run_bounded_with_input(
+        cmd,
+        Some(conf.to_string().as_bytes()),
+        Duration::from_secs(30),
+    )
 }
 
 /// ADD gives the pod its addresses (seen inside the pod's namespace),
@@ -370,11 +345,16 @@ fn install_cni_forwards_what_the_ranges_need() {
     let v4 = "198.19.0.0/16";
     let dual = "198.19.0.0/16,fd98:19::/48";
 
-    let out = install_cni(node, root, v4, no_ipv6);
-    assert!(
-        out.status.success(),
-        "IPv4-only on a host without IPv6: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let installed = |out: Output, what: &str| {
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    installed(
+        install_cni(node, root, v4, no_ipv6),
+        "IPv4-only on a host without IPv6",
     );
     assert_eq!(sysctl("ipv4/ip_forward"), "1");
     assert_eq!(
@@ -409,12 +389,7 @@ fn install_cni_forwards_what_the_ranges_need() {
     ip(&[
         "-n", node, "-6", "route", "add", "default", "via", "fe80::1", "dev", "up0", "proto", "ra",
     ]);
-    let out = install_cni(node, root, dual, "");
-    assert!(
-        out.status.success(),
-        "dual-stack: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    installed(install_cni(node, root, dual, ""), "dual-stack");
     assert_eq!(sysctl("ipv6/conf/all/forwarding"), "1");
     assert_eq!(
         sysctl("ipv6/conf/up0/accept_ra"),
