@@ -237,9 +237,12 @@ pub struct ConfDirPlan {
 
 /// The conf dir holding the files `names`, with the mesh at `readiness`.
 pub fn plan_conf_dir(readiness: Readiness, names: &[String]) -> ConfDirPlan {
+    // An earlier version's conflist goes with the first sync (once ours is
+    // written) or with a reboot; a meshd upgraded within the boot keeps it
+    // until then, so the runtime never sees the network vanish.
     let stale = names
         .iter()
-        .filter(|n| OLD_CONFLISTS.contains(&n.as_str()))
+        .filter(|n| readiness != Readiness::Inherited && OLD_CONFLISTS.contains(&n.as_str()))
         .cloned()
         .collect();
     let mut ahead: Vec<String> = names
@@ -530,16 +533,16 @@ mod tests {
             "04-x.json",
             "99-loopback.conf",
         ]);
-        for (readiness, ours) in [
-            (Readiness::Synced, Ours::Write),
-            (Readiness::Inherited, Ours::Keep),
-            (Readiness::NotYet, Ours::Remove),
+        for (readiness, ours, stale) in [
+            (Readiness::Synced, Ours::Write, &["10-weft.conflist"][..]),
+            (Readiness::Inherited, Ours::Keep, &[]),
+            (Readiness::NotYet, Ours::Remove, &["10-weft.conflist"]),
         ] {
             assert_eq!(
                 plan_conf_dir(readiness, &dir),
                 ConfDirPlan {
                     ours,
-                    stale: names(&["10-weft.conflist"]),
+                    stale: names(stale),
                     ahead: names(&["00-other.conf", "04-x.json"]),
                 },
                 "{readiness:?}"
