@@ -26,23 +26,6 @@ use crate::spec::{
     version_info, AddResult, CniError, Code, Command, Env, Interface, IpConfig, RouteConfig,
 };
 
-/// The node-side veth of an attachment: stable, unique, within 15 characters.
-pub fn host_veth(attachment: &Attachment) -> String {
-    format!(
-        "{POD_VETH_PREFIX}{:012x}",
-        hash(&format!(
-            "{}/{}",
-            attachment.container_id, attachment.ifname
-        )) >> 16
-    )
-}
-
-fn hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 fn is_pod_veth(name: &str) -> bool {
     name.strip_prefix(POD_VETH_PREFIX)
         .is_some_and(|hex| hex.len() == 12 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -170,7 +153,7 @@ fn wire(
     addresses: &[IpNet],
     mtu: u32,
 ) -> Result<AddResult, CniError> {
-    let host_name = host_veth(attachment);
+    let host_name = attachment.host_veth();
     let peer_name = format!("wq{}", &host_name[2..]);
     let mut host = Netlink::open()?;
     // A previous ADD of this attachment that died half-way left this (its
@@ -323,7 +306,7 @@ fn in_netns<T>(netns: &File, f: impl FnOnce() -> Result<T, CniError>) -> Result<
 /// Deletes the node-side veth (its pod end goes with it).
 fn unwire(attachment: &Attachment) -> Result<(), CniError> {
     let mut host = Netlink::open()?;
-    if let Some(l) = host.link(&host_veth(attachment))? {
+    if let Some(l) = host.link(&attachment.host_veth())? {
         host.del_link(l.header.index)?;
     }
     Ok(())
@@ -347,10 +330,10 @@ fn check(env: &Env, conf: &NetConf, attachment: &Attachment) -> Result<(), CniEr
             ))
         })?;
     let mut host = Netlink::open()?;
-    let host_link = host.link(&host_veth(attachment))?.ok_or_else(|| {
+    let host_link = host.link(&attachment.host_veth())?.ok_or_else(|| {
         mismatch(format!(
             "the node-side veth {} is missing",
-            host_veth(attachment)
+            attachment.host_veth()
         ))
     })?;
     let routes: Vec<RouteMessage> = [
@@ -371,7 +354,7 @@ fn check(env: &Env, conf: &NetConf, attachment: &Attachment) -> Result<(), CniEr
             return Err(mismatch(format!(
                 "the node has no route for {} to {}",
                 addr.addr(),
-                host_veth(attachment)
+                attachment.host_veth()
             )));
         }
     }
@@ -424,7 +407,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     })?;
     let live: BTreeSet<Attachment> = valid.iter().map(Attachment::from).collect();
     PodStore::new(&conf.ipam_dir).gc(&live)?;
-    let keep: BTreeSet<String> = live.iter().map(host_veth).collect();
+    let keep: BTreeSet<String> = live.iter().map(Attachment::host_veth).collect();
     let mut host = Netlink::open()?;
     for (name, index) in host.links()? {
         if is_pod_veth(&name) && !keep.contains(&name) {
@@ -516,18 +499,12 @@ mod tests {
     }
 
     #[test]
-    fn host_veth_names_are_short_stable_and_distinct() {
+    fn pod_veths_are_told_by_name() {
         let a = Attachment {
             container_id: "abc".into(),
             ifname: "eth0".into(),
         };
-        let b = Attachment {
-            container_id: "abc".into(),
-            ifname: "net1".into(),
-        };
-        assert_eq!(host_veth(&a), host_veth(&a.clone()));
-        assert_ne!(host_veth(&a), host_veth(&b));
-        assert!(is_pod_veth(&host_veth(&a)));
-        assert!(host_veth(&a).len() <= 15);
+        assert!(is_pod_veth(&a.host_veth()));
+        assert!(!is_pod_veth("eth0") && !is_pod_veth("wpz00000000000"));
     }
 }

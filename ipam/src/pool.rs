@@ -28,6 +28,16 @@ impl Attachment {
     fn key(&self) -> String {
         format!("{}/{}", self.container_id, self.ifname)
     }
+
+    /// Its node-side veth (the plugin names it so; meshd looks for it):
+    /// stable, unique, within the 15 characters of an interface name.
+    pub fn host_veth(&self) -> String {
+        // FNV-1a of the key.
+        let hash = self.key().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        format!("{POD_VETH_PREFIX}{:012x}", hash >> 16)
+    }
 }
 
 /// Why an address could not be handed out.
@@ -104,6 +114,11 @@ impl Allocations {
     /// Every attachment holding addresses.
     pub fn attachments(&self) -> impl Iterator<Item = &Attachment> {
         self.held.values().map(|h| &h.attachment)
+    }
+
+    /// Every attachment with the pod the runtime said it is, if it did.
+    pub fn holders(&self) -> impl Iterator<Item = (&Attachment, Option<&PodRef>)> {
+        self.held.values().map(|h| (&h.attachment, h.pod.as_ref()))
     }
 
     /// Every attached pod the runtime named, with its addresses.
@@ -193,6 +208,18 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn host_veth_names_are_short_stable_and_distinct() {
+        let b = Attachment {
+            ifname: "net1".into(),
+            ..att(1)
+        };
+        assert_eq!(att(1).host_veth(), att(1).clone().host_veth());
+        assert_ne!(att(1).host_veth(), b.host_veth());
+        assert!(att(1).host_veth().starts_with(POD_VETH_PREFIX));
+        assert_eq!(att(1).host_veth().len(), 14);
     }
 
     #[test]

@@ -123,6 +123,16 @@ impl PodStore {
             .collect())
     }
 
+    /// Every attachment holding addresses, with the pod the runtime said
+    /// it is (read without the lock).
+    pub fn holders(&self) -> Result<Vec<(Attachment, Option<PodRef>)>, StoreError> {
+        Ok(self
+            .read()?
+            .holders()
+            .map(|(a, pod)| (a.clone(), pod.cloned()))
+            .collect())
+    }
+
     /// What `attachment` holds.
     pub fn get(&self, attachment: &Attachment) -> Result<Option<Vec<IpNet>>, StoreError> {
         self.locked(|a| Ok(a.get(attachment).map(<[IpNet]>::to_vec)))

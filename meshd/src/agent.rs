@@ -40,7 +40,7 @@ use crate::liveness::Liveness;
 use crate::metrics::{PeerLabels, ReasonLabels, StateLabels};
 use crate::model::NodeInfo;
 use crate::model::{
-    ClusterRanges, ClusterSnapshot, DesiredNode, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
+    ClusterRanges, ClusterSnapshot, DesiredNode, LinkCosts, LocalConfig, Relay, Verdict,
 };
 use crate::node_blocks::{PodCidrSource, CLAIM_LABEL};
 use crate::planner::{backstops, prune, OwnKeys, ParseMemo};
@@ -87,9 +87,8 @@ pub struct RunArgs {
     /// Publish this endpoint instead of InternalIP:listen-port.
     #[arg(long)]
     pub endpoint: Option<SocketAddr>,
-    /// The cluster's mesh ranges (one IPv4, optionally one IPv6); the same on every node.
-    #[arg(long = "mesh-cidr", env = "WEFT_MESH_CIDRS", value_delimiter = ',', default_values = ["100.64.0.0/16", "fd64:77:65::/64"])]
-    pub mesh_cidrs: Vec<IpNet>,
+    #[command(flatten)]
+    pub mesh: crate::model::MeshCidrs,
     /// Seconds between keepalives to each peer; 0 turns them (and peer liveness) off.
     #[arg(long, env = "WEFT_PERSISTENT_KEEPALIVE", default_value_t = 10)]
     pub persistent_keepalive: u16,
@@ -133,6 +132,13 @@ pub struct RunArgs {
     pub resync: u64,
     #[command(flatten)]
     pub cni: crate::cni::CniPaths,
+    #[command(flatten)]
+    pub conflist: crate::cni::ConflistArgs,
+    /// A pod address allocation whose Pod has left this node for this long
+    /// (and whose veth is gone) is released: runtimes on libcni < 1.2 never
+    /// send CNI GC for attachments whose DEL never came.
+    #[arg(long, env = "WEFT_POD_GC_GRACE", default_value = "5m")]
+    pub pod_gc_grace: humantime::Duration,
     #[command(flatten)]
     pub blocks: crate::node_blocks::BlockArgs,
     /// Enforce Kubernetes NetworkPolicy for this node's pods (needs `nft`).
@@ -266,13 +272,7 @@ fn own_proofs(me: &NodeInfo, keys: &OwnKeys, state: &KeyState) -> Result<KeyProo
 
 /// The cluster's ranges from `--cluster-cidr` and `--mesh-cidr`.
 pub fn cluster_ranges(args: &RunArgs) -> Result<ClusterRanges> {
-    if args.blocks.cluster_cidrs.is_empty() {
-        anyhow::bail!("--cluster-cidr is required: the cluster's pod ranges (one IPv4, optionally one IPv6), the same on every node; every node's pod ranges must lie inside them");
-    }
-    Ok(ClusterRanges {
-        pods: Ranges::from_flag("--cluster-cidr", &args.blocks.cluster_cidrs)?,
-        mesh: Ranges::from_flag("--mesh-cidr", &args.mesh_cidrs)?,
-    })
+    ClusterRanges::from_flags(&args.blocks.cluster, &args.mesh)
 }
 
 async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
@@ -334,6 +334,9 @@ struct Agent {
     /// pods' reported addresses to their node's).
     pod_cidrs: tokio::sync::watch::Sender<Option<Arc<NodePodCidrs>>>,
     policy: PolicyStatus,
+    /// Other CNI configurations last found sorting before Weft's (warned
+    /// about on change).
+    conf_ahead: Vec<String>,
 }
 
 /// The NetworkPolicies this node publishes it enforces: the engine's
@@ -396,6 +399,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "meshd on this node",
         crate::lock::WAIT,
     )?;
+    // Until this meshd's first sync the runtime sees Weft's network only if
+    // a meshd made it since boot (and it still carries traffic).
+    crate::cni::tend_conf_dir(
+        &args.conflist,
+        &args.cni,
+        crate::cni::readiness_at_start(&args.cni),
+    )?;
     let sealing = args
         .sealing_key_file
         .as_deref()
@@ -410,7 +420,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "starting"
     );
     let client = client(args.kubeconfig.as_ref()).await?;
-    crate::cni::enable_forwarding()?;
+    crate::cni::enable_forwarding(&ranges).await?;
+    let gc = crate::pod_gc::run(
+        client.clone(),
+        args.node_name.clone(),
+        weft_ipam::PodStore::new(&args.cni.cni_ipam_dir),
+        *args.pod_gc_grace,
+    );
+    tokio::spawn(async move {
+        if let Err(e) = gc.await {
+            tracing::error!(error = %format!("{e:#}"), "pod address collection stopped");
+        }
+    });
     let health = Arc::new(Health::new(args.network_policy));
     http::serve(args.metrics_addr, health.clone()).await?;
     // Before the first sync can publish the node state: the plugin then
@@ -534,6 +555,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         planned: false,
         needs_sync: true,
         pod_cidrs,
+        conf_ahead: Vec::new(),
         policy: PolicyStatus {
             reports: policy_reports,
             published: policy_published,
@@ -1006,7 +1028,8 @@ impl Agent {
         }
         // Only now may pods attach: the node state is what the CNI plugin
         // waits for, and the mesh their traffic needs is in place.
-        self.publish_for_cni(&decision.claim.pod_cidrs, mtu)?;
+        self.publish_for_cni(&decision.claim.pod_cidrs, mtu, me)
+            .await?;
         // Decided on what this pass changed: keys the device now holds may
         // be announced, and a mechanism learnt from the device may start
         // a requested rotation.
@@ -1014,12 +1037,43 @@ impl Agent {
     }
 
     /// Publishes the node state the CNI plugin reads (the plugin attaches
-    /// nothing until it exists).
-    fn publish_for_cni(&mut self, pod_cidrs: &[IpNet], mtu: u32) -> Result<()> {
+    /// nothing until it exists), then the conflist (the runtime sees the
+    /// network from then on); warns when another configuration would win.
+    async fn publish_for_cni(
+        &mut self,
+        pod_cidrs: &[IpNet],
+        mtu: u32,
+        me: &NodeInfo,
+    ) -> Result<()> {
         let node_state = weft_ipam::NodeState::new(pod_cidrs.to_vec(), mtu);
         if crate::cni::publish_state(&self.args.cni.cni_state_file, &node_state)? {
             tracing::info!(path = %self.args.cni.cni_state_file.display(), "published the node state for the CNI plugin");
         }
+        let plan = crate::cni::tend_conf_dir(
+            &self.args.conflist,
+            &self.args.cni,
+            crate::cni::Readiness::Synced,
+        )?;
+        if plan.ahead != self.conf_ahead && !plan.ahead.is_empty() {
+            let note = format!(
+                "{} in {} sort before Weft's {}: runtimes use the first CNI configuration by name, so pods on this node get that network; remove them",
+                plan.ahead.join(", "),
+                self.args.conflist.dir.cni_conf_dir.display(),
+                crate::cni::CONFLIST
+            );
+            tracing::warn!(ahead = ?plan.ahead, "{note}");
+            let warning = cluster::Warning {
+                action: "WriteCniConfig",
+                reason: "WeftCniConfigShadowed",
+                note,
+            };
+            let uid = (!me.uid.is_empty()).then(|| me.uid.clone());
+            match cluster::warn(&self.events, &me.name, uid, warning).await {
+                Ok(()) => self.health.metrics.count_write("event"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not record an Event"),
+            }
+        }
+        self.conf_ahead = plan.ahead;
         Ok(())
     }
 

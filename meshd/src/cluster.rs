@@ -195,23 +195,45 @@ impl Events {
 /// (`kubectl describe node` finds Events regarding a Node in any
 /// namespace.)
 pub async fn report_exclusion(events: &Events, node: &Node, note: String) -> Result<()> {
+    let warning = Warning {
+        action: "ExcludeFromMesh",
+        reason: "WeftAnnotationsRejected",
+        note,
+    };
+    warn(events, &node.name_any(), node.uid(), warning).await
+}
+
+/// What a Warning Event says.
+pub struct Warning {
+    pub action: &'static str,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// A Warning Event regarding the Node `name` (of `uid`).
+pub async fn warn(
+    events: &Events,
+    name: &str,
+    uid: Option<String>,
+    warning: Warning,
+) -> Result<()> {
     let event = Event {
         metadata: ObjectMeta {
-            generate_name: Some(format!("{}.", node.name_any())),
+            generate_name: Some(format!("{name}.")),
             ..ObjectMeta::default()
         },
         event_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
         reporting_controller: Some("weft-meshd".into()),
         reporting_instance: Some(events.instance.clone()),
-        action: Some("ExcludeFromMesh".into()),
-        reason: Some("WeftAnnotationsRejected".into()),
+        action: Some(warning.action.into()),
+        reason: Some(warning.reason.into()),
         type_: Some("Warning".into()),
-        note: Some(note.chars().take(1024).collect()),
+        note: Some(warning.note.chars().take(1024).collect()),
         regarding: Some(ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Node".into()),
-            name: Some(node.name_any()),
-            uid: node.uid(),
+            name: Some(name.into()),
+            uid,
             ..ObjectReference::default()
         }),
         ..Event::default()

@@ -255,6 +255,45 @@ impl Ranges {
     }
 }
 
+/// `--cluster-cidr`: the cluster's pod ranges (one IPv4, optionally one
+/// IPv6), the same on every node; every node's pod ranges (and the blocks
+/// nodes claim) lie inside them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterCidrs {
+    #[arg(
+        long = "cluster-cidr",
+        env = "WEFT_CLUSTER_CIDRS",
+        value_delimiter = ','
+    )]
+    pub cluster_cidrs: Vec<IpNet>,
+}
+
+/// `--mesh-cidr`: the cluster's mesh ranges (one IPv4, optionally one
+/// IPv6), the same on every node.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MeshCidrs {
+    #[arg(long = "mesh-cidr", env = "WEFT_MESH_CIDRS", value_delimiter = ',', default_values = ["100.64.0.0/16", "fd64:77:65::/64"])]
+    pub mesh_cidrs: Vec<IpNet>,
+}
+
+impl ClusterRanges {
+    /// From the flags; errors name them.
+    pub fn from_flags(cluster: &ClusterCidrs, mesh: &MeshCidrs) -> anyhow::Result<Self> {
+        if cluster.cluster_cidrs.is_empty() {
+            anyhow::bail!("--cluster-cidr is required: the cluster's pod ranges (one IPv4, optionally one IPv6), the same on every node; every node's pod ranges must lie inside them");
+        }
+        Ok(ClusterRanges {
+            pods: Ranges::from_flag("--cluster-cidr", &cluster.cluster_cidrs)?,
+            mesh: Ranges::from_flag("--mesh-cidr", &mesh.mesh_cidrs)?,
+        })
+    }
+
+    /// Whether any range is IPv6 (the node then forwards IPv6).
+    pub fn has_v6(&self) -> bool {
+        self.pods.v6.is_some() || self.mesh.v6.is_some()
+    }
+}
+
 /// The cluster's address plan, the same on every node: what pods and
 /// WireGuard interfaces are numbered from. Every claim must lie inside it,
 /// and all of it is unreachable unless a mesh route says otherwise.

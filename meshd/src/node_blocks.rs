@@ -46,14 +46,9 @@ pub struct BlockArgs {
         default_value = "node-or-blocks"
     )]
     pub pod_cidr_source: PodCidrSource,
-    /// Cluster pod ranges (at most one per family) that node blocks are
-    /// carved from when a Node has no spec.podCIDRs.
-    #[arg(
-        long = "cluster-cidr",
-        env = "WEFT_CLUSTER_CIDRS",
-        value_delimiter = ','
-    )]
-    pub cluster_cidrs: Vec<IpNet>,
+    /// Node blocks are carved from these when a Node has no spec.podCIDRs.
+    #[command(flatten)]
+    pub cluster: crate::model::ClusterCidrs,
     #[arg(long, env = "WEFT_NODE_BLOCK_V4", default_value_t = 24)]
     pub node_block_v4: u8,
     #[arg(long, env = "WEFT_NODE_BLOCK_V6", default_value_t = 64)]
@@ -66,8 +61,12 @@ pub struct BlockArgs {
 impl BlockArgs {
     /// The block plans, one per family, naming the flag on error.
     pub fn plans(&self) -> Result<Vec<BlockPlan>> {
-        plans(&self.cluster_cidrs, self.node_block_v4, self.node_block_v6)
-            .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))
+        plans(
+            &self.cluster.cluster_cidrs,
+            self.node_block_v4,
+            self.node_block_v6,
+        )
+        .map_err(|e| anyhow::anyhow!("--cluster-cidr {e}"))
     }
 }
 
@@ -247,7 +246,9 @@ mod tests {
     fn args(cidrs: &[&str]) -> BlockArgs {
         BlockArgs {
             pod_cidr_source: PodCidrSource::NodeOrBlocks,
-            cluster_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            cluster: crate::model::ClusterCidrs {
+                cluster_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            },
             node_block_v4: 24,
             node_block_v6: 64,
             block_namespace: "weft-system".into(),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::cni::{CniPaths, RuntimeDirs};
+use crate::cni::{BinDir, CniPaths, ConfDir, OLD_CONFLISTS};
 use crate::dataplane;
 use crate::reconcile::netlink::Netlink;
 
@@ -21,7 +21,9 @@ pub struct UninstallArgs {
     #[command(flatten)]
     pub paths: CniPaths,
     #[command(flatten)]
-    pub dirs: RuntimeDirs,
+    pub bin: BinDir,
+    #[command(flatten)]
+    pub conf: ConfDir,
     /// meshd's state directory (its key and the pod address store).
     #[arg(long, default_value = "/var/lib/weft")]
     pub state_dir: PathBuf,
@@ -32,15 +34,22 @@ pub struct UninstallArgs {
 /// Files and directories to remove, in order (pure: tested from a table).
 pub fn files(args: &UninstallArgs) -> Vec<PathBuf> {
     let socket_dir = Path::new(dataplane::SOCKET_DIR);
-    let mut out = vec![
-        args.dirs.conflist(),
-        args.dirs.plugin(),
+    // The conflist first: the runtime stops using the network before the
+    // plugin goes. (loopback and portmap stay: they may be the host's own.)
+    let mut out = vec![args.conf.conflist()];
+    out.extend(
+        OLD_CONFLISTS
+            .iter()
+            .map(|name| args.conf.cni_conf_dir.join(name)),
+    );
+    out.extend([
+        args.bin.plugin(),
         args.paths.cni_state_file.clone(),
         args.paths.cni_ipam_dir.clone(),
         args.state_dir.clone(),
         socket_dir.join(format!("{}.sock", args.interface)),
         socket_dir.join(format!("{}.lock", args.interface)),
-    ];
+    ]);
     // The state file's directory is Weft's own (`/run/weft`).
     if let Some(parent) = args.paths.cni_state_file.parent() {
         out.push(parent.to_path_buf());
@@ -148,8 +157,10 @@ mod tests {
                 cni_state_file: d.join("run/weft/node.json"),
                 cni_ipam_dir: d.join("var/lib/weft/ipam"),
             },
-            dirs: RuntimeDirs {
+            bin: BinDir {
                 cni_bin_dir: d.join("opt/cni/bin"),
+            },
+            conf: ConfDir {
                 cni_conf_dir: d.join("etc/cni/net.d"),
             },
             state_dir: d.join("var/lib/weft"),
@@ -159,6 +170,7 @@ mod tests {
         };
         let ours = [
             "opt/cni/bin/weft",
+            "etc/cni/net.d/05-weft.conflist",
             "etc/cni/net.d/10-weft.conflist",
             "run/weft/node.json",
             "var/lib/weft/key.json",
@@ -166,6 +178,7 @@ mod tests {
         ];
         let others = [
             "opt/cni/bin/bridge",
+            "opt/cni/bin/loopback",
             "etc/cni/net.d/20-other.conflist",
             "run/other",
         ];

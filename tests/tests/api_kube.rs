@@ -611,10 +611,12 @@ async fn twenty_nodes_claiming_blocks_at_once_get_distinct_ones() {
     let lab = server(Options::default()).await;
     let args = weft_meshd::node_blocks::BlockArgs {
         pod_cidr_source: weft_meshd::node_blocks::PodCidrSource::NodeOrBlocks,
-        cluster_cidrs: vec![
-            "198.19.0.0/16".parse().unwrap(),
-            "fd98:19::/48".parse().unwrap(),
-        ],
+        cluster: weft_meshd::model::ClusterCidrs {
+            cluster_cidrs: vec![
+                "198.19.0.0/16".parse().unwrap(),
+                "fd98:19::/48".parse().unwrap(),
+            ],
+        },
         node_block_v4: 24,
         node_block_v6: 64,
         block_namespace: "kube-system".into(),

@@ -13,7 +13,7 @@ use common::{wait_for, Lab};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     LinuxPodSandboxConfig, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
+    PortMapping, Protocol, RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
 };
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -57,9 +57,12 @@ fn start_containerd(lab: &Lab, node: &str, image: &Path) -> PathBuf {
     let (host, root) = (node_dir.join("root"), node_dir.join("containerd"));
     let (bin, conf) = (host.join("opt/cni/bin"), host.join("etc/cni/net.d"));
     std::fs::create_dir_all(&root).unwrap();
-    // containerd 1.6 sets up the pod's loopback with the loopback plugin from the same bin_dir.
-    std::fs::copy("/usr/lib/cni/loopback", bin.join("loopback"))
-        .expect("containernetworking-plugins (run tests/setup)");
+    // containerd 1.6 sets up the pod's loopback with the loopback plugin
+    // from the same bin_dir: the install-cni container installed it.
+    assert!(
+        bin.join("loopback").is_file(),
+        "install-cni left out loopback"
+    );
     let socket = root.join("containerd.sock");
     let config = format!(
         r#"version = 2
@@ -169,6 +172,20 @@ async fn sandbox_status(
     (ips, netns)
 }
 
+/// StopPodSandbox (the CNI DEL), then RemovePodSandbox, as kubelet does.
+async fn remove_sandbox(client: &mut RuntimeServiceClient<Channel>, id: String) {
+    client
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
+    client
+        .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
+        .await
+        .expect("RemovePodSandbox");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_cri_sandboxes_get_mesh_addresses_and_release_them() {
     let lab = tokio::task::spawn_blocking(|| Lab::up("t-cri", &["--nodes", "2"]))
@@ -236,16 +253,7 @@ async fn containerd_cri_sandboxes_get_mesh_addresses_and_release_them() {
     .await
     .unwrap();
 
-    one.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: id1.clone(),
-    })
-    .await
-    .expect("StopPodSandbox");
-    one.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: id1,
-    })
-    .await
-    .expect("RemovePodSandbox");
+    remove_sandbox(&mut one, id1).await;
     let held: Value = serde_json::from_slice(
         &std::fs::read(
             lab.dir()
@@ -263,16 +271,90 @@ async fn containerd_cri_sandboxes_get_mesh_addresses_and_release_them() {
             .contains(" wp"),
         "the veth survived"
     );
-    two.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: id2.clone(),
+    remove_sandbox(&mut two, id2).await;
+    tokio::task::spawn_blocking(move || drop(lab))
+        .await
+        .unwrap();
+}
+
+/// A process killed when dropped, even if the test failed.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A pod's hostPort is reached on its node's address: containerd hands the
+/// sandbox's port mappings (the pod spec's hostPorts, as kubelet passes
+/// them) to the plugins with the `portMappings` capability, and Weft's
+/// conflist chains `portmap` (installed by install-cni) after its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_s_host_port_is_reached_on_its_node_s_address() {
+    let lab = tokio::task::spawn_blocking(|| Lab::up("t-hostport", &["--nodes", "2"]))
+        .await
+        .unwrap();
+    let image = sandbox_image(&lab.dir());
+    let mut one = cri(&start_containerd(&lab, "node-1", &image)).await;
+    let config = PodSandboxConfig {
+        port_mappings: vec![PortMapping {
+            protocol: Protocol::Tcp.into(),
+            container_port: 8080,
+            host_port: 30080,
+            host_ip: String::new(),
+        }],
+        ..sandbox_config("web")
+    };
+    let id = one
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("RunPodSandbox with a hostPort")
+        .into_inner()
+        .pod_sandbox_id;
+    let (ips, netns) = sandbox_status(&mut one, &id).await;
+    let lab = tokio::task::spawn_blocking(move || {
+        lab.register_pod("default", "web", "node-1", &serde_json::json!({}), &ips);
+        let _server = Killed(
+            Command::new("nsenter")
+                .arg(format!("--net={netns}"))
+                .args([
+                    "busybox",
+                    "nc",
+                    "-ll",
+                    "-p",
+                    "8080",
+                    "-e",
+                    "/bin/echo",
+                    "hostport-ok",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("busybox (run tests/setup)"),
+        );
+        // From node-2, to node-1's underlay address (198.18.1.k for node k).
+        let ask = || {
+            Command::new("ip")
+                .args(["netns", "exec", &format!("{}-node-2", lab.name)])
+                .args(["busybox", "nc", "-w", "2", "198.18.1.1", "30080"])
+                .output()
+                .unwrap()
+        };
+        wait_for(
+            "node-2 to reach the pod's hostPort on node-1's address",
+            Duration::from_secs(15),
+            || String::from_utf8_lossy(&ask().stdout).contains("hostport-ok"),
+        );
+        lab
     })
     .await
     .unwrap();
-    two.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: id2,
-    })
-    .await
-    .unwrap();
+    remove_sandbox(&mut one, id).await;
     tokio::task::spawn_blocking(move || drop(lab))
         .await
         .unwrap();

@@ -9,18 +9,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{node, pid_of_meshd, signal, wait_for, Hostile, Lab};
+use common::{node, pid_of_meshd, signal, stop_meshd, wait_for, Hostile, Lab};
 use serde_json::Value;
-
-/// Stops a node's meshd cleanly (its data plane stays) and waits for it.
-fn stop_meshd(lab: &Lab, name: &str) {
-    signal(pid_of_meshd(lab, name), "-TERM");
-    wait_for(
-        &format!("{name}'s meshd to exit"),
-        Duration::from_secs(5),
-        || node(&lab.status(), name)["meshd"]["running"] == false,
-    );
-}
 
 fn dataplane_pid(lab: &Lab, name: &str) -> i32 {
     let found: Vec<i32> = lab

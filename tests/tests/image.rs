@@ -60,6 +60,9 @@ fn the_image_builds_and_a_podman_lab_carries_pod_traffic() {
     for bin in ["meshd", "meshctl", "weft"] {
         run("ls", &format!("/usr/local/bin/{bin}"));
     }
+    for plugin in weft_meshd::cni::REFERENCE_PLUGINS {
+        run("ls", &format!("/usr/lib/cni/{plugin}"));
+    }
 
     let lab = Lab::up(
         "t-podman",
@@ -92,9 +95,18 @@ fn the_image_builds_and_a_podman_lab_carries_pod_traffic() {
             format!("t-podman-node-2-meshd {image}"),
         ]
     );
-    // The init container installed the image's plugin on each node.
+    // The init container installed the image's plugin (static: it runs on
+    // the host) and the reference plugins on each node.
     for node in ["node-1", "node-2"] {
-        assert!(lab.dir().join(node).join("root/opt/cni/bin/weft").is_file());
+        let bin = lab.dir().join(node).join("root/opt/cni/bin");
+        let weft = std::fs::read(bin.join("weft")).unwrap();
+        assert_eq!(
+            weft_meshd::elf::linking(&weft),
+            Ok(weft_meshd::elf::Linking::Static)
+        );
+        for plugin in weft_meshd::cni::REFERENCE_PLUGINS {
+            assert!(bin.join(plugin).is_file(), "{node} lacks {plugin}");
+        }
     }
     // Pod traffic both ways, both families.
     let pods = lab.pods();

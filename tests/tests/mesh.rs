@@ -508,18 +508,9 @@ fn hostile_nodes_are_excluded_on_every_node() {
         "node-1's pods are no longer routed through the mesh on node-2: {routes}"
     );
     // Each exclusion is an Event on the offending Node.
-    let events: Value = serde_json::from_str(&lab.ok(&[
-        "kubectl",
-        "--",
-        "get",
-        "--raw",
-        "/apis/events.k8s.io/v1/namespaces/weft-system/events",
-    ]))
-    .unwrap();
+    let events = lab.events();
     for Hostile { name, reason, .. } in &hostile {
-        let about: Vec<&Value> = events["items"]
-            .as_array()
-            .unwrap()
+        let about: Vec<&Value> = events
             .iter()
             .filter(|e| e["regarding"]["name"] == *name)
             .collect();

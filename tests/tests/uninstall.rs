@@ -39,7 +39,7 @@ fn the_cleanup_daemonset_leaves_nothing_of_weft_on_any_node() {
     let root = |node: &str| lab.dir().join(node).join("root");
     let files = [
         "opt/cni/bin/weft",
-        "etc/cni/net.d/10-weft.conflist",
+        "etc/cni/net.d/05-weft.conflist",
         "run/weft",
         "var/lib/weft",
     ];

@@ -66,7 +66,12 @@ fn main() -> ExitCode {
             offloads,
             iface,
         } => dataplane::builtin::serve(&iface, mode, offloads),
-        Cmd::InstallCni(args) => cni::install(&args).and_then(|()| cni::enable_forwarding()),
+        Cmd::InstallCni(args) => cni::install(&args).and_then(|ranges| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(cni::enable_forwarding(&ranges))
+        }),
         Cmd::Uninstall(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -196,6 +196,39 @@ impl Netlink {
             .context("deleting an address")
     }
 
+    /// The interfaces holding IPv6 routes learned from router
+    /// advertisements (the uplinks that take them), by name.
+    pub async fn ra_interfaces(&self) -> Result<Vec<String>> {
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<std::net::Ipv6Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .context("listing IPv6 routes")?;
+        let indexes: BTreeSet<u32> = routes
+            .iter()
+            .filter(|m| m.header.protocol == RouteProtocol::Ra)
+            .flat_map(|m| &m.attributes)
+            .filter_map(|a| match a {
+                RouteAttribute::Oif(index) => Some(*index),
+                _ => None,
+            })
+            .collect();
+        let mut names = Vec::new();
+        for index in indexes {
+            let mut links = self.handle.link().get().match_index(index).execute();
+            if let Some(link) = links.try_next().await.context("looking up a link")? {
+                names.extend(link.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name.clone()),
+                    _ => None,
+                }));
+            }
+        }
+        Ok(names)
+    }
+
     /// Every route with Weft's protocol, in the main table, both families.
     pub async fn our_routes(&self, wg_index: Option<u32>) -> Result<Vec<Found>> {
         let mut found = Vec::new();

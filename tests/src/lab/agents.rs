@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use weft_meshd::cni::CONFLIST;
@@ -46,6 +46,35 @@ pub fn sibling(name: &str) -> Result<PathBuf> {
         }
     }
     anyhow::bail!("{name} not found next to {}: build the workspace (cargo build --workspace) or set MESHLAB_{}", exe.display(), name.to_uppercase())
+}
+
+/// The `weft` plugin the lab installs: its static build beside meshlab's
+/// (`target/<host triple>/<profile>/weft`, from cni/build-static), as the
+/// image has it; `$MESHLAB_WEFT` overrides.
+pub fn plugin() -> Result<PathBuf> {
+    if let Some(explicit) = std::env::var_os("MESHLAB_WEFT") {
+        return Ok(explicit.into());
+    }
+    let meshd = sibling("meshd")?;
+    // Seen from a test binary: target/<profile>/deps/../meshd.
+    let meshd = meshd
+        .canonicalize()
+        .with_context(|| format!("{}", meshd.display()))?;
+    let profile_dir = meshd.parent().context("meshd has no directory")?;
+    let (Some(target), Some(profile)) = (profile_dir.parent(), profile_dir.file_name()) else {
+        bail!("{} is not in a cargo target directory", meshd.display());
+    };
+    let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+    let path = target
+        .join(triple)
+        .join(profile)
+        .join(weft_meshd::cni::PLUGIN);
+    ensure!(
+        path.is_file(),
+        "{} not found: build the static plugin with cni/build-static (the lab installs what the image has) or set MESHLAB_WEFT",
+        path.display()
+    );
+    Ok(path)
 }
 
 fn node_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
@@ -143,15 +172,19 @@ pub fn cni_conf_dir(dir: &LabDir, node: &NodePlan) -> PathBuf {
     root(dir, node).join("etc/cni/net.d")
 }
 
-/// The node's conflist, as the install-cni container wrote it, with the
+/// The node's conflist, as meshd wrote it after its first sync, with the
 /// host paths in it resolved in the node's filesystem as the node's runtime
 /// resolves them: a container writes the paths it was given (`/run/weft/…`
 /// from the image, `<root>/run/weft/…` as a process), and on the lab
 /// machine the node's `/` is `<root>`.
 pub fn conflist(dir: &LabDir, node: &NodePlan) -> Result<serde_json::Value> {
     let path = cni_conf_dir(dir, node).join(CONFLIST);
-    let bytes = fs::read(&path)
-        .with_context(|| format!("{} (did the install-cni container run?)", path.display()))?;
+    let bytes = fs::read(&path).with_context(|| {
+        format!(
+            "{} (meshd writes it after its first successful sync)",
+            path.display()
+        )
+    })?;
     let mut conflist: serde_json::Value = serde_json::from_slice(&bytes)?;
     let lab = dir.path();
     for plugin in conflist["plugins"].as_array_mut().into_iter().flatten() {
@@ -458,8 +491,11 @@ fn spawn(
 /// built beside meshlab and paths mapped into the node's directory.
 fn process_command(node: &NodePlan, p: &manifest::Process) -> Result<Command> {
     let meshd = sibling("meshd")?;
-    let bin_dir = meshd.parent().context("meshd has no directory")?;
-    let (argv, env) = p.on_host(bin_dir);
+    let plugin = plugin()?;
+    let (argv, env) = p.on_host(manifest::Binaries {
+        dir: meshd.parent().context("meshd has no directory")?,
+        plugin: &plugin,
+    });
     let (program, args) = argv.split_first().context("an empty command")?;
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &node.netns])

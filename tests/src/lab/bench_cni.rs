@@ -62,7 +62,7 @@ pub fn run(cycles: usize, progress: &mut dyn FnMut(&str)) -> Result<Vec<Latencie
                                     "isGateway": true, "ipMasq": false,
                                     "ipam": {"type": "host-local", "dataDir": work.join("host-local"),
                                              "ranges": [[{"subnet": "198.19.9.0/24"}], [{"subnet": "fd98:19:0:9::/64"}]]}});
-        let weft = agents::sibling("weft")?;
+        let weft = agents::plugin()?;
         let mut out = Vec::new();
         for (plugin, binary, conf) in [
             ("weft", weft, weft_conf),

@@ -262,19 +262,31 @@ pub struct Process {
     pub replaced: bool,
 }
 
+/// What the lab runs for the image's binaries (in [`IMAGE_BIN_DIR`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Binaries<'a> {
+    /// The build's own (`target/<profile>`): meshd, meshctl.
+    pub dir: &'a Path,
+    /// The CNI plugin as the image has it: its static build
+    /// (cni/build-static), since it runs on the host.
+    pub plugin: &'a Path,
+}
+
 impl Process {
     /// The command and environment as a process on the lab node runs
     /// them: every path inside a mount becomes the mount's source, and the
-    /// image's binaries the ones built beside meshlab (`bin_dir`).
-    pub fn on_host(&self, bin_dir: &Path) -> (Vec<String>, Vec<(String, String)>) {
+    /// image's binaries the ones built beside meshlab (`bin`).
+    pub fn on_host(&self, bin: Binaries) -> (Vec<String>, Vec<(String, String)>) {
+        let plugin = format!("{IMAGE_BIN_DIR}/{}", weft_meshd::cni::PLUGIN);
         // Longest mount first, so that a nested mount wins.
         let mut mounts: Vec<(&str, &Path)> = self
             .mounts
             .iter()
             .map(|m| (m.container.trim_end_matches('/'), m.host.as_path()))
+            .chain([(plugin.as_str(), bin.plugin)])
             .collect();
         mounts.sort_by_key(|(m, _)| std::cmp::Reverse(m.len()));
-        let map = |s: &String| map_path(s, &mounts, bin_dir);
+        let map = |s: &String| map_path(s, &mounts, bin.dir);
         let argv = self.argv.iter().map(map).collect();
         let env = self.env.iter().map(|(k, v)| (k.clone(), map(v))).collect();
         (argv, env)
@@ -573,7 +585,10 @@ mod tests {
             "the data plane opens /dev/net/tun, which kubelet only bind-mounts"
         );
         // As a process on the lab node: the node's paths, the build's binaries.
-        let bin = Path::new("/src/target/debug");
+        let bin = Binaries {
+            dir: Path::new("/src/target/debug"),
+            plugin: Path::new("/src/target/x86_64-unknown-linux-gnu/debug/weft"),
+        };
         let (argv, env) = meshd.on_host(bin);
         assert_eq!(argv[0], "/src/target/debug/meshd");
         assert!(argv.contains(&"--state-dir=/run/meshlab/t/node-1/root/var/lib/weft".to_string()));
@@ -587,7 +602,8 @@ mod tests {
         assert!(
             install.contains(&"--cni-bin-dir=/run/meshlab/t/node-1/root/opt/cni/bin".to_string())
         );
-        assert!(install.contains(&"--cni-plugin=/src/target/debug/weft".to_string()));
+        assert!(install
+            .contains(&"--cni-plugin=/src/target/x86_64-unknown-linux-gnu/debug/weft".to_string()));
         // Shared paths stay what they are.
         assert!(!pod[2]
             .dirs

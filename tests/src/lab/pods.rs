@@ -34,6 +34,15 @@ pub fn netns_name(lab: &str, namespace: &str, name: &str) -> String {
     format!("{lab}-pod-{namespace}-{name}")
 }
 
+/// The `weft` plugin's configuration as a runtime hands it over from the
+/// conflist: the plugin's entry with the list's `cniVersion` and `name`.
+pub fn weft_config(conflist: &Value) -> Value {
+    let mut conf = conflist["plugins"][0].clone();
+    conf["cniVersion"] = conflist["cniVersion"].clone();
+    conf["name"] = conflist["name"].clone();
+    conf
+}
+
 /// Runs the node's installed plugin with `command` for a pod.
 fn cni(
     dir: &LabDir,
@@ -72,13 +81,10 @@ pub fn status(dir: &LabDir, node: &NodePlan) -> Result<()> {
 /// conflist's plugin configuration on stdin, in the node's namespace.
 fn plugin(dir: &LabDir, node: &NodePlan, command: &str, vars: &[(&str, &str)]) -> Result<Value> {
     let bin = agents::cni_bin_dir(dir, node);
-    let conflist = agents::conflist(dir, node)?;
-    let mut conf = conflist["plugins"][0].clone();
-    conf["cniVersion"] = conflist["cniVersion"].clone();
-    conf["name"] = conflist["name"].clone();
+    let conf = weft_config(&agents::conflist(dir, node)?);
     let mut child = Command::new("ip")
         .args(["netns", "exec", &node.netns])
-        .arg(bin.join("weft"))
+        .arg(bin.join(weft_meshd::cni::PLUGIN))
         .env_clear()
         .env("CNI_COMMAND", command)
         .envs(vars.iter().copied())

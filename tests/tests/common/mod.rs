@@ -143,6 +143,19 @@ impl Lab {
         self.ok(&[&["kubectl", "--"], args].concat())
     }
 
+    /// Meshd's Events (events.k8s.io, in `weft-system`).
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let events: serde_json::Value = serde_json::from_str(&self.ok(&[
+            "kubectl",
+            "--",
+            "get",
+            "--raw",
+            "/apis/events.k8s.io/v1/namespaces/weft-system/events",
+        ]))
+        .expect("the event list is JSON");
+        events["items"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Every pod of the lab as `(name, node, ips)`, from `meshlab status`.
     pub fn pods(&self) -> Vec<(String, String, Vec<String>)> {
         self.status()["pods"]
@@ -263,6 +276,16 @@ pub fn pid_of_meshd(lab: &Lab, name: &str) -> i64 {
         .unwrap_or_else(|| panic!("{name}'s meshd is not running"))
 }
 
+/// Stops a node's meshd cleanly (its data plane stays) and waits for it.
+pub fn stop_meshd(lab: &Lab, name: &str) {
+    signal(pid_of_meshd(lab, name), "-TERM");
+    wait_for(
+        &format!("{name}'s meshd to exit"),
+        Duration::from_secs(5),
+        || node(&lab.status(), name)["meshd"]["running"] == false,
+    );
+}
+
 /// `kill SIG PID`, which must succeed.
 pub fn signal(pid: i64, sig: &str) {
     assert!(
@@ -276,13 +299,24 @@ pub fn signal(pid: i64, sig: &str) {
 }
 
 /// Runs a command, killing it if it outlives `limit`.
-pub fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
-    use std::io::Read;
+pub fn run_bounded(cmd: Command, limit: Duration) -> Output {
+    run_bounded_with_input(cmd, None, limit)
+}
+
+/// [`run_bounded`] with `input` on the command's stdin.
+pub fn run_bounded_with_input(mut cmd: Command, input: Option<&[u8]>, limit: Duration) -> Output {
+    use std::io::{Read, Write};
+    if input.is_some() {
+        cmd.stdin(std::process::Stdio::piped());
+    }
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawning a command");
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(input).expect("writing the command's stdin");
+    }
     let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let readers = (
         std::thread::spawn(move || {
