@@ -12,7 +12,10 @@ use rtnetlink::packet_core::{
     NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoVeth, LinkAttribute, LinkInfo,
+    LinkMessage,
+};
 use rtnetlink::packet_route::route::RouteMessage;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -168,6 +171,26 @@ impl Netlink {
             NLM_F_CREATE | NLM_F_EXCL,
         )
         .map(drop)
+    }
+
+    /// Gives link `index` no IPv6 link-local address (addr_gen_mode none,
+    /// set while it is down). The node's end of a pod veth needs none: the
+    /// pod's gateway is a global address on it. And once a link-local
+    /// address is valid the node multicasts from it (MLD), which leaves
+    /// routes holding the device, so deleting the veth waits for a second
+    /// RCU grace period: ~20 ms of every DEL (seen with `perf record -e
+    /// sched:sched_switch -g`: netdev_run_todo's second rcu_barrier).
+    pub fn no_link_local(&mut self, index: u32) -> Result<()> {
+        let mut message = LinkUnspec::new_with_index(index).build();
+        message
+            .attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]));
+        self.set_link(
+            "turning off the node side's IPv6 link-local address",
+            message,
+        )
     }
 
     /// Applies a link change (up, MTU, rename, namespace).

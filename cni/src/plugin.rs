@@ -166,7 +166,7 @@ fn wire(
         .link(&host_name)?
         .ok_or_else(|| CniError::new(Code::Io, "the new veth vanished"))?;
     let (host_index, host_mac) = index_and_mac(&host_link);
-    no_dad(&host_name)?;
+    host.no_link_local(host_index)?;
     host.set_link(
         "setting the node's veth up",
         LinkUnspec::new_with_index(host_index).up().build(),

@@ -1,7 +1,7 @@
 //! `meshlab bench cni`: ADD and DEL latency of the `weft` plugin against
 //! Debian's reference bridge + host-local, both dual-stack, measured in one
-//! run from inside the same node namespace. Each cycle: a fresh pod
-//! namespace (not timed), ADD (timed), DEL (timed).
+//! run from inside the same node namespace, cycle by cycle in turn. Each
+//! cycle: a fresh pod namespace (not timed), ADD (timed), DEL (timed).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -63,35 +63,47 @@ pub fn run(cycles: usize, progress: &mut dyn FnMut(&str)) -> Result<Vec<Latencie
                                     "ipam": {"type": "host-local", "dataDir": work.join("host-local"),
                                              "ranges": [[{"subnet": "198.19.9.0/24"}], [{"subnet": "fd98:19:0:9::/64"}]]}});
         let weft = agents::plugin()?;
-        let mut out = Vec::new();
-        for (plugin, binary, conf) in [
+        let plugins = [
             ("weft", weft, weft_conf),
             (
                 "bridge+host-local",
                 Path::new(REFERENCE_PLUGINS).join("bridge"),
                 reference_conf,
             ),
-        ] {
-            let mut l = Latencies {
+        ];
+        let mut out: Vec<Latencies> = plugins
+            .iter()
+            .map(|(plugin, _, _)| Latencies {
                 plugin,
                 add: Vec::new(),
                 del: Vec::new(),
-            };
-            for i in 0..cycles {
+            })
+            .collect();
+        // Interleaved, cycle by cycle: both plugins see the same machine.
+        for i in 0..cycles {
+            for ((plugin, binary, conf), l) in plugins.iter().zip(&mut out) {
                 let pod = format!("{LAB}-pod-{i}");
                 netns::ip(&["netns", "add", &pod])?;
-                let container = format!("bench{i}");
+                let container = format!(
+                    "bench{i}-{}",
+                    plugin
+                        .split(|c: char| !c.is_ascii_alphanumeric())
+                        .next()
+                        .unwrap_or("p")
+                );
                 l.add
-                    .push(invoke(&node, &binary, "ADD", &container, &pod, &conf)?);
+                    .push(invoke(&node, binary, "ADD", &container, &pod, conf)?);
                 l.del
-                    .push(invoke(&node, &binary, "DEL", &container, &pod, &conf)?);
+                    .push(invoke(&node, binary, "DEL", &container, &pod, conf)?);
                 netns::delete(&pod)?;
             }
+        }
+        for l in &out {
             progress(&format!(
-                "{plugin}: {cycles} ADD/DEL cycles, ADD median {:.2} ms",
+                "{}: {cycles} ADD/DEL cycles, ADD median {:.2} ms",
+                l.plugin,
                 ms(percentile(&l.add, 0.5))
             ));
-            out.push(l);
         }
         Ok(out)
     })();
