@@ -4,19 +4,23 @@
 //! namespace the calling thread is in when it is opened.
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::RawFd;
 
 use ipnet::IpNet;
 use rtnetlink::packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{
     AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoVeth, LinkAttribute, LinkInfo,
     LinkMessage,
 };
-use rtnetlink::packet_route::route::RouteMessage;
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::{RouteMessage, RouteType};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use rtnetlink::{LinkUnspec, LinkVeth};
@@ -193,6 +197,34 @@ impl Netlink {
         )
     }
 
+    /// Tells the node `ip` is at `mac` on link `index`, for good (a
+    /// permanent neighbour entry, gone with the link). The node end of a
+    /// pod veth has no IPv6 link-local address (see [`Self::no_link_local`]),
+    /// and the kernel solicits an IPv6 neighbour only from one: without
+    /// this, traffic forwarded to the pod's IPv6 address never leaves.
+    pub fn add_permanent_neighbour(&mut self, index: u32, ip: IpAddr, mac: &Mac) -> Result<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = match ip {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        m.header.ifindex = index;
+        m.header.state = NeighbourState::Permanent;
+        m.header.kind = RouteType::Unicast;
+        m.attributes.push(NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.clone()));
+        self.request(
+            &format!("telling the node where {ip} is"),
+            RouteNetlinkMessage::NewNeighbour(m),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+    }
+
     /// Applies a link change (up, MTU, rename, namespace).
     pub fn set_link(&mut self, what: &str, message: LinkMessage) -> Result<()> {
         self.request(what, RouteNetlinkMessage::SetLink(message), 0)
@@ -284,20 +316,25 @@ impl Netlink {
 }
 
 /// A link's index and MAC address (`aa:bb:…`).
-pub fn index_and_mac(link: &LinkMessage) -> (u32, String) {
+pub fn index_and_mac(link: &LinkMessage) -> (u32, Mac) {
     let mac = link
         .attributes
         .iter()
         .find_map(|a| match a {
-            LinkAttribute::Address(bytes) => Some(
-                bytes
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(":"),
-            ),
+            LinkAttribute::Address(bytes) => Some(Mac(bytes.clone())),
             _ => None,
         })
         .unwrap_or_default();
     (link.header.index, mac)
+}
+
+/// A link-layer address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mac(pub Vec<u8>);
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hex: Vec<String> = self.0.iter().map(|b| format!("{b:02x}")).collect();
+        f.write_str(&hex.join(":"))
+    }
 }

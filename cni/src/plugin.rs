@@ -215,17 +215,20 @@ fn wire(
         }
         Ok(mac)
     })?;
+    for addr in addresses.iter().filter(|a| a.addr().is_ipv6()) {
+        host.add_permanent_neighbour(host_index, addr.addr(), &pod_mac)?;
+    }
     Ok(AddResult {
         interfaces: vec![
             Interface {
                 name: host_name,
-                mac: host_mac,
+                mac: host_mac.to_string(),
                 sandbox: String::new(),
                 mtu: Some(mtu),
             },
             Interface {
                 name: env.ifname.clone(),
-                mac: pod_mac,
+                mac: pod_mac.to_string(),
                 sandbox: env.netns.clone(),
                 mtu: Some(mtu),
             },

@@ -18,9 +18,9 @@ use crate::render::{
 };
 use weft_ipam::POD_VETH_PREFIX;
 
-/// kube-proxy's dummy interface holding the addresses of IPVS virtual
-/// servers (Services, in IPVS mode).
-pub const IPVS_INTERFACE: &str = "kube-ipvs0";
+/// The input hook priority of `to_node`: after IPVS's (98, 99) and NAT's
+/// (100), so that what IPVS takes is judged where it leaves (output).
+const AFTER_IPVS: i32 = 150;
 
 /// What a transaction changes, for logs, metrics and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -276,14 +276,19 @@ fn skeleton() -> Vec<Value> {
     let pod_veth = format!("{POD_VETH_PREFIX}*");
     // `to_node`: what pods send to the node itself (its kubelet, node-local
     // DNS, host-network pods) takes the input hook, not forward; it gets
-    // the same egress verdicts. Except what is bound for an IPVS virtual
-    // server (kube-proxy's `kube-ipvs0` addresses): its destination is
-    // rewritten after this hook, so judging it here would judge the
-    // Service's address, not the pod it reaches.
+    // the same egress verdicts. It runs after IPVS's input hooks
+    // (priorities 98 and 99, kube-proxy's IPVS mode), which take Service
+    // traffic away before it: IPVS sends that on from the node (output)
+    // with the pod's address still its source, and `out_egress` and
+    // `out_ingress` judge it there, by the pod that sent it and the pod it
+    // reaches. What the node sends from its own addresses (kubelet probes)
+    // is not policed, as upstream expects.
     for (name, hook, prio, direction) in [
         ("egress", "forward", 0, Direction::Egress),
         ("ingress", "forward", 10, Direction::Ingress),
-        ("to_node", "input", 0, Direction::Egress),
+        ("to_node", "input", AFTER_IPVS, Direction::Egress),
+        ("out_egress", "output", 0, Direction::Egress),
+        ("out_ingress", "output", 10, Direction::Ingress),
     ] {
         let (field, via) = match direction {
             Direction::Egress => ("saddr", "iifname"),
@@ -295,7 +300,17 @@ fn skeleton() -> Vec<Value> {
         ));
         let from_pod =
             json!({"match": {"op": "==", "left": {"meta": {"key": via}}, "right": pod_veth}});
-        if direction == Direction::Egress {
+        // Sent by the node itself: nothing came in on a pod veth to check.
+        let sent_by_node = hook == "output";
+        if sent_by_node {
+            cmds.push(add(
+                "rule",
+                json!({"chain": name, "comment": "the node's own traffic", "expr": [
+                    {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["saddr"]}}, "right": "local"}},
+                    {"accept": null}]}),
+            ));
+        }
+        if direction == Direction::Egress && !sent_by_node {
             cmds.push(add(
                 "rule",
                 json!({"chain": name, "comment": "a pod sends only from its own addresses", "expr": [
@@ -315,12 +330,6 @@ fn skeleton() -> Vec<Value> {
                                "right": {"set": ["nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-solicit"]}}},
                     {"accept": null}]}),
             ));
-            cmds.push(add(
-                "rule",
-                json!({"chain": name, "comment": "an IPVS virtual server: judged once its destination is known", "expr": [
-                    {"match": {"op": "==", "left": {"fib": {"result": "oifname", "flags": ["daddr"]}}, "right": IPVS_INTERFACE}},
-                    {"accept": null}]}),
-            ));
         }
         cmds.push(add(
             "rule",
@@ -336,11 +345,13 @@ fn skeleton() -> Vec<Value> {
                     "data": format!("@{}", map.name())}}]}),
             ));
         }
-        cmds.push(add(
-            "rule",
-            json!({"chain": name, "comment": "a pod not programmed yet", "expr": [
-                from_pod, {"counter": null}, {"drop": null}]}),
-        ));
+        if !(sent_by_node && direction == Direction::Egress) {
+            cmds.push(add(
+                "rule",
+                json!({"chain": name, "comment": "a pod not programmed yet", "expr": [
+                    from_pod, {"counter": null}, {"drop": null}]}),
+            ));
+        }
     }
     cmds
 }

@@ -200,37 +200,37 @@ fn self_allocated_blocks_are_distinct_carry_pods_and_go_with_their_node() {
 /// makes it answer (tcpdump in its namespace, bounded).
 fn seen_by_outside(lab: &Lab, ping: &[&str]) -> (bool, String) {
     let outside = meshlab::lab::topology::outside_netns(&lab.name);
-    lab.first_echo(&outside, "eth0", ping)
+    match ping.last().is_some_and(|target| target.contains(':')) {
+        true => lab.first_echo6(&outside, "eth0", ping),
+        false => lab.first_echo(&outside, "eth0", ping),
+    }
+}
+
+/// `pod exec POD -- ping …` of `target`, twice, bounded.
+fn ping_from<'a>(pod: &'a str, target: &'a str) -> [&'a str; 11] {
+    [
+        "pod", "exec", pod, "--", "ping", "-n", "-c", "2", "-W", "2", target,
+    ]
 }
 
 /// Pods reach a host outside the cluster (which routes back only to the
-/// nodes' underlay): their packets leave masqueraded to their node's
-/// address. Without masquerading (`WEFT_MASQUERADE=false`) the same ping
+/// nodes' underlay), in both families: their packets leave masqueraded to
+/// their node's address. Without masquerading (`WEFT_MASQUERADE=false`) the same ping
 /// leaves with the pod's address, gets no answer, and the sentinel counts
 /// a cluster address on the fabric.
 #[test]
 fn pods_reach_the_world_masqueraded() {
-    let outside = meshlab::lab::topology::OUTSIDE_HOST.to_string();
-    let ping = [
-        "pod",
-        "exec",
-        "pod-1-1",
-        "--",
-        "ping",
-        "-n",
-        "-c",
-        "2",
-        "-W",
-        "2",
-        outside.as_str(),
-    ];
+    use meshlab::lab::topology::{OUTSIDE_HOST, OUTSIDE_HOST6};
+    let (outside, outside6) = (OUTSIDE_HOST.to_string(), OUTSIDE_HOST6.to_string());
     let lab = Lab::up("t-egress", &["--nodes", "2", "--pods-per-node", "1"]);
-    let (answered, source) = seen_by_outside(&lab, &ping);
-    assert!(answered, "a pod's ping to {outside} got no answer");
-    assert_eq!(
-        source, "198.18.1.1",
-        "the outside host saw {source:?}, not node-1's address"
-    );
+    for (target, node1) in [(&outside, "198.18.1.1"), (&outside6, "2001:db8:18::1")] {
+        let (answered, source) = seen_by_outside(&lab, &ping_from("pod-1-1", target));
+        assert!(answered, "a pod's ping to {target} got no answer");
+        assert_eq!(
+            source, node1,
+            "the outside host saw {source:?}, not node-1's address"
+        );
+    }
     drop(lab);
 
     let lab = Lab::up(
@@ -248,14 +248,16 @@ fn pods_reach_the_world_masqueraded() {
         .pods()
         .into_iter()
         .find(|(name, _, _)| name.ends_with("pod-1-1"))
-        .map(|(_, _, ips)| ips[0].clone())
+        .map(|(_, _, ips)| ips)
         .expect("pod-1-1");
-    let (answered, source) = seen_by_outside(&lab, &ping);
-    assert!(
-        !answered,
-        "answered without masquerading: the test cannot tell"
-    );
-    assert_eq!(source, pod, "unmasqueraded, the pod's own address arrives");
+    for (target, own) in [(&outside, &pod[0]), (&outside6, &pod[1])] {
+        let (answered, source) = seen_by_outside(&lab, &ping_from("pod-1-1", target));
+        assert!(
+            !answered,
+            "answered without masquerading: the test cannot tell"
+        );
+        assert_eq!(&source, own, "unmasqueraded, the pod's own address arrives");
+    }
     assert!(
         lab.plaintext().unwrap_or(0) > 0,
         "the sentinel saw no pod address"
@@ -272,11 +274,7 @@ fn pods_reach_the_world_masqueraded() {
 #[test]
 fn pods_reach_other_nodes_hosts_through_the_mesh() {
     use meshlab::lab::topology::wg_interface;
-    let ping = |to: &'static str| {
-        [
-            "pod", "exec", "pod-1-1", "--", "ping", "-n", "-c", "2", "-W", "2", to,
-        ]
-    };
+    let ping = |to: &'static str| ping_from("pod-1-1", to);
     let lab = Lab::up("t-hosts", &["--nodes", "3", "--pods-per-node", "1"]);
     let pod = lab
         .pods()

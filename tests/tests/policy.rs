@@ -710,3 +710,149 @@ fn a_pod_s_egress_policy_governs_its_own_node_too() {
         "x/a's own pings arrive"
     );
 }
+
+/// IPVS's path for UDP to a virtual server, with the same hooks and
+/// addresses: the datagram, locally delivered to `VIP:PORT` (an address on
+/// `kube-ipvs0`), is taken at the input hook before the filter chains (the
+/// lab drops it at priority 99, where IPVS takes it; this reads it as it
+/// arrived), and the node sends it on to `TARGET:PORT` with the client
+/// pod's address still its source (the output hook; what a policy drops
+/// there fails the send with EPERM).
+const IPVS_STANDIN: &str = "import socket,struct,sys
+vip,port,target=socket.inet_aton(sys.argv[1]),int(sys.argv[2]),sys.argv[3]
+r=socket.socket(socket.AF_PACKET,socket.SOCK_DGRAM,socket.htons(0x0800))
+while True:
+  p=r.recv(4096)
+  h=(p[0]&15)*4
+  if p[9]!=17 or p[16:20]!=vip or struct.unpack('!H',p[h+2:h+4])[0]!=port: continue
+  src,sport=socket.inet_ntoa(p[12:16]),struct.unpack('!H',p[h:h+2])[0]
+  o=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)
+  o.setsockopt(socket.SOL_IP,19,1)
+  o.bind((src,sport))
+  try: o.sendto(p[h+8:],(target,port))
+  except PermissionError: pass
+  o.close()";
+
+/// Service traffic that kube-proxy's IPVS mode carries never crosses the
+/// forward hook on the client's node: it is delivered locally to a
+/// virtual server and sent on by the node. Weft judges it where its
+/// destination is known (output), by the client's egress policy: allowed
+/// to the backend's pods, it arrives; allowed elsewhere only, it does not,
+/// while an unisolated pod's still does. (This host has no IPVS; the
+/// stand-in takes the same hooks with the same addresses.)
+#[test]
+fn service_traffic_through_ipvs_is_judged_by_the_client_s_egress_policy() {
+    let lab = Lab::up("t-ipvs", &["--nodes", "2"]);
+    add_pod(&lab, "node-1", "x/client", &["app=client"]);
+    add_pod(&lab, "node-1", "x/other", &[]);
+    let web = add_pod(&lab, "node-2", "x/web", &["app=web"]);
+    let vip = "10.96.100.1";
+    // kube-proxy's is a dummy; this kernel has no dummy module, and an
+    // empty bridge holds an address just as well.
+    for step in [
+        vec!["ip", "link", "add", "kube-ipvs0", "type", "bridge"],
+        vec!["ip", "addr", "add", "10.96.100.1/32", "dev", "kube-ipvs0"],
+        vec!["ip", "link", "set", "kube-ipvs0", "up"],
+        vec![
+            "nft",
+            "add table ip ipvs-standin; add chain ip ipvs-standin in { type filter hook input priority 99; }; \
+             add rule ip ipvs-standin in ip daddr 10.96.100.1 udp dport 9999 counter drop",
+        ],
+    ] {
+        lab.ok(&[&["exec", "node-1", "--"], step.as_slice()].concat());
+    }
+    let mut relay = lab
+        .command(&[
+            "exec",
+            "node-1",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            IPVS_STANDIN,
+            vip,
+            "9999",
+            &web[0],
+        ])
+        .spawn()
+        .unwrap();
+    let send = |from: &str| {
+        let script = format!(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+             for _ in range(3): s.sendto(b'x',('{vip}',9999))"
+        );
+        in_pod(&lab, from, &["/usr/bin/python3", "-c", &script]);
+    };
+    // Datagrams reaching x/web (no listener: counted as NoPorts).
+    let arrives = |from: &str| {
+        let before = snmp(&lab, "x/web", "Udp", "NoPorts");
+        send(from);
+        std::thread::sleep(Duration::from_millis(300));
+        snmp(&lab, "x/web", "Udp", "NoPorts") > before
+    };
+    wait_for("the stand-in to relay", Duration::from_secs(10), || {
+        arrives("x/client")
+    });
+    let egress_to = |app: &str| {
+        create(
+            &lab,
+            &format!("to-{app}.yaml"),
+            &format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                 metadata: {{name: client-to-{app}, namespace: x}}\n\
+                 spec: {{podSelector: {{matchLabels: {{app: client}}}}, policyTypes: [Egress], \
+                 egress: [{{to: [{{podSelector: {{matchLabels: {{app: {app}}}}}}}]}}]}}\n"
+            ),
+        )
+    };
+    // What reached IPVS's priority at the input hook (nothing judged it
+    // before: the virtual server's address is no destination policy knows).
+    let taken = || -> u64 {
+        let chain = lab.ok(&[
+            "exec",
+            "node-1",
+            "--",
+            "nft",
+            "list",
+            "chain",
+            "ip",
+            "ipvs-standin",
+            "in",
+        ]);
+        let after = chain.split("packets ").nth(1).unwrap_or_default();
+        after
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .unwrap_or(0)
+    };
+    let revision = egress_to("web");
+    wait_programmed(&lab, "node-1", revision);
+    let before = taken();
+    assert!(
+        arrives("x/client"),
+        "allowed to x/web's pods, yet refused through the virtual server"
+    );
+    assert!(
+        taken() >= before + 3,
+        "the datagrams were judged before IPVS's turn"
+    );
+    lab.ok(&[
+        "kubectl",
+        "--",
+        "delete",
+        "networkpolicy",
+        "-n",
+        "x",
+        "client-to-web",
+    ]);
+    let revision = egress_to("db");
+    wait_programmed(&lab, "node-1", revision);
+    assert!(
+        !arrives("x/client"),
+        "x/client's egress allows only app=db, yet x/web got its datagrams"
+    );
+    assert!(arrives("x/other"), "an unisolated pod's datagrams stopped");
+    let _ = relay.kill();
+    let _ = relay.wait();
+}

@@ -9,7 +9,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use super::topology::{LabPlan, NodePlan, FABRIC_GATEWAY, FABRIC_GATEWAY6};
+use super::topology::{
+    LabPlan, NodePlan, FABRIC_GATEWAY, FABRIC_GATEWAY6, FABRIC_UNDERLAY6, UNDERLAY6_PREFIX,
+};
 
 const NETNS_DIR: &str = "/run/netns";
 
@@ -51,6 +53,11 @@ pub fn create_fabric(plan: &LabPlan) -> Result<()> {
     ip_in(ns, &["addr", "add", &gw, "dev", &plan.bridge])?;
     let gw6 = format!("{FABRIC_GATEWAY6}/64");
     ip_in(ns, &["addr", "add", &gw6, "dev", &plan.bridge, "nodad"])?;
+    let underlay6 = format!("{FABRIC_UNDERLAY6}/{UNDERLAY6_PREFIX}");
+    ip_in(
+        ns,
+        &["addr", "add", &underlay6, "dev", &plan.bridge, "nodad"],
+    )?;
     super::sentinel::arm(ns)?;
     ip_in(ns, &["link", "set", &plan.bridge, "up"])?;
     for (i, site) in (1..).zip(&plan.sites) {
@@ -64,13 +71,17 @@ pub fn create_fabric(plan: &LabPlan) -> Result<()> {
         super::sites::apply(ns, &plan.sites)?;
     }
     create_outside(plan)?;
-    sysctl(ns, "net.ipv4.ip_forward=1")
+    sysctl(ns, "net.ipv4.ip_forward=1")?;
+    sysctl(ns, "net.ipv6.conf.all.forwarding=1")
 }
 
 /// The outside host ([`super::topology::OUTSIDE_HOST`]): a namespace on a
 /// veth from the fabric, routing back to the underlays only.
 fn create_outside(plan: &LabPlan) -> Result<()> {
-    use super::topology::{outside_netns, OUTSIDE_GATEWAY, OUTSIDE_HOST, OUTSIDE_PREFIX};
+    use super::topology::{
+        outside_netns, OUTSIDE_GATEWAY, OUTSIDE_GATEWAY6, OUTSIDE_HOST, OUTSIDE_HOST6,
+        OUTSIDE_PREFIX,
+    };
     let fabric = plan.fabric_netns.as_str();
     let outside = outside_netns(&plan.name);
     ip(&["netns", "add", &outside])?;
@@ -91,6 +102,17 @@ fn create_outside(plan: &LabPlan) -> Result<()> {
             "outside",
         ],
     )?;
+    ip_in(
+        fabric,
+        &[
+            "addr",
+            "add",
+            &format!("{OUTSIDE_GATEWAY6}/64"),
+            "dev",
+            "outside",
+            "nodad",
+        ],
+    )?;
     ip_in(fabric, &["link", "set", "outside", "up"])?;
     ip_in(
         &outside,
@@ -102,7 +124,30 @@ fn create_outside(plan: &LabPlan) -> Result<()> {
             "eth0",
         ],
     )?;
+    ip_in(
+        &outside,
+        &[
+            "addr",
+            "add",
+            &format!("{OUTSIDE_HOST6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )?;
     ip_in(&outside, &["link", "set", "eth0", "up"])?;
+    let underlay6 = ipnet::Ipv6Net::new(FABRIC_UNDERLAY6, UNDERLAY6_PREFIX)?;
+    ip_in(
+        &outside,
+        &[
+            "-6",
+            "route",
+            "add",
+            &underlay6.trunc().to_string(),
+            "via",
+            &OUTSIDE_GATEWAY6.to_string(),
+        ],
+    )?;
     let gateway = OUTSIDE_GATEWAY.to_string();
     let underlays = std::iter::once(plan.fabric_cidr).chain(plan.sites.iter().map(|s| s.cidr));
     for underlay in underlays {
@@ -177,6 +222,10 @@ pub fn create_node(plan: &LabPlan, node: &NodePlan) -> Result<()> {
     };
     let addr = format!("{}/{prefix_len}", node.underlay);
     ip_in(ns, &["addr", "add", &addr, "dev", &node.interface])?;
+    if let Some(v6) = super::topology::underlay6(node) {
+        let addr = format!("{v6}/{UNDERLAY6_PREFIX}");
+        ip_in(ns, &["addr", "add", &addr, "dev", &node.interface, "nodad"])?;
+    }
     ip_in(ns, &["link", "set", &node.interface, "up"])?;
     // Default routes, as every real node has: whatever a node does not
     // route itself goes out onto the fabric, where the sentinel sees it.

@@ -2,7 +2,7 @@
 //! interface names, underlay addresses, pod CIDRs and node labels.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -32,6 +32,16 @@ pub const OUTSIDE_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// The fabric's address towards the outside host.
 pub const OUTSIDE_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const OUTSIDE_PREFIX: u8 = 24;
+/// The outside host's IPv6 address (documentation range) and the fabric's
+/// towards it, on a /64.
+pub const OUTSIDE_HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 0x10);
+pub const OUTSIDE_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 1);
+/// The flat fabric's IPv6 underlay (/64): node `k` has `2001:db8:18::k`
+/// beside its IPv4 underlay, the fabric `2001:db8:18::ffff`, as real
+/// dual-stack nodes have global IPv6 addresses to masquerade pods' IPv6
+/// to. (Nodes on sites have IPv4 only.)
+pub const UNDERLAY6_PREFIX: u8 = 64;
+pub const FABRIC_UNDERLAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, 0xffff);
 /// Node `k` gets underlay `198.18.1.k` (on a site: `198.18.(16 + site).k`).
 pub const MAX_NODES: usize = 250;
 /// Site `i`'s subnet is `198.18.(16 + i).0/24`, its gateway `.254`.
@@ -436,6 +446,14 @@ pub fn node_plan(lab: &str, k: usize, spec: &LabSpec) -> Result<NodePlan> {
 /// The node's WireGuard interface name. UAPI sockets live in one directory
 /// (/var/run/wireguard) for the whole machine, so names must differ across
 /// labs as well as nodes: a short hash of the lab name, then the node number.
+/// A node's IPv6 underlay address: on the flat fabric only.
+pub fn underlay6(node: &NodePlan) -> Option<Ipv6Addr> {
+    let [.., k] = node.underlay.octets();
+    node.site
+        .is_none()
+        .then(|| Ipv6Addr::new(0x2001, 0xdb8, 0x18, 0, 0, 0, 0, u16::from(k)))
+}
+
 pub fn wg_interface(lab: &str, k: usize) -> String {
     let hash = lab.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)

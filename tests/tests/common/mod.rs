@@ -436,16 +436,26 @@ impl Lab {
     /// request seen on `iface` in `netns` meanwhile ("" for none; tcpdump
     /// bounded to 10 s).
     pub fn first_echo(&self, netns: &str, iface: &str, ping: &[&str]) -> (bool, String) {
+        self.first_packet(netns, iface, "icmp[icmptype] == icmp-echo", ping)
+    }
+
+    /// [`Lab::first_echo`] for IPv6 echo requests.
+    pub fn first_echo6(&self, netns: &str, iface: &str, ping: &[&str]) -> (bool, String) {
+        self.first_packet(netns, iface, "icmp6 and ip6[40] == 128", ping)
+    }
+
+    /// Whether `ping` succeeded, and the source address of the first packet
+    /// matching the tcpdump `filter` on `iface` in `netns` meanwhile.
+    fn first_packet(
+        &self,
+        netns: &str,
+        iface: &str,
+        filter: &str,
+        ping: &[&str],
+    ) -> (bool, String) {
         let tcpdump = std::process::Command::new("timeout")
             .args(["10", "ip", "netns", "exec", netns])
-            .args([
-                "tcpdump",
-                "-c1",
-                "-nn",
-                "-i",
-                iface,
-                "icmp[icmptype] == icmp-echo",
-            ])
+            .args(["tcpdump", "-c1", "-nn", "-i", iface, filter])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -458,7 +468,7 @@ impl Lab {
         // "… IP 198.18.1.1 > 203.0.113.10: ICMP echo request, …"
         let source = line
             .split_whitespace()
-            .skip_while(|w| *w != "IP")
+            .skip_while(|w| *w != "IP" && *w != "IP6")
             .nth(1)
             .unwrap_or_default()
             .to_string();
