@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use crate::model::ClusterRanges;
+use crate::nft::Failures;
 
 /// The table's name.
 pub const TABLE: &str = "weft_egress";
@@ -74,7 +75,7 @@ fn prefix(net: &IpNet) -> Value {
 /// pass.
 pub struct Pending {
     pending: Option<(serde_json::Value, &'static str)>,
-    failed: Option<String>,
+    failures: Failures,
 }
 
 impl Pending {
@@ -88,7 +89,7 @@ impl Pending {
         };
         Self {
             pending: Some(wanted),
-            failed: None,
+            failures: Failures::default(),
         }
     }
 
@@ -101,13 +102,10 @@ impl Pending {
                 tracing::info!("{what}: done");
                 self.pending = None;
             }
-            Err(e) => {
-                let e = e.to_string();
-                if self.failed.as_ref() != Some(&e) {
-                    tracing::error!(error = %e, "pods cannot reach beyond the cluster (--masquerade=false runs without nft); trying again on every pass");
-                    self.failed = Some(e);
-                }
-            }
+            Err(e) => self.failures.failed(
+                &e,
+                "pods cannot reach beyond the cluster (--masquerade=false runs without nft)",
+            ),
         }
     }
 }

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use crate::model::ClusterRanges;
-use crate::nft::NftError;
+use crate::nft::{Failures, NftError};
 
 /// What marks Weft's rules in someone else's chain.
 const MARK: &str = "weft:";
@@ -159,14 +159,14 @@ pub fn apply(commands: Vec<Value>) -> Result<usize, NftError> {
 /// logged once per cause and does not stop the pass.
 pub struct Openings {
     ranges: ClusterRanges,
-    failed: Option<String>,
+    failures: Failures,
 }
 
 impl Openings {
     pub fn new(ranges: ClusterRanges) -> Self {
         Self {
             ranges,
-            failed: None,
+            failures: Failures::default(),
         }
     }
 
@@ -179,15 +179,11 @@ impl Openings {
                         "opened the host firewall's FORWARD drop for the cluster's traffic"
                     );
                 }
-                self.failed = None;
+                self.failures.cleared();
             }
-            Err(e) => {
-                let e = e.to_string();
-                if self.failed.as_ref() != Some(&e) {
-                    tracing::error!(error = %e, "a host firewall may drop pods' forwarded traffic; trying again on every pass");
-                    self.failed = Some(e);
-                }
-            }
+            Err(e) => self
+                .failures
+                .failed(&e, "a host firewall may drop pods' forwarded traffic"),
         }
     }
 }

@@ -31,3 +31,24 @@ pub fn apply(ruleset: &Value, what: &str) -> Result<(), NftError> {
     .map(drop)
     .map_err(|e| NftError::new(what.to_string(), e))
 }
+
+/// The last failure of a change retried on every pass, so that each cause
+/// is logged once, not once a pass.
+#[derive(Debug, Default)]
+pub struct Failures(Option<String>);
+
+impl Failures {
+    /// Logs `e` with `consequence` unless it is the failure last logged.
+    pub fn failed(&mut self, e: &NftError, consequence: &str) {
+        let e = e.to_string();
+        if self.0.as_ref() != Some(&e) {
+            tracing::error!(error = %e, "{consequence}; trying again on every pass");
+            self.0 = Some(e);
+        }
+    }
+
+    /// The change went through: the next failure is news again.
+    pub fn cleared(&mut self) {
+        self.0 = None;
+    }
+}

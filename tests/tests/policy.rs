@@ -298,20 +298,9 @@ fn serve_to_clients_only(lab: &Lab, app: &str, addr: &str, outsider: &str) -> st
 }
 
 fn create(lab: &Lab, name: &str, manifest: &str) -> u64 {
-    let path = lab.dir().join(name);
-    std::fs::write(&path, manifest).unwrap();
-    lab.ok(&[
-        "kubectl",
-        "--",
-        "create",
-        "-f",
-        path.to_str().unwrap(),
-        "-o",
-        "jsonpath={.metadata.resourceVersion}",
-    ])
-    .trim()
-    .parse()
-    .unwrap()
+    lab.create(name, manifest, "{.metadata.resourceVersion}")
+        .parse()
+        .unwrap()
 }
 
 fn wait_programmed(lab: &Lab, node: &str, revision: u64) {

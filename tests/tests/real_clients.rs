@@ -134,18 +134,8 @@ fn both_kubectls_install_and_remove_every_variant() {
     assert!(!kubectls.is_empty(), "no kubectl (run tests/setup)");
 
     let lab = Lab::up("t-install", &["--nodes", "1"]);
-    let run = |kubectl: &std::path::Path, args: &[&str]| -> String {
-        let mut cmd = Command::new(kubectl);
-        cmd.args(args).env("KUBECONFIG", lab.kubeconfig());
-        let out = run_bounded(cmd, Duration::from_secs(60));
-        assert!(
-            out.status.success(),
-            "{} {args:?}: {}",
-            kubectl.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let kubeconfig = std::path::PathBuf::from(lab.kubeconfig());
+    let run = |kubectl: &std::path::Path, args: &[&str]| run_kubectl(kubectl, &kubeconfig, args);
     // The lab installed deploy/ at `up`: start from nothing. (The lab's API
     // server deletes a namespace's contents at once, where kube-apiserver's
     // namespace controller takes a while: kubectl's later deletes of those
@@ -253,16 +243,7 @@ impl Server {
 
     /// Runs a kubectl against the server; panics with its stderr on failure.
     fn run(&self, kubectl: &std::path::Path, args: &[&str]) -> String {
-        let mut cmd = Command::new(kubectl);
-        cmd.args(args).env("KUBECONFIG", self.kubeconfig());
-        let out = run_bounded(cmd, Duration::from_secs(60));
-        assert!(
-            out.status.success(),
-            "{} {args:?}: {}",
-            kubectl.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        run_kubectl(kubectl, &self.kubeconfig(), args)
     }
 
     fn json(&self, kubectl: &std::path::Path, args: &[&str]) -> Value {
@@ -645,4 +626,19 @@ fn kubectl_generators_store_what_the_client_built() {
             );
         }
     }
+}
+
+/// Runs `kubectl` with `kubeconfig` (bounded); panics with its stderr on
+/// failure.
+fn run_kubectl(kubectl: &std::path::Path, kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let mut cmd = Command::new(kubectl);
+    cmd.args(args).env("KUBECONFIG", kubeconfig);
+    let out = run_bounded(cmd, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "{} {args:?}: {}",
+        kubectl.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -47,26 +47,14 @@ fn ask(lab: &Lab, from: &str, ip: &str) -> Result<String, String> {
 /// Creates Service `name` in namespace `x` selecting `app=<app>`, port 80
 /// to 8080; its ClusterIP.
 fn service(lab: &Lab, name: &str, app: &str) -> String {
-    let path = lab.dir().join(format!("svc-{name}.yaml"));
-    std::fs::write(
-        &path,
-        format!(
+    lab.create(
+        &format!("svc-{name}.yaml"),
+        &format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: x}}\n\
              spec: {{selector: {{app: {app}}}, ports: [{{port: 80, targetPort: 8080}}]}}\n"
         ),
+        "{.spec.clusterIP}",
     )
-    .unwrap();
-    lab.ok(&[
-        "kubectl",
-        "--",
-        "create",
-        "-f",
-        path.to_str().unwrap(),
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ])
-    .trim()
-    .to_string()
 }
 
 fn add_pod(lab: &Lab, node: &str, name: &str, app: &str) {

@@ -192,6 +192,18 @@ impl Lab {
         run_bounded(c, Duration::from_secs(120))
     }
 
+    /// `kubectl create -f` of `manifest` (written to the lab's directory as
+    /// `file`); what `jsonpath` selects of the created object.
+    pub fn create(&self, file: &str, manifest: &str, jsonpath: &str) -> String {
+        let path = self.dir().join(file);
+        std::fs::write(&path, manifest).unwrap();
+        let path = path.to_string_lossy();
+        let jsonpath = format!("jsonpath={jsonpath}");
+        self.ok(&["kubectl", "--", "create", "-f", &path, "-o", &jsonpath])
+            .trim()
+            .to_string()
+    }
+
     pub fn kubeconfig(&self) -> String {
         self.ok(&["kubeconfig"]).trim().to_string()
     }
