@@ -11,7 +11,7 @@
 //! When meshd stops, the data plane and routes stay: traffic keeps flowing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -300,8 +300,9 @@ struct Agent {
     keys: KeyState,
     /// The device keys the last successful pass applied.
     applied_keys: Option<DeviceKeys>,
-    /// The egress masquerade, until it is in place.
-    egress: crate::egress::Pending,
+    /// The source guard and the egress masquerade, until in place.
+    guard: crate::nft::Pending,
+    egress: crate::nft::Pending,
     /// Openings in a host firewall's FORWARD drop policy.
     host_firewall: crate::host_firewall::Openings,
     /// The block plans of `--cluster-cidr` (what claims may hold).
@@ -315,6 +316,8 @@ struct Agent {
     wake_at: Option<u64>,
     /// What the data plane last reported, per peer.
     stats: Vec<PeerStats>,
+    /// Received bytes per peer when its endpoint was last written.
+    rx_baselines: crate::planner::Baselines<PublicKey>,
     /// Problems in the revoked-keys record last seen (logged on change).
     revoked_errors: Vec<String>,
     local: LocalConfig,
@@ -384,16 +387,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
     netlink
         .ensure_host_rules(&ranges.pods.iter().collect::<Vec<_>>())
         .await?;
-    // Pods reach the world from their first packet (masquerading touches
-    // nothing that stays in the cluster). Not fatal: without it the mesh
-    // still works, and each pass tries again.
-    let mut egress = crate::egress::Pending::new(
+    // Cluster addresses come in only through WireGuard or from their own
+    // pods; and pods reach the world from their first packet (masquerading
+    // touches nothing that stays in the cluster). Neither is fatal without
+    // nft: the backstops hold, and each pass tries again.
+    let mut guard = crate::nft::Pending::new(
+        crate::guard::ruleset(&ranges, &args.interface),
+        "installing the source guard",
+        "packets forged with cluster sources are not dropped on arrival",
+    );
+    guard.apply();
+    let mut egress = crate::egress::pending(
         args.masquerade,
         &ranges,
         &args.non_masquerade_cidrs,
         &args.interface,
     );
     egress.apply();
+    let host_firewall = crate::host_firewall::Openings::new(&args.interface);
     let _lock = crate::lock::exclusive(
         &args.state_dir.join("meshd.lock"),
         "meshd on this node",
@@ -540,10 +551,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         applied: None,
         block_plans,
         claim_errors: Vec::new(),
+        guard,
         egress,
-        host_firewall: crate::host_firewall::Openings::new(ranges),
+        host_firewall,
         wake_at: None,
         stats: Vec::new(),
+        rx_baselines: Default::default(),
         revoked_errors: Vec::new(),
         reconciler,
         health,
@@ -731,23 +744,7 @@ impl Agent {
         m.peers
             .get_or_create(&StateLabels { state: "up".into() })
             .set((stats.len() - down.len()) as i64);
-        // Where each peer's authenticated packets come from: the one host
-        // address of it pods may reach through the mesh (see
-        // planner::host_addresses). Only after a handshake: before, the
-        // endpoint is merely what the peer claimed.
-        let heard: BTreeMap<String, IpAddr> = stats
-            .iter()
-            .filter(|s| s.last_handshake.is_some())
-            .filter_map(|s| {
-                let name = self.peer_names.get(&s.key)?;
-                Some((name.clone(), s.endpoint?.ip().to_canonical()))
-            })
-            .collect();
-        let heard_changed = heard != self.local.heard_from;
-        if heard_changed {
-            tracing::info!(?heard, "peers heard from new addresses");
-            self.local.heard_from = heard;
-        }
+        let heard_changed = self.note_heard(&stats, None);
         // Published as this node's link state: at most one change a second
         // (this runs once a second), and per peer at most one per timeout.
         if down != self.local.unreachable {
@@ -756,6 +753,44 @@ impl Agent {
             return true;
         }
         rotation_moved || heard_changed
+    }
+
+    /// Where each peer's authenticated packets come from: the one host
+    /// address of it pods may reach through the mesh (see
+    /// planner::host_addresses and planner::heard_from). `names` maps keys
+    /// to nodes where the last plan's peers do not yet (the first pass).
+    /// True if that changed.
+    fn note_heard(
+        &mut self,
+        stats: &[PeerStats],
+        names: Option<&BTreeMap<PublicKey, String>>,
+    ) -> bool {
+        self.rx_baselines
+            .retain(|k| stats.iter().any(|s| s.key == *k));
+        let names = names.unwrap_or(&self.peer_names);
+        let mut reported = Vec::new();
+        for s in stats {
+            let received = match self.reconciler.endpoint_baseline(&s.key) {
+                Some(base) => s.rx_bytes.saturating_sub(base),
+                None => self
+                    .rx_baselines
+                    .received_since(&s.key, s.rx_bytes, s.routes_its_endpoint),
+            };
+            if let Some(node) = names.get(&s.key) {
+                reported.push(crate::planner::Reported {
+                    node: node.clone(),
+                    endpoint: s.endpoint.map(|e| e.ip()),
+                    received_since_written: received,
+                });
+            }
+        }
+        let heard = crate::planner::heard_from(reported);
+        let changed = heard != self.local.heard_from;
+        if changed {
+            tracing::info!(?heard, "peers heard from new addresses");
+            self.local.heard_from = heard;
+        }
+        changed
     }
 
     /// Each peer's progress towards this node's next key: moved once it
@@ -831,6 +866,7 @@ impl Agent {
 
     async fn sync(&mut self, sources: &Sources) {
         let started = Instant::now();
+        self.guard.apply();
         self.egress.apply();
         self.host_firewall.keep();
         // A pass that changed the device's keys is followed by one that
@@ -944,6 +980,15 @@ impl Agent {
             .find(|n| n.name == name)
             .with_context(|| format!("Node {name} is not registered yet"))?;
         let internal_ip = me.internal_ips.first().copied();
+        if self.peer_names.is_empty() {
+            // The first pass: hear the peers of a device adopted from a
+            // meshd before this one before planning, so its host routes
+            // are kept, not removed and added back.
+            if let Ok(stats) = self.reconciler.peer_stats().await {
+                let names = keys_by_node(&snapshot.nodes);
+                self.note_heard(&stats, Some(&names));
+            }
+        }
         if self.local.host_networks.is_empty() {
             self.local.host_networks = self.own_subnets(&me.internal_ips).await;
         }
@@ -1021,9 +1066,14 @@ impl Agent {
         // New peers, and every peer once this node's key changed (a device
         // with one key has just dropped its sessions): handshake now, not
         // when traffic or a keepalive happens to ask.
+        // A peer whose endpoint was just written is asked for a packet too:
+        // its answer shows where it really is (see note_heard).
         for (key, peer) in &desired.peers {
-            if keys_changed || outcome.new_peers.contains(key) {
-                start_handshake(peer);
+            if keys_changed
+                || outcome.new_peers.contains(key)
+                || outcome.endpoints_written.contains(key)
+            {
+                start_handshake(peer, &self.local.ranges);
             }
         }
         // Only now may pods attach: the node state is what the CNI plugin
@@ -1186,15 +1236,43 @@ impl Agent {
     }
 }
 
+/// Each published public key (current and next) to its node, where no
+/// other node publishes it: names for the first pass's peers.
+fn keys_by_node(nodes: &[NodeInfo]) -> BTreeMap<PublicKey, String> {
+    let mut seen: BTreeMap<PublicKey, Option<String>> = BTreeMap::new();
+    for node in nodes {
+        for annotation in [crate::annotations::PUBLIC_KEY, NEXT_PUBLIC_KEY] {
+            if let Some(key) = node
+                .annotations
+                .get(annotation)
+                .and_then(|k| k.parse().ok())
+            {
+                seen.entry(key)
+                    .and_modify(|n| {
+                        if n.as_deref() != Some(node.name.as_str()) {
+                            *n = None;
+                        }
+                    })
+                    .or_insert_with(|| Some(node.name.clone()));
+            }
+        }
+    }
+    seen.into_iter()
+        .filter_map(|(k, n)| Some((k, n?)))
+        .collect()
+}
+
 /// Sends one datagram through the tunnel to a new peer's mesh address, so
 /// the data plane handshakes now, whichever implementation it is (Debian's
 /// wireguard-go, for one, waits for traffic). Both sides do this when they
 /// add each other; whichever is second finds the other ready.
-fn start_handshake(peer: &crate::model::Peer) {
+fn start_handshake(peer: &crate::model::Peer, ranges: &crate::model::ClusterRanges) {
+    // Its mesh address: the node's own traffic to it goes through the
+    // tunnel (a host address of the peer's would go by the underlay).
     let Some(target) = peer
         .allowed_ips
         .iter()
-        .find(|n| n.prefix_len() == n.max_prefix_len())
+        .find(|n| n.prefix_len() == n.max_prefix_len() && ranges.mesh.contains(n.addr()))
         .map(|n| n.addr())
     else {
         return;
@@ -1204,7 +1282,8 @@ fn start_handshake(peer: &crate::model::Peer) {
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    // The discard port: nothing answers, the handshake is the point.
+    // The discard port: the handshake, and the peer's refusal (an ICMP
+    // error, authenticated), are the point.
     let sent = std::net::UdpSocket::bind(bind).and_then(|s| s.send_to(&[], (target, 9)));
     if let Err(e) = sent {
         tracing::debug!(%target, error = %e, "could not prompt a handshake");

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use crate::model::ClusterRanges;
-use crate::nft::Failures;
+use crate::nft::Pending;
 
 /// The table's name.
 pub const TABLE: &str = "weft_egress";
@@ -62,52 +62,29 @@ pub fn ruleset(ranges: &ClusterRanges, extra: &[IpNet], mesh: &str) -> Value {
 
 /// Removes the table, if it is there (`--masquerade=false`, uninstall).
 pub fn removal() -> Value {
-    let table = json!({"family": "inet", "name": TABLE});
-    json!({"nftables": [{"add": {"table": table}}, {"delete": {"table": table}}]})
+    crate::nft::table_removal(TABLE)
 }
 
 fn prefix(net: &IpNet) -> Value {
     json!({"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}})
 }
 
-/// The table as `--masquerade` wants it, until it is in place: a node
-/// without `nft` keeps its mesh, logs why once, and tries again on every
-/// pass.
-pub struct Pending {
-    pending: Option<(serde_json::Value, &'static str)>,
-    failures: Failures,
-}
-
-impl Pending {
-    pub fn new(masquerade: bool, ranges: &ClusterRanges, extra: &[IpNet], mesh: &str) -> Self {
-        let wanted = match masquerade {
-            true => (
-                ruleset(ranges, extra, mesh),
-                "installing the egress masquerade",
-            ),
-            false => (removal(), "removing the egress masquerade"),
-        };
-        Self {
-            pending: Some(wanted),
-            failures: Failures::default(),
-        }
-    }
-
-    pub fn apply(&mut self) {
-        let Some((ruleset, what)) = &self.pending else {
-            return;
-        };
-        match crate::nft::apply(ruleset, what) {
-            Ok(()) => {
-                tracing::info!("{what}: done");
-                self.pending = None;
-            }
-            Err(e) => self.failures.failed(
-                &e,
-                "pods cannot reach beyond the cluster (--masquerade=false runs without nft)",
-            ),
-        }
-    }
+/// The change `--masquerade` asks for, applied until it is in place (a
+/// node without `nft` keeps its mesh, logs why once, and tries again on
+/// every pass).
+pub fn pending(masquerade: bool, ranges: &ClusterRanges, extra: &[IpNet], mesh: &str) -> Pending {
+    let (ruleset, what) = match masquerade {
+        true => (
+            ruleset(ranges, extra, mesh),
+            "installing the egress masquerade",
+        ),
+        false => (removal(), "removing the egress masquerade"),
+    };
+    Pending::new(
+        ruleset,
+        what,
+        "pods cannot reach beyond the cluster (--masquerade=false runs without nft)",
+    )
 }
 
 #[cfg(test)]

@@ -2,24 +2,27 @@
 //! traffic. Docker (and iptables setups like it) sets the `filter` table's
 //! FORWARD policy to drop; with nftables every base chain on a hook must
 //! accept a packet, so Weft's own tables cannot overrule it, and every pod
-//! packet a node forwards would be dropped. Like Flannel and Calico, meshd
-//! inserts accept rules for the cluster's ranges at the top of those chains
-//! (`ip filter FORWARD`, `ip6 filter FORWARD`, where they exist, as
-//! iptables-nft makes them) and puts them back when the owner flushes the
-//! chain. NetworkPolicy is untouched: it is Weft's own chain on the same
-//! hook, which still sees and judges every packet.
+//! packet a node forwards would be dropped. Where such a chain drops by
+//! policy (`ip filter FORWARD`, `ip6 filter FORWARD`, as iptables-nft makes
+//! them), meshd appends accept rules for what comes from or goes to a pod
+//! veth or the WireGuard interface, and puts them back when the owner
+//! flushes the chain. Appended, so the owner's rules (Docker's isolation
+//! and `DOCKER-USER`, kube-proxy's rejects) still run first; by interface,
+//! so nothing else gets through: the source guard has already dropped
+//! cluster addresses arriving anywhere else (`crate::guard`).
+//! NetworkPolicy is untouched: Weft's own chain on the same hook still
+//! judges every packet.
 
-use ipnet::IpNet;
 use serde_json::{json, Value};
+use weft_ipam::POD_VETH_PREFIX;
 
-use crate::model::ClusterRanges;
 use crate::nft::{Failures, NftError};
 
 /// What marks Weft's rules in someone else's chain.
 const MARK: &str = "weft:";
 
-/// The chain of one family: (nft family, address protocol).
-const CHAINS: [(&str, &str); 2] = [("ip", "ip"), ("ip6", "ip6")];
+/// The nft families of the two chains.
+const FAMILIES: [&str; 2] = ["ip", "ip6"];
 const TABLE: &str = "filter";
 const CHAIN: &str = "FORWARD";
 
@@ -30,46 +33,53 @@ pub struct Found {
     pub comment: Option<String>,
 }
 
-/// One family's FORWARD chain: absent (no such firewall), or its rules.
-pub type Chain = Option<Vec<Found>>;
-
-/// The comment of the rule accepting traffic `direction` (`from`/`to`) `net`.
-fn comment(direction: &str, net: &IpNet) -> String {
-    format!("{MARK} cluster traffic {direction} {net}")
+/// One family's FORWARD chain as found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// Its policy drops what no rule accepts.
+    pub drops: bool,
+    pub rules: Vec<Found>,
 }
 
-/// The commands that make `chains` (ip, ip6) hold exactly Weft's openings
-/// for `ranges` at their top: insert what is missing, delete Weft's rules
-/// for ranges no longer the cluster's. Empty when nothing is to change.
-pub fn plan(ranges: &ClusterRanges, chains: &[Chain; 2]) -> Vec<Value> {
+/// The openings, each an (interface match, interface) pair and its comment.
+fn openings(mesh: &str) -> [(&'static str, String, String); 4] {
+    let pods = format!("{POD_VETH_PREFIX}*");
+    [
+        ("iifname", pods.clone(), format!("{MARK} from pods")),
+        ("oifname", pods, format!("{MARK} to pods")),
+        ("iifname", mesh.to_string(), format!("{MARK} from the mesh")),
+        ("oifname", mesh.to_string(), format!("{MARK} to the mesh")),
+    ]
+}
+
+/// The commands that make `chains` (ip, ip6; `None`: no such chain) hold
+/// exactly Weft's openings where they drop by policy, and none where they
+/// do not: append what is missing, delete what is not wanted. Empty when
+/// nothing is to change.
+pub fn plan(mesh: &str, chains: &[Option<Chain>; 2]) -> Vec<Value> {
     let mut commands = Vec::new();
-    for ((family, protocol), chain) in CHAINS.iter().zip(chains) {
-        let Some(rules) = chain else { continue };
-        let nets: Vec<IpNet> = ranges
-            .all()
-            .filter(|n| n.addr().is_ipv4() == (*family == "ip"))
-            .collect();
-        let wanted: Vec<(String, &str, IpNet)> = nets
-            .iter()
-            .flat_map(|n| [("from", "saddr"), ("to", "daddr")].map(|(d, f)| (comment(d, n), f, *n)))
-            .collect();
-        for (text, field, net) in &wanted {
-            if rules.iter().any(|r| r.comment.as_ref() == Some(text)) {
+    for (family, chain) in FAMILIES.iter().zip(chains) {
+        let Some(chain) = chain else { continue };
+        let wanted: Vec<(&str, String, String)> = match chain.drops {
+            true => openings(mesh).into(),
+            false => Vec::new(),
+        };
+        for (key, name, text) in &wanted {
+            if chain.rules.iter().any(|r| r.comment.as_ref() == Some(text)) {
                 continue;
             }
-            commands.push(json!({"insert": {"rule": {
+            commands.push(json!({"add": {"rule": {
                 "family": family, "table": TABLE, "chain": CHAIN, "comment": text,
                 "expr": [
-                    {"match": {"op": "==", "left": {"payload": {"protocol": protocol, "field": field}},
-                               "right": {"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}}}},
+                    {"match": {"op": "==", "left": {"meta": {"key": key}}, "right": name}},
                     {"counter": null},
                     {"accept": null}
                 ]
             }}}));
         }
-        for r in rules {
+        for r in &chain.rules {
             let ours = r.comment.as_deref().is_some_and(|c| c.starts_with(MARK));
-            let current = wanted.iter().any(|(t, _, _)| r.comment.as_ref() == Some(t));
+            let current = wanted.iter().any(|(_, _, t)| r.comment.as_ref() == Some(t));
             if ours && !current {
                 commands.push(delete(family, r.handle));
             }
@@ -79,14 +89,14 @@ pub fn plan(ranges: &ClusterRanges, chains: &[Chain; 2]) -> Vec<Value> {
 }
 
 /// The commands removing every rule of Weft's from `chains` (uninstall).
-pub fn removal(chains: &[Chain; 2]) -> Vec<Value> {
-    CHAINS
+pub fn removal(chains: &[Option<Chain>; 2]) -> Vec<Value> {
+    FAMILIES
         .iter()
         .zip(chains)
-        .flat_map(|((family, _), chain)| {
+        .flat_map(|(family, chain)| {
             chain
                 .iter()
-                .flatten()
+                .flat_map(|c| &c.rules)
                 .filter(|r| r.comment.as_deref().is_some_and(|c| c.starts_with(MARK)))
                 .map(|r| delete(family, r.handle))
         })
@@ -98,9 +108,9 @@ fn delete(family: &str, handle: u64) -> Value {
 }
 
 /// Reads both FORWARD chains (`None` for one that does not exist).
-pub fn read() -> Result<[Chain; 2], NftError> {
-    let mut out: [Chain; 2] = [None, None];
-    for (slot, (family, _)) in out.iter_mut().zip(CHAINS) {
+pub fn read() -> Result<[Option<Chain>; 2], NftError> {
+    let mut out: [Option<Chain>; 2] = [None, None];
+    for (slot, family) in out.iter_mut().zip(FAMILIES) {
         let args = ["list", "chain", family, TABLE, CHAIN];
         let listing =
             match nftables::helper::get_current_ruleset_raw(nftables::helper::DEFAULT_NFT, args) {
@@ -120,25 +130,30 @@ pub fn read() -> Result<[Chain; 2], NftError> {
             };
         let parsed: Value = serde_json::from_str(&listing)
             .map_err(|e| NftError::new(format!("reading {family} {TABLE} {CHAIN}"), e))?;
-        *slot = Some(rules_of(&parsed));
+        *slot = Some(chain_of(&parsed));
     }
     Ok(out)
 }
 
-/// The rules in `nft -j list chain` output.
-fn rules_of(listing: &Value) -> Vec<Found> {
-    listing["nftables"]
+/// The chain in `nft -j list chain` output: its policy and rules.
+fn chain_of(listing: &Value) -> Chain {
+    let items = listing["nftables"]
         .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|item| {
-            let rule = item.get("rule")?;
-            Some(Found {
-                handle: rule["handle"].as_u64()?,
-                comment: rule["comment"].as_str().map(str::to_string),
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    Chain {
+        drops: items.iter().any(|i| i["chain"]["policy"] == "drop"),
+        rules: items
+            .iter()
+            .filter_map(|item| {
+                let rule = item.get("rule")?;
+                Some(Found {
+                    handle: rule["handle"].as_u64()?,
+                    comment: rule["comment"].as_str().map(str::to_string),
+                })
             })
-        })
-        .collect()
+            .collect(),
+    }
 }
 
 /// Applies `commands` in one transaction (nothing when empty); how many.
@@ -158,20 +173,21 @@ pub fn apply(commands: Vec<Value>) -> Result<usize, NftError> {
 /// flush its chain at any time: Docker does on restart). A failure is
 /// logged once per cause and does not stop the pass.
 pub struct Openings {
-    ranges: ClusterRanges,
+    /// The WireGuard interface.
+    mesh: String,
     failures: Failures,
 }
 
 impl Openings {
-    pub fn new(ranges: ClusterRanges) -> Self {
+    pub fn new(mesh: &str) -> Self {
         Self {
-            ranges,
+            mesh: mesh.to_string(),
             failures: Failures::default(),
         }
     }
 
     pub fn keep(&mut self) {
-        match read().and_then(|chains| apply(plan(&self.ranges, &chains))) {
+        match read().and_then(|chains| apply(plan(&self.mesh, &chains))) {
             Ok(changed) => {
                 if changed > 0 {
                     tracing::info!(
@@ -204,37 +220,45 @@ mod tests {
         }
     }
 
+    fn chain(drops: bool, rules: Vec<Found>) -> Option<Chain> {
+        Some(Chain { drops, rules })
+    }
+
     fn comments(commands: &[Value]) -> Vec<String> {
         commands
             .iter()
-            .filter_map(|c| c["insert"]["rule"]["comment"].as_str().map(str::to_string))
+            .filter_map(|c| c["add"]["rule"]["comment"].as_str().map(str::to_string))
             .collect()
     }
 
     #[test]
-    fn openings_go_where_a_forward_chain_is_and_only_once() {
-        let ranges = ClusterRanges::lab();
+    fn openings_are_appended_where_a_chain_drops_and_only_there() {
         assert!(
-            plan(&ranges, &[None, None]).is_empty(),
+            plan("weft0", &[None, None]).is_empty(),
             "no firewall, nothing"
         );
-        // Docker's IPv4 chain, no IPv6 one.
+        // Docker's IPv4 chain (policy drop), no IPv6 one.
         let docker = vec![found(4, Some("DOCKER-USER")), found(5, None)];
-        let first = plan(&ranges, &[Some(docker.clone()), None]);
+        let first = plan("weft0", &[chain(true, docker.clone()), None]);
         assert_eq!(
             comments(&first),
             [
-                "weft: cluster traffic from 198.19.0.0/16",
-                "weft: cluster traffic to 198.19.0.0/16",
-                "weft: cluster traffic from 198.18.128.0/17",
-                "weft: cluster traffic to 198.18.128.0/17",
+                "weft: from pods",
+                "weft: to pods",
+                "weft: from the mesh",
+                "weft: to the mesh"
             ]
         );
-        assert_eq!(first[0]["insert"]["rule"]["family"], "ip");
-        assert_eq!(
-            first[1]["insert"]["rule"]["expr"][0]["match"]["left"]["payload"]["field"],
-            "daddr"
+        assert!(
+            first.iter().all(|c| c.get("add").is_some()),
+            "appended, not inserted"
         );
+        assert_eq!(first[0]["add"]["rule"]["family"], "ip");
+        assert_eq!(
+            first[1]["add"]["rule"]["expr"][0]["match"]["left"]["meta"]["key"],
+            "oifname"
+        );
+        assert_eq!(first[1]["add"]["rule"]["expr"][0]["match"]["right"], "wp*");
         // In place: nothing more; flushed by its owner: all again.
         let mut present = docker.clone();
         present.extend(
@@ -243,25 +267,31 @@ mod tests {
                 .enumerate()
                 .map(|(i, c)| found(10 + i as u64, Some(c))),
         );
-        assert!(plan(&ranges, &[Some(present.clone()), None]).is_empty());
-        assert_eq!(plan(&ranges, &[Some(docker), None]).len(), 4);
-        // A stale opening of ours goes; someone else's rule stays.
+        assert!(plan("weft0", &[chain(true, present.clone()), None]).is_empty());
+        assert_eq!(plan("weft0", &[chain(true, docker), None]).len(), 4);
+        // A chain that accepts by policy (kube-proxy's) gets none, and loses
+        // ours; someone else's rule stays.
+        let undo = plan("weft0", &[chain(false, present.clone()), None]);
+        assert_eq!(undo.len(), 4);
+        assert!(undo
+            .iter()
+            .all(|c| c["delete"]["rule"]["handle"].as_u64() >= Some(10)));
+        // A stale opening of ours goes.
         present.push(found(99, Some("weft: cluster traffic to 10.0.0.0/8")));
         assert_eq!(
-            plan(&ranges, &[Some(present.clone()), None]),
+            plan("weft0", &[chain(true, present.clone()), None]),
             [
                 json!({"delete": {"rule": {"family": "ip", "table": "filter", "chain": "FORWARD", "handle": 99}}})
             ]
         );
-        assert_eq!(removal(&[Some(present), None]).len(), 5);
-        // IPv6 ranges go to the ip6 chain.
-        let v6 = plan(&ranges, &[None, Some(Vec::new())]);
-        assert_eq!(v6.len(), 4);
-        assert!(v6.iter().all(|c| c["insert"]["rule"]["family"] == "ip6"));
+        assert_eq!(removal(&[chain(true, present), None]).len(), 5);
+        assert!(plan("weft0", &[None, chain(true, Vec::new())])
+            .iter()
+            .all(|c| c["add"]["rule"]["family"] == "ip6"));
     }
 
     #[test]
-    fn reads_rules_and_comments_from_a_listing() {
+    fn reads_the_policy_rules_and_comments_of_a_listing() {
         let listing = json!({"nftables": [
             {"metainfo": {"version": "1.0.6"}},
             {"chain": {"family": "ip", "table": "filter", "name": "FORWARD", "handle": 1, "policy": "drop"}},
@@ -269,8 +299,11 @@ mod tests {
             {"rule": {"family": "ip", "table": "filter", "chain": "FORWARD", "handle": 8, "expr": []}}
         ]});
         assert_eq!(
-            rules_of(&listing),
-            [found(7, Some("weft: x")), found(8, None)]
+            chain_of(&listing),
+            Chain {
+                drops: true,
+                rules: vec![found(7, Some("weft: x")), found(8, None)]
+            }
         );
     }
 }

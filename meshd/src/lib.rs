@@ -17,6 +17,7 @@ pub mod decide;
 pub mod egress;
 pub mod elf;
 pub mod graph;
+pub mod guard;
 pub mod host_firewall;
 pub mod http;
 pub mod liveness;

@@ -1,7 +1,8 @@
 //! nftables changes made as JSON through the `nft` binary, for the tables
 //! and chains meshd keeps besides its NetworkPolicy program (which goes
-//! straight over netlink): the egress masquerade and the openings in a
-//! host firewall. One transaction each: all of it applies, or none.
+//! straight over netlink): the source guard, the egress masquerade and the
+//! openings in a host firewall. One transaction each: all of it applies,
+//! or none.
 
 use serde_json::Value;
 
@@ -19,6 +20,12 @@ impl NftError {
             message: e.to_string(),
         }
     }
+}
+
+/// Removes table `inet NAME`, if it is there.
+pub fn table_removal(name: &str) -> Value {
+    let table = serde_json::json!({"family": "inet", "name": name});
+    serde_json::json!({"nftables": [{"add": {"table": table}}, {"delete": {"table": table}}]})
 }
 
 /// Applies `ruleset` (`{"nftables": [...]}`) with `nft -j -f -`.
@@ -50,5 +57,37 @@ impl Failures {
     /// The change went through: the next failure is news again.
     pub fn cleared(&mut self) {
         self.0 = None;
+    }
+}
+
+/// A ruleset to apply until it is in place: a node without `nft` keeps its
+/// mesh, logs why once, and tries again on every pass.
+pub struct Pending {
+    pending: Option<(Value, &'static str)>,
+    consequence: &'static str,
+    failures: Failures,
+}
+
+impl Pending {
+    /// `what` applying `ruleset` is, and `consequence` of it failing.
+    pub fn new(ruleset: Value, what: &'static str, consequence: &'static str) -> Self {
+        Self {
+            pending: Some((ruleset, what)),
+            consequence,
+            failures: Failures::default(),
+        }
+    }
+
+    pub fn apply(&mut self) {
+        let Some((ruleset, what)) = &self.pending else {
+            return;
+        };
+        match apply(ruleset, what) {
+            Ok(()) => {
+                tracing::info!("{what}: done");
+                self.pending = None;
+            }
+            Err(e) => self.failures.failed(&e, self.consequence),
+        }
     }
 }

@@ -80,6 +80,12 @@ pub async fn run(args: &UninstallArgs) -> Result<()> {
     );
     step("the NetworkPolicy table", remove_policy_table());
     step(
+        "the source guard table",
+        crate::nft::apply(&crate::guard::removal(), "removing the source guard")
+            .map(|()| true)
+            .map_err(Into::into),
+    );
+    step(
         "the egress masquerade table",
         crate::nft::apply(&crate::egress::removal(), "removing the egress masquerade")
             .map(|()| true)

@@ -484,9 +484,12 @@ fn the_oldest_node_listing_others_addresses_draws_no_pod_traffic() {
     // node-3 has planned with node-1's new addresses once node-2's host
     // route is gone (listed twice: nobody's).
     wait_for(
-        "node-3 to stop tunnelling 198.18.1.2",
-        Duration::from_secs(20),
-        || !lab.host_routes("node-3").contains("198.18.1.2 "),
+        "node-3 to tunnel node-1's own address and not 198.18.1.2",
+        Duration::from_secs(30),
+        || {
+            let routes = lab.host_routes("node-3");
+            routes.contains("198.18.1.1 ") && !routes.contains("198.18.1.2 ")
+        },
     );
     let routes = lab.host_routes("node-3");
     for address in stolen {
@@ -510,6 +513,164 @@ fn the_oldest_node_listing_others_addresses_draws_no_pod_traffic() {
             source, "",
             "the attacker received pod-3-1's ping to {address}"
         );
+    }
+    drop(runtime);
+}
+
+/// Sends, from `netns`, one plaintext UDP datagram `src → dst:9` in an
+/// Ethernet frame to `mac` on `iface` (AF_PACKET: no route of the sender's
+/// is asked), as a forger on the underlay would.
+const FORGE_UDP: &str = "import socket,struct,sys
+iface,mac,src,dst=sys.argv[1:5]
+ip=struct.pack('!BBHHHBBH4s4s',0x45,0,28,0,0,64,17,0,socket.inet_aton(src),socket.inet_aton(dst))
+s=sum(struct.unpack('!10H',ip));s=(s>>16)+(s&0xffff);s+=s>>16
+ip=ip[:10]+struct.pack('!H',~s&0xffff)+ip[12:]
+udp=struct.pack('!HHHH',4242,9,8,0)
+r=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)
+r.bind((iface,0))
+for _ in range(5): r.send(bytes.fromhex(mac.replace(':',''))+b'\\x02\\x00\\x00\\x00\\x00\\x01'+b'\\x08\\x00'+ip+udp)";
+
+/// The oldest node, forging on the underlay, sends plaintext datagrams to
+/// node-3 as if from a pod of node-2's (and from a mesh address): node-3
+/// drops them on arrival (the source guard), so no pod's NetworkPolicy
+/// ever judges a forged peer, and none arrives. From node-2's pod itself,
+/// through the mesh, the same datagram does arrive.
+#[test]
+fn datagrams_forged_with_cluster_sources_on_the_underlay_are_dropped() {
+    let lab = Lab::up("t-forgedsrc", &["--nodes", "3", "--pods-per-node", "1"]);
+    let ip_of = |pod: &str| {
+        lab.pods()
+            .into_iter()
+            .find(|(name, _, _)| name.ends_with(pod))
+            .map(|(_, _, ips)| ips[0].clone())
+            .unwrap_or_else(|| panic!("{pod}"))
+    };
+    let (victim, posed) = (ip_of("pod-3-1"), ip_of("pod-2-1"));
+    let no_ports = || -> u64 {
+        let text = lab.ok(&["pod", "exec", "pod-3-1", "--", "cat", "/proc/net/snmp"]);
+        let mut rows = text.lines().filter(|l| l.starts_with("Udp:"));
+        let (names, values) = (rows.next().unwrap(), rows.next().unwrap());
+        let i = names
+            .split_whitespace()
+            .position(|n| n == "NoPorts")
+            .unwrap();
+        values.split_whitespace().nth(i).unwrap().parse().unwrap()
+    };
+    let node3_mac = {
+        let link = lab.ok(&["exec", "node-3", "--", "ip", "-o", "link", "show", "eth0"]);
+        link.split("link/ether ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .expect("node-3's MAC")
+            .to_string()
+    };
+    let before = no_ports();
+    for src in [posed.as_str(), "198.18.128.129"] {
+        lab.ok(&[
+            "exec",
+            "node-1",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            FORGE_UDP,
+            "eth0",
+            &node3_mac,
+            src,
+            &victim,
+        ]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        no_ports(),
+        before,
+        "a forged cluster source reached pod-3-1"
+    );
+    // The forgeries were plaintext on the fabric by design.
+    lab.reset_plaintext();
+    // The real pod, through the mesh: it arrives (the probe can fail).
+    let send = format!("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.sendto(b'x',('{victim}',9))");
+    lab.ok(&[
+        "pod",
+        "exec",
+        "pod-2-1",
+        "--",
+        "/usr/bin/python3",
+        "-c",
+        &send,
+    ]);
+    wait_for("pod-2-1's datagram", Duration::from_secs(5), || {
+        no_ports() > before
+    });
+}
+
+/// The oldest node claims, with its own meshd's token and its kubelet's,
+/// that it is at the API server's address (its endpoint annotation and its
+/// addresses), and falls silent (its meshd and data plane stopped: no
+/// packet of its contradicts the claim). node-3 writes the claimed endpoint
+/// into its device, whose endpoint then reads as the claim, yet never
+/// routes pods' traffic for that address to node-1: a node is heard from
+/// an address only once a packet of its arrived after the write.
+#[test]
+fn the_oldest_node_claiming_an_endpoint_is_not_believed_there() {
+    use meshlab::lab::topology::{wg_interface, FABRIC_GATEWAY};
+    let lab = Lab::up("t-claimep", &["--nodes", "3", "--pods-per-node", "1"]);
+    let claimed = FABRIC_GATEWAY.to_string();
+    wait_for(
+        "node-3 to hear node-1 at its own address",
+        Duration::from_secs(30),
+        || lab.host_routes("node-3").contains("198.18.1.1 "),
+    );
+    let stopped: Vec<i32> = lab
+        .processes("node-1")
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect();
+    for pid in &stopped {
+        signal(i64::from(*pid), "-STOP");
+    }
+    as_node(
+        &lab,
+        "node-1",
+        &[(
+            "weft.dev/endpoint".to_string(),
+            Some(format!("{claimed}:51820")),
+        )]
+        .into(),
+    );
+    let (runtime, kubelet) = token_client(&lab, "node-1", &kubelet_token(&lab, "node-1"));
+    let addresses = serde_json::json!({"status": {"addresses": [
+        {"type": "InternalIP", "address": "198.18.1.1"},
+        {"type": "InternalIP", "address": claimed},
+    ]}});
+    runtime
+        .block_on(Api::<Node>::all(kubelet).patch_status(
+            "node-1",
+            &PatchParams::default(),
+            &kube::api::Patch::Merge(addresses),
+        ))
+        .expect("a kubelet may write its own Node's addresses");
+    let iface = wg_interface(&lab.name, 3);
+    let written = || {
+        lab.ok(&["exec", "node-3", "--", "wg", "show", &iface, "endpoints"])
+            .contains(&format!("{claimed}:51820"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let mut seen_written = false;
+    while std::time::Instant::now() < deadline {
+        let routes = lab.host_routes("node-3");
+        assert!(
+            !routes.contains(&format!("{claimed} ")),
+            "node-3 routes {claimed} to node-1 on its claim alone:\n{routes}"
+        );
+        seen_written |= written();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        seen_written,
+        "node-3 never wrote the claimed endpoint: the test cannot tell"
+    );
+    for pid in &stopped {
+        signal(i64::from(*pid), "-CONT");
     }
     drop(runtime);
 }

@@ -78,12 +78,14 @@ fn the_cleanup_daemonset_leaves_nothing_of_weft_on_any_node() {
             firewall.contains("policy drop") && !firewall.contains("weft:"),
             "{node}: openings left in the host firewall (or it is gone):\n{firewall}"
         );
-        assert!(
-            !exec(node, &["nft", "list", "table", "inet", "weft_policy"])
-                .status
-                .success(),
-            "{node}: the policy table is left"
-        );
+        for table in ["weft_policy", "weft_guard", "weft_egress"] {
+            assert!(
+                !exec(node, &["nft", "list", "table", "inet", table])
+                    .status
+                    .success(),
+                "{node}: table {table} is left"
+            );
+        }
         for f in files {
             assert!(!root(node).join(f).exists(), "{node}: {f} is left");
         }

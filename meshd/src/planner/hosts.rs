@@ -11,7 +11,7 @@
 //! underlay. An address not believed is simply not tunnelled: pods'
 //! traffic to it leaves as host traffic does, masqueraded.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use crate::model::{LocalConfig, NodeInfo};
@@ -51,6 +51,61 @@ pub fn host_addresses<'a>(
             (!ips.is_empty()).then_some((node.name.as_str(), ips))
         })
         .collect()
+}
+
+/// One peer as its data plane reports it, for [`heard_from`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reported {
+    pub node: String,
+    pub endpoint: Option<IpAddr>,
+    /// Bytes of authenticated packets received from it since meshd last
+    /// wrote its endpoint (see [`Baselines`]).
+    pub received_since_written: u64,
+}
+
+/// Where each peer's authenticated WireGuard packets come from, by node:
+/// its endpoint, once an authenticated packet arrived after meshd last
+/// wrote that endpoint. A data plane moves the endpoint to where each
+/// authenticated packet comes from (roaming); before one arrives, the
+/// endpoint it reports is the one written, which the peer's own annotation
+/// chose.
+pub fn heard_from(peers: impl IntoIterator<Item = Reported>) -> BTreeMap<String, IpAddr> {
+    peers
+        .into_iter()
+        .filter(|p| p.received_since_written > 0)
+        .filter_map(|p| Some((p.node, p.endpoint?.to_canonical())))
+        .collect()
+}
+
+/// Per peer this meshd never wrote the endpoint of, the received bytes when
+/// it first read the peer: what [`Reported`] counts from for it.
+#[derive(Debug)]
+pub struct Baselines<K: Ord>(BTreeMap<K, u64>);
+
+impl<K: Ord> Default for Baselines<K> {
+    fn default() -> Self {
+        Self(BTreeMap::new())
+    }
+}
+
+impl<K: Ord + Clone> Baselines<K> {
+    /// Bytes received from `key` since it was first read (`rx` now). When
+    /// `inherited` at that first reading, it counts as heard already: the
+    /// device this meshd adopted routes the peer's endpoint address to it,
+    /// which only a meshd that had heard the peer there made it do.
+    pub fn received_since(&mut self, key: &K, rx: u64, inherited: bool) -> u64 {
+        let base =
+            *self
+                .0
+                .entry(key.clone())
+                .or_insert(if inherited { rx.saturating_sub(1) } else { rx });
+        rx.saturating_sub(base)
+    }
+
+    /// Forgets peers no longer reported.
+    pub fn retain(&mut self, keep: impl Fn(&K) -> bool) {
+        self.0.retain(|k, _| keep(k));
+    }
 }
 
 #[cfg(test)]
@@ -114,6 +169,38 @@ mod tests {
         for (name, want) in cases {
             assert_eq!(got.get(name).cloned(), want, "{name}");
         }
+    }
+
+    #[test]
+    fn a_peer_is_heard_only_once_it_sent_after_its_endpoint_was_written() {
+        let mut b = Baselines::default();
+        // Adopted from a meshd before this one: heard if that one routed
+        // the peer's endpoint to it, else from the next packet on.
+        assert_eq!(b.received_since(&"b", 700, true), 1);
+        assert_eq!(b.received_since(&"c", 700, false), 0);
+        assert_eq!(b.received_since(&"c", 764, false), 64);
+        assert_eq!(
+            b.received_since(&"c", 800, true),
+            100,
+            "only the first reading decides"
+        );
+        let peer = |node: &str, endpoint: &str, since: u64| Reported {
+            node: node.into(),
+            endpoint: endpoint.parse().ok(),
+            received_since_written: since,
+        };
+        let heard = heard_from([
+            peer("sent", "10.0.0.2", 32),
+            // Its annotation moved the endpoint; nothing came since: a claim.
+            peer("claimed", "10.0.0.200", 0),
+            peer("nat", "", 32),
+            peer("mapped", "::ffff:10.0.0.5", 32),
+        ]);
+        let want: BTreeMap<String, IpAddr> = [("sent", "10.0.0.2"), ("mapped", "10.0.0.5")]
+            .into_iter()
+            .map(|(n, ip)| (n.to_string(), ip.parse().unwrap()))
+            .collect();
+        assert_eq!(heard, want);
     }
 
     #[test]

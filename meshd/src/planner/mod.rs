@@ -14,7 +14,7 @@ use weft_keys::PublicKey;
 
 use ipnet::IpNet;
 
-pub use hosts::host_addresses;
+pub use hosts::{heard_from, host_addresses, Baselines, Reported};
 pub use mesh_address::{mesh_address_of, smallest_block};
 pub use own::{own_claim, own_endpoint, OwnError, OwnKeys};
 pub use paths::{Links, Member};

@@ -45,6 +45,8 @@ pub struct Outcome {
     pub created_device: bool,
     /// Peers configured in this pass that were not there before.
     pub new_peers: Vec<PublicKey>,
+    /// Peers whose endpoint this pass wrote.
+    pub endpoints_written: Vec<PublicKey>,
     pub wireguard: usize,
     pub link: usize,
     pub addresses: usize,
@@ -65,6 +67,9 @@ pub struct PeerStats {
     pub last_handshake: Option<SystemTime>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Whether the device routes the endpoint's own address to this peer
+    /// (a host address a meshd before this one had heard it from).
+    pub routes_its_endpoint: bool,
 }
 
 impl PeerStats {
@@ -81,6 +86,12 @@ pub struct Reconciler {
     netlink: Netlink,
     /// Endpoints last written per peer (see `wireguard::diff`).
     applied_endpoints: BTreeMap<PublicKey, SocketAddr>,
+    /// Peers whose endpoints this pass wrote (their baselines are read once
+    /// the pass's writes are done).
+    written_now: Vec<PublicKey>,
+    /// Per peer whose endpoint this reconciler wrote: its received bytes
+    /// read right after the last write (see [`Reconciler::endpoint_baseline`]).
+    endpoint_baselines: BTreeMap<PublicKey, u64>,
     /// The keys last given to a device that takes a previous key.
     applied_keys: Option<DeviceKeys>,
     /// Whether the device answers two keys while rotating (Weft's own);
@@ -95,9 +106,20 @@ impl Reconciler {
             dataplane,
             netlink,
             applied_endpoints: BTreeMap::new(),
+            written_now: Vec::new(),
+            endpoint_baselines: BTreeMap::new(),
             applied_keys: None,
             overlap,
         }
+    }
+
+    /// The received bytes of `key` read right after this reconciler last
+    /// wrote its endpoint; `None` if it never did (the device may hold one a
+    /// meshd before it wrote). Until the peer sends more than this, the
+    /// endpoint the device reports is the one written — what the peer's
+    /// annotation claimed; after, it is where that packet came from.
+    pub fn endpoint_baseline(&self, key: &PublicKey) -> Option<u64> {
+        self.endpoint_baselines.get(key).copied()
     }
 
     /// The node's netlink handle, for what else the agent asks the kernel.
@@ -146,6 +168,7 @@ impl Reconciler {
             );
             if let Some(e) = peer.endpoint {
                 self.applied_endpoints.insert(*key, e);
+                self.written_now.push(*key);
             }
             moved += 1;
         }
@@ -223,9 +246,12 @@ impl Reconciler {
             for c in &changes.upserts {
                 if let Some(e) = c.endpoint {
                     self.applied_endpoints.insert(c.key, e);
+                    self.written_now.push(c.key);
                 }
             }
             self.applied_endpoints
+                .retain(|k, _| desired.peers.contains_key(k));
+            self.endpoint_baselines
                 .retain(|k, _| desired.peers.contains_key(k));
             outcome.wireguard += changes.count();
             outcome.new_peers = changes
@@ -234,6 +260,21 @@ impl Reconciler {
                 .map(|c| c.key)
                 .filter(|k| !actual.peers.contains_key(k))
                 .collect();
+        }
+
+        if !self.written_now.is_empty() {
+            // Read after every write of the pass: what the peers send from
+            // here on is what shows where they are.
+            let device = read().await?;
+            for key in std::mem::take(&mut self.written_now) {
+                let rx = device
+                    .peers
+                    .iter()
+                    .find(|p| PublicKey::from_bytes(p.config.public_key.0) == key)
+                    .map_or(0, |p| p.stats.rx_bytes);
+                self.endpoint_baselines.insert(key, rx);
+                outcome.endpoints_written.push(key);
+            }
         }
 
         let name = iface.as_str_lossy().into_owned();
@@ -291,6 +332,13 @@ impl Reconciler {
                 last_handshake: p.stats.last_handshake_time,
                 rx_bytes: p.stats.rx_bytes,
                 tx_bytes: p.stats.tx_bytes,
+                routes_its_endpoint: p.config.endpoint.is_some_and(|e| {
+                    let host = IpNet::from(e.ip().to_canonical());
+                    p.config
+                        .allowed_ips
+                        .iter()
+                        .any(|a| IpNet::new(a.address, a.cidr).ok() == Some(host))
+                }),
             })
             .collect())
     }
