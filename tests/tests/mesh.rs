@@ -89,7 +89,10 @@ fn full_mesh_carries_pod_traffic_only_encrypted() {
             let age = p["latestHandshakeSecondsAgo"]
                 .as_u64()
                 .unwrap_or_else(|| panic!("{name}: no handshake with {}", p["node"]));
-            assert!(age < 60, "{name}: stale handshake with {}", p["node"]);
+            // WireGuard's REJECT_AFTER_TIME: no session older than that
+            // carries anything (a slow machine's run outlasts the 120 s
+            // rekey, so the handshake can be older than the test's start).
+            assert!(age < 180, "{name}: stale handshake with {}", p["node"]);
         }
         let (was, now) = (transfer(&before, name), transfer(&after, name));
         for (peer, (rx, tx)) in &now {
@@ -99,10 +102,15 @@ fn full_mesh_carries_pod_traffic_only_encrypted() {
                 "{name}: transfer with {peer} did not grow both ways ({rx0}/{tx0} -> {rx}/{tx})"
             );
         }
-        let wg = Command::new("wg")
-            .args(["show", n["wgInterface"].as_str().unwrap()])
-            .output()
-            .unwrap();
+        // In the node's namespace: a kernel link answers only there.
+        let wg = lab.meshlab(&[
+            "exec",
+            name,
+            "--",
+            "wg",
+            "show",
+            n["wgInterface"].as_str().unwrap(),
+        ]);
         let text = String::from_utf8_lossy(&wg.stdout);
         assert!(
             wg.status.success() && text.contains("latest handshake") && text.contains("transfer"),
@@ -274,8 +282,16 @@ fn kill_9_of_meshd_loses_no_pings_and_the_data_plane_is_adopted() {
         ])
     };
     let index_before = ifindex();
-    // meshd adopted the device the data plane container made.
-    assert_eq!(lab.metric("node-1", "weft_dataplane_starts_total"), 0.0);
+    // meshd adopted the device the data plane container made; a kernel
+    // link it makes itself.
+    let made_by_meshd = match common::link_kind(&lab, "node-1").as_str() {
+        "wireguard" => 1.0,
+        _ => 0.0,
+    };
+    assert_eq!(
+        lab.metric("node-1", "weft_dataplane_starts_total"),
+        made_by_meshd
+    );
 
     // 20 pings a second for 6 s; meshd on the sender dies at 1.5 s and comes back at 3 s.
     let ping = lab.command(&[

@@ -2,7 +2,6 @@
 //! in the kernel, so it outlives meshd by nature.
 
 use anyhow::{Context, Result};
-use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{LinkUnspec, LinkWireguard};
 use wireguard_control::InterfaceName;
@@ -39,8 +38,8 @@ async fn handle() -> Result<rtnetlink::Handle> {
 
 async fn link(name: &str) -> Result<Option<LinkMessage>> {
     let handle = handle().await?;
-    let mut links = handle.link().get().match_name(name.to_string()).execute();
-    match links.try_next().await {
+    let links = handle.link().get().match_name(name.to_string()).execute();
+    match crate::reconcile::netlink::first(links).await {
         Ok(link) => Ok(link),
         Err(rtnetlink::Error::NetlinkError(e))
             if e.raw_code() == -(nix::errno::Errno::ENODEV as i32) =>

@@ -19,6 +19,15 @@ use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::model::{Route, RouteKind};
 
+/// The first answer of a netlink request, reading the answer to its end:
+/// a stream dropped early (a filtered dump has more parts) leaves the rest
+/// undeliverable, and netlink-proto warns about every such message.
+pub(crate) async fn first<T, E>(
+    answers: impl futures::Stream<Item = Result<T, E>>,
+) -> Result<Option<T>, E> {
+    Ok(answers.try_collect::<Vec<T>>().await?.into_iter().next())
+}
+
 /// `proto 77` in `ip route`: routes Weft owns.
 pub const ROUTE_PROTOCOL: u8 = 77;
 /// Mesh routes win over the unreachable backstop for the same prefix.
@@ -59,13 +68,13 @@ impl Netlink {
     }
 
     pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
-        let mut links = self
+        let links = self
             .handle
             .link()
             .get()
             .match_name(name.to_string())
             .execute();
-        match links.try_next().await {
+        match first(links).await {
             Ok(link) => Ok(link.map(|l| l.header.index)),
             Err(rtnetlink::Error::NetlinkError(e))
                 if e.raw_code() == -(nix::errno::Errno::ENODEV as i32) =>
@@ -87,13 +96,13 @@ impl Netlink {
 
     /// The address entry of a local address.
     async fn address_entry(&self, addr: IpAddr) -> Result<Option<AddressMessage>> {
-        let mut addrs = self
+        let addrs = self
             .handle
             .address()
             .get()
             .set_address_filter(addr)
             .execute();
-        Ok(addrs.try_next().await?)
+        Ok(first(addrs).await?)
     }
 
     /// The subnet a local address is on (its connected prefix), if the
@@ -111,13 +120,13 @@ impl Netlink {
         let Some(found) = self.address_entry(addr).await? else {
             return Ok(None);
         };
-        let mut links = self
+        let links = self
             .handle
             .link()
             .get()
             .match_index(found.header.index)
             .execute();
-        Ok(links.try_next().await?.and_then(|l| {
+        Ok(first(links).await?.and_then(|l| {
             l.attributes.iter().find_map(|a| match a {
                 LinkAttribute::Mtu(m) => Some(*m),
                 _ => None,
@@ -128,9 +137,8 @@ impl Netlink {
     /// Sets the link up and its MTU, if they are not already so. Returns
     /// whether anything changed.
     pub async fn ensure_link(&self, index: u32, mtu: u32) -> Result<bool> {
-        let mut links = self.handle.link().get().match_index(index).execute();
-        let link = links
-            .try_next()
+        let links = self.handle.link().get().match_index(index).execute();
+        let link = first(links)
             .await?
             .context("the WireGuard link vanished")?;
         let up = link.header.flags.contains(LinkFlags::Up);
@@ -218,8 +226,8 @@ impl Netlink {
             .collect();
         let mut names = Vec::new();
         for index in indexes {
-            let mut links = self.handle.link().get().match_index(index).execute();
-            if let Some(link) = links.try_next().await.context("looking up a link")? {
+            let links = self.handle.link().get().match_index(index).execute();
+            if let Some(link) = first(links).await.context("looking up a link")? {
                 names.extend(link.attributes.iter().find_map(|a| match a {
                     LinkAttribute::IfName(name) => Some(name.clone()),
                     _ => None,

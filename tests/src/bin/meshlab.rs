@@ -3,14 +3,15 @@
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
+use meshlab::vm;
 use meshlab::lab::topology::{
-    load_topology, parse_config, parse_label, parse_topology, LabSpec, NodePlan,
+    load_topology, parse_config, parse_label, parse_topology, LabSpec, NodeDataplane, NodePlan,
     DEBIAN_WIREGUARD_GO,
 };
 use meshlab::lab::{
@@ -30,6 +31,11 @@ struct Cli {
     /// Where labs keep their runtime directories.
     #[arg(long, global = true, env = "MESHLAB_ROOT", default_value = DEFAULT_ROOT)]
     root: PathBuf,
+    /// Run the command in the lab's QEMU guest on the distribution's kernel
+    /// (kernel WireGuard, SCTP, netem, IPVS): `up` boots it, `down` powers
+    /// it off (docs/lab.md).
+    #[arg(long, global = true)]
+    vm: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -138,6 +144,19 @@ enum BenchCmd {
 }
 
 #[derive(Subcommand)]
+enum VmCmd {
+    /// Boot a guest, run COMMAND in it (the host's files, the guest's
+    /// kernel), power it off; exits with COMMAND's status.
+    Run {
+        /// How long COMMAND may run (scaled for a guest without KVM).
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum NodeCmd {
     /// Add the next node (node-N+1): namespace, Node object, meshd; waits for the mesh.
     Add {
@@ -185,6 +204,10 @@ enum Cmd {
         /// Run this node's data plane on Debian's wireguard-go instead of boringtun (repeatable).
         #[arg(long, value_name = "NODE")]
         wireguard_go: Vec<String>,
+        /// Run this node's data plane in Weft's userspace device even where
+        /// the kernel has WireGuard: a mixed mesh (repeatable).
+        #[arg(long, value_name = "NODE")]
+        userspace: Vec<String>,
         /// Pods to attach on every node through the weft CNI plugin.
         #[arg(long, default_value_t = 0)]
         pods_per_node: usize,
@@ -293,6 +316,11 @@ enum Cmd {
     },
     /// Remove every process, namespace and file of the lab (also after a crash).
     Down,
+    /// A QEMU guest on the distribution's kernel.
+    Vm {
+        #[command(subcommand)]
+        action: VmCmd,
+    },
     /// Show the lab's nodes.
     Status {
         /// Machine-readable output (schema in docs/lab.md).
@@ -371,15 +399,83 @@ fn main() -> ExitCode {
     }
 }
 
+/// `meshlab --vm …`: the same command inside the lab's guest, booted by
+/// `up` and powered off after `down`; exits with the guest command's status.
+fn in_vm(cli: &Cli) -> Result<()> {
+    let dir = vm::Vm::dir(Path::new(vm::DEFAULT_ROOT), &cli.name);
+    let guest = match (vm::Vm::attach(&dir), &cli.command) {
+        (Some(guest), _) => guest,
+        (None, Cmd::Up { .. }) => {
+            eprintln!("meshlab: booting the VM");
+            let guest = vm::Vm::boot(&dir)?;
+            eprintln!(
+                "meshlab: VM up ({:?}, kernel {})",
+                guest.accel, guest.kernel_release
+            );
+            guest
+        }
+        (None, Cmd::Down) => return Ok(()),
+        (None, _) => bail!("no VM for lab {}: `meshlab --vm up` first", cli.name),
+    };
+    let meshlab = std::env::current_exe()?.to_string_lossy().into_owned();
+    let argv: Vec<String> = [
+        "env".to_string(),
+        format!("MESHLAB_NAME={}", cli.name),
+        format!("MESHLAB_ROOT={}", cli.root.display()),
+        meshlab,
+    ]
+    .into_iter()
+    .chain(std::env::args().skip(1).filter(|a| a != "--vm"))
+    .collect();
+    let out = guest.exec(
+        &argv,
+        &std::env::current_dir()?,
+        std::time::Duration::from_secs(3600),
+        vm::Stream::Forward,
+    )?;
+    if matches!(cli.command, Cmd::Down) {
+        guest.stop();
+    } else {
+        guest.detach();
+    }
+    if !out.success() {
+        std::process::exit(out.code);
+    }
+    Ok(())
+}
+
+/// `meshlab vm run`: a guest for one command.
+fn vm_run(name: &str, timeout: std::time::Duration, command: &[String]) -> Result<()> {
+    let dir = vm::Vm::dir(Path::new(vm::DEFAULT_ROOT), &format!("{name}-run"));
+    let guest = vm::Vm::boot(&dir)?;
+    eprintln!(
+        "meshlab: VM up ({:?}, kernel {})",
+        guest.accel, guest.kernel_release
+    );
+    let out = guest.exec(command, &std::env::current_dir()?, timeout, vm::Stream::Forward)?;
+    guest.stop();
+    if !out.success() {
+        std::process::exit(out.code);
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     topology::check_name(&cli.name)?;
+    if cli.vm {
+        return in_vm(&cli);
+    }
     let dir = LabDir::new(&cli.root, &cli.name);
     match cli.command {
+        Cmd::Vm {
+            action: VmCmd::Run { timeout, command },
+        } => vm_run(&cli.name, timeout, &command),
         Cmd::Up {
             nodes,
             topology,
             label,
             wireguard_go,
+            userspace,
             pods_per_node,
             self_allocated_blocks,
             manifests,
@@ -389,9 +485,13 @@ fn run(cli: Cli) -> Result<()> {
             let mut spec = LabSpec {
                 name: cli.name.clone(),
                 nodes,
-                userspace_programs: wireguard_go
+                dataplanes: wireguard_go
                     .into_iter()
-                    .map(|n| (n, DEBIAN_WIREGUARD_GO.to_string()))
+                    .map(|n| {
+                        let program = NodeDataplane::Program(DEBIAN_WIREGUARD_GO.to_string());
+                        (n, program)
+                    })
+                    .chain(userspace.into_iter().map(|n| (n, NodeDataplane::Userspace)))
                     .collect(),
                 pods_per_node,
                 self_allocated: self_allocated_blocks,
@@ -436,8 +536,8 @@ fn run(cli: Cli) -> Result<()> {
                 spec.topology.insert(next.clone(), rz);
             }
             if wireguard_go {
-                spec.userspace_programs
-                    .insert(next, DEBIAN_WIREGUARD_GO.to_string());
+                let program = NodeDataplane::Program(DEBIAN_WIREGUARD_GO.to_string());
+                spec.dataplanes.insert(next, program);
             }
             let node = lifecycle::add_node(&dir, &spec, &mut |step| eprintln!("meshlab: {step}"))?;
             println!("{}", node.name);

@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use weft_meshd::cni::CONFLIST;
 
 use super::state::{process_alive, write_atomic, LabDir};
-use super::topology::{LabPlan, NodePlan, Runtime, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
+use super::topology::{LabPlan, NodeDataplane, NodePlan, Runtime, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
 use super::{client, manifest, netns};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -283,24 +283,30 @@ fn pod_of(
     plan: &LabPlan,
     node: &NodePlan,
 ) -> Result<Vec<manifest::Process>> {
-    let commands = node
-        .userspace_program
-        .iter()
-        .map(|program| {
+    let commands = match &node.dataplane {
+        Some(NodeDataplane::Program(program)) => {
             let argv = vec![program.clone(), "-f".into(), node.wg_interface.clone()];
-            (DATAPLANE.to_string(), argv)
-        })
-        .collect();
+            BTreeMap::from([(DATAPLANE.to_string(), argv)])
+        }
+        _ => BTreeMap::new(),
+    };
+    let mut injected = vec![(
+        weft_meshd::dataplane::INTERFACE_ENV.into(),
+        node.wg_interface.clone(),
+    )];
+    if node.dataplane.is_some() {
+        // Both containers read it: meshd configures, and the data plane
+        // container runs, a userspace device even where the kernel has
+        // WireGuard.
+        injected.push((weft_meshd::dataplane::MODE_ENV.into(), "userspace".into()));
+    }
     let lab_node = manifest::Node {
         name: node.name.clone(),
         host_ip: node.underlay,
         root: root(dir, node),
         kubeconfig: pod_kubeconfig(dir, node),
         config: lab_config(plan),
-        injected: vec![(
-            weft_meshd::dataplane::INTERFACE_ENV.into(),
-            node.wg_interface.clone(),
-        )],
+        injected,
         commands,
     };
     manifest::pod(manifests, &lab_node)
@@ -338,7 +344,8 @@ fn run_to_completion(
         fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     let mut child = spawn(dir, plan, node, p)?;
-    let deadline = Instant::now() + INIT_TIMEOUT;
+    let bound = super::scaled(INIT_TIMEOUT);
+    let deadline = Instant::now() + bound;
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
@@ -346,7 +353,7 @@ fn run_to_completion(
         if Instant::now() >= deadline {
             let _ = child.kill();
             bail!(
-                "init container {} on {} did not finish within {INIT_TIMEOUT:?}",
+                "init container {} on {} did not finish within {bound:?}",
                 p.container,
                 node.name
             );

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::state::LabDir;
-use super::topology::{LabSpec, DEBIAN_WIREGUARD_GO};
+use super::topology::{LabSpec, NodeDataplane, DEBIAN_WIREGUARD_GO};
 use super::{agents, lifecycle, netns, preflight};
 
 /// What to measure.
@@ -157,7 +157,9 @@ pub fn throughput(
         };
         if let Some(program) = &program {
             for n in ["node-1", "node-2"] {
-                nodes.userspace_programs.insert(n.into(), program.clone());
+                nodes
+                    .dataplanes
+                    .insert(n.into(), NodeDataplane::Program(program.clone()));
             }
         }
         let result = (|| -> Result<Vec<Row>> {

@@ -121,7 +121,8 @@ pub fn spawn(
         // Its own session: it outlives `meshlab up` and the caller's terminal.
         .process_group(0);
     let mut child = cmd.spawn().context("starting the API server")?;
-    let deadline = Instant::now() + START_TIMEOUT;
+    let bound = super::scaled(START_TIMEOUT);
+    let deadline = Instant::now() + bound;
     let ready_path = dir.file(READY_FILE);
     loop {
         if let Ok(bytes) = fs::read(&ready_path) {
@@ -141,7 +142,7 @@ pub fn spawn(
         if Instant::now() > deadline {
             let _ = child.kill();
             bail!(
-                "the API server did not become ready within {START_TIMEOUT:?}:\n{}",
+                "the API server did not become ready within {bound:?}:\n{}",
                 log_tail(&dir.file(LOG_FILE))
             );
         }
@@ -155,10 +156,11 @@ pub fn stop(pid: i32) -> Result<()> {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     kill(Pid::from_raw(pid), Signal::SIGTERM).context("signalling the API server")?;
-    let deadline = Instant::now() + START_TIMEOUT;
+    let bound = super::scaled(START_TIMEOUT);
+    let deadline = Instant::now() + bound;
     while kill(Pid::from_raw(pid), None).is_ok() {
         if Instant::now() > deadline {
-            bail!("the API server (pid {pid}) did not stop within {START_TIMEOUT:?}");
+            bail!("the API server (pid {pid}) did not stop within {bound:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -223,12 +223,13 @@ fn start_mesh(dir: &LabDir, nodes: &[NodePlan], progress: &mut dyn FnMut(&str)) 
     ));
     // Pods can attach once meshd has applied a sync and installed the
     // plugin, its conflist and the node state (what a runtime waits for).
-    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    let bound = super::scaled(CONVERGE_TIMEOUT);
+    let deadline = Instant::now() + bound;
     for node in nodes {
         while !agents::cni_ready(dir, node) {
             if Instant::now() > deadline {
                 bail!(
-                    "{} did not become ready for pods within {CONVERGE_TIMEOUT:?}; meshd's recent warnings:\n{}",
+                    "{} did not become ready for pods within {bound:?}; meshd's recent warnings:\n{}",
                     node.name,
                     agents::log_warnings(dir, node, 5)
                 );

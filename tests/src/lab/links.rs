@@ -72,7 +72,7 @@ mod tests {
             interface: String::new(),
             fabric_interface: String::new(),
             wg_interface: String::new(),
-            userspace_program: None,
+            dataplane: None,
             underlay: std::net::Ipv4Addr::new(198, 18, 1, k),
             pod_cidrs: vec![],
             labels: Default::default(),

@@ -1,6 +1,6 @@
 //! The mesh as the data planes see it: each node's WireGuard peers with
 //! handshake age and transfer counters, read over the UAPI socket (the same
-//! numbers `wg show` prints), and the wait for a converged mesh.
+//! numbers `wg show` prints) or netlink, and the wait for a converged mesh.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -9,6 +9,7 @@ use serde::Serialize;
 use weft_meshd::annotations::{FORCE_ENDPOINT, NO_ENDPOINT};
 use wireguard_control::{Backend, Device, InterfaceName};
 
+use super::netns;
 use super::topology::NodePlan;
 
 /// One peer of one node.
@@ -27,9 +28,13 @@ pub struct PeerReport {
 }
 
 /// A node's device: its public key and peers, or `None` if it has none yet.
+/// A userspace device answers on its UAPI socket (one directory for the
+/// machine); a kernel link over netlink in the node's namespace.
 pub fn read(node: &NodePlan) -> Option<(String, Vec<PeerReport>)> {
     let iface: InterfaceName = node.wg_interface.parse().ok()?;
-    let device = Device::get(&iface, Backend::Userspace).ok()?;
+    let device = Device::get(&iface, Backend::Userspace).ok().or_else(|| {
+        netns::run_in(&node.netns, move || Ok(Device::get(&iface, Backend::Kernel)?)).ok()
+    })?;
     let now = SystemTime::now();
     let peers = device
         .peers
@@ -68,6 +73,7 @@ fn behind_nat(node: &NodePlan) -> bool {
 /// other it can reach directly (two nodes behind NAT cannot start a session
 /// with each other); returns how long that took.
 pub fn wait_converged(nodes: &[NodePlan], timeout: Duration) -> Result<Duration> {
+    let timeout = super::scaled(timeout);
     let started = Instant::now();
     let natd = nodes.iter().filter(|n| behind_nat(n)).count();
     loop {

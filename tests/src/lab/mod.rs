@@ -29,3 +29,20 @@ pub mod state;
 pub mod status;
 pub mod strict_runtime;
 pub mod topology;
+
+use std::time::Duration;
+
+/// The variable a slow machine (a guest without KVM, `meshlab vm`) sets so
+/// that the lab's and the tests' bounded waits stretch by its factor.
+pub const TIME_SCALE_ENV: &str = "MESHLAB_TIME_SCALE";
+
+/// `limit` stretched for this machine: only where a wait bounds something
+/// slow hardware slows down, never to loosen what a test measures.
+pub fn scaled(limit: Duration) -> Duration {
+    let factor = std::env::var(TIME_SCALE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .clamp(1, 20);
+    limit * factor
+}

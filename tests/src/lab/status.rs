@@ -92,7 +92,7 @@ pub fn collect(dir: &LabDir) -> Result<Report> {
         client::block_on(dir, |client| async move {
             let nodes: Api<Node> = Api::all(client);
             let list =
-                tokio::time::timeout(Duration::from_secs(5), nodes.list(&ListParams::default()))
+                tokio::time::timeout(super::scaled(Duration::from_secs(5)), nodes.list(&ListParams::default()))
                     .await??;
             Ok(list.items.into_iter().map(|n| (n.name_any(), n)).collect())
         })?

@@ -68,9 +68,9 @@ pub struct NodePlan {
     pub fabric_interface: String,
     /// The node's WireGuard interface (meshd's `--interface`).
     pub wg_interface: String,
-    /// meshd's `--userspace-program` when not its builtin data plane.
+    /// Its data plane when not what `auto` picks on the machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub userspace_program: Option<String>,
+    pub dataplane: Option<NodeDataplane>,
     pub underlay: Ipv4Addr,
     #[serde(rename = "podCIDRs")]
     pub pod_cidrs: Vec<IpNet>,
@@ -81,6 +81,18 @@ pub struct NodePlan {
     /// Its site (`up --topology FILE`); `None`: the flat fabric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
+}
+
+/// A node's data plane chosen by the lab instead of `auto`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NodeDataplane {
+    /// Weft's own userspace device even where kernel WireGuard exists: a
+    /// mixed mesh of kernel and userspace nodes.
+    Userspace,
+    /// A program speaking wireguard-go's command line and UAPI (such as
+    /// Debian's wireguard-go) in the data plane container.
+    Program(String),
 }
 
 /// A site of a lab built from a topology file: its own bridge and subnet
@@ -219,9 +231,8 @@ pub struct LabSpec {
     pub topology: BTreeMap<String, (String, String)>,
     /// `node -> labels` additions.
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
-    /// `node -> program`: nodes whose data plane is a wireguard-go
-    /// compatible program (meshd's `--userspace-program`) instead of Weft's.
-    pub userspace_programs: BTreeMap<String, String>,
+    /// `node -> data plane` where not what `auto` picks.
+    pub dataplanes: BTreeMap<String, NodeDataplane>,
     /// Pods attached on every node by `up` (`pod-<k>-<i>` in `default`).
     pub pods_per_node: usize,
     /// Register Nodes without `spec.podCIDRs`, so meshd claims its blocks.
@@ -331,7 +342,7 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
         .topology
         .keys()
         .chain(spec.labels.keys())
-        .chain(spec.userspace_programs.keys())
+        .chain(spec.dataplanes.keys())
     {
         let known = named
             .strip_prefix("node-")
@@ -423,7 +434,7 @@ pub fn node_plan(lab: &str, k: usize, spec: &LabSpec) -> Result<NodePlan> {
         interface: "eth0".into(),
         fabric_interface: format!("veth{k}"),
         wg_interface: wg_interface(lab, k),
-        userspace_program: spec.userspace_programs.get(&name).cloned(),
+        dataplane: spec.dataplanes.get(&name).cloned(),
         underlay: match site {
             Some((i, _)) => Ipv4Addr::new(198, 18, SITE_BASE + i as u8, k as u8),
             None => Ipv4Addr::new(198, 18, 1, k as u8),

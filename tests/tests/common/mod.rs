@@ -342,7 +342,7 @@ pub fn run_bounded_with_input(mut cmd: Command, input: Option<&[u8]>, limit: Dur
             v
         }),
     );
-    let deadline = std::time::Instant::now() + limit;
+    let deadline = std::time::Instant::now() + meshlab::lab::scaled(limit);
     let status = loop {
         if let Some(s) = child.try_wait().expect("waiting for a command") {
             break s;
@@ -601,7 +601,8 @@ impl Traffic {
         let limit = Duration::from_secs(u64::from(seconds) + 60);
         let server = lab.command(&["pod", "exec", to, "--", "iperf3", "-s", "-1"]);
         let server = std::thread::spawn(move || run_bounded(server, limit));
-        std::thread::sleep(Duration::from_millis(500));
+        // Until it listens (a slow machine takes longer to start it).
+        std::thread::sleep(meshlab::lab::scaled(Duration::from_millis(500)));
         let t = seconds.to_string();
         let client = lab.command(&[
             "pod", "exec", from, "--", "iperf3", "-J", "-c", &v4, "-t", &t, "-b", rate,
@@ -647,8 +648,25 @@ impl Traffic {
     }
 }
 
+/// The kind of `node`'s WireGuard interface (`ip -details link`): the
+/// `wireguard` link or the userspace device's `tun`.
+pub fn link_kind(lab: &Lab, name: &str) -> String {
+    let status = lab.status();
+    let iface = node(&status, name)["wgInterface"]
+        .as_str()
+        .expect("a WireGuard interface")
+        .to_string();
+    let out = lab.ok(&["exec", name, "--", "ip", "-details", "-json", "link", "show", &iface]);
+    let links: serde_json::Value = serde_json::from_str(&out).expect("ip -json");
+    links[0]["linkinfo"]["info_kind"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name}: no link kind in {out}"))
+        .to_string()
+}
+
 /// Polls `check` every 20 ms until it holds, failing with `what` after `limit`.
 pub fn wait_for(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let limit = meshlab::lab::scaled(limit);
     let started = std::time::Instant::now();
     while !check() {
         assert!(

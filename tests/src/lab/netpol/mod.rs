@@ -66,6 +66,10 @@ pub fn run(
         .map(|p| case::load(p).map_err(anyhow::Error::from))
         .collect::<Result<Vec<Case>>>()?;
     ensure!(!cases.is_empty(), "no case files given");
+    progress(match probe::SctpProbe::detect() {
+        probe::SctpProbe::Kernel => "SCTP probes: associations over this kernel's SCTP sockets",
+        probe::SctpProbe::Raw => "SCTP probes: INIT and INIT ACK on raw sockets (this kernel has no SCTP sockets)",
+    });
     let reused = match dir.read_state()? {
         Some(state) if process_alive(state.api_server.pid, &dir.path()) => {
             ensure!(

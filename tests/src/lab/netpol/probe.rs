@@ -24,6 +24,35 @@ use crate::lab::netns;
 const RESEND: Duration = Duration::from_millis(250);
 const PAYLOAD: &[u8] = b"weft-probe";
 
+/// How SCTP is exercised: real associations where the kernel has SCTP
+/// sockets (Debian's, in meshlab's VM), else INIT and INIT ACK on raw
+/// sockets, which is all a policy's first packet needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SctpProbe {
+    Kernel,
+    Raw,
+}
+
+impl SctpProbe {
+    /// What this machine's kernel offers (its SCTP module loaded on demand).
+    pub fn detect() -> SctpProbe {
+        static PROBE: std::sync::OnceLock<SctpProbe> = std::sync::OnceLock::new();
+        *PROBE.get_or_init(|| match kernel_sctp() {
+            Ok(_) => SctpProbe::Kernel,
+            Err(_) => SctpProbe::Raw,
+        })
+    }
+}
+
+fn kernel_sctp() -> Result<Socket> {
+    Socket::new(
+        Domain::IPV4,
+        Type::STREAM,
+        Some(socket2::Protocol::from(sctp::PROTOCOL)),
+    )
+    .context("opening an SCTP socket")
+}
+
 fn raw_sctp() -> Result<Socket> {
     Socket::new(
         Domain::IPV4,
@@ -86,6 +115,21 @@ impl Servers {
                     }
                 });
             }
+            Protocol::Sctp if SctpProbe::detect() == SctpProbe::Kernel => {
+                let listener = netns::run_in(pod_netns, move || {
+                    let socket = kernel_sctp()?;
+                    socket.set_reuse_address(true)?;
+                    socket.bind(&any.into())?;
+                    socket.listen(128)?;
+                    Ok(socket)
+                })
+                .with_context(what)?;
+                std::thread::spawn(move || {
+                    while let Ok((conn, _)) = listener.accept() {
+                        drop(conn);
+                    }
+                });
+            }
             Protocol::Sctp => match self.sctp.get(pod_netns) {
                 Some(ports) => {
                     ports.lock().expect("not poisoned").insert(port);
@@ -133,7 +177,12 @@ pub fn connects(
     netns::run_in(from_netns, move || match protocol {
         Protocol::Tcp => Ok(TcpStream::connect_timeout(&target, timeout).is_ok()),
         Protocol::Udp => udp_echoes(target, timeout),
-        Protocol::Sctp => sctp_acks(to, port, timeout),
+        Protocol::Sctp => match SctpProbe::detect() {
+            SctpProbe::Kernel => Ok(kernel_sctp()?
+                .connect_timeout(&target.into(), timeout)
+                .is_ok()),
+            SctpProbe::Raw => sctp_acks(to, port, timeout),
+        },
     })
 }
 
