@@ -405,10 +405,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     );
     egress.apply();
     let host_firewall = crate::host_firewall::Openings::new(&args.interface);
-    let _lock = crate::lock::exclusive(
+    let _lock = weft_dataplane::lock::exclusive(
         &args.state_dir.join("meshd.lock"),
         "meshd on this node",
-        crate::lock::WAIT,
+        weft_dataplane::lock::WAIT,
     )?;
     // Until this meshd's first sync the runtime sees Weft's network only if
     // a meshd made it since boot (and it still carries traffic).

@@ -21,7 +21,6 @@ pub mod guard;
 pub mod host_firewall;
 pub mod http;
 pub mod liveness;
-pub mod lock;
 pub mod metrics;
 pub mod model;
 pub mod nft;

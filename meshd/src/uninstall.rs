@@ -33,7 +33,6 @@ pub struct UninstallArgs {
 
 /// Files and directories to remove, in order (pure: tested from a table).
 pub fn files(args: &UninstallArgs) -> Vec<PathBuf> {
-    let socket_dir = Path::new(dataplane::SOCKET_DIR);
     // The conflist first: the runtime stops using the network before the
     // plugin goes. (loopback and portmap stay: they may be the host's own.)
     let mut out = vec![args.conf.conflist()];
@@ -47,8 +46,8 @@ pub fn files(args: &UninstallArgs) -> Vec<PathBuf> {
         args.paths.cni_state_file.clone(),
         args.paths.cni_ipam_dir.clone(),
         args.state_dir.clone(),
-        socket_dir.join(format!("{}.sock", args.interface)),
-        socket_dir.join(format!("{}.lock", args.interface)),
+        weft_dataplane::socket_path(&args.interface),
+        weft_dataplane::lock_path(&args.interface),
     ]);
     // The state file's directory is Weft's own (`/run/weft`).
     if let Some(parent) = args.paths.cni_state_file.parent() {

@@ -998,7 +998,7 @@ fn neighbours_rotating_at_once_keep_their_sessions() {
             ipnet::IpNet::from(IpAddr::from(peer.overlay4)),
             ipnet::IpNet::from(IpAddr::from(peer.overlay6)),
         ];
-        let request = weft_meshd::dataplane::uapi::render_successor(
+        let request = weft_dataplane::uapi::render_successor(
             &next[j].public_key(),
             &peer.key.public_key(),
             Some(SocketAddr::from((peer.underlay, PORT))),

@@ -207,8 +207,8 @@ mod annotations {
 mod uapi {
     use super::*;
     use std::collections::HashSet;
-    use weft_meshd::dataplane::device::settings::Settings;
-    use weft_meshd::dataplane::uapi::parse_set;
+    use weft_dataplane::device::settings::Settings;
+    use weft_dataplane::uapi::parse_set;
 
     fn message() -> impl Strategy<Value = String> {
         let key = proptest::sample::select(vec![

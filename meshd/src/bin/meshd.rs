@@ -37,7 +37,7 @@ enum Cmd {
         /// `off`: no TUN or UDP offloads (the paths every missing kernel
         /// feature falls back to).
         #[arg(long, value_enum, default_value = "auto")]
-        offloads: dataplane::device::sys::Offloads,
+        offloads: weft_dataplane::Offloads,
         #[arg(env = dataplane::INTERFACE_ENV, default_value = dataplane::DEFAULT_INTERFACE)]
         iface: String,
     },
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             mode,
             offloads,
             iface,
-        } => dataplane::builtin::serve(&iface, mode, offloads),
+        } => dataplane::serve(&iface, mode, offloads),
         Cmd::InstallCni(args) => cni::install(&args).and_then(|ranges| {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -1,13 +1,12 @@
 //! The WireGuard data plane: kernel WireGuard where the module exists,
-//! otherwise a userspace device in a process of its own. Both are configured
-//! the same way afterwards — wireguard-control's `DeviceUpdate`, over netlink
-//! or the UAPI socket — so the reconcilers have one path.
+//! otherwise a userspace device in a process of its own (Weft's, the
+//! `weft-dataplane` crate, or any wireguard-go compatible program). Both
+//! are configured the same way afterwards — wireguard-control's
+//! `DeviceUpdate`, over netlink or the UAPI socket — so the reconcilers
+//! have one path. Which of the two serves the node is decided here, for
+//! meshd and for `meshd dataplane` alike.
 
-pub mod builtin;
-pub mod device;
 mod kernel;
-pub mod offload;
-pub mod uapi;
 mod userspace;
 
 pub use userspace::request;
@@ -15,12 +14,8 @@ pub use userspace::request;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+use weft_dataplane::{Offloads, Stop};
 use wireguard_control::{Backend, InterfaceName};
-
-/// Where every UAPI implementation (boringtun, wireguard-go, `wg`) puts and
-/// looks for control sockets. One directory for the whole machine: every
-/// network namespace sees every socket.
-pub const SOCKET_DIR: &str = "/var/run/wireguard";
 
 /// The variables the DaemonSet's two containers (meshd and the data plane)
 /// both read, so they cannot disagree on the interface or the mode.
@@ -90,6 +85,33 @@ pub async fn probe(iface: &InterfaceName, mode: Mode) -> Result<Resolved> {
     let resolved = resolve(mode, &existing, module)?;
     tracing::info!(interface = %iface, ?mode, ?existing, ?resolved, "data plane selected");
     Ok(resolved)
+}
+
+/// `meshd dataplane`: runs Weft's userspace device for `iface`, unless
+/// `mode` resolves to kernel WireGuard on this machine (the same decision
+/// meshd makes); then it holds nothing and waits to be stopped, so the
+/// DaemonSet's data plane container is the same on every node.
+pub fn serve(iface: &str, mode: Mode, offloads: Offloads) -> Result<()> {
+    // Before any thread starts (the probe's runtime included), so that
+    // every thread inherits the mask.
+    let stop = Stop::block()?;
+    let name = interface_name(iface)?;
+    let resolved = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(probe(&name, mode))?;
+    match resolved {
+        Resolved::Userspace => weft_dataplane::run(iface, offloads, &stop)?,
+        Resolved::Kernel => {
+            tracing::info!(
+                interface = iface,
+                "kernel WireGuard serves this node: no userspace data plane to run"
+            );
+            let signal = stop.wait()?;
+            tracing::info!(?signal, "stopping");
+        }
+    }
+    Ok(())
 }
 
 /// The userspace implementation to run: Weft's own (in `meshd dataplane`) or any program speaking the wireguard-go command line and

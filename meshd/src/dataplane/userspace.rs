@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use wireguard_control::InterfaceName;
 
-use super::{Ensured, UserspaceProgram, SOCKET_DIR};
+use super::{Ensured, UserspaceProgram};
 const START_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn socket_path(iface: &InterfaceName) -> PathBuf {
-    Path::new(SOCKET_DIR).join(format!("{}.sock", iface.as_str_lossy()))
+    weft_dataplane::socket_path(&iface.as_str_lossy())
 }
 
 /// Sends one raw UAPI request and returns the reply (for Weft's rotation

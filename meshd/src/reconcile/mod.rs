@@ -149,7 +149,7 @@ impl Reconciler {
                 continue;
             }
             let allowed: Vec<IpNet> = peer.allowed_ips.iter().copied().collect();
-            let request = crate::dataplane::uapi::render_successor(
+            let request = weft_dataplane::uapi::render_successor(
                 key,
                 &old,
                 peer.endpoint,
@@ -162,7 +162,7 @@ impl Reconciler {
             })
             .await?;
             anyhow::ensure!(
-                crate::dataplane::uapi::reply_errno(&reply) == Some(0),
+                weft_dataplane::uapi::reply_errno(&reply) == Some(0),
                 "moving {} to its next key: the device answered {reply:?}",
                 peer.node
             );
@@ -181,12 +181,12 @@ impl Reconciler {
     /// and gets its key through the standard update instead.
     async fn set_keys(&mut self, keys: &DeviceKeys) -> Result<()> {
         let iface = self.dataplane.iface;
-        let request = crate::dataplane::uapi::render_keys(&keys.private, keys.previous.as_ref());
+        let request = weft_dataplane::uapi::render_keys(&keys.private, keys.previous.as_ref());
         let reply = device_call("setting the device's keys", move || {
             crate::dataplane::request(&iface, &request, DEVICE_TIMEOUT)
         })
         .await?;
-        let errno = crate::dataplane::uapi::reply_errno(&reply);
+        let errno = weft_dataplane::uapi::reply_errno(&reply);
         self.overlap = Some(errno == Some(0));
         if errno == Some(0) {
             self.applied_keys = Some(keys.clone());

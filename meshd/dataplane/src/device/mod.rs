@@ -36,7 +36,7 @@ use ip_network::IpNetwork;
 use ip_network_table::IpNetworkTable;
 use weft_keys::{PrivateKey, PublicKey};
 
-use super::uapi::{self, DeviceView, PeerView, SetRequest};
+use crate::uapi::{self, DeviceView, PeerView, SetRequest};
 pub use peer::Peer;
 use settings::Settings;
 use sys::{Family, Offloads, Tun, Udp};

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 use weft_keys::{PresharedKey, PrivateKey, PublicKey};
 
-use crate::dataplane::uapi::{AllowedIp, SetRequest};
+use crate::uapi::{AllowedIp, SetRequest};
 
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
@@ -154,7 +154,7 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::uapi::parse_set;
+    use crate::uapi::parse_set;
 
     fn hex(c: char) -> String {
         c.to_string().repeat(64)

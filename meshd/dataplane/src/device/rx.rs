@@ -15,8 +15,8 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 
 use super::sys::{RecvBatch, Udp};
 use super::{fatal, Config, Device, Peer};
-use crate::dataplane::offload::gro::Coalescer;
-use crate::dataplane::offload::MAX_PACKET;
+use crate::offload::gro::Coalescer;
+use crate::offload::MAX_PACKET;
 
 const DATA: u8 = 4;
 /// Plaintext arena: everything one receive can hold, decrypted.

@@ -3,7 +3,7 @@
 //! decryption, coalescing, and the UDP system calls — each batched (as the
 //! data plane does) and one at a time (as boringtun's device does).
 //!
-//! `cargo bench -p weft-meshd --bench dataplane` (as root: the socket rows
+//! `cargo bench -p weft-dataplane --bench dataplane` (as root: the socket rows
 //! run in a network namespace of their own, on its loopback).
 
 use std::hint::black_box;
@@ -12,11 +12,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::{Tunn, TunnResult};
+use weft_dataplane::device::sys::{Family, Offloads, RecvBatch, Run, SendScratch, Udp};
+use weft_dataplane::offload::gro::Coalescer;
+use weft_dataplane::offload::gso::Segmenter;
+use weft_dataplane::offload::{checksum, GsoType, VnetHdr, F_NEEDS_CSUM};
 use weft_keys::PrivateKey;
-use weft_meshd::dataplane::device::sys::{Family, Offloads, RecvBatch, Run, SendScratch, Udp};
-use weft_meshd::dataplane::offload::gro::Coalescer;
-use weft_meshd::dataplane::offload::gso::Segmenter;
-use weft_meshd::dataplane::offload::{checksum, GsoType, VnetHdr, F_NEEDS_CSUM};
 
 const SEGMENTS: usize = 44;
 const MSS: usize = 1400;

@@ -1,7 +1,8 @@
 //! One owner per resource: an exclusive `flock` held for the life of the
 //! process, so a second meshd on a node (or a second data plane on an
 //! interface) refuses to start instead of fighting the first. The kernel
-//! drops the lock when its holder dies, however it dies.
+//! drops the lock when its holder dies, however it dies. It lives here,
+//! in the lower of the two crates that take one; meshd re-uses it.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};

@@ -1,6 +1,6 @@
-//! `meshd dataplane IFACE`: Weft's own userspace WireGuard device (see
-//! [`super::device`]) in a process of its own, serving the standard UAPI
-//! socket until SIGTERM or SIGINT.
+//! The data plane program: Weft's userspace WireGuard device (see
+//! [`crate::device`]) serving the standard UAPI socket until SIGTERM or
+//! SIGINT.
 //!
 //! A data plane that is not working must not look alive: any panic ends the
 //! process, and so does a failing worker or a TUN that vanished. Its
@@ -9,78 +9,106 @@
 //! bounded idle time, so one stuck client cannot wedge the others.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::stat::{umask, Mode as FileMode};
 
-use super::device::sys::Offloads;
-use super::device::{Device, EXIT_DEVICE_FAILED};
-use super::uapi;
-use super::{Mode, Resolved, SOCKET_DIR};
+use crate::device::sys::Offloads;
+use crate::device::{Device, EXIT_DEVICE_FAILED};
+use crate::lock::LockError;
+use crate::{lock, uapi, SOCKET_DIR};
 
 /// How long a client may take to send a request (or sit idle between two).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `meshd dataplane`: runs the userspace device for `iface`, unless `mode`
-/// resolves to kernel WireGuard on this machine (the same decision meshd
-/// makes); then it holds nothing and waits to be stopped, so the
-/// DaemonSet's data plane container is the same on every node.
-pub fn serve(iface: &str, mode: Mode, offloads: Offloads) -> Result<()> {
+/// Why the data plane could not run; each names what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("blocking the stop signals: {0}")]
+    BlockSignals(#[source] nix::Error),
+    #[error("waiting for a stop signal: {0}")]
+    WaitSignal(#[source] nix::Error),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("creating the WireGuard device {iface}: {source}")]
+    Device {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("starting the data plane's workers: {0}")]
+    Workers(#[source] io::Error),
+    #[error("preparing the socket directory {SOCKET_DIR}: {0}")]
+    SocketDir(#[source] io::Error),
+    #[error("binding {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The signals that stop the data plane (SIGTERM, SIGINT), blocked so that
+/// one thread takes them in [`Stop::wait`] instead of their default action
+/// ending the process mid-cleanup.
+pub struct Stop(SigSet);
+
+impl Stop {
+    /// Blocks the stop signals in the calling thread. Call it before any
+    /// thread starts: threads inherit the mask, so none of them takes a
+    /// signal meant for the waiter.
+    pub fn block() -> Result<Self, Error> {
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGTERM);
+        set.add(Signal::SIGINT);
+        set.thread_block().map_err(Error::BlockSignals)?;
+        Ok(Self(set))
+    }
+
+    /// Waits for a stop signal and returns it.
+    pub fn wait(&self) -> Result<Signal, Error> {
+        self.0.wait().map_err(Error::WaitSignal)
+    }
+}
+
+/// Runs the userspace device `iface` and serves its UAPI socket until a
+/// stop signal; the TUN interface goes with the process. Meant to be the
+/// process's whole life: it makes any panic end the process (exit
+/// [`EXIT_DEVICE_FAILED`]), as a failing worker does. A second data plane
+/// for the same interface waits a moment for the first to go, then
+/// refuses to start ([`crate::lock_path`]).
+pub fn run(iface: &str, offloads: Offloads, stop: &Stop) -> Result<(), Error> {
     // A panic anywhere ends the process: a live process with a dead device
     // would blackhole every pod.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("the userspace data plane panicked: {info}; exiting so that it is restarted");
         std::process::exit(EXIT_DEVICE_FAILED);
     }));
-    // Block the stop signals before any thread starts, so every thread
-    // inherits the mask and this one alone takes them, in sigwait.
-    let mut stop = SigSet::empty();
-    stop.add(Signal::SIGTERM);
-    stop.add(Signal::SIGINT);
-    stop.thread_block().context("blocking signals")?;
-    let name = super::interface_name(iface)?;
-    let resolved = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(super::probe(&name, mode))?;
-    match resolved {
-        Resolved::Userspace => run(iface, offloads, &stop),
-        Resolved::Kernel => {
-            tracing::info!(
-                interface = iface,
-                "kernel WireGuard serves this node: no userspace data plane to run"
-            );
-            let signal = stop.wait().context("waiting for a signal")?;
-            tracing::info!(?signal, "stopping");
-            Ok(())
-        }
-    }
-}
-
-fn run(iface: &str, offloads: Offloads, stop: &SigSet) -> Result<()> {
-    let _lock = crate::lock::exclusive(
-        &PathBuf::from(SOCKET_DIR).join(format!("{iface}.lock")),
+    let _lock = lock::exclusive(
+        &crate::lock_path(iface),
         "data plane for this interface",
-        crate::lock::WAIT,
+        lock::WAIT,
     )?;
-    let device = Device::open(iface, offloads)
-        .with_context(|| format!("creating the WireGuard device {iface}"))?;
-    device
-        .start()
-        .context("starting the data plane's workers")?;
+    let device = Device::open(iface, offloads).map_err(|source| Error::Device {
+        iface: iface.to_string(),
+        source,
+    })?;
+    device.start().map_err(Error::Workers)?;
 
-    fs::create_dir_all(SOCKET_DIR)?;
-    fs::set_permissions(SOCKET_DIR, fs::Permissions::from_mode(0o755))?;
-    let path = PathBuf::from(SOCKET_DIR).join(format!("{iface}.sock"));
+    fs::create_dir_all(SOCKET_DIR).map_err(Error::SocketDir)?;
+    fs::set_permissions(SOCKET_DIR, fs::Permissions::from_mode(0o755)).map_err(Error::SocketDir)?;
+    let path = crate::socket_path(iface);
     let _ = fs::remove_file(&path);
-    let listener = bind_private(&path).with_context(|| format!("binding {}", path.display()))?;
+    let listener = bind_private(&path).map_err(|source| Error::Bind {
+        path: path.clone(),
+        source,
+    })?;
     let d = device.clone();
     std::thread::spawn(move || accept(listener, d));
     let name = iface.to_string();
@@ -93,10 +121,9 @@ fn run(iface: &str, offloads: Offloads, stop: &SigSet) -> Result<()> {
         "userspace data plane running"
     );
 
-    let signal = stop.wait().context("waiting for a signal")?;
+    let signal = stop.wait()?;
     tracing::info!(?signal, "stopping the data plane");
     let _ = fs::remove_file(&path);
-    // The TUN interface goes with this process.
     Ok(())
 }
 
@@ -117,7 +144,7 @@ fn watch_interface(iface: &str) {
 /// others' bits, not chmod'ed after a bind that the process's umask
 /// decided. No other thread creates files meanwhile (the workers do no
 /// file I/O; the lock file exists already).
-fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
     let before = umask(FileMode::from_bits_truncate(0o177));
     let bound = UnixListener::bind(path);
     umask(before);

@@ -12,8 +12,8 @@ use boringtun::noise::TunnResult;
 
 use super::sys::{self, Family, Run, SendScratch};
 use super::{fatal, Device, Peer};
-use crate::dataplane::offload::gso::Segmenter;
-use crate::dataplane::offload::{VnetHdr, MAX_PACKET, VNET_HDR_LEN};
+use crate::offload::gso::Segmenter;
+use crate::offload::{VnetHdr, MAX_PACKET, VNET_HDR_LEN};
 
 /// WireGuard's data message overhead: header (16) and tag (16).
 const OVERHEAD: usize = 32;
