@@ -231,8 +231,19 @@ fn no_plaintext_whatever_happens_to_a_peer() {
     );
     stop_meshd(&lab, "node-3");
 
-    // The peer's data plane dies too.
-    signal(i64::from(dataplane_pid(&lab, "node-3")), "-KILL");
+    // The peer's data plane dies too: the userspace device's process, or
+    // the kernel link (the data plane container only waits where the
+    // kernel serves).
+    match common::link_kind(&lab, "node-3").as_str() {
+        "wireguard" => {
+            let iface = node(&lab.status(), "node-3")["wgInterface"]
+                .as_str()
+                .expect("a WireGuard interface")
+                .to_string();
+            lab.ok(&["exec", "node-3", "--", "ip", "link", "del", &iface]);
+        }
+        _ => signal(i64::from(dataplane_pid(&lab, "node-3")), "-KILL"),
+    }
     for t in &to_n3 {
         assert!(
             !pod_ping(&lab, "node-1", t, 2).status.success(),
@@ -296,6 +307,10 @@ fn changing_a_peer_keeps_every_data_plane_alive() {
     let pinging = std::thread::spawn(move || common::run_bounded(ping, Duration::from_secs(30)));
 
     stop_meshd(&lab, "node-3");
+    // node-3's device falls silent, as if it were gone: a packet from it
+    // would roam its endpoint back at its peers before the test looks.
+    let silent = "add table inet t-silent; add chain inet t-silent out { type filter hook output priority 0; }; add rule inet t-silent out udp sport 51820 drop";
+    lab.ok(&["exec", "node-3", "--", "nft", silent]);
     let underlay = node(&lab.status(), "node-3")["underlay"]
         .as_str()
         .unwrap()
@@ -340,6 +355,7 @@ fn changing_a_peer_keeps_every_data_plane_alive() {
     );
 
     // node-3 comes back and republishes: everyone meets it again.
+    lab.ok(&["exec", "node-3", "--", "nft", "delete table inet t-silent"]);
     lab.ok(&["start-meshd", "node-3"]);
     let started = Instant::now();
     for from in ["node-1", "node-2"] {

@@ -755,7 +755,15 @@ fn service_traffic_through_ipvs_is_judged_by_the_client_s_egress_policy() {
         steps.extend([
             vec!["ip", "link", "add", "kube-ipvs0", "type", "dummy"],
             vec!["ipvsadm", "-A", "-u", "10.96.100.1:9999", "-s", "rr"],
-            vec!["ipvsadm", "-a", "-u", "10.96.100.1:9999", "-r", &backend, "-m"],
+            vec![
+                "ipvsadm",
+                "-a",
+                "-u",
+                "10.96.100.1:9999",
+                "-r",
+                &backend,
+                "-m",
+            ],
         ]);
     } else {
         // This kernel has no dummy module, and an empty bridge holds an

@@ -138,9 +138,7 @@ impl Netlink {
     /// whether anything changed.
     pub async fn ensure_link(&self, index: u32, mtu: u32) -> Result<bool> {
         let links = self.handle.link().get().match_index(index).execute();
-        let link = first(links)
-            .await?
-            .context("the WireGuard link vanished")?;
+        let link = first(links).await?.context("the WireGuard link vanished")?;
         let up = link.header.flags.contains(LinkFlags::Up);
         let current = link.attributes.iter().find_map(|a| match a {
             LinkAttribute::Mtu(m) => Some(*m),

@@ -9,7 +9,6 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use meshlab::lab::state::{LabDir, DEFAULT_ROOT};
-use meshlab::vm;
 use meshlab::lab::topology::{
     load_topology, parse_config, parse_label, parse_topology, LabSpec, NodeDataplane, NodePlan,
     DEBIAN_WIREGUARD_GO,
@@ -18,6 +17,7 @@ use meshlab::lab::{
     agents, bench, bench_cni, bench_planner, bench_policy, bench_rotate, control, kube_proxy,
     lifecycle, netpol, pods, preflight, status, strict_runtime, topology,
 };
+use meshlab::vm;
 
 #[derive(Parser)]
 #[command(
@@ -452,7 +452,12 @@ fn vm_run(name: &str, timeout: std::time::Duration, command: &[String]) -> Resul
         "meshlab: VM up ({:?}, kernel {})",
         guest.accel, guest.kernel_release
     );
-    let out = guest.exec(command, &std::env::current_dir()?, timeout, vm::Stream::Forward)?;
+    let out = guest.exec(
+        command,
+        &std::env::current_dir()?,
+        timeout,
+        vm::Stream::Forward,
+    )?;
     guest.stop();
     if !out.success() {
         std::process::exit(out.code);

@@ -19,7 +19,9 @@ use nix::unistd::Pid;
 use weft_meshd::cni::CONFLIST;
 
 use super::state::{process_alive, write_atomic, LabDir};
-use super::topology::{LabPlan, NodeDataplane, NodePlan, Runtime, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
+use super::topology::{
+    LabPlan, NodeDataplane, NodePlan, Runtime, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6,
+};
 use super::{client, manifest, netns};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;

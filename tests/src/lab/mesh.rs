@@ -33,7 +33,10 @@ pub struct PeerReport {
 pub fn read(node: &NodePlan) -> Option<(String, Vec<PeerReport>)> {
     let iface: InterfaceName = node.wg_interface.parse().ok()?;
     let device = Device::get(&iface, Backend::Userspace).ok().or_else(|| {
-        netns::run_in(&node.netns, move || Ok(Device::get(&iface, Backend::Kernel)?)).ok()
+        netns::run_in(&node.netns, move || {
+            Ok(Device::get(&iface, Backend::Kernel)?)
+        })
+        .ok()
     })?;
     let now = SystemTime::now();
     let peers = device

@@ -91,9 +91,11 @@ pub fn collect(dir: &LabDir) -> Result<Report> {
     let live: BTreeMap<String, Node> = if running {
         client::block_on(dir, |client| async move {
             let nodes: Api<Node> = Api::all(client);
-            let list =
-                tokio::time::timeout(super::scaled(Duration::from_secs(5)), nodes.list(&ListParams::default()))
-                    .await??;
+            let list = tokio::time::timeout(
+                super::scaled(Duration::from_secs(5)),
+                nodes.list(&ListParams::default()),
+            )
+            .await??;
             Ok(list.items.into_iter().map(|n| (n.name_any(), n)).collect())
         })?
     } else {

@@ -111,7 +111,7 @@ pub fn kernel() -> Result<Kernel> {
             })
         })
         .collect();
-    found.sort_by(|a, b| version_key(&a.release).cmp(&version_key(&b.release)));
+    found.sort_by_key(|k| version_key(&k.release));
     found.pop().context(
         "no kernel with WireGuard modules in /boot and /lib/modules: tests/setup installs linux-image-amd64",
     )
@@ -185,14 +185,16 @@ fn initramfs(kernel: &Kernel, cache: &Path) -> Result<PathBuf> {
     fs::create_dir_all(stage.join("bin"))?;
     fs::create_dir_all(stage.join("lib/modules"))?;
     let busybox = Path::new("/bin/busybox");
-    fs::copy(busybox, stage.join("bin/busybox")).context(
-        "copying /bin/busybox into the initramfs (tests/setup installs busybox-static)",
-    )?;
+    fs::copy(busybox, stage.join("bin/busybox"))
+        .context("copying /bin/busybox into the initramfs (tests/setup installs busybox-static)")?;
     let mut list = String::new();
     for file in &order {
         let name = file.rsplit('/').next().unwrap_or(file);
-        fs::copy(kernel.modules.join(file), stage.join("lib/modules").join(name))
-            .with_context(|| format!("copying module {file}"))?;
+        fs::copy(
+            kernel.modules.join(file),
+            stage.join("lib/modules").join(name),
+        )
+        .with_context(|| format!("copying module {file}"))?;
         list.push_str(name);
         list.push('\n');
     }
@@ -335,7 +337,13 @@ impl Vm {
     /// Runs `argv` in the guest from directory `cwd`, killed there after
     /// `limit` (scaled for the accelerator). Fails if the guest stops
     /// answering.
-    pub fn exec(&self, argv: &[String], cwd: &Path, limit: Duration, stream: Stream) -> Result<Output> {
+    pub fn exec(
+        &self,
+        argv: &[String],
+        cwd: &Path,
+        limit: Duration,
+        stream: Stream,
+    ) -> Result<Output> {
         let limit = limit * self.accel.time_scale();
         let id = format!(
             "{}-{}",
@@ -390,7 +398,10 @@ impl Vm {
                 });
             }
             if qemu_pid(&self.dir).is_none() {
-                bail!("the VM stopped while running a command:\n{}", self.console_tail());
+                bail!(
+                    "the VM stopped while running a command:\n{}",
+                    self.console_tail()
+                );
             }
             if Instant::now() >= deadline {
                 bail!(

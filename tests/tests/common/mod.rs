@@ -656,7 +656,9 @@ pub fn link_kind(lab: &Lab, name: &str) -> String {
         .as_str()
         .expect("a WireGuard interface")
         .to_string();
-    let out = lab.ok(&["exec", name, "--", "ip", "-details", "-json", "link", "show", &iface]);
+    let out = lab.ok(&[
+        "exec", name, "--", "ip", "-details", "-json", "link", "show", &iface,
+    ]);
     let links: serde_json::Value = serde_json::from_str(&out).expect("ip -json");
     links[0]["linkinfo"]["info_kind"]
         .as_str()

@@ -68,7 +68,9 @@ pub fn run(
     ensure!(!cases.is_empty(), "no case files given");
     progress(match probe::SctpProbe::detect() {
         probe::SctpProbe::Kernel => "SCTP probes: associations over this kernel's SCTP sockets",
-        probe::SctpProbe::Raw => "SCTP probes: INIT and INIT ACK on raw sockets (this kernel has no SCTP sockets)",
+        probe::SctpProbe::Raw => {
+            "SCTP probes: INIT and INIT ACK on raw sockets (this kernel has no SCTP sockets)"
+        }
     });
     let reused = match dir.read_state()? {
         Some(state) if process_alive(state.api_server.pid, &dir.path()) => {

@@ -44,22 +44,21 @@ impl SctpProbe {
     }
 }
 
-fn kernel_sctp() -> Result<Socket> {
+fn sctp_socket(kind: Type) -> Result<Socket> {
     Socket::new(
         Domain::IPV4,
-        Type::STREAM,
+        kind,
         Some(socket2::Protocol::from(sctp::PROTOCOL)),
     )
-    .context("opening an SCTP socket")
+    .with_context(|| format!("opening an SCTP socket ({kind:?})"))
+}
+
+fn kernel_sctp() -> Result<Socket> {
+    sctp_socket(Type::STREAM)
 }
 
 fn raw_sctp() -> Result<Socket> {
-    Socket::new(
-        Domain::IPV4,
-        Type::RAW,
-        Some(socket2::Protocol::from(sctp::PROTOCOL)),
-    )
-    .context("opening a raw SCTP socket")
+    sctp_socket(Type::RAW)
 }
 
 /// Receives one datagram, `None` on timeout.
