@@ -311,7 +311,6 @@ impl Drop for Net {
 /// Starts side's userspace device; `None` for kernel WireGuard, a link
 /// rather than a process.
 fn start(imp: Impl, side: &Side) -> Option<Child> {
-    let log = std::fs::File::create(format!("/tmp/{}.log", side.iface)).unwrap();
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &side.netns]);
     // Weft's device even where the kernel has WireGuard (`auto` would
@@ -332,6 +331,7 @@ fn start(imp: Impl, side: &Side) -> Option<Child> {
             c.args([WIREGUARD_GO_867A4C4, "-f", &side.iface])
         }
     };
+    let log = std::fs::File::create(format!("/tmp/{}.log", side.iface)).unwrap();
     let child = c
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -901,12 +901,24 @@ fn peers_change_in_place(net: &Net, replaced_peers: ReplacedPeers) {
             assert_eq!(replaced, 300, "replacing the peer set lost packets");
             unchanged(&handshakes, "the peer set replaced");
         }
-        // A reply already on its way under the old session finds none.
-        ReplacedPeers::Renegotiate => assert!(
-            replaced >= 297,
-            "replacing the peer set lost {} of 300",
-            300 - replaced
-        ),
+        ReplacedPeers::Renegotiate => {
+            // A reply already on its way under the old session finds none.
+            assert!(
+                replaced >= 297,
+                "replacing the peer set lost {} of 300",
+                300 - replaced
+            );
+            // Every session went with its peer: a peer with traffic has
+            // handshaken anew, one without has none (0).
+            let after = net.handshakes(0);
+            for (key, at) in &handshakes {
+                let now = after.get(key).copied().unwrap_or(0);
+                assert!(
+                    now.abs_diff(*at) > 1,
+                    "{key} kept its session: {at} then {now}"
+                );
+            }
+        }
     }
 }
 

@@ -309,8 +309,19 @@ fn changing_a_peer_keeps_every_data_plane_alive() {
     stop_meshd(&lab, "node-3");
     // node-3's device falls silent, as if it were gone: a packet from it
     // would roam its endpoint back at its peers before the test looks.
-    let silent = "add table inet t-silent; add chain inet t-silent out { type filter hook output priority 0; }; add rule inet t-silent out udp sport 51820 drop";
-    lab.ok(&["exec", "node-3", "--", "nft", silent]);
+    let published = lab.kubectl(&[
+        "get",
+        "node",
+        "node-3",
+        "-o",
+        r"jsonpath={.metadata.annotations.weft\.dev/endpoint}",
+    ]);
+    let port = published
+        .rsplit_once(':')
+        .map(|(_, port)| port.trim().to_string())
+        .unwrap_or_else(|| panic!("node-3's endpoint: {published:?}"));
+    let silent = format!("add table inet t-silent; add chain inet t-silent out {{ type filter hook output priority 0; }}; add rule inet t-silent out udp sport {port} drop");
+    lab.ok(&["exec", "node-3", "--", "nft", &silent]);
     let underlay = node(&lab.status(), "node-3")["underlay"]
         .as_str()
         .unwrap()

@@ -89,10 +89,15 @@ fn full_mesh_carries_pod_traffic_only_encrypted() {
             let age = p["latestHandshakeSecondsAgo"]
                 .as_u64()
                 .unwrap_or_else(|| panic!("{name}: no handshake with {}", p["node"]));
-            // WireGuard's REJECT_AFTER_TIME: no session older than that
-            // carries anything (a slow machine's run outlasts the 120 s
-            // rekey, so the handshake can be older than the test's start).
-            assert!(age < 180, "{name}: stale handshake with {}", p["node"]);
+            // Fresh: within the test's minute, stretched on a slow machine
+            // up to WireGuard's REJECT_AFTER_TIME (no session older than
+            // that carries anything; a slow run outlasts the 120 s rekey).
+            let fresh = meshlab::lab::scaled(Duration::from_secs(60)).min(Duration::from_secs(180));
+            assert!(
+                age < fresh.as_secs(),
+                "{name}: stale handshake with {}",
+                p["node"]
+            );
         }
         let (was, now) = (transfer(&before, name), transfer(&after, name));
         for (peer, (rx, tx)) in &now {
@@ -309,8 +314,10 @@ fn kill_9_of_meshd_loses_no_pings_and_the_data_plane_is_adopted() {
         "pings were lost across the meshd restart:\n{summary}"
     );
 
+    // It may not serve metrics yet (try_metric: not answering is waiting).
     wait_for("the new meshd to sync", Duration::from_secs(10), || {
-        lab.metric("node-1", "weft_reconciles_total") >= 1.0
+        lab.try_metric("node-1", "weft_reconciles_total")
+            .is_some_and(|n| n >= 1.0)
     });
     assert_eq!(
         ifindex(),

@@ -402,12 +402,12 @@ fn main() -> ExitCode {
 /// `meshlab --vm …`: the same command inside the lab's guest, booted by
 /// `up` and powered off after `down`; exits with the guest command's status.
 fn in_vm(cli: &Cli) -> Result<()> {
-    let dir = vm::Vm::dir(Path::new(vm::DEFAULT_ROOT), &cli.name);
+    let dir = vm::Vm::dir(Path::new(vm::DEFAULT_ROOT), vm::Guest::Lab(&cli.name));
     let guest = match (vm::Vm::attach(&dir), &cli.command) {
         (Some(guest), _) => guest,
         (None, Cmd::Up { .. }) => {
             eprintln!("meshlab: booting the VM");
-            let guest = vm::Vm::boot(&dir)?;
+            let guest = vm::Vm::boot(&dir, vm::Lifetime::Detached)?;
             eprintln!(
                 "meshlab: VM up ({:?}, kernel {})",
                 guest.accel, guest.kernel_release
@@ -417,57 +417,61 @@ fn in_vm(cli: &Cli) -> Result<()> {
         (None, Cmd::Down) => return Ok(()),
         (None, _) => bail!("no VM for lab {}: `meshlab --vm up` first", cli.name),
     };
-    let meshlab = std::env::current_exe()?.to_string_lossy().into_owned();
-    let argv: Vec<String> = [
-        "env".to_string(),
-        format!("MESHLAB_NAME={}", cli.name),
-        format!("MESHLAB_ROOT={}", cli.root.display()),
-        meshlab,
-    ]
-    .into_iter()
-    .chain(std::env::args().skip(1).filter(|a| a != "--vm"))
-    .collect();
-    let out = guest.exec(
-        &argv,
-        &std::env::current_dir()?,
-        std::time::Duration::from_secs(3600),
-        vm::Stream::Forward,
-    )?;
-    if matches!(cli.command, Cmd::Down) {
+    // Only `down` ends the guest: whatever else fails, the lab stays.
+    let down = matches!(cli.command, Cmd::Down);
+    let code = (|| {
+        let meshlab = std::env::current_exe()?.to_string_lossy().into_owned();
+        // The same arguments, `--vm` included: the guest's meshlab knows
+        // it runs there (vm::GUEST_ENV) and does not forward again.
+        let argv: Vec<String> = [
+            "env".to_string(),
+            format!("MESHLAB_NAME={}", cli.name),
+            format!("MESHLAB_ROOT={}", cli.root.display()),
+            meshlab,
+        ]
+        .into_iter()
+        .chain(
+            std::env::args_os()
+                .skip(1)
+                .map(|a| a.to_string_lossy().into_owned()),
+        )
+        .collect();
+        guest.run_forwarded(
+            &argv,
+            &std::env::current_dir()?,
+            std::time::Duration::from_secs(3600),
+        )
+    })();
+    if down {
         guest.stop();
     } else {
         guest.detach();
     }
-    if !out.success() {
-        std::process::exit(out.code);
+    match code? {
+        0 => Ok(()),
+        code => std::process::exit(code),
     }
-    Ok(())
 }
 
 /// `meshlab vm run`: a guest for one command.
 fn vm_run(name: &str, timeout: std::time::Duration, command: &[String]) -> Result<()> {
-    let dir = vm::Vm::dir(Path::new(vm::DEFAULT_ROOT), &format!("{name}-run"));
-    let guest = vm::Vm::boot(&dir)?;
+    let dir = vm::Vm::dir(Path::new(vm::DEFAULT_ROOT), vm::Guest::Run(name));
+    let guest = vm::Vm::boot(&dir, vm::Lifetime::Process)?;
     eprintln!(
         "meshlab: VM up ({:?}, kernel {})",
         guest.accel, guest.kernel_release
     );
-    let out = guest.exec(
-        command,
-        &std::env::current_dir()?,
-        timeout,
-        vm::Stream::Forward,
-    )?;
+    let code = guest.run_forwarded(command, &std::env::current_dir()?, timeout)?;
     guest.stop();
-    if !out.success() {
-        std::process::exit(out.code);
+    match code {
+        0 => Ok(()),
+        code => std::process::exit(code),
     }
-    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     topology::check_name(&cli.name)?;
-    if cli.vm {
+    if cli.vm && !vm::in_guest() {
         return in_vm(&cli);
     }
     let dir = LabDir::new(&cli.root, &cli.name);

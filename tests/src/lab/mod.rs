@@ -39,10 +39,16 @@ pub const TIME_SCALE_ENV: &str = "MESHLAB_TIME_SCALE";
 /// `limit` stretched for this machine: only where a wait bounds something
 /// slow hardware slows down, never to loosen what a test measures.
 pub fn scaled(limit: Duration) -> Duration {
-    let factor = std::env::var(TIME_SCALE_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(1)
-        .clamp(1, 20);
+    static FACTOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let factor = *FACTOR.get_or_init(|| match std::env::var(TIME_SCALE_ENV) {
+        Err(_) => 1,
+        Ok(v) => match v.parse::<u32>() {
+            Ok(f @ 1..=20) => f,
+            _ => {
+                eprintln!("meshlab: ignoring {TIME_SCALE_ENV}={v:?}: want a whole factor from 1 to 20");
+                1
+            }
+        },
+    });
     limit * factor
 }

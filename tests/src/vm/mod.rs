@@ -20,6 +20,15 @@ use anyhow::{bail, Context, Result};
 /// Where the guests of the CLI (`meshlab --vm`) and of tests live.
 pub const DEFAULT_ROOT: &str = "/run/meshlab-vm";
 
+/// Set in every command the guest runs: what runs there knows it (meshlab
+/// does not forward `--vm` again; tests expect the guest's kernel).
+pub const GUEST_ENV: &str = "MESHLAB_IN_VM";
+
+/// Whether this process runs inside meshlab's guest.
+pub fn in_guest() -> bool {
+    std::env::var_os(GUEST_ENV).is_some()
+}
+
 /// The first stage, run from the initramfs by busybox.
 const INIT: &str = include_str!("init");
 /// The second stage, PID 1 on the host's userland.
@@ -29,6 +38,15 @@ const AGENT: &str = include_str!("agent");
 /// host's files: virtio, 9p, overlayfs, and entropy so that TLS does not
 /// wait for it.
 const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_rng"];
+
+/// The static busybox the first stage runs on (package busybox-static).
+const BUSYBOX: &str = "/bin/busybox";
+
+/// Kernel modules the guest loads up front: what the host's kernel lacks,
+/// and `tun`, whose device node appears only once it is loaded (no udev
+/// here). A guest missing one fails to boot, naming it, rather than
+/// running the suite on a fallback.
+const GUEST_MODULES: &[&str] = &["wireguard", "sctp", "sch_netem", "ip_vs", "tun"];
 
 /// Guest size: the lab's processes plus the tmpfs holding what they write.
 const MEMORY_MIB: u32 = 6144;
@@ -43,6 +61,20 @@ pub enum Accel {
 }
 
 impl Accel {
+    /// Its name in the guest directory's `accel` file.
+    fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Accel> {
+        [Accel::Kvm, Accel::Tcg]
+            .into_iter()
+            .find(|a| a.name() == name)
+    }
+
     fn qemu_arg(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
@@ -170,7 +202,20 @@ pub fn module_order(modules_dep: &str, wanted: &[&str]) -> Result<Vec<String>> {
 /// busybox, the first stage and the modules it loads.
 fn initramfs(kernel: &Kernel, cache: &Path) -> Result<PathBuf> {
     use blake2::Digest;
-    let digest: String = blake2::Blake2s256::digest(INIT.as_bytes())[..8]
+    let busybox = fs::read(BUSYBOX)
+        .with_context(|| format!("reading {BUSYBOX} (tests/setup installs busybox-static)"))?;
+    // The initramfs has no libc: a dynamic busybox (package `busybox`)
+    // would leave the guest with no init.
+    match weft_meshd::elf::linking(&busybox) {
+        Ok(weft_meshd::elf::Linking::Static) => {}
+        other => bail!("{BUSYBOX} is not a static executable ({other:?}): install busybox-static"),
+    }
+    // Everything the image is made of names it.
+    let mut hash = blake2::Blake2s256::new();
+    hash.update(INIT.as_bytes());
+    hash.update(BOOT_MODULES.join(",").as_bytes());
+    hash.update(&busybox);
+    let digest: String = hash.finalize()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
@@ -184,9 +229,7 @@ fn initramfs(kernel: &Kernel, cache: &Path) -> Result<PathBuf> {
     let stage = tempfile_dir(cache, "initrd")?;
     fs::create_dir_all(stage.join("bin"))?;
     fs::create_dir_all(stage.join("lib/modules"))?;
-    let busybox = Path::new("/bin/busybox");
-    fs::copy(busybox, stage.join("bin/busybox"))
-        .context("copying /bin/busybox into the initramfs (tests/setup installs busybox-static)")?;
+    write_executable_bytes(&stage.join("bin/busybox"), &busybox)?;
     let mut list = String::new();
     for file in &order {
         let name = file.rsplit('/').next().unwrap_or(file);
@@ -200,12 +243,12 @@ fn initramfs(kernel: &Kernel, cache: &Path) -> Result<PathBuf> {
     }
     fs::write(stage.join("modules"), list)?;
     write_executable(&stage.join("init"), INIT)?;
-    let partial = out.with_extension("partial");
+    let partial = out.with_extension(format!("partial.{}", std::process::id()));
     let archive = fs::File::create(&partial)?;
     // busybox's cpio writes the newc archive the kernel unpacks.
     let status = Command::new("sh")
         .arg("-c")
-        .arg("find . | /bin/busybox cpio -o -H newc 2>/dev/null")
+        .arg("find . | bin/busybox cpio -o -H newc 2>/dev/null")
         .current_dir(&stage)
         .stdout(archive)
         .status()
@@ -227,8 +270,12 @@ fn tempfile_dir(parent: &Path, what: &str) -> Result<PathBuf> {
 }
 
 fn write_executable(path: &Path, text: &str) -> Result<()> {
+    write_executable_bytes(path, text.as_bytes())
+}
+
+fn write_executable_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
     Ok(())
 }
@@ -241,7 +288,8 @@ fn quote(s: &str) -> String {
 /// What a command in the guest returned.
 #[derive(Debug)]
 pub struct Output {
-    /// The command's exit code (124 if the guest's bound killed it).
+    /// The command's exit code (124, or 137 after a KILL, if the guest's
+    /// bound ended it).
     pub code: i32,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
@@ -255,9 +303,27 @@ impl Output {
 
 /// Whether a command's output is kept or copied to meshlab's own as it comes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
+enum Stream {
     Capture,
     Forward,
+}
+
+/// Which guest: a lab's (`meshlab --vm`) or a run's (`meshlab vm run`, a
+/// test suite), each named apart so that neither takes the other's.
+#[derive(Debug, Clone, Copy)]
+pub enum Guest<'a> {
+    Lab(&'a str),
+    Run(&'a str),
+}
+
+/// Whom a guest lives for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// Killed when the thread that booted it ends, even by a crash (tests,
+    /// `vm run`): nothing is left burning the CPUs.
+    Process,
+    /// Outlives meshlab (`meshlab --vm up`) until `down`.
+    Detached,
 }
 
 /// A running guest. Dropping it powers the guest off (a CLI lab that must
@@ -270,16 +336,24 @@ pub struct Vm {
     detached: bool,
 }
 
+/// Requests of this process, told apart.
+static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Vm {
-    /// The guest directory of `name` under `root`.
-    pub fn dir(root: &Path, name: &str) -> PathBuf {
-        root.join(name)
+    /// The directory of `guest` under `root`.
+    pub fn dir(root: &Path, guest: Guest) -> PathBuf {
+        match guest {
+            Guest::Lab(name) => root.join("labs").join(name),
+            Guest::Run(name) => root.join("runs").join(name),
+        }
     }
 
-    /// Boots a guest in `dir` (a crashed run's guest there is killed first),
-    /// trying each accelerator within its bound; fails with the console's
-    /// last lines if none boots.
-    pub fn boot(dir: &Path) -> Result<Vm> {
+    /// Boots a guest in `dir`, trying each accelerator within its bound;
+    /// fails with the console's last lines if none boots. The guest's QEMU
+    /// holds `dir`'s lock for as long as it runs: a guest of another run
+    /// there is refused, a crashed run's leftovers are removed.
+    pub fn boot(dir: &Path, lifetime: Lifetime) -> Result<Vm> {
+        let lock = lock(dir)?;
         remove(dir);
         fs::create_dir_all(dir.join("mailbox"))
             .with_context(|| format!("creating {}", dir.display()))?;
@@ -295,7 +369,7 @@ impl Vm {
             .is_ok();
         let mut failures = Vec::new();
         for accel in accelerators(kvm, &cpuinfo) {
-            match boot_with(dir, &kernel, &initrd, accel) {
+            match boot_with(dir, &kernel, &initrd, accel, lifetime, &lock) {
                 Ok(()) => {
                     return Ok(Vm {
                         dir: dir.to_path_buf(),
@@ -317,14 +391,11 @@ impl Vm {
     pub fn attach(dir: &Path) -> Option<Vm> {
         qemu_pid(dir)?;
         let ready = fs::read_to_string(dir.join("mailbox/ready")).ok()?;
-        let accel = match fs::read_to_string(dir.join("accel")).ok()?.trim() {
-            "kvm" => Accel::Kvm,
-            _ => Accel::Tcg,
-        };
+        let accel = Accel::from_name(fs::read_to_string(dir.join("accel")).ok()?.trim())?;
         Some(Vm {
             dir: dir.to_path_buf(),
             accel,
-            kernel_release: ready.split_whitespace().next().unwrap_or("").to_string(),
+            kernel_release: ready.split_whitespace().next()?.to_string(),
             detached: false,
         })
     }
@@ -335,27 +406,29 @@ impl Vm {
     }
 
     /// Runs `argv` in the guest from directory `cwd`, killed there after
-    /// `limit` (scaled for the accelerator). Fails if the guest stops
-    /// answering.
-    pub fn exec(
-        &self,
-        argv: &[String],
-        cwd: &Path,
-        limit: Duration,
-        stream: Stream,
-    ) -> Result<Output> {
+    /// `limit` (scaled for the accelerator), and returns its output. Fails
+    /// if the guest stops answering.
+    pub fn run(&self, argv: &[String], cwd: &Path, limit: Duration) -> Result<Output> {
+        self.exec(argv, cwd, limit, Stream::Capture)
+    }
+
+    /// [`Vm::run`] with the output copied to meshlab's as it comes;
+    /// returns the exit code.
+    pub fn run_forwarded(&self, argv: &[String], cwd: &Path, limit: Duration) -> Result<i32> {
+        Ok(self.exec(argv, cwd, limit, Stream::Forward)?.code)
+    }
+
+    fn exec(&self, argv: &[String], cwd: &Path, limit: Duration, stream: Stream) -> Result<Output> {
         let limit = limit * self.accel.time_scale();
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos()
-        );
+        let n = REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}-{n}", std::process::id());
         let reqs = self.dir.join("mailbox/req");
+        fs::create_dir_all(&reqs)?;
+        // Written whole under a hidden name, then renamed: the guest never
+        // sees half a request.
         let partial = reqs.join(format!(".{id}"));
-        fs::create_dir_all(&partial)?;
+        let _ = fs::remove_dir_all(&partial);
+        fs::create_dir(&partial)?;
         let cwd = cwd.to_str().context("the working directory is not UTF-8")?;
         let script = format!(
             "cd {}\nexec {}\n",
@@ -374,22 +447,19 @@ impl Vm {
     fn wait_for(&self, req: &Path, bound: Duration, stream: Stream) -> Result<Output> {
         let deadline = Instant::now() + bound;
         let mut forwarded = (0u64, 0u64);
+        let read = |f: &str| fs::read(req.join(f)).unwrap_or_default();
         loop {
             if stream == Stream::Forward {
                 forwarded.0 = forward(&req.join("stdout"), forwarded.0, &mut std::io::stdout());
                 forwarded.1 = forward(&req.join("stderr"), forwarded.1, &mut std::io::stderr());
             }
+            // The agent renames rc into place after the command ended: its
+            // output is complete by then.
             if let Ok(rc) = fs::read_to_string(req.join("rc")) {
                 let code = rc.trim().parse().unwrap_or(-1);
-                let read = |f: &str| fs::read(req.join(f)).unwrap_or_default();
                 if stream == Stream::Forward {
                     forward(&req.join("stdout"), forwarded.0, &mut std::io::stdout());
                     forward(&req.join("stderr"), forwarded.1, &mut std::io::stderr());
-                    return Ok(Output {
-                        code,
-                        stdout: Vec::new(),
-                        stderr: Vec::new(),
-                    });
                 }
                 return Ok(Output {
                     code,
@@ -397,15 +467,22 @@ impl Vm {
                     stderr: read("stderr"),
                 });
             }
-            if qemu_pid(&self.dir).is_none() {
+            let stopped = qemu_pid(&self.dir).is_none();
+            if stopped || Instant::now() >= deadline {
+                let tail = |f: &str| {
+                    let text = String::from_utf8_lossy(&read(f)).into_owned();
+                    let lines: Vec<&str> = text.lines().collect();
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                };
                 bail!(
-                    "the VM stopped while running a command:\n{}",
-                    self.console_tail()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the VM did not answer within {bound:?}:\n{}",
+                    "{}\n--- the command's stdout (end) ---\n{}\n--- its stderr (end) ---\n{}\n--- the console (end) ---\n{}",
+                    if stopped {
+                        "the VM stopped while running a command".to_string()
+                    } else {
+                        format!("the VM did not answer within {bound:?}")
+                    },
+                    tail("stdout"),
+                    tail("stderr"),
                     self.console_tail()
                 );
             }
@@ -448,25 +525,52 @@ fn forward(file: &Path, from: u64, to: &mut impl Write) -> u64 {
     from + n as u64
 }
 
-fn boot_with(dir: &Path, kernel: &Kernel, initrd: &Path, accel: Accel) -> Result<()> {
+/// Takes `dir`'s lock (a file beside it), or fails naming who holds it.
+fn lock(dir: &Path) -> Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let path = dir.with_extension("lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "the guest {} is in use by another run (its QEMU holds {})",
+            dir.display(),
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+fn boot_with(
+    dir: &Path,
+    kernel: &Kernel,
+    initrd: &Path,
+    accel: Accel,
+    lifetime: Lifetime,
+    lock: &fs::File,
+) -> Result<()> {
+    use std::os::fd::AsFd;
     let mailbox = dir.join("mailbox");
     let _ = fs::remove_file(mailbox.join("ready"));
     write_executable(&mailbox.join("agent"), AGENT)?;
     fs::write(
         mailbox.join("env"),
         format!(
-            "export {}={}\n",
+            "export {}={} {GUEST_ENV}=1 MESHLAB_VM_MODULES='{}'\n",
             crate::lab::TIME_SCALE_ENV,
-            accel.time_scale()
+            accel.time_scale(),
+            GUEST_MODULES.join(" "),
         ),
     )?;
-    fs::write(
-        dir.join("accel"),
-        match accel {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        },
-    )?;
+    fs::write(dir.join("accel"), accel.name())?;
     let console = fs::File::create(dir.join("console.log"))?;
     let share = |path: &Path, tag: &str, ro: bool| {
         format!(
@@ -494,6 +598,23 @@ fn boot_with(dir: &Path, kernel: &Kernel, initrd: &Path, accel: Accel) -> Result
         .stderr(console)
         // Its own process group: a terminal's ^C to meshlab does not reach it.
         .process_group(0);
+    // QEMU inherits the lock and holds it for as long as it runs.
+    nix::fcntl::fcntl(
+        lock.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .context("handing the guest's lock to QEMU")?;
+    if lifetime == Lifetime::Process {
+        // SAFETY: prctl is async-signal-safe; nothing else runs here.
+        unsafe {
+            qemu.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let mut child = qemu
         .spawn()
         .context("starting qemu-system-x86_64 (tests/setup installs qemu-system-x86)")?;
@@ -502,6 +623,11 @@ fn boot_with(dir: &Path, kernel: &Kernel, initrd: &Path, accel: Accel) -> Result
         if mailbox.join("ready").exists() {
             // Reaped by whoever outlives us; the pid file is the handle.
             std::mem::forget(child);
+            let missing = fs::read_to_string(mailbox.join("missing")).unwrap_or_default();
+            let missing: Vec<&str> = missing.split_whitespace().collect();
+            if !missing.is_empty() {
+                bail!("the guest's kernel lacks {missing:?}");
+            }
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {

@@ -18,6 +18,9 @@ use weft_meshd::planner::mesh_address_of;
 
 pub const MESHLAB: &str = env!("CARGO_BIN_EXE_meshlab");
 
+/// How a lab in meshlab's guest reports its nodes' data planes.
+pub const DATA_PLANES_MARKER: &str = "lab data planes: ";
+
 /// A lab that is torn down when dropped, even if the test panicked.
 pub struct Lab {
     pub name: String,
@@ -41,6 +44,19 @@ impl Lab {
             "meshlab up failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        if meshlab::vm::in_guest() {
+            // What kernel::the_kernel_path_passes_in_a_vm checks: these
+            // tests met kernel links, not a fallback.
+            let status = lab.status();
+            let kinds: Vec<String> = status["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n["name"].as_str())
+                .map(|n| format!("{n}={}", link_kind(&lab, n)))
+                .collect();
+            eprintln!("{DATA_PLANES_MARKER}{}", kinds.join(" "));
+        }
         lab
     }
 
