@@ -154,12 +154,19 @@ fn passed(stdout: &str) -> Option<usize> {
 /// How long the whole guest run may take (scaled for TCG by the VM).
 const SUITE_LIMIT: Duration = Duration::from_secs(600);
 
-/// The newest build of test target `name` next to this one (cargo names
-/// them `NAME-HASH` in the same directory; `cargo test` builds every
-/// target before it runs any).
-fn sibling(name: &str) -> PathBuf {
+/// The newest build of test target `name` next to this one that holds
+/// `test` (cargo names every target's binary `NAME-HASH` in one
+/// directory, so no other target of the workspace may be named like a
+/// test target listed here: a benchmark once was, and ran in its place).
+fn sibling(name: &str, test: &str) -> PathBuf {
     let me = std::env::current_exe().expect("this test binary");
     let dir = me.parent().expect("its directory");
+    let holds = |path: &Path| {
+        std::process::Command::new(path)
+            .args(["--list", "--include-ignored", "--exact", test])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("{test}: test")))
+    };
     let newest = std::fs::read_dir(dir)
         .expect("the test binaries' directory")
         .filter_map(|e| e.ok())
@@ -169,9 +176,15 @@ fn sibling(name: &str) -> PathBuf {
                 .and_then(|rest| rest.strip_prefix('-'))
                 .is_some_and(|hash| hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()))
         })
+        .filter(|e| holds(&e.path()))
         .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
     newest
-        .unwrap_or_else(|| panic!("no test binary {name}-HASH in {}", dir.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no test binary {name}-HASH with {test} in {}",
+                dir.display()
+            )
+        })
         .path()
 }
 
@@ -218,7 +231,7 @@ fn the_kernel_path_passes_in_a_vm() {
         vec![("kernel".into(), own, own_tests(), Proof::Itself)];
     for (target, test, proof) in ALSO_IN_THE_VM {
         let argv = vec![
-            sibling(target).to_string_lossy().into_owned(),
+            sibling(target, test).to_string_lossy().into_owned(),
             "--exact".into(),
             test.to_string(),
             "--include-ignored".into(),

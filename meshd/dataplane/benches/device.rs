@@ -3,7 +3,7 @@
 //! decryption, coalescing, and the UDP system calls — each batched (as the
 //! data plane does) and one at a time (as boringtun's device does).
 //!
-//! `cargo bench -p weft-dataplane --bench dataplane` (as root: the socket rows
+//! `cargo bench -p weft-dataplane --bench device` (as root: the socket rows
 //! run in a network namespace of their own, on its loopback).
 
 use std::hint::black_box;
