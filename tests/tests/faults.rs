@@ -9,19 +9,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{node, pid_of_meshd, signal, stop_meshd, wait_for, Hostile, Lab};
+use common::{dataplane_pid, node, pid_of_meshd, signal, stop_meshd, wait_for, Hostile, Lab};
 use serde_json::Value;
-
-fn dataplane_pid(lab: &Lab, name: &str) -> i32 {
-    let found: Vec<i32> = lab
-        .processes(name)
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains(" dataplane "))
-        .map(|(pid, _)| pid)
-        .collect();
-    assert_eq!(found.len(), 1, "{name}'s data plane processes: {found:?}");
-    found[0]
-}
 
 /// `(node, endpoint, allowed IPs)` of each peer of `name`, from its data plane.
 fn peers(lab: &Lab, name: &str) -> Vec<(String, String, Vec<String>)> {

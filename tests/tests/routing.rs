@@ -11,7 +11,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{first_datagram, node, signal, wait_for, Lab, Traffic, MESHLAB};
+use common::{
+    dataplane_pid, first_datagram, node, pid_of_meshd, signal, wait_for, Lab, Traffic, MESHLAB,
+};
 
 /// Short timers, so failover takes seconds.
 const FAST: [&str; 4] = [
@@ -167,9 +169,10 @@ fn a_dead_relay_is_replaced_by_the_next() {
         "node-2"
     };
     // The relay dies: its meshd and its data plane (the interface goes).
-    for (pid, _) in lab.processes(&first) {
-        signal(i64::from(pid), "-KILL");
-    }
+    // Named, not every process in its namespace: a short-lived helper may
+    // exit between listing and killing.
+    signal(i64::from(dataplane_pid(&lab, &first)), "-KILL");
+    signal(pid_of_meshd(&lab, &first), "-KILL");
     let (v4, _) = pod_ips(&lab, "pod-3-1");
     let killed = Instant::now();
     wait_for_carrier(&lab, "node-1", "node-3", &[next]);

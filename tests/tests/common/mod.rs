@@ -304,6 +304,18 @@ pub fn pid_of_meshd(lab: &Lab, name: &str) -> i64 {
         .unwrap_or_else(|| panic!("{name}'s meshd is not running"))
 }
 
+/// The pid of `name`'s userspace data plane (the `meshd dataplane` process).
+pub fn dataplane_pid(lab: &Lab, name: &str) -> i32 {
+    let found: Vec<i32> = lab
+        .processes(name)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(" dataplane "))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(found.len(), 1, "{name}'s data plane processes: {found:?}");
+    found[0]
+}
+
 /// Stops a node's meshd cleanly (its data plane stays) and waits for it.
 pub fn stop_meshd(lab: &Lab, name: &str) {
     signal(pid_of_meshd(lab, name), "-TERM");
