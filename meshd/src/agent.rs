@@ -11,7 +11,7 @@
 //! When meshd stops, the data plane and routes stay: traffic keeps flowing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,8 +36,8 @@ use crate::cluster::{self, node_info};
 use crate::dataplane::{DataPlane, DeviceState, Mode, UserspaceProgram};
 use crate::decide::{decide, Inputs};
 use crate::http::{self, Health};
-use crate::liveness::Liveness;
-use crate::metrics::{PeerLabels, ReasonLabels, StateLabels};
+use crate::liveness::{Liveness, Reading, Timers};
+use crate::metrics::{KindLabels, PeerLabels, ReasonLabels, StateLabels};
 use crate::model::NodeInfo;
 use crate::model::{
     ClusterRanges, ClusterSnapshot, DesiredNode, LinkCosts, LocalConfig, Relay, Verdict,
@@ -45,6 +45,7 @@ use crate::model::{
 use crate::node_blocks::{PodCidrSource, CLAIM_LABEL};
 use crate::planner::{backstops, prune, OwnKeys, ParseMemo};
 use crate::policy::Enforcement;
+use crate::probe;
 use crate::reconcile::netlink::Netlink;
 use crate::reconcile::PeerStats;
 use crate::reconcile::Reconciler;
@@ -63,6 +64,8 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// NetworkPolicy changes costs each node one Node write, not one per
 /// change (for scale: kubelet renews every node's Lease every 10 s).
 const POLICY_STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// The least time between two changes of the published link state.
+const LINK_STATE_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -98,6 +101,12 @@ pub struct RunArgs {
     /// reachable again. Must exceed the keepalive interval.
     #[arg(long, env = "WEFT_PEER_TIMEOUT", default_value_t = 30)]
     pub peer_timeout: u64,
+    /// A peer this node sends traffic to and hears nothing back from is
+    /// probed at once (an ICMP echo through the tunnel); unanswered for
+    /// this long, it is unreachable as after a silence. Idle links are
+    /// judged by `--peer-timeout` alone.
+    #[arg(long, env = "WEFT_PROBE_TIMEOUT", default_value = "1s")]
+    pub probe_timeout: humantime::Duration,
     /// What a link costs by how far apart its ends are (node labels
     /// topology.kubernetes.io/region and /zone): relays are chosen by the
     /// least total cost. The same on every node.
@@ -234,6 +243,14 @@ fn check_timers(args: &RunArgs) -> Result<()> {
             args.peer_timeout
         );
     }
+    let probe = *args.probe_timeout;
+    if probe.is_zero() || probe >= Duration::from_secs(args.peer_timeout) {
+        anyhow::bail!(
+            "--probe-timeout {} must be above zero and below --peer-timeout {}s (a busy link is judged sooner than an idle one)",
+            args.probe_timeout,
+            args.peer_timeout
+        );
+    }
     // Peers refuse a switch scheduled further ahead (see
     // annotations::MAX_KEY_SWITCH_AHEAD).
     if *args.keys.key_switch_lead > crate::annotations::MAX_KEY_SWITCH_LEAD {
@@ -326,6 +343,11 @@ struct Agent {
     events: cluster::Events,
     /// By peer node name.
     liveness: Liveness<String>,
+    prober: probe::Prober,
+    /// Some peer was sent traffic at the last look at the data plane.
+    busy: bool,
+    /// When the link state last changed (published at most once a second).
+    link_state_changed: Option<Instant>,
     parse_memo: ParseMemo,
     reports: Reports,
     mtu: Option<u32>,
@@ -532,6 +554,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .filter(|_| args.network_policy)
         .and_then(|n| n.annotations.get(POLICY_APPLIED)?.parse().ok());
     let policy_reports = health.policy_applied.subscribe();
+    let prober = probe::Prober::new();
+    if !prober.echoes() {
+        tracing::warn!("no CAP_NET_RAW: peers are not probed with echoes, busy links are judged by --peer-timeout alone");
+    }
     let mut agent = Agent {
         local: LocalConfig {
             persistent_keepalive: (args.persistent_keepalive > 0)
@@ -561,6 +587,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         reconciler,
         health,
         liveness: Liveness::new(published),
+        prober,
+        busy: false,
+        link_state_changed: None,
         parse_memo: ParseMemo::default(),
         reports: Reports::default(),
         mtu: None,
@@ -576,7 +605,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             due: None,
         },
     };
-    let mut observe = tokio::time::interval(Duration::from_secs(1));
+    let mut observe_at = tokio::time::Instant::now();
     let mut resync = tokio::time::interval(Duration::from_secs(agent.args.resync.max(1)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let sources = Sources {
@@ -604,8 +633,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     continue;
                 }
             }
-            _ = observe.tick() => {
-                if !agent.observe().await && !agent.needs_sync {
+            _ = tokio::time::sleep_until(observe_at) => {
+                let changed = agent.observe().await;
+                observe_at = tokio::time::Instant::now() + agent.observe_period();
+                if !changed && !agent.needs_sync {
                     continue;
                 }
             }
@@ -725,17 +756,30 @@ impl Agent {
                     .iter()
                     .filter_map(|s| {
                         let name = self.peer_names.get(&s.key)?;
-                        Some((name.clone(), (s.rx_bytes, s.handshake_secs())))
+                        let reading = Reading {
+                            rx: s.rx_bytes,
+                            tx: s.tx_bytes,
+                            handshake: s.handshake_secs(),
+                        };
+                        Some((name.clone(), reading))
                     })
                     .collect();
-                self.liveness.observe(
-                    &readings,
-                    Instant::now(),
-                    Duration::from_secs(self.args.peer_timeout),
-                )
+                let timers = Timers {
+                    silence: Duration::from_secs(self.args.peer_timeout),
+                    unanswered: *self.args.probe_timeout,
+                };
+                let now = Instant::now();
+                let echoed = self.echoed();
+                let judged = self.liveness.observe(&readings, &echoed, now, timers);
+                let mut sent = self.probe(&judged.probe, "liveness");
+                sent.extend(self.probe(&judged.ask, "echo-check"));
+                self.liveness.sent(&sent, now);
+                self.busy = judged.busy;
+                judged.down
             }
             None => BTreeSet::new(),
         };
+        let m = &self.health.metrics;
         m.peers
             .get_or_create(&StateLabels {
                 state: "down".into(),
@@ -746,13 +790,81 @@ impl Agent {
             .set((stats.len() - down.len()) as i64);
         let heard_changed = self.note_heard(&stats, None);
         // Published as this node's link state: at most one change a second
-        // (this runs once a second), and per peer at most one per timeout.
-        if down != self.local.unreachable {
+        // (this runs up to four times a second; a change waits for the
+        // next look after that), and per peer at most one per timeout.
+        let settled = self
+            .link_state_changed
+            .is_some_and(|t| t.elapsed() < LINK_STATE_INTERVAL);
+        if down != self.local.unreachable && !settled {
+            self.link_state_changed = Some(Instant::now());
             tracing::info!(unreachable = ?down, "link state changed");
             self.local.unreachable = down;
             return true;
         }
         rotation_moved || heard_changed
+    }
+
+    /// The peers whose own mesh addresses answered this meshd's echoes
+    /// since the last look.
+    fn echoed(&self) -> BTreeSet<String> {
+        let answers = self.prober.answers();
+        let Some((desired, _)) = &self.applied else {
+            return BTreeSet::new();
+        };
+        desired
+            .peers
+            .values()
+            .filter(|p| p.mesh_addresses.iter().any(|a| answers.contains(a)))
+            .map(|p| p.node.clone())
+            .collect()
+    }
+
+    /// Probes each named peer's own mesh address; returns those whose echo
+    /// went out (only those are waited for).
+    fn probe(&mut self, names: &BTreeSet<String>, kind: &str) -> BTreeSet<String> {
+        let Some((desired, _)) = &self.applied else {
+            return BTreeSet::new();
+        };
+        let targets: Vec<(String, IpAddr)> = desired
+            .peers
+            .values()
+            .filter(|p| names.contains(&p.node))
+            .filter_map(|p| Some((p.node.clone(), probe::target(p)?)))
+            .collect();
+        targets
+            .into_iter()
+            .filter(|(_, target)| self.send_probe(*target, kind) == Some(probe::Sent::Echo))
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Sends a probe (see crate::probe) and counts it.
+    fn send_probe(&mut self, target: IpAddr, kind: &str) -> Option<probe::Sent> {
+        match self.prober.send(target) {
+            Ok(sent) => {
+                self.count_probe(kind);
+                Some(sent)
+            }
+            Err(e) => {
+                tracing::debug!(%target, error = %e, "could not probe a peer");
+                None
+            }
+        }
+    }
+
+    fn count_probe(&self, kind: &str) {
+        let labels = KindLabels { kind: kind.into() };
+        self.health.metrics.probes.get_or_create(&labels).inc();
+    }
+
+    /// How long until the data plane is looked at again: sooner while
+    /// traffic flows (a failure is caught within a quarter of the probe
+    /// timeout) or a probe waits for its answer.
+    fn observe_period(&self) -> Duration {
+        match self.busy || self.liveness.probing() {
+            true => (*self.args.probe_timeout / 4).max(Duration::from_millis(50)),
+            false => Duration::from_secs(1),
+        }
     }
 
     /// Where each peer's authenticated packets come from: the one host
@@ -1068,12 +1180,16 @@ impl Agent {
         // when traffic or a keepalive happens to ask.
         // A peer whose endpoint was just written is asked for a packet too:
         // its answer shows where it really is (see note_heard).
+        // Both sides do this when they add each other; whichever is
+        // second finds the other ready.
         for (key, peer) in &desired.peers {
             if keys_changed
                 || outcome.new_peers.contains(key)
                 || outcome.endpoints_written.contains(key)
             {
-                start_handshake(peer, &self.local.ranges);
+                if let Some(target) = probe::target(peer) {
+                    self.send_probe(target, "handshake");
+                }
             }
         }
         // Only now may pods attach: the node state is what the CNI plugin
@@ -1189,7 +1305,7 @@ impl Agent {
     /// The subnets this node's own addresses are on: where, unless
     /// `--host-cidr` says otherwise, other nodes' host addresses are
     /// believed (see [`crate::planner::host_addresses`]).
-    async fn own_subnets(&self, own: &[std::net::IpAddr]) -> Vec<IpNet> {
+    async fn own_subnets(&self, own: &[IpAddr]) -> Vec<IpNet> {
         let mut subnets = Vec::new();
         for ip in own {
             match self.reconciler.netlink().subnet_of_address(*ip).await {
@@ -1209,11 +1325,7 @@ impl Agent {
         subnets
     }
 
-    async fn mtu(
-        &mut self,
-        endpoint: Option<SocketAddr>,
-        internal_ip: Option<std::net::IpAddr>,
-    ) -> u32 {
+    async fn mtu(&mut self, endpoint: Option<SocketAddr>, internal_ip: Option<IpAddr>) -> u32 {
         if let Some(m) = self.args.mtu.or(self.mtu) {
             return m;
         }
@@ -1260,34 +1372,6 @@ fn keys_by_node(nodes: &[NodeInfo]) -> BTreeMap<PublicKey, String> {
     seen.into_iter()
         .filter_map(|(k, n)| Some((k, n?)))
         .collect()
-}
-
-/// Sends one datagram through the tunnel to a new peer's mesh address, so
-/// the data plane handshakes now, whichever implementation it is (Debian's
-/// wireguard-go, for one, waits for traffic). Both sides do this when they
-/// add each other; whichever is second finds the other ready.
-fn start_handshake(peer: &crate::model::Peer, ranges: &crate::model::ClusterRanges) {
-    // Its mesh address: the node's own traffic to it goes through the
-    // tunnel (a host address of the peer's would go by the underlay).
-    let Some(target) = peer
-        .allowed_ips
-        .iter()
-        .find(|n| n.prefix_len() == n.max_prefix_len() && ranges.mesh.contains(n.addr()))
-        .map(|n| n.addr())
-    else {
-        return;
-    };
-    let bind: SocketAddr = if target.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    // The discard port: the handshake, and the peer's refusal (an ICMP
-    // error, authenticated), are the point.
-    let sent = std::net::UdpSocket::bind(bind).and_then(|s| s.send_to(&[], (target, 9)));
-    if let Err(e) = sent {
-        tracing::debug!(%target, error = %e, "could not prompt a handshake");
-    }
 }
 
 #[cfg(test)]
@@ -1349,6 +1433,28 @@ mod tests {
             .expect("refused")
             .to_string();
         assert!(err.contains("--key-max-age"), "{err}");
+    }
+
+    #[test]
+    fn timers_are_checked_against_each_other() {
+        assert!(check_timers(&args(&[])).is_ok(), "the defaults");
+        for (bad, want) in [
+            (
+                &["--persistent-keepalive", "30", "--peer-timeout", "30"][..],
+                "--peer-timeout 30 must exceed --persistent-keepalive 30",
+            ),
+            (
+                &["--probe-timeout", "0s"],
+                "--probe-timeout 0s must be above zero",
+            ),
+            (
+                &["--peer-timeout", "15", "--probe-timeout", "15s"],
+                "below --peer-timeout 15s",
+            ),
+        ] {
+            let err = check_timers(&args(bad)).unwrap_err().to_string();
+            assert!(err.contains(want), "{bad:?}: {err}");
+        }
     }
 
     #[test]

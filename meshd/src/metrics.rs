@@ -60,6 +60,7 @@ pub struct Metrics {
     pub excluded: Family<ReasonLabels, Gauge>,
     pub api_writes: Family<KindLabels, Counter>,
     pub dataplane_starts: Counter,
+    pub probes: Family<KindLabels, Counter>,
     pub key_events: Family<KindLabels, Counter>,
     pub policy_revision: Gauge,
     pub policy_drops: Family<PolicyLabels, Counter>,
@@ -84,6 +85,7 @@ impl Default for Metrics {
             excluded: Family::default(),
             api_writes: Family::default(),
             dataplane_starts: Counter::default(),
+            probes: Family::default(),
             key_events: Family::default(),
             policy_revision: Gauge::default(),
             policy_drops: Family::default(),
@@ -156,6 +158,11 @@ impl Default for Metrics {
             "dataplane_starts",
             "Times meshd configured a new WireGuard device from scratch: one it created, or one that replaced the device it had configured (a restarted data plane container)",
             m.dataplane_starts.clone(),
+        );
+        registry.register(
+            "probes",
+            "Probes sent through the tunnel to peers' own mesh addresses (ICMP echoes; UDP to the discard port without CAP_NET_RAW): kind=liveness to a peer sent traffic and not heard since, kind=echo-check to learn whether a peer answers echoes (until it does, once per --peer-timeout), kind=handshake to a new peer or one whose endpoint or key changed",
+            m.probes.clone(),
         );
         registry.register(
             "policy_synced_revision",

@@ -392,6 +392,9 @@ pub struct Peer {
     pub endpoint: Option<SocketAddr>,
     /// Cryptokey routing: the only source addresses accepted from this peer.
     pub allowed_ips: BTreeSet<IpNet>,
+    /// The node's own mesh addresses, where probes of it go (its allowed
+    /// IPs may also hold those of nodes it relays).
+    pub mesh_addresses: Vec<IpAddr>,
     pub persistent_keepalive: Option<u16>,
     /// The node's current key, when this entry is its next key (it is
     /// rotating): a device that can takes the old entry's sessions over

@@ -31,10 +31,20 @@ const REROUTE: Duration = Duration::from_secs(25);
 /// Waits until `at`'s device carries `target`'s prefixes on one of
 /// `carriers`; returns which.
 fn wait_for_carrier(lab: &Lab, at: &str, target: &str, carriers: &[&str]) -> String {
+    wait_for_carrier_within(lab, at, target, carriers, REROUTE)
+}
+
+fn wait_for_carrier_within(
+    lab: &Lab,
+    at: &str,
+    target: &str,
+    carriers: &[&str],
+    limit: Duration,
+) -> String {
     let mut found = None;
     wait_for(
         &format!("{at} to send {target}'s traffic through one of {carriers:?}"),
-        REROUTE,
+        limit,
         || {
             found = carrier(lab, at, target).filter(|c| carriers.contains(&c.as_str()));
             found.is_some()
@@ -156,6 +166,55 @@ fn a_cut_link_is_routed_through_a_relay_and_back_without_resetting_tcp() {
         rerouted.as_millis(),
         back.as_millis()
     );
+}
+
+/// With the shipped timers (keepalive 10 s, timeout 30 s), an idle mesh
+/// sends no probes, and a link that carries traffic and stops answering is
+/// routed around long before the 30 s silence: its probe goes unanswered.
+#[test]
+fn a_busy_link_fails_over_on_an_unanswered_probe_with_the_shipped_timers() {
+    let lab = Lab::up(
+        "t-route-probe",
+        &[
+            "--nodes",
+            "4",
+            "--pods-per-node",
+            "1",
+            "--config",
+            "WEFT_PERSISTENT_KEEPALIVE=10",
+            "--config",
+            "WEFT_PEER_TIMEOUT=30",
+        ],
+    );
+    // Two keepalive intervals of an idle mesh: keepalives, handshakes and
+    // at most an echo per peer to learn that it answers; nothing probed.
+    std::thread::sleep(Duration::from_secs(21));
+    let liveness = r#"weft_probes_total{kind="liveness"}"#;
+    for n in ["node-1", "node-2", "node-3", "node-4"] {
+        assert_eq!(lab.metric(n, liveness), 0.0, "{n} probed an idle link");
+        let checks = lab.metric(n, r#"weft_probes_total{kind="echo-check"}"#);
+        // Most peers answered the echo that prompted their handshake.
+        assert!(
+            checks <= 6.0,
+            "{n} asked its 3 peers {checks} times whether they answer echoes"
+        );
+    }
+    let traffic = Traffic::start(&lab, "pod-1-1", "pod-3-1", 20);
+    std::thread::sleep(Duration::from_secs(2));
+    let cut = Instant::now();
+    lab.ok(&["link", "cut", "node-1", "node-3"]);
+    // Well inside the 30 s silence (unscaled: only a probe makes it).
+    let within = Duration::from_secs(12);
+    let relay = wait_for_carrier_within(&lab, "node-1", "node-3", &["node-2", "node-4"], within);
+    wait_for_carrier_within(&lab, "node-3", "node-1", &[&relay], within);
+    let rerouted = cut.elapsed();
+    assert!(lab.metric("node-1", liveness) > 0.0, "node-1 probed node-3");
+    let (lost, retransmits) = traffic.finish();
+    eprintln!(
+        "shipped timers: cut -> relayed in {} ms; {lost} of 400 pings lost, {retransmits} TCP retransmits, no reset",
+        rerouted.as_millis()
+    );
+    assert_hops(&lab, "pod-1-1", "pod-3-1", 61);
 }
 
 #[test]

@@ -101,6 +101,7 @@ pub fn plan_judged(
                         node: name.clone(),
                         endpoint: claim.endpoint,
                         allowed_ips: BTreeSet::new(),
+                        mesh_addresses: claim.mesh_addresses.clone(),
                         persistent_keepalive: local.persistent_keepalive,
                         replaces: (key != claim.public_key).then_some(claim.public_key),
                     },

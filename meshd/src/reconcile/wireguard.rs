@@ -223,6 +223,7 @@ mod tests {
             node: "n".into(),
             endpoint: Some(ep.parse().unwrap()),
             allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
+            mesh_addresses: Vec::new(),
             persistent_keepalive: keepalive,
             replaces: None,
         }

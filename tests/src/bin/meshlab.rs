@@ -14,8 +14,8 @@ use meshlab::lab::topology::{
     DEBIAN_WIREGUARD_GO,
 };
 use meshlab::lab::{
-    agents, bench, bench_cni, bench_planner, bench_policy, bench_rotate, control, kube_proxy,
-    lifecycle, netpol, pods, preflight, status, strict_runtime, topology,
+    agents, bench, bench_cni, bench_failover, bench_planner, bench_policy, bench_rotate, control,
+    kube_proxy, lifecycle, netpol, pods, preflight, status, strict_runtime, topology,
 };
 use meshlab::vm;
 
@@ -128,6 +128,9 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         nodes: usize,
     },
+    /// Failover under traffic on 4 nodes: a link cut, restored, and the
+    /// relay in use killed, with the shipped timers and the lab's.
+    Failover,
     /// NetworkPolicy at scale: compile, full sync, one pod and one policy
     /// change as differences vs whole-table replaces.
     Policy {
@@ -654,6 +657,13 @@ fn run(cli: Cli) -> Result<()> {
             let rows =
                 bench_rotate::run(&cli.root, nodes, &mut |step| eprintln!("meshlab: {step}"))?;
             print!("{}", bench_rotate::table(&rows));
+            Ok(())
+        }
+        Cmd::Bench {
+            what: BenchCmd::Failover,
+        } => {
+            let rows = bench_failover::run(&cli.root, &mut |step| eprintln!("meshlab: {step}"))?;
+            print!("{}", bench_failover::table(&rows));
             Ok(())
         }
         Cmd::Metrics { node } => {

@@ -9,32 +9,24 @@
 //!   wireguard-go: everyone switches at a time announced 5 s ahead);
 //! - the naive rotation (a new key at once; peers switch when they see it).
 
-use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
 
-use super::state::LabDir;
-use super::topology::LabSpec;
-use super::{agents, lifecycle, preflight};
+use super::traffic::{self, Pair};
+use super::{agents, preflight};
 
 const LAB: &str = "bench-rot";
-/// Probes a second, and how long each measurement runs.
-const PROBE_HZ: u32 = 100;
+/// How long each measurement runs.
 const SECONDS: u32 = 12;
 
 /// One mechanism's cost for one scope of rotation.
 pub struct Row {
     pub mechanism: &'static str,
     pub scope: String,
-    pub sent: u32,
-    pub lost: u32,
-    /// The longest run of lost probes, as time.
-    pub longest_gap: Duration,
-    pub retransmits: u64,
+    pub traffic: traffic::Measured,
     /// How long `meshctl keys rotate` took.
     pub took: Duration,
 }
@@ -65,28 +57,12 @@ pub fn run(root: &Path, nodes: usize, progress: &mut dyn FnMut(&str)) -> Result<
     let meshctl = agents::sibling("meshctl")?;
     let mut rows = Vec::new();
     for (mechanism, config) in mechanisms() {
-        let dir = LabDir::new(root, LAB);
-        let spec = LabSpec {
-            name: LAB.into(),
-            nodes,
-            pods_per_node: 1,
-            config: config
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..LabSpec::default()
-        };
         progress(&format!("{mechanism}: a {nodes}-node lab"));
-        let result = (|| -> Result<Vec<Row>> {
-            let state = lifecycle::up(&dir, &spec, &mut |_| {})?;
-            let pod = |name: &str| {
-                state
-                    .pods
-                    .iter()
-                    .find(|p| p.name == name)
-                    .with_context(|| format!("no pod {name}"))
-            };
-            let (client, server) = (pod("pod-2-1")?, pod("pod-1-1")?);
+        let result = traffic::in_lab(root, LAB, nodes, config, |dir, state| {
+            let (client, server) = (
+                traffic::pod(state, "pod-2-1")?,
+                traffic::pod(state, "pod-1-1")?,
+            );
             let target = server.ips[0].clone();
             let kubeconfig = dir.kubeconfig();
             let mut out = Vec::new();
@@ -100,7 +76,12 @@ pub fn run(root: &Path, nodes: usize, progress: &mut dyn FnMut(&str)) -> Result<
                 ),
             ] {
                 progress(&format!("{mechanism}: rotating {scope}"));
-                let measured = measure(&client.netns, &server.netns, &target, || {
+                let pair = Pair {
+                    client: &client.netns,
+                    server: &server.netns,
+                    target: &target,
+                };
+                let (m, took) = traffic::measure(&pair, SECONDS, || {
                     let started = Instant::now();
                     let mut c = Command::new(&meshctl);
                     c.arg("--kubeconfig")
@@ -119,113 +100,15 @@ pub fn run(root: &Path, nodes: usize, progress: &mut dyn FnMut(&str)) -> Result<
                 out.push(Row {
                     mechanism,
                     scope,
-                    ..measured
+                    traffic: m,
+                    took,
                 });
             }
             Ok(out)
-        })();
-        lifecycle::down(&dir)?;
+        });
         rows.extend(result.with_context(|| mechanism.to_string())?);
     }
     Ok(rows)
-}
-
-fn in_netns(netns: &str, args: &[&str]) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", netns]).args(args);
-    c
-}
-
-fn spawn(mut c: Command) -> Result<Child> {
-    c.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting a probe")
-}
-
-fn finish(child: Child) -> Result<Output> {
-    child.wait_with_output().context("waiting for a probe")
-}
-
-/// Probes and streams for [`SECONDS`], rotating two seconds in.
-fn measure(
-    client: &str,
-    server: &str,
-    target: &str,
-    rotate: impl FnOnce() -> Result<Duration>,
-) -> Result<Row> {
-    let mut iperf_server = spawn(in_netns(server, &["iperf3", "-s", "-1"]))?;
-    std::thread::sleep(Duration::from_millis(300));
-    let sent = SECONDS * PROBE_HZ;
-    let interval = format!("{:.3}", 1.0 / f64::from(PROBE_HZ));
-    let ping = spawn(in_netns(
-        client,
-        &[
-            "ping",
-            "-n",
-            "-c",
-            &sent.to_string(),
-            "-i",
-            &interval,
-            "-W",
-            "1",
-            target,
-        ],
-    ))?;
-    let t = SECONDS.to_string();
-    let stream = spawn(in_netns(
-        client,
-        &["iperf3", "-J", "-c", target, "-t", &t, "-b", "100M"],
-    ))?;
-    std::thread::sleep(Duration::from_secs(2));
-    let took = rotate();
-    let ping = finish(ping)?;
-    let stream = finish(stream)?;
-    let _ = iperf_server.kill();
-    let _ = iperf_server.wait();
-    let took = took?;
-    let report: Value = serde_json::from_slice(&stream.stdout).unwrap_or(Value::Null);
-    if !report["error"].is_null() || !stream.status.success() {
-        bail!("the TCP stream failed (reset?): {}", report["error"]);
-    }
-    let answered = answered(&String::from_utf8_lossy(&ping.stdout));
-    let (lost, longest) = losses(&answered, sent);
-    Ok(Row {
-        mechanism: "",
-        scope: String::new(),
-        sent,
-        lost,
-        longest_gap: Duration::from_secs_f64(f64::from(longest) / f64::from(PROBE_HZ)),
-        retransmits: report["end"]["sum_sent"]["retransmits"]
-            .as_u64()
-            .unwrap_or(0),
-        took,
-    })
-}
-
-/// The sequence numbers ping reports replies for.
-fn answered(ping_output: &str) -> BTreeSet<u32> {
-    ping_output
-        .split_whitespace()
-        .filter_map(|w| w.strip_prefix("icmp_seq="))
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
-/// (probes lost, longest run of consecutive losses) of `sent` probes
-/// numbered from 1.
-fn losses(answered: &BTreeSet<u32>, sent: u32) -> (u32, u32) {
-    let (mut lost, mut run, mut longest) = (0, 0, 0);
-    for seq in 1..=sent {
-        if answered.contains(&seq) {
-            run = 0;
-        } else {
-            lost += 1;
-            run += 1;
-            longest = longest.max(run);
-        }
-    }
-    (lost, longest)
 }
 
 pub fn table(rows: &[Row]) -> String {
@@ -242,25 +125,11 @@ pub fn table(rows: &[Row]) -> String {
         out.push([
             r.mechanism.to_string(),
             r.scope.clone(),
-            format!("{} of {}", r.lost, r.sent),
-            format!("{} ms", r.longest_gap.as_millis()),
-            r.retransmits.to_string(),
+            format!("{} of {}", r.traffic.lost, r.traffic.sent),
+            format!("{} ms", r.traffic.longest_gap.as_millis()),
+            r.traffic.retransmits.to_string(),
             format!("{:.1} s", r.took.as_secs_f64()),
         ]);
     }
     weft_meshd::table::render(&out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn losses_count_runs_of_missing_sequence_numbers() {
-        let output = "64 bytes from 198.19.1.2: icmp_seq=1 ttl=62\n64 bytes from 198.19.1.2: icmp_seq=4 ttl=62\n64 bytes from 198.19.1.2: icmp_seq=5 ttl=62";
-        let got = answered(output);
-        assert_eq!(got, BTreeSet::from([1, 4, 5]));
-        assert_eq!(losses(&got, 8), (5, 3), "2-3 and 6-8 are lost");
-        assert_eq!(losses(&got, 5), (2, 2));
-    }
 }

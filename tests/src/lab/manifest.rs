@@ -577,7 +577,7 @@ mod tests {
         assert!(meshd
             .argv
             .contains(&"--state-dir=/var/lib/weft".to_string()));
-        assert_eq!(meshd.capabilities, ["NET_ADMIN"]);
+        assert_eq!(meshd.capabilities, ["NET_ADMIN", "NET_RAW"]);
         assert!(!meshd.privileged && pod[0].privileged);
         assert!(pod[2].mounts.iter().any(|m| m.container == "/dev/net/tun"));
         assert!(

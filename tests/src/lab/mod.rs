@@ -9,6 +9,7 @@
 pub mod agents;
 pub mod bench;
 pub mod bench_cni;
+pub mod bench_failover;
 pub mod bench_planner;
 pub mod bench_policy;
 pub mod bench_rotate;
@@ -29,6 +30,7 @@ pub mod state;
 pub mod status;
 pub mod strict_runtime;
 pub mod topology;
+pub mod traffic;
 
 use std::time::Duration;
 
