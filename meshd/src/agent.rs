@@ -891,7 +891,7 @@ impl Agent {
             if let Some(node) = names.get(&s.key) {
                 reported.push(crate::planner::Reported {
                     node: node.clone(),
-                    endpoint: s.endpoint.map(|e| e.ip()),
+                    endpoint: s.endpoint,
                     received_since_written: received,
                 });
             }

@@ -30,6 +30,20 @@ pub const POD_CIDRS: &str = "weft.dev/pod-cidrs";
 /// it reaches every node). A link is used only if neither end lists the
 /// other, so a node's report can only take away its own links.
 pub const UNREACHABLE: &str = "weft.dev/unreachable";
+/// Where this node's data plane hears peers from that publish no such
+/// address (`NODE=IP:port,…`): the addresses their NATs give them, as
+/// this node sees them. Read by each NAT'd node about itself (see
+/// [`NAT`]); absent when every peer is heard where it says it is.
+pub const OBSERVED: &str = "weft.dev/observed";
+/// Set by a node that learnt it is behind NAT (others see it at addresses
+/// that are not its own, [`OBSERVED`]): how its NAT maps (`eim`: one
+/// address:port for every peer, `symmetric`: a port per peer) and the
+/// address:port most peers see, e.g. `eim 203.0.113.7:51820`.
+pub const NAT: &str = "weft.dev/nat";
+/// A node without an endpoint (behind NAT): the addresses it listens at
+/// in its own networks (`IP:port,…`), which a node behind the same NAT
+/// can reach directly.
+pub const CANDIDATES: &str = "weft.dev/candidates";
 /// While the node rotates its key: the key its peers move to. Its old
 /// key stays in [`PUBLIC_KEY`] until every peer has moved (see
 /// docs/security.md, "Key rotation").
@@ -76,6 +90,9 @@ pub const OWNED: &[&str] = &[
     KEY_PENDING,
     KEY_SINCE,
     POLICY_APPLIED,
+    OBSERVED,
+    NAT,
+    CANDIDATES,
 ];
 
 /// The annotation format this meshd writes.
@@ -129,6 +146,154 @@ pub struct Claim {
     pub key_since: Option<u64>,
     /// A key rotation under way.
     pub next_key: Option<NextPublicKey>,
+    /// Where it hears NAT'd peers from ([`OBSERVED`]; shared, like
+    /// `unreachable`).
+    pub observed: Arc<BTreeMap<String, SocketAddr>>,
+    /// Behind NAT: how its NAT maps and where it is seen ([`NAT`]).
+    pub nat: Option<NatMapping>,
+    /// Without an endpoint: where it listens in its own networks
+    /// ([`CANDIDATES`]).
+    pub candidates: Vec<SocketAddr>,
+}
+
+/// How a NAT maps a node's socket for its peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NatKind {
+    /// Endpoint-independent mapping: every peer sees the same address:port,
+    /// so two such nodes can open their NATs to each other by sending at
+    /// once.
+    Eim,
+    /// A port per peer: no address to give another NAT'd node.
+    Symmetric,
+}
+
+impl NatKind {
+    fn name(self) -> &'static str {
+        match self {
+            NatKind::Eim => "eim",
+            NatKind::Symmetric => "symmetric",
+        }
+    }
+}
+
+/// A node's NAT as it learnt it from its peers' observations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatMapping {
+    pub kind: NatKind,
+    /// Where most peers see it.
+    pub reflexive: SocketAddr,
+}
+
+impl fmt::Display for NatMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind.name(), self.reflexive)
+    }
+}
+
+/// An address others may send WireGuard to, from annotation `annotation`.
+fn usable_address(
+    text: &str,
+    annotation: &'static str,
+    ranges: &ClusterRanges,
+) -> Result<SocketAddr, Rejection> {
+    let bad = |why: String| Rejection::BadReachability { annotation, why };
+    let addr: SocketAddr = text.parse().map_err(|e| {
+        bad(format!(
+            "{:?}: {e} (expected IP:port or [IPv6]:port)",
+            text.chars().take(64).collect::<String>()
+        ))
+    })?;
+    match endpoint_problem(addr, ranges) {
+        Some(why) => Err(bad(format!("{addr} is not usable: {why}"))),
+        None => Ok(addr),
+    }
+}
+
+/// [`OBSERVED`]: other nodes' names, each once, with usable addresses.
+fn observed(
+    node: &NodeInfo,
+    ranges: &ClusterRanges,
+) -> Result<BTreeMap<String, SocketAddr>, Rejection> {
+    let mut seen = BTreeMap::new();
+    let Some(v) = node.annotations.get(OBSERVED) else {
+        return Ok(seen);
+    };
+    let bad = |why: String| Rejection::BadReachability {
+        annotation: OBSERVED,
+        why,
+    };
+    for item in list(v) {
+        let (name, addr) = item.split_once('=').ok_or_else(|| {
+            bad(format!(
+                "{:?} is not NODE=IP:port",
+                item.chars().take(64).collect::<String>()
+            ))
+        })?;
+        if !dns_subdomain(name) || name == node.name {
+            return Err(bad(format!(
+                "{:?} is not another node's name",
+                name.chars().take(64).collect::<String>()
+            )));
+        }
+        let addr = usable_address(addr, OBSERVED, ranges)?;
+        if seen.insert(name.to_string(), addr).is_some() {
+            return Err(bad(format!("{name} is listed twice")));
+        }
+    }
+    Ok(seen)
+}
+
+/// [`NAT`]: `eim|symmetric IP:port`.
+fn nat(node: &NodeInfo, ranges: &ClusterRanges) -> Result<Option<NatMapping>, Rejection> {
+    let Some(v) = node.annotations.get(NAT) else {
+        return Ok(None);
+    };
+    let bad = |why: String| Rejection::BadReachability {
+        annotation: NAT,
+        why,
+    };
+    let (kind, addr) = v
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| bad("expected `eim IP:port` or `symmetric IP:port`".into()))?;
+    let kind = match kind {
+        "eim" => NatKind::Eim,
+        "symmetric" => NatKind::Symmetric,
+        other => {
+            return Err(bad(format!(
+                "{:?} is not a NAT kind (eim, symmetric)",
+                other.chars().take(16).collect::<String>()
+            )))
+        }
+    };
+    Ok(Some(NatMapping {
+        kind,
+        reflexive: usable_address(addr.trim(), NAT, ranges)?,
+    }))
+}
+
+/// At most this many [`CANDIDATES`] (a node's own addresses).
+pub const MAX_CANDIDATES: usize = 8;
+
+/// [`CANDIDATES`]: usable addresses, each once.
+fn candidates(node: &NodeInfo, ranges: &ClusterRanges) -> Result<Vec<SocketAddr>, Rejection> {
+    let Some(v) = node.annotations.get(CANDIDATES) else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    for item in list(v) {
+        let addr = usable_address(item, CANDIDATES, ranges)?;
+        if !found.contains(&addr) {
+            found.push(addr);
+        }
+    }
+    if found.len() > MAX_CANDIDATES {
+        return Err(Rejection::BadReachability {
+            annotation: CANDIDATES,
+            why: format!("at most {MAX_CANDIDATES} addresses"),
+        });
+    }
+    Ok(found)
 }
 
 /// The key a node is rotating to.
@@ -203,6 +368,12 @@ pub enum Rejection {
     },
     BadPodCidr(String),
     BadUnreachable(String),
+    /// [`OBSERVED`], [`NAT`] or [`CANDIDATES`] malformed, or naming an
+    /// address nothing may be sent to.
+    BadReachability {
+        annotation: &'static str,
+        why: String,
+    },
     /// A key-rotation annotation that is malformed or inconsistent.
     BadRotation {
         annotation: &'static str,
@@ -256,6 +427,7 @@ impl Rejection {
             | Self::PodCidrTooSmall { .. } => "bad_pod_cidr",
             Self::PodCidrNotAssigned { .. } => "pod_cidr_not_assigned",
             Self::BadUnreachable(_) => "bad_unreachable",
+            Self::BadReachability { .. } => "bad_reachability",
             Self::BadRotation { .. } => "bad_rotation",
             Self::Revoked(_) => "revoked_key",
             Self::Conflict { .. } => "conflict",
@@ -294,6 +466,7 @@ impl fmt::Display for Rejection {
             ),
             Self::BadPodCidr(e) => write!(f, "{POD_CIDRS}: {e}"),
             Self::BadUnreachable(e) => write!(f, "{UNREACHABLE}: {e}"),
+            Self::BadReachability { annotation, why } => write!(f, "{annotation}: {why}"),
             Self::BadRotation { annotation, why } => write!(f, "{annotation}: {why}"),
             Self::Revoked(key) => write!(
                 f,
@@ -333,7 +506,7 @@ impl fmt::Display for Rejection {
 
 /// The longest value `key` may have.
 fn max_len(key: &str) -> usize {
-    if key == UNREACHABLE || key == KEY_PENDING {
+    if key == UNREACHABLE || key == KEY_PENDING || key == OBSERVED {
         MAX_UNREACHABLE_LEN
     } else {
         MAX_VALUE_LEN
@@ -651,6 +824,9 @@ pub fn parse(
         unreachable: Arc::new(unreachable(node)?),
         key_since,
         next_key,
+        observed: Arc::new(observed(node, ranges)?),
+        nat: nat(node, ranges)?,
+        candidates: candidates(node, ranges)?,
     }))
 }
 
@@ -681,6 +857,18 @@ pub fn render(claim: &Claim) -> BTreeMap<String, String> {
     ]);
     if let Some(endpoint) = claim.endpoint {
         rendered.insert(ENDPOINT.to_string(), endpoint.to_string());
+    }
+    if let Some(nat) = claim.nat {
+        rendered.insert(NAT.to_string(), nat.to_string());
+    }
+    if !claim.candidates.is_empty() {
+        let addrs = claim.candidates.iter().map(ToString::to_string).collect();
+        rendered.insert(CANDIDATES.to_string(), join(addrs));
+    }
+    if !claim.observed.is_empty() {
+        // Sorted by name (a map): written only when it changes.
+        let seen = claim.observed.iter().map(|(n, a)| format!("{n}={a}"));
+        rendered.insert(OBSERVED.to_string(), join(seen.collect()));
     }
     let mut lists = vec![(UNREACHABLE, &claim.unreachable)];
     if let Some(since) = claim.key_since {
@@ -864,6 +1052,9 @@ pub(crate) mod fixtures {
             unreachable: Default::default(),
             key_since: None,
             next_key: None,
+            observed: Default::default(),
+            nat: None,
+            candidates: Vec::new(),
         }
     }
 
@@ -938,6 +1129,9 @@ mod tests {
             unreachable: Default::default(),
             key_since: None,
             next_key: None,
+            observed: Default::default(),
+            nat: None,
+            candidates: Vec::new(),
         }
     }
 
@@ -945,6 +1139,25 @@ mod tests {
     fn round_trips() {
         let c = claim();
         assert_eq!(check(&node_with(&c)), Ok(Some(c)));
+        // Behind NAT: its mapping and own addresses; what it observes.
+        let mut natd = claim();
+        natd.endpoint = None;
+        natd.nat = Some(NatMapping {
+            kind: NatKind::Symmetric,
+            reflexive: "203.0.113.7:40001".parse().unwrap(),
+        });
+        natd.candidates = vec!["10.0.0.1:51820".parse().unwrap()];
+        natd.observed = Arc::new(BTreeMap::from([
+            ("node-2".into(), "203.0.113.8:51820".parse().unwrap()),
+            ("node-3".into(), "[2001:db8::3]:4000".parse().unwrap()),
+        ]));
+        let n = node_with(&natd);
+        assert_eq!(n.annotations[NAT], "symmetric 203.0.113.7:40001");
+        assert_eq!(
+            n.annotations[OBSERVED],
+            "node-2=203.0.113.8:51820,node-3=[2001:db8::3]:4000"
+        );
+        assert_eq!(check(&n), Ok(Some(natd)));
     }
 
     /// A node on a later (additive) format: its known annotations are read,
@@ -1187,7 +1400,38 @@ mod tests {
     #[test]
     fn hostile_values_are_rejected_with_the_field_named() {
         type Edit = Box<dyn FnOnce(&mut NodeInfo)>;
-        let cases: Vec<(Edit, &str, &str)> = vec![
+        let mut cases: Vec<(Edit, &str, &str)> = Vec::new();
+        for (annotation, value) in [
+            (OBSERVED, "node-2"),
+            (OBSERVED, "n=203.0.113.1:51820"),
+            (
+                OBSERVED,
+                "node-2=203.0.113.1:51820,node-2=203.0.113.2:51820",
+            ),
+            (OBSERVED, "Node_2=203.0.113.1:51820"),
+            (OBSERVED, "node-2=127.0.0.1:51820"),
+            (OBSERVED, "node-2=198.19.7.1:51820"),
+            (NAT, "eim"),
+            (NAT, "full-cone 203.0.113.1:51820"),
+            (NAT, "eim 203.0.113.1"),
+            (NAT, "symmetric 0.0.0.0:1"),
+            (CANDIDATES, "10.0.0.1"),
+            (CANDIDATES, "10.0.0.1:0"),
+            (CANDIDATES, "[fe80::1]:51820"),
+        ] {
+            cases.push((
+                Box::new(move |n| set(n, annotation, value)),
+                "bad_reachability",
+                annotation,
+            ));
+        }
+        let many: Vec<String> = (1..=9).map(|i| format!("10.0.0.{i}:51820")).collect();
+        cases.push((
+            Box::new(move |n| set(n, CANDIDATES, &many.join(","))),
+            "bad_reachability",
+            CANDIDATES,
+        ));
+        cases.extend::<Vec<(Edit, &str, &str)>>(vec![
             (
                 Box::new(|n| set(n, PUBLIC_KEY, "not-a-key")),
                 "bad_public_key",
@@ -1380,7 +1624,7 @@ mod tests {
                 "pod_cidr_not_assigned",
                 "198.19.1.0/24",
             ),
-        ];
+        ]);
         for (edit, reason, field) in cases {
             let r = rejected(edit);
             assert_eq!(r.reason(), reason, "{r}");

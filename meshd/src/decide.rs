@@ -4,6 +4,7 @@
 //! the node as it should be, every node's verdict. The agent gathers the
 //! inputs and applies the decision; nothing here does I/O.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use ipnet::IpNet;
@@ -11,7 +12,7 @@ use ipnet::IpNet;
 use crate::annotations::{self, Claim, KeyProofs, PolicyApplied, POLICY_APPLIED};
 use crate::model::{ClusterSnapshot, DesiredNode, LocalConfig};
 use crate::planner::{
-    judge_parsed, own_claim, own_endpoint, plan_judged, OwnError, OwnKeys, ParseMemo,
+    judge_parsed, nat, own_claim, own_reachability, plan_judged, OwnError, OwnKeys, ParseMemo,
 };
 
 /// Everything a sync decides from.
@@ -60,10 +61,31 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
         .iter()
         .find(|n| n.name == local.node_name)
         .ok_or_else(|| OwnError::NotRegistered(local.node_name.clone()))?;
-    let endpoint = own_endpoint(me, *endpoint_flag, *listen_port, &local.ranges)?;
     // Every node's annotations are parsed once.
     let mut parsed = memo.parse_all(snapshot, &local.ranges);
-    let claim = own_claim(me, local, keys, proofs.clone(), endpoint, pod_cidrs.clone())?;
+    let peers: BTreeMap<&str, &Claim> = parsed
+        .iter()
+        .filter(|(n, _)| n.name != local.node_name)
+        .filter_map(|(n, c)| Some((n.name.as_str(), c.as_ref().ok()?.as_ref()?)))
+        .collect();
+    let seen = nat::observations_of(&local.node_name, peers.values().copied());
+    let reachability = own_reachability(
+        me,
+        *endpoint_flag,
+        *listen_port,
+        &local.ranges,
+        &seen,
+        &local.heard_from,
+        &peers,
+    )?;
+    let claim = own_claim(
+        me,
+        local,
+        keys,
+        proofs.clone(),
+        reachability,
+        pod_cidrs.clone(),
+    )?;
     let mut published = annotations::render(&claim);
     if let Some(applied) = policy_applied {
         published.insert(POLICY_APPLIED.to_string(), applied.to_string());
@@ -140,6 +162,9 @@ mod tests {
             unreachable: Default::default(),
             key_since: None,
             next_key: None,
+            observed: Default::default(),
+            nat: None,
+            candidates: Vec::new(),
         };
         node(2, render(&claim))
     }

@@ -9,10 +9,11 @@ use std::fmt::Write;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::annotations::{parse_time, PolicyApplied, POLICY_APPLIED, ROTATE_REQUESTED};
+use crate::annotations::{parse_time, Claim, PolicyApplied, POLICY_APPLIED, ROTATE_REQUESTED};
 use crate::model::{
     ClusterRanges, ClusterSnapshot, Hop, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
 };
+use crate::planner::nat::{mappings, reach, End, Reach};
 use crate::planner::{judge, links};
 use crate::rotation::request_pending;
 
@@ -124,6 +125,9 @@ pub struct GraphNode {
     pub public_key: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Behind NAT: how its NAT maps and where it is seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -217,6 +221,9 @@ pub struct MeshGraph {
     /// [`GraphNode::policy`] is judged against them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policies: Option<PolicyApplied>,
+    /// The accepted claims, for how each pair reaches each other.
+    #[serde(skip)]
+    claims: BTreeMap<String, Claim>,
 }
 
 impl MeshGraph {
@@ -260,6 +267,7 @@ impl MeshGraph {
                     },
                     public_key: claim.map(|c| c.public_key.to_string()),
                     endpoint: claim.and_then(|c| c.endpoint).map(|e| e.to_string()),
+                    nat: claim.and_then(|c| c.nat).map(|m| m.to_string()),
                     region: n.placement.region.clone(),
                     zone: n.placement.zone.clone(),
                     may_relay: n.placement.may_relay,
@@ -297,11 +305,34 @@ impl MeshGraph {
                 },
             })
             .collect();
+        let claims = verdicts
+            .into_iter()
+            .filter_map(|(name, v)| match v {
+                Verdict::Accepted(c) => Some((name, c)),
+                Verdict::Pending | Verdict::Rejected(_) => None,
+            })
+            .collect();
         Self {
             nodes,
             down_links,
             policies,
+            claims,
         }
+    }
+
+    /// How `from` sends to `to` directly (both accepted), as `from`'s
+    /// meshd plans it.
+    pub fn reach(&self, from: &str, to: &str) -> Option<Reach> {
+        let claims: BTreeMap<&str, &Claim> =
+            self.claims.iter().map(|(n, c)| (n.as_str(), c)).collect();
+        let nats = mappings(&claims);
+        let end = |name: &str| {
+            claims.get(name).map(|claim| End {
+                claim,
+                nat: nats.get(name).copied(),
+            })
+        };
+        Some(reach(end(from), end(to)?))
     }
 
     /// How `from` reaches each other accepted node.
@@ -347,7 +378,12 @@ impl MeshGraph {
                 other => (other, ", color=grey, fontcolor=grey"),
             };
             // Graphviz's own escape for a line break inside a label.
-            let label = [n.name.as_str(), &place, note]
+            let nat = n
+                .nat
+                .as_deref()
+                .map(|m| format!("NAT {m}"))
+                .unwrap_or_default();
+            let label = [n.name.as_str(), &place, &nat, note]
                 .into_iter()
                 .filter(|s| !s.is_empty())
                 .map(quote)
@@ -364,9 +400,15 @@ impl MeshGraph {
             for (i, a) in accepted.iter().enumerate() {
                 for b in &accepted[i + 1..] {
                     if !down.contains(&(a.name.as_str(), b.name.as_str())) {
+                        // Through NATs: how the pair met.
+                        let how = match self.reach(&a.name, &b.name) {
+                            Some(Reach::HolePunched(_)) => ", label=\"hole-punched\"",
+                            Some(Reach::SameSite(_)) => ", label=\"same site\"",
+                            _ => "",
+                        };
                         let _ = writeln!(
                             out,
-                            "  \"{}\" -- \"{}\" [color=darkgreen];",
+                            "  \"{}\" -- \"{}\" [color=darkgreen{how}];",
                             quote(&a.name),
                             quote(&b.name)
                         );

@@ -361,10 +361,12 @@ pub struct LocalConfig {
     pub host_networks: Vec<IpNet>,
     /// Where each peer's authenticated WireGuard packets come from (its
     /// endpoint as the data plane has it once a handshake completed), by
-    /// node name: the only host address of a node pods reach through the
-    /// mesh, since no other node can make its own packets arrive from there
-    /// without spoofing that address.
-    pub heard_from: BTreeMap<String, IpAddr>,
+    /// node name: its address is the only host address of a node pods
+    /// reach through the mesh, since no other node can make its own packets
+    /// arrive from there without spoofing that address; for a peer behind
+    /// NAT, it is what its NAT maps it to (published in
+    /// [`crate::annotations::OBSERVED`]).
+    pub heard_from: BTreeMap<String, SocketAddr>,
 }
 
 impl LocalConfig {
@@ -442,6 +444,9 @@ pub struct Route {
 }
 
 /// The planner's judgement of one Node's annotations.
+// Nearly every verdict is `Accepted`: boxing the claim would only add an
+// allocation per node per decision.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// A valid peer (or this node itself).

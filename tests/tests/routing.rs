@@ -322,13 +322,17 @@ fn a_relayed_mesh_at_rest_changes_nothing() {
     assert_eq!(paths(&lab, "node-1", "relayed"), 1.0);
 }
 
-/// Two public sites and two sites behind NAT (one with two nodes): every
-/// pod reaches every other. Public nodes reach the NAT'd ones directly (the
-/// NAT'd node starts the session and the public one answers to the address
-/// its NAT gave it); NAT'd nodes publish no endpoint, so two of them cannot
-/// start a session with each other and meet through a public relay.
+/// Two public sites and four behind NAT, which nothing tells meshd about
+/// (no admin annotation): every pod reaches every other, and every pair
+/// meets directly where the NATs allow it. Public to NAT'd: the NAT'd node
+/// starts the session, the public one answers where it came from. Each
+/// NAT'd node learns its NAT from where its peers see it. Behind the same
+/// NAT: directly, at the peer's own address. Behind two NATs that keep
+/// ports (masquerade): directly, each sending to the other's mapped
+/// address until both NATs are open. Behind a NAT that picks a port per
+/// flow (symmetric): through a public relay.
 #[test]
-fn sites_behind_nat_reach_every_pod_directly_or_through_a_relay() {
+fn sites_behind_nat_meet_directly_where_their_nats_allow() {
     let dir = std::env::temp_dir().join(format!("weft-sites-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temp dir");
     let file = dir.join("sites.yaml");
@@ -337,8 +341,10 @@ fn sites_behind_nat_reach_every_pod_directly_or_through_a_relay() {
         "sites:
 - {name: cloud-a, nodes: 2, region: eu, zone: eu-a}
 - {name: cloud-b, nodes: 1, region: us, zone: us-a}
-- {name: edge-1, nodes: 2, nat: true}
-- {name: edge-2, nodes: 1, nat: true}
+- {name: edge-1, nodes: 2, nat: masquerade}
+- {name: edge-2, nodes: 1, nat: masquerade}
+- {name: edge-3, nodes: 1, nat: masquerade}
+- {name: edge-4, nodes: 1, nat: symmetric}
 ",
     )
     .expect("writing the topology");
@@ -351,7 +357,26 @@ fn sites_behind_nat_reach_every_pod_directly_or_through_a_relay() {
     args.extend(FAST);
     let lab = Lab::up("t-route-sites", &args);
     let _ = std::fs::remove_dir_all(&dir);
-    let pods: Vec<String> = (1..=6).map(|k| format!("pod-{k}-1")).collect();
+    // Each NAT'd node learns its NAT; edge-4's maps a port per peer.
+    let nat = |n: &str| {
+        lab.kubectl(&[
+            "get",
+            "node",
+            n,
+            "-o",
+            "jsonpath={.metadata.annotations.weft\\.dev/nat}",
+        ])
+    };
+    for (n, kind, public) in [
+        ("node-6", "eim", "198.18.14.7:51820"),
+        ("node-7", "eim", "198.18.14.9:51820"),
+        ("node-8", "symmetric", "198.18.14.11:"),
+    ] {
+        wait_for(&format!("{n} to learn its NAT"), REROUTE, || {
+            nat(n).starts_with(&format!("{kind} {public}"))
+        });
+    }
+    let pods: Vec<String> = (1..=8).map(|k| format!("pod-{k}-1")).collect();
     for from in &pods {
         for to in pods.iter().filter(|p| *p != from) {
             let (v4, _) = pod_ips(&lab, to);
@@ -360,30 +385,102 @@ fn sites_behind_nat_reach_every_pod_directly_or_through_a_relay() {
             });
         }
     }
-    // Public to NAT'd: direct, to the address the NAT gave the edge node.
+    let endpoint_of = |at: &str, peer: &str| -> String {
+        node(&lab.status(), at)["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .find(|p| p["node"] == peer)
+            .and_then(|p| p["endpoint"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    // Public to NAT'd: direct, to the address edge-1's NAT gave node-4.
     assert_hops(&lab, "pod-1-1", "pod-4-1", 62);
-    assert_eq!(carrier(&lab, "node-1", "node-4").as_deref(), Some("node-4"));
-    let status = lab.status();
-    let endpoint = node(&status, "node-1")["peers"]
-        .as_array()
-        .expect("peers")
-        .iter()
-        .find(|p| p["node"] == "node-4")
-        .and_then(|p| p["endpoint"].as_str())
-        .expect("node-1 learnt node-4's endpoint")
-        .to_string();
+    let seen = endpoint_of("node-1", "node-4");
     assert!(
-        endpoint.starts_with("198.18.16.254:"),
-        "node-4 seen behind its NAT at cloud-a's gateway, not {endpoint}"
+        seen.starts_with("198.18.14.5:"),
+        "node-4 seen behind its NAT at edge-1's public address, not {seen:?}"
     );
-    // NAT'd to NAT'd, in one site and across two: through a public relay.
-    for (a, b) in [("pod-4-1", "pod-5-1"), ("pod-4-1", "pod-6-1")] {
-        assert_hops(&lab, a, b, 61);
+    // Behind one NAT: directly, at the peer's own address.
+    wait_for_carrier(&lab, "node-4", "node-5", &["node-5"]);
+    assert_eq!(endpoint_of("node-4", "node-5"), "198.18.18.5:51820");
+    assert_hops(&lab, "pod-4-1", "pod-5-1", 62);
+    // Behind two port-keeping NATs: hole punched, directly.
+    wait_for_carrier(&lab, "node-6", "node-7", &["node-7"]);
+    wait_for_carrier(&lab, "node-7", "node-6", &["node-6"]);
+    assert_eq!(endpoint_of("node-6", "node-7"), "198.18.14.9:51820");
+    assert_hops(&lab, "pod-6-1", "pod-7-1", 62);
+    // Behind a symmetric NAT: through a public relay.
+    for peer in ["node-6", "node-7"] {
+        let relay = carrier(&lab, "node-8", peer).expect("a relay");
+        assert!(
+            ["node-1", "node-2", "node-3"].contains(&relay.as_str()),
+            "node-8 reaches {peer} through {relay}"
+        );
     }
-    let relay = carrier(&lab, "node-4", "node-6").expect("a relay");
+    assert_hops(&lab, "pod-8-1", "pod-6-1", 61);
+    // meshctl says how each pair meets, and why not.
+    let status = lab.meshctl(&["status", "node-6", "-o", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+    let reach = |peer: &str| {
+        status["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .find(|p| p["node"] == peer)
+            .map(|p| (p["path"].clone(), p["reach"].clone()))
+            .unwrap_or_default()
+    };
+    for (peer, path, how) in [
+        ("node-1", "direct", "endpoint 198.18.16.1:51820"),
+        ("node-4", "direct", "hole-punched 198.18.14.5:51820"),
+        ("node-7", "direct", "hole-punched 198.18.14.9:51820"),
+        ("node-8", "via", "no direct link: symmetric NAT"),
+    ] {
+        let (got_path, got_how) = reach(peer);
+        assert!(
+            got_path.as_str().is_some_and(|p| p.starts_with(path)) && got_how == how,
+            "meshctl status node-6, {peer}: {got_path} {got_how}"
+        );
+    }
+    let graph = lab.meshctl(&["graph", "--format", "dot"]);
     assert!(
-        ["node-1", "node-2", "node-3"].contains(&relay.as_str()),
-        "node-4 reaches node-6 through {relay}"
+        graph.contains("label=\"hole-punched\"") && graph.contains("label=\"same site\""),
+        "{graph}"
+    );
+
+    // edge-2's NAT changes its public address (its mappings, and node-6's
+    // connections to the API server, go with the old one): its public
+    // peers see node-6 at the new address at its next keepalive, and
+    // node-7 meets it directly there again — without waiting for node-6's
+    // own meshd, whose API watch recovers only when it times out.
+    let renumbered = Instant::now();
+    let public = lab.ok(&["nat-renumber", "edge-2"]);
+    assert_eq!(public.trim(), "198.18.13.7");
+    let observed = |n: &str| {
+        lab.kubectl(&[
+            "get",
+            "node",
+            n,
+            "-o",
+            "jsonpath={.metadata.annotations.weft\\.dev/observed}",
+        ])
+    };
+    wait_for("node-1 to see node-6 at its new address", REROUTE, || {
+        observed("node-1").contains("node-6=198.18.13.7:51820")
+    });
+    let learnt = renumbered.elapsed();
+    wait_for("node-7 to meet node-6 at its new address", REROUTE, || {
+        endpoint_of("node-7", "node-6") == "198.18.13.7:51820"
+            && carrier(&lab, "node-7", "node-6").as_deref() == Some("node-6")
+            && carrier(&lab, "node-6", "node-7").as_deref() == Some("node-7")
+    });
+    assert_hops(&lab, "pod-6-1", "pod-7-1", 62);
+    eprintln!(
+        "edge-2's NAT renumbered -> node-6 seen at its new address in {} ms, direct with node-7 again in {} ms",
+        learnt.as_millis(),
+        renumbered.elapsed().as_millis()
     );
 }
 

@@ -12,7 +12,7 @@
 //! traffic to it leaves as host traffic does, masqueraded.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::model::{LocalConfig, NodeInfo};
 
@@ -32,7 +32,7 @@ pub fn host_addresses<'a>(
         }
     }
     let believed = |node: &NodeInfo, ip: &IpAddr| {
-        local.heard_from.get(&node.name) == Some(ip)
+        local.heard_from.get(&node.name).map(SocketAddr::ip) == Some(*ip)
             && listed.get(ip) == Some(&1)
             && !local.ranges.contains(*ip)
             && local.host_networks.iter().any(|n| n.contains(ip))
@@ -57,7 +57,7 @@ pub fn host_addresses<'a>(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reported {
     pub node: String,
-    pub endpoint: Option<IpAddr>,
+    pub endpoint: Option<SocketAddr>,
     /// Bytes of authenticated packets received from it since meshd last
     /// wrote its endpoint (see [`Baselines`]).
     pub received_since_written: u64,
@@ -69,11 +69,14 @@ pub struct Reported {
 /// authenticated packet comes from (roaming); before one arrives, the
 /// endpoint it reports is the one written, which the peer's own annotation
 /// chose.
-pub fn heard_from(peers: impl IntoIterator<Item = Reported>) -> BTreeMap<String, IpAddr> {
+pub fn heard_from(peers: impl IntoIterator<Item = Reported>) -> BTreeMap<String, SocketAddr> {
     peers
         .into_iter()
         .filter(|p| p.received_since_written > 0)
-        .filter_map(|p| Some((p.node, p.endpoint?.to_canonical())))
+        .filter_map(|p| {
+            let at = p.endpoint?;
+            Some((p.node, SocketAddr::new(at.ip().to_canonical(), at.port())))
+        })
         .collect()
 }
 
@@ -150,7 +153,10 @@ mod tests {
             ("node-4", "10.0.0.2"),
             ("node-6", "10.0.0.6"),
         ] {
-            local.heard_from.insert(name.into(), ip.parse().unwrap());
+            let ip: IpAddr = ip.parse().unwrap();
+            local
+                .heard_from
+                .insert(name.into(), SocketAddr::new(ip, 51820));
         }
         let got = host_addresses(&nodes, &local);
         let ips = |s: &[&str]| -> Vec<IpAddr> { s.iter().map(|s| s.parse().unwrap()).collect() };
@@ -190,16 +196,17 @@ mod tests {
             received_since_written: since,
         };
         let heard = heard_from([
-            peer("sent", "10.0.0.2", 32),
+            peer("sent", "10.0.0.2:51820", 32),
             // Its annotation moved the endpoint; nothing came since: a claim.
-            peer("claimed", "10.0.0.200", 0),
+            peer("claimed", "10.0.0.200:51820", 0),
             peer("nat", "", 32),
-            peer("mapped", "::ffff:10.0.0.5", 32),
+            peer("mapped", "[::ffff:10.0.0.5]:40000", 32),
         ]);
-        let want: BTreeMap<String, IpAddr> = [("sent", "10.0.0.2"), ("mapped", "10.0.0.5")]
-            .into_iter()
-            .map(|(n, ip)| (n.to_string(), ip.parse().unwrap()))
-            .collect();
+        let want: BTreeMap<String, SocketAddr> =
+            [("sent", "10.0.0.2:51820"), ("mapped", "10.0.0.5:40000")]
+                .into_iter()
+                .map(|(n, at)| (n.to_string(), at.parse().unwrap()))
+                .collect();
         assert_eq!(heard, want);
     }
 

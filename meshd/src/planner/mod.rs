@@ -4,6 +4,7 @@
 
 mod hosts;
 mod mesh_address;
+pub mod nat;
 mod own;
 mod paths;
 mod verdict;
@@ -16,10 +17,11 @@ use ipnet::IpNet;
 
 pub use hosts::{heard_from, host_addresses, Baselines, Reported};
 pub use mesh_address::{mesh_address_of, smallest_block};
-pub use own::{own_claim, own_endpoint, OwnError, OwnKeys};
+pub use own::{own_claim, own_reachability, OwnError, OwnKeys, Reachability};
 pub use paths::{Links, Member};
 pub use verdict::{judge, judge_pairwise, judge_parsed, parse_all, ParseMemo, Parsed};
 
+use crate::annotations::Claim;
 use crate::model::{
     ClusterRanges, ClusterSnapshot, DesiredNode, Hop, LocalConfig, Peer, Placement, Route,
     RouteKind, Verdict,
@@ -87,6 +89,21 @@ pub fn plan_judged(
     // a node without a path, pending, rejected or deleted falls back to them.
     let mut routes: Vec<Route> = backstops(&local.ranges).into_iter().collect();
     let mut addresses = BTreeSet::new();
+    let accepted: BTreeMap<&str, &Claim> = verdicts
+        .iter()
+        .filter_map(|(name, v)| match v {
+            Verdict::Accepted(c) => Some((name.as_str(), c)),
+            Verdict::Pending | Verdict::Rejected(_) => None,
+        })
+        .collect();
+    let nats = nat::mappings(&accepted);
+    let end = |name: &str| {
+        accepted.get(name).map(|claim| nat::End {
+            claim,
+            nat: nats.get(name).copied(),
+        })
+    };
+    let mine = end(&local.node_name);
     for (name, verdict) in &verdicts {
         match verdict {
             Verdict::Accepted(claim) if *name == local.node_name => {
@@ -99,7 +116,8 @@ pub fn plan_judged(
                     key,
                     Peer {
                         node: name.clone(),
-                        endpoint: claim.endpoint,
+                        endpoint: end(name)
+                            .map_or(claim.endpoint, |peer| nat::reach(mine, peer).endpoint()),
                         allowed_ips: BTreeSet::new(),
                         mesh_addresses: claim.mesh_addresses.clone(),
                         persistent_keepalive: local.persistent_keepalive,

@@ -1,6 +1,7 @@
 //! What this node claims for itself: its endpoint, mesh addresses and pod
 //! CIDRs, published as its annotations.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -8,7 +9,8 @@ use weft_keys::PublicKey;
 
 use super::mesh_address_of;
 use crate::annotations::{
-    endpoint_problem, Claim, KeyProofs, NextPublicKey, FORCE_ENDPOINT, MESH_ADDRESSES, NO_ENDPOINT,
+    endpoint_problem, Claim, KeyProofs, NatMapping, NextPublicKey, FORCE_ENDPOINT, MAX_CANDIDATES,
+    MESH_ADDRESSES, NO_ENDPOINT,
 };
 use crate::model::{ClusterRanges, LocalConfig, NodeInfo};
 
@@ -32,11 +34,77 @@ pub enum OwnError {
     Unproven,
 }
 
+/// How this node can be reached, as it publishes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reachability {
+    pub endpoint: Option<SocketAddr>,
+    /// Behind NAT: its mapping, as its peers see it.
+    pub nat: Option<NatMapping>,
+    /// Behind NAT: where it listens in its own networks.
+    pub candidates: Vec<SocketAddr>,
+    /// Where it hears peers from that publish no such address.
+    pub observed: BTreeMap<String, SocketAddr>,
+}
+
+/// What this node publishes about reaching it and its peers. `seen`:
+/// where its peers see it ([`super::nat::observations_of`]); `heard`:
+/// where it hears each peer from, and `peers` their claims. Behind NAT —
+/// forced by an admin, or learnt because peers see it at an address that
+/// is not its own — it publishes no endpoint but its mapping and its own
+/// addresses; an `--endpoint` flag or an address an admin forces is
+/// published as given (it is in front of any NAT).
+pub fn own_reachability(
+    me: &NodeInfo,
+    flag: Option<SocketAddr>,
+    listen_port: u16,
+    ranges: &ClusterRanges,
+    seen: &[SocketAddr],
+    heard: &BTreeMap<String, SocketAddr>,
+    peers: &BTreeMap<&str, &Claim>,
+) -> Result<Reachability, OwnError> {
+    let observed = heard
+        .iter()
+        .filter(|(name, at)| {
+            peers
+                .get(name.as_str())
+                .is_some_and(|c| super::nat::worth_observing(**at, c))
+        })
+        .map(|(name, at)| (name.clone(), *at))
+        .collect();
+    let endpoint = own_endpoint(me, flag, listen_port, ranges)?;
+    let nat = super::nat::mapping(seen, &me.internal_ips);
+    let forced_here = flag.is_some()
+        || me
+            .annotations
+            .get(FORCE_ENDPOINT)
+            .is_some_and(|f| f.trim() != NO_ENDPOINT);
+    if forced_here || (endpoint.is_some() && nat.is_none()) {
+        return Ok(Reachability {
+            endpoint,
+            observed,
+            ..Reachability::default()
+        });
+    }
+    let candidates = me
+        .internal_ips
+        .iter()
+        .map(|ip| SocketAddr::new(*ip, listen_port))
+        .filter(|a| endpoint_problem(*a, ranges).is_none())
+        .take(MAX_CANDIDATES)
+        .collect();
+    Ok(Reachability {
+        endpoint: None,
+        nat,
+        candidates,
+        observed,
+    })
+}
+
 /// The endpoint to publish: the `--endpoint` flag, else an admin's
 /// `weft.dev/force-endpoint` annotation (`none`: publish none, the node is
 /// behind NAT), else the first InternalIP at the listen port. One every
 /// other node would refuse is an error here.
-pub fn own_endpoint(
+fn own_endpoint(
     me: &NodeInfo,
     flag: Option<SocketAddr>,
     listen_port: u16,
@@ -95,7 +163,7 @@ pub fn own_claim(
     local: &LocalConfig,
     keys: &OwnKeys,
     proofs: KeyProofs,
-    endpoint: Option<SocketAddr>,
+    reachability: Reachability,
     mut pod_cidrs: Vec<IpNet>,
 ) -> Result<Claim, OwnError> {
     if proofs.next.is_some() != keys.next.is_some() {
@@ -125,12 +193,15 @@ pub fn own_claim(
     Ok(Claim {
         public_key: keys.public_key,
         proofs: std::sync::Arc::new(proofs),
-        endpoint,
+        endpoint: reachability.endpoint,
         mesh_addresses,
         pod_cidrs,
         unreachable: std::sync::Arc::new(local.unreachable.clone()),
         key_since: Some(keys.since),
         next_key: keys.next.clone(),
+        observed: std::sync::Arc::new(reachability.observed),
+        nat: reachability.nat,
+        candidates: reachability.candidates,
     })
 }
 
@@ -172,7 +243,7 @@ mod tests {
                 key: key.prove(subject(me)),
                 next: None,
             },
-            None,
+            Reachability::default(),
             cidrs(pod_cidrs),
         )
     }
@@ -219,6 +290,84 @@ mod tests {
             own_endpoint(&me, None, 51820, &r),
             Err(OwnError::NoEndpoint)
         );
+    }
+
+    /// Behind NAT by what peers see, or by an admin's `none`: no endpoint,
+    /// its mapping and own addresses; an address given by flag or admin is
+    /// published as given; peers are observed only where they are heard
+    /// away from what they publish.
+    #[test]
+    fn a_node_seen_elsewhere_than_it_is_publishes_its_nat_instead_of_an_endpoint() {
+        use crate::annotations::NatKind;
+        let r = ClusterRanges::lab();
+        let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let (peer_node, _) = fixtures::published(2);
+        let mut peer = fixtures::claim(&peer_node, 2, 2, "198.19.2.0/24".parse().unwrap());
+        peer.endpoint = None;
+        peer.candidates = vec![addr("10.0.0.2:51820")];
+        let peers = BTreeMap::from([("node-2", &peer)]);
+        let heard = |at: &str| BTreeMap::from([("node-2".to_string(), addr(at))]);
+        let reach = |me: &NodeInfo, flag: Option<&str>, seen: &[&str], heard_at: &str| {
+            let seen: Vec<SocketAddr> = seen.iter().map(|a| addr(a)).collect();
+            own_reachability(
+                me,
+                flag.map(addr),
+                51820,
+                &r,
+                &seen,
+                &heard(heard_at),
+                &peers,
+            )
+            .unwrap()
+        };
+        let me = node("a", BTreeMap::new());
+        // Seen at its own address (or not at all): public.
+        let public = reach(&me, None, &["198.18.1.1:51820"], "10.0.0.2:51820");
+        assert_eq!(public.endpoint, Some(addr("198.18.1.1:51820")));
+        assert_eq!((public.nat, public.candidates.len()), (None, 0));
+        assert!(
+            public.observed.is_empty(),
+            "node-2 heard at its own address"
+        );
+        // Seen elsewhere: behind NAT.
+        let natd = reach(&me, None, &["203.0.113.9:40000"], "203.0.113.2:4444");
+        assert_eq!(natd.endpoint, None);
+        assert_eq!(
+            natd.nat,
+            Some(NatMapping {
+                kind: NatKind::Eim,
+                reflexive: addr("203.0.113.9:40000")
+            })
+        );
+        assert_eq!(natd.candidates, vec![addr("198.18.1.1:51820")]);
+        assert_eq!(natd.observed, heard("203.0.113.2:4444"));
+        // An address given by flag or admin stands, whatever peers see.
+        let flagged = reach(
+            &me,
+            Some("192.0.2.1:1"),
+            &["203.0.113.9:40000"],
+            "10.0.0.2:51820",
+        );
+        assert_eq!(
+            (flagged.endpoint, flagged.nat),
+            (Some(addr("192.0.2.1:1")), None)
+        );
+        let mut forced = node("a", BTreeMap::new());
+        forced
+            .annotations
+            .insert(FORCE_ENDPOINT.into(), "203.0.113.5:4500".into());
+        let forced = reach(&forced, None, &["203.0.113.9:40000"], "10.0.0.2:51820");
+        assert_eq!(
+            (forced.endpoint, forced.nat),
+            (Some(addr("203.0.113.5:4500")), None)
+        );
+        // `none`: behind NAT from the start, its mapping once it is seen.
+        let mut none = node("a", BTreeMap::new());
+        none.annotations
+            .insert(FORCE_ENDPOINT.into(), NO_ENDPOINT.into());
+        let unseen = reach(&none, None, &[], "10.0.0.2:51820");
+        assert_eq!((unseen.endpoint, unseen.nat), (None, None));
+        assert_eq!(unseen.candidates, vec![addr("198.18.1.1:51820")]);
     }
 
     /// A node's mesh addresses are its blocks': the first block's, or the
@@ -280,7 +429,7 @@ mod tests {
                 key: key.prove(subject(&me)),
                 next: None,
             },
-            None,
+            Reachability::default(),
             cidrs(&["198.19.1.0/24"]),
         );
         assert_eq!(unproven, Err(OwnError::Unproven));

@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 
 use ipnet::IpNet;
 use proptest::prelude::*;
@@ -734,7 +735,7 @@ fn with_hosts(name: &str) -> LocalConfig {
     LocalConfig {
         host_networks: vec![net("198.18.0.0/17")],
         heard_from: (1..=4)
-            .map(|i| (format!("node-{i}"), host(i).addr()))
+            .map(|i| (format!("node-{i}"), SocketAddr::new(host(i).addr(), 51820)))
             .collect(),
         ..local(name)
     }

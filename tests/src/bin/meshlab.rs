@@ -258,6 +258,9 @@ enum Cmd {
         #[command(subcommand)]
         action: LinkCmd,
     },
+    /// A NAT'd site's router takes another public address (its NAT's
+    /// mappings go with the old one); prints the new address.
+    NatRenumber { site: String },
     /// Restart one container of a node's pod (just its process, as the
     /// kubelet does); prints the new pid.
     Container {
@@ -676,6 +679,10 @@ fn run(cli: Cli) -> Result<()> {
             let state = dir.running_state()?;
             let pid = agents::restart(&dir, &state.plan, &node_plan(&dir, &node)?, &container)?;
             println!("{pid}");
+            Ok(())
+        }
+        Cmd::NatRenumber { site } => {
+            println!("{}", lifecycle::renumber_nat(&dir, &site)?);
             Ok(())
         }
         Cmd::Link { action } => match action {

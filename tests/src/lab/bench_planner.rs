@@ -109,6 +109,9 @@ fn claim(i: usize, r: &ClusterRanges) -> Claim {
         unreachable: Default::default(),
         key_since: None,
         next_key: None,
+        observed: Default::default(),
+        nat: None,
+        candidates: Vec::new(),
     }
 }
 

@@ -153,6 +153,31 @@ pub fn set_link(dir: &LabDir, a: &str, b: &str, cut: bool) -> Result<()> {
     dir.write_state(&state)
 }
 
+/// Moves NAT'd site `site`'s router to its next public address, as an
+/// ISP renumbering a NAT would; returns the new address.
+pub fn renumber_nat(dir: &LabDir, site: &str) -> Result<std::net::Ipv4Addr> {
+    preflight::require_root()?;
+    let _lock = dir.lock()?;
+    let mut state = dir.running_state()?;
+    let lab = state.plan.name.clone();
+    let (i, s) = state
+        .plan
+        .sites
+        .iter_mut()
+        .enumerate()
+        .find(|(_, s)| s.name == site)
+        .with_context(|| format!("no site {site:?}"))?;
+    let router = s
+        .router
+        .as_mut()
+        .with_context(|| format!("site {site} is not behind NAT"))?;
+    *router = router.renumbered(&lab, i);
+    let router = router.clone();
+    super::sites::address(&state.plan, &router)?;
+    dir.write_state(&state)?;
+    Ok(router.public)
+}
+
 /// Attaches a pod on `node` through the node's CNI plugin.
 pub fn add_pod(
     dir: &LabDir,

@@ -78,6 +78,7 @@ mod tests {
             labels: Default::default(),
             annotations: Default::default(),
             site: None,
+            nat: Default::default(),
         };
         let nodes = [node(1), node(2), node(3)];
         let cuts = BTreeSet::from([("node-1".to_string(), "node-3".to_string())]);

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Result};
 use serde::Serialize;
-use weft_meshd::annotations::{FORCE_ENDPOINT, NO_ENDPOINT};
 use wireguard_control::{Backend, Device, InterfaceName};
 
 use super::netns;
@@ -67,14 +66,14 @@ pub fn read(node: &NodePlan) -> Option<(String, Vec<PeerReport>)> {
     ))
 }
 
-/// Whether `node` is behind NAT (registered to publish no endpoint).
+/// Whether `node` is behind NAT (on a NAT'd site).
 fn behind_nat(node: &NodePlan) -> bool {
-    node.annotations.get(FORCE_ENDPOINT).map(String::as_str) == Some(NO_ENDPOINT)
+    node.nat.is_nat()
 }
 
 /// Waits until every node in `nodes` has a completed handshake with every
-/// other it can reach directly (two nodes behind NAT cannot start a session
-/// with each other); returns how long that took.
+/// other it can reach without NAT traversal (two nodes behind NAT meet only
+/// once they learnt their NATs, or never); returns how long that took.
 pub fn wait_converged(nodes: &[NodePlan], timeout: Duration) -> Result<Duration> {
     let timeout = super::scaled(timeout);
     let started = Instant::now();

@@ -32,7 +32,7 @@ pub fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// `ip -n NETNS ARGS…`
-fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
+pub fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
     let mut all = vec!["-n", netns];
     all.extend_from_slice(args);
     ip(&all)
@@ -62,13 +62,15 @@ pub fn create_fabric(plan: &LabPlan) -> Result<()> {
     ip_in(ns, &["link", "set", &plan.bridge, "up"])?;
     for (i, site) in (1..).zip(&plan.sites) {
         add_bridge(ns, &site.bridge, i)?;
-        let gw = format!("{}/{}", site.gateway, site.cidr.prefix_len());
-        ip_in(ns, &["addr", "add", &gw, "dev", &site.bridge])?;
-        ip_in(ns, &["addr", "add", &gw6, "dev", &site.bridge, "nodad"])?;
         ip_in(ns, &["link", "set", &site.bridge, "up"])?;
-    }
-    if !plan.sites.is_empty() {
-        super::sites::apply(ns, &plan.sites)?;
+        match &site.router {
+            Some(router) => super::sites::create_router(plan, site, router)?,
+            None => {
+                let gw = format!("{}/{}", site.gateway, site.cidr.prefix_len());
+                ip_in(ns, &["addr", "add", &gw, "dev", &site.bridge])?;
+                ip_in(ns, &["addr", "add", &gw6, "dev", &site.bridge, "nodad"])?;
+            }
+        }
     }
     create_outside(plan)?;
     sysctl(ns, "net.ipv4.ip_forward=1")?;
@@ -149,7 +151,9 @@ fn create_outside(plan: &LabPlan) -> Result<()> {
         ],
     )?;
     let gateway = OUTSIDE_GATEWAY.to_string();
-    let underlays = std::iter::once(plan.fabric_cidr).chain(plan.sites.iter().map(|s| s.cidr));
+    // A NAT'd site's addresses are private: nothing routes to them.
+    let public_sites = plan.sites.iter().filter(|s| !s.nat.is_nat());
+    let underlays = std::iter::once(plan.fabric_cidr).chain(public_sites.map(|s| s.cidr));
     for underlay in underlays {
         ip_in(
             &outside,
@@ -175,7 +179,7 @@ fn add_bridge(netns: &str, name: &str, index: u8) -> Result<()> {
 }
 
 /// `sysctl -w SETTING` inside `netns`.
-fn sysctl(netns: &str, setting: &str) -> Result<()> {
+pub fn sysctl(netns: &str, setting: &str) -> Result<()> {
     let out = Command::new("ip")
         .args(["netns", "exec", netns, "sysctl", "-qw", setting])
         .output()

@@ -47,6 +47,9 @@ pub const MAX_NODES: usize = 250;
 /// Site `i`'s subnet is `198.18.(16 + i).0/24`, its gateway `.254`.
 const SITE_BASE: u8 = 16;
 const SITE_GATEWAY_HOST: u8 = 254;
+/// NAT routers' public /31s: 198.18.14.0/24 (and 198.18.13.0/24 after a
+/// change of address), inside the fabric range but outside every site's.
+const ROUTER_BASE: u8 = 14;
 /// Default cluster pod ranges and node block sizes.
 pub const CLUSTER_V4: &str = "198.19.0.0/16";
 pub const CLUSTER_V6: &str = "fd98:19::/48";
@@ -81,6 +84,9 @@ pub struct NodePlan {
     /// Its site (`up --topology FILE`); `None`: the flat fabric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
+    /// Its site's NAT (nothing tells meshd: it learns it).
+    #[serde(default)]
+    pub nat: Nat,
 }
 
 /// A node's data plane chosen by the lab instead of `auto`.
@@ -96,17 +102,99 @@ pub enum NodeDataplane {
 }
 
 /// A site of a lab built from a topology file: its own bridge and subnet
-/// in the fabric namespace, which routes between sites like the internet
-/// between clouds; a NAT'd site's nodes reach out through masquerade and
-/// nothing reaches them unasked.
+/// in the fabric namespace, which routes between public sites like the
+/// internet between clouds. A NAT'd site is behind a router of its own
+/// ([`Router`]): its nodes reach out through the router's NAT and nothing
+/// reaches them unasked.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SitePlan {
     pub name: String,
     pub bridge: String,
     pub cidr: Ipv4Net,
+    /// The site's gateway: the fabric's address on the bridge, or (NAT'd)
+    /// the router's inside address.
     pub gateway: Ipv4Addr,
-    pub nat: bool,
+    pub nat: Nat,
+    /// The NAT'd site's router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<Router>,
+}
+
+/// How a NAT'd site's router maps its nodes' flows to its public address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Nat {
+    /// A public site: the fabric routes to it.
+    #[default]
+    None,
+    /// nftables `masquerade`: a flow keeps its source port where it is
+    /// free, so one socket is seen at one address:port by everyone
+    /// (endpoint-independent mapping, like most home and cloud NATs).
+    Masquerade,
+    /// `masquerade fully-random`: each flow gets a random port, so each
+    /// peer sees the socket at another port (address-and-port-dependent
+    /// mapping, "symmetric" NAT).
+    Symmetric,
+}
+
+impl Nat {
+    pub fn is_nat(self) -> bool {
+        self != Nat::None
+    }
+}
+
+/// A topology file's `nat:` — `true` (masquerade), `false`, or a kind.
+fn nat_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Nat, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Field {
+        Flag(bool),
+        Kind(Nat),
+    }
+    Ok(match Field::deserialize(d)? {
+        Field::Flag(true) => Nat::Masquerade,
+        Field::Flag(false) => Nat::None,
+        Field::Kind(kind) => kind,
+    })
+}
+
+/// A NAT'd site's router: a namespace of its own between the site's bridge
+/// (inside: the site's gateway address) and the fabric (outside: its
+/// public address, on a point-to-point link), with its own connection
+/// tracking, as a site's NAT box has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Router {
+    pub netns: String,
+    /// The fabric's end of the outside link.
+    pub fabric_interface: String,
+    /// The site bridge's port of the inside link (in the fabric namespace).
+    pub bridge_port: String,
+    /// Its public address and the fabric's end of the /31 between them.
+    pub public: Ipv4Addr,
+    pub fabric_side: Ipv4Addr,
+}
+
+impl Router {
+    /// The same router (site `i` of lab `lab`) at its next public address.
+    pub fn renumbered(&self, lab: &str, i: usize) -> Router {
+        let generation = ROUTER_BASE - self.public.octets()[2];
+        Router::new(lab, i, generation + 1)
+    }
+
+    /// Router `i` of lab `lab`, numbered `generation` (a NAT that changes
+    /// its public address moves to the next generation's).
+    pub fn new(lab: &str, i: usize, generation: u8) -> Router {
+        let base = 2 * i as u8;
+        Router {
+            netns: format!("{lab}-nat{i}"),
+            fabric_interface: format!("nat{i}"),
+            bridge_port: format!("nat{i}in"),
+            public: Ipv4Addr::new(198, 18, ROUTER_BASE - generation % 2, base + 1),
+            fabric_side: Ipv4Addr::new(198, 18, ROUTER_BASE - generation % 2, base),
+        }
+    }
 }
 
 /// A topology file (`meshlab up --topology FILE`, docs/lab.md).
@@ -122,9 +210,10 @@ pub struct TopologyFile {
 pub struct SiteSpec {
     pub name: String,
     pub nodes: usize,
-    /// Behind NAT: its nodes publish no endpoint.
-    #[serde(default)]
-    pub nat: bool,
+    /// Behind NAT (`true`: masquerade, or `masquerade` / `symmetric`):
+    /// its nodes publish no endpoint.
+    #[serde(default, deserialize_with = "nat_field")]
+    pub nat: Nat,
     /// Node labels; default: the site's name for both.
     pub region: Option<String>,
     pub zone: Option<String>,
@@ -259,6 +348,9 @@ pub fn owns_netns(lab: &str, netns: &str) -> bool {
     };
     rest == "fabric"
         || rest == "outside"
+        || rest
+            .strip_prefix("nat")
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
         || rest.strip_prefix("pod-").is_some_and(|p| !p.is_empty())
         || rest
             .strip_prefix("node-")
@@ -379,6 +471,7 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
                     .expect("a /24 is valid"),
                 gateway: Ipv4Addr::new(198, 18, SITE_BASE + i as u8, SITE_GATEWAY_HOST),
                 nat: s.nat,
+                router: s.nat.is_nat().then(|| Router::new(&spec.name, i, 0)),
             })
             .collect(),
     })
@@ -441,15 +534,9 @@ pub fn node_plan(lab: &str, k: usize, spec: &LabSpec) -> Result<NodePlan> {
         },
         pod_cidrs: vec![block(&v4)?, block(&v6)?],
         labels,
-        // An admin marks the nodes nothing reaches unasked.
-        annotations: match site {
-            Some((_, s)) if s.nat => BTreeMap::from([(
-                weft_meshd::annotations::FORCE_ENDPOINT.to_string(),
-                weft_meshd::annotations::NO_ENDPOINT.to_string(),
-            )]),
-            _ => BTreeMap::new(),
-        },
+        annotations: BTreeMap::new(),
         site: site.map(|(_, s)| s.name.clone()),
+        nat: site.map_or(Nat::None, |(_, s)| s.nat),
         name,
     })
 }
@@ -542,6 +629,9 @@ mod tests {
     #[test]
     fn netns_ownership_is_exact() {
         assert!(owns_netns("weft", "weft-fabric"));
+        assert!(owns_netns("weft", "weft-nat3"));
+        assert!(!owns_netns("weft", "weft-nat"));
+        assert!(!owns_netns("weft", "weft-natx"));
         assert!(owns_netns("weft", "weft-node-12"));
         assert!(owns_netns("weft", "weft-pod-default-web"));
         assert!(!owns_netns("weft", "weft-pod-"));
@@ -564,7 +654,7 @@ mod tests {
             SiteSpec {
                 name: "edge".into(),
                 nodes: 1,
-                nat: true,
+                nat: Nat::Masquerade,
                 ..SiteSpec::default()
             },
         ];
@@ -574,8 +664,18 @@ mod tests {
         assert_eq!(p.sites[1].gateway.to_string(), "198.18.17.254");
         let n3 = &p.nodes[2];
         assert_eq!(n3.underlay.to_string(), "198.18.17.3");
-        assert_eq!(p.site_of(n3).map(|s| s.nat), Some(true));
-        assert_eq!(n3.annotations["weft.dev/force-endpoint"], "none");
+        assert_eq!(p.site_of(n3).map(|s| s.nat), Some(Nat::Masquerade));
+        let router = p.sites[1].router.as_ref().expect("a router");
+        assert_eq!(
+            (router.netns.as_str(), router.public.to_string()),
+            ("weft-nat1", "198.18.14.3".to_string())
+        );
+        assert!(p.sites[0].router.is_none(), "a public site has none");
+        let moved = router.renumbered("weft", 1);
+        assert_eq!(moved.public.to_string(), "198.18.13.3");
+        assert_eq!(moved.renumbered("weft", 1), *router, "and back");
+        assert_eq!(n3.nat, Nat::Masquerade);
+        assert!(n3.annotations.is_empty(), "meshd learns its NAT by itself");
         assert_eq!(n3.labels["topology.kubernetes.io/zone"], "edge");
         assert!(p.nodes[0].annotations.is_empty());
         assert_eq!(p.nodes[1].labels["topology.kubernetes.io/region"], "eu");
@@ -587,8 +687,24 @@ mod tests {
     fn a_topology_file_is_checked() {
         let dir = tempfile_dir();
         let path = dir.join("t.yaml");
-        std::fs::write(&path, "sites:\n- {name: a, nodes: 2, nat: true}\n").unwrap();
-        assert_eq!(load_topology(&path).unwrap()[0].nodes, 2);
+        for (nat, kind) in [
+            ("true", Nat::Masquerade),
+            ("false", Nat::None),
+            ("masquerade", Nat::Masquerade),
+            ("symmetric", Nat::Symmetric),
+        ] {
+            std::fs::write(
+                &path,
+                format!("sites:\n- {{name: a, nodes: 2, nat: {nat}}}\n"),
+            )
+            .unwrap();
+            let site = &load_topology(&path).unwrap()[0];
+            assert_eq!((site.nodes, site.nat), (2, kind), "nat: {nat}");
+        }
+        std::fs::write(&path, "sites:\n- {name: a, nodes: 2, nat: full-cone}\n").unwrap();
+        assert!(load_topology(&path).is_err());
+        std::fs::write(&path, "sites:\n- {name: a, nodes: 2}\n").unwrap();
+        assert_eq!(load_topology(&path).unwrap()[0].nat, Nat::None);
         std::fs::write(&path, "sites:\n- {name: a, nodes: 2, natt: true}\n").unwrap();
         assert!(format!("{:#}", load_topology(&path).unwrap_err()).contains("natt"));
         std::fs::write(&path, "sites: []\n").unwrap();

@@ -475,13 +475,23 @@ impl Lab {
     /// Whether `ping` was answered, and the source address of the first echo
     /// request seen on `iface` in `netns` meanwhile ("" for none; tcpdump
     /// bounded to 10 s).
+    /// (Echoes to mesh addresses are meshd's probes of its peers, not
+    /// anyone's ping: left out.)
     pub fn first_echo(&self, netns: &str, iface: &str, ping: &[&str]) -> (bool, String) {
-        self.first_packet(netns, iface, "icmp[icmptype] == icmp-echo", ping)
+        let filter = format!(
+            "icmp[icmptype] == icmp-echo and not dst net {}",
+            meshlab::lab::topology::MESH_V4
+        );
+        self.first_packet(netns, iface, &filter, ping)
     }
 
     /// [`Lab::first_echo`] for IPv6 echo requests.
     pub fn first_echo6(&self, netns: &str, iface: &str, ping: &[&str]) -> (bool, String) {
-        self.first_packet(netns, iface, "icmp6 and ip6[40] == 128", ping)
+        let filter = format!(
+            "icmp6 and ip6[40] == 128 and not dst net {}",
+            meshlab::lab::topology::MESH_V6
+        );
+        self.first_packet(netns, iface, &filter, ping)
     }
 
     /// Whether `ping` succeeded, and the source address of the first packet

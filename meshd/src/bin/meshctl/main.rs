@@ -295,7 +295,10 @@ fn status(
                             .as_ref()
                             .map_or(n.state.to_string(), |r| format!("{}: {r}", n.state)),
                         n.zone.clone().unwrap_or_else(|| "-".into()),
-                        n.endpoint.clone().unwrap_or_else(|| "-".into()),
+                        n.endpoint
+                            .clone()
+                            .or_else(|| n.nat.as_ref().map(|m| format!("NAT {m}")))
+                            .unwrap_or_else(|| "-".into()),
                         n.public_key
                             .as_deref()
                             .map_or("-".into(), |k| k.chars().take(8).collect()),
@@ -357,18 +360,27 @@ fn status(
             (true, true) => "down (reported by both)".into(),
         }
     };
+    // How this node would send to each peer directly: the peer's
+    // endpoint, its address behind the same NAT, a hole punched through
+    // both NATs, or why not.
+    let reach_text = |peer: &str| g.reach(name, peer).map_or("-".into(), |r| r.to_string());
     Ok(match output {
         Output::Json => {
             let peers: Vec<serde_json::Value> = paths
                 .iter()
-                .map(|(peer, hop)| serde_json::json!({"node": peer, "path": hop_text(hop), "link": reported_by(peer)}))
+                .map(|(peer, hop)| serde_json::json!({"node": peer, "path": hop_text(hop), "link": reported_by(peer), "reach": reach_text(peer)}))
                 .collect();
             serde_json::to_string_pretty(&serde_json::json!({"node": me, "peers": peers}))? + "\n"
         }
         Output::Table | Output::Wide => {
-            let mut rows = vec![["PEER", "PATH", "LINK"].map(String::from)];
+            let mut rows = vec![["PEER", "PATH", "LINK", "DIRECTLY"].map(String::from)];
             for (peer, hop) in &paths {
-                rows.push([peer.clone(), hop_text(hop), reported_by(peer)]);
+                rows.push([
+                    peer.clone(),
+                    hop_text(hop),
+                    reported_by(peer),
+                    reach_text(peer),
+                ]);
             }
             weft_meshd::table::render(&rows)
         }

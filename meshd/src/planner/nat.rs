@@ -1,0 +1,370 @@
+//! NAT traversal from what the cluster already has: the API for signalling
+//! and every node's data plane as an observer.
+//!
+//! - A node's peers publish where they hear it from when that is not an
+//!   address it publishes itself ([`crate::annotations::OBSERVED`]): for a
+//!   node behind NAT, the address:port its NAT maps it to.
+//! - The node reads those observations about itself ([`observations_of`])
+//!   and learns that it is behind NAT, how its NAT maps, and where it is
+//!   seen ([`mapping`]); it then publishes no endpoint but that mapping
+//!   ([`crate::annotations::NAT`]) and its own addresses
+//!   ([`crate::annotations::CANDIDATES`]).
+//! - Each pair picks the address to send to from both ends' claims alone
+//!   ([`reach`]), so both ends agree: a public peer's endpoint; nothing for
+//!   a NAT'd peer of a public node (it starts the session and is answered
+//!   where it came from); the peer's own address behind the same NAT; its
+//!   mapped address when both NATs map endpoint-independently — both ends
+//!   then send at once, each opening its NAT for the other (WireGuard
+//!   retries its handshake until both have); else nothing, and the pair
+//!   goes through a relay.
+//!
+//! Everything here is a claim: a lying observer or node can only make a
+//! pair try an address where no handshake completes (then it relays), never
+//! draw traffic: WireGuard sends only to a peer's key, and a session needs
+//! its private key.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::annotations::{Claim, NatKind, NatMapping};
+
+/// Where the other nodes hear `me` from, by their observations.
+pub fn observations_of<'a>(
+    me: &str,
+    claims: impl IntoIterator<Item = &'a Claim>,
+) -> Vec<SocketAddr> {
+    claims
+        .into_iter()
+        .filter_map(|c| c.observed.get(me).copied())
+        .collect()
+}
+
+/// Whether a peer heard at `at` is worth publishing as seen there: it
+/// publishes no such address itself.
+pub fn worth_observing(at: SocketAddr, peer: &Claim) -> bool {
+    peer.endpoint != Some(at) && !peer.candidates.contains(&at)
+}
+
+/// A node's NAT from where others see it: none if nobody reports it, or
+/// every report is one of its own addresses. The address most report
+/// (ties: the lowest) is where it is seen; ports that differ between
+/// observers mean a port per peer.
+pub fn mapping(observations: &[SocketAddr], own: &[IpAddr]) -> Option<NatMapping> {
+    let foreign: Vec<SocketAddr> = observations
+        .iter()
+        .copied()
+        .filter(|o| !own.contains(&o.ip()))
+        .collect();
+    let mut counts: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+    for o in &foreign {
+        *counts.entry(*o).or_default() += 1;
+    }
+    // max_by_key keeps the last maximum: iterate from the highest address.
+    let (&reflexive, _) = counts.iter().rev().max_by_key(|(_, n)| **n)?;
+    let one_port = foreign
+        .iter()
+        .filter(|o| o.ip() == reflexive.ip())
+        .all(|o| o.port() == reflexive.port());
+    Some(NatMapping {
+        kind: if one_port {
+            NatKind::Eim
+        } else {
+            NatKind::Symmetric
+        },
+        reflexive,
+    })
+}
+
+/// How a node reaches a peer directly, if it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// To the endpoint the peer publishes.
+    Endpoint(SocketAddr),
+    /// The peer is behind NAT and this node is not: the peer starts the
+    /// session and is answered where it comes from.
+    Answered,
+    /// Both behind the same NAT: to the peer's own address.
+    SameSite(SocketAddr),
+    /// Both behind NATs that map endpoint-independently: to the peer's
+    /// mapped address, both ends sending at once.
+    HolePunched(SocketAddr),
+    /// No direct link is possible: through a relay.
+    Relayed(Why),
+}
+
+/// Why a pair cannot meet directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// One of the NATs gives each peer its own port.
+    SymmetricNat,
+    /// One of them has not learnt its NAT's mapping (no observation yet).
+    UnknownMapping,
+    /// Behind the same NAT, but the peer publishes no address of its own.
+    NoLocalAddress,
+}
+
+impl std::fmt::Display for Reach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reach::Endpoint(a) => write!(f, "endpoint {a}"),
+            Reach::Answered => write!(f, "answered where it comes from (behind NAT)"),
+            Reach::SameSite(a) => write!(f, "same site {a}"),
+            Reach::HolePunched(a) => write!(f, "hole-punched {a}"),
+            Reach::Relayed(Why::SymmetricNat) => write!(f, "no direct link: symmetric NAT"),
+            Reach::Relayed(Why::UnknownMapping) => {
+                write!(f, "no direct link: a NAT's mapping not learnt yet")
+            }
+            Reach::Relayed(Why::NoLocalAddress) => {
+                write!(f, "no direct link: behind one NAT without an own address")
+            }
+        }
+    }
+}
+
+impl Reach {
+    /// What the data plane is given as the peer's endpoint.
+    pub fn endpoint(self) -> Option<SocketAddr> {
+        match self {
+            Reach::Endpoint(a) | Reach::SameSite(a) | Reach::HolePunched(a) => Some(a),
+            Reach::Answered | Reach::Relayed(_) => None,
+        }
+    }
+}
+
+/// Each NAT'd node's mapping (nodes without an endpoint) from where the
+/// others see it now — not from what it last published about itself: a
+/// node whose NAT changed its address may not reach the API for a while
+/// (its connections went with the old address), while its peers see the
+/// new one at its next keepalive. Every node computes the same from the
+/// same claims.
+pub fn mappings<'a>(claims: &BTreeMap<&'a str, &'a Claim>) -> BTreeMap<&'a str, NatMapping> {
+    // Observations grouped by whom they see, in one pass over them all.
+    let mut seen: BTreeMap<&str, Vec<SocketAddr>> = BTreeMap::new();
+    for claim in claims.values() {
+        for (name, at) in claim.observed.iter() {
+            seen.entry(name.as_str()).or_default().push(*at);
+        }
+    }
+    seen.into_iter()
+        .filter_map(|(name, observations)| {
+            let (&name, claim) = claims.get_key_value(name)?;
+            if claim.endpoint.is_some() {
+                return None;
+            }
+            let own: Vec<IpAddr> = claim.candidates.iter().map(SocketAddr::ip).collect();
+            Some((name, mapping(&observations, &own)?))
+        })
+        .collect()
+}
+
+/// A node as a pair's end: its claim and its NAT's mapping ([`mappings`]).
+#[derive(Debug, Clone, Copy)]
+pub struct End<'a> {
+    pub claim: &'a Claim,
+    pub nat: Option<NatMapping>,
+}
+
+/// How `me` reaches `peer` (`me`: `None` before this node's own claim is
+/// accepted). Symmetric: `reach(a, b)` and `reach(b, a)` agree on whether
+/// the pair meets directly.
+pub fn reach(me: Option<End>, peer: End) -> Reach {
+    if let Some(endpoint) = peer.claim.endpoint {
+        return Reach::Endpoint(endpoint);
+    }
+    let Some(me) = me.filter(|m| m.claim.endpoint.is_none()) else {
+        return Reach::Answered;
+    };
+    match (me.nat, peer.nat) {
+        (Some(mine), Some(theirs)) if mine.reflexive.ip() == theirs.reflexive.ip() => {
+            match peer.claim.candidates.first() {
+                Some(own) => Reach::SameSite(*own),
+                None => Reach::Relayed(Why::NoLocalAddress),
+            }
+        }
+        (Some(mine), Some(theirs)) if mine.kind == NatKind::Eim && theirs.kind == NatKind::Eim => {
+            Reach::HolePunched(theirs.reflexive)
+        }
+        (Some(_), Some(_)) => Reach::Relayed(Why::SymmetricNat),
+        _ => Reach::Relayed(Why::UnknownMapping),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotations::fixtures;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_node_learns_its_nat_from_where_others_see_it() {
+        let own: Vec<IpAddr> = vec!["10.0.0.4".parse().unwrap()];
+        let eim = |a: &str| {
+            Some(NatMapping {
+                kind: NatKind::Eim,
+                reflexive: addr(a),
+            })
+        };
+        let symmetric = |a: &str| {
+            Some(NatMapping {
+                kind: NatKind::Symmetric,
+                reflexive: addr(a),
+            })
+        };
+        for (observations, want) in [
+            (&[][..], None),
+            // Seen at its own address: not behind NAT.
+            (&["10.0.0.4:51820"][..], None),
+            (&["203.0.113.1:51820"], eim("203.0.113.1:51820")),
+            (
+                &["203.0.113.1:40001", "203.0.113.1:40001", "10.0.0.4:51820"],
+                eim("203.0.113.1:40001"),
+            ),
+            // A port per observer: symmetric; the most seen, else the lowest.
+            (
+                &["203.0.113.1:40001", "203.0.113.1:40002"],
+                symmetric("203.0.113.1:40001"),
+            ),
+            (
+                &[
+                    "203.0.113.1:40009",
+                    "203.0.113.1:40002",
+                    "203.0.113.1:40009",
+                ],
+                symmetric("203.0.113.1:40009"),
+            ),
+            // One liar among three is outvoted on the address.
+            (
+                &["203.0.113.1:40001", "198.51.100.9:1", "203.0.113.1:40001"],
+                eim("203.0.113.1:40001"),
+            ),
+        ] {
+            let observations: Vec<SocketAddr> = observations.iter().map(|a| addr(a)).collect();
+            assert_eq!(mapping(&observations, &own), want, "{observations:?}");
+        }
+    }
+
+    /// A claim with an endpoint, or behind a NAT mapping it to `mapped`.
+    fn claim(endpoint: Option<&str>, nat: Option<(NatKind, &str)>, candidates: &[&str]) -> Claim {
+        let (node, _) = fixtures::published(1);
+        let mut c = fixtures::claim(&node, 1, 1, "198.19.1.0/24".parse().unwrap());
+        c.endpoint = endpoint.map(addr);
+        c.nat = nat.map(|(kind, a)| NatMapping {
+            kind,
+            reflexive: addr(a),
+        });
+        c.candidates = candidates.iter().map(|a| addr(a)).collect();
+        c
+    }
+
+    #[test]
+    fn every_pair_picks_the_same_way_from_both_ends() {
+        use NatKind::{Eim, Symmetric};
+        let public = claim(Some("198.51.100.1:51820"), None, &[]);
+        let site_a1 = claim(None, Some((Eim, "203.0.113.1:51820")), &["10.0.0.1:51820"]);
+        let site_a2 = claim(None, Some((Eim, "203.0.113.1:40002")), &["10.0.0.2:51820"]);
+        let site_b = claim(None, Some((Eim, "203.0.113.2:51820")), &["10.0.0.1:51820"]);
+        let symmetric = claim(
+            None,
+            Some((Symmetric, "203.0.113.3:1234")),
+            &["10.9.0.1:51820"],
+        );
+        let unknown = claim(None, None, &["10.8.0.1:51820"]);
+        let cases = [
+            (&public, &site_a1, Reach::Answered),
+            (
+                &site_a1,
+                &public,
+                Reach::Endpoint(addr("198.51.100.1:51820")),
+            ),
+            (&site_a1, &site_a2, Reach::SameSite(addr("10.0.0.2:51820"))),
+            (&site_a2, &site_a1, Reach::SameSite(addr("10.0.0.1:51820"))),
+            (
+                &site_a1,
+                &site_b,
+                Reach::HolePunched(addr("203.0.113.2:51820")),
+            ),
+            (
+                &site_b,
+                &site_a1,
+                Reach::HolePunched(addr("203.0.113.1:51820")),
+            ),
+            (&site_a1, &symmetric, Reach::Relayed(Why::SymmetricNat)),
+            (&symmetric, &site_a1, Reach::Relayed(Why::SymmetricNat)),
+            (&site_a1, &unknown, Reach::Relayed(Why::UnknownMapping)),
+            (&unknown, &site_a1, Reach::Relayed(Why::UnknownMapping)),
+        ];
+        fn end(c: &Claim) -> End<'_> {
+            End {
+                claim: c,
+                nat: c.nat,
+            }
+        }
+        for (me, peer, want) in cases {
+            assert_eq!(reach(Some(end(me)), end(peer)), want);
+            // Direct from one end exactly when direct from the other.
+            let back = reach(Some(end(peer)), end(me));
+            assert_eq!(
+                matches!(want, Reach::Relayed(_)),
+                matches!(back, Reach::Relayed(_)),
+                "{want:?} one way, {back:?} the other"
+            );
+        }
+        assert_eq!(
+            reach(None, end(&site_a1)),
+            Reach::Answered,
+            "before our own claim"
+        );
+    }
+
+    /// A NAT'd node's mapping is where its peers see it now, whatever it
+    /// last published; public nodes have none.
+    #[test]
+    fn mappings_come_from_the_observers_not_the_node() {
+        let mut observer = claim(Some("198.51.100.1:51820"), None, &[]);
+        let mut other = claim(Some("198.51.100.2:51820"), None, &[]);
+        // It still publishes its NAT's old address.
+        let moved = claim(
+            None,
+            Some((NatKind::Eim, "203.0.113.1:51820")),
+            &["10.0.0.1:51820"],
+        );
+        let quiet = claim(None, None, &["10.0.0.9:51820"]);
+        for c in [&mut observer, &mut other] {
+            c.observed = std::sync::Arc::new(BTreeMap::from([(
+                "moved".to_string(),
+                addr("203.0.113.99:51820"),
+            )]));
+        }
+        let claims = BTreeMap::from([
+            ("observer", &observer),
+            ("other", &other),
+            ("moved", &moved),
+            ("quiet", &quiet),
+        ]);
+        let got = mappings(&claims);
+        assert_eq!(
+            got,
+            BTreeMap::from([(
+                "moved",
+                NatMapping {
+                    kind: NatKind::Eim,
+                    reflexive: addr("203.0.113.99:51820")
+                }
+            )]),
+            "public nodes and a NAT'd node nobody sees have none"
+        );
+    }
+
+    #[test]
+    fn only_peers_heard_away_from_what_they_publish_are_observed() {
+        let public = claim(Some("198.51.100.1:51820"), None, &[]);
+        let natd = claim(None, None, &["10.0.0.1:51820"]);
+        assert!(!worth_observing(addr("198.51.100.1:51820"), &public));
+        assert!(worth_observing(addr("198.51.100.1:40000"), &public));
+        assert!(!worth_observing(addr("10.0.0.1:51820"), &natd));
+        assert!(worth_observing(addr("203.0.113.1:51820"), &natd));
+    }
+}
