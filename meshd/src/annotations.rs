@@ -866,9 +866,11 @@ pub fn render(claim: &Claim) -> BTreeMap<String, String> {
         rendered.insert(CANDIDATES.to_string(), join(addrs));
     }
     if !claim.observed.is_empty() {
-        // Sorted by name (a map): written only when it changes.
+        // Sorted by name (a map): written only when it changes; cut at an
+        // entry to stay readable (the NAT'd peers left out are still seen
+        // by the other public nodes).
         let seen = claim.observed.iter().map(|(n, a)| format!("{n}={a}"));
-        rendered.insert(OBSERVED.to_string(), join(seen.collect()));
+        rendered.insert(OBSERVED.to_string(), join_bounded(seen));
     }
     let mut lists = vec![(UNREACHABLE, &claim.unreachable)];
     if let Some(since) = claim.key_since {
@@ -957,8 +959,15 @@ impl std::str::FromStr for PolicyApplied {
 /// [`MAX_UNREACHABLE_LEN`] (the far ends of the links left out still
 /// report them).
 fn join_names(names: &BTreeSet<String>) -> String {
+    join_bounded(names.iter().map(String::as_str))
+}
+
+/// `items` joined with commas, cut at an item to fit
+/// [`MAX_UNREACHABLE_LEN`] (what readers accept of a list).
+fn join_bounded<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> String {
     let mut joined = String::new();
-    for name in names {
+    for name in items {
+        let name = name.as_ref();
         if joined.len() + name.len() + 1 > MAX_UNREACHABLE_LEN {
             break;
         }
@@ -1153,6 +1162,24 @@ mod tests {
         ]));
         let n = node_with(&natd);
         assert_eq!(n.annotations[NAT], "symmetric 203.0.113.7:40001");
+        // Thousands of NAT'd peers: cut at an entry, still readable.
+        let mut busy = claim();
+        busy.observed = Arc::new(
+            (0..5000)
+                .map(|i| {
+                    (
+                        format!("edge-node-{i:05}"),
+                        "203.0.113.7:40001".parse().unwrap(),
+                    )
+                })
+                .collect(),
+        );
+        let rendered = render(&busy);
+        assert!(rendered[OBSERVED].len() <= MAX_UNREACHABLE_LEN);
+        assert!(rendered[OBSERVED].ends_with(":40001"));
+        let mut cut = node_with(&claim());
+        set(&mut cut, OBSERVED, &rendered[OBSERVED]);
+        assert!(check(&cut).is_ok(), "a cut list parses");
         assert_eq!(
             n.annotations[OBSERVED],
             "node-2=203.0.113.8:51820,node-3=[2001:db8::3]:4000"

@@ -63,10 +63,12 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
         .ok_or_else(|| OwnError::NotRegistered(local.node_name.clone()))?;
     // Every node's annotations are parsed once.
     let mut parsed = memo.parse_all(snapshot, &local.ranges);
+    // Other nodes' valid claims (a revoked key's holder observes nothing).
     let peers: BTreeMap<&str, &Claim> = parsed
         .iter()
         .filter(|(n, _)| n.name != local.node_name)
         .filter_map(|(n, c)| Some((n.name.as_str(), c.as_ref().ok()?.as_ref()?)))
+        .filter(|(_, c)| !snapshot.revoked.contains(&c.public_key))
         .collect();
     let seen = nat::observations_of(&local.node_name, peers.values().copied());
     let reachability = own_reachability(

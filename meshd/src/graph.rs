@@ -9,7 +9,9 @@ use std::fmt::Write;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::annotations::{parse_time, Claim, PolicyApplied, POLICY_APPLIED, ROTATE_REQUESTED};
+use crate::annotations::{
+    parse_time, Claim, NatMapping, PolicyApplied, POLICY_APPLIED, ROTATE_REQUESTED,
+};
 use crate::model::{
     ClusterRanges, ClusterSnapshot, Hop, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
 };
@@ -221,9 +223,12 @@ pub struct MeshGraph {
     /// [`GraphNode::policy`] is judged against them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policies: Option<PolicyApplied>,
-    /// The accepted claims, for how each pair reaches each other.
+    /// The accepted claims and NAT'd nodes' mappings, for how each pair
+    /// reaches each other.
     #[serde(skip)]
     claims: BTreeMap<String, Claim>,
+    #[serde(skip)]
+    nats: BTreeMap<String, NatMapping>,
 }
 
 impl MeshGraph {
@@ -305,31 +310,34 @@ impl MeshGraph {
                 },
             })
             .collect();
-        let claims = verdicts
+        let claims: BTreeMap<String, Claim> = verdicts
             .into_iter()
             .filter_map(|(name, v)| match v {
                 Verdict::Accepted(c) => Some((name, c)),
                 Verdict::Pending | Verdict::Rejected(_) => None,
             })
             .collect();
+        let by_name: BTreeMap<&str, &Claim> = claims.iter().map(|(n, c)| (n.as_str(), c)).collect();
+        let nats = mappings(&by_name)
+            .into_iter()
+            .map(|(n, m)| (n.to_string(), m))
+            .collect();
         Self {
             nodes,
             down_links,
             policies,
             claims,
+            nats,
         }
     }
 
     /// How `from` sends to `to` directly (both accepted), as `from`'s
     /// meshd plans it.
     pub fn reach(&self, from: &str, to: &str) -> Option<Reach> {
-        let claims: BTreeMap<&str, &Claim> =
-            self.claims.iter().map(|(n, c)| (n.as_str(), c)).collect();
-        let nats = mappings(&claims);
         let end = |name: &str| {
-            claims.get(name).map(|claim| End {
+            self.claims.get(name).map(|claim| End {
                 claim,
-                nat: nats.get(name).copied(),
+                nat: self.nats.get(name).copied(),
             })
         };
         Some(reach(end(from), end(to)?))

@@ -28,13 +28,17 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::annotations::{Claim, NatKind, NatMapping};
 
-/// Where the other nodes hear `me` from, by their observations.
+/// Where the public nodes (those with an endpoint) hear `me` from. Only
+/// they vote: a NAT'd node's view of another repeats what it was told (the
+/// address it was given to punch to), and would keep a renumbered NAT's
+/// old address alive.
 pub fn observations_of<'a>(
     me: &str,
     claims: impl IntoIterator<Item = &'a Claim>,
 ) -> Vec<SocketAddr> {
     claims
         .into_iter()
+        .filter(|c| c.endpoint.is_some())
         .filter_map(|c| c.observed.get(me).copied())
         .collect()
 }
@@ -45,33 +49,44 @@ pub fn worth_observing(at: SocketAddr, peer: &Claim) -> bool {
     peer.endpoint != Some(at) && !peer.candidates.contains(&at)
 }
 
-/// A node's NAT from where others see it: none if nobody reports it, or
-/// every report is one of its own addresses. The address most report
-/// (ties: the lowest) is where it is seen; ports that differ between
-/// observers mean a port per peer.
+/// How many observers must agree before a node's NAT is believed: one
+/// observer, which may be the attacker, can neither put a node behind NAT
+/// nor choose the address it is sent to.
+pub const QUORUM: usize = 2;
+
+/// A node's NAT from where the public nodes see it: the foreign address
+/// (not one of `own`) at least [`QUORUM`] observers report at one IP, the
+/// IP most report (ties: none believed). At that IP, a port [`QUORUM`]
+/// observers agree on and more report than any other is an
+/// endpoint-independent mapping; ports that no quorum agrees on are a port
+/// per peer. `None`: not behind NAT as far as a quorum can tell.
 pub fn mapping(observations: &[SocketAddr], own: &[IpAddr]) -> Option<NatMapping> {
-    let foreign: Vec<SocketAddr> = observations
-        .iter()
-        .copied()
-        .filter(|o| !own.contains(&o.ip()))
-        .collect();
-    let mut counts: BTreeMap<SocketAddr, usize> = BTreeMap::new();
-    for o in &foreign {
-        *counts.entry(*o).or_default() += 1;
+    let mut by_ip: BTreeMap<IpAddr, BTreeMap<u16, usize>> = BTreeMap::new();
+    for o in observations.iter().filter(|o| !own.contains(&o.ip())) {
+        *by_ip
+            .entry(o.ip())
+            .or_default()
+            .entry(o.port())
+            .or_default() += 1;
     }
-    // max_by_key keeps the last maximum: iterate from the highest address.
-    let (&reflexive, _) = counts.iter().rev().max_by_key(|(_, n)| **n)?;
-    let one_port = foreign
-        .iter()
-        .filter(|o| o.ip() == reflexive.ip())
-        .all(|o| o.port() == reflexive.port());
+    let votes = |ports: &BTreeMap<u16, usize>| ports.values().sum::<usize>();
+    let most = by_ip.values().map(votes).max()?;
+    let mut top = by_ip.iter().filter(|(_, ports)| votes(ports) == most);
+    let (ip, ports) = top.next()?;
+    if most < QUORUM || top.next().is_some() {
+        return None;
+    }
+    let best = ports.values().copied().max().unwrap_or(0);
+    let mut at_best = ports.iter().filter(|(_, n)| **n == best);
+    let (port, _) = at_best.next()?;
+    let kind = if best >= QUORUM && at_best.next().is_none() {
+        NatKind::Eim
+    } else {
+        NatKind::Symmetric
+    };
     Some(NatMapping {
-        kind: if one_port {
-            NatKind::Eim
-        } else {
-            NatKind::Symmetric
-        },
-        reflexive,
+        kind,
+        reflexive: SocketAddr::new(*ip, *port),
     })
 }
 
@@ -115,7 +130,10 @@ impl std::fmt::Display for Reach {
                 write!(f, "no direct link: a NAT's mapping not learnt yet")
             }
             Reach::Relayed(Why::NoLocalAddress) => {
-                write!(f, "no direct link: behind one NAT without an own address")
+                write!(
+                    f,
+                    "no direct link: behind one NAT, an end without an own address"
+                )
             }
         }
     }
@@ -132,7 +150,7 @@ impl Reach {
 }
 
 /// Each NAT'd node's mapping (nodes without an endpoint) from where the
-/// others see it now — not from what it last published about itself: a
+/// public nodes see it now ([`observations_of`], [`mapping`]) — not from what it last published about itself: a
 /// node whose NAT changed its address may not reach the API for a while
 /// (its connections went with the old address), while its peers see the
 /// new one at its next keepalive. Every node computes the same from the
@@ -140,7 +158,7 @@ impl Reach {
 pub fn mappings<'a>(claims: &BTreeMap<&'a str, &'a Claim>) -> BTreeMap<&'a str, NatMapping> {
     // Observations grouped by whom they see, in one pass over them all.
     let mut seen: BTreeMap<&str, Vec<SocketAddr>> = BTreeMap::new();
-    for claim in claims.values() {
+    for claim in claims.values().filter(|c| c.endpoint.is_some()) {
         for (name, at) in claim.observed.iter() {
             seen.entry(name.as_str()).or_default().push(*at);
         }
@@ -176,9 +194,10 @@ pub fn reach(me: Option<End>, peer: End) -> Reach {
     };
     match (me.nat, peer.nat) {
         (Some(mine), Some(theirs)) if mine.reflexive.ip() == theirs.reflexive.ip() => {
-            match peer.claim.candidates.first() {
-                Some(own) => Reach::SameSite(*own),
-                None => Reach::Relayed(Why::NoLocalAddress),
+            // Both need an own address, or the ends would disagree.
+            match (me.claim.candidates.first(), peer.claim.candidates.first()) {
+                (Some(_), Some(own)) => Reach::SameSite(*own),
+                _ => Reach::Relayed(Why::NoLocalAddress),
             }
         }
         (Some(mine), Some(theirs)) if mine.kind == NatKind::Eim && theirs.kind == NatKind::Eim => {
@@ -199,7 +218,7 @@ mod tests {
     }
 
     #[test]
-    fn a_node_learns_its_nat_from_where_others_see_it() {
+    fn a_node_learns_its_nat_from_a_quorum_of_public_observers() {
         let own: Vec<IpAddr> = vec!["10.0.0.4".parse().unwrap()];
         let eim = |a: &str| {
             Some(NatMapping {
@@ -216,29 +235,38 @@ mod tests {
         for (observations, want) in [
             (&[][..], None),
             // Seen at its own address: not behind NAT.
-            (&["10.0.0.4:51820"][..], None),
-            (&["203.0.113.1:51820"], eim("203.0.113.1:51820")),
+            (&["10.0.0.4:51820", "10.0.0.4:51820"][..], None),
+            // One observer (perhaps the attacker) is no quorum.
+            (&["203.0.113.1:51820"], None),
+            (&["203.0.113.1:51820", "10.0.0.4:51820"], None),
             (
                 &["203.0.113.1:40001", "203.0.113.1:40001", "10.0.0.4:51820"],
                 eim("203.0.113.1:40001"),
             ),
-            // A port per observer: symmetric; the most seen, else the lowest.
+            // A port per observer: symmetric, at the lowest port seen.
             (
-                &["203.0.113.1:40001", "203.0.113.1:40002"],
+                &["203.0.113.1:40002", "203.0.113.1:40001"],
                 symmetric("203.0.113.1:40001"),
             ),
+            // One liar's port does not make a mapping symmetric...
             (
-                &[
-                    "203.0.113.1:40009",
-                    "203.0.113.1:40002",
-                    "203.0.113.1:40009",
-                ],
-                symmetric("203.0.113.1:40009"),
+                &["203.0.113.1:40001", "203.0.113.1:40001", "203.0.113.1:9"],
+                eim("203.0.113.1:40001"),
             ),
-            // One liar among three is outvoted on the address.
+            // ...nor its address move where the node is sent to.
             (
                 &["203.0.113.1:40001", "198.51.100.9:1", "203.0.113.1:40001"],
                 eim("203.0.113.1:40001"),
+            ),
+            // Two IPs with as many votes: nothing believed.
+            (
+                &[
+                    "203.0.113.1:1",
+                    "203.0.113.1:1",
+                    "198.51.100.9:1",
+                    "198.51.100.9:1",
+                ],
+                None,
             ),
         ] {
             let observations: Vec<SocketAddr> = observations.iter().map(|a| addr(a)).collect();
@@ -272,6 +300,9 @@ mod tests {
             &["10.9.0.1:51820"],
         );
         let unknown = claim(None, None, &["10.8.0.1:51820"]);
+        // Behind site A's NAT without an own address to give (an admin's
+        // `none` on a node without a usable InternalIP).
+        let site_a3 = claim(None, Some((Eim, "203.0.113.1:40003")), &[]);
         let cases = [
             (&public, &site_a1, Reach::Answered),
             (
@@ -294,6 +325,8 @@ mod tests {
             (&site_a1, &symmetric, Reach::Relayed(Why::SymmetricNat)),
             (&symmetric, &site_a1, Reach::Relayed(Why::SymmetricNat)),
             (&site_a1, &unknown, Reach::Relayed(Why::UnknownMapping)),
+            (&site_a1, &site_a3, Reach::Relayed(Why::NoLocalAddress)),
+            (&site_a3, &site_a1, Reach::Relayed(Why::NoLocalAddress)),
             (&unknown, &site_a1, Reach::Relayed(Why::UnknownMapping)),
         ];
         fn end(c: &Claim) -> End<'_> {
@@ -338,11 +371,18 @@ mod tests {
                 addr("203.0.113.99:51820"),
             )]));
         }
+        // A NAT'd peer still sees it at the old address: no vote.
+        let mut punched = claim(None, Some((NatKind::Eim, "203.0.113.5:51820")), &[]);
+        punched.observed = std::sync::Arc::new(BTreeMap::from([(
+            "moved".to_string(),
+            addr("203.0.113.1:51820"),
+        )]));
         let claims = BTreeMap::from([
             ("observer", &observer),
             ("other", &other),
             ("moved", &moved),
             ("quiet", &quiet),
+            ("punched", &punched),
         ]);
         let got = mappings(&claims);
         assert_eq!(

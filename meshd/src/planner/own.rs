@@ -292,7 +292,8 @@ mod tests {
         );
     }
 
-    /// Behind NAT by what peers see, or by an admin's `none`: no endpoint,
+    /// Behind NAT by what a quorum of peers sees, or by an admin's `none`:
+    /// no endpoint,
     /// its mapping and own addresses; an address given by flag or admin is
     /// published as given; peers are observed only where they are heard
     /// away from what they publish.
@@ -329,8 +330,15 @@ mod tests {
             public.observed.is_empty(),
             "node-2 heard at its own address"
         );
-        // Seen elsewhere: behind NAT.
-        let natd = reach(&me, None, &["203.0.113.9:40000"], "203.0.113.2:4444");
+        // Seen elsewhere by one observer (perhaps lying): still public.
+        let lied = reach(&me, None, &["203.0.113.9:40000"], "10.0.0.2:51820");
+        assert_eq!(
+            (lied.endpoint, lied.nat),
+            (Some(addr("198.18.1.1:51820")), None)
+        );
+        // Seen elsewhere by a quorum: behind NAT.
+        let twice = ["203.0.113.9:40000", "203.0.113.9:40000"];
+        let natd = reach(&me, None, &twice, "203.0.113.2:4444");
         assert_eq!(natd.endpoint, None);
         assert_eq!(
             natd.nat,
@@ -356,7 +364,7 @@ mod tests {
         forced
             .annotations
             .insert(FORCE_ENDPOINT.into(), "203.0.113.5:4500".into());
-        let forced = reach(&forced, None, &["203.0.113.9:40000"], "10.0.0.2:51820");
+        let forced = reach(&forced, None, &twice, "10.0.0.2:51820");
         assert_eq!(
             (forced.endpoint, forced.nat),
             (Some(addr("203.0.113.5:4500")), None)

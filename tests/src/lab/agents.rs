@@ -257,11 +257,14 @@ pub fn lab_config(plan: &LabPlan) -> BTreeMap<String, String> {
         ("WEFT_CLUSTER_CIDRS", format!("{CLUSTER_V4},{CLUSTER_V6}")),
         ("WEFT_MESH_CIDRS", format!("{MESH_V4},{MESH_V6}")),
         ("WEFT_PERSISTENT_KEEPALIVE", KEEPALIVE_SECS.to_string()),
-        // How long a probe's answer may take: slow hardware (a guest
-        // without KVM) answers late, which is not a dead link.
+        // How long a probe's answer may take: twice the shipped second,
+        // since the suites run up to eight labs at once on two cores (a
+        // data plane starved that long is not a dead link), and longer on
+        // slow hardware (a guest without KVM). `bench failover` measures
+        // the shipped value.
         (
             "WEFT_PROBE_TIMEOUT",
-            humantime::format_duration(super::scaled(Duration::from_secs(1))).to_string(),
+            humantime::format_duration(super::scaled(Duration::from_secs(2))).to_string(),
         ),
         ("WEFT_RESYNC", RESYNC_SECS.to_string()),
         ("WEFT_POD_CIDR_SOURCE", pod_cidr_source.to_string()),
