@@ -245,6 +245,17 @@ pub const METRICS_ADDR: &str = "127.0.0.1:9475";
 /// How long an init container may run.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The lab's probe timeout: twice the shipped second, stretched by the
+/// time scale, and at most half the lab's peer timeout.
+fn probe_timeout(plan: &LabPlan) -> Duration {
+    let peer = plan
+        .config
+        .get("WEFT_PEER_TIMEOUT")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(30);
+    super::scaled(Duration::from_secs(2)).min(Duration::from_millis(peer * 500))
+}
+
 /// The lab's values in the manifests' ConfigMap: its cluster ranges and
 /// short timers, then what `up --config` set.
 pub fn lab_config(plan: &LabPlan) -> BTreeMap<String, String> {
@@ -262,9 +273,11 @@ pub fn lab_config(plan: &LabPlan) -> BTreeMap<String, String> {
         // data plane starved that long is not a dead link), and longer on
         // slow hardware (a guest without KVM). `bench failover` measures
         // the shipped value.
+        // Below the peer timeout, which meshd requires (a lab's fast
+        // timers under TCG would otherwise stop every meshd).
         (
             "WEFT_PROBE_TIMEOUT",
-            humantime::format_duration(super::scaled(Duration::from_secs(2))).to_string(),
+            humantime::format_duration(probe_timeout(plan)).to_string(),
         ),
         ("WEFT_RESYNC", RESYNC_SECS.to_string()),
         ("WEFT_POD_CIDR_SOURCE", pod_cidr_source.to_string()),
