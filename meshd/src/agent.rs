@@ -36,6 +36,7 @@ use crate::cluster::{self, node_info};
 use crate::dataplane::{DataPlane, DeviceState, Mode, UserspaceProgram};
 use crate::decide::{decide, Inputs};
 use crate::http::{self, Health};
+use crate::ladder::{trial_window, Ladder, Planned, Seen};
 use crate::liveness::{Liveness, Reading, Timers};
 use crate::metrics::{KindLabels, PeerLabels, ReasonLabels, StateLabels};
 use crate::model::NodeInfo;
@@ -43,7 +44,7 @@ use crate::model::{
     ClusterRanges, ClusterSnapshot, DesiredNode, LinkCosts, LocalConfig, Relay, Verdict,
 };
 use crate::node_blocks::{PodCidrSource, CLAIM_LABEL};
-use crate::planner::{backstops, prune, OwnKeys, ParseMemo};
+use crate::planner::{backstops, prune, Listening, OwnKeys, ParseMemo};
 use crate::policy::Enforcement;
 use crate::probe;
 use crate::reconcile::netlink::Netlink;
@@ -87,9 +88,19 @@ pub struct RunArgs {
     pub interface: String,
     #[arg(long, env = "WEFT_LISTEN_PORT", default_value_t = 51820)]
     pub listen_port: u16,
-    /// Publish this endpoint instead of InternalIP:listen-port.
+    /// Publish this endpoint instead of ExternalIP:listen-port (or
+    /// InternalIP:listen-port where the Node has no ExternalIP).
     #[arg(long)]
     pub endpoint: Option<SocketAddr>,
+    /// More addresses this node can be reached at (a VPN's, a port
+    /// forward's), published with its InternalIPs and ExternalIPs as
+    /// candidates its peers try when its endpoint does not answer.
+    #[arg(
+        long = "endpoint-candidate",
+        env = "WEFT_ENDPOINT_CANDIDATES",
+        value_delimiter = ','
+    )]
+    pub endpoint_candidates: Vec<SocketAddr>,
     #[command(flatten)]
     pub mesh: crate::model::MeshCidrs,
     /// Seconds between keepalives to each peer; 0 turns them (and peer liveness) off.
@@ -343,6 +354,8 @@ struct Agent {
     events: cluster::Events,
     /// By peer node name.
     liveness: Liveness<String>,
+    /// Which of each peer's addresses it is sent to.
+    ladder: Ladder,
     prober: probe::Prober,
     /// Some peer was sent traffic at the last look at the data plane.
     busy: bool,
@@ -587,6 +600,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         reconciler,
         health,
         liveness: Liveness::new(published),
+        ladder: Ladder::default(),
         prober,
         busy: false,
         link_state_changed: None,
@@ -676,6 +690,15 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// A watch event handler that wakes the sync loop.
+/// What liveness and the ladder read of a peer.
+fn reading(s: &PeerStats) -> Reading {
+    Reading {
+        rx: s.rx_bytes,
+        tx: s.tx_bytes,
+        handshake: s.handshake_secs(),
+    }
+}
+
 fn notifier<T>(changed: &Arc<Notify>) -> impl FnMut(&T) + Send + 'static {
     let changed = changed.clone();
     move |_| changed.notify_one()
@@ -750,19 +773,11 @@ impl Agent {
             }
         }
         let down = match self.local.persistent_keepalive {
-            Some(_) => {
+            Some(keepalive) => {
                 // Peers not yet planned (no name) are judged from the next sync.
                 let readings: Vec<_> = stats
                     .iter()
-                    .filter_map(|s| {
-                        let name = self.peer_names.get(&s.key)?;
-                        let reading = Reading {
-                            rx: s.rx_bytes,
-                            tx: s.tx_bytes,
-                            handshake: s.handshake_secs(),
-                        };
-                        Some((name.clone(), reading))
-                    })
+                    .filter_map(|s| Some((self.peer_names.get(&s.key)?.clone(), reading(s))))
                     .collect();
                 let timers = Timers {
                     silence: Duration::from_secs(self.args.peer_timeout),
@@ -775,6 +790,8 @@ impl Agent {
                 sent.extend(self.probe(&judged.ask, "echo-check"));
                 self.liveness.sent(&sent, now);
                 self.busy = judged.busy;
+                let window = trial_window(Duration::from_secs(keepalive.into()));
+                self.judge_addresses(&judged.down, now, window);
                 judged.down
             }
             None => BTreeSet::new(),
@@ -795,13 +812,51 @@ impl Agent {
         let settled = self
             .link_state_changed
             .is_some_and(|t| t.elapsed() < LINK_STATE_INTERVAL);
-        if down != self.local.unreachable && !settled {
+        let given_up = self.ladder.given_up();
+        if (down != self.local.unreachable || given_up != self.local.given_up) && !settled {
             self.link_state_changed = Some(Instant::now());
-            tracing::info!(unreachable = ?down, "link state changed");
+            if down != self.local.unreachable {
+                tracing::info!(unreachable = ?down, "link state changed");
+            }
+            if given_up != self.local.given_up {
+                tracing::info!(?given_up, "peers' addresses given up");
+            }
             self.local.unreachable = down;
+            self.local.given_up = given_up;
             return true;
         }
         rotation_moved || heard_changed
+    }
+
+    /// Puts each planned peer's address on trial (see crate::ladder).
+    fn judge_addresses(&mut self, down: &BTreeSet<String>, now: Instant, window: Duration) {
+        let Some((desired, _)) = &self.applied else {
+            return;
+        };
+        let planned: BTreeMap<&str, Planned> = desired
+            .peers
+            .values()
+            .map(|p| {
+                let planned = Planned {
+                    offers: &p.offers,
+                    endpoint: p.endpoint,
+                };
+                (p.node.as_str(), planned)
+            })
+            .collect();
+        let seen: BTreeMap<&str, Seen> = self
+            .stats
+            .iter()
+            .filter_map(|s| {
+                let name = self.peer_names.get(&s.key)?;
+                let seen = Seen {
+                    reading: reading(s),
+                    endpoint: s.endpoint,
+                };
+                Some((name.as_str(), seen))
+            })
+            .collect();
+        self.ladder.observe(&planned, &seen, down, now, window);
     }
 
     /// The peers whose own mesh addresses answered this meshd's echoes
@@ -1120,8 +1175,11 @@ impl Agent {
                 local: &self.local,
                 keys: step.keys.clone(),
                 proofs,
-                endpoint_flag: self.args.endpoint,
-                listen_port: self.args.listen_port,
+                listening: Listening {
+                    endpoint: self.args.endpoint,
+                    extra: &self.args.endpoint_candidates,
+                    port: self.args.listen_port,
+                },
                 pod_cidrs,
                 policy_applied: self.policy.published,
             },

@@ -40,10 +40,15 @@ pub const OBSERVED: &str = "weft.dev/observed";
 /// address:port for every peer, `symmetric`: a port per peer) and the
 /// address:port most peers see, e.g. `eim 203.0.113.7:51820`.
 pub const NAT: &str = "weft.dev/nat";
-/// A node without an endpoint (behind NAT): the addresses it listens at
-/// in its own networks (`IP:port,…`), which a node behind the same NAT
-/// can reach directly.
+/// The addresses a node listens at besides its endpoint (`IP:port,…`):
+/// its InternalIPs and ExternalIPs and any an admin configured. A node in
+/// the same region, or behind the same NAT, tries these first; others try
+/// them after the endpoint (see `planner::nat::offers`).
 pub const CANDIDATES: &str = "weft.dev/candidates";
+/// The candidates this node tried for a peer and gave up on, no
+/// authenticated answer having come (`NODE=IP:port,…`): what it sends to
+/// instead is the next one. Absent when every peer answers at its best.
+pub const GIVEN_UP: &str = "weft.dev/given-up";
 /// While the node rotates its key: the key its peers move to. Its old
 /// key stays in [`PUBLIC_KEY`] until every peer has moved (see
 /// docs/security.md, "Key rotation").
@@ -93,6 +98,7 @@ pub const OWNED: &[&str] = &[
     OBSERVED,
     NAT,
     CANDIDATES,
+    GIVEN_UP,
 ];
 
 /// The annotation format this meshd writes.
@@ -151,10 +157,15 @@ pub struct Claim {
     pub observed: Arc<BTreeMap<String, SocketAddr>>,
     /// Behind NAT: how its NAT maps and where it is seen ([`NAT`]).
     pub nat: Option<NatMapping>,
-    /// Without an endpoint: where it listens in its own networks
-    /// ([`CANDIDATES`]).
+    /// Where else it listens ([`CANDIDATES`]).
     pub candidates: Vec<SocketAddr>,
+    /// The peers' candidates it gave up on ([`GIVEN_UP`]; shared, like
+    /// `unreachable`).
+    pub given_up: Arc<GivenUp>,
 }
+
+/// Per peer, the candidate addresses a node gave up on.
+pub type GivenUp = BTreeMap<String, BTreeSet<SocketAddr>>;
 
 /// How a NAT maps a node's socket for its peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -215,13 +226,42 @@ fn observed(
     ranges: &ClusterRanges,
 ) -> Result<BTreeMap<String, SocketAddr>, Rejection> {
     let mut seen = BTreeMap::new();
-    let Some(v) = node.annotations.get(OBSERVED) else {
-        return Ok(seen);
+    for (name, addr) in node_addresses(node, OBSERVED, ranges)? {
+        if seen.insert(name.to_string(), addr).is_some() {
+            return Err(Rejection::BadReachability {
+                annotation: OBSERVED,
+                why: format!("{name} is listed twice"),
+            });
+        }
+    }
+    Ok(seen)
+}
+
+/// [`GIVEN_UP`]: other nodes' names with usable addresses, each pair once.
+fn given_up(node: &NodeInfo, ranges: &ClusterRanges) -> Result<GivenUp, Rejection> {
+    let mut given_up = GivenUp::new();
+    for (name, addr) in node_addresses(node, GIVEN_UP, ranges)? {
+        if !given_up.entry(name.to_string()).or_default().insert(addr) {
+            return Err(Rejection::BadReachability {
+                annotation: GIVEN_UP,
+                why: format!("{name}={addr} is listed twice"),
+            });
+        }
+    }
+    Ok(given_up)
+}
+
+/// A `NODE=IP:port,…` list: other nodes' names with usable addresses.
+fn node_addresses<'a>(
+    node: &'a NodeInfo,
+    annotation: &'static str,
+    ranges: &ClusterRanges,
+) -> Result<Vec<(&'a str, SocketAddr)>, Rejection> {
+    let mut found = Vec::new();
+    let Some(v) = node.annotations.get(annotation) else {
+        return Ok(found);
     };
-    let bad = |why: String| Rejection::BadReachability {
-        annotation: OBSERVED,
-        why,
-    };
+    let bad = |why: String| Rejection::BadReachability { annotation, why };
     for item in list(v) {
         let (name, addr) = item.split_once('=').ok_or_else(|| {
             bad(format!(
@@ -235,12 +275,9 @@ fn observed(
                 name.chars().take(64).collect::<String>()
             )));
         }
-        let addr = usable_address(addr, OBSERVED, ranges)?;
-        if seen.insert(name.to_string(), addr).is_some() {
-            return Err(bad(format!("{name} is listed twice")));
-        }
+        found.push((name, usable_address(addr, annotation, ranges)?));
     }
-    Ok(seen)
+    Ok(found)
 }
 
 /// [`NAT`]: `eim|symmetric IP:port`.
@@ -368,7 +405,7 @@ pub enum Rejection {
     },
     BadPodCidr(String),
     BadUnreachable(String),
-    /// [`OBSERVED`], [`NAT`] or [`CANDIDATES`] malformed, or naming an
+    /// [`OBSERVED`], [`NAT`], [`CANDIDATES`] or [`GIVEN_UP`] malformed, or naming an
     /// address nothing may be sent to.
     BadReachability {
         annotation: &'static str,
@@ -506,7 +543,7 @@ impl fmt::Display for Rejection {
 
 /// The longest value `key` may have.
 fn max_len(key: &str) -> usize {
-    if key == UNREACHABLE || key == KEY_PENDING || key == OBSERVED {
+    if [UNREACHABLE, KEY_PENDING, OBSERVED, GIVEN_UP].contains(&key) {
         MAX_UNREACHABLE_LEN
     } else {
         MAX_VALUE_LEN
@@ -827,6 +864,7 @@ pub fn parse(
         observed: Arc::new(observed(node, ranges)?),
         nat: nat(node, ranges)?,
         candidates: candidates(node, ranges)?,
+        given_up: Arc::new(given_up(node, ranges)?),
     }))
 }
 
@@ -871,6 +909,13 @@ pub fn render(claim: &Claim) -> BTreeMap<String, String> {
         // by the other public nodes).
         let seen = claim.observed.iter().map(|(n, a)| format!("{n}={a}"));
         rendered.insert(OBSERVED.to_string(), join_bounded(seen));
+    }
+    if !claim.given_up.is_empty() {
+        let given_up = claim
+            .given_up
+            .iter()
+            .flat_map(|(n, addrs)| addrs.iter().map(move |a| format!("{n}={a}")));
+        rendered.insert(GIVEN_UP.to_string(), join_bounded(given_up));
     }
     let mut lists = vec![(UNREACHABLE, &claim.unreachable)];
     if let Some(since) = claim.key_since {
@@ -1064,6 +1109,7 @@ pub(crate) mod fixtures {
             observed: Default::default(),
             nat: None,
             candidates: Vec::new(),
+            given_up: Default::default(),
         }
     }
 
@@ -1075,6 +1121,7 @@ pub(crate) mod fixtures {
             uid: format!("node-{i}-uid"),
             created: i64::from(i),
             internal_ips: vec![IpAddr::from([198, 18, 1, i])],
+            external_ips: vec![],
             spec_pod_cidrs: vec![IpNet::from(Ipv4Net::new_assert([198, 19, i, 0].into(), 24))],
             annotations: Default::default(),
             placement: Placement::anywhere(),
@@ -1113,6 +1160,7 @@ mod tests {
             uid: "n-uid".into(),
             created: 0,
             internal_ips: vec![],
+            external_ips: vec![],
             spec_pod_cidrs: vec![
                 "198.19.1.0/24".parse().unwrap(),
                 "fd98:19:0:1::/64".parse().unwrap(),
@@ -1141,6 +1189,7 @@ mod tests {
             observed: Default::default(),
             nat: None,
             candidates: Vec::new(),
+            given_up: Default::default(),
         }
     }
 
@@ -1160,7 +1209,18 @@ mod tests {
             ("node-2".into(), "203.0.113.8:51820".parse().unwrap()),
             ("node-3".into(), "[2001:db8::3]:4000".parse().unwrap()),
         ]));
+        natd.given_up = Arc::new(BTreeMap::from([(
+            "node-2".into(),
+            BTreeSet::from([
+                "10.0.0.2:51820".parse().unwrap(),
+                "198.51.100.2:51820".parse().unwrap(),
+            ]),
+        )]));
         let n = node_with(&natd);
+        assert_eq!(
+            n.annotations[GIVEN_UP],
+            "node-2=10.0.0.2:51820,node-2=198.51.100.2:51820"
+        );
         assert_eq!(n.annotations[NAT], "symmetric 203.0.113.7:40001");
         // Thousands of NAT'd peers: cut at an entry, still readable.
         let mut busy = claim();
@@ -1445,6 +1505,10 @@ mod tests {
             (CANDIDATES, "10.0.0.1"),
             (CANDIDATES, "10.0.0.1:0"),
             (CANDIDATES, "[fe80::1]:51820"),
+            (GIVEN_UP, "node-2"),
+            (GIVEN_UP, "node-2=10.0.0.1:51820,node-2=10.0.0.1:51820"),
+            (GIVEN_UP, "n=10.0.0.1:51820"),
+            (GIVEN_UP, "node-2=[ff02::1]:51820"),
         ] {
             cases.push((
                 Box::new(move |n| set(n, annotation, value)),

@@ -2,6 +2,8 @@
 //! annotations out (only when their content changes), and Events on nodes
 //! the planner excluded.
 
+use std::net::IpAddr;
+
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use ipnet::IpNet;
@@ -123,18 +125,19 @@ pub fn node_info(node: &Node) -> NodeInfo {
         .creation_timestamp
         .as_ref()
         .map_or(i64::MAX, |t| t.0.as_second());
-    let internal_ips = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .map(|addrs| {
-            addrs
-                .iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .filter_map(|a| a.address.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let addresses = |kind: &str| -> Vec<IpAddr> {
+        node.status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .map(|addrs| {
+                addrs
+                    .iter()
+                    .filter(|a| a.type_ == kind)
+                    .filter_map(|a| a.address.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let spec_pod_cidrs: Vec<IpNet> = node
         .spec
         .as_ref()
@@ -157,7 +160,8 @@ pub fn node_info(node: &Node) -> NodeInfo {
         name: node.name_any(),
         uid: node.metadata.uid.clone().unwrap_or_default(),
         created,
-        internal_ips,
+        internal_ips: addresses("InternalIP"),
+        external_ips: addresses("ExternalIP"),
         spec_pod_cidrs,
         annotations,
         placement,

@@ -5,14 +5,14 @@
 //! inputs and applies the decision; nothing here does I/O.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
 use crate::annotations::{self, Claim, KeyProofs, PolicyApplied, POLICY_APPLIED};
 use crate::model::{ClusterSnapshot, DesiredNode, LocalConfig};
 use crate::planner::{
-    judge_parsed, nat, own_claim, own_reachability, plan_judged, OwnError, OwnKeys, ParseMemo,
+    judge_parsed, nat, own_claim, own_reachability, plan_judged, Listening, OwnError, OwnKeys,
+    ParseMemo,
 };
 
 /// Everything a sync decides from.
@@ -23,9 +23,7 @@ pub struct Inputs<'a> {
     pub keys: OwnKeys,
     /// Proofs of `keys` (made where the private keys are).
     pub proofs: KeyProofs,
-    /// `--endpoint`, if given.
-    pub endpoint_flag: Option<SocketAddr>,
-    pub listen_port: u16,
+    pub listening: Listening<'a>,
     /// This node's pod ranges: its `spec.podCIDRs`, or the blocks it
     /// claimed in the record (claiming is I/O, so it is gathered).
     pub pod_cidrs: Vec<IpNet>,
@@ -51,8 +49,7 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
         local,
         keys,
         proofs,
-        endpoint_flag,
-        listen_port,
+        listening,
         pod_cidrs,
         policy_applied,
     } = inputs;
@@ -73,8 +70,7 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
     let seen = nat::observations_of(&local.node_name, peers.values().copied());
     let reachability = own_reachability(
         me,
-        *endpoint_flag,
-        *listen_port,
+        *listening,
         &local.ranges,
         &seen,
         &local.heard_from,
@@ -125,6 +121,7 @@ mod tests {
             uid: format!("node-{k}-uid"),
             created: i64::from(k),
             internal_ips: vec![format!("198.18.1.{k}").parse().unwrap()],
+            external_ips: vec![],
             spec_pod_cidrs: vec![
                 format!("198.19.{k}.0/24").parse().unwrap(),
                 format!("fd98:19:0:{k}::/64").parse().unwrap(),
@@ -146,8 +143,11 @@ mod tests {
             local,
             keys: crate::planner::OwnKeys::steady(key(1), 0),
             proofs: fixtures::proofs(&node(1, BTreeMap::new()), 1, None),
-            endpoint_flag: None,
-            listen_port: 51820,
+            listening: Listening {
+                endpoint: None,
+                extra: &[],
+                port: 51820,
+            },
             pod_cidrs: node(1, BTreeMap::new()).spec_pod_cidrs,
             policy_applied: None,
         }
@@ -167,6 +167,7 @@ mod tests {
             observed: Default::default(),
             nat: None,
             candidates: Vec::new(),
+            given_up: Default::default(),
         };
         node(2, render(&claim))
     }

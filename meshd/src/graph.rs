@@ -3,8 +3,9 @@
 //! path each such pair takes, computed from the cluster by the same pure
 //! functions meshd plans with — so it is what every node agrees on. Pure.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
+use std::net::SocketAddr;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -332,15 +333,30 @@ impl MeshGraph {
     }
 
     /// How `from` sends to `to` directly (both accepted), as `from`'s
-    /// meshd plans it.
+    /// meshd plans it: with the candidates it published it gave up on.
     pub fn reach(&self, from: &str, to: &str) -> Option<Reach> {
         let end = |name: &str| {
             self.claims.get(name).map(|claim| End {
                 claim,
                 nat: self.nats.get(name).copied(),
+                // Sorted by name.
+                region: self
+                    .nodes
+                    .binary_search_by(|n| n.name.as_str().cmp(name))
+                    .ok()
+                    .and_then(|i| self.nodes[i].region.as_deref()),
             })
         };
-        Some(reach(end(from), end(to)?))
+        Some(reach(end(from), end(to)?, &self.given_up(from, to)))
+    }
+
+    /// The addresses of `to` that `from` published it gave up on.
+    pub fn given_up(&self, from: &str, to: &str) -> BTreeSet<SocketAddr> {
+        self.claims
+            .get(from)
+            .and_then(|c| c.given_up.get(to))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// How `from` reaches each other accepted node.
@@ -399,7 +415,7 @@ impl MeshGraph {
                 .join("\\n");
             let _ = writeln!(out, "  \"{}\" [label=\"{label}\"{style}];", quote(&n.name));
         }
-        let down: std::collections::BTreeSet<(&str, &str)> = self
+        let down: BTreeSet<(&str, &str)> = self
             .down_links
             .iter()
             .map(|d| (d.a.as_str(), d.b.as_str()))

@@ -20,6 +20,7 @@ pub mod graph;
 pub mod guard;
 pub mod host_firewall;
 pub mod http;
+pub mod ladder;
 pub mod liveness;
 pub mod metrics;
 pub mod model;

@@ -24,6 +24,9 @@ pub struct NodeInfo {
     pub created: i64,
     /// `status.addresses[type=InternalIP]`.
     pub internal_ips: Vec<IpAddr>,
+    /// `status.addresses[type=ExternalIP]`: where the node is reached from
+    /// outside its own network (a cloud's public address).
+    pub external_ips: Vec<IpAddr>,
     /// `spec.podCIDRs`, set by the control plane, not by the node.
     pub spec_pod_cidrs: Vec<IpNet>,
     /// The node's `weft.dev/` annotations, as published: untrusted.
@@ -367,6 +370,9 @@ pub struct LocalConfig {
     /// NAT, it is what its NAT maps it to (published in
     /// [`crate::annotations::OBSERVED`]).
     pub heard_from: BTreeMap<String, SocketAddr>,
+    /// The peers' candidate addresses this node gave up on (see
+    /// [`crate::ladder`]): each is sent to at its best other one.
+    pub given_up: crate::annotations::GivenUp,
 }
 
 impl LocalConfig {
@@ -381,6 +387,7 @@ impl LocalConfig {
             relay: Relay::default(),
             host_networks: Vec::new(),
             heard_from: BTreeMap::new(),
+            given_up: BTreeMap::new(),
         }
     }
 }
@@ -392,6 +399,9 @@ pub struct Peer {
     pub node: String,
     /// `None`: WireGuard learns it from the peer's handshakes (behind NAT).
     pub endpoint: Option<SocketAddr>,
+    /// Every address it may be sent to, best first (`endpoint` is the best
+    /// not given up).
+    pub offers: Vec<SocketAddr>,
     /// Cryptokey routing: the only source addresses accepted from this peer.
     pub allowed_ips: BTreeSet<IpNet>,
     /// The node's own mesh addresses, where probes of it go (its allowed

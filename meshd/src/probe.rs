@@ -187,6 +187,7 @@ mod tests {
         let peer = |own: &[&str], allowed: &[&str]| Peer {
             node: "r".into(),
             endpoint: None,
+            offers: Vec::new(),
             allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
             mesh_addresses: own.iter().map(|a| a.parse().unwrap()).collect(),
             persistent_keepalive: None,

@@ -626,6 +626,7 @@ async fn twenty_nodes_claiming_blocks_at_once_get_distinct_ones() {
         uid: format!("uid-{i}"),
         created: 0,
         internal_ips: Vec::new(),
+        external_ips: vec![],
         spec_pod_cidrs: Vec::new(),
         annotations: Default::default(),
         placement: weft_meshd::model::Placement::anywhere(),

@@ -167,6 +167,7 @@ mod annotations {
                     uid,
                     created,
                     internal_ips: vec![],
+                    external_ips: vec![],
                     spec_pod_cidrs: spec.iter().map(|c| c.parse().unwrap()).collect(),
                     annotations,
                     placement: Placement::anywhere(),

@@ -339,7 +339,7 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
     std::fs::write(
         &file,
         "sites:
-- {name: cloud-a, nodes: 2, region: eu, zone: eu-a}
+- {name: cloud-a, nodes: 2, region: eu, zone: eu-a, lan: true}
 - {name: cloud-b, nodes: 1, region: us, zone: us-a}
 - {name: edge-1, nodes: 2, nat: masquerade}
 - {name: edge-2, nodes: 1, nat: masquerade}
@@ -448,6 +448,63 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
     assert!(
         graph.contains("label=\"hole-punched\"") && graph.contains("label=\"same site\""),
         "{graph}"
+    );
+
+    // cloud-a's nodes have a private address (InternalIP) besides their
+    // public one (ExternalIP, their endpoint): in one region they meet on
+    // the private one, everyone else on the public one.
+    assert_eq!(endpoint_of("node-1", "node-2"), "10.77.0.2:51820");
+    assert_eq!(endpoint_of("node-2", "node-1"), "10.77.0.1:51820");
+    assert_eq!(endpoint_of("node-3", "node-1"), "198.18.16.1:51820");
+    let reach_of = |at: &str, peer: &str| -> String {
+        let status = lab.meshctl(&["status", at, "-o", "json"]);
+        let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
+        status["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .find(|p| p["node"] == peer)
+            .and_then(|p| p["reach"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(reach_of("node-1", "node-2"), "candidate 10.77.0.2:51820");
+    // The private network between them fails (the public one does not):
+    // each gives the other's private address up and meets it, directly,
+    // on the public one.
+    let fabric = lab.status()["fabric"]["netns"]
+        .as_str()
+        .expect("the fabric netns")
+        .to_string();
+    let lan_cut = "table bridge t_lan_cut {\n  chain forward {\n    type filter hook forward priority 0; policy accept;\n    ip saddr 10.77.0.1 ip daddr 10.77.0.2 drop\n    ip saddr 10.77.0.2 ip daddr 10.77.0.1 drop\n  }\n}\n";
+    let cut_at = Instant::now();
+    let mut nft = std::process::Command::new("ip")
+        .args(["netns", "exec", &fabric, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    std::io::Write::write_all(nft.stdin.as_mut().expect("stdin"), lan_cut.as_bytes())
+        .expect("writing the cut");
+    drop(nft.stdin.take());
+    assert!(nft.wait().expect("nft").success(), "cutting the LAN");
+    wait_for(
+        "node-1 and node-2 to meet on their public addresses",
+        REROUTE,
+        || {
+            endpoint_of("node-1", "node-2") == "198.18.16.2:51820"
+                && endpoint_of("node-2", "node-1") == "198.18.16.1:51820"
+                && carrier(&lab, "node-1", "node-2").as_deref() == Some("node-2")
+                && carrier(&lab, "node-2", "node-1").as_deref() == Some("node-1")
+        },
+    );
+    assert_hops(&lab, "pod-1-1", "pod-2-1", 62);
+    eprintln!(
+        "cloud-a's LAN cut -> node-1 and node-2 direct on their public addresses in {} ms",
+        cut_at.elapsed().as_millis()
+    );
+    assert_eq!(
+        reach_of("node-1", "node-2"),
+        "endpoint 198.18.16.2:51820 (gave up on 10.77.0.2:51820)"
     );
 
     // edge-2's NAT changes its public address (its mappings, and node-6's

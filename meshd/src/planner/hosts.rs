@@ -122,6 +122,7 @@ mod tests {
             uid: format!("uid-{name}"),
             created: 0,
             internal_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            external_ips: vec![],
             spec_pod_cidrs: Vec::new(),
             annotations: Default::default(),
             placement: Placement::anywhere(),

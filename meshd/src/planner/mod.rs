@@ -17,7 +17,7 @@ use ipnet::IpNet;
 
 pub use hosts::{heard_from, host_addresses, Baselines, Reported};
 pub use mesh_address::{mesh_address_of, smallest_block};
-pub use own::{own_claim, own_reachability, OwnError, OwnKeys, Reachability};
+pub use own::{own_claim, own_reachability, Listening, OwnError, OwnKeys, Reachability};
 pub use paths::{Links, Member};
 pub use verdict::{judge, judge_pairwise, judge_parsed, parse_all, ParseMemo, Parsed};
 
@@ -41,12 +41,16 @@ pub fn backstops(ranges: &ClusterRanges) -> BTreeSet<Route> {
         .collect()
 }
 
-/// The links between the accepted nodes of `verdicts`.
+/// The links between the accepted nodes of `verdicts`: down where either
+/// end reports it, or where the pair is behind NATs it cannot meet through
+/// ([`nat::relayed_pairs`]).
 pub fn links<'a>(
     snapshot: &'a ClusterSnapshot,
     verdicts: &'a BTreeMap<String, Verdict>,
     local: &LocalConfig,
 ) -> Links<'a> {
+    let accepted = accepted(verdicts);
+    let relayed = nat::relayed_pairs(&accepted, &nat::mappings(&accepted));
     // In the verdicts' order (by name), so the members come sorted.
     let placements: HashMap<&str, &Placement> = snapshot
         .nodes
@@ -61,7 +65,18 @@ pub fn links<'a>(
         }),
         _ => None,
     });
-    Links::new(members, local.costs)
+    Links::new(members, relayed, local.costs)
+}
+
+/// The accepted claims by node name.
+fn accepted(verdicts: &BTreeMap<String, Verdict>) -> BTreeMap<&str, &Claim> {
+    verdicts
+        .iter()
+        .filter_map(|(name, v)| match v {
+            Verdict::Accepted(c) => Some((name.as_str(), c)),
+            Verdict::Pending | Verdict::Rejected(_) => None,
+        })
+        .collect()
 }
 
 /// Plans this node's WireGuard peers, interface addresses and routes.
@@ -89,20 +104,21 @@ pub fn plan_judged(
     // a node without a path, pending, rejected or deleted falls back to them.
     let mut routes: Vec<Route> = backstops(&local.ranges).into_iter().collect();
     let mut addresses = BTreeSet::new();
-    let accepted: BTreeMap<&str, &Claim> = verdicts
-        .iter()
-        .filter_map(|(name, v)| match v {
-            Verdict::Accepted(c) => Some((name.as_str(), c)),
-            Verdict::Pending | Verdict::Rejected(_) => None,
-        })
-        .collect();
+    let accepted = accepted(&verdicts);
     let nats = nat::mappings(&accepted);
+    let regions: HashMap<&str, &str> = snapshot
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.name.as_str(), n.placement.region.as_deref()?)))
+        .collect();
     let end = |name: &str| {
         accepted.get(name).map(|claim| nat::End {
             claim,
             nat: nats.get(name).copied(),
+            region: regions.get(name).copied(),
         })
     };
+    let none = BTreeSet::new();
     let mine = end(&local.node_name);
     for (name, verdict) in &verdicts {
         match verdict {
@@ -112,12 +128,15 @@ pub fn plan_judged(
             Verdict::Accepted(claim) => {
                 slot.insert(name.as_str(), peers.len());
                 let key = claim.key_at(snapshot.now);
+                let peer = end(name);
+                let given_up = local.given_up.get(name).unwrap_or(&none);
                 peers.push((
                     key,
                     Peer {
                         node: name.clone(),
-                        endpoint: end(name)
-                            .map_or(claim.endpoint, |peer| nat::reach(mine, peer).endpoint()),
+                        endpoint: peer
+                            .map_or(claim.endpoint, |p| nat::reach(mine, p, given_up).endpoint()),
+                        offers: peer.map_or_else(Vec::new, |p| nat::offers(mine, p)),
                         allowed_ips: BTreeSet::new(),
                         mesh_addresses: claim.mesh_addresses.clone(),
                         persistent_keepalive: local.persistent_keepalive,

@@ -23,7 +23,7 @@
 //! draw traffic: WireGuard sends only to a peer's key, and a session needs
 //! its private key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::annotations::{Claim, NatKind, NatMapping};
@@ -95,6 +95,9 @@ pub fn mapping(observations: &[SocketAddr], own: &[IpAddr]) -> Option<NatMapping
 pub enum Reach {
     /// To the endpoint the peer publishes.
     Endpoint(SocketAddr),
+    /// To another address the peer listens at: its own address in a
+    /// shared region, or where it answers when its endpoint does not.
+    Candidate(SocketAddr),
     /// The peer is behind NAT and this node is not: the peer starts the
     /// session and is answered where it comes from.
     Answered,
@@ -122,6 +125,7 @@ impl std::fmt::Display for Reach {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Reach::Endpoint(a) => write!(f, "endpoint {a}"),
+            Reach::Candidate(a) => write!(f, "candidate {a}"),
             Reach::Answered => write!(f, "answered where it comes from (behind NAT)"),
             Reach::SameSite(a) => write!(f, "same site {a}"),
             Reach::HolePunched(a) => write!(f, "hole-punched {a}"),
@@ -143,10 +147,43 @@ impl Reach {
     /// What the data plane is given as the peer's endpoint.
     pub fn endpoint(self) -> Option<SocketAddr> {
         match self {
-            Reach::Endpoint(a) | Reach::SameSite(a) | Reach::HolePunched(a) => Some(a),
+            Reach::Endpoint(a)
+            | Reach::Candidate(a)
+            | Reach::SameSite(a)
+            | Reach::HolePunched(a) => Some(a),
             Reach::Answered | Reach::Relayed(_) => None,
         }
     }
+}
+
+/// The pairs of nodes behind NAT that cannot meet directly ([`reach`]):
+/// down links from the start, computed alike by every node, so that they
+/// go through a relay at once instead of after a timeout's silence.
+pub fn relayed_pairs<'a>(
+    claims: &BTreeMap<&'a str, &'a Claim>,
+    nats: &BTreeMap<&'a str, NatMapping>,
+) -> Vec<(&'a str, &'a str)> {
+    let natd: Vec<(&str, End)> = claims
+        .iter()
+        .filter(|(_, c)| c.endpoint.is_none())
+        .map(|(&name, &claim)| {
+            let end = End {
+                claim,
+                nat: nats.get(name).copied(),
+                region: None,
+            };
+            (name, end)
+        })
+        .collect();
+    let mut pairs = Vec::new();
+    for (i, (a, end_a)) in natd.iter().enumerate() {
+        for (b, end_b) in &natd[i + 1..] {
+            if matches!(way(Some(*end_a), *end_b), Reach::Relayed(_)) {
+                pairs.push((*a, *b));
+            }
+        }
+    }
+    pairs
 }
 
 /// Each NAT'd node's mapping (nodes without an endpoint) from where the
@@ -175,17 +212,73 @@ pub fn mappings<'a>(claims: &BTreeMap<&'a str, &'a Claim>) -> BTreeMap<&'a str, 
         .collect()
 }
 
-/// A node as a pair's end: its claim and its NAT's mapping ([`mappings`]).
+/// A node as a pair's end: its claim, its NAT's mapping ([`mappings`])
+/// and its region (`topology.kubernetes.io/region`).
 #[derive(Debug, Clone, Copy)]
 pub struct End<'a> {
     pub claim: &'a Claim,
     pub nat: Option<NatMapping>,
+    pub region: Option<&'a str>,
+}
+
+impl End<'_> {
+    /// Both labelled with one region: a cloud region's private network is
+    /// nearer, cheaper and often the only way between its nodes.
+    fn near(&self, other: &End) -> bool {
+        self.region.is_some() && self.region == other.region
+    }
 }
 
 /// How `me` reaches `peer` (`me`: `None` before this node's own claim is
-/// accepted). Symmetric: `reach(a, b)` and `reach(b, a)` agree on whether
-/// the pair meets directly.
-pub fn reach(me: Option<End>, peer: End) -> Reach {
+/// accepted), having given up on the peer's addresses in `given_up` (see
+/// [`crate::ladder`]): at the best of [`offers`] not given up (all given
+/// up: the best). Symmetric: `reach(a, b)` and `reach(b, a)` agree on
+/// whether the pair meets directly.
+pub fn reach(me: Option<End>, peer: End, given_up: &BTreeSet<SocketAddr>) -> Reach {
+    let way = way(me, peer);
+    let offers = offers_for(way, me, peer);
+    let Some(&at) = offers
+        .iter()
+        .find(|a| !given_up.contains(a))
+        .or(offers.first())
+    else {
+        return way;
+    };
+    match way {
+        Reach::Endpoint(e) if e == at => way,
+        Reach::Endpoint(_) | Reach::Candidate(_) => Reach::Candidate(at),
+        Reach::SameSite(_) => Reach::SameSite(at),
+        Reach::HolePunched(_) => Reach::HolePunched(at),
+        Reach::Answered | Reach::Relayed(_) => way,
+    }
+}
+
+/// The addresses `me` may send `peer` to, best first; empty when it sends
+/// to none (the peer starts the session, or the pair relays). A public
+/// peer: its endpoint, then its other addresses — those first in a shared
+/// region; behind the same NAT: its own addresses; behind another NAT that
+/// maps endpoint-independently: where its NAT maps it.
+pub fn offers(me: Option<End>, peer: End) -> Vec<SocketAddr> {
+    offers_for(way(me, peer), me, peer)
+}
+
+fn offers_for(way: Reach, me: Option<End>, peer: End) -> Vec<SocketAddr> {
+    let own = peer.claim.candidates.iter().copied();
+    let mut offers: Vec<SocketAddr> = match way {
+        Reach::Endpoint(e) if me.is_some_and(|m| m.near(&peer)) => own.chain([e]).collect(),
+        Reach::Endpoint(e) => [e].into_iter().chain(own).collect(),
+        Reach::SameSite(_) => own.collect(),
+        Reach::HolePunched(a) => vec![a],
+        Reach::Candidate(_) | Reach::Answered | Reach::Relayed(_) => Vec::new(),
+    };
+    let mut seen = BTreeSet::new();
+    offers.retain(|a| seen.insert(*a));
+    offers
+}
+
+/// Which way the pair goes, from both ends' claims alone, at its best
+/// address.
+fn way(me: Option<End>, peer: End) -> Reach {
     if let Some(endpoint) = peer.claim.endpoint {
         return Reach::Endpoint(endpoint);
     }
@@ -329,16 +422,11 @@ mod tests {
             (&site_a3, &site_a1, Reach::Relayed(Why::NoLocalAddress)),
             (&unknown, &site_a1, Reach::Relayed(Why::UnknownMapping)),
         ];
-        fn end(c: &Claim) -> End<'_> {
-            End {
-                claim: c,
-                nat: c.nat,
-            }
-        }
+        let none = BTreeSet::new();
         for (me, peer, want) in cases {
-            assert_eq!(reach(Some(end(me)), end(peer)), want);
+            assert_eq!(reach(Some(end(me)), end(peer), &none), want);
             // Direct from one end exactly when direct from the other.
-            let back = reach(Some(end(peer)), end(me));
+            let back = reach(Some(end(peer)), end(me), &none);
             assert_eq!(
                 matches!(want, Reach::Relayed(_)),
                 matches!(back, Reach::Relayed(_)),
@@ -346,10 +434,120 @@ mod tests {
             );
         }
         assert_eq!(
-            reach(None, end(&site_a1)),
+            reach(None, end(&site_a1), &none),
             Reach::Answered,
             "before our own claim"
         );
+        // The pairs that relay, as every node computes them.
+        let claims = BTreeMap::from([
+            ("public", &public),
+            ("site-a1", &site_a1),
+            ("site-b", &site_b),
+            ("symmetric", &symmetric),
+            ("unknown", &unknown),
+        ]);
+        let nats = claims
+            .iter()
+            .filter_map(|(n, c)| Some((*n, c.nat?)))
+            .collect();
+        assert_eq!(
+            relayed_pairs(&claims, &nats),
+            [
+                ("site-a1", "symmetric"),
+                ("site-a1", "unknown"),
+                ("site-b", "symmetric"),
+                ("site-b", "unknown"),
+                ("symmetric", "unknown"),
+            ]
+        );
+    }
+
+    fn end(c: &Claim) -> End<'_> {
+        End {
+            claim: c,
+            nat: c.nat,
+            region: None,
+        }
+    }
+
+    /// A public node in region `region` with an endpoint and own addresses.
+    fn public_in<'a>(c: &'a Claim, region: &'a str) -> End<'a> {
+        End {
+            region: Some(region),
+            ..end(c)
+        }
+    }
+
+    #[test]
+    fn each_pair_tries_the_best_address_first_and_falls_back_in_order() {
+        // Cloud nodes: a public endpoint (ExternalIP) and a private address.
+        let a = claim(
+            Some("198.51.100.1:51820"),
+            None,
+            &["10.0.0.1:51820", "192.0.2.1:51820"],
+        );
+        let b = claim(Some("198.51.100.2:51820"), None, &["10.0.0.2:51820"]);
+        let given = |addrs: &[&str]| addrs.iter().map(|a| addr(a)).collect::<BTreeSet<_>>();
+        let cases = [
+            // In one region: the private address first.
+            (
+                public_in(&b, "r1"),
+                public_in(&a, "r1"),
+                &[][..],
+                &["10.0.0.1:51820", "192.0.2.1:51820", "198.51.100.1:51820"][..],
+                Reach::Candidate(addr("10.0.0.1:51820")),
+            ),
+            (
+                public_in(&b, "r1"),
+                public_in(&a, "r1"),
+                &["10.0.0.1:51820", "192.0.2.1:51820"],
+                &["10.0.0.1:51820", "192.0.2.1:51820", "198.51.100.1:51820"],
+                Reach::Endpoint(addr("198.51.100.1:51820")),
+            ),
+            // Elsewhere (or unlabelled): the endpoint, then the others.
+            (
+                public_in(&b, "r2"),
+                public_in(&a, "r1"),
+                &[],
+                &["198.51.100.1:51820", "10.0.0.1:51820", "192.0.2.1:51820"],
+                Reach::Endpoint(addr("198.51.100.1:51820")),
+            ),
+            (
+                end(&b),
+                end(&a),
+                &["198.51.100.1:51820"],
+                &["198.51.100.1:51820", "10.0.0.1:51820", "192.0.2.1:51820"],
+                Reach::Candidate(addr("10.0.0.1:51820")),
+            ),
+            // All given up: the best again (the ladder then starts over).
+            (
+                end(&b),
+                end(&a),
+                &["198.51.100.1:51820", "10.0.0.1:51820", "192.0.2.1:51820"],
+                &["198.51.100.1:51820", "10.0.0.1:51820", "192.0.2.1:51820"],
+                Reach::Endpoint(addr("198.51.100.1:51820")),
+            ),
+            // Addresses given up that it no longer has change nothing.
+            (
+                end(&a),
+                end(&b),
+                &["203.0.113.9:1"],
+                &["198.51.100.2:51820", "10.0.0.2:51820"],
+                Reach::Endpoint(addr("198.51.100.2:51820")),
+            ),
+        ];
+        for (me, peer, given_up, want_offers, want) in cases {
+            let want_offers: Vec<SocketAddr> = want_offers.iter().map(|a| addr(a)).collect();
+            assert_eq!(offers(Some(me), peer), want_offers);
+            assert_eq!(
+                reach(Some(me), peer, &given(given_up)),
+                want,
+                "{given_up:?}"
+            );
+        }
+        // Behind NAT: a public node answers, whatever its region.
+        let natd = claim(None, None, &["10.0.0.3:51820"]);
+        assert!(offers(Some(public_in(&a, "r1")), public_in(&natd, "r1")).is_empty());
     }
 
     /// A NAT'd node's mapping is where its peers see it now, whatever it

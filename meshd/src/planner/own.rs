@@ -21,7 +21,7 @@ pub enum OwnError {
     NotRegistered(String),
     #[error("{FORCE_ENDPOINT} {value:?} on this node: {error} (expected IP:port)")]
     BadForcedEndpoint { value: String, error: String },
-    #[error("the Node has no InternalIP address and no --endpoint was given")]
+    #[error("the Node has no InternalIP or ExternalIP address and no --endpoint was given")]
     NoEndpoint,
     #[error("this node's endpoint {endpoint} is not usable: {why}")]
     UnusableEndpoint {
@@ -46,17 +46,29 @@ pub struct Reachability {
     pub observed: BTreeMap<String, SocketAddr>,
 }
 
+/// Where this node listens, as configured.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening<'a> {
+    /// `--endpoint`.
+    pub endpoint: Option<SocketAddr>,
+    /// `--endpoint-candidate`: more addresses it can be reached at (a VPN's,
+    /// a port forward's).
+    pub extra: &'a [SocketAddr],
+    pub port: u16,
+}
+
 /// What this node publishes about reaching it and its peers. `seen`:
 /// where its peers see it ([`super::nat::observations_of`]); `heard`:
-/// where it hears each peer from, and `peers` their claims. Behind NAT —
-/// forced by an admin, or learnt because peers see it at an address that
-/// is not its own — it publishes no endpoint but its mapping and its own
-/// addresses; an `--endpoint` flag or an address an admin forces is
-/// published as given (it is in front of any NAT).
+/// where it hears each peer from, and `peers` their claims. Its
+/// candidates are all its own addresses but the endpoint: InternalIPs,
+/// ExternalIPs, then configured ones. Behind NAT — forced by an admin, or
+/// learnt because peers see it at an address that is not its own — it
+/// publishes no endpoint but its mapping and its own addresses; an
+/// `--endpoint` flag or an address an admin forces is published as given
+/// (it is in front of any NAT).
 pub fn own_reachability(
     me: &NodeInfo,
-    flag: Option<SocketAddr>,
-    listen_port: u16,
+    listening: Listening,
     ranges: &ClusterRanges,
     seen: &[SocketAddr],
     heard: &BTreeMap<String, SocketAddr>,
@@ -71,38 +83,49 @@ pub fn own_reachability(
         })
         .map(|(name, at)| (name.clone(), *at))
         .collect();
-    let endpoint = own_endpoint(me, flag, listen_port, ranges)?;
-    let nat = super::nat::mapping(seen, &me.internal_ips);
-    let forced_here = flag.is_some()
+    let endpoint = own_endpoint(me, listening.endpoint, listening.port, ranges)?;
+    let mut own: Vec<SocketAddr> = Vec::new();
+    let listed = me.internal_ips.iter().chain(&me.external_ips);
+    for a in listed
+        .map(|ip| SocketAddr::new(*ip, listening.port))
+        .chain(listening.extra.iter().copied())
+    {
+        if endpoint_problem(a, ranges).is_none() && !own.contains(&a) {
+            own.push(a);
+        }
+    }
+    let own_ips: Vec<IpAddr> = own.iter().map(SocketAddr::ip).collect();
+    let nat = super::nat::mapping(seen, &own_ips);
+    let forced_here = listening.endpoint.is_some()
         || me
             .annotations
             .get(FORCE_ENDPOINT)
             .is_some_and(|f| f.trim() != NO_ENDPOINT);
-    if forced_here || (endpoint.is_some() && nat.is_none()) {
-        return Ok(Reachability {
+    let public = forced_here || (endpoint.is_some() && nat.is_none());
+    if public {
+        own.retain(|a| Some(*a) != endpoint);
+    }
+    own.truncate(MAX_CANDIDATES);
+    Ok(match public {
+        true => Reachability {
             endpoint,
+            candidates: own,
             observed,
             ..Reachability::default()
-        });
-    }
-    let candidates = me
-        .internal_ips
-        .iter()
-        .map(|ip| SocketAddr::new(*ip, listen_port))
-        .filter(|a| endpoint_problem(*a, ranges).is_none())
-        .take(MAX_CANDIDATES)
-        .collect();
-    Ok(Reachability {
-        endpoint: None,
-        nat,
-        candidates,
-        observed,
+        },
+        false => Reachability {
+            endpoint: None,
+            nat,
+            candidates: own,
+            observed,
+        },
     })
 }
 
 /// The endpoint to publish: the `--endpoint` flag, else an admin's
 /// `weft.dev/force-endpoint` annotation (`none`: publish none, the node is
-/// behind NAT), else the first InternalIP at the listen port. One every
+/// behind NAT), else the first ExternalIP (the address meant for the
+/// outside), else the first InternalIP, at the listen port. One every
 /// other node would refuse is an error here.
 fn own_endpoint(
     me: &NodeInfo,
@@ -121,8 +144,9 @@ fn own_endpoint(
                 error: e.to_string(),
             })?,
         (None, None) => me
-            .internal_ips
+            .external_ips
             .first()
+            .or(me.internal_ips.first())
             .map(|ip| SocketAddr::new(*ip, listen_port))
             .ok_or(OwnError::NoEndpoint)?,
     };
@@ -202,6 +226,7 @@ pub fn own_claim(
         observed: std::sync::Arc::new(reachability.observed),
         nat: reachability.nat,
         candidates: reachability.candidates,
+        given_up: std::sync::Arc::new(local.given_up.clone()),
     })
 }
 
@@ -219,6 +244,7 @@ mod tests {
             uid: format!("{name}-uid"),
             created: 0,
             internal_ips: vec!["198.18.1.1".parse().unwrap()],
+            external_ips: vec![],
             spec_pod_cidrs: vec!["198.19.1.0/24".parse().unwrap()],
             annotations,
             placement: Placement::anywhere(),
@@ -310,16 +336,12 @@ mod tests {
         let heard = |at: &str| BTreeMap::from([("node-2".to_string(), addr(at))]);
         let reach = |me: &NodeInfo, flag: Option<&str>, seen: &[&str], heard_at: &str| {
             let seen: Vec<SocketAddr> = seen.iter().map(|a| addr(a)).collect();
-            own_reachability(
-                me,
-                flag.map(addr),
-                51820,
-                &r,
-                &seen,
-                &heard(heard_at),
-                &peers,
-            )
-            .unwrap()
+            let listening = Listening {
+                endpoint: flag.map(addr),
+                extra: &[],
+                port: 51820,
+            };
+            own_reachability(me, listening, &r, &seen, &heard(heard_at), &peers).unwrap()
         };
         let me = node("a", BTreeMap::new());
         // Seen at its own address (or not at all): public.
@@ -376,6 +398,62 @@ mod tests {
         let unseen = reach(&none, None, &[], "10.0.0.2:51820");
         assert_eq!((unseen.endpoint, unseen.nat), (None, None));
         assert_eq!(unseen.candidates, vec![addr("198.18.1.1:51820")]);
+    }
+
+    /// A cloud node: its ExternalIP is its endpoint, its InternalIP and
+    /// configured addresses its candidates; seen at its ExternalIP it is not
+    /// behind NAT (a 1:1 NAT forwards everything to it).
+    #[test]
+    fn a_node_offers_every_address_it_has_and_its_external_ip_first() {
+        let r = ClusterRanges::lab();
+        let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let mut me = node("a", BTreeMap::new());
+        me.internal_ips = vec![ip("10.0.0.1"), ip("127.0.0.1")];
+        me.external_ips = vec![ip("198.51.100.1")];
+        let extra = [addr("192.0.2.7:4500"), addr("10.0.0.1:51820")];
+        let listening = Listening {
+            endpoint: None,
+            extra: &extra,
+            port: 51820,
+        };
+        let seen = [addr("198.51.100.1:51820"), addr("198.51.100.1:51820")];
+        let got = own_reachability(
+            &me,
+            listening,
+            &r,
+            &seen,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(got.endpoint, Some(addr("198.51.100.1:51820")));
+        assert_eq!(got.nat, None);
+        assert_eq!(
+            got.candidates,
+            [addr("10.0.0.1:51820"), addr("192.0.2.7:4500")],
+            "unusable addresses left out, each once"
+        );
+        // Seen by a quorum at another address: behind NAT, every own
+        // address a candidate.
+        let elsewhere = [addr("203.0.113.9:1"), addr("203.0.113.9:1")];
+        let natd = own_reachability(
+            &me,
+            listening,
+            &r,
+            &elsewhere,
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(natd.endpoint, None);
+        assert_eq!(
+            natd.candidates,
+            [
+                addr("10.0.0.1:51820"),
+                addr("198.51.100.1:51820"),
+                addr("192.0.2.7:4500")
+            ]
+        );
     }
 
     /// A node's mesh addresses are its blocks': the first block's, or the

@@ -49,8 +49,13 @@ pub struct Links<'a> {
 }
 
 impl<'a> Links<'a> {
-    /// Cost: O(members + reported links).
-    pub fn new(members: impl IntoIterator<Item = Member<'a>>, costs: LinkCosts) -> Self {
+    /// `relayed`: pairs known not to meet directly whatever their ends
+    /// report. Cost: O(members + reported links).
+    pub fn new(
+        members: impl IntoIterator<Item = Member<'a>>,
+        relayed: impl IntoIterator<Item = (&'a str, &'a str)>,
+        costs: LinkCosts,
+    ) -> Self {
         let mut members: Vec<Member<'a>> = members.into_iter().collect();
         members.sort_by_key(|m| m.name);
         members.dedup_by_key(|m| m.name);
@@ -68,6 +73,11 @@ impl<'a> Links<'a> {
                     Some(&j) if j != i => pairs.extend([(i, j), (j, i)]),
                     _ => {}
                 }
+            }
+        }
+        for (a, b) in relayed {
+            if let (Some(&i), Some(&j)) = (index.get(a), index.get(b)) {
+                pairs.extend([(i, j), (j, i)]);
             }
         }
         let mut offsets = vec![0; members.len() + 1];
@@ -303,6 +313,7 @@ mod tests {
                     placement: &self.placements[i],
                     unreachable: &self.reports[i],
                 }),
+                [],
                 LinkCosts::default(),
             )
         }

@@ -222,6 +222,7 @@ mod tests {
         Peer {
             node: "n".into(),
             endpoint: Some(ep.parse().unwrap()),
+            offers: vec![ep.parse().unwrap()],
             allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),
             mesh_addresses: Vec::new(),
             persistent_keepalive: keepalive,

@@ -112,6 +112,7 @@ fn claim(i: usize, r: &ClusterRanges) -> Claim {
         observed: Default::default(),
         nat: None,
         candidates: Vec::new(),
+        given_up: Default::default(),
     }
 }
 
@@ -135,6 +136,7 @@ fn cluster(n: usize, down: usize) -> ClusterSnapshot {
             uid: uid(i),
             created: i as i64,
             internal_ips: c.endpoint.iter().map(|e| e.ip()).collect(),
+            external_ips: vec![],
             spec_pod_cidrs: c.pod_cidrs.clone(),
             annotations: render(c),
             placement: Placement {
@@ -211,8 +213,11 @@ pub fn run(
                     local: &local,
                     keys: weft_meshd::planner::OwnKeys::steady(me.public_key, 0),
                     proofs: (*me.proofs).clone(),
-                    endpoint_flag: None,
-                    listen_port: 51820,
+                    listening: weft_meshd::planner::Listening {
+                        endpoint: None,
+                        extra: &[],
+                        port: 51820,
+                    },
                     pod_cidrs: me.pod_cidrs.clone(),
                     policy_applied: None,
                 },

@@ -393,11 +393,14 @@ fn register_nodes(dir: &LabDir, plan: &[NodePlan], self_allocated: bool) -> Resu
             }))?;
             nodes.create(&PostParams::default(), &node).await?;
             let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+            let mut addresses: Vec<serde_json::Value> = n
+                .status_addresses()
+                .into_iter()
+                .map(|(kind, address)| json!({"type": kind, "address": address}))
+                .collect();
+            addresses.push(json!({"type": "Hostname", "address": n.name}));
             let status = json!({"status": {
-                "addresses": [
-                    {"type": "InternalIP", "address": n.underlay.to_string()},
-                    {"type": "Hostname", "address": n.name},
-                ],
+                "addresses": addresses,
                 "conditions": [{
                     "type": "Ready", "status": "True", "reason": "LabNodeReady",
                     "message": "meshlab node namespace is up",

@@ -30,16 +30,25 @@ pub fn cut(state: &LabState, a: &str, b: &str) -> Result<Cut> {
     })
 }
 
-/// The tables for `cuts` (pure): IP between the two nodes' underlay
-/// addresses dropped both ways, where a bridge forwards it (nodes on one
-/// segment) and where the fabric routes it (nodes on two sites).
+/// The tables for `cuts` (pure): IP between the two nodes' addresses
+/// (underlay, and LAN on a `lan` site) dropped both ways, where a bridge
+/// forwards it (nodes on one segment) and where the fabric routes it
+/// (nodes on two sites).
 fn ruleset(nodes: &[NodePlan], cuts: &BTreeSet<Cut>) -> String {
-    let addr = |name: &str| nodes.iter().find(|n| n.name == name).map(|n| n.underlay);
+    let addrs = |name: &str| -> Vec<std::net::Ipv4Addr> {
+        nodes
+            .iter()
+            .filter(|n| n.name == name)
+            .flat_map(|n| std::iter::once(n.underlay).chain(n.lan))
+            .collect()
+    };
     let mut rules = String::new();
     for (a, b) in cuts {
-        if let (Some(a), Some(b)) = (addr(a), addr(b)) {
-            for (from, to) in [(a, b), (b, a)] {
-                rules.push_str(&format!("    ip saddr {from} ip daddr {to} drop\n"));
+        for a in addrs(a) {
+            for b in addrs(b) {
+                for (from, to) in [(a, b), (b, a)] {
+                    rules.push_str(&format!("    ip saddr {from} ip daddr {to} drop\n"));
+                }
             }
         }
     }
@@ -79,6 +88,7 @@ mod tests {
             annotations: Default::default(),
             site: None,
             nat: Default::default(),
+            lan: (k == 2).then(|| std::net::Ipv4Addr::new(10, 77, 0, 2)),
         };
         let nodes = [node(1), node(2), node(3)];
         let cuts = BTreeSet::from([("node-1".to_string(), "node-3".to_string())]);
@@ -86,6 +96,11 @@ mod tests {
         assert!(rules.contains("ip saddr 198.18.1.1 ip daddr 198.18.1.3 drop"));
         assert!(rules.contains("ip saddr 198.18.1.3 ip daddr 198.18.1.1 drop"));
         assert_eq!(rules.matches(" drop").count(), 4, "bridged and routed");
+        // A node with a LAN address is cut on it too.
+        let cuts = BTreeSet::from([("node-1".to_string(), "node-2".to_string())]);
+        let rules = ruleset(&nodes, &cuts);
+        assert!(rules.contains("ip saddr 10.77.0.2 ip daddr 198.18.1.1 drop"));
+        assert_eq!(rules.matches(" drop").count(), 8);
         assert!(
             rules.contains("table ip meshlab_links")
                 && rules.contains("table bridge meshlab_links")

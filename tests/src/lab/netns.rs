@@ -226,6 +226,12 @@ pub fn create_node(plan: &LabPlan, node: &NodePlan) -> Result<()> {
     };
     let addr = format!("{}/{prefix_len}", node.underlay);
     ip_in(ns, &["addr", "add", &addr, "dev", &node.interface])?;
+    // Added second: the site address stays the source of what leaves
+    // the site.
+    if let Some(lan) = node.lan {
+        let addr = format!("{lan}/{}", super::topology::LAN_PREFIX);
+        ip_in(ns, &["addr", "add", &addr, "dev", &node.interface])?;
+    }
     if let Some(v6) = super::topology::underlay6(node) {
         let addr = format!("{v6}/{UNDERLAY6_PREFIX}");
         ip_in(ns, &["addr", "add", &addr, "dev", &node.interface, "nodad"])?;

@@ -87,6 +87,25 @@ pub struct NodePlan {
     /// Its site's NAT (nothing tells meshd: it learns it).
     #[serde(default)]
     pub nat: Nat,
+    /// Its address on its site's private network (a `lan` site): its
+    /// InternalIP, `underlay` then being its ExternalIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lan: Option<Ipv4Addr>,
+}
+
+impl NodePlan {
+    /// Its Node's `status.addresses`: the LAN address (if any) is its
+    /// InternalIP and the underlay its ExternalIP, as a cloud reports a
+    /// node with a private and a public address.
+    pub fn status_addresses(&self) -> Vec<(&'static str, String)> {
+        match self.lan {
+            Some(lan) => vec![
+                ("InternalIP", lan.to_string()),
+                ("ExternalIP", self.underlay.to_string()),
+            ],
+            None => vec![("InternalIP", self.underlay.to_string())],
+        }
+    }
 }
 
 /// A node's data plane chosen by the lab instead of `auto`.
@@ -214,10 +233,19 @@ pub struct SiteSpec {
     /// its nodes publish no endpoint.
     #[serde(default, deserialize_with = "nat_field")]
     pub nat: Nat,
+    /// Its nodes also have an address on a private network of the site's
+    /// own (`10.77.SITE.K/24` on the site's bridge, routed nowhere else),
+    /// like a cloud's VPC: that is their InternalIP, the site address their
+    /// ExternalIP.
+    #[serde(default)]
+    pub lan: bool,
     /// Node labels; default: the site's name for both.
     pub region: Option<String>,
     pub zone: Option<String>,
 }
+
+/// The prefix length of a `lan` site's private network.
+pub const LAN_PREFIX: u8 = 24;
 
 /// At most this many sites (each takes a /24 of the fabric range).
 pub const MAX_SITES: usize = 16;
@@ -248,6 +276,11 @@ fn check_sites(sites: &[SiteSpec]) -> Result<()> {
         ensure!(
             site.nodes >= 1,
             "site {:?}: nodes must be at least 1",
+            site.name
+        );
+        ensure!(
+            !(site.lan && site.nat.is_nat()),
+            "site {:?}: a NAT'd site's addresses are private already (lan: true is for public sites)",
             site.name
         );
     }
@@ -537,6 +570,9 @@ pub fn node_plan(lab: &str, k: usize, spec: &LabSpec) -> Result<NodePlan> {
         annotations: BTreeMap::new(),
         site: site.map(|(_, s)| s.name.clone()),
         nat: site.map_or(Nat::None, |(_, s)| s.nat),
+        lan: site
+            .filter(|(_, s)| s.lan)
+            .map(|(i, _)| Ipv4Addr::new(10, 77, i as u8, k as u8)),
         name,
     })
 }
@@ -679,6 +715,24 @@ mod tests {
         assert_eq!(n3.labels["topology.kubernetes.io/zone"], "edge");
         assert!(p.nodes[0].annotations.is_empty());
         assert_eq!(p.nodes[1].labels["topology.kubernetes.io/region"], "eu");
+        assert_eq!(
+            n3.status_addresses(),
+            [("InternalIP", "198.18.17.3".into())]
+        );
+        // A lan site: a private InternalIP, the site address external.
+        sp.sites[0].lan = true;
+        let p = plan(&sp).unwrap();
+        assert_eq!(
+            p.nodes[1].status_addresses(),
+            [
+                ("InternalIP", "10.77.0.2".into()),
+                ("ExternalIP", "198.18.16.2".into())
+            ]
+        );
+        assert_eq!(p.nodes[2].lan, None);
+        sp.sites[1].lan = true;
+        assert!(plan(&sp).unwrap_err().to_string().contains("lan: true"));
+        sp.sites[1].lan = false;
         sp.sites[1].name = "cloud".into();
         assert!(plan(&sp).unwrap_err().to_string().contains("named twice"));
     }

@@ -360,10 +360,22 @@ fn status(
             (true, true) => "down (reported by both)".into(),
         }
     };
-    // How this node would send to each peer directly: the peer's
-    // endpoint, its address behind the same NAT, a hole punched through
-    // both NATs, or why not.
-    let reach_text = |peer: &str| g.reach(name, peer).map_or("-".into(), |r| r.to_string());
+    // How this node sends to each peer directly: the peer's endpoint or
+    // another of its addresses (and those it gave up on), its address
+    // behind the same NAT, a hole punched through both NATs, or why not.
+    let reach_text = |peer: &str| {
+        let Some(reach) = g.reach(name, peer) else {
+            return "-".to_string();
+        };
+        let given_up = g.given_up(name, peer);
+        match given_up.is_empty() {
+            true => reach.to_string(),
+            false => {
+                let list: Vec<String> = given_up.iter().map(ToString::to_string).collect();
+                format!("{reach} (gave up on {})", list.join(", "))
+            }
+        }
+    };
     Ok(match output {
         Output::Json => {
             let peers: Vec<serde_json::Value> = paths
