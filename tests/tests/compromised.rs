@@ -674,3 +674,142 @@ fn the_oldest_node_claiming_an_endpoint_is_not_believed_there() {
     }
     drop(runtime);
 }
+
+/// The oldest node, with its own meshd's token, lies about reaching nodes
+/// (docs/routing.md): it says it sees a public node (node-2) behind NAT
+/// and the NAT'd nodes (node-4, node-5) at its own address, that it is
+/// itself behind NAT at node-2's address, that its own addresses are
+/// node-2's, node-3's and the API server's, and that it gave up on node-2's
+/// endpoint. One observer is no quorum: node-2 stays public; the NAT'd
+/// nodes are sent where the honest public nodes see them, and still meet
+/// each other directly through their NATs; node-2 and node-3 still meet on
+/// their private network; nobody's traffic, pods' or hosts', goes to the
+/// attacker for an address or prefix that is not its own (peers try its
+/// false addresses sealed to its key, get no answer there and give them
+/// up); and nothing crosses the fabric in plaintext.
+#[test]
+fn the_oldest_node_lying_about_where_nodes_are_draws_nothing() {
+    use common::{carrier, endpoint_of, pod_ips, reply_ttl};
+    let dir = std::env::temp_dir().join(format!("weft-liar-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let file = dir.join("sites.yaml");
+    std::fs::write(
+        &file,
+        "sites:
+- {name: cloud, nodes: 3, region: eu, lan: true}
+- {name: edge-a, nodes: 1, nat: masquerade}
+- {name: edge-b, nodes: 1, nat: masquerade}
+",
+    )
+    .expect("writing the topology");
+    let lab = Lab::up(
+        "t-liar",
+        &[
+            "--topology",
+            file.to_str().expect("a UTF-8 path"),
+            "--pods-per-node",
+            "1",
+            "--config",
+            "WEFT_PERSISTENT_KEEPALIVE=1",
+            "--config",
+            "WEFT_PEER_TIMEOUT=5",
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let bound = Duration::from_secs(30);
+    let nat_of = |n: &str| published(&lab, n).get("weft.dev/nat").cloned();
+    for (n, at) in [("node-4", "198.18.14.3:51820"), ("node-5", "198.18.14.5:51820")] {
+        wait_for(&format!("{n} to learn its NAT"), bound, || {
+            nat_of(n).as_deref() == Some(&format!("eim {at}"))
+        });
+    }
+    let direct = |a: &str, b: &str| {
+        let (v4, _) = pod_ips(&lab, &format!("pod-{}-1", &b[5..]));
+        carrier(&lab, a, b).as_deref() == Some(b)
+            && reply_ttl(&lab, &format!("pod-{}-1", &a[5..]), &v4) == Some(62)
+    };
+    let pairs = [
+        ("node-2", "node-3"),
+        ("node-4", "node-5"),
+        ("node-2", "node-4"),
+        ("node-3", "node-5"),
+    ];
+    for (a, b) in pairs {
+        wait_for(&format!("{a} and {b} to meet directly"), bound, || {
+            direct(a, b) && direct(b, a)
+        });
+    }
+    assert_eq!(endpoint_of(&lab, "node-2", "node-3"), "10.77.0.3:51820");
+
+    // The attacker holds node-1: its meshd would undo the edits.
+    signal(common::pid_of_meshd(&lab, "node-1"), "-KILL");
+    let lies: Patch = [
+        (
+            "weft.dev/observed",
+            "node-2=198.18.14.99:51820,node-4=198.18.16.1:51820,node-5=198.18.16.1:51820",
+        ),
+        ("weft.dev/nat", "eim 198.18.16.2:51820"),
+        (
+            "weft.dev/candidates",
+            "10.77.0.2:51820,198.18.16.3:51820,198.18.0.1:51820",
+        ),
+        ("weft.dev/given-up", "node-2=198.18.16.2:51820"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), Some(v.to_string())))
+    .collect();
+    as_node(&lab, "node-1", &lies);
+
+    // What no node may route to node-1: other nodes' pod CIDRs and the
+    // addresses it claims.
+    let status = lab.status();
+    let mut not_its: Vec<String> = ["node-2", "node-3", "node-4", "node-5"]
+        .iter()
+        .flat_map(|n| {
+            node(&status, n)["podCIDRs"]
+                .as_array()
+                .expect("pod CIDRs")
+                .iter()
+                .map(|c| c.as_str().expect("a CIDR").to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    not_its.extend(
+        ["10.77.0.2", "198.18.16.2", "198.18.16.3", "198.18.0.1"].map(|a| format!("{a}/32")),
+    );
+    let honest = ["node-2", "node-3", "node-4", "node-5"];
+    // Past the peers' trials of the false addresses (a trial lasts 2
+    // keepalives + 5 s), checked all along.
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < until {
+        for n in honest {
+            let to_attacker = peers(&lab, n).remove("node-1").unwrap_or_default();
+            let drawn: Vec<&String> = to_attacker
+                .iter()
+                .filter(|a| not_its.contains(a))
+                .collect();
+            assert!(drawn.is_empty(), "{n} routes {drawn:?} to node-1");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // One observer is no quorum: node-2 keeps its endpoint.
+    let node2 = published(&lab, "node-2");
+    assert_eq!(
+        node2.get("weft.dev/endpoint").map(String::as_str),
+        Some("198.18.16.2:51820")
+    );
+    assert_eq!(node2.get("weft.dev/nat"), None, "node-2 taken for NAT'd");
+    // The NAT'd nodes are where the honest nodes see them, and meet each
+    // other there.
+    for (n, at) in [("node-4", "198.18.14.3:51820"), ("node-5", "198.18.14.5:51820")] {
+        assert_eq!(nat_of(n).as_deref(), Some(format!("eim {at}").as_str()));
+        for from in ["node-2", "node-3"] {
+            assert_eq!(endpoint_of(&lab, from, n), at, "{from} sends {n}'s traffic");
+        }
+    }
+    assert_eq!(endpoint_of(&lab, "node-4", "node-5"), "198.18.14.5:51820");
+    for (a, b) in pairs {
+        assert!(direct(a, b) && direct(b, a), "{a} and {b} no longer direct");
+    }
+    assert_eq!(endpoint_of(&lab, "node-2", "node-3"), "10.77.0.3:51820");
+}

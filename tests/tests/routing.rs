@@ -12,7 +12,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    dataplane_pid, first_datagram, node, pid_of_meshd, signal, wait_for, Lab, Traffic, MESHLAB,
+    carrier, dataplane_pid, endpoint_of, first_datagram, node, pid_of_meshd, pod_ips, reply_ttl,
+    signal, wait_for, Lab, Traffic, MESHLAB,
 };
 
 /// Short timers, so failover takes seconds.
@@ -57,47 +58,6 @@ fn fast_lab(name: &str, nodes: &str) -> Lab {
     let mut args = vec!["--nodes", nodes, "--pods-per-node", "1"];
     args.extend(FAST);
     Lab::up(name, &args)
-}
-
-/// The TTL (IPv4) or hop limit (IPv6) of the reply to one ping from pod
-/// `from` to `target`; `None` if no reply came.
-fn reply_ttl(lab: &Lab, from: &str, target: &str) -> Option<u32> {
-    let out = lab.meshlab(&[
-        "pod", "exec", from, "--", "ping", "-n", "-c", "1", "-W", "2", target,
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .find_map(|w| w.strip_prefix("ttl=").or_else(|| w.strip_prefix("hlim=")))
-        .and_then(|v| v.parse().ok())
-}
-
-/// Pod `name`'s addresses (IPv4, IPv6).
-fn pod_ips(lab: &Lab, name: &str) -> (String, String) {
-    let (_, _, ips) = lab
-        .pods()
-        .into_iter()
-        .find(|(n, _, _)| n == name)
-        .unwrap_or_else(|| panic!("no pod {name}"));
-    (ips[0].clone(), ips[1].clone())
-}
-
-/// Which peer of `at`'s data plane carries `target`'s pod CIDR (read from
-/// the device, not from meshd).
-fn carrier(lab: &Lab, at: &str, target: &str) -> Option<String> {
-    let status = lab.status();
-    let cidr = node(&status, target)["podCIDRs"][0]
-        .as_str()
-        .expect("a pod CIDR")
-        .to_string();
-    node(&status, at)["peers"]
-        .as_array()?
-        .iter()
-        .find(|p| {
-            p["allowedIps"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|ip| ip == cidr.as_str()))
-        })
-        .and_then(|p| p["node"].as_str().map(String::from))
 }
 
 fn paths(lab: &Lab, at: &str, hop: &str) -> f64 {
@@ -385,16 +345,7 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
             });
         }
     }
-    let endpoint_of = |at: &str, peer: &str| -> String {
-        node(&lab.status(), at)["peers"]
-            .as_array()
-            .expect("peers")
-            .iter()
-            .find(|p| p["node"] == peer)
-            .and_then(|p| p["endpoint"].as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
+    let endpoint_of = |at: &str, peer: &str| endpoint_of(&lab, at, peer);
     // Public to NAT'd: direct, to the address edge-1's NAT gave node-4.
     assert_hops(&lab, "pod-1-1", "pod-4-1", 62);
     let seen = endpoint_of("node-1", "node-4");

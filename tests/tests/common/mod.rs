@@ -884,3 +884,57 @@ pub fn first_datagram(netns: &str, iface: &str, filter: &str, during: impl FnOnc
     let header = usize::from(ip[0] & 0xf) * 4;
     ip[header + 8..].to_vec()
 }
+
+/// The TTL (IPv4) or hop limit (IPv6) of the reply to one ping from pod
+/// `from` to `target`; `None` if no reply came.
+pub fn reply_ttl(lab: &Lab, from: &str, target: &str) -> Option<u32> {
+    let out = lab.meshlab(&[
+        "pod", "exec", from, "--", "ping", "-n", "-c", "1", "-W", "2", target,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("ttl=").or_else(|| w.strip_prefix("hlim=")))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Pod `name`'s addresses (IPv4, IPv6).
+pub fn pod_ips(lab: &Lab, name: &str) -> (String, String) {
+    let (_, _, ips) = lab
+        .pods()
+        .into_iter()
+        .find(|(n, _, _)| n == name)
+        .unwrap_or_else(|| panic!("no pod {name}"));
+    (ips[0].clone(), ips[1].clone())
+}
+
+/// Which peer of `at`'s data plane carries `target`'s pod CIDR (read from
+/// the device, not from meshd).
+pub fn carrier(lab: &Lab, at: &str, target: &str) -> Option<String> {
+    let status = lab.status();
+    let cidr = node(&status, target)["podCIDRs"][0]
+        .as_str()
+        .expect("a pod CIDR")
+        .to_string();
+    node(&status, at)["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| {
+            p["allowedIps"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|ip| ip == cidr.as_str()))
+        })
+        .and_then(|p| p["node"].as_str().map(String::from))
+}
+
+/// Where `at`'s data plane sends to `peer` (its device's endpoint; "" for
+/// none).
+pub fn endpoint_of(lab: &Lab, at: &str, peer: &str) -> String {
+    node(&lab.status(), at)["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .find(|p| p["node"] == peer)
+        .and_then(|p| p["endpoint"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
