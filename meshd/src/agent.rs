@@ -304,21 +304,18 @@ pub fn cluster_ranges(args: &RunArgs) -> Result<ClusterRanges> {
 }
 
 async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
-    match kubeconfig {
+    let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("--kubeconfig {}", path.display()))?;
-            let config = kube::Config::from_custom_kubeconfig(
-                kc,
-                &kube::config::KubeConfigOptions::default(),
-            )
-            .await?;
-            Ok(Client::try_from(config)?)
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await?
         }
-        None => Client::try_default()
+        None => kube::Config::infer()
             .await
-            .context("no kubeconfig: set --kubeconfig or KUBECONFIG, or run in a cluster"),
-    }
+            .context("no kubeconfig: set --kubeconfig or KUBECONFIG, or run in a cluster")?,
+    };
+    cluster::keepalive_client(config)
 }
 
 struct Agent {

@@ -3,6 +3,7 @@
 //! the planner excluded.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -115,6 +116,42 @@ pub fn object_ref<'a>(flag: &str, value: &'a str) -> Result<(&'a str, &'a str)> 
         .split_once('/')
         .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
         .with_context(|| format!("{flag} {value:?}: expected NAMESPACE/NAME"))
+}
+
+/// An idle API connection sends its first TCP keepalive after this long,
+/// repeats it every [`API_KEEPALIVE_INTERVAL`], and is dead after
+/// [`API_KEEPALIVE_RETRIES`] unanswered.
+const API_KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const API_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const API_KEEPALIVE_RETRIES: u32 = 3;
+
+/// A client whose connections send TCP keepalives. A watch only reads: on
+/// a connection that died silently — its node's NAT changed its public
+/// address, taking its flows with it — it would wait for events until the
+/// watch times out (minutes), and meshd would plan from a stale cluster.
+/// A keepalive then fails (or draws the server's reset) within 25 s, and
+/// the watch is started again. The rest is kube's own client minus what
+/// meshd does not use (proxies, extra headers, gzip) or does itself
+/// (retries: every failed sync is retried).
+pub fn keepalive_client(config: kube::Config) -> Result<Client> {
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use kube::client::ConfigExt;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(config.connect_timeout);
+    http.set_keepalive(Some(API_KEEPALIVE_IDLE));
+    http.set_keepalive_interval(Some(API_KEEPALIVE_INTERVAL));
+    http.set_keepalive_retries(Some(API_KEEPALIVE_RETRIES));
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let http_client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(http_client);
+    Ok(Client::new(service, config.default_namespace))
 }
 
 /// A Node as the planner sees it. Malformed control-plane fields (an

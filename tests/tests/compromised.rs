@@ -718,7 +718,10 @@ fn the_oldest_node_lying_about_where_nodes_are_draws_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
     let bound = Duration::from_secs(30);
     let nat_of = |n: &str| published(&lab, n).get("weft.dev/nat").cloned();
-    for (n, at) in [("node-4", "198.18.14.3:51820"), ("node-5", "198.18.14.5:51820")] {
+    for (n, at) in [
+        ("node-4", "198.18.14.3:51820"),
+        ("node-5", "198.18.14.5:51820"),
+    ] {
         wait_for(&format!("{n} to learn its NAT"), bound, || {
             nat_of(n).as_deref() == Some(&format!("eim {at}"))
         });
@@ -784,10 +787,7 @@ fn the_oldest_node_lying_about_where_nodes_are_draws_nothing() {
     while std::time::Instant::now() < until {
         for n in honest {
             let to_attacker = peers(&lab, n).remove("node-1").unwrap_or_default();
-            let drawn: Vec<&String> = to_attacker
-                .iter()
-                .filter(|a| not_its.contains(a))
-                .collect();
+            let drawn: Vec<&String> = to_attacker.iter().filter(|a| not_its.contains(a)).collect();
             assert!(drawn.is_empty(), "{n} routes {drawn:?} to node-1");
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -801,7 +801,10 @@ fn the_oldest_node_lying_about_where_nodes_are_draws_nothing() {
     assert_eq!(node2.get("weft.dev/nat"), None, "node-2 taken for NAT'd");
     // The NAT'd nodes are where the honest nodes see them, and meet each
     // other there.
-    for (n, at) in [("node-4", "198.18.14.3:51820"), ("node-5", "198.18.14.5:51820")] {
+    for (n, at) in [
+        ("node-4", "198.18.14.3:51820"),
+        ("node-5", "198.18.14.5:51820"),
+    ] {
         assert_eq!(nat_of(n).as_deref(), Some(format!("eim {at}").as_str()));
         for from in ["node-2", "node-3"] {
             assert_eq!(endpoint_of(&lab, from, n), at, "{from} sends {n}'s traffic");

@@ -462,7 +462,7 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
     // connections to the API server, go with the old one): its public
     // peers see node-6 at the new address at its next keepalive, and
     // node-7 meets it directly there again — without waiting for node-6's
-    // own meshd, whose API watch recovers only when it times out.
+    // own meshd to find out.
     let renumbered = Instant::now();
     let public = lab.ok(&["nat-renumber", "edge-2"]);
     assert_eq!(public.trim(), "198.18.13.7");
@@ -485,9 +485,19 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
             && carrier(&lab, "node-6", "node-7").as_deref() == Some("node-7")
     });
     assert_hops(&lab, "pod-6-1", "pod-7-1", 62);
+    let direct_again = renumbered.elapsed();
+    // node-6's own meshd, whose API connections died with the old
+    // address, finds out too: its connections' TCP keepalives (10 s idle,
+    // then 3 × 5 s) fail or draw a reset, and its watch starts again.
+    wait_for(
+        "node-6's own meshd to publish its NAT's new address",
+        Duration::from_secs(45),
+        || nat("node-6").starts_with("eim 198.18.13.7:"),
+    );
     eprintln!(
-        "edge-2's NAT renumbered -> node-6 seen at its new address in {} ms, direct with node-7 again in {} ms",
+        "edge-2's NAT renumbered -> node-6 seen at its new address in {} ms, direct with node-7 again in {} ms, its own meshd knew in {} ms",
         learnt.as_millis(),
+        direct_again.as_millis(),
         renumbered.elapsed().as_millis()
     );
 }
