@@ -356,8 +356,11 @@ struct Agent {
     prober: probe::Prober,
     /// Some peer was sent traffic at the last look at the data plane.
     busy: bool,
-    /// When the link state last changed (published at most once a second).
-    link_state_changed: Option<Instant>,
+    /// The link state (down peers, addresses given up) changes at most once
+    /// per [`LINK_STATE_INTERVAL`].
+    link_state: Throttle,
+    /// When `local.observed_before` is let go of.
+    observed_before_until: Instant,
     parse_memo: ParseMemo,
     reports: Reports,
     mtu: Option<u32>,
@@ -372,6 +375,23 @@ struct Agent {
     /// Other CNI configurations last found sorting before Weft's (warned
     /// about on change).
     conf_ahead: Vec<String>,
+}
+
+/// Lets a change through at most once per interval.
+#[derive(Debug, Default)]
+struct Throttle {
+    last: Option<Instant>,
+}
+
+impl Throttle {
+    /// Whether a change may go out at `now` (if so, it counts as the last).
+    fn admit(&mut self, interval: Duration, now: Instant) -> bool {
+        if self.last.is_some_and(|t| now.duration_since(t) < interval) {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
 }
 
 /// The NetworkPolicies this node publishes it enforces: the engine's
@@ -557,6 +577,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .as_ref()
         .and_then(|n| crate::annotations::unreachable(n).ok())
         .unwrap_or_default();
+    // And where it heard NAT'd peers: its votes on their NATs stand while
+    // its data plane is heard from again.
+    let observed_before = me
+        .as_ref()
+        .and_then(|n| crate::annotations::observed(n, &ranges).ok())
+        .unwrap_or_default();
+    let grace_until = Instant::now() + Duration::from_secs(args.peer_timeout);
     // Likewise the policy set it published: the kernel keeps enforcing it
     // until the engine's first pass replaces it.
     let policy_published = me
@@ -576,6 +603,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             relay: args.relay,
             unreachable: published.clone(),
             host_networks: args.host_cidrs.clone(),
+            observed_before,
             ..LocalConfig::new(&args.node_name, ranges)
         },
         events: cluster::Events::new(client.clone(), &args.event_namespace, &args.node_name),
@@ -600,7 +628,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ladder: Ladder::default(),
         prober,
         busy: false,
-        link_state_changed: None,
+        link_state: Throttle::default(),
+        observed_before_until: grace_until,
         parse_memo: ParseMemo::default(),
         reports: Reports::default(),
         mtu: None,
@@ -806,12 +835,10 @@ impl Agent {
         // Published as this node's link state: at most one change a second
         // (this runs up to four times a second; a change waits for the
         // next look after that), and per peer at most one per timeout.
-        let settled = self
-            .link_state_changed
-            .is_some_and(|t| t.elapsed() < LINK_STATE_INTERVAL);
         let given_up = self.ladder.given_up();
-        if (down != self.local.unreachable || given_up != self.local.given_up) && !settled {
-            self.link_state_changed = Some(Instant::now());
+        if (down != self.local.unreachable || given_up != self.local.given_up)
+            && self.link_state.admit(LINK_STATE_INTERVAL, Instant::now())
+        {
             if down != self.local.unreachable {
                 tracing::info!(unreachable = ?down, "link state changed");
             }
@@ -822,7 +849,12 @@ impl Agent {
             self.local.given_up = given_up;
             return true;
         }
-        rotation_moved || heard_changed
+        let grace_over =
+            !self.local.observed_before.is_empty() && Instant::now() >= self.observed_before_until;
+        if grace_over {
+            self.local.observed_before.clear();
+        }
+        rotation_moved || heard_changed || grace_over
     }
 
     /// Puts each planned peer's address on trial (see crate::ladder).
@@ -1555,6 +1587,22 @@ mod tests {
     /// Reports are taken at once after a quiet interval, otherwise when the
     /// interval since the last one taken ends; reports meanwhile wait for
     /// that one take, and only a different set is news.
+    /// A link flapping at every look (four a second, as a busy link is
+    /// looked at) changes the published link state once a second at most;
+    /// a change after a quiet interval goes out at once.
+    #[test]
+    fn link_state_changes_go_out_at_most_once_per_interval() {
+        let mut throttle = Throttle::default();
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let admitted = (0..40)
+            .filter(|i| throttle.admit(LINK_STATE_INTERVAL, at(250 * i)))
+            .count();
+        assert_eq!(admitted, 10, "ten seconds of flapping");
+        assert!(throttle.admit(LINK_STATE_INTERVAL, at(12_000)));
+        assert!(!throttle.admit(LINK_STATE_INTERVAL, at(12_999)));
+    }
+
     #[test]
     fn policy_reports_are_published_at_most_once_per_interval() {
         let (tx, reports) = tokio::sync::watch::channel(None);

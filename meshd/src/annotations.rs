@@ -221,7 +221,7 @@ fn usable_address(
 }
 
 /// [`OBSERVED`]: other nodes' names, each once, with usable addresses.
-fn observed(
+pub fn observed(
     node: &NodeInfo,
     ranges: &ClusterRanges,
 ) -> Result<BTreeMap<String, SocketAddr>, Rejection> {

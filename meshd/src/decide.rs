@@ -74,6 +74,7 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
         &local.ranges,
         &seen,
         &local.heard_from,
+        &local.observed_before,
         &peers,
     )?;
     let claim = own_claim(

@@ -370,6 +370,12 @@ pub struct LocalConfig {
     /// NAT, it is what its NAT maps it to (published in
     /// [`crate::annotations::OBSERVED`]).
     pub heard_from: BTreeMap<String, SocketAddr>,
+    /// What this node published as observed before it started, kept for
+    /// peers not heard yet until a peer timeout has passed: a restarted
+    /// meshd does not take its votes on NAT'd nodes away while its data
+    /// plane (which outlived it) is heard from again, so they do not flip
+    /// to public and back.
+    pub observed_before: BTreeMap<String, SocketAddr>,
     /// The peers' candidate addresses this node gave up on (see
     /// [`crate::ladder`]): each is sent to at its best other one.
     pub given_up: crate::annotations::GivenUp,
@@ -387,6 +393,7 @@ impl LocalConfig {
             relay: Relay::default(),
             host_networks: Vec::new(),
             heard_from: BTreeMap::new(),
+            observed_before: BTreeMap::new(),
             given_up: BTreeMap::new(),
         }
     }

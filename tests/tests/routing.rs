@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     carrier, dataplane_pid, endpoint_of, first_datagram, node, pid_of_meshd, pod_ips, reply_ttl,
-    signal, wait_for, Lab, Traffic, MESHLAB,
+    signal, stop_meshd, wait_for, Lab, Traffic, MESHLAB,
 };
 
 /// Short timers, so failover takes seconds.
@@ -500,6 +500,58 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
         direct_again.as_millis(),
         renumbered.elapsed().as_millis()
     );
+}
+
+/// With two public nodes, each NAT is believed on both of their votes. A
+/// restarted meshd keeps the votes it had published while its data plane
+/// (which outlived it) is heard from again: the NAT'd nodes keep their
+/// mappings and stay hole-punched, direct — without it, the restart took
+/// one vote away and the pair fell back to a relay until it was heard.
+#[test]
+fn a_restarted_observer_keeps_its_votes() {
+    let dir = std::env::temp_dir().join(format!("weft-votes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let file = dir.join("sites.yaml");
+    std::fs::write(
+        &file,
+        "sites:
+- {name: cloud, nodes: 2}
+- {name: edge-1, nodes: 1, nat: masquerade}
+- {name: edge-2, nodes: 1, nat: masquerade}
+",
+    )
+    .expect("writing the topology");
+    let mut args = vec!["--topology", file.to_str().expect("a UTF-8 path")];
+    args.extend(["--pods-per-node", "1"]);
+    args.extend(FAST);
+    let lab = Lab::up("t-route-votes", &args);
+    let _ = std::fs::remove_dir_all(&dir);
+    let punched = || {
+        carrier(&lab, "node-3", "node-4").as_deref() == Some("node-4")
+            && carrier(&lab, "node-4", "node-3").as_deref() == Some("node-3")
+            && endpoint_of(&lab, "node-3", "node-4").starts_with("198.18.14.5:")
+    };
+    wait_for("node-3 and node-4 to be hole-punched", REROUTE, punched);
+    let nat = |n: &str| {
+        lab.kubectl(&[
+            "get",
+            "node",
+            n,
+            "-o",
+            "jsonpath={.metadata.annotations.weft\\.dev/nat}",
+        ])
+    };
+    let before = (nat("node-3"), nat("node-4"));
+    stop_meshd(&lab, "node-1");
+    lab.ok(&["start-meshd", "node-1"]);
+    // Through the restarted meshd's first syncs and past a peer timeout.
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        assert!(punched(), "node-3 and node-4 no longer meet directly");
+        assert_eq!((nat("node-3"), nat("node-4")), before, "a NAT forgotten");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_hops(&lab, "pod-3-1", "pod-4-1", 62);
 }
 
 /// `meshlab forge` processes, killed when dropped (also after a panic).

@@ -59,7 +59,8 @@ pub struct Listening<'a> {
 
 /// What this node publishes about reaching it and its peers. `seen`:
 /// where its peers see it ([`super::nat::observations_of`]); `heard`:
-/// where it hears each peer from, and `peers` their claims. Its
+/// where it hears each peer from (`before`: where it heard those not heard
+/// yet since it started), and `peers` their claims. Its
 /// candidates are all its own addresses but the endpoint: InternalIPs,
 /// ExternalIPs, then configured ones. Behind NAT — forced by an admin, or
 /// learnt because peers see it at an address that is not its own — it
@@ -72,10 +73,13 @@ pub fn own_reachability(
     ranges: &ClusterRanges,
     seen: &[SocketAddr],
     heard: &BTreeMap<String, SocketAddr>,
+    before: &BTreeMap<String, SocketAddr>,
     peers: &BTreeMap<&str, &Claim>,
 ) -> Result<Reachability, OwnError> {
+    let not_heard_yet = before.iter().filter(|(name, _)| !heard.contains_key(*name));
     let observed = heard
         .iter()
+        .chain(not_heard_yet)
         .filter(|(name, at)| {
             peers
                 .get(name.as_str())
@@ -341,7 +345,16 @@ mod tests {
                 extra: &[],
                 port: 51820,
             };
-            own_reachability(me, listening, &r, &seen, &heard(heard_at), &peers).unwrap()
+            own_reachability(
+                me,
+                listening,
+                &r,
+                &seen,
+                &heard(heard_at),
+                &BTreeMap::new(),
+                &peers,
+            )
+            .unwrap()
         };
         let me = node("a", BTreeMap::new());
         // Seen at its own address (or not at all): public.
@@ -400,6 +413,33 @@ mod tests {
         assert_eq!(unseen.candidates, vec![addr("198.18.1.1:51820")]);
     }
 
+    /// A restarted node keeps observing where it heard NAT'd peers before,
+    /// until it hears them again.
+    #[test]
+    fn a_restarted_node_keeps_its_observations_until_it_hears_anew() {
+        let r = ClusterRanges::lab();
+        let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let (peer_node, _) = fixtures::published(2);
+        let mut peer = fixtures::claim(&peer_node, 2, 2, "198.19.2.0/24".parse().unwrap());
+        peer.endpoint = None;
+        let peers = BTreeMap::from([("node-2", &peer)]);
+        let before = BTreeMap::from([("node-2".to_string(), addr("203.0.113.2:4444"))]);
+        let listening = Listening {
+            endpoint: None,
+            extra: &[],
+            port: 51820,
+        };
+        let me = node("a", BTreeMap::new());
+        let observed = |heard: &BTreeMap<String, SocketAddr>| {
+            own_reachability(&me, listening, &r, &[], heard, &before, &peers)
+                .unwrap()
+                .observed
+        };
+        assert_eq!(observed(&BTreeMap::new()), before, "not heard yet");
+        let anew = BTreeMap::from([("node-2".to_string(), addr("203.0.113.2:5555"))]);
+        assert_eq!(observed(&anew), anew, "heard: where it is now");
+    }
+
     /// A cloud node: its ExternalIP is its endpoint, its InternalIP and
     /// configured addresses its candidates; seen at its ExternalIP it is not
     /// behind NAT (a 1:1 NAT forwards everything to it).
@@ -424,6 +464,7 @@ mod tests {
             &seen,
             &BTreeMap::new(),
             &BTreeMap::new(),
+            &BTreeMap::new(),
         )
         .unwrap();
         assert_eq!(got.endpoint, Some(addr("198.51.100.1:51820")));
@@ -441,6 +482,7 @@ mod tests {
             listening,
             &r,
             &elsewhere,
+            &BTreeMap::new(),
             &BTreeMap::new(),
             &BTreeMap::new(),
         )
