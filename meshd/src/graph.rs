@@ -428,6 +428,7 @@ impl MeshGraph {
                         let how = match self.reach(&a.name, &b.name) {
                             Some(Reach::HolePunched(_)) => ", label=\"hole-punched\"",
                             Some(Reach::SameSite(_)) => ", label=\"same site\"",
+                            Some(Reach::Candidate(_)) => ", label=\"candidate\"",
                             _ => "",
                         };
                         let _ = writeln!(

@@ -282,15 +282,17 @@ fn a_relayed_mesh_at_rest_changes_nothing() {
     assert_eq!(paths(&lab, "node-1", "relayed"), 1.0);
 }
 
-/// Two public sites and four behind NAT, which nothing tells meshd about
-/// (no admin annotation): every pod reaches every other, and every pair
-/// meets directly where the NATs allow it. Public to NAT'd: the NAT'd node
-/// starts the session, the public one answers where it came from. Each
-/// NAT'd node learns its NAT from where its peers see it. Behind the same
-/// NAT: directly, at the peer's own address. Behind two NATs that keep
-/// ports (masquerade): directly, each sending to the other's mapped
-/// address until both NATs are open. Behind a NAT that picks a port per
-/// flow (symmetric): through a public relay.
+/// Two public sites (one a cloud region with a private network) and five
+/// behind NAT, which nothing tells meshd about (no admin annotation): every
+/// pod reaches every other, and every pair meets directly where the NATs
+/// allow it. Public to NAT'd: the NAT'd node starts the session, the public
+/// one answers where it came from. Each NAT'd node learns its NAT from
+/// where its peers see it. Behind the same NAT: directly, at the peer's own
+/// address. Behind two NATs that keep ports (masquerade): directly, each
+/// sending to the other's mapped address until both NATs are open. Behind
+/// NATs that pick a port per flow (symmetric): through a public relay. In
+/// one region: on the private network, and on the public addresses when it
+/// fails. A NAT renumbered: found again within a second.
 #[test]
 fn sites_behind_nat_meet_directly_where_their_nats_allow() {
     let dir = std::env::temp_dir().join(format!("weft-sites-{}", std::process::id()));
@@ -305,6 +307,7 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
 - {name: edge-2, nodes: 1, nat: masquerade}
 - {name: edge-3, nodes: 1, nat: masquerade}
 - {name: edge-4, nodes: 1, nat: symmetric}
+- {name: edge-5, nodes: 1, nat: symmetric}
 ",
     )
     .expect("writing the topology");
@@ -331,12 +334,13 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
         ("node-6", "eim", "198.18.14.7:51820"),
         ("node-7", "eim", "198.18.14.9:51820"),
         ("node-8", "symmetric", "198.18.14.11:"),
+        ("node-9", "symmetric", "198.18.14.13:"),
     ] {
         wait_for(&format!("{n} to learn its NAT"), REROUTE, || {
             nat(n).starts_with(&format!("{kind} {public}"))
         });
     }
-    let pods: Vec<String> = (1..=8).map(|k| format!("pod-{k}-1")).collect();
+    let pods: Vec<String> = (1..=9).map(|k| format!("pod-{k}-1")).collect();
     for from in &pods {
         for to in pods.iter().filter(|p| *p != from) {
             let (v4, _) = pod_ips(&lab, to);
@@ -363,7 +367,7 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
     assert_eq!(endpoint_of("node-6", "node-7"), "198.18.14.9:51820");
     assert_hops(&lab, "pod-6-1", "pod-7-1", 62);
     // Behind a symmetric NAT: through a public relay.
-    for peer in ["node-6", "node-7"] {
+    for peer in ["node-6", "node-7", "node-9"] {
         let relay = carrier(&lab, "node-8", peer).expect("a relay");
         assert!(
             ["node-1", "node-2", "node-3"].contains(&relay.as_str()),
@@ -371,6 +375,7 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
         );
     }
     assert_hops(&lab, "pod-8-1", "pod-6-1", 61);
+    assert_hops(&lab, "pod-8-1", "pod-9-1", 61);
     // meshctl says how each pair meets, and why not.
     let status = lab.meshctl(&["status", "node-6", "-o", "json"]);
     let status: serde_json::Value = serde_json::from_str(&status).expect("JSON");
@@ -397,7 +402,9 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
     }
     let graph = lab.meshctl(&["graph", "--format", "dot"]);
     assert!(
-        graph.contains("label=\"hole-punched\"") && graph.contains("label=\"same site\""),
+        ["hole-punched", "same site", "candidate"]
+            .iter()
+            .all(|l| graph.contains(&format!("label=\"{l}\""))),
         "{graph}"
     );
 
@@ -420,6 +427,10 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
             .to_string()
     };
     assert_eq!(reach_of("node-1", "node-2"), "candidate 10.77.0.2:51820");
+    assert_eq!(
+        reach_of("node-8", "node-9"),
+        "no direct link: symmetric NAT"
+    );
     // The private network between them fails (the public one does not):
     // each gives the other's private address up and meets it, directly,
     // on the public one.
