@@ -130,7 +130,12 @@ enum BenchCmd {
     },
     /// Failover under traffic on 4 nodes: a link cut, restored, and the
     /// relay in use killed, with the shipped timers and the lab's.
-    Failover,
+    Failover {
+        /// Runs of every event (each on fresh labs); the table shows each
+        /// figure's range over them.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+    },
     /// NetworkPolicy at scale: compile, full sync, one pod and one policy
     /// change as differences vs whole-table replaces.
     Policy {
@@ -663,9 +668,14 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench {
-            what: BenchCmd::Failover,
+            what: BenchCmd::Failover { runs },
         } => {
-            let rows = bench_failover::run(&cli.root, &mut |step| eprintln!("meshlab: {step}"))?;
+            anyhow::ensure!(runs >= 1, "--runs must be at least 1");
+            let mut rows = Vec::new();
+            for run in 1..=runs {
+                let mut progress = |step: &str| eprintln!("meshlab: run {run} of {runs}: {step}");
+                rows.extend(bench_failover::run(&cli.root, &mut progress)?);
+            }
             print!("{}", bench_failover::table(&rows));
             Ok(())
         }

@@ -216,6 +216,8 @@ pub fn run(root: &Path, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// One row per timer set and event, in the order first run; each figure
+/// the range over the runs (`min–max`, or one value).
 pub fn table(rows: &[Row]) -> String {
     let mut out = vec![[
         "timers",
@@ -226,15 +228,101 @@ pub fn table(rows: &[Row]) -> String {
         "TCP retransmits",
     ]
     .map(String::from)];
+    let mut events: Vec<(&str, &str)> = Vec::new();
     for r in rows {
+        if !events.contains(&(r.timers, r.event)) {
+            events.push((r.timers, r.event));
+        }
+    }
+    for (timers, event) in events {
+        let runs: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.timers == timers && r.event == event)
+            .collect();
+        let sent = runs.iter().map(|r| r.traffic.sent).max().unwrap_or(0);
         out.push([
-            r.timers.to_string(),
-            r.event.to_string(),
-            format!("{:.2} s", r.rerouted.as_secs_f64()),
-            format!("{} ms", r.traffic.longest_gap.as_millis()),
-            format!("{} of {}", r.traffic.lost, r.traffic.sent),
-            r.traffic.retransmits.to_string(),
+            timers.to_string(),
+            event.to_string(),
+            range(
+                &runs,
+                |r| r.rerouted.as_secs_f64(),
+                |v| format!("{v:.2}"),
+                " s",
+            ),
+            range(
+                &runs,
+                |r| r.traffic.longest_gap.as_millis() as f64,
+                |v| format!("{v:.0}"),
+                " ms",
+            ),
+            format!(
+                "{} of {sent}",
+                range(
+                    &runs,
+                    |r| f64::from(r.traffic.lost),
+                    |v| format!("{v:.0}"),
+                    ""
+                )
+            ),
+            range(
+                &runs,
+                |r| r.traffic.retransmits as f64,
+                |v| format!("{v:.0}"),
+                "",
+            ),
         ]);
     }
     weft_meshd::table::render(&out)
+}
+
+/// `min–max` of `value` over `runs` (one value when they agree), shown
+/// with `show` and `unit`.
+fn range(
+    runs: &[&Row],
+    value: impl Fn(&Row) -> f64,
+    show: impl Fn(f64) -> String,
+    unit: &str,
+) -> String {
+    let values = runs.iter().map(|r| value(r));
+    let min = values.clone().fold(f64::INFINITY, f64::min);
+    let max = values.fold(f64::NEG_INFINITY, f64::max);
+    match show(min) == show(max) {
+        true => format!("{}{unit}", show(min)),
+        false => format!("{}–{}{unit}", show(min), show(max)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_shown_as_ranges_per_event() {
+        let row = |event, rerouted_ms: u64, lost: u32| Row {
+            timers: "shipped",
+            event,
+            rerouted: Duration::from_millis(rerouted_ms),
+            traffic: Measured {
+                sent: 3500,
+                lost,
+                longest_gap: Duration::from_millis(u64::from(lost) * 10),
+                retransmits: 100,
+            },
+        };
+        let rows = [
+            row("link cut -> relayed", 1750, 103),
+            row("relay killed -> next relay", 1740, 102),
+            row("link cut -> relayed", 1760, 107),
+            row("relay killed -> next relay", 1740, 102),
+        ];
+        let table = table(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(lines[1].contains("link cut -> relayed"), "{table}");
+        assert!(lines[1].contains("1.75–1.76 s"), "{table}");
+        assert!(lines[1].contains("1030–1070 ms"), "{table}");
+        assert!(lines[1].contains("103–107 of 3500"), "{table}");
+        assert!(lines[2].contains("1.74 s"), "{table}");
+        assert!(lines[2].contains(" 100"), "{table}");
+    }
 }
