@@ -92,6 +92,10 @@ pub struct RunArgs {
     /// InternalIP:listen-port where the Node has no ExternalIP).
     #[arg(long)]
     pub endpoint: Option<SocketAddr>,
+    /// Which of the Node's addresses is its endpoint: its ExternalIP (else
+    /// InternalIP), or its InternalIP (else ExternalIP).
+    #[arg(long, env = "WEFT_ENDPOINT_ADDRESS", value_enum, default_value_t)]
+    pub endpoint_address: crate::planner::EndpointAddress,
     /// More addresses this node can be reached at (a VPN's, a port
     /// forward's), published with its InternalIPs and ExternalIPs as
     /// candidates its peers try when its endpoint does not answer.
@@ -274,6 +278,24 @@ fn check_timers(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--endpoint-candidate`s every peer would send to, and few enough to be
+/// published with the node's own addresses.
+fn check_candidates(args: &RunArgs, ranges: &ClusterRanges) -> Result<()> {
+    for candidate in &args.endpoint_candidates {
+        if let Some(why) = crate::annotations::endpoint_problem(*candidate, ranges) {
+            anyhow::bail!("--endpoint-candidate {candidate} is not usable: {why}");
+        }
+    }
+    let most = crate::annotations::MAX_CANDIDATES;
+    if args.endpoint_candidates.len() > most {
+        anyhow::bail!(
+            "--endpoint-candidate is given {} times: at most {most} addresses are published, the node's own first",
+            args.endpoint_candidates.len()
+        );
+    }
+    Ok(())
+}
+
 /// Proofs that this node holds the keys it announces: the ones it
 /// publishes while they hold (`annotations::published_proof`), else new
 /// ones, signed with the private keys only the shell holds.
@@ -428,6 +450,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     cluster::check_namespace(std::env::var("POD_NAMESPACE").ok().as_deref())?;
     let ranges = cluster_ranges(&args)?;
     check_timers(&args)?;
+    check_candidates(&args, &ranges)?;
     // Fail closed first, before any key, API or data plane: from here on no
     // cluster address can leave this node except through WireGuard.
     let netlink = Netlink::new()?;
@@ -715,7 +738,6 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// A watch event handler that wakes the sync loop.
 /// What liveness and the ladder read of a peer.
 fn reading(s: &PeerStats) -> Reading {
     Reading {
@@ -725,6 +747,7 @@ fn reading(s: &PeerStats) -> Reading {
     }
 }
 
+/// A watch event handler that wakes the sync loop.
 fn notifier<T>(changed: &Arc<Notify>) -> impl FnMut(&T) + Send + 'static {
     let changed = changed.clone();
     move |_| changed.notify_one()
@@ -1206,6 +1229,7 @@ impl Agent {
                 proofs,
                 listening: Listening {
                     endpoint: self.args.endpoint,
+                    prefer: self.args.endpoint_address,
                     extra: &self.args.endpoint_candidates,
                     port: self.args.listen_port,
                 },
@@ -1545,6 +1569,26 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_candidates_are_checked() {
+        let ranges = ClusterRanges::lab();
+        let ok = args(&["--endpoint-candidate", "192.0.2.7:4500,10.8.0.1:51820"]);
+        assert_eq!(ok.endpoint_candidates.len(), 2);
+        assert!(check_candidates(&ok, &ranges).is_ok());
+        let loopback = args(&["--endpoint-candidate", "127.0.0.1:51820"]);
+        let err = check_candidates(&loopback, &ranges)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--endpoint-candidate 127.0.0.1:51820"),
+            "{err}"
+        );
+        let many: Vec<String> = (1..=9).map(|i| format!("10.8.0.{i}:51820")).collect();
+        let many = args(&["--endpoint-candidate", &many.join(",")]);
+        let err = check_candidates(&many, &ranges).unwrap_err().to_string();
+        assert!(err.contains("given 9 times"), "{err}");
+    }
+
+    #[test]
     fn cluster_ranges_are_required_and_checked() {
         let err = cluster_ranges(&args(&[])).unwrap_err().to_string();
         assert!(err.contains("--cluster-cidr is required"), "{err}");
@@ -1584,9 +1628,6 @@ mod tests {
         assert!(err.contains("--mesh-cidr 10.1.0.0/16"), "{err}");
     }
 
-    /// Reports are taken at once after a quiet interval, otherwise when the
-    /// interval since the last one taken ends; reports meanwhile wait for
-    /// that one take, and only a different set is news.
     /// A link flapping at every look (four a second, as a busy link is
     /// looked at) changes the published link state once a second at most;
     /// a change after a quiet interval goes out at once.
@@ -1603,6 +1644,9 @@ mod tests {
         assert!(!throttle.admit(LINK_STATE_INTERVAL, at(12_999)));
     }
 
+    /// Reports are taken at once after a quiet interval, otherwise when the
+    /// interval since the last one taken ends; reports meanwhile wait for
+    /// that one take, and only a different set is news.
     #[test]
     fn policy_reports_are_published_at_most_once_per_interval() {
         let (tx, reports) = tokio::sync::watch::channel(None);

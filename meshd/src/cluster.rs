@@ -130,9 +130,12 @@ const API_KEEPALIVE_RETRIES: u32 = 3;
 /// address, taking its flows with it — it would wait for events until the
 /// watch times out (minutes), and meshd would plan from a stale cluster.
 /// A keepalive then fails (or draws the server's reset) within 25 s, and
-/// the watch is started again. The rest is kube's own client minus what
-/// meshd does not use (proxies, extra headers, gzip) or does itself
-/// (retries: every failed sync is retried).
+/// the watch is started again; a request on such a connection fails after
+/// as long unacknowledged (`TCP_USER_TIMEOUT`) rather than after the
+/// kernel's retransmissions (about 15 minutes). The rest is kube's own
+/// client (base URI, authentication with token refresh, kubeconfig's
+/// extra headers) minus its retry layer: meshd retries every failed sync
+/// itself.
 pub fn keepalive_client(config: kube::Config) -> Result<Client> {
     use hyper_util::client::legacy::connect::HttpConnector;
     use kube::client::ConfigExt;
@@ -142,6 +145,9 @@ pub fn keepalive_client(config: kube::Config) -> Result<Client> {
     http.set_keepalive(Some(API_KEEPALIVE_IDLE));
     http.set_keepalive_interval(Some(API_KEEPALIVE_INTERVAL));
     http.set_keepalive_retries(Some(API_KEEPALIVE_RETRIES));
+    http.set_tcp_user_timeout(Some(
+        API_KEEPALIVE_IDLE + API_KEEPALIVE_INTERVAL * API_KEEPALIVE_RETRIES,
+    ));
     let https = config.rustls_https_connector_with_connector(http)?;
     let http_client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -149,6 +155,7 @@ pub fn keepalive_client(config: kube::Config) -> Result<Client> {
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)
         .service(http_client);
     Ok(Client::new(service, config.default_namespace))

@@ -61,13 +61,16 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
     // Every node's annotations are parsed once.
     let mut parsed = memo.parse_all(snapshot, &local.ranges);
     // Other nodes' valid claims (a revoked key's holder observes nothing).
-    let peers: BTreeMap<&str, &Claim> = parsed
+    let peers: BTreeMap<&str, nat::Listed> = parsed
         .iter()
         .filter(|(n, _)| n.name != local.node_name)
-        .filter_map(|(n, c)| Some((n.name.as_str(), c.as_ref().ok()?.as_ref()?)))
-        .filter(|(_, c)| !snapshot.revoked.contains(&c.public_key))
+        .filter_map(|(node, c)| {
+            let claim: &Claim = c.as_ref().ok()?.as_ref()?;
+            Some((node.name.as_str(), nat::Listed { claim, node }))
+        })
+        .filter(|(_, p)| !snapshot.revoked.contains(&p.claim.public_key))
         .collect();
-    let seen = nat::observations_of(&local.node_name, peers.values().copied());
+    let seen = nat::observations_of(&local.node_name, peers.values().map(|p| p.claim));
     let reachability = own_reachability(
         me,
         *listening,
@@ -146,6 +149,7 @@ mod tests {
             proofs: fixtures::proofs(&node(1, BTreeMap::new()), 1, None),
             listening: Listening {
                 endpoint: None,
+                prefer: Default::default(),
                 extra: &[],
                 port: 51820,
             },

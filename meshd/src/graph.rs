@@ -10,13 +10,11 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::annotations::{
-    parse_time, Claim, NatMapping, PolicyApplied, POLICY_APPLIED, ROTATE_REQUESTED,
-};
+use crate::annotations::{parse_time, Claim, PolicyApplied, POLICY_APPLIED, ROTATE_REQUESTED};
 use crate::model::{
     ClusterRanges, ClusterSnapshot, Hop, LinkCosts, LocalConfig, Ranges, Relay, Verdict,
 };
-use crate::planner::nat::{mappings, reach, End, Reach};
+use crate::planner::nat::{reach, sightings, End, Reach, Sighting};
 use crate::planner::{judge, links};
 use crate::rotation::request_pending;
 
@@ -224,12 +222,12 @@ pub struct MeshGraph {
     /// [`GraphNode::policy`] is judged against them).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policies: Option<PolicyApplied>,
-    /// The accepted claims and NAT'd nodes' mappings, for how each pair
-    /// reaches each other.
+    /// The accepted claims and how NAT'd nodes are seen, for how each
+    /// pair reaches each other.
     #[serde(skip)]
     claims: BTreeMap<String, Claim>,
     #[serde(skip)]
-    nats: BTreeMap<String, NatMapping>,
+    sightings: BTreeMap<String, Sighting>,
 }
 
 impl MeshGraph {
@@ -319,7 +317,7 @@ impl MeshGraph {
             })
             .collect();
         let by_name: BTreeMap<&str, &Claim> = claims.iter().map(|(n, c)| (n.as_str(), c)).collect();
-        let nats = mappings(&by_name)
+        let sightings = sightings(&by_name)
             .into_iter()
             .map(|(n, m)| (n.to_string(), m))
             .collect();
@@ -328,7 +326,7 @@ impl MeshGraph {
             down_links,
             policies,
             claims,
-            nats,
+            sightings,
         }
     }
 
@@ -338,7 +336,7 @@ impl MeshGraph {
         let end = |name: &str| {
             self.claims.get(name).map(|claim| End {
                 claim,
-                nat: self.nats.get(name).copied(),
+                seen: self.sightings.get(name),
                 // Sorted by name.
                 region: self
                     .nodes

@@ -5,9 +5,10 @@
 //! the data plane is given it, the address is on trial: an authenticated
 //! packet from the peer (bytes received, or a handshake completed) confirms
 //! it; none within the trial's window, and it is given up, so the next plan
-//! sends to the next offer. A confirmed address is given up when the link
-//! goes down ([`crate::liveness`]), so a path that stops working is
-//! re-evaluated. Once every offer is given up, the peer starts over from
+//! sends to the next offer. A confirmed address whose link goes down
+//! ([`crate::liveness`]) is given up if the peer is not heard again within
+//! a window, so a path that stops working is re-evaluated and a blip
+//! changes nothing. Once every offer is given up, the peer starts over from
 //! its best with a window twice as long (up to [`MAX_DOUBLINGS`] times),
 //! so an unreachable peer's addresses are cycled ever more slowly — each
 //! change is published ([`crate::annotations::GIVEN_UP`]).
@@ -28,8 +29,10 @@ use std::time::{Duration, Instant};
 use crate::annotations::GivenUp;
 use crate::liveness::Reading;
 
-/// A trial's window doubles at most this many times.
-pub const MAX_DOUBLINGS: u32 = 6;
+/// A trial's window doubles at most this many times (8 windows: 200 s
+/// with the shipped keepalive), so a pair that had nothing working finds
+/// the address that works again within that once the network heals.
+pub const MAX_DOUBLINGS: u32 = 3;
 
 /// The window for an address on trial: two keepalive intervals (the peer's
 /// next keepalive may go to an address of ours that no longer works, and
@@ -54,7 +57,21 @@ struct Trial {
     since: Instant,
     /// Received bytes and last handshake when the trial began.
     heard: (u64, u64),
-    confirmed: bool,
+    state: TrialState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TrialState {
+    /// No authenticated answer yet.
+    Trying,
+    Confirmed,
+    /// Confirmed, then its link went down at `since`, with these counters:
+    /// given up unless the peer is heard again within a window (a blip
+    /// does not send a pair to a worse address for good).
+    Doubted {
+        since: Instant,
+        heard: (u64, u64),
+    },
 }
 
 /// What the data plane says of a peer.
@@ -74,6 +91,10 @@ struct Rungs {
     given_up: BTreeSet<SocketAddr>,
     /// Times every offer was given up since one was last confirmed.
     rounds: u32,
+    /// When the plan last followed the data plane to another address: at
+    /// most once a window, so a peer alternating its source addresses
+    /// cannot make this node republish on every look.
+    followed: Option<Instant>,
 }
 
 /// Each peer's trial and the addresses given up.
@@ -126,40 +147,50 @@ impl Ladder {
                 .endpoint
                 .filter(|d| *d != at)
                 .and_then(|d| Some((d, plan.offers.iter().position(|a| *a == d)?)));
-            if let (true, Some((d, rank))) = (just_heard, roamed) {
+            let may_follow = rungs
+                .followed
+                .is_none_or(|t| now.duration_since(t) >= window);
+            if let (true, true, Some((d, rank))) = (just_heard, may_follow, roamed) {
                 rungs.given_up = plan.offers[..rank].iter().copied().collect();
                 rungs.rounds = 0;
+                rungs.followed = Some(now);
                 rungs.trial = Some(Trial {
                     at: d,
                     since: now,
                     heard,
-                    confirmed: true,
+                    state: TrialState::Confirmed,
                 });
                 continue;
             }
-            let trial = match rungs.trial {
+            let mut trial = match rungs.trial {
                 // Counters that went back: a new data plane, a new trial.
                 Some(t) if t.at == at && heard.0 >= t.heard.0 => t,
                 _ => Trial {
                     at,
                     since: now,
                     heard,
-                    confirmed: false,
+                    state: TrialState::Trying,
                 },
             };
             let newly_down = down.contains(*name) && !self.down.contains(*name);
             let patience = window * 2u32.pow(rungs.rounds.min(MAX_DOUBLINGS));
-            let give_up = match trial.confirmed {
-                false if heard != trial.heard => {
+            let give_up = match trial.state {
+                TrialState::Trying if heard != trial.heard => {
                     rungs.rounds = 0;
-                    rungs.trial = Some(Trial {
-                        confirmed: true,
-                        ..trial
-                    });
+                    trial.state = TrialState::Confirmed;
                     false
                 }
-                false => now.duration_since(trial.since) >= patience,
-                true => newly_down,
+                TrialState::Trying => now.duration_since(trial.since) >= patience,
+                TrialState::Confirmed if newly_down => {
+                    trial.state = TrialState::Doubted { since: now, heard };
+                    false
+                }
+                TrialState::Confirmed => false,
+                TrialState::Doubted { heard: then, .. } if heard != then => {
+                    trial.state = TrialState::Confirmed;
+                    false
+                }
+                TrialState::Doubted { since, .. } => now.duration_since(since) >= window,
             };
             if give_up {
                 rungs.given_up.insert(at);
@@ -168,7 +199,7 @@ impl Ladder {
                     rungs.given_up.clear();
                     rungs.rounds += 1;
                 }
-            } else if !trial.confirmed && heard == trial.heard {
+            } else {
                 rungs.trial = Some(trial);
             }
         }
@@ -284,17 +315,36 @@ mod tests {
     }
 
     #[test]
-    fn a_confirmed_address_is_given_up_when_its_link_goes_down() {
+    fn a_confirmed_address_is_given_up_when_its_link_goes_down_for_a_window() {
         let mut c = Case::new();
         c.look(0, 0, 0, false);
         c.look(1, 148, 1, false);
-        assert!(c.look(30, 148, 1, true), "went down");
+        assert!(!c.look(30, 148, 1, true), "went down: doubted");
+        assert!(!c.look(39, 148, 1, true));
+        assert!(c.look(40, 148, 1, true), "not heard for a window");
         assert_eq!(c.planned(), addr("198.51.100.2:51820"));
         // Still down while the next is tried: not news again.
-        assert!(!c.look(31, 148, 1, true));
-        assert!(!c.look(33, 300, 1, true), "heard at the next: confirmed");
-        assert!(!c.look(80, 300, 1, true));
+        assert!(!c.look(41, 148, 1, true));
+        assert!(!c.look(43, 300, 1, true), "heard at the next: confirmed");
+        assert!(!c.look(90, 300, 1, true));
         assert_eq!(c.planned(), addr("198.51.100.2:51820"));
+    }
+
+    /// A blip: down, and heard again at the same address within a window
+    /// (liveness may still say down: it waits a peer timeout of hearing).
+    #[test]
+    fn a_blip_keeps_the_address() {
+        let mut c = Case::new();
+        c.look(0, 0, 0, false);
+        c.look(1, 148, 1, false);
+        assert!(!c.look(30, 148, 1, true));
+        assert!(!c.look(33, 180, 1, true), "heard again");
+        assert!(!c.look(60, 180, 1, true));
+        assert!(!c.look(61, 180, 1, false));
+        assert_eq!(c.planned(), addr("10.0.0.2:51820"));
+        // Down again later: doubted again.
+        assert!(!c.look(70, 180, 1, true));
+        assert!(c.look(80, 180, 1, true));
     }
 
     #[test]
@@ -312,12 +362,28 @@ mod tests {
         // Heard at the second: the window is back to one...
         c.look(41, 0, 0, false);
         c.look(42, 148, 42, false);
-        assert!(c.look(50, 148, 42, true));
+        assert!(!c.look(50, 148, 42, true));
+        assert!(c.look(60, 148, 42, true));
         // ...and doubles again when that goes down with the first given up.
         assert!(c.ladder.given_up().is_empty(), "started over");
-        c.look(50, 148, 42, true);
-        assert!(!c.look(69, 148, 42, true));
-        assert!(c.look(70, 148, 42, true));
+        c.look(60, 148, 42, true);
+        assert!(!c.look(79, 148, 42, true));
+        assert!(c.look(80, 148, 42, true));
+        // At most eight windows, however long nothing answers: each
+        // give-up at most 80 s after the last.
+        let mut at = 80;
+        let mut gaps = Vec::new();
+        for _ in 0..12 {
+            c.look(at, 148, 42, true);
+            let from = at;
+            at += 1;
+            while !c.look(at, 148, 42, true) {
+                at += 1;
+            }
+            gaps.push(at - from);
+        }
+        let waited = *gaps.iter().max().unwrap();
+        assert_eq!(waited, 80, "capped at {MAX_DOUBLINGS} doublings");
     }
 
     #[test]
@@ -351,6 +417,15 @@ mod tests {
         assert!(c.look_from(61, 300, 12, false, public));
         assert_eq!(c.planned(), public);
         assert_eq!(c.ladder.given_up()["b"], BTreeSet::from([private]));
+        // A peer alternating between its addresses is followed at most
+        // once a window.
+        let changes = (62..162)
+            .filter(|&t| {
+                let from = if t % 2 == 0 { private } else { public };
+                c.look_from(t, 300 + t * 100, 12, false, from)
+            })
+            .count();
+        assert!(changes <= 10, "{changes} changes in 100 looks");
         // Not heard anew: a roamed endpoint alone is no news.
         let mut quiet = Case::new();
         quiet.look(0, 148, 1, false);

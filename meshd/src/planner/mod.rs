@@ -17,7 +17,9 @@ use ipnet::IpNet;
 
 pub use hosts::{heard_from, host_addresses, Baselines, Reported};
 pub use mesh_address::{mesh_address_of, smallest_block};
-pub use own::{own_claim, own_reachability, Listening, OwnError, OwnKeys, Reachability};
+pub use own::{
+    own_claim, own_reachability, EndpointAddress, Listening, OwnError, OwnKeys, Reachability,
+};
 pub use paths::{Links, Member};
 pub use verdict::{judge, judge_pairwise, judge_parsed, parse_all, ParseMemo, Parsed};
 
@@ -50,7 +52,8 @@ pub fn links<'a>(
     local: &LocalConfig,
 ) -> Links<'a> {
     let accepted = accepted(verdicts);
-    let relayed = nat::relayed_pairs(&accepted, &nat::mappings(&accepted));
+    let sightings = nat::sightings(&accepted);
+    let relayed = nat::relayed_pairs(&accepted, &sightings);
     // In the verdicts' order (by name), so the members come sorted.
     let placements: HashMap<&str, &Placement> = snapshot
         .nodes
@@ -105,7 +108,7 @@ pub fn plan_judged(
     let mut routes: Vec<Route> = backstops(&local.ranges).into_iter().collect();
     let mut addresses = BTreeSet::new();
     let accepted = accepted(&verdicts);
-    let nats = nat::mappings(&accepted);
+    let sightings = nat::sightings(&accepted);
     let regions: HashMap<&str, &str> = snapshot
         .nodes
         .iter()
@@ -114,7 +117,7 @@ pub fn plan_judged(
     let end = |name: &str| {
         accepted.get(name).map(|claim| nat::End {
             claim,
-            nat: nats.get(name).copied(),
+            seen: sightings.get(name),
             region: regions.get(name).copied(),
         })
     };

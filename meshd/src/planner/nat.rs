@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::annotations::{Claim, NatKind, NatMapping};
+use crate::model::NodeInfo;
 
 /// Where the public nodes (those with an endpoint) hear `me` from. Only
 /// they vote: a NAT'd node's view of another repeats what it was told (the
@@ -43,10 +44,23 @@ pub fn observations_of<'a>(
         .collect()
 }
 
+/// A peer as its observers judge where it is heard: its claim and its
+/// Node, whose status lists its own addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct Listed<'a> {
+    pub claim: &'a Claim,
+    pub node: &'a NodeInfo,
+}
+
 /// Whether a peer heard at `at` is worth publishing as seen there: it
-/// publishes no such address itself.
-pub fn worth_observing(at: SocketAddr, peer: &Claim) -> bool {
-    peer.endpoint != Some(at) && !peer.candidates.contains(&at)
+/// publishes no such address itself, and its Node lists no such IP (a
+/// node of an older release publishes no candidates: heard at its
+/// ExternalIP, it is not behind NAT).
+pub fn worth_observing(at: SocketAddr, peer: Listed) -> bool {
+    let listed = peer.node.internal_ips.iter().chain(&peer.node.external_ips);
+    peer.claim.endpoint != Some(at)
+        && !peer.claim.candidates.contains(&at)
+        && !listed.into_iter().any(|ip| *ip == at.ip())
 }
 
 /// How many observers must agree before a node's NAT is believed: one
@@ -156,20 +170,24 @@ impl Reach {
     }
 }
 
-/// The pairs of nodes behind NAT that cannot meet directly ([`reach`]):
-/// down links from the start, computed alike by every node, so that they
-/// go through a relay at once instead of after a timeout's silence.
+/// The pairs of nodes behind NAT that cannot meet directly because a NAT
+/// gives each peer a port of its own (on evidence no one observer can make
+/// up, [`Sighting::symmetric`]): down links from the start, computed alike
+/// by every node, so that they go through a relay at once instead of after
+/// a timeout's silence. A pair that only lacks knowledge (a mapping not
+/// learnt, observers gone) is left to liveness: a session WireGuard
+/// already has keeps working, with the endpoints it learnt.
 pub fn relayed_pairs<'a>(
     claims: &BTreeMap<&'a str, &'a Claim>,
-    nats: &BTreeMap<&'a str, NatMapping>,
+    sightings: &BTreeMap<&'a str, Sighting>,
 ) -> Vec<(&'a str, &'a str)> {
-    let natd: Vec<(&str, End)> = claims
+    let natd: Vec<(&'a str, End<'_>)> = claims
         .iter()
         .filter(|(_, c)| c.endpoint.is_none())
         .map(|(&name, &claim)| {
             let end = End {
                 claim,
-                nat: nats.get(name).copied(),
+                seen: sightings.get(name),
                 region: None,
             };
             (name, end)
@@ -178,7 +196,7 @@ pub fn relayed_pairs<'a>(
     let mut pairs = Vec::new();
     for (i, (a, end_a)) in natd.iter().enumerate() {
         for (b, end_b) in &natd[i + 1..] {
-            if matches!(way(Some(*end_a), *end_b), Reach::Relayed(_)) {
+            if way(Some(*end_a), *end_b) == Reach::Relayed(Why::SymmetricNat) {
                 pairs.push((*a, *b));
             }
         }
@@ -186,13 +204,72 @@ pub fn relayed_pairs<'a>(
     pairs
 }
 
-/// Each NAT'd node's mapping (nodes without an endpoint) from where the
-/// public nodes see it now ([`observations_of`], [`mapping`]) — not from what it last published about itself: a
-/// node whose NAT changed its address may not reach the API for a while
-/// (its connections went with the old address), while its peers see the
-/// new one at its next keepalive. Every node computes the same from the
-/// same claims.
-pub fn mappings<'a>(claims: &BTreeMap<&'a str, &'a Claim>) -> BTreeMap<&'a str, NatMapping> {
+/// How the public nodes see a NAT'd node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Sighting {
+    /// What a quorum of them agrees on ([`mapping`]).
+    pub mapping: Option<NatMapping>,
+    /// Its NAT gives each peer a port of its own, on evidence that no one
+    /// observer can make up ([`robustly_symmetric`]).
+    pub symmetric: bool,
+    /// Every address it is seen at, by most observers first.
+    pub seen_at: Vec<SocketAddr>,
+}
+
+impl Sighting {
+    /// From `observations` of a node whose own addresses are `own`.
+    pub fn of(observations: &[SocketAddr], own: &[IpAddr]) -> Self {
+        let foreign: Vec<SocketAddr> = observations
+            .iter()
+            .filter(|o| !own.contains(&o.ip()))
+            .copied()
+            .collect();
+        let mapping = mapping(&foreign, &[]);
+        let mut votes: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+        for o in &foreign {
+            *votes.entry(*o).or_default() += 1;
+        }
+        let mut seen_at: Vec<SocketAddr> = votes.keys().copied().collect();
+        seen_at.sort_by_key(|a| std::cmp::Reverse(votes[a]));
+        let symmetric = mapping.is_some_and(|m| {
+            let at_ip: Vec<SocketAddr> = foreign
+                .iter()
+                .filter(|o| o.ip() == m.reflexive.ip())
+                .copied()
+                .collect();
+            m.kind == NatKind::Symmetric && robustly_symmetric(&at_ip)
+        });
+        Sighting {
+            mapping,
+            symmetric,
+            seen_at,
+        }
+    }
+}
+
+/// Whether observations at one IP still show two ports after any one of
+/// them is taken away: one lying observer cannot make a mapping look
+/// symmetric (its one vote for another port leaves the honest ones in
+/// agreement).
+fn robustly_symmetric(at_ip: &[SocketAddr]) -> bool {
+    let mut ports: BTreeMap<u16, usize> = BTreeMap::new();
+    for o in at_ip {
+        *ports.entry(o.port()).or_default() += 1;
+    }
+    match ports.len() {
+        0 | 1 => false,
+        2 => ports.values().all(|n| *n >= 2),
+        _ => true,
+    }
+}
+
+/// Each NAT'd node's sighting (nodes without an endpoint) from where the
+/// public nodes see it now ([`observations_of`]) — not from what it last
+/// published about itself: a node whose NAT changed its address may not
+/// reach the API for a while (its connections went with the old address),
+/// while its peers see the new one at its next keepalive. Every node
+/// computes the same from the same claims.
+pub fn sightings<'a>(claims: &BTreeMap<&'a str, &'a Claim>) -> BTreeMap<&'a str, Sighting> {
     // Observations grouped by whom they see, in one pass over them all.
     let mut seen: BTreeMap<&str, Vec<SocketAddr>> = BTreeMap::new();
     for claim in claims.values().filter(|c| c.endpoint.is_some()) {
@@ -207,17 +284,17 @@ pub fn mappings<'a>(claims: &BTreeMap<&'a str, &'a Claim>) -> BTreeMap<&'a str, 
                 return None;
             }
             let own: Vec<IpAddr> = claim.candidates.iter().map(SocketAddr::ip).collect();
-            Some((name, mapping(&observations, &own)?))
+            Some((name, Sighting::of(&observations, &own)))
         })
         .collect()
 }
 
-/// A node as a pair's end: its claim, its NAT's mapping ([`mappings`])
-/// and its region (`topology.kubernetes.io/region`).
+/// A node as a pair's end: its claim, how it is seen behind NAT
+/// ([`sightings`]) and its region (`topology.kubernetes.io/region`).
 #[derive(Debug, Clone, Copy)]
 pub struct End<'a> {
     pub claim: &'a Claim,
-    pub nat: Option<NatMapping>,
+    pub seen: Option<&'a Sighting>,
     pub region: Option<&'a str>,
 }
 
@@ -268,7 +345,11 @@ fn offers_for(way: Reach, me: Option<End>, peer: End) -> Vec<SocketAddr> {
         Reach::Endpoint(e) if me.is_some_and(|m| m.near(&peer)) => own.chain([e]).collect(),
         Reach::Endpoint(e) => [e].into_iter().chain(own).collect(),
         Reach::SameSite(_) => own.collect(),
-        Reach::HolePunched(a) => vec![a],
+        // Where a quorum sees it first, then wherever anyone does.
+        Reach::HolePunched(a) => {
+            let seen_at = peer.seen.map_or(&[][..], |s| &s.seen_at[..]);
+            [a].into_iter().chain(seen_at.iter().copied()).collect()
+        }
         Reach::Candidate(_) | Reach::Answered | Reach::Relayed(_) => Vec::new(),
     };
     let mut seen = BTreeSet::new();
@@ -285,18 +366,31 @@ fn way(me: Option<End>, peer: End) -> Reach {
     let Some(me) = me.filter(|m| m.claim.endpoint.is_none()) else {
         return Reach::Answered;
     };
-    match (me.nat, peer.nat) {
-        (Some(mine), Some(theirs)) if mine.reflexive.ip() == theirs.reflexive.ip() => {
+    let mapped = |e: &End| e.seen.and_then(|s| s.mapping);
+    if let (Some(m), Some(t)) = (mapped(&me), mapped(&peer)) {
+        if m.reflexive.ip() == t.reflexive.ip() {
             // Both need an own address, or the ends would disagree.
-            match (me.claim.candidates.first(), peer.claim.candidates.first()) {
+            return match (me.claim.candidates.first(), peer.claim.candidates.first()) {
                 (Some(_), Some(own)) => Reach::SameSite(*own),
                 _ => Reach::Relayed(Why::NoLocalAddress),
-            }
+            };
         }
-        (Some(mine), Some(theirs)) if mine.kind == NatKind::Eim && theirs.kind == NatKind::Eim => {
-            Reach::HolePunched(theirs.reflexive)
+    }
+    let symmetric = |e: &End| e.seen.is_some_and(|s| s.symmetric);
+    if symmetric(&me) || symmetric(&peer) {
+        return Reach::Relayed(Why::SymmetricNat);
+    }
+    if let (Some(m), Some(t)) = (mapped(&me), mapped(&peer)) {
+        if m.kind == NatKind::Eim && t.kind == NatKind::Eim {
+            return Reach::HolePunched(t.reflexive);
         }
-        (Some(_), Some(_)) => Reach::Relayed(Why::SymmetricNat),
+    }
+    // No quorum on a mapping (perhaps one observer lies or keeps quiet):
+    // try where each is seen rather than relay; an address that is not
+    // the peer's gets no authenticated answer and is given up.
+    let seen_at = |e: &End| e.seen.and_then(|s| s.seen_at.first().copied());
+    match (seen_at(&me), seen_at(&peer)) {
+        (Some(_), Some(at)) => Reach::HolePunched(at),
         _ => Reach::Relayed(Why::UnknownMapping),
     }
 }
@@ -446,26 +540,34 @@ mod tests {
             ("symmetric", &symmetric),
             ("unknown", &unknown),
         ]);
-        let nats = claims
+        let sightings = claims
             .iter()
-            .filter_map(|(n, c)| Some((*n, c.nat?)))
+            .filter_map(|(n, c)| Some((*n, sighting_of(c)?)))
             .collect();
         assert_eq!(
-            relayed_pairs(&claims, &nats),
+            relayed_pairs(&claims, &sightings),
             [
                 ("site-a1", "symmetric"),
-                ("site-a1", "unknown"),
                 ("site-b", "symmetric"),
-                ("site-b", "unknown"),
                 ("symmetric", "unknown"),
-            ]
+            ],
+            "a mapping not learnt is no reason to cut a pair off"
         );
+    }
+
+    /// How a claim's own NAT annotation would be seen by a quorum.
+    fn sighting_of(c: &Claim) -> Option<Sighting> {
+        c.nat.map(|m| Sighting {
+            mapping: Some(m),
+            symmetric: m.kind == NatKind::Symmetric,
+            seen_at: vec![m.reflexive],
+        })
     }
 
     fn end(c: &Claim) -> End<'_> {
         End {
             claim: c,
-            nat: c.nat,
+            seen: sighting_of(c).map(|s| &*Box::leak(Box::new(s))),
             region: None,
         }
     }
@@ -553,7 +655,7 @@ mod tests {
     /// A NAT'd node's mapping is where its peers see it now, whatever it
     /// last published; public nodes have none.
     #[test]
-    fn mappings_come_from_the_observers_not_the_node() {
+    fn sightings_come_from_the_observers_not_the_node() {
         let mut observer = claim(Some("198.51.100.1:51820"), None, &[]);
         let mut other = claim(Some("198.51.100.2:51820"), None, &[]);
         // It still publishes its NAT's old address.
@@ -582,27 +684,120 @@ mod tests {
             ("quiet", &quiet),
             ("punched", &punched),
         ]);
-        let got = mappings(&claims);
+        let got = sightings(&claims);
         assert_eq!(
             got,
             BTreeMap::from([(
                 "moved",
-                NatMapping {
-                    kind: NatKind::Eim,
-                    reflexive: addr("203.0.113.99:51820")
+                Sighting {
+                    mapping: Some(NatMapping {
+                        kind: NatKind::Eim,
+                        reflexive: addr("203.0.113.99:51820")
+                    }),
+                    symmetric: false,
+                    seen_at: vec![addr("203.0.113.99:51820")],
                 }
             )]),
             "public nodes and a NAT'd node nobody sees have none"
         );
     }
 
+    /// With two public nodes, one of them lying (or keeping quiet), the
+    /// honest one's view still lets two NAT'd nodes meet directly: a
+    /// mapping the liar makes look symmetric, or keeps below the quorum, is
+    /// tried at every address it is seen at; only symmetric evidence no one
+    /// observer can make up relays a pair from the start.
+    #[test]
+    fn one_lying_observer_cannot_make_a_pair_relay() {
+        let honest = |seen: &[(&str, &str)]| {
+            let mut c = claim(Some("198.51.100.1:51820"), None, &[]);
+            c.observed =
+                std::sync::Arc::new(seen.iter().map(|(n, a)| (n.to_string(), addr(a))).collect());
+            c
+        };
+        let n1 = claim(None, None, &["10.0.0.1:51820"]);
+        let n2 = claim(None, None, &["10.0.1.1:51820"]);
+        let truth = [("n1", "203.0.113.1:4000"), ("n2", "203.0.113.2:4000")];
+        for lie in [
+            // Another port for n1: looks symmetric on two votes.
+            &[("n1", "203.0.113.1:4001"), ("n2", "203.0.113.2:4000")][..],
+            // Quiet about n2: below the quorum.
+            &[("n1", "203.0.113.1:4000")],
+            // Its own address for both (a tie: perhaps tried first, and
+            // given up when no authenticated answer comes).
+            &[("n1", "198.51.100.2:1"), ("n2", "198.51.100.2:1")],
+        ] {
+            let h = honest(&truth);
+            let mut liar = honest(lie);
+            liar.endpoint = Some(addr("198.51.100.2:51820"));
+            let claims = BTreeMap::from([("h", &h), ("liar", &liar), ("n1", &n1), ("n2", &n2)]);
+            let seen = sightings(&claims);
+            assert!(relayed_pairs(&claims, &seen).is_empty(), "{lie:?}");
+            let end = |name: &str| End {
+                claim: claims[name],
+                seen: seen.get(name),
+                region: None,
+            };
+            let got = reach(Some(end("n1")), end("n2"), &BTreeSet::new());
+            assert!(matches!(got, Reach::HolePunched(_)), "{lie:?}: {got:?}");
+            assert!(
+                offers(Some(end("n1")), end("n2")).contains(&addr("203.0.113.2:4000")),
+                "the honest view is among what is tried"
+            );
+        }
+        // Two honest observers seeing n1 at two ports each is evidence.
+        let h1 = honest(&[("n1", "203.0.113.1:4000"), ("n2", "203.0.113.2:4000")]);
+        let h2 = honest(&[("n1", "203.0.113.1:4001"), ("n2", "203.0.113.2:4000")]);
+        let h3 = honest(&[("n1", "203.0.113.1:4002"), ("n2", "203.0.113.2:4000")]);
+        let claims = BTreeMap::from([
+            ("h1", &h1),
+            ("h2", &h2),
+            ("h3", &h3),
+            ("n1", &n1),
+            ("n2", &n2),
+        ]);
+        let seen = sightings(&claims);
+        assert_eq!(relayed_pairs(&claims, &seen), [("n1", "n2")]);
+    }
+
+    #[test]
+    fn symmetric_only_on_evidence_that_survives_one_liar() {
+        let at = |ports: &[u16]| -> Vec<SocketAddr> {
+            ports
+                .iter()
+                .map(|p| SocketAddr::new("203.0.113.1".parse().unwrap(), *p))
+                .collect()
+        };
+        for (ports, want) in [
+            (&[][..], false),
+            (&[1, 1][..], false),
+            (&[1, 2], false),
+            (&[1, 1, 2], false),
+            (&[1, 2, 3], true),
+            (&[1, 1, 2, 2], true),
+        ] {
+            assert_eq!(robustly_symmetric(&at(ports)), want, "{ports:?}");
+        }
+    }
+
     #[test]
     fn only_peers_heard_away_from_what_they_publish_are_observed() {
         let public = claim(Some("198.51.100.1:51820"), None, &[]);
         let natd = claim(None, None, &["10.0.0.1:51820"]);
-        assert!(!worth_observing(addr("198.51.100.1:51820"), &public));
-        assert!(worth_observing(addr("198.51.100.1:40000"), &public));
-        assert!(!worth_observing(addr("10.0.0.1:51820"), &natd));
-        assert!(worth_observing(addr("203.0.113.1:51820"), &natd));
+        let (mut node, _) = fixtures::published(2);
+        node.internal_ips = vec!["10.9.0.2".parse().unwrap()];
+        node.external_ips = vec!["192.0.2.2".parse().unwrap()];
+        let listed = |claim| Listed { claim, node: &node };
+        assert!(!worth_observing(
+            addr("198.51.100.1:51820"),
+            listed(&public)
+        ));
+        assert!(worth_observing(addr("198.51.100.1:40000"), listed(&public)));
+        assert!(!worth_observing(addr("10.0.0.1:51820"), listed(&natd)));
+        assert!(worth_observing(addr("203.0.113.1:51820"), listed(&natd)));
+        // Heard at an address its Node lists (an older release publishes
+        // no candidates): not behind NAT.
+        assert!(!worth_observing(addr("192.0.2.2:51820"), listed(&public)));
+        assert!(!worth_observing(addr("10.9.0.2:1234"), listed(&natd)));
     }
 }

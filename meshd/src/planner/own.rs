@@ -46,11 +46,27 @@ pub struct Reachability {
     pub observed: BTreeMap<String, SocketAddr>,
 }
 
+/// Which of a Node's addresses is its endpoint when nothing says otherwise
+/// (`--endpoint-address`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EndpointAddress {
+    /// Its first ExternalIP (else InternalIP): the address a cloud gives
+    /// it for the outside, right for clusters that span networks.
+    #[default]
+    External,
+    /// Its first InternalIP (else ExternalIP): for clusters whose nodes
+    /// reach each other privately (one VPC, peered or VPN'd networks) and
+    /// have no region labels to say so.
+    Internal,
+}
+
 /// Where this node listens, as configured.
 #[derive(Debug, Clone, Copy)]
 pub struct Listening<'a> {
     /// `--endpoint`.
     pub endpoint: Option<SocketAddr>,
+    /// `--endpoint-address`.
+    pub prefer: EndpointAddress,
     /// `--endpoint-candidate`: more addresses it can be reached at (a VPN's,
     /// a port forward's).
     pub extra: &'a [SocketAddr],
@@ -60,7 +76,7 @@ pub struct Listening<'a> {
 /// What this node publishes about reaching it and its peers. `seen`:
 /// where its peers see it ([`super::nat::observations_of`]); `heard`:
 /// where it hears each peer from (`before`: where it heard those not heard
-/// yet since it started), and `peers` their claims. Its
+/// yet since it started), and `peers` their claims and Nodes. Its
 /// candidates are all its own addresses but the endpoint: InternalIPs,
 /// ExternalIPs, then configured ones. Behind NAT — forced by an admin, or
 /// learnt because peers see it at an address that is not its own — it
@@ -74,7 +90,7 @@ pub fn own_reachability(
     seen: &[SocketAddr],
     heard: &BTreeMap<String, SocketAddr>,
     before: &BTreeMap<String, SocketAddr>,
-    peers: &BTreeMap<&str, &Claim>,
+    peers: &BTreeMap<&str, super::nat::Listed>,
 ) -> Result<Reachability, OwnError> {
     let not_heard_yet = before.iter().filter(|(name, _)| !heard.contains_key(*name));
     let observed = heard
@@ -83,11 +99,11 @@ pub fn own_reachability(
         .filter(|(name, at)| {
             peers
                 .get(name.as_str())
-                .is_some_and(|c| super::nat::worth_observing(**at, c))
+                .is_some_and(|p| super::nat::worth_observing(**at, *p))
         })
         .map(|(name, at)| (name.clone(), *at))
         .collect();
-    let endpoint = own_endpoint(me, listening.endpoint, listening.port, ranges)?;
+    let endpoint = own_endpoint(me, listening, ranges)?;
     let mut own: Vec<SocketAddr> = Vec::new();
     let listed = me.internal_ips.iter().chain(&me.external_ips);
     for a in listed
@@ -128,16 +144,20 @@ pub fn own_reachability(
 
 /// The endpoint to publish: the `--endpoint` flag, else an admin's
 /// `weft.dev/force-endpoint` annotation (`none`: publish none, the node is
-/// behind NAT), else the first ExternalIP (the address meant for the
-/// outside), else the first InternalIP, at the listen port. One every
-/// other node would refuse is an error here.
+/// behind NAT), else the first address of the kind preferred (ExternalIP,
+/// the address meant for the outside, unless told otherwise), else of the
+/// other kind, at the listen port. One every other node would refuse is an
+/// error here.
 fn own_endpoint(
     me: &NodeInfo,
-    flag: Option<SocketAddr>,
-    listen_port: u16,
+    listening: Listening,
     ranges: &ClusterRanges,
 ) -> Result<Option<SocketAddr>, OwnError> {
-    let endpoint = match (flag, me.annotations.get(FORCE_ENDPOINT)) {
+    let (first, then) = match listening.prefer {
+        EndpointAddress::External => (&me.external_ips, &me.internal_ips),
+        EndpointAddress::Internal => (&me.internal_ips, &me.external_ips),
+    };
+    let endpoint = match (listening.endpoint, me.annotations.get(FORCE_ENDPOINT)) {
         (Some(e), _) => e,
         (None, Some(forced)) if forced.trim() == NO_ENDPOINT => return Ok(None),
         (None, Some(forced)) => forced
@@ -147,11 +167,10 @@ fn own_endpoint(
                 value: forced.chars().take(64).collect(),
                 error: e.to_string(),
             })?,
-        (None, None) => me
-            .external_ips
+        (None, None) => first
             .first()
-            .or(me.internal_ips.first())
-            .map(|ip| SocketAddr::new(*ip, listen_port))
+            .or(then.first())
+            .map(|ip| SocketAddr::new(*ip, listening.port))
             .ok_or(OwnError::NoEndpoint)?,
     };
     match endpoint_problem(endpoint, ranges) {
@@ -230,7 +249,16 @@ pub fn own_claim(
         observed: std::sync::Arc::new(reachability.observed),
         nat: reachability.nat,
         candidates: reachability.candidates,
-        given_up: std::sync::Arc::new(local.given_up.clone()),
+        // Not for peers that are down: while nothing answers, the ladder
+        // cycles through their addresses, which is no news to publish.
+        given_up: std::sync::Arc::new(
+            local
+                .given_up
+                .iter()
+                .filter(|(peer, _)| !local.unreachable.contains(*peer))
+                .map(|(peer, addrs)| (peer.clone(), addrs.clone()))
+                .collect(),
+        ),
     })
 }
 
@@ -278,32 +306,62 @@ mod tests {
         )
     }
 
+    fn listening(endpoint: Option<SocketAddr>) -> Listening<'static> {
+        Listening {
+            endpoint,
+            prefer: EndpointAddress::External,
+            extra: &[],
+            port: 51820,
+        }
+    }
+
     #[test]
     fn endpoint_precedence() {
         let r = ClusterRanges::lab();
         let mut me = node("a", BTreeMap::new());
+        // ExternalIP first, unless InternalIPs are preferred.
+        let mut cloud = me.clone();
+        cloud.external_ips = vec![ip("192.0.2.1")];
         assert_eq!(
-            own_endpoint(&me, None, 51820, &r).unwrap(),
+            own_endpoint(&cloud, listening(None), &r).unwrap(),
+            Some("192.0.2.1:51820".parse().unwrap())
+        );
+        let internal = Listening {
+            prefer: EndpointAddress::Internal,
+            ..listening(None)
+        };
+        assert_eq!(
+            own_endpoint(&cloud, internal, &r).unwrap(),
+            Some("198.18.1.1:51820".parse().unwrap())
+        );
+        cloud.internal_ips.clear();
+        assert_eq!(
+            own_endpoint(&cloud, internal, &r).unwrap(),
+            Some("192.0.2.1:51820".parse().unwrap()),
+            "the other kind when there is none of the preferred"
+        );
+        assert_eq!(
+            own_endpoint(&me, listening(None), &r).unwrap(),
             Some("198.18.1.1:51820".parse().unwrap())
         );
         me.annotations
             .insert(FORCE_ENDPOINT.into(), "203.0.113.5:4500".into());
         assert_eq!(
-            own_endpoint(&me, None, 51820, &r).unwrap(),
+            own_endpoint(&me, listening(None), &r).unwrap(),
             Some("203.0.113.5:4500".parse().unwrap())
         );
         let flag = "192.0.2.1:1".parse().unwrap();
         assert_eq!(
-            own_endpoint(&me, Some(flag), 51820, &r).unwrap(),
+            own_endpoint(&me, listening(Some(flag)), &r).unwrap(),
             Some(flag)
         );
         // Behind NAT: no endpoint at all.
         me.annotations
             .insert(FORCE_ENDPOINT.into(), NO_ENDPOINT.into());
-        assert_eq!(own_endpoint(&me, None, 51820, &r).unwrap(), None);
+        assert_eq!(own_endpoint(&me, listening(None), &r).unwrap(), None);
         me.annotations
             .insert(FORCE_ENDPOINT.into(), "nonsense".into());
-        assert!(own_endpoint(&me, None, 51820, &r)
+        assert!(own_endpoint(&me, listening(None), &r)
             .unwrap_err()
             .to_string()
             .contains(FORCE_ENDPOINT));
@@ -311,13 +369,13 @@ mod tests {
         me.annotations
             .insert(FORCE_ENDPOINT.into(), "127.0.0.1:51820".into());
         assert!(matches!(
-            own_endpoint(&me, None, 51820, &r),
+            own_endpoint(&me, listening(None), &r),
             Err(OwnError::UnusableEndpoint { .. })
         ));
         me.internal_ips.clear();
         me.annotations.clear();
         assert_eq!(
-            own_endpoint(&me, None, 51820, &r),
+            own_endpoint(&me, listening(None), &r),
             Err(OwnError::NoEndpoint)
         );
     }
@@ -336,15 +394,15 @@ mod tests {
         let mut peer = fixtures::claim(&peer_node, 2, 2, "198.19.2.0/24".parse().unwrap());
         peer.endpoint = None;
         peer.candidates = vec![addr("10.0.0.2:51820")];
-        let peers = BTreeMap::from([("node-2", &peer)]);
+        let listed = crate::planner::nat::Listed {
+            claim: &peer,
+            node: &peer_node,
+        };
+        let peers = BTreeMap::from([("node-2", listed)]);
         let heard = |at: &str| BTreeMap::from([("node-2".to_string(), addr(at))]);
         let reach = |me: &NodeInfo, flag: Option<&str>, seen: &[&str], heard_at: &str| {
             let seen: Vec<SocketAddr> = seen.iter().map(|a| addr(a)).collect();
-            let listening = Listening {
-                endpoint: flag.map(addr),
-                extra: &[],
-                port: 51820,
-            };
+            let listening = listening(flag.map(addr));
             own_reachability(
                 me,
                 listening,
@@ -422,13 +480,13 @@ mod tests {
         let (peer_node, _) = fixtures::published(2);
         let mut peer = fixtures::claim(&peer_node, 2, 2, "198.19.2.0/24".parse().unwrap());
         peer.endpoint = None;
-        let peers = BTreeMap::from([("node-2", &peer)]);
-        let before = BTreeMap::from([("node-2".to_string(), addr("203.0.113.2:4444"))]);
-        let listening = Listening {
-            endpoint: None,
-            extra: &[],
-            port: 51820,
+        let listed = crate::planner::nat::Listed {
+            claim: &peer,
+            node: &peer_node,
         };
+        let peers = BTreeMap::from([("node-2", listed)]);
+        let before = BTreeMap::from([("node-2".to_string(), addr("203.0.113.2:4444"))]);
+        let listening = listening(None);
         let me = node("a", BTreeMap::new());
         let observed = |heard: &BTreeMap<String, SocketAddr>| {
             own_reachability(&me, listening, &r, &[], heard, &before, &peers)
@@ -452,9 +510,8 @@ mod tests {
         me.external_ips = vec![ip("198.51.100.1")];
         let extra = [addr("192.0.2.7:4500"), addr("10.0.0.1:51820")];
         let listening = Listening {
-            endpoint: None,
             extra: &extra,
-            port: 51820,
+            ..listening(None)
         };
         let seen = [addr("198.51.100.1:51820"), addr("198.51.100.1:51820")];
         let got = own_reachability(

@@ -215,6 +215,7 @@ pub fn run(
                     proofs: (*me.proofs).clone(),
                     listening: weft_meshd::planner::Listening {
                         endpoint: None,
+                        prefer: Default::default(),
                         extra: &[],
                         port: 51820,
                     },
