@@ -449,9 +449,12 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
         .expect("writing the cut");
     drop(nft.stdin.take());
     assert!(nft.wait().expect("nft").success(), "cutting the LAN");
+    // Unheard for the peer timeout (5 s: down), then for a trial window
+    // (7 s: given up), the next address confirmed at a keepalive, and heard
+    // there for a peer timeout (up again): about 19 s.
     wait_for(
         "node-1 and node-2 to meet on their public addresses",
-        REROUTE,
+        Duration::from_secs(45),
         || {
             endpoint_of("node-1", "node-2") == "198.18.16.2:51820"
                 && endpoint_of("node-2", "node-1") == "198.18.16.1:51820"
@@ -517,7 +520,8 @@ fn sites_behind_nat_meet_directly_where_their_nats_allow() {
 /// restarted meshd keeps the votes it had published while its data plane
 /// (which outlived it) is heard from again: the NAT'd nodes keep their
 /// mappings and stay hole-punched, direct — without it, the restart took
-/// one vote away and the pair fell back to a relay until it was heard.
+/// one vote away and a NAT'd node took itself for public until the
+/// restarted meshd heard it again.
 #[test]
 fn a_restarted_observer_keeps_its_votes() {
     let dir = std::env::temp_dir().join(format!("weft-votes-{}", std::process::id()));
@@ -532,9 +536,18 @@ fn a_restarted_observer_keeps_its_votes() {
 ",
     )
     .expect("writing the topology");
-    let mut args = vec!["--topology", file.to_str().expect("a UTF-8 path")];
-    args.extend(["--pods-per-node", "1"]);
-    args.extend(FAST);
+    // The shipped keepalive: a restarted meshd hears its peers again only
+    // at their next keepalives, up to 10 s later.
+    let args = [
+        "--topology",
+        file.to_str().expect("a UTF-8 path"),
+        "--pods-per-node",
+        "1",
+        "--config",
+        "WEFT_PERSISTENT_KEEPALIVE=10",
+        "--config",
+        "WEFT_PEER_TIMEOUT=30",
+    ];
     let lab = Lab::up("t-route-votes", &args);
     let _ = std::fs::remove_dir_all(&dir);
     let punched = || {
@@ -542,7 +555,11 @@ fn a_restarted_observer_keeps_its_votes() {
             && carrier(&lab, "node-4", "node-3").as_deref() == Some("node-3")
             && endpoint_of(&lab, "node-3", "node-4").starts_with("198.18.14.5:")
     };
-    wait_for("node-3 and node-4 to be hole-punched", REROUTE, punched);
+    wait_for(
+        "node-3 and node-4 to be hole-punched",
+        Duration::from_secs(60),
+        punched,
+    );
     let nat = |n: &str| {
         lab.kubectl(&[
             "get",
@@ -555,8 +572,9 @@ fn a_restarted_observer_keeps_its_votes() {
     let before = (nat("node-3"), nat("node-4"));
     stop_meshd(&lab, "node-1");
     lab.ok(&["start-meshd", "node-1"]);
-    // Through the restarted meshd's first syncs and past a peer timeout.
-    let until = Instant::now() + Duration::from_secs(8);
+    // Through the restarted meshd's first syncs, until it has heard its
+    // peers' keepalives again.
+    let until = Instant::now() + Duration::from_secs(15);
     while Instant::now() < until {
         assert!(punched(), "node-3 and node-4 no longer meet directly");
         assert_eq!((nat("node-3"), nat("node-4")), before, "a NAT forgotten");
