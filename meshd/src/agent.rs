@@ -859,7 +859,9 @@ impl Agent {
         // (this runs up to four times a second; a change waits for the
         // next look after that), and per peer at most one per timeout.
         let given_up = self.ladder.given_up();
-        if (down != self.local.unreachable || given_up != self.local.given_up)
+        let confirmed = self.ladder.confirmed();
+        let addresses_moved = given_up != self.local.given_up || confirmed != self.local.confirmed;
+        if (down != self.local.unreachable || addresses_moved)
             && self.link_state.admit(LINK_STATE_INTERVAL, Instant::now())
         {
             if down != self.local.unreachable {
@@ -870,6 +872,7 @@ impl Agent {
             }
             self.local.unreachable = down;
             self.local.given_up = given_up;
+            self.local.confirmed = confirmed;
             return true;
         }
         let grace_over =

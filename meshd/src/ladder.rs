@@ -115,6 +115,18 @@ impl Ladder {
             .collect()
     }
 
+    /// The address each peer answered at, while it has not been given up
+    /// (the planner keeps it while it is offered).
+    pub fn confirmed(&self) -> BTreeMap<String, SocketAddr> {
+        self.peers
+            .iter()
+            .filter_map(|(name, r)| {
+                let t = r.trial?;
+                (t.state != TrialState::Trying).then(|| (name.clone(), t.at))
+            })
+            .collect()
+    }
+
     /// Judges each planned peer's address on trial from what the data
     /// plane says of it, with `down` the peers [`crate::liveness`] judges
     /// down now. What was given up is then [`Ladder::given_up`]'s.
@@ -126,17 +138,20 @@ impl Ladder {
         now: Instant,
         window: Duration,
     ) {
+        // A peer with one address has nothing to fall back to, but where
+        // it answered is kept (see `confirmed`) should more be offered.
         self.peers.retain(|name, _| {
             planned
                 .get(name.as_str())
-                .is_some_and(|p| p.offers.len() > 1)
+                .is_some_and(|p| !p.offers.is_empty())
         });
         for (name, plan) in planned {
-            let (Some(at), Some(device), true) =
-                (plan.endpoint, seen.get(name), plan.offers.len() > 1)
-            else {
+            let (Some(at), Some(device)) = (plan.endpoint, seen.get(name)) else {
                 continue;
             };
+            if plan.offers.is_empty() {
+                continue;
+            }
             let rungs = self.peers.entry(name.to_string()).or_default();
             rungs.given_up.retain(|a| plan.offers.contains(a));
             let r = device.reading;
@@ -439,7 +454,7 @@ mod tests {
     }
 
     #[test]
-    fn peers_with_one_address_or_none_are_left_alone() {
+    fn a_peer_with_one_address_gives_up_nothing_and_keeps_it_once_answered() {
         let mut ladder = Ladder::default();
         let one = [addr("198.51.100.2:51820")];
         let planned = BTreeMap::from([(
@@ -449,19 +464,30 @@ mod tests {
                 endpoint: Some(one[0]),
             },
         )]);
-        let readings = BTreeMap::from([(
-            "b",
-            Seen {
-                reading: Reading::default(),
-                endpoint: Some(one[0]),
-            },
-        )]);
+        let seen = |rx| {
+            BTreeMap::from([(
+                "b",
+                Seen {
+                    reading: Reading {
+                        rx,
+                        ..Reading::default()
+                    },
+                    endpoint: Some(one[0]),
+                },
+            )])
+        };
         let start = Instant::now();
         for s in [0, 100, 1000] {
             let now = start + Duration::from_secs(s);
-            ladder.observe(&planned, &readings, &BTreeSet::new(), now, WINDOW);
+            ladder.observe(&planned, &seen(0), &BTreeSet::new(), now, WINDOW);
             assert!(ladder.given_up().is_empty());
+            assert!(ladder.confirmed().is_empty(), "never answered");
         }
-        assert!(ladder.given_up().is_empty());
+        let now = start + Duration::from_secs(1001);
+        ladder.observe(&planned, &seen(148), &BTreeSet::new(), now, WINDOW);
+        assert_eq!(ladder.confirmed(), BTreeMap::from([("b".into(), one[0])]));
+        // Offered nothing: forgotten.
+        ladder.observe(&BTreeMap::new(), &seen(148), &BTreeSet::new(), now, WINDOW);
+        assert!(ladder.confirmed().is_empty());
     }
 }

@@ -379,6 +379,9 @@ pub struct LocalConfig {
     /// The peers' candidate addresses this node gave up on (see
     /// [`crate::ladder`]): each is sent to at its best other one.
     pub given_up: crate::annotations::GivenUp,
+    /// The address each peer answered at ([`crate::ladder`]): kept while
+    /// the peer offers it.
+    pub confirmed: BTreeMap<String, SocketAddr>,
 }
 
 impl LocalConfig {
@@ -395,6 +398,7 @@ impl LocalConfig {
             heard_from: BTreeMap::new(),
             observed_before: BTreeMap::new(),
             given_up: BTreeMap::new(),
+            confirmed: BTreeMap::new(),
         }
     }
 }

@@ -816,3 +816,110 @@ fn the_oldest_node_lying_about_where_nodes_are_draws_nothing() {
     }
     assert_eq!(endpoint_of(&lab, "node-2", "node-3"), "10.77.0.3:51820");
 }
+
+/// With only two public nodes, the oldest is every NAT's second vote.
+/// Lying (other ports for the NAT'd nodes, so that their NATs look
+/// symmetric) or keeping quiet (no quorum left), it still cannot make the
+/// two NAT'd nodes relay — through itself, where it would read their
+/// traffic — nor cost them their direct link for a moment: they keep the
+/// addresses they answered at, among those the honest public node sees.
+#[test]
+fn with_two_public_nodes_the_oldest_cannot_make_nat_pairs_relay() {
+    use common::{carrier, pod_ips, reply_ttl};
+    let dir = std::env::temp_dir().join(format!("weft-veto-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let file = dir.join("sites.yaml");
+    std::fs::write(
+        &file,
+        "sites:
+- {name: cloud, nodes: 2}
+- {name: edge-a, nodes: 1, nat: masquerade}
+- {name: edge-b, nodes: 1, nat: masquerade}
+",
+    )
+    .expect("writing the topology");
+    let lab = Lab::up(
+        "t-veto",
+        &[
+            "--topology",
+            file.to_str().expect("a UTF-8 path"),
+            "--pods-per-node",
+            "1",
+            "--config",
+            "WEFT_PERSISTENT_KEEPALIVE=1",
+            "--config",
+            "WEFT_PEER_TIMEOUT=5",
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let bound = Duration::from_secs(30);
+    for (n, at) in [
+        ("node-3", "198.18.14.3:51820"),
+        ("node-4", "198.18.14.5:51820"),
+    ] {
+        wait_for(&format!("{n} to learn its NAT"), bound, || {
+            published(&lab, n).get("weft.dev/nat").map(String::as_str) == Some(&format!("eim {at}"))
+        });
+    }
+    let direct = || {
+        carrier(&lab, "node-3", "node-4").as_deref() == Some("node-4")
+            && carrier(&lab, "node-4", "node-3").as_deref() == Some("node-3")
+    };
+    // Settled: neither reports the other down (a pair that met only after
+    // its first peer timeout is down until heard for one more).
+    let settled = || {
+        direct()
+            && ["node-3", "node-4"]
+                .iter()
+                .all(|n| !published(&lab, n).contains_key("weft.dev/unreachable"))
+    };
+    wait_for("node-3 and node-4 to meet directly", bound, settled);
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < until {
+        assert!(direct(), "node-3 and node-4 flap before any lie");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let natd_cidrs: Vec<String> = ["node-3", "node-4"]
+        .iter()
+        .flat_map(|n| {
+            node(&lab.status(), n)["podCIDRs"]
+                .as_array()
+                .expect("pod CIDRs")
+                .iter()
+                .map(|c| c.as_str().expect("a CIDR").to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+
+    signal(common::pid_of_meshd(&lab, "node-1"), "-KILL");
+    let lie = |v: Option<&str>| -> Patch {
+        [("weft.dev/observed".to_string(), v.map(String::from))].into()
+    };
+    for (what, patch) in [
+        (
+            "other ports",
+            lie(Some("node-3=198.18.14.3:40001,node-4=198.18.14.5:40001")),
+        ),
+        ("quiet", lie(None)),
+    ] {
+        as_node(&lab, "node-1", &patch);
+        // Past a trial window (7 s) and a peer timeout, checked all along.
+        let until = std::time::Instant::now() + Duration::from_secs(12);
+        while std::time::Instant::now() < until {
+            assert!(
+                direct(),
+                "{what}: node-3 and node-4 no longer meet directly"
+            );
+            for n in ["node-2", "node-3", "node-4"] {
+                let to_attacker = peers(&lab, n).remove("node-1").unwrap_or_default();
+                assert!(
+                    !to_attacker.iter().any(|a| natd_cidrs.contains(a)),
+                    "{what}: {n} relays a NAT'd node's pods through node-1: {to_attacker:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+    let (v4, _) = pod_ips(&lab, "pod-4-1");
+    assert_eq!(reply_ttl(&lab, "pod-3-1", &v4), Some(62), "direct");
+}

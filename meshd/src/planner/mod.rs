@@ -133,13 +133,26 @@ pub fn plan_judged(
                 let key = claim.key_at(snapshot.now);
                 let peer = end(name);
                 let given_up = local.given_up.get(name).unwrap_or(&none);
+                let offers = peer.map_or_else(Vec::new, |p| nat::offers(mine, p));
+                // An address that answers stays while it is offered, even
+                // when a new one ranks above it (a peer's, or an observer's
+                // claim, which may be a lie): trying that would risk the
+                // traffic on it.
+                let kept = local
+                    .confirmed
+                    .get(name.as_str())
+                    .filter(|a| offers.contains(a))
+                    .copied();
                 peers.push((
                     key,
                     Peer {
                         node: name.clone(),
-                        endpoint: peer
-                            .map_or(claim.endpoint, |p| nat::reach(mine, p, given_up).endpoint()),
-                        offers: peer.map_or_else(Vec::new, |p| nat::offers(mine, p)),
+                        endpoint: kept.or_else(|| {
+                            peer.map_or(claim.endpoint, |p| {
+                                nat::reach(mine, p, given_up).endpoint()
+                            })
+                        }),
+                        offers,
                         allowed_ips: BTreeSet::new(),
                         mesh_addresses: claim.mesh_addresses.clone(),
                         persistent_keepalive: local.persistent_keepalive,

@@ -310,6 +310,44 @@ fn nodes_behind_nat_have_no_endpoint_and_do_not_conflict() {
     assert_eq!(d.paths["node-3"], Hop::Direct);
 }
 
+/// A peer's addresses: its endpoint, then its candidates (no region
+/// shared); the best not given up, unless one it answered at is still
+/// offered, which stays even when a new address ranks above it.
+#[test]
+fn a_peer_is_sent_to_its_best_address_or_the_one_it_answered_at() {
+    use crate::annotations::CANDIDATES;
+    let mut two = simple(2);
+    two.annotations
+        .insert(CANDIDATES.into(), "10.0.0.2:51820".into());
+    let nodes = vec![simple(1), two.clone()];
+    let endpoint = |nodes: &[NodeInfo], local: &LocalConfig| {
+        plan(&snapshot(nodes.to_vec()), local).peers[&key(2)].endpoint
+    };
+    let addr = |s: &str| -> std::net::SocketAddr { s.parse().unwrap() };
+    let mut me = local("node-1");
+    assert_eq!(endpoint(&nodes, &me), Some(addr("198.18.1.2:51820")));
+    assert_eq!(
+        plan(&snapshot(nodes.clone()), &me).peers[&key(2)].offers,
+        [addr("198.18.1.2:51820"), addr("10.0.0.2:51820")]
+    );
+    me.given_up
+        .insert("node-2".into(), [addr("198.18.1.2:51820")].into());
+    assert_eq!(endpoint(&nodes, &me), Some(addr("10.0.0.2:51820")));
+    // It answered there; then it (or a liar, for a NAT'd node's observed
+    // addresses) offers a new address above it: kept.
+    me.given_up.clear();
+    me.confirmed.insert("node-2".into(), addr("10.0.0.2:51820"));
+    two.annotations
+        .insert(CANDIDATES.into(), "10.0.0.9:51820,10.0.0.2:51820".into());
+    let nodes = vec![simple(1), two.clone()];
+    assert_eq!(endpoint(&nodes, &me), Some(addr("10.0.0.2:51820")));
+    // No longer offered: the best again.
+    two.annotations
+        .insert(CANDIDATES.into(), "10.0.0.9:51820".into());
+    let nodes = vec![simple(1), two];
+    assert_eq!(endpoint(&nodes, &me), Some(addr("198.18.1.2:51820")));
+}
+
 #[test]
 fn the_parse_memo_returns_what_parsing_returns() {
     let r = ClusterRanges::lab();
