@@ -281,7 +281,7 @@ fn node_addresses<'a>(
 }
 
 /// [`NAT`]: `eim|symmetric IP:port`.
-fn nat(node: &NodeInfo, ranges: &ClusterRanges) -> Result<Option<NatMapping>, Rejection> {
+pub fn nat(node: &NodeInfo, ranges: &ClusterRanges) -> Result<Option<NatMapping>, Rejection> {
     let Some(v) = node.annotations.get(NAT) else {
         return Ok(None);
     };

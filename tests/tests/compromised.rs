@@ -8,7 +8,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{client, kubeconfig_with, kubelet_token, node, pod_token, signal, wait_for, Lab};
+use common::{
+    client, kubeconfig_with, kubelet_token, node, pod_token, signal, wait_for, Lab, FAST,
+};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, PatchParams, PostParams};
 use kube::Client;
@@ -689,33 +691,16 @@ fn the_oldest_node_claiming_an_endpoint_is_not_believed_there() {
 /// up); and nothing crosses the fabric in plaintext.
 #[test]
 fn the_oldest_node_lying_about_where_nodes_are_draws_nothing() {
-    use common::{carrier, endpoint_of, pod_ips, reply_ttl};
-    let dir = std::env::temp_dir().join(format!("weft-liar-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temp dir");
-    let file = dir.join("sites.yaml");
-    std::fs::write(
-        &file,
+    use common::{carrier, endpoint_of, pod_cidrs_of, pod_ips, reply_ttl, sites_lab};
+    let lab = sites_lab(
+        "t-liar",
         "sites:
 - {name: cloud, nodes: 3, region: eu, lan: true}
 - {name: edge-a, nodes: 1, nat: masquerade}
 - {name: edge-b, nodes: 1, nat: masquerade}
 ",
-    )
-    .expect("writing the topology");
-    let lab = Lab::up(
-        "t-liar",
-        &[
-            "--topology",
-            file.to_str().expect("a UTF-8 path"),
-            "--pods-per-node",
-            "1",
-            "--config",
-            "WEFT_PERSISTENT_KEEPALIVE=1",
-            "--config",
-            "WEFT_PEER_TIMEOUT=5",
-        ],
+        &FAST,
     );
-    let _ = std::fs::remove_dir_all(&dir);
     let bound = Duration::from_secs(30);
     let nat_of = |n: &str| published(&lab, n).get("weft.dev/nat").cloned();
     for (n, at) in [
@@ -765,22 +750,11 @@ fn the_oldest_node_lying_about_where_nodes_are_draws_nothing() {
 
     // What no node may route to node-1: other nodes' pod CIDRs and the
     // addresses it claims.
-    let status = lab.status();
-    let mut not_its: Vec<String> = ["node-2", "node-3", "node-4", "node-5"]
-        .iter()
-        .flat_map(|n| {
-            node(&status, n)["podCIDRs"]
-                .as_array()
-                .expect("pod CIDRs")
-                .iter()
-                .map(|c| c.as_str().expect("a CIDR").to_string())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let honest = ["node-2", "node-3", "node-4", "node-5"];
+    let mut not_its = pod_cidrs_of(&lab, &honest);
     not_its.extend(
         ["10.77.0.2", "198.18.16.2", "198.18.16.3", "198.18.0.1"].map(|a| format!("{a}/32")),
     );
-    let honest = ["node-2", "node-3", "node-4", "node-5"];
     // Past the peers' trials of the false addresses (a trial lasts 2
     // keepalives + 5 s), checked all along.
     let until = std::time::Instant::now() + Duration::from_secs(12);
@@ -825,33 +799,16 @@ fn the_oldest_node_lying_about_where_nodes_are_draws_nothing() {
 /// addresses they answered at, among those the honest public node sees.
 #[test]
 fn with_two_public_nodes_the_oldest_cannot_make_nat_pairs_relay() {
-    use common::{carrier, pod_ips, reply_ttl};
-    let dir = std::env::temp_dir().join(format!("weft-veto-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temp dir");
-    let file = dir.join("sites.yaml");
-    std::fs::write(
-        &file,
+    use common::{carrier, pod_cidrs_of, pod_ips, reply_ttl, sites_lab};
+    let lab = sites_lab(
+        "t-veto",
         "sites:
 - {name: cloud, nodes: 2}
 - {name: edge-a, nodes: 1, nat: masquerade}
 - {name: edge-b, nodes: 1, nat: masquerade}
 ",
-    )
-    .expect("writing the topology");
-    let lab = Lab::up(
-        "t-veto",
-        &[
-            "--topology",
-            file.to_str().expect("a UTF-8 path"),
-            "--pods-per-node",
-            "1",
-            "--config",
-            "WEFT_PERSISTENT_KEEPALIVE=1",
-            "--config",
-            "WEFT_PEER_TIMEOUT=5",
-        ],
+        &FAST,
     );
-    let _ = std::fs::remove_dir_all(&dir);
     let bound = Duration::from_secs(30);
     for (n, at) in [
         ("node-3", "198.18.14.3:51820"),
@@ -879,17 +836,7 @@ fn with_two_public_nodes_the_oldest_cannot_make_nat_pairs_relay() {
         assert!(direct(), "node-3 and node-4 flap before any lie");
         std::thread::sleep(Duration::from_millis(250));
     }
-    let natd_cidrs: Vec<String> = ["node-3", "node-4"]
-        .iter()
-        .flat_map(|n| {
-            node(&lab.status(), n)["podCIDRs"]
-                .as_array()
-                .expect("pod CIDRs")
-                .iter()
-                .map(|c| c.as_str().expect("a CIDR").to_string())
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let natd_cidrs = pod_cidrs_of(&lab, &["node-3", "node-4"]);
 
     signal(common::pid_of_meshd(&lab, "node-1"), "-KILL");
     let lie = |v: Option<&str>| -> Patch {

@@ -82,7 +82,9 @@ pub struct Listening<'a> {
 /// learnt because peers see it at an address that is not its own — it
 /// publishes no endpoint but its mapping and its own addresses; an
 /// `--endpoint` flag or an address an admin forces is published as given
-/// (it is in front of any NAT).
+/// (it is in front of any NAT). Once behind NAT, it stays so when the
+/// votes vanish (its published mapping stands until a quorum sees it
+/// again); only an admin's `weft.dev/force-endpoint` makes it public again.
 pub fn own_reachability(
     me: &NodeInfo,
     listening: Listening,
@@ -115,7 +117,13 @@ pub fn own_reachability(
         }
     }
     let own_ips: Vec<IpAddr> = own.iter().map(SocketAddr::ip).collect();
-    let nat = super::nat::mapping(seen, &own_ips);
+    // Once behind NAT, it stays so while no quorum says otherwise: votes
+    // that vanish (an observer restarting, gone, or a compromised one
+    // keeping quiet) are no evidence of a public address, and two NAT'd
+    // nodes taking themselves for public would count as each other's
+    // observers and flip each other back and forth.
+    let nat = super::nat::mapping(seen, &own_ips)
+        .or_else(|| crate::annotations::nat(me, ranges).ok().flatten());
     let forced_here = listening.endpoint.is_some()
         || me
             .annotations
@@ -469,6 +477,24 @@ mod tests {
         let unseen = reach(&none, None, &[], "10.0.0.2:51820");
         assert_eq!((unseen.endpoint, unseen.nat), (None, None));
         assert_eq!(unseen.candidates, vec![addr("198.18.1.1:51820")]);
+        // Learnt behind NAT, then the votes vanish: still behind NAT, at
+        // the mapping it published.
+        let mut learnt = node("a", BTreeMap::new());
+        learnt.annotations.insert(
+            crate::annotations::NAT.into(),
+            "eim 203.0.113.9:40000".into(),
+        );
+        let alone = reach(&learnt, None, &["203.0.113.9:40000"], "10.0.0.2:51820");
+        assert_eq!(alone.endpoint, None, "one vote left: still behind NAT");
+        assert_eq!(alone.nat, natd.nat);
+        // A quorum elsewhere: the new mapping.
+        let moved = reach(
+            &learnt,
+            None,
+            &["203.0.113.7:1", "203.0.113.7:1"],
+            "10.0.0.2:51820",
+        );
+        assert_eq!(moved.nat.map(|m| m.reflexive), Some(addr("203.0.113.7:1")));
     }
 
     /// A restarted node keeps observing where it heard NAT'd peers before,

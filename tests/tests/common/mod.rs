@@ -18,6 +18,15 @@ use weft_meshd::planner::mesh_address_of;
 
 pub const MESHLAB: &str = env!("CARGO_BIN_EXE_meshlab");
 
+/// Short lab timers (keepalive 1 s, peer timeout 5 s), so links settle
+/// and fail over in seconds.
+pub const FAST: [&str; 4] = [
+    "--config",
+    "WEFT_PERSISTENT_KEEPALIVE=1",
+    "--config",
+    "WEFT_PEER_TIMEOUT=5",
+];
+
 /// How a lab in meshlab's guest reports its nodes' data planes.
 pub const DATA_PLANES_MARKER: &str = "lab data planes: ";
 
@@ -937,4 +946,62 @@ pub fn endpoint_of(lab: &Lab, at: &str, peer: &str) -> String {
         .and_then(|p| p["endpoint"].as_str())
         .unwrap_or_default()
         .to_string()
+}
+
+/// A lab of the sites `topology` describes (a topology file's text,
+/// docs/lab.md), one pod per node, with `extra` arguments.
+pub fn sites_lab(name: &str, topology: &str, extra: &[&str]) -> Lab {
+    let dir = std::env::temp_dir().join(format!("weft-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let file = dir.join("sites.yaml");
+    std::fs::write(&file, topology).expect("writing the topology");
+    let mut args = vec![
+        "--topology",
+        file.to_str().expect("a UTF-8 path"),
+        "--pods-per-node",
+        "1",
+    ];
+    args.extend(extra);
+    let lab = Lab::up(name, &args);
+    let _ = std::fs::remove_dir_all(&dir);
+    lab
+}
+
+/// Node `n`'s annotation `key` ("" when absent).
+pub fn annotation(lab: &Lab, n: &str, key: &str) -> String {
+    let path = format!(
+        "jsonpath={{.metadata.annotations.{}}}",
+        key.replace('.', "\\.")
+    );
+    lab.kubectl(&["get", "node", n, "-o", &path])
+}
+
+/// How `meshctl status AT` says `at` reaches `peer` (its "reach").
+pub fn meshctl_reach(lab: &Lab, at: &str, peer: &str) -> String {
+    let status = lab.meshctl(&["status", at, "-o", "json"]);
+    let status: Value = serde_json::from_str(&status).expect("meshctl status JSON");
+    status["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .find(|p| p["node"] == peer)
+        .and_then(|p| p["reach"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The pod CIDRs of `nodes`, as the lab's status has them.
+pub fn pod_cidrs_of(lab: &Lab, nodes: &[&str]) -> Vec<String> {
+    let status = lab.status();
+    nodes
+        .iter()
+        .flat_map(|n| {
+            node(&status, n)["podCIDRs"]
+                .as_array()
+                .expect("pod CIDRs")
+                .iter()
+                .map(|c| c.as_str().expect("a CIDR").to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
