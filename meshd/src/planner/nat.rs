@@ -193,14 +193,21 @@ pub fn relayed_pairs<'a>(
             (name, end)
         })
         .collect();
+    // Only a pair with a symmetric end relays from the start: pairs are
+    // looked at from those ends (few, where NATs are mostly kind), not
+    // all NAT'd pairs.
+    let symmetric = |e: &End| e.seen.is_some_and(|s| s.symmetric);
     let mut pairs = Vec::new();
-    for (i, (a, end_a)) in natd.iter().enumerate() {
-        for (b, end_b) in &natd[i + 1..] {
-            if way(Some(*end_a), *end_b) == Reach::Relayed(Why::SymmetricNat) {
-                pairs.push((*a, *b));
+    for (a, end_a) in natd.iter().filter(|(_, e)| symmetric(e)) {
+        for (b, end_b) in &natd {
+            // A pair of two symmetric ends once, in name order.
+            let once = !symmetric(end_b) || a < b;
+            if a != b && once && way(Some(*end_a), *end_b) == Reach::Relayed(Why::SymmetricNat) {
+                pairs.push(if a < b { (*a, *b) } else { (*b, *a) });
             }
         }
     }
+    pairs.sort_unstable();
     pairs
 }
 

@@ -50,7 +50,7 @@ pub struct Links<'a> {
 
 impl<'a> Links<'a> {
     /// `relayed`: pairs known not to meet directly whatever their ends
-    /// report. Cost: O(members + reported links).
+    /// report. Cost: O(members + reported links + relayed pairs).
     pub fn new(
         members: impl IntoIterator<Item = Member<'a>>,
         relayed: impl IntoIterator<Item = (&'a str, &'a str)>,
