@@ -249,10 +249,6 @@ impl Net {
     /// Pings `to` from side `from` `count` times every 10 ms, running
     /// `during` a second in; returns how many answers came back.
     fn pings_answered(&self, from: usize, to: IpAddr, count: u32, during: impl FnOnce()) -> u32 {
-        // ping waits for every reply until this deadline (otherwise only
-        // two round trips after the last request): a timeout, scaled in a
-        // slow guest, not a measurement — a late reply is no loss.
-        let deadline = count / 100 + meshlab::lab::scaled(Duration::from_secs(3)).as_secs() as u32;
         let mut c = Command::new("ip");
         c.args([
             "netns",
@@ -263,8 +259,8 @@ impl Net {
             "-q",
             "-i",
             "0.01",
-            "-w",
-            &deadline.to_string(),
+            "-W",
+            "1",
         ])
         .args(["-c", &count.to_string(), &to.to_string()]);
         let ping = std::thread::spawn(move || run_bounded(c, Duration::from_secs(60)));
