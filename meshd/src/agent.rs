@@ -393,6 +393,9 @@ struct Agent {
     /// Every accepted node's pod CIDRs, for the policy engine (which binds
     /// pods' reported addresses to their node's).
     pod_cidrs: tokio::sync::watch::Sender<Option<Arc<NodePodCidrs>>>,
+    /// Every Node's labels and addresses, for ClusterNetworkPolicy's
+    /// `nodes` peers.
+    policy_nodes: tokio::sync::watch::Sender<Arc<Vec<weft_policy::NodeInfo>>>,
     policy: PolicyStatus,
     /// Other CNI configurations last found sorting before Weft's (warned
     /// about on change).
@@ -523,17 +526,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Before the first sync can publish the node state: the plugin then
     // knows whether to wait for a policy program.
     let mut enforcement = Enforcement::new(&args.cni.cni_state_file, health.clone());
+    let events = cluster::Events::new(client.clone(), &args.event_namespace, &args.node_name);
     let (pod_cidrs, cidrs_for_policy) = tokio::sync::watch::channel(None);
+    let (policy_nodes, nodes_for_policy) = tokio::sync::watch::channel(Arc::default());
     if args.network_policy {
-        let options = weft_policy::render::Options {
-            log_per_second: (args.log_policy_drops > 0).then_some(args.log_policy_drops),
+        let feeds = crate::policy::Feeds {
+            client: client.clone(),
+            node: args.node_name.clone(),
+            options: weft_policy::render::Options {
+                log_per_second: (args.log_policy_drops > 0).then_some(args.log_policy_drops),
+            },
+            ipam_dir: args.cni.cni_ipam_dir.clone(),
+            cidrs: cidrs_for_policy,
+            nodes: nodes_for_policy,
+            events: events.clone(),
         };
         tokio::spawn(crate::policy::supervise(
-            client.clone(),
-            args.node_name.clone(),
-            options,
-            args.cni.cni_ipam_dir.clone(),
-            cidrs_for_policy,
+            feeds,
             Arc::new(std::sync::Mutex::new(enforcement)),
         ));
     } else {
@@ -629,7 +638,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             observed_before,
             ..LocalConfig::new(&args.node_name, ranges)
         },
-        events: cluster::Events::new(client.clone(), &args.event_namespace, &args.node_name),
+        events: events.clone(),
         args,
         client,
         key_store,
@@ -660,6 +669,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         planned: false,
         needs_sync: true,
         pod_cidrs,
+        policy_nodes,
         conf_ahead: Vec::new(),
         policy: PolicyStatus {
             reports: policy_reports,
@@ -1180,6 +1190,17 @@ impl Agent {
         let probed = self.reconciler.overlap().is_some();
         // Gather.
         let objects = sources.nodes.state();
+        let policy_nodes: Vec<weft_policy::NodeInfo> = objects
+            .iter()
+            .map(|n| weft_policy::NodeInfo::from_node(n))
+            .collect();
+        self.policy_nodes.send_if_modified(|held| {
+            let changed = **held != policy_nodes;
+            if changed {
+                *held = Arc::new(policy_nodes);
+            }
+            changed
+        });
         let blocks = self.block_record(sources);
         let (revoked, errors) = crate::revoked::of(sources.revoked.state().first().map(|c| &**c));
         let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -1348,7 +1369,7 @@ impl Agent {
                 note,
             };
             let uid = (!me.uid.is_empty()).then(|| me.uid.clone());
-            match cluster::warn(&self.events, &me.name, uid, warning).await {
+            match cluster::warn(&self.events, cluster::node_ref(&me.name, uid), warning).await {
                 Ok(()) => self.health.metrics.count_write("event"),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not record an Event"),
             }

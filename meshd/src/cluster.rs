@@ -11,11 +11,13 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, reflector, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use serde_json::Value;
+
+use weft_policy::cnp::ClusterNetworkPolicy;
 
 use crate::annotations::PREFIX;
 use crate::model::{NodeInfo, Placement};
@@ -248,7 +250,36 @@ pub async fn report_exclusion(events: &Events, node: &Node, note: String) -> Res
         reason: "WeftAnnotationsRejected",
         note,
     };
-    warn(events, &node.name_any(), node.uid(), warning).await
+    warn(events, node_ref(&node.name_any(), node.uid()), warning).await
+}
+
+/// A reference to the Node `name` (of `uid`).
+pub fn node_ref(name: &str, uid: Option<String>) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(name.into()),
+        uid,
+        ..ObjectReference::default()
+    }
+}
+
+/// Every ClusterNetworkPolicy (none where the CRD is not installed).
+pub async fn cluster_policies(client: &Client) -> Result<Vec<ClusterNetworkPolicy>> {
+    let api = Api::all(client.clone());
+    Ok(list_served(&api, &ListParams::default())
+        .await?
+        .unwrap_or_default())
+}
+
+/// The objects of the kind of `api`; `None` where the API does not serve
+/// that kind (a CRD not installed: it answers 404).
+pub async fn list_served<K: Watched>(api: &Api<K>, params: &ListParams) -> Result<Option<Vec<K>>> {
+    match api.list(params).await {
+        Ok(list) => Ok(Some(list.items)),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("listing {}", K::plural(&()))),
+    }
 }
 
 /// What a Warning Event says.
@@ -258,13 +289,9 @@ pub struct Warning {
     pub note: String,
 }
 
-/// A Warning Event regarding the Node `name` (of `uid`).
-pub async fn warn(
-    events: &Events,
-    name: &str,
-    uid: Option<String>,
-    warning: Warning,
-) -> Result<()> {
+/// A Warning Event regarding the object `regarding`.
+pub async fn warn(events: &Events, regarding: ObjectReference, warning: Warning) -> Result<()> {
+    let name = regarding.name.clone().unwrap_or_default();
     let event = Event {
         metadata: ObjectMeta {
             generate_name: Some(format!("{name}.")),
@@ -277,13 +304,7 @@ pub async fn warn(
         reason: Some(warning.reason.into()),
         type_: Some("Warning".into()),
         note: Some(warning.note.chars().take(1024).collect()),
-        regarding: Some(ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(name.into()),
-            uid,
-            ..ObjectReference::default()
-        }),
+        regarding: Some(regarding),
         ..Event::default()
     };
     events

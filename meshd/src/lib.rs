@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod annotations;
 pub mod cluster;
+pub mod cluster_policy;
 pub mod cni;
 pub mod dataplane;
 pub mod decide;

@@ -23,17 +23,21 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::ListParams;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use tokio::sync::{watch, Notify};
 use weft_ipam::PolicyState;
+use weft_policy::cnp::ClusterNetworkPolicy;
 use weft_policy::engine::Engine;
 use weft_policy::netlink::EnforceError;
 use weft_policy::render;
-use weft_policy::{nft, NamespaceInfo, NodePodCidrs, PodInfo};
+use weft_policy::{nft, NamespaceInfo, NodeInfo, NodePodCidrs, PodInfo, Snapshot};
 
 use crate::annotations::PolicyApplied;
+use crate::cluster::Events;
+use crate::cluster_policy::Status;
 use crate::http::Health;
 
 const DEBOUNCE: Duration = Duration::from_millis(20);
@@ -47,6 +51,8 @@ struct Dirty {
     pods: BTreeSet<String>,
     /// NetworkPolicies (`namespace/name`) created, changed or deleted.
     policies: BTreeSet<String>,
+    /// ClusterNetworkPolicies (by name) created, changed or deleted.
+    cluster_policies: BTreeSet<String>,
 }
 
 /// Marks what an event of kind `K` makes stale: that pod or policy for a
@@ -66,6 +72,9 @@ fn mark<K: Resource<DynamicType = ()>>(dirty: &Mutex<Dirty>, event: &watcher::Ev
     match K::kind(&()).as_ref() {
         "Pod" => dirty.pods.insert(key),
         "NetworkPolicy" => dirty.policies.insert(key),
+        "ClusterNetworkPolicy" => dirty
+            .cluster_policies
+            .insert(meta.name.clone().unwrap_or_default()),
         _ => {
             dirty.everything = true;
             true
@@ -312,16 +321,26 @@ impl Pods<'_> {
     }
 }
 
+/// What the policy engine works from.
+#[derive(Clone)]
+pub struct Feeds {
+    pub client: Client,
+    /// This node's name.
+    pub node: String,
+    pub options: render::Options,
+    /// The CNI plugin's pod address store.
+    pub ipam_dir: PathBuf,
+    /// Every accepted node's pod CIDRs, from the agent after each sync.
+    pub cidrs: watch::Receiver<Option<Arc<NodePodCidrs>>>,
+    /// Every Node's labels and addresses, from the agent.
+    pub nodes: watch::Receiver<Arc<Vec<NodeInfo>>>,
+    /// Where Warning Events about ClusterNetworkPolicies go.
+    pub events: Events,
+}
+
 /// Runs the policy engine, restarting it if it ever ends; the plugin
 /// attaches no pod until its first apply, nor after it failed or stopped.
-pub async fn supervise(
-    client: Client,
-    node: String,
-    options: render::Options,
-    ipam_dir: PathBuf,
-    cidrs: watch::Receiver<Option<Arc<NodePodCidrs>>>,
-    enforcement: SharedEnforcement,
-) {
+pub async fn supervise(feeds: Feeds, enforcement: SharedEnforcement) {
     // A restarted meshd finds the program of the last in the kernel, which
     // keeps enforcing (and dropping pods it has not programmed) until the
     // first pass replaces it; after a reboot there is none.
@@ -342,14 +361,7 @@ pub async fn supervise(
         },
     );
     loop {
-        let engine = tokio::spawn(run(
-            client.clone(),
-            node.clone(),
-            options,
-            ipam_dir.clone(),
-            cidrs.clone(),
-            enforcement.clone(),
-        ));
+        let engine = tokio::spawn(run(feeds.clone(), enforcement.clone()));
         let why = match engine.await {
             Ok(Err(e)) => format!("{e:#}"),
             Ok(Ok(never)) => match never {},
@@ -366,17 +378,21 @@ pub async fn supervise(
     }
 }
 
-/// Enforces policy for the pods on `node` until the process ends.
 /// Enforces policy for the pods on `node`; returns only why it cannot.
 async fn run(
-    client: Client,
-    node: String,
-    options: render::Options,
-    ipam_dir: PathBuf,
-    mut cidrs: watch::Receiver<Option<Arc<NodePodCidrs>>>,
+    feeds: Feeds,
     enforcement: SharedEnforcement,
 ) -> anyhow::Result<std::convert::Infallible> {
     use anyhow::Context;
+    let Feeds {
+        client,
+        node,
+        options,
+        ipam_dir,
+        mut cidrs,
+        mut nodes,
+        events,
+    } = feeds;
     let health = enforcement
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -390,6 +406,22 @@ async fn run(
     let pods = watch::<Pod>(&client, changed.clone(), dirty.clone(), seen.clone());
     let namespaces = watch::<Namespace>(&client, changed.clone(), dirty.clone(), seen.clone());
     let policies = watch::<NetworkPolicy>(&client, changed.clone(), dirty.clone(), seen.clone());
+    // Without the CRD there are none (a NetworkPolicy-only install): its
+    // watch would never list, and nothing would be enforced.
+    let cluster_api = Api::<ClusterNetworkPolicy>::all(client.clone());
+    let served = crate::cluster::list_served(&cluster_api, &ListParams::default().limit(1)).await?;
+    let cluster_policies = match served.is_some() {
+        true => Some(watch::<ClusterNetworkPolicy>(
+            &client,
+            changed.clone(),
+            dirty.clone(),
+            seen.clone(),
+        )),
+        false => {
+            tracing::warn!("the ClusterNetworkPolicy CRD is not installed: none enforced (restart meshd after installing it)");
+            None
+        }
+    };
     for ready in [
         pods.wait_until_ready().await,
         namespaces.wait_until_ready().await,
@@ -397,6 +429,13 @@ async fn run(
     ] {
         ready.context("the policy watches ended before their first list")?;
     }
+    if let Some(store) = &cluster_policies {
+        store
+            .wait_until_ready()
+            .await
+            .context("the ClusterNetworkPolicy watch ended before its first list")?;
+    }
+    let status = Status::new(cluster_api, events);
     // Without the mesh's pod CIDRs no remote pod has an address: wait for
     // the agent's first sync rather than load a program without peers.
     cidrs
@@ -420,7 +459,10 @@ async fn run(
         let revision = seen.load(Ordering::Relaxed);
         let stale = std::mem::take(&mut *dirty.lock().unwrap_or_else(|e| e.into_inner()));
         // Until a pass that may have changed the policy set is applied.
-        unreported |= stale.everything || first || !stale.policies.is_empty();
+        unreported |= stale.everything
+            || first
+            || !stale.policies.is_empty()
+            || !stale.cluster_policies.is_empty();
         let mut update: Option<(nft::Transaction, nft::Changes)> = None;
         let node_cidrs = cidrs.borrow_and_update().clone().unwrap_or_default();
         // (An Arc: the map is shared with the agent, not copied per pass.)
@@ -430,21 +472,35 @@ async fn run(
             unbound: &mut unbound,
             health: &health,
         };
+        let cluster_now = |name: &str| {
+            let store = cluster_policies.as_ref()?;
+            store.get(&ObjectRef::new(name)).map(|p| (*p).clone())
+        };
+        let believed = believed_nodes(&nodes.borrow_and_update(), &node_cidrs);
+        // ClusterNetworkPolicies whose status to look at.
+        let mut report = Vec::new();
         if stale.everything || first {
             first = false;
-            let cluster = (
-                policies.state().iter().map(|p| (**p).clone()).collect(),
-                namespaces
+            let snapshot = Snapshot {
+                policies: policies.state().iter().map(|p| (**p).clone()).collect(),
+                cluster_policies: cluster_policies
+                    .iter()
+                    .flat_map(|s| s.state())
+                    .map(|p| (*p).clone())
+                    .collect(),
+                namespaces: namespaces
                     .state()
                     .iter()
                     .map(|n| NamespaceInfo::from_namespace(n))
                     .collect(),
-                pods.state().iter().map(|p| pod_info.info(p)).collect(),
-            );
+                pods: pods.state().iter().map(|p| pod_info.info(p)).collect(),
+                nodes: believed,
+            };
+            report.clone_from(&snapshot.cluster_policies);
             if in_kernel {
-                update = engine.reset(cluster.0, cluster.1, cluster.2);
+                update = engine.reset(snapshot);
             } else {
-                engine.load(cluster.0, cluster.1, cluster.2);
+                engine.load(snapshot);
             }
         } else {
             let mut changes = Vec::new();
@@ -459,6 +515,11 @@ async fn run(
                 let policy = get(&policies, key).map(|p| (*p).clone());
                 changes.extend(engine.policy(key, policy));
             }
+            for name in &stale.cluster_policies {
+                changes.extend(engine.cluster_policy(name, cluster_now(name)));
+            }
+            changes.extend(engine.nodes(believed));
+            report.extend(stale.cluster_policies.iter().filter_map(|n| cluster_now(n)));
             for (t, c) in changes {
                 update = Some(match update {
                     Some((u, uc)) => (u.then(t), uc + c),
@@ -473,6 +534,7 @@ async fn run(
             }
             problems = program.problems.clone();
         }
+        status.report(report);
         if !in_kernel {
             // Where a table is, it keeps enforcing until one transaction
             // replaces it; where none is, the faster two-step load.
@@ -532,6 +594,8 @@ async fn run(
                     tokio::time::sleep(DEBOUNCE).await;
                     break;
                 }
+                // Nodes' labels or addresses (`nodes` peers).
+                Ok(()) = nodes.changed() => break,
                 // A node's pod CIDRs changed: every pod's addresses may.
                 Ok(()) = cidrs.changed() => {
                     dirty.lock().unwrap_or_else(|e| e.into_inner()).everything = true;
@@ -564,6 +628,34 @@ async fn run(
     }
 }
 
+/// The Nodes as `nodes` peers may see them. A Node's kubelet writes its
+/// addresses: one inside a node's pod CIDRs (a pod's) is nobody's node
+/// address, and one another Node lists too is disputed — a compromised
+/// node must not bring a pod or another node into an Accept written for
+/// nodes, nor take another node's address out of a Deny.
+fn believed_nodes(nodes: &[NodeInfo], cidrs: &NodePodCidrs) -> Vec<NodeInfo> {
+    let mut listed: HashMap<IpAddr, usize> = HashMap::new();
+    for ip in nodes.iter().flat_map(|n| &n.addresses) {
+        *listed.entry(*ip).or_default() += 1;
+    }
+    let in_pods = |ip: &&IpAddr| cidrs.values().flatten().any(|net| net.contains(*ip));
+    nodes
+        .iter()
+        .map(|n| {
+            let (addresses, disputed) = n
+                .addresses
+                .iter()
+                .filter(|ip| !in_pods(ip))
+                .partition(|ip| listed.get(ip) == Some(&1));
+            NodeInfo {
+                addresses,
+                disputed,
+                ..n.clone()
+            }
+        })
+        .collect()
+}
+
 /// Tells the agent which policies the kernel now enforces (it publishes
 /// them on the Node); only a different set wakes it. Computed only after a
 /// pass that may have changed the set (`unreported`): a pod's change, the
@@ -572,7 +664,13 @@ fn report_applied(health: &Health, engine: &Engine, unreported: &mut bool) {
     if !std::mem::take(unreported) {
         return;
     }
-    let applied = PolicyApplied::of(engine.policies().iter().map(|p| &p.metadata));
+    let applied = PolicyApplied::of(
+        engine
+            .policies()
+            .iter()
+            .map(|p| &p.metadata)
+            .chain(engine.cluster_policies().map(|p| &p.metadata)),
+    );
     health
         .policy_applied
         .send_if_modified(|last| last.replace(applied) != Some(applied));
@@ -581,6 +679,26 @@ fn report_applied(health: &Health, engine: &Engine, unreported: &mut bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_addresses_in_pod_cidrs_are_dropped_and_those_listed_twice_disputed() {
+        let ips = |ips: &[&str]| ips.iter().map(|i| i.parse().unwrap()).collect();
+        let node = |name: &str, own: &[&str], disputed: &[&str]| NodeInfo {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            addresses: ips(own),
+            disputed: ips(disputed),
+        };
+        let nodes = vec![
+            node("a", &["10.0.0.1", "fd00::1"], &[]),
+            // Claims a's address, and a pod's.
+            node("b", &["10.0.0.2", "10.0.0.1", "198.19.1.7"], &[]),
+        ];
+        let cidrs = NodePodCidrs::from([("a".to_string(), vec!["198.19.1.0/24".parse().unwrap()])]);
+        let believed = believed_nodes(&nodes, &cidrs);
+        assert_eq!(believed[0], node("a", &["fd00::1"], &["10.0.0.1"]));
+        assert_eq!(believed[1], node("b", &["10.0.0.2"], &["10.0.0.1"]));
+    }
 
     #[test]
     fn drop_deltas_count_growth_and_restart_from_zero_when_recreated() {

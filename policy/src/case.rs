@@ -17,7 +17,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::compile::{compile, Program};
+use crate::cnp::{self, ClusterNetworkPolicy};
+use crate::compile::{compile, Cluster, Program, Snapshot};
 use crate::eval::{decide, Decision};
 use crate::model::{NamedPort, NamespaceInfo, PodInfo, Protocol};
 
@@ -77,6 +78,7 @@ pub struct Case {
     pub namespaces: Vec<NamespaceInfo>,
     pub pods: Vec<PodInfo>,
     pub policies: Vec<NetworkPolicy>,
+    pub cluster_policies: Vec<ClusterNetworkPolicy>,
     /// The policies as written, placeholders unresolved (see [`Case::placed`]).
     raw_policies: Vec<Value>,
     pub probes: Vec<Probe>,
@@ -171,28 +173,55 @@ pub fn parse(text: &str) -> Result<Case, CaseError> {
         .collect();
     let policies = resolve_policies(&file.policies, &pods)?;
     Ok(Case {
+        cluster_policies: policies.cluster,
         id: file.id,
         ignore_loopback: file.ignore_loopback,
         server_ports: file.server_ports,
         server_protocols: file.server_protocols,
         namespaces,
         pods,
-        policies,
+        policies: policies.namespaced,
         raw_policies: file.policies,
         probes: file.probes,
     })
 }
 
-fn resolve_policies(raw: &[Value], pods: &[PodInfo]) -> Result<Vec<NetworkPolicy>, CaseError> {
-    raw.iter()
-        .enumerate()
-        .map(|(index, raw)| {
-            let mut raw = raw.clone();
-            let policy = |reason: String| CaseError::Policy { index, reason };
-            resolve_placeholders(&mut raw, pods).map_err(policy)?;
-            serde_json::from_value(raw).map_err(|e| policy(e.to_string()))
-        })
-        .collect()
+/// The case's policies, NetworkPolicies and ClusterNetworkPolicies, with
+/// placeholders resolved.
+fn resolve_policies(raw: &[Value], pods: &[PodInfo]) -> Result<Policies, CaseError> {
+    let mut out = Policies::default();
+    for (index, raw) in raw.iter().enumerate() {
+        let mut raw = raw.clone();
+        let policy = |reason: String| CaseError::Policy { index, reason };
+        resolve_placeholders(&mut raw, pods).map_err(policy)?;
+        match raw.get("kind").and_then(Value::as_str) {
+            Some("NetworkPolicy") => out
+                .namespaced
+                .push(serde_json::from_value(raw).map_err(|e| policy(e.to_string()))?),
+            Some("ClusterNetworkPolicy") => {
+                let object: ClusterNetworkPolicy =
+                    serde_json::from_value(raw).map_err(|e| policy(e.to_string()))?;
+                if cnp::parse(&object).policy.is_none() {
+                    let problems = cnp::parse(&object).problems.join("; ");
+                    return Err(policy(format!("cannot be enforced: {problems}")));
+                }
+                out.cluster.push(object);
+            }
+            other => {
+                return Err(policy(format!(
+                    "kind {other:?} is not NetworkPolicy or ClusterNetworkPolicy"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A case's policies by kind.
+#[derive(Debug, Clone, Default)]
+struct Policies {
+    namespaced: Vec<NetworkPolicy>,
+    cluster: Vec<ClusterNetworkPolicy>,
 }
 
 impl Case {
@@ -211,18 +240,36 @@ impl Case {
             pod.node = node;
             pod.ips = ips;
         }
-        case.policies = resolve_policies(&case.raw_policies, &case.pods)?;
+        let policies = resolve_policies(&case.raw_policies, &case.pods)?;
+        case.policies = policies.namespaced;
+        case.cluster_policies = policies.cluster;
         Ok(case)
+    }
+
+    /// Everything the case's compiled programs read.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            policies: self.policies.clone(),
+            cluster_policies: self.cluster_policies.clone(),
+            namespaces: self.namespaces.clone(),
+            pods: self.pods.clone(),
+            nodes: Vec::new(),
+        }
     }
 
     /// Every node the case's pods are on, with its compiled program.
     pub fn programs(&self) -> BTreeMap<String, Program> {
+        let parsed = self.snapshot().parsed();
+        let cluster = Cluster {
+            policies: &parsed,
+            nodes: &[],
+        };
         let nodes: std::collections::BTreeSet<&str> =
             self.pods.iter().map(|p| p.node.as_str()).collect();
         nodes
             .into_iter()
             .map(|node| {
-                let program = compile(node, &self.policies, &self.pods, &self.namespaces);
+                let program = compile(node, &self.policies, cluster, &self.pods, &self.namespaces);
                 (node.to_string(), program)
             })
             .collect()
@@ -296,18 +343,11 @@ pub fn explain(
     protocol: Protocol,
     port: u16,
 ) -> Result<Decision, CaseError> {
-    crate::eval::explain(
-        &case.policies,
-        &case.pods,
-        &case.namespaces,
-        from,
-        to,
-        protocol,
-        port,
-    )
-    .map_err(|source| CaseError::Explain {
-        case: case.id.clone(),
-        source,
+    crate::eval::explain(&case.snapshot(), from, to, protocol, port).map_err(|source| {
+        CaseError::Explain {
+            case: case.id.clone(),
+            source,
+        }
     })
 }
 
@@ -369,6 +409,7 @@ pub fn files_in(dir: &Path) -> Result<Vec<std::path::PathBuf>, CaseError> {
 pub fn conformance_files(repo: &Path) -> Result<Vec<std::path::PathBuf>, CaseError> {
     let mut files = files_in(&repo.join("tests/netpol/upstream"))?;
     files.extend(files_in(&repo.join("tests/netpol"))?);
+    files.extend(files_in(&repo.join("tests/netpol/cnp"))?);
     Ok(files)
 }
 

@@ -11,15 +11,19 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 use std::net::IpAddr;
 use std::rc::Rc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
-use crate::model::{NamespaceInfo, PodInfo, Protocol};
+pub use crate::cnp::{Action, Tier};
+use crate::cnp::{ClusterNetworkPolicy, Parsed, ParsedRule};
+use crate::model::{NamespaceInfo, NodeInfo, PodInfo, Protocol};
 use crate::{prefix, selector};
 
 /// Ingress or egress.
@@ -29,14 +33,47 @@ pub enum Direction {
     Egress,
 }
 
-/// The policy rule an allow entry came from.
+/// A policy: a NetworkPolicy, or a ClusterNetworkPolicy of a tier.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum PolicyRef {
+    Namespaced { namespace: String, name: String },
+    Cluster { tier: Tier, name: String },
+}
+
+impl fmt::Display for PolicyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Namespaced { namespace, name } => write!(f, "{namespace}/{name}"),
+            Self::Cluster { name, .. } => write!(f, "cnp/{name}"),
+        }
+    }
+}
+
+/// The policy rule an entry came from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct RuleRef {
-    pub namespace: String,
-    pub policy: String,
+    pub policy: PolicyRef,
     pub direction: Direction,
     /// Index into the policy's `ingress` or `egress` list.
     pub index: usize,
+    /// The rule's own name (ClusterNetworkPolicy rules may have one).
+    pub name: Option<String>,
+    /// What the rule does when it matches (NetworkPolicy rules accept).
+    pub action: Action,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let direction = match self.direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        write!(f, "{} {direction} rule {}", self.policy, self.index)?;
+        if let Some(name) = &self.name {
+            write!(f, " {name:?}")?;
+        }
+        Ok(())
+    }
 }
 
 /// A peer list as written (`from` or `to`), with the namespace of its
@@ -47,9 +84,46 @@ pub struct RuleRef {
 pub struct PeerSpec {
     pub namespace: String,
     pub peers: Vec<NetworkPolicyPeer>,
+    /// ClusterNetworkPolicy `nodes` peers: every address of the Nodes
+    /// they select (no pod's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<LabelSelector>,
+    /// Whether `nodes` count disputed addresses (a Deny's do).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub disputed: bool,
 }
 
 impl PeerSpec {
+    /// A NetworkPolicy's peer list (`None`: absent or empty, any address).
+    /// The policy's namespace is part of what the peers are only when a
+    /// peer selects pods without a namespaceSelector.
+    fn of_policy(policy_ns: &str, peers: Option<&Vec<NetworkPolicyPeer>>) -> Option<Self> {
+        let list = peers.filter(|p| !p.is_empty())?;
+        let scoped = list
+            .iter()
+            .any(|p| p.ip_block.is_none() && p.namespace_selector.is_none());
+        Some(Self {
+            namespace: if scoped { policy_ns } else { "" }.to_string(),
+            peers: list.clone(),
+            nodes: Vec::new(),
+            disputed: false,
+        })
+    }
+
+    /// The list's identity: equal lists share their kernel sets.
+    fn id(&self) -> String {
+        let mut id = format!(
+            "{}:{}",
+            self.namespace,
+            serde_json::to_string(&self.peers).unwrap_or_default()
+        );
+        if !self.nodes.is_empty() {
+            id.push_str(":nodes:");
+            id.push_str(&serde_json::to_string(&self.nodes).unwrap_or_default());
+        }
+        id
+    }
+
     /// Whether the pod-selecting peers of the list pick `pod`, whose
     /// namespace has `namespace_labels` (`None`: a namespace not known
     /// yet, whose pods nothing picks).
@@ -187,8 +261,8 @@ impl PolicyProgram {
     }
 }
 
-/// How one direction of one pod is treated.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// How NetworkPolicy treats one direction of one pod.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub enum Gate {
     /// No policy selecting the pod has this policy type.
     Open,
@@ -197,14 +271,61 @@ pub enum Gate {
     Isolated { by: Vec<String> },
 }
 
+/// How one direction of one pod is treated, tier by tier: the Admin
+/// tier's policies, NetworkPolicy, then the Baseline tier's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Tiers {
+    /// Admin-tier ClusterNetworkPolicies selecting the pod, by name, in
+    /// the order they are asked.
+    pub admin: Vec<String>,
+    pub np: Gate,
+    /// Baseline-tier ClusterNetworkPolicies selecting the pod, likewise.
+    pub baseline: Vec<String>,
+}
+
+impl Tiers {
+    /// Only NetworkPolicy has a say.
+    pub fn np_only(np: Gate) -> Self {
+        Self {
+            admin: Vec::new(),
+            np,
+            baseline: Vec::new(),
+        }
+    }
+
+    /// Nothing has a say: everything passes.
+    pub fn is_open(&self) -> bool {
+        self.admin.is_empty() && self.baseline.is_empty() && self.np == Gate::Open
+    }
+}
+
 /// One pod's program.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PodProgram {
     /// `namespace/name`.
     pub pod: String,
     pub ips: Vec<IpAddr>,
-    pub ingress: Gate,
-    pub egress: Gate,
+    pub ingress: Tiers,
+    pub egress: Tiers,
+}
+
+impl PodProgram {
+    pub fn tiers(&self, direction: Direction) -> &Tiers {
+        match direction {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
+}
+
+/// A new connection as one end's policy sees it: the other end (`peer`),
+/// and the address, protocol and port connected to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connection {
+    pub peer: IpAddr,
+    pub destination: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
 }
 
 /// Everything the node enforces: its pods' gates, the policies that
@@ -223,6 +344,27 @@ pub struct Program {
     /// Per policy, its parts that could not be used, with why (they allow
     /// nothing; isolation still applies).
     pub problems: BTreeMap<String, Vec<String>>,
+    /// Every ClusterNetworkPolicy that can be enforced, by name (each
+    /// node holds them all: admins write few).
+    pub cluster: BTreeMap<String, ClusterProgram>,
+}
+
+/// A ClusterNetworkPolicy as one node enforces it: its rules in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterProgram {
+    pub tier: Tier,
+    pub priority: i32,
+    pub ingress: Vec<Rule>,
+    pub egress: Vec<Rule>,
+}
+
+impl ClusterProgram {
+    pub fn rules(&self, direction: Direction) -> &[Rule] {
+        match direction {
+            Direction::Ingress => &self.ingress,
+            Direction::Egress => &self.egress,
+        }
+    }
 }
 
 impl Program {
@@ -246,33 +388,51 @@ impl Program {
         Some(pod)
     }
 
-    /// The first rule of the policies in `by` allowing a connection in
-    /// `direction` (peer, destination, protocol, port as in [`Rule::matches`]).
-    pub fn allowing(
-        &self,
-        by: &[String],
-        direction: Direction,
-        peer: IpAddr,
-        destination: IpAddr,
-        protocol: Protocol,
-        port: u16,
-    ) -> Option<&Rule> {
+    /// The first rule of the NetworkPolicies in `by` allowing a connection
+    /// in `direction` (peer, destination, protocol, port as in
+    /// [`Program::matches`]).
+    pub fn allowing(&self, by: &[String], direction: Direction, c: &Connection) -> Option<&Rule> {
         by.iter()
             .filter_map(|key| self.policies.get(key)?.rules(direction))
             .flatten()
-            .find(|r| self.matches(r, peer, destination, protocol, port))
+            .find(|r| self.matches(r, c))
     }
 
-    /// Whether a new connection with `peer`, to `destination`:`port` over
-    /// `protocol`, matches rule `r`.
-    pub fn matches(
+    /// The first rule of the ClusterNetworkPolicies `names`, asked in that
+    /// order, matching a connection in `direction`.
+    pub fn first_match(
         &self,
-        r: &Rule,
-        peer: IpAddr,
-        destination: IpAddr,
-        protocol: Protocol,
-        port: u16,
-    ) -> bool {
+        names: &[String],
+        direction: Direction,
+        c: &Connection,
+    ) -> Option<&Rule> {
+        names
+            .iter()
+            .filter_map(|name| self.cluster.get(name))
+            .flat_map(|p| p.rules(direction))
+            .find(|r| self.matches(r, c))
+    }
+
+    /// Every rule of every policy.
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> + Clone {
+        self.policies
+            .values()
+            .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
+            .chain(
+                self.cluster
+                    .values()
+                    .flat_map(|p| p.ingress.iter().chain(&p.egress)),
+            )
+    }
+
+    /// Whether a new connection matches rule `r`.
+    pub fn matches(&self, r: &Rule, c: &Connection) -> bool {
+        let Connection {
+            peer,
+            destination,
+            protocol,
+            port,
+        } = *c;
         let peer_ok = r
             .peers
             .as_ref()
@@ -344,49 +504,29 @@ struct Selected {
 struct Ctx<'a> {
     pods_by_namespace: BTreeMap<&'a str, Vec<&'a PodInfo>>,
     namespaces: BTreeMap<&'a str, &'a NamespaceInfo>,
+    nodes: &'a [NodeInfo],
     /// Peer lists already resolved, by identity: many rules share one.
     selected: RefCell<HashMap<String, Rc<Selected>>>,
 }
 
 impl<'a> Ctx<'a> {
+    /// What peer list `spec` holds (`None`: any address), resolved once
+    /// per identity.
     fn peers(
         &self,
-        policy_ns: &str,
-        peers: Option<&Vec<NetworkPolicyPeer>>,
+        spec: Option<PeerSpec>,
         problems: &mut Vec<String>,
         what: &str,
     ) -> Rc<Selected> {
-        let list = peers.filter(|p| !p.is_empty());
-        // The policy's namespace is part of what the peers are only when a
-        // peer selects pods without a namespaceSelector.
-        let scope = if list
-            .iter()
-            .flat_map(|l| l.iter())
-            .any(|p| p.ip_block.is_none() && p.namespace_selector.is_none())
-        {
-            policy_ns
-        } else {
-            ""
-        };
-        let id = match list {
-            None => "*".to_string(),
-            Some(list) => format!(
-                "{scope}:{}",
-                serde_json::to_string(list).unwrap_or_default()
-            ),
-        };
+        let id = spec.as_ref().map_or_else(|| "*".to_string(), PeerSpec::id);
         let cached = self.selected.borrow().get(&id).cloned();
         let selected = cached.unwrap_or_else(|| {
-            let computed = Rc::new(match list {
+            let computed = Rc::new(match spec {
                 None => Selected {
                     peers: None,
                     problems: Vec::new(),
                 },
-                Some(list) => {
-                    let spec = PeerSpec {
-                        namespace: scope.to_string(),
-                        peers: list.clone(),
-                    };
+                Some(spec) => {
                     let (peers, problems) = self.resolve(spec);
                     Selected {
                         peers: Some((id.clone(), peers)),
@@ -421,6 +561,22 @@ impl<'a> Ctx<'a> {
                     block
                 )),
             }
+        }
+        if !spec.nodes.is_empty() {
+            let picked = self
+                .nodes
+                .iter()
+                .filter(|n| {
+                    spec.nodes
+                        .iter()
+                        .any(|sel| selector::matches(sel, &n.labels))
+                })
+                .flat_map(|n| {
+                    let disputed = n.disputed.iter().filter(|_| spec.disputed);
+                    n.addresses.iter().chain(disputed)
+                })
+                .map(|ip| IpNet::from(*ip));
+            blocks.get_or_insert_with(Vec::new).extend(picked);
         }
         let pod_peers: Vec<&NetworkPolicyPeer> =
             spec.peers.iter().filter(|p| p.ip_block.is_none()).collect();
@@ -460,15 +616,12 @@ impl<'a> Ctx<'a> {
     fn rule(
         &self,
         rule: RuleRef,
-        peers: Option<&Vec<NetworkPolicyPeer>>,
+        peers: Option<PeerSpec>,
         ports: Option<&Vec<NetworkPolicyPort>>,
         problems: &mut Vec<String>,
     ) -> Rule {
-        let what = format!(
-            "{}/{}: {:?} rule {}",
-            rule.namespace, rule.policy, rule.direction, rule.index
-        );
-        let selected = self.peers(&rule.namespace, peers, problems, &what);
+        let what = format!("{}: {:?} rule {}", rule.policy, rule.direction, rule.index);
+        let selected = self.peers(peers, problems, &what);
         let peers = selected.peers.as_ref().map(|(id, _)| id.clone());
         let Some(entries) = port_entries(ports, problems, &what) else {
             return Rule {
@@ -568,6 +721,7 @@ enum PortSpec {
 pub fn compile<'a>(
     node: &str,
     policies: impl IntoIterator<Item = &'a NetworkPolicy>,
+    cluster: Cluster<'a>,
     pods: impl IntoIterator<Item = &'a PodInfo> + Clone,
     namespaces: impl IntoIterator<Item = &'a NamespaceInfo>,
 ) -> Program {
@@ -584,6 +738,7 @@ pub fn compile<'a>(
             .into_iter()
             .map(|n| (n.name.as_str(), n))
             .collect(),
+        nodes: cluster.nodes,
         selected: RefCell::default(),
     };
     let mut program = Program::default();
@@ -632,12 +787,16 @@ pub fn compile<'a>(
                 .enumerate()
                 .map(|(index, (peers, ports))| {
                     let rule = RuleRef {
-                        namespace: ns.into(),
-                        policy: name.clone(),
+                        policy: PolicyRef::Namespaced {
+                            namespace: ns.into(),
+                            name: name.clone(),
+                        },
                         direction,
                         index,
+                        name: None,
+                        action: Action::Accept,
                     };
-                    ctx.rule(rule, peers, ports, &mut problems)
+                    ctx.rule(rule, PeerSpec::of_policy(ns, peers), ports, &mut problems)
                 })
                 .collect::<Vec<Rule>>()
         };
@@ -677,18 +836,18 @@ pub fn compile<'a>(
         }
         program.policies.insert(key, compiled);
     }
+    for policy in cluster.policies {
+        program
+            .cluster
+            .insert(policy.name.clone(), ctx.cluster_program(policy));
+    }
     program.peers = ctx
         .selected
         .into_inner()
         .into_values()
         .filter_map(|s| Rc::try_unwrap(s).ok()?.peers)
         .collect();
-    let named: BTreeSet<&NamedPorts> = program
-        .policies
-        .values()
-        .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten())
-        .filter_map(|r| r.named.as_ref())
-        .collect();
+    let named: BTreeSet<&NamedPorts> = program.rules().filter_map(|r| r.named.as_ref()).collect();
     program.named = named
         .into_iter()
         .map(|key| {
@@ -702,14 +861,118 @@ pub fn compile<'a>(
         .collect();
     for pod in locals {
         let (ingress, egress) = gates.remove(&pod.key()).unwrap_or_default();
+        let labels = ctx
+            .namespaces
+            .get(pod.namespace.as_str())
+            .map(|n| &n.labels);
+        let tiers = |np| cluster.tiers(pod, labels, np);
         program.insert_pod(PodProgram {
             pod: pod.key(),
             ips: pod.ips.clone(),
-            ingress: gate(ingress),
-            egress: gate(egress),
+            ingress: tiers(gate(ingress)),
+            egress: tiers(gate(egress)),
         });
     }
     program
+}
+
+/// Everything policy reads about the cluster at once.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub policies: Vec<NetworkPolicy>,
+    pub cluster_policies: Vec<ClusterNetworkPolicy>,
+    pub namespaces: Vec<NamespaceInfo>,
+    pub pods: Vec<PodInfo>,
+    pub nodes: Vec<NodeInfo>,
+}
+
+impl Snapshot {
+    /// The ClusterNetworkPolicies that can be enforced, read.
+    pub fn parsed(&self) -> Vec<Parsed> {
+        self.cluster_policies
+            .iter()
+            .filter_map(|p| crate::cnp::parse(p).policy)
+            .collect()
+    }
+}
+
+/// The ClusterNetworkPolicies a node enforces (every one that can be),
+/// and the Nodes their `nodes` peers pick from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cluster<'a> {
+    pub policies: &'a [Parsed],
+    pub nodes: &'a [NodeInfo],
+}
+
+impl Cluster<'_> {
+    /// A pod's tiers around its NetworkPolicy gate `np`.
+    pub fn tiers(
+        &self,
+        pod: &PodInfo,
+        namespace_labels: Option<&BTreeMap<String, String>>,
+        np: Gate,
+    ) -> Tiers {
+        let of = |tier: Tier| {
+            let mut picked: Vec<&Parsed> = self
+                .policies
+                .iter()
+                .filter(|p| p.tier == tier && p.subject.selects(pod, namespace_labels))
+                .collect();
+            picked.sort_by(|a, b| a.order().cmp(&b.order()));
+            picked.into_iter().map(|p| p.name.clone()).collect()
+        };
+        Tiers {
+            admin: of(Tier::Admin),
+            np,
+            baseline: of(Tier::Baseline),
+        }
+    }
+}
+
+impl Ctx<'_> {
+    fn cluster_program(&self, policy: &Parsed) -> ClusterProgram {
+        // Values were checked when the policy was parsed; what would be a
+        // problem here was reported there.
+        let mut ignored = Vec::new();
+        let mut rules = |direction, list: &[ParsedRule]| -> Vec<Rule> {
+            list.iter()
+                .enumerate()
+                .filter_map(|(index, r)| {
+                    let peers = (!r.any_peer).then(|| PeerSpec {
+                        namespace: String::new(),
+                        peers: r.peers.clone(),
+                        nodes: r.nodes.clone(),
+                        disputed: r.action == Action::Deny && !r.nodes.is_empty(),
+                    });
+                    // An Accept left with no usable peer or port opens
+                    // nothing.
+                    let no_peer = peers
+                        .as_ref()
+                        .is_some_and(|p| p.peers.is_empty() && p.nodes.is_empty());
+                    if no_peer || r.ports.as_ref().is_some_and(Vec::is_empty) {
+                        return None;
+                    }
+                    let rule = RuleRef {
+                        policy: PolicyRef::Cluster {
+                            tier: policy.tier,
+                            name: policy.name.clone(),
+                        },
+                        direction,
+                        index,
+                        name: r.name.clone(),
+                        action: r.action,
+                    };
+                    Some(self.rule(rule, peers, r.ports.as_ref(), &mut ignored))
+                })
+                .collect()
+        };
+        ClusterProgram {
+            tier: policy.tier,
+            priority: policy.priority,
+            ingress: rules(Direction::Ingress, &policy.ingress),
+            egress: rules(Direction::Egress, &policy.egress),
+        }
+    }
 }
 
 pub(crate) fn policy_key(policy: &NetworkPolicy) -> String {

@@ -9,6 +9,7 @@
 //! into an nftables ruleset applied in one transaction.
 
 pub mod case;
+pub mod cnp;
 pub mod compile;
 pub mod engine;
 pub mod eval;
@@ -20,8 +21,8 @@ pub mod render;
 pub mod selector;
 
 pub use compile::{
-    compile, Direction, Gate, NamedTarget, Peers, PodProgram, PolicyProgram, PortRange, Program,
-    Rule, RuleRef,
+    compile, Action, Cluster, Connection, Direction, Gate, NamedTarget, Peers, PodProgram,
+    PolicyProgram, PolicyRef, PortRange, Program, Rule, RuleRef, Snapshot, Tier, Tiers,
 };
 pub use eval::{decide, explain, Decision, Step};
-pub use model::{NamedPort, NamespaceInfo, NodePodCidrs, PodInfo, Protocol};
+pub use model::{NamedPort, NamespaceInfo, NodeInfo, NodePodCidrs, PodInfo, Protocol};

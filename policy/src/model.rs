@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use serde::{Deserialize, Serialize};
 
 /// A transport protocol NetworkPolicy can name.
@@ -133,6 +133,34 @@ impl PodInfo {
             labels: meta.labels.clone().unwrap_or_default(),
             ips,
             ports,
+        }
+    }
+}
+
+/// A Node as ClusterNetworkPolicy `nodes` peers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// The addresses in its `status.addresses` that are IPs and its own.
+    pub addresses: Vec<IpAddr>,
+    /// Those another Node lists too: whose they are is not known, so an
+    /// Accept or Pass does not count them and a Deny does.
+    pub disputed: Vec<IpAddr>,
+}
+
+impl NodeInfo {
+    pub fn from_node(node: &Node) -> Self {
+        Self {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            addresses: node
+                .status
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten())
+                .filter_map(|a| a.address.parse().ok())
+                .collect(),
+            disputed: Vec::new(),
         }
     }
 }

@@ -35,8 +35,8 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use crate::compile::{
-    Direction, Gate, NamedPorts, NamedTarget, Peers, PodProgram, PolicyProgram, PortRange, Program,
-    Rule,
+    Action, Direction, Gate, NamedPorts, NamedTarget, Peers, PodProgram, PolicyProgram, PortRange,
+    Program, Rule, RuleRef, Tier, Tiers,
 };
 use crate::model::Protocol;
 
@@ -249,17 +249,30 @@ pub(crate) fn named_set(key: &NamedPorts, v4: bool) -> String {
     format!("n-{}-{}", digest(key), suffix(v4))
 }
 
-/// The chain of the pods isolated in `direction` by the policies `by`.
-pub(crate) fn group_chain_name(direction: Direction, by: &[String]) -> String {
-    format!("g{}-{}", letter(direction), digest(&by))
+/// The chain of the pods treated as `tiers` in `direction`. (Named by the
+/// isolating policies alone when only NetworkPolicy has a say.)
+pub(crate) fn group_chain_name(direction: Direction, tiers: &Tiers) -> String {
+    let name = match (
+        tiers.admin.is_empty() && tiers.baseline.is_empty(),
+        &tiers.np,
+    ) {
+        (true, Gate::Isolated { by }) => digest(&by),
+        _ => digest(tiers),
+    };
+    format!("g{}-{name}", letter(direction))
+}
+
+/// The chain of one tier's policies `names`, in that order, in `direction`.
+fn stage_chain(tier: Tier, direction: Direction, names: &[String]) -> String {
+    let t = match tier {
+        Tier::Admin => 'a',
+        Tier::Baseline => 'b',
+    };
+    format!("s{t}{}-{}", letter(direction), digest(&names))
 }
 
 fn policy_chain(direction: Direction, key: &str) -> String {
     format!("p{}-{}", letter(direction), digest(&key))
-}
-
-fn counter_name(direction: Direction, by: &[String]) -> String {
-    format!("d{}-{}", letter(direction), digest(&by))
 }
 
 /// The counter of group chain `chain` (`None`: not a group chain).
@@ -286,17 +299,10 @@ fn named_elements(targets: &BTreeSet<NamedTarget>, v4: bool) -> BTreeSet<Element
         .collect()
 }
 
-/// The lines of one policy rule in a policy chain: one per peer set and
-/// family, each with the rule's port test.
-fn rule_lines(program: &Program, r: &Rule, sets: &mut BTreeMap<String, Set>) -> Vec<Line> {
+/// The tests of one policy rule: one per peer set and family, each with
+/// the rule's port test (an empty test matches everything).
+fn rule_tests(program: &Program, r: &Rule, sets: &mut BTreeMap<String, Set>) -> Vec<Vec<Value>> {
     let direction = r.rule.direction;
-    let comment = format!(
-        "{}/{} {} rule {}",
-        r.rule.namespace,
-        r.rule.policy,
-        words(direction),
-        r.rule.index
-    );
     let peer_field = match direction {
         Direction::Ingress => "saddr",
         Direction::Egress => "daddr",
@@ -335,7 +341,7 @@ fn rule_lines(program: &Program, r: &Rule, sets: &mut BTreeMap<String, Set>) -> 
             }
         }
     }
-    let mut rules = Vec::new();
+    let mut tests = Vec::new();
     for peer in &peer_tests {
         for test in &port_tests {
             // A named-port test needs the family, so a rule without an
@@ -364,12 +370,47 @@ fn rule_lines(program: &Program, r: &Rule, sets: &mut BTreeMap<String, Set>) -> 
                     }
                     (PortTest::Named(_), None) => unreachable!("named ports test per family"),
                 }
-                expr.push(json!({"accept": null}));
-                rules.push(rule(expr, &comment));
+                tests.push(expr);
             }
         }
     }
-    rules
+    tests
+}
+
+/// The lines of one rule, each test with the rule's verdict: `accept`;
+/// `return` for a Pass (back to the group chain, which asks the next
+/// tier); a counted `drop`, logged if asked, for a Deny.
+fn rule_lines(program: &Program, r: &Rule, out: &mut Ruleset, options: &Options) -> Vec<Line> {
+    let comment = r.rule.to_string();
+    let mut lines = Vec::new();
+    for mut expr in rule_tests(program, r, &mut out.sets) {
+        match r.rule.action {
+            Action::Accept => expr.push(json!({"accept": null})),
+            Action::Pass => expr.push(json!({"return": null})),
+            Action::Deny => {
+                let counter = rule_counter(&r.rule);
+                out.counters
+                    .entry(counter.clone())
+                    .or_insert_with(|| DropCounter {
+                        direction: r.rule.direction,
+                        policies: vec![r.rule.policy.to_string()],
+                    });
+                if let Some(log) = log_line(options, &comment) {
+                    let mut logged = expr.clone();
+                    logged.extend(log);
+                    lines.push(rule(logged, &comment));
+                }
+                expr.extend([json!({"counter": counter}), json!({"drop": null})]);
+            }
+        }
+        lines.push(rule(expr, &comment));
+    }
+    lines
+}
+
+/// The counter of a Deny rule's drops.
+fn rule_counter(r: &RuleRef) -> String {
+    format!("x{}-{}", letter(r.direction), digest(r))
 }
 
 /// The objects enforcing `program`.
@@ -385,9 +426,22 @@ pub fn render(program: &Program, options: &Options) -> Ruleset {
         out.add_named(key, targets);
     }
     for (key, policy) in &program.policies {
-        out.add_policy(program, key, policy);
+        out.add_policy(program, key, policy, options);
+    }
+    // Every ClusterNetworkPolicy's port sets are there whether or not a
+    // pod here is its subject, like its peer sets: what the kernel holds
+    // does not hang on which stage chains exist.
+    for r in program
+        .cluster
+        .values()
+        .flat_map(|p| p.ingress.iter().chain(&p.egress))
+    {
+        rule_tests(program, r, &mut out.sets);
     }
     for pod in program.pods.values() {
+        for direction in [Direction::Ingress, Direction::Egress] {
+            out.add_stages(program, direction, pod.tiers(direction), options);
+        }
         out.add_pod(pod, options);
     }
     out
@@ -416,12 +470,11 @@ fn ports_set(ranges: &[PortRange]) -> String {
     format!("t-{}", digest(&ranges))
 }
 
-/// The port sets the rules of `policy` use.
-pub(crate) fn port_sets(policy: &PolicyProgram) -> impl Iterator<Item = String> + '_ {
-    [Direction::Ingress, Direction::Egress]
-        .into_iter()
-        .filter_map(|d| policy.rules(d))
-        .flatten()
+/// The port sets `rules` use.
+pub(crate) fn port_sets<'a>(
+    rules: impl Iterator<Item = &'a Rule> + 'a,
+) -> impl Iterator<Item = String> + 'a {
+    rules
         .filter_map(|r| r.ports.as_deref())
         .filter(|ranges| !ranges.is_empty())
         .map(ports_set)
@@ -518,29 +571,63 @@ impl Ruleset {
     }
 
     /// The chains of policy `key` and the port sets its rules use.
-    pub(crate) fn add_policy(&mut self, program: &Program, key: &str, policy: &PolicyProgram) {
+    pub(crate) fn add_policy(
+        &mut self,
+        program: &Program,
+        key: &str,
+        policy: &PolicyProgram,
+        options: &Options,
+    ) {
         for direction in [Direction::Ingress, Direction::Egress] {
             let Some(rules) = policy.rules(direction) else {
                 continue;
             };
             let body = rules
                 .iter()
-                .flat_map(|r| rule_lines(program, r, &mut self.sets))
+                .flat_map(|r| rule_lines(program, r, self, options))
                 .collect();
             self.chains.insert(policy_chain(direction, key), body);
+        }
+    }
+
+    /// The stage chains `tiers` jump to, if not there yet: per tier, the
+    /// rules of its policies in the order they are asked, inline — so a
+    /// Pass can `return` past the rest of its tier.
+    pub(crate) fn add_stages(
+        &mut self,
+        program: &Program,
+        direction: Direction,
+        tiers: &Tiers,
+        options: &Options,
+    ) {
+        for (tier, names) in [
+            (Tier::Admin, &tiers.admin),
+            (Tier::Baseline, &tiers.baseline),
+        ] {
+            let chain = stage_chain(tier, direction, names);
+            if names.is_empty() || self.chains.contains_key(&chain) {
+                continue;
+            }
+            let body = names
+                .iter()
+                .filter_map(|name| program.cluster.get(name))
+                .flat_map(|p| p.rules(direction))
+                .flat_map(|r| rule_lines(program, r, self, options))
+                .collect();
+            self.chains.insert(chain, body);
         }
     }
 
     /// A local pod's verdict-map entries, and the chains and counters of
     /// its groups if they are new.
     pub(crate) fn add_pod(&mut self, pod: &PodProgram, options: &Options) {
-        for (direction, gate) in [
+        for (direction, tiers) in [
             (Direction::Egress, &pod.egress),
             (Direction::Ingress, &pod.ingress),
         ] {
-            let chain = match gate {
-                Gate::Isolated { by } => self.add_group(direction, by, options),
-                Gate::Open => OPEN_CHAIN.to_string(),
+            let chain = match tiers.is_open() {
+                true => OPEN_CHAIN.to_string(),
+                false => self.add_group(direction, tiers, options),
             };
             for ip in &pod.ips {
                 let map = MapName::new(direction, ip.is_ipv4());
@@ -549,66 +636,89 @@ impl Ruleset {
         }
     }
 
-    /// The chain and counter of the group isolated in `direction` by `by`,
-    /// if not there yet; returns the chain's name.
+    /// The chain (and drop counter, if NetworkPolicy isolates) of the
+    /// group of pods treated as `tiers` in `direction`, if not there yet;
+    /// returns the chain's name. The stage chains it jumps to are
+    /// [`Ruleset::add_stages`]'s.
     pub(crate) fn add_group(
         &mut self,
         direction: Direction,
-        by: &[String],
+        tiers: &Tiers,
         options: &Options,
     ) -> String {
-        let chain = group_chain_name(direction, by);
+        let chain = group_chain_name(direction, tiers);
         if !self.chains.contains_key(&chain) {
-            let counter = counter_name(direction, by);
-            self.chains
-                .insert(chain.clone(), group_chain(direction, by, &counter, options));
-            self.counters.insert(
-                counter,
-                DropCounter {
-                    direction,
-                    policies: by.to_vec(),
-                },
+            let counter = counter_of(&chain).unwrap_or_default();
+            self.chains.insert(
+                chain.clone(),
+                group_chain(direction, tiers, &counter, options),
             );
+            if let Gate::Isolated { by } = &tiers.np {
+                self.counters.insert(
+                    counter,
+                    DropCounter {
+                        direction,
+                        policies: by.clone(),
+                    },
+                );
+            }
         }
         chain
     }
 }
 
-/// The chain of the pods isolated by the policies `by`: each policy's
-/// chain accepts what it allows; what none allows is counted and dropped.
-fn group_chain(direction: Direction, by: &[String], counter: &str, options: &Options) -> Vec<Line> {
-    let mut rules: Vec<Line> = by
-        .iter()
-        .map(|key| {
-            let target = policy_chain(direction, key);
-            rule(vec![json!({"jump": {"target": target}})], key)
-        })
-        .collect();
-    let why = format!("{} isolated by {}", words(direction), by.join(", "));
-    if let Some(rate) = options.log_per_second {
-        // The kernel caps log prefixes at 127 bytes.
-        let mut prefix = format!("weft drop {why}: ");
-        if prefix.len() > 127 {
-            let mut end = 120;
-            while !prefix.is_char_boundary(end) {
-                end -= 1;
-            }
-            prefix.truncate(end);
-            prefix.push_str("...: ");
-        }
-        rules.push(rule(
-            vec![
-                json!({"limit": {"rate": rate, "per": "second", "burst": rate.max(1)}}),
-                json!({"log": {"prefix": prefix}}),
-            ],
-            &why,
-        ));
+/// The chain of a group of pods, tier by tier. The Admin stage's
+/// `accept` and `drop` end the base chain; its `return` (a Pass, or no
+/// match) comes back here. NetworkPolicy isolating the pod is final: each
+/// policy's chain accepts what it allows, what none allows is counted and
+/// dropped. Otherwise the Baseline stage decides, and what it lets by is
+/// accepted.
+fn group_chain(direction: Direction, tiers: &Tiers, counter: &str, options: &Options) -> Vec<Line> {
+    let jump =
+        |target: String, comment: &str| rule(vec![json!({"jump": {"target": target}})], comment);
+    let mut rules = Vec::new();
+    if !tiers.admin.is_empty() {
+        let chain = stage_chain(Tier::Admin, direction, &tiers.admin);
+        rules.push(jump(chain, "admin tier"));
     }
-    rules.push(rule(
-        vec![json!({"counter": counter}), json!({"drop": null})],
-        &why,
-    ));
+    match &tiers.np {
+        Gate::Isolated { by } => {
+            rules.extend(by.iter().map(|key| jump(policy_chain(direction, key), key)));
+            let why = format!("{} isolated by {}", words(direction), by.join(", "));
+            rules.extend(log_line(options, &why).map(|log| rule(log.to_vec(), &why)));
+            rules.push(rule(
+                vec![json!({"counter": counter}), json!({"drop": null})],
+                &why,
+            ));
+        }
+        Gate::Open => {
+            if !tiers.baseline.is_empty() {
+                let chain = stage_chain(Tier::Baseline, direction, &tiers.baseline);
+                rules.push(jump(chain, "baseline tier"));
+            }
+            rules.push(rule(vec![json!({"accept": null})], "no tier denies"));
+        }
+    }
     rules
+}
+
+/// The rate-limited log expressions of a drop for `why`, if asked.
+fn log_line(options: &Options, why: &str) -> Option<[Value; 2]> {
+    let rate = options.log_per_second?;
+    // The kernel caps log prefixes at 127 bytes.
+    let mut prefix = format!("weft drop {why}: ");
+    if prefix.len() > 127 {
+        let mut end = 120;
+        while !prefix.is_char_boundary(end) {
+            end -= 1;
+        }
+        prefix.truncate(end);
+        prefix.push_str("...: ");
+    }
+    Some([
+        json!({"limit": {"rate": rate, "per": "second", "burst": rate.max(1)}}),
+        json!({"log": {"prefix": prefix}}),
+    ])
 }
 
 /// An element as libnftables JSON, appended to `out`.
@@ -672,7 +782,7 @@ pub fn set_json(name: &str, kind: SetKind) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::{PeerSpec, Peers, PolicyProgram, RuleRef};
+    use crate::compile::{PeerSpec, Peers, PolicyProgram, PolicyRef, RuleRef};
 
     fn program_with(rule: Rule) -> Program {
         let mut p = Program::default();
@@ -688,10 +798,14 @@ mod tests {
 
     fn rule_ref() -> RuleRef {
         RuleRef {
-            namespace: "x".into(),
-            policy: "p".into(),
+            policy: PolicyRef::Namespaced {
+                namespace: "x".into(),
+                name: "p".into(),
+            },
             direction: Direction::Ingress,
             index: 0,
+            name: None,
+            action: Action::Accept,
         }
     }
 
@@ -714,6 +828,8 @@ mod tests {
                 spec: PeerSpec {
                     namespace: "x".into(),
                     peers: Vec::new(),
+                    nodes: Vec::new(),
+                    disputed: false,
                 },
                 hosts: None,
                 blocks: Some(vec!["198.19.0.0/16".parse().unwrap()]),
@@ -764,7 +880,7 @@ mod tests {
         let by = vec!["x/".to_string() + &"long".repeat(60)];
         let rules = group_chain(
             Direction::Ingress,
-            &by,
+            &Tiers::np_only(Gate::Isolated { by }),
             "di-0",
             &Options {
                 log_per_second: Some(5),

@@ -230,7 +230,13 @@ fn a_rendered_program_enforces_with_real_connections() {
     ];
     let ruleset = |policy: &NetworkPolicy, pods: &[PodInfo]| {
         render::render(
-            &compile("n", std::slice::from_ref(policy), pods, &namespaces),
+            &compile(
+                "n",
+                std::slice::from_ref(policy),
+                Default::default(),
+                pods,
+                &namespaces,
+            ),
             &render::Options::default(),
         )
     };
@@ -263,7 +269,13 @@ fn a_rendered_program_enforces_with_real_connections() {
     world.log_all_netns = std::fs::read_to_string(LOG_ALL_NETNS).ok();
     std::fs::write(LOG_ALL_NETNS, "1").unwrap();
     let logged = render::render(
-        &compile("n", std::slice::from_ref(&policy), &pods, &namespaces),
+        &compile(
+            "n",
+            std::slice::from_ref(&policy),
+            Default::default(),
+            &pods,
+            &namespaces,
+        ),
         &render::Options {
             log_per_second: Some(5),
         },
@@ -364,7 +376,12 @@ fn a_rendered_program_enforces_with_real_connections() {
     // Pod by pod through the engine: b relabelled pod=a joins a's group
     // (a verdict-map entry, over netlink) and is isolated like a.
     let mut engine = Engine::new("n", render::Options::default());
-    engine.load(vec![moved], namespaces.to_vec(), relabelled);
+    engine.load(weft_policy::Snapshot {
+        policies: vec![moved],
+        namespaces: namespaces.to_vec(),
+        pods: relabelled,
+        ..Default::default()
+    });
     assert_eq!(engine.ruleset(), &third);
     assert!(connects("c", "198.19.9.3", 80), "b is not isolated yet");
     let mut b_as_a = pods[1].clone();

@@ -41,7 +41,13 @@ fn policy(v: serde_json::Value) -> NetworkPolicy {
 
 /// Whether `from` may open `port`/TCP to `to` under `policy`, all pods on one node.
 fn allowed(policy: &NetworkPolicy, pods: &[PodInfo], from: &str, to: &str, port: u16) -> bool {
-    let program = compile("n", std::slice::from_ref(policy), pods, &[ns("x"), ns("y")]);
+    let program = compile(
+        "n",
+        std::slice::from_ref(policy),
+        Default::default(),
+        pods,
+        &[ns("x"), ns("y")],
+    );
     let ip = |k: &str| -> IpAddr { pods.iter().find(|p| p.key() == k).unwrap().ips[0] };
     decide(&program, &program, ip(from), ip(to), Protocol::Tcp, port).allowed()
 }
@@ -139,7 +145,13 @@ fn a_bad_protocol_opens_nothing_and_is_reported() {
     let pods = world();
     let bad = policy(json!({"metadata": {"name": "p", "namespace": "x"},
         "spec": {"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"ports": [{"protocol": "ICMP", "port": 1}]}]}}));
-    let program = compile("n", std::slice::from_ref(&bad), &pods, &[ns("x"), ns("y")]);
+    let program = compile(
+        "n",
+        std::slice::from_ref(&bad),
+        Default::default(),
+        &pods,
+        &[ns("x"), ns("y")],
+    );
     assert!(
         program
             .problems
@@ -205,8 +217,8 @@ proptest! {
         for i in (1..n).rev() {
             shuffled.swap(i, (seed.wrapping_mul(i as u64 + 3) % (i as u64 + 1)) as usize);
         }
-        let a = compile("node-1", &c.policies, &c.pods, &c.namespaces);
-        let b = compile("node-1", &shuffled, &c.pods, &c.namespaces);
+        let a = compile("node-1", &c.policies, Default::default(), &c.pods, &c.namespaces);
+        let b = compile("node-1", &shuffled, Default::default(), &c.pods, &c.namespaces);
         for from in &c.pods {
             for to in c.pods.iter().filter(|p| p.node == "node-1") {
                 let da = decide(&a, &a, from.ips[0], to.ips[0], Protocol::Tcp, port).allowed();
@@ -228,7 +240,7 @@ fn explain_names_the_deciding_rule_or_the_isolating_policy() {
     assert!(allowed.allowed());
     assert_eq!(
         allowed.ingress.to_string(),
-        "allowed by x/allow-client-a-via-ns-selector Ingress rule 0"
+        "allowed by x/allow-client-a-via-ns-selector ingress rule 0"
     );
     let denied = case::explain(&c, "x/b", "x/a", Protocol::Tcp, 81).unwrap();
     assert!(!denied.allowed());

@@ -870,3 +870,82 @@ fn with_two_public_nodes_the_oldest_cannot_make_nat_pairs_relay() {
     let (v4, _) = pod_ips(&lab, "pod-4-1");
     assert_eq!(reply_ttl(&lab, "pod-3-1", &v4), Some(62), "direct");
 }
+
+/// ClusterNetworkPolicy `nodes` peers against the oldest node's kubelet,
+/// which may write its own Node's labels and addresses. It labels itself
+/// for an Admin Accept to edge nodes and lists node-3's address as its
+/// own: that address, now disputed, is neither accepted (an Accept counts
+/// only addresses one Node alone lists) nor taken out of the Deny that
+/// covers node-3 (a Deny counts disputed ones). Its own address is
+/// accepted, as its new label says.
+#[test]
+fn the_oldest_node_claiming_another_nodes_address_opens_no_cluster_policy() {
+    let lab = Lab::up("t-cnpnodes", &["--nodes", "3"]);
+    lab.ok(&["pod", "add", "node-2", "a", "--namespace", "x"]);
+    let pings = |target: &str| {
+        lab.meshlab(&["pod", "exec", "x/a", "--", "ping", "-c1", "-W1", target])
+            .status
+            .success()
+    };
+    let (attacker, victim) = ("198.18.1.1", "198.18.1.3");
+    for target in [attacker, victim] {
+        wait_for(
+            &format!("x/a to reach {target}"),
+            Duration::from_secs(10),
+            || pings(target),
+        );
+    }
+    lab.kubectl(&["label", "node", "node-1", "node-3", "role=infra"]);
+    lab.create(
+        "nodes.yaml",
+        "apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: infra}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {}}
+  egress:
+  - {name: edge, action: Accept, to: [{nodes: {matchLabels: {edge: 'true'}}}]}
+  - {name: infra, action: Deny, to: [{nodes: {matchLabels: {role: infra}}}]}
+",
+        "{.metadata.name}",
+    );
+    wait_for(
+        "the infra nodes to be denied",
+        Duration::from_secs(10),
+        || !pings(attacker) && !pings(victim),
+    );
+    let (runtime, kubelet) = token_client(&lab, "node-1", &kubelet_token(&lab, "node-1"));
+    let nodes: Api<Node> = Api::all(kubelet);
+    let merge = |patch: Value| kube::api::Patch::Merge(patch);
+    runtime
+        .block_on(nodes.patch(
+            "node-1",
+            &PatchParams::default(),
+            &merge(serde_json::json!({"metadata": {"labels": {"edge": "true"}}})),
+        ))
+        .expect("a kubelet may label its own Node");
+    let addresses =
+        [attacker, victim].map(|a| serde_json::json!({"type": "InternalIP", "address": a}));
+    runtime
+        .block_on(nodes.patch_status(
+            "node-1",
+            &PatchParams::default(),
+            &merge(serde_json::json!({"status": {"addresses": addresses}})),
+        ))
+        .expect("a kubelet may write its own Node's addresses");
+    wait_for(
+        "the edge-labelled attacker to be accepted",
+        Duration::from_secs(10),
+        || pings(attacker),
+    );
+    for _ in 0..10 {
+        assert!(
+            !pings(victim),
+            "the attacker's claim opened node-3's address to x/a"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(runtime);
+}

@@ -571,7 +571,7 @@ mod policy {
                     .into_iter()
                     .filter_map(|v| serde_json::from_value(v).ok())
                     .collect();
-                let program = compile("n1", &policies, &pods, &namespaces);
+                let program = compile("n1", &policies, Default::default(), &pods, &namespaces);
                 let _ = render(
                     &program,
                     &Options {

@@ -883,3 +883,116 @@ fn service_traffic_through_ipvs_is_judged_by_the_client_s_egress_policy() {
         let _ = relay.wait();
     }
 }
+
+/// ClusterNetworkPolicy through the API on real connections. `nodes` peers
+/// follow the Nodes' labels (a Node relabelled is enough, no policy
+/// written); an Admin Accept in front of an Admin Deny wins; a policy with
+/// an unusable Deny rule is enforced fail-closed (it denies all), reports
+/// `Accepted=False` naming the field, and one node (not each) records a
+/// Warning Event about it.
+#[test]
+fn cluster_network_policies_follow_nodes_and_bad_ones_fail_closed() {
+    let lab = Lab::up("t-cnp", &["--nodes", "3"]);
+    let a = add_pod(&lab, "node-2", "x/a", &["app=a"]);
+    let b = add_pod(&lab, "node-3", "y/b", &[]);
+    let pings = |pod: &str, target: &str| {
+        lab.meshlab(&["pod", "exec", pod, "--", "ping", "-c1", "-W1", target])
+            .status
+            .success()
+    };
+    let (node1, node3) = ("198.18.1.1", "198.18.1.3");
+    for target in [node1, node3, &b[0]] {
+        wait_for(
+            &format!("x/a to reach {target}"),
+            Duration::from_secs(10),
+            || pings("x/a", target),
+        );
+    }
+    lab.kubectl(&["label", "node", "node-3", "role=infra"]);
+    let revision = create(
+        &lab,
+        "nodes.yaml",
+        "apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: infra}
+spec:
+  tier: Admin
+  priority: 10
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}
+  egress:
+  - {name: edge, action: Accept, to: [{nodes: {matchLabels: {edge: 'true'}}}]}
+  - {name: infra, action: Deny, to: [{nodes: {matchLabels: {role: infra}}}]}
+",
+    );
+    wait_programmed(&lab, "node-2", revision);
+    assert!(
+        !pings("x/a", node3),
+        "the Deny to infra nodes lets x/a reach node-3"
+    );
+    assert!(pings("x/a", node1), "node-1 is no infra node");
+    assert!(pings("x/a", &b[0]), "a pod is no node");
+    lab.kubectl(&["label", "node", "node-1", "role=infra"]);
+    wait_for(
+        "node-1, now infra, to be denied",
+        Duration::from_secs(10),
+        || !pings("x/a", node1),
+    );
+    lab.kubectl(&["label", "node", "node-1", "edge=true"]);
+    wait_for(
+        "node-1, now edge, to be accepted first",
+        Duration::from_secs(10),
+        || pings("x/a", node1),
+    );
+    let explained = lab.meshctl(&[
+        "policy", "explain", "--from", "x/a", "--to", "y/b", "--port", "80/TCP",
+    ]);
+    assert!(explained.starts_with("ALLOWED"), "{explained}");
+
+    // An ingress peer may not be `networks`: the rule cannot be read, and a
+    // Deny that cannot be read denies all. (y/b has not pinged x/a: a ping
+    // socket may reuse its echo id, which conntrack would take as the
+    // earlier exchange.)
+    let revision = create(
+        &lab,
+        "broken.yaml",
+        "apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: broken}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}
+  ingress:
+  - {name: outsiders, action: Deny, from: [{networks: [203.0.113.0/24]}]}
+",
+    );
+    wait_programmed(&lab, "node-2", revision);
+    assert!(!pings("y/b", &a[0]), "an unusable Deny rule let y/b in");
+    let condition = || {
+        lab.kubectl(&[
+            "get",
+            "clusternetworkpolicy",
+            "broken",
+            "-o",
+            "jsonpath={.status.conditions[0].status} {.status.conditions[0].reason} {.status.conditions[0].message}",
+        ])
+    };
+    wait_for("broken's condition", Duration::from_secs(10), || {
+        condition().starts_with("False InvalidRule")
+    });
+    assert!(
+        condition().contains("spec.ingress[0].from[0]: ingress peers are namespaces or pods only"),
+        "{}",
+        condition()
+    );
+    // Every node has had its chance to race for the write.
+    std::thread::sleep(Duration::from_secs(2));
+    let about_broken: Vec<_> = lab
+        .events()
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == "broken")
+        .collect();
+    assert_eq!(about_broken.len(), 1, "{about_broken:#?}");
+    assert_eq!(about_broken[0]["regarding"]["kind"], "ClusterNetworkPolicy");
+    assert_eq!(about_broken[0]["reason"], "WeftPolicyInvalid");
+}

@@ -21,8 +21,9 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::compile::{self, compile, Direction, Gate, PodProgram, Program};
-use crate::model::{NamespaceInfo, PodInfo};
+use crate::cnp::{self, ClusterNetworkPolicy, Parsed};
+use crate::compile::{self, compile, Cluster, Direction, PodProgram, Program, Snapshot, Tiers};
+use crate::model::{NamespaceInfo, NodeInfo, PodInfo};
 use crate::nft::{self, Changes, Transaction};
 use crate::render::{self, MapName, Options, Ruleset};
 
@@ -31,6 +32,11 @@ pub struct Engine {
     node: String,
     options: Options,
     policies: Vec<NetworkPolicy>,
+    /// Every ClusterNetworkPolicy, as written, by name.
+    cluster_objects: BTreeMap<String, ClusterNetworkPolicy>,
+    /// Those that can be enforced, read.
+    cluster_policies: Vec<Parsed>,
+    nodes: Vec<NodeInfo>,
     /// Indices into `policies` by namespace: a pod meets only its own.
     policies_in: HashMap<String, Vec<usize>>,
     namespaces: BTreeMap<String, NamespaceInfo>,
@@ -51,6 +57,9 @@ impl Engine {
             node: node.to_string(),
             options,
             policies: Vec::new(),
+            cluster_objects: BTreeMap::new(),
+            cluster_policies: Vec::new(),
+            nodes: Vec::new(),
             policies_in: HashMap::new(),
             namespaces: BTreeMap::new(),
             pods: BTreeMap::new(),
@@ -78,35 +87,95 @@ impl Engine {
         &self.ruleset
     }
 
+    /// The ClusterNetworkPolicies the program is of, as written (those
+    /// that cannot be enforced included).
+    pub fn cluster_policies(&self) -> impl Iterator<Item = &ClusterNetworkPolicy> {
+        self.cluster_objects.values()
+    }
+
     /// Takes the whole cluster anew and recompiles; returns the
     /// transaction from the previous ruleset (`None`: nothing changed).
-    pub fn reset(
-        &mut self,
-        policies: Vec<NetworkPolicy>,
-        namespaces: Vec<NamespaceInfo>,
-        pods: Vec<PodInfo>,
-    ) -> Option<(Transaction, Changes)> {
+    pub fn reset(&mut self, snapshot: Snapshot) -> Option<(Transaction, Changes)> {
         let before = std::mem::take(&mut self.ruleset);
-        self.load(policies, namespaces, pods);
+        self.load(snapshot);
         nft::diff(&before, &self.ruleset)
     }
 
     /// Takes the whole cluster anew and recompiles, for a caller that
     /// replaces the whole table (no difference worked out).
-    pub fn load(
-        &mut self,
-        policies: Vec<NetworkPolicy>,
-        namespaces: Vec<NamespaceInfo>,
-        pods: Vec<PodInfo>,
-    ) {
-        self.policies = policies;
+    pub fn load(&mut self, snapshot: Snapshot) {
+        self.cluster_policies = snapshot.parsed();
+        self.policies = snapshot.policies;
         self.index_policies();
-        self.namespaces = namespaces
+        self.cluster_objects = snapshot
+            .cluster_policies
+            .into_iter()
+            .map(|p| (p.metadata.name.clone().unwrap_or_default(), p))
+            .collect();
+        self.nodes = snapshot.nodes;
+        self.namespaces = snapshot
+            .namespaces
             .into_iter()
             .map(|n| (n.name.clone(), n))
             .collect();
-        self.pods = pods.into_iter().map(|p| (p.key(), p)).collect();
+        self.pods = snapshot.pods.into_iter().map(|p| (p.key(), p)).collect();
         self.recompile();
+    }
+
+    /// ClusterNetworkPolicy `name` created or changed (`Some`) or deleted
+    /// (`None`); returns the transaction from the previous ruleset. Admins
+    /// write few of them, and each may reorder every pod's tiers: the
+    /// node is recompiled and the difference applied.
+    pub fn cluster_policy(
+        &mut self,
+        name: &str,
+        object: Option<ClusterNetworkPolicy>,
+    ) -> Option<(Transaction, Changes)> {
+        let policy = object.as_ref().and_then(|o| cnp::parse(o).policy);
+        match object {
+            Some(o) => self.cluster_objects.insert(name.to_string(), o),
+            None => self.cluster_objects.remove(name),
+        };
+        let at = self.cluster_policies.iter().position(|p| p.name == name);
+        // Its status written, say: nothing to enforce differently.
+        if at.map(|i| &self.cluster_policies[i]) == policy.as_ref() {
+            return None;
+        }
+        if let Some(i) = at {
+            self.cluster_policies.remove(i);
+        }
+        self.cluster_policies.extend(policy);
+        let before = std::mem::take(&mut self.ruleset);
+        self.recompile();
+        nft::diff(&before, &self.ruleset)
+    }
+
+    /// The Nodes as they are now; returns the transaction from the
+    /// previous ruleset. Only `nodes` peers read them: without one, a
+    /// Node's change changes nothing.
+    pub fn nodes(&mut self, nodes: Vec<NodeInfo>) -> Option<(Transaction, Changes)> {
+        if self.nodes == nodes {
+            return None;
+        }
+        self.nodes = nodes;
+        let read = self
+            .cluster_policies
+            .iter()
+            .flat_map(|p| p.ingress.iter().chain(&p.egress))
+            .any(|r| !r.nodes.is_empty());
+        if !read {
+            return None;
+        }
+        let before = std::mem::take(&mut self.ruleset);
+        self.recompile();
+        nft::diff(&before, &self.ruleset)
+    }
+
+    fn cluster(&self) -> Cluster<'_> {
+        Cluster {
+            policies: &self.cluster_policies,
+            nodes: &self.nodes,
+        }
     }
 
     fn index_policies(&mut self) {
@@ -130,6 +199,7 @@ impl Engine {
         self.program = compile(
             &self.node,
             &self.policies,
+            self.cluster(),
             self.pods.values(),
             self.namespaces.values(),
         );
@@ -194,35 +264,35 @@ impl Engine {
                 egress.push(key);
             }
         }
+        let labels = self.namespaces.get(&pod.namespace).map(|n| &n.labels);
+        let tiers = |np| self.cluster().tiers(pod, labels, np);
         Some(PodProgram {
             pod: pod.key(),
             ips: pod.ips.clone(),
-            ingress: compile::gate(ingress),
-            egress: compile::gate(egress),
+            ingress: tiers(compile::gate(ingress)),
+            egress: tiers(compile::gate(egress)),
         })
     }
 }
 
-/// The groups (direction, isolating policies) of a pod's isolated
-/// directions.
-fn groups_of(pod: &PodProgram) -> Vec<(Direction, Vec<String>)> {
+/// The groups (direction, tiers) of a pod's directions that some tier has
+/// a say in.
+fn groups_of(pod: &PodProgram) -> Vec<(Direction, Tiers)> {
     [
         (Direction::Ingress, &pod.ingress),
         (Direction::Egress, &pod.egress),
     ]
     .into_iter()
-    .filter_map(|(direction, gate)| match gate {
-        Gate::Isolated { by } => Some((direction, by.clone())),
-        Gate::Open => None,
-    })
+    .filter(|(_, tiers)| !tiers.is_open())
+    .map(|(direction, tiers)| (direction, tiers.clone()))
     .collect()
 }
 
-/// The group chains a pod's isolated directions jump to.
+/// The group chains a pod's directions jump to.
 fn group_chains(pod: &PodProgram) -> BTreeSet<String> {
     groups_of(pod)
         .iter()
-        .map(|(direction, by)| render::group_chain_name(*direction, by))
+        .map(|(direction, tiers)| render::group_chain_name(*direction, tiers))
         .collect()
 }
 
@@ -233,9 +303,9 @@ fn map_entries(pod: &PodProgram) -> Vec<(MapName, IpAddr, String)> {
         (Direction::Egress, &pod.egress),
     ]
     .into_iter()
-    .map(|(direction, gate)| match gate {
-        Gate::Isolated { by } => (direction, render::group_chain_name(direction, by)),
-        Gate::Open => (direction, render::OPEN_CHAIN.to_string()),
+    .map(|(direction, tiers)| match tiers.is_open() {
+        true => (direction, render::OPEN_CHAIN.to_string()),
+        false => (direction, render::group_chain_name(direction, tiers)),
     })
     .flat_map(|(direction, chain)| {
         pod.ips.iter().map(move |ip| {

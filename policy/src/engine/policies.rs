@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::{groups_of, map_entries, Engine};
-use crate::compile::{self, compile, Direction, NamedPorts, Program};
+use crate::compile::{self, compile, Cluster, Direction, NamedPorts, Program, Tiers};
 use crate::nft::{self, Changes, Transaction};
 use crate::render::{self, Ruleset};
 
-/// A group of pods: the direction and the policies isolating it.
-type Group = (Direction, Vec<String>);
+/// A group of pods: the direction and the tiers treating it.
+type Group = (Direction, Tiers);
 
 impl Engine {
     /// NetworkPolicy `key` (`namespace/name`) created or changed (`Some`)
@@ -64,9 +64,12 @@ impl Engine {
             return nft::diff(&before, &self.ruleset);
         }
 
+        // The ClusterNetworkPolicies' part stays as it is: a
+        // NetworkPolicy changes no pod's tiers around it.
         let one = compile(
             &self.node,
             now,
+            Cluster::default(),
             self.pods.values(),
             self.namespaces.values(),
         );
@@ -84,11 +87,11 @@ impl Engine {
             .collect();
         before.take_from(&self.ruleset, &chains, &sets);
         if let Some(p) = self.program.policies.get(key) {
-            after.add_policy(&self.program, key, p);
+            after.add_policy(&self.program, key, p, &self.options);
         }
-        for (chain, (direction, by)) in &groups {
+        for (chain, (direction, tiers)) in &groups {
             if self.group_pods.get(chain).is_some_and(|n| *n > 0) {
-                after.add_group(*direction, by, &self.options);
+                after.add_group(*direction, tiers, &self.options);
             } else {
                 self.group_pods.remove(chain);
             }
@@ -143,11 +146,11 @@ impl Engine {
             let now = self.pods.get(pod_key).and_then(|p| self.pod_program(p));
             for (pod, side, delta) in [(&was, &mut *before, -1), (&now, &mut *after, 1)] {
                 let Some(pod) = pod else { continue };
-                for (direction, by) in groups_of(pod) {
-                    let chain = render::group_chain_name(direction, &by);
+                for (direction, tiers) in groups_of(pod) {
+                    let chain = render::group_chain_name(direction, &tiers);
                     let users = self.group_pods.entry(chain.clone()).or_default();
                     *users = users.saturating_add_signed(delta);
-                    groups.insert(chain, (direction, by));
+                    groups.insert(chain, (direction, tiers));
                 }
                 for (map, ip, chain) in map_entries(pod) {
                     side.maps.entry(map).or_default().insert(ip, chain);
@@ -170,16 +173,9 @@ struct Used {
 
 impl Used {
     fn of(program: &Program) -> Self {
-        let rules = program
-            .policies
-            .values()
-            .flat_map(|p| p.ingress.iter().chain(p.egress.iter()).flatten());
+        let rules = program.rules();
         Self {
-            port_sets: program
-                .policies
-                .values()
-                .flat_map(render::port_sets)
-                .collect(),
+            port_sets: render::port_sets(rules.clone()).collect(),
             peers: rules.clone().filter_map(|r| r.peers.clone()).collect(),
             named: rules.filter_map(|r| r.named.clone()).collect(),
         }

@@ -1,6 +1,7 @@
 //! The engine against compiling everything anew.
 
 use super::*;
+use crate::cnp::{self, ClusterNetworkPolicy};
 use crate::model::{NamedPort, Protocol};
 use crate::netlink;
 use crate::nft::Command;
@@ -124,6 +125,82 @@ fn policy(
     .unwrap()
 }
 
+/// A ClusterNetworkPolicy `cnp<i>` from small numbers: tier, priority
+/// (few values, so ties fall to names), subject, and per direction rules
+/// as (action, peer, ports).
+fn cluster_policy(i: usize, shape: &ClusterShape) -> ClusterNetworkPolicy {
+    let (baseline, priority, subject, ingress, egress) = shape;
+    let subject = match subject {
+        0 => json!({"namespaces": {"matchLabels": {"team": "a"}}}),
+        1 => {
+            json!({"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"tier": "w"}}}})
+        }
+        _ => json!({"namespaces": {}}),
+    };
+    let rule = |ingress: bool, (action, peer, ports): &(u8, u8, u8)| {
+        let peer = match (peer, ingress) {
+            (0, _) => json!({"namespaces": {"matchLabels": {"team": "b"}}}),
+            (1, _) => {
+                json!({"pods": {"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}}})
+            }
+            (_, true) => json!({"namespaces": {}}),
+            (_, false) => json!({"networks": ["10.0.0.0/30", "fd00::/126"]}),
+        };
+        let mut r = json!({
+            "action": ACTIONS[usize::from(*action % 3)],
+            if ingress { "from" } else { "to" }: [peer],
+        });
+        match ports {
+            0 => {}
+            1 => r["protocols"] = json!([{"tcp": {"destinationPort": {"number": 80}}}]),
+            _ => {
+                r["protocols"] =
+                    json!([{"udp": {"destinationPort": {"range": {"start": 50, "end": 60}}}}])
+            }
+        }
+        r
+    };
+    let object: ClusterNetworkPolicy = serde_json::from_value(json!({
+        "metadata": {"name": format!("cnp{i}")},
+        "spec": {
+            "tier": if *baseline { "Baseline" } else { "Admin" },
+            "priority": priority,
+            "subject": subject,
+            "ingress": ingress.iter().map(|r| rule(true, r)).collect::<Vec<_>>(),
+            "egress": egress.iter().map(|r| rule(false, r)).collect::<Vec<_>>(),
+        },
+    }))
+    .unwrap();
+    let reading = cnp::parse(&object);
+    assert!(reading.problems.is_empty(), "{:?}", reading.problems);
+    object
+}
+
+const ACTIONS: [&str; 3] = ["Accept", "Deny", "Pass"];
+
+/// Baseline?, priority, subject, ingress and egress rules.
+type ClusterShape = (bool, u8, u8, Vec<(u8, u8, u8)>, Vec<(u8, u8, u8)>);
+
+fn arb_cluster_policy() -> impl Strategy<Value = ClusterShape> {
+    let rules = || prop::collection::vec((0u8..3, 0u8..3, 0u8..3), 0..3);
+    (any::<bool>(), 0u8..2, 0u8..3, rules(), rules())
+}
+
+fn snapshot(
+    policies: &BTreeMap<String, NetworkPolicy>,
+    cluster: &BTreeMap<usize, ClusterNetworkPolicy>,
+    teams: &[bool],
+    pods: Vec<PodInfo>,
+) -> Snapshot {
+    Snapshot {
+        policies: policies.values().cloned().collect(),
+        cluster_policies: cluster.values().cloned().collect(),
+        namespaces: namespaces(teams),
+        pods,
+        nodes: Vec::new(),
+    }
+}
+
 fn arb_pod() -> impl Strategy<Value = PodInfo> {
     (
         0u8..6,
@@ -153,6 +230,8 @@ enum Change {
     Pod(u8, Option<PodInfo>),
     /// Policy `np<i>` in x (or y): replaced, created or deleted.
     Policy(usize, bool, Option<PolicyShape>),
+    /// ClusterNetworkPolicy `cnp<i>`: replaced, created or deleted.
+    Cluster(usize, Option<ClusterShape>),
 }
 
 fn arb_change() -> impl Strategy<Value = Change> {
@@ -160,6 +239,8 @@ fn arb_change() -> impl Strategy<Value = Change> {
         (0u8..6, prop::option::of(arb_pod())).prop_map(|(n, p)| Change::Pod(n, p)),
         (0usize..5, any::<bool>(), prop::option::of(arb_policy()))
             .prop_map(|(i, ns, p)| Change::Policy(i, ns, p)),
+        (0usize..3, prop::option::of(arb_cluster_policy()))
+            .prop_map(|(i, p)| Change::Cluster(i, p)),
     ]
 }
 
@@ -202,6 +283,7 @@ proptest! {
         teams in prop::collection::vec(any::<bool>(), 2),
         pods in prop::collection::vec(arb_pod(), 0..6),
         policies in prop::collection::vec(arb_policy(), 0..4),
+        cluster in prop::collection::vec(arb_cluster_policy(), 0..3),
         changes in prop::collection::vec(arb_change(), 1..8),
     ) {
         let policies: BTreeMap<String, NetworkPolicy> = policies
@@ -211,8 +293,13 @@ proptest! {
             .map(|p| (compile::policy_key(&p), p))
             .collect();
         let mut policies = policies;
+        let mut cluster: BTreeMap<usize, ClusterNetworkPolicy> = cluster
+            .iter()
+            .enumerate()
+            .map(|(i, shape)| (i, cluster_policy(i, shape)))
+            .collect();
         let mut engine = Engine::new("n1", Options::default());
-        engine.reset(policies.values().cloned().collect(), namespaces(&teams), pods.clone());
+        engine.reset(snapshot(&policies, &cluster, &teams, pods.clone()));
         let mut state: BTreeMap<String, PodInfo> = pods.into_iter().map(|p| (p.key(), p)).collect();
         for change in changes {
             let before = engine.ruleset().clone();
@@ -237,9 +324,18 @@ proptest! {
                     };
                     transaction
                 }
+                Change::Cluster(i, shape) => {
+                    let p = shape.map(|shape| cluster_policy(i, &shape));
+                    let transaction = engine.cluster_policy(&format!("cnp{i}"), p.clone());
+                    match p {
+                        Some(p) => cluster.insert(i, p),
+                        None => cluster.remove(&i),
+                    };
+                    transaction
+                }
             };
             let mut fresh = Engine::new("n1", Options::default());
-            fresh.reset(policies.values().cloned().collect(), namespaces(&teams), state.values().cloned().collect());
+            fresh.reset(snapshot(&policies, &cluster, &teams, state.values().cloned().collect()));
             prop_assert_eq!(engine.program(), fresh.program());
             prop_assert_eq!(engine.ruleset(), fresh.ruleset());
             match transaction {
@@ -264,8 +360,12 @@ fn a_relabel_within_the_same_policies_is_elements_only() {
         pod(1, true, true, 1, false, 2, 1),
         pod(2, true, false, 2, true, 3, 1),
     ];
+    let policies = policies
+        .into_iter()
+        .map(|p| (compile::policy_key(&p), p))
+        .collect();
     let mut engine = Engine::new("n1", Options::default());
-    engine.reset(policies, namespaces(&[true, false]), pods);
+    engine.reset(snapshot(&policies, &BTreeMap::new(), &[true, false], pods));
     // p1 (local, selected by the policy) goes from tier d to w: it
     // joins the tier=w peer list; its own gates stay.
     let (t, changes) = engine

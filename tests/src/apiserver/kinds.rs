@@ -181,6 +181,35 @@ pub static KINDS: &[Kind] = &[
         tracks_generation: true,
         field_labels: &[],
     },
+    // Stored as given, so `kubectl apply -k deploy/base` installs; the
+    // kinds they define are served here whether or not one is stored.
+    Kind {
+        group: "apiextensions.k8s.io",
+        version: "v1",
+        kind: "CustomResourceDefinition",
+        plural: "customresourcedefinitions",
+        singular: "customresourcedefinition",
+        short_names: &["crd", "crds"],
+        namespaced: false,
+        status_subresource: true,
+        tracks_generation: true,
+        field_labels: &[],
+    },
+    // The CRD of deploy/base/crd-clusternetworkpolicies.yaml (its schema
+    // is not checked here: meshd must bear what a server without one
+    // would store).
+    Kind {
+        group: "policy.networking.k8s.io",
+        version: "v1alpha2",
+        kind: "ClusterNetworkPolicy",
+        plural: "clusternetworkpolicies",
+        singular: "clusternetworkpolicy",
+        short_names: &["cnp"],
+        namespaced: false,
+        status_subresource: true,
+        tracks_generation: true,
+        field_labels: &[],
+    },
     Kind {
         group: "coordination.k8s.io",
         version: "v1",

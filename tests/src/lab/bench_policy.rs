@@ -226,11 +226,12 @@ pub fn run(scale: Scale, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         let mut engine = Engine::new(NODE, render::Options::default());
         // The full sync: everything compiled, rendered and loaded at once.
         let started = Instant::now();
-        engine.load(
-            cluster.policies.clone(),
-            cluster.namespaces.clone(),
-            cluster.pods.clone(),
-        );
+        engine.load(weft_policy::Snapshot {
+            policies: cluster.policies.clone(),
+            namespaces: cluster.namespaces.clone(),
+            pods: cluster.pods.clone(),
+            ..Default::default()
+        });
         let (transaction, changes) = nft::fresh(engine.ruleset());
         let compute = started.elapsed();
         let apply = timed_apply(&session, &transaction)?;
@@ -368,12 +369,18 @@ mod tests {
             (c.pods.len(), c.policies.len(), c.namespaces.len()),
             (400, 40, 4)
         );
-        let program = compile(NODE, &c.policies, &c.pods, &c.namespaces);
+        let program = compile(
+            NODE,
+            &c.policies,
+            Default::default(),
+            &c.pods,
+            &c.namespaces,
+        );
         assert_eq!(program.pods.len(), 200);
         assert!(program
             .pods
             .values()
-            .all(|p| matches!(p.ingress, weft_policy::Gate::Isolated { .. })));
+            .all(|p| matches!(p.ingress.np, weft_policy::Gate::Isolated { .. })));
         assert!(program.problems.is_empty(), "{:?}", program.problems);
     }
 }

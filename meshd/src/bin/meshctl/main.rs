@@ -16,7 +16,8 @@ use weft_meshd::annotations::PolicyApplied;
 use weft_meshd::cluster::{node_info, object_ref};
 use weft_meshd::graph::{MeshGraph, MeshSettings, PolicySync};
 use weft_meshd::model::{ClusterSnapshot, Hop};
-use weft_policy::{case, NamespaceInfo, PodInfo, Protocol, Step};
+use weft_policy::eval::Outcome;
+use weft_policy::{case, NamespaceInfo, PodInfo, Protocol};
 
 #[derive(Parser)]
 #[command(version, about = "Weft's admin command line")]
@@ -197,11 +198,17 @@ async fn mesh(
     let policies = match policies {
         Policies::Skip => None,
         Policies::Judge => {
-            let list = Api::<NetworkPolicy>::all(client)
+            let list = Api::<NetworkPolicy>::all(client.clone())
                 .list(&ListParams::default())
                 .await
                 .context("listing networkpolicies")?;
-            Some(PolicyApplied::of(list.items.iter().map(|p| &p.metadata)))
+            let cluster = weft_meshd::cluster::cluster_policies(&client).await?;
+            Some(PolicyApplied::of(
+                list.items
+                    .iter()
+                    .map(|p| &p.metadata)
+                    .chain(cluster.iter().map(|p| &p.metadata)),
+            ))
         }
     };
     let snapshot = ClusterSnapshot {
@@ -399,10 +406,8 @@ fn status(
     })
 }
 
-/// Pods, namespaces and policies as the cluster has them now.
-async fn cluster(
-    kubeconfig: Option<&Path>,
-) -> Result<(Vec<NetworkPolicy>, Vec<PodInfo>, Vec<NamespaceInfo>)> {
+/// Pods, namespaces, nodes and policies as the cluster has them now.
+async fn cluster(kubeconfig: Option<&Path>) -> Result<weft_policy::Snapshot> {
     let client = client(kubeconfig).await?;
     let list = ListParams::default();
     let pods = Api::<Pod>::all(client.clone())
@@ -413,19 +418,29 @@ async fn cluster(
         .list(&list)
         .await
         .context("listing namespaces")?;
-    let policies = Api::<NetworkPolicy>::all(client)
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&list)
+        .await
+        .context("listing nodes")?;
+    let policies = Api::<NetworkPolicy>::all(client.clone())
         .list(&list)
         .await
         .context("listing networkpolicies")?;
-    Ok((
-        policies.items,
-        pods.items.iter().map(PodInfo::from_pod).collect(),
-        namespaces
+    Ok(weft_policy::Snapshot {
+        policies: policies.items,
+        cluster_policies: weft_meshd::cluster::cluster_policies(&client).await?,
+        pods: pods.items.iter().map(PodInfo::from_pod).collect(),
+        namespaces: namespaces
             .items
             .iter()
             .map(NamespaceInfo::from_namespace)
             .collect(),
-    ))
+        nodes: nodes
+            .items
+            .iter()
+            .map(weft_policy::NodeInfo::from_node)
+            .collect(),
+    })
 }
 
 fn explain(
@@ -442,8 +457,8 @@ fn explain(
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (policies, pods, namespaces) = runtime.block_on(cluster(kubeconfig))?;
-            weft_policy::explain(&policies, &pods, &namespaces, from, to, protocol, port)?
+            let snapshot = runtime.block_on(cluster(kubeconfig))?;
+            weft_policy::explain(&snapshot, from, to, protocol, port)?
         }
     };
     let verdict = if d.allowed() { "ALLOWED" } else { "DENIED" };
@@ -452,11 +467,15 @@ fn explain(
         d.egress, d.ingress
     );
     for (step, side, peer) in [(&d.egress, "egress", to), (&d.ingress, "ingress", from)] {
-        if let Step::Denied(by) = step {
-            out.push_str(&format!(
+        match &step.outcome {
+            Outcome::Isolated(by) => out.push_str(&format!(
                 "  to allow it: add an {side} rule to one of {} whose peers include {peer} and whose ports include {port}/{protocol}\n",
                 by.join(", ")
-            ));
+            )),
+            Outcome::Denied(rule) => out.push_str(&format!(
+                "  to allow it: in front of {rule}, an Accept (or a Pass to NetworkPolicy) whose peers include {peer}\n"
+            )),
+            _ => {}
         }
     }
     Ok(out)

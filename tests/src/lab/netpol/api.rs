@@ -4,7 +4,6 @@
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{ContainerPort, Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::Client;
@@ -76,36 +75,60 @@ pub async fn apply(client: Client, case: &Case) -> Result<u64> {
         newest = newest.max(revision(&written.metadata));
     }
     for ns in &case.namespaces {
-        let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns.name);
-        let wanted: Vec<&NetworkPolicy> = case
+        let wanted = case
             .policies
             .iter()
-            .filter(|p| p.metadata.namespace.as_deref() == Some(ns.name.as_str()))
-            .collect();
-        for existing in api.list(&ListParams::default()).await? {
-            let name = existing.metadata.name.clone().unwrap_or_default();
-            if wanted
-                .iter()
-                .all(|w| w.metadata.name.as_deref() != Some(name.as_str()))
-            {
-                if let Some(gone) = api.delete(&name, &DeleteParams::default()).await?.left() {
-                    newest = newest.max(revision(&gone.metadata));
-                }
+            .filter(|p| p.metadata.namespace.as_deref() == Some(ns.name.as_str()));
+        let api = Api::namespaced(client.clone(), &ns.name);
+        newest = newest.max(sync(&api, wanted, |a, b| a.spec == b.spec).await?);
+    }
+    let api = Api::all(client.clone());
+    let wanted = case.cluster_policies.iter();
+    newest = newest.max(sync(&api, wanted, |a, b| a.spec == b.spec).await?);
+    Ok(newest)
+}
+
+/// Makes the objects of `api` the `wanted` ones: others deleted, changed
+/// ones (by `same`) replaced, missing ones created. Returns the newest
+/// resourceVersion written (0: none).
+async fn sync<'a, K>(
+    api: &Api<K>,
+    wanted: impl Iterator<Item = &'a K> + Clone,
+    same: impl Fn(&K, &K) -> bool,
+) -> Result<u64>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + 'a,
+{
+    let post = PostParams::default();
+    let mut newest = 0;
+    for existing in api.list(&ListParams::default()).await? {
+        let name = existing.meta().name.clone().unwrap_or_default();
+        if wanted
+            .clone()
+            .all(|w| w.meta().name.as_deref() != Some(name.as_str()))
+        {
+            if let Some(gone) = api.delete(&name, &DeleteParams::default()).await?.left() {
+                newest = newest.max(revision(gone.meta()));
             }
         }
-        for policy in wanted {
-            let name = policy.metadata.name.as_deref().unwrap_or_default();
-            let written = match api.get_opt(name).await? {
-                Some(old) if old.spec == policy.spec => continue,
-                Some(old) => {
-                    let mut new = policy.clone();
-                    new.metadata.resource_version = old.metadata.resource_version;
-                    api.replace(name, &post, &new).await?
-                }
-                None => api.create(&post, policy).await?,
-            };
-            newest = newest.max(revision(&written.metadata));
-        }
+    }
+    for object in wanted {
+        let name = object.meta().name.as_deref().unwrap_or_default();
+        let written = match api.get_opt(name).await? {
+            Some(old) if same(&old, object) => continue,
+            Some(old) => {
+                let mut new = object.clone();
+                new.meta_mut().resource_version = old.meta().resource_version.clone();
+                api.replace(name, &post, &new).await?
+            }
+            None => api.create(&post, object).await?,
+        };
+        newest = newest.max(revision(written.meta()));
     }
     Ok(newest)
 }
