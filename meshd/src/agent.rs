@@ -393,8 +393,8 @@ struct Agent {
     /// Every accepted node's pod CIDRs, for the policy engine (which binds
     /// pods' reported addresses to their node's).
     pod_cidrs: tokio::sync::watch::Sender<Option<Arc<NodePodCidrs>>>,
-    /// Every Node's labels and addresses, for ClusterNetworkPolicy's
-    /// `nodes` peers.
+    /// Every Node's labels and addresses as believed, for
+    /// ClusterNetworkPolicy's `nodes` peers.
     policy_nodes: tokio::sync::watch::Sender<Arc<Vec<weft_policy::NodeInfo>>>,
     policy: PolicyStatus,
     /// Other CNI configurations last found sorting before Weft's (warned
@@ -1190,17 +1190,6 @@ impl Agent {
         let probed = self.reconciler.overlap().is_some();
         // Gather.
         let objects = sources.nodes.state();
-        let policy_nodes: Vec<weft_policy::NodeInfo> = objects
-            .iter()
-            .map(|n| weft_policy::NodeInfo::from_node(n))
-            .collect();
-        self.policy_nodes.send_if_modified(|held| {
-            let changed = **held != policy_nodes;
-            if changed {
-                *held = Arc::new(policy_nodes);
-            }
-            changed
-        });
         let blocks = self.block_record(sources);
         let (revoked, errors) = crate::revoked::of(sources.revoked.state().first().map(|c| &**c));
         let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -1264,6 +1253,19 @@ impl Agent {
         )?;
         let desired = &decision.desired;
         let cidrs = node_pod_cidrs(&desired.verdicts, &name, &decision.claim.pod_cidrs);
+        let listed: Vec<weft_policy::NodeInfo> = objects
+            .iter()
+            .map(|n| weft_policy::NodeInfo::from_node(n))
+            .collect();
+        let policy_nodes =
+            weft_policy::NodeInfo::believed(&listed, &cidrs, &self.local.host_networks);
+        self.policy_nodes.send_if_modified(|held| {
+            let changed = **held != policy_nodes;
+            if changed {
+                *held = Arc::new(policy_nodes);
+            }
+            changed
+        });
         self.pod_cidrs.send_if_modified(|held| {
             let changed = held.as_deref() != Some(&cidrs);
             if changed {

@@ -332,7 +332,8 @@ pub struct Feeds {
     pub ipam_dir: PathBuf,
     /// Every accepted node's pod CIDRs, from the agent after each sync.
     pub cidrs: watch::Receiver<Option<Arc<NodePodCidrs>>>,
-    /// Every Node's labels and addresses, from the agent.
+    /// Every Node's labels and addresses as believed
+    /// ([`NodeInfo::believed`]), from the agent after each sync.
     pub nodes: watch::Receiver<Arc<Vec<NodeInfo>>>,
     /// Where Warning Events about ClusterNetworkPolicies go.
     pub events: Events,
@@ -406,22 +407,18 @@ async fn run(
     let pods = watch::<Pod>(&client, changed.clone(), dirty.clone(), seen.clone());
     let namespaces = watch::<Namespace>(&client, changed.clone(), dirty.clone(), seen.clone());
     let policies = watch::<NetworkPolicy>(&client, changed.clone(), dirty.clone(), seen.clone());
-    // Without the CRD there are none (a NetworkPolicy-only install): its
-    // watch would never list, and nothing would be enforced.
+    // Without the CRD (404) there are none yet: its watch lists them once
+    // it is installed, and until then NetworkPolicy is enforced alone.
+    // Anything else (RBAC not applied yet) stops the engine: fail closed.
     let cluster_api = Api::<ClusterNetworkPolicy>::all(client.clone());
-    let served = crate::cluster::list_served(&cluster_api, &ListParams::default().limit(1)).await?;
-    let cluster_policies = match served.is_some() {
-        true => Some(watch::<ClusterNetworkPolicy>(
-            &client,
-            changed.clone(),
-            dirty.clone(),
-            seen.clone(),
-        )),
-        false => {
-            tracing::warn!("the ClusterNetworkPolicy CRD is not installed: none enforced (restart meshd after installing it)");
-            None
-        }
-    };
+    let served = crate::cluster::list_served(&cluster_api, &ListParams::default().limit(1))
+        .await?
+        .is_some();
+    if !served {
+        tracing::warn!("the ClusterNetworkPolicy CRD is not installed: none enforced until it is");
+    }
+    let cluster_policies =
+        watch::<ClusterNetworkPolicy>(&client, changed.clone(), dirty.clone(), seen.clone());
     for ready in [
         pods.wait_until_ready().await,
         namespaces.wait_until_ready().await,
@@ -429,13 +426,13 @@ async fn run(
     ] {
         ready.context("the policy watches ended before their first list")?;
     }
-    if let Some(store) = &cluster_policies {
-        store
+    if served {
+        cluster_policies
             .wait_until_ready()
             .await
             .context("the ClusterNetworkPolicy watch ended before its first list")?;
     }
-    let status = Status::new(cluster_api, events);
+    let status = Status::new(cluster_api, events, cluster_policies.clone(), &node);
     // Without the mesh's pod CIDRs no remote pod has an address: wait for
     // the agent's first sync rather than load a program without peers.
     cidrs
@@ -444,6 +441,8 @@ async fn run(
         .context("the agent stopped handing over the nodes' pod CIDRs")?;
     let mut unbound = Unbound::default();
     let mut engine = Engine::new(&node, options);
+    // The Node list the engine last had.
+    let mut nodes_handed: Arc<Vec<NodeInfo>> = Arc::default();
     // Kept open between transactions (opened again if lost).
     let mut session: Option<nft::Session> = None;
     // Whether the kernel holds the engine's ruleset; not at start, after a
@@ -473,10 +472,15 @@ async fn run(
             health: &health,
         };
         let cluster_now = |name: &str| {
-            let store = cluster_policies.as_ref()?;
-            store.get(&ObjectRef::new(name)).map(|p| (*p).clone())
+            cluster_policies
+                .get(&ObjectRef::new(name))
+                .map(|p| (*p).clone())
         };
-        let believed = believed_nodes(&nodes.borrow_and_update(), &node_cidrs);
+        // Only a new list is handed over: a pod's event does not copy it.
+        let nodes_now = nodes.borrow_and_update().clone();
+        let nodes_changed = !Arc::ptr_eq(&nodes_now, &nodes_handed);
+        nodes_handed = nodes_now.clone();
+        let believed = || nodes_now.to_vec();
         // ClusterNetworkPolicies whose status to look at.
         let mut report = Vec::new();
         if stale.everything || first {
@@ -484,9 +488,9 @@ async fn run(
             let snapshot = Snapshot {
                 policies: policies.state().iter().map(|p| (**p).clone()).collect(),
                 cluster_policies: cluster_policies
+                    .state()
                     .iter()
-                    .flat_map(|s| s.state())
-                    .map(|p| (*p).clone())
+                    .map(|p| (**p).clone())
                     .collect(),
                 namespaces: namespaces
                     .state()
@@ -494,7 +498,7 @@ async fn run(
                     .map(|n| NamespaceInfo::from_namespace(n))
                     .collect(),
                 pods: pods.state().iter().map(|p| pod_info.info(p)).collect(),
-                nodes: believed,
+                nodes: believed(),
             };
             report.clone_from(&snapshot.cluster_policies);
             if in_kernel {
@@ -518,7 +522,9 @@ async fn run(
             for name in &stale.cluster_policies {
                 changes.extend(engine.cluster_policy(name, cluster_now(name)));
             }
-            changes.extend(engine.nodes(believed));
+            if nodes_changed {
+                changes.extend(engine.nodes(believed()));
+            }
             report.extend(stale.cluster_policies.iter().filter_map(|n| cluster_now(n)));
             for (t, c) in changes {
                 update = Some(match update {
@@ -628,34 +634,6 @@ async fn run(
     }
 }
 
-/// The Nodes as `nodes` peers may see them. A Node's kubelet writes its
-/// addresses: one inside a node's pod CIDRs (a pod's) is nobody's node
-/// address, and one another Node lists too is disputed — a compromised
-/// node must not bring a pod or another node into an Accept written for
-/// nodes, nor take another node's address out of a Deny.
-fn believed_nodes(nodes: &[NodeInfo], cidrs: &NodePodCidrs) -> Vec<NodeInfo> {
-    let mut listed: HashMap<IpAddr, usize> = HashMap::new();
-    for ip in nodes.iter().flat_map(|n| &n.addresses) {
-        *listed.entry(*ip).or_default() += 1;
-    }
-    let in_pods = |ip: &&IpAddr| cidrs.values().flatten().any(|net| net.contains(*ip));
-    nodes
-        .iter()
-        .map(|n| {
-            let (addresses, disputed) = n
-                .addresses
-                .iter()
-                .filter(|ip| !in_pods(ip))
-                .partition(|ip| listed.get(ip) == Some(&1));
-            NodeInfo {
-                addresses,
-                disputed,
-                ..n.clone()
-            }
-        })
-        .collect()
-}
-
 /// Tells the agent which policies the kernel now enforces (it publishes
 /// them on the Node); only a different set wakes it. Computed only after a
 /// pass that may have changed the set (`unreported`): a pod's change, the
@@ -679,26 +657,6 @@ fn report_applied(health: &Health, engine: &Engine, unreported: &mut bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn node_addresses_in_pod_cidrs_are_dropped_and_those_listed_twice_disputed() {
-        let ips = |ips: &[&str]| ips.iter().map(|i| i.parse().unwrap()).collect();
-        let node = |name: &str, own: &[&str], disputed: &[&str]| NodeInfo {
-            name: name.into(),
-            labels: BTreeMap::new(),
-            addresses: ips(own),
-            disputed: ips(disputed),
-        };
-        let nodes = vec![
-            node("a", &["10.0.0.1", "fd00::1"], &[]),
-            // Claims a's address, and a pod's.
-            node("b", &["10.0.0.2", "10.0.0.1", "198.19.1.7"], &[]),
-        ];
-        let cidrs = NodePodCidrs::from([("a".to_string(), vec!["198.19.1.0/24".parse().unwrap()])]);
-        let believed = believed_nodes(&nodes, &cidrs);
-        assert_eq!(believed[0], node("a", &["fd00::1"], &["10.0.0.1"]));
-        assert_eq!(believed[1], node("b", &["10.0.0.2"], &["10.0.0.1"]));
-    }
 
     #[test]
     fn drop_deltas_count_growth_and_restart_from_zero_when_recreated() {

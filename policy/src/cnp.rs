@@ -30,15 +30,23 @@ pub struct ClusterNetworkPolicy {
     /// As written; see [`parse`].
     #[serde(default)]
     pub spec: Value,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<Status>,
+    /// As written (by any node, or anyone allowed to): read leniently by
+    /// [`stored_condition`], so an odd one cannot break the watch either.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub status: Value,
 }
 
-/// What implementations report; only conditions are defined.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Status {
-    #[serde(default)]
-    pub conditions: Vec<Condition>,
+/// The stored condition of type `type_`, if one can be read.
+pub fn stored_condition(object: &ClusterNetworkPolicy, type_: &str) -> Option<Condition> {
+    object
+        .status
+        .get("conditions")?
+        .as_array()?
+        .iter()
+        .find_map(|c| {
+            let c: Condition = serde_json::from_value(c.clone()).ok()?;
+            (c.type_ == type_).then_some(c)
+        })
 }
 
 /// The API version this module reads.
@@ -95,10 +103,12 @@ struct Spec {
     tier: Tier,
     priority: i32,
     subject: Subject,
+    // Read rule by rule: one rule that cannot be read must not take the
+    // policy's other rules (its Denies) with it.
     #[serde(default)]
-    ingress: Vec<SpecRule>,
+    ingress: Vec<Value>,
     #[serde(default)]
-    egress: Vec<SpecRule>,
+    egress: Vec<Value>,
 }
 
 #[derive(Deserialize)]
@@ -269,8 +279,9 @@ pub fn parse(object: &ClusterNetworkPolicy) -> Reading {
     };
     if !(0..=MAX_PRIORITY).contains(&spec.priority) {
         problems.push(format!(
-            "spec.priority: {} is not in 0..={MAX_PRIORITY}",
-            spec.priority
+            "spec.priority: {} is not in 0..={MAX_PRIORITY} (taken as {})",
+            spec.priority,
+            spec.priority.clamp(0, MAX_PRIORITY)
         ));
     }
     let subject = match (spec.subject.namespaces, spec.subject.pods) {
@@ -306,16 +317,14 @@ pub fn parse(object: &ClusterNetworkPolicy) -> Reading {
     }
     let ingress = rules(&spec.ingress, "ingress", &mut problems);
     let egress = rules(&spec.egress, "egress", &mut problems);
-    let policy = subject
-        .filter(|_| (0..=MAX_PRIORITY).contains(&spec.priority))
-        .map(|subject| Parsed {
-            name,
-            tier: spec.tier,
-            priority: spec.priority,
-            subject,
-            ingress,
-            egress,
-        });
+    let policy = subject.map(|subject| Parsed {
+        name,
+        tier: spec.tier,
+        priority: spec.priority.clamp(0, MAX_PRIORITY),
+        subject,
+        ingress,
+        egress,
+    });
     Reading { policy, problems }
 }
 
@@ -330,10 +339,36 @@ fn checked(sel: &LabelSelector, field: &str, problems: &mut Vec<String>) -> bool
     }
 }
 
-fn rules(list: &[SpecRule], direction: &str, problems: &mut Vec<String>) -> Vec<ParsedRule> {
+fn rules(list: &[Value], direction: &str, problems: &mut Vec<String>) -> Vec<ParsedRule> {
     list.iter()
         .enumerate()
-        .map(|(i, r)| rule(r, &format!("spec.{direction}[{i}]"), direction, problems))
+        .map(|(i, value)| {
+            let at = format!("spec.{direction}[{i}]");
+            match serde_path_to_error::deserialize::<_, SpecRule>(value) {
+                Ok(r) => rule(&r, &at, direction, problems),
+                Err(e) => {
+                    let path = e.path().to_string();
+                    let field = if path == "." {
+                        at
+                    } else {
+                        format!("{at}.{path}")
+                    };
+                    problems.push(format!("{field}: {}", e.into_inner()));
+                    // Whatever it meant, it stops everything.
+                    ParsedRule {
+                        name: value
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .map(str::to_string),
+                        action: Action::Deny,
+                        peers: Vec::new(),
+                        nodes: Vec::new(),
+                        any_peer: true,
+                        ports: None,
+                    }
+                }
+            }
+        })
         .collect()
 }
 
@@ -376,6 +411,7 @@ fn rule(r: &SpecRule, at: &str, direction: &str, problems: &mut Vec<String>) -> 
                 "{at}.protocols: {} entries, needs 1 to {MAX_ENTRIES}",
                 list.len()
             ));
+            unusable = true;
         }
         let mut ports = Vec::new();
         for (j, p) in list.iter().enumerate() {
@@ -525,8 +561,10 @@ fn protocol_ports(p: &SpecProtocol) -> Result<Vec<NetworkPolicyPort>, Cow<'stati
         end_port: end,
     };
     if let Some(name) = &p.destination_named_port {
-        if name.is_empty() {
-            return Err("destinationNamedPort: empty".into());
+        // A port name has a letter (IANA_SVC_NAME); digits alone would be
+        // read as a number.
+        if !name.chars().any(|c| c.is_ascii_alphabetic()) {
+            return Err(format!("destinationNamedPort: {name:?} is not a port name").into());
         }
         // A name carries no protocol: it is the pod's, whichever it is.
         return Ok([Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
@@ -560,6 +598,22 @@ fn protocol_ports(p: &SpecProtocol) -> Result<Vec<NetworkPolicyPort>, Cow<'stati
     }
 }
 
+/// The API server takes condition messages up to 32768 bytes; problems are
+/// the author's to multiply.
+const MAX_MESSAGE: usize = 4096;
+
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut end = MAX_MESSAGE - 3;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
+    message
+}
+
 /// The condition every node computes for a policy from its reading: the
 /// same on every node, so writers racing each other agree after one write.
 /// `now` is when it changed, if it did.
@@ -588,7 +642,7 @@ pub fn condition(
         type_: "Accepted".into(),
         status: status.into(),
         reason: reason.into(),
-        message,
+        message: bounded(message),
         observed_generation: object.metadata.generation,
         last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
     }
@@ -606,7 +660,7 @@ mod tests {
                 ..ObjectMeta::default()
             },
             spec,
-            status: None,
+            status: Value::Null,
         })
     }
 
@@ -627,14 +681,6 @@ mod tests {
                 "spec.tier: unknown variant",
             ),
             (
-                json!({"tier": "Admin", "priority": 1001, "subject": {"namespaces": {}}}),
-                "spec.priority: 1001 is not in 0..=1000",
-            ),
-            (
-                json!({"tier": "Admin", "priority": -1, "subject": {"namespaces": {}}}),
-                "spec.priority: -1",
-            ),
-            (
                 json!({"tier": "Admin", "priority": 1, "subject": {}}),
                 "spec.subject: needs exactly one",
             ),
@@ -645,10 +691,6 @@ mod tests {
             (
                 json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {"matchExpressions": [{"key": "a", "operator": "Near"}]}}}),
                 "spec.subject.namespaces: matchExpressions \"a\": unknown operator",
-            ),
-            (
-                json!({"tier": "Admin", "priority": 1, "subject": {"namespaces": {}}, "ingress": [{"action": "Allow", "from": [{"namespaces": {}}]}]}),
-                "spec.ingress[0].action: unknown variant `Allow`",
             ),
         ];
         for (spec, why) in cases {
@@ -687,6 +729,12 @@ mod tests {
              "spec.ingress[0].protocols[0]: needs exactly one of tcp, udp, sctp", Action::Accept, false, 1, Some(0)),
             ("egress", json!({"action": "Accept", "to": [{"nodes": {}}], "protocols": [{"destinationNamedPort": "web"}]}),
              "spec.egress[0].protocols: destinationNamedPort cannot be used with networks, nodes", Action::Accept, false, 0, Some(3)),
+            ("ingress", json!({"name": "typo", "action": "deny", "from": [{"namespaces": {}}]}),
+             "spec.ingress[0].action: unknown variant `deny`", Action::Deny, true, 0, None),
+            ("egress", json!({"action": "Accept", "to": [{"pods": {"podSelector": {}}}], "protocols": [{"destinationNamedPort": "22"}]}),
+             "spec.egress[0].protocols[0]: destinationNamedPort: \"22\" is not a port name", Action::Accept, false, 1, Some(0)),
+            ("ingress", json!({"action": "Deny", "from": [{"namespaces": {}}], "protocols": []}),
+             "spec.ingress[0].protocols: 0 entries, needs 1 to 25", Action::Deny, true, 0, None),
             ("ingress", json!({"action": "Deny", "from": []}),
              "spec.ingress[0].from: 0 peers, needs 1 to 25", Action::Deny, true, 0, None),
         ];
@@ -713,6 +761,17 @@ mod tests {
                 (action, any_peer, peers, ports),
                 "{rule}"
             );
+        }
+    }
+
+    #[test]
+    fn a_priority_out_of_range_is_clamped_and_reported() {
+        for (priority, taken) in [(1001, 1000), (-1, 0)] {
+            let reading =
+                read(json!({"tier": "Admin", "priority": priority, "subject": {"namespaces": {}}}));
+            assert_eq!(reading.policy.map(|p| p.priority), Some(taken));
+            assert!(reading.problems[0]
+                .starts_with(&format!("spec.priority: {priority} is not in 0..=1000")));
         }
     }
 

@@ -88,9 +88,9 @@ pub struct PeerSpec {
     /// they select (no pod's).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<LabelSelector>,
-    /// Whether `nodes` count disputed addresses (a Deny's do).
+    /// Whether `nodes` count doubtful addresses (a Deny's do).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub disputed: bool,
+    pub doubtful: bool,
 }
 
 impl PeerSpec {
@@ -106,7 +106,7 @@ impl PeerSpec {
             namespace: if scoped { policy_ns } else { "" }.to_string(),
             peers: list.clone(),
             nodes: Vec::new(),
-            disputed: false,
+            doubtful: false,
         })
     }
 
@@ -118,7 +118,12 @@ impl PeerSpec {
             serde_json::to_string(&self.peers).unwrap_or_default()
         );
         if !self.nodes.is_empty() {
-            id.push_str(":nodes:");
+            // A Deny's node addresses are not an Accept's: never one set.
+            id.push_str(if self.doubtful {
+                ":nodes+doubtful:"
+            } else {
+                ":nodes:"
+            });
             id.push_str(&serde_json::to_string(&self.nodes).unwrap_or_default());
         }
         id
@@ -572,8 +577,8 @@ impl<'a> Ctx<'a> {
                         .any(|sel| selector::matches(sel, &n.labels))
                 })
                 .flat_map(|n| {
-                    let disputed = n.disputed.iter().filter(|_| spec.disputed);
-                    n.addresses.iter().chain(disputed)
+                    let doubtful = n.doubtful.iter().filter(|_| spec.doubtful);
+                    n.addresses.iter().chain(doubtful)
                 })
                 .map(|ip| IpNet::from(*ip));
             blocks.get_or_insert_with(Vec::new).extend(picked);
@@ -942,7 +947,7 @@ impl Ctx<'_> {
                         namespace: String::new(),
                         peers: r.peers.clone(),
                         nodes: r.nodes.clone(),
-                        disputed: r.action == Action::Deny && !r.nodes.is_empty(),
+                        doubtful: r.action == Action::Deny && !r.nodes.is_empty(),
                     });
                     // An Accept left with no usable peer or port opens
                     // nothing.

@@ -1,7 +1,7 @@
 //! What the compiler needs to know about pods and namespaces: plain data,
 //! built from the API objects (or from a conformance case file).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -142,11 +142,12 @@ impl PodInfo {
 pub struct NodeInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,
-    /// The addresses in its `status.addresses` that are IPs and its own.
+    /// The IPs in its `status.addresses` (after [`NodeInfo::believed`]:
+    /// those it is believed to hold).
     pub addresses: Vec<IpAddr>,
-    /// Those another Node lists too: whose they are is not known, so an
-    /// Accept or Pass does not count them and a Deny does.
-    pub disputed: Vec<IpAddr>,
+    /// Those it lists but is not believed to hold: an Accept or Pass does
+    /// not count them, a Deny does.
+    pub doubtful: Vec<IpAddr>,
 }
 
 impl NodeInfo {
@@ -160,8 +161,46 @@ impl NodeInfo {
                 .flat_map(|s| s.addresses.iter().flatten())
                 .filter_map(|a| a.address.parse().ok())
                 .collect(),
-            disputed: Vec::new(),
+            doubtful: Vec::new(),
         }
+    }
+
+    /// The Nodes as `nodes` peers may see them. A Node's kubelet writes its
+    /// addresses, so a compromised node may list anyone's: an address
+    /// inside a node's pod CIDRs (a pod's) is nobody's node address, and
+    /// one another Node lists too, or outside the nodes' networks
+    /// (`host_networks`: a metadata service, an outside host), is doubtful
+    /// — such a node can bring no pod, other node or outside address into
+    /// an Accept written for its own labels, nor take another node's
+    /// address out of a Deny.
+    pub fn believed(
+        nodes: &[NodeInfo],
+        cidrs: &NodePodCidrs,
+        host_networks: &[IpNet],
+    ) -> Vec<NodeInfo> {
+        let mut listed: HashMap<IpAddr, usize> = HashMap::new();
+        for ip in nodes.iter().flat_map(|n| &n.addresses) {
+            *listed.entry(*ip).or_default() += 1;
+        }
+        let in_pods = |ip: &&IpAddr| cidrs.values().flatten().any(|net| net.contains(*ip));
+        let believed = |ip: &&IpAddr| {
+            listed.get(ip) == Some(&1) && host_networks.iter().any(|net| net.contains(*ip))
+        };
+        nodes
+            .iter()
+            .map(|n| {
+                let (addresses, doubtful) = n
+                    .addresses
+                    .iter()
+                    .filter(|ip| !in_pods(ip))
+                    .partition(believed);
+                NodeInfo {
+                    addresses,
+                    doubtful,
+                    ..n.clone()
+                }
+            })
+            .collect()
     }
 }
 
@@ -302,5 +341,38 @@ mod tests {
                 "{phase} hostNetwork={host}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod believed_tests {
+    use super::*;
+
+    #[test]
+    fn node_addresses_in_pod_cidrs_are_dropped_and_those_listed_twice_or_outside_doubtful() {
+        let ips = |ips: &[&str]| ips.iter().map(|i| i.parse().unwrap()).collect();
+        let node = |name: &str, own: &[&str], doubtful: &[&str]| NodeInfo {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            addresses: ips(own),
+            doubtful: ips(doubtful),
+        };
+        let nodes = vec![
+            node("a", &["10.0.0.1", "fd00::1"], &[]),
+            // Claims a's address, a pod's and the metadata service's.
+            node(
+                "b",
+                &["10.0.0.2", "10.0.0.1", "198.19.1.7", "169.254.169.254"],
+                &[],
+            ),
+        ];
+        let cidrs = NodePodCidrs::from([("a".to_string(), vec!["198.19.1.0/24".parse().unwrap()])]);
+        let hosts: Vec<IpNet> = vec!["10.0.0.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()];
+        let believed = NodeInfo::believed(&nodes, &cidrs, &hosts);
+        assert_eq!(believed[0], node("a", &["fd00::1"], &["10.0.0.1"]));
+        assert_eq!(
+            believed[1],
+            node("b", &["10.0.0.2"], &["10.0.0.1", "169.254.169.254"])
+        );
     }
 }

@@ -35,8 +35,8 @@ use ipnet::IpNet;
 use serde_json::{json, Value};
 
 use crate::compile::{
-    Action, Direction, Gate, NamedPorts, NamedTarget, Peers, PodProgram, PolicyProgram, PortRange,
-    Program, Rule, RuleRef, Tier, Tiers,
+    Action, ClusterProgram, Direction, Gate, NamedPorts, NamedTarget, Peers, PodProgram,
+    PolicyProgram, PortRange, Program, Rule, RuleRef, Tier, Tiers,
 };
 use crate::model::Protocol;
 
@@ -208,8 +208,26 @@ impl Line {
 fn rule(expr: Vec<Value>, comment: &str) -> Line {
     Line {
         expr: Value::Array(expr).to_string(),
-        comment: comment.to_string(),
+        comment: bounded(comment, MAX_COMMENT),
     }
+}
+
+/// The kernel keeps at most 255 bytes of a rule's comment and nft refuses
+/// the whole transaction for a longer one: names (a policy's, a rule's)
+/// are the author's to choose, so comments are cut, well inside that.
+const MAX_COMMENT: usize = 127;
+
+/// `text` cut to at most `max` bytes on a character boundary, `...` marking
+/// a cut.
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max - 3;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
 }
 
 pub fn protocol_name(protocol: Protocol) -> &'static str {
@@ -260,6 +278,64 @@ pub(crate) fn group_chain_name(direction: Direction, tiers: &Tiers) -> String {
         _ => digest(tiers),
     };
     format!("g{}-{name}", letter(direction))
+}
+
+/// One tier's policies selecting a group of pods, in the order they are
+/// asked, in one direction: the contents of a stage chain.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Stage {
+    pub tier: Tier,
+    pub direction: Direction,
+    pub names: Vec<String>,
+}
+
+impl Stage {
+    /// The stages a group treated as `tiers` jumps to.
+    pub(crate) fn of(direction: Direction, tiers: &Tiers) -> impl Iterator<Item = Stage> + '_ {
+        [
+            (Tier::Admin, &tiers.admin),
+            (Tier::Baseline, &tiers.baseline),
+        ]
+        .into_iter()
+        .filter(|(_, names)| !names.is_empty())
+        .map(move |(tier, names)| Stage {
+            tier,
+            direction,
+            names: names.clone(),
+        })
+    }
+
+    /// Every stage the program's pods jump to.
+    pub(crate) fn all(program: &Program) -> BTreeSet<Stage> {
+        program
+            .pods
+            .values()
+            .flat_map(|p| {
+                [Direction::Ingress, Direction::Egress]
+                    .into_iter()
+                    .flat_map(|d| Stage::of(d, p.tiers(d)).collect::<Vec<_>>())
+            })
+            .collect()
+    }
+
+    pub(crate) fn chain(&self) -> String {
+        stage_chain(self.tier, self.direction, &self.names)
+    }
+
+    fn rules<'a>(&'a self, program: &'a Program) -> impl Iterator<Item = &'a Rule> + 'a {
+        self.names
+            .iter()
+            .filter_map(|name| program.cluster.get(name))
+            .flat_map(|p| p.rules(self.direction))
+    }
+
+    /// The drop counters its Deny lines count in.
+    pub(crate) fn counters(&self, program: &Program) -> BTreeSet<String> {
+        self.rules(program)
+            .filter(|r| r.rule.action == Action::Deny)
+            .map(|r| rule_counter(&r.rule))
+            .collect()
+    }
 }
 
 /// The chain of one tier's policies `names`, in that order, in `direction`.
@@ -428,15 +504,8 @@ pub fn render(program: &Program, options: &Options) -> Ruleset {
     for (key, policy) in &program.policies {
         out.add_policy(program, key, policy, options);
     }
-    // Every ClusterNetworkPolicy's port sets are there whether or not a
-    // pod here is its subject, like its peer sets: what the kernel holds
-    // does not hang on which stage chains exist.
-    for r in program
-        .cluster
-        .values()
-        .flat_map(|p| p.ingress.iter().chain(&p.egress))
-    {
-        rule_tests(program, r, &mut out.sets);
+    for policy in program.cluster.values() {
+        out.add_cluster_sets(program, policy);
     }
     for pod in program.pods.values() {
         for direction in [Direction::Ingress, Direction::Egress] {
@@ -590,9 +659,7 @@ impl Ruleset {
         }
     }
 
-    /// The stage chains `tiers` jump to, if not there yet: per tier, the
-    /// rules of its policies in the order they are asked, inline — so a
-    /// Pass can `return` past the rest of its tier.
+    /// The stage chains `tiers` jump to, if not there yet.
     pub(crate) fn add_stages(
         &mut self,
         program: &Program,
@@ -600,21 +667,29 @@ impl Ruleset {
         tiers: &Tiers,
         options: &Options,
     ) {
-        for (tier, names) in [
-            (Tier::Admin, &tiers.admin),
-            (Tier::Baseline, &tiers.baseline),
-        ] {
-            let chain = stage_chain(tier, direction, names);
-            if names.is_empty() || self.chains.contains_key(&chain) {
-                continue;
+        for stage in Stage::of(direction, tiers) {
+            if !self.chains.contains_key(&stage.chain()) {
+                self.add_stage(program, &stage, options);
             }
-            let body = names
-                .iter()
-                .filter_map(|name| program.cluster.get(name))
-                .flat_map(|p| p.rules(direction))
-                .flat_map(|r| rule_lines(program, r, self, options))
-                .collect();
-            self.chains.insert(chain, body);
+        }
+    }
+
+    /// A stage chain: the rules of its policies in the order they are
+    /// asked, inline — so a Pass can `return` past the rest of its tier.
+    pub(crate) fn add_stage(&mut self, program: &Program, stage: &Stage, options: &Options) {
+        let body = stage
+            .rules(program)
+            .flat_map(|r| rule_lines(program, r, self, options))
+            .collect();
+        self.chains.insert(stage.chain(), body);
+    }
+
+    /// The port sets of a ClusterNetworkPolicy's rules. Every one's are
+    /// there whether or not a pod here is its subject, like its peer sets:
+    /// what the kernel holds does not hang on which stage chains exist.
+    pub(crate) fn add_cluster_sets(&mut self, program: &Program, policy: &ClusterProgram) {
+        for r in policy.ingress.iter().chain(&policy.egress) {
+            rule_tests(program, r, &mut self.sets);
         }
     }
 
@@ -706,15 +781,7 @@ fn group_chain(direction: Direction, tiers: &Tiers, counter: &str, options: &Opt
 fn log_line(options: &Options, why: &str) -> Option<[Value; 2]> {
     let rate = options.log_per_second?;
     // The kernel caps log prefixes at 127 bytes.
-    let mut prefix = format!("weft drop {why}: ");
-    if prefix.len() > 127 {
-        let mut end = 120;
-        while !prefix.is_char_boundary(end) {
-            end -= 1;
-        }
-        prefix.truncate(end);
-        prefix.push_str("...: ");
-    }
+    let prefix = format!("{}: ", bounded(&format!("weft drop {why}"), 125));
     Some([
         json!({"limit": {"rate": rate, "per": "second", "burst": rate.max(1)}}),
         json!({"log": {"prefix": prefix}}),
@@ -829,7 +896,7 @@ mod tests {
                     namespace: "x".into(),
                     peers: Vec::new(),
                     nodes: Vec::new(),
-                    disputed: false,
+                    doubtful: false,
                 },
                 hosts: None,
                 blocks: Some(vec!["198.19.0.0/16".parse().unwrap()]),
@@ -873,6 +940,25 @@ mod tests {
             &vec![rule(vec![json!({"accept": null})], "x/p ingress rule 0")]
         );
         assert!(rs.sets.is_empty());
+    }
+
+    #[test]
+    fn comments_are_bounded_whatever_the_names() {
+        let long = "ü".repeat(200);
+        let r = Rule {
+            rule: RuleRef {
+                name: Some(long.clone()),
+                ..rule_ref()
+            },
+            peers: None,
+            ports: None,
+            named: None,
+        };
+        let rs = render(&program_with(r), &Options::default());
+        let line = &rs.chains.values().next().unwrap()[0];
+        assert!(line.comment.len() <= 127, "{}", line.comment.len());
+        assert!(line.comment.ends_with("..."));
+        assert_eq!(bounded("short", 127), "short");
     }
 
     #[test]

@@ -874,9 +874,9 @@ fn with_two_public_nodes_the_oldest_cannot_make_nat_pairs_relay() {
 /// ClusterNetworkPolicy `nodes` peers against the oldest node's kubelet,
 /// which may write its own Node's labels and addresses. It labels itself
 /// for an Admin Accept to edge nodes and lists node-3's address as its
-/// own: that address, now disputed, is neither accepted (an Accept counts
+/// own: that address, now doubtful, is neither accepted (an Accept counts
 /// only addresses one Node alone lists) nor taken out of the Deny that
-/// covers node-3 (a Deny counts disputed ones). Its own address is
+/// covers node-3 (a Deny counts doubtful ones). Its own address is
 /// accepted, as its new label says.
 #[test]
 fn the_oldest_node_claiming_another_nodes_address_opens_no_cluster_policy() {
@@ -887,8 +887,9 @@ fn the_oldest_node_claiming_another_nodes_address_opens_no_cluster_policy() {
             .status
             .success()
     };
+    let outside = meshlab::lab::topology::OUTSIDE_HOST.to_string();
     let (attacker, victim) = ("198.18.1.1", "198.18.1.3");
-    for target in [attacker, victim] {
+    for target in [attacker, victim, &outside] {
         wait_for(
             &format!("x/a to reach {target}"),
             Duration::from_secs(10),
@@ -898,7 +899,7 @@ fn the_oldest_node_claiming_another_nodes_address_opens_no_cluster_policy() {
     lab.kubectl(&["label", "node", "node-1", "node-3", "role=infra"]);
     lab.create(
         "nodes.yaml",
-        "apiVersion: policy.networking.k8s.io/v1alpha2
+        &"apiVersion: policy.networking.k8s.io/v1alpha2
 kind: ClusterNetworkPolicy
 metadata: {name: infra}
 spec:
@@ -908,13 +909,15 @@ spec:
   egress:
   - {name: edge, action: Accept, to: [{nodes: {matchLabels: {edge: 'true'}}}]}
   - {name: infra, action: Deny, to: [{nodes: {matchLabels: {role: infra}}}]}
-",
+  - {name: outside, action: Deny, to: [{networks: [OUTSIDE/32]}]}
+"
+        .replace("OUTSIDE", &outside),
         "{.metadata.name}",
     );
     wait_for(
-        "the infra nodes to be denied",
+        "the infra nodes and the outside host to be denied",
         Duration::from_secs(10),
-        || !pings(attacker) && !pings(victim),
+        || !pings(attacker) && !pings(victim) && !pings(&outside),
     );
     let (runtime, kubelet) = token_client(&lab, "node-1", &kubelet_token(&lab, "node-1"));
     let nodes: Api<Node> = Api::all(kubelet);
@@ -926,8 +929,8 @@ spec:
             &merge(serde_json::json!({"metadata": {"labels": {"edge": "true"}}})),
         ))
         .expect("a kubelet may label its own Node");
-    let addresses =
-        [attacker, victim].map(|a| serde_json::json!({"type": "InternalIP", "address": a}));
+    let addresses = [attacker, victim, outside.as_str()]
+        .map(|a| serde_json::json!({"type": "InternalIP", "address": a}));
     runtime
         .block_on(nodes.patch_status(
             "node-1",
@@ -944,6 +947,10 @@ spec:
         assert!(
             !pings(victim),
             "the attacker's claim opened node-3's address to x/a"
+        );
+        assert!(
+            !pings(&outside),
+            "the attacker's claim opened {outside} to x/a"
         );
         std::thread::sleep(Duration::from_millis(300));
     }

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::cnp::{self, ClusterNetworkPolicy, Parsed};
+use crate::cnp::{ClusterNetworkPolicy, Parsed};
 use crate::compile::{self, compile, Cluster, Direction, PodProgram, Program, Snapshot, Tiers};
 use crate::model::{NamespaceInfo, NodeInfo, PodInfo};
 use crate::nft::{self, Changes, Transaction};
@@ -120,34 +120,6 @@ impl Engine {
             .collect();
         self.pods = snapshot.pods.into_iter().map(|p| (p.key(), p)).collect();
         self.recompile();
-    }
-
-    /// ClusterNetworkPolicy `name` created or changed (`Some`) or deleted
-    /// (`None`); returns the transaction from the previous ruleset. Admins
-    /// write few of them, and each may reorder every pod's tiers: the
-    /// node is recompiled and the difference applied.
-    pub fn cluster_policy(
-        &mut self,
-        name: &str,
-        object: Option<ClusterNetworkPolicy>,
-    ) -> Option<(Transaction, Changes)> {
-        let policy = object.as_ref().and_then(|o| cnp::parse(o).policy);
-        match object {
-            Some(o) => self.cluster_objects.insert(name.to_string(), o),
-            None => self.cluster_objects.remove(name),
-        };
-        let at = self.cluster_policies.iter().position(|p| p.name == name);
-        // Its status written, say: nothing to enforce differently.
-        if at.map(|i| &self.cluster_policies[i]) == policy.as_ref() {
-            return None;
-        }
-        if let Some(i) = at {
-            self.cluster_policies.remove(i);
-        }
-        self.cluster_policies.extend(policy);
-        let before = std::mem::take(&mut self.ruleset);
-        self.recompile();
-        nft::diff(&before, &self.ruleset)
     }
 
     /// The Nodes as they are now; returns the transaction from the

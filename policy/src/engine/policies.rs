@@ -1,14 +1,22 @@
-//! A policy change: that policy compiled alone, merged into the program,
-//! and only the objects it touches rendered and compared.
+//! A policy change, NetworkPolicy or ClusterNetworkPolicy: that policy
+//! compiled alone, merged into the program, and only the objects it
+//! touches rendered and compared.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::{groups_of, map_entries, Engine};
+use crate::cnp::{self, ClusterNetworkPolicy};
 use crate::compile::{self, compile, Cluster, Direction, NamedPorts, Program, Tiers};
+use crate::model::PodInfo;
 use crate::nft::{self, Changes, Transaction};
-use crate::render::{self, Ruleset};
+use crate::render::{self, Options, Ruleset, Stage};
+
+/// The Deny counters the stage chains `stages` count in.
+fn counted(stages: &BTreeSet<Stage>, program: &Program) -> BTreeSet<String> {
+    stages.iter().flat_map(|s| s.counters(program)).collect()
+}
 
 /// A group of pods: the direction and the tiers treating it.
 type Group = (Direction, Tiers);
@@ -73,22 +81,176 @@ impl Engine {
             self.pods.values(),
             self.namespaces.values(),
         );
-        self.merge(key, one);
-        let used_after = Used::of(&self.program);
+        self.merge(one, |program| {
+            program.policies.remove(key);
+            program.problems.remove(key);
+        });
+        self.apply_part(
+            &affected,
+            &used_before,
+            |program, current, before, after, options| {
+                let chains = render::policy_chains(key).into_iter().collect();
+                before.take_from(current, &chains, &BTreeSet::new());
+                if let Some(p) = program.policies.get(key) {
+                    after.add_policy(program, key, p, options);
+                }
+            },
+        )
+    }
 
-        // What the kernel holds of what this touches, then what it should.
+    /// ClusterNetworkPolicy `name` created or changed (`Some`) or deleted
+    /// (`None`); returns the transaction from the previous ruleset. As for
+    /// a NetworkPolicy: only this policy is compiled; the node's pods whose
+    /// tiers hold it (before or after) get them anew; the stage chains
+    /// holding it are rewritten, and the sets and counters it alone used
+    /// go, those it newly needs come.
+    pub fn cluster_policy(
+        &mut self,
+        name: &str,
+        object: Option<ClusterNetworkPolicy>,
+    ) -> Option<(Transaction, Changes)> {
+        let policy = object.as_ref().and_then(|o| cnp::parse(o).policy);
+        match object {
+            Some(o) => self.cluster_objects.insert(name.to_string(), o),
+            None => self.cluster_objects.remove(name),
+        };
+        let at = self.cluster_policies.iter().position(|p| p.name == name);
+        // Its status written, say: nothing to enforce differently.
+        if at.map(|i| &self.cluster_policies[i]) == policy.as_ref() {
+            return None;
+        }
+        let holds = |tiers: &Tiers| tiers.admin.iter().chain(&tiers.baseline).any(|n| n == name);
+        let mut affected: BTreeSet<String> = self
+            .program
+            .pods
+            .values()
+            .filter(|p| holds(&p.ingress) || holds(&p.egress))
+            .map(|p| p.pod.clone())
+            .collect();
+        if let Some(p) = &policy {
+            affected.extend(
+                self.pods
+                    .values()
+                    .filter(|pod| {
+                        let labels = self.namespaces.get(&pod.namespace).map(|n| &n.labels);
+                        self.is_local(pod) && p.subject.selects(pod, labels)
+                    })
+                    .map(PodInfo::key),
+            );
+        }
+        let shared = affected
+            .iter()
+            .filter_map(|k| self.pods.get(k))
+            .flat_map(|p| &p.ips)
+            .any(|ip| self.holders.get(ip).is_some_and(|n| *n > 1));
+        let used_before = Used::of(&self.program);
+        let stages_before = Stage::all(&self.program);
+        let counted_before = counted(&stages_before, &self.program);
+        if let Some(i) = at {
+            self.cluster_policies.remove(i);
+        }
+        self.cluster_policies.extend(policy.clone());
+        if shared {
+            let before = std::mem::take(&mut self.ruleset);
+            self.recompile();
+            return nft::diff(&before, &self.ruleset);
+        }
+        let one = compile(
+            &self.node,
+            &[],
+            Cluster {
+                policies: policy.as_slice(),
+                nodes: &self.nodes,
+            },
+            self.pods.values(),
+            self.namespaces.values(),
+        );
+        self.merge(one, |program| {
+            program.cluster.remove(name);
+        });
+        self.apply_part(
+            &affected,
+            &used_before,
+            |program, current, before, after, options| {
+                // The pods are regated: their stages now are the new ones.
+                let stages_after = Stage::all(program);
+                let counted_after = counted(&stages_after, program);
+                // Rewritten: the stages holding it; gone or new: those a
+                // pod no longer or newly jumps to (its tiers lost or gained it).
+                let changed = |stages: &BTreeSet<Stage>, other: &BTreeSet<Stage>| {
+                    stages
+                        .iter()
+                        .filter(|s| s.names.iter().any(|n| n == name) || !other.contains(*s))
+                        .cloned()
+                        .collect::<Vec<Stage>>()
+                };
+                let old: BTreeSet<String> = changed(&stages_before, &stages_after)
+                    .iter()
+                    .map(Stage::chain)
+                    .collect();
+                before.take_from(current, &old, &BTreeSet::new());
+                for stage in changed(&stages_after, &stages_before) {
+                    after.add_stage(program, &stage, options);
+                }
+                if let Some(p) = program.cluster.get(name) {
+                    after.add_cluster_sets(program, p);
+                }
+                // Counters go with the last stage chain counting in them.
+                for gone in counted_before.difference(&counted_after) {
+                    if let Some(c) = current.counters.get(gone) {
+                        before.counters.insert(gone.clone(), c.clone());
+                    }
+                }
+                after.counters.retain(|c, _| !counted_before.contains(c));
+            },
+        )
+    }
+
+    /// Puts `one` (a policy compiled alone) into the program in place of
+    /// what `drop` takes out of it, and drops the peer lists and named
+    /// ports no policy uses any more.
+    fn merge(&mut self, one: Program, drop: impl FnOnce(&mut Program)) {
+        let program = &mut self.program;
+        drop(program);
+        program.policies.extend(one.policies);
+        program.problems.extend(one.problems);
+        program.cluster.extend(one.cluster);
+        for (id, peers) in one.peers {
+            program.peers.entry(id).or_insert(peers);
+        }
+        for (k, targets) in one.named {
+            program.named.entry(k).or_insert(targets);
+        }
+        let used = Used::of(program);
+        program.peers.retain(|id, _| used.peers.contains(id));
+        program.named.retain(|k, _| used.named.contains(k));
+    }
+
+    /// The part of the ruleset a policy change touches, worked out and
+    /// applied: the `affected` pods regated, their groups' chains, the sets
+    /// one of the programs before (`used_before`) and now uses, and what
+    /// `own` takes out as the kernel holds it (`before`, from `current`)
+    /// and puts back as it should be (`after`): the policy's own chains.
+    fn apply_part(
+        &mut self,
+        affected: &BTreeSet<String>,
+        used_before: &Used,
+        own: impl FnOnce(&Program, &Ruleset, &mut Ruleset, &mut Ruleset, &Options),
+    ) -> Option<(Transaction, Changes)> {
+        let used_after = Used::of(&self.program);
         let mut before = Ruleset::with_maps();
         let mut after = Ruleset::with_maps();
-        let groups = self.regate(&affected, &mut before, &mut after);
+        let groups = self.regate(affected, &mut before, &mut after);
         let sets = used_before.sets_differing(&used_after);
-        let chains: BTreeSet<String> = render::policy_chains(key)
-            .into_iter()
-            .chain(groups.keys().cloned())
-            .collect();
+        let chains: BTreeSet<String> = groups.keys().cloned().collect();
         before.take_from(&self.ruleset, &chains, &sets);
-        if let Some(p) = self.program.policies.get(key) {
-            after.add_policy(&self.program, key, p, &self.options);
-        }
+        own(
+            &self.program,
+            &self.ruleset,
+            &mut before,
+            &mut after,
+            &self.options,
+        );
         for (chain, (direction, tiers)) in &groups {
             if self.group_pods.get(chain).is_some_and(|n| *n > 0) {
                 after.add_group(*direction, tiers, &self.options);
@@ -109,26 +271,6 @@ impl Engine {
         after.sets.retain(|name, _| sets.contains(name));
         self.ruleset.replace_part(&before, &after);
         nft::diff(&before, &after)
-    }
-
-    /// Puts `one` (policy `key` compiled alone) into the program in place
-    /// of what `key` was, and drops the peer lists and named ports no
-    /// policy uses any more.
-    fn merge(&mut self, key: &str, one: Program) {
-        let program = &mut self.program;
-        program.policies.remove(key);
-        program.problems.remove(key);
-        program.policies.extend(one.policies);
-        program.problems.extend(one.problems);
-        for (id, peers) in one.peers {
-            program.peers.entry(id).or_insert(peers);
-        }
-        for (k, targets) in one.named {
-            program.named.entry(k).or_insert(targets);
-        }
-        let used = Used::of(program);
-        program.peers.retain(|id, _| used.peers.contains(id));
-        program.named.retain(|k, _| used.named.contains(k));
     }
 
     /// Gives the `affected` pods their programs anew: their verdict-map

@@ -136,8 +136,9 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1)]
         runs: usize,
     },
-    /// NetworkPolicy at scale: compile, full sync, one pod and one policy
-    /// change as differences vs whole-table replaces.
+    /// NetworkPolicy and ClusterNetworkPolicy at scale: compile, full
+    /// sync, one pod and one policy change as differences vs whole-table
+    /// replaces.
     Policy {
         #[arg(long, default_value_t = 10_000)]
         pods: usize,
@@ -148,6 +149,9 @@ enum BenchCmd {
         /// Nodes the pods are spread over (node-1 is measured).
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// ClusterNetworkPolicies per tier (Admin and Baseline).
+        #[arg(long, default_value_t = 10)]
+        cluster_policies: usize,
     },
 }
 
@@ -626,6 +630,7 @@ fn run(cli: Cli) -> Result<()> {
                     policies,
                     namespaces,
                     nodes,
+                    cluster_policies,
                 },
         } => {
             anyhow::ensure!(
@@ -637,6 +642,7 @@ fn run(cli: Cli) -> Result<()> {
                 policies,
                 namespaces,
                 nodes,
+                cluster_policies,
             };
             let report = bench_policy::run(scale, &mut |step| eprintln!("meshlab: {step}"))?;
             print!("{}", bench_policy::table(&report));

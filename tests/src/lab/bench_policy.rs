@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::json;
+use weft_policy::cnp::ClusterNetworkPolicy;
 use weft_policy::engine::Engine;
 use weft_policy::render;
 use weft_policy::{nft, NamedPort, NamespaceInfo, PodInfo, Protocol};
@@ -28,11 +29,14 @@ pub struct Scale {
     pub policies: usize,
     pub namespaces: usize,
     pub nodes: usize,
+    /// ClusterNetworkPolicies per tier.
+    pub cluster_policies: usize,
 }
 
 pub struct Cluster {
     pub pods: Vec<PodInfo>,
     pub policies: Vec<NetworkPolicy>,
+    pub cluster_policies: Vec<ClusterNetworkPolicy>,
     pub namespaces: Vec<NamespaceInfo>,
 }
 
@@ -40,7 +44,8 @@ pub struct Cluster {
 /// apps, a tier, and named ports; per namespace, policies selecting an app
 /// with ingress from the namespace's web tier on a port, from a team's
 /// namespaces on a named port, and (every other policy) egress to another
-/// app and to an ipBlock with an except.
+/// app and to an ipBlock with an except. Per tier, ClusterNetworkPolicies
+/// for a team's pods of one zone (see [`cluster_policy`]).
 pub fn generate(scale: Scale) -> Cluster {
     let namespaces = (0..scale.namespaces)
         .map(|n| NamespaceInfo {
@@ -65,6 +70,7 @@ pub fn generate(scale: Scale) -> Cluster {
                         "tier".into(),
                         if j.is_multiple_of(2) { "web" } else { "db" }.into(),
                     ),
+                    ("zone".into(), format!("z{}", j % 4)),
                 ]),
                 ips: vec![
                     format!("10.{}.{}.{}", 64 + i / 65536, (i / 256) % 256, i % 256)
@@ -90,11 +96,59 @@ pub fn generate(scale: Scale) -> Cluster {
     let policies = (0..scale.policies)
         .map(|k| policy(k % scale.namespaces, k / scale.namespaces))
         .collect();
+    let cluster_policies = (0..scale.cluster_policies)
+        .flat_map(|k| [cluster_policy("Admin", k), cluster_policy("Baseline", k)])
+        .collect();
     Cluster {
         pods,
         policies,
+        cluster_policies,
         namespaces,
     }
+}
+
+/// The `k`th ClusterNetworkPolicy of `tier`: for zone `z<k%4>` pods of team
+/// `t<k%10>`'s namespaces (the second of each tier: for every pod), Admin
+/// denies another team SSH, passes the team's own web tier to
+/// NetworkPolicy and accepts egress to DNS; Baseline denies ingress from
+/// every namespace but the team's on the http port.
+fn cluster_policy(tier: &str, k: usize) -> ClusterNetworkPolicy {
+    let team = |t: usize| json!({"matchLabels": {"team": format!("t{}", t % 10)}});
+    let subject = match k {
+        1 => json!({"namespaces": {}}),
+        _ => json!({"pods": {
+            "namespaceSelector": team(k),
+            "podSelector": {"matchLabels": {"zone": format!("z{}", k % 4)}},
+        }}),
+    };
+    let (ingress, egress) = match tier {
+        "Admin" => (
+            json!([
+                {"action": "Deny", "from": [{"namespaces": team(k + 1)}],
+                 "protocols": [{"tcp": {"destinationPort": {"number": 22}}}]},
+                {"action": "Pass", "from": [{"pods": {"namespaceSelector": team(k),
+                                                       "podSelector": {"matchLabels": {"tier": "web"}}}}]},
+            ]),
+            json!([
+                {"action": "Accept", "to": [{"networks": ["10.96.0.10/32", "fd00:96::a/128"]}],
+                 "protocols": [{"udp": {"destinationPort": {"number": 53}}}]},
+            ]),
+        ),
+        _ => (
+            json!([
+                {"action": "Deny", "from": [{"namespaces": {"matchExpressions": [
+                    {"key": "team", "operator": "NotIn", "values": [format!("t{}", k % 10)]}]}}],
+                 "protocols": [{"destinationNamedPort": "http"}]},
+            ]),
+            json!([]),
+        ),
+    };
+    serde_json::from_value(json!({
+        "metadata": {"name": format!("{}-{k}", tier.to_lowercase())},
+        "spec": {"tier": tier, "priority": k % 50, "subject": subject,
+                 "ingress": ingress, "egress": egress},
+    }))
+    .expect("a generated cluster policy")
 }
 
 fn policy(n: usize, k: usize) -> NetworkPolicy {
@@ -216,8 +270,8 @@ pub fn run(scale: Scale, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     let result = (|| {
         let cluster = generate(scale);
         progress(&format!(
-            "{} pods, {} policies, {} namespaces over {} nodes; measuring {NODE}",
-            scale.pods, scale.policies, scale.namespaces, scale.nodes
+            "{} pods, {} policies, {} cluster policies per tier, {} namespaces over {} nodes; measuring {NODE}",
+            scale.pods, scale.policies, scale.cluster_policies, scale.namespaces, scale.nodes
         ));
         let session: Session =
             std::sync::Arc::new(std::sync::Mutex::new(netns::run_in(NETNS, || {
@@ -228,9 +282,10 @@ pub fn run(scale: Scale, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         let started = Instant::now();
         engine.load(weft_policy::Snapshot {
             policies: cluster.policies.clone(),
+            cluster_policies: cluster.cluster_policies.clone(),
             namespaces: cluster.namespaces.clone(),
             pods: cluster.pods.clone(),
-            ..Default::default()
+            nodes: Vec::new(),
         });
         let (transaction, changes) = nft::fresh(engine.ruleset());
         let compute = started.elapsed();
@@ -306,6 +361,46 @@ pub fn run(scale: Scale, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             Box::new(|e| e.policy(&key, Some(updated.clone()))),
             Box::new(|e| e.policy(&key, Some(original.clone()))),
         )?);
+        if let Some(original) = cluster.cluster_policies.first() {
+            // (d) a local pod of the first policy's subject (team t0, zone
+            // z0) moves to another zone, out of it.
+            let before = cluster
+                .pods
+                .iter()
+                .find(|p| {
+                    p.node == NODE
+                        && p.labels["zone"] == "z0"
+                        && cluster
+                            .namespaces
+                            .iter()
+                            .any(|n| n.name == p.namespace && n.labels["team"] == "t0")
+                })
+                .context("no local pod in t0/z0")?
+                .clone();
+            let mut moved = before.clone();
+            moved.labels.insert("zone".into(), "z1".into());
+            steps.push(step(
+                "one pod moved out of a cluster policy's subject",
+                &session,
+                &mut engine,
+                ROUNDS,
+                Box::new(|e| e.pod(&moved.key(), Some(moved.clone()))),
+                Box::new(|e| e.pod(&before.key(), Some(before.clone()))),
+            )?);
+            // (e) an Admin policy goes last in its tier (behind the one
+            // for every pod), and back.
+            let name = original.metadata.name.clone().unwrap_or_default();
+            let mut last = original.clone();
+            last.spec["priority"] = json!(1000);
+            steps.push(step(
+                "one ClusterNetworkPolicy priority change",
+                &session,
+                &mut engine,
+                ROUNDS,
+                Box::new(|e| e.cluster_policy(&name, Some(last.clone()))),
+                Box::new(|e| e.cluster_policy(&name, Some(original.clone()))),
+            )?);
+        }
         Ok(report)
     })();
     netns::delete(NETNS)?;
@@ -318,12 +413,13 @@ fn ms(d: Duration) -> f64 {
 
 pub fn table(r: &Report) -> String {
     let mut out = format!(
-        "{} pods, {} policies, {} namespaces, {} nodes; node-1: {} pods, {} policies selecting them\n\
+        "{} pods, {} policies, {} cluster policies per tier, {} namespaces, {} nodes; node-1: {} pods, {} policies selecting them\n\
          program: {} chains, {} rules, {} sets, {} elements, {} KiB of nft JSON\n\n\
          | step | changed elements | chains | compute ms | apply ms | total ms | whole-table replace ms | total / replace |\n\
          |---|---|---|---|---|---|---|---|\n",
         r.scale.pods,
         r.scale.policies,
+        r.scale.cluster_policies,
         r.scale.namespaces,
         r.scale.nodes,
         r.local_pods,
@@ -363,6 +459,7 @@ mod tests {
             policies: 40,
             namespaces: 4,
             nodes: 2,
+            cluster_policies: 3,
         };
         let c = generate(scale);
         assert_eq!(
@@ -382,5 +479,14 @@ mod tests {
             .values()
             .all(|p| matches!(p.ingress.np, weft_policy::Gate::Isolated { .. })));
         assert!(program.problems.is_empty(), "{:?}", program.problems);
+        assert_eq!(c.cluster_policies.len(), 6);
+        for p in &c.cluster_policies {
+            let reading = weft_policy::cnp::parse(p);
+            assert!(
+                reading.policy.is_some() && reading.problems.is_empty(),
+                "{:?}",
+                reading.problems
+            );
+        }
     }
 }

@@ -17,7 +17,7 @@ use weft_meshd::cluster::{node_info, object_ref};
 use weft_meshd::graph::{MeshGraph, MeshSettings, PolicySync};
 use weft_meshd::model::{ClusterSnapshot, Hop};
 use weft_policy::eval::Outcome;
-use weft_policy::{case, NamespaceInfo, PodInfo, Protocol};
+use weft_policy::{case, NamespaceInfo, PodInfo, PolicyRef, Protocol, Tier};
 
 #[derive(Parser)]
 #[command(version, about = "Weft's admin command line")]
@@ -472,9 +472,14 @@ fn explain(
                 "  to allow it: add an {side} rule to one of {} whose peers include {peer} and whose ports include {port}/{protocol}\n",
                 by.join(", ")
             )),
-            Outcome::Denied(rule) => out.push_str(&format!(
-                "  to allow it: in front of {rule}, an Accept (or a Pass to NetworkPolicy) whose peers include {peer}\n"
-            )),
+            Outcome::Denied(rule) => out.push_str(&match rule.policy {
+                PolicyRef::Cluster { tier: Tier::Baseline, .. } => format!(
+                    "  to allow it: a NetworkPolicy (asked before Baseline) allowing {peer} on {port}/{protocol}, or a Baseline Accept in front of {rule}\n"
+                ),
+                _ => format!(
+                    "  to allow it: an Admin Accept in front of {rule} whose peers include {peer}, or a Pass that hands it to NetworkPolicy\n"
+                ),
+            }),
             _ => {}
         }
     }
