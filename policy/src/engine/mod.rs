@@ -138,9 +138,7 @@ impl Engine {
         if !read {
             return None;
         }
-        let before = std::mem::take(&mut self.ruleset);
-        self.recompile();
-        nft::diff(&before, &self.ruleset)
+        self.recompiled()
     }
 
     fn cluster(&self) -> Cluster<'_> {
@@ -165,6 +163,14 @@ impl Engine {
             .filter(|p| self.is_local(p) && compile::selects(policy, p))
             .map(PodInfo::key)
             .collect()
+    }
+
+    /// Recompiles the node; returns the transaction from the previous
+    /// ruleset.
+    fn recompiled(&mut self) -> Option<(Transaction, Changes)> {
+        let before = std::mem::take(&mut self.ruleset);
+        self.recompile();
+        nft::diff(&before, &self.ruleset)
     }
 
     fn recompile(&mut self) {

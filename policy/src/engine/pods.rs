@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use super::{group_chains, map_entries, Engine};
 use crate::compile::{PeerSpec, PodProgram};
 use crate::model::PodInfo;
-use crate::nft::{self, Changes, Command, Transaction};
+use crate::nft::{Changes, Command, Transaction};
 use crate::render::{self, Element, MapName, Ruleset};
 
 /// Verdict-map entries: local pod address to group chain.
@@ -33,9 +33,7 @@ impl Engine {
                 Some(p) => self.pods.insert(key.to_string(), p.clone()),
                 None => self.pods.remove(key),
             };
-            let before = std::mem::take(&mut self.ruleset);
-            self.recompile();
-            return nft::diff(&before, &self.ruleset);
+            return self.recompiled();
         }
         let mut changes = Elements::default();
         self.move_pod(old.as_ref(), pod.as_ref(), &mut changes);

@@ -59,17 +59,8 @@ impl Engine {
             n => self.selecting.insert(key.to_string(), n),
         };
         affected.extend(selected_now);
-        // An address two pods hold: which one it stands for is the whole
-        // compile's to settle.
-        let shared = affected
-            .iter()
-            .filter_map(|k| self.pods.get(k))
-            .flat_map(|p| &p.ips)
-            .any(|ip| self.holders.get(ip).is_some_and(|n| *n > 1));
-        if shared {
-            let before = std::mem::take(&mut self.ruleset);
-            self.recompile();
-            return nft::diff(&before, &self.ruleset);
+        if self.shares_an_address(&affected) {
+            return self.recompiled();
         }
 
         // The ClusterNetworkPolicies' part stays as it is: a
@@ -138,11 +129,7 @@ impl Engine {
                     .map(PodInfo::key),
             );
         }
-        let shared = affected
-            .iter()
-            .filter_map(|k| self.pods.get(k))
-            .flat_map(|p| &p.ips)
-            .any(|ip| self.holders.get(ip).is_some_and(|n| *n > 1));
+        let shared = self.shares_an_address(&affected);
         let used_before = Used::of(&self.program);
         let stages_before = Stage::all(&self.program);
         let counted_before = counted(&stages_before, &self.program);
@@ -151,9 +138,7 @@ impl Engine {
         }
         self.cluster_policies.extend(policy.clone());
         if shared {
-            let before = std::mem::take(&mut self.ruleset);
-            self.recompile();
-            return nft::diff(&before, &self.ruleset);
+            return self.recompiled();
         }
         let one = compile(
             &self.node,
@@ -204,6 +189,16 @@ impl Engine {
                 after.counters.retain(|c, _| !counted_before.contains(c));
             },
         )
+    }
+
+    /// Whether one of the `affected` pods holds an address another pod
+    /// holds too: which one it stands for is the whole compile's to settle.
+    fn shares_an_address(&self, affected: &BTreeSet<String>) -> bool {
+        affected
+            .iter()
+            .filter_map(|k| self.pods.get(k))
+            .flat_map(|p| &p.ips)
+            .any(|ip| self.holders.get(ip).is_some_and(|n| *n > 1))
     }
 
     /// Puts `one` (a policy compiled alone) into the program in place of
