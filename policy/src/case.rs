@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::cnp::{self, ClusterNetworkPolicy};
 use crate::compile::{compile, Cluster, Program, Snapshot};
 use crate::eval::{decide, Decision};
-use crate::model::{NamedPort, NamespaceInfo, PodInfo, Protocol};
+use crate::model::{Identity, NamedPort, NamespaceInfo, PodInfo, Protocol};
 
 const NODES: usize = 3;
 
@@ -146,6 +146,7 @@ pub fn parse(text: &str) -> Result<Case, CaseError> {
         .map(|(i, p)| {
             let node = i % NODES + 1;
             PodInfo {
+                identity: Identity::Api,
                 namespace: p.namespace.clone(),
                 name: p.name.clone(),
                 node: format!("node-{node}"),

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 pub use crate::cnp::{Action, Tier};
 use crate::cnp::{ClusterNetworkPolicy, Parsed, ParsedRule};
-use crate::model::{NamespaceInfo, NodeInfo, PodInfo, Protocol};
+use crate::model::{Identity, NamespaceInfo, NodeInfo, PodInfo, Protocol};
 use crate::{prefix, selector};
 
 /// Ingress or egress.
@@ -131,13 +131,14 @@ impl PeerSpec {
 
     /// Whether the pod-selecting peers of the list pick `pod`, whose
     /// namespace has `namespace_labels` (`None`: a namespace not known
-    /// yet, whose pods nothing picks).
+    /// yet, whose pods nothing picks). A pod whose identity is its node's
+    /// word alone is nobody's peer.
     pub fn selects(
         &self,
         pod: &PodInfo,
         namespace_labels: Option<&BTreeMap<String, String>>,
     ) -> bool {
-        let Some(labels) = namespace_labels else {
+        let Some(labels) = namespace_labels.filter(|_| pod.identity == Identity::Api) else {
             return false;
         };
         self.peers

@@ -25,4 +25,4 @@ pub use compile::{
     PolicyProgram, PolicyRef, PortRange, Program, Rule, RuleRef, Snapshot, Tier, Tiers,
 };
 pub use eval::{decide, explain, Decision, Step};
-pub use model::{NamedPort, NamespaceInfo, NodeInfo, NodePodCidrs, PodInfo, Protocol};
+pub use model::{Identity, NamedPort, NamespaceInfo, NodeInfo, NodePodCidrs, PodInfo, Protocol};

@@ -1,7 +1,7 @@
 //! What the compiler needs to know about pods and namespaces: plain data,
 //! built from the API objects (or from a conformance case file).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -53,6 +53,23 @@ pub struct NamedPort {
     pub protocol: Protocol,
 }
 
+/// Whose word a pod's namespace and labels are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Identity {
+    /// The API's: someone allowed to create pods in its namespace wrote
+    /// its spec, and its node cannot change its labels.
+    #[default]
+    Api,
+    /// Its node's alone: a mirror pod (a static pod's), which a kubelet
+    /// may create in any namespace with any labels. Policy applies to it,
+    /// but no policy's peers pick it: a compromised node must not borrow
+    /// another namespace's identity, and with it that namespace's allows.
+    Node,
+}
+
+/// The annotation a kubelet puts on the mirror pods it creates.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
 /// A pod as policy sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodInfo {
@@ -62,6 +79,8 @@ pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
     pub ips: Vec<IpAddr>,
     pub ports: Vec<NamedPort>,
+    #[serde(default)]
+    pub identity: Identity,
 }
 
 impl PodInfo {
@@ -126,6 +145,10 @@ impl PodInfo {
             (false, true, Some(attached)) => attached.to_vec(),
             (false, _, _) => reported,
         };
+        let mirror = meta
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION));
         Self {
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
@@ -133,6 +156,11 @@ impl PodInfo {
             labels: meta.labels.clone().unwrap_or_default(),
             ips,
             ports,
+            identity: if mirror {
+                Identity::Node
+            } else {
+                Identity::Api
+            },
         }
     }
 }
@@ -178,9 +206,13 @@ impl NodeInfo {
         cidrs: &NodePodCidrs,
         host_networks: &[IpNet],
     ) -> Vec<NodeInfo> {
+        // By how many Nodes (a node may list one address twice: an
+        // InternalIP that is its ExternalIP too).
         let mut listed: HashMap<IpAddr, usize> = HashMap::new();
-        for ip in nodes.iter().flat_map(|n| &n.addresses) {
-            *listed.entry(*ip).or_default() += 1;
+        for node in nodes {
+            for ip in node.addresses.iter().collect::<BTreeSet<_>>() {
+                *listed.entry(*ip).or_default() += 1;
+            }
         }
         let in_pods = |ip: &&IpAddr| cidrs.values().flatten().any(|net| net.contains(*ip));
         let believed = |ip: &&IpAddr| {
@@ -293,6 +325,7 @@ mod tests {
             labels: BTreeMap::new(),
             ips: ips.iter().map(|i| ip(i)).collect(),
             ports: Vec::new(),
+            identity: Identity::Api,
         };
         /// A node, the addresses reported, those kept, those dropped.
         type Case<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
@@ -359,6 +392,8 @@ mod believed_tests {
         };
         let nodes = vec![
             node("a", &["10.0.0.1", "fd00::1"], &[]),
+            // Lists its own address twice (InternalIP and ExternalIP).
+            node("c", &["10.0.0.3", "10.0.0.3"], &[]),
             // Claims a's address, a pod's and the metadata service's.
             node(
                 "b",
@@ -370,8 +405,9 @@ mod believed_tests {
         let hosts: Vec<IpNet> = vec!["10.0.0.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()];
         let believed = NodeInfo::believed(&nodes, &cidrs, &hosts);
         assert_eq!(believed[0], node("a", &["fd00::1"], &["10.0.0.1"]));
+        assert_eq!(believed[1], node("c", &["10.0.0.3", "10.0.0.3"], &[]));
         assert_eq!(
-            believed[1],
+            believed[2],
             node("b", &["10.0.0.2"], &["10.0.0.1", "169.254.169.254"])
         );
     }

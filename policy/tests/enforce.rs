@@ -9,7 +9,9 @@ use std::time::Duration;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::json;
 use weft_policy::engine::Engine;
-use weft_policy::{compile, netlink, nft, render, NamedPort, NamespaceInfo, PodInfo, Protocol};
+use weft_policy::{
+    compile, netlink, nft, render, Identity, NamedPort, NamespaceInfo, PodInfo, Protocol,
+};
 
 const NODE: &str = "polt-node";
 
@@ -166,6 +168,7 @@ fn connects(from: &str, addr: &str, port: u16) -> bool {
 
 fn pod(ns: &str, name: &str, host: u8) -> PodInfo {
     PodInfo {
+        identity: Identity::Api,
         namespace: ns.into(),
         name: name.into(),
         node: "n".into(),

@@ -8,10 +8,11 @@ use std::path::PathBuf;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use proptest::prelude::*;
 use serde_json::json;
-use weft_policy::{case, compile, decide, NamedPort, NamespaceInfo, PodInfo, Protocol};
+use weft_policy::{case, compile, decide, Identity, NamedPort, NamespaceInfo, PodInfo, Protocol};
 
 fn pod(ns: &str, name: &str, node: &str, ip: &str, ports: &[(&str, u16)]) -> PodInfo {
     PodInfo {
+        identity: Identity::Api,
         namespace: ns.into(),
         name: name.into(),
         node: node.into(),
@@ -252,4 +253,38 @@ fn explain_names_the_deciding_rule_or_the_isolating_policy() {
         .unwrap_err()
         .to_string()
         .contains("x/zz"));
+}
+
+/// A mirror pod's namespace and labels are its kubelet's word alone (a
+/// kubelet may create one anywhere, labelled as it likes): no policy's
+/// peers pick it, while policy still applies to it.
+#[test]
+fn a_mirror_pod_is_nobodys_peer() {
+    let mut pods = world();
+    let mut mirror = pod("x", "b", "n", "198.19.1.20", &[]);
+    mirror.name = "b-static".into();
+    mirror.identity = Identity::Node;
+    pods.push(mirror);
+    let from_b = policy(json!({
+        "metadata": {"name": "from-b", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "a"}},
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]},
+    }));
+    assert!(allowed(&from_b, &pods, "x/b", "x/a", 80));
+    assert!(!allowed(&from_b, &pods, "x/b-static", "x/a", 80));
+    // Policy applies to it: a policy selecting pod=b isolates it.
+    let into_b = policy(json!({
+        "metadata": {"name": "into-b", "namespace": "x"},
+        "spec": {"podSelector": {"matchLabels": {"pod": "b"}}, "ingress": []},
+    }));
+    assert!(!allowed(&into_b, &pods, "x/a", "x/b-static", 80));
+    // What a kubelet writes for one.
+    let object: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "etcd-n", "namespace": "x",
+                     "annotations": {"kubernetes.io/config.mirror": "abc"}},
+        "spec": {"containers": [], "nodeName": "n"},
+        "status": {"podIPs": [{"ip": "198.19.1.21"}]},
+    }))
+    .unwrap();
+    assert_eq!(PodInfo::from_pod(&object).identity, Identity::Node);
 }

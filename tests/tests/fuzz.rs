@@ -434,7 +434,7 @@ mod policy {
     use k8s_openapi::api::networking::v1::NetworkPolicy;
     use serde_json::{json, Value};
     use weft_policy::render::{render, Options};
-    use weft_policy::{compile, NamespaceInfo, PodInfo};
+    use weft_policy::{compile, Identity, NamespaceInfo, PodInfo};
 
     fn selector() -> impl Strategy<Value = Value> {
         let label = proptest::sample::select(vec!["app", "pod", "ns", "", "a/b", "x.y/z"]);
@@ -536,6 +536,7 @@ mod policy {
             .map(|(i, key)| {
                 let (namespace, name) = key.split_once('/').unwrap();
                 PodInfo {
+                    identity: Identity::Api,
                     namespace: namespace.into(),
                     name: name.into(),
                     node: if i == 2 { "n2".into() } else { "n1".into() },

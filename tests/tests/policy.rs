@@ -128,7 +128,7 @@ fn meshd_enforces_policy_changes_on_real_connections() {
     let allowed = explain("x/b", "80");
     assert!(allowed.starts_with("ALLOWED"), "{allowed}");
     assert!(
-        allowed.contains("allowed by x/only-b Ingress rule 0"),
+        allowed.contains("allowed by x/only-b ingress rule 0"),
         "{allowed}"
     );
 

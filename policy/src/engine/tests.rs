@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::cnp::{self, ClusterNetworkPolicy};
-use crate::model::{NamedPort, Protocol};
+use crate::model::{Identity, NamedPort, Protocol};
 use crate::netlink;
 use crate::nft::Command;
 use proptest::prelude::*;
@@ -53,6 +53,7 @@ fn pod(name: u8, ns: bool, node: bool, app: u8, tier: bool, address: u8, ports: 
         _ => vec![named("dns", 5353, Protocol::Udp)],
     };
     PodInfo {
+        identity: Identity::Api,
         namespace: if ns { "x" } else { "y" }.into(),
         name: format!("p{name}"),
         node: if node { "n1" } else { "n2" }.into(),

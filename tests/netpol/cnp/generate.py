@@ -387,6 +387,7 @@ POD_KEYS = [f"{n}/{p}" for n in NAMESPACES for p in POD_NAMES]
 WEB_PORT = {"x/a": (81, "TCP"), "y/b": (80, "UDP")}
 NS_X = labels(ns="x")
 NS_Y = labels(ns="y")
+NS_Z = labels(ns="z")
 ALL = {}
 
 
@@ -604,6 +605,49 @@ def cases():
                 egress=[egress("deny-all", "Deny", [networks("0.0.0.0/0", "::/0")])]),
         ],
         [(80, "TCP")],
+    )
+    yield case(
+        "19", "baseline-egress-deny-under-networkpolicy-egress-allow",
+        "a Baseline egress Deny keeps y from everyone but x/b allows TCP 80 out by NetworkPolicy; UDP and SCTP stay denied",
+        [
+            network_policy("y", "b-may-call-out", labels(pod="b"), egress=[{"ports": [{"port": 80}]}],
+                           types=["Egress"]),
+            cnp("y-stays-home", "Baseline", 10, namespaces(ns="y"),
+                egress=[egress("deny-out", "Deny", [namespaces(ns="x"), namespaces(ns="z")])]),
+        ],
+        [(80, "TCP"), (80, "UDP"), (81, "SCTP")],
+    )
+    yield case(
+        "20", "admin-egress-pass-to-networkpolicy",
+        "an Admin egress Pass for x hands x's traffic to z to its NetworkPolicy (which allows only z/a), in front of an Admin egress Deny of everything",
+        [
+            network_policy("x", "only-z-a", ALL, egress=[{"to": [{"namespaceSelector": NS_Z, "podSelector": labels(pod="a")}]}],
+                           types=["Egress"]),
+            cnp("x-pass-z", "Admin", 10, namespaces(ns="x"),
+                egress=[egress("pass-z", "Pass", [namespaces(ns="z")])]),
+            cnp("x-deny-out", "Admin", 20, namespaces(ns="x"),
+                egress=[egress("deny-all", "Deny", [namespaces()])]),
+        ],
+        [(80, "TCP"), (81, "UDP")],
+    )
+    yield case(
+        "21", "egress-deny-named-port",
+        "an Admin egress Deny of the named port serve-80-udp from x: UDP 80 out of x is refused, TCP 80 and UDP 81 pass",
+        [
+            cnp("x-no-udp-80", "Admin", 10, namespaces(ns="x"),
+                egress=[egress("named", "Deny", [pods(ALL)], [named_port("serve-80-udp")])]),
+        ],
+        [(80, "UDP"), (80, "TCP"), (81, "UDP")],
+    )
+    yield case(
+        "22", "admin-accept-udp-and-sctp-over-networkpolicy-deny",
+        "an Admin Accept of UDP 81 and SCTP 80-81 from y overrides x's NetworkPolicy deny; TCP stays denied",
+        [
+            deny_ingress_np("x"),
+            cnp("y-udp-sctp", "Admin", 10, namespaces(ns="x"),
+                ingress=[ingress("udp-sctp", "Accept", [namespaces(ns="y")], [udp(81), sctp(start=80, end=81)])]),
+        ],
+        [(81, "UDP"), (80, "SCTP"), (81, "SCTP"), (81, "TCP")],
     )
 
 

@@ -15,7 +15,7 @@ use serde_json::json;
 use weft_policy::cnp::ClusterNetworkPolicy;
 use weft_policy::engine::Engine;
 use weft_policy::render;
-use weft_policy::{nft, NamedPort, NamespaceInfo, PodInfo, Protocol};
+use weft_policy::{nft, Identity, NamedPort, NamespaceInfo, PodInfo, Protocol};
 
 use super::{netns, preflight};
 
@@ -61,6 +61,7 @@ pub fn generate(scale: Scale) -> Cluster {
             let n = i % scale.namespaces;
             let j = i / scale.namespaces;
             PodInfo {
+                identity: Identity::Api,
                 namespace: format!("ns-{n}"),
                 name: format!("pod-{j}"),
                 node: format!("node-{}", i % scale.nodes + 1),
