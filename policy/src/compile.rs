@@ -290,15 +290,6 @@ pub struct Tiers {
 }
 
 impl Tiers {
-    /// Only NetworkPolicy has a say.
-    pub fn np_only(np: Gate) -> Self {
-        Self {
-            admin: Vec::new(),
-            np,
-            baseline: Vec::new(),
-        }
-    }
-
     /// Nothing has a say: everything passes.
     pub fn is_open(&self) -> bool {
         self.admin.is_empty() && self.baseline.is_empty() && self.np == Gate::Open

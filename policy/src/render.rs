@@ -966,7 +966,11 @@ mod tests {
         let by = vec!["x/".to_string() + &"long".repeat(60)];
         let rules = group_chain(
             Direction::Ingress,
-            &Tiers::np_only(Gate::Isolated { by }),
+            &Tiers {
+                admin: Vec::new(),
+                np: Gate::Isolated { by },
+                baseline: Vec::new(),
+            },
             "di-0",
             &Options {
                 log_per_second: Some(5),
