@@ -122,6 +122,14 @@ impl PresharedKey {
     }
 }
 
+impl Drop for PresharedKey {
+    /// A preshared key is what a recording of today's traffic needs
+    /// tomorrow: wiped when dropped.
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
 impl fmt::Debug for PresharedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PresharedKey(..)")

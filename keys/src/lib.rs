@@ -6,6 +6,7 @@
 //! anywhere but the key file.
 
 mod key;
+pub mod pq;
 mod proof;
 mod store;
 

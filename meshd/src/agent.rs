@@ -195,6 +195,8 @@ pub struct RunArgs {
     pub log_policy_drops: u32,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub pq: crate::pq::PqArgs,
 }
 
 /// Key rotation and revocation (docs/operations.md, "Keys").
@@ -251,6 +253,7 @@ impl KeyArgs {
 /// A peer is judged by what it sends: keepalives must come more often than
 /// the silence that makes it unreachable.
 fn check_timers(args: &RunArgs) -> Result<()> {
+    args.pq.check().map_err(anyhow::Error::msg)?;
     let keepalive = u64::from(args.persistent_keepalive);
     if keepalive > 0 && args.peer_timeout <= keepalive {
         anyhow::bail!(
@@ -400,6 +403,7 @@ struct Agent {
     /// Other CNI configurations last found sorting before Weft's (warned
     /// about on change).
     conf_ahead: Vec<String>,
+    pq: crate::pq::Handle,
 }
 
 /// Lets a change through at most once per interval.
@@ -627,7 +631,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if !prober.echoes() {
         tracing::warn!("no CAP_NET_RAW: peers are not probed with echoes, busy links are judged by --peer-timeout alone");
     }
+    let pq = crate::pq::Handle::start(&args.pq, changed.clone(), health.clone()).await?;
     let mut agent = Agent {
+        pq,
         local: LocalConfig {
             persistent_keepalive: (args.persistent_keepalive > 0)
                 .then_some(args.persistent_keepalive),
@@ -890,7 +896,12 @@ impl Agent {
         if grace_over {
             self.local.observed_before.clear();
         }
-        rotation_moved || heard_changed || grace_over
+        // A handshake under a newly agreed key opens a peer (`require`).
+        let pq_moved = self.applied.as_ref().is_some_and(|(desired, _)| {
+            self.pq
+                .moved(&desired.peers, &stats, &self.local.unreachable)
+        });
+        rotation_moved || heard_changed || grace_over || pq_moved
     }
 
     /// Puts each planned peer's address on trial (see crate::ladder).
@@ -1102,7 +1113,8 @@ impl Agent {
         self.egress.apply();
         self.host_firewall.keep();
         // A pass that changed the device's keys is followed by one that
-        // announces them (peers may move only to a key the device answers).
+        // announces them (peers may move only to a key the device answers);
+        // one whose post-quantum states moved, by one that reports them.
         let mut result = Ok(true);
         for _ in 0..2 {
             result = match tokio::time::timeout(SYNC_TIMEOUT, self.try_sync(sources)).await {
@@ -1234,7 +1246,8 @@ impl Agent {
         // Decide.
         let step = self.rotate(me, &snapshot.revoked, snapshot.now)?;
         let proofs = own_proofs(me, &step.keys, &step.state)?;
-        let decision = decide(
+        let reported = self.pq.report();
+        let mut decision = decide(
             &Inputs {
                 snapshot: &snapshot,
                 local: &self.local,
@@ -1247,10 +1260,27 @@ impl Agent {
                     port: self.args.listen_port,
                 },
                 pod_cidrs,
-                policy_applied: self.policy.published,
+                status: crate::decide::Status {
+                    policy_applied: self.policy.published,
+                    post_quantum: reported.clone(),
+                },
             },
             &mut self.parse_memo,
         )?;
+        let stats = match self.pq.enabled() {
+            true => self.reconciler.peer_stats().await.unwrap_or_default(),
+            false => Vec::new(),
+        };
+        let pq_states = self.pq.plan(
+            &name,
+            &step.device.private,
+            &mut decision.desired.peers,
+            &stats,
+            &self.local.unreachable,
+        );
+        self.health.metrics.set_pq_links(pq_states);
+        // Published by a second pass (this one published the last plan's).
+        let republish = self.pq.report() != reported;
         let desired = &decision.desired;
         let cidrs = node_pod_cidrs(&desired.verdicts, &name, &decision.claim.pod_cidrs);
         let listed: Vec<weft_policy::NodeInfo> = objects
@@ -1292,6 +1322,7 @@ impl Agent {
             .reconciler
             .reconcile(desired, &step.device, self.args.listen_port, mtu)
             .await?;
+        self.pq.applied(&desired.peers);
         let keys_changed = self.applied_keys.as_ref() != Some(&step.device);
         self.applied_keys = Some(step.device.clone());
         self.applied = Some((desired.clone(), mtu));
@@ -1336,7 +1367,7 @@ impl Agent {
         // Decided on what this pass changed: keys the device now holds may
         // be announced, and a mechanism learnt from the device may start
         // a requested rotation.
-        Ok(keys_changed || (!probed && self.reconciler.overlap().is_some()))
+        Ok(keys_changed || republish || (!probed && self.reconciler.overlap().is_some()))
     }
 
     /// Publishes the node state the CNI plugin reads (the plugin attaches

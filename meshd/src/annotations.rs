@@ -68,6 +68,10 @@ pub const KEY_SINCE: &str = "weft.dev/key-since";
 /// them; absent while enforcement is off or has applied nothing yet.
 /// Status for `meshctl status`, not part of the claim: peers ignore it.
 pub const POLICY_APPLIED: &str = "weft.dev/policy-applied";
+/// This node's `WEFT_POST_QUANTUM` mode and the peers whose link has no
+/// post-quantum session yet, as [`PostQuantum`] renders them; absent with
+/// `off`. Status for `meshctl status`, not part of the claim.
+pub const POST_QUANTUM: &str = "weft.dev/post-quantum";
 /// Set by an admin (`meshctl keys rotate`), never by meshd: the node
 /// rotates its key if the key is older than this time (RFC 3339).
 pub const ROTATE_REQUESTED: &str = "weft.dev/rotate-requested";
@@ -95,6 +99,7 @@ pub const OWNED: &[&str] = &[
     KEY_PENDING,
     KEY_SINCE,
     POLICY_APPLIED,
+    POST_QUANTUM,
     OBSERVED,
     NAT,
     CANDIDATES,
@@ -1000,6 +1005,53 @@ impl std::str::FromStr for PolicyApplied {
     }
 }
 
+/// A node's post-quantum report ([`POST_QUANTUM`]): `MODE` when every
+/// link has a post-quantum session, `MODE:node-a,node-b` naming those that
+/// have none yet (with `require` they carry no traffic but the exchange's).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PostQuantum {
+    pub mode: crate::pq::Mode,
+    pub missing: BTreeSet<String>,
+}
+
+impl fmt::Display for PostQuantum {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}", self.mode)?;
+        if !self.missing.is_empty() {
+            write!(f, ":{}", join_names(&self.missing))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for PostQuantum {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (mode, names) = text.split_once(':').unwrap_or((text, ""));
+        let mode = match mode {
+            "prefer" => crate::pq::Mode::Prefer,
+            "require" => crate::pq::Mode::Require,
+            other => {
+                return Err(format!(
+                    "{POST_QUANTUM}: mode {:?} is not prefer or require",
+                    other.chars().take(32).collect::<String>()
+                ))
+            }
+        };
+        let mut missing = BTreeSet::new();
+        for name in list(names) {
+            if !dns_subdomain(name) || !missing.insert(name.to_string()) {
+                return Err(format!(
+                    "{POST_QUANTUM}: {:?} is not a node name, or is listed twice",
+                    name.chars().take(64).collect::<String>()
+                ));
+            }
+        }
+        Ok(Self { mode, missing })
+    }
+}
+
 /// Node names joined with commas, cut at a name before
 /// [`MAX_UNREACHABLE_LEN`] (the far ends of the links left out still
 /// report them).
@@ -1785,6 +1837,18 @@ mod tests {
         ] {
             let e = bad.parse::<PolicyApplied>().expect_err(bad);
             assert!(e.contains(POLICY_APPLIED), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn post_quantum_reports_round_trip_and_bad_ones_name_the_annotation() {
+        for text in ["prefer", "require", "require:node-2,node-3"] {
+            let r: PostQuantum = text.parse().unwrap();
+            assert_eq!(r.to_string(), text);
+        }
+        for bad in ["off", "", "require:Node_2", "prefer:a,a", "require:a:b"] {
+            let e = bad.parse::<PostQuantum>().unwrap_err();
+            assert!(e.contains(POST_QUANTUM), "{bad:?}: {e}");
         }
     }
 

@@ -27,8 +27,29 @@ pub struct Inputs<'a> {
     /// This node's pod ranges: its `spec.podCIDRs`, or the blocks it
     /// claimed in the record (claiming is I/O, so it is gathered).
     pub pod_cidrs: Vec<IpNet>,
-    /// The NetworkPolicies this node enforces, to publish.
+    /// What this node reports beside its claim, to publish.
+    pub status: Status,
+}
+
+/// What a node reports on its Node beside its claim: status for meshctl,
+/// which peers do not read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// The NetworkPolicies this node enforces.
     pub policy_applied: Option<PolicyApplied>,
+    /// Its post-quantum links.
+    pub post_quantum: Option<annotations::PostQuantum>,
+}
+
+impl Status {
+    fn render(&self, into: &mut BTreeMap<String, String>) {
+        if let Some(applied) = self.policy_applied {
+            into.insert(POLICY_APPLIED.to_string(), applied.to_string());
+        }
+        if let Some(pq) = &self.post_quantum {
+            into.insert(annotations::POST_QUANTUM.to_string(), pq.to_string());
+        }
+    }
 }
 
 /// What a sync must do.
@@ -51,7 +72,7 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
         proofs,
         listening,
         pod_cidrs,
-        policy_applied,
+        status,
     } = inputs;
     let me = snapshot
         .nodes
@@ -89,9 +110,7 @@ pub fn decide(inputs: &Inputs, memo: &mut ParseMemo) -> Result<Decision, OwnErro
         pod_cidrs.clone(),
     )?;
     let mut published = annotations::render(&claim);
-    if let Some(applied) = policy_applied {
-        published.insert(POLICY_APPLIED.to_string(), applied.to_string());
-    }
+    status.render(&mut published);
     let patch = annotations::patch(&me.annotations, &published);
     // Plan with what is being published rather than wait for its echo.
     // (Owned annotations no longer published are gone from it too.)
@@ -154,7 +173,7 @@ mod tests {
                 port: 51820,
             },
             pod_cidrs: node(1, BTreeMap::new()).spec_pod_cidrs,
-            policy_applied: None,
+            status: Status::default(),
         }
     }
 
@@ -239,7 +258,10 @@ mod tests {
         };
         let with = |snapshot, policy_applied| {
             let inputs = Inputs {
-                policy_applied,
+                status: Status {
+                    policy_applied,
+                    post_quantum: None,
+                },
                 ..inputs(snapshot, &l)
             };
             decide(&inputs, &mut ParseMemo::default()).unwrap()

@@ -152,6 +152,10 @@ pub struct GraphNode {
     /// known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicySync>,
+    /// Its post-quantum mode and links without a post-quantum session
+    /// (absent: off, or a value that does not parse).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub post_quantum: Option<crate::annotations::PostQuantum>,
 }
 
 /// Where a node's NetworkPolicy enforcement stands against the cluster's
@@ -293,6 +297,10 @@ impl MeshGraph {
                         .filter(|r| request_pending(*r, claim.and_then(|c| c.key_since))),
                     policy_applied: reported.clone().and_then(Result::ok),
                     policy: policies.map(|p| PolicySync::of(reported.as_ref(), p)),
+                    post_quantum: n
+                        .annotations
+                        .get(crate::annotations::POST_QUANTUM)
+                        .and_then(|v| v.parse().ok()),
                 }
             })
             .collect();

@@ -30,6 +30,7 @@ pub mod node_blocks;
 pub mod planner;
 pub mod pod_gc;
 pub mod policy;
+pub mod pq;
 pub mod probe;
 pub mod reconcile;
 pub mod report;

@@ -66,6 +66,13 @@ pub struct Metrics {
     pub policy_drops: Family<PolicyLabels, Counter>,
     pub policy_elements: Gauge,
     pub policy_unbound_addresses: Counter,
+    pub pq_links: Family<StateLabels, Gauge>,
+    pub pq_failures: Family<PeerNameLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerNameLabels {
+    pub node: String,
 }
 
 impl Default for Metrics {
@@ -91,6 +98,8 @@ impl Default for Metrics {
             policy_drops: Family::default(),
             policy_elements: Gauge::default(),
             policy_unbound_addresses: Counter::default(),
+            pq_links: Family::default(),
+            pq_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -184,6 +193,16 @@ impl Default for Metrics {
             "Pod addresses NetworkPolicy ignored because they lie outside the pod CIDRs of the pod's node (a kubelet reporting another node's address); each pod's set counted when it changes",
             m.policy_unbound_addresses.clone(),
         );
+        registry.register(
+            "post_quantum_links",
+            "Peer nodes by post-quantum state (WEFT_POST_QUANTUM): live (a handshake under an agreed key happened), pending (agreed, not yet handshaken), classical (none agreed)",
+            m.pq_links.clone(),
+        );
+        registry.register(
+            "post_quantum_exchange_failures",
+            "Post-quantum exchanges given up (no answer) and messages refused (a wrong tag, malformed), by peer node",
+            m.pq_failures.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -240,6 +259,25 @@ impl Metrics {
         self.key_events
             .get_or_create(&KindLabels { kind: kind.into() })
             .inc();
+    }
+
+    pub fn count_pq_failure(&self, node: &str) {
+        self.pq_failures
+            .get_or_create(&PeerNameLabels { node: node.into() })
+            .inc();
+    }
+
+    pub fn set_pq_links(&self, states: &std::collections::BTreeMap<String, crate::pq::State>) {
+        use crate::pq::State;
+        for (state, name) in [
+            (State::Live, "live"),
+            (State::Pending, "pending"),
+            (State::Classical, "classical"),
+        ] {
+            self.pq_links
+                .get_or_create(&StateLabels { state: name.into() })
+                .set(states.values().filter(|s| **s == state).count() as i64);
+        }
     }
 
     pub fn count_write(&self, kind: &str) {

@@ -423,6 +423,12 @@ pub struct Peer {
     /// rotating): a device that can takes the old entry's sessions over
     /// until the new one has its own.
     pub replaces: Option<PublicKey>,
+    /// The pair's post-quantum preshared key (`crate::pq::shape`); `None`:
+    /// none (the all-zero key).
+    pub preshared_key: Option<weft_keys::PresharedKey>,
+    /// Giving the entry its first preshared key ends its sessions (with
+    /// `WEFT_POST_QUANTUM=require`: none made without a key may carry on).
+    pub key_ends_sessions: bool,
 }
 
 /// Where traffic for a prefix goes.

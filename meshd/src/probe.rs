@@ -131,7 +131,7 @@ impl Default for Prober {
 }
 
 /// The internet checksum (RFC 1071) of `data`.
-fn checksum(data: &[u8]) -> u16 {
+pub fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
@@ -192,6 +192,8 @@ mod tests {
             mesh_addresses: own.iter().map(|a| a.parse().unwrap()).collect(),
             persistent_keepalive: None,
             replaces: None,
+            preshared_key: None,
+            key_ends_sessions: false,
         };
         let ip = |a: &str| Some(a.parse::<IpAddr>().unwrap());
         for (own, allowed, want) in [

@@ -63,37 +63,192 @@ fn mac16(key: &[u8; 32], data: &[u8]) -> [u8; 16] {
 /// `claimed` (a peer of it), with sender index `sender`. It gets as far as
 /// the peer lookup; its timestamp cannot decrypt.
 pub fn initiation(to: &PublicKey, claimed: &PublicKey, sender: u32) -> [u8; 148] {
-    let responder = to.as_bytes();
     let ephemeral = x25519_dalek::StaticSecret::random_from_rng(OsRng);
-    let ephemeral_public = x25519_dalek::PublicKey::from(&ephemeral);
+    initiate(to, Claim::Public(claimed), &ephemeral, sender).0
+}
+
+/// A real initiation from the peer whose private key is `me`, with the
+/// ephemeral key `ephemeral`: whoever holds both secrets (as a capture's
+/// attacker would who recovered them) can follow the handshake to its
+/// transport keys — but for the preshared key ([`transport`]).
+pub fn initiation_as(
+    to: &PublicKey,
+    me: &x25519_dalek::StaticSecret,
+    ephemeral: &x25519_dalek::StaticSecret,
+    sender: u32,
+) -> ([u8; 148], Handshake) {
+    initiate(to, Claim::Private(me), ephemeral, sender)
+}
+
+/// Who an initiation says it is from: a public key alone (its timestamp
+/// is then noise) or the private key that seals it.
+enum Claim<'a> {
+    Public(&'a PublicKey),
+    Private(&'a x25519_dalek::StaticSecret),
+}
+
+/// What an initiator keeps for the response.
+pub struct Handshake {
+    chain: [u8; 32],
+    h: [u8; 32],
+    ephemeral: x25519_dalek::StaticSecret,
+    me: Option<x25519_dalek::StaticSecret>,
+    sender: u32,
+}
+
+fn seal(key: &[u8; 32], counter: u64, msg: &[u8], aad: &[u8]) -> Vec<u8> {
+    let mut nonce = [0u8; 12];
+    nonce[4..].copy_from_slice(&counter.to_le_bytes());
+    ChaCha20Poly1305::new(key.into())
+        .encrypt(&nonce.into(), Payload { msg, aad })
+        .expect("sealing fits in memory")
+}
+
+fn open(key: &[u8; 32], counter: u64, sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+    let mut nonce = [0u8; 12];
+    nonce[4..].copy_from_slice(&counter.to_le_bytes());
+    ChaCha20Poly1305::new(key.into())
+        .decrypt(&nonce.into(), Payload { msg: sealed, aad })
+        .ok()
+}
+
+/// TAI64N now: what a real initiation seals, newer than the last one the
+/// device accepted from the peer. Kernel WireGuard counts from 2^62 + 10,
+/// boringtun (Weft's device) from 2^62 + 37; this is a second past both
+/// (the peer's own initiations are taken for replays for that long).
+fn tai64n_now() -> [u8; 12] {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        + Duration::from_secs(1);
+    let mut t = [0u8; 12];
+    t[..8].copy_from_slice(&((1u64 << 62) + 37 + now.as_secs()).to_be_bytes());
+    t[8..].copy_from_slice(&now.subsec_nanos().to_be_bytes());
+    t
+}
+
+fn initiate(
+    to: &PublicKey,
+    claim: Claim,
+    ephemeral: &x25519_dalek::StaticSecret,
+    sender: u32,
+) -> ([u8; 148], Handshake) {
+    let responder = to.as_bytes();
+    let responder_key = x25519_dalek::PublicKey::from(*responder);
+    let ephemeral_public = x25519_dalek::PublicKey::from(ephemeral);
     let chain = hash(&[CONSTRUCTION]);
     let mut h = hash(&[&hash(&[&chain, IDENTIFIER]), responder]);
     h = hash(&[&h, ephemeral_public.as_bytes()]);
     let chain = hmac(&hmac(&chain, &[ephemeral_public.as_bytes()]), &[&[1]]);
-    let shared = ephemeral.diffie_hellman(&x25519_dalek::PublicKey::from(*responder));
+    let shared = ephemeral.diffie_hellman(&responder_key);
     let temp = hmac(&chain, &[shared.as_bytes()]);
     let chain = hmac(&temp, &[&[1]]);
     let key = hmac(&temp, &[&chain, &[2]]);
-    let sealed_static = ChaCha20Poly1305::new((&key).into())
-        .encrypt(
-            &[0u8; 12].into(),
-            Payload {
-                msg: claimed.as_bytes(),
-                aad: &h,
-            },
-        )
-        .expect("sealing 32 bytes");
+    let (claimed, me) = match claim {
+        Claim::Public(k) => (*k.as_bytes(), None),
+        Claim::Private(s) => (x25519_dalek::PublicKey::from(s).to_bytes(), Some(s.clone())),
+    };
+    let sealed_static = seal(&key, 0, &claimed, &h);
+    h = hash(&[&h, &sealed_static]);
 
     let mut m = [0u8; 148];
     m[0] = 1;
     m[4..8].copy_from_slice(&sender.to_le_bytes());
     m[8..40].copy_from_slice(ephemeral_public.as_bytes());
     m[40..88].copy_from_slice(&sealed_static);
-    // The timestamp: sealing it needs the claimed peer's private key.
-    OsRng.fill_bytes(&mut m[88..INITIATION_MAC1]);
+    let mut chain = chain;
+    match &me {
+        Some(me) => {
+            let temp = hmac(&chain, &[me.diffie_hellman(&responder_key).as_bytes()]);
+            chain = hmac(&temp, &[&[1]]);
+            let key = hmac(&temp, &[&chain, &[2]]);
+            let timestamp = seal(&key, 0, &tai64n_now(), &h);
+            h = hash(&[&h, &timestamp]);
+            m[88..INITIATION_MAC1].copy_from_slice(&timestamp);
+        }
+        // The timestamp: sealing it needs the claimed peer's private key.
+        None => OsRng.fill_bytes(&mut m[88..INITIATION_MAC1]),
+    }
     let mac1 = mac16(&hash(&[LABEL_MAC1, responder]), &m[..INITIATION_MAC1]);
     m[INITIATION_MAC1..INITIATION_MAC1 + 16].copy_from_slice(&mac1);
-    m
+    let handshake = Handshake {
+        chain,
+        h,
+        ephemeral: ephemeral.clone(),
+        me,
+        sender,
+    };
+    (m, handshake)
+}
+
+/// One session's transport keys, as the initiator holds them.
+pub struct Transport {
+    pub send: [u8; 32],
+    pub receive: [u8; 32],
+    /// The responder's index: what data sent to it carries.
+    pub receiver: u32,
+}
+
+/// Follows `response` to the transport keys with the preshared key `psk`
+/// (all zero: none): the keys, and whether the response authenticated
+/// under that key (with the wrong one it does not, and the keys are not
+/// the session's). `None`: not a response to this handshake.
+pub fn transport(hs: &Handshake, response: &[u8], psk: &[u8; 32]) -> Option<(Transport, bool)> {
+    if response.len() != 92 || response[0] != 2 {
+        return None;
+    }
+    if response[8..12] != hs.sender.to_le_bytes() {
+        return None;
+    }
+    let me = hs.me.as_ref()?;
+    let receiver = u32::from_le_bytes(response[4..8].try_into().ok()?);
+    let e_r: [u8; 32] = response[12..44].try_into().ok()?;
+    let e_r_key = x25519_dalek::PublicKey::from(e_r);
+    let mut h = hash(&[&hs.h, &e_r]);
+    let mut chain = hmac(&hmac(&hs.chain, &[&e_r]), &[&[1]]);
+    for shared in [
+        hs.ephemeral.diffie_hellman(&e_r_key),
+        me.diffie_hellman(&e_r_key),
+    ] {
+        chain = hmac(&hmac(&chain, &[shared.as_bytes()]), &[&[1]]);
+    }
+    let temp = hmac(&chain, &[psk]);
+    chain = hmac(&temp, &[&[1]]);
+    let tau = hmac(&temp, &[&chain, &[2]]);
+    let key = hmac(&temp, &[&tau, &[3]]);
+    h = hash(&[&h, &tau]);
+    let authenticated = open(&key, 0, &response[44..60], &h).is_some();
+    let temp = hmac(&chain, &[]);
+    let send = hmac(&temp, &[&[1]]);
+    let receive = hmac(&temp, &[&send, &[2]]);
+    Some((
+        Transport {
+            send,
+            receive,
+            receiver,
+        },
+        authenticated,
+    ))
+}
+
+impl Transport {
+    /// A data message carrying `packet`.
+    pub fn seal(&self, counter: u64, packet: &[u8]) -> Vec<u8> {
+        let mut m = vec![4, 0, 0, 0];
+        m.extend_from_slice(&self.receiver.to_le_bytes());
+        m.extend_from_slice(&counter.to_le_bytes());
+        m.extend_from_slice(&seal(&self.send, counter, packet, &[]));
+        m
+    }
+
+    /// The packet a data message to this end carries, if these keys open it.
+    pub fn open(&self, message: &[u8]) -> Option<Vec<u8>> {
+        if message.len() < 32 || message[0] != 4 {
+            return None;
+        }
+        let counter = u64::from_le_bytes(message[8..16].try_into().ok()?);
+        open(&self.receive, counter, &message[16..], &[])
+    }
 }
 
 /// A data message for `receiver` with noise for ciphertext (`len` bytes
@@ -224,6 +379,48 @@ mod tests {
             tunn.decapsulate(None, &forged, &mut out),
             TunnResult::Err(_)
         ));
+    }
+
+    /// The full initiator against boringtun's responder: a session both
+    /// ways under the preshared key; without it the response does not
+    /// authenticate and the transport keys open nothing.
+    #[test]
+    fn the_initiator_makes_a_session_only_with_the_preshared_key() {
+        let (device, me) = (PrivateKey::generate(), PrivateKey::generate());
+        let psk = [9u8; 32];
+        let mut tunn = Tunn::new(
+            device.secret(),
+            x25519(&me.public_key()),
+            Some(psk),
+            None,
+            1,
+            None,
+        );
+        let ephemeral = x25519_dalek::StaticSecret::random_from_rng(OsRng);
+        let (init, hs) = initiation_as(&device.public_key(), &me.secret(), &ephemeral, 42);
+        let mut out = [0u8; 2048];
+        let TunnResult::WriteToNetwork(response) = tunn.decapsulate(None, &init, &mut out) else {
+            panic!("the initiation was not answered")
+        };
+        let response = response.to_vec();
+        let (keys, authenticated) = transport(&hs, &response, &psk).expect("a response");
+        assert!(authenticated);
+        let mut packet = [0u8; 40];
+        packet[0] = 0x45;
+        packet[3] = 40;
+        let mut out = [0u8; 2048];
+        assert!(matches!(
+            tunn.decapsulate(None, &keys.seal(0, &packet), &mut out),
+            TunnResult::WriteToTunnelV4(p, _) if p == packet
+        ));
+        let mut out = [0u8; 2048];
+        let TunnResult::WriteToNetwork(reply) = tunn.encapsulate(&packet, &mut out) else {
+            panic!("nothing sent")
+        };
+        assert_eq!(keys.open(reply).as_deref(), Some(&packet[..]));
+        let (guess, authenticated) = transport(&hs, &response, &[0; 32]).expect("a response");
+        assert!(!authenticated);
+        assert!(guess.open(reply).is_none());
     }
 
     /// A forged cookie reply to a device's initiation is accepted by it:

@@ -157,6 +157,8 @@ pub fn plan_judged(
                         mesh_addresses: claim.mesh_addresses.clone(),
                         persistent_keepalive: local.persistent_keepalive,
                         replaces: (key != claim.public_key).then_some(claim.public_key),
+                        preshared_key: None,
+                        key_ends_sessions: false,
                     },
                 ));
             }

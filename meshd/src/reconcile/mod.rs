@@ -257,8 +257,8 @@ impl Reconciler {
             outcome.new_peers = changes
                 .upserts
                 .iter()
+                .filter(|c| c.restart || !actual.peers.contains_key(&c.key))
                 .map(|c| c.key)
-                .filter(|k| !actual.peers.contains_key(k))
                 .collect();
         }
 

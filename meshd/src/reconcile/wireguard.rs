@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
-use weft_keys::{PrivateKey, PublicKey};
+use weft_keys::{PresharedKey, PrivateKey, PublicKey};
 use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 
 use crate::model::Peer;
@@ -26,6 +26,8 @@ pub struct ActualPeer {
     pub endpoint: Option<SocketAddr>,
     pub allowed_ips: BTreeSet<IpNet>,
     pub keepalive: Option<u16>,
+    /// `None`: the all-zero key (none).
+    pub preshared_key: Option<PresharedKey>,
 }
 
 impl Actual {
@@ -41,12 +43,18 @@ impl Actual {
                     .filter_map(|a| IpNet::new(a.address, a.cidr).ok())
                     .collect();
                 let keepalive = c.persistent_keepalive_interval.filter(|k| *k > 0);
+                let preshared_key = c
+                    .preshared_key
+                    .as_ref()
+                    .filter(|k| k.0 != [0; 32])
+                    .map(|k| PresharedKey::from_bytes(k.0));
                 (
                     PublicKey::from_bytes(c.public_key.0),
                     ActualPeer {
                         endpoint: c.endpoint,
                         allowed_ips: allowed,
                         keepalive,
+                        preshared_key,
                     },
                 )
             })
@@ -67,6 +75,11 @@ pub struct PeerChange {
     pub allowed_ips: Option<BTreeSet<IpNet>>,
     /// `Some(0)` turns keepalives off.
     pub keepalive: Option<u16>,
+    /// `Some(None)` removes the key (sets the all-zero key).
+    pub preshared_key: Option<Option<PresharedKey>>,
+    /// The entry is removed and added back (every field then set): its
+    /// sessions end.
+    pub restart: bool,
 }
 
 /// Everything to change on the device.
@@ -127,12 +140,39 @@ pub fn diff(
             (a, b) if a == b && have.is_some() => None,
             (_, wanted) => Some(wanted.unwrap_or(0)),
         };
-        if have.is_none() || endpoint.is_some() || allowed_ips.is_some() || keepalive.is_some() {
+        // A pair's first preshared key ends the sessions made without one
+        // where that is asked for: kernel WireGuard and wireguard-go keep
+        // sessions across a key change until their next rekey (two
+        // minutes), and with `require` none made without the key may carry
+        // on that long.
+        if let Some(had) = have.filter(|h| {
+            want.key_ends_sessions && h.preshared_key.is_none() && want.preshared_key.is_some()
+        }) {
+            changes.upserts.push(PeerChange {
+                key: *pk,
+                endpoint: want.endpoint.or(had.endpoint),
+                allowed_ips: Some(want.allowed_ips.clone()),
+                keepalive: Some(want.persistent_keepalive.unwrap_or(0)),
+                preshared_key: Some(want.preshared_key.clone()),
+                restart: true,
+            });
+            continue;
+        }
+        let preshared_key = (have.map(|h| &h.preshared_key) != Some(&want.preshared_key))
+            .then(|| want.preshared_key.clone());
+        if have.is_none()
+            || endpoint.is_some()
+            || allowed_ips.is_some()
+            || keepalive.is_some()
+            || preshared_key.is_some()
+        {
             changes.upserts.push(PeerChange {
                 key: *pk,
                 endpoint,
                 allowed_ips,
                 keepalive,
+                preshared_key,
+                restart: false,
             });
         }
     }
@@ -177,12 +217,20 @@ pub fn update(changes: &Changes) -> DeviceUpdate {
         u = u.set_listen_port(p);
     }
     for c in &changes.upserts {
+        if c.restart {
+            u = u.remove_peer_by_key(&wg_key(&c.key));
+        }
         let mut p = PeerConfigBuilder::new(&wg_key(&c.key));
         if let Some(e) = c.endpoint {
             p = p.set_endpoint(e);
         }
         if let Some(k) = c.keepalive {
             p = p.set_persistent_keepalive_interval(k);
+        }
+        match &c.preshared_key {
+            Some(Some(k)) => p = p.set_preshared_key(Key(k.to_bytes())),
+            Some(None) => p = p.unset_preshared_key(),
+            None => {}
         }
         if let Some(allowed) = &c.allowed_ips {
             p = p.replace_allowed_ips();
@@ -227,6 +275,8 @@ mod tests {
             mesh_addresses: Vec::new(),
             persistent_keepalive: keepalive,
             replaces: None,
+            preshared_key: None,
+            key_ends_sessions: false,
         }
     }
 
@@ -243,6 +293,7 @@ mod tests {
                             endpoint: p.endpoint,
                             allowed_ips: p.allowed_ips.clone(),
                             keepalive: p.persistent_keepalive,
+                            preshared_key: p.preshared_key.clone(),
                         },
                     )
                 })
@@ -342,6 +393,46 @@ mod tests {
         actual.peers.get_mut(&key(1)).unwrap().keepalive = Some(25);
         let c = diff(&pk, 51820, &peers, &actual, &BTreeMap::new());
         assert_eq!(c.upserts[0].keepalive, Some(0));
+    }
+
+    /// With `require`, a pair's first preshared key restarts its entry (no
+    /// session made without the key carries on), keeping a roamed
+    /// endpoint; a key replaced by another is set in place (sessions carry
+    /// on), and so is any key without `require`.
+    #[test]
+    fn a_first_preshared_key_restarts_the_entry_and_a_new_one_is_set_in_place() {
+        let pk = PrivateKey::generate();
+        let mut peers = BTreeMap::from([(
+            key(1),
+            peer("198.18.1.1:51820", &["198.19.1.0/24"], Some(10)),
+        )]);
+        peers.get_mut(&key(1)).unwrap().endpoint = None;
+        let mut actual = actual_of(&pk, &peers);
+        actual.peers.get_mut(&key(1)).unwrap().endpoint =
+            Some("203.0.113.9:40000".parse().unwrap());
+        let first = PresharedKey::from_bytes([7; 32]);
+        peers.get_mut(&key(1)).unwrap().preshared_key = Some(first.clone());
+        // Without `require`, set in place like any key.
+        let c = diff(&pk, 51820, &peers, &actual, &BTreeMap::new());
+        assert!(!c.upserts[0].restart);
+        assert_eq!(c.upserts[0].endpoint, None);
+        peers.get_mut(&key(1)).unwrap().key_ends_sessions = true;
+        let c = diff(&pk, 51820, &peers, &actual, &BTreeMap::new());
+        assert_eq!(c.upserts.len(), 1);
+        let u = &c.upserts[0];
+        assert!(u.restart);
+        assert_eq!(u.endpoint, Some("203.0.113.9:40000".parse().unwrap()));
+        assert_eq!(u.allowed_ips.as_ref(), Some(&peers[&key(1)].allowed_ips));
+        assert_eq!(u.keepalive, Some(10));
+        assert_eq!(u.preshared_key, Some(Some(first.clone())));
+        actual.peers.get_mut(&key(1)).unwrap().preshared_key = Some(first);
+        assert!(diff(&pk, 51820, &peers, &actual, &BTreeMap::new()).is_empty());
+        let next = PresharedKey::from_bytes([8; 32]);
+        peers.get_mut(&key(1)).unwrap().preshared_key = Some(next.clone());
+        let c = diff(&pk, 51820, &peers, &actual, &BTreeMap::new());
+        assert!(!c.upserts[0].restart);
+        assert_eq!(c.upserts[0].preshared_key, Some(Some(next)));
+        assert_eq!(c.upserts[0].endpoint, None);
     }
 
     #[test]

@@ -127,6 +127,9 @@ enum BenchCmd {
     Rotate {
         #[arg(long, default_value_t = 5)]
         nodes: usize,
+        /// Only the post-quantum preshared-key rows.
+        #[arg(long)]
+        preshared_keys: bool,
     },
     /// Failover under traffic on 4 nodes: a link cut, restored, and the
     /// relay in use killed, with the shipped timers and the lab's.
@@ -665,11 +668,18 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench {
-            what: BenchCmd::Rotate { nodes },
+            what:
+                BenchCmd::Rotate {
+                    nodes,
+                    preshared_keys,
+                },
         } => {
             anyhow::ensure!(nodes >= 2, "--nodes must be at least 2");
-            let rows =
-                bench_rotate::run(&cli.root, nodes, &mut |step| eprintln!("meshlab: {step}"))?;
+            let mut progress = |step: &str| eprintln!("meshlab: {step}");
+            let rows = match preshared_keys {
+                true => bench_rotate::preshared_keys(&cli.root, &mut progress)?,
+                false => bench_rotate::run(&cli.root, nodes, &mut progress)?,
+            };
             print!("{}", bench_rotate::table(&rows));
             Ok(())
         }

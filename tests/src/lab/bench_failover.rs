@@ -127,7 +127,7 @@ pub fn run(root: &Path, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
     } in TIMER_SETS
     {
         progress(&format!("{timers}: a 4-node lab"));
-        let result = traffic::in_lab(root, LAB, 4, config, |dir, state| {
+        let result = traffic::in_lab(root, LAB, 4, config, None, |dir, state| {
             let node = |name: &str| {
                 state
                     .plan

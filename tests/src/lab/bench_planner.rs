@@ -220,7 +220,7 @@ pub fn run(
                         port: 51820,
                     },
                     pod_cidrs: me.pod_cidrs.clone(),
-                    policy_applied: None,
+                    status: Default::default(),
                 },
                 memo,
             )?;

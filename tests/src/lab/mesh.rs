@@ -24,6 +24,10 @@ pub struct PeerReport {
     pub latest_handshake_seconds_ago: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// A fingerprint of the preshared key (the first 8 bytes of its
+    /// BLAKE2s hash, hex), so that both ends can be compared without the
+    /// key being shown; `None`: none (the all-zero key).
+    pub preshared_key_fingerprint: Option<String>,
 }
 
 /// A node's device: its public key and peers, or `None` if it has none yet.
@@ -58,12 +62,26 @@ pub fn read(node: &NodePlan) -> Option<(String, Vec<PeerReport>)> {
                 .map(|d| d.as_secs()),
             rx_bytes: p.stats.rx_bytes,
             tx_bytes: p.stats.tx_bytes,
+            preshared_key_fingerprint: p
+                .config
+                .preshared_key
+                .as_ref()
+                .filter(|k| k.0 != [0; 32])
+                .map(|k| fingerprint(&k.0)),
         })
         .collect();
     Some((
         device.public_key.map(|k| k.to_base64()).unwrap_or_default(),
         peers,
     ))
+}
+
+fn fingerprint(key: &[u8; 32]) -> String {
+    use blake2::Digest;
+    blake2::Blake2s256::digest(key)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Whether `node` is behind NAT (on a NAT'd site).

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::lifecycle;
 use super::pods::PodRecord;
 use super::state::{LabDir, LabState};
-use super::topology::LabSpec;
+use super::topology::{LabSpec, NodeDataplane};
 
 /// Probes a second.
 const PROBE_HZ: u32 = 100;
@@ -38,20 +38,29 @@ pub struct Pair<'a> {
     pub target: &'a str,
 }
 
-/// A lab of its own for one measurement: `nodes` nodes with a pod each and
-/// `config` in the manifests' ConfigMap, brought up, handed to `f`, and
-/// removed even when `f` fails.
+/// A lab of its own for one measurement: `nodes` nodes with a pod each,
+/// `config` in the manifests' ConfigMap and `dataplane` on every node
+/// (`None`: what `auto` picks), brought up, handed to `f`, and removed even
+/// when `f` fails.
 pub fn in_lab<T>(
     root: &Path,
     name: &str,
     nodes: usize,
     config: &[(&str, &str)],
+    dataplane: Option<NodeDataplane>,
     f: impl FnOnce(&LabDir, &LabState) -> Result<T>,
 ) -> Result<T> {
     let dir = LabDir::new(root, name);
     let spec = LabSpec {
         name: name.into(),
         nodes,
+        dataplanes: dataplane
+            .map(|d| {
+                (1..=nodes)
+                    .map(|i| (format!("node-{i}"), d.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
         pods_per_node: 1,
         config: config
             .iter()

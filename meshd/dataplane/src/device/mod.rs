@@ -250,7 +250,21 @@ impl Device {
             .filter(|p| !p.remove)
             .filter_map(|p| Some((p.public_key, p.successor_of?)))
             .collect();
-        let config = self.build(&self.config.load(), &settings, &next, &successors);
+        // A peer removed and added back in one request is a new peer, as
+        // the kernel has it: its sessions end.
+        let restarted: std::collections::HashSet<PublicKey> = request
+            .peers
+            .iter()
+            .filter(|p| p.remove)
+            .map(|p| p.public_key)
+            .collect();
+        let config = self.build(
+            &self.config.load(),
+            &settings,
+            &next,
+            &successors,
+            &restarted,
+        );
         self.anonymous.store(Arc::new(
             config
                 .identity
@@ -261,20 +275,29 @@ impl Device {
         ));
         // A keepalive set is due at once (it opens the session): sent now,
         // not at the next tick, so a peer entry moved to a new key
-        // handshakes within a round trip.
+        // handshakes within a round trip. A peer given a new preshared key
+        // handshakes at once too: its new tunnel takes over from the old
+        // one only once it has a session.
         let before = self.config.load_full();
-        let fresh: Vec<Arc<Peer>> = config
+        let rekeyed = |p: &Peer| {
+            let had = settings.peers.iter().find(|o| o.public_key == p.public_key);
+            let has = next.peers.iter().find(|n| n.public_key == p.public_key);
+            matches!((had, has), (Some(o), Some(n)) if o.preshared_key != n.preshared_key)
+        };
+        let fresh: Vec<(Arc<Peer>, bool)> = config
             .peers
             .iter()
-            .filter(|p| !before.by_key.contains_key(&p.public_key))
-            .cloned()
+            .filter_map(|p| {
+                let forced = rekeyed(p) || restarted.contains(&p.public_key);
+                (forced || !before.by_key.contains_key(&p.public_key)).then(|| (p.clone(), forced))
+            })
             .collect();
         self.config.store(Arc::new(config));
         *settings = next;
         let mut buf = vec![0u8; 256];
-        for peer in fresh {
+        for (peer, forced) in fresh {
             let mut state = peer.lock();
-            if state.keepalive_due(std::time::Instant::now()) {
+            if state.keepalive_due(std::time::Instant::now()) || forced {
                 let sent = timers::keepalive_now(&mut state, &self.sockets.load(), &mut buf);
                 drop(state);
                 peer.count_tx(sent);
@@ -291,6 +314,7 @@ impl Device {
         old: &Settings,
         next: &Settings,
         successors: &HashMap<PublicKey, PublicKey>,
+        restarted: &std::collections::HashSet<PublicKey>,
     ) -> Config {
         let identity_changed = old.private_key.as_ref().map(PrivateKey::public_key)
             != next.private_key.as_ref().map(PrivateKey::public_key);
@@ -324,7 +348,7 @@ impl Device {
                 current.by_key.get(&ps.public_key),
                 old_by_key.get(&ps.public_key),
             ) {
-                (Some(peer), Some(old_ps)) => {
+                (Some(peer), Some(old_ps)) if !restarted.contains(&ps.public_key) => {
                     peer.update(old_ps, ps, keys, identity_changed, &mut next_index);
                     peer.clone()
                 }

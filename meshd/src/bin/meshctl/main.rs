@@ -383,22 +383,37 @@ fn status(
             }
         }
     };
+    // Whether this node's link to each peer carries a post-quantum session
+    // (a relayed peer's traffic crosses the relay's links, each judged on
+    // its own row).
+    let post_quantum = |peer: &str, hop: &Hop| -> String {
+        use weft_meshd::pq::Mode;
+        match &me.post_quantum {
+            None => "off".into(),
+            Some(_) if matches!(hop, Hop::Via(_)) => "per hop".into(),
+            Some(r) if !r.missing.contains(peer) => "live".into(),
+            Some(r) if r.mode == Mode::Require => "none: no traffic".into(),
+            Some(_) => "none: classical".into(),
+        }
+    };
     Ok(match output {
         Output::Json => {
             let peers: Vec<serde_json::Value> = paths
                 .iter()
-                .map(|(peer, hop)| serde_json::json!({"node": peer, "path": hop_text(hop), "link": reported_by(peer), "reach": reach_text(peer)}))
+                .map(|(peer, hop)| serde_json::json!({"node": peer, "path": hop_text(hop), "link": reported_by(peer), "reach": reach_text(peer), "postQuantum": post_quantum(peer, hop)}))
                 .collect();
             serde_json::to_string_pretty(&serde_json::json!({"node": me, "peers": peers}))? + "\n"
         }
         Output::Table | Output::Wide => {
-            let mut rows = vec![["PEER", "PATH", "LINK", "DIRECTLY"].map(String::from)];
+            let mut rows =
+                vec![["PEER", "PATH", "LINK", "DIRECTLY", "POST-QUANTUM"].map(String::from)];
             for (peer, hop) in &paths {
                 rows.push([
                     peer.clone(),
                     hop_text(hop),
                     reported_by(peer),
                     reach_text(peer),
+                    post_quantum(peer, hop),
                 ]);
             }
             weft_meshd::table::render(&rows)
