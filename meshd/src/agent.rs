@@ -35,6 +35,7 @@ use crate::annotations::{
 use crate::cluster::{self, node_info};
 use crate::dataplane::{DataPlane, DeviceState, Mode, UserspaceProgram};
 use crate::decide::{decide, Inputs};
+use crate::host_traffic::HostTraffic;
 use crate::http::{self, Health};
 use crate::ladder::{trial_window, Ladder, Planned, Seen};
 use crate::liveness::{Liveness, Reading, Timers};
@@ -197,6 +198,28 @@ pub struct RunArgs {
     pub keys: KeyArgs,
     #[command(flatten)]
     pub pq: crate::pq::PqArgs,
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+/// Node-to-node host traffic through WireGuard.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArgs {
+    /// Send this node's own traffic to other nodes' host addresses
+    /// (kubelet, hostNetwork pods, node agents) through WireGuard too, as
+    /// pods' traffic to them already is. The same on every node.
+    #[arg(long, env = "WEFT_ENCRYPT_HOST", default_value_t = false, action = clap::ArgAction::Set)]
+    pub encrypt_host: bool,
+    /// Addresses whose host traffic is never tunnelled, so that a node cut
+    /// off from the mesh still reaches them; default: the API server's
+    /// address in meshd's kubeconfig (set this where that is a name or a
+    /// Service's ClusterIP: to the API servers' host addresses).
+    #[arg(
+        long = "encrypt-host-exclude",
+        env = "WEFT_ENCRYPT_HOST_EXCLUDE",
+        value_delimiter = ','
+    )]
+    pub encrypt_host_exclude: Option<Vec<IpNet>>,
 }
 
 /// Key rotation and revocation (docs/operations.md, "Keys").
@@ -328,8 +351,9 @@ pub fn cluster_ranges(args: &RunArgs) -> Result<ClusterRanges> {
     ClusterRanges::from_flags(&args.blocks.cluster, &args.mesh)
 }
 
-async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
-    let config = match kubeconfig {
+/// The API client's configuration (read from files; nothing is contacted).
+async fn kube_config(kubeconfig: Option<&PathBuf>) -> Result<kube::Config> {
+    Ok(match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("--kubeconfig {}", path.display()))?;
@@ -339,8 +363,23 @@ async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
         None => kube::Config::infer()
             .await
             .context("no kubeconfig: set --kubeconfig or KUBECONFIG, or run in a cluster")?,
+    })
+}
+
+/// What the node's own traffic to other nodes' host addresses does
+/// (`--encrypt-host`); by default the API server's address as this meshd
+/// reaches it is never tunnelled.
+pub fn host_traffic(args: &HostArgs, api_server: &hyper::Uri) -> HostTraffic {
+    if !args.encrypt_host {
+        return HostTraffic::Plain;
+    }
+    let exclude = match &args.encrypt_host_exclude {
+        Some(listed) => listed.clone(),
+        None => crate::host_traffic::api_server_address(api_server)
+            .into_iter()
+            .collect(),
     };
-    cluster::keepalive_client(config)
+    HostTraffic::Encrypted { exclude }
 }
 
 struct Agent {
@@ -465,10 +504,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     tracing::info!(added, ranges = ?ranges.all().collect::<Vec<_>>(), "unreachable backstops in place");
     // Pods' traffic to other nodes' host addresses takes the table of mesh
     // routes to them (empty until the first sync: until then it leaves as
-    // host traffic does, masqueraded).
-    netlink
-        .ensure_host_rules(&ranges.pods.iter().collect::<Vec<_>>())
+    // host traffic does, masqueraded); with --encrypt-host the host's own
+    // does too.
+    let config = kube_config(args.kubeconfig.as_ref()).await?;
+    let host = host_traffic(&args.host, &config.cluster_url);
+    let pods: Vec<IpNet> = ranges.pods.iter().collect();
+    let changed = netlink
+        .ensure_host_rules(&crate::host_traffic::rules(&pods, &host))
         .await?;
+    tracing::info!(?host, changed, "host traffic rules in place");
     // Cluster addresses come in only through WireGuard or from their own
     // pods; and pods reach the world from their first packet (masquerading
     // touches nothing that stays in the cluster). Neither is fatal without
@@ -512,7 +556,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         rotating_to = ?keys.next.as_ref().map(|n| n.key.public_key()),
         "starting"
     );
-    let client = client(args.kubeconfig.as_ref()).await?;
+    let client = cluster::keepalive_client(config)?;
     crate::cni::enable_forwarding(&ranges).await?;
     let gc = crate::pod_gc::run(
         client.clone(),

@@ -20,6 +20,7 @@ pub mod elf;
 pub mod graph;
 pub mod guard;
 pub mod host_firewall;
+pub mod host_traffic;
 pub mod http;
 pub mod ladder;
 pub mod liveness;

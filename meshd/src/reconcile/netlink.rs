@@ -13,10 +13,14 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::IpVersion;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
+use crate::host_traffic::{
+    Family, HostRule, EXCLUDE_PRIORITY, FROM_PODS_PRIORITY, FWMARK, UNMARKED_PRIORITY,
+};
 use crate::model::{Route, RouteKind};
 
 /// The first answer of a netlink request, reading the answer to its end:
@@ -35,11 +39,9 @@ pub const MESH_METRIC: u32 = 100;
 pub const UNREACHABLE_METRIC: u32 = 4000;
 /// The table of routes to other nodes' host addresses
 /// ([`RouteKind::HostMesh`]), consulted only for traffic from the cluster's
-/// pod ranges ([`HOST_RULE_PRIORITY`]).
+/// pod ranges and, with `WEFT_ENCRYPT_HOST`, the host's own
+/// ([`crate::host_traffic`]).
 pub const HOST_TABLE: u32 = 77;
-/// `ip rule` priority of `from <pod range> lookup 77`: after the local
-/// table's (0), before the main table's (32766).
-pub const HOST_RULE_PRIORITY: u32 = 7700;
 
 /// The table a route of this kind lives in.
 fn table_of(kind: RouteKind) -> u32 {
@@ -308,8 +310,10 @@ impl Netlink {
         Ok(added)
     }
 
-    /// Weft's pods-to-hosts rules, both families.
-    async fn host_rules(&self) -> Result<Vec<RuleMessage>> {
+    /// Weft's routing rules (see [`crate::host_traffic`]), both families,
+    /// each with what it is (`None`: one at our priorities that is none of
+    /// ours, left from an older meshd, to go).
+    async fn host_rules(&self) -> Result<Vec<(Option<HostRule>, RuleMessage)>> {
         let mut found = Vec::new();
         for family in [IpVersion::V4, IpVersion::V6] {
             let rules: Vec<RuleMessage> = self
@@ -320,61 +324,99 @@ impl Netlink {
                 .try_collect()
                 .await
                 .context("listing routing rules")?;
-            found.extend(rules.into_iter().filter(is_host_rule));
+            found.extend(
+                rules
+                    .into_iter()
+                    .filter(is_ours)
+                    .map(|r| (classify_rule(&r), r)),
+            );
         }
         Ok(found)
     }
 
-    /// Makes the pods-to-hosts rules exactly `from <each of pods> lookup
-    /// HOST_TABLE`: adds what is missing, deletes ours that match anything
-    /// else. Returns how many it changed.
-    pub async fn ensure_host_rules(&self, pods: &[IpNet]) -> Result<usize> {
+    /// Makes Weft's routing rules exactly `wanted`: adds what is missing,
+    /// deletes ours that are anything else. Returns how many it changed.
+    pub async fn ensure_host_rules(&self, wanted: &BTreeSet<HostRule>) -> Result<usize> {
         let present = self.host_rules().await?;
-        let wanted = |r: &RuleMessage| {
-            r.header.action == RuleAction::ToTable
-                && rule_source(r).is_some_and(|s| pods.contains(&s))
-        };
-        let sources: BTreeSet<IpNet> = present
-            .iter()
-            .filter(|r| wanted(r))
-            .filter_map(rule_source)
-            .collect();
+        let have: BTreeSet<HostRule> = present.iter().filter_map(|(r, _)| *r).collect();
         let mut changed = 0;
-        for net in pods.iter().filter(|n| !sources.contains(n)) {
-            let request = self
-                .handle
-                .rule()
-                .add()
-                .table_id(HOST_TABLE)
-                .action(RuleAction::ToTable)
-                .priority(HOST_RULE_PRIORITY);
-            let added = match net {
-                IpNet::V4(v4) => {
-                    let r = request.v4().source_prefix(v4.network(), v4.prefix_len());
-                    r.execute().await
-                }
-                IpNet::V6(v6) => {
-                    let r = request.v6().source_prefix(v6.network(), v6.prefix_len());
-                    r.execute().await
-                }
-            };
-            added.with_context(|| format!("adding the rule from {net} lookup {HOST_TABLE}"))?;
+        for rule in wanted.difference(&have) {
+            self.add_rule(*rule)
+                .await
+                .with_context(|| format!("adding the routing rule {rule:?}"))?;
             changed += 1;
         }
-        for rule in present {
-            if !wanted(&rule) {
-                self.del_rule(rule).await?;
+        for (rule, message) in present {
+            if !rule.is_some_and(|r| wanted.contains(&r)) {
+                self.del_rule(message).await?;
                 changed += 1;
             }
         }
         Ok(changed)
     }
 
-    /// Deletes every pods-to-hosts rule (uninstall); whether there were any.
+    async fn add_rule(&self, rule: HostRule) -> Result<()> {
+        let table = match rule {
+            HostRule::Exclude(_) | HostRule::ExcludeFrom(_) => {
+                u32::from(RouteHeader::RT_TABLE_MAIN)
+            }
+            HostRule::FromPods(_) | HostRule::Unmarked(_) => HOST_TABLE,
+        };
+        let request = self
+            .handle
+            .rule()
+            .add()
+            .table_id(table)
+            .action(RuleAction::ToTable)
+            .priority(rule.priority());
+        match (rule, rule.family()) {
+            (HostRule::FromPods(IpNet::V4(n)) | HostRule::ExcludeFrom(IpNet::V4(n)), _) => {
+                request
+                    .v4()
+                    .source_prefix(n.network(), n.prefix_len())
+                    .execute()
+                    .await
+            }
+            (HostRule::FromPods(IpNet::V6(n)) | HostRule::ExcludeFrom(IpNet::V6(n)), _) => {
+                request
+                    .v6()
+                    .source_prefix(n.network(), n.prefix_len())
+                    .execute()
+                    .await
+            }
+            (HostRule::Exclude(IpNet::V4(n)), _) => {
+                request
+                    .v4()
+                    .destination_prefix(n.network(), n.prefix_len())
+                    .execute()
+                    .await
+            }
+            (HostRule::Exclude(IpNet::V6(n)), _) => {
+                request
+                    .v6()
+                    .destination_prefix(n.network(), n.prefix_len())
+                    .execute()
+                    .await
+            }
+            (HostRule::Unmarked(_), family) => {
+                let mut request = request.fw_mark(FWMARK);
+                let message = request.message_mut();
+                message.attributes.push(RuleAttribute::FwMask(FWMARK));
+                message.header.flags |= RuleFlags::Invert;
+                match family {
+                    Family::V4 => request.v4().execute().await,
+                    Family::V6 => request.v6().execute().await,
+                }
+            }
+        }
+        .map_err(Into::into)
+    }
+
+    /// Deletes every rule of Weft's (uninstall); whether there were any.
     pub async fn remove_host_rules(&self) -> Result<bool> {
         let present = self.host_rules().await?;
         let any = !present.is_empty();
-        for rule in present {
+        for (_, rule) in present {
             self.del_rule(rule).await?;
         }
         Ok(any)
@@ -435,19 +477,81 @@ fn classify(m: &RouteMessage, wg_index: Option<u32>) -> Option<Route> {
     Some(Route { dst, kind })
 }
 
-/// Whether `m` is one of Weft's pods-to-hosts rules.
-fn is_host_rule(m: &RuleMessage) -> bool {
-    let table = m
-        .attributes
+fn rule_table(m: &RuleMessage) -> u32 {
+    m.attributes
         .iter()
         .find_map(|a| match a {
             RuleAttribute::Table(t) => Some(*t),
             _ => None,
         })
-        .unwrap_or(u32::from(m.header.table));
-    table == HOST_TABLE
-        && m.attributes
-            .contains(&RuleAttribute::Priority(HOST_RULE_PRIORITY))
+        .unwrap_or(u32::from(m.header.table))
+}
+
+/// Whether `m` is at one of Weft's rule priorities, looking up one of the
+/// tables Weft's rules do.
+fn is_ours(m: &RuleMessage) -> bool {
+    let priority = m.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Priority(p) => Some(*p),
+        _ => None,
+    });
+    matches!(
+        priority,
+        Some(FROM_PODS_PRIORITY | EXCLUDE_PRIORITY | UNMARKED_PRIORITY)
+    ) && [HOST_TABLE, u32::from(RouteHeader::RT_TABLE_MAIN)].contains(&rule_table(m))
+}
+
+/// What rule of Weft's `m` is, if it is exactly one.
+fn classify_rule(m: &RuleMessage) -> Option<HostRule> {
+    if m.header.action != RuleAction::ToTable {
+        return None;
+    }
+    let priority = m.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Priority(p) => Some(*p),
+        _ => None,
+    })?;
+    let mark = m.attributes.iter().find_map(|a| match a {
+        RuleAttribute::FwMark(v) => Some(*v),
+        _ => None,
+    });
+    let mask = m.attributes.iter().find_map(|a| match a {
+        RuleAttribute::FwMask(v) => Some(*v),
+        _ => None,
+    });
+    let inverted = m.header.flags.contains(RuleFlags::Invert);
+    let (table, source, destination) = (rule_table(m), rule_source(m), rule_destination(m));
+    let rule = match (priority, source, destination, mark) {
+        (FROM_PODS_PRIORITY, Some(net), None, None) if table == HOST_TABLE && !inverted => {
+            HostRule::FromPods(net)
+        }
+        (EXCLUDE_PRIORITY, None, Some(net), None)
+            if table == u32::from(RouteHeader::RT_TABLE_MAIN) && !inverted =>
+        {
+            HostRule::Exclude(net)
+        }
+        (EXCLUDE_PRIORITY, Some(net), None, None)
+            if table == u32::from(RouteHeader::RT_TABLE_MAIN) && !inverted =>
+        {
+            HostRule::ExcludeFrom(net)
+        }
+        (UNMARKED_PRIORITY, None, None, Some(FWMARK))
+            if table == HOST_TABLE && inverted && mask == Some(FWMARK) =>
+        {
+            HostRule::Unmarked(match m.header.family {
+                AddressFamily::Inet6 => Family::V6,
+                _ => Family::V4,
+            })
+        }
+        _ => return None,
+    };
+    Some(rule)
+}
+
+fn rule_destination(m: &RuleMessage) -> Option<IpNet> {
+    let ip = m.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Destination(ip) => Some(*ip),
+        _ => None,
+    })?;
+    IpNet::new(ip, m.header.dst_len).ok()
 }
 
 /// The source prefix a rule matches, if any.

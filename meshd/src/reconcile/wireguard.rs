@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use weft_keys::{PresharedKey, PrivateKey, PublicKey};
 use wireguard_control::{Backend, Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
 
+use crate::host_traffic::FWMARK;
 use crate::model::Peer;
 
 /// The device as it is.
@@ -18,6 +19,8 @@ use crate::model::Peer;
 pub struct Actual {
     pub private_key: Option<[u8; 32]>,
     pub listen_port: Option<u16>,
+    /// `None`: no mark (0).
+    pub fwmark: Option<u32>,
     pub peers: BTreeMap<PublicKey, ActualPeer>,
 }
 
@@ -62,6 +65,7 @@ impl Actual {
         Self {
             private_key: device.private_key.as_ref().map(|k| k.0),
             listen_port: device.listen_port,
+            fwmark: device.fwmark.filter(|m| *m != 0),
             peers,
         }
     }
@@ -87,6 +91,7 @@ pub struct PeerChange {
 pub struct Changes {
     pub private_key: Option<[u8; 32]>,
     pub listen_port: Option<u16>,
+    pub fwmark: Option<u32>,
     pub upserts: Vec<PeerChange>,
     pub removals: Vec<PublicKey>,
 }
@@ -100,6 +105,7 @@ impl Changes {
     pub fn count(&self) -> usize {
         usize::from(self.private_key.is_some())
             + usize::from(self.listen_port.is_some())
+            + usize::from(self.fwmark.is_some())
             + self.upserts.len()
             + self.removals.len()
     }
@@ -123,6 +129,9 @@ pub fn diff(
     let mut changes = Changes {
         private_key: (!holds(actual.private_key, private_key)).then(|| private_key.to_bytes()),
         listen_port: (actual.listen_port != Some(listen_port)).then_some(listen_port),
+        // Marked, WireGuard's datagrams skip the host's rule into the mesh
+        // (crate::host_traffic), whether or not it is in place.
+        fwmark: (actual.fwmark != Some(FWMARK)).then_some(FWMARK),
         ..Changes::default()
     };
     for (pk, want) in peers {
@@ -216,6 +225,9 @@ pub fn update(changes: &Changes) -> DeviceUpdate {
     if let Some(p) = changes.listen_port {
         u = u.set_listen_port(p);
     }
+    if let Some(m) = changes.fwmark {
+        u = u.set_fwmark(m);
+    }
     for c in &changes.upserts {
         if c.restart {
             u = u.remove_peer_by_key(&wg_key(&c.key));
@@ -284,6 +296,7 @@ mod tests {
         Actual {
             private_key: Some(pk.to_bytes()),
             listen_port: Some(51820),
+            fwmark: Some(FWMARK),
             peers: peers
                 .iter()
                 .map(|(k, p)| {
@@ -309,10 +322,26 @@ mod tests {
             peer("198.18.1.1:51820", &["198.19.1.0/24"], Some(5)),
         )]);
         let c = diff(&pk, 51820, &peers, &Actual::default(), &BTreeMap::new());
-        assert_eq!(c.count(), 3);
+        assert_eq!(c.count(), 4);
         assert_eq!(c.upserts[0].keepalive, Some(5));
+        assert_eq!(c.fwmark, Some(FWMARK));
         let converged = actual_of(&pk, &peers);
         assert!(diff(&pk, 51820, &peers, &converged, &BTreeMap::new()).is_empty());
+    }
+
+    /// A device whose mark was changed (by hand, by an older meshd) gets
+    /// Weft's back: unmarked, its datagrams would take the host's rule into
+    /// the tunnel they carry.
+    #[test]
+    fn the_device_keeps_weft_s_mark() {
+        let pk = PrivateKey::generate();
+        let peers = BTreeMap::new();
+        let mut actual = actual_of(&pk, &peers);
+        for other in [None, Some(FWMARK ^ 1)] {
+            actual.fwmark = other;
+            let c = diff(&pk, 51820, &peers, &actual, &BTreeMap::new());
+            assert_eq!((c.fwmark, c.count()), (Some(FWMARK), 1), "{other:?}");
+        }
     }
 
     /// The kernel's boundary: kernel WireGuard and wireguard-go report the

@@ -4,6 +4,11 @@
 //! frame is pod or mesh traffic that left a node unencrypted. Armed when
 //! the fabric is made, before any node exists; `meshlab status` shows the
 //! count and every end-to-end test requires 0 at teardown.
+//!
+//! A second counter, [`HOST`], counts frames between two nodes' host
+//! addresses that are not WireGuard's datagrams (UDP port 51820): node-to-
+//! node host traffic in plaintext, which `WEFT_ENCRYPT_HOST` ends. Lab
+//! traffic to the API server (on the fabric's own address) is no node's.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -13,6 +18,15 @@ use super::topology::{CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
 
 const TABLE: &str = "weft_sentinel";
 const COUNTER: &str = "plaintext";
+/// The counter of node-to-node host traffic in plaintext.
+pub const HOST: &str = "host_plaintext";
+/// Where lab nodes' host addresses lie: the flat underlay (node `k` at
+/// `198.18.1.k`, `2001:db8:18::k`) and the sites' subnets (`198.18.16.0`
+/// onwards; a site behind NAT shows its router's address instead).
+const NODES_V4: &str = "198.18.1.0/24, 198.18.16.0/20";
+const NODES_V6: &str = "2001:db8:18::/120";
+/// WireGuard's port on every lab node.
+const WIREGUARD_PORT: u16 = 51820;
 
 /// The ruleset, for one `nft -f -` in the fabric namespace.
 fn ruleset() -> String {
@@ -22,12 +36,22 @@ fn ruleset() -> String {
   counter {COUNTER} {{ }}
   set cluster4 {{ type ipv4_addr; flags interval; elements = {{ {CLUSTER_V4}, {MESH_V4} }} }}
   set cluster6 {{ type ipv6_addr; flags interval; elements = {{ {CLUSTER_V6}, {MESH_V6} }} }}
+  counter {HOST} {{ }}
+  set nodes4 {{ type ipv4_addr; flags interval; elements = {{ {NODES_V4} }} }}
+  set nodes6 {{ type ipv6_addr; flags interval; elements = {{ {NODES_V6} }} }}
   chain watch {{
     type filter hook prerouting priority -300; policy accept;
     ip saddr @cluster4 counter name {COUNTER} accept
     ip daddr @cluster4 counter name {COUNTER} accept
     ip6 saddr @cluster6 counter name {COUNTER} accept
     ip6 daddr @cluster6 counter name {COUNTER} accept
+    ip saddr @nodes4 ip daddr @nodes4 jump hosts
+    ip6 saddr @nodes6 ip6 daddr @nodes6 jump hosts
+  }}
+  chain hosts {{
+    udp sport {WIREGUARD_PORT} accept
+    udp dport {WIREGUARD_PORT} accept
+    counter name {HOST} accept
   }}
 }}
 "
@@ -47,25 +71,36 @@ pub struct Count {
     pub bytes: u64,
 }
 
-/// Reads the counter.
+/// Reads the counter of cluster addresses.
 pub fn count(fabric_netns: &str) -> Result<Count> {
+    count_of(fabric_netns, COUNTER)
+}
+
+/// Reads the counter of node-to-node host traffic.
+pub fn count_host(fabric_netns: &str) -> Result<Count> {
+    count_of(fabric_netns, HOST)
+}
+
+fn count_of(fabric_netns: &str, counter: &str) -> Result<Count> {
     let json = nft(
         fabric_netns,
-        &["-j", "list", "counter", "bridge", TABLE, COUNTER],
+        &["-j", "list", "counter", "bridge", TABLE, counter],
         None,
     )?;
     parse(&json)
 }
 
-/// Zeroes the counter (for a test that leaks on purpose to prove the
+/// Zeroes both counters (for a test that leaks on purpose to prove the
 /// sentinel sees it).
 pub fn reset(fabric_netns: &str) -> Result<()> {
-    nft(
-        fabric_netns,
-        &["reset", "counter", "bridge", TABLE, COUNTER],
-        None,
-    )
-    .map(drop)
+    for counter in [COUNTER, HOST] {
+        nft(
+            fabric_netns,
+            &["reset", "counter", "bridge", TABLE, counter],
+            None,
+        )?;
+    }
+    Ok(())
 }
 
 fn parse(json: &str) -> Result<Count> {

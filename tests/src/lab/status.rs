@@ -54,6 +54,9 @@ pub struct FabricReport {
     /// Frames the plaintext sentinel counted: cluster pod or mesh addresses
     /// outside WireGuard on the underlay. Anything but 0 is a leak.
     pub plaintext: Option<super::sentinel::Count>,
+    /// Frames between two nodes' host addresses that are not WireGuard's:
+    /// host traffic in plaintext (0 expected with `WEFT_ENCRYPT_HOST`).
+    pub host_plaintext: Option<super::sentinel::Count>,
 }
 
 #[derive(Debug, Serialize)]
@@ -165,6 +168,7 @@ pub fn collect(dir: &LabDir) -> Result<Report> {
         },
         fabric: FabricReport {
             plaintext: super::sentinel::count(&state.plan.fabric_netns).ok(),
+            host_plaintext: super::sentinel::count_host(&state.plan.fabric_netns).ok(),
             netns: state.plan.fabric_netns,
             bridge: state.plan.bridge,
             cidr: state.plan.fabric_cidr.to_string(),
@@ -211,7 +215,7 @@ pub fn table(r: &Report) -> String {
         ]);
     }
     let mut out = format!(
-        "lab {}: API server {} ({}), kubeconfig {}\nplaintext on the fabric: {}\n",
+        "lab {}: API server {} ({}), kubeconfig {}\nplaintext on the fabric: {}; node-to-node host traffic outside WireGuard: {}\n",
         r.name,
         r.api_server.url,
         if r.api_server.running {
@@ -224,6 +228,10 @@ pub fn table(r: &Report) -> String {
             Some(c) if c.packets == 0 => "0 packets".to_string(),
             Some(c) => format!("{} packets, {} bytes: A LEAK", c.packets, c.bytes),
             None => "unknown (the sentinel cannot be read)".to_string(),
+        },
+        match r.fabric.host_plaintext {
+            Some(c) => format!("{} packets", c.packets),
+            None => "unknown".to_string(),
         }
     );
     out.push_str(&weft_meshd::table::render(&rows));
