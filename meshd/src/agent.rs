@@ -35,7 +35,7 @@ use crate::annotations::{
 use crate::cluster::{self, node_info};
 use crate::dataplane::{DataPlane, DeviceState, Mode, UserspaceProgram};
 use crate::decide::{decide, Inputs};
-use crate::host_traffic::HostTraffic;
+use crate::host_traffic::{Exclusion, Keeper};
 use crate::http::{self, Health};
 use crate::ladder::{trial_window, Ladder, Planned, Seen};
 use crate::liveness::{Liveness, Reading, Timers};
@@ -366,24 +366,21 @@ async fn kube_config(kubeconfig: Option<&PathBuf>) -> Result<kube::Config> {
     })
 }
 
-/// What the node's own traffic to other nodes' host addresses does
-/// (`--encrypt-host`); by default the API server's address as this meshd
-/// reaches it is never tunnelled.
-pub fn host_traffic(args: &HostArgs, api_server: &hyper::Uri) -> HostTraffic {
-    if !args.encrypt_host {
-        return HostTraffic::Plain;
+/// What host traffic is never tunnelled (`--encrypt-host-exclude`, else
+/// the API servers'), given the API server's URL in the kubeconfig.
+fn exclusion(args: &HostArgs, api_server: &hyper::Uri) -> Exclusion {
+    match &args.encrypt_host_exclude {
+        Some(listed) => Exclusion::Listed(listed.clone()),
+        None => Exclusion::ApiServers {
+            configured: crate::host_traffic::api_server_address(api_server),
+        },
     }
-    let exclude = match &args.encrypt_host_exclude {
-        Some(listed) => listed.clone(),
-        None => crate::host_traffic::api_server_address(api_server)
-            .into_iter()
-            .collect(),
-    };
-    HostTraffic::Encrypted { exclude }
 }
 
 struct Agent {
     args: RunArgs,
+    /// Which traffic takes table 77 (`host_traffic`).
+    host_rules: Keeper,
     client: Client,
     key_store: KeyStore,
     keys: KeyState,
@@ -507,12 +504,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // host traffic does, masqueraded); with --encrypt-host the host's own
     // does too.
     let config = kube_config(args.kubeconfig.as_ref()).await?;
-    let host = host_traffic(&args.host, &config.cluster_url);
-    let pods: Vec<IpNet> = ranges.pods.iter().collect();
-    let changed = netlink
-        .ensure_host_rules(&crate::host_traffic::rules(&pods, &host))
-        .await?;
-    tracing::info!(?host, changed, "host traffic rules in place");
+    let exclusion = args
+        .host
+        .encrypt_host
+        .then(|| exclusion(&args.host, &config.cluster_url));
+    let kept = args.state_dir.join(crate::host_traffic::API_SERVERS_FILE);
+    let (found_api_servers, api_servers) =
+        tokio::sync::watch::channel(crate::host_traffic::read_kept(&kept));
+    let mut host_rules = Keeper::new(
+        netlink.clone(),
+        ranges.pods.iter().collect(),
+        exclusion.clone(),
+        api_servers,
+    );
+    let rules_changed = host_rules.ensure(&BTreeSet::new()).await?;
+    tracing::info!(
+        host = ?host_rules.traffic(&BTreeSet::new()),
+        changed = rules_changed,
+        "host traffic rules in place"
+    );
     // Cluster addresses come in only through WireGuard or from their own
     // pods; and pods reach the world from their first packet (masquerading
     // touches nothing that stays in the cluster). Neither is fatal without
@@ -612,6 +622,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let reconciler = Reconciler::new(dataplane, netlink);
 
     let changed = Arc::new(Notify::new());
+    if let Some(exclusion @ Exclusion::ApiServers { .. }) = &exclusion {
+        tracing::debug!(?exclusion, "following the API servers");
+        tokio::spawn(crate::host_traffic::follow(
+            client.clone(),
+            kept,
+            Duration::from_secs(args.resync.max(1)),
+            found_api_servers,
+            changed.clone(),
+        ));
+    }
     let nodes = cluster::reflect(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
@@ -677,6 +697,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let pq = crate::pq::Handle::start(&args.pq, changed.clone(), health.clone()).await?;
     let mut agent = Agent {
+        host_rules,
         pq,
         local: LocalConfig {
             persistent_keepalive: (args.persistent_keepalive > 0)
@@ -1367,6 +1388,10 @@ impl Agent {
             .reconcile(desired, &step.device, self.args.listen_port, mtu)
             .await?;
         self.pq.applied(&desired.peers);
+        let rules = self.host_rules.ensure(&desired.untunnelled).await?;
+        if rules > 0 {
+            tracing::info!(rules, untunnelled = ?desired.untunnelled, "host traffic rules changed");
+        }
         let keys_changed = self.applied_keys.as_ref() != Some(&step.device);
         self.applied_keys = Some(step.device.clone());
         self.applied = Some((desired.clone(), mtu));

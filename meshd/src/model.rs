@@ -495,4 +495,8 @@ pub struct DesiredNode {
     pub verdicts: BTreeMap<String, Verdict>,
     /// How this node reaches each other accepted node, by name.
     pub paths: BTreeMap<String, Hop>,
+    /// This node's own host addresses its peers do not believe: with
+    /// `WEFT_ENCRYPT_HOST`, traffic from them stays on the underlay
+    /// (`planner::hosts::own_unbelieved`).
+    pub untunnelled: BTreeSet<IpAddr>,
 }

@@ -33,6 +33,7 @@ async fn server(options: Options) -> Lab {
         vec![Endpoint {
             listener,
             kubeconfig: kubeconfig.clone(),
+            advertise: None,
         }],
         options,
     )

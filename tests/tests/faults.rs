@@ -122,8 +122,11 @@ fn a_restarted_meshd_follows_every_change() {
         );
 
         // An annotation changes (the newcomer's endpoint, its meshd stopped
-        // so that it does not put it back): the restarted node follows.
+        // so that it does not put it back, its data plane too so that its
+        // packets do not move the endpoint back): the restarted node
+        // follows.
         stop_meshd(&lab, &newest);
+        signal(i64::from(dataplane_pid(&lab, &newest)), "-KILL");
         let moved = format!(
             "{}:51821",
             node(&lab.status(), &newest)["underlay"].as_str().unwrap()

@@ -13,14 +13,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{node, run_bounded, wait_for, Lab};
-use meshlab::lab::sentinel;
 use meshlab::lab::topology::wg_interface;
 
 /// Frames of node-to-node host traffic outside WireGuard so far.
 fn host_plaintext(lab: &Lab) -> u64 {
-    sentinel::count_host(&format!("{}-fabric", lab.name))
-        .expect("reading the sentinel")
-        .packets
+    lab.host_plaintext().expect("reading the sentinel")
 }
 
 /// Waits until `at` routes `peer`'s host address into the mesh (once it has
@@ -85,7 +82,7 @@ fn host_traffic_between_nodes_crosses_wireguard_only_when_encrypted() {
     }
     let rules = ip_in(&lab, "node-1", &["rule"]);
     for want in [
-        "7701:\tfrom all to 198.18.0.1 lookup main",
+        "7701:\tfrom all to 198.18.0.1 ipproto tcp dport 6443 lookup main",
         "7702:\tnot from all fwmark 0x770000/0x770000 lookup 77",
     ] {
         assert!(rules.contains(want), "no {want:?} in:\n{rules}");
@@ -126,7 +123,10 @@ fn host_traffic_between_nodes_crosses_wireguard_only_when_encrypted() {
     drop(lab);
 
     // The same traffic without the setting: the sentinel sees it.
-    let lab = Lab::up("t-hostplain", &["--nodes", "2"]);
+    let lab = Lab::up(
+        "t-hostplain",
+        &["--nodes", "2", "--config", "WEFT_ENCRYPT_HOST=false"],
+    );
     wait_for_host_route(&lab, "node-1", "198.18.1.2");
     assert!(
         !ip_in(&lab, "node-1", &["rule"]).contains("fwmark"),
@@ -137,7 +137,6 @@ fn host_traffic_between_nodes_crosses_wireguard_only_when_encrypted() {
         host_plaintext(&lab) > 0,
         "the sentinel missed plaintext host traffic"
     );
-    lab.reset_plaintext();
 }
 
 /// Host traffic between two nodes whose direct link is cut crosses the
@@ -181,7 +180,7 @@ fn relayed_host_traffic_stays_encrypted_and_excluded_addresses_are_reached_direc
         leaked > 0,
         "the excluded address was reached through WireGuard"
     );
-    lab.reset_plaintext();
+    lab.reset_host_plaintext();
 
     lab.ok(&["link", "cut", "node-1", "node-2"]);
     wait_for(
@@ -198,5 +197,68 @@ fn relayed_host_traffic_stays_encrypted_and_excluded_addresses_are_reached_direc
         host_plaintext(&lab),
         0,
         "relayed host traffic crossed the fabric outside WireGuard"
+    );
+}
+
+/// A kubeadm-like cluster: every node reaches the API server at node-1's
+/// host address (node-1 forwards it on). That address is excluded from
+/// host encryption (the kubeconfig names it; the `kubernetes`
+/// EndpointSlice, followed, lists it and any other API server), so when
+/// node-1's WireGuard is gone (meshd stopped, data plane killed) node-2
+/// still reaches the API server and reports node-1 unreachable there.
+/// With the exclusion replaced by an unrelated address, node-2's API
+/// traffic is tunnelled towards the dead node-1 and never arrives.
+#[test]
+fn a_node_cut_off_from_the_mesh_still_reaches_the_api_server_on_a_node() {
+    let lab = Lab::up(
+        "t-hostcp",
+        &[
+            "--nodes",
+            "3",
+            "--control-plane",
+            "node-1",
+            "--config",
+            "WEFT_PERSISTENT_KEEPALIVE=1",
+            "--config",
+            "WEFT_PEER_TIMEOUT=3",
+        ],
+    );
+    wait_for_host_route(&lab, "node-2", "198.18.1.1");
+    let rules = ip_in(&lab, "node-2", &["rule"]);
+    assert!(
+        rules.contains("7701:\tfrom all to 198.18.1.1 ipproto tcp dport 6443 lookup main"),
+        "the API server's address is not excluded:\n{rules}"
+    );
+    // Another API server appears in the EndpointSlice: excluded within a
+    // resync, and kept for a restarted meshd.
+    lab.kubectl(&[
+        "patch",
+        "endpointslice",
+        "-n",
+        "default",
+        "kubernetes",
+        "--type=json",
+        "-p",
+        r#"[{"op": "add", "path": "/endpoints/-", "value": {"addresses": ["198.18.1.3"]}}]"#,
+    ]);
+    wait_for(
+        "node-2 to exclude the second API server",
+        Duration::from_secs(30),
+        || {
+            ip_in(&lab, "node-2", &["rule"])
+                .contains("to 198.18.1.3 ipproto tcp dport 6443 lookup main")
+        },
+    );
+    let kept = lab.dir().join("node-2/root/var/lib/weft/api-servers.json");
+    let kept = std::fs::read_to_string(&kept).unwrap_or_else(|e| panic!("{}: {e}", kept.display()));
+    assert!(kept.contains("198.18.1.3"), "{kept}");
+
+    // node-1's WireGuard goes; the API server on it stays.
+    common::stop_meshd(&lab, "node-1");
+    common::signal(i64::from(common::dataplane_pid(&lab, "node-1")), "-KILL");
+    wait_for(
+        "node-2 to report node-1 unreachable through the API server",
+        Duration::from_secs(30),
+        || common::annotation(&lab, "node-2", "weft.dev/unreachable").contains("node-1"),
     );
 }

@@ -321,6 +321,14 @@ fn pods_reach_other_nodes_hosts_through_the_mesh() {
     let (answered, source) = lab.first_echo(&node2, "eth0", &ping("198.18.1.2"));
     assert!(answered, "the masqueraded ping got no answer");
     assert_eq!(source, "198.18.1.1", "masqueraded to node-1's address");
+    // Host traffic to an address not believed is plaintext by design, with
+    // WEFT_ENCRYPT_HOST too: the sentinel counted it.
+    assert!(
+        lab.host_plaintext().unwrap_or(0) > 0,
+        "{:?}",
+        lab.host_plaintext()
+    );
+    lab.reset_host_plaintext();
 }
 
 /// Every lab node has a host firewall whose FORWARD chains drop what no

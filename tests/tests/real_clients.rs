@@ -228,6 +228,7 @@ impl Server {
         let endpoint = meshlab::apiserver::Endpoint {
             listener,
             kubeconfig: dir.path().join("kubeconfig"),
+            advertise: None,
         };
         let _entered = runtime.enter();
         meshlab::apiserver::launch(vec![endpoint], meshlab::apiserver::Options::default()).unwrap();

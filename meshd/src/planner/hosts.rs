@@ -22,20 +22,10 @@ pub fn host_addresses<'a>(
     nodes: &'a [NodeInfo],
     local: &LocalConfig,
 ) -> HashMap<&'a str, Vec<IpAddr>> {
-    let mut listed: HashMap<IpAddr, usize> = HashMap::new();
-    for node in nodes {
-        let mut own = node.internal_ips.clone();
-        own.sort_unstable();
-        own.dedup();
-        for ip in own {
-            *listed.entry(ip).or_default() += 1;
-        }
-    }
+    let listed = listed(nodes);
     let believed = |node: &NodeInfo, ip: &IpAddr| {
-        local.heard_from.get(&node.name).map(SocketAddr::ip) == Some(*ip)
-            && listed.get(ip) == Some(&1)
-            && !local.ranges.contains(*ip)
-            && local.host_networks.iter().any(|n| n.contains(ip))
+        let heard = local.heard_from.get(&node.name).map(SocketAddr::ip);
+        believable(*ip, heard, &listed, local)
     };
     nodes
         .iter()
@@ -51,6 +41,58 @@ pub fn host_addresses<'a>(
             (!ips.is_empty()).then_some((node.name.as_str(), ips))
         })
         .collect()
+}
+
+/// How many Nodes list each address.
+fn listed(nodes: &[NodeInfo]) -> HashMap<IpAddr, usize> {
+    let mut listed: HashMap<IpAddr, usize> = HashMap::new();
+    for node in nodes {
+        let mut own = node.internal_ips.clone();
+        own.sort_unstable();
+        own.dedup();
+        for ip in own {
+            *listed.entry(ip).or_default() += 1;
+        }
+    }
+    listed
+}
+
+/// Whether a node's address `ip` is believed, given where its WireGuard
+/// packets come from (`heard`).
+fn believable(
+    ip: IpAddr,
+    heard: Option<IpAddr>,
+    listed: &HashMap<IpAddr, usize>,
+    local: &LocalConfig,
+) -> bool {
+    heard == Some(ip)
+        && listed.get(&ip) == Some(&1)
+        && !local.ranges.contains(ip)
+        && local.host_networks.iter().any(|n| n.contains(&ip))
+}
+
+/// This node's own host addresses its peers do not believe, judged as
+/// [`host_addresses`] judges on their side, where this node is heard from
+/// its endpoint's address: through the mesh, traffic from them would be
+/// dropped by the peers' cryptokey routing, so with `WEFT_ENCRYPT_HOST`
+/// it takes the underlay ([`crate::host_traffic`]). A compromised node
+/// listing this node's address so leaves this node's answers from it in
+/// plaintext, as pods' traffic to that address already is, never lost.
+pub fn own_unbelieved(
+    nodes: &[NodeInfo],
+    local: &LocalConfig,
+    endpoint: Option<IpAddr>,
+) -> Vec<IpAddr> {
+    let listed = listed(nodes);
+    let mut out: Vec<IpAddr> = nodes
+        .iter()
+        .filter(|n| n.name == local.node_name)
+        .flat_map(|n| n.internal_ips.iter().copied())
+        .filter(|ip| !believable(*ip, endpoint, &listed, local))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// One peer as its data plane reports it, for [`heard_from`].
@@ -127,6 +169,34 @@ mod tests {
             annotations: Default::default(),
             placement: Placement::anywhere(),
         }
+    }
+
+    /// What this node's peers would not believe of its own addresses, so
+    /// that host traffic from them stays off the mesh: an address outside
+    /// the host networks, one it is not heard from (not its endpoint's),
+    /// and one another node lists too (a compromised node's copy).
+    #[test]
+    fn own_addresses_peers_do_not_believe_stay_off_the_mesh() {
+        let mut local = LocalConfig::new("node-1", ClusterRanges::lab());
+        local.host_networks = vec!["10.0.0.0/16".parse().unwrap()];
+        let ips = |s: &[&str]| -> Vec<IpAddr> { s.iter().map(|s| s.parse().unwrap()).collect() };
+        let me = node("node-1", &["10.0.0.1", "10.0.0.9", "192.0.2.1"]);
+        let endpoint = Some("10.0.0.1".parse().unwrap());
+        let nodes = [me.clone(), node("node-2", &["10.0.0.2"])];
+        assert_eq!(
+            own_unbelieved(&nodes, &local, endpoint),
+            ips(&["10.0.0.9", "192.0.2.1"])
+        );
+        assert_eq!(
+            own_unbelieved(&nodes, &local, None),
+            ips(&["10.0.0.1", "10.0.0.9", "192.0.2.1"]),
+            "without an endpoint nobody is heard from this node"
+        );
+        let copied = [me, node("node-2", &["10.0.0.2", "10.0.0.1"])];
+        assert_eq!(
+            own_unbelieved(&copied, &local, endpoint),
+            ips(&["10.0.0.1", "10.0.0.9", "192.0.2.1"])
+        );
     }
 
     #[test]

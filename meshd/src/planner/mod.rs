@@ -178,16 +178,20 @@ pub fn plan_judged(
             .into_iter()
             .flatten()
             .map(|ip| IpNet::from(*ip));
+        // A believed host address is refused, never sent on the underlay,
+        // whenever its mesh route is not there: no path, or the WireGuard
+        // interface gone (the kernel takes its routes with it) while no
+        // meshd runs — as the cluster ranges' backstops do for pods.
+        routes.extend(host_nets.clone().map(|dst| Route {
+            dst,
+            kind: RouteKind::HostUnreachable,
+        }));
         let carrier = match paths.get(name) {
             Some(Hop::Direct) => Some(name.as_str()),
             Some(Hop::Via(relay)) => Some(relay.as_str()),
             Some(Hop::None) | None => None,
         };
         let Some(&i) = carrier.and_then(|c| slot.get(c)) else {
-            routes.extend(host_nets.map(|dst| Route {
-                dst,
-                kind: RouteKind::HostUnreachable,
-            }));
             continue;
         };
         peers[i].1.allowed_ips.extend(claim.prefixes());
@@ -203,12 +207,20 @@ pub fn plan_judged(
     }
     let peers: BTreeMap<PublicKey, Peer> = peers.into_iter().collect();
     let routes: BTreeSet<Route> = routes.into_iter().collect();
+    let endpoint = match verdicts.get(&local.node_name) {
+        Some(Verdict::Accepted(claim)) => claim.endpoint.map(|e| e.ip()),
+        _ => None,
+    };
+    let untunnelled = hosts::own_unbelieved(&snapshot.nodes, local, endpoint)
+        .into_iter()
+        .collect();
     DesiredNode {
         addresses,
         peers,
         routes,
         verdicts,
         paths,
+        untunnelled,
     }
 }
 

@@ -788,8 +788,10 @@ fn host_routes(d: &DesiredNode) -> BTreeSet<(IpNet, RouteKind)> {
 }
 
 /// Pods reach other nodes' host addresses through the peer that carries
-/// the node's pods (itself or its relay), and nowhere when it has no path;
-/// the node's own address is never routed; prune takes them with their peer.
+/// the node's pods (itself or its relay), and nowhere when it has no path:
+/// each has an unreachable backstop under its mesh route, which stays when
+/// the interface (and with it the mesh route) is gone; the node's own
+/// address is never routed; prune takes them with their peer.
 #[test]
 fn host_addresses_go_where_the_nodes_pods_go() {
     let direct = plan(
@@ -801,7 +803,9 @@ fn host_addresses_go_where_the_nodes_pods_go() {
         host_routes(&direct),
         BTreeSet::from([
             (host(2), RouteKind::HostMesh),
-            (host(3), RouteKind::HostMesh)
+            (host(2), RouteKind::HostUnreachable),
+            (host(3), RouteKind::HostMesh),
+            (host(3), RouteKind::HostUnreachable),
         ])
     );
     assert!(
@@ -833,6 +837,7 @@ fn host_addresses_go_where_the_nodes_pods_go() {
     let cut = plan(&snapshot(vec![n1, simple(2), n3]), &with_hosts("node-1"));
     assert_eq!(cut.paths["node-2"], Hop::None);
     assert!(host_routes(&cut).contains(&(host(2), RouteKind::HostUnreachable)));
+    assert!(!host_routes(&cut).contains(&(host(2), RouteKind::HostMesh)));
 
     let pruned = prune(
         &direct,
@@ -841,6 +846,11 @@ fn host_addresses_go_where_the_nodes_pods_go() {
     );
     assert_eq!(
         host_routes(&pruned),
-        BTreeSet::from([(host(2), RouteKind::HostMesh)])
+        BTreeSet::from([
+            (host(2), RouteKind::HostMesh),
+            (host(2), RouteKind::HostUnreachable),
+            // A backstop stays until a full pass: refused, never plaintext.
+            (host(3), RouteKind::HostUnreachable),
+        ])
     );
 }

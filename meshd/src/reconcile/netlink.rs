@@ -13,13 +13,16 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
-use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::rule::{
+    RuleAction, RuleAttribute, RuleFlags, RuleMessage, RulePortRange,
+};
+use rtnetlink::packet_route::{AddressFamily, IpProtocol};
 use rtnetlink::IpVersion;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::host_traffic::{
-    Family, HostRule, EXCLUDE_PRIORITY, FROM_PODS_PRIORITY, FWMARK, UNMARKED_PRIORITY,
+    Excluded, Family, HostRule, Way, EXCLUDE_PRIORITY, FROM_PODS_PRIORITY, FWMARK,
+    UNMARKED_PRIORITY,
 };
 use crate::model::{Route, RouteKind};
 
@@ -51,6 +54,8 @@ fn table_of(kind: RouteKind) -> u32 {
     }
 }
 
+/// One rtnetlink connection; clones share it.
+#[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
 }
@@ -356,60 +361,9 @@ impl Netlink {
     }
 
     async fn add_rule(&self, rule: HostRule) -> Result<()> {
-        let table = match rule {
-            HostRule::Exclude(_) | HostRule::ExcludeFrom(_) => {
-                u32::from(RouteHeader::RT_TABLE_MAIN)
-            }
-            HostRule::FromPods(_) | HostRule::Unmarked(_) => HOST_TABLE,
-        };
-        let request = self
-            .handle
-            .rule()
-            .add()
-            .table_id(table)
-            .action(RuleAction::ToTable)
-            .priority(rule.priority());
-        match (rule, rule.family()) {
-            (HostRule::FromPods(IpNet::V4(n)) | HostRule::ExcludeFrom(IpNet::V4(n)), _) => {
-                request
-                    .v4()
-                    .source_prefix(n.network(), n.prefix_len())
-                    .execute()
-                    .await
-            }
-            (HostRule::FromPods(IpNet::V6(n)) | HostRule::ExcludeFrom(IpNet::V6(n)), _) => {
-                request
-                    .v6()
-                    .source_prefix(n.network(), n.prefix_len())
-                    .execute()
-                    .await
-            }
-            (HostRule::Exclude(IpNet::V4(n)), _) => {
-                request
-                    .v4()
-                    .destination_prefix(n.network(), n.prefix_len())
-                    .execute()
-                    .await
-            }
-            (HostRule::Exclude(IpNet::V6(n)), _) => {
-                request
-                    .v6()
-                    .destination_prefix(n.network(), n.prefix_len())
-                    .execute()
-                    .await
-            }
-            (HostRule::Unmarked(_), family) => {
-                let mut request = request.fw_mark(FWMARK);
-                let message = request.message_mut();
-                message.attributes.push(RuleAttribute::FwMask(FWMARK));
-                message.header.flags |= RuleFlags::Invert;
-                match family {
-                    Family::V4 => request.v4().execute().await,
-                    Family::V6 => request.v6().execute().await,
-                }
-            }
-        }
-        .map_err(Into::into)
+        let mut request = self.handle.rule().add();
+        *request.message_mut() = rule_message(rule);
+        request.execute().await.map_err(Into::into)
     }
 
     /// Deletes every rule of Weft's (uninstall); whether there were any.
@@ -500,41 +454,104 @@ fn is_ours(m: &RuleMessage) -> bool {
     ) && [HOST_TABLE, u32::from(RouteHeader::RT_TABLE_MAIN)].contains(&rule_table(m))
 }
 
+/// The kernel's form of one of Weft's rules.
+fn rule_message(rule: HostRule) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = match rule.family() {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    };
+    m.header.action = RuleAction::ToTable;
+    m.header.table = match rule {
+        HostRule::Exclude(..) => RouteHeader::RT_TABLE_MAIN,
+        HostRule::FromPods(_) | HostRule::Unmarked(_) => HOST_TABLE as u8,
+    };
+    m.attributes.push(RuleAttribute::Priority(rule.priority()));
+    let source = |m: &mut RuleMessage, net: IpNet| {
+        m.header.src_len = net.prefix_len();
+        m.attributes.push(RuleAttribute::Source(net.network()));
+    };
+    match rule {
+        HostRule::FromPods(net) => source(&mut m, net),
+        HostRule::Exclude(Excluded { net, tcp_port }, way) => {
+            match way {
+                Way::To => {
+                    m.header.dst_len = net.prefix_len();
+                    m.attributes.push(RuleAttribute::Destination(net.network()));
+                }
+                Way::From => source(&mut m, net),
+            }
+            if let Some(port) = tcp_port {
+                let range = RulePortRange {
+                    start: port,
+                    end: port,
+                };
+                m.attributes
+                    .push(RuleAttribute::IpProtocol(IpProtocol::Tcp));
+                m.attributes.push(match way {
+                    Way::To => RuleAttribute::DestinationPortRange(range),
+                    Way::From => RuleAttribute::SourcePortRange(range),
+                });
+            }
+        }
+        HostRule::Unmarked(_) => {
+            m.attributes.push(RuleAttribute::FwMark(FWMARK));
+            m.attributes.push(RuleAttribute::FwMask(FWMARK));
+            m.header.flags |= RuleFlags::Invert;
+        }
+    }
+    m
+}
+
 /// What rule of Weft's `m` is, if it is exactly one.
 fn classify_rule(m: &RuleMessage) -> Option<HostRule> {
     if m.header.action != RuleAction::ToTable {
         return None;
     }
-    let priority = m.attributes.iter().find_map(|a| match a {
-        RuleAttribute::Priority(p) => Some(*p),
-        _ => None,
-    })?;
-    let mark = m.attributes.iter().find_map(|a| match a {
-        RuleAttribute::FwMark(v) => Some(*v),
-        _ => None,
-    });
-    let mask = m.attributes.iter().find_map(|a| match a {
-        RuleAttribute::FwMask(v) => Some(*v),
-        _ => None,
-    });
+    let mut priority = None;
+    let (mut mark, mut mask, mut protocol, mut sport, mut dport) = (None, None, None, None, None);
+    for a in &m.attributes {
+        match a {
+            RuleAttribute::Priority(p) => priority = Some(*p),
+            RuleAttribute::FwMark(v) => mark = Some(*v),
+            RuleAttribute::FwMask(v) => mask = Some(*v),
+            RuleAttribute::IpProtocol(p) => protocol = Some(*p),
+            RuleAttribute::SourcePortRange(r) => sport = Some(*r),
+            RuleAttribute::DestinationPortRange(r) => dport = Some(*r),
+            _ => {}
+        }
+    }
     let inverted = m.header.flags.contains(RuleFlags::Invert);
     let (table, source, destination) = (rule_table(m), rule_source(m), rule_destination(m));
-    let rule = match (priority, source, destination, mark) {
-        (FROM_PODS_PRIORITY, Some(net), None, None) if table == HOST_TABLE && !inverted => {
+    let main = u32::from(RouteHeader::RT_TABLE_MAIN);
+    let one_port = |r: Option<RulePortRange>| r.filter(|r| r.start == r.end).map(|r| r.start);
+    let excluded = |net: IpNet, range: Option<RulePortRange>, other: Option<RulePortRange>| {
+        let tcp_port = match (protocol, range, other) {
+            (None, None, None) => None,
+            (Some(IpProtocol::Tcp), Some(_), None) => Some(one_port(range)?),
+            _ => return None,
+        };
+        Some(Excluded { net, tcp_port })
+    };
+    let plain = !inverted && mark.is_none();
+    let rule = match (priority?, source, destination) {
+        (FROM_PODS_PRIORITY, Some(net), None)
+            if table == HOST_TABLE && plain && protocol.is_none() =>
+        {
             HostRule::FromPods(net)
         }
-        (EXCLUDE_PRIORITY, None, Some(net), None)
-            if table == u32::from(RouteHeader::RT_TABLE_MAIN) && !inverted =>
-        {
-            HostRule::Exclude(net)
+        (EXCLUDE_PRIORITY, None, Some(net)) if table == main && plain => {
+            HostRule::Exclude(excluded(net, dport, sport)?, Way::To)
         }
-        (EXCLUDE_PRIORITY, Some(net), None, None)
-            if table == u32::from(RouteHeader::RT_TABLE_MAIN) && !inverted =>
-        {
-            HostRule::ExcludeFrom(net)
+        (EXCLUDE_PRIORITY, Some(net), None) if table == main && plain => {
+            HostRule::Exclude(excluded(net, sport, dport)?, Way::From)
         }
-        (UNMARKED_PRIORITY, None, None, Some(FWMARK))
-            if table == HOST_TABLE && inverted && mask == Some(FWMARK) =>
+        (UNMARKED_PRIORITY, None, None)
+            if table == HOST_TABLE
+                && inverted
+                && mark == Some(FWMARK)
+                && mask == Some(FWMARK)
+                && protocol.is_none() =>
         {
             HostRule::Unmarked(match m.header.family {
                 AddressFamily::Inet6 => Family::V6,
@@ -636,5 +653,57 @@ mod tests {
             classify(&host_unreachable, None).map(|r| r.kind),
             Some(RouteKind::HostUnreachable)
         );
+    }
+
+    /// Every rule Weft makes is read back as itself from the kernel's dump
+    /// (which adds attributes of its own), and a rule at Weft's priorities
+    /// that is anything else is none of Weft's (so it is deleted).
+    #[test]
+    fn rules_read_back_as_themselves_and_others_as_none() {
+        use crate::host_traffic::{Excluded, Way};
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let api = Excluded::service("198.18.1.1:6443".parse().unwrap());
+        let listed = Excluded::address(net("2001:db8::/64"));
+        let ours = [
+            HostRule::FromPods(net("10.244.0.0/16")),
+            HostRule::FromPods(net("fd00:244::/48")),
+            HostRule::Exclude(api, Way::To),
+            HostRule::Exclude(api, Way::From),
+            HostRule::Exclude(listed, Way::To),
+            HostRule::Exclude(listed, Way::From),
+            HostRule::Unmarked(Family::V4),
+            HostRule::Unmarked(Family::V6),
+        ];
+        for rule in ours {
+            let mut dumped = rule_message(rule);
+            dumped
+                .attributes
+                .push(RuleAttribute::Protocol(RouteProtocol::Boot));
+            assert!(is_ours(&dumped), "{rule:?}");
+            assert_eq!(classify_rule(&dumped), Some(rule));
+        }
+        let udp = {
+            let mut m = rule_message(HostRule::Exclude(api, Way::To));
+            for a in &mut m.attributes {
+                if let RuleAttribute::IpProtocol(p) = a {
+                    *p = IpProtocol::Udp;
+                }
+            }
+            m
+        };
+        let unmarked_other_mark = {
+            let mut m = rule_message(HostRule::Unmarked(Family::V4));
+            m.attributes
+                .retain(|a| !matches!(a, RuleAttribute::FwMask(_)));
+            m
+        };
+        let pods_inverted = {
+            let mut m = rule_message(HostRule::FromPods(net("10.244.0.0/16")));
+            m.header.flags |= RuleFlags::Invert;
+            m
+        };
+        for other in [udp, unmarked_other_mark, pods_inverted] {
+            assert_eq!(classify_rule(&other), None, "{other:?}");
+        }
     }
 }

@@ -234,6 +234,20 @@ pub static KINDS: &[Kind] = &[
         tracks_generation: false,
         field_labels: &[],
     },
+    // The API servers' own addresses (`default/kubernetes`, which the API
+    // server keeps).
+    Kind {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        singular: "endpointslice",
+        short_names: &[],
+        namespaced: true,
+        status_subresource: false,
+        tracks_generation: false,
+        field_labels: &[],
+    },
     // What `kubectl apply -k deploy/` installs.
     Kind {
         group: "",

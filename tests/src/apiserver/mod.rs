@@ -66,6 +66,22 @@ impl Default for Options {
     }
 }
 
+/// The `kubernetes` EndpointSlice a real API server keeps for itself.
+pub fn api_server_slice(at: SocketAddr) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "kubernetes",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "kubernetes"},
+        },
+        "addressType": if at.is_ipv4() { "IPv4" } else { "IPv6" },
+        "endpoints": [{"addresses": [at.ip().to_string()], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": at.port(), "protocol": "TCP"}],
+    })
+}
+
 const PKI_FILE: &str = "apiserver-pki.json";
 const OBJECTS_FILE: &str = "apiserver-objects.json";
 
@@ -136,6 +152,11 @@ impl Running {
 pub struct Endpoint {
     pub listener: std::net::TcpListener,
     pub kubeconfig: PathBuf,
+    /// The address clients are told (kubeconfig, certificate, and the
+    /// `kubernetes` EndpointSlice a fresh server lists, as a real API
+    /// server's `--advertise-address`) when not the listener's own: an
+    /// address that forwards to it.
+    pub advertise: Option<SocketAddr>,
 }
 
 /// Mints fresh credentials for the endpoints' addresses, writes one
@@ -144,9 +165,10 @@ pub struct Endpoint {
 pub fn launch(endpoints: Vec<Endpoint>, options: Options) -> Result<Running> {
     let mut addrs = Vec::new();
     for e in &endpoints {
-        addrs.push(e.listener.local_addr()?);
+        addrs.push(e.advertise.unwrap_or(e.listener.local_addr()?));
     }
     let ips: Vec<_> = addrs.iter().map(SocketAddr::ip).collect();
+    let advertised = endpoints.iter().find_map(|e| e.advertise);
     let saved = options.persist.as_ref().map(|d| d.join(PKI_FILE));
     let pki = match saved.as_ref().and_then(|p| std::fs::read(p).ok()) {
         Some(bytes) => {
@@ -166,7 +188,14 @@ pub fn launch(endpoints: Vec<Endpoint>, options: Options) -> Result<Running> {
     }
     let listeners = endpoints.into_iter().map(|e| e.listener).collect();
     let signer = auth::Signer::new(&pki.signing_key);
-    start(listeners, pki.server_config()?, pki.token, signer, options)
+    start(
+        listeners,
+        pki.server_config()?,
+        pki.token,
+        signer,
+        options,
+        advertised,
+    )
 }
 
 fn start(
@@ -175,6 +204,7 @@ fn start(
     token: String,
     signer: auth::Signer,
     options: Options,
+    advertised: Option<SocketAddr>,
 ) -> Result<Running> {
     let shutdown = CancellationToken::new();
     let saved = options
@@ -186,7 +216,17 @@ fn start(
             serde_json::from_slice(&bytes).context("the saved API server objects")?,
             options.watch_log,
         ),
-        None => Store::new(options.watch_log),
+        None => {
+            let store = Store::new(options.watch_log);
+            if let Some(at) = advertised {
+                let kind = kinds::lookup("discovery.k8s.io", "v1", "endpointslices")
+                    .context("EndpointSlices are served")?;
+                store
+                    .create(kind, "default", api_server_slice(at), store::Write::COMMIT)
+                    .map_err(|e| anyhow::anyhow!("the kubernetes EndpointSlice: {e:?}"))?;
+            }
+            store
+        }
     };
     let shared = Arc::new(Shared {
         store,

@@ -229,6 +229,10 @@ enum Cmd {
         /// Register Nodes without spec.podCIDRs: meshd claims its blocks through the API.
         #[arg(long)]
         self_allocated_blocks: bool,
+        /// The API server listens for nodes at this node's own address (in
+        /// its namespace), as on a kubeadm control-plane node.
+        #[arg(long, value_name = "NODE")]
+        control_plane: Option<String>,
         /// The manifests whose DaemonSet every node runs: a kustomization
         /// directory of plain resources or a rendered YAML file (`kubectl
         /// kustomize deploy/overlays/X > FILE`); default: this tree's deploy/.
@@ -505,6 +509,7 @@ fn run(cli: Cli) -> Result<()> {
             userspace,
             pods_per_node,
             self_allocated_blocks,
+            control_plane,
             manifests,
             runtime,
             config,
@@ -522,6 +527,7 @@ fn run(cli: Cli) -> Result<()> {
                     .collect(),
                 pods_per_node,
                 self_allocated: self_allocated_blocks,
+                control_plane,
                 manifests,
                 runtime,
                 ..LabSpec::default()

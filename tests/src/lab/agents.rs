@@ -281,6 +281,11 @@ pub fn lab_config(plan: &LabPlan) -> BTreeMap<String, String> {
         ),
         ("WEFT_RESYNC", RESYNC_SECS.to_string()),
         ("WEFT_POD_CIDR_SOURCE", pod_cidr_source.to_string()),
+        // Zero-trust by default: every test also proves that nodes' own
+        // traffic to each other crosses WireGuard (the sentinel's host
+        // counter stays 0); `--config WEFT_ENCRYPT_HOST=false` for the
+        // shipped default.
+        ("WEFT_ENCRYPT_HOST", "true".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -31,7 +31,9 @@ struct Ready {
     fabric_url: String,
 }
 
-/// The body of `meshlab apiserver`: serves until SIGTERM or SIGINT.
+/// The body of `meshlab apiserver`: serves until SIGTERM or SIGINT, for
+/// nodes at `fabric_addr` in `fabric_netns` (the fabric's own, or a
+/// control-plane node's: `up --control-plane`).
 pub fn run(dir: &LabDir, fabric_netns: &str, fabric_addr: SocketAddr) -> Result<()> {
     let fabric = netns::run_in(fabric_netns, move || {
         TcpListener::bind(fabric_addr)
@@ -51,10 +53,12 @@ pub fn run(dir: &LabDir, fabric_netns: &str, fabric_addr: SocketAddr) -> Result<
             Endpoint {
                 listener: host,
                 kubeconfig: dir.kubeconfig(),
+                advertise: None,
             },
             Endpoint {
                 listener: fabric,
                 kubeconfig: dir.node_kubeconfig(),
+                advertise: Some(fabric_addr),
             },
         ];
         let options = Options {

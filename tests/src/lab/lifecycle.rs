@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use serde_json::json;
 
 use super::pods::{self, PodRecord};
 use super::state::{is_zombie, process_alive, LabDir, LabState};
-use super::topology::{self, LabPlan, LabSpec, NodePlan, FABRIC_API_PORT, FABRIC_GATEWAY};
+use super::topology::{self, LabPlan, LabSpec, NodePlan};
 use super::{agents, client, control, manifest, mesh, netns, preflight};
 
 /// How long `up` and `node add` wait for every pair of nodes to handshake.
@@ -89,8 +88,8 @@ fn build(
             node.name, node.netns, node.underlay
         ));
     }
-    let fabric_addr = SocketAddr::from((FABRIC_GATEWAY, FABRIC_API_PORT));
-    let api_server = control::spawn(dir, &plan.fabric_netns, fabric_addr, control::Start::Fresh)?;
+    let (api_netns, api_addr) = plan.api_listener();
+    let api_server = control::spawn(dir, api_netns, api_addr, control::Start::Fresh)?;
     progress(&format!(
         "API server at {} (nodes use {})",
         api_server.url, api_server.fabric_url
@@ -262,7 +261,53 @@ fn start_mesh(dir: &LabDir, nodes: &[NodePlan], progress: &mut dyn FnMut(&str)) 
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    wait_for_host_belief(&state.plan, progress);
     Ok(())
+}
+
+/// With host encryption (the lab's default), a node's own traffic to
+/// another's host address is tunnelled once each has heard the other from
+/// there (a handshake after its endpoint was written): until then it is
+/// plaintext, and an answer through the tunnel from an address the asker
+/// does not believe yet is dropped. On the flat fabric, with the default
+/// host networks, waits (bounded) until every node routes every other's
+/// address into the mesh, as an admin's first look would find it.
+fn wait_for_host_belief(plan: &LabPlan, progress: &mut dyn FnMut(&str)) {
+    let config = agents::lab_config(plan);
+    if config.get("WEFT_ENCRYPT_HOST").map(String::as_str) != Some("true")
+        || config.contains_key("WEFT_HOST_CIDRS")
+        || !plan.sites.is_empty()
+    {
+        return;
+    }
+    let believed = |node: &NodePlan| {
+        let routes = std::process::Command::new("ip")
+            .args(["-n", &node.netns, "route", "show", "table", "77"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        plan.nodes
+            .iter()
+            .filter(|other| other.name != node.name)
+            .all(|other| {
+                routes
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{} dev ", other.underlay)))
+            })
+    };
+    let started = Instant::now();
+    let bound = super::scaled(Duration::from_secs(10));
+    while !plan.nodes.iter().all(believed) {
+        if started.elapsed() > bound {
+            progress("nodes' host addresses not all believed yet; going on");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    progress(&format!(
+        "host addresses believed everywhere in {} ms",
+        started.elapsed().as_millis()
+    ));
 }
 
 /// Restarts the lab's API server with its objects and credentials: as a
@@ -274,13 +319,8 @@ pub fn restart_api_server(dir: &LabDir) -> Result<LabState> {
     if process_alive(state.api_server.pid, &dir.path()) {
         control::stop(state.api_server.pid)?;
     }
-    let fabric_addr = SocketAddr::from((FABRIC_GATEWAY, FABRIC_API_PORT));
-    state.api_server = control::spawn(
-        dir,
-        &state.plan.fabric_netns,
-        fabric_addr,
-        control::Start::Restore,
-    )?;
+    let (api_netns, api_addr) = state.plan.api_listener();
+    state.api_server = control::spawn(dir, api_netns, api_addr, control::Start::Restore)?;
     dir.write_state(&state)?;
     Ok(state)
 }

@@ -6,15 +6,19 @@
 //! count and every end-to-end test requires 0 at teardown.
 //!
 //! A second counter, [`HOST`], counts frames between two nodes' host
-//! addresses that are not WireGuard's datagrams (UDP port 51820): node-to-
-//! node host traffic in plaintext, which `WEFT_ENCRYPT_HOST` ends. Lab
-//! traffic to the API server (on the fabric's own address) is no node's.
+//! addresses that are not WireGuard's datagrams (UDP port 51820, and ICMP
+//! errors quoting one: a node's kernel answers a datagram that came before
+//! its WireGuard socket with one, before it has heard the sender) nor the
+//! API server's (TCP 6443, TLS: at a control-plane node's address with
+//! `up --control-plane`, where `WEFT_ENCRYPT_HOST` leaves it on the
+//! underlay on purpose): node-to-node host traffic in plaintext, which
+//! `WEFT_ENCRYPT_HOST` ends.
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::netns::nft;
-use super::topology::{CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
+use super::topology::{CLUSTER_V4, CLUSTER_V6, FABRIC_API_PORT, MESH_V4, MESH_V6};
 
 const TABLE: &str = "weft_sentinel";
 const COUNTER: &str = "plaintext";
@@ -39,19 +43,34 @@ fn ruleset() -> String {
   counter {HOST} {{ }}
   set nodes4 {{ type ipv4_addr; flags interval; elements = {{ {NODES_V4} }} }}
   set nodes6 {{ type ipv6_addr; flags interval; elements = {{ {NODES_V6} }} }}
+  set {HOST}_flows4 {{ type ipv4_addr . ipv4_addr . inet_proto; flags dynamic; size 256; }}
+  set {HOST}_flows6 {{ type ipv6_addr . ipv6_addr . inet_proto; flags dynamic; size 256; }}
   chain watch {{
     type filter hook prerouting priority -300; policy accept;
     ip saddr @cluster4 counter name {COUNTER} accept
     ip daddr @cluster4 counter name {COUNTER} accept
     ip6 saddr @cluster6 counter name {COUNTER} accept
     ip6 daddr @cluster6 counter name {COUNTER} accept
-    ip saddr @nodes4 ip daddr @nodes4 jump hosts
-    ip6 saddr @nodes6 ip6 daddr @nodes6 jump hosts
+    ip saddr @nodes4 ip daddr @nodes4 jump hosts4
+    ip6 saddr @nodes6 ip6 daddr @nodes6 jump hosts6
   }}
-  chain hosts {{
+  chain hosts4 {{
+    jump wireguard_or_api
+    add @{HOST}_flows4 {{ ip saddr . ip daddr . meta l4proto }} counter name {HOST} accept
+  }}
+  chain hosts6 {{
+    jump wireguard_or_api
+    add @{HOST}_flows6 {{ ip6 saddr . ip6 daddr . meta l4proto }} counter name {HOST} accept
+  }}
+  chain wireguard_or_api {{
     udp sport {WIREGUARD_PORT} accept
     udp dport {WIREGUARD_PORT} accept
-    counter name {HOST} accept
+    tcp sport {FABRIC_API_PORT} accept
+    tcp dport {FABRIC_API_PORT} accept
+    icmp type {{ destination-unreachable, time-exceeded, parameter-problem }} @th,224,16 {WIREGUARD_PORT} accept
+    icmp type {{ destination-unreachable, time-exceeded, parameter-problem }} @th,240,16 {WIREGUARD_PORT} accept
+    icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded, parameter-problem }} @th,384,16 {WIREGUARD_PORT} accept
+    icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded, parameter-problem }} @th,400,16 {WIREGUARD_PORT} accept
   }}
 }}
 "
@@ -90,17 +109,44 @@ fn count_of(fabric_netns: &str, counter: &str) -> Result<Count> {
     parse(&json)
 }
 
+/// The flows the host counter counted (source . destination . protocol),
+/// as `nft` lists them: what a failing test shows.
+pub fn host_flows(fabric_netns: &str) -> String {
+    ["4", "6"]
+        .iter()
+        .map(|f| {
+            nft(
+                fabric_netns,
+                &["list", "set", "bridge", TABLE, &format!("{HOST}_flows{f}")],
+                None,
+            )
+            .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("")
+}
+
 /// Zeroes both counters (for a test that leaks on purpose to prove the
 /// sentinel sees it).
 pub fn reset(fabric_netns: &str) -> Result<()> {
-    for counter in [COUNTER, HOST] {
-        nft(
-            fabric_netns,
-            &["reset", "counter", "bridge", TABLE, counter],
-            None,
-        )?;
-    }
-    Ok(())
+    [COUNTER, HOST]
+        .iter()
+        .try_for_each(|c| reset_counter(fabric_netns, c))
+}
+
+/// Zeroes the host counter only: for host traffic plaintext by design (an
+/// address nobody's), while pods' and mesh addresses stay watched.
+pub fn reset_host(fabric_netns: &str) -> Result<()> {
+    reset_counter(fabric_netns, HOST)
+}
+
+fn reset_counter(fabric_netns: &str, counter: &str) -> Result<()> {
+    nft(
+        fabric_netns,
+        &["reset", "counter", "bridge", TABLE, counter],
+        None,
+    )
+    .map(drop)
 }
 
 fn parse(json: &str) -> Result<Count> {

@@ -2,7 +2,7 @@
 //! interface names, underlay addresses, pod CIDRs and node labels.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -316,9 +316,30 @@ pub struct LabPlan {
     /// The sites, when built from a topology file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<SitePlan>,
+    /// The node whose host address the API server is reached at, as on a
+    /// kubeadm control-plane node (`up --control-plane`); none: the
+    /// fabric's own address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<String>,
 }
 
 impl LabPlan {
+    /// Where the API server listens for nodes: the namespace and address
+    /// of the control-plane node, or the fabric's.
+    pub fn api_listener(&self) -> (&str, SocketAddr) {
+        let node = self
+            .control_plane
+            .as_ref()
+            .and_then(|name| self.nodes.iter().find(|n| &n.name == name));
+        match node {
+            Some(n) => (&n.netns, SocketAddr::from((n.underlay, FABRIC_API_PORT))),
+            None => (
+                &self.fabric_netns,
+                SocketAddr::from((FABRIC_GATEWAY, FABRIC_API_PORT)),
+            ),
+        }
+    }
+
     /// `node`'s site, if it has one.
     pub fn site_of(&self, node: &NodePlan) -> Option<&SitePlan> {
         let name = node.site.as_deref()?;
@@ -366,6 +387,9 @@ pub struct LabSpec {
     pub config: BTreeMap<String, String>,
     /// Sites from a topology file; empty: one flat fabric.
     pub sites: Vec<SiteSpec>,
+    /// A node on the flat fabric that serves the API server at its own
+    /// address ([`LabPlan::control_plane`]).
+    pub control_plane: Option<String>,
 }
 
 /// Namespace names the lab `name` owns, so teardown can find leftovers of a
@@ -468,6 +492,7 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
         .keys()
         .chain(spec.labels.keys())
         .chain(spec.dataplanes.keys())
+        .chain(&spec.control_plane)
     {
         let known = named
             .strip_prefix("node-")
@@ -483,6 +508,10 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
     let nodes = (1..=spec.nodes)
         .map(|k| node_plan(&spec.name, k, spec))
         .collect::<Result<Vec<_>>>()?;
+    ensure!(
+        spec.control_plane.is_none() || spec.sites.is_empty(),
+        "--control-plane needs the flat fabric (no sites)"
+    );
     Ok(LabPlan {
         name: spec.name.clone(),
         fabric_netns: format!("{}-fabric", spec.name),
@@ -493,6 +522,7 @@ pub fn plan(spec: &LabSpec) -> Result<LabPlan> {
         manifests: manifests(spec.manifests.as_deref())?,
         runtime: spec.runtime,
         config: spec.config.clone(),
+        control_plane: spec.control_plane.clone(),
         sites: spec
             .sites
             .iter()

@@ -34,6 +34,9 @@ pub const DATA_PLANES_MARKER: &str = "lab data planes: ";
 pub struct Lab {
     pub name: String,
     pub root: PathBuf,
+    /// Whether nodes' host traffic to each other crosses WireGuard (the
+    /// lab's default): the sentinel's host counter must then stay 0.
+    pub host_encrypted: bool,
 }
 
 impl Lab {
@@ -46,6 +49,7 @@ impl Lab {
         let lab = Lab {
             name: name.to_string(),
             root: PathBuf::from("/run/meshlab-tests"),
+            host_encrypted: !args.contains(&"WEFT_ENCRYPT_HOST=false"),
         };
         let out = lab.meshlab(&[&["up"], args].concat());
         assert!(
@@ -151,6 +155,21 @@ impl Lab {
             name,
             &serde_json::json!({"phase": "Running", "podIP": ips.first(), "podIPs": pod_ips}),
         )
+    }
+
+    /// Frames of node-to-node host traffic outside WireGuard the sentinel
+    /// has counted so far.
+    pub fn host_plaintext(&self) -> Option<u64> {
+        meshlab::lab::sentinel::count_host(&format!("{}-fabric", self.name))
+            .ok()
+            .map(|c| c.packets)
+    }
+
+    /// Zeroes the sentinel's host counter, for host traffic that is
+    /// plaintext by design (an address not believed).
+    pub fn reset_host_plaintext(&self) {
+        meshlab::lab::sentinel::reset_host(&format!("{}-fabric", self.name))
+            .expect("resetting the sentinel's host counter");
     }
 
     /// Zeroes the sentinel, for a test that provoked a leak on purpose.
@@ -280,6 +299,8 @@ impl Drop for Lab {
             self.print_logs();
         }
         let plaintext = self.plaintext();
+        let host_plaintext = self.host_plaintext();
+        let host_flows = meshlab::lab::sentinel::host_flows(&format!("{}-fabric", self.name));
         let out = self.meshlab(&["down"]);
         if !out.status.success() {
             eprintln!(
@@ -293,6 +314,13 @@ impl Drop for Lab {
                 Some(0),
                 "the plaintext sentinel counted frames with cluster pod or mesh addresses on the fabric (None: it could not be read)"
             );
+            if self.host_encrypted {
+                assert_eq!(
+                    host_plaintext,
+                    Some(0),
+                    "the sentinel counted node-to-node host traffic outside WireGuard with WEFT_ENCRYPT_HOST (None: it could not be read):\n{host_flows}"
+                );
+            }
         }
     }
 }
