@@ -210,10 +210,11 @@ pub struct HostArgs {
     /// pods' traffic to them already is. The same on every node.
     #[arg(long, env = "WEFT_ENCRYPT_HOST", default_value_t = false, action = clap::ArgAction::Set)]
     pub encrypt_host: bool,
-    /// Addresses whose host traffic is never tunnelled, so that a node cut
-    /// off from the mesh still reaches them; default: the API server's
-    /// address in meshd's kubeconfig (set this where that is a name or a
-    /// Service's ClusterIP: to the API servers' host addresses).
+    /// Addresses (CIDRs) whose host traffic, to and from them, is never
+    /// tunnelled, so that a node cut off from the mesh still reaches them;
+    /// default: the API servers (the address in meshd's kubeconfig and
+    /// those the `kubernetes` EndpointSlice lists, followed). Replaces the
+    /// default.
     #[arg(
         long = "encrypt-host-exclude",
         env = "WEFT_ENCRYPT_HOST_EXCLUDE",
@@ -1308,6 +1309,7 @@ impl Agent {
                 "Node {name} has no spec.podCIDRs yet: waiting for kube-controller-manager to assign them (--pod-cidr-source node; node-or-blocks claims blocks instead)"
             ),
         };
+        self.local.own_addresses = self.host_rules.own_addresses().await?;
         // Decide.
         let step = self.rotate(me, &snapshot.revoked, snapshot.now)?;
         let proofs = own_proofs(me, &step.keys, &step.state)?;

@@ -9,12 +9,15 @@
 //! - the WireGuard datagrams themselves, or they would loop into the
 //!   tunnel they carry: every data plane marks its socket with [`FWMARK`]
 //!   and the host's rule matches only unmarked packets (wg-quick's way);
-//! - the API server's addresses ([`HostTraffic::Encrypted::exclude`]): a
+//! - the API servers' addresses ([`HostTraffic::Encrypted::exclude`]): a
 //!   node that cannot reach the mesh (a key it has not learnt yet, a
 //!   broken link) must still reach the API server to mend it, so traffic
 //!   to and from them is looked up in the main table first (both ways: a
 //!   node holding such an address answers on the underlay what came on
-//!   it, whatever a peer's reverse-path filter checks).
+//!   it, whatever a peer's reverse-path filter checks). Whole addresses,
+//!   as Cilium leaves control-plane nodes out: a port would not do, since
+//!   IPVS re-routes a Service's traffic with a flow that has no ports, and
+//!   a control-plane node's etcd peers check each other's node addresses.
 //!
 //! The API servers' addresses are what the `kubernetes` EndpointSlice in
 //! `default` lists (the API servers keep it), besides the address in
@@ -26,7 +29,7 @@
 //! makes the kernel's match.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -55,34 +58,9 @@ pub enum HostTraffic {
     /// this node's own addresses that its peers do not believe (they
     /// would drop it).
     Encrypted {
-        exclude: Vec<Excluded>,
+        exclude: Vec<IpNet>,
         untunnelled: Vec<IpAddr>,
     },
-}
-
-/// Traffic never tunnelled as host traffic: to and from an address, or
-/// only TCP to and from one port of it (an API server: the rest of its
-/// node's traffic is still encrypted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Excluded {
-    pub net: IpNet,
-    pub tcp_port: Option<u16>,
-}
-
-impl Excluded {
-    pub fn address(net: IpNet) -> Self {
-        Self {
-            net: net.trunc(),
-            tcp_port: None,
-        }
-    }
-
-    pub fn service(at: SocketAddr) -> Self {
-        Self {
-            net: IpNet::from(at.ip().to_canonical()),
-            tcp_port: Some(at.port()),
-        }
-    }
 }
 
 /// Which way an exclusion rule matches: to the excluded (this node asks),
@@ -105,10 +83,9 @@ pub enum Family {
 pub enum HostRule {
     /// `from <pod range> lookup 77`.
     FromPods(IpNet),
-    /// `to <net> [ipproto tcp dport P] lookup main`, or `from <net>
-    /// [ipproto tcp sport P] lookup main`: never tunnelled as host traffic,
-    /// and answered the way it came.
-    Exclude(Excluded, Way),
+    /// `to <net> lookup main` or `from <net> lookup main`: never tunnelled
+    /// as host traffic, and answered the way it came.
+    Exclude(IpNet, Way),
     /// `not fwmark FWMARK/FWMARK lookup 77`: everything but WireGuard's
     /// own datagrams.
     Unmarked(Family),
@@ -125,7 +102,7 @@ impl HostRule {
 
     pub fn family(self) -> Family {
         match self {
-            Self::FromPods(net) | Self::Exclude(Excluded { net, .. }, _) => family_of(net.addr()),
+            Self::FromPods(net) | Self::Exclude(net, _) => family_of(net.addr()),
             Self::Unmarked(f) => f,
         }
     }
@@ -146,16 +123,16 @@ pub fn rules(pods: &[IpNet], host: &HostTraffic) -> BTreeSet<HostRule> {
         untunnelled,
     } = host
     {
-        for e in exclude {
+        for net in exclude.iter().map(IpNet::trunc) {
             out.extend([
-                HostRule::Exclude(*e, Way::To),
-                HostRule::Exclude(*e, Way::From),
+                HostRule::Exclude(net, Way::To),
+                HostRule::Exclude(net, Way::From),
             ]);
         }
         out.extend(
             untunnelled
                 .iter()
-                .map(|ip| HostRule::Exclude(Excluded::address(IpNet::from(*ip)), Way::From)),
+                .map(|ip| HostRule::Exclude(IpNet::from(*ip), Way::From)),
         );
         out.extend([
             HostRule::Unmarked(Family::V4),
@@ -173,20 +150,19 @@ pub enum Exclusion {
     /// The API server in the kubeconfig (if its URL names an address) and
     /// those the `kubernetes` EndpointSlice lists.
     ApiServers {
-        configured: Option<SocketAddr>,
+        configured: Option<IpAddr>,
     },
 }
 
 impl Exclusion {
     /// What is excluded, given the API servers last read.
-    pub fn excluded(&self, api_servers: &[SocketAddr]) -> Vec<Excluded> {
-        let set: BTreeSet<Excluded> = match self {
-            Self::Listed(listed) => listed.iter().copied().map(Excluded::address).collect(),
+    pub fn excluded(&self, api_servers: &[IpAddr]) -> Vec<IpNet> {
+        let set: BTreeSet<IpNet> = match self {
+            Self::Listed(listed) => listed.iter().map(IpNet::trunc).collect(),
             Self::ApiServers { configured } => configured
                 .iter()
                 .chain(api_servers)
-                .copied()
-                .map(Excluded::service)
+                .map(|ip| IpNet::from(ip.to_canonical()))
                 .collect(),
         };
         set.into_iter().collect()
@@ -198,30 +174,21 @@ pub const API_SERVERS_SLICE: &str = "kubernetes";
 /// Where the API servers last read are kept, in meshd's state directory.
 pub const API_SERVERS_FILE: &str = "api-servers.json";
 
-/// The API servers an EndpointSlice lists: each address (FQDN slices have
-/// none) at each TCP port, ready or not (an API server not ready yet is
-/// still one to reach directly).
-pub fn slice_addresses(slice: &EndpointSlice) -> Vec<SocketAddr> {
-    let ports: Vec<u16> = slice
-        .ports
-        .iter()
-        .flatten()
-        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
-        .filter_map(|p| p.port.and_then(|n| u16::try_from(n).ok()))
-        .collect();
-    let set: BTreeSet<SocketAddr> = slice
+/// The API servers an EndpointSlice lists (FQDN slices have none), ready
+/// or not (an API server not ready yet is still one to reach directly).
+pub fn slice_addresses(slice: &EndpointSlice) -> Vec<IpAddr> {
+    let set: BTreeSet<IpAddr> = slice
         .endpoints
         .iter()
         .flat_map(|e| &e.addresses)
         .filter_map(|a| a.parse::<IpAddr>().ok())
-        .flat_map(|ip| ports.iter().map(move |p| SocketAddr::new(ip, *p)))
         .collect();
     set.into_iter().collect()
 }
 
 /// The API servers kept by the last reading (none if there is no such
 /// file or it cannot be read: the kubeconfig's still is).
-pub fn read_kept(path: &Path) -> Vec<SocketAddr> {
+pub fn read_kept(path: &Path) -> Vec<IpAddr> {
     let Ok(bytes) = std::fs::read(path) else {
         return Vec::new();
     };
@@ -239,7 +206,7 @@ pub async fn follow(
     client: kube::Client,
     kept: PathBuf,
     interval: Duration,
-    found: tokio::sync::watch::Sender<Vec<SocketAddr>>,
+    found: tokio::sync::watch::Sender<Vec<IpAddr>>,
     changed: std::sync::Arc<tokio::sync::Notify>,
 ) {
     let api: kube::Api<EndpointSlice> = kube::Api::namespaced(client, "default");
@@ -249,10 +216,7 @@ pub async fn follow(
                 let listed = slice_addresses(&slice);
                 if !listed.is_empty() && *found.borrow() != listed {
                     tracing::info!(api_servers = ?listed, "the API servers moved");
-                    if let Err(e) = serde_json::to_vec(&listed)
-                        .map_err(std::io::Error::other)
-                        .and_then(|b| std::fs::write(&kept, b))
-                    {
+                    if let Err(e) = keep(&kept, &listed) {
                         tracing::warn!(path = %kept.display(), error = %e, "keeping the API server addresses");
                     }
                     found.send_replace(listed);
@@ -268,6 +232,14 @@ pub async fn follow(
     }
 }
 
+/// Writes the reading where [`read_kept`] finds it: whole or not at all.
+fn keep(path: &Path, api_servers: &[IpAddr]) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(api_servers).map_err(std::io::Error::other)?;
+    let next = path.with_extension("json.next");
+    std::fs::write(&next, bytes)?;
+    std::fs::rename(&next, path)
+}
+
 /// This node's rules kept as they should be: the pods' ranges and the
 /// setting from the start, the API servers as [`follow`] finds them, this
 /// node's unbelieved addresses as each plan finds them; the kernel's are
@@ -277,8 +249,9 @@ pub struct Keeper {
     pods: Vec<IpNet>,
     /// `None`: host traffic is plain.
     exclusion: Option<Exclusion>,
-    api_servers: tokio::sync::watch::Receiver<Vec<SocketAddr>>,
-    applied: Option<BTreeSet<HostRule>>,
+    api_servers: tokio::sync::watch::Receiver<Vec<IpAddr>>,
+    /// Whether the rules were made once (see [`at_start`]).
+    started: bool,
 }
 
 impl Keeper {
@@ -286,14 +259,23 @@ impl Keeper {
         netlink: Netlink,
         pods: Vec<IpNet>,
         exclusion: Option<Exclusion>,
-        api_servers: tokio::sync::watch::Receiver<Vec<SocketAddr>>,
+        api_servers: tokio::sync::watch::Receiver<Vec<IpAddr>>,
     ) -> Self {
         Self {
             netlink,
             pods,
             exclusion,
             api_servers,
-            applied: None,
+            started: false,
+        }
+    }
+
+    /// The addresses this node's interfaces hold, when they matter (host
+    /// traffic encrypted).
+    pub async fn own_addresses(&self) -> anyhow::Result<Vec<IpAddr>> {
+        match self.exclusion {
+            None => Ok(Vec::new()),
+            Some(_) => self.netlink.local_addresses().await,
         }
     }
 
@@ -307,37 +289,46 @@ impl Keeper {
         }
     }
 
-    /// Makes the kernel's rules what they should be; how many changed.
+    /// Makes the kernel's rules what they should be, read back every
+    /// time (another agent, or systemd-networkd, may delete rules it does
+    /// not own); how many changed.
     pub async fn ensure(&mut self, untunnelled: &BTreeSet<IpAddr>) -> anyhow::Result<usize> {
-        let wanted = rules(&self.pods, &self.traffic(untunnelled));
-        if self.applied.as_ref() == Some(&wanted) {
-            return Ok(0);
+        let mut wanted = rules(&self.pods, &self.traffic(untunnelled));
+        if !self.started {
+            let present = self.netlink.present_host_rules().await?;
+            wanted = at_start(wanted, &present);
         }
         let changed = self.netlink.ensure_host_rules(&wanted).await?;
-        self.applied = Some(wanted);
+        self.started = true;
         Ok(changed)
     }
+}
+
+/// The rules to make at start, before the device is configured: what is
+/// wanted without the host's rule, plus the host's rule and the `from`
+/// exclusions a previous meshd left. Its device may lack the mark until
+/// the first pass sets it (the host's rule would loop its datagrams), and
+/// this node's unbelieved addresses are known after the first plan. A node
+/// that turned the setting off loses them at the first pass.
+fn at_start(wanted: BTreeSet<HostRule>, present: &BTreeSet<HostRule>) -> BTreeSet<HostRule> {
+    let left = |r: &&HostRule| matches!(r, HostRule::Unmarked(_) | HostRule::Exclude(_, Way::From));
+    wanted
+        .into_iter()
+        .filter(|r| !matches!(r, HostRule::Unmarked(_)))
+        .chain(present.iter().filter(left).copied())
+        .collect()
 }
 
 /// The API server as the client reaches it, when its URL names an address
 /// (a name is not resolved: the EndpointSlice, or
 /// `WEFT_ENCRYPT_HOST_EXCLUDE`, says where it is).
-pub fn api_server_address(url: &hyper::Uri) -> Option<SocketAddr> {
+pub fn api_server_address(url: &hyper::Uri) -> Option<IpAddr> {
     let host = url.host()?;
     let host = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    let port = url
-        .port_u16()
-        .unwrap_or(if url.scheme_str() == Some("http") {
-            80
-        } else {
-            443
-        });
-    host.parse::<IpAddr>()
-        .ok()
-        .map(|ip| SocketAddr::new(ip, port))
+    host.parse().ok()
 }
 
 #[cfg(test)]
@@ -348,7 +339,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn at(s: &str) -> SocketAddr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
@@ -359,13 +350,12 @@ mod tests {
             rules(&pods, &HostTraffic::Plain),
             BTreeSet::from([HostRule::FromPods(pods[0]), HostRule::FromPods(pods[1])])
         );
-        let api = Excluded::service(at("192.0.2.10:6443"));
-        let listed = Excluded::address(net("2001:db8::/64"));
+        let (api, listed) = (net("192.0.2.10/32"), net("2001:db8::/64"));
         let encrypted = rules(
             &pods,
             &HostTraffic::Encrypted {
                 exclude: vec![api, listed],
-                untunnelled: vec!["198.18.1.7".parse().unwrap()],
+                untunnelled: vec![ip("198.18.1.7")],
             },
         );
         assert_eq!(
@@ -377,7 +367,7 @@ mod tests {
                 HostRule::Exclude(api, Way::From),
                 HostRule::Exclude(listed, Way::To),
                 HostRule::Exclude(listed, Way::From),
-                HostRule::Exclude(Excluded::address(net("198.18.1.7/32")), Way::From),
+                HostRule::Exclude(net("198.18.1.7/32"), Way::From),
                 HostRule::Unmarked(Family::V4),
                 HostRule::Unmarked(Family::V6),
             ])
@@ -395,36 +385,55 @@ mod tests {
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
     }
 
+    /// At start the host's rule is neither added (the device may lack the
+    /// mark) nor taken away (a restart opens no plaintext window), and a
+    /// previous run's `from` exclusions stay until the first plan.
+    #[test]
+    fn a_start_keeps_the_host_rule_as_it_finds_it() {
+        let pods = [net("10.244.0.0/16")];
+        let wanted = rules(
+            &pods,
+            &HostTraffic::Encrypted {
+                exclude: vec![net("192.0.2.10/32")],
+                untunnelled: vec![],
+            },
+        );
+        let fresh = at_start(wanted.clone(), &BTreeSet::new());
+        assert!(!fresh.iter().any(|r| matches!(r, HostRule::Unmarked(_))));
+        let old_from = HostRule::Exclude(net("198.18.1.7/32"), Way::From);
+        let stale_to = HostRule::Exclude(net("192.0.2.99/32"), Way::To);
+        let present = BTreeSet::from([HostRule::Unmarked(Family::V4), old_from, stale_to]);
+        let restarted = at_start(wanted.clone(), &present);
+        assert!(restarted.contains(&HostRule::Unmarked(Family::V4)));
+        assert!(restarted.contains(&old_from));
+        assert!(!restarted.contains(&stale_to));
+        assert!(wanted
+            .iter()
+            .filter(|r| !matches!(r, HostRule::Unmarked(_)))
+            .all(|r| restarted.contains(r)));
+    }
+
     #[test]
     fn listed_addresses_replace_the_api_servers() {
-        let found = [at("198.18.1.1:6443"), at("198.18.1.9:6443")];
+        let found = [ip("198.18.1.1"), ip("198.18.1.9")];
         let api = Exclusion::ApiServers {
-            configured: Some(at("10.96.0.1:443")),
+            configured: Some(ip("10.96.0.1")),
         };
         assert_eq!(
             api.excluded(&found),
             vec![
-                Excluded::service(at("10.96.0.1:443")),
-                Excluded::service(found[0]),
-                Excluded::service(found[1]),
+                net("10.96.0.1/32"),
+                net("198.18.1.1/32"),
+                net("198.18.1.9/32")
             ]
         );
-        assert_eq!(
-            api.excluded(&[]),
-            vec![Excluded::service(at("10.96.0.1:443"))]
-        );
+        assert_eq!(api.excluded(&[]), vec![net("10.96.0.1/32")]);
         let listed = Exclusion::Listed(vec![net("192.0.2.7/24")]);
-        assert_eq!(
-            listed.excluded(&found),
-            vec![Excluded {
-                net: net("192.0.2.0/24"),
-                tcp_port: None
-            }]
-        );
+        assert_eq!(listed.excluded(&found), vec![net("192.0.2.0/24")]);
     }
 
     #[test]
-    fn a_slice_lists_its_addresses_at_its_tcp_ports_ready_or_not() {
+    fn a_slice_lists_its_addresses_ready_or_not() {
         let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "kubernetes", "namespace": "default"},
             "addressType": "IPv4",
@@ -433,15 +442,12 @@ mod tests {
                 {"addresses": ["198.18.1.2"], "conditions": {"ready": false}},
                 {"addresses": ["api.example.com"]},
             ],
-            "ports": [
-                {"name": "https", "port": 6443, "protocol": "TCP"},
-                {"name": "dns", "port": 53, "protocol": "UDP"},
-            ],
+            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
         }))
         .unwrap();
         assert_eq!(
             slice_addresses(&slice),
-            vec![at("198.18.1.1:6443"), at("198.18.1.2:6443")]
+            vec![ip("198.18.1.1"), ip("198.18.1.2")]
         );
     }
 
@@ -451,8 +457,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(API_SERVERS_FILE);
         assert!(read_kept(&path).is_empty());
-        std::fs::write(&path, br#"["198.18.1.1:6443"]"#).unwrap();
-        assert_eq!(read_kept(&path), vec![at("198.18.1.1:6443")]);
+        keep(&path, &[ip("198.18.1.1")]).unwrap();
+        assert_eq!(read_kept(&path), vec![ip("198.18.1.1")]);
         std::fs::write(&path, b"{").unwrap();
         assert!(read_kept(&path).is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
@@ -461,14 +467,14 @@ mod tests {
     #[test]
     fn the_api_server_address_comes_from_its_url() {
         let cases = [
-            ("https://198.18.0.1:6443", Some("198.18.0.1:6443")),
-            ("https://[2001:db8::1]:6443", Some("[2001:db8::1]:6443")),
-            ("https://10.96.0.1", Some("10.96.0.1:443")),
+            ("https://198.18.0.1:6443", Some("198.18.0.1")),
+            ("https://[2001:db8::1]:6443", Some("2001:db8::1")),
+            ("https://10.96.0.1", Some("10.96.0.1")),
             ("https://api.example.com:6443", None),
         ];
         for (url, want) in cases {
             let uri: hyper::Uri = url.parse().unwrap();
-            assert_eq!(api_server_address(&uri), want.map(at), "{url}");
+            assert_eq!(api_server_address(&uri), want.map(ip), "{url}");
         }
     }
 }

@@ -382,6 +382,10 @@ pub struct LocalConfig {
     /// The address each peer answered at ([`crate::ladder`]): kept while
     /// the peer offers it.
     pub confirmed: BTreeMap<String, SocketAddr>,
+    /// Every address this node's interfaces hold (read each pass with
+    /// `WEFT_ENCRYPT_HOST`): those its peers do not believe send on the
+    /// underlay (`planner::hosts::own_unbelieved`).
+    pub own_addresses: Vec<IpAddr>,
 }
 
 impl LocalConfig {
@@ -399,6 +403,7 @@ impl LocalConfig {
             observed_before: BTreeMap::new(),
             given_up: BTreeMap::new(),
             confirmed: BTreeMap::new(),
+            own_addresses: Vec::new(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `meshd uninstall`: removes what Weft made on a node — the WireGuard
 //! interface, every route with Weft's protocol (the unreachable backstops
-//! included) and its pods-to-hosts rules, the NetworkPolicy table, the CNI plugin and conflist, the
+//! included) and its routing rules, the NetworkPolicy table, the CNI plugin and conflist, the
 //! node's state (its private key included) and the data plane's socket. Run
 //! by the cleanup DaemonSet (deploy/uninstall) after Weft itself is deleted,
 //! since a running meshd would make it all again. Idempotent: what is
@@ -68,15 +68,14 @@ pub async fn run(args: &UninstallArgs) -> Result<()> {
         }
     };
     let netlink = Netlink::new()?;
+    // The rules first: with the interface gone and the routes still there,
+    // they would send host traffic to the backstops.
+    step("Weft's routing rules", netlink.remove_host_rules().await);
     step(
         &format!("interface {}", args.interface),
         remove_interface(&netlink, &args.interface).await,
     );
     step("Weft's routes", remove_routes(&netlink).await);
-    step(
-        "Weft's pods-to-hosts rules",
-        netlink.remove_host_rules().await,
-    );
     step("the NetworkPolicy table", remove_policy_table());
     step(
         "the source guard table",

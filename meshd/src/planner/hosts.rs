@@ -5,11 +5,12 @@
 //! believed only if it is where the node's authenticated WireGuard packets
 //! come from ([`LocalConfig::heard_from`]), lies in the host networks
 //! ([`LocalConfig::host_networks`]) and outside the cluster's ranges, and
-//! no other Node lists it: a compromised node can then neither draw pods'
-//! traffic for an off-cluster address (an API server's, a database's) to
-//! itself nor take another node's, short of spoofing that address on the
-//! underlay. An address not believed is simply not tunnelled: pods'
-//! traffic to it leaves as host traffic does, masqueraded.
+//! no other node listing it is heard from it too: a compromised node can
+//! then neither draw pods' traffic for an off-cluster address (an API
+//! server's, a database's) to itself nor take another node's, nor make
+//! another node's address nobody's by listing it, short of spoofing that
+//! address on the underlay. An address not believed is simply not
+//! tunnelled: pods' traffic to it leaves as host traffic does, masqueraded.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -22,11 +23,8 @@ pub fn host_addresses<'a>(
     nodes: &'a [NodeInfo],
     local: &LocalConfig,
 ) -> HashMap<&'a str, Vec<IpAddr>> {
-    let listed = listed(nodes);
-    let believed = |node: &NodeInfo, ip: &IpAddr| {
-        let heard = local.heard_from.get(&node.name).map(SocketAddr::ip);
-        believable(*ip, heard, &listed, local)
-    };
+    let heard = |node: &NodeInfo| local.heard_from.get(&node.name).map(SocketAddr::ip);
+    let contenders = contenders(nodes, heard);
     nodes
         .iter()
         .filter_map(|node| {
@@ -34,7 +32,7 @@ pub fn host_addresses<'a>(
                 .internal_ips
                 .iter()
                 .copied()
-                .filter(|ip| believed(node, ip))
+                .filter(|ip| believable(*ip, heard(node), &contenders, local))
                 .collect();
             ips.sort_unstable();
             ips.dedup();
@@ -43,56 +41,81 @@ pub fn host_addresses<'a>(
         .collect()
 }
 
-/// How many Nodes list each address.
-fn listed(nodes: &[NodeInfo]) -> HashMap<IpAddr, usize> {
-    let mut listed: HashMap<IpAddr, usize> = HashMap::new();
+/// How many Nodes list each address *and* are heard from it: a Node that
+/// lists an address it is not heard from (a kubelet's claim, a copy of
+/// another node's) takes nothing from the node that is.
+fn contenders(
+    nodes: &[NodeInfo],
+    heard: impl Fn(&NodeInfo) -> Option<IpAddr>,
+) -> HashMap<IpAddr, usize> {
+    let mut count: HashMap<IpAddr, usize> = HashMap::new();
     for node in nodes {
-        let mut own = node.internal_ips.clone();
-        own.sort_unstable();
-        own.dedup();
-        for ip in own {
-            *listed.entry(ip).or_default() += 1;
+        if let Some(ip) = heard(node).filter(|ip| node.internal_ips.contains(ip)) {
+            *count.entry(ip).or_default() += 1;
         }
     }
-    listed
+    count
 }
 
 /// Whether a node's address `ip` is believed, given where its WireGuard
-/// packets come from (`heard`).
+/// packets come from (`heard`): no other node is heard from it too (two
+/// nodes heard from one address: one spoofs it on the underlay, and
+/// neither gets it).
 fn believable(
     ip: IpAddr,
     heard: Option<IpAddr>,
-    listed: &HashMap<IpAddr, usize>,
+    contenders: &HashMap<IpAddr, usize>,
     local: &LocalConfig,
 ) -> bool {
     heard == Some(ip)
-        && listed.get(&ip) == Some(&1)
+        && contenders.get(&ip) == Some(&1)
         && !local.ranges.contains(ip)
         && local.host_networks.iter().any(|n| n.contains(&ip))
 }
 
-/// This node's own host addresses its peers do not believe, judged as
-/// [`host_addresses`] judges on their side, where this node is heard from
-/// its endpoint's address: through the mesh, traffic from them would be
-/// dropped by the peers' cryptokey routing, so with `WEFT_ENCRYPT_HOST`
-/// it takes the underlay ([`crate::host_traffic`]). A compromised node
-/// listing this node's address so leaves this node's answers from it in
-/// plaintext, as pods' traffic to that address already is, never lost.
+/// This node's own addresses (its InternalIPs and every address its
+/// interfaces hold, [`LocalConfig::own_addresses`]) that its peers do not
+/// believe, judged as [`host_addresses`] judges on their side, where this
+/// node is heard from its endpoint's address: a VIP, an ExternalIP, a
+/// second NIC's, one outside the host networks. Through the mesh, traffic
+/// from them would be dropped by the peers' cryptokey routing, so with
+/// `WEFT_ENCRYPT_HOST` it takes the underlay ([`crate::host_traffic`]).
+/// Its mesh and pod addresses are not host addresses.
 pub fn own_unbelieved(
     nodes: &[NodeInfo],
     local: &LocalConfig,
     endpoint: Option<IpAddr>,
 ) -> Vec<IpAddr> {
-    let listed = listed(nodes);
+    let heard = |node: &NodeInfo| {
+        if node.name == local.node_name {
+            endpoint
+        } else {
+            local.heard_from.get(&node.name).map(SocketAddr::ip)
+        }
+    };
+    let contenders = contenders(nodes, heard);
     let mut out: Vec<IpAddr> = nodes
         .iter()
         .filter(|n| n.name == local.node_name)
         .flat_map(|n| n.internal_ips.iter().copied())
-        .filter(|ip| !believable(*ip, endpoint, &listed, local))
+        .chain(local.own_addresses.iter().copied())
+        .map(|ip| ip.to_canonical())
+        .filter(|ip| !local.ranges.contains(*ip) && is_host_address(*ip))
+        .filter(|ip| !believable(*ip, endpoint, &contenders, local))
         .collect();
     out.sort_unstable();
     out.dedup();
     out
+}
+
+/// An address another host could send to: not loopback, link-local,
+/// multicast or unspecified.
+fn is_host_address(ip: IpAddr) -> bool {
+    let local_only = match ip {
+        IpAddr::V4(a) => a.is_link_local(),
+        IpAddr::V6(a) => a.is_unicast_link_local(),
+    };
+    !(ip.is_loopback() || ip.is_multicast() || ip.is_unspecified() || local_only)
 }
 
 /// One peer as its data plane reports it, for [`heard_from`].
@@ -174,7 +197,8 @@ mod tests {
     /// What this node's peers would not believe of its own addresses, so
     /// that host traffic from them stays off the mesh: an address outside
     /// the host networks, one it is not heard from (not its endpoint's),
-    /// and one another node lists too (a compromised node's copy).
+    /// one another node is heard from too, and any other address its
+    /// interfaces hold; not loopback or link-local ones.
     #[test]
     fn own_addresses_peers_do_not_believe_stay_off_the_mesh() {
         let mut local = LocalConfig::new("node-1", ClusterRanges::lab());
@@ -192,15 +216,31 @@ mod tests {
             ips(&["10.0.0.1", "10.0.0.9", "192.0.2.1"]),
             "without an endpoint nobody is heard from this node"
         );
-        let copied = [me, node("node-2", &["10.0.0.2", "10.0.0.1"])];
+        // Another kubelet listing this node's address takes nothing; a node
+        // heard from it too (spoofing) makes it nobody's.
+        let copied = [me.clone(), node("node-2", &["10.0.0.2", "10.0.0.1"])];
+        assert_eq!(
+            own_unbelieved(&copied, &local, endpoint),
+            ips(&["10.0.0.9", "192.0.2.1"])
+        );
+        local
+            .heard_from
+            .insert("node-2".into(), "10.0.0.1:51820".parse().unwrap());
         assert_eq!(
             own_unbelieved(&copied, &local, endpoint),
             ips(&["10.0.0.1", "10.0.0.9", "192.0.2.1"])
         );
+        // Every address the interfaces hold counts: a VIP, say.
+        local.heard_from.clear();
+        local.own_addresses = ips(&["10.0.0.1", "10.0.0.100", "127.0.0.1", "fe80::1"]);
+        assert_eq!(
+            own_unbelieved(&nodes, &local, endpoint),
+            ips(&["10.0.0.9", "10.0.0.100", "192.0.2.1"])
+        );
     }
 
     #[test]
-    fn believes_unique_addresses_in_the_host_networks_only() {
+    fn believes_addresses_heard_from_one_node_in_the_host_networks_only() {
         let mut local = LocalConfig::new("node-1", ClusterRanges::lab());
         local.host_networks = vec!["10.0.0.0/16".parse().unwrap(), "fd00::/64".parse().unwrap()];
         let nodes = [
@@ -208,7 +248,8 @@ mod tests {
             node("node-2", &["10.0.0.2", "fd00::2", "10.0.0.2"]),
             // An off-cluster address outside the host networks.
             node("node-3", &["203.0.113.10", "10.0.0.3"]),
-            // Another node's address, and one inside the pod range.
+            // node-2's IPv4 address (which node-2 is not heard from), and
+            // one inside the pod range.
             node("node-4", &["10.0.0.2", "198.19.4.1"]),
             node("node-5", &[]),
             // Its own address, and an unlisted one in the host networks (an
@@ -216,6 +257,12 @@ mod tests {
             node("node-6", &["10.0.0.6", "10.0.0.200"]),
             // Not heard from at all (no handshake yet).
             node("node-7", &["10.0.0.7"]),
+            // Two nodes heard from one address (one spoofs it): neither's.
+            node("node-8", &["10.0.0.8"]),
+            node("node-9", &["10.0.0.8"]),
+            // A kubelet listing node-6's address, not heard from there:
+            // takes nothing from node-6 (no downgrade to plaintext).
+            node("node-10", &["10.0.0.6", "10.0.0.10"]),
         ];
         for (name, ip) in [
             ("node-1", "10.0.0.1"),
@@ -223,6 +270,9 @@ mod tests {
             ("node-3", "203.0.113.10"),
             ("node-4", "10.0.0.2"),
             ("node-6", "10.0.0.6"),
+            ("node-8", "10.0.0.8"),
+            ("node-9", "10.0.0.8"),
+            ("node-10", "10.0.0.10"),
         ] {
             let ip: IpAddr = ip.parse().unwrap();
             local
@@ -231,17 +281,20 @@ mod tests {
         }
         let got = host_addresses(&nodes, &local);
         let ips = |s: &[&str]| -> Vec<IpAddr> { s.iter().map(|s| s.parse().unwrap()).collect() };
-        let cases: [(&str, Option<Vec<IpAddr>>); 7] = [
+        let cases: [(&str, Option<Vec<IpAddr>>); 10] = [
             ("node-1", Some(ips(&["10.0.0.1"]))),
-            // Heard from its IPv6 address; 10.0.0.2 is listed twice
-            // (node-4 copies it): nobody's.
+            // Heard from its IPv6 address only.
             ("node-2", Some(ips(&["fd00::2"]))),
             // Heard from where it says, but outside the host networks.
             ("node-3", None),
-            ("node-4", None),
+            // Heard from 10.0.0.2, which node-2 is not.
+            ("node-4", Some(ips(&["10.0.0.2"]))),
             ("node-5", None),
             ("node-6", Some(ips(&["10.0.0.6"]))),
             ("node-7", None),
+            ("node-8", None),
+            ("node-9", None),
+            ("node-10", Some(ips(&["10.0.0.10"]))),
         ];
         for (name, want) in cases {
             assert_eq!(got.get(name).cloned(), want, "{name}");

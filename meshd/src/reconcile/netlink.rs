@@ -13,16 +13,13 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use rtnetlink::packet_route::rule::{
-    RuleAction, RuleAttribute, RuleFlags, RuleMessage, RulePortRange,
-};
-use rtnetlink::packet_route::{AddressFamily, IpProtocol};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::IpVersion;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::host_traffic::{
-    Excluded, Family, HostRule, Way, EXCLUDE_PRIORITY, FROM_PODS_PRIORITY, FWMARK,
-    UNMARKED_PRIORITY,
+    Family, HostRule, Way, EXCLUDE_PRIORITY, FROM_PODS_PRIORITY, FWMARK, UNMARKED_PRIORITY,
 };
 use crate::model::{Route, RouteKind};
 
@@ -339,6 +336,43 @@ impl Netlink {
         Ok(found)
     }
 
+    /// Weft's rules as they are now.
+    pub async fn present_host_rules(&self) -> Result<BTreeSet<HostRule>> {
+        Ok(self
+            .host_rules()
+            .await?
+            .into_iter()
+            .filter_map(|(r, _)| r)
+            .collect())
+    }
+
+    /// Every address this host's interfaces hold.
+    pub async fn local_addresses(&self) -> Result<Vec<IpAddr>> {
+        let messages: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .context("listing addresses")?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| {
+                let local = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                });
+                local.or_else(|| {
+                    m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })
+                })
+            })
+            .collect())
+    }
+
     /// Makes Weft's routing rules exactly `wanted`: adds what is missing,
     /// deletes ours that are anything else. Returns how many it changed.
     pub async fn ensure_host_rules(&self, wanted: &BTreeSet<HostRule>) -> Result<usize> {
@@ -473,27 +507,11 @@ fn rule_message(rule: HostRule) -> RuleMessage {
     };
     match rule {
         HostRule::FromPods(net) => source(&mut m, net),
-        HostRule::Exclude(Excluded { net, tcp_port }, way) => {
-            match way {
-                Way::To => {
-                    m.header.dst_len = net.prefix_len();
-                    m.attributes.push(RuleAttribute::Destination(net.network()));
-                }
-                Way::From => source(&mut m, net),
-            }
-            if let Some(port) = tcp_port {
-                let range = RulePortRange {
-                    start: port,
-                    end: port,
-                };
-                m.attributes
-                    .push(RuleAttribute::IpProtocol(IpProtocol::Tcp));
-                m.attributes.push(match way {
-                    Way::To => RuleAttribute::DestinationPortRange(range),
-                    Way::From => RuleAttribute::SourcePortRange(range),
-                });
-            }
+        HostRule::Exclude(net, Way::To) => {
+            m.header.dst_len = net.prefix_len();
+            m.attributes.push(RuleAttribute::Destination(net.network()));
         }
+        HostRule::Exclude(net, Way::From) => source(&mut m, net),
         HostRule::Unmarked(_) => {
             m.attributes.push(RuleAttribute::FwMark(FWMARK));
             m.attributes.push(RuleAttribute::FwMask(FWMARK));
@@ -508,50 +526,40 @@ fn classify_rule(m: &RuleMessage) -> Option<HostRule> {
     if m.header.action != RuleAction::ToTable {
         return None;
     }
-    let mut priority = None;
-    let (mut mark, mut mask, mut protocol, mut sport, mut dport) = (None, None, None, None, None);
+    let (mut priority, mut mark, mut mask, mut selects_more) = (None, None, None, false);
     for a in &m.attributes {
         match a {
             RuleAttribute::Priority(p) => priority = Some(*p),
             RuleAttribute::FwMark(v) => mark = Some(*v),
             RuleAttribute::FwMask(v) => mask = Some(*v),
-            RuleAttribute::IpProtocol(p) => protocol = Some(*p),
-            RuleAttribute::SourcePortRange(r) => sport = Some(*r),
-            RuleAttribute::DestinationPortRange(r) => dport = Some(*r),
+            RuleAttribute::IpProtocol(_)
+            | RuleAttribute::SourcePortRange(_)
+            | RuleAttribute::DestinationPortRange(_)
+            | RuleAttribute::Iifname(_)
+            | RuleAttribute::Oifname(_)
+            | RuleAttribute::UidRange(_) => selects_more = true,
             _ => {}
         }
+    }
+    if selects_more || m.header.tos != 0 {
+        return None;
     }
     let inverted = m.header.flags.contains(RuleFlags::Invert);
     let (table, source, destination) = (rule_table(m), rule_source(m), rule_destination(m));
     let main = u32::from(RouteHeader::RT_TABLE_MAIN);
-    let one_port = |r: Option<RulePortRange>| r.filter(|r| r.start == r.end).map(|r| r.start);
-    let excluded = |net: IpNet, range: Option<RulePortRange>, other: Option<RulePortRange>| {
-        let tcp_port = match (protocol, range, other) {
-            (None, None, None) => None,
-            (Some(IpProtocol::Tcp), Some(_), None) => Some(one_port(range)?),
-            _ => return None,
-        };
-        Some(Excluded { net, tcp_port })
-    };
     let plain = !inverted && mark.is_none();
     let rule = match (priority?, source, destination) {
-        (FROM_PODS_PRIORITY, Some(net), None)
-            if table == HOST_TABLE && plain && protocol.is_none() =>
-        {
+        (FROM_PODS_PRIORITY, Some(net), None) if table == HOST_TABLE && plain => {
             HostRule::FromPods(net)
         }
         (EXCLUDE_PRIORITY, None, Some(net)) if table == main && plain => {
-            HostRule::Exclude(excluded(net, dport, sport)?, Way::To)
+            HostRule::Exclude(net, Way::To)
         }
         (EXCLUDE_PRIORITY, Some(net), None) if table == main && plain => {
-            HostRule::Exclude(excluded(net, sport, dport)?, Way::From)
+            HostRule::Exclude(net, Way::From)
         }
         (UNMARKED_PRIORITY, None, None)
-            if table == HOST_TABLE
-                && inverted
-                && mark == Some(FWMARK)
-                && mask == Some(FWMARK)
-                && protocol.is_none() =>
+            if table == HOST_TABLE && inverted && mark == Some(FWMARK) && mask == Some(FWMARK) =>
         {
             HostRule::Unmarked(match m.header.family {
                 AddressFamily::Inet6 => Family::V6,
@@ -660,17 +668,16 @@ mod tests {
     /// that is anything else is none of Weft's (so it is deleted).
     #[test]
     fn rules_read_back_as_themselves_and_others_as_none() {
-        use crate::host_traffic::{Excluded, Way};
+        use crate::host_traffic::Way;
+        use rtnetlink::packet_route::rule::RulePortRange;
+        use rtnetlink::packet_route::IpProtocol;
         let net = |s: &str| s.parse::<IpNet>().unwrap();
-        let api = Excluded::service("198.18.1.1:6443".parse().unwrap());
-        let listed = Excluded::address(net("2001:db8::/64"));
         let ours = [
             HostRule::FromPods(net("10.244.0.0/16")),
             HostRule::FromPods(net("fd00:244::/48")),
-            HostRule::Exclude(api, Way::To),
-            HostRule::Exclude(api, Way::From),
-            HostRule::Exclude(listed, Way::To),
-            HostRule::Exclude(listed, Way::From),
+            HostRule::Exclude(net("198.18.1.1/32"), Way::To),
+            HostRule::Exclude(net("198.18.1.1/32"), Way::From),
+            HostRule::Exclude(net("2001:db8::/64"), Way::To),
             HostRule::Unmarked(Family::V4),
             HostRule::Unmarked(Family::V6),
         ];
@@ -682,16 +689,22 @@ mod tests {
             assert!(is_ours(&dumped), "{rule:?}");
             assert_eq!(classify_rule(&dumped), Some(rule));
         }
-        let udp = {
-            let mut m = rule_message(HostRule::Exclude(api, Way::To));
-            for a in &mut m.attributes {
-                if let RuleAttribute::IpProtocol(p) = a {
-                    *p = IpProtocol::Udp;
-                }
-            }
+        let with = |rule: HostRule, extra: RuleAttribute| {
+            let mut m = rule_message(rule);
+            m.attributes.push(extra);
             m
         };
-        let unmarked_other_mark = {
+        let api = HostRule::Exclude(net("198.18.1.1/32"), Way::To);
+        // An earlier version's port-only exclusion goes (replaced whole).
+        let by_port = with(
+            api,
+            RuleAttribute::DestinationPortRange(RulePortRange {
+                start: 6443,
+                end: 6443,
+            }),
+        );
+        let by_protocol = with(api, RuleAttribute::IpProtocol(IpProtocol::Tcp));
+        let unmarked_other_mask = {
             let mut m = rule_message(HostRule::Unmarked(Family::V4));
             m.attributes
                 .retain(|a| !matches!(a, RuleAttribute::FwMask(_)));
@@ -702,7 +715,7 @@ mod tests {
             m.header.flags |= RuleFlags::Invert;
             m
         };
-        for other in [udp, unmarked_other_mark, pods_inverted] {
+        for other in [by_port, by_protocol, unmarked_other_mask, pods_inverted] {
             assert_eq!(classify_rule(&other), None, "{other:?}");
         }
     }
