@@ -42,9 +42,10 @@ use crate::liveness::{Liveness, Reading, Timers};
 use crate::metrics::{KindLabels, PeerLabels, ReasonLabels, StateLabels};
 use crate::model::NodeInfo;
 use crate::model::{
-    ClusterRanges, ClusterSnapshot, DesiredNode, LinkCosts, LocalConfig, Relay, Verdict,
+    ClusterRanges, ClusterSnapshot, DesiredNode, LinkCosts, LocalConfig, PeerKind, Relay, Verdict,
 };
 use crate::node_blocks::{PodCidrSource, CLAIM_LABEL};
+use crate::peers::{ExternalPeer, PeerError, PeerVerdict, WeftPeer};
 use crate::planner::{backstops, prune, Listening, OwnKeys, ParseMemo};
 use crate::policy::Enforcement;
 use crate::probe;
@@ -66,6 +67,8 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
 /// NetworkPolicy changes costs each node one Node write, not one per
 /// change (for scale: kubelet renews every node's Lease every 10 s).
 const POLICY_STATUS_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a starting meshd waits for the first list of WeftPeers.
+const PEERS_LIST_WAIT: Duration = Duration::from_secs(5);
 /// The least time between two changes of the published link state.
 const LINK_STATE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -427,6 +430,8 @@ struct Agent {
     reports: Reports,
     mtu: Option<u32>,
     peer_names: BTreeMap<PublicKey, String>,
+    /// The WeftPeers' verdicts last logged.
+    external: BTreeMap<String, PeerVerdict>,
     /// Whether `peer_names` holds a plan of this meshd's.
     planned: bool,
     needs_sync: bool,
@@ -654,11 +659,27 @@ pub async fn run(args: RunArgs) -> Result<()> {
         watcher::Config::default().fields(&format!("metadata.name={name}")),
         notifier(&changed),
     );
+    let peers = cluster::reflect(
+        Api::<WeftPeer>::all(client.clone()),
+        watcher::Config::default(),
+        notifier(&changed),
+    );
     if let Some(record) = &record {
         record
             .wait_until_ready()
             .await
             .context("waiting for the first list of the block claims")?;
+    }
+    // A gateway's first pass must not drop its external peers' entries for
+    // want of a list; a cluster without the CRD (an older install) has no
+    // peers and must not stop meshd.
+    if tokio::time::timeout(PEERS_LIST_WAIT, peers.wait_until_ready())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "no list of WeftPeers yet (is deploy/base/crd-weftpeers.yaml installed?); going on without external peers"
+        );
     }
     for (what, store) in [
         ("Nodes", nodes.wait_until_ready().await),
@@ -738,6 +759,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         reports: Reports::default(),
         mtu: None,
         peer_names: BTreeMap::new(),
+        external: BTreeMap::new(),
         planned: false,
         needs_sync: true,
         pod_cidrs,
@@ -757,6 +779,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         nodes,
         record,
         revoked,
+        peers,
     };
     loop {
         let wake = until(agent.wake_at);
@@ -799,6 +822,39 @@ struct Sources {
     /// With `--pod-cidr-source node-or-blocks` only.
     record: Option<Store<ConfigMap>>,
     revoked: Store<ConfigMap>,
+    peers: Store<WeftPeer>,
+}
+
+impl Sources {
+    /// The live Nodes' names and the live WeftPeers' entry names: what
+    /// [`prune`] keeps.
+    fn live(&self) -> Vec<String> {
+        let nodes = self
+            .nodes
+            .state()
+            .iter()
+            .map(|n| n.name_any())
+            .collect::<Vec<_>>();
+        let peers = self
+            .peers
+            .state()
+            .iter()
+            .map(|p| ExternalPeer::entry_name(&p.name_any()))
+            .collect::<Vec<_>>();
+        nodes.into_iter().chain(peers).collect()
+    }
+
+    /// Every WeftPeer as read against `ranges`, by name.
+    fn external_peers(
+        &self,
+        ranges: &ClusterRanges,
+    ) -> BTreeMap<String, Result<ExternalPeer, PeerError>> {
+        self.peers
+            .state()
+            .iter()
+            .map(|p| (p.name_any(), crate::peers::parse(p, ranges)))
+            .collect()
+    }
 }
 
 /// How long until `at` (Unix seconds); a long time for `None`.
@@ -978,6 +1034,7 @@ impl Agent {
         let planned: BTreeMap<&str, Planned> = desired
             .peers
             .values()
+            .filter(|p| p.kind == PeerKind::Node)
             .map(|p| {
                 let planned = Planned {
                     offers: &p.offers,
@@ -1209,6 +1266,27 @@ impl Agent {
         m.reconcile_seconds.observe(started.elapsed().as_secs_f64());
     }
 
+    /// Logs WeftPeers' verdicts and gateways when they change.
+    fn report_external(&mut self, external: &BTreeMap<String, PeerVerdict>) {
+        if *external == self.external {
+            return;
+        }
+        for (name, verdict) in external {
+            if self.external.get(name) == Some(verdict) {
+                continue;
+            }
+            match verdict {
+                PeerVerdict::Accepted { gateway, .. } => {
+                    tracing::info!(peer = %name, gateway = ?gateway, "external peer accepted")
+                }
+                PeerVerdict::Rejected(e) => {
+                    tracing::warn!(peer = %name, error = %e, "external peer rejected")
+                }
+            }
+        }
+        self.external = external.clone();
+    }
+
     /// Who holds which block, from the nodes' claims (none unless
     /// `node-or-blocks`). A claim that is no claim (corrupt, or written for
     /// another node) holds nothing and is reported once; it stops no pass.
@@ -1236,8 +1314,7 @@ impl Agent {
         let (Some((applied, mtu)), Some(keys)) = (&self.applied, &self.applied_keys) else {
             return Ok(());
         };
-        let objects = sources.nodes.state();
-        let names: Vec<String> = objects.iter().map(|n| n.name_any()).collect();
+        let names = sources.live();
         let live: BTreeSet<&str> = names.iter().map(String::as_str).collect();
         let (revoked, _) = crate::revoked::of(sources.revoked.state().first().map(|c| &**c));
         let pruned = prune(applied, &live, &revoked);
@@ -1282,6 +1359,7 @@ impl Agent {
             blocks,
             revoked: Arc::new(revoked),
             now: weft_keys::unix_now(),
+            peers: sources.external_peers(&self.local.ranges),
         };
         let name = self.local.node_name.clone();
         let me = snapshot
@@ -1376,11 +1454,15 @@ impl Agent {
             self.health.metrics.count_write("annotations");
             tracing::info!(?patch, "published this node's annotations");
         }
+        // Nodes only: liveness, link state and the address ladder are
+        // about nodes; an external peer's entry is its own client's affair.
         self.peer_names = desired
             .peers
             .iter()
+            .filter(|(_, p)| p.kind == PeerKind::Node)
             .map(|(k, p)| (*k, p.node.clone()))
             .collect();
+        self.report_external(&desired.external);
         self.planned = true;
         self.report(&desired.verdicts, &objects).await;
 
@@ -1730,8 +1812,15 @@ mod tests {
         assert_eq!(r.pods.v4.to_string(), "198.19.0.0/16");
         assert_eq!(
             r.all().count(),
-            4,
-            "pods and the default mesh ranges, both families"
+            6,
+            "pods and the default mesh and peer ranges, both families"
+        );
+        let err = cluster_ranges(&args(&["--cluster-cidr", "100.65.0.0/16"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--cluster-cidr 100.65.0.0/16 overlaps --peer-cidr"),
+            "{err}"
         );
         for (bad, want) in [
             (["--cluster-cidr", "198.19.0.1/16"], "host bits"),

@@ -439,6 +439,7 @@ mod tests {
             },
             mesh: MeshCidrs {
                 mesh_cidrs: vec!["100.64.0.0/16".parse().unwrap()],
+                peer_cidrs: vec!["100.65.0.0/16".parse().unwrap()],
             },
             cni_plugin: Some(dir.join("weft-src")),
             cni_reference_plugins: dir.join("reference"),

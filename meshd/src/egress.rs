@@ -119,9 +119,17 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(v4, ["198.19.0.0/16", "198.18.128.0/17", "10.96.0.0/12"]);
+        assert_eq!(
+            v4,
+            [
+                "198.19.0.0/16",
+                "198.18.128.0/17",
+                "100.65.0.0/16",
+                "10.96.0.0/12"
+            ]
+        );
         let v6 = sets[1]["elem"].as_array().unwrap();
-        assert_eq!(v6.len(), 2, "the IPv4 extra is not an IPv6 element");
+        assert_eq!(v6.len(), 3, "the IPv4 extra is not an IPv6 element");
         let rules: Vec<&Value> = c.iter().filter_map(|x| x["add"].get("rule")).collect();
         assert_eq!(rules.len(), 2);
         assert_eq!(

@@ -26,6 +26,9 @@ pub struct MeshSettings {
     pub relay: Relay,
     /// The node blocks claims may hold.
     pub block_plans: Vec<weft_ipam::BlockPlan>,
+    /// The cluster's Service ranges (`WEFT_SERVICE_CIDRS`, optional): what
+    /// an external peer's configuration routes besides what it may reach.
+    pub services: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +45,8 @@ pub enum SettingsError {
 
 pub const CLUSTER_CIDRS_KEY: &str = "WEFT_CLUSTER_CIDRS";
 pub const MESH_CIDRS_KEY: &str = "WEFT_MESH_CIDRS";
+pub const PEER_CIDRS_KEY: &str = "WEFT_PEER_CIDRS";
+pub const SERVICE_CIDRS_KEY: &str = "WEFT_SERVICE_CIDRS";
 pub const LINK_COSTS_KEY: &str = "WEFT_LINK_COSTS";
 pub const RELAY_KEY: &str = "WEFT_RELAY";
 pub const NODE_BLOCK_V4_KEY: &str = "WEFT_NODE_BLOCK_V4";
@@ -100,14 +105,28 @@ impl MeshSettings {
                 e,
             )
         })?;
+        let ranges = ClusterRanges {
+            pods,
+            mesh: ranges(MESH_CIDRS_KEY, Some(crate::model::DEFAULT_MESH_CIDRS))?,
+            peers: ranges(PEER_CIDRS_KEY, Some(crate::model::DEFAULT_PEER_CIDRS))?,
+        };
+        ranges
+            .check_apart()
+            .map_err(|e| bad(PEER_CIDRS_KEY, "", e.to_string()))?;
+        let services = match data.get(SERVICE_CIDRS_KEY) {
+            None => Vec::new(),
+            Some(v) => v
+                .split(',')
+                .map(|c| c.trim().parse::<IpNet>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(SERVICE_CIDRS_KEY, v, e.to_string()))?,
+        };
         Ok(Self {
-            ranges: ClusterRanges {
-                pods,
-                mesh: ranges(MESH_CIDRS_KEY, Some("100.64.0.0/16,fd64:77:65::/64"))?,
-            },
+            ranges,
             costs,
             relay,
             block_plans,
+            services,
         })
     }
 }
@@ -498,6 +517,7 @@ mod tests {
             costs: LinkCosts::default(),
             relay: Relay::OneHop,
             block_plans: Vec::new(),
+            services: Vec::new(),
         }
     }
 

@@ -114,6 +114,8 @@ mod tests {
                 "a cluster address from anywhere else: forged",
                 "a cluster address from anywhere else: forged",
                 "a cluster address from anywhere else: forged",
+                "a cluster address from anywhere else: forged",
+                "a cluster address from anywhere else: forged",
             ]
         );
         let chain = &r["nftables"][3]["add"]["chain"];

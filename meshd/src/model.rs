@@ -11,6 +11,7 @@ use weft_keys::PublicKey;
 use weft_ipam::BlockRecord;
 
 use crate::annotations::{Claim, Rejection};
+use crate::peers::{ExternalPeer, PeerError, PeerVerdict};
 
 /// What the planner needs to know about one Node object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +154,8 @@ pub struct ClusterSnapshot {
     /// When the snapshot was taken (Unix seconds): the time a scheduled
     /// key switch ([`crate::annotations::NextPublicKey::at`]) is judged at.
     pub now: u64,
+    /// Every WeftPeer as read ([`crate::peers::parse`]), by name.
+    pub peers: BTreeMap<String, Result<ExternalPeer, PeerError>>,
 }
 
 impl ClusterSnapshot {
@@ -198,6 +201,12 @@ pub enum RangesError {
     Family { flag: &'static str, cidr: IpNet },
     #[error("{flag}: an IPv4 range is required")]
     NoIpv4 { flag: &'static str },
+    #[error("{flag} {cidr} overlaps {other}: each range must be used for one thing only")]
+    Overlap {
+        flag: &'static str,
+        cidr: IpNet,
+        other: &'static str,
+    },
 }
 
 /// A cluster-wide pair of ranges, one per family: IPv4 required, IPv6
@@ -271,13 +280,22 @@ pub struct ClusterCidrs {
     pub cluster_cidrs: Vec<IpNet>,
 }
 
-/// `--mesh-cidr`: the cluster's mesh ranges (one IPv4, optionally one
-/// IPv6), the same on every node.
+/// The overlay's own ranges, the same on every node: `--mesh-cidr`
+/// (WireGuard interfaces) and `--peer-cidr` (external peers), one IPv4
+/// and optionally one IPv6 each.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MeshCidrs {
-    #[arg(long = "mesh-cidr", env = "WEFT_MESH_CIDRS", value_delimiter = ',', default_values = ["100.64.0.0/16", "fd64:77:65::/64"])]
+    #[arg(long = "mesh-cidr", env = "WEFT_MESH_CIDRS", value_delimiter = ',', default_value = DEFAULT_MESH_CIDRS)]
     pub mesh_cidrs: Vec<IpNet>,
+    /// Where external peers' (`WeftPeer`) addresses lie.
+    #[arg(long = "peer-cidr", env = "WEFT_PEER_CIDRS", value_delimiter = ',', default_value = DEFAULT_PEER_CIDRS)]
+    pub peer_cidrs: Vec<IpNet>,
 }
+
+/// `--mesh-cidr`'s default.
+pub const DEFAULT_MESH_CIDRS: &str = "100.64.0.0/16,fd64:77:65::/64";
+/// `--peer-cidr`'s default.
+pub const DEFAULT_PEER_CIDRS: &str = "100.65.0.0/16,fd64:77:70::/64";
 
 impl ClusterRanges {
     /// From the flags; errors name them.
@@ -285,15 +303,36 @@ impl ClusterRanges {
         if cluster.cluster_cidrs.is_empty() {
             anyhow::bail!("--cluster-cidr is required: the cluster's pod ranges (one IPv4, optionally one IPv6), the same on every node; every node's pod ranges must lie inside them");
         }
-        Ok(ClusterRanges {
+        let ranges = ClusterRanges {
             pods: Ranges::from_flag("--cluster-cidr", &cluster.cluster_cidrs)?,
             mesh: Ranges::from_flag("--mesh-cidr", &mesh.mesh_cidrs)?,
-        })
+            peers: Ranges::from_flag("--peer-cidr", &mesh.peer_cidrs)?,
+        };
+        ranges.check_apart()?;
+        Ok(ranges)
+    }
+
+    /// Pods, mesh and peers are three uses of an address: no range may
+    /// share one with another.
+    pub fn check_apart(&self) -> Result<(), RangesError> {
+        let named = [
+            ("--cluster-cidr", &self.pods),
+            ("--mesh-cidr", &self.mesh),
+            ("--peer-cidr", &self.peers),
+        ];
+        for (i, (flag, a)) in named.iter().enumerate() {
+            for (other, b) in &named[i + 1..] {
+                if let Some(cidr) = a.iter().find(|n| b.overlaps(n)) {
+                    return Err(RangesError::Overlap { flag, cidr, other });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether any range is IPv6 (the node then forwards IPv6).
     pub fn has_v6(&self) -> bool {
-        self.pods.v6.is_some() || self.mesh.v6.is_some()
+        self.all().any(|r| r.addr().is_ipv6())
     }
 }
 
@@ -306,6 +345,8 @@ pub struct ClusterRanges {
     pub pods: Ranges,
     /// `--mesh-cidr`: WireGuard interface addresses.
     pub mesh: Ranges,
+    /// `--peer-cidr`: external peers' addresses (`crate::peers`).
+    pub peers: Ranges,
 }
 
 impl ClusterRanges {
@@ -325,16 +366,24 @@ impl ClusterRanges {
                 v4: v4("198.18.128.0/17"),
                 v6: Some(v6("fd98:18::/64")),
             },
+            // The shipped default, which the lab keeps.
+            peers: Ranges {
+                v4: v4("100.65.0.0/16"),
+                v6: Some(v6("fd64:77:70::/64")),
+            },
         }
     }
 
-    /// Every range, pods then mesh.
+    /// Every range, pods, mesh then peers.
     pub fn all(&self) -> impl Iterator<Item = IpNet> {
-        self.pods.iter().chain(self.mesh.iter())
+        self.pods
+            .iter()
+            .chain(self.mesh.iter())
+            .chain(self.peers.iter())
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.pods.contains(ip) || self.mesh.contains(ip)
+        self.pods.contains(ip) || self.mesh.contains(ip) || self.peers.contains(ip)
     }
 }
 
@@ -408,11 +457,24 @@ impl LocalConfig {
     }
 }
 
+/// What a WireGuard entry is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PeerKind {
+    /// Another node of the mesh.
+    #[default]
+    Node,
+    /// A WeftPeer this node is the gateway of: a stock WireGuard client,
+    /// with no liveness, link state or post-quantum exchange of its own.
+    External,
+}
+
 /// One WireGuard peer as it should be configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
-    /// The Node this peer is.
+    /// The Node this peer is ([`crate::peers::ExternalPeer::entry_name`]
+    /// for an external one).
     pub node: String,
+    pub kind: PeerKind,
     /// `None`: WireGuard learns it from the peer's handshakes (behind NAT).
     pub endpoint: Option<SocketAddr>,
     /// Every address it may be sent to, best first (`endpoint` is the best
@@ -504,4 +566,6 @@ pub struct DesiredNode {
     /// `WEFT_ENCRYPT_HOST`, traffic from them stays on the underlay
     /// (`planner::hosts::own_unbelieved`).
     pub untunnelled: BTreeSet<IpAddr>,
+    /// Every WeftPeer's verdict and gateway, by name.
+    pub external: BTreeMap<String, PeerVerdict>,
 }

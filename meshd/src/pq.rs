@@ -25,7 +25,7 @@ use tokio::sync::{watch, Notify};
 use weft_keys::pq::{self, Agreed, Initiation, Message, PairKey};
 use weft_keys::{PresharedKey, PrivateKey, PublicKey};
 
-use crate::model::Peer;
+use crate::model::{Peer, PeerKind};
 use crate::reconcile::PeerStats;
 
 /// The exchange's UDP port on mesh addresses.
@@ -189,7 +189,7 @@ impl Handle {
                 .map(|(n, _)| n.clone())
                 .collect(),
         };
-        for (key, peer) in peers.iter() {
+        for (key, peer) in peers.iter().filter(|(_, p)| p.kind == PeerKind::Node) {
             // A rotating node's next key (the entry that replaces another)
             // is the one it exchanges under.
             let entry = roster.peers.entry(peer.node.clone()).or_insert(RosterPeer {
@@ -718,7 +718,8 @@ pub fn shape(
     if mode == Mode::Off {
         return;
     }
-    for peer in peers.values_mut() {
+    // External peers are stock WireGuard clients: no exchange, no key.
+    for peer in peers.values_mut().filter(|p| p.kind == PeerKind::Node) {
         let state = states.get(&peer.node).copied().unwrap_or(State::Classical);
         peer.preshared_key = match state {
             State::Classical => None,

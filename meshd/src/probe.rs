@@ -186,6 +186,7 @@ mod tests {
     fn a_peer_is_probed_at_its_own_address_only_where_its_entry_routes_it() {
         let peer = |own: &[&str], allowed: &[&str]| Peer {
             node: "r".into(),
+            kind: crate::model::PeerKind::Node,
             endpoint: None,
             offers: Vec::new(),
             allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),

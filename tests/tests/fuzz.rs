@@ -84,13 +84,16 @@ mod annotations {
 
     /// The lab's ranges, through the same checks meshd's flags go through.
     fn ranges() -> ClusterRanges {
-        use meshlab::lab::topology::{CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
+        use meshlab::lab::topology::{
+            CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6, PEERS_V4, PEERS_V6,
+        };
         let flag = |name, a: &str, b: &str| {
             Ranges::from_flag(name, &[a.parse().unwrap(), b.parse().unwrap()]).unwrap()
         };
         ClusterRanges {
             pods: flag("--cluster-cidr", CLUSTER_V4, CLUSTER_V6),
             mesh: flag("--mesh-cidr", MESH_V4, MESH_V6),
+            peers: flag("--peer-cidr", PEERS_V4, PEERS_V6),
         }
     }
 

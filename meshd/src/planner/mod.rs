@@ -20,14 +20,16 @@ pub use mesh_address::{mesh_address_of, smallest_block};
 pub use own::{
     own_claim, own_reachability, EndpointAddress, Listening, OwnError, OwnKeys, Reachability,
 };
+pub(crate) use paths::fnv1a;
 pub use paths::{Links, Member};
 pub use verdict::{judge, judge_pairwise, judge_parsed, parse_all, ParseMemo, Parsed};
 
 use crate::annotations::Claim;
 use crate::model::{
-    ClusterRanges, ClusterSnapshot, DesiredNode, Hop, LocalConfig, Peer, Placement, Route,
-    RouteKind, Verdict,
+    ClusterRanges, ClusterSnapshot, DesiredNode, Hop, LocalConfig, Peer, PeerKind, Placement,
+    Route, RouteKind, Verdict,
 };
+use crate::peers::{ExternalPeer, PeerVerdict};
 
 /// The unreachable routes that keep every cluster pod and mesh address
 /// from leaving the node in plaintext: one per range, below every mesh
@@ -72,7 +74,7 @@ pub fn links<'a>(
 }
 
 /// The accepted claims by node name.
-fn accepted(verdicts: &BTreeMap<String, Verdict>) -> BTreeMap<&str, &Claim> {
+pub(crate) fn accepted(verdicts: &BTreeMap<String, Verdict>) -> BTreeMap<&str, &Claim> {
     verdicts
         .iter()
         .filter_map(|(name, v)| match v {
@@ -147,6 +149,7 @@ pub fn plan_judged(
                     key,
                     Peer {
                         node: name.clone(),
+                        kind: PeerKind::Node,
                         endpoint: kept.or_else(|| {
                             peer.map_or(claim.endpoint, |p| {
                                 nat::reach(mine, p, given_up).endpoint()
@@ -205,6 +208,41 @@ pub fn plan_judged(
             kind: RouteKind::HostMesh,
         }));
     }
+    let external = crate::peers::judge(
+        &snapshot.peers,
+        &snapshot.nodes,
+        &verdicts,
+        &snapshot.revoked,
+    );
+    for verdict in external.values() {
+        let PeerVerdict::Accepted {
+            peer,
+            gateway: Some(gateway),
+        } = verdict
+        else {
+            continue;
+        };
+        routes.extend(peer.prefixes().map(|dst| Route {
+            dst,
+            kind: RouteKind::Mesh,
+        }));
+        if *gateway == local.node_name {
+            peers.push((peer.public_key, gateway_entry(peer)));
+            continue;
+        }
+        // Everywhere else, the peer's addresses go where its gateway's own
+        // prefixes go; without a path to the gateway, the peer range's
+        // backstop refuses them.
+        let carrier = match paths.get(gateway) {
+            Some(Hop::Direct) => Some(gateway.as_str()),
+            Some(Hop::Via(relay)) => Some(relay.as_str()),
+            Some(Hop::None) | None => None,
+        };
+        match carrier.and_then(|c| slot.get(c)) {
+            Some(&i) => peers[i].1.allowed_ips.extend(peer.prefixes()),
+            None => routes.retain(|r| !peer.prefixes().any(|p| p == r.dst)),
+        }
+    }
     let peers: BTreeMap<PublicKey, Peer> = peers.into_iter().collect();
     let routes: BTreeSet<Route> = routes.into_iter().collect();
     let endpoint = match verdicts.get(&local.node_name) {
@@ -221,6 +259,25 @@ pub fn plan_judged(
         verdicts,
         paths,
         untunnelled,
+        external,
+    }
+}
+
+/// The gateway's entry for an external peer: its addresses only, sent to
+/// where it says it is until its handshakes show where it really is; no
+/// keepalives (a laptop may be away for days: it keeps its own NAT open).
+fn gateway_entry(peer: &ExternalPeer) -> Peer {
+    Peer {
+        node: ExternalPeer::entry_name(&peer.name),
+        kind: PeerKind::External,
+        endpoint: peer.endpoint,
+        offers: peer.endpoint.into_iter().collect(),
+        allowed_ips: peer.prefixes().collect(),
+        mesh_addresses: Vec::new(),
+        persistent_keepalive: None,
+        replaces: None,
+        preshared_key: None,
+        key_ends_sessions: false,
     }
 }
 

@@ -242,7 +242,7 @@ impl<'a> Links<'a> {
 /// 64-bit FNV-1a over the names, each ended by a 0 byte: a fixed function,
 /// so meshd builds of any Rust version choose the same relays (std's
 /// `DefaultHasher` makes no such promise).
-fn fnv1a(names: &[&str]) -> u64 {
+pub(crate) fn fnv1a(names: &[&str]) -> u64 {
     let mut h = Fnv::default();
     for name in names {
         h.write(name.as_bytes());

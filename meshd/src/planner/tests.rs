@@ -104,8 +104,10 @@ fn three_nodes_form_a_full_mesh_over_the_backstops() {
     assert_eq!(
         unreachable,
         [
+            "100.65.0.0/16",
             "198.18.128.0/17",
             "198.19.0.0/16",
+            "fd64:77:70::/64",
             "fd98:18::/64",
             "fd98:19::/48"
         ],

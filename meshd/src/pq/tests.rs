@@ -278,6 +278,7 @@ fn key(n: u8) -> PublicKey {
 fn peer(node: &str, mesh: &str, allowed: &[&str]) -> Peer {
     Peer {
         node: node.into(),
+        kind: crate::model::PeerKind::Node,
         endpoint: None,
         offers: Vec::new(),
         allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),

@@ -281,6 +281,7 @@ mod tests {
     fn peer(ep: &str, allowed: &[&str], keepalive: Option<u16>) -> Peer {
         Peer {
             node: "n".into(),
+            kind: crate::model::PeerKind::Node,
             endpoint: Some(ep.parse().unwrap()),
             offers: vec![ep.parse().unwrap()],
             allowed_ips: allowed.iter().map(|a| a.parse().unwrap()).collect(),

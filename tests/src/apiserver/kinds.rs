@@ -210,6 +210,19 @@ pub static KINDS: &[Kind] = &[
         tracks_generation: true,
         field_labels: &[],
     },
+    // deploy/base/crd-weftpeers.yaml: external peers.
+    Kind {
+        group: "weft.dev",
+        version: "v1alpha1",
+        kind: "WeftPeer",
+        plural: "weftpeers",
+        singular: "weftpeer",
+        short_names: &[],
+        namespaced: false,
+        status_subresource: true,
+        tracks_generation: true,
+        field_labels: &[],
+    },
     Kind {
         group: "coordination.k8s.io",
         version: "v1",

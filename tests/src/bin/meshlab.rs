@@ -74,6 +74,40 @@ enum PodCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum PeerCmd {
+    /// Bring an external peer up beyond the fabric's router with stock
+    /// wg-quick: with --config, that configuration (what `meshctl peer
+    /// config` printed, with its PrivateKey); without, `meshctl peer add
+    /// NAME` makes the WeftPeer and its key first.
+    Add {
+        #[arg(value_name = "NAME")]
+        peer: String,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Apply a new configuration to a running peer (`wg syncconf`), as an
+    /// admin does after its gateway rotated its key or failed over.
+    Apply {
+        #[arg(value_name = "NAME")]
+        peer: String,
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Take a peer down and remove its host (its WeftPeer stays).
+    Del {
+        #[arg(value_name = "NAME")]
+        peer: String,
+    },
+    /// Run a command in the peer's network namespace.
+    Exec {
+        #[arg(value_name = "NAME")]
+        peer: String,
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        command: Vec<OsString>,
+    },
+}
+
 /// `NAMESPACE/NAME`, or `NAME` in `default`.
 fn pod_ref(arg: &str) -> (String, String) {
     match arg.split_once('/') {
@@ -252,6 +286,12 @@ enum Cmd {
     Pod {
         #[command(subcommand)]
         action: PodCmd,
+    },
+    /// External peers: a laptop beyond the fabric with a stock WireGuard
+    /// client (docs/lab.md).
+    Peer {
+        #[command(subcommand)]
+        action: PeerCmd,
     },
     /// Add a node to a running lab, or delete one.
     Node {
@@ -769,6 +809,59 @@ fn run(cli: Cli) -> Result<()> {
             let pod = lifecycle::add_pod(&dir, &node, &namespace, &name, &labels, status)?;
             println!("{}", pod.ips.join(" "));
             Ok(())
+        }
+        Cmd::Peer {
+            action: PeerCmd::Add { peer: name, config },
+        } => {
+            let config = match config {
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("--config {}", path.display()))?,
+                None => {
+                    let out = Command::new(agents::sibling("meshctl")?)
+                        .arg("--kubeconfig")
+                        .arg(dir.kubeconfig())
+                        .args(["peer", "add", &name])
+                        .output()
+                        .context("running meshctl peer add")?;
+                    anyhow::ensure!(
+                        out.status.success(),
+                        "meshctl peer add {name}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                    String::from_utf8(out.stdout)?
+                }
+            };
+            let peer = lifecycle::add_peer(&dir, &name, &config)?;
+            println!(
+                "peer {} up in {} ({}, interface {})",
+                peer.name, peer.netns, peer.underlay, peer.interface
+            );
+            Ok(())
+        }
+        Cmd::Peer {
+            action: PeerCmd::Apply { peer: name, config },
+        } => {
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("--config {}", config.display()))?;
+            let state = dir.running_state()?;
+            meshlab::lab::peers::apply(state.peer(&name)?, &text)
+        }
+        Cmd::Peer {
+            action: PeerCmd::Del { peer: name },
+        } => lifecycle::remove_peer(&dir, &name),
+        Cmd::Peer {
+            action:
+                PeerCmd::Exec {
+                    peer: name,
+                    command,
+                },
+        } => {
+            let state = dir.running_state()?;
+            let err = Command::new("ip")
+                .args(["netns", "exec", &state.peer(&name)?.netns])
+                .args(&command)
+                .exec();
+            Err(err).context("running ip netns exec")
         }
         Cmd::Pod {
             action: PodCmd::Del { pod },

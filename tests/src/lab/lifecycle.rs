@@ -7,7 +7,7 @@ use std::fs;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use nix::sys::signal::{kill, Signal};
@@ -17,7 +17,7 @@ use serde_json::json;
 use super::pods::{self, PodRecord};
 use super::state::{is_zombie, process_alive, LabDir, LabState};
 use super::topology::{self, LabPlan, LabSpec, NodePlan};
-use super::{agents, client, control, manifest, mesh, netns, preflight};
+use super::{agents, client, control, manifest, mesh, netns, peers, preflight};
 
 /// How long `up` and `node add` wait for every pair of nodes to handshake.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -99,6 +99,7 @@ fn build(
         api_server,
         pods: Vec::new(),
         cuts: Default::default(),
+        peers: Vec::new(),
     };
     dir.write_state(&state)?;
     super::kube_proxy::spawn(dir)?;
@@ -205,6 +206,37 @@ fn add_pod_unlocked(
     state.pods.push(pod.clone());
     dir.write_state(&state)?;
     Ok(pod)
+}
+
+/// Brings external peer `name` up beyond the fabric with `config` (what
+/// `meshctl peer config` printed; see [`super::peers`]).
+pub fn add_peer(dir: &LabDir, name: &str, config: &str) -> Result<peers::PeerRecord> {
+    preflight::require_root()?;
+    let _lock = dir.lock()?;
+    let mut state = dir.running_state()?;
+    ensure!(
+        state.peers.iter().all(|p| p.name != name),
+        "lab {}: peer {name} is already up",
+        dir.name
+    );
+    let index = (0..=u8::MAX)
+        .find(|i| !state.peers.iter().any(|p| p.index == *i))
+        .context("no room for another peer")?;
+    let record = peers::add(dir, &state.plan.fabric_netns, index, name, config)?;
+    state.peers.push(record.clone());
+    dir.write_state(&state)?;
+    Ok(record)
+}
+
+/// Takes external peer `name` down and removes its host.
+pub fn remove_peer(dir: &LabDir, name: &str) -> Result<()> {
+    preflight::require_root()?;
+    let _lock = dir.lock()?;
+    let mut state = dir.running_state()?;
+    let record = state.peer(name)?.clone();
+    state.peers.retain(|p| p.name != name);
+    dir.write_state(&state)?;
+    peers::remove(&record)
 }
 
 /// Detaches and deletes pod `namespace/name`.

@@ -22,6 +22,7 @@ pub mod manifest;
 pub mod mesh;
 pub mod netns;
 pub mod netpol;
+pub mod peers;
 pub mod pods;
 pub mod preflight;
 pub mod sentinel;

@@ -18,7 +18,9 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::netns::nft;
-use super::topology::{CLUSTER_V4, CLUSTER_V6, FABRIC_API_PORT, MESH_V4, MESH_V6};
+use super::topology::{
+    CLUSTER_V4, CLUSTER_V6, FABRIC_API_PORT, MESH_V4, MESH_V6, PEERS_V4, PEERS_V6,
+};
 
 const TABLE: &str = "weft_sentinel";
 const COUNTER: &str = "plaintext";
@@ -38,8 +40,8 @@ fn ruleset() -> String {
     format!(
         "table bridge {TABLE} {{
   counter {COUNTER} {{ }}
-  set cluster4 {{ type ipv4_addr; flags interval; elements = {{ {CLUSTER_V4}, {MESH_V4} }} }}
-  set cluster6 {{ type ipv6_addr; flags interval; elements = {{ {CLUSTER_V6}, {MESH_V6} }} }}
+  set cluster4 {{ type ipv4_addr; flags interval; elements = {{ {CLUSTER_V4}, {MESH_V4}, {PEERS_V4} }} }}
+  set cluster6 {{ type ipv6_addr; flags interval; elements = {{ {CLUSTER_V6}, {MESH_V6}, {PEERS_V6} }} }}
   counter {HOST} {{ }}
   set nodes4 {{ type ipv4_addr; flags interval; elements = {{ {NODES_V4} }} }}
   set nodes6 {{ type ipv6_addr; flags interval; elements = {{ {NODES_V6} }} }}

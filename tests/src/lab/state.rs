@@ -45,6 +45,9 @@ pub struct LabState {
     /// Underlay links cut between nodes (`meshlab link cut`).
     #[serde(default)]
     pub cuts: std::collections::BTreeSet<super::links::Cut>,
+    /// External peers (`meshlab peer add`).
+    #[serde(default)]
+    pub peers: Vec<super::peers::PeerRecord>,
 }
 
 impl LabState {
@@ -57,6 +60,14 @@ impl LabState {
             .max()
             .unwrap_or(0)
             + 1
+    }
+
+    /// External peer `name`.
+    pub fn peer(&self, name: &str) -> Result<&super::peers::PeerRecord> {
+        self.peers
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("lab {}: no peer {name}", self.plan.name))
     }
 
     /// The position of pod `namespace/name`.

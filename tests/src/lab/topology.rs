@@ -17,6 +17,10 @@ pub const FABRIC_CIDR: &str = "198.18.0.0/17";
 /// The WireGuard mesh ranges every lab meshd gets (`--mesh-cidr`).
 pub const MESH_V4: &str = "198.18.128.0/17";
 pub const MESH_V6: &str = "fd98:18::/64";
+/// External peers' ranges (`--peer-cidr`): meshd's default, which the lab
+/// keeps (split by family for the sentinel).
+pub const PEERS_V4: &str = "100.65.0.0/16";
+pub const PEERS_V6: &str = "fd64:77:70::/64";
 /// The fabric bridge's own address, where the API server listens for nodes.
 pub const FABRIC_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The fabric bridge's IPv6 link-local address: every node's IPv6 default
@@ -409,6 +413,7 @@ pub fn owns_netns(lab: &str, netns: &str) -> bool {
             .strip_prefix("nat")
             .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
         || rest.strip_prefix("pod-").is_some_and(|p| !p.is_empty())
+        || rest.strip_prefix("peer-").is_some_and(|p| !p.is_empty())
         || rest
             .strip_prefix("node-")
             .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))

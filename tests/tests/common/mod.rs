@@ -832,13 +832,14 @@ impl Hostile {
 
 /// The lab's ranges, as meshd's flags give them.
 pub fn lab_ranges() -> ClusterRanges {
-    use meshlab::lab::topology::{CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6};
+    use meshlab::lab::topology::{CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6, PEERS_V4, PEERS_V6};
     let flag = |name, a: &str, b: &str| {
         Ranges::from_flag(name, &[a.parse().unwrap(), b.parse().unwrap()]).unwrap()
     };
     ClusterRanges {
         pods: flag("--cluster-cidr", CLUSTER_V4, CLUSTER_V6),
         mesh: flag("--mesh-cidr", MESH_V4, MESH_V6),
+        peers: flag("--peer-cidr", PEERS_V4, PEERS_V6),
     }
 }
 

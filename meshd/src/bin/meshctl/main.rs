@@ -1,6 +1,7 @@
 //! `meshctl`: Weft's admin command line.
 
 mod keys;
+mod peer;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,10 +13,12 @@ use std::io::Write;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, ListParams};
+use kube::ResourceExt;
 use weft_meshd::annotations::PolicyApplied;
 use weft_meshd::cluster::{node_info, object_ref};
 use weft_meshd::graph::{MeshGraph, MeshSettings, PolicySync};
 use weft_meshd::model::{ClusterSnapshot, Hop};
+use weft_meshd::peers::{parse as parse_peer, WeftPeer};
 use weft_policy::eval::Outcome;
 use weft_policy::{case, NamespaceInfo, PodInfo, PolicyRef, Protocol, Tier};
 
@@ -52,6 +55,12 @@ enum Cmd {
     Keys {
         #[command(subcommand)]
         action: keys::KeysCmd,
+    },
+    /// External peers: laptops, VMs and sites that reach the cluster
+    /// through a gateway node with a stock WireGuard client.
+    Peer {
+        #[command(subcommand)]
+        action: peer::PeerCmd,
     },
     /// Shell completion for meshctl: `source <(meshctl completion bash)`.
     Completion {
@@ -163,13 +172,12 @@ enum Policies {
     Judge,
 }
 
-/// The mesh as the cluster has it now.
-async fn mesh(
-    kubeconfig: Option<&Path>,
+/// The cluster's Weft settings and its Nodes, block claims, revoked keys
+/// and WeftPeers (none where the CRD is not installed), as meshd reads them.
+async fn gather(
+    client: &kube::Client,
     source: &MeshSource,
-    policies: Policies,
-) -> Result<MeshGraph> {
-    let client = client(kubeconfig).await?;
+) -> Result<(MeshSettings, ClusterSnapshot)> {
     let (ns, name) = object_ref("--config-map", &source.config_map)?;
     let config = Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get(name)
@@ -195,6 +203,35 @@ async fn mesh(
         .list(&ListParams::default())
         .await
         .context("listing nodes")?;
+    let peers = match Api::<WeftPeer>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+    {
+        Ok(list) => list.items,
+        Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
+        Err(e) => return Err(e).context("listing weftpeers"),
+    };
+    let snapshot = ClusterSnapshot {
+        nodes: nodes.items.iter().map(node_info).collect(),
+        blocks,
+        revoked: std::sync::Arc::new(revoked),
+        now: weft_keys::unix_now(),
+        peers: peers
+            .iter()
+            .map(|p| (p.name_any(), parse_peer(p, &settings.ranges)))
+            .collect(),
+    };
+    Ok((settings, snapshot))
+}
+
+/// The mesh as the cluster has it now.
+async fn mesh(
+    kubeconfig: Option<&Path>,
+    source: &MeshSource,
+    policies: Policies,
+) -> Result<MeshGraph> {
+    let client = client(kubeconfig).await?;
+    let (settings, snapshot) = gather(&client, source).await?;
     let policies = match policies {
         Policies::Skip => None,
         Policies::Judge => {
@@ -210,12 +247,6 @@ async fn mesh(
                     .chain(cluster.iter().map(|p| &p.metadata)),
             ))
         }
-    };
-    let snapshot = ClusterSnapshot {
-        nodes: nodes.items.iter().map(node_info).collect(),
-        blocks,
-        revoked: std::sync::Arc::new(revoked),
-        now: weft_keys::unix_now(),
     };
     Ok(MeshGraph::of(&snapshot, &settings, policies))
 }
@@ -544,6 +575,7 @@ fn main() -> ExitCode {
             &source,
         )),
         Cmd::Keys { action } => done(keys::run(cli.kubeconfig.as_deref(), action)),
+        Cmd::Peer { action } => done(peer::run(cli.kubeconfig.as_deref(), action)),
         Cmd::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "meshctl", &mut std::io::stdout());

@@ -1,0 +1,204 @@
+//! External peers (`WeftPeer`, `meshctl peer`): a laptop beyond the
+//! fabric's router joins with stock `wg-quick` and the configuration
+//! `meshctl peer` printed; it reaches pods on every node through its
+//! gateway, is reached by them, is judged by NetworkPolicy by its address,
+//! follows a failed-over or re-keyed gateway once the admin applies the
+//! new configuration, and is cut off everywhere when removed. The
+//! sentinel (plaintext 0) holds for all of it at teardown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{dataplane_pid, pid_of_meshd, pod_ips, signal, wait_for, Lab};
+
+const PEER_V4: &str = "100.65.0.1";
+const PEER_V6: &str = "fd64:77:70::1";
+
+/// Whether `command` (argv) run in the peer's namespace succeeds.
+fn from_peer(lab: &Lab, peer: &str, command: &[&str]) -> bool {
+    lab.meshlab(&[&["peer", "exec", peer, "--"], command].concat())
+        .status
+        .success()
+}
+
+/// One ping from the peer answered (a few tries: the first may wait for
+/// the handshake).
+fn peer_reaches(lab: &Lab, peer: &str, target: &str) -> bool {
+    (0..3).any(|_| from_peer(lab, peer, &["ping", "-n", "-c", "1", "-W", "2", target]))
+}
+
+fn pod_reaches(lab: &Lab, pod: &str, target: &str) -> bool {
+    lab.meshlab(&[
+        "pod", "exec", pod, "--", "ping", "-n", "-c", "1", "-W", "2", target,
+    ])
+    .status
+    .success()
+}
+
+/// The gateway every node has chosen for `peer` (`meshctl peer list`).
+fn gateway(lab: &Lab, peer: &str) -> Option<String> {
+    let rows: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(&["peer", "list", "-o", "json"])).expect("json");
+    let row = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["name"] == peer)?;
+    assert_eq!(row["state"], "accepted", "{row}");
+    row["gateway"].as_str().map(str::to_string)
+}
+
+/// `wg show IFACE peers` on `node`'s interface: the keys it holds.
+fn device_keys(lab: &Lab, node: &str) -> String {
+    let k: usize = node.trim_start_matches("node-").parse().expect("node-K");
+    let iface = meshlab::lab::topology::wg_interface(&lab.name, k);
+    lab.ok(&["exec", node, "--", "wg", "show", &iface, "peers"])
+}
+
+/// The peer's configuration as `meshctl peer config` prints it now, applied
+/// to its running interface as an admin would.
+fn apply_current_config(lab: &Lab, peer: &str) {
+    let path = lab.dir().join(format!("{peer}-new.conf"));
+    let path = path.to_string_lossy();
+    lab.meshctl(&["peer", "config", peer, "--output-file", &path]);
+    lab.ok(&["peer", "apply", peer, "--config", &path]);
+}
+
+/// `meshlab peer add laptop` (meshctl makes the WeftPeer and its key): the
+/// laptop reaches a pod on every node and every pod reaches it, in both
+/// families, through the one gateway every node chose; NetworkPolicy
+/// selects it by its address (allowed into one namespace, not another);
+/// removed, its key is off the gateway within a second and it reaches
+/// nothing.
+#[test]
+fn an_external_peer_reaches_pods_everywhere_and_is_judged_and_removed() {
+    let lab = Lab::up("t-peer", &["--nodes", "3", "--pods-per-node", "1"]);
+    lab.ok(&["peer", "add", "laptop"]);
+    let gw = gateway(&lab, "laptop").expect("a gateway");
+    for pod in ["pod-1-1", "pod-2-1", "pod-3-1"] {
+        let (v4, v6) = pod_ips(&lab, pod);
+        assert!(peer_reaches(&lab, "laptop", &v4), "laptop -> {pod} {v4}");
+        assert!(peer_reaches(&lab, "laptop", &v6), "laptop -> {pod} {v6}");
+        assert!(pod_reaches(&lab, pod, PEER_V4), "{pod} -> laptop");
+        assert!(pod_reaches(&lab, pod, PEER_V6), "{pod} -> laptop over IPv6");
+    }
+    // Only the gateway holds the laptop's key.
+    let key = lab.meshctl(&["peer", "list", "-o", "json"]);
+    let key: serde_json::Value = serde_json::from_str(&key).unwrap();
+    let key = key[0]["publicKey"].as_str().unwrap().to_string();
+    for node in ["node-1", "node-2", "node-3"] {
+        assert_eq!(
+            device_keys(&lab, node).contains(&key),
+            node == gw,
+            "{node} (gateway {gw})"
+        );
+    }
+
+    // Policy identity: team-a admits the laptop's address, team-b only
+    // another range.
+    let mut web = Vec::new();
+    for (ns, node) in [("team-a", "node-1"), ("team-b", "node-3")] {
+        lab.kubectl(&["create", "namespace", ns]);
+        let ips = lab.ok(&["pod", "add", node, "web", "--namespace", ns]);
+        web.push(
+            ips.split_whitespace()
+                .next()
+                .expect("an address")
+                .to_string(),
+        );
+    }
+    for ip in &web {
+        assert!(peer_reaches(&lab, "laptop", ip), "{ip} before any policy");
+    }
+    let policy = |ns: &str, cidr: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: from-peers\n  namespace: {ns}\nspec:\n  podSelector: {{}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - ipBlock:\n        cidr: {cidr}\n"
+        )
+    };
+    lab.create(
+        "team-a.yaml",
+        &policy("team-a", &format!("{PEER_V4}/32")),
+        "{.metadata.name}",
+    );
+    lab.create(
+        "team-b.yaml",
+        &policy("team-b", "100.65.9.0/24"),
+        "{.metadata.name}",
+    );
+    let (a, b) = (&web[0], &web[1]);
+    wait_for(
+        "team-b to refuse the laptop",
+        Duration::from_secs(20),
+        || !from_peer(&lab, "laptop", &["ping", "-n", "-c", "1", "-W", "1", b]),
+    );
+    assert!(peer_reaches(&lab, "laptop", a), "team-a admits the laptop");
+
+    // Removed: the gateway drops its key at once, and nothing answers.
+    let removed = Instant::now();
+    lab.meshctl(&["peer", "remove", "laptop"]);
+    wait_for(
+        "the gateway to drop the laptop's key",
+        Duration::from_secs(1),
+        || !device_keys(&lab, &gw).contains(&key),
+    );
+    eprintln!("laptop's key off {gw} after {:?}", removed.elapsed());
+    let (v4, _) = pod_ips(&lab, "pod-1-1");
+    assert!(
+        !from_peer(&lab, "laptop", &["ping", "-n", "-c", "2", "-W", "1", &v4]),
+        "a removed peer reaches nothing"
+    );
+}
+
+/// The laptop's gateway dies (meshd and data plane killed): every node
+/// moves the laptop's addresses to the next gateway, `meshctl peer config`
+/// names it, and once the admin applies that the laptop reaches pods
+/// again. That gateway then rotates its key: `meshctl peer config` gives
+/// the new one, and applied, the laptop's traffic carries on.
+#[test]
+fn a_dead_gateway_fails_over_and_a_rotated_one_is_followed() {
+    let lab = Lab::up("t-peer-gw", &["--nodes", "3", "--pods-per-node", "1"]);
+    lab.ok(&["peer", "add", "laptop"]);
+    let first = gateway(&lab, "laptop").expect("a gateway");
+    let survivors: Vec<String> = ["node-1", "node-2", "node-3"]
+        .iter()
+        .map(|n| n.to_string())
+        .filter(|n| *n != first)
+        .collect();
+    let pod_on = |node: &str| format!("pod-{}-1", node.trim_start_matches("node-"));
+    let (target, _) = pod_ips(&lab, &pod_on(&survivors[0]));
+    assert!(peer_reaches(&lab, "laptop", &target));
+
+    let data_plane = dataplane_pid(&lab, &first);
+    signal(pid_of_meshd(&lab, &first), "-KILL");
+    signal(i64::from(data_plane), "-KILL");
+    let took = wait_for("the laptop's next gateway", Duration::from_secs(60), || {
+        gateway(&lab, "laptop").is_some_and(|g| g != first)
+    });
+    let next = gateway(&lab, "laptop").unwrap();
+    eprintln!("{first} killed: gateway {next} after {took:?}");
+    assert!(survivors.contains(&next));
+    apply_current_config(&lab, "laptop");
+    for node in &survivors {
+        let (v4, v6) = pod_ips(&lab, &pod_on(node));
+        assert!(
+            peer_reaches(&lab, "laptop", &v4),
+            "laptop -> {node} via {next}"
+        );
+        assert!(
+            peer_reaches(&lab, "laptop", &v6),
+            "laptop -> {node} via {next}"
+        );
+    }
+
+    let out = lab.meshctl(&["keys", "rotate", &next]);
+    assert!(out.starts_with(&format!("{next}: rotated to ")), "{out}");
+    apply_current_config(&lab, "laptop");
+    for node in &survivors {
+        let (v4, _) = pod_ips(&lab, &pod_on(node));
+        assert!(
+            peer_reaches(&lab, "laptop", &v4),
+            "laptop -> {node} after {next} rotated"
+        );
+    }
+}
