@@ -432,6 +432,8 @@ struct Agent {
     peer_names: BTreeMap<PublicKey, String>,
     /// The WeftPeers' verdicts last logged.
     external: BTreeMap<String, PeerVerdict>,
+    /// What this node enforces for the external peers it is the gateway of.
+    peer_filter: PeerFilter,
     /// Whether `peer_names` holds a plan of this meshd's.
     planned: bool,
     needs_sync: bool,
@@ -760,6 +762,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         mtu: None,
         peer_names: BTreeMap::new(),
         external: BTreeMap::new(),
+        peer_filter: PeerFilter::default(),
         planned: false,
         needs_sync: true,
         pod_cidrs,
@@ -814,6 +817,36 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     tracing::info!("stopping; the data plane and routes stay in place");
     Ok(())
+}
+
+/// The external peers' filter ([`crate::peers::filter`]) as applied.
+#[derive(Default)]
+struct PeerFilter {
+    applied: Option<serde_json::Value>,
+    failures: crate::nft::Failures,
+}
+
+impl PeerFilter {
+    /// Brings the table to what `external` asks of gateway `me`; whether
+    /// it is in place.
+    fn hold(&mut self, external: &BTreeMap<String, PeerVerdict>, me: &str) -> bool {
+        let wanted = crate::peers::filter(external, me);
+        if self.applied.as_ref() == Some(&wanted) {
+            return true;
+        }
+        match crate::nft::apply(&wanted, "holding external peers to their reach") {
+            Ok(()) => {
+                self.failures.cleared();
+                self.applied = Some(wanted);
+                true
+            }
+            Err(e) => {
+                self.failures
+                    .failed(&e, "external peers are not served until it is in place");
+                false
+            }
+        }
+    }
 }
 
 /// What meshd watches.
@@ -1426,6 +1459,14 @@ impl Agent {
         self.health.metrics.set_pq_links(pq_states);
         // Published by a second pass (this one published the last plan's).
         let republish = self.pq.report() != reported;
+        // Fail closed: a gateway holds an external peer only once that
+        // peer is held to what it may reach.
+        if !self.peer_filter.hold(&decision.desired.external, &name) {
+            decision
+                .desired
+                .peers
+                .retain(|_, p| p.kind != PeerKind::External);
+        }
         let desired = &decision.desired;
         let cidrs = node_pod_cidrs(&desired.verdicts, &name, &decision.claim.pod_cidrs);
         let listed: Vec<weft_policy::NodeInfo> = objects

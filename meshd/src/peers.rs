@@ -375,5 +375,76 @@ pub fn gateway<'a>(
         .and_then(named)
 }
 
+/// The nftables table that holds external peers to what they may reach.
+pub const FILTER_TABLE: &str = "weft_peers";
+
+/// What the gateway `me` enforces for the peers it serves, replacing any
+/// earlier table: a packet from a peer's address, forwarded or for the
+/// node itself, is dropped unless it answers a connection made from the
+/// cluster or goes to a range its `spec.reach` names. A peer's own
+/// configuration (its AllowedIPs) is its to change; this is not.
+pub fn filter(external: &BTreeMap<String, PeerVerdict>, me: &str) -> Value {
+    use serde_json::json;
+    let table = json!({"family": "inet", "name": FILTER_TABLE});
+    let mut commands = vec![
+        json!({"add": {"table": table}}),
+        json!({"delete": {"table": table}}),
+        json!({"add": {"table": table}}),
+    ];
+    for hook in ["forward", "input"] {
+        commands.push(json!({"add": {"chain": {
+            "family": "inet", "table": FILTER_TABLE, "name": hook,
+            "type": "filter", "hook": hook, "prio": -10, "policy": "accept"
+        }}}));
+        commands.push(json!({"add": {"rule": {
+            "family": "inet", "table": FILTER_TABLE, "chain": hook,
+            "comment": "answers to the cluster's own connections",
+            "expr": [
+                {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
+                {"accept": null}
+            ]
+        }}}));
+    }
+    let served = external.values().filter_map(|v| match v {
+        PeerVerdict::Accepted {
+            peer,
+            gateway: Some(g),
+        } if g == me => Some(peer),
+        _ => None,
+    });
+    for peer in served {
+        for address in &peer.addresses {
+            let protocol = if address.is_ipv4() { "ip" } else { "ip6" };
+            let saddr = json!({"match": {"op": "==", "left": {"payload": {"protocol": protocol, "field": "saddr"}}, "right": address.to_string()}});
+            let reach: Vec<Value> = peer
+                .reach
+                .iter()
+                .filter(|n| n.addr().is_ipv4() == address.is_ipv4())
+                .map(
+                    |n| json!({"prefix": {"addr": n.network().to_string(), "len": n.prefix_len()}}),
+                )
+                .collect();
+            let comment = format!("WeftPeer {}", peer.name);
+            if !reach.is_empty() {
+                commands.push(json!({"add": {"rule": {
+                    "family": "inet", "table": FILTER_TABLE, "chain": "forward", "comment": comment,
+                    "expr": [
+                        saddr,
+                        {"match": {"op": "==", "left": {"payload": {"protocol": protocol, "field": "daddr"}}, "right": {"set": reach}}},
+                        {"accept": null}
+                    ]
+                }}}));
+            }
+            for hook in ["forward", "input"] {
+                commands.push(json!({"add": {"rule": {
+                    "family": "inet", "table": FILTER_TABLE, "chain": hook, "comment": comment,
+                    "expr": [saddr, {"counter": null}, {"drop": null}]
+                }}}));
+            }
+        }
+    }
+    json!({"nftables": commands})
+}
+
 #[cfg(test)]
 mod tests;

@@ -90,6 +90,15 @@ pub async fn run(args: &UninstallArgs) -> Result<()> {
             .map_err(Into::into),
     );
     step(
+        "the external peers' filter table",
+        crate::nft::apply(
+            &crate::nft::table_removal(crate::peers::FILTER_TABLE),
+            "removing the external peers' filter",
+        )
+        .map(|()| true)
+        .map_err(Into::into),
+    );
+    step(
         "the host firewall openings",
         crate::host_firewall::remove().map_err(Into::into),
     );

@@ -30,29 +30,22 @@ enum Proof {
 /// Tests of other targets that run again in the guest, where they meet
 /// kernel links instead of userspace devices: (target, test, proof).
 const ALSO_IN_THE_VM: &[(&str, &str, Proof)] = &[
-    // node-to-node host traffic through kernel links, marked datagrams
-    // kept out of the tunnel (`wg set fwmark` by netlink)
-    (
-        "host_encryption",
-        "host_traffic_between_nodes_crosses_wireguard_only_when_encrypted",
-        Proof::KernelLinks,
-    ),
-    // converges, pods in both families, only encrypted on the wire
-    (
-        "mesh",
-        "full_mesh_carries_pod_traffic_only_encrypted",
-        Proof::KernelLinks,
-    ),
+    // Not here, to keep the suite in its time (each costs two minutes
+    // under TCG) where the guest's own runs already cover it:
+    // host_encryption's test (every lab here runs WEFT_ENCRYPT_HOST on
+    // kernel links: `up` waits until each node routes the others' host
+    // addresses into the mesh, which loops unless the kernel device marks
+    // its datagrams, and the host counter must be 0 at teardown);
+    // mesh::full_mesh_carries_pod_traffic_only_encrypted (pods of both
+    // families cross kernel links in this file's own tests, and the
+    // sentinel counts plaintext in every one); and
+    // faults::changing_a_peer_keeps_every_data_plane_alive (the kernel
+    // device's in-place peer changes are dataplane's test below; meshd's
+    // diff is the same for both kinds).
     // meshd killed: the kernel link is adopted, no ping lost
     (
         "mesh",
         "kill_9_of_meshd_loses_no_pings_and_the_data_plane_is_adopted",
-        Proof::KernelLinks,
-    ),
-    // peers changed in place: endpoint, allowed IPs, prefixes moved
-    (
-        "faults",
-        "changing_a_peer_keeps_every_data_plane_alive",
         Proof::KernelLinks,
     ),
     // the fail-closed backstops with a peer pending and removed

@@ -150,6 +150,76 @@ fn an_external_peer_reaches_pods_everywhere_and_is_judged_and_removed() {
     );
 }
 
+/// A peer allowed one node's pods (`--reach`) gets only those, even when
+/// it widens its own AllowedIPs and routes (its configuration is its to
+/// change; its gateway's filter is not), while the cluster's own
+/// connections to it are answered.
+#[test]
+fn a_peer_reaches_only_what_its_spec_allows_whatever_it_configures() {
+    let lab = Lab::up("t-peer-reach", &["--nodes", "3", "--pods-per-node", "1"]);
+    let config = lab.dir().join("kiosk.conf");
+    let config = config.to_string_lossy();
+    lab.meshctl(&[
+        "peer",
+        "add",
+        "kiosk",
+        "--reach",
+        "198.19.1.0/24",
+        "--output-file",
+        &config,
+    ]);
+    lab.ok(&["peer", "add", "kiosk", "--config", &config]);
+    let (allowed, _) = pod_ips(&lab, "pod-1-1");
+    let (other, other6) = pod_ips(&lab, "pod-2-1");
+    assert!(peer_reaches(&lab, "kiosk", &allowed));
+    // The kiosk widens its side to every pod range.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(lab.dir().join("lab.json")).expect("lab.json"),
+    )
+    .expect("lab.json");
+    let iface = state["peers"][0]["interface"].as_str().unwrap().to_string();
+    let gateway_key = lab.meshctl(&["peer", "config", "kiosk", "-o", "json"]);
+    let gateway_key: serde_json::Value = serde_json::from_str(&gateway_key).unwrap();
+    let gateway_key = gateway_key["gateway"]["publicKey"].as_str().unwrap();
+    for command in [
+        vec![
+            "wg",
+            "set",
+            &iface,
+            "peer",
+            gateway_key,
+            "allowed-ips",
+            "198.19.0.0/16,fd98:19::/48",
+        ],
+        vec!["ip", "route", "replace", "198.19.0.0/16", "dev", &iface],
+        vec![
+            "ip",
+            "-6",
+            "route",
+            "replace",
+            "fd98:19::/48",
+            "dev",
+            &iface,
+        ],
+    ] {
+        assert!(from_peer(&lab, "kiosk", &command), "{command:?}");
+    }
+    for target in [&other, &other6] {
+        assert!(
+            !from_peer(&lab, "kiosk", &["ping", "-n", "-c", "2", "-W", "1", target]),
+            "the kiosk reached {target}, outside its reach"
+        );
+    }
+    assert!(
+        peer_reaches(&lab, "kiosk", &allowed),
+        "still reaches its own"
+    );
+    assert!(
+        pod_reaches(&lab, "pod-2-1", PEER_V4),
+        "a pod's own connection to it is answered"
+    );
+}
+
 /// The laptop's gateway dies (meshd and data plane killed): every node
 /// moves the laptop's addresses to the next gateway, `meshctl peer config`
 /// names it, and once the admin applies that the laptop reaches pods

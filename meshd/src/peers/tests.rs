@@ -307,3 +307,42 @@ fn a_removed_or_revoked_peer_is_pruned() {
         .iter()
         .any(|r| r.kind == RouteKind::Mesh && r.dst == "100.65.0.1/32".parse().unwrap()));
 }
+
+#[test]
+fn a_gateway_filters_only_the_peers_it_serves_to_their_reach() {
+    let served = with(
+        with(spec(50, 1), "gateways", json!(["node-2"])),
+        "reach",
+        json!(["198.19.1.0/24"]),
+    );
+    let elsewhere = with(spec(51, 2), "gateways", json!(["node-3"]));
+    let s = snapshot(three(), &[("kiosk", served), ("laptop", elsewhere)]);
+    let external = verdicts(&s);
+    let rules = |me: &str| -> Vec<Value> {
+        filter(&external, me)["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["add"].get("rule").cloned())
+            .filter(|r| r["comment"].as_str().unwrap_or("").starts_with("WeftPeer"))
+            .collect()
+    };
+    let mine = rules("node-2");
+    assert!(mine.iter().all(|r| r["comment"] == "WeftPeer kiosk"));
+    // IPv4: accept to its reach, then drop forwarded and input; IPv6 (no
+    // reach in that family): drop both.
+    assert_eq!(mine.len(), 5, "{mine:#?}");
+    let accept = &mine[0]["expr"];
+    assert_eq!(accept[0]["match"]["right"], "100.65.0.1");
+    assert_eq!(
+        accept[1]["match"]["right"]["set"][0]["prefix"],
+        json!({"addr": "198.19.1.0", "len": 24})
+    );
+    assert!(mine[1..]
+        .iter()
+        .all(|r| r["expr"].as_array().unwrap().last().unwrap() == &json!({"drop": null})));
+    assert!(
+        rules("node-1").is_empty(),
+        "a node that serves none filters none"
+    );
+}
