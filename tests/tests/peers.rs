@@ -133,6 +133,20 @@ fn an_external_peer_reaches_pods_everywhere_and_is_judged_and_removed() {
         || !from_peer(&lab, "laptop", &["ping", "-n", "-c", "1", "-W", "1", b]),
     );
     assert!(peer_reaches(&lab, "laptop", a), "team-a admits the laptop");
+    // ClusterNetworkPolicy `networks` select it too: an Admin Deny of its
+    // address into team-a overrides the namespace's own admission.
+    lab.create(
+        "deny-laptop.yaml",
+        &format!(
+            "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: no-laptop}}\nspec:\n  tier: Admin\n  priority: 10\n  subject: {{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: team-a}}}}}}\n  ingress:\n  - {{name: laptop, action: Deny, from: [{{networks: [{PEER_V4}/32]}}]}}\n"
+        ),
+        "{.metadata.name}",
+    );
+    wait_for(
+        "the Admin Deny to shut the laptop out of team-a",
+        Duration::from_secs(20),
+        || !from_peer(&lab, "laptop", &["ping", "-n", "-c", "1", "-W", "1", a]),
+    );
 
     // Removed: the gateway drops its key at once, and nothing answers.
     let removed = Instant::now();
