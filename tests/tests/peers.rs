@@ -84,9 +84,7 @@ fn an_external_peer_reaches_pods_everywhere_and_is_judged_and_removed() {
         assert!(pod_reaches(&lab, pod, PEER_V6), "{pod} -> laptop over IPv6");
     }
     // Only the gateway holds the laptop's key.
-    let key = lab.meshctl(&["peer", "list", "-o", "json"]);
-    let key: serde_json::Value = serde_json::from_str(&key).unwrap();
-    let key = key[0]["publicKey"].as_str().unwrap().to_string();
+    let key = peer_key(&lab, "laptop");
     for node in ["node-1", "node-2", "node-3"] {
         assert_eq!(
             device_keys(&lab, node).contains(&key),
@@ -167,7 +165,9 @@ fn an_external_peer_reaches_pods_everywhere_and_is_judged_and_removed() {
 /// A peer allowed one node's pods (`--reach`) gets only those, even when
 /// it widens its own AllowedIPs and routes (its configuration is its to
 /// change; its gateway's filter is not), while the cluster's own
-/// connections to it are answered.
+/// connections to it are answered. Its key is replaced through `meshctl
+/// keys rotate --peer` and revoked through `meshctl keys revoke --peer`,
+/// the nodes' paths.
 #[test]
 fn a_peer_reaches_only_what_its_spec_allows_whatever_it_configures() {
     let lab = Lab::up("t-peer-reach", &["--nodes", "3", "--pods-per-node", "1"]);
@@ -232,6 +232,60 @@ fn a_peer_reaches_only_what_its_spec_allows_whatever_it_configures() {
         pod_reaches(&lab, "pod-2-1", PEER_V4),
         "a pod's own connection to it is answered"
     );
+
+    // Its key replaced (`meshctl keys rotate --peer`): the gateway holds
+    // only the new one, and with the new configuration it reaches pods.
+    let gw = gateway(&lab, "kiosk").expect("a gateway");
+    let old_key = peer_key(&lab, "kiosk");
+    let fresh = lab.dir().join("kiosk-rotated.conf");
+    let fresh = fresh.to_string_lossy();
+    lab.meshctl(&["keys", "rotate", "--peer", "kiosk", "--output-file", &fresh]);
+    let new_key = peer_key(&lab, "kiosk");
+    assert_ne!(new_key, old_key);
+    wait_for(
+        "the gateway to hold only the new key",
+        Duration::from_secs(5),
+        || {
+            let held = device_keys(&lab, &gw);
+            held.contains(&new_key) && !held.contains(&old_key)
+        },
+    );
+    lab.ok(&["peer", "apply", "kiosk", "--config", &fresh]);
+    assert!(peer_reaches(&lab, "kiosk", &allowed), "with its new key");
+
+    // Revoked like a node's key: off its gateway within a second, and
+    // judged revoked everywhere.
+    let revoked = Instant::now();
+    lab.meshctl(&["keys", "revoke", "--peer", "kiosk"]);
+    wait_for(
+        "the gateway to drop the revoked key",
+        Duration::from_secs(1),
+        || !device_keys(&lab, &gw).contains(&new_key),
+    );
+    eprintln!("kiosk's key revoked off {gw} after {:?}", revoked.elapsed());
+    assert!(!from_peer(
+        &lab,
+        "kiosk",
+        &["ping", "-n", "-c", "2", "-W", "1", &allowed]
+    ));
+    let list = lab.meshctl(&["peer", "list"]);
+    assert!(
+        list.contains("rejected: spec.publicKey is revoked"),
+        "{list}"
+    );
+}
+
+/// WeftPeer `name`'s public key (`meshctl peer list -o json`).
+fn peer_key(lab: &Lab, name: &str) -> String {
+    let rows: serde_json::Value =
+        serde_json::from_str(&lab.meshctl(&["peer", "list", "-o", "json"])).expect("json");
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["name"] == name)
+        .and_then(|r| r["publicKey"].as_str())
+        .unwrap_or_else(|| panic!("no key for {name}: {rows}"))
+        .to_string()
 }
 
 /// The laptop's gateway dies (meshd and data plane killed): every node

@@ -9,10 +9,12 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
+use weft_keys::PublicKey;
 use weft_meshd::annotations::{
     parse_time, render_time, KEY_SINCE, NEXT_PUBLIC_KEY, PUBLIC_KEY, ROTATE_REQUESTED,
 };
 use weft_meshd::graph::{GraphNode, MeshGraph};
+use weft_meshd::peers::ExternalPeer;
 use weft_meshd::revoked::{self, Revocation};
 
 use super::Output;
@@ -29,7 +31,9 @@ pub enum KeysCmd {
     },
     /// Rotate nodes' keys without interrupting their connections: the
     /// request is recorded on each Node and its meshd carries it out.
-    #[command(group(clap::ArgGroup::new("which").required(true).args(["nodes", "all"])))]
+    /// With --peer, replace an external peer's key: a new pair is made
+    /// here (or --public-key taken) and its new configuration printed.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["nodes", "all", "peer"])))]
     Rotate {
         /// The nodes to rotate (at once).
         nodes: Vec<String>,
@@ -47,12 +51,27 @@ pub enum KeysCmd {
         /// Record the request and return.
         #[arg(long, conflicts_with = "all")]
         no_wait: bool,
+        /// The external peer (WeftPeer) whose key to replace.
+        #[arg(long, conflicts_with_all = ["nodes", "all", "no_wait"])]
+        peer: Option<String>,
+        /// With --peer: its new public key, made on the peer.
+        #[arg(long, requires = "peer")]
+        public_key: Option<String>,
+        #[command(flatten)]
+        print: super::peer::PrintArgs,
+        #[command(flatten)]
+        source: super::MeshSource,
     },
     /// Revoke a node's key (and its next key, if it is rotating): every
     /// node drops it at once and refuses it from then on; the node rejoins
     /// only with a new key (its meshd makes one).
+    #[command(group(clap::ArgGroup::new("holder").required(true).args(["node", "peer"])))]
     Revoke {
-        node: String,
+        node: Option<String>,
+        /// An external peer (WeftPeer) instead of a node: its key is
+        /// refused by every gateway while it is listed.
+        #[arg(long)]
+        peer: Option<String>,
         /// The revoked-keys ConfigMap (NAMESPACE/NAME).
         #[arg(long, default_value = revoked::DEFAULT_RECORD)]
         revoked_keys: String,
@@ -66,11 +85,19 @@ pub fn run(kubeconfig: Option<&std::path::Path>, cmd: KeysCmd) -> Result<String>
             status(&g, output, weft_keys::unix_now())
         }
         KeysCmd::Rotate {
+            peer: Some(peer),
+            public_key,
+            print,
+            source,
+            ..
+        } => super::peer::rekey(kubeconfig, &peer, public_key, &print, &source),
+        KeysCmd::Rotate {
             nodes,
             all,
             parallel,
             timeout,
             no_wait,
+            ..
         } => super::block_on(async {
             let api = Api::<Node>::all(super::client(kubeconfig).await?);
             let how = match (all, no_wait) {
@@ -82,12 +109,21 @@ pub fn run(kubeconfig: Option<&std::path::Path>, cmd: KeysCmd) -> Result<String>
             };
             rotate(&api, nodes, how, *timeout).await
         }),
-        KeysCmd::Revoke { node, revoked_keys } => {
+        KeysCmd::Revoke {
+            node,
+            peer,
+            revoked_keys,
+        } => {
             // Arguments first: a bad one is named before any cluster is asked.
             let record = weft_meshd::cluster::object_ref("--revoked-keys", &revoked_keys)?;
             super::block_on(async {
                 let client = super::client(kubeconfig).await?;
-                revoke(client, &node, record, &revoked_keys).await
+                let holder = match (node, peer) {
+                    (_, Some(peer)) => Holder::Peer(peer),
+                    (Some(node), None) => Holder::Node(node),
+                    (None, None) => bail!("name a node or --peer"),
+                };
+                revoke(client, &holder, record, &revoked_keys).await
             })
         }
     }
@@ -297,30 +333,66 @@ async fn rotate(
     Ok(lines.concat())
 }
 
+/// Whose key a revocation is for.
+enum Holder {
+    Node(String),
+    Peer(String),
+}
+
+impl Holder {
+    /// Its keys as the cluster has them now, and how the record names it.
+    async fn keys(&self, client: &kube::Client) -> Result<(Vec<PublicKey>, String)> {
+        match self {
+            Holder::Node(name) => {
+                let node = Api::<Node>::all(client.clone())
+                    .get(name)
+                    .await
+                    .with_context(|| format!("node {name:?}"))?;
+                let a = node.annotations();
+                let mut keys = Vec::new();
+                for annotation in [PUBLIC_KEY, NEXT_PUBLIC_KEY] {
+                    if let Some(v) = a.get(annotation) {
+                        let key = v
+                            .trim()
+                            .parse()
+                            .with_context(|| format!("node {name}: {annotation}"))?;
+                        keys.push(key);
+                    }
+                }
+                if keys.is_empty() {
+                    bail!("node {name} has no {PUBLIC_KEY}: nothing to revoke");
+                }
+                Ok((keys, name.clone()))
+            }
+            Holder::Peer(name) => {
+                let key = super::peer::public_key(client, name).await?;
+                Ok((vec![key], ExternalPeer::entry_name(name)))
+            }
+        }
+    }
+
+    fn done(&self, keys: &[PublicKey]) -> String {
+        let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        match self {
+            Holder::Node(name) => format!(
+                "revoked {} of node {name}; every node refuses it from now on, and {name} rejoins with a new key\n",
+                keys.join(" and ")
+            ),
+            Holder::Peer(name) => format!(
+                "revoked {} of WeftPeer {name}; every gateway refuses it from now on (meshctl keys rotate --peer {name} gives it a new one)\n",
+                keys.join(" and ")
+            ),
+        }
+    }
+}
+
 async fn revoke(
     client: kube::Client,
-    name: &str,
+    holder: &Holder,
     (ns, cm_name): (&str, &str),
     record: &str,
 ) -> Result<String> {
-    let node = Api::<Node>::all(client.clone())
-        .get(name)
-        .await
-        .with_context(|| format!("node {name:?}"))?;
-    let a = node.annotations();
-    let mut keys = Vec::new();
-    for annotation in [PUBLIC_KEY, NEXT_PUBLIC_KEY] {
-        if let Some(v) = a.get(annotation) {
-            let key = v
-                .trim()
-                .parse()
-                .with_context(|| format!("node {name}: {annotation}"))?;
-            keys.push(key);
-        }
-    }
-    if keys.is_empty() {
-        bail!("node {name} has no {PUBLIC_KEY}: nothing to revoke");
-    }
+    let (keys, name) = holder.keys(&client).await?;
     let api = Api::<ConfigMap>::namespaced(client, ns);
     // Read, add, replace: a concurrent revocation makes this retry, never
     // lose the other.
@@ -341,7 +413,7 @@ async fn revoke(
             if !list.iter().any(|r| r.key == *key) {
                 list.push(Revocation {
                     key: *key,
-                    node: name.to_string(),
+                    node: name.clone(),
                     at,
                 });
             }
@@ -374,13 +446,7 @@ async fn revoke(
             }
         };
         match result {
-            Ok(_) => {
-                let keys: Vec<String> = keys.iter().map(ToString::to_string).collect();
-                return Ok(format!(
-                    "revoked {} of node {name}; every node refuses it from now on, and {name} rejoins with a new key\n",
-                    keys.join(" and ")
-                ));
-            }
+            Ok(_) => return Ok(holder.done(&keys)),
             Err(kube::Error::Api(e)) if e.code == 409 => continue,
             Err(e) => return Err(e).with_context(|| format!("writing ConfigMap {record}")),
         }

@@ -175,6 +175,63 @@ pub fn run(kubeconfig: Option<&Path>, cmd: PeerCmd) -> Result<String> {
     })
 }
 
+/// WeftPeer `name`'s key as written.
+pub async fn public_key(client: &kube::Client, name: &str) -> Result<weft_keys::PublicKey> {
+    let object = Api::<WeftPeer>::all(client.clone())
+        .get(name)
+        .await
+        .with_context(|| format!("WeftPeer {name:?}"))?;
+    object
+        .spec
+        .get("publicKey")
+        .and_then(|k| k.as_str())
+        .with_context(|| format!("WeftPeer {name} has no spec.publicKey"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("WeftPeer {name}: spec.publicKey"))
+}
+
+/// Replaces WeftPeer `name`'s key (`meshctl keys rotate --peer`): with
+/// `public_key`, that one (made on the peer); else a pair made here, whose
+/// private key is printed once in the new configuration. Its gateway drops
+/// the old key on its next pass: the peer must apply the new configuration.
+pub fn rekey(
+    kubeconfig: Option<&Path>,
+    name: &str,
+    public_key: Option<String>,
+    print: &PrintArgs,
+    source: &MeshSource,
+) -> Result<String> {
+    let (private, public) = match public_key {
+        Some(k) => (
+            None,
+            k.trim()
+                .parse::<weft_keys::PublicKey>()
+                .context("--public-key")?
+                .to_string(),
+        ),
+        None => {
+            let private = PrivateKey::generate();
+            let public = private.public_key().to_string();
+            (Some(private), public)
+        }
+    };
+    super::block_on(async move {
+        let client = super::client(kubeconfig).await?;
+        let api = Api::<WeftPeer>::all(client.clone());
+        let patch = serde_json::json!({"spec": {"publicKey": public}});
+        api.patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .with_context(|| format!("replacing WeftPeer {name}'s key"))?;
+        let (settings, snapshot) = super::gather(&client, source).await?;
+        config(name, &settings, &snapshot, private.as_ref(), print)
+    })
+}
+
 /// Every address some WeftPeer names, read or not (a rejected object's
 /// addresses are not handed out again until it is fixed or removed).
 async fn taken(api: &Api<WeftPeer>) -> Result<BTreeSet<IpAddr>> {
