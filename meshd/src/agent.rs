@@ -434,6 +434,8 @@ struct Agent {
     external: BTreeMap<String, PeerVerdict>,
     /// What this node enforces for the external peers it is the gateway of.
     peer_filter: PeerFilter,
+    /// Writes WeftPeers' status.
+    peer_status: crate::peer_status::Status,
     /// Whether `peer_names` holds a plan of this meshd's.
     planned: bool,
     needs_sync: bool,
@@ -666,6 +668,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         watcher::Config::default(),
         notifier(&changed),
     );
+    let peer_status = crate::peer_status::Status::new(
+        Api::all(client.clone()),
+        events.clone(),
+        peers.clone(),
+        &args.node_name,
+    );
     if let Some(record) = &record {
         record
             .wait_until_ready()
@@ -763,6 +771,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         peer_names: BTreeMap::new(),
         external: BTreeMap::new(),
         peer_filter: PeerFilter::default(),
+        peer_status,
         planned: false,
         needs_sync: true,
         pod_cidrs,
@@ -1504,6 +1513,7 @@ impl Agent {
             .map(|(k, p)| (*k, p.node.clone()))
             .collect();
         self.report_external(&desired.external);
+        self.peer_status.report(&desired.external);
         self.planned = true;
         self.report(&desired.verdicts, &objects).await;
 

@@ -24,7 +24,12 @@ use crate::cluster::{self, Events, Warning};
 /// releases, side by side in a rollout, may word it differently and must
 /// not overwrite each other back and forth).
 pub fn needs_write(object: &ClusterNetworkPolicy, condition: &Condition) -> bool {
-    let stored = cnp::stored_condition(object, &condition.type_);
+    differs(cnp::stored_condition(object, &condition.type_), condition)
+}
+
+/// Whether `stored` says other than `condition`, as [`needs_write`]
+/// judges it (also for WeftPeers' status, `crate::peer_status`).
+pub fn differs(stored: Option<Condition>, condition: &Condition) -> bool {
     stored.is_none_or(|c| {
         (&c.status, &c.reason, c.observed_generation)
             != (
@@ -52,7 +57,7 @@ const SPREAD: Duration = Duration::from_secs(2);
 
 /// Where in [`SPREAD`] `node` writes about `policy`: fixed per pair, so
 /// the same node is not always first.
-fn delay(node: &str, policy: &str) -> Duration {
+pub(crate) fn delay(node: &str, policy: &str) -> Duration {
     let mut h = DefaultHasher::new();
     (node, policy).hash(&mut h);
     SPREAD.mul_f64((h.finish() % 1000) as f64 / 1000.0)

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod model;
 pub mod nft;
 pub mod node_blocks;
+pub mod peer_status;
 pub mod peers;
 pub mod planner;
 pub mod pod_gc;

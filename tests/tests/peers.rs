@@ -76,6 +76,10 @@ fn an_external_peer_reaches_pods_everywhere_and_is_judged_and_removed() {
     let lab = Lab::up("t-peer", &["--nodes", "3", "--pods-per-node", "1"]);
     lab.ok(&["peer", "add", "laptop"]);
     let gw = gateway(&lab, "laptop").expect("a gateway");
+    // Every node computes the same status; one writes it.
+    wait_for("the laptop's status", Duration::from_secs(10), || {
+        status(&lab, "laptop") == ("True".into(), "Accepted".into(), gw.clone())
+    });
     for pod in ["pod-1-1", "pod-2-1", "pod-3-1"] {
         let (v4, v6) = pod_ips(&lab, pod);
         assert!(peer_reaches(&lab, "laptop", &v4), "laptop -> {pod} {v4}");
@@ -273,6 +277,36 @@ fn a_peer_reaches_only_what_its_spec_allows_whatever_it_configures() {
         list.contains("rejected: spec.publicKey is revoked"),
         "{list}"
     );
+    wait_for(
+        "the kiosk's status and Event",
+        Duration::from_secs(10),
+        || {
+            status(&lab, "kiosk") == ("False".into(), "Revoked".into(), String::new())
+                && lab.events().iter().any(|e| {
+                    e["regarding"]["kind"] == "WeftPeer"
+                        && e["regarding"]["name"] == "kiosk"
+                        && e["reason"] == "WeftPeerNotInMesh"
+                })
+        },
+    );
+}
+
+/// WeftPeer `name`'s Accepted condition (status, reason) and gateway, as
+/// stored.
+fn status(lab: &Lab, name: &str) -> (String, String, String) {
+    let out = lab.kubectl(&[
+        "get",
+        "weftpeer",
+        name,
+        "-o",
+        "jsonpath={.status.conditions[0].status} {.status.conditions[0].reason} {.status.gateway}",
+    ]);
+    let mut fields = out.split_whitespace().map(str::to_string);
+    (
+        fields.next().unwrap_or_default(),
+        fields.next().unwrap_or_default(),
+        fields.next().unwrap_or_default(),
+    )
 }
 
 /// WeftPeer `name`'s public key (`meshctl peer list -o json`).
