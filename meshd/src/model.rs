@@ -330,9 +330,10 @@ impl ClusterRanges {
         Ok(())
     }
 
-    /// Whether any range is IPv6 (the node then forwards IPv6).
+    /// Whether pods or the mesh have IPv6 (the node then forwards IPv6;
+    /// a peer's IPv6 address alone reaches no pod).
     pub fn has_v6(&self) -> bool {
-        self.all().any(|r| r.addr().is_ipv6())
+        self.pods.v6.is_some() || self.mesh.v6.is_some()
     }
 }
 

@@ -159,6 +159,15 @@ fn inside(root: &Path, path: &str) -> PathBuf {
     root.join(path.trim_start_matches('/'))
 }
 
+/// Ranges of the families of `cidrs` (`v4`, and `v6` where it has one),
+/// apart from them: meshd's mesh and peer ranges may not overlap the pods'.
+fn apart(cidrs: &str, v4: &str, v6: &str) -> String {
+    match cidrs.contains(':') {
+        true => format!("{v4},{v6}"),
+        false => v4.to_string(),
+    }
+}
+
 /// `meshd install-cni` in the node namespace `node`, into `root`'s CNI
 /// and Weft directories, for the cluster ranges `cidrs`, after the shell
 /// commands `prelude` (in the same mount namespace); its output.
@@ -171,7 +180,14 @@ fn install_cni(node: &str, root: &Path, cidrs: &str, prelude: &str) -> Output {
         .arg(meshd)
         .arg("install-cni")
         .arg(format!("--cluster-cidr={cidrs}"))
-        .arg(format!("--mesh-cidr={cidrs}"))
+        .arg(format!(
+            "--mesh-cidr={}",
+            apart(cidrs, "198.18.128.0/17", "fd98:18::/64")
+        ))
+        .arg(format!(
+            "--peer-cidr={}",
+            apart(cidrs, "100.65.0.0/16", "fd64:77:70::/64")
+        ))
         .arg(format!("--cni-plugin={}", plugin.display()))
         .arg(format!("--cni-bin-dir={}", inside(root, BIN_DIR).display()))
         .arg(format!(
