@@ -832,15 +832,38 @@ pub async fn run(args: RunArgs) -> Result<()> {
 #[derive(Default)]
 struct PeerFilter {
     applied: Option<serde_json::Value>,
+    /// The peers this node served as of the last reconcile that went
+    /// through: its device may hold their entries, so their rules stay
+    /// until a reconcile without them has gone through.
+    held: Vec<ExternalPeer>,
     failures: crate::nft::Failures,
 }
 
 impl PeerFilter {
-    /// Brings the table to what `external` asks of gateway `me`; whether
-    /// it is in place.
-    fn hold(&mut self, external: &BTreeMap<String, PeerVerdict>, me: &str) -> bool {
-        let wanted = crate::peers::filter(external, me);
-        if self.applied.as_ref() == Some(&wanted) {
+    /// Before a reconcile: rules for `serving` and for whoever the device
+    /// may still hold; whether they are in place.
+    fn hold(&mut self, serving: &[&ExternalPeer], ranges: Option<&crate::model::Ranges>) -> bool {
+        let held = std::mem::take(&mut self.held);
+        let mut all = serving.to_vec();
+        all.extend(held.iter().filter(|h| !serving.contains(h)));
+        let ok = self.ensure(&all, ranges);
+        self.held = held;
+        ok
+    }
+
+    /// After a reconcile went through: rules for `serving` only.
+    fn settle(&mut self, serving: &[&ExternalPeer], ranges: Option<&crate::model::Ranges>) {
+        self.held = serving.iter().map(|p| (*p).clone()).collect();
+        self.ensure(serving, ranges);
+    }
+
+    /// Brings the table to `peers`' rules, re-applied also when something
+    /// (an `nft flush ruleset`) removed it; whether it is in place.
+    fn ensure(&mut self, peers: &[&ExternalPeer], ranges: Option<&crate::model::Ranges>) -> bool {
+        let wanted = crate::peers::filter(peers, ranges);
+        if self.applied.as_ref() == Some(&wanted)
+            && crate::nft::table_exists(crate::peers::FILTER_TABLE)
+        {
             return true;
         }
         match crate::nft::apply(&wanted, "holding external peers to their reach") {
@@ -850,6 +873,7 @@ impl PeerFilter {
                 true
             }
             Err(e) => {
+                self.applied = None;
                 self.failures
                     .failed(&e, "external peers are not served until it is in place");
                 false
@@ -1470,7 +1494,9 @@ impl Agent {
         let republish = self.pq.report() != reported;
         // Fail closed: a gateway holds an external peer only once that
         // peer is held to what it may reach.
-        if !self.peer_filter.hold(&decision.desired.external, &name) {
+        let serving = crate::peers::served(&decision.desired.external, &name);
+        let peer_ranges = self.local.ranges.peers;
+        if !self.peer_filter.hold(&serving, peer_ranges.as_ref()) {
             decision
                 .desired
                 .peers
@@ -1523,6 +1549,10 @@ impl Agent {
             .reconcile(desired, &step.device, self.args.listen_port, mtu)
             .await?;
         self.pq.applied(&desired.peers);
+        self.peer_filter.settle(
+            &crate::peers::served(&desired.external, &name),
+            peer_ranges.as_ref(),
+        );
         let rules = self.host_rules.ensure(&desired.untunnelled).await?;
         if rules > 0 {
             tracing::info!(rules, untunnelled = ?desired.untunnelled, "host traffic rules changed");
@@ -1863,12 +1893,17 @@ mod tests {
         assert_eq!(r.pods.v4.to_string(), "198.19.0.0/16");
         assert_eq!(
             r.all().count(),
-            6,
-            "pods and the default mesh and peer ranges, both families"
+            4,
+            "pods and the default mesh ranges, both families; no peer ranges unless given"
         );
-        let err = cluster_ranges(&args(&["--cluster-cidr", "100.65.0.0/16"]))
-            .unwrap_err()
-            .to_string();
+        let err = cluster_ranges(&args(&[
+            "--cluster-cidr",
+            "100.65.0.0/16",
+            "--peer-cidr",
+            "100.65.128.0/17",
+        ]))
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("--cluster-cidr 100.65.0.0/16 overlaps --peer-cidr"),
             "{err}"

@@ -108,7 +108,10 @@ impl MeshSettings {
         let ranges = ClusterRanges {
             pods,
             mesh: ranges(MESH_CIDRS_KEY, Some(crate::model::DEFAULT_MESH_CIDRS))?,
-            peers: ranges(PEER_CIDRS_KEY, Some(crate::model::DEFAULT_PEER_CIDRS))?,
+            peers: match data.get(PEER_CIDRS_KEY) {
+                None => None,
+                Some(_) => Some(ranges(PEER_CIDRS_KEY, None)?),
+            },
         };
         ranges
             .check_apart()

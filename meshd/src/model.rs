@@ -287,15 +287,15 @@ pub struct ClusterCidrs {
 pub struct MeshCidrs {
     #[arg(long = "mesh-cidr", env = "WEFT_MESH_CIDRS", value_delimiter = ',', default_value = DEFAULT_MESH_CIDRS)]
     pub mesh_cidrs: Vec<IpNet>,
-    /// Where external peers' (`WeftPeer`) addresses lie.
-    #[arg(long = "peer-cidr", env = "WEFT_PEER_CIDRS", value_delimiter = ',', default_value = DEFAULT_PEER_CIDRS)]
+    /// Where external peers' (`WeftPeer`) addresses lie; none: external
+    /// peers are off (opt-in: a range taken here is refused everywhere
+    /// else, which a network already using it would not survive).
+    #[arg(long = "peer-cidr", env = "WEFT_PEER_CIDRS", value_delimiter = ',')]
     pub peer_cidrs: Vec<IpNet>,
 }
 
 /// `--mesh-cidr`'s default.
 pub const DEFAULT_MESH_CIDRS: &str = "100.64.0.0/16,fd64:77:65::/64";
-/// `--peer-cidr`'s default.
-pub const DEFAULT_PEER_CIDRS: &str = "100.65.0.0/16,fd64:77:70::/64";
 
 impl ClusterRanges {
     /// From the flags; errors name them.
@@ -306,7 +306,10 @@ impl ClusterRanges {
         let ranges = ClusterRanges {
             pods: Ranges::from_flag("--cluster-cidr", &cluster.cluster_cidrs)?,
             mesh: Ranges::from_flag("--mesh-cidr", &mesh.mesh_cidrs)?,
-            peers: Ranges::from_flag("--peer-cidr", &mesh.peer_cidrs)?,
+            peers: match mesh.peer_cidrs.is_empty() {
+                true => None,
+                false => Some(Ranges::from_flag("--peer-cidr", &mesh.peer_cidrs)?),
+            },
         };
         ranges.check_apart()?;
         Ok(ranges)
@@ -315,11 +318,14 @@ impl ClusterRanges {
     /// Pods, mesh and peers are three uses of an address: no range may
     /// share one with another.
     pub fn check_apart(&self) -> Result<(), RangesError> {
-        let named = [
-            ("--cluster-cidr", &self.pods),
-            ("--mesh-cidr", &self.mesh),
-            ("--peer-cidr", &self.peers),
-        ];
+        let named: Vec<(&'static str, &Ranges)> = [
+            ("--cluster-cidr", Some(&self.pods)),
+            ("--mesh-cidr", Some(&self.mesh)),
+            ("--peer-cidr", self.peers.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, r)| Some((flag, r?)))
+        .collect();
         for (i, (flag, a)) in named.iter().enumerate() {
             for (other, b) in &named[i + 1..] {
                 if let Some(cidr) = a.iter().find(|n| b.overlaps(n)) {
@@ -346,8 +352,9 @@ pub struct ClusterRanges {
     pub pods: Ranges,
     /// `--mesh-cidr`: WireGuard interface addresses.
     pub mesh: Ranges,
-    /// `--peer-cidr`: external peers' addresses (`crate::peers`).
-    pub peers: Ranges,
+    /// `--peer-cidr`: external peers' addresses (`crate::peers`); `None`:
+    /// external peers are off.
+    pub peers: Option<Ranges>,
 }
 
 impl ClusterRanges {
@@ -367,11 +374,11 @@ impl ClusterRanges {
                 v4: v4("198.18.128.0/17"),
                 v6: Some(v6("fd98:18::/64")),
             },
-            // The shipped default, which the lab keeps.
-            peers: Ranges {
+            // What docs/install.md suggests, which the lab sets.
+            peers: Some(Ranges {
                 v4: v4("100.65.0.0/16"),
                 v6: Some(v6("fd64:77:70::/64")),
-            },
+            }),
         }
     }
 
@@ -380,11 +387,13 @@ impl ClusterRanges {
         self.pods
             .iter()
             .chain(self.mesh.iter())
-            .chain(self.peers.iter())
+            .chain(self.peers.into_iter().flat_map(|r| r.iter()))
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.pods.contains(ip) || self.mesh.contains(ip) || self.peers.contains(ip)
+        self.pods.contains(ip)
+            || self.mesh.contains(ip)
+            || self.peers.is_some_and(|r| r.contains(ip))
     }
 }
 

@@ -28,6 +28,17 @@ pub fn table_removal(name: &str) -> Value {
     serde_json::json!({"nftables": [{"add": {"table": table}}, {"delete": {"table": table}}]})
 }
 
+/// Whether table `inet NAME` is in the kernel (a failure to ask is "no":
+/// the caller applies it again).
+pub fn table_exists(name: &str) -> bool {
+    std::process::Command::new(nftables::helper::DEFAULT_NFT.unwrap_or("nft"))
+        .args(["list", "table", "inet", name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Applies `ruleset` (`{"nftables": [...]}`) with `nft -j -f -`.
 pub fn apply(ruleset: &Value, what: &str) -> Result<(), NftError> {
     nftables::helper::apply_ruleset_raw(

@@ -186,6 +186,7 @@ mod tests {
         let fresh = object(serde_json::Value::Null);
         let peer = crate::peers::ExternalPeer {
             name: "laptop".into(),
+            created: 0,
             public_key: weft_keys::PrivateKey::generate().public_key(),
             endpoint: None,
             addresses: vec!["100.65.0.1".parse().unwrap()],

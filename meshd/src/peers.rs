@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use weft_keys::PublicKey;
 
-use crate::model::{ClusterRanges, NodeInfo, Verdict};
+use crate::model::{ClusterRanges, NodeInfo, Ranges, Verdict};
 
 /// The API's `WeftPeer`, cluster-scoped.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -82,6 +82,9 @@ pub struct PeerSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExternalPeer {
     pub name: String,
+    /// `metadata.creationTimestamp` (Unix seconds; set by the API server):
+    /// the older of two objects keeps what both name.
+    pub created: i64,
     pub public_key: PublicKey,
     pub endpoint: Option<SocketAddr>,
     /// One per family at most, inside the peer ranges.
@@ -117,7 +120,7 @@ pub enum PeerError {
     Key(String),
     #[error("spec.endpoint {0:?}: expected ADDRESS:PORT")]
     Endpoint(String),
-    #[error("spec.endpoint {0}: not an address a gateway may send to (loopback, unspecified, multicast or inside a cluster range)")]
+    #[error("spec.endpoint {0}: not an address a gateway may send to (loopback, unspecified, link-local, multicast, broadcast or inside a cluster range)")]
     EndpointAddress(SocketAddr),
     #[error("spec.addresses: expected one or two addresses (at most one per family)")]
     AddressCount,
@@ -125,11 +128,15 @@ pub enum PeerError {
     Address(String),
     #[error("spec.addresses {0}: outside the peer ranges (WEFT_PEER_CIDRS {1})")]
     AddressOutside(IpAddr, String),
+    #[error(
+        "spec.addresses: this cluster has no peer ranges (WEFT_PEER_CIDRS): external peers are off"
+    )]
+    Off,
     #[error("spec.reach {0:?}: expected a CIDR inside the cluster's pod or peer ranges")]
     Reach(String),
     #[error("spec.gateways {0:?}: not a node name")]
     Gateway(String),
-    #[error("spec.{field}: {value} is also {other}'s: neither is used until one changes")]
+    #[error("spec.{field}: {value} is {other}'s")]
     Conflict {
         field: &'static str,
         value: String,
@@ -158,9 +165,14 @@ pub fn parse(object: &WeftPeer, ranges: &ClusterRanges) -> Result<ExternalPeer, 
                 .parse()
                 .map_err(|_| PeerError::Endpoint(e.chars().take(64).collect()))?;
             let ip = at.ip().to_canonical();
+            let link_local = match ip {
+                IpAddr::V4(a) => a.is_link_local() || a.is_broadcast(),
+                IpAddr::V6(a) => a.is_unicast_link_local(),
+            };
             if ip.is_loopback()
                 || ip.is_unspecified()
                 || ip.is_multicast()
+                || link_local
                 || ranges.contains(ip)
                 || at.port() == 0
             {
@@ -177,8 +189,9 @@ pub fn parse(object: &WeftPeer, ranges: &ClusterRanges) -> Result<ExternalPeer, 
                 .trim()
                 .parse()
                 .map_err(|_| PeerError::Address(a.chars().take(64).collect()))?;
-            if !ranges.peers.contains(ip) {
-                let within: Vec<String> = ranges.peers.iter().map(|r| r.to_string()).collect();
+            let peers = ranges.peers.as_ref().ok_or(PeerError::Off)?;
+            if !peers.contains(ip) {
+                let within: Vec<String> = peers.iter().map(|r| r.to_string()).collect();
                 return Err(PeerError::AddressOutside(ip, within.join(",")));
             }
             Ok(ip)
@@ -198,7 +211,10 @@ pub fn parse(object: &WeftPeer, ranges: &ClusterRanges) -> Result<ExternalPeer, 
                     .parse::<IpNet>()
                     .ok()
                     .filter(|n| n.trunc() == *n)
-                    .filter(|n| ranges.pods.holding(n).or(ranges.peers.holding(n)).is_some())
+                    .filter(|n| {
+                        ranges.pods.holding(n).is_some()
+                            || ranges.peers.is_some_and(|p| p.holding(n).is_some())
+                    })
                     .ok_or_else(|| PeerError::Reach(r.chars().take(64).collect()))
             })
             .collect::<Result<Vec<_>, _>>()?,
@@ -213,6 +229,11 @@ pub fn parse(object: &WeftPeer, ranges: &ClusterRanges) -> Result<ExternalPeer, 
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ExternalPeer {
         name,
+        created: object
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(0, |t| t.0.as_second()),
         public_key,
         endpoint,
         addresses,
@@ -249,9 +270,10 @@ pub enum PeerVerdict {
 
 /// Judges every WeftPeer (parsed) against each other, the nodes' keys and
 /// the revoked keys, and chooses each accepted one's gateway. The same on
-/// every node: a key or an address two peers (or a peer and a node) hold
-/// is used by neither peer, whatever their ages, so no later object can
-/// take what an earlier one was given, nor the reverse.
+/// every node: a key or an address two WeftPeers hold stays with the
+/// older object (the API server's `creationTimestamp`, then the name), so
+/// a later object — a copy-paste, two admins adding at once — takes nothing
+/// from a peer in use; a node's key is never a peer's.
 pub fn judge(
     parsed: &BTreeMap<String, Result<ExternalPeer, PeerError>>,
     nodes: &[NodeInfo],
@@ -266,18 +288,18 @@ pub fn judge(
             std::iter::once((c.public_key, name)).chain(next)
         })
         .collect();
-    let mut holders: BTreeMap<(&'static str, String), Vec<&str>> = BTreeMap::new();
+    let mut holders: BTreeMap<(&'static str, String), Vec<(i64, &str)>> = BTreeMap::new();
     for (name, peer) in parsed {
         let Ok(peer) = peer else { continue };
         holders
             .entry(("publicKey", peer.public_key.to_string()))
             .or_default()
-            .push(name);
+            .push((peer.created, name));
         for a in &peer.addresses {
             holders
                 .entry(("addresses", a.to_string()))
                 .or_default()
-                .push(name);
+                .push((peer.created, name));
         }
     }
     parsed
@@ -301,7 +323,7 @@ pub fn judge(
 fn refusal(
     name: &str,
     peer: &ExternalPeer,
-    holders: &BTreeMap<(&'static str, String), Vec<&str>>,
+    holders: &BTreeMap<(&'static str, String), Vec<(i64, &str)>>,
     node_keys: &BTreeMap<PublicKey, &str>,
     revoked: &BTreeSet<PublicKey>,
 ) -> Option<PeerError> {
@@ -315,12 +337,14 @@ fn refusal(
             other: format!("Node {node}"),
         });
     }
-    holders.iter().find_map(|((field, value), names)| {
-        let other = names.iter().find(|n| **n != name)?;
-        names.contains(&name).then(|| PeerError::Conflict {
+    let own = std::iter::once(("publicKey", peer.public_key.to_string()))
+        .chain(peer.addresses.iter().map(|a| ("addresses", a.to_string())));
+    own.into_iter().find_map(|(field, value)| {
+        let (_, first) = holders.get(&(field, value.clone()))?.iter().min()?;
+        (*first != name).then(|| PeerError::Conflict {
             field,
-            value: value.clone(),
-            other: format!("WeftPeer {other}"),
+            value,
+            other: format!("WeftPeer {first} (older)"),
         })
     })
 }
@@ -378,12 +402,28 @@ pub fn gateway<'a>(
 /// The nftables table that holds external peers to what they may reach.
 pub const FILTER_TABLE: &str = "weft_peers";
 
-/// What the gateway `me` enforces for the peers it serves, replacing any
-/// earlier table: a packet from a peer's address, forwarded or for the
-/// node itself, is dropped unless it answers a connection made from the
-/// cluster or goes to a range its `spec.reach` names. A peer's own
-/// configuration (its AllowedIPs) is its to change; this is not.
-pub fn filter(external: &BTreeMap<String, PeerVerdict>, me: &str) -> Value {
+/// The accepted peers whose gateway is `me`.
+pub fn served<'a>(external: &'a BTreeMap<String, PeerVerdict>, me: &str) -> Vec<&'a ExternalPeer> {
+    external
+        .values()
+        .filter_map(|v| match v {
+            PeerVerdict::Accepted {
+                peer,
+                gateway: Some(g),
+            } if g == me => Some(peer),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The table every node keeps, replacing any earlier one. On every node,
+/// nothing from the peer ranges reaches the node itself unless it answers
+/// the node's own connection: a peer's `reach` holds pod addresses, and
+/// each node's pod-block gateway address is one of them. On the gateway
+/// of the peers `served`, a packet from a peer's address is forwarded
+/// only to its `spec.reach` or as an answer to a connection the cluster
+/// made. What other nodes forward from a peer has passed its gateway.
+pub fn filter(served: &[&ExternalPeer], peer_ranges: Option<&Ranges>) -> Value {
     use serde_json::json;
     let table = json!({"family": "inet", "name": FILTER_TABLE});
     let mut commands = vec![
@@ -391,59 +431,86 @@ pub fn filter(external: &BTreeMap<String, PeerVerdict>, me: &str) -> Value {
         json!({"delete": {"table": table}}),
         json!({"add": {"table": table}}),
     ];
+    let rule = |chain: &str, comment: &str, expr: Value| {
+        json!({"add": {"rule": {
+            "family": "inet", "table": FILTER_TABLE, "chain": chain, "comment": comment, "expr": expr
+        }}})
+    };
+    let saddr = |address: IpNet| {
+        let protocol = if address.addr().is_ipv4() {
+            "ip"
+        } else {
+            "ip6"
+        };
+        json!({"match": {"op": "==", "left": {"payload": {"protocol": protocol, "field": "saddr"}}, "right": prefix(&address)}})
+    };
     for hook in ["forward", "input"] {
         commands.push(json!({"add": {"chain": {
             "family": "inet", "table": FILTER_TABLE, "name": hook,
             "type": "filter", "hook": hook, "prio": -10, "policy": "accept"
         }}}));
-        commands.push(json!({"add": {"rule": {
-            "family": "inet", "table": FILTER_TABLE, "chain": hook,
-            "comment": "answers to the cluster's own connections",
-            "expr": [
-                {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
+        commands.push(rule(
+            hook,
+            "answers to the cluster's own connections",
+            json!([
+                {"match": {"op": "==", "left": {"ct": {"key": "direction"}}, "right": "reply"}},
                 {"accept": null}
-            ]
-        }}}));
+            ]),
+        ));
     }
-    let served = external.values().filter_map(|v| match v {
-        PeerVerdict::Accepted {
-            peer,
-            gateway: Some(g),
-        } if g == me => Some(peer),
-        _ => None,
-    });
+    for range in peer_ranges.iter().flat_map(|r| r.iter()) {
+        commands.push(rule(
+            "input",
+            "a peer reaches no node itself",
+            json!([saddr(range), {"counter": null}, {"drop": null}]),
+        ));
+    }
     for peer in served {
-        for address in &peer.addresses {
-            let protocol = if address.is_ipv4() { "ip" } else { "ip6" };
-            let saddr = json!({"match": {"op": "==", "left": {"payload": {"protocol": protocol, "field": "saddr"}}, "right": address.to_string()}});
-            let reach: Vec<Value> = peer
-                .reach
-                .iter()
-                .filter(|n| n.addr().is_ipv4() == address.is_ipv4())
-                .map(
-                    |n| json!({"prefix": {"addr": n.network().to_string(), "len": n.prefix_len()}}),
-                )
-                .collect();
-            let comment = format!("WeftPeer {}", peer.name);
+        // Bounded: nft keeps a rule's comment in 256 bytes.
+        let comment: String = format!("WeftPeer {}", peer.name)
+            .chars()
+            .take(128)
+            .collect();
+        for address in peer.prefixes() {
+            let protocol = if address.addr().is_ipv4() {
+                "ip"
+            } else {
+                "ip6"
+            };
+            let reach: Vec<Value> = IpNet::aggregate(
+                &peer
+                    .reach
+                    .iter()
+                    .filter(|n| n.addr().is_ipv4() == address.addr().is_ipv4())
+                    .copied()
+                    .collect(),
+            )
+            .iter()
+            .map(prefix)
+            .collect();
             if !reach.is_empty() {
-                commands.push(json!({"add": {"rule": {
-                    "family": "inet", "table": FILTER_TABLE, "chain": "forward", "comment": comment,
-                    "expr": [
-                        saddr,
+                commands.push(rule(
+                    "forward",
+                    &comment,
+                    json!([
+                        saddr(address),
                         {"match": {"op": "==", "left": {"payload": {"protocol": protocol, "field": "daddr"}}, "right": {"set": reach}}},
                         {"accept": null}
-                    ]
-                }}}));
+                    ]),
+                ));
             }
-            for hook in ["forward", "input"] {
-                commands.push(json!({"add": {"rule": {
-                    "family": "inet", "table": FILTER_TABLE, "chain": hook, "comment": comment,
-                    "expr": [saddr, {"counter": null}, {"drop": null}]
-                }}}));
-            }
+            commands.push(rule(
+                "forward",
+                &comment,
+                json!([saddr(address), {"counter": null}, {"drop": null}]),
+            ));
         }
     }
     json!({"nftables": commands})
+}
+
+fn prefix(net: &IpNet) -> Value {
+    serde_json::json!({"prefix": {"addr": net.network().to_string(), "len": net.prefix_len()}})
 }
 
 #[cfg(test)]

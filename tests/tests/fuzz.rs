@@ -93,7 +93,7 @@ mod annotations {
         ClusterRanges {
             pods: flag("--cluster-cidr", CLUSTER_V4, CLUSTER_V6),
             mesh: flag("--mesh-cidr", MESH_V4, MESH_V6),
-            peers: flag("--peer-cidr", PEERS_V4, PEERS_V6),
+            peers: Some(flag("--peer-cidr", PEERS_V4, PEERS_V6)),
         }
     }
 

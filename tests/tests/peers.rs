@@ -171,7 +171,8 @@ fn an_external_peer_reaches_pods_everywhere_and_is_judged_and_removed() {
 /// change; its gateway's filter is not), while the cluster's own
 /// connections to it are answered. Its key is replaced through `meshctl
 /// keys rotate --peer` and revoked through `meshctl keys revoke --peer`,
-/// the nodes' paths.
+/// the nodes' paths. No node itself is reached through an address in its
+/// reach (a node's pod-block gateway address).
 #[test]
 fn a_peer_reaches_only_what_its_spec_allows_whatever_it_configures() {
     let lab = Lab::up("t-peer-reach", &["--nodes", "3", "--pods-per-node", "1"]);
@@ -190,6 +191,16 @@ fn a_peer_reaches_only_what_its_spec_allows_whatever_it_configures() {
     let (allowed, _) = pod_ips(&lab, "pod-1-1");
     let (other, other6) = pod_ips(&lab, "pod-2-1");
     assert!(peer_reaches(&lab, "kiosk", &allowed));
+    // Its reach holds node-1's pod block, and with it the node's own
+    // address there (the pods' gateway): the node itself stays out.
+    assert!(
+        !from_peer(
+            &lab,
+            "kiosk",
+            &["ping", "-n", "-c", "2", "-W", "1", "198.19.1.1"]
+        ),
+        "the kiosk reached node-1 itself at its pod-block address"
+    );
     // The kiosk widens its side to every pod range.
     let state: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(lab.dir().join("lab.json")).expect("lab.json"),

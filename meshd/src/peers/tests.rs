@@ -145,27 +145,51 @@ fn reports(node: &mut NodeInfo, others: &[&str]) {
 }
 
 #[test]
-fn a_shared_key_or_address_admits_neither_holder() {
-    let s = snapshot(
-        three(),
-        &[
-            ("a", spec(50, 1)),
-            ("b", spec(50, 2)),
-            ("c", spec(51, 3)),
-            ("d", with(spec(52, 9), "addresses", json!(["100.65.0.3"]))),
-            ("e", spec(53, 5)),
-            ("node-key", spec(2, 6)),
-        ],
-    );
+fn the_older_object_keeps_a_shared_key_or_address() {
+    // Created at second 10·i: "a" before "b", "d" before "c".
+    let aged = |name: &str, at: i64, spec: Value| -> (String, Result<ExternalPeer, PeerError>) {
+        let mut o = object(name, spec);
+        o.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(at).unwrap(),
+        ));
+        (name.to_string(), parse(&o, &ClusterRanges::lab()))
+    };
+    let s = ClusterSnapshot {
+        nodes: three(),
+        peers: [
+            aged("a", 10, spec(50, 1)),
+            aged("b", 20, spec(50, 2)),
+            aged("c", 40, spec(51, 3)),
+            aged(
+                "d",
+                30,
+                with(spec(52, 9), "addresses", json!(["100.65.0.3"])),
+            ),
+            aged("e", 50, spec(53, 5)),
+            aged("node-key", 60, spec(2, 6)),
+        ]
+        .into(),
+        ..Default::default()
+    };
     let v = verdicts(&s);
-    let conflict = |name: &str, field: &str| match &v[name] {
-        PeerVerdict::Rejected(PeerError::Conflict { field: f, .. }) => *f == field,
+    let lost = |name: &str, field: &str, to: &str| match &v[name] {
+        PeerVerdict::Rejected(PeerError::Conflict {
+            field: f, other, ..
+        }) => *f == field && other.contains(to),
         other => panic!("{name}: {other:?}"),
     };
-    assert!(conflict("a", "publicKey") && conflict("b", "publicKey"));
-    assert!(conflict("c", "addresses") && conflict("d", "addresses"));
     assert!(
-        conflict("node-key", "publicKey"),
+        matches!(v["a"], PeerVerdict::Accepted { .. }),
+        "the older keeps its key"
+    );
+    assert!(lost("b", "publicKey", "WeftPeer a"));
+    assert!(
+        matches!(v["d"], PeerVerdict::Accepted { .. }),
+        "the older keeps its address"
+    );
+    assert!(lost("c", "addresses", "WeftPeer d"));
+    assert!(
+        lost("node-key", "publicKey", "Node node-2"),
         "a node's key is never a peer's"
     );
     assert!(matches!(v["e"], PeerVerdict::Accepted { .. }));
@@ -273,7 +297,7 @@ fn a_peer_without_a_gateway_or_rejected_has_no_route_and_no_entry() {
     for name in ["node-1", "node-2", "node-3"] {
         let d = plan(&s, &local(name));
         assert!(!d.peers.contains_key(&key(50)) && !d.peers.contains_key(&key(51)));
-        let peer_range: Vec<IpNet> = ClusterRanges::lab().peers.iter().collect();
+        let peer_range: Vec<IpNet> = ClusterRanges::lab().peers.unwrap().iter().collect();
         assert!(
             d.routes
                 .iter()
@@ -313,36 +337,72 @@ fn a_gateway_filters_only_the_peers_it_serves_to_their_reach() {
     let served = with(
         with(spec(50, 1), "gateways", json!(["node-2"])),
         "reach",
-        json!(["198.19.1.0/24"]),
+        json!(["198.19.1.0/25", "198.19.1.128/25"]),
     );
     let elsewhere = with(spec(51, 2), "gateways", json!(["node-3"]));
     let s = snapshot(three(), &[("kiosk", served), ("laptop", elsewhere)]);
     let external = verdicts(&s);
+    let ranges = ClusterRanges::lab().peers;
     let rules = |me: &str| -> Vec<Value> {
-        filter(&external, me)["nftables"]
+        filter(&super::served(&external, me), ranges.as_ref())["nftables"]
             .as_array()
             .unwrap()
             .iter()
             .filter_map(|c| c["add"].get("rule").cloned())
-            .filter(|r| r["comment"].as_str().unwrap_or("").starts_with("WeftPeer"))
             .collect()
     };
-    let mine = rules("node-2");
-    assert!(mine.iter().all(|r| r["comment"] == "WeftPeer kiosk"));
-    // IPv4: accept to its reach, then drop forwarded and input; IPv6 (no
-    // reach in that family): drop both.
-    assert_eq!(mine.len(), 5, "{mine:#?}");
-    let accept = &mine[0]["expr"];
-    assert_eq!(accept[0]["match"]["right"], "100.65.0.1");
+    let comments = |rules: &[Value]| -> Vec<String> {
+        rules
+            .iter()
+            .map(|r| format!("{} {}", r["chain"], r["comment"]))
+            .collect()
+    };
+    // Every node: answers pass, then nothing from a peer range reaches
+    // the node itself.
+    let everywhere = [
+        "\"forward\" \"answers to the cluster's own connections\"",
+        "\"input\" \"answers to the cluster's own connections\"",
+        "\"input\" \"a peer reaches no node itself\"",
+        "\"input\" \"a peer reaches no node itself\"",
+    ];
+    assert_eq!(comments(&rules("node-1")), everywhere);
+    let answers = &rules("node-1")[0]["expr"][0]["match"];
     assert_eq!(
-        accept[1]["match"]["right"]["set"][0]["prefix"],
-        json!({"addr": "198.19.1.0", "len": 24})
+        (&answers["left"]["ct"]["key"], &answers["right"]),
+        (&json!("direction"), &json!("reply"))
     );
-    assert!(mine[1..]
-        .iter()
-        .all(|r| r["expr"].as_array().unwrap().last().unwrap() == &json!({"drop": null})));
-    assert!(
-        rules("node-1").is_empty(),
-        "a node that serves none filters none"
+    // Its gateway: IPv4 to its reach (merged), else dropped; IPv6 (no
+    // reach in that family) dropped.
+    let mine = rules("node-2");
+    assert_eq!(
+        comments(&mine[everywhere.len()..]),
+        [
+            "\"forward\" \"WeftPeer kiosk\"",
+            "\"forward\" \"WeftPeer kiosk\"",
+            "\"forward\" \"WeftPeer kiosk\"",
+        ]
+    );
+    let accept = &mine[everywhere.len()]["expr"];
+    assert_eq!(accept[0]["match"]["right"]["prefix"]["addr"], "100.65.0.1");
+    assert_eq!(
+        accept[1]["match"]["right"]["set"],
+        json!([{"prefix": {"addr": "198.19.1.0", "len": 24}}]),
+        "the two halves as one prefix"
+    );
+    assert!(mine[everywhere.len() + 1..].iter().all(|r| r["expr"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        == &json!({"drop": null})));
+    // No peer ranges: no peer rules at all.
+    assert_eq!(
+        filter(&[], None)["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["add"].get("rule").is_some())
+            .count(),
+        2
     );
 }

@@ -20,7 +20,8 @@ use weft_meshd::cni::CONFLIST;
 
 use super::state::{process_alive, write_atomic, LabDir};
 use super::topology::{
-    LabPlan, NodeDataplane, NodePlan, Runtime, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6,
+    LabPlan, NodeDataplane, NodePlan, Runtime, CLUSTER_V4, CLUSTER_V6, MESH_V4, MESH_V6, PEERS_V4,
+    PEERS_V6,
 };
 use super::{client, manifest, netns};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
@@ -267,6 +268,7 @@ pub fn lab_config(plan: &LabPlan) -> BTreeMap<String, String> {
     [
         ("WEFT_CLUSTER_CIDRS", format!("{CLUSTER_V4},{CLUSTER_V6}")),
         ("WEFT_MESH_CIDRS", format!("{MESH_V4},{MESH_V6}")),
+        ("WEFT_PEER_CIDRS", format!("{PEERS_V4},{PEERS_V6}")),
         ("WEFT_PERSISTENT_KEEPALIVE", KEEPALIVE_SECS.to_string()),
         // How long a probe's answer may take: twice the shipped second,
         // since the suites run up to eight labs at once on two cores (a

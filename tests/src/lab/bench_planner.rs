@@ -55,10 +55,10 @@ fn ranges() -> ClusterRanges {
             v4: v4("100.64.0.0/10"),
             v6: Some(v6("fd64::/64")),
         },
-        peers: Ranges {
+        peers: Some(Ranges {
             v4: v4("172.31.0.0/16"),
             v6: Some(v6("fd65::/64")),
-        },
+        }),
     }
 }
 

@@ -17,8 +17,8 @@ pub const FABRIC_CIDR: &str = "198.18.0.0/17";
 /// The WireGuard mesh ranges every lab meshd gets (`--mesh-cidr`).
 pub const MESH_V4: &str = "198.18.128.0/17";
 pub const MESH_V6: &str = "fd98:18::/64";
-/// External peers' ranges (`--peer-cidr`): meshd's default, which the lab
-/// keeps (split by family for the sentinel).
+/// External peers' ranges (`--peer-cidr`, off unless set; what
+/// docs/install.md suggests).
 pub const PEERS_V4: &str = "100.65.0.0/16";
 pub const PEERS_V6: &str = "fd64:77:70::/64";
 /// The fabric bridge's own address, where the API server listens for nodes.

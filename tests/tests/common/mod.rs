@@ -839,7 +839,7 @@ pub fn lab_ranges() -> ClusterRanges {
     ClusterRanges {
         pods: flag("--cluster-cidr", CLUSTER_V4, CLUSTER_V6),
         mesh: flag("--mesh-cidr", MESH_V4, MESH_V6),
-        peers: flag("--peer-cidr", PEERS_V4, PEERS_V6),
+        peers: Some(flag("--peer-cidr", PEERS_V4, PEERS_V6)),
     }
 }
 

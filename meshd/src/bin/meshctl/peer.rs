@@ -53,9 +53,10 @@ pub enum PeerCmd {
     /// syncconf resets what a file leaves out).
     Config {
         name: String,
-        /// A file holding the peer's private key (base64), written into
-        /// the configuration; without it the configuration has no
-        /// PrivateKey line, for you to add (it never leaves the peer).
+        /// A file holding the peer's private key: the key (base64) alone,
+        /// or a configuration with a PrivateKey line (the one `peer add`
+        /// wrote); without it the configuration has no PrivateKey line,
+        /// for you to add (it never leaves the peer).
         #[arg(long)]
         private_key: Option<PathBuf>,
         #[command(flatten)]
@@ -142,7 +143,24 @@ pub fn run(kubeconfig: Option<&Path>, cmd: PeerCmd) -> Result<String> {
                 // The gateway may not have taken it yet: the configuration
                 // is the cluster's choice, which every node computes alike.
                 let (settings, snapshot) = super::gather(&client, &source).await?;
-                config(&name, &settings, &snapshot, private.as_ref(), &print)
+                config(&name, &settings, &snapshot, private.as_ref(), &print).or_else(|e| {
+                    // The key made here exists nowhere else: it is given
+                    // out whatever kept the configuration from being made.
+                    let Some(private) = &private else {
+                        return Err(e);
+                    };
+                    let kept = format!(
+                        "# WeftPeer {name} was created but has no configuration yet ({e:#}).\n\
+                         # Its key, which exists nowhere else: keep it for\n\
+                         #   meshctl peer config {name} --private-key FILE\n\
+                         [Interface]\nPrivateKey = {}\n",
+                        private.to_base64()
+                    );
+                    emit(&print, &kept)?;
+                    Err(e.context(format!(
+                        "WeftPeer {name} was created; its private key was printed"
+                    )))
+                })
             }
             PeerCmd::Config {
                 name,
@@ -154,7 +172,7 @@ pub fn run(kubeconfig: Option<&Path>, cmd: PeerCmd) -> Result<String> {
                     .map(|path| {
                         let text = std::fs::read_to_string(&path)
                             .with_context(|| format!("--private-key {}", path.display()))?;
-                        PrivateKey::from_base64(text.trim())
+                        private_key_in(&text)
                             .with_context(|| format!("--private-key {}", path.display()))
                     })
                     .transpose()?;
@@ -232,6 +250,17 @@ pub fn rekey(
     })
 }
 
+/// The private key in `text`: a wg-quick configuration's PrivateKey, or
+/// the key alone.
+fn private_key_in(text: &str) -> Result<PrivateKey> {
+    let line = text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == "PrivateKey").then_some(v)
+    });
+    PrivateKey::from_base64(line.unwrap_or(text).trim())
+        .context("expected a base64 key, or a configuration with a PrivateKey line")
+}
+
 /// Every address some WeftPeer names, read or not (a rejected object's
 /// addresses are not handed out again until it is fixed or removed).
 async fn taken(api: &Api<WeftPeer>) -> Result<BTreeSet<IpAddr>> {
@@ -251,9 +280,10 @@ async fn taken(api: &Api<WeftPeer>) -> Result<BTreeSet<IpAddr>> {
 /// The lowest address of each peer range that no WeftPeer names (a
 /// range's first address, its network's, is not handed out).
 fn free_addresses(settings: &MeshSettings, taken: &BTreeSet<IpAddr>) -> Result<Vec<IpAddr>> {
-    settings
-        .ranges
-        .peers
+    let Some(peers) = settings.ranges.peers else {
+        bail!("WEFT_PEER_CIDRS is not set in the cluster's ConfigMap: external peers are off (docs/install.md)");
+    };
+    peers
         .iter()
         .map(|range| {
             range
@@ -347,10 +377,19 @@ fn config(
         ConfigFormat::Json => serde_json::to_string_pretty(&c)? + "\n",
         ConfigFormat::WgQuick => wg_quick(&c),
     };
+    emit(print, &text)
+}
+
+/// `text` to `--output-file` (what is printed then says so), else printed.
+fn emit(print: &PrintArgs, text: &str) -> Result<String> {
     match &print.output_file {
-        None => Ok(text),
+        None => {
+            // An error after this must not swallow it.
+            print!("{text}");
+            Ok(String::new())
+        }
         Some(path) => {
-            write_private(path, &text)?;
+            write_private(path, text)?;
             Ok(format!("wrote {}\n", path.display()))
         }
     }
@@ -473,4 +512,26 @@ fn list(
         ]);
     }
     Ok(weft_meshd::table::render(&table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_private_key_is_read_alone_or_from_a_configuration() {
+        let key = PrivateKey::generate();
+        let b64 = key.to_base64();
+        for text in [
+            format!("{b64}\n"),
+            format!("[Interface]\nPrivateKey = {b64}\nAddress = 100.65.0.1/32\n"),
+            format!("[Interface]\nPrivateKey={b64}\n"),
+        ] {
+            assert_eq!(
+                private_key_in(&text).unwrap().public_key(),
+                key.public_key()
+            );
+        }
+        assert!(private_key_in("[Interface]\nAddress = 100.65.0.1/32\n").is_err());
+    }
 }
