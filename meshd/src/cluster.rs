@@ -289,6 +289,42 @@ pub struct Warning {
     pub note: String,
 }
 
+/// Merge-patches `object`'s status with `status`, on condition that the
+/// object is still the version read: of nodes racing to write the same
+/// status one wins. Whether this write went through (it lost: `false`).
+pub async fn patch_status_once<K>(api: &Api<K>, object: &K, status: Value) -> Result<bool>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": object.resource_version()},
+        "status": status,
+    });
+    match api
+        .patch_status(
+            &object.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A reference to `object` for an Event.
+pub fn reference<K: kube::Resource<DynamicType = ()>>(object: &K) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        name: Some(object.name_any()),
+        uid: object.uid(),
+        ..ObjectReference::default()
+    }
+}
+
 /// A Warning Event regarding the object `regarding`.
 pub async fn warn(events: &Events, regarding: ObjectReference, warning: Warning) -> Result<()> {
     let name = regarding.name.clone().unwrap_or_default();

@@ -9,9 +9,7 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, ResourceExt};
 use weft_policy::cnp::{self, ClusterNetworkPolicy};
@@ -114,34 +112,15 @@ async fn write(
     object: &ClusterNetworkPolicy,
     condition: Condition,
 ) -> anyhow::Result<()> {
-    let name = object.name_any();
     let enforced_as_written = condition.status == "True";
     let message = condition.message.clone();
-    // The version read is a precondition: of nodes racing to write the
-    // same condition one wins, and only it records the Event.
-    let patch = serde_json::json!({
-        "metadata": {"resourceVersion": object.resource_version()},
-        "status": {"conditions": [condition]},
-    });
-    match api
-        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
-        Err(e) => return Err(e.into()),
-    }
-    if enforced_as_written {
+    // Only the node whose write went through records the Event.
+    let status = serde_json::json!({"conditions": [condition]});
+    if !cluster::patch_status_once(api, object, status).await? || enforced_as_written {
         return Ok(());
     }
-    tracing::warn!(policy = %name, %message, "a ClusterNetworkPolicy is not enforced as written");
-    let regarding = ObjectReference {
-        api_version: Some(cnp::API_VERSION.into()),
-        kind: Some("ClusterNetworkPolicy".into()),
-        name: Some(name),
-        uid: object.uid(),
-        ..ObjectReference::default()
-    };
+    tracing::warn!(policy = %object.name_any(), %message, "a ClusterNetworkPolicy is not enforced as written");
+    let regarding = cluster::reference(object);
     let warning = Warning {
         action: "Enforce",
         reason: "WeftPolicyInvalid",

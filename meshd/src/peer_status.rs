@@ -8,15 +8,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, ResourceExt};
+use kube::Api;
 
 use crate::cluster::{self, Events, Warning};
 use crate::cluster_policy::{delay, differs};
-use crate::peers::{PeerError, PeerVerdict, WeftPeer, API_VERSION};
+use crate::peers::{PeerError, PeerVerdict, WeftPeer};
 
 /// What the status of a peer with `verdict` says: the condition and the
 /// gateway.
@@ -131,33 +129,14 @@ async fn write(
     condition: Condition,
     gateway: Option<String>,
 ) -> anyhow::Result<()> {
-    let name = object.name_any();
     let in_mesh = condition.status == "True";
     let message = condition.message.clone();
-    // The version read is a precondition: of nodes racing to write the
-    // same status one wins, and only it records the Event.
-    let patch = serde_json::json!({
-        "metadata": {"resourceVersion": object.resource_version()},
-        "status": {"conditions": [condition], "gateway": gateway},
-    });
-    match api
-        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => return Ok(()),
-        Err(e) => return Err(e.into()),
-    }
-    if in_mesh {
+    // Only the node whose write went through records the Event.
+    let status = serde_json::json!({"conditions": [condition], "gateway": gateway});
+    if !cluster::patch_status_once(api, object, status).await? || in_mesh {
         return Ok(());
     }
-    let regarding = ObjectReference {
-        api_version: Some(API_VERSION.into()),
-        kind: Some("WeftPeer".into()),
-        name: Some(name),
-        uid: object.uid(),
-        ..ObjectReference::default()
-    };
+    let regarding = cluster::reference(object);
     let warning = Warning {
         action: "Admit",
         reason: "WeftPeerNotInMesh",

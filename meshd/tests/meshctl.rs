@@ -53,7 +53,16 @@ fn bad_arguments_name_the_flag() {
             &["keys", "status", "-o", "yaml"][..],
             "invalid value 'yaml' for '--output <OUTPUT>'",
         ),
-        (&["keys", "rotate"][..], "<NODES|--all>"),
+        (&["keys", "rotate"][..], "<NODES|--all|--peer <PEER>>"),
+        (&["keys", "revoke"][..], "<NODE|--peer <PEER>>"),
+        (
+            &["peer", "add", "laptop", "--reach", "pods"][..],
+            "invalid value 'pods' for '--reach <REACH>'",
+        ),
+        (
+            &["peer", "config", "laptop", "-o", "ini"][..],
+            "invalid value 'ini' for '--output <OUTPUT>'",
+        ),
         (
             &["keys", "rotate", "node-1", "--all"][..],
             "'[NODES]...' cannot be used with '--all'",

@@ -250,18 +250,9 @@ fn run(command: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Writes a file holding a private key: its owner's only, from the start.
+/// Writes a file holding a private key: its owner's only, whole or not.
 fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(text.as_bytes())
+    weft_keys::write_private(path, text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
 }
 

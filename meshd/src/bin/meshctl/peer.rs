@@ -2,8 +2,7 @@
 //! stock WireGuard configuration that reaches the cluster through its
 //! gateway as the cluster is now, list and remove them.
 
-use std::collections::BTreeSet;
-use std::io::Write;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -317,6 +316,21 @@ struct Gateway {
     endpoint: String,
 }
 
+/// Every node's and every WeftPeer's verdict, as every meshd reaches them.
+fn judged(
+    settings: &MeshSettings,
+    snapshot: &ClusterSnapshot,
+) -> (BTreeMap<String, Verdict>, BTreeMap<String, PeerVerdict>) {
+    let verdicts = weft_meshd::planner::judge(snapshot, &settings.ranges);
+    let external = weft_meshd::peers::judge(
+        &snapshot.peers,
+        &snapshot.nodes,
+        &verdicts,
+        &snapshot.revoked,
+    );
+    (verdicts, external)
+}
+
 /// The configuration of `name` as the cluster is now.
 fn config(
     name: &str,
@@ -325,13 +339,7 @@ fn config(
     private: Option<&PrivateKey>,
     print: &PrintArgs,
 ) -> Result<String> {
-    let verdicts = weft_meshd::planner::judge(snapshot, &settings.ranges);
-    let external = weft_meshd::peers::judge(
-        &snapshot.peers,
-        &snapshot.nodes,
-        &verdicts,
-        &snapshot.revoked,
-    );
+    let (verdicts, external) = judged(settings, snapshot);
     let (peer, gateway) = match external.get(name) {
         None => bail!("no WeftPeer {name}"),
         Some(PeerVerdict::Rejected(e)) => bail!("WeftPeer {name} is rejected: {e}"),
@@ -389,7 +397,8 @@ fn emit(print: &PrintArgs, text: &str) -> Result<String> {
             Ok(String::new())
         }
         Some(path) => {
-            write_private(path, text)?;
+            weft_keys::write_private(path, text.as_bytes())
+                .with_context(|| format!("--output-file {}", path.display()))?;
             Ok(format!("wrote {}\n", path.display()))
         }
     }
@@ -426,20 +435,6 @@ fn wg_quick(c: &PeerConfig) -> String {
     out
 }
 
-/// Writes `text` to `path`, readable by its owner only from the start.
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("--output-file {}", path.display()))?;
-    file.write_all(text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
-}
-
 /// One row of `meshctl peer list`.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -461,13 +456,7 @@ fn list(
     snapshot: &ClusterSnapshot,
     output: super::Output,
 ) -> Result<String> {
-    let verdicts = weft_meshd::planner::judge(snapshot, &settings.ranges);
-    let external = weft_meshd::peers::judge(
-        &snapshot.peers,
-        &snapshot.nodes,
-        &verdicts,
-        &snapshot.revoked,
-    );
+    let (_, external) = judged(settings, snapshot);
     let rows: Vec<Row> = external
         .iter()
         .map(|(name, v)| match v {
