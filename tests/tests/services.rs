@@ -150,10 +150,13 @@ fn network_policy_holds_through_services() {
     )
     .unwrap();
     lab.ok(&["kubectl", "--", "create", "-f", path.to_str().unwrap()]);
+    // Each node programs its side on its own: x/other is refused once
+    // node-2 has web's ingress, x/client admitted once node-1 also has
+    // client's egress with web's address in it.
     wait_for(
-        "the policy to refuse x/other",
+        "the policies to refuse x/other and admit x/client",
         Duration::from_secs(15),
-        || ask(&lab, "x/other", &ip).is_err(),
+        || ask(&lab, "x/other", &ip).is_err() && ask(&lab, "x/client", &ip).as_deref() == Ok("web"),
     );
     for _ in 0..5 {
         assert_eq!(ask(&lab, "x/client", &ip).as_deref(), Ok("web"));
