@@ -109,7 +109,7 @@ impl ExternalPeer {
 }
 
 /// What [`ExternalPeer::entry_name`] starts with.
-pub const ENTRY_PREFIX: &str = "weftpeer/";
+const ENTRY_PREFIX: &str = "weftpeer/";
 
 /// Why a WeftPeer is not in the mesh. Every message names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -280,6 +280,10 @@ pub fn judge(
     verdicts: &BTreeMap<String, Verdict>,
     revoked: &BTreeSet<PublicKey>,
 ) -> BTreeMap<String, PeerVerdict> {
+    // Every plan judges: a cluster without peers pays nothing per node.
+    if parsed.is_empty() {
+        return BTreeMap::new();
+    }
     // A rotating node's next key is its too.
     let node_keys: BTreeMap<PublicKey, &str> = crate::planner::accepted(verdicts)
         .into_iter()
